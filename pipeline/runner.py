@@ -1,0 +1,154 @@
+"""Runs a recipe: each step is fingerprinted, reused when its artifact is intact, else rebuilt.
+
+    model source ──► 00-model ──► 01-export ──► 02-validate
+                     (HF ckpt)    (ONNX+KV)     (report)
+
+    fingerprint(step) = sha256(parent fingerprint, stage name, stage version, resolved config)
+
+A step is built in a hidden temp folder and renamed into place only after its manifest is
+written, so a run killed at any moment leaves nothing that looks complete.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from pipeline import stages as _stages  # noqa: F401  (registers the stages)
+from pipeline.artifacts import (
+    MANIFEST, SCHEMA_VERSION, Artifact, file_table, fingerprint, library_versions, load_verified,
+    write_json_atomic,
+)
+from pipeline.errors import PipelineError, StageError, ValidationFailed
+from pipeline.models import import_model, source_identity
+from pipeline.recipe import Recipe, load_recipe
+from pipeline.registry import STAGES, StageResult
+
+
+@dataclass(frozen=True)
+class RunContext:
+    run_dir: Path
+    out_dir: Path  # where the stage writes its files (a temp folder until the step completes)
+    baseline: Artifact  # the imported, unoptimized model: the reference for validation
+    log: Callable[[str], None]
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def run(recipe_path: Path | str, workdir: Path | str = "artifacts", force: bool = False) -> Path:
+    """Run a recipe end to end and return its run folder.
+
+    Example:
+        >>> from pipeline import run
+        >>> run("recipes/smollm2-fp32.yaml")          # doctest: +SKIP
+        PosixPath('artifacts/smollm2-fp32')
+    """
+    recipe = load_recipe(recipe_path)
+    run_dir = Path(workdir) / recipe.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(run_dir)
+    log(f"run {recipe.name}: {recipe.path} -> {run_dir}")
+    record = {"recipe": str(recipe.path), "name": recipe.name, "started": time.time(), "steps": [], "status": "running"}
+
+    model_cfg = dataclasses.asdict(recipe.model)
+    model_fp = fingerprint("model", recipe.model.version, model_cfg, source_identity(recipe.source))
+    build_model = lambda ctx: import_model(recipe.model, recipe.source, ctx.out_dir, log)  # noqa: E731
+    try:
+        art = _run_step(run_dir, 0, "model", "hf-model", model_cfg, model_fp, None, build_model, force, record, None)
+        baseline = art
+        for i, entry in enumerate(recipe.stages, start=1):
+            spec = STAGES[entry.name]
+            cfg_dict = dataclasses.asdict(entry.config)
+            fp = fingerprint(art.fingerprint, entry.name, cfg_dict)
+            build = (lambda e, a: (lambda ctx: STAGES[e.name].fn(e.config, a, ctx)))(entry, art)
+            art = _run_step(run_dir, i, entry.name, spec.produces, cfg_dict, fp, art, build, force, record, baseline)
+        record["status"] = "passed"
+        return run_dir
+    except PipelineError as e:
+        record["status"] = "failed"
+        record["error"] = str(e)
+        raise
+    finally:
+        record["finished"] = time.time()
+        write_json_atomic(run_dir / "run.json", record)
+
+
+def _run_step(run_dir, index, name, kind, cfg_dict, fp, parent, build, force, record, baseline) -> Artifact:
+    final = run_dir / f"{index:02d}-{name}-{fp[:12]}"
+    if final.exists() and not force:
+        art, why = load_verified(final, fp)
+        if art is not None:
+            log(f"[{index:02d}] {name}: unchanged (fp {fp[:12]}), reusing {final}")
+            record["steps"].append({"index": index, "stage": name, "dir": final.name, "cached": True})
+            _raise_if_failed(art)
+            return art
+        log(f"[{index:02d}] {name}: cached artifact rejected ({why}); rebuilding")
+    log(f"[{index:02d}] {name}: running (fp {fp[:12]})")
+    tmp = run_dir / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    started = time.time()
+    try:
+        ctx = RunContext(run_dir=run_dir, out_dir=tmp, baseline=baseline, log=log)
+        result: StageResult = build(ctx)
+        manifest = _manifest(name, kind, cfg_dict, fp, parent, result, tmp, started)
+        write_json_atomic(tmp / MANIFEST, manifest)
+        for stale in run_dir.glob(f"{index:02d}-{name}-*"):
+            shutil.rmtree(stale)
+        os.replace(tmp, final)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, PipelineError):
+            raise
+        if isinstance(e, Exception):
+            raise StageError(f"stage {name} failed: {type(e).__name__}: {e}") from e
+        raise
+    seconds = time.time() - started
+    figures = ", ".join(f"{k}={_fmt(v)}" for k, v in list(result.metrics.items())[:6])
+    log(f"[{index:02d}] {name}: done in {seconds:.1f}s -> {final}" + (f" ({figures})" if figures else ""))
+    record["steps"].append({"index": index, "stage": name, "dir": final.name, "cached": False, "seconds": seconds})
+    art = Artifact(final, manifest)
+    _raise_if_failed(art)
+    return art
+
+
+def _manifest(name, kind, cfg_dict, fp, parent, result: StageResult, folder: Path, started: float) -> dict:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "stage": name,
+        "stage_version": cfg_dict.get("version"),
+        "kind": kind,
+        "fingerprint": fp,
+        "parent": parent.fingerprint if parent else None,
+        "config": cfg_dict,
+        "files": file_table(folder),
+        "metrics": result.metrics,
+        "passed": result.passed,
+        "failures": result.failures,
+        **result.info,
+        "versions": library_versions(),
+        "timing": {"started": started, "seconds": round(time.time() - started, 3)},
+    }
+
+
+def _raise_if_failed(art: Artifact) -> None:
+    if not art.manifest.get("passed", True):
+        report = art.path / "report.md"
+        raise ValidationFailed(art.manifest.get("failures", []), str(report) if report.exists() else None)
+
+
+def _remove_stale_temps(run_dir: Path) -> None:
+    for tmp in run_dir.glob(".tmp-*"):
+        log(f"removing incomplete step left by an interrupted run: {tmp.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else json.dumps(v) if isinstance(v, (list, dict)) else str(v)

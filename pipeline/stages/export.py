@@ -1,0 +1,122 @@
+"""Export stage: hf-model -> ONNX graph with KV-cache inputs/outputs (prefill and decode in one).
+
+The HF model is wrapped so that the graph takes flat `past_key_values.{i}.key|value` tensors
+and the 2D `attention_mask`, builds the causal+padding mask itself (plain ops, traceable) and
+returns `logits` and `present.*`. Names and dynamic axes come from `runtime.io_spec.Contract`.
+"""
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from pipeline.archs import arch_for, model_dims
+from pipeline.configs import ExportConfig
+from pipeline.errors import StageError
+from pipeline.models import TOKENIZER_FILES, load_torch_model
+from pipeline.registry import StageResult, register_stage
+from runtime.generate import Generator
+from runtime.io_spec import Contract
+
+COPIED_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
+
+
+class KVCacheWrapper(torch.nn.Module):
+    """(input_ids, attention_mask, position_ids, *past) -> (logits, *present), the contract's order."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        from transformers.cache_utils import DynamicCache
+
+        seq, total = input_ids.shape[1], attention_mask.shape[1]
+        query_pos = torch.arange(total - seq, total, device=input_ids.device)
+        key_pos = torch.arange(total, device=input_ids.device)
+        allowed = (key_pos[None, :] <= query_pos[:, None])[None, None] & attention_mask[:, None, None, :].bool()
+        # one additive mask [B, 1, T, P+T]; a single finfo.min (never summed twice) keeps fully masked pad rows finite
+        mask = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(~allowed, torch.finfo(torch.float32).min)
+        cache = DynamicCache()
+        for i in range(len(past) // 2):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True)
+        presents = []
+        for layer in out.past_key_values.layers:
+            presents += [layer.keys, layer.values]
+        return (out.logits, *presents)
+
+
+@register_stage("export", ExportConfig, consumes="hf-model", produces="onnx")
+def export(cfg: ExportConfig, inp, ctx) -> StageResult:
+    model = load_torch_model(inp.path)
+    arch = arch_for(model.config)
+    dims = model_dims(model.config)
+    contract = Contract("portable", dims.num_layers, dims.num_kv_heads, dims.head_dim, dims.vocab_size)
+    out: Path = ctx.out_dir
+    ctx.log(f"  tracing {model.config.model_type} ({dims.num_layers} layers) to ONNX opset {cfg.opset}")
+    _trace(model, contract, out / contract.model_file, cfg.opset)
+    if cfg.external_data:
+        _move_weights_to_external_data(out / contract.model_file)
+    for name in COPIED_FILES:
+        if (inp.path / name).exists():
+            shutil.copy2(inp.path / name, out / name)
+    contract.save(out)
+    diff = _parity(model, out, cfg.parity_tokens)
+    if diff > arch.atol:
+        raise StageError(
+            f"export parity: max |logits_onnx - logits_torch| = {diff:.3g} exceeds {arch.atol:g} "
+            f"for {model.config.model_type}; the exported graph is wrong"
+        )
+    size = sum(p.stat().st_size for p in out.iterdir() if p.name.startswith("model.onnx"))
+    return StageResult(
+        metrics={"parity_max_abs_diff": diff, "onnx_bytes": size},
+        info={"io_contract": contract.__dict__, "atol": arch.atol},
+    )
+
+
+def _trace(model, contract: Contract, path: Path, opset: int) -> None:
+    batch, seq, past = 2, 3, 4  # non-trivial sizes so no dimension is traced as a constant
+    kv = (batch, contract.num_kv_heads, past, contract.head_dim)
+    args = (
+        torch.randint(0, contract.vocab_size, (batch, seq)),
+        torch.ones(batch, past + seq, dtype=torch.int64),
+        torch.arange(past, past + seq).expand(batch, seq).contiguous(),
+        *[torch.randn(kv) for _ in contract.past_names()],
+    )
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            KVCacheWrapper(model), args, str(path), dynamo=False, opset_version=opset,
+            input_names=[s.name for s in contract.inputs()],
+            output_names=[s.name for s in contract.outputs()],
+            dynamic_axes=contract.dynamic_axes(),
+        )
+
+
+def _move_weights_to_external_data(path: Path) -> None:
+    """Store weights in `model.onnx.data` beside the graph, referenced by a relative path."""
+    graph = onnx.load(str(path))
+    onnx.save_model(graph, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
+
+
+def _parity(model, folder: Path, tokens: int) -> float:
+    """Prefill half the tokens, decode the rest one by one with the ONNX KV cache, and compare
+    every step's logits with PyTorch recomputing the whole sequence without a cache."""
+    gen = Generator(folder, provider="cpu")
+    ids = np.random.default_rng(0).integers(0, gen.contract.vocab_size, size=(1, tokens)).astype(np.int64)
+    split = tokens // 2
+    logits, cache, mask = gen.prefill([ids[0, :split].tolist()])
+    onnx_steps = [logits]
+    for t in range(split, tokens - 1):
+        logits, mask = gen.decode_one_token(ids[:, t], cache, mask)
+        onnx_steps.append(logits)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(ids[:, : tokens - 1])).logits[0, split - 1:].numpy()  # [steps, V]
+    return float(np.abs(np.concatenate(onnx_steps, axis=0) - ref).max())

@@ -1,0 +1,171 @@
+"""Validate stage: the exported artifact against the unoptimized PyTorch model.
+
+    eval text ─► tokens ─► windows ─┬─► PyTorch logits ─┐
+                                    └─► ONNX logits ────┴─► perplexity, Δ%, top-1 agreement, KL, max |Δ|
+    prompt set ─► greedy (PyTorch generate) vs greedy (runner, KV cache; batched and one by one)
+              ─► decode-step logits (runner KV cache) vs. PyTorch full recompute
+
+Every gate in `thresholds` is checked; all failures are reported together, the artifact (with
+report.json and report.md) is kept either way, and a failure makes the run exit non-zero.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from calibration import DataError, load_text, text_fingerprint, windows
+from pipeline.configs import VALIDATE_METRICS, ValidateConfig
+from pipeline.errors import StageError
+from pipeline.models import load_torch_model
+from pipeline.registry import StageResult, register_stage
+from pipeline.validate_report import write_reports
+from runtime.generate import Generator
+from runtime.kv_cache import KVCache
+
+
+@register_stage("validate", ValidateConfig, consumes="onnx", produces="report")
+def validate(cfg: ValidateConfig, inp, ctx) -> StageResult:
+    started = time.time()
+    torch_model = load_torch_model(ctx.baseline.path)
+    gen = Generator(inp.path, provider=cfg.provider)
+    ctx.log(f"  runner provider: {gen.provider}")
+    metrics: dict = {}
+    protocol = _perplexity(cfg, torch_model, gen, metrics, ctx)
+    samples = _greedy(cfg, torch_model, gen, metrics)
+    failures = gate(metrics, cfg.thresholds)
+    report = {
+        "artifact": str(inp.path), "baseline": str(ctx.baseline.path), "provider": gen.provider,
+        "metrics": metrics, "thresholds": cfg.thresholds, "failures": failures, "passed": not failures,
+        "protocol": protocol, "samples": samples, "seconds": round(time.time() - started, 1),
+    }
+    write_reports(ctx.out_dir, report)
+    return StageResult(metrics=metrics, info={"protocol": protocol, "provider": gen.provider},
+                       passed=not failures, failures=failures)
+
+
+def gate(metrics: dict, thresholds: dict[str, float]) -> list[str]:
+    """Every threshold checked; each failure names the metric, its value and its limit."""
+    failures = []
+    for name, limit in thresholds.items():
+        value = metrics.get(name)
+        side = VALIDATE_METRICS[name]
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            failures.append(f"{name} = {value} (not measured; limit {side} {limit:g})")
+        elif (side == "max" and value > limit) or (side == "min" and value < limit):
+            failures.append(f"{name} = {value:.6g} {'>' if side == 'max' else '<'} {side} {limit:g}")
+    if metrics.get("nonfinite_logits"):
+        failures.append(f"nonfinite_logits = {metrics['nonfinite_logits']} (NaN/Inf in the ONNX logits)")
+    return failures
+
+
+def _perplexity(cfg: ValidateConfig, torch_model, gen: Generator, metrics: dict, ctx) -> dict:
+    src = cfg.eval_data
+    try:
+        text = load_text(src.source, src.split, src.hub_config, src.text_field)
+    except DataError as e:
+        raise StageError(f"validate.eval_data: {e}") from e
+    ids = np.array(gen.tokenizer.encode(text, add_special_tokens=False), dtype=np.int64)
+    wins = windows(len(ids), cfg.context_length, cfg.stride, cfg.max_windows)
+    if not wins:
+        raise StageError(f"validate.eval_data: {src.source} has {len(ids)} tokens, too few for one window")
+    bos = _bos_id(gen) if cfg.add_bos else None
+    nll = {"torch": 0.0, "onnx": 0.0}
+    scored = agree = nonfinite = 0
+    kl_sum, max_diff = 0.0, 0.0
+    for w in tqdm(wins, desc="  perplexity windows", unit="win", leave=False):
+        window = ids[w.begin:w.end]
+        inputs = np.concatenate([[bos], window]) if bos is not None else window
+        offset = 1 if bos is not None else 0
+        with torch.no_grad():
+            ref = torch_model(torch.from_numpy(inputs[None])).logits[0]  # [T, V]
+        out = _onnx_logits(gen, inputs)  # [T, V]
+        nonfinite += int((~np.isfinite(out)).sum())
+        # positions whose next token is scored: the last w.scored tokens of the window are targets
+        first = offset + len(window) - w.scored - 1
+        pos = slice(first, offset + len(window) - 1)
+        targets = torch.from_numpy(window[len(window) - w.scored:])
+        ref_lp = F.log_softmax(ref[pos].double(), dim=-1)
+        onnx_lp = F.log_softmax(torch.from_numpy(out[pos]).double(), dim=-1)
+        nll["torch"] -= ref_lp.gather(1, targets[:, None]).sum().item()
+        nll["onnx"] -= onnx_lp.gather(1, targets[:, None]).sum().item()
+        kl_sum += (ref_lp.exp() * (ref_lp - onnx_lp)).sum().item()
+        agree += int((ref_lp.argmax(-1) == onnx_lp.argmax(-1)).sum())
+        max_diff = max(max_diff, float(np.abs(out - ref.numpy()).max()))
+        scored += w.scored
+    ppl_torch, ppl_onnx = math.exp(nll["torch"] / scored), math.exp(nll["onnx"] / scored)
+    metrics.update(
+        perplexity_baseline=ppl_torch, perplexity=ppl_onnx,
+        perplexity_delta_pct=(ppl_onnx - ppl_torch) / ppl_torch * 100,
+        top1_agreement=agree / scored, kl_divergence=kl_sum / scored,
+        window_logits_max_abs_diff=max_diff, nonfinite_logits=nonfinite, scored_tokens=scored,
+    )
+    ctx.log(f"  perplexity: torch {ppl_torch:.4f}, onnx {ppl_onnx:.4f} over {len(wins)} windows ({scored} tokens)")
+    return {
+        "dataset": src.source, "split": src.split, "hub_config": src.hub_config,
+        "text_sha256": text_fingerprint(text), "tokens_in_text": int(len(ids)),
+        "context_length": cfg.context_length, "stride": cfg.stride, "windows": len(wins),
+        "scored_tokens": scored, "bos": "prepended" if bos is not None else "none",
+    }
+
+
+def _onnx_logits(gen: Generator, inputs: np.ndarray) -> np.ndarray:
+    """Prefill one sequence from an empty cache: logits [T, V]."""
+    mask = np.ones((1, len(inputs)), dtype=np.int64)
+    positions = np.arange(len(inputs), dtype=np.int64)[None]
+    return gen.forward(inputs[None], mask, positions, KVCache(gen.contract, 1))[0]
+
+
+def _greedy(cfg: ValidateConfig, torch_model, gen: Generator, metrics: dict) -> list[dict]:
+    prompts = [gen.tokenizer.encode(p) for p in cfg.prompts]
+    eos = sorted(gen.eos_ids)
+    ref = []
+    for ids in prompts:
+        with torch.no_grad():
+            out = torch_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                       max_new_tokens=cfg.max_new_tokens, do_sample=False, eos_token_id=eos,
+                                       pad_token_id=gen.pad_id)
+        ref.append([t for t in out[0, len(ids):].tolist() if t not in gen.eos_ids])
+    single = [gen.generate([ids], cfg.max_new_tokens).tokens[0] for ids in prompts]
+    batched = gen.generate(prompts, cfg.max_new_tokens).tokens
+    metrics["greedy_token_agreement"] = _agreement(ref, single)
+    metrics["batch_greedy_agreement"] = _agreement(single, batched)
+    metrics["decode_logits_max_abs_diff"] = _decode_diff(torch_model, gen, prompts[0] + ref[0])
+    return [
+        {"prompt": p, "baseline": gen.tokenizer.decode(r), "onnx": gen.tokenizer.decode(s), "identical": r == s}
+        for p, r, s in zip(cfg.prompts, ref, single)
+    ]
+
+
+def _agreement(expected: list[list[int]], got: list[list[int]]) -> float:
+    """Fraction of positions (over the longer of each pair) where both sequences hold the same token."""
+    same = sum(sum(a == b for a, b in zip(e, g)) for e, g in zip(expected, got))
+    total = sum(max(len(e), len(g)) for e, g in zip(expected, got))
+    return same / total if total else 1.0
+
+
+def _decode_diff(torch_model, gen: Generator, ids: list[int]) -> float:
+    """Runner decode steps (KV cache) vs. PyTorch recomputing the whole prefix: max |Δ logits|."""
+    split = max(1, len(ids) // 2)
+    logits, cache, mask = gen.prefill([ids[:split]])
+    steps = [logits]
+    for t in range(split, len(ids) - 1):
+        logits, mask = gen.decode_one_token(np.array([ids[t]]), cache, mask)
+        steps.append(logits)
+    with torch.no_grad():
+        ref = torch_model(torch.tensor([ids[:-1]])).logits[0, split - 1:].numpy()
+    return float(np.abs(np.concatenate(steps) - ref).max())
+
+
+def _bos_id(gen: Generator) -> int:
+    bos = gen.tokenizer.config.get("bos_token")
+    bos = bos.get("content") if isinstance(bos, dict) else bos
+    bos_id = gen.tokenizer.token_id(bos) if bos else None
+    if bos_id is None:
+        raise StageError("validate.add_bos: the tokenizer names no BOS token; set add_bos: false")
+    return bos_id
+

@@ -1,0 +1,48 @@
+"""report.json (for machines) and report.md (for people) of the validate stage."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline.configs import VALIDATE_METRICS
+
+
+def write_reports(folder: Path, report: dict) -> None:
+    (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (folder / "report.md").write_text(render_markdown(report))
+
+
+def render_markdown(report: dict) -> str:
+    m, limits, p = report["metrics"], report["thresholds"], report["protocol"]
+    verdict = "PASSED" if report["passed"] else "FAILED"
+    lines = [
+        f"# Validation report: {verdict}",
+        "",
+        f"- artifact: `{report['artifact']}`",
+        f"- baseline: `{report['baseline']}` (PyTorch, float32)",
+        f"- execution provider: {report['provider']}",
+        f"- perplexity protocol: {p['dataset']} / {p['split']}, {p['windows']} windows of {p['context_length']} tokens, "
+        f"stride {p['stride']}, {p['scored_tokens']} scored tokens, BOS {p['bos']}, text sha256 {p['text_sha256'][:12]}",
+        "",
+        "| metric | value | limit | result |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, value in m.items():
+        limit = limits.get(name)
+        if limit is None:
+            lines.append(f"| {name} | {_fmt(value)} | | |")
+            continue
+        side = VALIDATE_METRICS[name]
+        ok = value is not None and (value <= limit if side == "max" else value >= limit)
+        lines.append(f"| {name} | {_fmt(value)} | {side} {limit:g} | {'ok' if ok else '**FAIL**'} |")
+    if report["failures"]:
+        lines += ["", "## Failed gates", ""] + [f"- {f}" for f in report["failures"]]
+    lines += ["", "## Greedy samples (baseline vs. ONNX runner)", ""]
+    for s in report["samples"]:
+        mark = "identical" if s["identical"] else "DIFFERENT"
+        lines += [f"**{s['prompt']}** ({mark})", "", f"- baseline: {s['baseline']!r}", f"- onnx: {s['onnx']!r}", ""]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v) -> str:
+    return f"{v:.6g}" if isinstance(v, float) else str(v)

@@ -1,0 +1,32 @@
+"""The bundled ONNX Runtime runner: loads an exported artifact and generates.
+
+Depends on onnxruntime, numpy, tokenizers and jinja2 only (no torch, no transformers).
+"""
+from runtime.errors import RuntimeFailure
+from runtime.generate import GenerationResult, Generator
+from runtime.io_spec import Contract
+from runtime.sampling import SamplingParams
+
+__all__ = ["Contract", "GenerationResult", "Generator", "RuntimeFailure", "SamplingParams", "find_model_folder"]
+
+
+def find_model_folder(path):
+    """An export folder itself, or the newest exported step of a run folder (artifacts/<run>)."""
+    import json
+    from pathlib import Path
+
+    from runtime.io_spec import CONTRACT_FILE
+
+    path = Path(path)
+    if (path / CONTRACT_FILE).is_file():
+        return path
+    run = path / "run.json"
+    if run.is_file():
+        steps = json.loads(run.read_text()).get("steps", [])
+        for step in reversed(steps):
+            if (path / step["dir"] / CONTRACT_FILE).is_file():
+                return path / step["dir"]
+    candidates = sorted(p.parent for p in path.glob(f"*/{CONTRACT_FILE}"))
+    if candidates:
+        return candidates[-1]
+    raise RuntimeFailure(f"{path}: no exported model here (no {CONTRACT_FILE}); pass a run folder or an export step folder")

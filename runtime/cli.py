@@ -1,0 +1,50 @@
+"""`optimize generate ARTIFACT PROMPT`: stream an answer through the bundled ONNX Runtime runner."""
+from __future__ import annotations
+
+import sys
+import time
+
+import click
+
+from runtime import Generator, RuntimeFailure, SamplingParams, find_model_folder
+from runtime.tokenizer import StreamDecoder
+
+
+@click.command("generate")
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False))
+@click.argument("prompt")
+@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(1))
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0), help="0 = greedy")
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(0))
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--seed", default=None, type=int)
+@click.option("--system", default=None, help="system message for the chat template")
+@click.option("--no-chat", is_flag=True, help="plain completion: do not apply the chat template")
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--threads", default=0, type=click.IntRange(0), help="intra-op threads (0: onnxruntime decides)")
+def generate_command(artifact, prompt, max_new_tokens, temperature, top_k, top_p, seed, system, no_chat, provider, threads):
+    """Answer PROMPT with the model exported in ARTIFACT (a run folder or an export step folder)."""
+    try:
+        t0 = time.perf_counter()
+        folder = find_model_folder(artifact)
+        gen = Generator(folder, provider=provider, threads=threads)
+        load_s = time.perf_counter() - t0
+        click.echo(f"[{folder}] provider: {gen.provider}, loaded in {load_s:.2f}s", err=True)
+        ids = gen.tokenizer.encode(prompt) if no_chat else gen.tokenizer.encode_chat(prompt, system)
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        stream = StreamDecoder(gen.tokenizer)
+        result = gen.generate([ids], max_new_tokens, params, on_token=lambda _row, t: _emit(stream.push(t)))
+    except (RuntimeFailure, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo("")
+    n = len(result.tokens[0])
+    click.echo(
+        f"[{gen.provider}] {len(ids)} prompt tokens, {n} new ({result.finish_reasons[0]}); "
+        f"time to first token {result.prefill_seconds * 1000:.0f} ms, decode {result.decode_tokens_per_second:.1f} tokens/s",
+        err=True,
+    )
+
+
+def _emit(piece: str) -> None:
+    sys.stdout.write(piece)
+    sys.stdout.flush()

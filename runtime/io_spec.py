@@ -1,0 +1,89 @@
+"""The ONNX I/O contract, declared once and shared by the exporter and the runner.
+
+Names follow the convention of optimum, Olive and onnxruntime-genai so their runtimes load our
+graphs. One graph serves prefill (past length 0) and decode (sequence length 1):
+
+    input_ids                    int64 [batch_size, sequence_length]
+    attention_mask               int64 [batch_size, past_sequence_length + sequence_length]
+    position_ids                 int64 [batch_size, sequence_length]
+    past_key_values.{i}.key      float [batch_size, num_kv_heads, past_sequence_length, head_dim]
+    past_key_values.{i}.value    float [batch_size, num_kv_heads, past_sequence_length, head_dim]
+    -> logits                    float [batch_size, sequence_length, vocab_size]
+    -> present.{i}.key|value     float [batch_size, num_kv_heads, past_sequence_length + sequence_length, head_dim]
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+CONTRACT_FILE = "io_contract.json"
+CONTRACT_VERSION = 1
+
+BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "past_sequence_length + sequence_length"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name
+    dims: tuple  # ints or symbolic dim names
+
+
+@dataclass(frozen=True)
+class Contract:
+    """What the runner needs to know about a graph, written beside it as io_contract.json."""
+
+    flavour: str  # "portable": plain ONNX ops, loadable by optimum and others
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    dtype: str = "float32"
+    model_file: str = "model.onnx"
+    version: int = CONTRACT_VERSION
+
+    def inputs(self) -> list[TensorSpec]:
+        kv = (BATCH, self.num_kv_heads, PAST, self.head_dim)
+        specs = [
+            TensorSpec("input_ids", "int64", (BATCH, SEQ)),
+            TensorSpec("attention_mask", "int64", (BATCH, TOTAL)),
+            TensorSpec("position_ids", "int64", (BATCH, SEQ)),
+        ]
+        return specs + [TensorSpec(n, self.dtype, kv) for n in self.past_names()]
+
+    def outputs(self) -> list[TensorSpec]:
+        kv = (BATCH, self.num_kv_heads, TOTAL, self.head_dim)
+        return [TensorSpec("logits", self.dtype, (BATCH, SEQ, self.vocab_size))] + [
+            TensorSpec(n, self.dtype, kv) for n in self.present_names()
+        ]
+
+    def past_names(self) -> list[str]:
+        return [f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+
+    def present_names(self) -> list[str]:
+        return [f"present.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """torch.onnx.export's dynamic_axes, derived from the symbolic dims above."""
+        return {
+            s.name: {i: d for i, d in enumerate(s.dims) if isinstance(d, str)}
+            for s in self.inputs() + self.outputs()
+        }
+
+    def kv_bytes_per_token(self, batch: int = 1) -> int:
+        itemsize = 2 if self.dtype == "float16" else 4
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize * batch
+
+    def save(self, folder: Path) -> None:
+        (folder / CONTRACT_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder: Path) -> "Contract":
+        path = Path(folder) / CONTRACT_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{folder}: no {CONTRACT_FILE}; is this an export artifact?")
+        data = json.loads(path.read_text())
+        if data.get("version") != CONTRACT_VERSION:
+            raise ValueError(f"{path}: contract version {data.get('version')} is not {CONTRACT_VERSION}")
+        return cls(**data)

@@ -1,0 +1,58 @@
+"""Builds the ONNX Runtime session for an artifact and proves which provider runs it.
+
+`provider="auto"` takes CUDA when onnxruntime offers it, else CPU. A provider asked for by name
+that is missing, or that onnxruntime silently replaced, is an error, not a warning.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnxruntime as ort
+
+from runtime.errors import RuntimeFailure
+from runtime.io_spec import Contract
+
+PROVIDERS = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+
+
+def choose_provider(requested: str = "auto") -> str:
+    available = ort.get_available_providers()
+    if requested == "auto":
+        return "cuda" if PROVIDERS["cuda"] in available else "cpu"
+    if requested not in PROVIDERS:
+        raise RuntimeFailure(f"provider '{requested}' is not one of auto, cpu, cuda")
+    if PROVIDERS[requested] not in available:
+        hint = " (install onnxruntime-gpu: `make install-cuda`)" if requested == "cuda" else ""
+        raise RuntimeFailure(f"provider {requested} requested but onnxruntime offers only {available}{hint}")
+    return requested
+
+
+def create_session(folder: Path, contract: Contract, provider: str = "auto", threads: int = 0) -> tuple[ort.InferenceSession, str]:
+    """Open `folder/model.onnx` on the chosen provider; returns (session, provider name in use)."""
+    chosen = choose_provider(provider)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    path = Path(folder) / contract.model_file
+    if not path.is_file():
+        raise RuntimeFailure(f"{folder}: {contract.model_file} not found")
+    providers = [PROVIDERS[chosen]] + ([PROVIDERS["cpu"]] if chosen != "cpu" else [])
+    session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    in_use = session.get_providers()[0]
+    if in_use != PROVIDERS[chosen]:
+        raise RuntimeFailure(f"requested {PROVIDERS[chosen]} but onnxruntime runs the model on {in_use}")
+    check_graph(session, contract)
+    return session, in_use
+
+
+def check_graph(session: ort.InferenceSession, contract: Contract) -> None:
+    """The graph's inputs and outputs must be exactly those the contract declares."""
+    have_in = [i.name for i in session.get_inputs()]
+    have_out = [o.name for o in session.get_outputs()]
+    want_in = [s.name for s in contract.inputs()]
+    want_out = [s.name for s in contract.outputs()]
+    if sorted(have_in) != sorted(want_in) or sorted(have_out) != sorted(want_out):
+        missing = sorted(set(want_in + want_out) - set(have_in + have_out))
+        extra = sorted(set(have_in + have_out) - set(want_in + want_out))
+        raise RuntimeFailure(f"graph does not match io_contract.json: missing {missing[:4]}, unexpected {extra[:4]}")

@@ -1,0 +1,110 @@
+"""Shared fixtures: tiny random-weight checkpoints (with a real BPE tokenizer and chat template),
+tiny recipes, and one tiny end-to-end run reused by many tests. Right for speed, never for accuracy."""
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE_GGUF = ROOT / "artifacts" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+CORPUS = textwrap.dedent("""\
+    The quick brown fox jumps over the lazy dog. A model that is smaller and faster is still useful
+    when it stays accurate. The capital of France is Paris, and the capital of Italy is Rome.
+    Once upon a time there was a small village by the sea where people told stories every night.
+    def add(a, b): return a + b. Numbers like 1, 2, 3, 42 and 1000 appear in text as well.
+    """) * 20
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def make_tokenizer(folder: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([CORPUS], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   unk_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(folder)
+    return fast
+
+
+def make_checkpoint(folder: Path, family: str = "llama", seed: int = 0) -> Path:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = make_tokenizer(folder)
+    config = AutoConfig.for_model(
+        family, vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=family == "qwen2",
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def write_recipe(folder: Path, model: Path, text: Path, name: str = "tiny", extra_validate: str = "") -> Path:
+    recipe = folder / f"{name}.yaml"
+    recipe.write_text(textwrap.dedent(f"""\
+        name: {name}
+        model:
+          source: {model}
+        stages:
+          - export: {{opset: 17}}
+          - validate:
+              eval_data: {{source: {text}}}
+              context_length: 64
+              max_windows: 4
+              max_new_tokens: 8
+              prompts: ["The capital of France", "Once upon a time there was a", "def add(a, b):", "42"]
+        {textwrap.indent(extra_validate, '      ')}
+        """))
+    return recipe
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2")
+
+
+@pytest.fixture(scope="session")
+def eval_text(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "eval.txt"
+    path.write_text(CORPUS)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_llama, eval_text) -> Path:
+    """One end-to-end run of the tiny recipe (model -> export -> validate); returns its run folder."""
+    from pipeline import run
+
+    work = tmp_path_factory.mktemp("work")
+    recipe = write_recipe(work, tiny_llama, eval_text)
+    return run(recipe, workdir=work / "artifacts")
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_run) -> Path:
+    from runtime import find_model_folder
+
+    return find_model_folder(tiny_run)

@@ -1,0 +1,57 @@
+"""The `optimize` command as users type it, through click's CliRunner."""
+import re
+
+from click.testing import CliRunner
+
+from conftest import write_recipe
+from pipeline.cli import main
+
+
+def test_recipe_path_is_the_first_argument(tmp_path, tiny_llama, eval_text):
+    recipe = write_recipe(tmp_path, tiny_llama, eval_text)
+    result = CliRunner().invoke(main, [str(recipe), "--workdir", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    assert "[01] export: done" in result.output and "[02] validate: done" in result.output
+    again = CliRunner().invoke(main, [str(recipe), "--workdir", str(tmp_path / "a")])
+    assert again.output.count("unchanged") == 3
+
+
+def test_bad_recipe_is_one_line_and_exit_2(tmp_path, tiny_llama):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(f"model: {{source: {tiny_llama}}}\nstages:\n  - export: {{opst: 17}}\n")
+    result = CliRunner().invoke(main, [str(recipe)])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.output
+    assert re.search(r"bad.yaml: stages\[0\]\.export\.opst: unknown key \(did you mean 'opset'\?\)", lines[0])
+
+
+def test_missing_recipe_exit_2(tmp_path):
+    result = CliRunner().invoke(main, [str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 2 and "recipe file not found" in result.output
+
+
+def test_failed_gate_exit_1_names_metric(tmp_path, tiny_llama, eval_text):
+    recipe = write_recipe(tmp_path, tiny_llama, eval_text, extra_validate="thresholds: {perplexity: 2.0}\n")
+    result = CliRunner().invoke(main, [str(recipe), "--workdir", str(tmp_path / "a")])
+    assert result.exit_code == 1
+    assert re.search(r"validation failed .*report.md\): perplexity = [\d.]+ > max 2", result.output)
+
+
+def test_generate_streams_and_names_the_provider(tiny_run):
+    result = CliRunner().invoke(main, ["generate", str(tiny_run), "The capital of France", "--max-new-tokens", "5"])
+    assert result.exit_code == 0, result.output
+    assert "provider: CPUExecutionProvider" in result.output
+    assert re.search(r"\d+ prompt tokens, \d+ new", result.output)
+
+
+def test_generate_bad_artifact(tmp_path):
+    result = CliRunner().invoke(main, ["generate", str(tmp_path), "hi"])
+    assert result.exit_code == 1 and "no exported model here" in result.output
+
+
+def test_doctor_lists_versions_and_providers():
+    result = CliRunner().invoke(main, ["doctor"])
+    assert result.exit_code == 0
+    assert "onnxruntime providers: " in result.output and "CPUExecutionProvider" in result.output
+    assert re.search(r"^torch \d", result.output, re.M)

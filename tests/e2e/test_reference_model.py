@@ -1,0 +1,82 @@
+"""The shipped default recipe on the real reference model, SmolLM2-135M-Instruct (slow tier; CI runs it)."""
+import json
+import time
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import REFERENCE_GGUF, ROOT
+from pipeline import run
+from pipeline.cli import main
+from runtime import Generator, find_model_folder
+
+pytestmark = pytest.mark.slow
+RECIPE = ROOT / "recipes" / "smollm2-fp32.yaml"
+
+
+@pytest.fixture(scope="module")
+def smol_run(tmp_path_factory):
+    if not REFERENCE_GGUF.exists():
+        pytest.fail(f"{REFERENCE_GGUF} is missing: run `make model`")
+    workdir = tmp_path_factory.mktemp("smol")
+    return run(RECIPE, workdir=workdir)
+
+
+@pytest.fixture(scope="module")
+def smol(smol_run):
+    return Generator(find_model_folder(smol_run), provider="cpu")
+
+
+def test_default_recipe_meets_the_accuracy_gates(smol_run):
+    report = json.loads(next(smol_run.glob("02-validate-*/report.json")).read_text())
+    m = report["metrics"]
+    assert report["passed"], report["failures"]
+    assert abs(m["perplexity_delta_pct"]) < 0.1
+    assert m["perplexity_baseline"] == pytest.approx(25.62, abs=0.05)  # WikiText-2 test, 40 x 512 tokens
+    assert m["greedy_token_agreement"] == 1.0 and m["batch_greedy_agreement"] == 1.0
+    assert m["decode_logits_max_abs_diff"] < 1e-2 and m["top1_agreement"] > 0.999
+
+
+def test_gguf_quirks_are_fixed_in_the_model_step(smol_run):
+    manifest = json.loads(next(smol_run.glob("00-model-*/manifest.json")).read_text())
+    assert any("<|im_end|>" in fix for fix in manifest["fixes"])
+    assert not list(smol_run.glob("00-model-*/tokenizer.model"))
+
+
+def test_second_run_is_all_cache_hits(smol_run, capsys):
+    started = time.time()
+    run(RECIPE, workdir=smol_run.parent)
+    out = capsys.readouterr().out
+    assert out.count("unchanged") == 3 and "running" not in out
+    assert time.time() - started < 60
+
+
+def test_chat_answer_through_the_cli(smol_run):
+    result = CliRunner().invoke(main, ["generate", str(smol_run), "What is the capital of France?", "--max-new-tokens", "24"])
+    assert result.exit_code == 0, result.output
+    assert "Paris" in result.output and "CPUExecutionProvider" in result.output
+    assert "(stop)" in result.output  # ended on <|im_end|>, not on the token limit
+
+
+def test_batch_of_four_mixed_length_chat_prompts_equals_one_by_one(smol):
+    questions = ["What is the capital of France?", "Name a color.",
+                 "Explain in one sentence why the sky is blue during the day.", "What is 2 + 2?"]
+    prompts = [smol.tokenizer.encode_chat(q) for q in questions]
+    assert len({len(p) for p in prompts}) == 4
+    single = [smol.generate([p], 24).tokens[0] for p in prompts]
+    assert smol.generate(prompts, 24).tokens == single
+
+
+def test_optimum_loads_and_generates_the_same_tokens(smol, smol_run):
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    folder = find_model_folder(smol_run)
+    model = ORTModelForCausalLM.from_pretrained(folder, use_cache=True, use_io_binding=False)
+    ids = smol.tokenizer.encode_chat("What is the capital of France?")
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         max_new_tokens=24, do_sample=False, eos_token_id=sorted(smol.eos_ids))
+    theirs = [t for t in out[0, len(ids):].tolist() if t not in smol.eos_ids]
+    ours = smol.generate([ids], 24)
+    assert ours.finish_reasons[0] == "stop" and len(ours.tokens[0]) > 3
+    assert theirs == ours.tokens[0]

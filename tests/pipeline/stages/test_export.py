@@ -1,0 +1,91 @@
+"""Export: the graph follows the I/O contract, matches PyTorch with and without a cache, moves
+with its folder, and loads in optimum's ORTModelForCausalLM."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from pipeline import StageError, run
+from conftest import make_checkpoint, write_recipe
+from runtime import Generator, find_model_folder
+from runtime.io_spec import Contract
+
+
+def test_graph_io_names_and_dims_follow_the_contract(tiny_export):
+    contract = Contract.load(tiny_export)
+    graph = onnx.load(str(tiny_export / "model.onnx"), load_external_data=False).graph
+    assert [i.name for i in graph.input] == [s.name for s in contract.inputs()]
+    assert [o.name for o in graph.output] == [s.name for s in contract.outputs()]
+    assert [i.name for i in graph.input][:5] == ["input_ids", "attention_mask", "position_ids",
+                                                 "past_key_values.0.key", "past_key_values.0.value"]
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    assert dims["past_key_values.1.value"] == ["batch_size", 2, "past_sequence_length", 16]
+    assert dims["attention_mask"] == ["batch_size", "past_sequence_length + sequence_length"]
+
+
+def test_weights_are_external_with_a_relative_path_and_the_folder_moves(tiny_export, tmp_path):
+    graph = onnx.load(str(tiny_export / "model.onnx"), load_external_data=False).graph
+    locations = {e.value for t in graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"model.onnx.data"}
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_export, moved)
+    gen = Generator(moved, provider="cpu")
+    assert gen.generate([[5, 6, 7]], max_new_tokens=3).tokens[0]
+
+
+def _torch_reference(checkpoint: Path, ids: np.ndarray) -> np.ndarray:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="eager").eval()
+    with torch.no_grad():
+        return model(torch.from_numpy(ids)).logits.numpy()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_prefill_and_cached_decode_match_pytorch(family, tmp_path, eval_text, tiny_llama, tiny_qwen2):
+    checkpoint = {"llama": tiny_llama, "qwen2": tiny_qwen2}[family]
+    run_dir = run(write_recipe(tmp_path, checkpoint, eval_text, name=family), workdir=tmp_path / "a")
+    gen = Generator(find_model_folder(run_dir), provider="cpu")
+    ids = np.random.default_rng(1).integers(0, gen.contract.vocab_size, size=(1, 12)).astype(np.int64)
+    ref = _torch_reference(checkpoint, ids)[0]  # [12, V], no cache
+    logits, cache, mask = gen.prefill([ids[0, :5].tolist()])
+    got = [logits[0]]
+    for t in range(5, 12):
+        logits, mask = gen.decode_one_token(ids[:, t], cache, mask)
+        got.append(logits[0])
+    np.testing.assert_allclose(np.stack(got), ref[4:], atol=1e-4)
+    assert cache.length == 12
+
+
+def test_unsupported_family_is_a_clear_error(tmp_path, eval_text):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from conftest import make_tokenizer
+
+    folder = tmp_path / "gpt2"
+    tok = make_tokenizer(folder)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2)
+                                     ).save_pretrained(folder)
+    with pytest.raises(StageError, match=r"model family 'gpt2' is not supported for export.*supported: llama"):
+        run(write_recipe(tmp_path, folder, eval_text, name="g"), workdir=tmp_path / "a")
+
+
+def test_optimum_ort_model_loads_and_agrees(tiny_export, tmp_path):
+    """Others' runtimes load our artifact: optimum's ORTModelForCausalLM generates the same greedy tokens."""
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    model = ORTModelForCausalLM.from_pretrained(tiny_export, use_cache=True, use_io_binding=False)
+    ids = [3, 17, 42, 8]
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, 4, dtype=torch.long),
+                         max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    ours = Generator(tiny_export, provider="cpu").generate([ids], 6, ignore_eos=True).tokens[0]
+    assert out[0, 4:].tolist() == ours
+
+
+def test_export_manifest_records_parity_and_contract(tiny_export):
+    m = json.loads((tiny_export / "manifest.json").read_text())
+    assert m["metrics"]["parity_max_abs_diff"] < 1e-4
+    assert m["io_contract"]["flavour"] == "portable" and m["io_contract"]["num_layers"] == 2

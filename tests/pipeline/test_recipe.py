@@ -1,0 +1,124 @@
+"""Recipes are validated entirely up front: each mistake is one precise error naming the key."""
+import textwrap
+
+import pytest
+
+from pipeline import RecipeError, load_recipe
+from pipeline.configs import ValidateConfig
+
+
+def recipe(tmp_path, body: str):
+    path = tmp_path / "r.yaml"
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+@pytest.fixture
+def base(tmp_path, tiny_llama, eval_text):
+    def make(stages: str, model: str | None = None):
+        return recipe(tmp_path, f"model: {{source: {model or tiny_llama}}}\nstages:\n{textwrap.indent(textwrap.dedent(stages), '  ')}")
+    return make
+
+
+def test_valid_recipe_is_typed_with_defaults(base, eval_text):
+    r = load_recipe(base(f"- export: {{}}\n- validate: {{eval_data: {{source: {eval_text}}}, context_length: 64}}\n"))
+    assert [s.name for s in r.stages] == ["export", "validate"]
+    v = r.stages[1].config
+    assert isinstance(v, ValidateConfig)
+    assert v.stride == 64  # defaults to context_length, resolved before fingerprinting
+    assert r.source.kind == "dir" and r.name == "r"
+
+
+def test_unknown_key_suggests_the_right_one(base):
+    with pytest.raises(RecipeError, match=r"stages\[0\]\.export\.opsett: unknown key \(did you mean 'opset'\?\)"):
+        load_recipe(base("- export: {opsett: 17}\n"))
+
+
+def test_unknown_stage_suggests(base):
+    with pytest.raises(RecipeError, match=r"unknown stage 'exprot' \(did you mean 'export'\?\)"):
+        load_recipe(base("- exprot: {}\n"))
+
+
+def test_wrong_type_names_key_and_expected_type(base):
+    with pytest.raises(RecipeError, match=r"stages\[0\]\.export\.opset: expected int, got str 'seventeen'"):
+        load_recipe(base("- export: {opset: seventeen}\n"))
+
+
+def test_bool_is_not_an_int(base):
+    with pytest.raises(RecipeError, match=r"export\.opset: expected int, got bool"):
+        load_recipe(base("- export: {opset: true}\n"))
+
+
+def test_bad_value_from_post_init(base):
+    with pytest.raises(RecipeError, match=r"stages\[0\]\.export\.opset: 9 is not supported"):
+        load_recipe(base("- export: {opset: 9}\n"))
+
+
+def test_missing_model_path(base, tmp_path):
+    with pytest.raises(RecipeError, match=r"model.source: GGUF file .*missing.gguf not found"):
+        load_recipe(base("- export: {}\n", model=str(tmp_path / "missing.gguf")))
+    with pytest.raises(RecipeError, match=r"model.source: '\./nope' is neither"):
+        load_recipe(base("- export: {}\n", model="./nope"))
+
+
+def test_hub_id_is_accepted_without_touching_the_network(base):
+    r = load_recipe(base("- export: {}\n", model="HuggingFaceTB/SmolLM2-135M-Instruct"))
+    assert r.source.kind == "hub"
+
+
+def test_pickle_only_checkpoint_is_refused(base, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    (ckpt / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(RecipeError, match="allow_pickle: true"):
+        load_recipe(base("- export: {}\n", model=str(ckpt)))
+
+
+def test_remote_code_needs_consent(base, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text('{"auto_map": {"AutoModelForCausalLM": "x.Y"}}')
+    (ckpt / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(RecipeError, match="trust_remote_code: true"):
+        load_recipe(base("- export: {}\n", model=str(ckpt)))
+
+
+def test_empty_dataset(base, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(RecipeError, match=r"validate\.eval_data\.source: .*empty.txt is empty"):
+        load_recipe(base(f"- export: {{}}\n- validate: {{eval_data: {{source: {empty}}}}}\n"))
+
+
+def test_missing_dataset_file(base, tmp_path):
+    with pytest.raises(RecipeError, match=r"eval_data\.source: text file .*nothere.txt not found"):
+        load_recipe(base(f"- export: {{}}\n- validate: {{eval_data: {tmp_path / 'nothere.txt'}}}\n"))
+
+
+def test_stage_order_is_checked(base):
+    with pytest.raises(RecipeError, match=r"stages\[0\]\.validate: needs a onnx artifact"):
+        load_recipe(base("- validate: {}\n"))
+
+
+def test_unknown_threshold_metric(base, eval_text):
+    with pytest.raises(RecipeError, match=r"thresholds\.perplexity_delta: unknown metric \(did you mean 'perplexity_delta_pct'\?\)"):
+        load_recipe(base(f"- export: {{}}\n- validate: {{eval_data: {eval_text}, thresholds: {{perplexity_delta: 1}}}}\n"))
+
+
+def test_top_level_typo_and_yaml_error(tmp_path):
+    with pytest.raises(RecipeError, match=r"stagse: unknown key \(did you mean 'stages'\?\)"):
+        load_recipe(recipe(tmp_path, "model: x/y\nstagse: []\n"))
+    with pytest.raises(RecipeError, match=r"r.yaml: line 3: not valid YAML"):
+        load_recipe(recipe(tmp_path, "model: x/y\nstages: [\n  - a: : b\n"))
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "absent.yaml")
+
+
+def test_shipped_recipes_parse():
+    from conftest import REFERENCE_GGUF, ROOT
+
+    if not REFERENCE_GGUF.exists():
+        pytest.fail(f"{REFERENCE_GGUF} missing: run `make model`")
+    for path in (ROOT / "recipes").glob("*.yaml"):
+        assert load_recipe(path).stages

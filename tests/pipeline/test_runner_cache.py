@@ -1,0 +1,111 @@
+"""Stage cache: reuse when unchanged, rebuild what changed and what follows, reject tampering."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import write_recipe
+from pipeline import ValidationFailed, run
+from pipeline.artifacts import load_verified
+
+
+def steps(run_dir: Path) -> dict[str, Path]:
+    return {p.name.split("-")[1]: p for p in sorted(run_dir.glob("[0-9][0-9]-*"))}
+
+
+@pytest.fixture
+def work(tmp_path, tiny_llama, eval_text):
+    return tmp_path, write_recipe(tmp_path, tiny_llama, eval_text)
+
+
+def test_second_run_reuses_every_stage(work, capsys):
+    tmp, recipe = work
+    run(recipe, workdir=tmp / "a")
+    first = {k: v.stat().st_mtime_ns for k, v in steps(tmp / "a" / "tiny").items()}
+    capsys.readouterr()
+    run(recipe, workdir=tmp / "a")
+    out = capsys.readouterr().out
+    assert out.count("unchanged") == 3 and "running" not in out
+    assert {k: v.stat().st_mtime_ns for k, v in steps(tmp / "a" / "tiny").items()} == first
+
+
+def test_changing_a_stage_reruns_it_and_later_ones_only(work, tiny_llama, eval_text, capsys):
+    tmp, recipe = work
+    run(recipe, workdir=tmp / "a")
+    capsys.readouterr()
+    write_recipe(tmp, tiny_llama, eval_text, extra_validate="add_bos: true\n")
+    run(recipe, workdir=tmp / "a")
+    out = capsys.readouterr().out
+    assert "[00] model: unchanged" in out and "[01] export: unchanged" in out and "[02] validate: running" in out
+    assert len(list((tmp / "a" / "tiny").glob("02-validate-*"))) == 1  # the stale one is replaced
+
+
+def test_tampered_artifact_is_detected_and_rebuilt(work, capsys):
+    tmp, recipe = work
+    run(recipe, workdir=tmp / "a")
+    export = steps(tmp / "a" / "tiny")["export"]
+    with open(export / "model.onnx.data", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02\x03")
+    art, why = load_verified(export)
+    assert art is None and "model.onnx.data does not match its checksum" in why
+    capsys.readouterr()
+    run(recipe, workdir=tmp / "a")
+    out = capsys.readouterr().out
+    assert "[01] export: cached artifact rejected (file model.onnx.data does not match its checksum" in out
+    assert "[02] validate: unchanged" in out  # same fingerprint chain: the rebuilt export is identical in meaning
+    assert load_verified(export)[0] is not None
+
+
+def test_missing_manifest_or_added_file_is_not_an_artifact(work):
+    tmp, recipe = work
+    run(recipe, workdir=tmp / "a")
+    export = steps(tmp / "a" / "tiny")["export"]
+    (export / "notes.txt").write_text("hand edit")
+    assert "unexpected file notes.txt" in load_verified(export)[1]
+    (export / "notes.txt").unlink()
+    (export / "manifest.json").unlink()
+    assert "no manifest" in load_verified(export)[1]
+
+
+def test_force_rebuilds(work, capsys):
+    tmp, recipe = work
+    run(recipe, workdir=tmp / "a")
+    capsys.readouterr()
+    run(recipe, workdir=tmp / "a", force=True)
+    assert capsys.readouterr().out.count("running") == 3
+
+
+def test_failed_gate_keeps_report_and_fails_again_from_cache(work, tiny_llama, eval_text):
+    tmp, recipe = work
+    write_recipe(tmp, tiny_llama, eval_text, extra_validate="thresholds: {perplexity: 1.0, top1_agreement: 0.5}\n")
+    with pytest.raises(ValidationFailed, match=r"perplexity = [\d.]+ > max 1") as e:
+        run(recipe, workdir=tmp / "a")
+    assert len(e.value.failures) == 1
+    report = steps(tmp / "a" / "tiny")["validate"] / "report.md"
+    assert "FAILED" in report.read_text()
+    with pytest.raises(ValidationFailed):
+        run(recipe, workdir=tmp / "a")
+
+
+def test_run_killed_during_export_leaves_nothing_complete_and_recovers(work):
+    tmp, recipe = work
+    workdir = tmp / "a"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", str(recipe), "--workdir", str(workdir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((workdir / "tiny").glob(".tmp-01-export-*")):
+        time.sleep(0.005)
+    assert list((workdir / "tiny").glob(".tmp-01-export-*")), "export never started"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not list((workdir / "tiny").glob("01-export-*"))  # nothing that looks complete
+    run(recipe, workdir=workdir)
+    assert not list((workdir / "tiny").glob(".tmp-*"))
+    for step in steps(workdir / "tiny").values():
+        assert load_verified(step)[0] is not None
