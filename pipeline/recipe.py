@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from calibration.datasets import BUILTINS, TEXT_SUFFIXES, DataError, local_file
+from pipeline.artifacts import sha256_file
 from pipeline.configs import ModelConfig, TextSourceConfig
 from pipeline.errors import RecipeError, did_you_mean
 from pipeline.registry import STAGES
@@ -134,6 +135,17 @@ def _resolve_text_sources(config: Any, base: Path, where: str) -> Any:
         if local is not None and not local.read_text(errors="replace").strip():
             raise RecipeError(f"{key}: {local} is empty; give a text file with content")
     return dataclasses.replace(config, **changes) if changes else config
+
+
+def data_identity(config: Any) -> dict[str, str]:
+    """sha256 of each local text file a stage config reads, so editing the file invalidates the cache."""
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, TextSourceConfig):
+            path = local_file(value.source, value.split)
+            out[f.name] = sha256_file(path) if path else f"hub:{value.source}"
+    return out
 
 
 def resolve_source(source: str, base: Path) -> ModelSource:

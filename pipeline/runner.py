@@ -11,6 +11,7 @@ written, so a run killed at any moment leaves nothing that looks complete.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ from pipeline.artifacts import (
 )
 from pipeline.errors import PipelineError, StageError, ValidationFailed
 from pipeline.models import import_model, source_identity
-from pipeline.recipe import Recipe, load_recipe
+from pipeline.recipe import data_identity, load_recipe
 from pipeline.registry import STAGES, StageResult
 
 
@@ -66,8 +67,8 @@ def run(recipe_path: Path | str, workdir: Path | str = "artifacts", force: bool 
         for i, entry in enumerate(recipe.stages, start=1):
             spec = STAGES[entry.name]
             cfg_dict = dataclasses.asdict(entry.config)
-            fp = fingerprint(art.fingerprint, entry.name, cfg_dict)
-            build = (lambda e, a: (lambda ctx: STAGES[e.name].fn(e.config, a, ctx)))(entry, art)
+            fp = fingerprint(art.fingerprint, entry.name, cfg_dict, data_identity(entry.config))
+            build = functools.partial(spec.fn, entry.config, art)
             art = _run_step(run_dir, i, entry.name, spec.produces, cfg_dict, fp, art, build, force, record, baseline)
         record["status"] = "passed"
         return run_dir

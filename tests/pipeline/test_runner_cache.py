@@ -109,3 +109,15 @@ def test_run_killed_during_export_leaves_nothing_complete_and_recovers(work):
     assert not list((workdir / "tiny").glob(".tmp-*"))
     for step in steps(workdir / "tiny").values():
         assert load_verified(step)[0] is not None
+
+
+def test_editing_the_eval_text_reruns_validate(tmp_path, tiny_llama, eval_text, capsys):
+    text = tmp_path / "own.txt"
+    text.write_text(eval_text.read_text())
+    recipe = write_recipe(tmp_path, tiny_llama, text)
+    run(recipe, workdir=tmp_path / "a")
+    text.write_text(eval_text.read_text() + "One more line of text at the end.\n")
+    capsys.readouterr()
+    run(recipe, workdir=tmp_path / "a")
+    out = capsys.readouterr().out
+    assert "[01] export: unchanged" in out and "[02] validate: running" in out
