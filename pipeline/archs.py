@@ -12,7 +12,9 @@ from pipeline.errors import StageError, did_you_mean
 
 @dataclass(frozen=True)
 class ArchSpec:
-    atol: float = 1e-4  # export-time max |logits_onnx - logits_torch| on the parity prompt
+    # export-time max |logits_onnx - logits_torch| on the parity check; logits are O(10), float32 kernels
+    # (MatMulNBits, fused attention) differ in accumulation order by ~1e-4, a wrong graph by >0.1
+    atol: float = 1e-3
 
 
 ARCHS: dict[str, ArchSpec] = {

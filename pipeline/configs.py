@@ -5,6 +5,7 @@ changes, so cached artifacts built by the old code are rebuilt.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from pipeline.errors import RecipeError, did_you_mean
@@ -17,7 +18,7 @@ VALIDATE_METRICS = {
     "kl_divergence": "max",  # mean KL(torch || onnx) of next-token distributions on the eval windows
     "greedy_token_agreement": "min",  # greedy tokens equal to the baseline's, over the prompt set
     "batch_greedy_agreement": "min",  # runner greedy batched (left padding) vs. one prompt at a time
-    "decode_logits_max_abs_diff": "max",  # KV-cache decode steps vs. full recompute in PyTorch
+    "decode_logits_max_abs_diff": "max",  # KV-cache decode steps vs. the export's source model, full recompute
     "window_logits_max_abs_diff": "max",  # prefill logits on the eval windows vs. PyTorch
 }
 
@@ -44,14 +45,88 @@ class TextSourceConfig:
     text_field: str = "text"
 
 
+QUANT_METHODS = ("rtn", "gptq")
+LM_HEAD_CHOICES = ("float", "int8", "int4")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Calibration text: `num_samples` blocks of `sequence_length` tokens drawn with `seed`."""
+
+    data: TextSourceConfig = field(default_factory=lambda: TextSourceConfig("wikitext-2", "valid"))
+    num_samples: int = 128
+    sequence_length: int = 512
+    seed: int = 0
+    batch_size: int = 8
+
+    def __post_init__(self):
+        for name in ("num_samples", "sequence_length", "batch_size"):
+            if getattr(self, name) < 1:
+                raise RecipeError(f"{name}: must be a positive integer, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """Weight-only quantization of the decoder's linear layers (and optionally the LM head).
+
+    `ignore` and `overrides` are regular expressions searched in module names such as
+    `model.layers.3.mlp.down_proj`; ignored layers stay float and are listed in the manifest.
+    """
+
+    method: str = "gptq"  # rtn | gptq
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = False
+    ignore: tuple[str, ...] = ()
+    overrides: dict[str, int] = field(default_factory=dict)  # regex -> bits (4 or 8) for matching layers
+    lm_head: str = "float"  # float | int8 | int4
+    embedding: str = "float"  # float | int8 | int4 (round-to-nearest; shares the LM head's codes when tied and equal)
+    damp: float = 0.01  # GPTQ: fraction of the mean Hessian diagonal added for stability
+    act_order: bool = True  # GPTQ: visit columns by decreasing Hessian diagonal
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    version: int = 1
+
+    def __post_init__(self):
+        if self.method not in QUANT_METHODS:
+            raise RecipeError(f"method: '{self.method}' is not one of {', '.join(QUANT_METHODS)}{did_you_mean(self.method, QUANT_METHODS)}")
+        _check_bits("bits", self.bits)
+        gs = self.group_size
+        if gs < 16 or gs & (gs - 1):
+            raise RecipeError(f"group_size: {gs} is not a power of two >= 16, which MatMulNBits requires (use 32, 64 or 128)")
+        for pattern in (*self.ignore, *self.overrides):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise RecipeError(f"ignore/overrides: '{pattern}' is not a valid regular expression ({e})") from None
+        for pattern, bits in self.overrides.items():
+            _check_bits(f"overrides.{pattern}", bits)
+        for key in ("lm_head", "embedding"):
+            if getattr(self, key) not in LM_HEAD_CHOICES:
+                raise RecipeError(f"{key}: '{getattr(self, key)}' is not one of {', '.join(LM_HEAD_CHOICES)}")
+        if not 0 < self.damp < 1:
+            raise RecipeError(f"damp: {self.damp} must be between 0 and 1 (0.01 is usual)")
+        if self.method == "gptq" and self.calibration.num_samples < 8:
+            raise RecipeError(
+                f"calibration.num_samples: {self.calibration.num_samples} is too few for GPTQ; use at least 8 (128 is usual)"
+            )
+
+
+def _check_bits(key: str, bits: int) -> None:
+    if bits not in (4, 8):
+        raise RecipeError(f"{key}: {bits} bits is not supported; use 4 or 8")
+
+
 @dataclass(frozen=True)
 class ExportConfig:
     opset: int = 17
     external_data: bool = True  # weights in model.onnx.data beside the graph (relative path)
     parity_tokens: int = 16  # tokens of the export-time parity check against PyTorch
+    accuracy_level: int = 0  # MatMulNBits compute: 0 = float like the weights' dequantized matmul, 4 = int8 (faster on CPU)
     version: int = 1
 
     def __post_init__(self):
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise RecipeError(f"accuracy_level: {self.accuracy_level} is not one of 0..4")
         if not 14 <= self.opset <= 21:
             raise RecipeError(f"opset: {self.opset} is not supported; use 14..21 (17 is the default)")
         if self.parity_tokens < 2:
@@ -97,7 +172,7 @@ class ValidateConfig:
             "decode_logits_max_abs_diff": 1e-2,
         }
     )
-    version: int = 1
+    version: int = 2  # 2: decode parity measured against the export's source model
 
     def __post_init__(self):
         if self.stride is None:

@@ -116,35 +116,46 @@ def _build_stages(raw: Any, base: Path) -> tuple[StageEntry, ...]:
 
 
 def _resolve_text_sources(config: Any, base: Path, where: str) -> Any:
-    """Make local text paths absolute (relative to the recipe) and check they hold text."""
+    """Make local text paths absolute (relative to the recipe) and check they hold text, at any depth."""
     changes = {}
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        if not isinstance(value, TextSourceConfig):
+        if isinstance(value, TextSourceConfig):
+            new = _resolve_text_source(value, base, f"{where}.{f.name}.source")
+        elif dataclasses.is_dataclass(value):
+            new = _resolve_text_sources(value, base, f"{where}.{f.name}")
+        else:
             continue
-        key = f"{where}.{f.name}.source"
-        if value.source not in BUILTINS and value.source.endswith(TEXT_SUFFIXES):
-            path = Path(value.source).expanduser()
-            path = path if path.is_absolute() else (base / path).resolve()
-            value = dataclasses.replace(value, source=str(path))
-            changes[f.name] = value
-        try:
-            local = local_file(value.source, value.split)
-        except DataError as e:
-            raise RecipeError(f"{key}: {e}") from None
-        if local is not None and not local.read_text(errors="replace").strip():
-            raise RecipeError(f"{key}: {local} is empty; give a text file with content")
+        if new is not value:
+            changes[f.name] = new
     return dataclasses.replace(config, **changes) if changes else config
 
 
-def data_identity(config: Any) -> dict[str, str]:
+def _resolve_text_source(value: TextSourceConfig, base: Path, key: str) -> TextSourceConfig:
+    if value.source not in BUILTINS and value.source.endswith(TEXT_SUFFIXES):
+        path = Path(value.source).expanduser()
+        value = dataclasses.replace(value, source=str(path if path.is_absolute() else (base / path).resolve()))
+    try:
+        local = local_file(value.source, value.split)
+    except DataError as e:
+        raise RecipeError(f"{key}: {e}") from None
+    if local is not None and not local.read_text(errors="replace").strip():
+        raise RecipeError(f"{key}: {local} is empty; give a text file with content")
+    return value
+
+
+def data_identity(config: Any) -> dict[str, Any]:
     """sha256 of each local text file a stage config reads, so editing the file invalidates the cache."""
-    out = {}
+    out: dict[str, Any] = {}
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if isinstance(value, TextSourceConfig):
             path = local_file(value.source, value.split)
             out[f.name] = sha256_file(path) if path else f"hub:{value.source}"
+        elif dataclasses.is_dataclass(value):
+            inner = data_identity(value)
+            if inner:
+                out[f.name] = inner
     return out
 
 

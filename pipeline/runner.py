@@ -35,7 +35,8 @@ from pipeline.registry import STAGES, StageResult
 class RunContext:
     run_dir: Path
     out_dir: Path  # where the stage writes its files (a temp folder until the step completes)
-    baseline: Artifact  # the imported, unoptimized model: the reference for validation
+    baseline: Artifact  # the imported, unoptimized model: the reference for accuracy
+    history: tuple[Artifact, ...]  # every artifact before this step, in order (history[-1] is the input)
     log: Callable[[str], None]
 
 
@@ -62,14 +63,15 @@ def run(recipe_path: Path | str, workdir: Path | str = "artifacts", force: bool 
     model_fp = fingerprint("model", recipe.model.version, model_cfg, source_identity(recipe.source))
     build_model = lambda ctx: import_model(recipe.model, recipe.source, ctx.out_dir, log)  # noqa: E731
     try:
-        art = _run_step(run_dir, 0, "model", "hf-model", model_cfg, model_fp, None, build_model, force, record, None)
-        baseline = art
+        art = _run_step(run_dir, 0, "model", "hf-model", model_cfg, model_fp, (), build_model, force, record)
+        history = (art,)
         for i, entry in enumerate(recipe.stages, start=1):
             spec = STAGES[entry.name]
             cfg_dict = dataclasses.asdict(entry.config)
             fp = fingerprint(art.fingerprint, entry.name, cfg_dict, data_identity(entry.config))
             build = functools.partial(spec.fn, entry.config, art)
-            art = _run_step(run_dir, i, entry.name, spec.produces, cfg_dict, fp, art, build, force, record, baseline)
+            art = _run_step(run_dir, i, entry.name, spec.produces, cfg_dict, fp, history, build, force, record)
+            history += (art,)
         record["status"] = "passed"
         return run_dir
     except PipelineError as e:
@@ -81,7 +83,7 @@ def run(recipe_path: Path | str, workdir: Path | str = "artifacts", force: bool 
         write_json_atomic(run_dir / "run.json", record)
 
 
-def _run_step(run_dir, index, name, kind, cfg_dict, fp, parent, build, force, record, baseline) -> Artifact:
+def _run_step(run_dir, index, name, kind, cfg_dict, fp, history, build, force, record) -> Artifact:
     final = run_dir / f"{index:02d}-{name}-{fp[:12]}"
     if final.exists() and not force:
         art, why = load_verified(final, fp)
@@ -97,9 +99,9 @@ def _run_step(run_dir, index, name, kind, cfg_dict, fp, parent, build, force, re
     tmp.mkdir()
     started = time.time()
     try:
-        ctx = RunContext(run_dir=run_dir, out_dir=tmp, baseline=baseline, log=log)
+        ctx = RunContext(run_dir=run_dir, out_dir=tmp, baseline=history[0] if history else None, history=history, log=log)
         result: StageResult = build(ctx)
-        manifest = _manifest(name, kind, cfg_dict, fp, parent, result, tmp, started)
+        manifest = _manifest(name, kind, cfg_dict, fp, history[-1] if history else None, result, tmp, started)
         write_json_atomic(tmp / MANIFEST, manifest)
         for stale in run_dir.glob(f"{index:02d}-{name}-*"):
             shutil.rmtree(stale)

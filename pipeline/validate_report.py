@@ -19,7 +19,8 @@ def render_markdown(report: dict) -> str:
         f"# Validation report: {verdict}",
         "",
         f"- artifact: `{report['artifact']}`",
-        f"- baseline: `{report['baseline']}` (PyTorch, float32)",
+        f"- baseline (accuracy): `{report['baseline']}` (PyTorch, float32)",
+        f"- export source (parity): `{report['export_source']}`",
         f"- execution provider: {report['provider']}",
         f"- perplexity protocol: {p['dataset']} / {p['split']}, {p['windows']} windows of {p['context_length']} tokens, "
         f"stride {p['stride']}, {p['scored_tokens']} scored tokens, BOS {p['bos']}, text sha256 {p['text_sha256'][:12]}",

@@ -40,6 +40,7 @@ class Contract:
     head_dim: int
     vocab_size: int
     dtype: str = "float32"
+    weights: str = "float"  # "float" or "MatMulNBits" (block-quantized linear layers)
     model_file: str = "model.onnx"
     version: int = CONTRACT_VERSION
 

@@ -18,6 +18,8 @@ from pipeline.archs import arch_for, model_dims
 from pipeline.configs import ExportConfig
 from pipeline.errors import StageError
 from pipeline.models import TOKENIZER_FILES, load_torch_model
+from pipeline.onnx_quant import apply_block_quantized_ops
+from pipeline.stages.quantize import PLAN_FILE
 from pipeline.registry import StageResult, register_stage
 from runtime.generate import Generator
 from runtime.io_spec import Contract
@@ -57,12 +59,21 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
     model = load_torch_model(inp.path)
     arch = arch_for(model.config)
     dims = model_dims(model.config)
-    contract = Contract("portable", dims.num_layers, dims.num_kv_heads, dims.head_dim, dims.vocab_size)
+    quantized = (inp.path / PLAN_FILE).exists()
+    contract = Contract("portable", dims.num_layers, dims.num_kv_heads, dims.head_dim, dims.vocab_size,
+                        weights="MatMulNBits" if quantized else "float")
     out: Path = ctx.out_dir
+    path = out / contract.model_file
     ctx.log(f"  tracing {model.config.model_type} ({dims.num_layers} layers) to ONNX opset {cfg.opset}")
-    _trace(model, contract, out / contract.model_file, cfg.opset)
-    if cfg.external_data:
-        _move_weights_to_external_data(out / contract.model_file)
+    _trace(model, contract, path, cfg.opset)
+    graph = onnx.load(str(path))
+    swapped = 0
+    if quantized:
+        weights = {name: module.weight.detach().numpy() for name, module in model.named_modules()
+                   if isinstance(module, (torch.nn.Linear, torch.nn.Embedding))}
+        swapped = apply_block_quantized_ops(graph, inp.path, weights, cfg.accuracy_level)
+        ctx.log(f"  {swapped} ops replaced by MatMulNBits / GatherBlockQuantized (accuracy_level {cfg.accuracy_level})")
+    _save_graph(graph, path, cfg.external_data)
     for name in COPIED_FILES:
         if (inp.path / name).exists():
             shutil.copy2(inp.path / name, out / name)
@@ -75,7 +86,7 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
         )
     size = sum(p.stat().st_size for p in out.iterdir() if p.name.startswith("model.onnx"))
     return StageResult(
-        metrics={"parity_max_abs_diff": diff, "onnx_bytes": size},
+        metrics={"parity_max_abs_diff": diff, "onnx_bytes": size, "block_quantized_ops": swapped},
         info={"io_contract": contract.__dict__, "atol": arch.atol},
     )
 
@@ -99,11 +110,13 @@ def _trace(model, contract: Contract, path: Path, opset: int) -> None:
         )
 
 
-def _move_weights_to_external_data(path: Path) -> None:
-    """Store weights in `model.onnx.data` beside the graph, referenced by a relative path."""
-    graph = onnx.load(str(path))
-    onnx.save_model(graph, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=path.name + ".data", size_threshold=1024)
+def _save_graph(graph: onnx.ModelProto, path: Path, external_data: bool) -> None:
+    """With external_data, weights go to `model.onnx.data` beside the graph, referenced by a relative path."""
+    if external_data:
+        onnx.save_model(graph, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(graph, str(path))
 
 
 def _parity(model, folder: Path, tokens: int) -> float:

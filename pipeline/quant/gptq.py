@@ -1,0 +1,75 @@
+"""GPTQ: quantize a weight column by column, spreading each column's rounding error over the
+columns not yet quantized through the inverse Hessian of the layer's calibration inputs
+(Frantar et al., 2022). H = 2/n * sum x x^T over calibration tokens.
+
+With `act_order`, columns are visited by decreasing Hessian diagonal (the most salient first).
+Group scales and zero points are then fixed up front from the original weight ("static groups")
+so every group stays a contiguous block of K, as MatMulNBits requires.
+"""
+from __future__ import annotations
+
+import torch
+
+from pipeline.quant.primitives import QTensor, QuantScheme, choose_qparams, from_codes, quantize_with, to_groups
+
+
+class HessianAccumulator:
+    """Running H = 2/n * X^T X of a linear layer's inputs, fed by a forward hook."""
+
+    def __init__(self, in_features: int):
+        self.H = torch.zeros(in_features, in_features, dtype=torch.float32)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()  # [tokens, K]
+        if not torch.isfinite(x).all():
+            raise FloatingPointError("NaN or Inf in the calibration activations")
+        total = self.n + x.shape[0]
+        self.H *= self.n / total
+        x = x * (2.0 / total) ** 0.5
+        self.H += x.T @ x
+        self.n = total
+
+
+def gptq(w: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, damp: float = 0.01,
+         act_order: bool = True, block: int = 128) -> QTensor:
+    """Quantize W [N, K] given the Hessian H [K, K] of its inputs."""
+    W = w.detach().clone().float()
+    H = H.clone()
+    n, k = W.shape
+    gs = scheme.group_size
+    block = max(block, gs) // gs * gs  # whole groups per block, so a group's columns are updated before its params
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    static = act_order
+    if static:
+        scale, zero = choose_qparams(to_groups(W, gs), scheme)  # [N, k_blocks]
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    else:
+        scale = torch.zeros(n, -(-k // gs))
+        zero = torch.zeros_like(scale)
+        perm = torch.arange(k)
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(k)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    codes = torch.zeros_like(W)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            g = col // gs
+            if not static and col % gs == 0:
+                scale[:, g], zero[:, g] = choose_qparams(W1[:, i:i + gs], scheme)
+            w_col = W1[:, i]
+            q = quantize_with(w_col, scale[:, g], zero[:, g], scheme.maxq)
+            codes[:, i1 + i] = q
+            err = (w_col - (q - zero[:, g]) * scale[:, g]) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    if static:
+        codes = codes[:, torch.argsort(perm)]
+    return from_codes(codes, scale, zero, scheme)

@@ -1,0 +1,114 @@
+"""Group-wise integer weight quantization in the layout of ONNX Runtime's `MatMulNBits`.
+
+A linear weight W [N, K] (out, in) is cut along K into blocks of `group_size`; the last block is
+zero-padded when group_size does not divide K. Each block has a float scale and an integer zero
+point, and dequantizes as (q - zero_point) * scale with q in [0, 2**bits - 1]. Symmetric blocks use
+the fixed zero point 2**(bits-1), which is also MatMulNBits' default when no zero points are given.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    bits: int  # 4 or 8
+    group_size: int  # power of two >= 16 (what MatMulNBits takes)
+    symmetric: bool
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+
+@dataclass
+class QTensor:
+    """A quantized weight: codes [N, k_blocks, group_size] uint8, scale and zero point [N, k_blocks]."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    scheme: QuantScheme
+    in_features: int  # K before padding
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.q.shape[0], self.in_features
+
+
+def to_groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """W [N, K] -> [N, k_blocks, group_size], zero-padding the last block."""
+    n, k = w.shape
+    blocks = -(-k // group_size)
+    if blocks * group_size != k:
+        w = torch.nn.functional.pad(w, (0, blocks * group_size - k))
+    return w.reshape(n, blocks, group_size)
+
+
+def choose_qparams(groups: torch.Tensor, scheme: QuantScheme, clip: torch.Tensor | float = 1.0):
+    """Scale and integer zero point per group of `groups` [..., G]; `clip` shrinks the range (AWQ clip search)."""
+    gmax = groups.amax(dim=-1).clamp(min=0) * clip
+    gmin = groups.amin(dim=-1).clamp(max=0) * clip
+    if scheme.symmetric:
+        absmax = torch.maximum(gmax, -gmin)
+        scale = (2 * absmax / scheme.maxq).clamp(min=1e-10)
+        zero = torch.full_like(scale, 2 ** (scheme.bits - 1))
+    else:
+        scale = ((gmax - gmin) / scheme.maxq).clamp(min=1e-10)
+        zero = torch.round(-gmin / scale).clamp(0, scheme.maxq)
+    return scale, zero
+
+
+def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Integer codes of w for given (broadcastable) scale and zero point."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+
+
+def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    return (quantize_with(w, scale, zero, maxq) - zero) * scale
+
+
+def quantize(w: torch.Tensor, scheme: QuantScheme, clip: torch.Tensor | float = 1.0) -> QTensor:
+    """Round-to-nearest quantization of W [N, K]."""
+    groups = to_groups(w.float(), scheme.group_size)
+    scale, zero = choose_qparams(groups, scheme, clip)
+    q = quantize_with(groups, scale[..., None], zero[..., None], scheme.maxq)
+    return QTensor(q.to(torch.uint8), scale, zero, scheme, w.shape[1])
+
+
+def dequantize(qt: QTensor) -> torch.Tensor:
+    """QTensor -> float W [N, K] (padding dropped)."""
+    w = (qt.q.float() - qt.zero[..., None]) * qt.scale[..., None]
+    return w.reshape(w.shape[0], -1)[:, : qt.in_features]
+
+
+def from_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: QuantScheme) -> QTensor:
+    """Build a QTensor from per-column codes q [N, K] and per-group scale/zero [N, k_blocks] (GPTQ's output)."""
+    k = q.shape[1]
+    return QTensor(to_groups(q.float(), scheme.group_size).to(torch.uint8), scale, zero, scheme, k)
+
+
+def pack_matmul_nbits(qt: QTensor) -> dict[str, np.ndarray]:
+    """MatMulNBits inputs: B uint8 [N, k_blocks, blob], scales f32 [N * k_blocks], zero_points uint8."""
+    q = qt.q.numpy().astype(np.uint8)
+    n, blocks, group = q.shape
+    if qt.scheme.bits == 4:
+        b = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)  # two codes a byte, low nibble first
+    else:
+        b = q
+    out = {"B": np.ascontiguousarray(b), "scales": qt.scale.numpy().astype(np.float32).reshape(-1)}
+    if not qt.scheme.symmetric:
+        zero = qt.zero.numpy().astype(np.uint8)
+        if qt.scheme.bits == 4:
+            if blocks % 2:
+                zero = np.pad(zero, ((0, 0), (0, 1)))
+            zero = zero[:, 0::2] | (zero[:, 1::2] << 4)
+        out["zero_points"] = np.ascontiguousarray(zero).reshape(-1)
+    return out
+
+
+def packed_bytes(qt: QTensor) -> int:
+    return sum(a.nbytes for a in pack_matmul_nbits(qt).values())

@@ -1,0 +1,214 @@
+"""Quantize stage: hf-model -> hf-model whose linear weights are INT4/INT8 (RTN or GPTQ).
+
+The output is a normal HF checkpoint holding the *dequantized* weights (so PyTorch evaluation and
+the exporter see exactly the quantized model's math) plus `quantized.safetensors` with the packed
+MatMulNBits tensors of every quantized layer and `quant_plan.json` saying which layers got what.
+
+GPTQ calibrates layer by layer (see calibration.collect): memory is bounded by one layer's
+activations for the calibration set, never the whole model's.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+
+import numpy as np
+import torch
+from safetensors.numpy import save_file
+from tqdm import tqdm
+
+from calibration import DataError, load_text, sample_blocks
+from calibration.collect import capture_layer_inputs, decoder_layers, input_hooks, run_layer
+from pipeline.configs import QuantizeConfig
+from pipeline.errors import StageError
+from pipeline.models import TOKENIZER_FILES, load_torch_model
+from pipeline.quant.gptq import HessianAccumulator, gptq
+from pipeline.quant.primitives import QTensor, QuantScheme, dequantize, pack_matmul_nbits, quantize
+from pipeline.registry import StageResult, register_stage
+from runtime.tokenizer import Tokenizer
+
+PLAN_FILE = "quant_plan.json"
+PACKED_FILE = "quantized.safetensors"
+LM_HEAD_BITS = {"float": None, "int8": 8, "int4": 4}
+
+
+@register_stage("quantize", QuantizeConfig, consumes="hf-model", produces="hf-model")
+def quantize_stage(cfg: QuantizeConfig, inp, ctx) -> StageResult:
+    started = time.time()
+    model = load_torch_model(inp.path)
+    plan, skipped = make_plan(model, cfg)
+    share = _embedding_shares_head(model, cfg)
+    if "lm_head" in plan and model.config.tie_word_embeddings and not share:
+        _untie_lm_head(model)  # the embedding keeps its own (float or separately quantized) copy
+    ctx.log(f"  {cfg.method.upper()} {len(plan)} layers ({_plan_summary(plan)}), {len(skipped)} kept float")
+    if cfg.method == "rtn":
+        qtensors = {name: _rtn(model.get_submodule(name), scheme) for name, scheme in tqdm(plan.items(), desc="  rtn", leave=False)}
+    else:
+        qtensors = _gptq_model(model, plan, cfg, inp.path, ctx)
+    embed = _quantize_embedding(model, cfg, qtensors, share, skipped)
+    for name, qt in qtensors.items():
+        model.get_submodule(name).weight.data = dequantize(qt).to(model.dtype)
+    _save(model, qtensors, plan, skipped, cfg, inp.path, ctx.out_dir, embed)
+    float_bytes = sum(model.get_submodule(n).weight.numel() * 4 for n in plan)
+    packed = sum(sum(a.nbytes for a in pack_matmul_nbits(qt).values()) for qt in qtensors.values())
+    return StageResult(
+        metrics={"quantized_layers": len(plan), "float_layers": len(skipped),
+                 "quantized_weight_mb": round(packed / 1e6, 2), "float_weight_mb": round(float_bytes / 1e6, 2),
+                 "seconds": round(time.time() - started, 1)},
+        info={"skipped_layers": skipped, "plan": {n: _scheme_dict(s) for n, s in plan.items()}},
+    )
+
+
+def make_plan(model, cfg: QuantizeConfig) -> tuple[dict[str, QuantScheme], dict[str, str]]:
+    """Which linear layers get which scheme; every layer left float is named with the reason."""
+    plan, skipped = {}, {}
+    prefix = "model.layers."
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or not name.startswith(prefix):
+            continue
+        hit = next((p for p in cfg.ignore if re.search(p, name)), None)
+        if hit is not None:
+            skipped[name] = f"matches ignore pattern '{hit}'"
+            continue
+        bits = next((b for p, b in cfg.overrides.items() if re.search(p, name)), cfg.bits)
+        plan[name] = QuantScheme(bits, cfg.group_size, cfg.symmetric)
+    head_bits = LM_HEAD_BITS[cfg.lm_head]
+    if head_bits:
+        plan["lm_head"] = QuantScheme(head_bits, cfg.group_size, cfg.symmetric)
+    else:
+        skipped["lm_head"] = "lm_head: float (recipe)"
+    if not any(n != "lm_head" for n in plan):
+        raise StageError("quantize: the ignore list leaves no decoder layer to quantize")
+    return plan, skipped
+
+
+def _embedding_shares_head(model, cfg: QuantizeConfig) -> bool:
+    """A tied embedding quantized like the head reuses the head's codes: one copy on disk."""
+    return model.config.tie_word_embeddings and cfg.embedding != "float" and cfg.embedding == cfg.lm_head
+
+
+def _quantize_embedding(model, cfg: QuantizeConfig, qtensors: dict, share: bool, skipped: dict) -> dict | None:
+    """Embedding rows for GatherBlockQuantized: round-to-nearest along the hidden axis (no activations to calibrate)."""
+    name = "model.embed_tokens"
+    if cfg.embedding == "float":
+        skipped[name] = "embedding: float (recipe)"
+        return None
+    hidden = model.get_submodule(name).weight.shape[1]
+    if hidden % cfg.group_size:
+        raise StageError(
+            f"quantize.embedding: hidden size {hidden} is not a multiple of group_size {cfg.group_size}; "
+            "GatherBlockQuantized needs whole blocks: use a group_size dividing it, or embedding: float"
+        )
+    if share:
+        return {"shared_with": "lm_head"}
+    scheme = QuantScheme(LM_HEAD_BITS[cfg.embedding], cfg.group_size, cfg.symmetric)
+    qtensors[name] = quantize(model.get_submodule(name).weight.data, scheme)
+    return {"shared_with": None}
+
+
+def _rtn(module: torch.nn.Linear, scheme: QuantScheme) -> QTensor:
+    return quantize(module.weight.data, scheme)
+
+
+def _gptq_model(model, plan, cfg: QuantizeConfig, model_dir, ctx) -> dict[str, QTensor]:
+    batches = _calibration_batches(cfg, model_dir)
+    tokens = sum(b.numel() for b in batches)
+    hidden, kwargs = capture_layer_inputs(model, batches)
+    layers = decoder_layers(model)
+    t0 = time.time()
+    run_layer(layers[0], hidden[:1], kwargs[:1])
+    per_batch = time.time() - t0
+    hidden_mb = sum(h.numel() * 4 for h in hidden) / 1e6
+    ctx.log(f"  calibration: {len(batches)} batches, {tokens} tokens; estimate ~{per_batch * len(batches) * 2.6 * len(layers) / 60:.1f} min, "
+            f"activations ~{2 * hidden_mb:.0f} MB (one layer at a time)")
+    qtensors: dict[str, QTensor] = {}
+    for index, layer in enumerate(tqdm(layers, desc="  gptq layers", unit="layer")):
+        names = {n: model.get_submodule(n) for n in plan if n.startswith(f"model.layers.{index}.")}
+        hessians = _collect_hessians(layer, names, hidden, kwargs, index)
+        for name, module in names.items():
+            qtensors[name] = gptq(module.weight.data, hessians[name].H, plan[name], cfg.damp, cfg.act_order)
+            module.weight.data = dequantize(qtensors[name])
+        hidden = run_layer(layer, hidden, kwargs)  # what the next layer sees: this layer, quantized
+    if "lm_head" in plan:
+        acc = HessianAccumulator(model.lm_head.in_features)
+        with torch.no_grad():
+            for h in hidden:
+                acc.add(model.model.norm(h))
+        qtensors["lm_head"] = gptq(model.lm_head.weight.data, acc.H, plan["lm_head"], cfg.damp, cfg.act_order)
+    return qtensors
+
+
+def _collect_hessians(layer, modules, hidden, kwargs, index) -> dict[str, HessianAccumulator]:
+    """H of each linear's inputs; layers fed the same tensor (q/k/v, gate/up) share one accumulator."""
+    acc: dict[str, HessianAccumulator] = {}
+    batch_inputs: dict[tuple, tuple[torch.Tensor, HessianAccumulator]] = {}  # holds tensors alive: no address reuse
+
+    def sink(name: str, x: torch.Tensor) -> None:
+        key = (x.data_ptr(), tuple(x.shape))
+        if key not in batch_inputs:
+            target = acc.get(name) or HessianAccumulator(x.shape[-1])
+            try:
+                target.add(x)
+            except FloatingPointError as e:
+                raise StageError(f"quantize: NaN/Inf in the inputs of {name} (layer {index}); the model or data is broken") from e
+            batch_inputs[key] = (x, target)
+        acc.setdefault(name, batch_inputs[key][1])
+        assert acc[name] is batch_inputs[key][1], f"{name}: input sharing changed between batches"
+
+    with input_hooks(modules, sink):
+        for h, kw in zip(hidden, kwargs):
+            run_layer(layer, [h], [kw])
+            batch_inputs.clear()
+    return acc
+
+
+def _calibration_batches(cfg: QuantizeConfig, model_dir) -> list[torch.Tensor]:
+    cal = cfg.calibration
+    try:
+        text = load_text(cal.data.source, cal.data.split, cal.data.hub_config, cal.data.text_field)
+    except DataError as e:
+        raise StageError(f"quantize.calibration.data: {e}") from e
+    ids = np.array(Tokenizer(model_dir).encode(text, add_special_tokens=False), dtype=np.int64)
+    try:
+        blocks = sample_blocks(ids, cal.sequence_length, cal.num_samples, cal.seed)
+    except DataError as e:
+        raise StageError(f"quantize.calibration: {e}") from e
+    return [torch.from_numpy(blocks[i:i + cal.batch_size]) for i in range(0, len(blocks), cal.batch_size)]
+
+
+def _untie_lm_head(model) -> None:
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+
+
+def _save(model, qtensors, plan, skipped, cfg, src_dir, out, embed: dict | None) -> None:
+    model.save_pretrained(out, safe_serialization=True)
+    for name in TOKENIZER_FILES + ("generation_config.json",):
+        if (src_dir / name).exists():
+            shutil.copy2(src_dir / name, out / name)
+    tensors = {}
+    for name, qt in qtensors.items():
+        for key, array in pack_matmul_nbits(qt).items():
+            tensors[f"{name}.{key}"] = array
+    save_file(tensors, str(out / PACKED_FILE))
+    layers = {n: {**_scheme_dict(qt.scheme), "N": qt.shape[0], "K": qt.shape[1]} for n, qt in qtensors.items()
+              if n != "model.embed_tokens"}
+    if embed is not None:
+        source = qtensors["lm_head" if embed["shared_with"] else "model.embed_tokens"]
+        embed_entry = {**_scheme_dict(source.scheme), "N": source.shape[0], "K": source.shape[1], **embed}
+        layers["model.embed_tokens"] = embed_entry
+    (out / PLAN_FILE).write_text(json.dumps({"method": cfg.method, "layers": layers, "skipped": skipped}, indent=2) + "\n")
+
+
+def _scheme_dict(s: QuantScheme) -> dict:
+    return {"bits": s.bits, "group_size": s.group_size, "symmetric": s.symmetric}
+
+
+def _plan_summary(plan: dict[str, QuantScheme]) -> str:
+    counts: dict[str, int] = {}
+    for s in plan.values():
+        key = f"int{s.bits} g{s.group_size} {'sym' if s.symmetric else 'asym'}"
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{v} {k}" for k, v in counts.items())

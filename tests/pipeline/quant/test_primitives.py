@@ -1,0 +1,67 @@
+"""Primitives: exact pack round trips and MatMulNBits computing the dequantized matmul."""
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from pipeline.quant.primitives import QuantScheme, dequantize, pack_matmul_nbits, quantize
+
+
+def matmul_nbits_session(packed: dict, k: int, n: int, scheme: QuantScheme):
+    inputs = ["A", "B", "scales"] + (["zero_points"] if "zero_points" in packed else [])
+    node = helper.make_node("MatMulNBits", inputs, ["Y"], domain="com.microsoft", K=k, N=n,
+                            bits=scheme.bits, block_size=scheme.group_size)
+    inits = [numpy_helper.from_array(packed[name], name) for name in inputs[1:]]
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, k])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group", [16, 32, 128])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_matmul_nbits_equals_dequantized_matmul(bits, group, symmetric):
+    torch.manual_seed(0)
+    n, k = 24, 200  # 200 is not a multiple of any group size: the last block is padded
+    w = torch.randn(n, k)
+    scheme = QuantScheme(bits, group, symmetric)
+    qt = quantize(w, scheme)
+    a = np.random.default_rng(0).standard_normal((5, k)).astype(np.float32)
+    expected = a @ dequantize(qt).numpy().T
+    got = matmul_nbits_session(pack_matmul_nbits(qt), k, n, scheme).run(None, {"A": a})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_codes_are_in_range_and_error_is_bounded():
+    torch.manual_seed(1)
+    w = torch.randn(16, 128)
+    for scheme in (QuantScheme(4, 32, False), QuantScheme(4, 32, True)):
+        qt = quantize(w, scheme)
+        assert int(qt.q.max()) <= 15
+        err = (dequantize(qt) - w).abs()
+        step = qt.scale.repeat_interleave(32, dim=1)
+        assert (err <= step * 0.5 + 1e-6).float().mean() > 0.99  # rounding error at most half a step
+
+
+def test_int8_is_far_more_accurate_than_int4():
+    torch.manual_seed(2)
+    w = torch.randn(64, 256)
+    e4 = (dequantize(quantize(w, QuantScheme(4, 32, False))) - w).pow(2).mean()
+    e8 = (dequantize(quantize(w, QuantScheme(8, 32, False))) - w).pow(2).mean()
+    assert e8 < e4 / 100
+
+
+def test_asymmetric_grid_is_refound_exactly():
+    """Weights that already lie on an asymmetric 4-bit grid with integer zero points come back exactly."""
+    torch.manual_seed(3)
+    codes = torch.randint(0, 16, (8, 64)).float()
+    codes[:, 0::32] = 0
+    codes[:, 1::32] = 15  # every group spans the full range
+    scale = torch.rand(8, 2) + 0.1
+    zero = torch.randint(0, 16, (8, 2)).float()
+    w = (codes.reshape(8, 2, 32) - zero[..., None]) * scale[..., None]
+    qt = quantize(w.reshape(8, 64), QuantScheme(4, 32, False))
+    torch.testing.assert_close(dequantize(qt), w.reshape(8, 64), atol=1e-5, rtol=1e-5)

@@ -1,0 +1,138 @@
+"""Quantize stage on tiny models: the plan, the recipe checks, GPTQ beating RTN, and MatMulNBits export."""
+import json
+import textwrap
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from pipeline import RecipeError, load_recipe, run
+from pipeline.configs import QuantizeConfig
+from pipeline.models import load_torch_model
+from pipeline.stages.quantize import make_plan
+from runtime import Generator, find_model_folder
+
+
+def quant_recipe(tmp_path, model, text, quantize: str, name="q", validate="") -> str:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        name: {name}
+        model: {{source: {model}}}
+        stages:
+          - quantize: {quantize}
+          - export: {{}}
+        """) + (f"  - validate: {validate}\n" if validate else ""))
+    return path
+
+
+def cal(text, samples=8):
+    return f"calibration: {{data: {{source: {text}}}, num_samples: {samples}, sequence_length: 32}}"
+
+
+def test_plan_ignores_overrides_and_lm_head(tiny_llama):
+    model = load_torch_model(tiny_llama)
+    cfg = QuantizeConfig(method="rtn", group_size=32, ignore=(r"layers\.0\.self_attn\.o_proj",),
+                         overrides={r"mlp\.down_proj": 8}, lm_head="int8")
+    plan, skipped = make_plan(model, cfg)
+    assert "model.layers.0.self_attn.o_proj" in skipped and "ignore pattern" in skipped["model.layers.0.self_attn.o_proj"]
+    assert plan["model.layers.1.mlp.down_proj"].bits == 8 and plan["model.layers.1.mlp.up_proj"].bits == 4
+    assert plan["lm_head"].bits == 8 and len(plan) == 2 * 7 - 1 + 1
+
+
+@pytest.mark.parametrize("settings, message", [
+    ("{group_size: 48}", r"group_size: 48 is not a power of two >= 16"),
+    ("{group_size: 8}", r"group_size: 8 is not a power of two >= 16"),
+    ("{bits: 3}", r"bits: 3 bits is not supported"),
+    ("{method: gptqq}", r"method: 'gptqq' is not one of rtn, gptq \(did you mean 'gptq'\?\)"),
+    ("{ignore: ['(']}", r"not a valid regular expression"),
+    ("{overrides: {down_proj: 2}}", r"overrides.down_proj: 2 bits"),
+    ("{calibration: {num_samples: 2}}", r"calibration.num_samples: 2 is too few for GPTQ"),
+    ("{lm_head: int2}", r"lm_head: 'int2' is not one of"),
+    ("{embedding: fp8}", r"embedding: 'fp8' is not one of"),
+])
+def test_bad_quantize_settings(tmp_path, tiny_llama, settings, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(quant_recipe(tmp_path, tiny_llama, None, settings))
+
+
+def test_empty_calibration_text_is_refused(tmp_path, tiny_llama):
+    empty = tmp_path / "e.txt"
+    empty.write_text("")
+    with pytest.raises(RecipeError, match=r"quantize\.calibration\.data\.source: .*e.txt is empty"):
+        load_recipe(quant_recipe(tmp_path, tiny_llama, None, f"{{{cal(empty)}}}"))
+
+
+def test_too_little_calibration_text(tmp_path, tiny_llama):
+    short = tmp_path / "s.txt"
+    short.write_text("just a few words")
+    with pytest.raises(Exception, match=r"fewer than one block of 32"):
+        run(quant_recipe(tmp_path, tiny_llama, None, f"{{{cal(short)}}}"), workdir=tmp_path / "a")
+
+
+def _logit_error(model_dir, ref, ids) -> float:
+    with torch.no_grad():
+        return float((load_torch_model(model_dir)(ids).logits - ref).pow(2).mean())
+
+
+def test_gptq_beats_rtn_on_the_calibration_text(tmp_path, tiny_llama, eval_text):
+    settings = "group_size: 16, bits: 4, symmetric: true, " + cal(eval_text, 16)
+    rtn = run(quant_recipe(tmp_path, tiny_llama, eval_text, f"{{method: rtn, {settings}}}", "rtn"), workdir=tmp_path / "a")
+    gptq = run(quant_recipe(tmp_path, tiny_llama, eval_text, f"{{method: gptq, {settings}}}", "gptq"), workdir=tmp_path / "a")
+    tokens = Generator(find_model_folder(rtn)).tokenizer.encode(eval_text.read_text()[:2000])
+    ids = torch.tensor([tokens[:128]])
+    with torch.no_grad():
+        ref = load_torch_model(tiny_llama)(ids).logits
+    e_rtn = _logit_error(next(rtn.glob("01-quantize-*")), ref, ids)
+    e_gptq = _logit_error(next(gptq.glob("01-quantize-*")), ref, ids)
+    assert e_gptq < 0.8 * e_rtn, (e_gptq, e_rtn)
+
+
+def test_export_uses_matmul_nbits_and_matches_the_dequantized_model(tmp_path, tiny_llama, eval_text):
+    settings = f"{{method: rtn, group_size: 32, overrides: {{down_proj: 8}}, lm_head: int8, {cal(eval_text)}}}"
+    run_dir = run(quant_recipe(tmp_path, tiny_llama, eval_text, settings,
+                               validate=f"{{eval_data: {eval_text}, context_length: 64, max_windows: 2, "
+                                        "thresholds: {decode_logits_max_abs_diff: 0.001}}"), workdir=tmp_path / "a")
+    export = find_model_folder(run_dir)
+    graph = onnx.load(str(export / "model.onnx"), load_external_data=False).graph
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    bits = sorted(next(a.i for a in n.attribute if a.name == "bits") for n in nbits)
+    assert bits == [4] * 12 + [8] * 3  # 2 layers x (q,k,v,o,gate,up) int4; 2 down_proj + lm_head int8
+    assert not [n for n in graph.node if n.op_type == "MatMul" and "proj" in n.name]
+    plan = json.loads(next(run_dir.glob("01-quantize-*/quant_plan.json")).read_text())
+    assert plan["layers"]["lm_head"]["bits"] == 8
+    manifest = json.loads(next(run_dir.glob("01-quantize-*/manifest.json")).read_text())
+    assert manifest["skipped_layers"] == {"model.embed_tokens": "embedding: float (recipe)"}
+    contract = json.loads((export / "io_contract.json").read_text())
+    assert contract["weights"] == "MatMulNBits"
+    report = json.loads(next(run_dir.glob("03-validate-*/report.json")).read_text())
+    assert report["passed"] and "kl_divergence" in report["metrics"]
+
+
+@pytest.mark.parametrize("family, embedding, lm_head", [("qwen2", "int4", "int4"), ("qwen2", "int8", "int4"),
+                                                       ("llama", "int8", "float")])
+def test_quantized_embedding_runs_through_gather_block_quantized(tmp_path, tiny_llama, tiny_qwen2, eval_text,
+                                                                 family, embedding, lm_head):
+    """qwen2 ties embedding and head: equal schemes share one copy; otherwise each has its own."""
+    model = {"llama": tiny_llama, "qwen2": tiny_qwen2}[family]
+    settings = f"{{method: rtn, group_size: 16, embedding: {embedding}, lm_head: {lm_head}, {cal(eval_text)}}}"
+    run_dir = run(quant_recipe(tmp_path, model, eval_text, settings), workdir=tmp_path / "a")
+    export = find_model_folder(run_dir)
+    graph = onnx.load(str(export / "model.onnx"), load_external_data=False).graph
+    ops = [n.op_type for n in graph.node]
+    assert "GatherBlockQuantized" in ops and not any(
+        n.op_type == "Gather" and n.input[0].endswith("embed_tokens.weight") for n in graph.node)
+    shared = family == "qwen2" and embedding == lm_head
+    assert ("Reshape" in [n.op_type for n in graph.node if "embed_tokens" in n.name]) == shared
+    plan = json.loads(next(run_dir.glob("01-quantize-*/quant_plan.json")).read_text())
+    assert plan["layers"]["model.embed_tokens"]["shared_with"] == ("lm_head" if shared else None)
+    # the export-time parity check already compared ONNX with the dequantized PyTorch model; generate too
+    assert Generator(export).generate([[5, 6, 7]], 4, ignore_eos=True).tokens[0]
+    manifest = json.loads((export / "manifest.json").read_text())
+    assert manifest["metrics"]["parity_max_abs_diff"] < 1e-3
+
+
+def test_embedding_group_must_divide_hidden(tmp_path, tiny_llama, eval_text):
+    settings = f"{{method: rtn, group_size: 128, embedding: int8, {cal(eval_text)}}}"
+    with pytest.raises(Exception, match=r"hidden size 64 is not a multiple of group_size 128"):
+        run(quant_recipe(tmp_path, tiny_llama, eval_text, settings), workdir=tmp_path / "a")
