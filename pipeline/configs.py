@@ -83,6 +83,7 @@ class QuantizeConfig:
     embedding: str = "float"  # float | int8 | int4 (round-to-nearest; shares the LM head's codes when tied and equal)
     damp: float = 0.01  # GPTQ: fraction of the mean Hessian diagonal added for stability
     act_order: bool = True  # GPTQ: visit columns by decreasing Hessian diagonal
+    mse_clip: bool = True  # GPTQ: choose each group's range by least rounding error, not plain min/max
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     version: int = 1
 

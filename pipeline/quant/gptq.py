@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.quant.primitives import QTensor, QuantScheme, choose_qparams, from_codes, quantize_with, to_groups
+from pipeline.quant.primitives import (
+    QTensor, QuantScheme, choose_qparams, choose_qparams_mse, from_codes, quantize_with, to_groups,
+)
 
 
 class HessianAccumulator:
@@ -32,8 +34,13 @@ class HessianAccumulator:
 
 
 def gptq(w: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, damp: float = 0.01,
-         act_order: bool = True, block: int = 128) -> QTensor:
-    """Quantize W [N, K] given the Hessian H [K, K] of its inputs."""
+         act_order: bool = True, mse_clip: bool = True, block: int = 128) -> QTensor:
+    """Quantize W [N, K] given the Hessian H [K, K] of its inputs.
+
+    `mse_clip` picks each group's range by a small search that minimizes its rounding error
+    (the reference implementation's `mse` option) instead of the plain min/max.
+    """
+    qparams = choose_qparams_mse if mse_clip else choose_qparams
     W = w.detach().clone().float()
     H = H.clone()
     n, k = W.shape
@@ -44,7 +51,7 @@ def gptq(w: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, damp: float = 0.
     W[:, dead] = 0
     static = act_order
     if static:
-        scale, zero = choose_qparams(to_groups(W, gs), scheme)  # [N, k_blocks]
+        scale, zero = qparams(to_groups(W, gs), scheme)  # [N, k_blocks]
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
     else:
@@ -62,7 +69,7 @@ def gptq(w: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, damp: float = 0.
             col = int(perm[i1 + i])
             g = col // gs
             if not static and col % gs == 0:
-                scale[:, g], zero[:, g] = choose_qparams(W1[:, i:i + gs], scheme)
+                scale[:, g], zero[:, g] = qparams(W1[:, i:i + gs], scheme)
             w_col = W1[:, i]
             q = quantize_with(w_col, scale[:, g], zero[:, g], scheme.maxq)
             codes[:, i1 + i] = q

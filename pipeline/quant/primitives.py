@@ -62,6 +62,22 @@ def choose_qparams(groups: torch.Tensor, scheme: QuantScheme, clip: torch.Tensor
     return scale, zero
 
 
+def choose_qparams_mse(groups: torch.Tensor, scheme: QuantScheme, grid: int = 20, max_shrink: float = 0.25,
+                      norm: float = 2.4):
+    """Per group, the range shrink in [1 - max_shrink, 1] whose fake-quantized error |w - q(w)|^norm is least."""
+    best_scale, best_zero = choose_qparams(groups, scheme)
+    best_err = torch.full(best_scale.shape, float("inf"))
+    for i in range(grid + 1):
+        clip = 1.0 - max_shrink * i / grid
+        scale, zero = choose_qparams(groups, scheme, clip)
+        err = (fake_quantize(groups, scale[..., None], zero[..., None], scheme.maxq) - groups).abs().pow(norm).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
 def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
     """Integer codes of w for given (broadcastable) scale and zero point."""
     return torch.clamp(torch.round(w / scale) + zero, 0, maxq)

@@ -128,7 +128,7 @@ def _gptq_model(model, plan, cfg: QuantizeConfig, model_dir, ctx) -> dict[str, Q
         names = {n: model.get_submodule(n) for n in plan if n.startswith(f"model.layers.{index}.")}
         hessians = _collect_hessians(layer, names, hidden, kwargs, index)
         for name, module in names.items():
-            qtensors[name] = gptq(module.weight.data, hessians[name].H, plan[name], cfg.damp, cfg.act_order)
+            qtensors[name] = gptq(module.weight.data, hessians[name].H, plan[name], cfg.damp, cfg.act_order, cfg.mse_clip)
             module.weight.data = dequantize(qtensors[name])
         hidden = run_layer(layer, hidden, kwargs)  # what the next layer sees: this layer, quantized
     if "lm_head" in plan:
@@ -136,7 +136,7 @@ def _gptq_model(model, plan, cfg: QuantizeConfig, model_dir, ctx) -> dict[str, Q
         with torch.no_grad():
             for h in hidden:
                 acc.add(model.model.norm(h))
-        qtensors["lm_head"] = gptq(model.lm_head.weight.data, acc.H, plan["lm_head"], cfg.damp, cfg.act_order)
+        qtensors["lm_head"] = gptq(model.lm_head.weight.data, acc.H, plan["lm_head"], cfg.damp, cfg.act_order, cfg.mse_clip)
     return qtensors
 
 

@@ -65,3 +65,18 @@ def test_asymmetric_grid_is_refound_exactly():
     w = (codes.reshape(8, 2, 32) - zero[..., None]) * scale[..., None]
     qt = quantize(w.reshape(8, 64), QuantScheme(4, 32, False))
     torch.testing.assert_close(dequantize(qt), w.reshape(8, 64), atol=1e-5, rtol=1e-5)
+
+
+def test_mse_clip_search_never_increases_the_rounding_error():
+    from pipeline.quant.primitives import choose_qparams, choose_qparams_mse, fake_quantize, to_groups
+
+    torch.manual_seed(4)
+    w = torch.randn(32, 256) * torch.rand(32, 1)
+    w[0, 0] = 12.0  # an outlier stretches its group's range
+    scheme = QuantScheme(4, 32, False)
+    g = to_groups(w, 32)
+    errs = []
+    for choose in (choose_qparams, choose_qparams_mse):
+        scale, zero = choose(g, scheme)
+        errs.append((fake_quantize(g, scale[..., None], zero[..., None], 15) - g).abs().pow(2.4).sum(-1))
+    assert (errs[1] <= errs[0] + 1e-6).all() and errs[1].sum() < errs[0].sum()

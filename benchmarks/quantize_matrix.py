@@ -1,0 +1,99 @@
+"""Quantization matrix on the reference model: perplexity, KL, agreement, size, decode speed, wall time.
+
+    .venv/bin/python benchmarks/quantize_matrix.py [--only NAME ...] [--windows 40]
+
+Each variant is a recipe (model -> quantize -> export -> validate) run through `pipeline.run`
+into artifacts/bench-quant/<name>/; the validate stage's protocol gives the accuracy figures
+(WikiText-2 test, 512-token windows, first --windows windows; calibration on WikiText-2 valid).
+Prints a Markdown table and writes artifacts/bench-quant/quantize_matrix.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import yaml
+
+from pipeline import ValidationFailed, run
+from runtime import Generator, find_model_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+GGUF = ROOT / "artifacts" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+OUT = ROOT / "artifacts" / "bench-quant"
+
+VARIANTS = {
+    "fp32": None,
+    "int8-rtn-g128": {"method": "rtn", "bits": 8, "group_size": 128},
+    "int4-rtn-asym-g32": {"method": "rtn", "group_size": 32},
+    "int4-rtn-sym-g32": {"method": "rtn", "group_size": 32, "symmetric": True},
+    "int4-rtn-asym-g128": {"method": "rtn", "group_size": 128},
+    "int4-gptq-asym-g32": {"method": "gptq", "group_size": 32},
+    "int4-gptq-sym-g32": {"method": "gptq", "group_size": 32, "symmetric": True},
+    "int4-gptq-asym-g128": {"method": "gptq", "group_size": 128},
+    "int4-gptq-asym-g32-mixed": {"method": "gptq", "group_size": 32, "overrides": {r"mlp\.down_proj": 8},
+                                 "lm_head": "int4", "embedding": "int4"},
+}
+
+
+def recipe_for(name: str, quantize: dict | None, windows: int) -> Path:
+    stages = ([{"quantize": quantize}] if quantize else []) + [
+        {"export": {}},
+        {"validate": {"max_windows": windows, "thresholds": {"decode_logits_max_abs_diff": 0.01}}},
+    ]
+    path = OUT / "recipes" / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({"name": name, "model": {"source": str(GGUF)}, "stages": stages}, sort_keys=False))
+    return path
+
+
+def decode_speed(export: Path, new_tokens: int = 64) -> float:
+    gen = Generator(export, provider="cpu")
+    prompt = gen.tokenizer.encode("The history of the city begins in the early middle ages, when", add_special_tokens=False)
+    gen.generate([prompt], 8, ignore_eos=True)  # warm-up
+    return gen.generate([prompt], new_tokens, ignore_eos=True).decode_tokens_per_second
+
+
+def measure(name: str, quantize: dict | None, windows: int) -> dict:
+    started = time.time()
+    try:
+        run_dir = run(recipe_for(name, quantize, windows), workdir=OUT)
+    except ValidationFailed:
+        run_dir = OUT / name  # the report is kept; the figures are still worth printing
+    wall = time.time() - started
+    report = json.loads(next(run_dir.glob("*-validate-*/report.json")).read_text())
+    export = find_model_folder(run_dir)
+    quant = next(run_dir.glob("*-quantize-*/manifest.json"), None)
+    m = report["metrics"]
+    return {
+        "variant": name, "perplexity": m["perplexity"], "baseline": m["perplexity_baseline"],
+        "delta_pct": m["perplexity_delta_pct"], "kl": m["kl_divergence"], "top1_agreement": m["top1_agreement"],
+        "greedy_agreement": m["greedy_token_agreement"],
+        "onnx_mb": sum(p.stat().st_size for p in export.glob("model.onnx*")) / 1e6,
+        "decode_tok_s": decode_speed(export),
+        "quantize_s": json.loads(quant.read_text())["timing"]["seconds"] if quant else 0.0,
+        "run_wall_s": wall, "windows": report["protocol"]["windows"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", choices=list(VARIANTS))
+    parser.add_argument("--windows", type=int, default=40)
+    args = parser.parse_args()
+    rows = [measure(n, VARIANTS[n], args.windows) for n in (args.only or VARIANTS)]
+    header = "| variant | perplexity | Δ % | KL | top-1 agr. | greedy agr. | ONNX MB | decode tok/s | quantize s |"
+    print(header + "\n" + "|---" * 9 + "|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['perplexity']:.3f} | {r['delta_pct']:+.2f} | {r['kl']:.4f} | {r['top1_agreement']:.3f} | "
+              f"{r['greedy_agreement']:.2f} | {r['onnx_mb']:.0f} | {r['decode_tok_s']:.1f} | {r['quantize_s']:.0f} |")
+    out = OUT / "quantize_matrix.json"
+    existing = json.loads(out.read_text()) if out.exists() else {}
+    existing.update({r["variant"]: r for r in rows})
+    out.write_text(json.dumps(existing, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""The shipped INT4 GPTQ recipe on SmolLM2-135M-Instruct, end to end (slow tier; CI runs it)."""
+import json
+
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from conftest import REFERENCE_GGUF, ROOT
+from pipeline import run
+from pipeline.cli import main
+from runtime import find_model_folder
+
+pytestmark = pytest.mark.slow
+RECIPE = ROOT / "recipes" / "smollm2-int4-gptq.yaml"
+
+
+@pytest.fixture(scope="module")
+def int4_run(tmp_path_factory):
+    if not REFERENCE_GGUF.exists():
+        pytest.fail(f"{REFERENCE_GGUF} is missing: run `make model`")
+    return run(RECIPE, workdir=tmp_path_factory.mktemp("int4"))
+
+
+def test_int4_recipe_passes_its_gates_and_is_small(int4_run):
+    report = json.loads(next(int4_run.glob("*-validate-*/report.json")).read_text())
+    assert report["passed"], report["failures"]
+    assert report["metrics"]["perplexity_delta_pct"] < 12
+    export = find_model_folder(int4_run)
+    size = sum(p.stat().st_size for p in export.glob("model.onnx*"))
+    assert size < 0.3 * 651e6  # at most 30 % of the float32 artifact, embeddings included
+    ops = {n.op_type for n in onnx.load(str(export / "model.onnx"), load_external_data=False).graph.node}
+    assert {"MatMulNBits", "GatherBlockQuantized"} <= ops
+
+
+def test_quantize_manifest_lists_the_plan(int4_run):
+    manifest = json.loads(next(int4_run.glob("*-quantize-*/manifest.json")).read_text())
+    plan = manifest["plan"]
+    assert plan["model.layers.0.mlp.down_proj"]["bits"] == 8 and plan["model.layers.0.mlp.up_proj"]["bits"] == 4
+    assert manifest["skipped_layers"] == {}
+
+
+def test_int4_artifact_answers(int4_run):
+    result = CliRunner().invoke(main, ["generate", str(int4_run), "What is the capital of France?", "--max-new-tokens", "24"])
+    assert result.exit_code == 0, result.output
+    assert "Paris" in result.output
