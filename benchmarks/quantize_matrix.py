@@ -32,6 +32,12 @@ VARIANTS = {
     "int4-gptq-asym-g32": {"method": "gptq", "group_size": 32},
     "int4-gptq-sym-g32": {"method": "gptq", "group_size": 32, "symmetric": True},
     "int4-gptq-asym-g128": {"method": "gptq", "group_size": 128},
+    "int8-w8a8-dynamic": {"method": "w8a8", "activations": "dynamic"},
+    "int8-w8a8-static-smoothquant": {"method": "w8a8", "activations": "static", "smoothquant": 0.5,
+                                     "calibration": {"num_samples": 32, "sequence_length": 256}},
+    "int4-awq-asym-g32": {"method": "awq", "group_size": 32},
+    "int4-awq-sym-g32": {"method": "awq", "group_size": 32, "symmetric": True},
+    "int4-awq-asym-g128": {"method": "awq", "group_size": 128},
     "int4-gptq-asym-g32-mixed": {"method": "gptq", "group_size": 32, "overrides": {r"mlp\.down_proj": 8},
                                  "lm_head": "int4", "embedding": "int4"},
 }

@@ -45,7 +45,8 @@ class TextSourceConfig:
     text_field: str = "text"
 
 
-QUANT_METHODS = ("rtn", "gptq")
+QUANT_METHODS = ("rtn", "gptq", "awq", "w8a8")
+ACTIVATION_MODES = ("dynamic", "static")
 LM_HEAD_CHOICES = ("float", "int8", "int4")
 
 
@@ -73,7 +74,7 @@ class QuantizeConfig:
     `model.layers.3.mlp.down_proj`; ignored layers stay float and are listed in the manifest.
     """
 
-    method: str = "gptq"  # rtn | gptq
+    method: str = "gptq"  # rtn | gptq | awq (weight-only, MatMulNBits) | w8a8 (int8 weights and activations, CPU)
     bits: int = 4
     group_size: int = 128
     symmetric: bool = False
@@ -84,6 +85,10 @@ class QuantizeConfig:
     damp: float = 0.01  # GPTQ: fraction of the mean Hessian diagonal added for stability
     act_order: bool = True  # GPTQ: visit columns by decreasing Hessian diagonal
     mse_clip: bool = True  # GPTQ: choose each group's range by least rounding error, not plain min/max
+    search_tokens: int = 2048  # AWQ: calibration tokens per layer input used by the scale and clip searches
+    activations: str = "dynamic"  # W8A8: dynamic (ranges per run) | static (ranges calibrated, QDQ)
+    smoothquant: float = 0.0  # W8A8: SmoothQuant migration strength alpha in (0, 1); 0 = off, 0.5 is usual
+    provider: str = "cpu"  # the execution provider the artifact is for: cpu | cuda
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     version: int = 1
 
@@ -106,10 +111,26 @@ class QuantizeConfig:
                 raise RecipeError(f"{key}: '{getattr(self, key)}' is not one of {', '.join(LM_HEAD_CHOICES)}")
         if not 0 < self.damp < 1:
             raise RecipeError(f"damp: {self.damp} must be between 0 and 1 (0.01 is usual)")
-        if self.method == "gptq" and self.calibration.num_samples < 8:
+        if self.method in ("gptq", "awq") and self.calibration.num_samples < 8:
             raise RecipeError(
-                f"calibration.num_samples: {self.calibration.num_samples} is too few for GPTQ; use at least 8 (128 is usual)"
+                f"calibration.num_samples: {self.calibration.num_samples} is too few for {self.method.upper()}; "
+                "use at least 8 (128 is usual)"
             )
+        if self.activations not in ACTIVATION_MODES:
+            raise RecipeError(f"activations: '{self.activations}' is not one of {', '.join(ACTIVATION_MODES)}")
+        if not 0 <= self.smoothquant < 1:
+            raise RecipeError(f"smoothquant: {self.smoothquant} must be in [0, 1) (0 = off, 0.5 is usual)")
+        if self.smoothquant and self.method != "w8a8":
+            raise RecipeError(f"smoothquant: applies to method w8a8 only (method is {self.method})")
+        if self.provider not in ("cpu", "cuda"):
+            raise RecipeError(f"provider: '{self.provider}' is not one of cpu, cuda")
+        if self.method == "w8a8" and self.provider == "cuda":
+            raise RecipeError(
+                "method: w8a8 targets the CPU provider only: the CUDA provider has no kernels for its integer "
+                "ops, so they would fall back to the CPU; use a weight-only method (rtn, gptq, awq) for cuda"
+            )
+        if self.search_tokens < 64:
+            raise RecipeError(f"search_tokens: {self.search_tokens} is too few; use at least 64 (2048 is the default)")
 
 
 def _check_bits(key: str, bits: int) -> None:

@@ -6,6 +6,7 @@ returns `logits` and `present.*`. Names and dynamic axes come from `runtime.io_s
 """
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 from pathlib import Path
@@ -19,7 +20,8 @@ from pipeline.configs import ExportConfig
 from pipeline.errors import StageError
 from pipeline.models import TOKENIZER_FILES, load_torch_model
 from pipeline.onnx_quant import apply_block_quantized_ops
-from pipeline.stages.quantize import PLAN_FILE
+from pipeline.onnx_w8a8 import quantize_w8a8
+from pipeline.stages.quantize import CALIBRATION_FILE, PLAN_FILE
 from pipeline.registry import StageResult, register_stage
 from runtime.generate import Generator
 from runtime.io_spec import Contract
@@ -59,16 +61,17 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
     model = load_torch_model(inp.path)
     arch = arch_for(model.config)
     dims = model_dims(model.config)
-    quantized = (inp.path / PLAN_FILE).exists()
-    contract = Contract("portable", dims.num_layers, dims.num_kv_heads, dims.head_dim, dims.vocab_size,
-                        weights="MatMulNBits" if quantized else "float")
+    plan = json.loads((inp.path / PLAN_FILE).read_text()) if (inp.path / PLAN_FILE).exists() else {}
+    activations = plan.get("activations")
+    weights_kind = f"int8 W8A8 {activations}" if activations else "MatMulNBits" if plan else "float"
+    contract = Contract("portable", dims.num_layers, dims.num_kv_heads, dims.head_dim, dims.vocab_size, weights=weights_kind)
     out: Path = ctx.out_dir
     path = out / contract.model_file
     ctx.log(f"  tracing {model.config.model_type} ({dims.num_layers} layers) to ONNX opset {cfg.opset}")
     _trace(model, contract, path, cfg.opset)
     graph = onnx.load(str(path))
     swapped = 0
-    if quantized:
+    if plan.get("layers"):
         weights = {name: module.weight.detach().numpy() for name, module in model.named_modules()
                    if isinstance(module, (torch.nn.Linear, torch.nn.Embedding))}
         swapped = apply_block_quantized_ops(graph, inp.path, weights, cfg.accuracy_level)
@@ -84,6 +87,13 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
             f"export parity: max |logits_onnx - logits_torch| = {diff:.3g} exceeds {arch.atol:g} "
             f"for {model.config.model_type}; the exported graph is wrong"
         )
+    if activations:  # checked in float above; activation rounding is the validate stage's business
+        ctx.log(f"  W8A8 {activations}: quantizing weights and activations with ONNX Runtime")
+        calibration = inp.path / CALIBRATION_FILE if activations == "static" else None
+        quantized = quantize_w8a8(path, activations, contract, calibration)
+        for stale in out.glob("model.onnx*"):
+            stale.unlink()
+        _save_graph(quantized, path, cfg.external_data)
     size = sum(p.stat().st_size for p in out.iterdir() if p.name.startswith("model.onnx"))
     return StageResult(
         metrics={"parity_max_abs_diff": diff, "onnx_bytes": size, "block_quantized_ops": swapped},

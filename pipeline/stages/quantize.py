@@ -25,12 +25,15 @@ from pipeline.configs import QuantizeConfig
 from pipeline.errors import StageError
 from pipeline.models import TOKENIZER_FILES, load_torch_model
 from pipeline.quant.gptq import HessianAccumulator, gptq
+from pipeline.stages.quantize_awq import awq_model
+from pipeline.stages.quantize_w8a8 import calibration_ids, smoothquant
 from pipeline.quant.primitives import QTensor, QuantScheme, dequantize, pack_matmul_nbits, quantize
 from pipeline.registry import StageResult, register_stage
 from runtime.tokenizer import Tokenizer
 
 PLAN_FILE = "quant_plan.json"
 PACKED_FILE = "quantized.safetensors"
+CALIBRATION_FILE = "calibration_ids.npy"
 LM_HEAD_BITS = {"float": None, "int8": 8, "int4": 4}
 
 
@@ -38,6 +41,8 @@ LM_HEAD_BITS = {"float": None, "int8": 8, "int4": 4}
 def quantize_stage(cfg: QuantizeConfig, inp, ctx) -> StageResult:
     started = time.time()
     model = load_torch_model(inp.path)
+    if cfg.method == "w8a8":
+        return _w8a8(model, cfg, inp.path, ctx, started)
     plan, skipped = make_plan(model, cfg)
     share = _embedding_shares_head(model, cfg)
     if "lm_head" in plan and model.config.tie_word_embeddings and not share:
@@ -45,8 +50,10 @@ def quantize_stage(cfg: QuantizeConfig, inp, ctx) -> StageResult:
     ctx.log(f"  {cfg.method.upper()} {len(plan)} layers ({_plan_summary(plan)}), {len(skipped)} kept float")
     if cfg.method == "rtn":
         qtensors = {name: _rtn(model.get_submodule(name), scheme) for name, scheme in tqdm(plan.items(), desc="  rtn", leave=False)}
-    else:
+    elif cfg.method == "gptq":
         qtensors = _gptq_model(model, plan, cfg, inp.path, ctx)
+    else:
+        qtensors = awq_model(model, plan, cfg, _calibration_batches(cfg, inp.path), ctx.log)
     embed = _quantize_embedding(model, cfg, qtensors, share, skipped)
     for name, qt in qtensors.items():
         model.get_submodule(name).weight.data = dequantize(qt).to(model.dtype)
@@ -59,6 +66,23 @@ def quantize_stage(cfg: QuantizeConfig, inp, ctx) -> StageResult:
                  "seconds": round(time.time() - started, 1)},
         info={"skipped_layers": skipped, "plan": {n: _scheme_dict(s) for n, s in plan.items()}},
     )
+
+
+def _w8a8(model, cfg: QuantizeConfig, src_dir, ctx, started: float) -> StageResult:
+    """Float checkpoint (SmoothQuant-migrated if asked) + the plan telling export to quantize weights and activations."""
+    batches = _calibration_batches(cfg, src_dir)
+    info: dict = {}
+    if cfg.smoothquant:
+        ctx.log(f"  SmoothQuant alpha {cfg.smoothquant} over {len(batches)} calibration batches")
+        info["activation_max_before_smoothing"] = smoothquant(model, batches, cfg.smoothquant)
+    model.save_pretrained(ctx.out_dir, safe_serialization=True)
+    _copy_tokenizer(src_dir, ctx.out_dir)
+    if cfg.activations == "static":
+        np.save(ctx.out_dir / CALIBRATION_FILE, calibration_ids(batches))
+    plan = {"method": "w8a8", "activations": cfg.activations, "smoothquant": cfg.smoothquant, "layers": {}, "skipped": {}}
+    (ctx.out_dir / PLAN_FILE).write_text(json.dumps(plan, indent=2) + "\n")
+    ctx.log(f"  W8A8 {cfg.activations}: int8 weights (per channel) and activations are applied by ONNX Runtime at export")
+    return StageResult(metrics={"seconds": round(time.time() - started, 1)}, info={"w8a8": plan, **info})
 
 
 def make_plan(model, cfg: QuantizeConfig) -> tuple[dict[str, QuantScheme], dict[str, str]]:
@@ -185,9 +209,7 @@ def _untie_lm_head(model) -> None:
 
 def _save(model, qtensors, plan, skipped, cfg, src_dir, out, embed: dict | None) -> None:
     model.save_pretrained(out, safe_serialization=True)
-    for name in TOKENIZER_FILES + ("generation_config.json",):
-        if (src_dir / name).exists():
-            shutil.copy2(src_dir / name, out / name)
+    _copy_tokenizer(src_dir, out)
     tensors = {}
     for name, qt in qtensors.items():
         for key, array in pack_matmul_nbits(qt).items():
@@ -200,6 +222,12 @@ def _save(model, qtensors, plan, skipped, cfg, src_dir, out, embed: dict | None)
         embed_entry = {**_scheme_dict(source.scheme), "N": source.shape[0], "K": source.shape[1], **embed}
         layers["model.embed_tokens"] = embed_entry
     (out / PLAN_FILE).write_text(json.dumps({"method": cfg.method, "layers": layers, "skipped": skipped}, indent=2) + "\n")
+
+
+def _copy_tokenizer(src_dir, out) -> None:
+    for name in TOKENIZER_FILES + ("generation_config.json",):
+        if (src_dir / name).exists():
+            shutil.copy2(src_dir / name, out / name)
 
 
 def _scheme_dict(s: QuantScheme) -> dict:

@@ -48,3 +48,25 @@ def test_gptq_codes_fit_matmul_nbits_layout_with_padding():
     qt = gptq(w, torch.eye(100), QuantScheme(4, 32, False))
     assert qt.q.shape == (8, 4, 32) and qt.in_features == 100
     assert dequantize(qt).shape == (8, 100)
+
+
+def test_awq_scale_and_clip_reduce_output_error_below_rtn():
+    """Inputs with a few large channels: the activation-aware scale protects them."""
+    from pipeline.quant.awq import fake_quant, search_clip, search_scale
+
+    torch.manual_seed(0)
+    k = 256
+    x = torch.randn(1024, k)
+    x[:, :8] *= 30  # salient channels
+    w = torch.randn(64, k)
+    scheme = QuantScheme(4, 32, False)
+    ref = x @ w.T
+    rtn = (x @ fake_quant(w, scheme).T - ref).pow(2).mean()
+    s, alpha = search_scale(x, x.abs().mean(0), [w], [scheme])
+    assert alpha > 0
+    scaled = (x / s) @ fake_quant(w * s, scheme).T
+    awq = (scaled - ref).pow(2).mean()
+    clip = search_clip(x / s, w * s, scheme)
+    clipped = (x / s) @ dequantize(quantize(w * s, scheme, clip)).T
+    assert awq < 0.8 * rtn
+    assert (clipped - ref).pow(2).mean() <= awq * 1.0001

@@ -44,7 +44,8 @@ def test_plan_ignores_overrides_and_lm_head(tiny_llama):
     ("{group_size: 48}", r"group_size: 48 is not a power of two >= 16"),
     ("{group_size: 8}", r"group_size: 8 is not a power of two >= 16"),
     ("{bits: 3}", r"bits: 3 bits is not supported"),
-    ("{method: gptqq}", r"method: 'gptqq' is not one of rtn, gptq \(did you mean 'gptq'\?\)"),
+    ("{method: gptqq}", r"method: 'gptqq' is not one of rtn, gptq, awq \(did you mean 'gptq'\?\)"),
+    ("{method: awq, calibration: {num_samples: 4}}", r"calibration.num_samples: 4 is too few for AWQ"),
     ("{ignore: ['(']}", r"not a valid regular expression"),
     ("{overrides: {down_proj: 2}}", r"overrides.down_proj: 2 bits"),
     ("{calibration: {num_samples: 2}}", r"calibration.num_samples: 2 is too few for GPTQ"),
@@ -75,10 +76,12 @@ def _logit_error(model_dir, ref, ids) -> float:
         return float((load_torch_model(model_dir)(ids).logits - ref).pow(2).mean())
 
 
-def test_gptq_beats_rtn_on_the_calibration_text(tmp_path, tiny_llama, eval_text):
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_calibrated_method_beats_rtn_on_the_calibration_text(tmp_path, tiny_llama, eval_text, method):
     settings = "group_size: 16, bits: 4, symmetric: true, " + cal(eval_text, 16)
     rtn = run(quant_recipe(tmp_path, tiny_llama, eval_text, f"{{method: rtn, {settings}}}", "rtn"), workdir=tmp_path / "a")
-    gptq = run(quant_recipe(tmp_path, tiny_llama, eval_text, f"{{method: gptq, {settings}}}", "gptq"), workdir=tmp_path / "a")
+    gptq = run(quant_recipe(tmp_path, tiny_llama, eval_text, f"{{method: {method}, {settings}}}", method),
+               workdir=tmp_path / "a")
     tokens = Generator(find_model_folder(rtn)).tokenizer.encode(eval_text.read_text()[:2000])
     ids = torch.tensor([tokens[:128]])
     with torch.no_grad():
@@ -136,3 +139,56 @@ def test_embedding_group_must_divide_hidden(tmp_path, tiny_llama, eval_text):
     settings = f"{{method: rtn, group_size: 128, embedding: int8, {cal(eval_text)}}}"
     with pytest.raises(Exception, match=r"hidden size 64 is not a multiple of group_size 128"):
         run(quant_recipe(tmp_path, tiny_llama, eval_text, settings), workdir=tmp_path / "a")
+
+
+def test_awq_scaling_is_exact_in_float(tiny_llama, eval_text):
+    """Folding the AWQ scales changes no output before rounding: checked with 8-bit-free float weights."""
+    from pipeline.stages import quantize_awq
+    from pipeline.quant.primitives import QuantScheme
+
+    model = load_torch_model(tiny_llama)
+    ids = torch.randint(0, model.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        ref = model(ids).logits
+    layer = model.model.layers[0]
+    from calibration.collect import capture_layer_inputs
+    hidden, kwargs = capture_layer_inputs(model, [ids])
+    stats = quantize_awq._collect(layer, hidden, kwargs, 64, torch.Generator().manual_seed(0), 0)
+    plan = {f"model.layers.0.{n}": QuantScheme(4, 16, False) for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    for feeder, names in quantize_awq.SCALE_GROUPS:
+        quantize_awq._scale_group(layer, feeder, names, "model.layers.0.", plan, stats)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("settings", ["{method: w8a8, activations: dynamic}",
+                                      "{method: w8a8, activations: static, smoothquant: 0.5}"])
+def test_w8a8_exports_integer_ops_and_stays_close(tmp_path, tiny_llama, eval_text, settings):
+    settings = settings[:-1] + f", {cal(eval_text, 4)}}}"
+    run_dir = run(quant_recipe(tmp_path, tiny_llama, eval_text, settings,
+                               validate=f"{{eval_data: {eval_text}, context_length: 64, max_windows: 2, "
+                                        "thresholds: {perplexity_delta_pct: 5}}"), workdir=tmp_path / "a")
+    export = find_model_folder(run_dir)
+    ops = {n.op_type for n in onnx.load(str(export / "model.onnx"), load_external_data=False).graph.node}
+    assert ("MatMulInteger" in ops) if "dynamic" in settings else ({"QuantizeLinear", "DequantizeLinear"} <= ops)
+    contract = json.loads((export / "io_contract.json").read_text())
+    assert contract["weights"].startswith("int8 W8A8")
+    report = json.loads(next(run_dir.glob("*-validate-*/report.json")).read_text())
+    assert report["passed"] and report["metrics"]["perplexity_delta_pct"] != 0
+
+
+def test_w8a8_for_cuda_is_refused_with_the_reason(tmp_path, tiny_llama):
+    with pytest.raises(RecipeError, match=r"w8a8 targets the CPU provider only.*fall back to the CPU"):
+        load_recipe(quant_recipe(tmp_path, tiny_llama, None, "{method: w8a8, provider: cuda}"))
+
+
+def test_smoothquant_migration_is_exact_in_float(tiny_llama):
+    from pipeline.stages.quantize_w8a8 import smoothquant
+
+    model = load_torch_model(tiny_llama)
+    ids = torch.randint(0, model.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        ref = model(ids).logits
+    smoothquant(model, [ids], 0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref, atol=1e-4, rtol=1e-4)

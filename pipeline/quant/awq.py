@@ -1,0 +1,61 @@
+"""AWQ: activation-aware weight quantization (Lin et al., 2023).
+
+Channels that see large activations matter most. For linears fed the same input X, a per-input-
+channel scale s moves weight magnitude onto those channels before rounding:
+
+    y = X Wᵀ = (X / s)(W s)ᵀ        W s is quantized; X / s is folded into the op before
+
+s = mean|X|^α / mean|W|^(1-α), with α searched on calibration inputs to minimize the output error
+of the quantized linears. Then each group's range is clipped (searched the same way). For the
+Llama family the foldable pairs are: input_layernorm -> q,k,v; post_attention_layernorm -> gate,up;
+up_proj -> down_proj (v_proj -> o_proj too when there is no grouped-query attention).
+"""
+from __future__ import annotations
+
+import torch
+
+from pipeline.quant.primitives import QuantScheme, choose_qparams, fake_quantize, to_groups
+
+
+def fake_quant(w: torch.Tensor, scheme: QuantScheme, clip: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """Round-to-nearest W [N, K] -> dequantized W (padding dropped)."""
+    g = to_groups(w, scheme.group_size)
+    scale, zero = choose_qparams(g, scheme, clip)
+    return fake_quantize(g, scale[..., None], zero[..., None], scheme.maxq).reshape(w.shape[0], -1)[:, : w.shape[1]]
+
+
+def search_scale(x: torch.Tensor, x_mean: torch.Tensor, weights: list[torch.Tensor], schemes: list[QuantScheme],
+                 grid: int = 20) -> tuple[torch.Tensor, float]:
+    """Per-input-channel scale s [K] for linears sharing input x [T, K]; returns (s, chosen α)."""
+    w_all = torch.cat(weights, dim=0)
+    w_mean = (w_all.abs() / w_all.abs().amax(dim=1, keepdim=True).clamp(min=1e-8)).mean(dim=0)
+    reference = [x @ w.T for w in weights]
+    best = (float("inf"), torch.ones_like(x_mean), 0.0)
+    for i in range(grid):
+        alpha = i / grid
+        s = (x_mean.pow(alpha) / w_mean.pow(1 - alpha).clamp(min=1e-4)).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        err = sum(float((x @ (fake_quant(w * s, sc) / s).T - ref).pow(2).mean())
+                  for w, sc, ref in zip(weights, schemes, reference))
+        if err < best[0]:
+            best = (err, s, alpha)
+    return best[1], best[2]
+
+
+def search_clip(x: torch.Tensor, w: torch.Tensor, scheme: QuantScheme, grid: int = 20,
+                max_shrink: float = 0.5) -> torch.Tensor:
+    """Per-group range clip [N, k_blocks] minimizing each group's contribution to the output error."""
+    gs = scheme.group_size
+    wg = to_groups(w, gs)  # [N, G, gs]
+    xg = to_groups(x, gs)  # [T, G, gs]
+    best_err = torch.full(wg.shape[:2], float("inf"))
+    best_clip = torch.ones(wg.shape[:2])
+    for i in range(grid):
+        clip = 1.0 - max_shrink * i / grid
+        scale, zero = choose_qparams(wg, scheme, clip)
+        delta = fake_quantize(wg, scale[..., None], zero[..., None], scheme.maxq) - wg  # [N, G, gs]
+        err = torch.einsum("tgk,ngk->tng", xg, delta).pow(2).sum(0)  # [N, G]: each group's share of the output error
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_clip = torch.where(better, torch.full_like(best_clip, clip), best_clip)
+    return best_clip

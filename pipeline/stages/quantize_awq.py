@@ -1,0 +1,117 @@
+"""AWQ over a whole decoder, layer by layer (the math is in pipeline.quant.awq).
+
+For each layer: collect the inputs of each group of linears that share an input, search the
+activation-aware scale and fold it into the op that feeds them (exact in float), search each
+group's clipping range, quantize, then run the quantized layer to feed the next one.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from calibration.collect import capture_layer_inputs, decoder_layers, input_hooks, run_layer
+from pipeline.configs import QuantizeConfig
+from pipeline.errors import StageError
+from pipeline.quant.awq import search_clip, search_scale
+from pipeline.quant.primitives import QTensor, QuantScheme, dequantize, quantize
+
+# (op whose output feeds the linears, the linears) within one decoder layer of the Llama family
+SCALE_GROUPS = (
+    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("self_attn.v_proj", ("self_attn.o_proj",)),  # only without grouped-query attention (shapes must match)
+    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ("mlp.up_proj", ("mlp.down_proj",)),
+)
+
+
+class InputStats:
+    """Mean |x| per channel over every calibration token, plus a seeded sample of tokens for the searches."""
+
+    def __init__(self, keep: int, generator: torch.Generator):
+        self.sum, self.count, self.sample, self.keep, self.gen = None, 0, [], keep, generator
+
+    def add(self, x: torch.Tensor, batches: int) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        if not torch.isfinite(x).all():
+            raise FloatingPointError
+        self.sum = x.abs().sum(0) if self.sum is None else self.sum + x.abs().sum(0)
+        self.count += x.shape[0]
+        take = min(x.shape[0], -(-self.keep // batches))
+        self.sample.append(x[torch.randperm(x.shape[0], generator=self.gen)[:take]])
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.cat(self.sample)[: self.keep], self.sum / self.count
+
+
+def awq_model(model, plan: dict[str, QuantScheme], cfg: QuantizeConfig, batches: list[torch.Tensor],
+              log: Callable[[str], None]) -> dict[str, QTensor]:
+    hidden, kwargs = capture_layer_inputs(model, batches)
+    log(f"  calibration: {len(batches)} batches, {sum(b.numel() for b in batches)} tokens; "
+        f"searches on {cfg.search_tokens} sampled tokens per input")
+    gen = torch.Generator().manual_seed(cfg.calibration.seed)
+    qtensors: dict[str, QTensor] = {}
+    for index, layer in enumerate(tqdm(decoder_layers(model), desc="  awq layers", unit="layer")):
+        prefix = f"model.layers.{index}."
+        stats = _collect(layer, hidden, kwargs, cfg.search_tokens, gen, index)
+        for feeder, names in SCALE_GROUPS:
+            _scale_group(layer, feeder, names, prefix, plan, stats)
+        for name, module in layer.named_modules():
+            if prefix + name in plan:
+                x, _ = stats[name]
+                scheme = plan[prefix + name]
+                qtensors[prefix + name] = quantize(module.weight.data, scheme, search_clip(x, module.weight.data, scheme))
+                module.weight.data = dequantize(qtensors[prefix + name])
+        hidden = run_layer(layer, hidden, kwargs)
+    if "lm_head" in plan:  # tied to the embedding: no scale to fold, clipping only
+        stats = InputStats(cfg.search_tokens, gen)
+        with torch.no_grad():
+            for h in hidden:
+                stats.add(model.model.norm(h), len(hidden))
+        x, _ = stats.result()
+        w = model.lm_head.weight.data
+        qtensors["lm_head"] = quantize(w, plan["lm_head"], search_clip(x, w, plan["lm_head"]))
+    return qtensors
+
+
+def _collect(layer, hidden, kwargs, keep: int, gen, index: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    linears = {name: m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    stats = {name: InputStats(keep, gen) for name in linears}
+
+    def sink(name: str, x: torch.Tensor) -> None:
+        try:
+            stats[name].add(x, len(hidden))
+        except FloatingPointError:
+            raise StageError(f"quantize: NaN/Inf in the inputs of model.layers.{index}.{name}; the model or data is broken") from None
+
+    with input_hooks(linears, sink):
+        run_layer(layer, hidden, kwargs)
+    return {name: s.result() for name, s in stats.items()}
+
+
+def fold_scale(feed: torch.nn.Module, mods: list[torch.nn.Linear], s: torch.Tensor) -> None:
+    """Divide the feeder's output channels by s and multiply the linears' input channels by s (exact in float)."""
+    if isinstance(feed, torch.nn.Linear):
+        feed.weight.data /= s[:, None]
+    else:  # RMSNorm: its weight multiplies each output channel
+        feed.weight.data /= s
+    for m in mods:
+        m.weight.data *= s[None, :]
+
+
+def _scale_group(layer, feeder: str, names: tuple[str, ...], prefix: str, plan: dict, stats: dict) -> None:
+    """Search s for the group, fold 1/s into the feeder and s into the linears; the inputs seen become x / s."""
+    mods = [layer.get_submodule(n) for n in names]
+    feed = layer.get_submodule(feeder)
+    if isinstance(feed, torch.nn.Linear) and feed.out_features != mods[0].in_features:
+        return  # grouped-query attention: v_proj's outputs do not line up with o_proj's inputs
+    planned = [(m, plan[prefix + n]) for n, m in zip(names, mods) if prefix + n in plan]
+    if not planned:
+        return
+    x, x_mean = stats[names[0]]
+    s, _alpha = search_scale(x, x_mean, [m.weight.data for m, _ in planned], [sc for _, sc in planned])
+    fold_scale(feed, mods, s)
+    for n in names:
+        sample, mean = stats[n]
+        stats[n] = (sample / s, mean / s)
