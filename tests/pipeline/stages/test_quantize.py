@@ -44,7 +44,7 @@ def test_plan_ignores_overrides_and_lm_head(tiny_llama):
     ("{group_size: 48}", r"group_size: 48 is not a power of two >= 16"),
     ("{group_size: 8}", r"group_size: 8 is not a power of two >= 16"),
     ("{bits: 3}", r"bits: 3 bits is not supported"),
-    ("{method: gptqq}", r"method: 'gptqq' is not one of rtn, gptq, awq \(did you mean 'gptq'\?\)"),
+    ("{method: gptqq}", r"method: 'gptqq' is not one of rtn, gptq, awq, w8a8 \(did you mean 'gptq'\?\)"),
     ("{method: awq, calibration: {num_samples: 4}}", r"calibration.num_samples: 4 is too few for AWQ"),
     ("{ignore: ['(']}", r"not a valid regular expression"),
     ("{overrides: {down_proj: 2}}", r"overrides.down_proj: 2 bits"),
