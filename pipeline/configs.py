@@ -67,6 +67,26 @@ class CalibrationConfig:
 
 
 @dataclass(frozen=True)
+class BudgetConfig:
+    """Pick INT8 instead of INT4 for the most sensitive layers until one limit holds (set exactly one)."""
+
+    max_size_mb: float | None = None  # estimated size of the exported weights, embeddings included
+    max_perplexity_increase_pct: float | None = None  # estimated with round-to-nearest on calibration text
+    sensitivity_samples: int = 4  # calibration blocks for the per-layer KL measurement
+    sensitivity_length: int = 128  # tokens per block
+
+    def __post_init__(self):
+        if (self.max_size_mb is None) == (self.max_perplexity_increase_pct is None):
+            raise RecipeError("budget: set exactly one of max_size_mb, max_perplexity_increase_pct")
+        for key in ("max_size_mb", "max_perplexity_increase_pct"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise RecipeError(f"{key}: must be positive, got {value}")
+        if self.sensitivity_samples < 1 or self.sensitivity_length < 8:
+            raise RecipeError("sensitivity_samples/sensitivity_length: need at least 1 block of 8 tokens")
+
+
+@dataclass(frozen=True)
 class QuantizeConfig:
     """Weight-only quantization of the decoder's linear layers (and optionally the LM head).
 
@@ -89,6 +109,7 @@ class QuantizeConfig:
     activations: str = "dynamic"  # W8A8: dynamic (ranges per run) | static (ranges calibrated, QDQ)
     smoothquant: float = 0.0  # W8A8: SmoothQuant migration strength alpha in (0, 1); 0 = off, 0.5 is usual
     provider: str = "cpu"  # the execution provider the artifact is for: cpu | cuda
+    budget: BudgetConfig | None = None  # mixed precision chosen by measured sensitivity (INT4 bits only)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     version: int = 1
 
@@ -129,6 +150,8 @@ class QuantizeConfig:
                 "method: w8a8 targets the CPU provider only: the CUDA provider has no kernels for its integer "
                 "ops, so they would fall back to the CPU; use a weight-only method (rtn, gptq, awq) for cuda"
             )
+        if self.budget is not None and (self.bits != 4 or self.method == "w8a8"):
+            raise RecipeError("budget: chooses INT8 for some layers of an INT4 plan; use it with bits: 4 and a weight-only method")
         if self.search_tokens < 64:
             raise RecipeError(f"search_tokens: {self.search_tokens} is too few; use at least 64 (2048 is the default)")
 

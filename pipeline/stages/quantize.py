@@ -26,6 +26,7 @@ from pipeline.errors import StageError
 from pipeline.models import TOKENIZER_FILES, load_torch_model
 from pipeline.quant.gptq import HessianAccumulator, gptq
 from pipeline.stages.quantize_awq import awq_model
+from pipeline.stages.quantize_budget import bar_chart, choose
 from pipeline.stages.quantize_w8a8 import calibration_ids, smoothquant
 from pipeline.quant.primitives import QTensor, QuantScheme, dequantize, pack_matmul_nbits, quantize
 from pipeline.registry import StageResult, register_stage
@@ -45,6 +46,11 @@ def quantize_stage(cfg: QuantizeConfig, inp, ctx) -> StageResult:
         return _w8a8(model, cfg, inp.path, ctx, started)
     plan, skipped = make_plan(model, cfg)
     share = _embedding_shares_head(model, cfg)
+    budget_info = {}
+    if cfg.budget is not None:
+        ids = torch.cat(_calibration_batches(cfg, inp.path, cfg.budget.sensitivity_length))[: cfg.budget.sensitivity_samples]
+        plan, budget_info = choose(model, plan, cfg.budget, ids, share, ctx.log)
+        bar_chart(budget_info["sensitivity_kl"], budget_info["int8_layers"], ctx.out_dir / "sensitivity.png")
     if "lm_head" in plan and model.config.tie_word_embeddings and not share:
         _untie_lm_head(model)  # the embedding keeps its own (float or separately quantized) copy
     ctx.log(f"  {cfg.method.upper()} {len(plan)} layers ({_plan_summary(plan)}), {len(skipped)} kept float")
@@ -64,7 +70,7 @@ def quantize_stage(cfg: QuantizeConfig, inp, ctx) -> StageResult:
         metrics={"quantized_layers": len(plan), "float_layers": len(skipped),
                  "quantized_weight_mb": round(packed / 1e6, 2), "float_weight_mb": round(float_bytes / 1e6, 2),
                  "seconds": round(time.time() - started, 1)},
-        info={"skipped_layers": skipped, "plan": {n: _scheme_dict(s) for n, s in plan.items()}},
+        info={"skipped_layers": skipped, "plan": {n: _scheme_dict(s) for n, s in plan.items()}, **budget_info},
     )
 
 
@@ -188,7 +194,7 @@ def _collect_hessians(layer, modules, hidden, kwargs, index) -> dict[str, Hessia
     return acc
 
 
-def _calibration_batches(cfg: QuantizeConfig, model_dir) -> list[torch.Tensor]:
+def _calibration_batches(cfg: QuantizeConfig, model_dir, length: int | None = None) -> list[torch.Tensor]:
     cal = cfg.calibration
     try:
         text = load_text(cal.data.source, cal.data.split, cal.data.hub_config, cal.data.text_field)
@@ -196,7 +202,7 @@ def _calibration_batches(cfg: QuantizeConfig, model_dir) -> list[torch.Tensor]:
         raise StageError(f"quantize.calibration.data: {e}") from e
     ids = np.array(Tokenizer(model_dir).encode(text, add_special_tokens=False), dtype=np.int64)
     try:
-        blocks = sample_blocks(ids, cal.sequence_length, cal.num_samples, cal.seed)
+        blocks = sample_blocks(ids, length or cal.sequence_length, cal.num_samples, cal.seed)
     except DataError as e:
         raise StageError(f"quantize.calibration: {e}") from e
     return [torch.from_numpy(blocks[i:i + cal.batch_size]) for i in range(0, len(blocks), cal.batch_size)]

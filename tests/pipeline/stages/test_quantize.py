@@ -192,3 +192,33 @@ def test_smoothquant_migration_is_exact_in_float(tiny_llama):
     smoothquant(model, [ids], 0.5)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref, atol=1e-4, rtol=1e-4)
+
+
+# all-INT4 weighs 0.211 MB and all-INT8 0.250 MB on the tiny model; all-INT4 costs ~0.05 % perplexity
+@pytest.mark.parametrize("budget", ["{max_size_mb: 0.23}", "{max_perplexity_increase_pct: 0.02}"])
+def test_budget_raises_the_most_sensitive_layers_to_int8(tmp_path, tiny_llama, eval_text, budget):
+    settings = f"{{method: rtn, group_size: 16, budget: {budget}, {cal(eval_text)}}}"
+    run_dir = run(quant_recipe(tmp_path, tiny_llama, eval_text, settings), workdir=tmp_path / "a")
+    folder = next(run_dir.glob("01-quantize-*"))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    sens, int8 = manifest["sensitivity_kl"], manifest["int8_layers"]
+    assert len(sens) == 14 and all(v >= 0 for v in sens.values())
+    assert 0 < len(int8) < 14
+    assert all(manifest["plan"][n]["bits"] == 8 for n in int8)
+    assert sum(1 for p in manifest["plan"].values() if p["bits"] == 4) == 14 - len(int8)
+    if "max_size_mb" in budget:
+        assert manifest["estimate"]["weight_mb"] <= 0.23
+    else:
+        assert manifest["estimate"]["perplexity_increase_pct"] <= 0.02
+    assert (folder / "sensitivity.png").stat().st_size > 1000
+
+
+def test_budget_below_the_int4_size_is_an_error(tmp_path, tiny_llama, eval_text):
+    settings = f"{{method: rtn, group_size: 16, budget: {{max_size_mb: 0.01}}, {cal(eval_text)}}}"
+    with pytest.raises(Exception, match=r"max_size_mb: 0.01 MB is below the all-INT4 size"):
+        run(quant_recipe(tmp_path, tiny_llama, eval_text, settings), workdir=tmp_path / "a")
+
+
+def test_budget_needs_exactly_one_limit(tmp_path, tiny_llama):
+    with pytest.raises(RecipeError, match="set exactly one of max_size_mb, max_perplexity_increase_pct"):
+        load_recipe(quant_recipe(tmp_path, tiny_llama, None, "{method: rtn, budget: {}}"))

@@ -1,0 +1,121 @@
+"""Mixed precision by measurement: how much each linear layer alone hurts, then INT8 where it pays.
+
+    sensitivity(layer) = mean KL(p_float || p_with_only_this_layer_int4) on calibration tokens
+
+A size budget upgrades layers to INT8 in order of sensitivity per extra byte while the estimated
+weight size stays within it. A perplexity budget upgrades the most sensitive layers, in steps,
+until the perplexity increase measured on calibration text (round-to-nearest stand-in for the
+chosen method) is within it.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from pipeline.configs import BudgetConfig
+from pipeline.errors import StageError
+from pipeline.quant.awq import fake_quant
+from pipeline.quant.primitives import QuantScheme, packed_bytes, quantize
+
+
+def sensitivities(model, plan: dict[str, QuantScheme], ids: torch.Tensor) -> dict[str, float]:
+    """KL of the output when only that layer is quantized with its planned scheme."""
+    with torch.no_grad():
+        ref = F.log_softmax(model(ids).logits.double(), -1)
+        out = {}
+        for name in tqdm(plan, desc="  sensitivity", unit="layer", leave=False):
+            module = model.get_submodule(name)
+            original = module.weight.data
+            module.weight.data = fake_quant(original, plan[name])
+            lp = F.log_softmax(model(ids).logits.double(), -1)
+            module.weight.data = original
+            out[name] = max(0.0, float((ref.exp() * (ref - lp)).sum(-1).mean()))  # >= 0 up to round-off
+    return out
+
+
+def weight_bytes(model, plan: dict[str, QuantScheme], tied_shared: bool) -> int:
+    """Estimated bytes of the exported weights: packed quantized layers plus every float tensor left."""
+    total = 0
+    quantized = set(plan)
+    for name, module in model.named_modules():
+        if name in quantized:
+            total += packed_bytes(quantize(module.weight.data[:1], plan[name])) * module.weight.shape[0]
+        elif isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) and not (tied_shared and name == "lm_head"):
+            total += module.weight.numel() * 4
+    return total
+
+
+def choose(model, plan: dict[str, QuantScheme], budget: BudgetConfig, ids: torch.Tensor, tied_shared: bool,
+           log: Callable[[str], None]) -> tuple[dict[str, QuantScheme], dict]:
+    """The plan with some INT4 layers raised to INT8, and a record of why."""
+    candidates = {n: s for n, s in plan.items() if s.bits == 4}
+    sens = sensitivities(model, candidates, ids)
+    as8 = {n: QuantScheme(8, s.group_size, s.symmetric) for n, s in candidates.items()}
+    extra = {n: (weight_bytes(model, {n: as8[n]}, False) - weight_bytes(model, {n: candidates[n]}, False)) for n in candidates}
+    order = sorted(candidates, key=lambda n: sens[n] / max(extra[n], 1), reverse=True)
+    chosen: list[str] = []
+    if budget.max_size_mb is not None:
+        size = weight_bytes(model, plan, tied_shared)
+        limit = budget.max_size_mb * 1e6
+        if size > limit:
+            raise StageError(f"quantize.budget.max_size_mb: {budget.max_size_mb} MB is below the all-INT4 size {size / 1e6:.3f} MB")
+        for name in order:
+            if size + extra[name] <= limit:
+                chosen.append(name)
+                size += extra[name]
+        estimate = {"weight_mb": round(size / 1e6, 2)}
+    else:
+        chosen, estimate = _by_perplexity(model, plan, as8, sorted(candidates, key=sens.get, reverse=True), budget, ids)
+    final = {**plan, **{n: as8[n] for n in chosen}}
+    log(f"  budget: {len(chosen)} of {len(candidates)} layers raised to INT8 ({estimate})")
+    return final, {"sensitivity_kl": sens, "int8_layers": chosen, "estimate": estimate}
+
+
+def _by_perplexity(model, plan, as8, order, budget: BudgetConfig, ids) -> tuple[list[str], dict]:
+    base = _perplexity(model, ids, {})
+    step = max(1, len(order) // 10)
+    for count in range(0, len(order) + 1, step):
+        trial = {**plan, **{n: as8[n] for n in order[:count]}}
+        increase = (_perplexity(model, ids, trial) - base) / base * 100
+        if increase <= budget.max_perplexity_increase_pct:
+            return order[:count], {"perplexity_increase_pct": round(increase, 3), "calibration_perplexity": round(base, 3)}
+    return order, {"perplexity_increase_pct": round(increase, 3), "calibration_perplexity": round(base, 3),
+                   "note": "budget not reached even with every candidate in INT8"}
+
+
+def _perplexity(model, ids: torch.Tensor, plan: dict[str, QuantScheme]) -> float:
+    originals = {n: model.get_submodule(n).weight.data for n in plan}
+    try:
+        for n, scheme in plan.items():
+            model.get_submodule(n).weight.data = fake_quant(originals[n], scheme)
+        with torch.no_grad():
+            logits = model(ids).logits[:, :-1].float()
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        return math.exp(float(nll))
+    finally:
+        for n, w in originals.items():
+            model.get_submodule(n).weight.data = w
+
+
+def bar_chart(sens: dict[str, float], int8: list[str], path: Path) -> None:
+    """Per-layer sensitivity bars, INT8 choices highlighted, saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(sens)
+    fig, ax = plt.subplots(figsize=(max(8, len(names) * 0.08), 4))
+    ax.bar(range(len(names)), [sens[n] for n in names], color=["tab:red" if n in int8 else "tab:blue" for n in names])
+    ax.set_yscale("log")
+    ax.set_ylabel("KL when only this layer is INT4")
+    ax.set_xlabel("linear layers in model order (red: chosen for INT8)")
+    ax.set_title("Per-layer quantization sensitivity")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
