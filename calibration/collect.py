@@ -9,6 +9,7 @@ memory is bounded by [samples, seq, hidden] rather than by the whole model's act
 """
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -53,6 +54,18 @@ def run_layer(layer, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[tor
             out = layer(h, **kw)
             outs.append(out[0] if isinstance(out, tuple) else out)
     return outs
+
+
+def calibration_estimate(layers, hidden: list[torch.Tensor], kwargs: list[dict], passes: float = 2.6) -> str:
+    """Time one batch through the first layer and extrapolate: each layer runs about `passes` times per batch."""
+    started = time.perf_counter()
+    run_layer(layers[0], hidden[:1], kwargs[:1])
+    per_batch = time.perf_counter() - started
+    minutes = per_batch * len(hidden) * passes * len(layers) / 60
+    tokens = sum(h.shape[0] * h.shape[1] for h in hidden)
+    memory_mb = 2 * sum(h.numel() * h.element_size() for h in hidden) / 1e6
+    return (f"calibration: {len(hidden)} batches, {tokens} tokens; estimate ~{minutes:.1f} min, "
+            f"activations ~{memory_mb:.0f} MB (one layer at a time)")
 
 
 @contextmanager

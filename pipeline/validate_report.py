@@ -36,6 +36,15 @@ def render_markdown(report: dict) -> str:
         side = VALIDATE_METRICS[name]
         ok = value is not None and (value <= limit if side == "max" else value >= limit)
         lines.append(f"| {name} | {_fmt(value)} | {side} {limit:g} | {'ok' if ok else '**FAIL**'} |")
+    q = report.get("quantization")
+    if q:
+        lines += ["", "## Quantization", "", f"- method: {q['method']} (`{q['artifact']}`)",
+                  "- layers: " + ", ".join(f"{n} {k}" for k, n in q["layers"].items()),
+                  f"- kept float: {', '.join(q['float_layers']) or 'none'}"]
+        if q["int8_by_budget"]:
+            lines.append(f"- raised to INT8 by the budget ({q['budget_estimate']}): {len(q['int8_by_budget'])} layers")
+        if q["sensitivity_chart"]:
+            lines += ["", f"![per-layer sensitivity]({q['sensitivity_chart']})"]
     if report["failures"]:
         lines += ["", "## Failed gates", ""] + [f"- {f}" for f in report["failures"]]
     lines += ["", "## Greedy samples (baseline vs. ONNX runner)", ""]

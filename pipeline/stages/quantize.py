@@ -20,7 +20,7 @@ from safetensors.numpy import save_file
 from tqdm import tqdm
 
 from calibration import DataError, load_text, sample_blocks
-from calibration.collect import capture_layer_inputs, decoder_layers, input_hooks, run_layer
+from calibration.collect import calibration_estimate, capture_layer_inputs, decoder_layers, input_hooks, run_layer
 from pipeline.configs import QuantizeConfig
 from pipeline.errors import StageError
 from pipeline.models import TOKENIZER_FILES, load_torch_model
@@ -144,15 +144,9 @@ def _rtn(module: torch.nn.Linear, scheme: QuantScheme) -> QTensor:
 
 def _gptq_model(model, plan, cfg: QuantizeConfig, model_dir, ctx) -> dict[str, QTensor]:
     batches = _calibration_batches(cfg, model_dir)
-    tokens = sum(b.numel() for b in batches)
     hidden, kwargs = capture_layer_inputs(model, batches)
     layers = decoder_layers(model)
-    t0 = time.time()
-    run_layer(layers[0], hidden[:1], kwargs[:1])
-    per_batch = time.time() - t0
-    hidden_mb = sum(h.numel() * 4 for h in hidden) / 1e6
-    ctx.log(f"  calibration: {len(batches)} batches, {tokens} tokens; estimate ~{per_batch * len(batches) * 2.6 * len(layers) / 60:.1f} min, "
-            f"activations ~{2 * hidden_mb:.0f} MB (one layer at a time)")
+    ctx.log("  " + calibration_estimate(layers, hidden, kwargs))
     qtensors: dict[str, QTensor] = {}
     for index, layer in enumerate(tqdm(layers, desc="  gptq layers", unit="layer")):
         names = {n: model.get_submodule(n) for n in plan if n.startswith(f"model.layers.{index}.")}

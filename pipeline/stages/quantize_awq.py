@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from calibration.collect import capture_layer_inputs, decoder_layers, input_hooks, run_layer
+from calibration.collect import calibration_estimate, capture_layer_inputs, decoder_layers, input_hooks, run_layer
 from pipeline.configs import QuantizeConfig
 from pipeline.errors import StageError
 from pipeline.quant.awq import search_clip, search_scale
@@ -48,8 +48,7 @@ class InputStats:
 def awq_model(model, plan: dict[str, QuantScheme], cfg: QuantizeConfig, batches: list[torch.Tensor],
               log: Callable[[str], None]) -> dict[str, QTensor]:
     hidden, kwargs = capture_layer_inputs(model, batches)
-    log(f"  calibration: {len(batches)} batches, {sum(b.numel() for b in batches)} tokens; "
-        f"searches on {cfg.search_tokens} sampled tokens per input")
+    log("  " + calibration_estimate(decoder_layers(model), hidden, kwargs) + f"; searches on {cfg.search_tokens} tokens per input")
     gen = torch.Generator().manual_seed(cfg.calibration.seed)
     qtensors: dict[str, QTensor] = {}
     for index, layer in enumerate(tqdm(decoder_layers(model), desc="  awq layers", unit="layer")):

@@ -48,6 +48,7 @@ def validate(cfg: ValidateConfig, inp, ctx) -> StageResult:
         "provider": gen.provider,
         "metrics": metrics, "thresholds": cfg.thresholds, "failures": failures, "passed": not failures,
         "protocol": protocol, "samples": samples, "seconds": round(time.time() - started, 1),
+        "quantization": _quantization_summary(ctx.history),
     }
     write_reports(ctx.out_dir, report)
     return StageResult(metrics=metrics, info={"protocol": protocol, "provider": gen.provider},
@@ -165,6 +166,23 @@ def _decode_diff(torch_model, gen: Generator, ids: list[int]) -> float:
     with torch.no_grad():
         ref = torch_model(torch.tensor([ids[:-1]])).logits[0, split - 1:].numpy()
     return float(np.abs(np.concatenate(steps) - ref).max())
+
+
+def _quantization_summary(history) -> dict | None:
+    """What the quantize step (if any) did: method, layers per precision, the sensitivity chart."""
+    step = next((a for a in reversed(history) if a.manifest.get("stage") == "quantize"), None)
+    if step is None:
+        return None
+    m = step.manifest
+    counts: dict[str, int] = {}
+    for spec in m.get("plan", {}).values():
+        key = f"int{spec['bits']} g{spec['group_size']} {'sym' if spec['symmetric'] else 'asym'}"
+        counts[key] = counts.get(key, 0) + 1
+    chart = step.path / "sensitivity.png"
+    return {"method": m["config"]["method"], "artifact": str(step.path), "layers": counts,
+            "float_layers": sorted(m.get("skipped_layers", {})), "int8_by_budget": m.get("int8_layers", []),
+            "budget_estimate": m.get("estimate"),
+            "sensitivity_chart": f"../{step.path.name}/{chart.name}" if chart.exists() else None}  # relative: the run folder moves
 
 
 def _bos_id(gen: Generator) -> int:
