@@ -49,7 +49,9 @@ def quantize_stage(cfg: QuantizeConfig, inp, ctx) -> StageResult:
     budget_info = {}
     if cfg.budget is not None:
         ids = torch.cat(_calibration_batches(cfg, inp.path, cfg.budget.sensitivity_length))[: cfg.budget.sensitivity_samples]
-        plan, budget_info = choose(model, plan, cfg.budget, ids, share, ctx.log)
+        embed = "shared" if share else None if cfg.embedding == "float" else \
+            QuantScheme(LM_HEAD_BITS[cfg.embedding], cfg.group_size, cfg.symmetric)
+        plan, budget_info = choose(model, plan, cfg.budget, ids, embed, ctx.log)
         bar_chart(budget_info["sensitivity_kl"], budget_info["int8_layers"], ctx.out_dir / "sensitivity.png")
     if "lm_head" in plan and model.config.tie_word_embeddings and not share:
         _untie_lm_head(model)  # the embedding keeps its own (float or separately quantized) copy

@@ -38,29 +38,39 @@ def sensitivities(model, plan: dict[str, QuantScheme], ids: torch.Tensor) -> dic
     return out
 
 
-def weight_bytes(model, plan: dict[str, QuantScheme], tied_shared: bool) -> int:
-    """Estimated bytes of the exported weights: packed quantized layers plus every float tensor left."""
+EMBEDDING = "model.embed_tokens"
+
+
+def weight_bytes(model, plan: dict[str, QuantScheme], embedding: QuantScheme | str | None = None) -> int:
+    """Estimated bytes of the exported weights: packed quantized layers plus every float tensor left.
+
+    `embedding`: None (float), a scheme (its own quantized copy), or "shared" (reads the head's codes).
+    """
     total = 0
-    quantized = set(plan)
     for name, module in model.named_modules():
-        if name in quantized:
-            total += packed_bytes(quantize(module.weight.data[:1], plan[name])) * module.weight.shape[0]
-        elif isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) and not (tied_shared and name == "lm_head"):
+        if not isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            continue
+        scheme = plan.get(name) if name != EMBEDDING else (None if embedding in (None, "shared") else embedding)
+        if name == EMBEDDING and embedding == "shared":
+            continue
+        if scheme is not None:
+            total += packed_bytes(quantize(module.weight.data[:1], scheme)) * module.weight.shape[0]
+        else:
             total += module.weight.numel() * 4
     return total
 
 
-def choose(model, plan: dict[str, QuantScheme], budget: BudgetConfig, ids: torch.Tensor, tied_shared: bool,
-           log: Callable[[str], None]) -> tuple[dict[str, QuantScheme], dict]:
+def choose(model, plan: dict[str, QuantScheme], budget: BudgetConfig, ids: torch.Tensor,
+           embedding: QuantScheme | str | None, log: Callable[[str], None]) -> tuple[dict[str, QuantScheme], dict]:
     """The plan with some INT4 layers raised to INT8, and a record of why."""
     candidates = {n: s for n, s in plan.items() if s.bits == 4}
     sens = sensitivities(model, candidates, ids)
     as8 = {n: QuantScheme(8, s.group_size, s.symmetric) for n, s in candidates.items()}
-    extra = {n: (weight_bytes(model, {n: as8[n]}, False) - weight_bytes(model, {n: candidates[n]}, False)) for n in candidates}
+    extra = {n: _packed(model, n, as8[n]) - _packed(model, n, candidates[n]) for n in candidates}
     order = sorted(candidates, key=lambda n: sens[n] / max(extra[n], 1), reverse=True)
     chosen: list[str] = []
     if budget.max_size_mb is not None:
-        size = weight_bytes(model, plan, tied_shared)
+        size = weight_bytes(model, plan, embedding)
         limit = budget.max_size_mb * 1e6
         if size > limit:
             raise StageError(f"quantize.budget.max_size_mb: {budget.max_size_mb} MB is below the all-INT4 size {size / 1e6:.3f} MB")
@@ -74,6 +84,11 @@ def choose(model, plan: dict[str, QuantScheme], budget: BudgetConfig, ids: torch
     final = {**plan, **{n: as8[n] for n in chosen}}
     log(f"  budget: {len(chosen)} of {len(candidates)} layers raised to INT8 ({estimate})")
     return final, {"sensitivity_kl": sens, "int8_layers": chosen, "estimate": estimate}
+
+
+def _packed(model, name: str, scheme: QuantScheme) -> int:
+    w = model.get_submodule(name).weight.data
+    return packed_bytes(quantize(w[:1], scheme)) * w.shape[0]
 
 
 def _by_perplexity(model, plan, as8, order, budget: BudgetConfig, ids) -> tuple[list[str], dict]:

@@ -222,3 +222,19 @@ def test_budget_below_the_int4_size_is_an_error(tmp_path, tiny_llama, eval_text)
 def test_budget_needs_exactly_one_limit(tmp_path, tiny_llama):
     with pytest.raises(RecipeError, match="set exactly one of max_size_mb, max_perplexity_increase_pct"):
         load_recipe(quant_recipe(tmp_path, tiny_llama, None, "{method: rtn, budget: {}}"))
+
+
+def test_size_estimate_matches_the_exported_artifact(tmp_path, tiny_qwen2, eval_text):
+    """The budget's size estimate is the size the export really has (tied, shared INT4 head/embedding)."""
+    from pipeline.quant.primitives import QuantScheme
+    from pipeline.stages.quantize_budget import weight_bytes
+
+    settings = f"{{method: rtn, group_size: 16, lm_head: int4, embedding: int4, {cal(eval_text)}}}"
+    run_dir = run(quant_recipe(tmp_path, tiny_qwen2, eval_text, settings), workdir=tmp_path / "a")
+    model = load_torch_model(tiny_qwen2)
+    plan = {n: QuantScheme(4, 16, False) for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and (n.startswith("model.layers.") or n == "lm_head")}
+    estimate = weight_bytes(model, plan, "shared")
+    graph = onnx.load(str(find_model_folder(run_dir) / "model.onnx"))
+    stored = sum(onnx.numpy_helper.to_array(t).nbytes for t in graph.graph.initializer)
+    assert 0.9 * stored < estimate <= stored  # the graph also stores norms, biases and small constants
