@@ -76,6 +76,15 @@ def write_recipe(folder: Path, model: Path, text: Path, name: str = "tiny", extr
     return recipe
 
 
+def run_reference_recipe(name: str, tmp_path_factory) -> Path:
+    """Run a shipped recipe on the real reference model into a fresh work folder (slow tier)."""
+    from pipeline import run
+
+    if not REFERENCE_GGUF.exists():
+        pytest.fail(f"{REFERENCE_GGUF} is missing: run `make model`")
+    return run(ROOT / "recipes" / name, workdir=tmp_path_factory.mktemp(name.split(".")[0]))
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("tiny-llama"), "llama")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import REFERENCE_GGUF, ROOT
+from conftest import ROOT, run_reference_recipe
 from pipeline import run
 from pipeline.cli import main
 from runtime import Generator, find_model_folder
@@ -17,10 +17,7 @@ RECIPE = ROOT / "recipes" / "smollm2-fp32.yaml"
 
 @pytest.fixture(scope="module")
 def smol_run(tmp_path_factory):
-    if not REFERENCE_GGUF.exists():
-        pytest.fail(f"{REFERENCE_GGUF} is missing: run `make model`")
-    workdir = tmp_path_factory.mktemp("smol")
-    return run(RECIPE, workdir=workdir)
+    return run_reference_recipe(RECIPE.name, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

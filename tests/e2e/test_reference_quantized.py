@@ -5,20 +5,15 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from conftest import REFERENCE_GGUF, ROOT
-from pipeline import run
+from conftest import run_reference_recipe
 from pipeline.cli import main
 from runtime import find_model_folder
 
 pytestmark = pytest.mark.slow
-RECIPE = ROOT / "recipes" / "smollm2-int4-gptq.yaml"
-
 
 @pytest.fixture(scope="module")
 def int4_run(tmp_path_factory):
-    if not REFERENCE_GGUF.exists():
-        pytest.fail(f"{REFERENCE_GGUF} is missing: run `make model`")
-    return run(RECIPE, workdir=tmp_path_factory.mktemp("int4"))
+    return run_reference_recipe("smollm2-int4-gptq.yaml", tmp_path_factory)
 
 
 def test_int4_recipe_passes_its_gates_and_is_small(int4_run):
