@@ -26,6 +26,7 @@ OUT = ROOT / "artifacts" / "bench-quant"
 VARIANTS = {
     "fp32": None,
     "int8-rtn-g128": {"method": "rtn", "bits": 8, "group_size": 128},
+    "int8-rtn-g128-acc4": {"method": "rtn", "bits": 8, "group_size": 128},
     "int4-rtn-asym-g32": {"method": "rtn", "group_size": 32},
     "int4-rtn-sym-g32": {"method": "rtn", "group_size": 32, "symmetric": True},
     "int4-rtn-asym-g128": {"method": "rtn", "group_size": 128},
@@ -45,9 +46,12 @@ VARIANTS = {
 }
 
 
+EXPORT = {"int8-rtn-g128-acc4": {"accuracy_level": 4}}  # export settings other than the defaults
+
+
 def recipe_for(name: str, quantize: dict | None, windows: int) -> Path:
     stages = ([{"quantize": quantize}] if quantize else []) + [
-        {"export": {}},
+        {"export": EXPORT.get(name, {})},
         {"validate": {"max_windows": windows, "thresholds": {"decode_logits_max_abs_diff": 0.01}}},
     ]
     path = OUT / "recipes" / f"{name}.yaml"
