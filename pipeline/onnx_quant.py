@@ -76,6 +76,15 @@ def apply_block_quantized_ops(graph_model: onnx.ModelProto, quant_dir: Path, wei
     return len(done)
 
 
+def set_accuracy_level(graph_model: onnx.ModelProto, level: int) -> None:
+    """MatMulNBits compute type: 0 float (as the dequantized matmul), 4 int8 activations (faster on CPU)."""
+    for node in graph_model.graph.node:
+        if node.op_type == "MatMulNBits":
+            for attr in node.attribute:
+                if attr.name == "accuracy_level":
+                    attr.i = level
+
+
 def _swap_embedding(graph: onnx.GraphProto, spec: dict, packed: dict, inits: dict, weights: dict) -> None:
     index, node = next(((i, n) for i, n in enumerate(graph.node)
                         if n.op_type == "Gather" and module_of(n.name, "Gather") == EMBEDDING), (None, None))

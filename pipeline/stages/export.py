@@ -19,7 +19,7 @@ from pipeline.archs import arch_for, model_dims
 from pipeline.configs import ExportConfig
 from pipeline.errors import StageError
 from pipeline.models import TOKENIZER_FILES, load_torch_model
-from pipeline.onnx_quant import apply_block_quantized_ops
+from pipeline.onnx_quant import apply_block_quantized_ops, set_accuracy_level
 from pipeline.onnx_w8a8 import quantize_w8a8
 from pipeline.stages.quantize import CALIBRATION_FILE, PLAN_FILE
 from pipeline.registry import StageResult, register_stage
@@ -74,8 +74,8 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
     if plan.get("layers"):
         weights = {name: module.weight.detach().numpy() for name, module in model.named_modules()
                    if isinstance(module, (torch.nn.Linear, torch.nn.Embedding))}
-        swapped = apply_block_quantized_ops(graph, inp.path, weights, cfg.accuracy_level)
-        ctx.log(f"  {swapped} ops replaced by MatMulNBits / GatherBlockQuantized (accuracy_level {cfg.accuracy_level})")
+        swapped = apply_block_quantized_ops(graph, inp.path, weights, accuracy_level=0)
+        ctx.log(f"  {swapped} ops replaced by MatMulNBits / GatherBlockQuantized")
     _save_graph(graph, path, cfg.external_data)
     for name in COPIED_FILES:
         if (inp.path / name).exists():
@@ -87,13 +87,15 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
             f"export parity: max |logits_onnx - logits_torch| = {diff:.3g} exceeds {arch.atol:g} "
             f"for {model.config.model_type}; the exported graph is wrong"
         )
+    if swapped and cfg.accuracy_level:  # parity was checked with float compute; int8 compute is validate's business
+        ctx.log(f"  MatMulNBits accuracy_level {cfg.accuracy_level}")
+        graph = onnx.load(str(path))  # saving with external data emptied the in-memory tensors
+        set_accuracy_level(graph, cfg.accuracy_level)
+        _replace_graph(graph, path, cfg.external_data)
     if activations:  # checked in float above; activation rounding is the validate stage's business
         ctx.log(f"  W8A8 {activations}: quantizing weights and activations with ONNX Runtime")
         calibration = inp.path / CALIBRATION_FILE if activations == "static" else None
-        quantized = quantize_w8a8(path, activations, contract, calibration)
-        for stale in out.glob("model.onnx*"):
-            stale.unlink()
-        _save_graph(quantized, path, cfg.external_data)
+        _replace_graph(quantize_w8a8(path, activations, contract, calibration), path, cfg.external_data)
     size = sum(p.stat().st_size for p in out.iterdir() if p.name.startswith("model.onnx"))
     return StageResult(
         metrics={"parity_max_abs_diff": diff, "onnx_bytes": size, "block_quantized_ops": swapped},
@@ -127,6 +129,13 @@ def _save_graph(graph: onnx.ModelProto, path: Path, external_data: bool) -> None
                         location=path.name + ".data", size_threshold=1024)
     else:
         onnx.save_model(graph, str(path))
+
+
+def _replace_graph(graph: onnx.ModelProto, path: Path, external_data: bool) -> None:
+    """Overwrite the saved graph (and its external data) with `graph`, already held in memory."""
+    for stale in path.parent.glob(path.name + "*"):
+        stale.unlink()
+    _save_graph(graph, path, external_data)
 
 
 def _parity(model, folder: Path, tokens: int) -> float:

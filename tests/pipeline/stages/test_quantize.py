@@ -238,3 +238,18 @@ def test_size_estimate_matches_the_exported_artifact(tmp_path, tiny_qwen2, eval_
     graph = onnx.load(str(find_model_folder(run_dir) / "model.onnx"))
     stored = sum(onnx.numpy_helper.to_array(t).nbytes for t in graph.graph.initializer)
     assert 0.9 * stored < estimate <= stored  # the graph also stores norms, biases and small constants
+
+
+def test_accuracy_level_is_set_after_the_float_parity_check(tmp_path, tiny_llama, eval_text):
+    path = tmp_path / "acc.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        model: {{source: {tiny_llama}}}
+        stages:
+          - quantize: {{method: rtn, bits: 8, group_size: 16}}
+          - export: {{accuracy_level: 4}}
+        """))
+    export = find_model_folder(run(path, workdir=tmp_path / "a"))
+    graph = onnx.load(str(export / "model.onnx"), load_external_data=False).graph
+    levels = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
+    assert levels == {4}
+    assert Generator(export).generate([[5, 6, 7]], 3, ignore_eos=True).tokens[0]
