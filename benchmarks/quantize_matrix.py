@@ -40,7 +40,7 @@ VARIANTS = {
     "int4-awq-sym-g32": {"method": "awq", "group_size": 32, "symmetric": True},
     "int4-awq-asym-g128": {"method": "awq", "group_size": 128},
     "int4-gptq-asym-g32-budget100": {"method": "gptq", "group_size": 32, "lm_head": "int4", "embedding": "int4",
-                                     "budget": {"max_size_mb": 100}},
+                                     "budget": {"max_size_mb": 98}},
     "int4-gptq-asym-g32-mixed": {"method": "gptq", "group_size": 32, "overrides": {r"mlp\.down_proj": 8},
                                  "lm_head": "int4", "embedding": "int4"},
 }
