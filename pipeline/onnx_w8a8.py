@@ -8,7 +8,6 @@ Weights are int8 per output channel in both. Run after the export's float parity
 """
 from __future__ import annotations
 
-import shutil
 import tempfile
 from pathlib import Path
 

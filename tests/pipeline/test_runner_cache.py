@@ -1,6 +1,4 @@
 """Stage cache: reuse when unchanged, rebuild what changed and what follows, reject tampering."""
-import os
-import shutil
 import signal
 import subprocess
 import sys

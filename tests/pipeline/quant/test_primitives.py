@@ -1,6 +1,5 @@
 """Primitives: exact pack round trips and MatMulNBits computing the dequantized matmul."""
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 import torch

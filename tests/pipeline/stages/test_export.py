@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline import StageError, run
-from conftest import make_checkpoint, write_recipe
+from conftest import write_recipe
 from runtime import Generator, find_model_folder
 from runtime.io_spec import Contract
 
