@@ -7,7 +7,6 @@ end-of-turn tokens a chat model really stops on) and `tokenizer.json` for the ru
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -105,7 +104,3 @@ def load_torch_model(folder: Path):
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
     return model.eval()
 
-
-def read_generation_config(folder: Path) -> dict:
-    path = folder / "generation_config.json"
-    return json.loads(path.read_text()) if path.exists() else {}

@@ -23,6 +23,18 @@ class QuantScheme:
     def maxq(self) -> int:
         return 2**self.bits - 1
 
+    @property
+    def label(self) -> str:
+        return f"int{self.bits} g{self.group_size} {'sym' if self.symmetric else 'asym'}"
+
+
+def count_schemes(schemes) -> dict[str, int]:
+    """{'int4 g32 asym': 181, ...} for a plan's schemes."""
+    counts: dict[str, int] = {}
+    for s in schemes:
+        counts[s.label] = counts.get(s.label, 0) + 1
+    return counts
+
 
 @dataclass
 class QTensor:

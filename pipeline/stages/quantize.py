@@ -1,4 +1,4 @@
-"""Quantize stage: hf-model -> hf-model whose linear weights are INT4/INT8 (RTN or GPTQ).
+"""Quantize stage: hf-model -> hf-model whose linear weights are INT4/INT8 (RTN, GPTQ, AWQ) or prepared for W8A8.
 
 The output is a normal HF checkpoint holding the *dequantized* weights (so PyTorch evaluation and
 the exporter see exactly the quantized model's math) plus `quantized.safetensors` with the packed
@@ -28,7 +28,7 @@ from pipeline.quant.gptq import HessianAccumulator, gptq
 from pipeline.stages.quantize_awq import awq_model
 from pipeline.stages.quantize_budget import bar_chart, choose
 from pipeline.stages.quantize_w8a8 import calibration_ids, smoothquant
-from pipeline.quant.primitives import QTensor, QuantScheme, dequantize, pack_matmul_nbits, quantize
+from pipeline.quant.primitives import QTensor, QuantScheme, count_schemes, dequantize, pack_matmul_nbits, quantize
 from pipeline.registry import StageResult, register_stage
 from runtime.tokenizer import Tokenizer
 
@@ -57,7 +57,8 @@ def quantize_stage(cfg: QuantizeConfig, inp, ctx) -> StageResult:
         _untie_lm_head(model)  # the embedding keeps its own (float or separately quantized) copy
     ctx.log(f"  {cfg.method.upper()} {len(plan)} layers ({_plan_summary(plan)}), {len(skipped)} kept float")
     if cfg.method == "rtn":
-        qtensors = {name: _rtn(model.get_submodule(name), scheme) for name, scheme in tqdm(plan.items(), desc="  rtn", leave=False)}
+        qtensors = {name: quantize(model.get_submodule(name).weight.data, scheme)
+                    for name, scheme in tqdm(plan.items(), desc="  rtn", leave=False)}
     elif cfg.method == "gptq":
         qtensors = _gptq_model(model, plan, cfg, inp.path, ctx)
     else:
@@ -65,9 +66,8 @@ def quantize_stage(cfg: QuantizeConfig, inp, ctx) -> StageResult:
     embed = _quantize_embedding(model, cfg, qtensors, share, skipped)
     for name, qt in qtensors.items():
         model.get_submodule(name).weight.data = dequantize(qt).to(model.dtype)
-    _save(model, qtensors, plan, skipped, cfg, inp.path, ctx.out_dir, embed)
+    packed = _save(model, qtensors, plan, skipped, cfg, inp.path, ctx.out_dir, embed)
     float_bytes = sum(model.get_submodule(n).weight.numel() * 4 for n in plan)
-    packed = sum(sum(a.nbytes for a in pack_matmul_nbits(qt).values()) for qt in qtensors.values())
     return StageResult(
         metrics={"quantized_layers": len(plan), "float_layers": len(skipped),
                  "quantized_weight_mb": round(packed / 1e6, 2), "float_weight_mb": round(float_bytes / 1e6, 2),
@@ -140,10 +140,6 @@ def _quantize_embedding(model, cfg: QuantizeConfig, qtensors: dict, share: bool,
     return {"shared_with": None}
 
 
-def _rtn(module: torch.nn.Linear, scheme: QuantScheme) -> QTensor:
-    return quantize(module.weight.data, scheme)
-
-
 def _gptq_model(model, plan, cfg: QuantizeConfig, model_dir, ctx) -> dict[str, QTensor]:
     batches = _calibration_batches(cfg, model_dir)
     hidden, kwargs = capture_layer_inputs(model, batches)
@@ -209,7 +205,8 @@ def _untie_lm_head(model) -> None:
     model.config.tie_word_embeddings = False
 
 
-def _save(model, qtensors, plan, skipped, cfg, src_dir, out, embed: dict | None) -> None:
+def _save(model, qtensors, plan, skipped, cfg, src_dir, out, embed: dict | None) -> int:
+    """Write the checkpoint, the packed tensors and the plan; returns the packed bytes."""
     model.save_pretrained(out, safe_serialization=True)
     _copy_tokenizer(src_dir, out)
     tensors = {}
@@ -224,6 +221,7 @@ def _save(model, qtensors, plan, skipped, cfg, src_dir, out, embed: dict | None)
         embed_entry = {**_scheme_dict(source.scheme), "N": source.shape[0], "K": source.shape[1], **embed}
         layers["model.embed_tokens"] = embed_entry
     (out / PLAN_FILE).write_text(json.dumps({"method": cfg.method, "layers": layers, "skipped": skipped}, indent=2) + "\n")
+    return sum(a.nbytes for a in tensors.values())
 
 
 def _copy_tokenizer(src_dir, out) -> None:
@@ -237,8 +235,4 @@ def _scheme_dict(s: QuantScheme) -> dict:
 
 
 def _plan_summary(plan: dict[str, QuantScheme]) -> str:
-    counts: dict[str, int] = {}
-    for s in plan.values():
-        key = f"int{s.bits} g{s.group_size} {'sym' if s.symmetric else 'asym'}"
-        counts[key] = counts.get(key, 0) + 1
-    return ", ".join(f"{v} {k}" for k, v in counts.items())
+    return ", ".join(f"{v} {k}" for k, v in count_schemes(plan.values()).items())

@@ -25,6 +25,7 @@ from calibration import DataError, load_text, text_fingerprint, windows
 from pipeline.configs import VALIDATE_METRICS, ValidateConfig
 from pipeline.errors import StageError
 from pipeline.models import load_torch_model
+from pipeline.quant.primitives import QuantScheme, count_schemes
 from pipeline.registry import StageResult, register_stage
 from pipeline.validate_report import write_reports
 from runtime.generate import Generator
@@ -174,10 +175,7 @@ def _quantization_summary(history) -> dict | None:
     if step is None:
         return None
     m = step.manifest
-    counts: dict[str, int] = {}
-    for spec in m.get("plan", {}).values():
-        key = f"int{spec['bits']} g{spec['group_size']} {'sym' if spec['symmetric'] else 'asym'}"
-        counts[key] = counts.get(key, 0) + 1
+    counts = count_schemes(QuantScheme(**spec) for spec in m.get("plan", {}).values())
     chart = step.path / "sensitivity.png"
     return {"method": m["config"]["method"], "artifact": str(step.path), "layers": counts,
             "float_layers": sorted(m.get("skipped_layers", {})), "int8_by_budget": m.get("int8_layers", []),
