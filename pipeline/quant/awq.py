@@ -26,17 +26,23 @@ def fake_quant(w: torch.Tensor, scheme: QuantScheme, clip: torch.Tensor | float 
 
 def search_scale(x: torch.Tensor, x_mean: torch.Tensor, weights: list[torch.Tensor], schemes: list[QuantScheme],
                  grid: int = 20) -> tuple[torch.Tensor, float]:
-    """Per-input-channel scale s [K] for linears sharing input x [T, K]; returns (s, chosen α)."""
+    """Per-input-channel scale s [K] for linears sharing input x [T, K]; returns (s, chosen α).
+
+    The output error of a weight change D is |x Dᵀ|² = tr(D H Dᵀ) with H = xᵀx, so the search
+    costs N·K² per candidate instead of T·N·K, and needs no [T, N] outputs.
+    """
     w_all = torch.cat(weights, dim=0)
     w_mean = (w_all.abs() / w_all.abs().amax(dim=1, keepdim=True).clamp(min=1e-8)).mean(dim=0)
-    reference = [x @ w.T for w in weights]
+    gram = x.T @ x
     best = (float("inf"), torch.ones_like(x_mean), 0.0)
     for i in range(grid):
         alpha = i / grid
         s = (x_mean.pow(alpha) / w_mean.pow(1 - alpha).clamp(min=1e-4)).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        err = sum(float((x @ (fake_quant(w * s, sc) / s).T - ref).pow(2).mean())
-                  for w, sc, ref in zip(weights, schemes, reference))
+        err = 0.0
+        for w, sc in zip(weights, schemes):
+            d = fake_quant(w * s, sc) / s - w
+            err += float(((d @ gram) * d).sum()) / (x.shape[0] * w.shape[0])
         if err < best[0]:
             best = (err, s, alpha)
     return best[1], best[2]
@@ -44,17 +50,21 @@ def search_scale(x: torch.Tensor, x_mean: torch.Tensor, weights: list[torch.Tens
 
 def search_clip(x: torch.Tensor, w: torch.Tensor, scheme: QuantScheme, grid: int = 20,
                 max_shrink: float = 0.5) -> torch.Tensor:
-    """Per-group range clip [N, k_blocks] minimizing each group's contribution to the output error."""
+    """Per-group range clip [N, k_blocks] minimizing each group's contribution to the output error.
+
+    A group's share of the error is dᵀ H_g d, with H_g the Gram matrix of its input channels.
+    """
     gs = scheme.group_size
     wg = to_groups(w, gs)  # [N, G, gs]
     xg = to_groups(x, gs)  # [T, G, gs]
+    gram = torch.einsum("tgk,tgl->gkl", xg, xg)  # [G, gs, gs]
     best_err = torch.full(wg.shape[:2], float("inf"))
     best_clip = torch.ones(wg.shape[:2])
     for i in range(grid):
         clip = 1.0 - max_shrink * i / grid
         scale, zero = choose_qparams(wg, scheme, clip)
         delta = fake_quantize(wg, scale[..., None], zero[..., None], scheme.maxq) - wg  # [N, G, gs]
-        err = torch.einsum("tgk,ngk->tng", xg, delta).pow(2).sum(0)  # [N, G]: each group's share of the output error
+        err = (torch.einsum("ngk,gkl->ngl", delta, gram) * delta).sum(-1)  # [N, G]
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_clip = torch.where(better, torch.full_like(best_clip, clip), best_clip)
