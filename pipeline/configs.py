@@ -167,7 +167,8 @@ class ExportConfig:
     external_data: bool = True  # weights in model.onnx.data beside the graph (relative path)
     parity_tokens: int = 16  # tokens of the export-time parity check against PyTorch
     accuracy_level: int = 0  # MatMulNBits compute: 0 = float like the weights' dequantized matmul, 4 = int8 (faster on CPU)
-    version: int = 1
+    fused: bool = True  # also write fused/: GroupQueryAttention, fused norms, in-place KV cache (ONNX Runtime only)
+    version: int = 2
 
     def __post_init__(self):
         if self.accuracy_level not in (0, 1, 2, 3, 4):

@@ -22,15 +22,26 @@ from runtime.tokenizer import StreamDecoder
 @click.option("--no-chat", is_flag=True, help="plain completion: do not apply the chat template")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--threads", default=0, type=click.IntRange(0), help="intra-op threads (0: onnxruntime decides)")
-def generate_command(artifact, prompt, max_new_tokens, temperature, top_k, top_p, seed, system, no_chat, provider, threads):
+@click.option("--graph", type=click.Choice(["auto", "fused", "portable"]), default="auto", show_default=True,
+              help="auto: the fused graph when the artifact has one")
+@click.option("--max-length", default=None, type=click.IntRange(2),
+              help="KV cache positions of the fused graph (default: prompt plus --max-new-tokens)")
+@click.option("--allow-fallback", is_flag=True, help="run even if heavy nodes fell back from the GPU to the CPU")
+def generate_command(artifact, prompt, max_new_tokens, temperature, top_k, top_p, seed, system, no_chat, provider, threads,
+                     graph, max_length, allow_fallback):
     """Answer PROMPT with the model exported in ARTIFACT (a run folder or an export step folder)."""
     try:
         t0 = time.perf_counter()
         folder = find_model_folder(artifact)
-        gen = Generator(folder, provider=provider, threads=threads)
+        gen = Generator(folder, provider=provider, threads=threads, graph=graph, max_length=max_length,
+                        allow_fallback=allow_fallback)
         load_s = time.perf_counter() - t0
-        click.echo(f"[{folder}] provider: {gen.provider}, loaded in {load_s:.2f}s", err=True)
+        click.echo(f"[{folder}] {gen.flavour} graph on {gen.provider}, loaded in {load_s:.2f}s", err=True)
         ids = gen.tokenizer.encode(prompt) if no_chat else gen.tokenizer.encode_chat(prompt, system)
+        if gen.flavour == "fused":
+            positions = max_length or len(ids) + max_new_tokens
+            click.echo(f"KV cache: {gen.contract.kv_bytes_per_token() * positions / 2**20:.1f} MiB "
+                       f"({positions} positions, preallocated)", err=True)
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         stream = StreamDecoder(gen.tokenizer)
         result = gen.generate([ids], max_new_tokens, params, on_token=lambda _row, t: _emit(stream.push(t)))

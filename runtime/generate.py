@@ -1,11 +1,13 @@
 """Prefill and decode through ONNX Runtime, with the KV cache carried between steps.
 
-    prompts ──pad left──► prefill (past length 0) ──► logits[:, -1] ──► sample
-                                                         ▲                 │
-                           decode_one_token (1 token) ───┘◄── cache ◄──────┘
+    prompts ──pad──► prefill ──► last logits ──► sample ──► decode (1 token per row) ──┐
+                                      ▲                                              │
+                                      └──────────── logits ◄─────────────────────────┘
 
-A batch of prompts of different lengths is padded on the left, masked, and decoded together;
-a sequence that ends (EOS or its token limit) leaves the batch while the rest go on.
+An artifact holds a portable graph (optimum's layout) and, when exported with `fused: true`, a
+fused one in `fused/` (GroupQueryAttention, in-place KV cache): the Generator takes the fused
+graph when there is one. A batch of prompts of different lengths is decoded together; a sequence
+that ends (EOS or its token limit) stops while the rest go on.
 """
 from __future__ import annotations
 
@@ -17,11 +19,15 @@ from typing import Callable
 import numpy as np
 
 from runtime.errors import RuntimeFailure
-from runtime.io_spec import Contract
-from runtime.kv_cache import KVCache
+from runtime.fused import FusedGraph
+from runtime.io_spec import CONTRACT_FILE, Contract
+from runtime.portable import PortableGraph
 from runtime.sampling import SamplingParams, sample
-from runtime.session import create_session
+from runtime.placement import check_placement
+from runtime.session import PROVIDERS, create_session
 from runtime.tokenizer import Tokenizer
+
+GRAPHS = ("auto", "fused", "portable")
 
 
 @dataclass
@@ -30,6 +36,7 @@ class GenerationResult:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     decode_steps: int = 0
+    decode_session_seconds: float = 0.0  # of decode_seconds, the time inside session.run
     finish_reasons: list[str] = field(default_factory=list)
 
     @property
@@ -46,47 +53,55 @@ class Generator:
         >>> g.tokenizer.decode(g.generate([ids], max_new_tokens=20).tokens[0])  # doctest: +SKIP
     """
 
-    def __init__(self, folder: Path | str, provider: str = "auto", threads: int = 0):
+    def __init__(self, folder: Path | str, provider: str = "auto", threads: int = 0, graph: str = "auto",
+                 max_length: int | None = None, allow_fallback: bool = False):
         self.folder = Path(folder)
+        graph_folder = self._graph_folder(graph)
         try:
-            self.contract = Contract.load(self.folder)
+            self.contract = Contract.load(graph_folder)
         except (FileNotFoundError, ValueError) as e:
             raise RuntimeFailure(str(e)) from e
-        self.session, self.provider = create_session(self.folder, self.contract, provider, threads)
+        self.session, self.provider = create_session(graph_folder, self.contract, provider, threads)
         self.tokenizer = Tokenizer(self.folder)
         gen = _read_json(self.folder / "generation_config.json")
         eos = gen.get("eos_token_id")
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.pad_id = gen.get("pad_token_id", min(self.eos_ids) if self.eos_ids else 0)
+        if self.contract.flavour == "fused":
+            device = "cuda" if self.provider.startswith("CUDA") else "cpu"
+            self.graph = FusedGraph(self.session, self.contract, self.pad_id, device, max_length)
+        else:
+            self.graph = PortableGraph(self.session, self.contract, self.pad_id)
+        self.fallback_nodes: list[str] = []
+        if self.provider != PROVIDERS["cpu"]:  # one probe run, profiled: are the heavy nodes on the provider?
+            self.graph.logits([self.pad_id, self.pad_id])
+            self.fallback_nodes = check_placement(Path(self.session.end_profiling()), self.provider, allow_fallback)
 
-    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: KVCache) -> np.ndarray:
-        """One graph run; updates the cache in place and returns logits [B, T, V]."""
-        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, **cache.feeds()}
-        logits, *presents = self.session.run(None, feeds)
-        cache.update(presents)
-        return logits
+    def _graph_folder(self, graph: str) -> Path:
+        if graph not in GRAPHS:
+            raise RuntimeFailure(f"graph '{graph}' is not one of {', '.join(GRAPHS)}")
+        fused = self.folder / "fused"
+        if graph == "fused" and not (fused / CONTRACT_FILE).is_file():
+            raise RuntimeFailure(f"{self.folder}: no fused graph (export with `fused: true`)")
+        return fused if graph != "portable" and (fused / CONTRACT_FILE).is_file() else self.folder
 
-    def prefill(self, prompts: list[list[int]]) -> tuple[np.ndarray, KVCache, np.ndarray]:
-        """Left-pad and run the prompts; returns (last-position logits [B, V], cache, attention_mask [B, T])."""
+    @property
+    def flavour(self) -> str:
+        return self.contract.flavour
+
+    def logits(self, ids: list[int] | np.ndarray) -> np.ndarray:
+        """Logits [T, V] of one sequence (teacher forcing), from an empty cache."""
+        return self.graph.logits(ids)
+
+    def prefill(self, prompts: list[list[int]], room: int = 0):
+        """Run the prompts; returns (last logits [B, V], state for `decode`). `room`: new tokens to come."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise RuntimeFailure("every prompt needs at least one token")
-        width = max(len(p) for p in prompts)
-        input_ids = np.full((len(prompts), width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(prompts), width), dtype=np.int64)
-        for row, ids in enumerate(prompts):
-            input_ids[row, width - len(ids):] = ids
-            mask[row, width - len(ids):] = 1
-        positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)  # pads sit at 0; real tokens count from 0
-        cache = KVCache(self.contract, len(prompts))
-        logits = self.forward(input_ids, mask, positions, cache)  # [B, T, V]
-        return logits[:, -1, :], cache, mask
+        return self.graph.prefill(prompts, room)
 
-    def decode_one_token(self, tokens: np.ndarray, cache: KVCache, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """tokens: [B] -> (logits [B, V], extended attention_mask)."""
-        mask = np.concatenate([mask, np.ones((mask.shape[0], 1), dtype=np.int64)], axis=1)
-        positions = (mask.sum(axis=1, keepdims=True) - 1).astype(np.int64)  # [B, 1]
-        logits = self.forward(tokens[:, None].astype(np.int64), mask, positions, cache)
-        return logits[:, -1, :], mask
+    def decode(self, tokens: np.ndarray, state) -> np.ndarray:
+        """One token for each row still generating -> their logits [R, V]."""
+        return self.graph.decode(np.asarray(tokens, dtype=np.int64), state)
 
     def generate(
         self,
@@ -106,9 +121,10 @@ class Generator:
         if max_new_tokens <= 0:
             return result
         started = time.perf_counter()
-        logits, cache, mask = self.prefill(prompts)
+        logits, state = self.prefill(prompts, max_new_tokens)
         result.prefill_seconds = time.perf_counter() - started
         active = np.arange(n)  # original row of each batch row still generating
+        session_before = self.graph.session_seconds
         started = time.perf_counter()
         while True:
             next_tokens, keep = [], []
@@ -127,11 +143,12 @@ class Generator:
                 break
             if len(keep) < len(active):
                 rows = np.array(keep)
-                cache.select(rows)
-                mask, active = mask[rows], active[rows]
-            logits, mask = self.decode_one_token(np.array(next_tokens), cache, mask)
+                self.graph.keep(state, rows)
+                active = active[rows]
+            logits = self.decode(np.array(next_tokens), state)
             result.decode_steps += 1
         result.decode_seconds = time.perf_counter() - started
+        result.decode_session_seconds = self.graph.session_seconds - session_before
         return result
 
 

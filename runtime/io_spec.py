@@ -10,6 +10,18 @@ graphs. One graph serves prefill (past length 0) and decode (sequence length 1):
     past_key_values.{i}.value    float [batch_size, num_kv_heads, past_sequence_length, head_dim]
     -> logits                    float [batch_size, sequence_length, vocab_size]
     -> present.{i}.key|value     float [batch_size, num_kv_heads, past_sequence_length + sequence_length, head_dim]
+
+The "fused" flavour (ONNX Runtime only: GroupQueryAttention) keeps the KV cache in one buffer of
+`max_length` positions per layer, bound as both past and present and updated in place. Prompts are
+right-padded; each sequence's own lengths replace the mask and position ids:
+
+    input_ids                    int64 [batch_size, sequence_length]
+    seqlens_k                    int32 [batch_size]   tokens in the cache after this step, minus one
+    total_sequence_length        int32 []             an upper bound of seqlens_k + 1 (the buffer length)
+    query_seqlens                int32 [batch_size]   real (unpadded) rows of this chunk; 0 = sequence idle
+    past_key_values.{i}.key      float [batch_size, num_kv_heads, max_length, head_dim]
+    -> logits                    float [batch_size, sequence_length, vocab_size]
+    -> present.{i}.key|value     float [batch_size, num_kv_heads, max_length, head_dim]  (the same buffer)
 """
 from __future__ import annotations
 
@@ -21,6 +33,8 @@ CONTRACT_FILE = "io_contract.json"
 CONTRACT_VERSION = 1
 
 BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "past_sequence_length + sequence_length"
+MAX_LENGTH = "max_length"
+FLAVOURS = ("portable", "fused")
 
 
 @dataclass(frozen=True)
@@ -34,7 +48,7 @@ class TensorSpec:
 class Contract:
     """What the runner needs to know about a graph, written beside it as io_contract.json."""
 
-    flavour: str  # "portable": plain ONNX ops, loadable by optimum and others
+    flavour: str  # "portable": plain ONNX ops, loadable by optimum and others; "fused": ONNX Runtime contrib ops
     num_layers: int
     num_kv_heads: int
     head_dim: int
@@ -42,9 +56,18 @@ class Contract:
     dtype: str = "float32"
     weights: str = "float"  # "float" or "MatMulNBits" (block-quantized linear layers)
     model_file: str = "model.onnx"
+    max_positions: int = 0  # fused: rotary table length, the largest KV buffer the graph can take
     version: int = CONTRACT_VERSION
 
     def inputs(self) -> list[TensorSpec]:
+        if self.flavour == "fused":
+            kv = (BATCH, self.num_kv_heads, MAX_LENGTH, self.head_dim)
+            return [
+                TensorSpec("input_ids", "int64", (BATCH, SEQ)),
+                TensorSpec("seqlens_k", "int32", (BATCH,)),
+                TensorSpec("total_sequence_length", "int32", ()),
+                TensorSpec("query_seqlens", "int32", (BATCH,)),
+            ] + [TensorSpec(n, self.dtype, kv) for n in self.past_names()]
         kv = (BATCH, self.num_kv_heads, PAST, self.head_dim)
         specs = [
             TensorSpec("input_ids", "int64", (BATCH, SEQ)),
@@ -54,7 +77,7 @@ class Contract:
         return specs + [TensorSpec(n, self.dtype, kv) for n in self.past_names()]
 
     def outputs(self) -> list[TensorSpec]:
-        kv = (BATCH, self.num_kv_heads, TOTAL, self.head_dim)
+        kv = (BATCH, self.num_kv_heads, MAX_LENGTH if self.flavour == "fused" else TOTAL, self.head_dim)
         return [TensorSpec("logits", self.dtype, (BATCH, SEQ, self.vocab_size))] + [
             TensorSpec(n, self.dtype, kv) for n in self.present_names()
         ]
@@ -87,4 +110,6 @@ class Contract:
         data = json.loads(path.read_text())
         if data.get("version") != CONTRACT_VERSION:
             raise ValueError(f"{path}: contract version {data.get('version')} is not {CONTRACT_VERSION}")
+        if data.get("flavour") not in FLAVOURS:
+            raise ValueError(f"{path}: flavour {data.get('flavour')!r} is not one of {', '.join(FLAVOURS)}")
         return cls(**data)

@@ -1,8 +1,16 @@
-"""The KV cache between steps: past tensors in, present tensors out, swapped after each run."""
+"""KV caches between steps.
+
+KVCache (portable graph): past tensors in, present tensors (one position longer) out, swapped
+after each run. StaticKVCache (fused graph): one buffer per layer and kind, allocated once at
+`max_length` positions and bound as both past and present, so the graph writes new keys and
+values in place: no concatenation, no allocation, no copy between steps.
+"""
 from __future__ import annotations
 
 import numpy as np
+import onnxruntime as ort
 
+from runtime.errors import RuntimeFailure
 from runtime.io_spec import Contract
 
 
@@ -27,3 +35,50 @@ class KVCache:
     def select(self, rows: np.ndarray) -> None:
         """Keep only the given batch rows (sequences that are still generating)."""
         self.past = {n: t[rows] for n, t in self.past.items()}
+
+
+class StaticKVCache:
+    """Preallocated [batch, kv_heads, max_length, head_dim] buffers on the session's device."""
+
+    def __init__(self, contract: Contract, batch: int, max_length: int, device: str = "cpu"):
+        if contract.max_positions and max_length > contract.max_positions:
+            raise RuntimeFailure(f"max_length {max_length} exceeds the model's {contract.max_positions} positions")
+        self.batch, self.max_length, self.device = batch, max_length, device
+        self.nbytes = contract.kv_bytes_per_token(batch) * max_length
+        check_fits(self.nbytes, device)
+        shape = (batch, contract.num_kv_heads, max_length, contract.head_dim)
+        self._host = []  # on the CPU the OrtValues borrow these arrays' memory: keep them alive
+        self.values: dict[str, ort.OrtValue] = {}
+        for past, present in zip(contract.past_names(), contract.present_names()):
+            if device == "cpu":
+                array = np.zeros(shape, dtype=contract.dtype)
+                self._host.append(array)
+                value = ort.OrtValue.ortvalue_from_numpy(array)
+            else:
+                value = ort.OrtValue.ortvalue_from_shape_and_type(shape, np.dtype(contract.dtype), device, 0)
+            self.values[past] = value
+            self.values[present] = value
+        self.lengths = np.zeros(batch, dtype=np.int32)  # tokens held by each row
+
+    def fits(self, batch: int, length: int) -> bool:
+        return batch == self.batch and length <= self.max_length
+
+
+def check_fits(nbytes: int, device: str) -> None:
+    """A readable error before allocating a cache the machine cannot hold (host memory only)."""
+    if device != "cpu":
+        return
+    available = _available_memory()
+    if available is not None and nbytes > available:
+        raise RuntimeFailure(f"the KV cache needs {nbytes / 2**20:.0f} MiB but only {available / 2**20:.0f} MiB of memory "
+                             f"is available; lower max_length or the batch size")
+
+
+def _available_memory() -> int | None:
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

@@ -5,6 +5,8 @@ that is missing, or that onnxruntime silently replaced, is an error, not a warni
 """
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import onnxruntime as ort
@@ -32,6 +34,9 @@ def create_session(folder: Path, contract: Contract, provider: str = "auto", thr
     chosen = choose_provider(provider)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if chosen != "cpu":  # the first run's profile shows where each node ran (runtime.placement)
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(Path(tempfile.gettempdir()) / f"ort-placement-{os.getpid()}")
     if threads:
         opts.intra_op_num_threads = threads
     path = Path(folder) / contract.model_file

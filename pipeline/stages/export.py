@@ -18,6 +18,7 @@ import torch
 from pipeline.archs import arch_for, model_dims
 from pipeline.configs import ExportConfig
 from pipeline.errors import StageError
+from pipeline.fused_graph import build_fused_graph
 from pipeline.models import TOKENIZER_FILES, load_torch_model
 from pipeline.onnx_quant import apply_block_quantized_ops, set_accuracy_level
 from pipeline.onnx_w8a8 import quantize_w8a8
@@ -81,25 +82,45 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
         if (inp.path / name).exists():
             shutil.copy2(inp.path / name, out / name)
     contract.save(out)
-    diff = _parity(model, out, cfg.parity_tokens)
-    if diff > arch.atol:
-        raise StageError(
-            f"export parity: max |logits_onnx - logits_torch| = {diff:.3g} exceeds {arch.atol:g} "
-            f"for {model.config.model_type}; the exported graph is wrong"
-        )
+    graphs = {"portable": path}
+    if cfg.fused and activations:
+        ctx.log("  fused graph skipped: W8A8 artifacts are quantized by ONNX Runtime's tools on the portable graph")
+    elif cfg.fused:
+        fused = Contract("fused", dims.num_layers, dims.num_kv_heads, dims.head_dim, dims.vocab_size, weights=weights_kind,
+                         max_positions=model.config.max_position_embeddings)
+        (out / "fused").mkdir()
+        ctx.log("  building the fused graph (GroupQueryAttention, SkipSimplifiedLayerNormalization)")
+        graph = build_fused_graph(model, fused, cfg.opset)
+        if plan.get("layers"):
+            apply_block_quantized_ops(graph, inp.path, weights, accuracy_level=0)
+        graphs["fused"] = out / "fused" / fused.model_file
+        _save_graph(graph, graphs["fused"], cfg.external_data)
+        fused.save(out / "fused")
+    parity = {}
+    for flavour in graphs:
+        parity[flavour] = _parity(model, out, cfg.parity_tokens, flavour)
+        if parity[flavour] > arch.atol:
+            raise StageError(
+                f"export parity ({flavour} graph): max |logits_onnx - logits_torch| = {parity[flavour]:.3g} exceeds "
+                f"{arch.atol:g} for {model.config.model_type}; the exported graph is wrong"
+            )
+    diff = max(parity.values())
     if swapped and cfg.accuracy_level:  # parity was checked with float compute; int8 compute is validate's business
         ctx.log(f"  MatMulNBits accuracy_level {cfg.accuracy_level}")
-        graph = onnx.load(str(path))  # saving with external data emptied the in-memory tensors
-        set_accuracy_level(graph, cfg.accuracy_level)
-        _replace_graph(graph, path, cfg.external_data)
+        for graph_path in graphs.values():
+            graph = onnx.load(str(graph_path))  # saving with external data emptied the in-memory tensors
+            set_accuracy_level(graph, cfg.accuracy_level)
+            _replace_graph(graph, graph_path, cfg.external_data)
     if activations:  # checked in float above; activation rounding is the validate stage's business
         ctx.log(f"  W8A8 {activations}: quantizing weights and activations with ONNX Runtime")
         calibration = inp.path / CALIBRATION_FILE if activations == "static" else None
         _replace_graph(quantize_w8a8(path, activations, contract, calibration), path, cfg.external_data)
-    size = sum(p.stat().st_size for p in out.iterdir() if p.name.startswith("model.onnx"))
+    size = {f: sum(p.stat().st_size for p in g.parent.iterdir() if p.name.startswith("model.onnx")) for f, g in graphs.items()}
     return StageResult(
-        metrics={"parity_max_abs_diff": diff, "onnx_bytes": size, "block_quantized_ops": swapped},
-        info={"io_contract": contract.__dict__, "atol": arch.atol},
+        metrics={"parity_max_abs_diff": diff, "onnx_bytes": size["portable"], "fused_onnx_bytes": size.get("fused", 0),
+                 "block_quantized_ops": swapped},
+        info={"io_contract": contract.__dict__, "atol": arch.atol, "graphs": sorted(graphs),
+              "parity_by_graph": parity},
     )
 
 
@@ -138,16 +159,16 @@ def _replace_graph(graph: onnx.ModelProto, path: Path, external_data: bool) -> N
     _save_graph(graph, path, external_data)
 
 
-def _parity(model, folder: Path, tokens: int) -> float:
+def _parity(model, folder: Path, tokens: int, graph: str) -> float:
     """Prefill half the tokens, decode the rest one by one with the ONNX KV cache, and compare
     every step's logits with PyTorch recomputing the whole sequence without a cache."""
-    gen = Generator(folder, provider="cpu")
+    gen = Generator(folder, provider="cpu", graph=graph)
     ids = np.random.default_rng(0).integers(0, gen.contract.vocab_size, size=(1, tokens)).astype(np.int64)
     split = tokens // 2
-    logits, cache, mask = gen.prefill([ids[0, :split].tolist()])
+    logits, state = gen.prefill([ids[0, :split].tolist()], tokens)
     onnx_steps = [logits]
     for t in range(split, tokens - 1):
-        logits, mask = gen.decode_one_token(ids[:, t], cache, mask)
+        logits = gen.decode(ids[:, t], state)
         onnx_steps.append(logits)
     with torch.no_grad():
         ref = model(torch.from_numpy(ids[:, : tokens - 1])).logits[0, split - 1:].numpy()  # [steps, V]

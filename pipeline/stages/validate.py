@@ -29,7 +29,6 @@ from pipeline.quant.primitives import QuantScheme, count_schemes
 from pipeline.registry import StageResult, register_stage
 from pipeline.validate_report import write_reports
 from runtime.generate import Generator
-from runtime.kv_cache import KVCache
 
 
 @register_stage("validate", ValidateConfig, consumes="onnx", produces="report")
@@ -39,14 +38,14 @@ def validate(cfg: ValidateConfig, inp, ctx) -> StageResult:
     source = next(a for a in reversed(ctx.history) if a.kind == "hf-model")
     source_model = torch_model if source.path == ctx.baseline.path else load_torch_model(source.path)
     gen = Generator(inp.path, provider=cfg.provider)
-    ctx.log(f"  runner provider: {gen.provider}")
+    ctx.log(f"  runner provider: {gen.provider}, {gen.flavour} graph")
     metrics: dict = {}
     protocol = _perplexity(cfg, torch_model, gen, metrics, ctx)
     samples = _greedy(cfg, torch_model, source_model, gen, metrics)
     failures = gate(metrics, cfg.thresholds)
     report = {
         "artifact": str(inp.path), "baseline": str(ctx.baseline.path), "export_source": str(source.path),
-        "provider": gen.provider,
+        "provider": gen.provider, "graph": gen.flavour,
         "metrics": metrics, "thresholds": cfg.thresholds, "failures": failures, "passed": not failures,
         "protocol": protocol, "samples": samples, "seconds": round(time.time() - started, 1),
         "quantization": _quantization_summary(ctx.history),
@@ -91,7 +90,7 @@ def _perplexity(cfg: ValidateConfig, torch_model, gen: Generator, metrics: dict,
         offset = 1 if bos is not None else 0
         with torch.no_grad():
             ref = torch_model(torch.from_numpy(inputs[None])).logits[0]  # [T, V]
-        out = _onnx_logits(gen, inputs)  # [T, V]
+        out = gen.logits(inputs)  # [T, V]
         nonfinite += int((~np.isfinite(out)).sum())
         # positions whose next token is scored: the last w.scored tokens of the window are targets
         first = offset + len(window) - w.scored - 1
@@ -119,13 +118,6 @@ def _perplexity(cfg: ValidateConfig, torch_model, gen: Generator, metrics: dict,
         "context_length": cfg.context_length, "stride": cfg.stride, "windows": len(wins),
         "scored_tokens": scored, "bos": "prepended" if bos is not None else "none",
     }
-
-
-def _onnx_logits(gen: Generator, inputs: np.ndarray) -> np.ndarray:
-    """Prefill one sequence from an empty cache: logits [T, V]."""
-    mask = np.ones((1, len(inputs)), dtype=np.int64)
-    positions = np.arange(len(inputs), dtype=np.int64)[None]
-    return gen.forward(inputs[None], mask, positions, KVCache(gen.contract, 1))[0]
 
 
 def _greedy(cfg: ValidateConfig, torch_model, source_model, gen: Generator, metrics: dict) -> list[dict]:
@@ -159,10 +151,10 @@ def _agreement(expected: list[list[int]], got: list[list[int]]) -> float:
 def _decode_diff(torch_model, gen: Generator, ids: list[int]) -> float:
     """Runner decode steps (KV cache) vs. PyTorch recomputing the whole prefix: max |Δ logits|."""
     split = max(1, len(ids) // 2)
-    logits, cache, mask = gen.prefill([ids[:split]])
+    logits, state = gen.prefill([ids[:split]], len(ids))
     steps = [logits]
     for t in range(split, len(ids) - 1):
-        logits, mask = gen.decode_one_token(np.array([ids[t]]), cache, mask)
+        logits = gen.decode(np.array([ids[t]]), state)
         steps.append(logits)
     with torch.no_grad():
         ref = torch_model(torch.tensor([ids[:-1]])).logits[0, split - 1:].numpy()

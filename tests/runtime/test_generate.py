@@ -105,8 +105,9 @@ def test_runtime_imports_neither_torch_nor_transformers_nor_pipeline(tiny_export
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_decode_keeps_cache_consistent(gen):
-    logits, cache, mask = gen.prefill([[5, 6, 7], [8]])
-    assert cache.length == 3 and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
-    logits, mask = gen.decode_one_token(np.array([1, 2]), cache, mask)
-    assert cache.length == 4 and logits.shape == (2, gen.contract.vocab_size)
+def test_portable_decode_grows_cache_and_mask(tiny_export):
+    gen = Generator(tiny_export, provider="cpu", graph="portable")
+    logits, state = gen.prefill([[5, 6, 7], [8]])
+    assert state.cache.length == 3 and state.mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    logits = gen.decode(np.array([1, 2]), state)
+    assert state.cache.length == 4 and logits.shape == (2, gen.contract.vocab_size)

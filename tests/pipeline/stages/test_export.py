@@ -46,19 +46,20 @@ def _torch_reference(checkpoint: Path, ids: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_prefill_and_cached_decode_match_pytorch(family, tmp_path, eval_text, tiny_llama, tiny_qwen2):
+@pytest.mark.parametrize("graph", ["portable", "fused"])
+def test_prefill_and_cached_decode_match_pytorch(family, graph, tmp_path, eval_text, tiny_llama, tiny_qwen2):
     checkpoint = {"llama": tiny_llama, "qwen2": tiny_qwen2}[family]
     run_dir = run(write_recipe(tmp_path, checkpoint, eval_text, name=family), workdir=tmp_path / "a")
-    gen = Generator(find_model_folder(run_dir), provider="cpu")
+    gen = Generator(find_model_folder(run_dir), provider="cpu", graph=graph)
+    assert gen.flavour == graph
     ids = np.random.default_rng(1).integers(0, gen.contract.vocab_size, size=(1, 12)).astype(np.int64)
     ref = _torch_reference(checkpoint, ids)[0]  # [12, V], no cache
-    logits, cache, mask = gen.prefill([ids[0, :5].tolist()])
+    logits, state = gen.prefill([ids[0, :5].tolist()], room=7)
     got = [logits[0]]
     for t in range(5, 12):
-        logits, mask = gen.decode_one_token(ids[:, t], cache, mask)
-        got.append(logits[0])
+        got.append(gen.decode(ids[:, t], state)[0])
     np.testing.assert_allclose(np.stack(got), ref[4:], atol=1e-4)
-    assert cache.length == 12
+    np.testing.assert_allclose(gen.logits(ids[0]), ref, atol=1e-4)
 
 
 def test_unsupported_family_is_a_clear_error(tmp_path, eval_text):

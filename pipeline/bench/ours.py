@@ -1,0 +1,77 @@
+"""Our runner on the bench's work: load time, time to first token, decode speed per batch size,
+time outside session.run, memory over a long generation, and the memory-bandwidth bound."""
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.bench.system import read_bandwidth_gbs, rss_bytes
+from pipeline.bench.workload import Workload
+from runtime import Generator
+
+
+def measure_ours(folder: Path, work: Workload, provider: str = "auto", threads: int = 0, graph: str = "auto",
+                 log=print) -> dict:
+    started = time.perf_counter()
+    gen = Generator(folder, provider=provider, threads=threads, graph=graph)
+    load_s = time.perf_counter() - started
+    log(f"  ours: {gen.flavour} graph on {gen.provider}, loaded in {load_s:.2f}s")
+    result = {"engine": "ours", "graph": gen.flavour, "provider": gen.provider, "load_s": load_s,
+              "weights": gen.contract.weights, "kv_bytes_per_token": gen.contract.kv_bytes_per_token(),
+              "ttft_ms": {}, "decode_ms_per_step": {}, "decode_tok_s": {}, "outside_run_pct": {}}
+    for length in work.prompt_lengths:
+        prompt = work.prompt(length)
+        times = []
+        for i in range(work.warmup + work.repeats):
+            t = time.perf_counter()
+            logits, _ = gen.prefill([prompt], work.new_tokens)
+            int(np.argmax(logits[0]))
+            if i >= work.warmup:
+                times.append(time.perf_counter() - t)
+        result["ttft_ms"][length] = statistics.median(times) * 1000
+        log(f"    TTFT {length:5d} tokens: {result['ttft_ms'][length]:8.1f} ms")
+    for batch in work.batches:
+        prompts = work.batch(batch)
+        gen.generate(prompts, 4, ignore_eos=True)  # warm-up at this batch size
+        rates, steps_ms, outside = [], [], []
+        for _ in range(work.repeats):
+            res = gen.generate(prompts, work.new_tokens, ignore_eos=True)
+            rates.append(batch * res.decode_steps / res.decode_seconds)
+            steps_ms.append(res.decode_seconds / res.decode_steps * 1000)
+            outside.append((1 - res.decode_session_seconds / res.decode_seconds) * 100)
+        result["decode_tok_s"][batch] = statistics.median(rates)
+        result["decode_ms_per_step"][batch] = statistics.median(steps_ms)
+        result["outside_run_pct"][batch] = statistics.median(outside)
+        log(f"    decode batch {batch}: {result['decode_tok_s'][batch]:7.1f} tok/s, "
+            f"{result['decode_ms_per_step'][batch]:.2f} ms/step, {result['outside_run_pct'][batch]:.1f} % outside session.run")
+    result.update(_memory_over_long_generation(gen, work))
+    result.update(_bandwidth_bound(gen, result["decode_tok_s"].get(1)))
+    return result
+
+
+def _memory_over_long_generation(gen: Generator, work: Workload) -> dict:
+    """RSS after the KV buffer exists (step 16) and at the end of a `long_tokens` generation."""
+    samples: dict[int, int] = {}
+
+    def on_token(_row: int, _token: int) -> None:
+        n = len(samples) + 1
+        samples[n] = rss_bytes() if n in (16, work.long_tokens) or n % 100 == 0 else 0
+
+    gen.generate([work.prompt(work.decode_prompt)], work.long_tokens, ignore_eos=True, on_token=on_token)
+    first, last = samples.get(16, 0), samples.get(work.long_tokens, 0)
+    return {"long_generation_tokens": work.long_tokens, "rss_after_warmup_mb": first / 2**20,
+            "rss_end_mb": last / 2**20, "rss_growth_mb": (last - first) / 2**20,
+            "peak_rss_mb": rss_bytes(peak=True) / 2**20}
+
+
+def _bandwidth_bound(gen: Generator, decode_tok_s: float | None) -> dict:
+    """Decode reads every weight once per token: bytes per token over measured bandwidth bounds tok/s."""
+    folder = gen.folder / "fused" if gen.flavour == "fused" else gen.folder
+    weight_bytes = sum(p.stat().st_size for p in folder.glob("model.onnx*"))
+    bandwidth = read_bandwidth_gbs()
+    bound = bandwidth * 1e9 / weight_bytes
+    return {"weight_bytes": weight_bytes, "read_bandwidth_gbs": bandwidth, "bandwidth_bound_tok_s": bound,
+            "bandwidth_bound_fraction": (decode_tok_s or 0.0) / bound}

@@ -1,0 +1,237 @@
+"""The same work through the engines users would otherwise pick. Each is optional: one that is not
+installed (or cannot run this artifact) is reported as skipped, with why and how to install it.
+
+    transformers (PyTorch, eager and sdpa attention) on the export's source checkpoint
+    optimum ORTModelForCausalLM on our portable graph
+    onnxruntime-genai on its own model builder's output for the same checkpoint and precision
+    llama.cpp (llama-cpp-python) on the model's GGUF, when the model came from one
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from pipeline.bench.workload import Workload
+
+INSTALL = {
+    "transformers": "pip install torch transformers",
+    "optimum": "pip install 'optimum-onnx[onnxruntime]'",
+    "onnxruntime-genai": "pip install 'onnxruntime-genai>=0.12,<0.13'  # its builder must match our transformers",
+    "llama.cpp": "pip install llama-cpp-python  # builds llama.cpp from source",
+}
+
+
+@dataclass
+class PeerInputs:
+    export: Path  # our export artifact (portable graph at its root)
+    checkpoint: Path | None  # the HF checkpoint the export was made from
+    gguf: Path | None  # the GGUF the model came from, if any
+    quantized: bool  # the artifact's linear layers are INT4/INT8 (MatMulNBits)
+    work: Workload
+    threads: int
+    cache_dir: Path  # where peers' own model builds are kept between bench runs
+
+
+def skipped(engine: str, why: str) -> dict:
+    return {"engine": engine, "status": "skipped", "reason": why, "install": INSTALL.get(engine.split(" ")[0])}
+
+
+def time_generation(first_token: Callable[[list[list[int]]], object], next_token: Callable[[object], None],
+                    work: Workload) -> dict:
+    """TTFT per prompt length (batch 1) and decode tok/s per batch size, for an engine given as
+    `first_token(prompts) -> state` (prefill + first token) and `next_token(state)` (one more)."""
+    out: dict = {"ttft_ms": {}, "decode_tok_s": {}, "decode_ms_per_step": {}}
+    for length in work.prompt_lengths:
+        times = []
+        for i in range(work.warmup + work.repeats):
+            t = time.perf_counter()
+            first_token([work.prompt(length)])
+            if i >= work.warmup:
+                times.append(time.perf_counter() - t)
+        out["ttft_ms"][length] = statistics.median(times) * 1000
+    for batch in work.batches:
+        prompts = work.batch(batch)
+        rates, steps = [], []
+        for i in range(work.warmup + work.repeats):
+            state = first_token(prompts)
+            t = time.perf_counter()
+            for _ in range(work.new_tokens - 1):
+                next_token(state)
+            seconds = time.perf_counter() - t
+            if i >= work.warmup:
+                rates.append(batch * (work.new_tokens - 1) / seconds)
+                steps.append(seconds / (work.new_tokens - 1) * 1000)
+        out["decode_tok_s"][batch] = statistics.median(rates)
+        out["decode_ms_per_step"][batch] = statistics.median(steps)
+    return out
+
+
+def bench_transformers(inp: PeerInputs, attention: str) -> dict:
+    engine = f"transformers {attention}"
+    if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("torch") is None:
+        return skipped(engine, "transformers or torch is not installed")
+    if inp.checkpoint is None:
+        return skipped(engine, "the export's source checkpoint was not found beside it")
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.cache_utils import DynamicCache
+
+    if inp.threads:
+        torch.set_num_threads(inp.threads)
+    t = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(inp.checkpoint, dtype=torch.float32, attn_implementation=attention).eval()
+    load_s = time.perf_counter() - t
+
+    @torch.no_grad()
+    def first_token(prompts):
+        ids = torch.tensor(prompts)
+        cache = DynamicCache()
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        return {"cache": out.past_key_values, "next": out.logits[:, -1].argmax(-1, keepdim=True)}
+
+    @torch.no_grad()
+    def next_token(state):
+        out = model(input_ids=state["next"], past_key_values=state["cache"], use_cache=True)
+        state["next"] = out.logits[:, -1].argmax(-1, keepdim=True)
+
+    result = time_generation(first_token, next_token, inp.work)
+    return {"engine": engine, "status": "ok", "precision": "fp32", "load_s": load_s, **result}
+
+
+def bench_optimum(inp: PeerInputs) -> dict:
+    engine = "optimum ORTModelForCausalLM"
+    if importlib.util.find_spec("optimum") is None or importlib.util.find_spec("optimum.onnxruntime") is None:
+        return skipped("optimum", "optimum-onnx is not installed")
+    import onnxruntime as ort
+    import torch
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    opts = ort.SessionOptions()
+    if inp.threads:
+        opts.intra_op_num_threads = inp.threads
+    t = time.perf_counter()
+    model = ORTModelForCausalLM.from_pretrained(inp.export, use_cache=True, use_io_binding=False, session_options=opts)
+    load_s = time.perf_counter() - t
+
+    def step(ids, mask, cache):
+        out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        return out.logits[:, -1].argmax(-1, keepdim=True), out.past_key_values
+
+    def first_token(prompts):
+        ids = torch.tensor(prompts)
+        mask = torch.ones_like(ids)
+        nxt, cache = step(ids, mask, None)
+        return {"next": nxt, "cache": cache, "mask": mask}
+
+    def next_token(state):
+        state["mask"] = torch.cat([state["mask"], torch.ones_like(state["next"])], dim=1)
+        state["next"], state["cache"] = step(state["next"], state["mask"], state["cache"])
+
+    result = time_generation(first_token, next_token, inp.work)
+    return {"engine": engine, "status": "ok", "precision": "int4/int8" if inp.quantized else "fp32", "load_s": load_s, **result}
+
+
+def bench_genai(inp: PeerInputs) -> dict:
+    engine = "onnxruntime-genai"
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        return skipped(engine, "onnxruntime-genai is not installed")
+    if inp.checkpoint is None:
+        return skipped(engine, "the export's source checkpoint was not found beside it")
+    import onnxruntime_genai as og
+
+    precision = "int4" if inp.quantized else "fp32"
+    folder = inp.cache_dir / f"genai-{precision}"
+    if not (folder / "genai_config.json").is_file():
+        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(inp.checkpoint), "-o", str(folder),
+               "-p", precision, "-e", "cpu", "-c", str(inp.cache_dir / "genai-cache")]
+        built = subprocess.run(cmd, capture_output=True, text=True)
+        if built.returncode != 0:
+            last = (built.stderr.strip().splitlines() or ["no output"])[-1]
+            return {"engine": engine, "status": "failed", "reason": f"model builder failed: {last[:300]}"}
+    _set_genai_threads(folder / "genai_config.json", inp.threads)
+    t = time.perf_counter()
+    model = og.Model(str(folder))
+    load_s = time.perf_counter() - t
+    work = inp.work
+
+    def first_token(prompts):
+        params = og.GeneratorParams(model)
+        longest = max(len(p) for p in prompts)
+        params.set_search_options(max_length=longest + work.new_tokens, min_length=longest + work.new_tokens,
+                                  batch_size=len(prompts))
+        gen = og.Generator(model, params)
+        gen.append_tokens(prompts)
+        gen.generate_next_token()
+        return gen
+
+    def next_token(gen):
+        gen.generate_next_token()
+
+    result = time_generation(first_token, next_token, work)
+    return {"engine": engine, "status": "ok", "precision": precision, "load_s": load_s, "model_dir": str(folder), **result}
+
+
+def _set_genai_threads(path: Path, threads: int) -> None:
+    """onnxruntime-genai reads its session options from genai_config.json."""
+    config = json.loads(path.read_text())
+    options = config["model"]["decoder"].setdefault("session_options", {})
+    if threads:
+        options["intra_op_num_threads"] = threads
+    else:
+        options.pop("intra_op_num_threads", None)
+    path.write_text(json.dumps(config, indent=2))
+
+
+def bench_llama_cpp(inp: PeerInputs) -> dict:
+    engine = "llama.cpp"
+    if importlib.util.find_spec("llama_cpp") is None:
+        return skipped(engine, "llama-cpp-python is not installed")
+    if inp.gguf is None or not inp.gguf.is_file():
+        return skipped(engine, "the model did not come from a GGUF file; no GGUF of these weights to run")
+    from llama_cpp import Llama
+
+    work = inp.work
+    t = time.perf_counter()
+    llm = Llama(model_path=str(inp.gguf), n_ctx=max(work.prompt_lengths) + work.new_tokens + 8,
+                n_threads=inp.threads or None, verbose=False, logits_all=False)
+    load_s = time.perf_counter() - t
+
+    def first_token(prompts):
+        if len(prompts) > 1:
+            raise NotImplementedError
+        llm.reset()
+        llm.eval(prompts[0])
+        return {"next": llm.sample(temp=0.0)}
+
+    def next_token(state):
+        llm.eval([state["next"]])
+        state["next"] = llm.sample(temp=0.0)
+
+    single = Workload(work.tokens, work.prompt_lengths, (1,), work.decode_prompt, work.new_tokens, 0, work.warmup, work.repeats)
+    result = time_generation(first_token, next_token, single)
+    return {"engine": engine, "status": "ok", "precision": _gguf_type(inp.gguf), "load_s": load_s,
+            "note": "batch 1 only (llama-cpp-python's high-level API decodes one sequence)", **result}
+
+
+def _gguf_type(path: Path) -> str:
+    name = path.name.lower()
+    for kind in ("q4_0", "q4_1", "q8_0", "f16", "f32", "q4_k_m"):
+        if kind in name:
+            return kind.upper()
+    return "gguf"
+
+
+PEERS = {
+    "transformers-eager": lambda inp: bench_transformers(inp, "eager"),
+    "transformers-sdpa": lambda inp: bench_transformers(inp, "sdpa"),
+    "optimum": bench_optimum,
+    "onnxruntime-genai": bench_genai,
+    "llama.cpp": bench_llama_cpp,
+}

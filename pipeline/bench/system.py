@@ -1,0 +1,66 @@
+"""Machine facts for the bench: CPU, cores, GPU, library versions, memory, read bandwidth."""
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import time
+from importlib import metadata
+
+import numpy as np
+
+LIBRARIES = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-genai", "numpy", "torch", "transformers", "optimum",
+             "optimum-onnx", "llama-cpp-python")
+
+
+def machine() -> dict:
+    info = {"cpu": _cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform(), "gpu": _gpu(), "versions": {}}
+    for name in LIBRARIES:
+        try:
+            info["versions"][name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return info
+
+
+def rss_bytes(peak: bool = False) -> int:
+    """Resident memory of this process now (or its peak so far)."""
+    if peak:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def read_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
+    """Best-of-`repeats` streaming read of a buffer far larger than the caches."""
+    data = np.ones(megabytes * 2**20 // 8)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - t)
+    return data.nbytes / best / 1e9
+
+
+def _cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _gpu() -> str | None:
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None

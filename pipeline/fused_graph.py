@@ -1,0 +1,154 @@
+"""The fused graph for ONNX Runtime, built node by node from the PyTorch model's weights.
+
+Per decoder layer (Llama family):
+
+    residual ─► SkipSimplifiedLayerNorm ─► q/k/v MatMul ─► GroupQueryAttention ─► o MatMul ─┐
+                (adds the previous output)              (rotary inside; past and present    │
+                                                         share one preallocated buffer)     │
+    residual ◄──────────────────────────────────────────────────────────────────────────────┘
+             ─► SkipSimplifiedLayerNorm ─► gate/up MatMul ─► SiLU·up ─► down MatMul ─► next layer
+
+Linear layers are plain MatMuls named after their modules (`/model/model/layers.0/mlp/up_proj/MatMul`),
+so the quantized artifact's codes go in through the same MatMulNBits rewrite as the portable graph.
+Sequences are right-padded: `query_seqlens` says how many rows of each chunk are real and
+`seqlens_k` how many tokens each sequence holds after the step, so a batch of ragged prompts, and a
+batch in which some sequences sit idle, run in one call.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from pipeline.archs import model_dims
+from pipeline.errors import StageError
+from runtime.io_spec import Contract
+
+MS = "com.microsoft"
+DTYPES = {"int64": TensorProto.INT64, "int32": TensorProto.INT32, "float32": TensorProto.FLOAT}
+
+
+class _Graph:
+    """Nodes and initializers in the order they are added."""
+
+    def __init__(self):
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+
+    def const(self, name: str, array: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def op(self, op: str, inputs: list[str], name: str, outputs: int | list[str] = 1, domain: str = "", **attrs) -> list[str]:
+        outs = outputs if isinstance(outputs, list) else [f"{name}/output_{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op, inputs, outs, name=name, domain=domain or None, **attrs))
+        return outs
+
+
+def build_fused_graph(model: torch.nn.Module, contract: Contract, opset: int) -> onnx.ModelProto:
+    """The model as GroupQueryAttention + SimplifiedLayerNormalization + MatMul ops, float32."""
+    cfg = model.config
+    dims = model_dims(cfg)
+    heads, kv_heads, head_dim = cfg.num_attention_heads, dims.num_kv_heads, dims.head_dim
+    _check_supported(cfg, head_dim)
+    eps = float(cfg.rms_norm_eps)
+    weights = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    g = _Graph()
+
+    def linear(x: str, module: str) -> str:
+        w = g.const(f"{module}.weight.T", weights[f"{module}.weight"].T)
+        y = g.op("MatMul", [x, w], f"/model/{module.replace('.', '/')}/MatMul")[0]
+        if f"{module}.bias" in weights:
+            y = g.op("Add", [y, g.const(f"{module}.bias", weights[f"{module}.bias"])], f"/model/{module.replace('.', '/')}/Add")[0]
+        return y
+
+    def head_norm(x: str, module: str, n_heads: int) -> str:
+        """Qwen3's per-head RMSNorm on q or k, before rotary."""
+        path = f"/model/{module.replace('.', '/')}"
+        split = g.op("Reshape", [x, g.const(f"{module}.heads_shape", np.array([0, 0, n_heads, head_dim], np.int64))], f"{path}/Reshape")[0]
+        normed = g.op("SimplifiedLayerNormalization", [split, g.const(f"{module}.weight", weights[f"{module}.weight"])],
+                      f"{path}/SimplifiedLayerNorm", axis=-1, epsilon=eps)[0]
+        return g.op("Reshape", [normed, g.const(f"{module}.flat_shape", np.array([0, 0, -1], np.int64))], f"{path}/Reshape_1")[0]
+
+    cos, sin = _rotary_tables(model, head_dim)
+    g.const("cos_cache", cos)
+    g.const("sin_cache", sin)
+    window = _sliding_window(cfg)
+    hidden = g.op("Gather", ["model.embed_tokens.weight", "input_ids"], "/model/model/embed_tokens/Gather")[0]
+    g.const("model.embed_tokens.weight", weights["model.embed_tokens.weight"])
+    residual, pending = hidden, None  # `pending` is the last block's output, added to the residual by the next norm
+    for i in range(dims.num_layers):
+        p = f"model.layers.{i}"
+
+        def norm(name: str) -> str:
+            nonlocal residual
+            gamma = g.const(f"{p}.{name}.weight", weights[f"{p}.{name}.weight"])
+            if pending is None:
+                return g.op("SimplifiedLayerNormalization", [residual, gamma], f"/model/{p.replace('.', '/')}/{name}/LayerNorm",
+                            axis=-1, epsilon=eps)[0]
+            out, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [pending, residual, gamma],
+                                       f"/model/{p.replace('.', '/')}/{name}/SkipLayerNorm", outputs=4, domain=MS, epsilon=eps)
+            return out
+
+        x = norm("input_layernorm")
+        q, k, v = (linear(x, f"{p}.self_attn.{n}_proj") for n in "qkv")
+        if f"{p}.self_attn.q_norm.weight" in weights:
+            q, k = head_norm(q, f"{p}.self_attn.q_norm", heads), head_norm(k, f"{p}.self_attn.k_norm", kv_heads)
+        attn, _, _ = g.op(
+            "GroupQueryAttention",
+            [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k", "total_sequence_length",
+             "cos_cache", "sin_cache", "", "", "", "", "", "", "", "query_seqlens"],
+            f"/model/{p.replace('.', '/')}/self_attn/GroupQueryAttention",
+            outputs=[f"{p}.attn_out", f"present.{i}.key", f"present.{i}.value"], domain=MS,
+            num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0, local_window_size=window,
+            scale=float(head_dim ** -0.5),
+        )
+        pending = linear(attn, f"{p}.self_attn.o_proj")
+        x = norm("post_attention_layernorm")
+        gate, up = linear(x, f"{p}.mlp.gate_proj"), linear(x, f"{p}.mlp.up_proj")
+        path = f"/model/{p.replace('.', '/')}/mlp"
+        silu = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{path}/act_fn/Sigmoid")[0]], f"{path}/act_fn/Mul")[0]
+        pending = linear(g.op("Mul", [silu, up], f"{path}/Mul")[0], f"{p}.mlp.down_proj")
+    final = g.const("model.norm.weight", weights["model.norm.weight"])
+    x = g.op("SkipSimplifiedLayerNormalization", [pending, residual, final], "/model/model/norm/SkipLayerNorm",
+             outputs=1, domain=MS, epsilon=eps)[0]
+    head = "lm_head" if "lm_head.weight" in weights else "model.embed_tokens"
+    logits = g.op("MatMul", [x, g.const("lm_head.weight.T", weights[f"{head}.weight"].T)], "/model/lm_head/MatMul", outputs=["logits"])
+
+    graph = helper.make_graph(g.nodes, "fused", _value_infos(contract.inputs()), _value_infos(contract.outputs()), g.inits)
+    assert logits == ["logits"]
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)],
+                             producer_name="llm-optimize")
+
+
+def _check_supported(cfg, head_dim: int) -> None:
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        raise StageError(f"export.fused: activation {cfg.hidden_act} is not supported (silu only); set fused: false")
+    if getattr(cfg, "attention_bias", False) and cfg.model_type != "qwen2":
+        raise StageError("export.fused: attention biases are only supported for qwen2; set fused: false")
+    if getattr(cfg, "mlp_bias", False):
+        raise StageError("export.fused: MLP biases are not supported; set fused: false")
+    if head_dim % 16:
+        raise StageError(f"export.fused: head_dim {head_dim} is not a multiple of 16, which GroupQueryAttention needs")
+
+
+def _sliding_window(cfg) -> int:
+    """GroupQueryAttention's local_window_size: -1 for full attention."""
+    window = getattr(cfg, "sliding_window", None)
+    if not window or (cfg.model_type in ("qwen2", "qwen3") and not getattr(cfg, "use_sliding_window", False)):
+        return -1
+    return int(window)
+
+
+def _rotary_tables(model, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin [max_positions, head_dim / 2] from the model's own rotary module (any rope scaling)."""
+    positions = torch.arange(model.config.max_position_embeddings)[None]
+    with torch.no_grad():
+        cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
+    half = head_dim // 2
+    return cos[0, :, :half].numpy().astype(np.float32), sin[0, :, :half].numpy().astype(np.float32)
+
+
+def _value_infos(specs) -> list[onnx.ValueInfoProto]:
+    return [helper.make_tensor_value_info(s.name, DTYPES[s.dtype], list(s.dims)) for s in specs]

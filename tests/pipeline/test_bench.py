@@ -1,0 +1,43 @@
+"""`optimize bench` on a tiny run: our runner's figures, the peers on the same work, JSON and PNG."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+from click.testing import CliRunner
+
+from pipeline.cli import main
+
+
+def test_bench_writes_json_and_chart_with_peers(tiny_run, eval_text, tmp_path):
+    out = tmp_path / "bench"
+    result = CliRunner().invoke(main, [
+        "bench", str(tiny_run), "--text", str(eval_text), "--prompt-lengths", "8,16", "--batches", "1,2",
+        "--new-tokens", "5", "--long-tokens", "40", "--repeats", "1", "--out", str(out), "--compare",
+        "--peers", "transformers-sdpa,optimum,onnxruntime-genai,llama.cpp"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads((out / "bench.json").read_text())
+    assert (out / "bench.png").stat().st_size > 1000
+    ours, *peers = payload["results"]
+    assert ours["engine"] == "ours" and ours["graph"] == "fused"
+    assert set(ours["ttft_ms"]) == {"8", "16"} and all(v > 0 for v in ours["ttft_ms"].values())
+    assert set(ours["decode_tok_s"]) == {"1", "2"} and all(v > 0 for v in ours["decode_tok_s"].values())
+    assert ours["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 4  # layers, k+v, kv heads, head_dim, float32
+    assert ours["rss_growth_mb"] < 5 and 0 <= ours["outside_run_pct"]["1"] <= 100
+    assert payload["machine"]["cores"] and payload["machine"]["versions"]["onnxruntime"]
+    by_engine = {p["engine"]: p for p in peers}
+    assert by_engine["transformers sdpa"]["status"] == "ok"
+    assert by_engine["optimum ORTModelForCausalLM"]["status"] == "ok"
+    assert by_engine["optimum ORTModelForCausalLM"]["decode_tok_s"]["2"] > 0
+    genai = by_engine["onnxruntime-genai"]
+    assert genai["status"] == ("ok" if importlib.util.find_spec("onnxruntime_genai") else "skipped"), genai
+    if importlib.util.find_spec("llama_cpp") is None:
+        assert by_engine["llama.cpp"]["status"] == "skipped" and "pip install" in by_engine["llama.cpp"]["install"]
+    assert "| ours (fused) |" in result.output
+
+
+def test_bench_rejects_unknown_peer_and_bad_lists(tiny_run):
+    result = CliRunner().invoke(main, ["bench", str(tiny_run), "--compare", "--peers", "vllm"])
+    assert result.exit_code != 0 and "unknown peer 'vllm'" in result.output
+    result = CliRunner().invoke(main, ["bench", str(tiny_run), "--batches", "1,x"])
+    assert result.exit_code != 0 and "comma-separated list of integers" in result.output

@@ -1,0 +1,69 @@
+"""The fused graph through the runner: in-place KV buffers, ragged batches equal to one-by-one,
+finished rows left untouched, and a readable error when the cache is too small."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from runtime import Generator, RuntimeFailure
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12], [13, 14, 15]]
+
+
+@pytest.fixture()
+def fused(tiny_export):
+    return Generator(tiny_export, provider="cpu", graph="fused")
+
+
+def test_auto_picks_the_fused_graph(tiny_export):
+    assert Generator(tiny_export, provider="cpu").flavour == "fused"
+    assert Generator(tiny_export, provider="cpu", graph="portable").flavour == "portable"
+
+
+def test_batched_greedy_equals_one_at_a_time_and_the_portable_graph(fused, tiny_export):
+    batched = fused.generate(PROMPTS, 12, ignore_eos=True).tokens
+    single = [fused.generate([p], 12, ignore_eos=True).tokens[0] for p in PROMPTS]
+    portable = Generator(tiny_export, provider="cpu", graph="portable").generate(PROMPTS, 12, ignore_eos=True).tokens
+    assert batched == single == portable
+
+
+def test_rows_stop_on_their_own_limit(fused):
+    """A row that finished is fed query_seqlens 0: its length stays, the others go on."""
+    logits, state = fused.prefill(PROMPTS, room=4)
+    fused.decode(np.argmax(logits, -1), state)
+    fused.graph.keep(state, np.array([0, 2]))  # row 1 finished
+    lengths = state.cache.lengths.copy()
+    out = fused.decode(np.array([1, 2]), state)
+    assert out.shape == (2, fused.contract.vocab_size)
+    assert state.cache.lengths.tolist() == [lengths[0] + 1, lengths[1], lengths[2] + 1]
+
+
+def test_kv_buffer_is_allocated_once_and_updated_in_place(fused):
+    fused.generate([PROMPTS[0]], 6, ignore_eos=True)
+    cache = fused.graph._cache
+    pointers = {name: value.data_ptr() for name, value in cache.values.items()}
+    first = cache.values["present.0.key"].numpy().copy()
+    fused.generate([PROMPTS[0] + [3]], 5, ignore_eos=True)  # same batch, fits: the same buffers
+    assert fused.graph._cache is cache
+    assert {name: value.data_ptr() for name, value in cache.values.items()} == pointers
+    assert cache.values["past_key_values.0.key"].data_ptr() == cache.values["present.0.key"].data_ptr()
+    assert not np.array_equal(first, cache.values["present.0.key"].numpy())  # written in place
+
+
+def test_full_cache_and_explicit_max_length_are_readable_errors(tiny_export):
+    small = Generator(tiny_export, provider="cpu", graph="fused", max_length=8)
+    with pytest.raises(RuntimeFailure, match="exceed max_length 8"):
+        small.generate([PROMPTS[0]], 4)
+    with pytest.raises(RuntimeFailure, match="exceeds the model's"):
+        Generator(tiny_export, provider="cpu", graph="fused", max_length=10_000).generate([[1]], 1)
+
+
+def test_missing_fused_graph_is_named(tiny_export, tmp_path):
+    import shutil
+
+    copy = tmp_path / "export"
+    shutil.copytree(tiny_export, copy)
+    shutil.rmtree(copy / "fused")
+    with pytest.raises(RuntimeFailure, match="no fused graph"):
+        Generator(copy, provider="cpu", graph="fused")
+    assert Generator(copy, provider="cpu").flavour == "portable"
