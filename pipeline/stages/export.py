@@ -20,6 +20,7 @@ from pipeline.configs import ExportConfig
 from pipeline.errors import StageError
 from pipeline.fused_graph import build_fused_graph
 from pipeline.models import TOKENIZER_FILES, load_torch_model
+from pipeline.onnx_pack import pack_sibling_matmuls
 from pipeline.onnx_quant import apply_block_quantized_ops, set_accuracy_level
 from pipeline.onnx_w8a8 import quantize_w8a8
 from pipeline.stages.quantize import CALIBRATION_FILE, PLAN_FILE
@@ -93,6 +94,7 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
         graph = build_fused_graph(model, fused, cfg.opset)
         if plan.get("layers"):
             apply_block_quantized_ops(graph, inp.path, weights, accuracy_level=0)
+        ctx.log(f"  {pack_sibling_matmuls(graph)} groups of sibling linears packed into one matmul each")
         graphs["fused"] = out / "fused" / fused.model_file
         _save_graph(graph, graphs["fused"], cfg.external_data)
         fused.save(out / "fused")

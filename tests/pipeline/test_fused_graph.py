@@ -9,6 +9,7 @@ import torch
 
 from pipeline.archs import model_dims
 from pipeline.fused_graph import build_fused_graph
+from pipeline.onnx_pack import pack_sibling_matmuls
 from runtime.io_spec import Contract
 
 
@@ -22,17 +23,23 @@ def _tiny(family: str, **extra):
     return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
 
 
-def _session(model):
+def _session(model, pack: bool = False):
     d = model_dims(model.config)
     contract = Contract("fused", d.num_layers, d.num_kv_heads, d.head_dim, d.vocab_size, max_positions=64)
     graph = build_fused_graph(model, contract, 17)
+    if pack:
+        matmuls = sum(n.op_type == "MatMul" for n in graph.graph.node)
+        groups = pack_sibling_matmuls(graph)
+        assert groups == 2 * d.num_layers  # q/k/v and gate/up in every layer
+        assert sum(n.op_type == "MatMul" for n in graph.graph.node) == matmuls - 3 * d.num_layers
     return ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"]), contract
 
 
+@pytest.mark.parametrize("pack", [False, True], ids=["separate", "packed"])
 @pytest.mark.parametrize("family,extra", [("llama", {}), ("qwen2", {}), ("qwen3", {}), ("mistral", {"sliding_window": 4})])
-def test_fused_graph_matches_pytorch_for_ragged_prefill_and_decode(family, extra):
+def test_fused_graph_matches_pytorch_for_ragged_prefill_and_decode(family, extra, pack):
     model = _tiny(family, **extra)
-    session, contract = _session(model)
+    session, contract = _session(model, pack)
     capacity, lengths = 24, np.array([12, 5])
     ids = np.random.default_rng(0).integers(0, 120, (2, 12))
     past = {n: np.zeros((2, contract.num_kv_heads, capacity, contract.head_dim), np.float32) for n in contract.past_names()}
