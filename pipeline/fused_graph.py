@@ -12,7 +12,8 @@ Linear layers are plain MatMuls named after their modules (`/model/model/layers.
 so the quantized artifact's codes go in through the same MatMulNBits rewrite as the portable graph.
 Sequences are right-padded: `query_seqlens` says how many rows of each chunk are real and
 `seqlens_k` how many tokens each sequence holds after the step, so a batch of ragged prompts, and a
-batch in which some sequences sit idle, run in one call.
+batch in which some sequences sit idle, run in one call. `logits_positions` picks the rows that reach
+the LM head, so a prefill pays for one row of logits per sequence instead of the whole prompt.
 """
 from __future__ import annotations
 
@@ -113,6 +114,9 @@ def build_fused_graph(model: torch.nn.Module, contract: Contract, opset: int) ->
     final = g.const("model.norm.weight", weights["model.norm.weight"])
     x = g.op("SkipSimplifiedLayerNormalization", [pending, residual, final], "/model/model/norm/SkipLayerNorm",
              outputs=1, domain=MS, epsilon=eps)[0]
+    # only the rows asked for reach the LM head: a prefill needs one row per sequence, not the whole prompt
+    rows = g.op("Unsqueeze", ["logits_positions", g.const("last_axis", np.array([-1], np.int64))], "/model/logits_rows/Unsqueeze")[0]
+    x = g.op("GatherND", [x, rows], "/model/logits_rows/GatherND", batch_dims=1)[0]
     head = "lm_head" if "lm_head.weight" in weights else "model.embed_tokens"
     logits = g.op("MatMul", [x, g.const("lm_head.weight.T", weights[f"{head}.weight"].T)], "/model/lm_head/MatMul", outputs=["logits"])
 

@@ -44,10 +44,12 @@ class FusedGraph:
         self._cache.lengths[:] = 0
         return self._cache
 
-    def run(self, input_ids: np.ndarray, new: np.ndarray, cache: StaticKVCache) -> np.ndarray:
-        """Append `new[b]` real tokens of row b (right-padded input_ids [B, S]); returns logits [B, S, V]."""
+    def run(self, input_ids: np.ndarray, new: np.ndarray, cache: StaticKVCache, positions: np.ndarray) -> np.ndarray:
+        """Append `new[b]` real tokens of row b (right-padded input_ids [B, S]); returns the logits
+        at `positions` [B, P] of the chunk: [B, P, V]."""
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        binding.bind_cpu_input("logits_positions", np.ascontiguousarray(positions, dtype=np.int64))
         total = cache.lengths + new
         binding.bind_cpu_input("seqlens_k", (total - 1).astype(np.int32))
         binding.bind_cpu_input("total_sequence_length", np.array(cache.max_length, dtype=np.int32))
@@ -68,7 +70,7 @@ class FusedGraph:
         """Logits [T, V] of one sequence from an empty cache."""
         ids = np.asarray(ids, dtype=np.int64)[None]
         cache = self.cache_for(1, ids.shape[1])
-        return self.run(ids, np.array([ids.shape[1]]), cache)[0]
+        return self.run(ids, np.array([ids.shape[1]]), cache, np.arange(ids.shape[1])[None])[0]
 
     def prefill(self, prompts: list[list[int]], room: int = 0) -> tuple[np.ndarray, FusedState]:
         """Right-pad and run the prompts into a cache with `room` positions left after the longest;
@@ -79,9 +81,8 @@ class FusedGraph:
         for row, ids in enumerate(prompts):
             input_ids[row, : len(ids)] = ids
         cache = self.cache_for(len(prompts), width + room)
-        logits = self.run(input_ids, lengths, cache)
-        rows = np.arange(len(prompts))
-        return logits[rows, lengths - 1], FusedState(cache, rows)
+        logits = self.run(input_ids, lengths, cache, (lengths - 1)[:, None])
+        return logits[:, 0], FusedState(cache, np.arange(len(prompts)))
 
     def decode(self, tokens: np.ndarray, state: FusedState) -> np.ndarray:
         """tokens [R] for the rows still generating -> their logits [R, V]."""
@@ -92,7 +93,7 @@ class FusedGraph:
         input_ids[state.rows, 0] = tokens
         new = np.zeros(cache.batch, dtype=np.int32)
         new[state.rows] = 1
-        return self.run(input_ids, new, cache)[state.rows, 0]
+        return self.run(input_ids, new, cache, np.zeros((cache.batch, 1), dtype=np.int64))[state.rows, 0]
 
     def keep(self, state: FusedState, rows: np.ndarray) -> None:
         state.rows = state.rows[rows]

@@ -19,8 +19,9 @@ right-padded; each sequence's own lengths replace the mask and position ids:
     seqlens_k                    int32 [batch_size]   tokens in the cache after this step, minus one
     total_sequence_length        int32 []             an upper bound of seqlens_k + 1 (the buffer length)
     query_seqlens                int32 [batch_size]   real (unpadded) rows of this chunk; 0 = sequence idle
+    logits_positions             int64 [batch_size, logits_length]   rows of the chunk whose logits are wanted
     past_key_values.{i}.key      float [batch_size, num_kv_heads, max_length, head_dim]
-    -> logits                    float [batch_size, sequence_length, vocab_size]
+    -> logits                    float [batch_size, logits_length, vocab_size]
     -> present.{i}.key|value     float [batch_size, num_kv_heads, max_length, head_dim]  (the same buffer)
 """
 from __future__ import annotations
@@ -33,7 +34,7 @@ CONTRACT_FILE = "io_contract.json"
 CONTRACT_VERSION = 1
 
 BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "past_sequence_length + sequence_length"
-MAX_LENGTH = "max_length"
+MAX_LENGTH, LOGITS = "max_length", "logits_length"
 FLAVOURS = ("portable", "fused")
 
 
@@ -67,6 +68,7 @@ class Contract:
                 TensorSpec("seqlens_k", "int32", (BATCH,)),
                 TensorSpec("total_sequence_length", "int32", ()),
                 TensorSpec("query_seqlens", "int32", (BATCH,)),
+                TensorSpec("logits_positions", "int64", (BATCH, LOGITS)),
             ] + [TensorSpec(n, self.dtype, kv) for n in self.past_names()]
         kv = (BATCH, self.num_kv_heads, PAST, self.head_dim)
         specs = [
@@ -77,8 +79,9 @@ class Contract:
         return specs + [TensorSpec(n, self.dtype, kv) for n in self.past_names()]
 
     def outputs(self) -> list[TensorSpec]:
-        kv = (BATCH, self.num_kv_heads, MAX_LENGTH if self.flavour == "fused" else TOTAL, self.head_dim)
-        return [TensorSpec("logits", self.dtype, (BATCH, SEQ, self.vocab_size))] + [
+        fused = self.flavour == "fused"
+        kv = (BATCH, self.num_kv_heads, MAX_LENGTH if fused else TOTAL, self.head_dim)
+        return [TensorSpec("logits", self.dtype, (BATCH, LOGITS if fused else SEQ, self.vocab_size))] + [
             TensorSpec(n, self.dtype, kv) for n in self.present_names()
         ]
 

@@ -45,7 +45,7 @@ def test_fused_graph_matches_pytorch_for_ragged_prefill_and_decode(family, extra
     past = {n: np.zeros((2, contract.num_kv_heads, capacity, contract.head_dim), np.float32) for n in contract.past_names()}
     logits, *presents = session.run(None, {
         "input_ids": ids, "seqlens_k": (lengths - 1).astype(np.int32), "total_sequence_length": np.array(capacity, np.int32),
-        "query_seqlens": lengths.astype(np.int32), **past})
+        "query_seqlens": lengths.astype(np.int32), "logits_positions": np.tile(np.arange(12), (2, 1)), **past})
     with torch.no_grad():
         for row, n in enumerate(lengths):
             ref = model(torch.tensor(ids[row:row + 1, :n])).logits[0].numpy()
@@ -54,6 +54,7 @@ def test_fused_graph_matches_pytorch_for_ragged_prefill_and_decode(family, extra
     logits, *after = session.run(None, {
         "input_ids": np.array([[7], [0]]), "seqlens_k": np.array([12, 4], np.int32),
         "total_sequence_length": np.array(capacity, np.int32), "query_seqlens": np.array([1, 0], np.int32),
+        "logits_positions": np.zeros((2, 1), np.int64),
         **dict(zip(contract.past_names(), presents))})
     with torch.no_grad():
         ref = model(torch.tensor(np.concatenate([ids[0], [7]])[None])).logits[0, -1].numpy()
