@@ -4,7 +4,10 @@
     static:  MatMul -> QDQ pairs with activation ranges calibrated (MinMax) on the recipe's
              calibration blocks, which the quantize stage saved as calibration_ids.npy
 
-Weights are int8 per output channel in both. Run after the export's float parity check.
+Weights are int8 per output channel in both. Only the decoder's linear layers are quantized: the
+attention's own matmuls (activation × activation: scores and weighted values) and the LM head stay
+float, as in SmoothQuant and llm-compressor; quantizing the scores per tensor ruins the model.
+Run after the export's float parity check.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import numpy as np
 import onnx
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
+from pipeline.onnx_quant import module_of
 from runtime.io_spec import Contract
 
 
@@ -35,11 +39,20 @@ class _Blocks(CalibrationDataReader):
                 **{name: empty for name in self.contract.past_names()}}
 
 
+def decoder_linears(path: Path) -> list[str]:
+    """Names of the MatMul nodes of the decoder layers' linear layers (weight from an initializer)."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {t.name for t in graph.initializer}
+    return [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights
+            and (module_of(n.name) or "").startswith("model.layers.")]
+
+
 def quantize_w8a8(path: Path, mode: str, contract: Contract, calibration: Path | None) -> onnx.ModelProto:
     """The quantized graph of the float model at `path` (returned in memory, weights loaded)."""
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         out = Path(tmp) / "model.onnx"
-        common = dict(op_types_to_quantize=["MatMul"], per_channel=True, use_external_data_format=True)
+        common = dict(op_types_to_quantize=["MatMul"], nodes_to_quantize=decoder_linears(path), per_channel=True,
+                      use_external_data_format=True)
         if mode == "dynamic":
             quantize_dynamic(path, out, weight_type=QuantType.QInt8, **common)
         else:

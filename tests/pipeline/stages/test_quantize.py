@@ -168,8 +168,14 @@ def test_w8a8_exports_integer_ops_and_stays_close(tmp_path, tiny_llama, eval_tex
                                validate=f"{{eval_data: {eval_text}, context_length: 64, max_windows: 2, "
                                         "thresholds: {perplexity_delta_pct: 5}}"), workdir=tmp_path / "a")
     export = find_model_folder(run_dir)
-    ops = {n.op_type for n in onnx.load(str(export / "model.onnx"), load_external_data=False).graph.node}
-    assert ("MatMulInteger" in ops) if "dynamic" in settings else ({"QuantizeLinear", "DequantizeLinear"} <= ops)
+    nodes = onnx.load(str(export / "model.onnx"), load_external_data=False).graph.node
+    ops = [n.op_type for n in nodes]
+    assert (ops.count("MatMulInteger") == 7 * 2) if "dynamic" in settings else ({"QuantizeLinear", "DequantizeLinear"} <= set(ops))
+    # only the decoder's linears: the rotary table, the two activation x activation matmuls of each
+    # attention and the LM head stay float
+    made_by = {o: n.op_type for n in nodes for o in n.output}
+    float_matmuls = [n for n in nodes if n.op_type == "MatMul" and made_by.get(n.input[0]) != "DequantizeLinear"]
+    assert len(float_matmuls) == 1 + 2 * 2 + 1
     contract = json.loads((export / "io_contract.json").read_text())
     assert contract["weights"].startswith("int8 W8A8")
     report = json.loads(next(run_dir.glob("*-validate-*/report.json")).read_text())
