@@ -167,12 +167,15 @@ class ExportConfig:
     external_data: bool = True  # weights in model.onnx.data beside the graph (relative path)
     parity_tokens: int = 16  # tokens of the export-time parity check against PyTorch
     accuracy_level: int = 0  # MatMulNBits compute: 0 = float like the weights' dequantized matmul, 4 = int8 (faster on CPU)
+    int8_accuracy_level: int | None = None  # the same for 8-bit layers only (None: as accuracy_level)
     fused: bool = True  # also write fused/: GroupQueryAttention, fused norms, in-place KV cache (ONNX Runtime only)
     version: int = 2
 
     def __post_init__(self):
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise RecipeError(f"accuracy_level: {self.accuracy_level} is not one of 0..4")
+        if self.int8_accuracy_level not in (None, 0, 1, 2, 3, 4):
+            raise RecipeError(f"int8_accuracy_level: {self.int8_accuracy_level} is not one of 0..4")
         if not 14 <= self.opset <= 21:
             raise RecipeError(f"opset: {self.opset} is not supported; use 14..21 (17 is the default)")
         if self.parity_tokens < 2:

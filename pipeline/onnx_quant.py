@@ -76,13 +76,15 @@ def apply_block_quantized_ops(graph_model: onnx.ModelProto, quant_dir: Path, wei
     return len(done)
 
 
-def set_accuracy_level(graph_model: onnx.ModelProto, level: int) -> None:
-    """MatMulNBits compute type: 0 float (as the dequantized matmul), 4 int8 activations (faster on CPU)."""
+def set_accuracy_level(graph_model: onnx.ModelProto, level: int, int8_level: int | None = None) -> None:
+    """MatMulNBits compute type: 0 float (as the dequantized matmul), 4 int8 activations (faster on CPU);
+    `int8_level`, when given, for the 8-bit layers (whose float-compute kernel is slow on CPUs)."""
     for node in graph_model.graph.node:
         if node.op_type == "MatMulNBits":
+            bits = next(a.i for a in node.attribute if a.name == "bits")
             for attr in node.attribute:
                 if attr.name == "accuracy_level":
-                    attr.i = level
+                    attr.i = int8_level if bits == 8 and int8_level is not None else level
 
 
 def _swap_embedding(graph: onnx.GraphProto, spec: dict, packed: dict, inits: dict, weights: dict) -> None:

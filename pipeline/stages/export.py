@@ -107,11 +107,12 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
                 f"{arch.atol:g} for {model.config.model_type}; the exported graph is wrong"
             )
     diff = max(parity.values())
-    if swapped and cfg.accuracy_level:  # parity was checked with float compute; int8 compute is validate's business
-        ctx.log(f"  MatMulNBits accuracy_level {cfg.accuracy_level}")
+    if swapped and (cfg.accuracy_level or cfg.int8_accuracy_level):  # parity was checked with float compute
+        ctx.log(f"  MatMulNBits accuracy_level {cfg.accuracy_level}"
+                + (f", {cfg.int8_accuracy_level} for 8-bit layers" if cfg.int8_accuracy_level is not None else ""))
         for graph_path in graphs.values():
             graph = onnx.load(str(graph_path))  # saving with external data emptied the in-memory tensors
-            set_accuracy_level(graph, cfg.accuracy_level)
+            set_accuracy_level(graph, cfg.accuracy_level, cfg.int8_accuracy_level)
             _replace_graph(graph, graph_path, cfg.external_data)
     if activations:  # checked in float above; activation rounding is the validate stage's business
         ctx.log(f"  W8A8 {activations}: quantizing weights and activations with ONNX Runtime")

@@ -258,3 +258,19 @@ def test_accuracy_level_is_set_after_the_float_parity_check(tmp_path, tiny_llama
     levels = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
     assert levels == {4}
     assert Generator(export).generate([[5, 6, 7]], 3, ignore_eos=True).tokens[0]
+
+
+def test_int8_layers_can_take_their_own_accuracy_level(tmp_path, tiny_llama, eval_text):
+    """INT4 body with float compute, INT8 layers with int8 compute, in both graphs."""
+    path = tmp_path / "acc8.yaml"
+    path.write_text(textwrap.dedent(f"""        model: {{source: {tiny_llama}}}
+        stages:
+          - quantize: {{method: rtn, bits: 4, group_size: 16, overrides: {{'mlp\\.down_proj': 8}}}}
+          - export: {{accuracy_level: 0, int8_accuracy_level: 4}}
+        """))
+    export = find_model_folder(run(path, workdir=tmp_path / "a"))
+    for graph_file in (export / "model.onnx", export / "fused" / "model.onnx"):
+        nodes = onnx.load(str(graph_file), load_external_data=False).graph.node
+        levels = {(attrs["bits"], attrs["accuracy_level"]) for n in nodes if n.op_type == "MatMulNBits"
+                  for attrs in [{a.name: a.i for a in n.attribute}]}
+        assert levels == {(4, 0), (8, 4)}
