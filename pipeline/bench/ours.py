@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from pipeline.bench.system import read_bandwidth_gbs, rss_bytes
 from pipeline.bench.workload import Workload
@@ -67,10 +68,27 @@ def _memory_over_long_generation(gen: Generator, work: Workload) -> dict:
             "peak_rss_mb": rss_bytes(peak=True) / 2**20}
 
 
+def weight_bytes_read_per_token(model: Path) -> int:
+    """Bytes of the initializers a decode step reads in full: all but those only gathered from
+    (an embedding table is read one row per token)."""
+    graph = onnx.load(str(model), load_external_data=False).graph
+    readers: dict[str, set[str]] = {}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            readers.setdefault(name, set()).add(node.op_type if i == 0 else "other")
+    total = 0
+    for t in graph.initializer:
+        if readers.get(t.name) == {"Gather"}:
+            continue
+        ext = {e.key: e.value for e in t.external_data}
+        total += int(ext["length"]) if "length" in ext else len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes
+    return total
+
+
 def _bandwidth_bound(gen: Generator, decode_tok_s: float | None) -> dict:
     """Decode reads every weight once per token: bytes per token over measured bandwidth bounds tok/s."""
     folder = gen.folder / "fused" if gen.flavour == "fused" else gen.folder
-    weight_bytes = sum(p.stat().st_size for p in folder.glob("model.onnx*"))
+    weight_bytes = weight_bytes_read_per_token(folder / gen.contract.model_file)
     bandwidth = read_bandwidth_gbs()
     bound = bandwidth * 1e9 / weight_bytes
     return {"weight_bytes": weight_bytes, "read_bandwidth_gbs": bandwidth, "bandwidth_bound_tok_s": bound,

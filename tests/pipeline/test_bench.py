@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 from click.testing import CliRunner
 
@@ -24,6 +25,9 @@ def test_bench_writes_json_and_chart_with_peers(tiny_run, eval_text, tmp_path):
     assert set(ours["decode_tok_s"]) == {"1", "2"} and all(v > 0 for v in ours["decode_tok_s"].values())
     assert ours["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 4  # layers, k+v, kv heads, head_dim, float32
     assert ours["rss_growth_mb"] < 5 and 0 <= ours["outside_run_pct"]["1"] <= 100
+    on_disk = sum(p.stat().st_size for p in (Path(payload["artifact"]) / "fused").glob("model.onnx*"))
+    assert 0 < ours["weight_bytes"] < on_disk  # the embedding table is gathered from, not read in full
+    assert ours["read_bandwidth_gbs"] > 0 and ours["bandwidth_bound_fraction"] > 0
     assert payload["machine"]["cores"] and payload["machine"]["versions"]["onnxruntime"]
     by_engine = {p["engine"]: p for p in peers}
     assert by_engine["transformers sdpa"]["status"] == "ok"
