@@ -30,6 +30,8 @@ class FusedGraph:
         self.session, self.contract, self.pad_id, self.device = session, contract, pad_id, device
         self.max_length = max_length  # None: each generate sizes the cache to its prompts plus new tokens
         self._cache: StaticKVCache | None = None
+        self._binding: ort.IOBinding | None = None
+        self._logits_index = len(contract.present_names())  # get_outputs() follows the binding order: presents, then logits
         self.session_seconds = 0.0  # time inside session.run, for the bench's overhead figure
 
     def cache_for(self, batch: int, length: int) -> StaticKVCache:
@@ -39,32 +41,33 @@ class FusedGraph:
                 raise RuntimeFailure(f"prompt plus new tokens ({length}) exceed max_length {self.max_length}")
             length = self.max_length
         if self._cache is None or not self._cache.fits(batch, length):
-            self._cache = None  # free the old buffers first
+            self._cache = self._binding = None  # free the old buffers first
             self._cache = StaticKVCache(self.contract, batch, length, self.device)
+            self._binding = self.session.io_binding()  # the cache is bound once; each step rebinds its small inputs
+            for name, value in self._cache.values.items():
+                if name.startswith("past_"):
+                    self._binding.bind_ortvalue_input(name, value)
+                else:
+                    self._binding.bind_ortvalue_output(name, value)
         self._cache.lengths[:] = 0
         return self._cache
 
     def run(self, input_ids: np.ndarray, new: np.ndarray, cache: StaticKVCache, positions: np.ndarray) -> np.ndarray:
         """Append `new[b]` real tokens of row b (right-padded input_ids [B, S]); returns the logits
         at `positions` [B, P] of the chunk: [B, P, V]."""
-        binding = self.session.io_binding()
+        binding = self._binding
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input("logits_positions", np.ascontiguousarray(positions, dtype=np.int64))
         total = cache.lengths + new
         binding.bind_cpu_input("seqlens_k", (total - 1).astype(np.int32))
         binding.bind_cpu_input("total_sequence_length", np.array(cache.max_length, dtype=np.int32))
         binding.bind_cpu_input("query_seqlens", new.astype(np.int32))
-        binding.bind_output("logits", self.device)  # first: get_outputs() follows the binding order
-        for name, value in cache.values.items():
-            if name.startswith("past_"):
-                binding.bind_ortvalue_input(name, value)
-            else:
-                binding.bind_ortvalue_output(name, value)
+        binding.bind_output("logits", self.device)
         started = time.perf_counter()
         self.session.run_with_iobinding(binding)
         self.session_seconds += time.perf_counter() - started
         cache.lengths[:] = total
-        return binding.get_outputs()[0].numpy()
+        return binding.get_outputs()[self._logits_index].numpy()
 
     def logits(self, ids: list[int] | np.ndarray) -> np.ndarray:
         """Logits [T, V] of one sequence from an empty cache."""
