@@ -4,8 +4,8 @@
     static:  MatMul -> QDQ pairs with activation ranges calibrated (MinMax) on the recipe's
              calibration blocks, which the quantize stage saved as calibration_ids.npy
 
-Weights are int8 per output channel in both. Only the decoder's linear layers are quantized: the
-attention's own matmuls (activation × activation: scores and weighted values) and the LM head stay
+Weights are int8 per output channel in both. Only the decoder's linear layers the quantize stage
+lists are quantized (its ignore list keeps others float): the attention's own matmuls (activation × activation: scores and weighted values) and the LM head stay
 float, as in SmoothQuant and llm-compressor; quantizing the scores per tensor ruins the model.
 Run after the export's float parity check.
 """
@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
+from pipeline.errors import StageError
 from pipeline.onnx_quant import module_of
 from runtime.io_spec import Contract
 
@@ -39,19 +40,21 @@ class _Blocks(CalibrationDataReader):
                 **{name: empty for name in self.contract.past_names()}}
 
 
-def decoder_linears(path: Path) -> list[str]:
-    """Names of the MatMul nodes of the decoder layers' linear layers (weight from an initializer)."""
+def linear_nodes(path: Path, modules: list[str]) -> list[str]:
+    """Names of the MatMul nodes of these linear layers (weight from an initializer)."""
     graph = onnx.load(str(path), load_external_data=False).graph
     weights = {t.name for t in graph.initializer}
-    return [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights
-            and (module_of(n.name) or "").startswith("model.layers.")]
+    nodes = [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights and module_of(n.name) in modules]
+    if len(nodes) != len(modules):
+        raise StageError(f"export: found {len(nodes)} of the {len(modules)} W8A8 linears in the graph")
+    return nodes
 
 
-def quantize_w8a8(path: Path, mode: str, contract: Contract, calibration: Path | None) -> onnx.ModelProto:
+def quantize_w8a8(path: Path, mode: str, contract: Contract, calibration: Path | None, modules: list[str]) -> onnx.ModelProto:
     """The quantized graph of the float model at `path` (returned in memory, weights loaded)."""
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         out = Path(tmp) / "model.onnx"
-        common = dict(op_types_to_quantize=["MatMul"], nodes_to_quantize=decoder_linears(path), per_channel=True,
+        common = dict(op_types_to_quantize=["MatMul"], nodes_to_quantize=linear_nodes(path, set(modules)), per_channel=True,
                       use_external_data_format=True)
         if mode == "dynamic":
             quantize_dynamic(path, out, weight_type=QuantType.QInt8, **common)

@@ -117,7 +117,7 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
     if activations:  # checked in float above; activation rounding is the validate stage's business
         ctx.log(f"  W8A8 {activations}: quantizing weights and activations with ONNX Runtime")
         calibration = inp.path / CALIBRATION_FILE if activations == "static" else None
-        _replace_graph(quantize_w8a8(path, activations, contract, calibration), path, cfg.external_data)
+        _replace_graph(quantize_w8a8(path, activations, contract, calibration, plan["w8a8_modules"]), path, cfg.external_data)
     size = {f: sum(p.stat().st_size for p in g.parent.iterdir() if p.name.startswith("model.onnx")) for f, g in graphs.items()}
     return StageResult(
         metrics={"parity_max_abs_diff": diff, "onnx_bytes": size["portable"], "fused_onnx_bytes": size.get("fused", 0),

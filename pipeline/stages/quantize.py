@@ -87,9 +87,18 @@ def _w8a8(model, cfg: QuantizeConfig, src_dir, ctx, started: float) -> StageResu
     _copy_tokenizer(src_dir, ctx.out_dir)
     if cfg.activations == "static":
         np.save(ctx.out_dir / CALIBRATION_FILE, calibration_ids(batches))
-    plan = {"method": "w8a8", "activations": cfg.activations, "smoothquant": cfg.smoothquant, "layers": {}, "skipped": {}}
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")]
+    skipped = {n: f"matches ignore pattern '{hit}'" for n in linears
+               for hit in [next((p for p in cfg.ignore if re.search(p, n)), None)] if hit is not None}
+    skipped["lm_head"] = "W8A8 keeps the LM head float"
+    modules = [n for n in linears if n not in skipped]
+    if not modules:
+        raise StageError("quantize: the ignore list leaves no decoder layer to quantize")
+    plan = {"method": "w8a8", "activations": cfg.activations, "smoothquant": cfg.smoothquant, "layers": {},
+            "w8a8_modules": modules, "skipped": skipped}
     (ctx.out_dir / PLAN_FILE).write_text(json.dumps(plan, indent=2) + "\n")
-    ctx.log(f"  W8A8 {cfg.activations}: int8 weights (per channel) and activations are applied by ONNX Runtime at export")
+    ctx.log(f"  W8A8 {cfg.activations}: int8 weights (per channel) and activations for {len(modules)} linears, applied by "
+            f"ONNX Runtime at export; {len(skipped)} kept float")
     return StageResult(metrics={"seconds": round(time.time() - started, 1)}, info={"w8a8": plan, **info})
 
 
