@@ -169,7 +169,7 @@ class ExportConfig:
     accuracy_level: int = 0  # MatMulNBits compute: 0 = float like the weights' dequantized matmul, 4 = int8 (faster on CPU)
     int8_accuracy_level: int | None = None  # the same for 8-bit layers only (None: as accuracy_level)
     fused: bool = True  # also write fused/: GroupQueryAttention, fused norms, in-place KV cache (ONNX Runtime only)
-    version: int = 2
+    version: int = 3  # 2: fused graph beside the portable one; 3: its logits_positions input and packed matmuls
 
     def __post_init__(self):
         if self.accuracy_level not in (0, 1, 2, 3, 4):

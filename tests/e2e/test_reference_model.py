@@ -77,3 +77,20 @@ def test_optimum_loads_and_generates_the_same_tokens(smol, smol_run):
     ours = smol.generate([ids], 24)
     assert ours.finish_reasons[0] == "stop" and len(ours.tokens[0]) > 3
     assert theirs == ours.tokens[0]
+
+
+def test_fused_graph_matches_pytorch_and_the_portable_graph(smol, smol_run):
+    """The runner's default (fused) graph against PyTorch on a real prompt, and greedy equal to the portable graph."""
+    from pipeline.models import load_torch_model
+
+    assert smol.flavour == "fused"
+    export = json.loads(next(smol_run.glob("01-export-*/manifest.json")).read_text())
+    assert set(export["parity_by_graph"]) == {"portable", "fused"} and max(export["parity_by_graph"].values()) < 1e-3
+    ids = smol.tokenizer.encode("The history of the city begins in the early middle ages, when", add_special_tokens=False)
+    model = load_torch_model(next(smol_run.glob("00-model-*")))
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    assert abs(smol.logits(ids) - ref).max() < 1e-3
+    portable = Generator(find_model_folder(smol_run), provider="cpu", graph="portable")
+    prompts = [smol.tokenizer.encode_chat(q) for q in ["Name a color.", "What is the capital of France?"]]
+    assert smol.generate(prompts, 16, ignore_eos=True).tokens == portable.generate(prompts, 16, ignore_eos=True).tokens
