@@ -111,7 +111,7 @@ class QuantizeConfig:
     provider: str = "cpu"  # the execution provider the artifact is for: cpu | cuda
     budget: BudgetConfig | None = None  # mixed precision chosen by measured sensitivity (INT4 bits only)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
-    version: int = 2  # 2: W8A8 plans list their linears (the ignore list applies)
+    version: int = 1
 
     def __post_init__(self):
         if self.method not in QUANT_METHODS:

@@ -117,7 +117,7 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
     if activations:  # checked in float above; activation rounding is the validate stage's business
         ctx.log(f"  W8A8 {activations}: quantizing weights and activations with ONNX Runtime")
         calibration = inp.path / CALIBRATION_FILE if activations == "static" else None
-        _replace_graph(quantize_w8a8(path, activations, contract, calibration, plan["w8a8_modules"]), path, cfg.external_data)
+        _replace_graph(quantize_w8a8(path, activations, contract, calibration, _w8a8_modules(plan, model)), path, cfg.external_data)
     size = {f: sum(p.stat().st_size for p in g.parent.iterdir() if p.name.startswith("model.onnx")) for f, g in graphs.items()}
     return StageResult(
         metrics={"parity_max_abs_diff": diff, "onnx_bytes": size["portable"], "fused_onnx_bytes": size.get("fused", 0),
@@ -125,6 +125,13 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
         info={"io_contract": contract.__dict__, "atol": arch.atol, "graphs": sorted(graphs),
               "parity_by_graph": parity},
     )
+
+
+def _w8a8_modules(plan: dict, model) -> list[str]:
+    """The linears the quantize stage chose for W8A8 (plans written before the ignore list applied: all of them)."""
+    if "w8a8_modules" in plan:
+        return plan["w8a8_modules"]
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")]
 
 
 def _trace(model, contract: Contract, path: Path, opset: int) -> None:
