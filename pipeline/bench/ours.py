@@ -49,7 +49,7 @@ def measure_ours(folder: Path, work: Workload, provider: str = "auto", threads: 
         log(f"    decode batch {batch}: {result['decode_tok_s'][batch]:7.1f} tok/s, "
             f"{result['decode_ms_per_step'][batch]:.2f} ms/step, {result['outside_run_pct'][batch]:.1f} % outside session.run")
     result.update(_memory_over_long_generation(gen, work))
-    result.update(_bandwidth_bound(gen, result["decode_tok_s"].get(1)))
+    result.update(_bandwidth_bound(gen, result["decode_tok_s"].get(1), threads))
     return result
 
 
@@ -85,11 +85,11 @@ def weight_bytes_read_per_token(model: Path) -> int:
     return total
 
 
-def _bandwidth_bound(gen: Generator, decode_tok_s: float | None) -> dict:
+def _bandwidth_bound(gen: Generator, decode_tok_s: float | None, threads: int) -> dict:
     """Decode reads every weight once per token: bytes per token over measured bandwidth bounds tok/s."""
     folder = gen.folder / "fused" if gen.flavour == "fused" else gen.folder
     weight_bytes = weight_bytes_read_per_token(folder / gen.contract.model_file)
-    bandwidth = read_bandwidth_gbs()
+    bandwidth = read_bandwidth_gbs(threads)
     bound = bandwidth * 1e9 / weight_bytes
     return {"weight_bytes": weight_bytes, "read_bandwidth_gbs": bandwidth, "bandwidth_bound_tok_s": bound,
             "bandwidth_bound_fraction": (decode_tok_s or 0.0) / bound}

@@ -34,13 +34,26 @@ def rss_bytes(peak: bool = False) -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def read_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
-    """Best-of-`repeats` streaming read of a buffer far larger than the caches."""
-    data = np.ones(megabytes * 2**20 // 8)
+def read_bandwidth_gbs(threads: int = 0, megabytes: int = 512, repeats: int = 5) -> float:
+    """Best-of-`repeats` streaming read (ONNX Runtime's ReduceSum, with the bench's threads) of a
+    buffer far larger than the caches: what a decode step that reads every weight could reach."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("ReduceSum", ["x"], ["y"], keepdims=0)], "read_bandwidth",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])])
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    data = np.ones(megabytes * 2**20 // 4, dtype=np.float32)
+    value = ort.OrtValue.ortvalue_from_numpy(data)
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
-        data.sum()
+        session.run_with_ort_values(["y"], {"x": value})
         best = min(best, time.perf_counter() - t)
     return data.nbytes / best / 1e9
 

@@ -67,3 +67,14 @@ def test_missing_fused_graph_is_named(tiny_export, tmp_path):
     with pytest.raises(RuntimeFailure, match="no fused graph"):
         Generator(copy, provider="cpu", graph="fused")
     assert Generator(copy, provider="cpu").flavour == "portable"
+
+
+def test_returned_logits_are_not_overwritten_by_the_next_step(fused):
+    """The runner reuses one host buffer for per-step logits; what it hands out must stay as it was."""
+    first, state = fused.prefill(PROMPTS, room=3)
+    kept = first.copy()
+    second = fused.decode(np.argmax(first, -1), state)
+    kept_second = second.copy()
+    fused.decode(np.argmax(second, -1), state)
+    np.testing.assert_array_equal(first, kept)
+    np.testing.assert_array_equal(second, kept_second)
