@@ -19,8 +19,9 @@ from onnx import helper, numpy_helper
 PACKABLE = ("MatMul", "MatMulNBits")
 
 
-def pack_sibling_matmuls(model: onnx.ModelProto) -> int:
-    """Rewrite in place; returns how many groups were merged."""
+def pack_sibling_matmuls(model: onnx.ModelProto, split: bool = True) -> int:
+    """Rewrite in place; returns how many groups were merged. `split=False` merges only the groups
+    that need no Split after them (q/k/v feeding GroupQueryAttention)."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     siblings: dict[str, list[onnx.NodeProto]] = defaultdict(list)
@@ -30,6 +31,8 @@ def pack_sibling_matmuls(model: onnx.ModelProto) -> int:
     merged = 0
     for nodes in siblings.values():
         if len(nodes) < 2 or not _compatible(nodes):
+            continue
+        if not split and _packed_qkv_consumer(graph, [n.output[0] for n in nodes]) is None:
             continue
         _merge(graph, nodes, inits)
         merged += 1
