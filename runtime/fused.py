@@ -63,7 +63,7 @@ class FusedGraph:
         binding.bind_cpu_input("seqlens_k", (total - 1).astype(np.int32))
         binding.bind_cpu_input("total_sequence_length", np.array(cache.max_length, dtype=np.int32))
         binding.bind_cpu_input("query_seqlens", new.astype(np.int32))
-        if self.device == "cpu":  # into a host array kept per shape: no per-step wrapping of every output
+        if self.device == "cpu":  # straight into a host array: no per-step wrapping of every output
             logits = self._host_logits(input_ids.shape[0], positions.shape[1])
             binding.bind_ortvalue_output("logits", logits[1])
         else:
