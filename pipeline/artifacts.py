@@ -59,9 +59,10 @@ def file_table(folder: Path) -> dict[str, dict[str, Any]]:
     return table
 
 
-def library_versions() -> dict[str, str]:
+def library_versions(names: tuple[str, ...] = TRACKED_LIBRARIES) -> dict[str, str]:
+    """Installed versions of `names` (those not installed are left out), with Python's."""
     versions = {"python": platform.python_version()}
-    for name in TRACKED_LIBRARIES:
+    for name in names:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

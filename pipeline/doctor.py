@@ -43,7 +43,7 @@ def diagnose() -> tuple[list[str], list[str]]:
             facts.append(f"torch sees no GPU (build: {'CUDA ' + torch.version.cuda if torch.version.cuda else 'CPU'})")
     except ImportError as e:
         warnings.append(f"torch does not import: {e}")
-    gpu = _nvidia_smi()
+    gpu = nvidia_smi()
     if gpu:
         facts.append(f"nvidia-smi: {gpu}")
         if "CUDAExecutionProvider" not in providers:
@@ -51,7 +51,8 @@ def diagnose() -> tuple[list[str], list[str]]:
     return facts, warnings
 
 
-def _nvidia_smi() -> str | None:
+def nvidia_smi() -> str | None:
+    """The GPUs nvidia-smi lists (name, driver, memory), or None without one."""
     if not shutil.which("nvidia-smi"):
         return None
     try:

@@ -16,12 +16,13 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from pipeline.onnx_quant import drop_unused_initializers
+
 PACKABLE = ("MatMul", "MatMulNBits")
 
 
-def pack_sibling_matmuls(model: onnx.ModelProto, split: bool = True) -> int:
-    """Rewrite in place; returns how many groups were merged. `split=False` merges only the groups
-    that need no Split after them (q/k/v feeding GroupQueryAttention)."""
+def pack_sibling_matmuls(model: onnx.ModelProto) -> int:
+    """Rewrite in place; returns how many groups were merged."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     siblings: dict[str, list[onnx.NodeProto]] = defaultdict(list)
@@ -32,14 +33,9 @@ def pack_sibling_matmuls(model: onnx.ModelProto, split: bool = True) -> int:
     for nodes in siblings.values():
         if len(nodes) < 2 or not _compatible(nodes):
             continue
-        if not split and _packed_qkv_consumer(graph, [n.output[0] for n in nodes]) is None:
-            continue
         _merge(graph, nodes, inits)
         merged += 1
-    used = {i for n in graph.node for i in n.input}
-    keep = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    drop_unused_initializers(graph)
     return merged
 
 

@@ -70,7 +70,7 @@ def apply_block_quantized_ops(graph_model: onnx.ModelProto, quant_dir: Path, wei
     missing = sorted(set(plan) - done)
     if missing:
         raise StageError(f"export: no MatMul found for quantized layers {missing[:3]} ({len(missing)} in all)")
-    _drop_unused_initializers(graph)
+    drop_unused_initializers(graph)
     if not any(o.domain == MS_DOMAIN for o in graph_model.opset_import):
         graph_model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return len(done)
@@ -119,7 +119,7 @@ def _swap_embedding(graph: onnx.GraphProto, spec: dict, packed: dict, inits: dic
     graph.node.insert(index, new)
 
 
-def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
+def drop_unused_initializers(graph: onnx.GraphProto) -> None:
     used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
     keep = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]

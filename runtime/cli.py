@@ -7,6 +7,7 @@ import time
 import click
 
 from runtime import Generator, RuntimeFailure, SamplingParams, find_model_folder
+from runtime.generate import GRAPHS
 from runtime.tokenizer import StreamDecoder
 
 
@@ -22,7 +23,7 @@ from runtime.tokenizer import StreamDecoder
 @click.option("--no-chat", is_flag=True, help="plain completion: do not apply the chat template")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--threads", default=0, type=click.IntRange(0), help="intra-op threads (0: onnxruntime decides)")
-@click.option("--graph", type=click.Choice(["auto", "fused", "portable"]), default="auto", show_default=True,
+@click.option("--graph", type=click.Choice(GRAPHS), default="auto", show_default=True,
               help="auto: the fused graph when the artifact has one")
 @click.option("--max-length", default=None, type=click.IntRange(2),
               help="KV cache positions of the fused graph (default: prompt plus --max-new-tokens)")

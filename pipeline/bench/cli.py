@@ -14,6 +14,7 @@ from pipeline.bench.report import table, write
 from pipeline.bench.system import machine
 from pipeline.bench.workload import make_workload
 from runtime import RuntimeFailure, find_model_folder
+from runtime.generate import GRAPHS
 from runtime.tokenizer import Tokenizer
 
 
@@ -41,7 +42,7 @@ def _ints(value: str) -> tuple[int, ...]:
 @click.option("--text", default="wikitext-2", show_default=True, help="prompt text: a built-in corpus or a text file (test split)")
 @click.option("--threads", default=0, type=click.IntRange(0), help="intra-op threads (0: onnxruntime decides)")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--graph", type=click.Choice(["auto", "fused", "portable"]), default="auto", show_default=True)
+@click.option("--graph", type=click.Choice(GRAPHS), default="auto", show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="where bench.json and bench.png go (default: <run folder>/bench/<export step>)")
 def bench_command(artifact, compare, peer_names, prompt_lengths, batches, new_tokens, long_tokens, repeats, warmup,

@@ -55,14 +55,15 @@ def measure_ours(folder: Path, work: Workload, provider: str = "auto", threads: 
 
 def _memory_over_long_generation(gen: Generator, work: Workload) -> dict:
     """RSS after the KV buffer exists (step 16) and at the end of a `long_tokens` generation."""
-    samples: dict[int, int] = {}
+    steps, rss = [0], {}
 
     def on_token(_row: int, _token: int) -> None:
-        n = len(samples) + 1
-        samples[n] = rss_bytes() if n in (16, work.long_tokens) or n % 100 == 0 else 0
+        steps[0] += 1
+        if steps[0] in (16, work.long_tokens):
+            rss[steps[0]] = rss_bytes()
 
     gen.generate([work.prompt(work.decode_prompt)], work.long_tokens, ignore_eos=True, on_token=on_token)
-    first, last = samples.get(16, 0), samples.get(work.long_tokens, 0)
+    first, last = rss.get(16, 0), rss.get(work.long_tokens, 0)
     return {"long_generation_tokens": work.long_tokens, "rss_after_warmup_mb": first / 2**20,
             "rss_end_mb": last / 2**20, "rss_growth_mb": (last - first) / 2**20,
             "peak_rss_mb": rss_bytes(peak=True) / 2**20}

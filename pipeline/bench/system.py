@@ -4,26 +4,20 @@ from __future__ import annotations
 import os
 import platform
 import resource
-import shutil
-import subprocess
 import time
-from importlib import metadata
 
 import numpy as np
+
+from pipeline.artifacts import library_versions
+from pipeline.doctor import nvidia_smi
 
 LIBRARIES = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-genai", "numpy", "torch", "transformers", "optimum",
              "optimum-onnx", "llama-cpp-python")
 
 
 def machine() -> dict:
-    info = {"cpu": _cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
-            "platform": platform.platform(), "gpu": _gpu(), "versions": {}}
-    for name in LIBRARIES:
-        try:
-            info["versions"][name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return info
+    return {"cpu": _cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform(), "gpu": nvidia_smi(), "versions": library_versions(LIBRARIES)}
 
 
 def rss_bytes(peak: bool = False) -> int:
@@ -71,13 +65,3 @@ def _cpu_model() -> str:
         pass
     return platform.processor() or "unknown"
 
-
-def _gpu() -> str | None:
-    if not shutil.which("nvidia-smi"):
-        return None
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None

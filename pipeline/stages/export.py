@@ -23,7 +23,7 @@ from pipeline.models import TOKENIZER_FILES, load_torch_model
 from pipeline.onnx_pack import pack_sibling_matmuls
 from pipeline.onnx_quant import apply_block_quantized_ops, set_accuracy_level
 from pipeline.onnx_w8a8 import quantize_w8a8
-from pipeline.stages.quantize import CALIBRATION_FILE, PLAN_FILE
+from pipeline.stages.quantize import CALIBRATION_FILE, PLAN_FILE, decoder_linears
 from pipeline.registry import StageResult, register_stage
 from runtime.generate import Generator
 from runtime.io_spec import Contract
@@ -129,9 +129,7 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
 
 def _w8a8_modules(plan: dict, model) -> list[str]:
     """The linears the quantize stage chose for W8A8 (plans written before the ignore list applied: all of them)."""
-    if "w8a8_modules" in plan:
-        return plan["w8a8_modules"]
-    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")]
+    return plan["w8a8_modules"] if "w8a8_modules" in plan else decoder_linears(model)
 
 
 def _trace(model, contract: Contract, path: Path, opset: int) -> None:

@@ -87,9 +87,8 @@ def _w8a8(model, cfg: QuantizeConfig, src_dir, ctx, started: float) -> StageResu
     _copy_tokenizer(src_dir, ctx.out_dir)
     if cfg.activations == "static":
         np.save(ctx.out_dir / CALIBRATION_FILE, calibration_ids(batches))
-    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")]
-    skipped = {n: f"matches ignore pattern '{hit}'" for n in linears
-               for hit in [next((p for p in cfg.ignore if re.search(p, n)), None)] if hit is not None}
+    linears = decoder_linears(model)
+    skipped = {n: why for n in linears if (why := _ignored(n, cfg)) is not None}
     skipped["lm_head"] = "W8A8 keeps the LM head float"
     modules = [n for n in linears if n not in skipped]
     if not modules:
@@ -102,16 +101,24 @@ def _w8a8(model, cfg: QuantizeConfig, src_dir, ctx, started: float) -> StageResu
     return StageResult(metrics={"seconds": round(time.time() - started, 1)}, info={"w8a8": plan, **info})
 
 
+def decoder_linears(model) -> list[str]:
+    """Names of the linear layers inside the decoder layers (the LM head is not one)."""
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")]
+
+
+def _ignored(name: str, cfg: QuantizeConfig) -> str | None:
+    """Why `name` stays float by the recipe's ignore list, or None."""
+    hit = next((p for p in cfg.ignore if re.search(p, name)), None)
+    return None if hit is None else f"matches ignore pattern '{hit}'"
+
+
 def make_plan(model, cfg: QuantizeConfig) -> tuple[dict[str, QuantScheme], dict[str, str]]:
     """Which linear layers get which scheme; every layer left float is named with the reason."""
     plan, skipped = {}, {}
-    prefix = "model.layers."
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or not name.startswith(prefix):
-            continue
-        hit = next((p for p in cfg.ignore if re.search(p, name)), None)
-        if hit is not None:
-            skipped[name] = f"matches ignore pattern '{hit}'"
+    for name in decoder_linears(model):
+        why = _ignored(name, cfg)
+        if why is not None:
+            skipped[name] = why
             continue
         bits = next((b for p, b in cfg.overrides.items() if re.search(p, name)), cfg.bits)
         plan[name] = QuantScheme(bits, cfg.group_size, cfg.symmetric)
