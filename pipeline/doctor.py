@@ -51,12 +51,12 @@ def diagnose() -> tuple[list[str], list[str]]:
     return facts, warnings
 
 
-def nvidia_smi() -> str | None:
-    """The GPUs nvidia-smi lists (name, driver, memory), or None without one."""
+def nvidia_smi(query: str = "name,driver_version,memory.total") -> str | None:
+    """nvidia-smi's answer to a --query-gpu (by default the GPUs' name, driver, memory), or None without one."""
     if not shutil.which("nvidia-smi"):
         return None
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None

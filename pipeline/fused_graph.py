@@ -10,10 +10,16 @@ Per decoder layer (Llama family):
 
 Linear layers are plain MatMuls named after their modules (`/model/model/layers.0/mlp/up_proj/MatMul`),
 so the quantized artifact's codes go in through the same MatMulNBits rewrite as the portable graph.
-Sequences are right-padded: `query_seqlens` says how many rows of each chunk are real and
-`seqlens_k` how many tokens each sequence holds after the step, so a batch of ragged prompts, and a
-batch in which some sequences sit idle, run in one call. `logits_positions` picks the rows that reach
-the LM head, so a prefill pays for one row of logits per sequence instead of the whole prompt.
+Prompts are right-padded and `seqlens_k` says how many tokens each sequence holds after the step,
+so a batch of ragged prompts runs in one call. The graph uses GroupQueryAttention's inputs as
+ONNX Runtime has had them since 1.19 (no `query_seqlens`), so onnxruntime-gpu releases that lag the
+CPU package load it too. `logits_positions` picks the rows that reach the LM head, so a prefill pays
+for one row of logits per sequence instead of the whole prompt.
+
+With `dtype: float16` (what the CUDA provider's GroupQueryAttention needs) every float weight, the
+rotary tables and the KV cache are float16; the logits are cast back to float32 for sampling and
+perplexity. The graph is built in float32 first so the quantized-op rewrite and packing see the
+weights exactly as PyTorch holds them; `to_float16` converts it last.
 """
 from __future__ import annotations
 
@@ -27,7 +33,8 @@ from pipeline.errors import StageError
 from runtime.io_spec import Contract
 
 MS = "com.microsoft"
-DTYPES = {"int64": TensorProto.INT64, "int32": TensorProto.INT32, "float32": TensorProto.FLOAT}
+DTYPES = {"int64": TensorProto.INT64, "int32": TensorProto.INT32, "float32": TensorProto.FLOAT,
+          "float16": TensorProto.FLOAT16}
 
 
 class _Graph:
@@ -48,7 +55,8 @@ class _Graph:
 
 
 def build_fused_graph(model: torch.nn.Module, contract: Contract, opset: int) -> onnx.ModelProto:
-    """The model as GroupQueryAttention + SimplifiedLayerNormalization + MatMul ops, float32."""
+    """The model as GroupQueryAttention + SimplifiedLayerNormalization + MatMul ops, with float32 weights
+    (call `to_float16` after any rewrite when the contract's dtype is float16)."""
     cfg = model.config
     dims = model_dims(cfg)
     heads, kv_heads, head_dim = cfg.num_attention_heads, dims.num_kv_heads, dims.head_dim
@@ -99,7 +107,7 @@ def build_fused_graph(model: torch.nn.Module, contract: Contract, opset: int) ->
         attn, _, _ = g.op(
             "GroupQueryAttention",
             [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k", "total_sequence_length",
-             "cos_cache", "sin_cache", "", "", "", "", "", "", "", "query_seqlens"],
+             "cos_cache", "sin_cache"],
             f"/model/{p.replace('.', '/')}/self_attn/GroupQueryAttention",
             outputs=[f"{p}.attn_out", f"present.{i}.key", f"present.{i}.value"], domain=MS,
             num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0, local_window_size=window,
@@ -118,11 +126,32 @@ def build_fused_graph(model: torch.nn.Module, contract: Contract, opset: int) ->
     rows = g.op("Unsqueeze", ["logits_positions", g.const("last_axis", np.array([-1], np.int64))], "/model/logits_rows/Unsqueeze")[0]
     x = g.op("GatherND", [x, rows], "/model/logits_rows/GatherND", batch_dims=1)[0]
     head = "lm_head" if "lm_head.weight" in weights else "model.embed_tokens"
-    g.op("MatMul", [x, g.const("lm_head.weight.T", weights[f"{head}.weight"].T)], "/model/lm_head/MatMul", outputs=["logits"])
+    if contract.dtype == "float16":
+        x = g.op("MatMul", [x, g.const("lm_head.weight.T", weights[f"{head}.weight"].T)], "/model/lm_head/MatMul")[0]
+        g.op("Cast", [x], "/model/logits/Cast", outputs=["logits"], to=TensorProto.FLOAT)
+    else:
+        g.op("MatMul", [x, g.const("lm_head.weight.T", weights[f"{head}.weight"].T)], "/model/lm_head/MatMul", outputs=["logits"])
 
     graph = helper.make_graph(g.nodes, "fused", _value_infos(contract.inputs()), _value_infos(contract.outputs()), g.inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)],
-                             producer_name="llm-optimize")
+    opsets = [helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)]
+    # the lowest IR version the opset allows, not the installed onnx's newest: older runtimes
+    # (onnxruntime-gpu releases lag the CPU package) refuse an IR version newer than they know
+    return helper.make_model(graph, opset_imports=opsets, producer_name="llm-optimize",
+                             ir_version=helper.find_min_ir_version_for(opsets, ignore_unknown=True))
+
+
+def to_float16(model: onnx.ModelProto) -> int:
+    """Convert every float32 initializer (weights, norms, rotary tables, MatMulNBits scales) to float16
+    in place; returns how many. The graph's inputs and outputs already carry the contract's types."""
+    converted = 0
+    for tensor in model.graph.initializer:
+        if tensor.data_type == TensorProto.FLOAT:
+            array = numpy_helper.to_array(tensor)
+            if np.abs(array).max(initial=0) > np.finfo(np.float16).max:
+                raise StageError(f"export: {tensor.name} holds values beyond float16's range; use dtype: float32")
+            tensor.CopyFrom(numpy_helper.from_array(array.astype(np.float16), tensor.name))
+            converted += 1
+    return converted
 
 
 def _check_supported(cfg, head_dim: int) -> None:

@@ -28,14 +28,15 @@ from runtime.tokenizer import StreamDecoder
 @click.option("--max-length", default=None, type=click.IntRange(2),
               help="KV cache positions of the fused graph (default: prompt plus --max-new-tokens)")
 @click.option("--allow-fallback", is_flag=True, help="run even if heavy nodes fell back from the GPU to the CPU")
+@click.option("--cuda-graph", is_flag=True, help="capture the decode step as a CUDA graph and replay it (cuda, fused graph)")
 def generate_command(artifact, prompt, max_new_tokens, temperature, top_k, top_p, seed, system, no_chat, provider, threads,
-                     graph, max_length, allow_fallback):
+                     graph, max_length, allow_fallback, cuda_graph):
     """Answer PROMPT with the model exported in ARTIFACT (a run folder or an export step folder)."""
     try:
         t0 = time.perf_counter()
         folder = find_model_folder(artifact)
         gen = Generator(folder, provider=provider, threads=threads, graph=graph, max_length=max_length,
-                        allow_fallback=allow_fallback)
+                        allow_fallback=allow_fallback, cuda_graph=cuda_graph)
         load_s = time.perf_counter() - t0
         click.echo(f"[{folder}] {gen.flavour} graph on {gen.provider}, loaded in {load_s:.2f}s", err=True)
         ids = gen.tokenizer.encode(prompt) if no_chat else gen.tokenizer.encode_chat(prompt, system)

@@ -54,14 +54,16 @@ class Generator:
     """
 
     def __init__(self, folder: Path | str, provider: str = "auto", threads: int = 0, graph: str = "auto",
-                 max_length: int | None = None, allow_fallback: bool = False):
+                 max_length: int | None = None, allow_fallback: bool = False, cuda_graph: bool = False):
         self.folder = Path(folder)
         graph_folder = self._graph_folder(graph)
         try:
             self.contract = Contract.load(graph_folder)
         except (FileNotFoundError, ValueError) as e:
             raise RuntimeFailure(str(e)) from e
-        self.session, self.provider = create_session(graph_folder, self.contract, provider, threads)
+        if cuda_graph and self.contract.flavour != "fused":
+            raise RuntimeFailure("cuda_graph needs the fused graph (the portable graph's shapes change every step)")
+        self.session, self.provider = create_session(graph_folder, self.contract, provider, threads, cuda_graph)
         self.tokenizer = Tokenizer(self.folder)
         gen = _read_json(self.folder / "generation_config.json")
         eos = gen.get("eos_token_id")
@@ -69,7 +71,7 @@ class Generator:
         self.pad_id = gen.get("pad_token_id", min(self.eos_ids) if self.eos_ids else 0)
         if self.contract.flavour == "fused":
             device = "cuda" if self.provider.startswith("CUDA") else "cpu"
-            self.graph = FusedGraph(self.session, self.contract, self.pad_id, device, max_length)
+            self.graph = FusedGraph(self.session, self.contract, self.pad_id, device, max_length, cuda_graph)
         else:
             self.graph = PortableGraph(self.session, self.contract, self.pad_id)
         self.fallback_nodes: list[str] = []

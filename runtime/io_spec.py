@@ -17,12 +17,13 @@ right-padded; each sequence's own lengths replace the mask and position ids:
 
     input_ids                    int64 [batch_size, sequence_length]
     seqlens_k                    int32 [batch_size]   tokens in the cache after this step, minus one
-    total_sequence_length        int32 []             an upper bound of seqlens_k + 1 (the buffer length)
-    query_seqlens                int32 [batch_size]   real (unpadded) rows of this chunk; 0 = sequence idle
+    total_sequence_length        int32 []             prefill: the padded prompt width; decode: the buffer length
     logits_positions             int64 [batch_size, logits_length]   rows of the chunk whose logits are wanted
-    past_key_values.{i}.key      float [batch_size, num_kv_heads, max_length, head_dim]
-    -> logits                    float [batch_size, logits_length, vocab_size]
-    -> present.{i}.key|value     float [batch_size, num_kv_heads, max_length, head_dim]  (the same buffer)
+    past_key_values.{i}.key      dtype [batch_size, num_kv_heads, max_length, head_dim]
+    -> logits                    float32 [batch_size, logits_length, vocab_size]
+    -> present.{i}.key|value     dtype [batch_size, num_kv_heads, max_length, head_dim]  (the same buffer)
+
+`dtype` (float32 or float16) is the cache's and the weights' type; logits are float32 either way.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 CONTRACT_FILE = "io_contract.json"
-CONTRACT_VERSION = 1
+CONTRACT_VERSION = 2  # 2: the fused graph lost query_seqlens; logits always float32
 
 BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "past_sequence_length + sequence_length"
 MAX_LENGTH, LOGITS = "max_length", "logits_length"
@@ -67,7 +68,6 @@ class Contract:
                 TensorSpec("input_ids", "int64", (BATCH, SEQ)),
                 TensorSpec("seqlens_k", "int32", (BATCH,)),
                 TensorSpec("total_sequence_length", "int32", ()),
-                TensorSpec("query_seqlens", "int32", (BATCH,)),
                 TensorSpec("logits_positions", "int64", (BATCH, LOGITS)),
             ] + [TensorSpec(n, self.dtype, kv) for n in self.past_names()]
         kv = (BATCH, self.num_kv_heads, PAST, self.head_dim)
@@ -81,7 +81,7 @@ class Contract:
     def outputs(self) -> list[TensorSpec]:
         fused = self.flavour == "fused"
         kv = (BATCH, self.num_kv_heads, MAX_LENGTH if fused else TOTAL, self.head_dim)
-        return [TensorSpec("logits", self.dtype, (BATCH, LOGITS if fused else SEQ, self.vocab_size))] + [
+        return [TensorSpec("logits", "float32", (BATCH, LOGITS if fused else SEQ, self.vocab_size))] + [
             TensorSpec(n, self.dtype, kv) for n in self.present_names()
         ]
 
@@ -112,7 +112,8 @@ class Contract:
             raise FileNotFoundError(f"{folder}: no {CONTRACT_FILE}; is this an export artifact?")
         data = json.loads(path.read_text())
         if data.get("version") != CONTRACT_VERSION:
-            raise ValueError(f"{path}: contract version {data.get('version')} is not {CONTRACT_VERSION}")
+            raise ValueError(f"{path}: contract version {data.get('version')} is not {CONTRACT_VERSION}; "
+                             f"re-run the export stage with this version of the toolkit")
         if data.get("flavour") not in FLAVOURS:
             raise ValueError(f"{path}: flavour {data.get('flavour')!r} is not one of {', '.join(FLAVOURS)}")
         return cls(**data)

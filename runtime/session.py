@@ -29,9 +29,13 @@ def choose_provider(requested: str = "auto") -> str:
     return requested
 
 
-def create_session(folder: Path, contract: Contract, provider: str = "auto", threads: int = 0) -> tuple[ort.InferenceSession, str]:
-    """Open `folder/model.onnx` on the chosen provider; returns (session, provider name in use)."""
+def create_session(folder: Path, contract: Contract, provider: str = "auto", threads: int = 0,
+                   cuda_graph: bool = False) -> tuple[ort.InferenceSession, str]:
+    """Open `folder/model.onnx` on the chosen provider; returns (session, provider name in use).
+    `cuda_graph`: let ONNX Runtime capture and replay CUDA graphs (runs that name a gpu_graph_id)."""
     chosen = choose_provider(provider)
+    if cuda_graph and chosen != "cuda":
+        raise RuntimeFailure(f"cuda_graph needs the cuda provider, not {chosen}")
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if chosen != "cpu":  # the first run's profile shows where each node ran (runtime.placement)
@@ -42,7 +46,9 @@ def create_session(folder: Path, contract: Contract, provider: str = "auto", thr
     path = Path(folder) / contract.model_file
     if not path.is_file():
         raise RuntimeFailure(f"{folder}: {contract.model_file} not found")
-    providers = [PROVIDERS[chosen]] + ([PROVIDERS["cpu"]] if chosen != "cpu" else [])
+    providers: list = [PROVIDERS[chosen]] + ([PROVIDERS["cpu"]] if chosen != "cpu" else [])
+    if cuda_graph:
+        providers[0] = (PROVIDERS["cuda"], {"enable_cuda_graph": "1"})
     session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     in_use = session.get_providers()[0]
     if in_use != PROVIDERS[chosen]:

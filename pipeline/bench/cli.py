@@ -43,10 +43,11 @@ def _ints(value: str) -> tuple[int, ...]:
 @click.option("--threads", default=0, type=click.IntRange(0), help="intra-op threads (0: onnxruntime decides)")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--graph", type=click.Choice(GRAPHS), default="auto", show_default=True)
+@click.option("--cuda-graph", is_flag=True, help="ours: capture the decode step as a CUDA graph (cuda, fused graph)")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="where bench.json and bench.png go (default: <run folder>/bench/<export step>)")
 def bench_command(artifact, compare, peer_names, prompt_lengths, batches, new_tokens, long_tokens, repeats, warmup,
-                  text, threads, provider, graph, out):
+                  text, threads, provider, graph, cuda_graph, out):
     """Measure ARTIFACT (a run folder or an export step): TTFT, decode tokens/s, memory, load time."""
     try:
         folder = find_model_folder(artifact)
@@ -59,14 +60,19 @@ def bench_command(artifact, compare, peer_names, prompt_lengths, batches, new_to
                              new_tokens=new_tokens, long_tokens=long_tokens, repeats=repeats, warmup=warmup)
         click.echo(f"bench {folder}: prompts {work.prompt_lengths}, batches {work.batches}, {new_tokens} new tokens, "
                    f"{warmup} warm-up + {repeats} repeats")
-        results = [measure_ours(folder, work, provider, threads, graph, log=click.echo)]
+        results = [measure_ours(folder, work, provider, threads, graph, log=click.echo, cuda_graph=cuda_graph)]
         if compare:
             inputs = _peer_inputs(folder, work, threads, out)
+            if results[0]["provider"] == "CUDAExecutionProvider":
+                inputs.device = "cuda"
             for name in names:
                 click.echo(f"  {name} ...")
                 started = time.perf_counter()
                 try:
-                    results.append(peer_mod.PEERS[name](inputs))
+                    if inputs.device == "cuda" and name not in peer_mod.GPU_PEERS:
+                        results.append(peer_mod.skipped(name, "its GPU run is not wired into the bench yet"))
+                    else:
+                        results.append(peer_mod.PEERS[name](inputs))
                 except Exception as e:  # a peer's failure is reported, never fatal to the bench
                     results.append({"engine": name, "status": "failed", "reason": f"{type(e).__name__}: {e}"[:300]})
                 click.echo(f"    {results[-1].get('status', 'ok')} in {time.perf_counter() - started:.0f}s")
@@ -81,7 +87,8 @@ def bench_command(artifact, compare, peer_names, prompt_lengths, batches, new_to
                f"RSS growth over {ours['long_generation_tokens']} tokens {ours['rss_growth_mb']:+.1f} MiB; "
                f"time outside session.run at batch 1 {ours['outside_run_pct'].get(1, float('nan')):.1f} %; "
                f"bandwidth bound {ours['bandwidth_bound_tok_s']:.0f} tok/s ({ours['read_bandwidth_gbs']:.1f} GB/s over "
-               f"{ours['weight_bytes'] / 1e6:.0f} MB), reached {ours['bandwidth_bound_fraction'] * 100:.0f} %")
+               f"{ours['weight_bytes'] / 1e6:.0f} MB), reached {ours['bandwidth_bound_fraction'] * 100:.0f} %"
+               + (f"; GPU memory {ours['gpu_memory_mb']:.0f} MiB" if "gpu_memory_mb" in ours else ""))
     json_path, png_path = write(out, payload)
     click.echo(f"wrote {json_path} and {png_path}")
 

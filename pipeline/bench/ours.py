@@ -9,18 +9,22 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from pipeline.bench.system import read_bandwidth_gbs, rss_bytes
+from pipeline.bench.system import gpu_memory_used_mb, read_bandwidth_gbs, rss_bytes
 from pipeline.bench.workload import Workload
 from runtime import Generator
 
 
 def measure_ours(folder: Path, work: Workload, provider: str = "auto", threads: int = 0, graph: str = "auto",
-                 log=print) -> dict:
+                 log=print, cuda_graph: bool = False) -> dict:
+    gpu_before = gpu_memory_used_mb()
     started = time.perf_counter()
-    gen = Generator(folder, provider=provider, threads=threads, graph=graph)
+    gen = Generator(folder, provider=provider, threads=threads, graph=graph, cuda_graph=cuda_graph)
     load_s = time.perf_counter() - started
-    log(f"  ours: {gen.flavour} graph on {gen.provider}, loaded in {load_s:.2f}s")
+    on_gpu = gen.provider != "CPUExecutionProvider"
+    log(f"  ours: {gen.flavour} graph ({gen.contract.dtype}) on {gen.provider}{', CUDA graphs' if cuda_graph else ''}, "
+        f"loaded in {load_s:.2f}s")
     result = {"engine": "ours", "graph": gen.flavour, "provider": gen.provider, "load_s": load_s,
+              "dtype": gen.contract.dtype, "cuda_graph": cuda_graph,
               "weights": gen.contract.weights, "kv_bytes_per_token": gen.contract.kv_bytes_per_token(),
               "ttft_ms": {}, "decode_ms_per_step": {}, "decode_tok_s": {}, "outside_run_pct": {}}
     for length in work.prompt_lengths:
@@ -49,7 +53,9 @@ def measure_ours(folder: Path, work: Workload, provider: str = "auto", threads: 
         log(f"    decode batch {batch}: {result['decode_tok_s'][batch]:7.1f} tok/s, "
             f"{result['decode_ms_per_step'][batch]:.2f} ms/step, {result['outside_run_pct'][batch]:.1f} % outside session.run")
     result.update(_memory_over_long_generation(gen, work))
-    result.update(_bandwidth_bound(gen, result["decode_tok_s"].get(1), threads))
+    if on_gpu and gpu_before is not None:  # the process's CUDA context, weights, KV buffers and ORT's arena
+        result["gpu_memory_mb"] = gpu_memory_used_mb() - gpu_before
+    result.update(_bandwidth_bound(gen, result["decode_tok_s"].get(1), threads, "cuda" if on_gpu else "cpu"))
     return result
 
 
@@ -86,11 +92,11 @@ def weight_bytes_read_per_token(model: Path) -> int:
     return total
 
 
-def _bandwidth_bound(gen: Generator, decode_tok_s: float | None, threads: int) -> dict:
+def _bandwidth_bound(gen: Generator, decode_tok_s: float | None, threads: int, device: str) -> dict:
     """Decode reads every weight once per token: bytes per token over measured bandwidth bounds tok/s."""
     folder = gen.folder / "fused" if gen.flavour == "fused" else gen.folder
     weight_bytes = weight_bytes_read_per_token(folder / gen.contract.model_file)
-    bandwidth = read_bandwidth_gbs(threads)
+    bandwidth = read_bandwidth_gbs(threads, megabytes=2048 if device == "cuda" else 512, provider=device)
     bound = bandwidth * 1e9 / weight_bytes
     return {"weight_bytes": weight_bytes, "read_bandwidth_gbs": bandwidth, "bandwidth_bound_tok_s": bound,
             "bandwidth_bound_fraction": (decode_tok_s or 0.0) / bound}

@@ -37,6 +37,7 @@ class PeerInputs:
     work: Workload
     threads: int
     cache_dir: Path  # where peers' own model builds are kept between bench runs
+    device: str = "cpu"  # "cuda" when ours ran on the CUDA provider: peers that can, run on the GPU too
 
 
 def skipped(engine: str, why: str) -> dict:
@@ -74,35 +75,58 @@ def time_generation(first_token: Callable[[list[list[int]]], object], next_token
 
 
 def bench_transformers(inp: PeerInputs, attention: str) -> dict:
+    """PyTorch through transformers: float32 on the CPU, float16 on the GPU (as a user would run it).
+    Without the source checkpoint (an export copied alone to a GPU machine), the model is built from
+    the export's config.json with random weights: the same shapes and work, so the same speed; the
+    result says so."""
     engine = f"transformers {attention}"
     if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("torch") is None:
         return skipped(engine, "transformers or torch is not installed")
-    if inp.checkpoint is None:
+    if inp.checkpoint is None and not (inp.export / "config.json").is_file():
         return skipped(engine, "the export's source checkpoint was not found beside it")
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.cache_utils import DynamicCache
 
     if inp.threads:
         torch.set_num_threads(inp.threads)
+    gpu = inp.device == "cuda"
+    if gpu and not torch.cuda.is_available():
+        return skipped(engine, "torch sees no CUDA device")
+    dtype = torch.float16 if gpu else torch.float32
     t = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(inp.checkpoint, dtype=torch.float32, attn_implementation=attention).eval()
+    if inp.checkpoint is not None:
+        model = AutoModelForCausalLM.from_pretrained(inp.checkpoint, dtype=dtype, attn_implementation=attention)
+        weights = "checkpoint"
+    else:
+        config = AutoConfig.from_pretrained(inp.export)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attention).to(dtype)
+        weights = "random, from config.json (speed only)"
+    model = model.to(inp.device).eval()
     load_s = time.perf_counter() - t
+
+    def sync():
+        if gpu:
+            torch.cuda.synchronize()  # a real decode loop waits for each token; so does ours
 
     @torch.no_grad()
     def first_token(prompts):
-        ids = torch.tensor(prompts)
+        ids = torch.tensor(prompts, device=inp.device)
         cache = DynamicCache()
         out = model(input_ids=ids, past_key_values=cache, use_cache=True)
-        return {"cache": out.past_key_values, "next": out.logits[:, -1].argmax(-1, keepdim=True)}
+        state = {"cache": out.past_key_values, "next": out.logits[:, -1].argmax(-1, keepdim=True)}
+        sync()
+        return state
 
     @torch.no_grad()
     def next_token(state):
         out = model(input_ids=state["next"], past_key_values=state["cache"], use_cache=True)
         state["next"] = out.logits[:, -1].argmax(-1, keepdim=True)
+        sync()
 
     result = time_generation(first_token, next_token, inp.work)
-    return {"engine": engine, "status": "ok", "precision": "fp32", "load_s": load_s, **result}
+    return {"engine": engine, "status": "ok", "precision": "fp16" if gpu else "fp32", "device": inp.device,
+            "weights": weights, "load_s": load_s, **result}
 
 
 def bench_optimum(inp: PeerInputs) -> dict:
@@ -235,3 +259,4 @@ PEERS = {
     "onnxruntime-genai": bench_genai,
     "llama.cpp": bench_llama_cpp,
 }
+GPU_PEERS = ("transformers-eager", "transformers-sdpa")  # those that follow ours onto the GPU

@@ -16,8 +16,12 @@ LIBRARIES = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-genai", "numpy", "to
 
 
 def machine() -> dict:
+    import onnxruntime as ort
+
     return {"cpu": _cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
-            "platform": platform.platform(), "gpu": nvidia_smi(), "versions": library_versions(LIBRARIES)}
+            "platform": platform.platform(), "gpu": nvidia_smi(), "versions": library_versions(LIBRARIES),
+            # where both onnxruntime and onnxruntime-gpu are installed, the one Python imports
+            "onnxruntime_imported": f"{ort.__version__} ({', '.join(ort.get_available_providers())})"}
 
 
 def rss_bytes(peak: bool = False) -> int:
@@ -28,9 +32,16 @@ def rss_bytes(peak: bool = False) -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def read_bandwidth_gbs(threads: int = 0, megabytes: int = 512, repeats: int = 5) -> float:
+def gpu_memory_used_mb() -> float | None:
+    """Memory in use on the first GPU (all processes; the bench's figure is a difference of two readings)."""
+    used = nvidia_smi("memory.used")  # "1234 MiB"
+    return float(used.splitlines()[0].split()[0]) if used else None
+
+
+def read_bandwidth_gbs(threads: int = 0, megabytes: int = 512, repeats: int = 5, provider: str = "cpu") -> float:
     """Best-of-`repeats` read of a float matrix far larger than the caches by ONNX Runtime's
-    matrix-vector product (the kernel of a decode step), with the bench's threads."""
+    matrix-vector product (the kernel of a decode step), with the bench's threads; on "cuda" the
+    matrix sits in GPU memory."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
@@ -43,15 +54,21 @@ def read_bandwidth_gbs(threads: int = 0, megabytes: int = 512, repeats: int = 5)
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    device = "cuda" if provider == "cuda" else "cpu"
+    session = ort.InferenceSession(model.SerializeToString(), opts,
+                                   providers=["CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider"])
     weights = np.ones((k, n), dtype=np.float32)  # an input, not an initializer: read as stored, never prepacked
-    feeds = {"x": ort.OrtValue.ortvalue_from_numpy(np.ones((1, k), dtype=np.float32)),
-             "w": ort.OrtValue.ortvalue_from_numpy(weights)}
+    binding = session.io_binding()
+    binding.bind_ortvalue_input("x", ort.OrtValue.ortvalue_from_numpy(np.ones((1, k), dtype=np.float32), device, 0))
+    binding.bind_ortvalue_input("w", ort.OrtValue.ortvalue_from_numpy(weights, device, 0))
+    binding.bind_output("y", device)
+    session.run_with_iobinding(binding)  # warm-up: CUDA kernels and cuBLAS handles are made on first use
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
-        session.run_with_ort_values(["y"], feeds)
+        session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
         best = min(best, time.perf_counter() - t)
     return weights.nbytes / best / 1e9
 

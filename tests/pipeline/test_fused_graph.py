@@ -1,5 +1,5 @@
 """The fused graph (GroupQueryAttention, fused RMSNorms, in-place KV cache) against PyTorch, per family,
-for ragged right-padded prompts and a cached decode step."""
+for ragged right-padded prompts and a cached decode step, in float32 and float16."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.archs import model_dims
-from pipeline.fused_graph import build_fused_graph
+from pipeline.fused_graph import build_fused_graph, to_float16
 from pipeline.onnx_pack import pack_sibling_matmuls
 from runtime.io_spec import Contract
 
@@ -23,44 +23,65 @@ def _tiny(family: str, **extra):
     return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
 
 
-def _session(model, pack: bool = False):
+def _session(model, pack: bool = False, dtype: str = "float32"):
     d = model_dims(model.config)
-    contract = Contract("fused", d.num_layers, d.num_kv_heads, d.head_dim, d.vocab_size, max_positions=64)
+    contract = Contract("fused", d.num_layers, d.num_kv_heads, d.head_dim, d.vocab_size, max_positions=64, dtype=dtype)
     graph = build_fused_graph(model, contract, 17)
     if pack:
         matmuls = sum(n.op_type == "MatMul" for n in graph.graph.node)
         groups = pack_sibling_matmuls(graph)
         assert groups == 2 * d.num_layers  # q/k/v and gate/up in every layer
         assert sum(n.op_type == "MatMul" for n in graph.graph.node) == matmuls - 3 * d.num_layers
+    if dtype == "float16":
+        assert to_float16(graph) > 0
     return ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"]), contract
 
 
+FAMILIES = [("llama", {}), ("qwen2", {}), ("qwen3", {}), ("mistral", {"sliding_window": 4})]
+
+
 @pytest.mark.parametrize("pack", [False, True], ids=["separate", "packed"])
-@pytest.mark.parametrize("family,extra", [("llama", {}), ("qwen2", {}), ("qwen3", {}), ("mistral", {"sliding_window": 4})])
+@pytest.mark.parametrize("family,extra", FAMILIES)
 def test_fused_graph_matches_pytorch_for_ragged_prefill_and_decode(family, extra, pack):
-    model = _tiny(family, **extra)
-    session, contract = _session(model, pack)
+    _check_against_pytorch(_tiny(family, **extra), pack, "float32", atol=1e-4)
+
+
+@pytest.mark.parametrize("family,extra", FAMILIES)
+def test_float16_graph_matches_pytorch_within_half_precision(family, extra):
+    _check_against_pytorch(_tiny(family, **extra), True, "float16", atol=5e-3)
+
+
+def _check_against_pytorch(model, pack: bool, dtype: str, atol: float):
+    """Prefill two ragged right-padded prompts (GroupQueryAttention's first prompt), then decode one
+    token for each row: the pad positions the prefill wrote into the shorter row are overwritten."""
+    session, contract = _session(model, pack, dtype)
     capacity, lengths = 24, np.array([12, 5])
     ids = np.random.default_rng(0).integers(0, 120, (2, 12))
-    past = {n: np.zeros((2, contract.num_kv_heads, capacity, contract.head_dim), np.float32) for n in contract.past_names()}
+    past = {n: np.zeros((2, contract.num_kv_heads, capacity, contract.head_dim), dtype) for n in contract.past_names()}
     logits, *presents = session.run(None, {
-        "input_ids": ids, "seqlens_k": (lengths - 1).astype(np.int32), "total_sequence_length": np.array(capacity, np.int32),
-        "query_seqlens": lengths.astype(np.int32), "logits_positions": np.tile(np.arange(12), (2, 1)), **past})
+        "input_ids": ids, "seqlens_k": (lengths - 1).astype(np.int32), "total_sequence_length": np.array(12, np.int32),
+        "logits_positions": np.tile(np.arange(12), (2, 1)), **past})
+    assert logits.dtype == np.float32 and presents[0].dtype == np.dtype(dtype)
     with torch.no_grad():
         for row, n in enumerate(lengths):
             ref = model(torch.tensor(ids[row:row + 1, :n])).logits[0].numpy()
-            np.testing.assert_allclose(logits[row, :n], ref, atol=1e-4)
-    # one decode step for row 0 only: row 1 sits idle (query_seqlens 0) and must keep its cache
-    logits, *after = session.run(None, {
-        "input_ids": np.array([[7], [0]]), "seqlens_k": np.array([12, 4], np.int32),
-        "total_sequence_length": np.array(capacity, np.int32), "query_seqlens": np.array([1, 0], np.int32),
-        "logits_positions": np.zeros((2, 1), np.int64),
+            np.testing.assert_allclose(logits[row, :n], ref, atol=atol)
+    logits, *_ = session.run(None, {
+        "input_ids": np.array([[7], [9]]), "seqlens_k": lengths.astype(np.int32),
+        "total_sequence_length": np.array(capacity, np.int32), "logits_positions": np.zeros((2, 1), np.int64),
         **dict(zip(contract.past_names(), presents))})
     with torch.no_grad():
-        ref = model(torch.tensor(np.concatenate([ids[0], [7]])[None])).logits[0, -1].numpy()
-    np.testing.assert_allclose(logits[0, 0], ref, atol=1e-4)
-    for before, now in zip(presents, after):
-        np.testing.assert_array_equal(before[1, :, :5], now[1, :, :5])
+        for row, token in enumerate((7, 9)):
+            ref = model(torch.tensor(np.concatenate([ids[row, :lengths[row]], [token]])[None])).logits[0, -1].numpy()
+            np.testing.assert_allclose(logits[row, 0], ref, atol=atol)
+
+
+def test_ir_version_is_the_lowest_the_opset_allows():
+    """onnxruntime-gpu 1.31 refuses IR 14 (what onnx 1.23 writes by default): the graph must not ask for it."""
+    d = model_dims((model := _tiny("llama")).config)
+    contract = Contract("fused", d.num_layers, d.num_kv_heads, d.head_dim, d.vocab_size, max_positions=64)
+    assert build_fused_graph(model, contract, 17).ir_version == 8
+    assert build_fused_graph(model, contract, 21).ir_version == 10
 
 
 def test_unsupported_activation_is_refused():

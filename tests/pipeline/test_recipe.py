@@ -54,6 +54,13 @@ def test_bad_value_from_post_init(base):
         load_recipe(base("- export: {opset: 9}\n"))
 
 
+def test_float16_export_is_checked(base):
+    with pytest.raises(RecipeError, match=r"stages\[0\]\.export\.dtype: 'bfloat16' is not one of float32, float16"):
+        load_recipe(base("- export: {dtype: bfloat16}\n"))
+    with pytest.raises(RecipeError, match=r"export\.dtype: float16 applies to the fused graph .*set fused: true"):
+        load_recipe(base("- export: {dtype: float16, fused: false}\n"))
+
+
 def test_missing_model_path(base, tmp_path):
     with pytest.raises(RecipeError, match=r"model.source: GGUF file .*missing.gguf not found"):
         load_recipe(base("- export: {}\n", model=str(tmp_path / "missing.gguf")))

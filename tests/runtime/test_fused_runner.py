@@ -1,5 +1,5 @@
 """The fused graph through the runner: in-place KV buffers, ragged batches equal to one-by-one,
-finished rows left untouched, and a readable error when the cache is too small."""
+finished rows fed padding without disturbing the others, and a readable error when the cache is too small."""
 from __future__ import annotations
 
 import numpy as np
@@ -28,14 +28,20 @@ def test_batched_greedy_equals_one_at_a_time_and_the_portable_graph(fused, tiny_
 
 
 def test_rows_stop_on_their_own_limit(fused):
-    """A row that finished is fed query_seqlens 0: its length stays, the others go on."""
+    """A finished row keeps its place in the buffer, fed the pad token; the rows still going are
+    unaffected: their logits equal those of a batch in which nothing finished."""
     logits, state = fused.prefill(PROMPTS, room=4)
-    fused.decode(np.argmax(logits, -1), state)
+    first = np.argmax(logits, -1)
+    fused.decode(first, state)
     fused.graph.keep(state, np.array([0, 2]))  # row 1 finished
     lengths = state.cache.lengths.copy()
     out = fused.decode(np.array([1, 2]), state)
     assert out.shape == (2, fused.contract.vocab_size)
-    assert state.cache.lengths.tolist() == [lengths[0] + 1, lengths[1], lengths[2] + 1]
+    assert state.cache.lengths.tolist() == (lengths + 1).tolist()
+    logits, state = fused.prefill(PROMPTS, room=4)
+    fused.decode(first, state)
+    everyone = fused.decode(np.array([1, 9, 2]), state)
+    np.testing.assert_allclose(out, everyone[[0, 2]], atol=1e-5)
 
 
 def test_kv_buffer_is_allocated_once_and_updated_in_place(fused):
@@ -48,6 +54,13 @@ def test_kv_buffer_is_allocated_once_and_updated_in_place(fused):
     assert {name: value.data_ptr() for name, value in cache.values.items()} == pointers
     assert cache.values["past_key_values.0.key"].data_ptr() == cache.values["present.0.key"].data_ptr()
     assert not np.array_equal(first, cache.values["present.0.key"].numpy())  # written in place
+
+
+def test_cuda_graph_is_refused_without_cuda(tiny_export):
+    with pytest.raises(RuntimeFailure, match="cuda_graph needs the cuda provider"):
+        Generator(tiny_export, provider="cpu", cuda_graph=True)
+    with pytest.raises(RuntimeFailure, match="cuda_graph needs the fused graph"):
+        Generator(tiny_export, provider="cpu", graph="portable", cuda_graph=True)
 
 
 def test_full_cache_and_explicit_max_length_are_readable_errors(tiny_export):

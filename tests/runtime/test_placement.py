@@ -19,7 +19,7 @@ def _profile(folder, tmp_path):
     session = ort.InferenceSession(str(folder / "fused" / "model.onnx"), opts, providers=["CPUExecutionProvider"])
     past = {n: np.zeros((1, contract.num_kv_heads, 4, contract.head_dim), np.float32) for n in contract.past_names()}
     session.run(None, {"input_ids": np.array([[1, 2]]), "seqlens_k": np.array([1], np.int32),
-                       "total_sequence_length": np.array(4, np.int32), "query_seqlens": np.array([2], np.int32),
+                       "total_sequence_length": np.array(2, np.int32),
                        "logits_positions": np.array([[1]]), **past})
     return session.end_profiling()
 

@@ -90,3 +90,35 @@ def test_export_manifest_records_parity_and_contract(tiny_export):
     m = json.loads((tiny_export / "manifest.json").read_text())
     assert m["metrics"]["parity_max_abs_diff"] < 1e-4
     assert m["io_contract"]["flavour"] == "portable" and m["io_contract"]["num_layers"] == 2
+
+
+def test_float16_fused_graph_with_int4_weights(tmp_path, eval_text, tiny_llama):
+    """`dtype: float16` on a quantized model: MatMulNBits and GatherBlockQuantized scales, norms, rotary
+    tables and the KV cache in float16 (what CUDA's GroupQueryAttention needs), logits float32, within
+    half precision of the float32 portable graph; the portable graph itself stays float32."""
+    import textwrap
+
+    recipe = tmp_path / "half.yaml"
+    recipe.write_text(textwrap.dedent(f"""\
+        name: half
+        model: {{source: {tiny_llama}}}
+        stages:
+          - quantize: {{method: rtn, bits: 4, group_size: 32, lm_head: int4, embedding: int4, provider: cuda}}
+          - export: {{dtype: float16}}
+        """))
+    folder = find_model_folder(run(recipe, workdir=tmp_path / "a"))
+    fused, portable = Contract.load(folder / "fused"), Contract.load(folder)
+    assert (fused.dtype, portable.dtype) == ("float16", "float32")
+    assert fused.kv_bytes_per_token() * 2 == portable.kv_bytes_per_token()
+    graph = onnx.load(str(folder / "fused" / "model.onnx"), load_external_data=False).graph
+    floats = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    assert not floats, f"float32 initializers left in the float16 graph: {sorted(floats)[:3]}"
+    assert {n.op_type for n in graph.node} >= {"MatMulNBits", "GatherBlockQuantized", "GroupQueryAttention"}
+    half, full = Generator(folder, provider="cpu"), Generator(folder, provider="cpu", graph="portable")
+    assert half.flavour == "fused"
+    ids = np.random.default_rng(2).integers(0, half.contract.vocab_size, size=10)
+    got, ref = half.logits(ids), full.logits(ids)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, ref, atol=2e-2)
+    parity = json.loads((folder / "manifest.json").read_text())["parity_by_graph"]
+    assert 0 < parity["fused"] < 0.5 and parity["portable"] < 1e-3
