@@ -86,6 +86,92 @@ class BudgetConfig:
             raise RecipeError("sensitivity_samples/sensitivity_length: need at least 1 block of 8 tokens")
 
 
+DISTILL_LAYER_CHOICES = ("uniform", "loss", "hidden")
+
+
+@dataclass(frozen=True)
+class DistillLossConfig:
+    """Weights of the loss terms (at least one positive) and their settings."""
+
+    kd: float = 1.0  # KL(teacher ‖ student) on next-token distributions, at `temperature`
+    temperature: float = 2.0
+    ce: float = 0.0  # cross-entropy on the text itself
+    hidden: float = 0.0  # hidden-state loss over `layer_map`
+    hidden_loss: str = "cosine"  # cosine | mse
+    layer_map: dict[str, int] | None = None  # student layer -> teacher layer (default: where each kept layer came from)
+
+    def __post_init__(self):
+        for key in ("kd", "ce", "hidden"):
+            if getattr(self, key) < 0:
+                raise RecipeError(f"{key}: a loss weight cannot be negative, got {getattr(self, key)}")
+        if self.kd + self.ce + self.hidden <= 0:
+            raise RecipeError("kd/ce/hidden: every loss weight is 0; give at least one a positive weight")
+        if self.temperature <= 0:
+            raise RecipeError(f"temperature: must be positive, got {self.temperature}")
+        if self.hidden_loss not in ("cosine", "mse"):
+            raise RecipeError(f"hidden_loss: '{self.hidden_loss}' is not one of cosine, mse")
+        for key in self.layer_map or {}:
+            if not key.isdigit():
+                raise RecipeError(f"layer_map.{key}: student layers are numbered 0, 1, …")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """A smaller student from the teacher (the step before): pruned, then trained to imitate it.
+
+    The shape: `num_layers` or `param_budget_m` (total parameters, millions) for depth, and
+    optionally `intermediate_size` and `num_key_value_heads` for width. The training text is cut
+    into blocks of `sequence_length` tokens; the last `heldout_fraction` of each text is kept out
+    for evaluation (unless `eval_data` is given). `tokens` is the training budget.
+    """
+
+    num_layers: int | None = None
+    param_budget_m: float | None = None
+    layer_choice: str = "loss"  # uniform | loss (CE increase when the layer is skipped) | hidden (block influence)
+    intermediate_size: int | None = None
+    num_key_value_heads: int | None = None
+    importance_samples: int = 8  # calibration blocks that score layers, channels and heads
+    train_data: tuple[TextSourceConfig, ...] = (TextSourceConfig("wikitext-2", "valid"),
+                                                TextSourceConfig("tinyshakespeare", "all"))
+    eval_data: TextSourceConfig | None = None
+    heldout_fraction: float = 0.05
+    sequence_length: int = 256
+    tokens: int = 400_000  # training budget: steps = tokens / (batch_size * grad_accum * sequence_length)
+    batch_size: int = 4
+    grad_accum: int = 2
+    lr: float = 2e-4
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.05  # then cosine to lr / 10
+    max_grad_norm: float = 1.0
+    eval_every: int = 20  # steps
+    eval_samples: int = 16  # held-out blocks per evaluation
+    checkpoint_every: int = 20  # steps; a killed run resumes from the last one
+    bf16: str = "auto"  # auto (where the GPU or CPU computes bf16 natively) | true | false
+    seed: int = 0
+    loss: DistillLossConfig = field(default_factory=DistillLossConfig)
+    version: int = 1
+
+    def __post_init__(self):
+        if (self.num_layers is None) == (self.param_budget_m is None):
+            raise RecipeError("num_layers/param_budget_m: set exactly one (the student's depth, or its size in millions)")
+        if self.layer_choice not in DISTILL_LAYER_CHOICES:
+            raise RecipeError(f"layer_choice: '{self.layer_choice}' is not one of {', '.join(DISTILL_LAYER_CHOICES)}")
+        if self.bf16 not in ("auto", "true", "false"):
+            raise RecipeError(f"bf16: '{self.bf16}' is not one of auto, true, false")
+        if not 0 <= self.heldout_fraction < 0.5:
+            raise RecipeError(f"heldout_fraction: {self.heldout_fraction} is not in [0, 0.5)")
+        if self.eval_data is None and self.heldout_fraction == 0:
+            raise RecipeError("heldout_fraction: 0 leaves nothing to evaluate on; give eval_data or a fraction > 0")
+        for key in ("sequence_length", "tokens", "batch_size", "grad_accum", "eval_every", "eval_samples",
+                    "checkpoint_every", "importance_samples"):
+            if getattr(self, key) < 1:
+                raise RecipeError(f"{key}: must be a positive integer, got {getattr(self, key)}")
+        if self.lr <= 0:
+            raise RecipeError(f"lr: must be positive, got {self.lr}")
+        if not self.train_data:
+            raise RecipeError("train_data: give at least one text source")
+
+
 @dataclass(frozen=True)
 class QuantizeConfig:
     """Weight-only quantization of the decoder's linear layers (and optionally the LM head).

@@ -97,6 +97,15 @@ def _end_tokens(cfg: ModelConfig, model, tokenizer) -> tuple[list[int], list[str
     return ids, fixes
 
 
+def copy_tokenizer(src: Path, out: Path) -> None:
+    """The tokenizer and generation config travel with every hf-model artifact a stage writes."""
+    import shutil
+
+    for name in TOKENIZER_FILES + ("generation_config.json",):
+        if (src / name).exists():
+            shutil.copy2(src / name, out / name)
+
+
 def load_torch_model(folder: Path):
     """The float32 PyTorch model of an hf-model artifact, with the attention the exporter traces."""
     from transformers import AutoModelForCausalLM

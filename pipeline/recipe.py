@@ -122,6 +122,8 @@ def _resolve_text_sources(config: Any, base: Path, where: str) -> Any:
         value = getattr(config, f.name)
         if isinstance(value, TextSourceConfig):
             new = _resolve_text_source(value, base, f"{where}.{f.name}.source")
+        elif isinstance(value, tuple) and value and all(isinstance(v, TextSourceConfig) for v in value):
+            new = tuple(_resolve_text_source(v, base, f"{where}.{f.name}[{i}].source") for i, v in enumerate(value))
         elif dataclasses.is_dataclass(value):
             new = _resolve_text_sources(value, base, f"{where}.{f.name}")
         else:
@@ -150,13 +152,19 @@ def data_identity(config: Any) -> dict[str, Any]:
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if isinstance(value, TextSourceConfig):
-            path = local_file(value.source, value.split)
-            out[f.name] = sha256_file(path) if path else f"hub:{value.source}"
+            out[f.name] = _text_identity(value)
+        elif isinstance(value, tuple) and value and all(isinstance(v, TextSourceConfig) for v in value):
+            out[f.name] = [_text_identity(v) for v in value]
         elif dataclasses.is_dataclass(value):
             inner = data_identity(value)
             if inner:
                 out[f.name] = inner
     return out
+
+
+def _text_identity(value: TextSourceConfig) -> str:
+    path = local_file(value.source, value.split)
+    return sha256_file(path) if path else f"hub:{value.source}"
 
 
 def resolve_source(source: str, base: Path) -> ModelSource:

@@ -38,6 +38,7 @@ class RunContext:
     baseline: Artifact  # the imported, unoptimized model: the reference for accuracy
     history: tuple[Artifact, ...]  # every artifact before this step, in order (history[-1] is the input)
     log: Callable[[str], None]
+    step: str = ""  # the step's folder name ("01-distill-<fingerprint>"): names state kept across runs
 
 
 def log(msg: str) -> None:
@@ -99,7 +100,8 @@ def _run_step(run_dir, index, name, kind, cfg_dict, fp, history, build, force, r
     tmp.mkdir()
     started = time.time()
     try:
-        ctx = RunContext(run_dir=run_dir, out_dir=tmp, baseline=history[0] if history else None, history=history, log=log)
+        ctx = RunContext(run_dir=run_dir, out_dir=tmp, baseline=history[0] if history else None, history=history, log=log,
+                         step=final.name)
         result: StageResult = build(ctx)
         manifest = _manifest(name, kind, cfg_dict, fp, history[-1] if history else None, result, tmp, started)
         write_json_atomic(tmp / MANIFEST, manifest)

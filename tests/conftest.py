@@ -40,14 +40,14 @@ def make_tokenizer(folder: Path):
     return fast
 
 
-def make_checkpoint(folder: Path, family: str = "llama", seed: int = 0) -> Path:
+def make_checkpoint(folder: Path, family: str = "llama", seed: int = 0, layers: int = 2) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder.mkdir(parents=True, exist_ok=True)
     tok = make_tokenizer(folder)
     config = AutoConfig.for_model(
-        family, vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        family, vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=family == "qwen2",
     )

@@ -1,2 +1,2 @@
 """The stages, in recipe order. Importing this module registers each one."""
-from pipeline.stages import quantize, export, validate  # recipe order  # noqa: F401
+from pipeline.stages import distill, quantize, export, validate  # recipe order  # noqa: F401

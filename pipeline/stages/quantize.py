@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import time
 
 import numpy as np
@@ -23,7 +22,7 @@ from calibration import DataError, load_text, sample_blocks
 from calibration.collect import calibration_estimate, capture_layer_inputs, decoder_layers, input_hooks, run_layer
 from pipeline.configs import QuantizeConfig
 from pipeline.errors import StageError
-from pipeline.models import TOKENIZER_FILES, load_torch_model
+from pipeline.models import copy_tokenizer, load_torch_model
 from pipeline.quant.gptq import HessianAccumulator, gptq
 from pipeline.stages.quantize_awq import awq_model
 from pipeline.stages.quantize_budget import bar_chart, choose
@@ -84,7 +83,7 @@ def _w8a8(model, cfg: QuantizeConfig, src_dir, ctx, started: float) -> StageResu
         ctx.log(f"  SmoothQuant alpha {cfg.smoothquant} over {len(batches)} calibration batches")
         info["activation_max_before_smoothing"] = smoothquant(model, batches, cfg.smoothquant)
     model.save_pretrained(ctx.out_dir, safe_serialization=True)
-    _copy_tokenizer(src_dir, ctx.out_dir)
+    copy_tokenizer(src_dir, ctx.out_dir)
     if cfg.activations == "static":
         np.save(ctx.out_dir / CALIBRATION_FILE, calibration_ids(batches))
     linears = decoder_linears(model)
@@ -224,7 +223,7 @@ def _untie_lm_head(model) -> None:
 def _save(model, qtensors, plan, skipped, cfg, src_dir, out, embed: dict | None) -> int:
     """Write the checkpoint, the packed tensors and the plan; returns the packed bytes."""
     model.save_pretrained(out, safe_serialization=True)
-    _copy_tokenizer(src_dir, out)
+    copy_tokenizer(src_dir, out)
     tensors = {}
     for name, qt in qtensors.items():
         for key, array in pack_matmul_nbits(qt).items():
@@ -238,12 +237,6 @@ def _save(model, qtensors, plan, skipped, cfg, src_dir, out, embed: dict | None)
         layers["model.embed_tokens"] = embed_entry
     (out / PLAN_FILE).write_text(json.dumps({"method": cfg.method, "layers": layers, "skipped": skipped}, indent=2) + "\n")
     return sum(a.nbytes for a in tensors.values())
-
-
-def _copy_tokenizer(src_dir, out) -> None:
-    for name in TOKENIZER_FILES + ("generation_config.json",):
-        if (src_dir / name).exists():
-            shutil.copy2(src_dir / name, out / name)
 
 
 def _scheme_dict(s: QuantScheme) -> dict:

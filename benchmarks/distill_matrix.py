@@ -1,0 +1,107 @@
+"""Distillation on the reference model: which layers to drop, and KD against plain fine-tuning.
+
+    python benchmarks/distill_matrix.py artifacts/smollm2-fp32/00-model-* --layers 20 --tokens 200000
+
+Teacher: the hf-model artifact given (SmolLM2-135M-Instruct, 30 layers). Student: `--layers` of them.
+Rows: the teacher; the pruned student with layers dropped uniformly, by block influence (hidden)
+and by the loss increase when each layer alone is skipped (loss), untrained; then the loss-chosen
+student trained for the same token budget with knowledge distillation (KL to the teacher, T = 2)
+and with plain cross-entropy on the text. Training text: WikiText-2 valid + Tiny Shakespeare (the
+distill stage's defaults); perplexity: WikiText-2 test, 40 windows of 512 tokens (the validate
+stage's protocol), through PyTorch. Prints a table and writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from calibration import load_text, sample_blocks, windows  # noqa: E402
+from pipeline.configs import DistillConfig, DistillLossConfig  # noqa: E402
+from pipeline.distill.prune import choose_layers, layer_importance, prune_depth  # noqa: E402
+from pipeline.distill.train import train  # noqa: E402
+from pipeline.stages.distill import _data  # noqa: E402
+from runtime.tokenizer import Tokenizer  # noqa: E402
+
+
+@torch.no_grad()
+def perplexity(model, ids: np.ndarray, context: int = 512, max_windows: int = 40) -> float:
+    nll, scored = 0.0, 0
+    for w in windows(len(ids), context, context, max_windows):
+        window = torch.from_numpy(ids[w.begin:w.end])[None]
+        logits = model(input_ids=window, use_cache=False).logits[0]
+        targets = window[0, len(window[0]) - w.scored:]
+        lp = torch.log_softmax(logits[len(window[0]) - w.scored - 1:-1].double(), dim=-1)
+        nll -= lp.gather(1, targets[:, None]).sum().item()
+        scored += w.scored
+    return math.exp(nll / scored)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("teacher", type=Path, help="an hf-model artifact folder (the model step)")
+    parser.add_argument("--layers", type=int, default=20)
+    parser.add_argument("--tokens", type=int, default=200_000, help="training budget of each trained row")
+    parser.add_argument("--trained", default="kd,ce", help="trained rows to run: kd, ce or both")
+    parser.add_argument("--out", type=Path, default=Path("artifacts/bench-distill/distill_matrix.json"))
+    args = parser.parse_args()
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=torch.float32, attn_implementation="sdpa").eval()
+    tokenizer = Tokenizer(args.teacher)
+    test_ids = np.array(tokenizer.encode(load_text("wikitext-2", "test"), add_special_tokens=False), dtype=np.int64)
+    cfg = DistillConfig(num_layers=args.layers, tokens=args.tokens)
+    train_blocks, eval_blocks = _data(cfg, tokenizer)
+    calib = torch.from_numpy(sample_blocks(train_blocks.numpy().reshape(-1), cfg.sequence_length,
+                                           cfg.importance_samples, cfg.seed))
+    rows = [{"row": "teacher (30 layers)", "perplexity": perplexity(teacher, test_ids)}]
+    print(f"teacher: {rows[0]['perplexity']:.3f}", flush=True)
+    kept = {}
+    for how in ("uniform", "hidden", "loss"):
+        started = time.perf_counter()
+        scores = None if how == "uniform" else layer_importance(teacher, calib, how)
+        kept[how] = choose_layers(teacher.config.num_hidden_layers, args.layers, how, scores)
+        ppl = perplexity(prune_depth(teacher, kept[how]), test_ids)
+        rows.append({"row": f"pruned, {how} choice, untrained", "perplexity": ppl, "layers": kept[how],
+                     "scoring_seconds": time.perf_counter() - started})
+        print(f"pruned ({how}): {ppl:.3f} layers {kept[how]}", flush=True)
+    trained = {"kd": ("knowledge distillation (KL, T=2)", DistillLossConfig(kd=1.0)),
+               "ce": ("cross-entropy fine-tuning", DistillLossConfig(kd=0.0, ce=1.0))}
+    for name, loss in (trained[key] for key in args.trained.split(",")):
+        student = prune_depth(teacher, kept["loss"])
+        run_cfg = dataclasses.replace(cfg, loss=loss)
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory() as checkpoints:
+            history = train(student, teacher, train_blocks, eval_blocks, dict(enumerate(kept["loss"])), run_cfg,
+                            Path(checkpoints), print)
+        wall = time.perf_counter() - started
+        ppl = perplexity(student.eval(), test_ids)
+        rows.append({"row": f"loss choice + {name}, {history.tokens_seen:,} tokens", "perplexity": ppl,
+                     "train_tokens_per_second": history.tokens_seen / history.train_seconds, "wall_seconds": wall,
+                     "heldout_curve": list(zip(history.eval_steps, history.eval_ppl))})
+        print(f"{name}: {ppl:.3f} in {wall:.0f}s", flush=True)
+
+    teacher_ppl, pruned_ppl = rows[0]["perplexity"], rows[3]["perplexity"]
+    print(f"\n| row | WikiText-2 test perplexity | gap recovered |\n|---|---|---|")
+    for r in rows:
+        gap = (pruned_ppl - r["perplexity"]) / (pruned_ppl - teacher_ppl) if "train_tokens_per_second" in r else None
+        print(f"| {r['row']} | {r['perplexity']:.3f} | {'' if gap is None else f'{gap * 100:.0f} %'} |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"teacher": str(args.teacher), "layers": args.layers, "tokens": args.tokens,
+                                    "threads": torch.get_num_threads(), "rows": rows}, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

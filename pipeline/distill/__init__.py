@@ -1,0 +1,1 @@
+"""Distillation: build a student from the teacher (prune.py), its losses (losses.py) and the training loop (train.py)."""

@@ -1,0 +1,157 @@
+"""Distill stage: hf-model (the teacher) -> a smaller hf-model (the student).
+
+    teacher ─► width pruning (MLP channels, KV groups) ─► depth pruning (layers kept by importance)
+            ─► pruned student ─► knowledge distillation on text (pipeline/distill/train.py) ─► student
+
+Calibration blocks (from the training text) score the layers, channels and heads; held-out blocks
+measure the student before and during training. Training checkpoints live beside the run
+(`.resume-<step folder>/`) until the step completes, so a killed run resumes when re-run.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+
+import numpy as np
+import torch
+
+from calibration import DataError, load_text, sample_blocks
+from pipeline.configs import DistillConfig, TextSourceConfig
+from pipeline.distill.prune import (
+    choose_layers, layer_importance, layers_for_budget, prune_depth, prune_kv_groups, prune_mlp,
+)
+from pipeline.distill.train import evaluate, train
+from pipeline.errors import StageError
+from pipeline.models import copy_tokenizer
+from pipeline.registry import StageResult, register_stage
+from runtime.tokenizer import Tokenizer
+
+
+@register_stage("distill", DistillConfig, consumes="hf-model", produces="hf-model")
+def distill(cfg: DistillConfig, inp, ctx) -> StageResult:
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_pretrained(inp.path, dtype=torch.float32, attn_implementation="sdpa").eval()
+    teacher_layers = teacher.config.num_hidden_layers
+    train_blocks, eval_blocks = _data(cfg, Tokenizer(inp.path))
+    calib = torch.from_numpy(sample_blocks(train_blocks.numpy().reshape(-1), cfg.sequence_length,
+                                           cfg.importance_samples, cfg.seed))
+    ctx.log(f"  {len(train_blocks)} training blocks of {cfg.sequence_length} tokens, {len(eval_blocks)} held out")
+
+    student = teacher
+    if cfg.intermediate_size is not None or cfg.num_key_value_heads is not None:
+        import copy
+
+        student = copy.deepcopy(teacher)
+        if cfg.intermediate_size is not None:
+            prune_mlp(student, cfg.intermediate_size, calib)
+        if cfg.num_key_value_heads is not None:
+            prune_kv_groups(student, cfg.num_key_value_heads, calib)
+    layers = cfg.num_layers if cfg.num_layers is not None else layers_for_budget(student, cfg.param_budget_m)
+    scores = None
+    if cfg.layer_choice != "uniform":
+        ctx.log(f"  scoring {teacher_layers} layers ({cfg.layer_choice}) on {cfg.importance_samples} calibration blocks")
+        scores = layer_importance(teacher, calib, cfg.layer_choice)
+    keep = choose_layers(teacher_layers, layers, cfg.layer_choice, scores)
+    student = prune_depth(student, keep)
+    layer_map = _layer_map(cfg, keep, teacher_layers)
+    params = sum(p.numel() for p in student.parameters())
+    teacher_params = sum(p.numel() for p in teacher.parameters())
+    ctx.log(f"  student: layers {keep} of {teacher_layers}, {params / 1e6:.1f}M parameters (teacher {teacher_params / 1e6:.1f}M)")
+
+    teacher_ppl = evaluate(teacher, teacher, eval_blocks)[0]
+    pruned_ppl, pruned_kl = evaluate(student, teacher, eval_blocks)
+    ctx.log(f"  held-out perplexity: teacher {teacher_ppl:.3f}, pruned student {pruned_ppl:.3f}")
+    checkpoints = ctx.run_dir / f".resume-{ctx.step or 'distill'}"
+    started = time.time()
+    history = train(student, teacher, train_blocks, eval_blocks, layer_map, cfg, checkpoints, ctx.log)
+    final_ppl, final_kl = history.eval_ppl[-1], history.eval_kl[-1]
+
+    student.save_pretrained(ctx.out_dir, safe_serialization=True)
+    copy_tokenizer(inp.path, ctx.out_dir)
+    _plot(history, pruned_ppl, teacher_ppl, ctx.out_dir / "training.png")
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    recovered = (pruned_ppl - final_ppl) / (pruned_ppl - teacher_ppl) if pruned_ppl > teacher_ppl else 1.0
+    return StageResult(
+        metrics={"teacher_perplexity": teacher_ppl, "pruned_perplexity": pruned_ppl, "perplexity": final_ppl,
+                 "gap_recovered": recovered, "kl_to_teacher": final_kl, "pruned_kl_to_teacher": pruned_kl,
+                 "parameters": params, "teacher_parameters": teacher_params, "layers": len(keep),
+                 "tokens_seen": history.tokens_seen,
+                 "train_tokens_per_second": history.tokens_seen / max(history.train_seconds, 1e-9),
+                 "wall_seconds": time.time() - started},
+        info={"teacher": {"artifact": str(inp.path), "fingerprint": inp.fingerprint,
+                          "model_type": teacher.config.model_type, "layers": teacher_layers},
+              "pruning": {"kept_layers": keep, "layer_choice": cfg.layer_choice, "layer_scores": scores,
+                          "intermediate_size": student.config.intermediate_size,
+                          "num_key_value_heads": student.config.num_key_value_heads},
+              "layer_map": {str(k): v for k, v in layer_map.items()},
+              "training": history.__dict__},
+    )
+
+
+def _data(cfg: DistillConfig, tokenizer: Tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training blocks from the head of each training text; held-out blocks from their tails (or eval_data)."""
+    train_parts, heldout_parts = [], []
+    for i, source in enumerate(cfg.train_data):
+        ids = _tokens(source, tokenizer, f"distill.train_data[{i}]")
+        cut = int(len(ids) * (1 - cfg.heldout_fraction)) if cfg.eval_data is None else len(ids)
+        train_parts.append(_blocks(ids[:cut], cfg.sequence_length))
+        heldout_parts.append(ids[cut:])
+    train_blocks = np.concatenate(train_parts)
+    if len(train_blocks) < cfg.batch_size:
+        raise StageError(f"distill.train_data: {len(train_blocks)} blocks of {cfg.sequence_length} tokens, fewer than "
+                         f"one batch of {cfg.batch_size}; give more text or lower sequence_length/batch_size")
+    held = (_tokens(cfg.eval_data, tokenizer, "distill.eval_data") if cfg.eval_data is not None
+            else np.concatenate(heldout_parts))
+    eval_blocks = _blocks(held, cfg.sequence_length)[: cfg.eval_samples]
+    if len(eval_blocks) == 0:
+        raise StageError(f"distill: the held-out text has {len(held)} tokens, fewer than one block of "
+                         f"{cfg.sequence_length}; raise heldout_fraction or give eval_data")
+    return torch.from_numpy(train_blocks), torch.from_numpy(eval_blocks)
+
+
+def _tokens(source: TextSourceConfig, tokenizer: Tokenizer, key: str) -> np.ndarray:
+    try:
+        text = load_text(source.source, source.split, source.hub_config, source.text_field)
+    except DataError as e:
+        raise StageError(f"{key}: {e}") from e
+    return np.array(tokenizer.encode(text, add_special_tokens=False), dtype=np.int64)
+
+
+def _blocks(ids: np.ndarray, length: int) -> np.ndarray:
+    n = len(ids) // length
+    return ids[: n * length].reshape(n, length)
+
+
+def _layer_map(cfg: DistillConfig, keep: list[int], teacher_layers: int) -> dict[int, int]:
+    """Student layer -> teacher layer for the hidden-state loss; by default each layer's origin."""
+    if cfg.loss.layer_map is None:
+        return dict(enumerate(keep))
+    out = {}
+    for student_layer, teacher_layer in cfg.loss.layer_map.items():
+        s = int(student_layer)
+        if s >= len(keep):
+            raise StageError(f"distill.loss.layer_map.{student_layer}: the student has layers 0..{len(keep) - 1}")
+        if not 0 <= teacher_layer < teacher_layers:
+            raise StageError(f"distill.loss.layer_map.{student_layer}: teacher layer {teacher_layer} does not exist "
+                             f"(the teacher has layers 0..{teacher_layers - 1})")
+        out[s] = teacher_layer
+    return out
+
+
+def _plot(history, pruned_ppl: float, teacher_ppl: float, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (loss_ax, ppl_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    loss_ax.plot(history.steps, history.loss, lw=1)
+    loss_ax.set(xlabel="step", ylabel="training loss", title="distillation loss")
+    ppl_ax.plot([0] + history.eval_steps, [pruned_ppl] + history.eval_ppl, marker="o", label="student")
+    ppl_ax.axhline(teacher_ppl, color="gray", ls="--", label="teacher")
+    ppl_ax.set(xlabel="step", ylabel="held-out perplexity", title="evaluation")
+    ppl_ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,108 @@
+"""The distill stage on a tiny teacher: a smaller student checkpoint the next stages take, a manifest
+with the plan and the curves, resume after a kill equal to an uninterrupted run, and clear errors."""
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_checkpoint
+from pipeline import StageError, run
+from runtime import Generator, find_model_folder
+
+SETTINGS = ("num_layers: 2, layer_choice: loss, intermediate_size: 96, sequence_length: 32, batch_size: 2, "
+            "grad_accum: 2, tokens: 1024, eval_every: 4, checkpoint_every: 2, eval_samples: 4, importance_samples: 4, "
+            "heldout_fraction: 0.2")
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("teacher4"), "llama", layers=4)
+
+
+def _recipe(folder, teacher, text, settings: str = SETTINGS, extra_stages: str = "") -> object:
+    path = folder / "d.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        name: d
+        model: {{source: {teacher}}}
+        stages:
+          - distill: {{{settings}, train_data: [{{source: {text}}}]}}
+        """) + extra_stages)
+    return path
+
+
+def test_student_is_smaller_trained_and_exportable(tmp_path, teacher, eval_text):
+    stages = "  - quantize: {method: rtn, bits: 4, group_size: 32}\n  - export: {}\n"
+    run_dir = run(_recipe(tmp_path, teacher, eval_text, extra_stages=stages), workdir=tmp_path / "a")
+    step = next(run_dir.glob("01-distill-*"))
+    manifest = json.loads((step / "manifest.json").read_text())
+    config = json.loads((step / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["intermediate_size"]) == (2, 96)
+    assert len(manifest["pruning"]["kept_layers"]) == 2 and len(manifest["pruning"]["layer_scores"]) == 4
+    m = manifest["metrics"]
+    assert m["parameters"] < m["teacher_parameters"] and m["tokens_seen"] == 1024
+    assert manifest["training"]["eval_steps"] == [4, 8] and len(manifest["training"]["loss"]) == 8
+    assert m["kl_to_teacher"] < m["pruned_kl_to_teacher"]  # training moved the student towards the teacher
+    assert manifest["teacher"]["layers"] == 4 and (step / "training.png").stat().st_size > 1000
+    assert not list(run_dir.glob(".resume-*"))  # checkpoints go once the step is complete
+    gen = Generator(find_model_folder(run_dir), provider="cpu")
+    assert len(gen.generate([[5, 6, 7]], 4, ignore_eos=True).tokens[0]) == 4
+
+
+def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(tmp_path, teacher, eval_text, monkeypatch):
+    import pipeline.stages.distill as stage
+
+    whole = run(_recipe(tmp_path, teacher, eval_text), workdir=tmp_path / "whole")
+    real_train = stage.train
+
+    def killed_at_step_5(*args, **kwargs):
+        def on_step(step):
+            if step == 5:
+                raise KeyboardInterrupt  # after the checkpoint at step 4
+        return real_train(*args, **kwargs, on_step=on_step)
+
+    monkeypatch.setattr(stage, "train", killed_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        run(_recipe(tmp_path, teacher, eval_text), workdir=tmp_path / "resumed")
+    assert list((tmp_path / "resumed" / "d").glob(".resume-*/state/progress.json"))
+    monkeypatch.setattr(stage, "train", real_train)
+    resumed = run(_recipe(tmp_path, teacher, eval_text), workdir=tmp_path / "resumed")
+    a = load_file(str(next(whole.glob("01-distill-*")) / "model.safetensors"))
+    b = load_file(str(next(resumed.glob("01-distill-*")) / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+    history = json.loads((next(resumed.glob("01-distill-*")) / "manifest.json").read_text())["training"]
+    assert history["steps"] == list(range(1, 9))  # the resumed run's curve is whole
+
+
+def test_a_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path, teacher, eval_text, monkeypatch):
+    import pipeline.distill.train as train_mod
+
+    calls = [0]
+    real = train_mod.kd_loss
+
+    def nan_in_step_3(*args):  # calls 1-2: the held-out evaluations before training; then 2 per step
+        calls[0] += 1
+        return real(*args) * (float("nan") if calls[0] == 7 else 1.0)
+
+    monkeypatch.setattr(train_mod, "kd_loss", nan_in_step_3)
+    with pytest.raises(StageError, match=r"the loss is nan at step 3; the last good checkpoint \(step 2\) is kept"):
+        run(_recipe(tmp_path, teacher, eval_text), workdir=tmp_path / "a")
+
+
+@pytest.mark.parametrize("settings,message", [
+    ("num_layers: 9", r"distill.num_layers: 9 is not between 1 and the teacher's 4 layers"),
+    ("num_layers: 2, heldout_fraction: 0.01", r"distill: the held-out text has \d+ tokens, fewer than one block of 256"),
+    ("num_layers: 2, batch_size: 4000", r"distill.train_data: \d+ blocks of 256 tokens, fewer than one batch of 4000"),
+    ("num_layers: 2, loss: {hidden: 1.0, layer_map: {'5': 1}}", r"distill.loss.layer_map.5: the student has layers 0..1"),
+    ("num_layers: 2, loss: {hidden: 1.0, layer_map: {'1': 7}}", r"teacher layer 7 does not exist"),
+])
+def test_bad_shapes_and_data_are_named(tmp_path, teacher, eval_text, settings, message):
+    if "heldout_fraction" not in settings:
+        settings += ", heldout_fraction: 0.2"
+    with pytest.raises(StageError, match=message):
+        run(_recipe(tmp_path, teacher, eval_text, settings=settings), workdir=tmp_path / "a")
