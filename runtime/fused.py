@@ -35,8 +35,6 @@ class FusedState:
 class FusedGraph:
     def __init__(self, session: ort.InferenceSession, contract: Contract, pad_id: int, device: str = "cpu",
                  max_length: int | None = None, cuda_graph: bool = False):
-        if cuda_graph and device != "cuda":
-            raise RuntimeFailure("cuda_graph needs the cuda provider")
         self.session, self.contract, self.pad_id, self.device = session, contract, pad_id, device
         self.max_length = max_length  # None: each generate sizes the cache to its prompts plus new tokens
         self.cuda_graph = cuda_graph
@@ -104,17 +102,16 @@ class FusedGraph:
         binding.bind_cpu_input("seqlens_k", (total - 1).astype(np.int32))
         binding.bind_cpu_input("total_sequence_length", np.array(cache.max_length if decode else width, dtype=np.int32))
         if self.device == "cpu":  # straight into a host array: no per-step wrapping of every output
-            logits = self._host_logits(batch, positions.shape[1])
-            binding.bind_ortvalue_output("logits", logits[1])
+            host, logits = self._host_logits(batch, positions.shape[1])
         else:
-            logits = (None, ort.OrtValue.ortvalue_from_shape_and_type(
-                (batch, positions.shape[1], self.contract.vocab_size), np.float32, self.device, 0))
-            binding.bind_ortvalue_output("logits", logits[1])
+            host, logits = None, ort.OrtValue.ortvalue_from_shape_and_type(
+                (batch, positions.shape[1], self.contract.vocab_size), np.float32, self.device, 0)
+        binding.bind_ortvalue_output("logits", logits)
         started = time.perf_counter()
         self.session.run_with_iobinding(binding, self._run_options.get("prefill"))
         self.session_seconds += time.perf_counter() - started
         cache.lengths[:] = total
-        return logits[0] if self.device == "cpu" else logits[1].numpy()
+        return host if host is not None else logits.numpy()
 
     def _replay_decode(self, input_ids: np.ndarray, cache: StaticKVCache) -> np.ndarray:
         """A decode step through the fixed device buffers (captured on first use, replayed after)."""

@@ -20,13 +20,10 @@ import copy
 import numpy as np
 import torch
 
+from calibration.collect import decoder_layers, input_hooks
 from pipeline.errors import StageError
 
 LAYER_CHOICES = ("uniform", "loss", "hidden")
-
-
-def decoder_layers(model) -> torch.nn.ModuleList:
-    return model.model.layers
 
 
 @contextlib.contextmanager
@@ -71,7 +68,7 @@ def layer_importance(model, blocks: torch.Tensor, how: str) -> list[float]:
             for layer in range(len(sums)):  # hidden[l] is layer l's input, hidden[l + 1] its output
                 cos = torch.nn.functional.cosine_similarity(hidden[layer], hidden[layer + 1], dim=-1)
                 sums[layer] += float((1 - cos).sum())
-        return (sums / blocks[:, :].numel()).tolist()
+        return (sums / blocks.numel()).tolist()
     raise ValueError(f"unknown importance measure {how!r}")
 
 
@@ -101,20 +98,17 @@ def prune_depth(teacher, keep: list[int]):
 @torch.no_grad()
 def _input_magnitudes(model, blocks: torch.Tensor, module_name: str) -> list[torch.Tensor]:
     """Mean |input| per channel of `layers[i].<module_name>` for every layer, over the blocks."""
-    sums: list[torch.Tensor | None] = [None] * len(decoder_layers(model))
-    hooks = []
-    for i, layer in enumerate(decoder_layers(model)):
-        def hook(_module, args, i=i):
-            x = args[0].abs().reshape(-1, args[0].shape[-1]).sum(0)
-            sums[i] = x if sums[i] is None else sums[i] + x
-        hooks.append(layer.get_submodule(module_name).register_forward_pre_hook(hook))
-    try:
+    modules = {f"{i}": layer.get_submodule(module_name) for i, layer in enumerate(decoder_layers(model))}
+    sums: dict[str, torch.Tensor] = {}
+
+    def sink(name: str, x: torch.Tensor) -> None:
+        total = x.abs().reshape(-1, x.shape[-1]).sum(0)
+        sums[name] = sums[name] + total if name in sums else total
+
+    with input_hooks(modules, sink):
         for i in range(0, len(blocks), 4):
             model(input_ids=blocks[i:i + 4], use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
-    return [s / blocks.numel() for s in sums]
+    return [sums[name] / blocks.numel() for name in modules]
 
 
 def prune_mlp(model, size: int, blocks: torch.Tensor) -> None:

@@ -9,6 +9,7 @@ measure the student before and during training. Training checkpoints live beside
 """
 from __future__ import annotations
 
+import math
 import shutil
 import time
 
@@ -18,7 +19,7 @@ import torch
 from calibration import DataError, load_text, sample_blocks
 from pipeline.configs import DistillConfig, TextSourceConfig
 from pipeline.distill.prune import (
-    choose_layers, layer_importance, layers_for_budget, prune_depth, prune_kv_groups, prune_mlp,
+    choose_layers, layer_importance, layers_for_budget, mean_loss, prune_depth, prune_kv_groups, prune_mlp,
 )
 from pipeline.distill.train import evaluate, train
 from pipeline.errors import StageError
@@ -59,7 +60,7 @@ def distill(cfg: DistillConfig, inp, ctx) -> StageResult:
     teacher_params = sum(p.numel() for p in teacher.parameters())
     ctx.log(f"  student: layers {keep} of {teacher_layers}, {params / 1e6:.1f}M parameters (teacher {teacher_params / 1e6:.1f}M)")
 
-    teacher_ppl = evaluate(teacher, teacher, eval_blocks)[0]
+    teacher_ppl = math.exp(mean_loss(teacher, eval_blocks))
     pruned_ppl, pruned_kl = evaluate(student, teacher, eval_blocks)
     ctx.log(f"  held-out perplexity: teacher {teacher_ppl:.3f}, pruned student {pruned_ppl:.3f}")
     checkpoints = ctx.run_dir / f".resume-{ctx.step or 'distill'}"
