@@ -12,6 +12,7 @@ import click
 from pipeline.bench.cli import bench_command
 from pipeline.doctor import doctor_command
 from runtime.cli import generate_command
+from runtime.serve.cli import serve_command
 
 
 class RecipeOrCommand(click.Group):
@@ -49,6 +50,7 @@ def run_command(recipe, workdir, force, debug):
 
 
 main.add_command(generate_command)
+main.add_command(serve_command)
 main.add_command(doctor_command)
 main.add_command(bench_command)
 

@@ -1,6 +1,7 @@
 """The bundled ONNX Runtime runner: loads an exported artifact and generates.
 
-Depends on onnxruntime, numpy, tokenizers and jinja2 only (no torch, no transformers).
+Depends on onnxruntime, numpy, tokenizers and jinja2 only (no torch, no transformers); the server in
+`runtime.serve` adds starlette, uvicorn and prometheus-client.
 """
 from runtime.errors import RuntimeFailure
 from runtime.generate import GenerationResult, Generator

@@ -54,7 +54,8 @@ class Generator:
     """
 
     def __init__(self, folder: Path | str, provider: str = "auto", threads: int = 0, graph: str = "auto",
-                 max_length: int | None = None, allow_fallback: bool = False, cuda_graph: bool = False):
+                 max_length: int | None = None, allow_fallback: bool = False, cuda_graph: bool = False,
+                 spinning: bool = True):
         self.folder = Path(folder)
         graph_folder = self._graph_folder(graph)
         try:
@@ -63,7 +64,8 @@ class Generator:
             raise RuntimeFailure(str(e)) from e
         if cuda_graph and self.contract.flavour != "fused":
             raise RuntimeFailure("cuda_graph needs the fused graph (the portable graph's shapes change every step)")
-        self.session, self.provider = create_session(graph_folder, self.contract, provider, threads, cuda_graph)
+        self.session, self.provider = create_session(graph_folder, self.contract, provider, threads, cuda_graph,
+                                                      spinning)
         self.tokenizer = Tokenizer(self.folder)
         gen = _read_json(self.folder / "generation_config.json")
         eos = gen.get("eos_token_id")

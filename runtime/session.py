@@ -30,9 +30,11 @@ def choose_provider(requested: str = "auto") -> str:
 
 
 def create_session(folder: Path, contract: Contract, provider: str = "auto", threads: int = 0,
-                   cuda_graph: bool = False) -> tuple[ort.InferenceSession, str]:
+                   cuda_graph: bool = False, spinning: bool = True) -> tuple[ort.InferenceSession, str]:
     """Open `folder/model.onnx` on the chosen provider; returns (session, provider name in use).
-    `cuda_graph`: let ONNX Runtime capture and replay CUDA graphs (runs that name a gpu_graph_id)."""
+    `cuda_graph`: let ONNX Runtime capture and replay CUDA graphs (runs that name a gpu_graph_id).
+    `spinning=False`: idle intra-op threads sleep instead of spinning, leaving the cores to other
+    threads of the process (a server's HTTP side)."""
     chosen = choose_provider(provider)
     if cuda_graph and chosen != "cuda":
         raise RuntimeFailure(f"cuda_graph needs the cuda provider, not {chosen}")
@@ -43,6 +45,8 @@ def create_session(folder: Path, contract: Contract, provider: str = "auto", thr
         opts.profile_file_prefix = str(Path(tempfile.gettempdir()) / f"ort-placement-{os.getpid()}")
     if threads:
         opts.intra_op_num_threads = threads
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     path = Path(folder) / contract.model_file
     if not path.is_file():
         raise RuntimeFailure(f"{folder}: {contract.model_file} not found")

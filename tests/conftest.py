@@ -117,3 +117,22 @@ def tiny_export(tiny_run) -> Path:
     from runtime import find_model_folder
 
     return find_model_folder(tiny_run)
+
+
+FAULTY_SEED = 13
+
+
+@pytest.fixture()
+def sampling_fault(monkeypatch) -> int:
+    """The server's sampler raises for requests seeded FAULTY_SEED (an internal error in one request)."""
+    from runtime.serve import engine
+
+    real_sample = engine.sample
+
+    def faulty(logits, params, rng):
+        if params.seed == FAULTY_SEED:
+            raise ValueError("injected fault")
+        return real_sample(logits, params, rng)
+
+    monkeypatch.setattr(engine, "sample", faulty)
+    return FAULTY_SEED

@@ -40,3 +40,26 @@ def test_int4_artifact_answers(int4_run):
     result = CliRunner().invoke(main, ["generate", str(int4_run), "What is the capital of France?", "--max-new-tokens", "24"])
     assert result.exit_code == 0, result.output
     assert "Paris" in result.output
+
+
+def test_int4_artifact_serves_the_openai_client_with_continuous_batching(int4_run):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openai import OpenAI
+
+    from runtime.serve.launch import serve_process
+
+    questions = ["What is the capital of France?", "Name three colors.", "What is 2 + 2?", "Who wrote Hamlet?"]
+    with serve_process(int4_run, "--slots", "4", "--max-length", "512") as (url, _):
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+
+        def ask(q):
+            reply = client.chat.completions.create(model=int4_run.name, messages=[{"role": "user", "content": q}],
+                                                   temperature=0, max_tokens=32)
+            return reply.choices[0].message.content
+
+        alone = [ask(q) for q in questions]
+        with ThreadPoolExecutor(len(questions)) as pool:
+            together = list(pool.map(ask, questions))
+    assert "Paris" in alone[0]
+    assert together == alone

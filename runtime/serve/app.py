@@ -1,0 +1,191 @@
+"""The HTTP side: OpenAI-compatible routes over the scheduler (Starlette, run by uvicorn).
+
+    POST /v1/chat/completions, /v1/completions   (stream: true -> server-sent events)
+    GET  /v1/models, /health, /metrics
+
+Each request becomes a scheduler `Request` whose events the scheduler thread hands to this event
+loop (`call_soon_threadsafe`) through a per-request queue. A client that goes away cancels its
+request; the scheduler frees the slot at its next step.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from dataclasses import dataclass
+from functools import partial
+
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.requests import Request as HttpRequest
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from runtime.generate import Generator
+from runtime.serve import protocol
+from runtime.serve.engine import Event, QueueFull, Request, Scheduler, ShuttingDown
+from runtime.serve.metrics import Metrics
+from runtime.serve.slots import SlotCache
+
+RETRY_AFTER_S = 1
+DISCONNECT_POLL_S = 0.5
+
+
+@dataclass
+class Settings:
+    slots: int = 8
+    max_length: int = 2048
+    max_waiting: int = 64
+    max_prefill_tokens: int = 512
+    model_name: str = "model"
+
+
+class Server:
+    """The model, its KV slots, the scheduler and the metrics: what the routes share."""
+
+    def __init__(self, generator: Generator, settings: Settings):
+        self.generator, self.settings = generator, settings
+        self.slots = SlotCache(generator.session, generator.contract, settings.slots, settings.max_length)
+        self.metrics = Metrics(settings.slots)
+        self.scheduler = Scheduler(self.slots, generator.tokenizer, generator.eos_ids, settings.max_waiting,
+                                   settings.max_prefill_tokens, self.metrics)
+        self.started = int(time.time())
+
+    def warm_up(self) -> None:
+        """Before the first request: prompts from 16 tokens to the longest a slot takes, then decode steps
+        with every slot in use, so ONNX Runtime's buffers grow now rather than under load."""
+        pad, slots = self.generator.pad_id, self.slots
+        length = slots.max_length - 1
+        while length >= 16:
+            slots.prefill(0, [pad] * length)
+            slots.free(0)
+            length //= 2
+        for row in range(slots.slots):
+            slots.prefill(row, [pad] * 4)
+        slots.decode([pad] * slots.slots)
+        for row in range(slots.slots):
+            slots.free(row)
+
+
+def create_app(server: Server) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        server.scheduler.start()
+        yield
+        server.scheduler.stop()
+
+    routes = [
+        Route("/v1/chat/completions", partial(_complete, server, kind="chat"), methods=["POST"]),
+        Route("/v1/completions", partial(_complete, server, kind="completion"), methods=["POST"]),
+        Route("/v1/models", partial(_models, server), methods=["GET"]),
+        Route("/health", partial(_health, server), methods=["GET"]),
+        Route("/metrics", partial(_metrics, server), methods=["GET"]),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+async def _models(server: Server, _http: HttpRequest) -> JSONResponse:
+    model = {"id": server.settings.model_name, "object": "model", "created": server.started,
+             "owned_by": "llm-optimize", "max_model_len": server.settings.max_length}
+    return JSONResponse({"object": "list", "data": [model]})
+
+
+async def _health(server: Server, _http: HttpRequest) -> JSONResponse:
+    running, waiting = server.scheduler.load
+    return JSONResponse({"status": "ok", "running": running, "waiting": waiting, "slots": server.settings.slots})
+
+
+async def _metrics(server: Server, _http: HttpRequest) -> Response:
+    return Response(server.metrics.exposition(*server.scheduler.load), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _complete(server: Server, http: HttpRequest, kind: str) -> Response:
+    try:
+        body = await http.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return _error(400, "the request body is not valid JSON", "invalid_request_error")
+    settings = server.settings
+    try:
+        job = protocol.parse(kind, body, settings.model_name, settings.max_length, server.generator.tokenizer)
+    except protocol.BadRequest as e:
+        server.metrics.rejected.labels("400").inc()
+        return JSONResponse(e.body(), status_code=400)
+    events: asyncio.Queue[Event] = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+
+    def emit(event: Event) -> None:  # called on the scheduler thread
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+    request = Request(protocol.new_id(kind), job.prompt, job.max_tokens, job.params, emit, job.stop, job.ignore_eos)
+    try:
+        server.scheduler.submit(request)
+    except QueueFull as e:
+        server.metrics.rejected.labels("429").inc()
+        return _error(429, f"server busy: {e}; retry later", "rate_limit_error", headers={"Retry-After": str(RETRY_AFTER_S)})
+    except ShuttingDown as e:
+        server.metrics.rejected.labels("503").inc()
+        return _error(503, str(e), "service_unavailable")
+    if job.stream:
+        return StreamingResponse(_stream(server, job, request, events), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    return await _collect(server, http, job, request, events)
+
+
+async def _collect(server: Server, http: HttpRequest, job: protocol.Job, request: Request,
+                   events: asyncio.Queue[Event]) -> Response:
+    pieces = []
+    try:
+        while True:
+            try:
+                event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                if await http.is_disconnected():
+                    request.cancel()
+                    return Response(status_code=499)
+                continue
+            if event.kind == "text":
+                pieces.append(event.text)
+            elif event.kind == "error":
+                return _error(500, event.message, "server_error")
+            else:
+                usage = protocol.usage(len(job.prompt), len(request.tokens))
+                return JSONResponse(protocol.response(job.kind, request.id, server.settings.model_name, "".join(pieces),
+                                                      event.finish_reason, usage))
+    finally:
+        if not request.done:
+            request.cancel()
+
+
+async def _stream(server: Server, job: protocol.Job, request: Request, events: asyncio.Queue[Event]):
+    """Server-sent events; leaving early (client gone, task cancelled) cancels the request."""
+    model, first = server.settings.model_name, True
+    try:
+        while True:
+            event = await events.get()
+            if event.kind == "text":
+                yield _sse(protocol.chunk(job.kind, request.id, model, event.text, first=first))
+                first = False
+            elif event.kind == "error":
+                yield _sse(protocol.error_body(event.message, "server_error"))
+                break
+            else:
+                yield _sse(protocol.chunk(job.kind, request.id, model, "" if first else None, event.finish_reason,
+                                          first=first))
+                if job.include_usage:
+                    yield _sse(protocol.chunk(job.kind, request.id, model, None,
+                                              usage_=protocol.usage(len(job.prompt), len(request.tokens))))
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        if not request.done:
+            request.cancel()
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _error(status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(protocol.error_body(message, kind), status_code=status, headers=headers)

@@ -1,0 +1,71 @@
+"""`optimize serve ARTIFACT`: the OpenAI-compatible server over an exported artifact."""
+from __future__ import annotations
+
+import logging
+
+import click
+
+from runtime import Generator, RuntimeFailure, find_model_folder
+
+
+@click.command("serve")
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--slots", default=8, show_default=True, type=click.IntRange(1),
+              help="sequences decoded together (KV-cache rows)")
+@click.option("--max-length", default=2048, show_default=True, type=click.IntRange(2),
+              help="positions per slot: prompt plus completion of one request")
+@click.option("--kv-budget-mb", default=None, type=click.FloatRange(0, min_open=True),
+              help="cap on the KV cache; lowers --max-length to fit --slots in it")
+@click.option("--max-waiting", default=64, show_default=True, type=click.IntRange(0),
+              help="queued requests beyond the slots; past it: 429")
+@click.option("--max-prefill-tokens", default=512, show_default=True, type=click.IntRange(1),
+              help="prompt tokens prefilled between two decode steps (at least one request)")
+@click.option("--model-name", default=None, help="the `model` clients send (default: the run folder's name)")
+@click.option("--provider", type=click.Choice(["auto", "cpu"]), default="auto", show_default=True)
+@click.option("--threads", default=0, type=click.IntRange(0), help="intra-op threads (0: onnxruntime decides)")
+@click.option("--spin/--no-spin", default=True, show_default=True,
+              help="let idle onnxruntime threads spin between steps (faster steps, less CPU left for HTTP)")
+@click.option("--shutdown-timeout", default=30.0, show_default=True, type=click.FloatRange(0),
+              help="seconds in-flight requests get to finish after SIGTERM")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
+def serve_command(artifact, host, port, slots, max_length, kv_budget_mb, max_waiting, max_prefill_tokens, model_name,
+                  provider, threads, spin, shutdown_timeout, log_level):
+    """Serve the model exported in ARTIFACT (a run folder or an export step folder) over HTTP."""
+    import uvicorn
+
+    from runtime.serve.app import Server, Settings, create_app
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        folder = find_model_folder(artifact)
+        # The slots are on the host (row views bound by address); serving from GPU memory is not built yet.
+        gen = Generator(folder, provider="cpu" if provider == "auto" else provider, threads=threads, graph="fused",
+                        spinning=spin)
+        per_token = gen.contract.kv_bytes_per_token(slots)
+        if kv_budget_mb is not None:
+            fit = int(kv_budget_mb * 2**20 // per_token)
+            if fit < 2:
+                raise RuntimeFailure(f"--kv-budget-mb {kv_budget_mb} holds {fit} positions per slot for {slots} slots; "
+                                     f"raise it or lower --slots")
+            max_length = min(max_length, fit)
+        if gen.contract.max_positions:
+            max_length = min(max_length, gen.contract.max_positions)
+        name = model_name or _default_name(folder)
+        server = Server(gen, Settings(slots, max_length, max_waiting, max_prefill_tokens, name))
+        server.warm_up()
+    except RuntimeFailure as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"[{folder}] {gen.flavour} graph on {gen.provider}; serving model '{name}'", err=True)
+    click.echo(f"KV cache: {slots} slots x {max_length} positions = {server.slots.nbytes / 2**20:.1f} MiB "
+               f"preallocated; queue: {max_waiting} waiting; prefill: {max_prefill_tokens} tokens per step", err=True)
+    config = uvicorn.Config(create_app(server), host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=shutdown_timeout, access_log=log_level == "debug")
+    uvicorn.Server(config).run()
+
+
+def _default_name(folder) -> str:
+    """The run's name (artifacts/<run>/<NN-export-…>), or the folder's own name."""
+    parent = folder.parent
+    return parent.name if (parent / "run.json").is_file() else folder.name

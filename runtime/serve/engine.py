@@ -1,0 +1,239 @@
+"""The scheduler: one thread owns the model session and runs continuous batching.
+
+    submit() ──► waiting (bounded) ──admit──► prefill into a free slot ──► first token
+                                                                              │
+        ┌────────────── one decode step for every running row ◄───────────────┘
+        └──► sample per request ──► text event ──► done? free the slot at once
+
+Between two decode steps the scheduler admits waiting requests (a prefill each, up to
+`max_prefill_tokens` prompt tokens per step so the running rows are not stalled for long), drops
+cancelled ones, then decodes. Events go to each request's `emit` callback from this thread; the
+HTTP side turns them into responses. A failure inside one request's handling fails that request
+alone; a failing decode step fails the rows in it, and the scheduler goes on.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+
+from runtime.sampling import SamplingParams, sample
+from runtime.serve.slots import SlotCache
+from runtime.serve.text import TextStream
+from runtime.tokenizer import Tokenizer
+
+log = logging.getLogger("optimize.serve")
+
+
+class QueueFull(Exception):
+    """More requests are waiting than the server accepts."""
+
+
+class ShuttingDown(Exception):
+    """The server no longer takes requests."""
+
+
+@dataclass
+class Event:
+    kind: str  # "text" | "done" | "error"
+    text: str = ""
+    finish_reason: str | None = None
+    message: str = ""
+
+
+@dataclass
+class Request:
+    id: str
+    prompt: list[int]
+    max_tokens: int
+    params: SamplingParams
+    emit: Callable[[Event], None]
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    submitted: float = field(default_factory=time.perf_counter)
+    admitted: float | None = None
+    first_token: float | None = None
+    finished: float | None = None
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    cancelled: bool = False  # set from any thread (client gone); acted on at the next step boundary
+    stream: TextStream | None = None
+    rng: np.random.Generator | None = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    @property
+    def done(self) -> bool:
+        return self.finished is not None
+
+
+class Observer(Protocol):
+    def finished(self, request: Request) -> None: ...
+    def step(self, running: int, waiting: int, new_tokens: int, seconds: float) -> None: ...
+
+
+class Scheduler:
+    def __init__(self, slots: SlotCache, tokenizer: Tokenizer, eos_ids: set[int], max_waiting: int = 64,
+                 max_prefill_tokens: int = 512, observer: Observer | None = None):
+        self.slots, self.tokenizer, self.eos_ids = slots, tokenizer, eos_ids
+        self.max_waiting, self.max_prefill_tokens, self.observer = max_waiting, max_prefill_tokens, observer
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # running[i] holds cache row i
+        self._cond = threading.Condition()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._produced = 0  # tokens produced in the current step
+
+    # --- called from other threads ---------------------------------------------------------
+
+    def submit(self, request: Request) -> None:
+        with self._cond:
+            if self._closing:
+                raise ShuttingDown("the server is shutting down")
+            if len(self.waiting) >= self.max_waiting:
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting")
+            self.waiting.append(request)
+            self._cond.notify()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Refuse new requests, cancel the ones left, and wait for the thread."""
+        with self._cond:
+            self._closing = True
+            for request in list(self.waiting) + self.running:
+                request.cancel()
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """(running, waiting)"""
+        return len(self.running), len(self.waiting)
+
+    # --- the scheduler thread --------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self.waiting and not self.running and not self._closing:
+                    self._cond.wait()
+                if self._closing and not self.waiting and not self.running:
+                    return
+            started, self._produced = time.perf_counter(), 0
+            self._drop_cancelled()
+            self._admit()
+            if self.running:
+                self._decode()
+            if self.observer:
+                running, waiting = self.load
+                self.observer.step(running, waiting, self._produced, time.perf_counter() - started)
+
+    def _drop_cancelled(self) -> None:
+        with self._cond:
+            for request in [r for r in self.waiting if r.cancelled]:
+                self.waiting.remove(request)
+                self._finish(request, "cancelled")
+        self._release([row for row, r in enumerate(self.running) if r.cancelled], "cancelled")
+
+    def _admit(self) -> None:
+        """Prefill waiting requests into free rows, at least one per step while a row is free."""
+        budget, admitted = self.max_prefill_tokens, 0
+        while len(self.running) < self.slots.slots and (budget > 0 or admitted == 0):
+            with self._cond:
+                if not self.waiting:
+                    break
+                request = self.waiting.popleft()
+            request.admitted = time.perf_counter()
+            row = len(self.running)
+            try:
+                logits = self.slots.prefill(row, request.prompt)
+            except Exception as e:  # noqa: BLE001 - one request's failure must not stop the server
+                self.slots.free(row)
+                self._fail(request, e)
+                continue
+            self.running.append(request)
+            request.stream = TextStream(self.tokenizer, request.stop)
+            request.rng = np.random.default_rng(request.params.seed)
+            budget -= len(request.prompt)
+            admitted += 1
+            if self._accept(request, logits, row):
+                self._release([row], None)
+
+    def _decode(self) -> None:
+        """One step for every running row; finished rows are released before returning."""
+        tokens = np.array([r.tokens[-1] for r in self.running], dtype=np.int64)
+        try:
+            logits = self.slots.decode(tokens)
+        except Exception as e:  # noqa: BLE001
+            for row, request in enumerate(self.running):
+                self._fail(request, e)
+                self.slots.free(row)
+            self.running = []
+            return
+        done = [row for row, request in enumerate(self.running) if self._accept(request, logits[row], row)]
+        self._release(done, None)
+
+    def _accept(self, request: Request, logits: np.ndarray, row: int) -> bool:
+        """Sample the request's next token and stream its text; True when the request is finished."""
+        try:
+            token = sample(logits, request.params, request.rng)
+            if token in self.eos_ids and not request.ignore_eos:
+                request.finish_reason = "stop"
+                return True
+            request.tokens.append(token)
+            self._produced += 1
+            if request.first_token is None:
+                request.first_token = time.perf_counter()
+            piece = request.stream.push(token)
+            if piece:
+                request.emit(Event("text", piece))
+            if request.stream.stopped:
+                request.finish_reason = "stop"
+            elif len(request.tokens) >= request.max_tokens or self.slots.lengths[row] >= self.slots.max_length:
+                request.finish_reason = "length"
+            return request.finish_reason is not None
+        except Exception as e:  # noqa: BLE001
+            self._fail(request, e)
+            return True
+
+    def _release(self, rows: list[int], reason: str | None) -> None:
+        """Finish the requests in `rows` and free their slots, keeping the rows in use a prefix."""
+        for row in sorted(rows, reverse=True):
+            request = self.running[row]
+            if request.finished is None:
+                self._finish(request, reason or request.finish_reason)
+            last = len(self.running) - 1
+            self.slots.free(row)
+            if row != last:
+                self.slots.move(last, row)
+                self.running[row] = self.running[last]
+            self.running.pop()
+
+    def _finish(self, request: Request, reason: str) -> None:
+        request.finish_reason, request.finished = reason, time.perf_counter()
+        if reason == "cancelled":  # the client left, or the server is stopping: tell whoever still listens
+            request.emit(Event("error", message="the request was cancelled (client gone or server shutting down)"))
+        else:
+            tail = request.stream.flush() if request.stream else ""
+            if tail:
+                request.emit(Event("text", tail))
+            request.emit(Event("done", finish_reason=reason))
+        if self.observer:
+            self.observer.finished(request)
+
+    def _fail(self, request: Request, error: Exception) -> None:
+        log.exception("request %s failed", request.id, exc_info=error)
+        request.finish_reason, request.finished = "error", time.perf_counter()
+        request.emit(Event("error", message=f"internal error: {type(error).__name__}: {error}"))
+        if self.observer:
+            self.observer.finished(request)

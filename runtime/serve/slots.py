@@ -1,0 +1,107 @@
+"""KV slots for continuous batching: one preallocated cache, one row per running sequence.
+
+    cache (per layer, key and value): [slots, kv_heads, max_length, head_dim]
+        row 0 │ seq A ████████░░░░ │
+        row 1 │ seq C ███░░░░░░░░░ │  rows 0..k-1 run; a decode step binds the view [0:k]
+        row 2 │ seq B ██████████░░ │
+        row 3 │ (free)             │  a newcomer's prefill binds the view [k:k+1] and writes there
+
+A newcomer's prompt runs as a batch-1 GroupQueryAttention "first prompt" whose past and present are
+the view of its own row, so its KV lands in place: no copy. Decode steps run only the rows in use,
+never the free ones. When a sequence ends, the last row's filled positions move into the hole, so
+the rows in use stay a prefix (on the CPU the move is a memcpy of the filled positions only).
+
+Views are bound by address (IO binding with a buffer pointer), so every binding shares the one
+allocation. Each (start, stop) range is bound once and reused.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from runtime.errors import RuntimeFailure
+from runtime.io_spec import Contract
+from runtime.kv_cache import check_fits
+
+
+class SlotCache:
+    """A fused graph's session driving `slots` sequences of up to `max_length` positions each."""
+
+    def __init__(self, session: ort.InferenceSession, contract: Contract, slots: int, max_length: int):
+        if contract.flavour != "fused":
+            raise RuntimeFailure("serving needs the fused graph (export with `fused: true`)")
+        if slots < 1 or max_length < 2:
+            raise RuntimeFailure(f"need at least 1 slot and 2 positions, got {slots} slots of {max_length}")
+        if contract.max_positions and max_length > contract.max_positions:
+            raise RuntimeFailure(f"max_length {max_length} exceeds the model's {contract.max_positions} positions")
+        self.session, self.contract = session, contract
+        self.slots, self.max_length = slots, max_length
+        self.nbytes = contract.kv_bytes_per_token(slots) * max_length
+        check_fits(self.nbytes, "cpu")
+        shape = (slots, contract.num_kv_heads, max_length, contract.head_dim)
+        self.buffers = [np.zeros(shape, dtype=contract.dtype) for _ in contract.past_names()]
+        self.lengths = np.zeros(slots, dtype=np.int32)  # positions filled in each row
+        self._bindings: dict[tuple[int, int], ort.IOBinding] = {}
+        self._logits: dict[int, np.ndarray] = {}  # rows -> reused [rows, 1, V] host buffer
+        self._total_length = np.array(max_length, dtype=np.int32)  # GQA's total_sequence_length when decoding
+
+    def _binding(self, start: int, stop: int) -> ort.IOBinding:
+        """IO binding whose past and present are the cache rows [start, stop)."""
+        binding = self._bindings.get((start, stop))
+        if binding is None:
+            binding = self.session.io_binding()
+            names = zip(self.contract.past_names(), self.contract.present_names(), self.buffers)
+            for past, present, buffer in names:
+                view = buffer[start:stop]  # contiguous: a row range of a C-ordered array
+                binding.bind_input(past, "cpu", 0, view.dtype, list(view.shape), view.ctypes.data)
+                binding.bind_output(present, "cpu", 0, view.dtype, list(view.shape), view.ctypes.data)
+            self._bindings[(start, stop)] = binding
+        return binding
+
+    def _run(self, binding: ort.IOBinding, input_ids: np.ndarray, seqlens_k: np.ndarray,
+             total_length: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        rows = input_ids.shape[0]
+        logits = self._logits.get(rows)
+        if logits is None:
+            logits = self._logits[rows] = np.empty((rows, 1, self.contract.vocab_size), dtype=np.float32)
+        binding.bind_cpu_input("input_ids", input_ids)
+        binding.bind_cpu_input("seqlens_k", seqlens_k)
+        binding.bind_cpu_input("total_sequence_length", total_length)
+        binding.bind_cpu_input("logits_positions", positions)
+        binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        self.session.run_with_iobinding(binding)
+        return logits[:, 0]
+
+    def prefill(self, row: int, prompt: list[int]) -> np.ndarray:
+        """Run one prompt into the empty row `row`; returns its last logits [V] (valid until the next call)."""
+        n = len(prompt)
+        if not 0 < n < self.max_length:
+            raise RuntimeFailure(f"a prompt needs 1 to {self.max_length - 1} tokens, got {n}")
+        if self.lengths[row]:
+            raise RuntimeFailure(f"slot {row} is in use")
+        logits = self._run(self._binding(row, row + 1), np.asarray([prompt], dtype=np.int64),
+                           np.array([n - 1], dtype=np.int32), np.array(n, dtype=np.int32),
+                           np.array([[n - 1]], dtype=np.int64))
+        self.lengths[row] = n
+        return logits[0]
+
+    def decode(self, tokens: np.ndarray) -> np.ndarray:
+        """One token for each of rows 0..k-1 (k = len(tokens)) -> their logits [k, V]."""
+        k = len(tokens)
+        if int(self.lengths[:k].max()) >= self.max_length:
+            raise RuntimeFailure(f"a slot is full ({self.max_length} positions)")
+        logits = self._run(self._binding(0, k), np.asarray(tokens, dtype=np.int64).reshape(k, 1),
+                           self.lengths[:k].copy(),  # GQA's seqlens_k: the new total minus one = the past
+                           self._total_length, np.zeros((k, 1), dtype=np.int64))
+        self.lengths[:k] += 1
+        return logits
+
+    def move(self, src: int, dst: int) -> None:
+        """Move row `src`'s filled positions into the free row `dst`; `src` becomes free."""
+        n = int(self.lengths[src])
+        for buffer in self.buffers:
+            buffer[dst, :, :n] = buffer[src, :, :n]
+        self.lengths[dst], self.lengths[src] = n, 0
+
+    def free(self, row: int) -> None:
+        self.lengths[row] = 0
