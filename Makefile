@@ -10,7 +10,7 @@ GPU_RUN ?= artifacts/smollm2-int4-cuda
 GPU_OUT ?= artifacts/gpu-check
 BENCH_TEXT ?= wikitext-2
 
-.PHONY: quickstart install install-cuda model run generate bench gpu-check test test-fast doctor clean
+.PHONY: quickstart install engines install-cuda model run generate bench gpu-check test test-fast doctor clean
 
 quickstart: install model run  ## set up, fetch the reference model, run the default recipe
 
@@ -21,6 +21,12 @@ $(BIN)/optimize: pyproject.toml
 	touch $@
 
 install: $(BIN)/optimize  ## virtual environment with the project, its dev extras and the bench peers
+
+$(VENV)/.engines: $(BIN)/optimize
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install --quiet -e ".[engines]"
+	touch $@
+
+engines: $(VENV)/.engines  ## engines that validate export targets: llama-cpp-python (compiles llama.cpp, minutes)
 
 install-cuda: install  ## swap the CPU onnxruntime for onnxruntime-gpu (they must not both be installed)
 	$(BIN)/pip uninstall -y onnxruntime onnxruntime-gpu
@@ -46,7 +52,7 @@ gpu-check:  ## on a GPU machine, after install-cuda and `optimize recipes/smollm
 	$(PY) benchmarks/gpu_check.py $(GPU_RUN) --out $(GPU_OUT)
 	$(PY) -m pipeline.cli bench $(GPU_RUN) --provider cuda --cuda-graph --text $(BENCH_TEXT) --out $(GPU_OUT)/bench-cuda-graph
 
-test: install model  ## every test, the slow reference-model tests included (what CI runs)
+test: install engines model  ## every test, the slow reference-model tests included (what CI runs)
 	$(BIN)/python -m pytest -q
 
 test-fast: install  ## tiny-model tests only

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pipeline.errors import RecipeError, did_you_mean
 
 # Metrics the validate stage computes, and which side of the threshold passes.
+EXPORT_TARGETS = ("onnx", "gguf")
+
 VALIDATE_METRICS = {
     "perplexity_delta_pct": "max",  # (ppl_onnx - ppl_torch) / ppl_torch * 100
     "perplexity": "max",  # the artifact's own perplexity
@@ -20,6 +22,9 @@ VALIDATE_METRICS = {
     "batch_greedy_agreement": "min",  # runner greedy batched (left padding) vs. one prompt at a time
     "decode_logits_max_abs_diff": "max",  # KV-cache decode steps vs. the export's source model, full recompute
     "window_logits_max_abs_diff": "max",  # prefill logits on the eval windows vs. PyTorch
+    "gguf_perplexity_vs_onnx_pct": "max",  # |ppl through llama.cpp - ppl of the ONNX artifact| / ppl_onnx * 100
+    "gguf_greedy_agreement": "min",  # llama.cpp greedy tokens equal to the baseline's, over the prompt set
+    "gguf_onnx_greedy_agreement": "min",  # llama.cpp greedy tokens equal to the ONNX runner's
 }
 
 
@@ -256,7 +261,8 @@ class ExportConfig:
     int8_accuracy_level: int | None = None  # the same for 8-bit layers only (None: as accuracy_level)
     fused: bool = True  # also write fused/: GroupQueryAttention, fused norms, in-place KV cache (ONNX Runtime only)
     dtype: str = "float32"  # the fused graph's weights and KV cache: float32, or float16 (what CUDA's GroupQueryAttention needs)
-    version: int = 4  # 2: fused graph beside the portable one; 3: logits_positions, packed matmuls; 4: no query_seqlens, dtype
+    targets: tuple[str, ...] = ("onnx",)  # formats written: onnx (always), gguf (llama.cpp, in gguf/)
+    version: int = 5  # 2: fused graph beside the portable one; 3: logits_positions, packed matmuls; 4: no query_seqlens, dtype; 5: targets
 
     def __post_init__(self):
         if self.accuracy_level not in (0, 1, 2, 3, 4):
@@ -269,6 +275,12 @@ class ExportConfig:
             raise RecipeError("dtype: float16 applies to the fused graph (the portable one stays float32); set fused: true")
         if not 14 <= self.opset <= 21:
             raise RecipeError(f"opset: {self.opset} is not supported; use 14..21 (17 is the default)")
+        for target in self.targets:
+            if target not in EXPORT_TARGETS:
+                raise RecipeError(f"targets: '{target}' is not one of {', '.join(EXPORT_TARGETS)}"
+                                  f"{did_you_mean(target, EXPORT_TARGETS)}")
+        if "onnx" not in self.targets:
+            raise RecipeError("targets: must include onnx (the runner and the validate stage read it)")
         if self.parity_tokens < 2:
             raise RecipeError(f"parity_tokens: {self.parity_tokens} is too small; use at least 2")
 
@@ -312,7 +324,7 @@ class ValidateConfig:
             "decode_logits_max_abs_diff": 1e-2,
         }
     )
-    version: int = 2  # 2: decode parity measured against the export's source model
+    version: int = 3  # 2: decode parity measured against the export's source model; 3: export targets through their engines
 
     def __post_init__(self):
         if self.stride is None:

@@ -24,8 +24,9 @@ import yaml
 
 from calibration.datasets import BUILTINS, TEXT_SUFFIXES, DataError, local_file
 from pipeline.artifacts import sha256_file
-from pipeline.configs import ModelConfig, TextSourceConfig
+from pipeline.configs import ExportConfig, ModelConfig, QuantizeConfig, TextSourceConfig
 from pipeline.errors import RecipeError, did_you_mean
+from pipeline.formats.gguf import FORMATS_THAT_WORK as GGUF_FORMATS
 from pipeline.registry import STAGES
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -110,9 +111,24 @@ def _build_stages(raw: Any, base: Path) -> tuple[StageEntry, ...]:
                 f"order the stages as {' -> '.join(STAGES)}"
             )
         config = build_config(spec.config_cls, settings or {}, f"{where}.{name}")
+        _check_targets(config, entries, f"{where}.{name}")
         entries.append(StageEntry(name, _resolve_text_sources(config, base, f"{where}.{name}")))
         kind = spec.produces
     return tuple(entries)
+
+
+def _check_targets(config: Any, before: list[StageEntry], where: str) -> None:
+    """Export targets the quantization before them cannot be written to are refused now, not after it ran."""
+    if not isinstance(config, ExportConfig) or "gguf" not in config.targets:
+        return
+    quantize = next((e.config for e in reversed(before) if isinstance(e.config, QuantizeConfig)), None)
+    if quantize is None:
+        return
+    if quantize.method == "w8a8":
+        raise RecipeError(f"{where}.targets: gguf cannot hold W8A8 (int8 activations); GGUF takes {GGUF_FORMATS}")
+    if quantize.group_size != 32:
+        raise RecipeError(f"{where}.targets: gguf cannot hold {quantize.method} int{quantize.bits} g{quantize.group_size} "
+                          f"(ggml blocks are 32 weights); GGUF takes {GGUF_FORMATS}: set group_size: 32")
 
 
 def _resolve_text_sources(config: Any, base: Path, where: str) -> Any:

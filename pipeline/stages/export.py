@@ -18,6 +18,8 @@ import torch
 from pipeline.archs import arch_for, model_dims
 from pipeline.configs import ExportConfig
 from pipeline.errors import StageError
+from pipeline.artifacts import sha256_file
+from pipeline.formats.gguf import GGUF_FILE, GGUF_FOLDER, write_gguf
 from pipeline.fused_graph import build_fused_graph, to_float16
 from pipeline.models import TOKENIZER_FILES, load_torch_model
 from pipeline.onnx_pack import pack_sibling_matmuls
@@ -126,12 +128,42 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
         calibration = inp.path / CALIBRATION_FILE if activations == "static" else None
         _replace_graph(quantize_w8a8(path, activations, contract, calibration, _w8a8_modules(plan, model)), path, cfg.external_data)
     size = {f: sum(p.stat().st_size for p in g.parent.iterdir() if p.name.startswith("model.onnx")) for f, g in graphs.items()}
+    metrics = {"parity_max_abs_diff": diff, "onnx_bytes": size["portable"], "fused_onnx_bytes": size.get("fused", 0),
+               "block_quantized_ops": swapped}
+    targets = {"onnx": {"folder": ".", "graphs": sorted(graphs)}}
+    if "gguf" in cfg.targets:
+        targets["gguf"] = _export_gguf(inp.path, out, ctx)
+        metrics["gguf_bytes"] = targets["gguf"]["bytes"]
     return StageResult(
-        metrics={"parity_max_abs_diff": diff, "onnx_bytes": size["portable"], "fused_onnx_bytes": size.get("fused", 0),
-                 "block_quantized_ops": swapped},
+        metrics=metrics,
         info={"io_contract": contract.__dict__, "atol": arch.atol, "graphs": sorted(graphs),
-              "parity_by_graph": parity, "parity_limit_by_graph": limits},
+              "parity_by_graph": parity, "parity_limit_by_graph": limits, "targets": targets},
     )
+
+
+def _export_gguf(source: Path, out: Path, ctx) -> dict:
+    """llama.cpp's GGUF of the same weights in gguf/, with its own manifest; validated by the validate stage."""
+    model_source = ctx.baseline.manifest.get("source") or {}
+    source_gguf = Path(model_source["location"]) if model_source.get("kind") == "gguf" else None
+    folder = out / GGUF_FOLDER
+    folder.mkdir()
+    path = folder / GGUF_FILE
+    ctx.log("  writing GGUF for llama.cpp" + (f" (tokenizer from {source_gguf.name})" if source_gguf else ""))
+    report = write_gguf(source, path, source_gguf)
+    types: dict[str, int] = {}
+    for t in report.tensors.values():
+        types[t] = types.get(t, 0) + 1
+    manifest = {
+        "format": "gguf", "engine": "llama.cpp", "file": GGUF_FILE, "bytes": path.stat().st_size,
+        "sha256": sha256_file(path), "tensor_types": types, "converted_layers": report.converted,
+        "max_abs_weight_change_from_f16_scales": report.max_scale_rounding,
+        "tokenizer": f"copied from {source_gguf}" if source_gguf else "built from tokenizer.json",
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    ctx.log(f"  GGUF: {manifest['bytes'] / 2**20:.1f} MiB, tensors {types}"
+            + (f", {len(report.converted)} layers re-quantized to Q8_0" if report.converted else "")
+            + f"; float16 block scales move weights by at most {report.max_scale_rounding:.3g}")
+    return {"folder": GGUF_FOLDER, **manifest}
 
 
 def _w8a8_modules(plan: dict, model) -> list[str]:

@@ -28,6 +28,7 @@ from pipeline.models import load_torch_model
 from pipeline.quant.primitives import QuantScheme, count_schemes
 from pipeline.registry import StageResult, register_stage
 from pipeline.validate_report import write_reports
+from pipeline.validate_targets import ScoredWindow, agreement, scored_window, validate_targets
 from runtime.generate import Generator
 
 
@@ -40,14 +41,16 @@ def validate(cfg: ValidateConfig, inp, ctx) -> StageResult:
     gen = Generator(inp.path, provider=cfg.provider)
     ctx.log(f"  runner provider: {gen.provider}, {gen.flavour} graph")
     metrics: dict = {}
-    protocol = _perplexity(cfg, torch_model, gen, metrics, ctx)
-    samples = _greedy(cfg, torch_model, source_model, gen, metrics)
+    protocol, scored_windows = _perplexity(cfg, torch_model, gen, metrics, ctx)
+    samples, greedy = _greedy(cfg, torch_model, source_model, gen, metrics)
+    targets = validate_targets(inp.path, scored_windows, [gen.tokenizer.encode(p) for p in cfg.prompts],
+                               greedy, cfg.max_new_tokens, gen.eos_ids, metrics, ctx.log)
     failures = gate(metrics, cfg.thresholds)
     report = {
         "artifact": str(inp.path), "baseline": str(ctx.baseline.path), "export_source": str(source.path),
         "provider": gen.provider, "graph": gen.flavour,
         "metrics": metrics, "thresholds": cfg.thresholds, "failures": failures, "passed": not failures,
-        "protocol": protocol, "samples": samples, "seconds": round(time.time() - started, 1),
+        "protocol": protocol, "samples": samples, "targets": targets, "seconds": round(time.time() - started, 1),
         "quantization": _quantization_summary(ctx.history),
     }
     write_reports(ctx.out_dir, report)
@@ -70,7 +73,7 @@ def gate(metrics: dict, thresholds: dict[str, float]) -> list[str]:
     return failures
 
 
-def _perplexity(cfg: ValidateConfig, torch_model, gen: Generator, metrics: dict, ctx) -> dict:
+def _perplexity(cfg: ValidateConfig, torch_model, gen: Generator, metrics: dict, ctx) -> tuple[dict, list[ScoredWindow]]:
     src = cfg.eval_data
     try:
         text = load_text(src.source, src.split, src.hub_config, src.text_field)
@@ -84,18 +87,16 @@ def _perplexity(cfg: ValidateConfig, torch_model, gen: Generator, metrics: dict,
     nll = {"torch": 0.0, "onnx": 0.0}
     scored = agree = nonfinite = 0
     kl_sum, max_diff = 0.0, 0.0
+    scored_windows = []
     for w in tqdm(wins, desc="  perplexity windows", unit="win", leave=False):
-        window = ids[w.begin:w.end]
-        inputs = np.concatenate([[bos], window]) if bos is not None else window
-        offset = 1 if bos is not None else 0
+        sw = scored_window(ids, w.begin, w.end, w.scored, bos)
+        scored_windows.append(sw)
         with torch.no_grad():
-            ref = torch_model(torch.from_numpy(inputs[None])).logits[0]  # [T, V]
-        out = gen.logits(inputs)  # [T, V]
+            ref = torch_model(torch.from_numpy(sw.inputs[None])).logits[0]  # [T, V]
+        out = gen.logits(sw.inputs)  # [T, V]
         nonfinite += int((~np.isfinite(out)).sum())
-        # positions whose next token is scored: the last w.scored tokens of the window are targets
-        first = offset + len(window) - w.scored - 1
-        pos = slice(first, offset + len(window) - 1)
-        targets = torch.from_numpy(window[len(window) - w.scored:])
+        pos = slice(sw.first, sw.first + w.scored)  # positions whose next token is scored
+        targets = torch.from_numpy(sw.targets)
         ref_lp = F.log_softmax(ref[pos].double(), dim=-1)
         onnx_lp = F.log_softmax(torch.from_numpy(out[pos]).double(), dim=-1)
         nll["torch"] -= ref_lp.gather(1, targets[:, None]).sum().item()
@@ -117,10 +118,11 @@ def _perplexity(cfg: ValidateConfig, torch_model, gen: Generator, metrics: dict,
         "text_sha256": text_fingerprint(text), "tokens_in_text": int(len(ids)),
         "context_length": cfg.context_length, "stride": cfg.stride, "windows": len(wins),
         "scored_tokens": scored, "bos": "prepended" if bos is not None else "none",
-    }
+    }, scored_windows
 
 
-def _greedy(cfg: ValidateConfig, torch_model, source_model, gen: Generator, metrics: dict) -> list[dict]:
+def _greedy(cfg: ValidateConfig, torch_model, source_model, gen: Generator, metrics: dict) -> tuple[list[dict], dict]:
+    """Greedy answers of the baseline and of the runner; returns the samples and {"baseline", "onnx"} token lists."""
     prompts = [gen.tokenizer.encode(p) for p in cfg.prompts]
     eos = sorted(gen.eos_ids)
     ref = []
@@ -132,20 +134,13 @@ def _greedy(cfg: ValidateConfig, torch_model, source_model, gen: Generator, metr
         ref.append([t for t in out[0, len(ids):].tolist() if t not in gen.eos_ids])
     single = [gen.generate([ids], cfg.max_new_tokens).tokens[0] for ids in prompts]
     batched = gen.generate(prompts, cfg.max_new_tokens).tokens
-    metrics["greedy_token_agreement"] = _agreement(ref, single)
-    metrics["batch_greedy_agreement"] = _agreement(single, batched)
+    metrics["greedy_token_agreement"] = agreement(ref, single)
+    metrics["batch_greedy_agreement"] = agreement(single, batched)
     metrics["decode_logits_max_abs_diff"] = _decode_diff(source_model, gen, prompts[0] + single[0])
     return [
         {"prompt": p, "baseline": gen.tokenizer.decode(r), "onnx": gen.tokenizer.decode(s), "identical": r == s}
         for p, r, s in zip(cfg.prompts, ref, single)
-    ]
-
-
-def _agreement(expected: list[list[int]], got: list[list[int]]) -> float:
-    """Fraction of positions (over the longer of each pair) where both sequences hold the same token."""
-    same = sum(sum(a == b for a, b in zip(e, g)) for e, g in zip(expected, got))
-    total = sum(max(len(e), len(g)) for e, g in zip(expected, got))
-    return same / total if total else 1.0
+    ], {"baseline": ref, "onnx": single}
 
 
 def _decode_diff(torch_model, gen: Generator, ids: list[int]) -> float:

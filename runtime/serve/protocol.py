@@ -110,10 +110,11 @@ def _completion_prompt(body: dict, tokenizer: Tokenizer) -> list[int]:
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str) and prompt:
         return tokenizer.encode(prompt)
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and t >= 0 for t in prompt):
+    vocab = tokenizer.backend.get_vocab_size()
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and 0 <= t < vocab for t in prompt):
         return list(prompt)
-    raise BadRequest("prompt must be one non-empty string or one list of token ids (send one request per prompt)",
-                     "prompt")
+    raise BadRequest(f"prompt must be one non-empty string or one list of token ids below {vocab} "
+                     "(send one request per prompt)", "prompt")
 
 
 def _sampling(body: dict) -> SamplingParams:

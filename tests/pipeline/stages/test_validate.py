@@ -1,6 +1,7 @@
 import json
 
-from pipeline.stages.validate import _agreement, gate
+from pipeline.stages.validate import gate
+from pipeline.validate_targets import agreement
 
 
 def test_gate_reports_every_failure_with_value_and_limit():
@@ -16,9 +17,9 @@ def test_gate_fails_on_unmeasured_metric_and_nonfinite_logits():
 
 
 def test_agreement_counts_positions_over_the_longer_sequence():
-    assert _agreement([[1, 2, 3]], [[1, 2, 3]]) == 1.0
-    assert _agreement([[1, 2, 3, 4]], [[1, 9, 3]]) == 0.5
-    assert _agreement([[]], [[]]) == 1.0
+    assert agreement([[1, 2, 3]], [[1, 2, 3]]) == 1.0
+    assert agreement([[1, 2, 3, 4]], [[1, 9, 3]]) == 0.5
+    assert agreement([[]], [[]]) == 1.0
 
 
 def test_report_has_metrics_protocol_and_samples(tiny_run):

@@ -95,6 +95,13 @@ def test_bad_requests_get_400_naming_the_field(served, body, param, words):
     assert error["param"] == param and words in error["message"]
 
 
+def test_token_id_prompts_are_checked_against_the_vocabulary(served):
+    ok = httpx.post(f"{served}/v1/completions", json={"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 2})
+    assert ok.status_code == 200 and ok.json()["usage"]["prompt_tokens"] == 3
+    bad = httpx.post(f"{served}/v1/completions", json={"model": "tiny", "prompt": [5, 10**6], "max_tokens": 2})
+    assert bad.status_code == 400 and "token ids below" in bad.json()["error"]["message"]
+
+
 def test_a_body_that_is_not_json_gets_400(served):
     r = httpx.post(f"{served}/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]

@@ -1,0 +1,212 @@
+"""llama.cpp's GGUF from the quantize stage's codes: the same integers in ggml's block layouts.
+
+    ours (MatMulNBits)                          ggml block of 32 weights
+    int4 g32 symmetric   (q - 8) * scale    ->  Q4_0  {f16 d; u8 qs[16]}          d * (q - 8)
+    int4 g32 asymmetric  (q - zp) * scale   ->  Q4_1  {f16 d; f16 m; u8 qs[16]}   d * q + m,  m = -zp * scale
+    int8 g32 symmetric   (q - 128) * scale  ->  Q8_0  {f16 d; i8 qs[32]}          d * qs
+
+The codes are copied; only the per-block scale (and Q4_1's minimum) is rounded to float16, which
+ggml's blocks hold, and `write_gguf` reports the largest weight change that causes. Other layouts
+(group sizes other than 32, 3-bit, ...) are refused with the reason; asymmetric int8 g32 has no
+exact ggml block and is re-quantized to Q8_0 from our dequantized weights, a stated loss.
+Norms and unquantized weights are written as float32. llama.cpp's llama rotary embedding wants
+the rows of Q and K interleaved per head, as its own converter does; blocks run along a row, so
+permuting rows moves whole blocks and changes no code.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+from safetensors.numpy import load_file
+
+from pipeline.errors import StageError
+
+GGUF_FOLDER, GGUF_FILE = "gguf", "model.gguf"  # where the export stage puts it
+BLOCK = 32
+Q = gguf.GGMLQuantizationType
+EXACT = {(4, True): Q.Q4_0, (4, False): Q.Q4_1, (8, True): Q.Q8_0}
+FORMATS_THAT_WORK = "int4 g32 symmetric (Q4_0), int4 g32 asymmetric (Q4_1), int8 g32 symmetric (Q8_0)"
+
+
+@dataclass
+class GGUFReport:
+    tensors: dict[str, str] = field(default_factory=dict)  # gguf name -> ggml type
+    converted: list[str] = field(default_factory=list)  # layers re-quantized (not exact)
+    max_scale_rounding: float = 0.0  # largest |w_gguf - w_ours| from float16 block scales, over exact layers
+
+
+def ggml_type(bits: int, group_size: int, symmetric: bool, layer: str) -> tuple[gguf.GGMLQuantizationType, bool]:
+    """The ggml block type for one of our layer schemes, and whether the codes carry over exactly."""
+    if group_size == BLOCK and (bits, symmetric) in EXACT:
+        return EXACT[(bits, symmetric)], True
+    if (bits, group_size, symmetric) == (8, BLOCK, False):
+        return Q.Q8_0, False
+    raise StageError(f"{layer}: int{bits} g{group_size} {'sym' if symmetric else 'asym'} has no GGUF block type; "
+                     f"GGUF takes {FORMATS_THAT_WORK}")
+
+
+def unpack(packed: dict[str, np.ndarray], layer: str, spec: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """MatMulNBits tensors of `layer` -> codes [N, blocks, G] uint8, scale and zero point [N, blocks]."""
+    n, k, bits, g = spec["N"], spec["K"], spec["bits"], spec["group_size"]
+    blocks = -(-k // g)
+    b = packed[f"{layer}.B"].reshape(n, blocks, -1)
+    q = np.stack([b & 0x0F, b >> 4], axis=-1).reshape(n, blocks, g) if bits == 4 else b.reshape(n, blocks, g)
+    scale = packed[f"{layer}.scales"].reshape(n, blocks)
+    if spec["symmetric"]:
+        zero = np.full((n, blocks), 2 ** (bits - 1), dtype=np.uint8)
+    elif bits == 4:
+        z = packed[f"{layer}.zero_points"].reshape(n, -1)
+        zero = np.stack([z & 0x0F, z >> 4], axis=-1).reshape(n, -1)[:, :blocks]
+    else:
+        zero = packed[f"{layer}.zero_points"].reshape(n, blocks)
+    return q.astype(np.uint8), scale.astype(np.float32), zero.astype(np.uint8)
+
+
+def ggml_blocks(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, qtype) -> np.ndarray:
+    """Codes [N, B, 32], scale and zero [N, B] -> ggml block bytes [N, B * block_bytes]."""
+    n, b, _ = q.shape
+    d = scale.astype(np.float16)[..., None].view(np.uint8)  # [N, B, 2]
+    if qtype == Q.Q8_0:
+        qs = (q.astype(np.int16) - zero[..., None]).astype(np.int8).view(np.uint8)
+        parts = [d, qs]
+    else:
+        qs = (q[..., :16] | (q[..., 16:] << 4)).astype(np.uint8)  # element j low nibble, j + 16 high
+        parts = [d, qs] if qtype == Q.Q4_0 else [d, (-zero.astype(np.float32) * scale).astype(np.float16)[..., None].view(np.uint8), qs]
+    return np.concatenate(parts, axis=-1).reshape(n, -1)
+
+
+def block_values(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, qtype) -> np.ndarray:
+    """What ggml computes from our codes once the block scale is float16: [N, B * 32]."""
+    d = scale.astype(np.float16).astype(np.float32)[..., None]
+    if qtype == Q.Q4_1:
+        m = (-zero.astype(np.float32) * scale).astype(np.float16).astype(np.float32)[..., None]
+        return (d * q + m).reshape(q.shape[0], -1)
+    return (d * (q.astype(np.float32) - zero[..., None])).reshape(q.shape[0], -1)
+
+
+def permute_rows(a: np.ndarray, heads: int) -> np.ndarray:
+    """HF's rotate-half row order of Q/K -> llama.cpp's interleaved pairs, per head (axis 0 = rows)."""
+    return a.reshape(heads, 2, a.shape[0] // heads // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
+
+
+def write_gguf(quant_dir: Path, out: Path, source_gguf: Path | None = None) -> GGUFReport:
+    """GGUF of the checkpoint in `quant_dir`: a quantize artifact's codes (quantized.safetensors and
+    quant_plan.json) as ggml blocks, everything else float32 (a float checkpoint is all float32).
+    Tokenizer metadata is copied from `source_gguf` when the model came from one, else built from
+    tokenizer.json. Written to a temporary name and renamed."""
+    config = json.loads((quant_dir / "config.json").read_text())
+    if config.get("model_type") != "llama":
+        raise StageError(f"{quant_dir}: GGUF export covers the llama family, not {config.get('model_type')!r}")
+    plan_file, packed_file = quant_dir / "quant_plan.json", quant_dir / "quantized.safetensors"
+    plan_all = json.loads(plan_file.read_text()) if plan_file.is_file() else {}
+    if plan_all.get("activations"):
+        raise StageError(f"{quant_dir}: W8A8 weights cannot go to GGUF; GGUF takes {FORMATS_THAT_WORK}")
+    plan = plan_all.get("layers", {})
+    packed = load_file(str(packed_file)) if plan else {}
+    dense = load_file(str(quant_dir / "model.safetensors"))
+    layers = config["num_hidden_layers"]
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, layers)
+    heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
+    tied_quantized = config.get("tie_word_embeddings") and "lm_head" in plan
+
+    tmp = out.with_name(out.name + ".tmp")
+    writer = gguf.GGUFWriter(str(tmp), "llama")
+    _write_metadata(writer, config, quant_dir, source_gguf)
+    report = GGUFReport()
+    for hf_name in _tensor_order(dense, plan, tied_quantized):
+        layer = hf_name.removesuffix(".weight")
+        gguf_name = "token_embd.weight" if tied_quantized and layer == "lm_head" else names.get_name(
+            hf_name, try_suffixes=(".weight",))
+        if gguf_name is None:
+            raise StageError(f"{quant_dir}: no GGUF name for tensor {hf_name}")
+        rows = heads.get(layer.rsplit(".", 1)[-1])
+        if layer in plan:
+            data, qtype = _quantized(packed, layer, plan[layer], dense.get(hf_name), rows, report)
+            writer.add_tensor(gguf_name, data, raw_dtype=qtype)  # data: block bytes [N, B * block_bytes]
+            report.tensors[gguf_name] = qtype.name
+        else:
+            w = dense[hf_name].astype(np.float32)
+            writer.add_tensor(gguf_name, permute_rows(w, rows) if rows else w)
+            report.tensors[gguf_name] = "F32"
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tmp.replace(out)
+    return report
+
+
+def _tensor_order(dense: dict, plan: dict, tied_quantized: bool) -> list[str]:
+    names = [n for n in dense if not (tied_quantized and n == "model.embed_tokens.weight")]
+    if "lm_head" in plan and "lm_head.weight" not in names:
+        names.append("lm_head.weight")
+    return names
+
+
+def _quantized(packed, layer, spec, dense_w, rows, report: GGUFReport):
+    qtype, exact = ggml_type(spec["bits"], spec["group_size"], spec["symmetric"], layer)
+    if spec["K"] % BLOCK:
+        raise StageError(f"{layer}: {spec['K']} inputs is not a multiple of GGUF's block of {BLOCK}")
+    q, scale, zero = unpack(packed, layer, spec)
+    if rows:
+        q, scale, zero = permute_rows(q, rows), permute_rows(scale, rows), permute_rows(zero, rows)
+    if not exact:
+        ours = ((q.astype(np.float32) - zero[..., None]) * scale[..., None]).reshape(q.shape[0], -1)
+        report.converted.append(layer)
+        return gguf.quants.quantize(ours, qtype), qtype
+    ours = ((q.astype(np.float32) - zero[..., None]) * scale[..., None]).reshape(q.shape[0], -1)
+    report.max_scale_rounding = max(report.max_scale_rounding,
+                                    float(np.abs(block_values(q, scale, zero, qtype) - ours).max()))
+    return ggml_blocks(q, scale, zero, qtype), qtype
+
+
+def _write_metadata(writer: gguf.GGUFWriter, config: dict, folder: Path, source_gguf: Path | None) -> None:
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    writer.add_name(folder.parent.name)
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_rope_freq_base(config.get("rope_theta", 10000.0))
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_vocab_size(config["vocab_size"])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if source_gguf is not None:
+        _copy_tokenizer(writer, source_gguf)
+    else:
+        _tokenizer_from_json(writer, folder)
+
+
+def _copy_tokenizer(writer: gguf.GGUFWriter, source: Path) -> None:
+    """The source GGUF's tokenizer.* keys verbatim: llama.cpp tokenizes exactly as with the original."""
+    reader = gguf.GGUFReader(str(source))
+    for key, f in reader.fields.items():
+        if key.startswith("tokenizer."):
+            sub = f.types[1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(key, f.contents(), f.types[0], sub_type=sub)
+
+
+def _tokenizer_from_json(writer: gguf.GGUFWriter, folder: Path) -> None:
+    """A byte-level BPE tokenizer.json as GGUF's gpt2 tokenizer; special tokens marked as control."""
+    vocab = gguf.vocab.BpeVocab(folder)
+    data = json.loads((folder / "tokenizer.json").read_text())
+    special = {t["id"] for t in data.get("added_tokens", []) if t.get("special")}
+    tokens, types = [], []
+    for i, (text, _score, kind) in enumerate(vocab.all_tokens()):
+        tokens.append(text)
+        types.append(gguf.TokenType.CONTROL if i in special else kind)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special_vocab = gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens))
+    template = folder / "chat_template.jinja"
+    if special_vocab.chat_template is None and template.is_file():
+        special_vocab.chat_template = template.read_text()
+    special_vocab.add_to_gguf(writer, quiet=True)

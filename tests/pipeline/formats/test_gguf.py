@@ -1,0 +1,124 @@
+"""GGUF export: our codes land in ggml's blocks unchanged, bad pairs are refused up front, and the
+validate stage measures the file through llama.cpp (or says it could not)."""
+import json
+import sys
+import textwrap
+
+import gguf
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from pipeline import run
+from pipeline.errors import RecipeError
+from pipeline.formats.gguf import block_values, permute_rows, unpack
+from pipeline.recipe import load_recipe
+
+HEADS = {"q_proj": 4, "k_proj": 2}  # the tiny llama's attention and KV heads
+
+
+def recipe(folder, model, text, quantize: str, targets="[onnx, gguf]", thresholds="{}"):
+    path = folder / "gguf.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        name: tiny-gguf
+        model: {{source: {model}}}
+        stages:
+          - quantize: {quantize}
+          - export: {{targets: {targets}}}
+          - validate:
+              eval_data: {{source: {text}}}
+              context_length: 64
+              max_windows: 3
+              max_new_tokens: 8
+              prompts: ["The capital of France", "def add(a, b):"]
+              thresholds: {thresholds}
+        """))
+    return path
+
+
+@pytest.fixture(scope="module")
+def gguf_run(tmp_path_factory, tiny_llama, eval_text):
+    work = tmp_path_factory.mktemp("gguf")
+    quantize = "{method: rtn, group_size: 32, overrides: {'mlp\\.down_proj': 8}, lm_head: int4}"
+    return run(recipe(work, tiny_llama, eval_text, quantize), workdir=work / "artifacts")
+
+
+def test_codes_are_copied_into_ggml_blocks_unchanged(gguf_run):
+    quant = next(gguf_run.glob("*-quantize-*"))
+    plan = json.loads((quant / "quant_plan.json").read_text())["layers"]
+    packed = load_file(str(quant / "quantized.safetensors"))
+    reader = gguf.GGUFReader(str(next(gguf_run.glob("*-export-*")) / "gguf" / "model.gguf"))
+    tensors = {t.name: t for t in reader.tensors}
+    checked = 0
+    for layer, spec in plan.items():
+        if spec["bits"] == 8 and not spec["symmetric"]:
+            continue  # no exact ggml block: re-quantized, covered below
+        q, scale, zero = unpack(packed, layer, spec)
+        kind = layer.rsplit(".", 1)[-1]
+        if kind in HEADS:
+            q, scale, zero = (permute_rows(a, HEADS[kind]) for a in (q, scale, zero))
+        name = _gguf_name(layer)
+        t = tensors[name]
+        assert t.tensor_type.name == {(4, True): "Q4_0", (4, False): "Q4_1", (8, True): "Q8_0"}[spec["bits"], spec["symmetric"]]
+        got = gguf.quants.dequantize(np.array(t.data), t.tensor_type)
+        # ggml's arithmetic on our codes with float16 block scales, to the bit
+        np.testing.assert_array_equal(got, block_values(q, scale, zero, t.tensor_type))
+        checked += 1
+    assert checked >= 10
+
+
+def test_norms_stay_float32_and_int8_asymmetric_is_reported_as_converted(gguf_run):
+    export = next(gguf_run.glob("*-export-*"))
+    manifest = json.loads((export / "gguf" / "manifest.json").read_text())
+    assert manifest["tensor_types"]["F32"] >= 5  # norms (2 a layer) and the final norm
+    assert manifest["converted_layers"] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert manifest["tokenizer"] == "built from tokenizer.json"
+    reader = gguf.GGUFReader(str(export / "gguf" / "model.gguf"))
+    assert reader.fields["general.architecture"].contents() == "llama"
+    assert reader.fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert "{%" in reader.fields["tokenizer.chat_template"].contents()
+    step = json.loads((export / "manifest.json").read_text())
+    assert step["targets"]["gguf"]["sha256"] == manifest["sha256"]
+
+
+def test_the_validate_stage_measures_the_gguf_or_says_why_not(gguf_run):
+    report = json.loads(next(gguf_run.glob("*-validate-*/report.json")).read_text())
+    entry = report["targets"]["gguf"]
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        assert entry["validated"] is False and "pip install llama-cpp-python" in entry["install"]
+    else:
+        assert entry["validated"] is True
+        assert report["metrics"]["gguf_perplexity_vs_onnx_pct"] < 1.0
+
+
+def test_a_missing_engine_is_never_a_pass(tmp_path, tiny_llama, eval_text, monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if llama-cpp-python were not installed
+    path = recipe(tmp_path, tiny_llama, eval_text, "{method: rtn, group_size: 32}",
+                  thresholds="{gguf_perplexity_vs_onnx_pct: 1.0}")
+    from pipeline import ValidationFailed
+
+    with pytest.raises(ValidationFailed, match="gguf_perplexity_vs_onnx_pct = None"):
+        run(path, workdir=tmp_path / "artifacts")
+
+
+@pytest.mark.parametrize("quantize, targets, words", [
+    ("{method: gptq, group_size: 128}", "[onnx, gguf]", "gptq int4 g128"),
+    ("{method: w8a8}", "[onnx, gguf]", "W8A8"),
+    ("{method: rtn, group_size: 32}", "[gguf]", "must include onnx"),
+    ("{method: rtn, group_size: 32}", "[onnx, ggfu]", "did you mean 'gguf'"),
+])
+def test_pairs_gguf_cannot_hold_are_refused_before_any_work(tmp_path, tiny_llama, eval_text, quantize, targets, words):
+    with pytest.raises(RecipeError, match="targets") as e:
+        load_recipe(recipe(tmp_path, tiny_llama, eval_text, quantize, targets))
+    assert words in str(e.value)
+
+
+def _gguf_name(layer: str) -> str:
+    if layer == "lm_head":
+        return "output.weight"
+    i, kind = layer.split(".")[2], layer.rsplit(".", 1)[-1]
+    return {"q_proj": f"blk.{i}.attn_q.weight", "k_proj": f"blk.{i}.attn_k.weight", "v_proj": f"blk.{i}.attn_v.weight",
+            "o_proj": f"blk.{i}.attn_output.weight", "gate_proj": f"blk.{i}.ffn_gate.weight",
+            "up_proj": f"blk.{i}.ffn_up.weight", "down_proj": f"blk.{i}.ffn_down.weight"}[kind]
