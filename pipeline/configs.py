@@ -25,6 +25,7 @@ VALIDATE_METRICS = {
     "gguf_perplexity_vs_onnx_pct": "max",  # |ppl through llama.cpp - ppl of the ONNX artifact| / ppl_onnx * 100
     "gguf_greedy_agreement": "min",  # llama.cpp greedy tokens equal to the baseline's, over the prompt set
     "gguf_onnx_greedy_agreement": "min",  # llama.cpp greedy tokens equal to the ONNX runner's
+    "gguf_onnx_top1_agreement": "min",  # llama.cpp's next-token argmax equal to the ONNX artifact's, eval windows
 }
 
 

@@ -25,6 +25,7 @@ class ScoredWindow:
     inputs: np.ndarray  # token ids fed to the model (BOS included when the protocol adds one)
     first: int  # position whose logits predict the first scored token
     targets: np.ndarray  # the scored tokens
+    onnx_top1: np.ndarray | None = None  # the ONNX artifact's argmax at the scored positions, once measured
 
 
 def scored_window(ids: np.ndarray, begin: int, end: int, scored: int, bos: int | None) -> ScoredWindow:
@@ -53,16 +54,19 @@ def _gguf(path: Path, windows, prompts, greedy, max_new_tokens, eos_ids, metrics
     except ImportError:
         log(f"  gguf: NOT validated, llama-cpp-python is not installed ({INSTALL['gguf']})")
         return {"validated": False, "reason": "llama-cpp-python is not installed", "install": INSTALL["gguf"]}
-    ppl = gguf_perplexity(llm, windows)
+    ppl, top1 = gguf_perplexity(llm, windows)
     tokens = [gguf_greedy(llm, ids, max_new_tokens, eos_ids) for ids in prompts]
     metrics["gguf_perplexity"] = ppl
     metrics["gguf_perplexity_vs_onnx_pct"] = abs(ppl - metrics["perplexity"]) / metrics["perplexity"] * 100
+    if top1 is not None:
+        metrics["gguf_onnx_top1_agreement"] = top1
     metrics["gguf_greedy_agreement"] = agreement(greedy["baseline"], tokens)
     metrics["gguf_onnx_greedy_agreement"] = agreement(greedy["onnx"], tokens)
     version = importlib.metadata.version("llama-cpp-python")
     log(f"  gguf through llama.cpp ({version}): perplexity {ppl:.4f} ({metrics['gguf_perplexity_vs_onnx_pct']:.3f} % "
-        f"from the ONNX artifact's); greedy agreement {metrics['gguf_onnx_greedy_agreement']:.3f} with the ONNX "
-        f"runner, {metrics['gguf_greedy_agreement']:.3f} with the baseline")
+        f"from the ONNX artifact's), next-token argmax equal to the ONNX artifact's at {top1 or float('nan'):.3f} of "
+        f"the scored positions; greedy agreement {metrics['gguf_onnx_greedy_agreement']:.3f} with the ONNX runner, "
+        f"{metrics['gguf_greedy_agreement']:.3f} with the baseline")
     return {"validated": True, "engine": f"llama-cpp-python {version}", "file": str(path), "perplexity": ppl,
             "scored_tokens": sum(len(w.targets) for w in windows)}
 
@@ -75,9 +79,10 @@ def open_gguf(path: Path, context: int):
                  verbose=False, n_threads=os.cpu_count())
 
 
-def gguf_perplexity(llm, windows: list[ScoredWindow]) -> float:
-    """Perplexity of the scored tokens of `windows`, each window run from an empty cache."""
-    nll, scored = 0.0, 0
+def gguf_perplexity(llm, windows: list[ScoredWindow]) -> tuple[float, float | None]:
+    """Perplexity of the scored tokens of `windows`, each window run from an empty cache, and the
+    fraction of scored positions where llama.cpp's argmax equals the ONNX artifact's (when known)."""
+    nll, scored, same = 0.0, 0, 0
     for w in windows:
         llm.reset()
         llm.eval(w.inputs.tolist())
@@ -86,7 +91,10 @@ def gguf_perplexity(llm, windows: list[ScoredWindow]) -> float:
         logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
         nll -= float(logp[np.arange(len(w.targets)), w.targets].sum())
         scored += len(w.targets)
-    return math.exp(nll / scored)
+        if w.onnx_top1 is not None:
+            same += int((logp.argmax(-1) == w.onnx_top1).sum())
+    known = all(w.onnx_top1 is not None for w in windows)
+    return math.exp(nll / scored), (same / scored if known else None)
 
 
 def agreement(expected: list[list[int]], got: list[list[int]]) -> float:

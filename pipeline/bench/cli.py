@@ -12,6 +12,7 @@ from pipeline.bench import peers as peer_mod
 from pipeline.bench.ours import measure_ours
 from pipeline.bench.report import table, write
 from pipeline.bench.system import machine
+from pipeline.formats.gguf import GGUF_FILE, GGUF_FOLDER
 from pipeline.bench.workload import make_workload
 from runtime import RuntimeFailure, find_model_folder
 from runtime.generate import GRAPHS
@@ -94,7 +95,8 @@ def bench_command(artifact, compare, peer_names, prompt_lengths, batches, new_to
 
 
 def _peer_inputs(folder: Path, work, threads: int, out: Path) -> peer_mod.PeerInputs:
-    """The export's source checkpoint and original GGUF, found through the manifests' parent links."""
+    """The export's source checkpoint, and its GGUF target (else the GGUF the model came from), found
+    through the manifests' parent links."""
     checkpoint = gguf = None
     manifest = _manifest(folder)
     run_folder = folder.parent
@@ -110,6 +112,9 @@ def _peer_inputs(folder: Path, work, threads: int, out: Path) -> peer_mod.PeerIn
             gguf = Path(m["source"]["location"])
         parent = m.get("parent")
     quantized = manifest.get("io_contract", {}).get("weights", "float") != "float"
+    own = folder / GGUF_FOLDER / GGUF_FILE
+    if own.is_file():  # the export's own GGUF: llama.cpp runs the very weights ours runs
+        gguf = own
     return peer_mod.PeerInputs(export=folder, checkpoint=checkpoint, gguf=gguf, quantized=quantized, work=work,
                                threads=threads, cache_dir=out.parent / "peers")
 

@@ -4,7 +4,7 @@ installed (or cannot run this artifact) is reported as skipped, with why and how
     transformers (PyTorch, eager and sdpa attention) on the export's source checkpoint
     optimum ORTModelForCausalLM on our portable graph
     onnxruntime-genai on its own model builder's output for the same checkpoint and precision
-    llama.cpp (llama-cpp-python) on the model's GGUF, when the model came from one
+    llama.cpp (llama-cpp-python) on the export's GGUF target, else on the GGUF the model came from
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ INSTALL = {
 class PeerInputs:
     export: Path  # our export artifact (portable graph at its root)
     checkpoint: Path | None  # the HF checkpoint the export was made from
-    gguf: Path | None  # the GGUF the model came from, if any
+    gguf: Path | None  # the export's GGUF target, else the GGUF the model came from, if any
     quantized: bool  # the artifact's linear layers are INT4/INT8 (MatMulNBits)
     work: Workload
     threads: int
@@ -218,12 +218,12 @@ def bench_llama_cpp(inp: PeerInputs) -> dict:
     if importlib.util.find_spec("llama_cpp") is None:
         return skipped(engine, "llama-cpp-python is not installed")
     if inp.gguf is None or not inp.gguf.is_file():
-        return skipped(engine, "the model did not come from a GGUF file; no GGUF of these weights to run")
+        return skipped(engine, "no GGUF of these weights: export with `targets: [onnx, gguf]`")
     from llama_cpp import Llama
 
     work = inp.work
     t = time.perf_counter()
-    llm = Llama(model_path=str(inp.gguf), n_ctx=max(work.prompt_lengths) + work.new_tokens + 8,
+    llm = Llama(model_path=str(inp.gguf), n_ctx=max(*work.prompt_lengths, work.decode_prompt) + work.new_tokens + 8,
                 n_threads=inp.threads or None, verbose=False, logits_all=False)
     load_s = time.perf_counter() - t
 
@@ -245,11 +245,14 @@ def bench_llama_cpp(inp: PeerInputs) -> dict:
 
 
 def _gguf_type(path: Path) -> str:
-    name = path.name.lower()
-    for kind in ("q4_0", "q4_1", "q8_0", "f16", "f32", "q4_k_m"):
-        if kind in name:
-            return kind.upper()
-    return "gguf"
+    """The file's most common weight type, e.g. Q4_1 (read from the tensors, not the file name)."""
+    import gguf
+
+    counts: dict[str, int] = {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        if len(t.shape) > 1:
+            counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    return max(counts, key=counts.get) if counts else "gguf"
 
 
 PEERS = {

@@ -99,6 +99,7 @@ def _perplexity(cfg: ValidateConfig, torch_model, gen: Generator, metrics: dict,
         targets = torch.from_numpy(sw.targets)
         ref_lp = F.log_softmax(ref[pos].double(), dim=-1)
         onnx_lp = F.log_softmax(torch.from_numpy(out[pos]).double(), dim=-1)
+        sw.onnx_top1 = onnx_lp.argmax(-1).numpy()
         nll["torch"] -= ref_lp.gather(1, targets[:, None]).sum().item()
         nll["onnx"] -= onnx_lp.gather(1, targets[:, None]).sum().item()
         kl_sum += (ref_lp.exp() * (ref_lp - onnx_lp)).sum().item()

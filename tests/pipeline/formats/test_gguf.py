@@ -93,6 +93,21 @@ def test_the_validate_stage_measures_the_gguf_or_says_why_not(gguf_run):
         assert report["metrics"]["gguf_perplexity_vs_onnx_pct"] < 1.0
 
 
+def test_bench_runs_llama_cpp_on_the_exports_own_gguf(gguf_run, eval_text, tmp_path):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make engines)")
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    result = CliRunner().invoke(main, [
+        "bench", str(gguf_run), "--text", str(eval_text), "--prompt-lengths", "8", "--batches", "1",
+        "--new-tokens", "4", "--long-tokens", "20", "--repeats", "1", "--out", str(tmp_path), "--compare",
+        "--peers", "llama.cpp"])
+    assert result.exit_code == 0, result.output
+    llama = next(p for p in json.loads((tmp_path / "bench.json").read_text())["results"] if p["engine"] == "llama.cpp")
+    assert llama["status"] == "ok" and llama["precision"] == "Q4_1" and llama["decode_tok_s"]["1"] > 0
+
+
 def test_a_missing_engine_is_never_a_pass(tmp_path, tiny_llama, eval_text, monkeypatch):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if llama-cpp-python were not installed
     path = recipe(tmp_path, tiny_llama, eval_text, "{method: rtn, group_size: 32}",
