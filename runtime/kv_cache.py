@@ -47,12 +47,12 @@ class StaticKVCache:
         self.nbytes = contract.kv_bytes_per_token(batch) * max_length
         check_fits(self.nbytes, device)
         shape = (batch, contract.num_kv_heads, max_length, contract.head_dim)
-        self._host = []  # on the CPU the OrtValues borrow these arrays' memory: keep them alive
+        self.host: list[np.ndarray] = []  # CPU: one array per past name; the OrtValues borrow their memory
         self.values: dict[str, ort.OrtValue] = {}
         for past, present in zip(contract.past_names(), contract.present_names()):
             if device == "cpu":
                 array = np.zeros(shape, dtype=contract.dtype)
-                self._host.append(array)
+                self.host.append(array)
                 value = ort.OrtValue.ortvalue_from_numpy(array)
             else:
                 value = ort.OrtValue.ortvalue_from_shape_and_type(shape, np.dtype(contract.dtype), device, 0)

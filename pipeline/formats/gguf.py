@@ -24,6 +24,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from pipeline.errors import StageError
+from pipeline.quant.primitives import unpack_matmul_nbits
 
 GGUF_FOLDER, GGUF_FILE = "gguf", "model.gguf"  # where the export stage puts it
 BLOCK = 32
@@ -47,23 +48,6 @@ def ggml_type(bits: int, group_size: int, symmetric: bool, layer: str) -> tuple[
         return Q.Q8_0, False
     raise StageError(f"{layer}: int{bits} g{group_size} {'sym' if symmetric else 'asym'} has no GGUF block type; "
                      f"GGUF takes {FORMATS_THAT_WORK}")
-
-
-def unpack(packed: dict[str, np.ndarray], layer: str, spec: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """MatMulNBits tensors of `layer` -> codes [N, blocks, G] uint8, scale and zero point [N, blocks]."""
-    n, k, bits, g = spec["N"], spec["K"], spec["bits"], spec["group_size"]
-    blocks = -(-k // g)
-    b = packed[f"{layer}.B"].reshape(n, blocks, -1)
-    q = np.stack([b & 0x0F, b >> 4], axis=-1).reshape(n, blocks, g) if bits == 4 else b.reshape(n, blocks, g)
-    scale = packed[f"{layer}.scales"].reshape(n, blocks)
-    if spec["symmetric"]:
-        zero = np.full((n, blocks), 2 ** (bits - 1), dtype=np.uint8)
-    elif bits == 4:
-        z = packed[f"{layer}.zero_points"].reshape(n, -1)
-        zero = np.stack([z & 0x0F, z >> 4], axis=-1).reshape(n, -1)[:, :blocks]
-    else:
-        zero = packed[f"{layer}.zero_points"].reshape(n, blocks)
-    return q.astype(np.uint8), scale.astype(np.float32), zero.astype(np.uint8)
 
 
 def ggml_blocks(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, qtype) -> np.ndarray:
@@ -125,7 +109,7 @@ def write_gguf(quant_dir: Path, out: Path, source_gguf: Path | None = None) -> G
             raise StageError(f"{quant_dir}: no GGUF name for tensor {hf_name}")
         rows = heads.get(layer.rsplit(".", 1)[-1])
         if layer in plan:
-            data, qtype = _quantized(packed, layer, plan[layer], dense.get(hf_name), rows, report)
+            data, qtype = _quantized(packed, layer, plan[layer], rows, report)
             writer.add_tensor(gguf_name, data, raw_dtype=qtype)  # data: block bytes [N, B * block_bytes]
             report.tensors[gguf_name] = qtype.name
         else:
@@ -147,18 +131,17 @@ def _tensor_order(dense: dict, plan: dict, tied_quantized: bool) -> list[str]:
     return names
 
 
-def _quantized(packed, layer, spec, dense_w, rows, report: GGUFReport):
+def _quantized(packed, layer, spec, rows, report: GGUFReport):
     qtype, exact = ggml_type(spec["bits"], spec["group_size"], spec["symmetric"], layer)
     if spec["K"] % BLOCK:
         raise StageError(f"{layer}: {spec['K']} inputs is not a multiple of GGUF's block of {BLOCK}")
-    q, scale, zero = unpack(packed, layer, spec)
+    q, scale, zero = unpack_matmul_nbits(packed, layer, spec)
     if rows:
         q, scale, zero = permute_rows(q, rows), permute_rows(scale, rows), permute_rows(zero, rows)
+    ours = ((q.astype(np.float32) - zero[..., None]) * scale[..., None]).reshape(q.shape[0], -1)
     if not exact:
-        ours = ((q.astype(np.float32) - zero[..., None]) * scale[..., None]).reshape(q.shape[0], -1)
         report.converted.append(layer)
         return gguf.quants.quantize(ours, qtype), qtype
-    ours = ((q.astype(np.float32) - zero[..., None]) * scale[..., None]).reshape(q.shape[0], -1)
     report.max_scale_rounding = max(report.max_scale_rounding,
                                     float(np.abs(block_values(q, scale, zero, qtype) - ours).max()))
     return ggml_blocks(q, scale, zero, qtype), qtype

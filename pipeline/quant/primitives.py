@@ -140,3 +140,21 @@ def pack_matmul_nbits(qt: QTensor) -> dict[str, np.ndarray]:
 
 def packed_bytes(qt: QTensor) -> int:
     return sum(a.nbytes for a in pack_matmul_nbits(qt).values())
+
+
+def unpack_matmul_nbits(packed: dict[str, np.ndarray], layer: str, spec: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The inverse of `pack_matmul_nbits` for `layer`'s tensors in `packed` (keys `<layer>.B|scales|zero_points`)
+    and its plan entry `spec`: codes [N, blocks, G] uint8, scale [N, blocks] float32, zero point [N, blocks] uint8."""
+    n, k, bits, g = spec["N"], spec["K"], spec["bits"], spec["group_size"]
+    blocks = -(-k // g)
+    b = packed[f"{layer}.B"].reshape(n, blocks, -1)
+    q = np.stack([b & 0x0F, b >> 4], axis=-1).reshape(n, blocks, g) if bits == 4 else b.reshape(n, blocks, g)
+    scale = packed[f"{layer}.scales"].reshape(n, blocks)
+    if spec["symmetric"]:
+        zero = np.full((n, blocks), 2 ** (bits - 1), dtype=np.uint8)
+    elif bits == 4:
+        z = packed[f"{layer}.zero_points"].reshape(n, -1)
+        zero = np.stack([z & 0x0F, z >> 4], axis=-1).reshape(n, -1)[:, :blocks]
+    else:
+        zero = packed[f"{layer}.zero_points"].reshape(n, blocks)
+    return q.astype(np.uint8), scale.astype(np.float32), zero.astype(np.uint8)

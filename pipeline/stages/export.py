@@ -16,9 +16,9 @@ import onnx
 import torch
 
 from pipeline.archs import arch_for, model_dims
+from pipeline.artifacts import sha256_file
 from pipeline.configs import ExportConfig
 from pipeline.errors import StageError
-from pipeline.artifacts import sha256_file
 from pipeline.formats.gguf import GGUF_FILE, GGUF_FOLDER, write_gguf
 from pipeline.fused_graph import build_fused_graph, to_float16
 from pipeline.models import TOKENIZER_FILES, load_torch_model

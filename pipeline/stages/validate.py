@@ -42,9 +42,10 @@ def validate(cfg: ValidateConfig, inp, ctx) -> StageResult:
     ctx.log(f"  runner provider: {gen.provider}, {gen.flavour} graph")
     metrics: dict = {}
     protocol, scored_windows = _perplexity(cfg, torch_model, gen, metrics, ctx)
-    samples, greedy = _greedy(cfg, torch_model, source_model, gen, metrics)
-    targets = validate_targets(inp.path, scored_windows, [gen.tokenizer.encode(p) for p in cfg.prompts],
-                               greedy, cfg.max_new_tokens, gen.eos_ids, metrics, ctx.log)
+    prompts = [gen.tokenizer.encode(p) for p in cfg.prompts]
+    samples, greedy = _greedy(cfg, prompts, torch_model, source_model, gen, metrics)
+    targets = validate_targets(inp.path, scored_windows, prompts, greedy, cfg.max_new_tokens, gen.eos_ids, metrics,
+                               ctx.log)
     failures = gate(metrics, cfg.thresholds)
     report = {
         "artifact": str(inp.path), "baseline": str(ctx.baseline.path), "export_source": str(source.path),
@@ -122,9 +123,10 @@ def _perplexity(cfg: ValidateConfig, torch_model, gen: Generator, metrics: dict,
     }, scored_windows
 
 
-def _greedy(cfg: ValidateConfig, torch_model, source_model, gen: Generator, metrics: dict) -> tuple[list[dict], dict]:
-    """Greedy answers of the baseline and of the runner; returns the samples and {"baseline", "onnx"} token lists."""
-    prompts = [gen.tokenizer.encode(p) for p in cfg.prompts]
+def _greedy(cfg: ValidateConfig, prompts: list[list[int]], torch_model, source_model, gen: Generator,
+            metrics: dict) -> tuple[list[dict], dict]:
+    """Greedy answers of the baseline and of the runner to `prompts` (cfg.prompts encoded); returns the
+    samples and {"baseline", "onnx"} token lists."""
     eos = sorted(gen.eos_ids)
     ref = []
     for ids in prompts:

@@ -75,7 +75,7 @@ class Request:
 
 class Observer(Protocol):
     def finished(self, request: Request) -> None: ...
-    def step(self, running: int, waiting: int, new_tokens: int, seconds: float) -> None: ...
+    def step(self, new_tokens: int) -> None: ...
 
 
 class Scheduler:
@@ -129,14 +129,13 @@ class Scheduler:
                     self._cond.wait()
                 if self._closing and not self.waiting and not self.running:
                     return
-            started, self._produced = time.perf_counter(), 0
+            self._produced = 0
             self._drop_cancelled()
             self._admit()
             if self.running:
                 self._decode()
             if self.observer:
-                running, waiting = self.load
-                self.observer.step(running, waiting, self._produced, time.perf_counter() - started)
+                self.observer.step(self._produced)
 
     def _drop_cancelled(self) -> None:
         with self._cond:

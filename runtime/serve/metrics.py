@@ -66,28 +66,26 @@ class Metrics:
                  request.id, request.finish_reason, len(request.prompt), n, queue_s * 1000, _ms(ttft_s), _ms(tpot_s),
                  (request.finished - request.submitted) * 1000)
 
-    def step(self, running: int, waiting: int, new_tokens: int, seconds: float) -> None:
+    def step(self, new_tokens: int) -> None:
+        """The scheduler produced `new_tokens` in one step."""
         now = time.monotonic()
         with self._lock:
             self._recent.append((now, new_tokens))
-            while self._recent and self._recent[0][0] < now - RATE_WINDOW_S:
-                self._recent.popleft()
-            self.rate.set(sum(t for _, t in self._recent) / RATE_WINDOW_S)
-        self.load(running, waiting)
+            self._forget_before(now - RATE_WINDOW_S)
 
-    def load(self, running: int, waiting: int) -> None:
+    def exposition(self, running: int, waiting: int) -> bytes:
+        """The Prometheus text, with the load and the token rate as of now (a quiet server's rate decays to 0)."""
         self.running.set(running)
         self.slots_used.set(running)
         self.waiting.set(waiting)
-
-    def exposition(self, running: int, waiting: int) -> bytes:
-        self.load(running, waiting)
-        with self._lock:  # a quiet server's rate decays to 0 instead of freezing at its last value
-            now = time.monotonic()
-            while self._recent and self._recent[0][0] < now - RATE_WINDOW_S:
-                self._recent.popleft()
+        with self._lock:
+            self._forget_before(time.monotonic() - RATE_WINDOW_S)
             self.rate.set(sum(t for _, t in self._recent) / RATE_WINDOW_S)
         return generate_latest(self.registry)
+
+    def _forget_before(self, cutoff: float) -> None:
+        while self._recent and self._recent[0][0] < cutoff:
+            self._recent.popleft()
 
 
 def _ms(seconds: float | None) -> str:

@@ -21,7 +21,7 @@ import onnxruntime as ort
 
 from runtime.errors import RuntimeFailure
 from runtime.io_spec import Contract
-from runtime.kv_cache import check_fits
+from runtime.kv_cache import StaticKVCache
 
 
 class SlotCache:
@@ -32,15 +32,12 @@ class SlotCache:
             raise RuntimeFailure("serving needs the fused graph (export with `fused: true`)")
         if slots < 1 or max_length < 2:
             raise RuntimeFailure(f"need at least 1 slot and 2 positions, got {slots} slots of {max_length}")
-        if contract.max_positions and max_length > contract.max_positions:
-            raise RuntimeFailure(f"max_length {max_length} exceeds the model's {contract.max_positions} positions")
         self.session, self.contract = session, contract
         self.slots, self.max_length = slots, max_length
-        self.nbytes = contract.kv_bytes_per_token(slots) * max_length
-        check_fits(self.nbytes, "cpu")
-        shape = (slots, contract.num_kv_heads, max_length, contract.head_dim)
-        self.buffers = [np.zeros(shape, dtype=contract.dtype) for _ in contract.past_names()]
-        self.lengths = np.zeros(slots, dtype=np.int32)  # positions filled in each row
+        cache = StaticKVCache(contract, slots, max_length, "cpu")  # checks the model's positions and free memory
+        self.nbytes = cache.nbytes
+        self.buffers = cache.host  # [slots, kv_heads, max_length, head_dim] per past name
+        self.lengths = cache.lengths  # positions filled in each row
         self._bindings: dict[tuple[int, int], ort.IOBinding] = {}
         self._logits: dict[int, np.ndarray] = {}  # rows -> reused [rows, 1, V] host buffer
         self._total_length = np.array(max_length, dtype=np.int32)  # GQA's total_sequence_length when decoding

@@ -5,13 +5,12 @@ a tail that could still grow into a stop string waits until it cannot (or the se
 """
 from __future__ import annotations
 
-from runtime.tokenizer import Tokenizer
+from runtime.tokenizer import StreamDecoder, Tokenizer
 
 
 class TextStream:
     def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = ()):
-        self.tokenizer, self.stop = tokenizer, tuple(s for s in stop if s)
-        self.ids: list[int] = []
+        self.decoder, self.stop = StreamDecoder(tokenizer), tuple(s for s in stop if s)
         self.text = ""  # everything decoded so far (complete characters only)
         self.sent = 0  # characters of `text` already released
         self.stopped = False  # a stop string was found; `text` ends before it
@@ -22,11 +21,9 @@ class TextStream:
 
     def push(self, token: int) -> str:
         """Add one token; returns the text now final (may be empty). Sets `stopped` on a stop string."""
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
+        if not self.decoder.push(token):  # nothing new yet (a character cut in two, or a skipped token)
             return ""
-        self.text = text
+        text = self.text = self.decoder.emitted
         if not self.stop:
             return self._release(len(text))
         longest = max(len(s) for s in self.stop)

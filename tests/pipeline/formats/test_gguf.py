@@ -11,7 +11,8 @@ from safetensors.numpy import load_file
 
 from pipeline import run
 from pipeline.errors import RecipeError
-from pipeline.formats.gguf import block_values, permute_rows, unpack
+from pipeline.formats.gguf import block_values, permute_rows
+from pipeline.quant.primitives import unpack_matmul_nbits
 from pipeline.recipe import load_recipe
 
 HEADS = {"q_proj": 4, "k_proj": 2}  # the tiny llama's attention and KV heads
@@ -53,7 +54,7 @@ def test_codes_are_copied_into_ggml_blocks_unchanged(gguf_run):
     for layer, spec in plan.items():
         if spec["bits"] == 8 and not spec["symmetric"]:
             continue  # no exact ggml block: re-quantized, covered below
-        q, scale, zero = unpack(packed, layer, spec)
+        q, scale, zero = unpack_matmul_nbits(packed, layer, spec)
         kind = layer.rsplit(".", 1)[-1]
         if kind in HEADS:
             q, scale, zero = (permute_rows(a, HEADS[kind]) for a in (q, scale, zero))

@@ -5,7 +5,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.quant.primitives import QuantScheme, dequantize, pack_matmul_nbits, quantize
+from pipeline.quant.primitives import QuantScheme, dequantize, pack_matmul_nbits, quantize, unpack_matmul_nbits
 
 
 def matmul_nbits_session(packed: dict, k: int, n: int, scheme: QuantScheme):
@@ -79,3 +79,15 @@ def test_mse_clip_search_never_increases_the_rounding_error():
         scale, zero = choose(g, scheme)
         errs.append((fake_quantize(g, scale[..., None], zero[..., None], 15) - g).abs().pow(2.4).sum(-1))
     assert (errs[1] <= errs[0] + 1e-6).all() and errs[1].sum() < errs[0].sum()
+
+
+@pytest.mark.parametrize("bits, symmetric", [(4, False), (4, True), (8, False), (8, True)])
+def test_unpacking_matmul_nbits_gives_back_the_codes(bits, symmetric):
+    scheme = QuantScheme(bits, 32, symmetric)
+    qt = quantize(torch.randn(6, 96), scheme)  # 3 blocks a row: an odd count pads the 4-bit zero points
+    packed = {f"layer.{k}": v for k, v in pack_matmul_nbits(qt).items()}
+    q, scale, zero = unpack_matmul_nbits(packed, "layer", {"N": 6, "K": 96, "bits": bits, "group_size": 32,
+                                                           "symmetric": symmetric})
+    np.testing.assert_array_equal(q, qt.q.numpy())
+    np.testing.assert_array_equal(scale, qt.scale.numpy())
+    np.testing.assert_array_equal(zero, qt.zero.numpy().astype(np.uint8))

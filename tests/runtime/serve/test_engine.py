@@ -120,4 +120,4 @@ def test_stop_sequences_and_eos_end_a_request(gen):
     s.stop()
     assert eos.finish_reason == "stop" and eos.tokens == alone[:2]
     assert r.finish_reason == "stop" and stop_text not in r.stream.output
-    assert r.stream.output == gen.tokenizer.decode(alone[:r.stream.ids.__len__()])[: len(r.stream.output)]
+    assert r.stream.output == gen.tokenizer.decode(alone[:len(r.stream.decoder.ids)])[: len(r.stream.output)]
