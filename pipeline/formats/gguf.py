@@ -24,6 +24,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from pipeline.errors import StageError
+from pipeline.onnx_quant import EMBEDDING
 from pipeline.quant.primitives import unpack_matmul_nbits
 
 GGUF_FOLDER, GGUF_FILE = "gguf", "model.gguf"  # where the export stage puts it
@@ -95,16 +96,14 @@ def write_gguf(quant_dir: Path, out: Path, source_gguf: Path | None = None) -> G
     layers = config["num_hidden_layers"]
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, layers)
     heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
-    tied_quantized = config.get("tie_word_embeddings") and "lm_head" in plan
 
     tmp = out.with_name(out.name + ".tmp")
     writer = gguf.GGUFWriter(str(tmp), "llama")
     _write_metadata(writer, config, quant_dir, source_gguf)
     report = GGUFReport()
-    for hf_name in _tensor_order(dense, plan, tied_quantized):
+    for hf_name, gguf_name in tensor_sources(list(dense), plan):
         layer = hf_name.removesuffix(".weight")
-        gguf_name = "token_embd.weight" if tied_quantized and layer == "lm_head" else names.get_name(
-            hf_name, try_suffixes=(".weight",))
+        gguf_name = gguf_name or names.get_name(hf_name, try_suffixes=(".weight",))
         if gguf_name is None:
             raise StageError(f"{quant_dir}: no GGUF name for tensor {hf_name}")
         rows = heads.get(layer.rsplit(".", 1)[-1])
@@ -124,11 +123,15 @@ def write_gguf(quant_dir: Path, out: Path, source_gguf: Path | None = None) -> G
     return report
 
 
-def _tensor_order(dense: dict, plan: dict, tied_quantized: bool) -> list[str]:
-    names = [n for n in dense if not (tied_quantized and n == "model.embed_tokens.weight")]
-    if "lm_head" in plan and "lm_head.weight" not in names:
-        names.append("lm_head.weight")
-    return names
+def tensor_sources(dense: list[str], plan: dict) -> list[tuple[str, str | None]]:
+    """(HF tensor, GGUF name where the usual mapping does not apply) for every tensor to write. An
+    embedding that shares the LM head's codes is written once, as the head's codes under token_embd,
+    which llama.cpp also uses as the output; otherwise embedding and head are written separately."""
+    shared = plan.get(EMBEDDING, {}).get("shared_with") == "lm_head"
+    out: list[tuple[str, str | None]] = [(n, None) for n in dense if not (shared and n == f"{EMBEDDING}.weight")]
+    if "lm_head" in plan and "lm_head.weight" not in dense:  # a tied checkpoint holds only the embedding
+        out.append(("lm_head.weight", None))
+    return [(n, "token_embd.weight" if shared and n == "lm_head.weight" else g) for n, g in out]
 
 
 def _quantized(packed, layer, spec, rows, report: GGUFReport):

@@ -11,7 +11,7 @@ from safetensors.numpy import load_file
 
 from pipeline import run
 from pipeline.errors import RecipeError
-from pipeline.formats.gguf import block_values, permute_rows
+from pipeline.formats.gguf import block_values, permute_rows, tensor_sources
 from pipeline.quant.primitives import unpack_matmul_nbits
 from pipeline.recipe import load_recipe
 
@@ -92,6 +92,17 @@ def test_the_validate_stage_measures_the_gguf_or_says_why_not(gguf_run):
     else:
         assert entry["validated"] is True
         assert report["metrics"]["gguf_perplexity_vs_onnx_pct"] < 1.0
+
+
+def test_a_tied_embedding_is_written_once_only_when_it_shares_the_heads_codes():
+    tied = ["model.embed_tokens.weight", "model.norm.weight"]  # a tied checkpoint: no lm_head.weight
+    head = {"bits": 4, "group_size": 32, "symmetric": False, "N": 300, "K": 64}
+    shared = {"lm_head": head, "model.embed_tokens": {**head, "shared_with": "lm_head"}}
+    assert tensor_sources(tied, shared) == [("model.norm.weight", None), ("lm_head.weight", "token_embd.weight")]
+    # a float (or separately quantized) embedding stays what it is; the head becomes output.weight
+    assert tensor_sources(tied, {"lm_head": head}) == [(n, None) for n in tied] + [("lm_head.weight", None)]
+    untied = tied + ["lm_head.weight"]
+    assert tensor_sources(untied, {"lm_head": head}) == [(n, None) for n in untied]
 
 
 def test_bench_runs_llama_cpp_on_the_exports_own_gguf(gguf_run, eval_text, tmp_path):
