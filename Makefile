@@ -26,7 +26,7 @@ $(VENV)/.engines: $(BIN)/optimize
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install --quiet -e ".[engines]"
 	touch $@
 
-engines: $(VENV)/.engines  ## engines that validate export targets: llama-cpp-python (compiles llama.cpp, minutes)
+engines: $(VENV)/.engines  ## engines that validate export targets: llama-cpp-python (compiles llama.cpp, minutes), compressed-tensors
 
 install-cuda: install  ## swap the CPU onnxruntime for onnxruntime-gpu (they must not both be installed)
 	$(BIN)/pip uninstall -y onnxruntime onnxruntime-gpu

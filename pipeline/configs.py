@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pipeline.errors import RecipeError, did_you_mean
 
 # Metrics the validate stage computes, and which side of the threshold passes.
-EXPORT_TARGETS = ("onnx", "gguf")
+EXPORT_TARGETS = ("onnx", "gguf", "hf-quantized")
 
 VALIDATE_METRICS = {
     "perplexity_delta_pct": "max",  # (ppl_onnx - ppl_torch) / ppl_torch * 100
@@ -26,6 +26,16 @@ VALIDATE_METRICS = {
     "gguf_greedy_agreement": "min",  # llama.cpp greedy tokens equal to the baseline's, over the prompt set
     "gguf_onnx_greedy_agreement": "min",  # llama.cpp greedy tokens equal to the ONNX runner's
     "gguf_onnx_top1_agreement": "min",  # llama.cpp's next-token argmax equal to the ONNX artifact's, eval windows
+    # the same four through onnxruntime-genai (the onnx target's genai_config.json) and through
+    # transformers + compressed-tensors (the hf-quantized target)
+    "genai_perplexity_vs_onnx_pct": "max",
+    "genai_greedy_agreement": "min",
+    "genai_onnx_greedy_agreement": "min",
+    "genai_onnx_top1_agreement": "min",
+    "hf_quantized_perplexity_vs_onnx_pct": "max",
+    "hf_quantized_greedy_agreement": "min",
+    "hf_quantized_onnx_greedy_agreement": "min",
+    "hf_quantized_onnx_top1_agreement": "min",
 }
 
 
@@ -38,7 +48,7 @@ class ModelConfig:
     trust_remote_code: bool = False
     allow_pickle: bool = False  # load *.bin / *.pt checkpoints; off by default (arbitrary code on load)
     eos_tokens: tuple[str, ...] = ()  # extra end tokens; end-of-turn tokens of the chat template are added anyway
-    version: int = 1
+    version: int = 2  # 2: tokenizer.json rewritten as plain byte-level BPE where the GGUF loader added byte fallback
 
 
 @dataclass(frozen=True)
@@ -155,7 +165,7 @@ class DistillConfig:
     bf16: str = "auto"  # auto (where the GPU or CPU computes bf16 natively) | true | false
     seed: int = 0
     loss: DistillLossConfig = field(default_factory=DistillLossConfig)
-    version: int = 1
+    version: int = 2  # 2: tokenizer.json rewritten as plain byte-level BPE where the GGUF loader added byte fallback
 
     def __post_init__(self):
         if (self.num_layers is None) == (self.param_budget_m is None):
@@ -203,7 +213,7 @@ class QuantizeConfig:
     provider: str = "cpu"  # the execution provider the artifact is for: cpu | cuda
     budget: BudgetConfig | None = None  # mixed precision chosen by measured sensitivity (INT4 bits only)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
-    version: int = 1
+    version: int = 2  # 2: tokenizer.json rewritten as plain byte-level BPE where the GGUF loader added byte fallback
 
     def __post_init__(self):
         if self.method not in QUANT_METHODS:
@@ -262,8 +272,9 @@ class ExportConfig:
     int8_accuracy_level: int | None = None  # the same for 8-bit layers only (None: as accuracy_level)
     fused: bool = True  # also write fused/: GroupQueryAttention, fused norms, in-place KV cache (ONNX Runtime only)
     dtype: str = "float32"  # the fused graph's weights and KV cache: float32, or float16 (what CUDA's GroupQueryAttention needs)
-    targets: tuple[str, ...] = ("onnx",)  # formats written: onnx (always), gguf (llama.cpp, in gguf/)
-    version: int = 5  # 2: fused graph beside the portable one; 3: logits_positions, packed matmuls; 4: no query_seqlens, dtype; 5: targets
+    # formats written: onnx (always), gguf (llama.cpp, in gguf/), hf-quantized (compressed-tensors for vLLM, in hf-quantized/)
+    targets: tuple[str, ...] = ("onnx",)
+    version: int = 6  # 2: fused graph beside the portable one; 3: logits_positions, packed matmuls; 4: no query_seqlens, dtype; 5: targets; 6: genai_config.json, hf-quantized
 
     def __post_init__(self):
         if self.accuracy_level not in (0, 1, 2, 3, 4):
@@ -325,7 +336,7 @@ class ValidateConfig:
             "decode_logits_max_abs_diff": 1e-2,
         }
     )
-    version: int = 3  # 2: decode parity measured against the export's source model; 3: export targets through their engines
+    version: int = 4  # 2: decode parity measured against the export's source model; 3: export targets through their engines; 4: hf-quantized
 
     def __post_init__(self):
         if self.stride is None:

@@ -7,6 +7,7 @@ end-of-turn tokens a chat model really stops on) and `tokenizer.json` for the ru
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -62,6 +63,9 @@ def import_model(cfg: ModelConfig, source: ModelSource, out: Path, log: Callable
     if (out / "tokenizer.model").exists():
         (out / "tokenizer.model").unlink()  # the GGUF loader copies the whole GGUF here; tokenizer.json suffices
         fixes.append("removed tokenizer.model (a copy of the GGUF file; tokenizer.json suffices)")
+    if fix_byte_level_bpe(out / "tokenizer.json"):
+        fixes.append("tokenizer.json: byte-level BPE without SentencePiece's byte fallback (as the GGUF's gpt2 "
+                     "tokenizer is); the same ids, and onnxruntime-genai's tokenizer reads it")
     for fix in fixes:
         log(f"  fixed: {fix}")
     params = sum(p.numel() for p in model.parameters())
@@ -70,6 +74,25 @@ def import_model(cfg: ModelConfig, source: ModelSource, out: Path, log: Callable
         info={"source": {"kind": source.kind, "location": source.location}, "fixes": fixes,
               "eos_token_ids": eos_ids},
     )
+
+
+def fix_byte_level_bpe(path: Path) -> bool:
+    """transformers' GGUF loader writes a byte-level (GPT-2) BPE with SentencePiece's byte fallback and
+    decoders bolted on. Every byte already has a byte-level token, so the fallback never fires and
+    encoding is unchanged without it, but onnxruntime-genai's tokenizer takes the file for a
+    SentencePiece model and maps spaces to -1. Rewrites the file as the plain byte-level BPE it is;
+    returns whether it changed anything."""
+    data = json.loads(path.read_text())
+    model, pre = data.get("model") or {}, data.get("pre_tokenizer") or {}
+    pres = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    if model.get("type") != "BPE" or not model.get("byte_fallback") or not any(p.get("type") == "ByteLevel" for p in pres):
+        return False
+    model["byte_fallback"] = False
+    data["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2))
+    tmp.replace(path)
+    return True
 
 
 def _end_tokens(cfg: ModelConfig, model, tokenizer) -> tuple[list[int], list[str]]:

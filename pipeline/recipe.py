@@ -26,6 +26,7 @@ from calibration.datasets import BUILTINS, TEXT_SUFFIXES, DataError, local_file
 from pipeline.artifacts import sha256_file
 from pipeline.configs import ExportConfig, ModelConfig, QuantizeConfig, TextSourceConfig
 from pipeline.errors import RecipeError, did_you_mean
+from pipeline.formats.compressed_tensors import FORMATS_THAT_WORK as HF_FORMATS
 from pipeline.formats.gguf import FORMATS_THAT_WORK as GGUF_FORMATS
 from pipeline.registry import STAGES
 
@@ -119,10 +120,17 @@ def _build_stages(raw: Any, base: Path) -> tuple[StageEntry, ...]:
 
 def _check_targets(config: Any, before: list[StageEntry], where: str) -> None:
     """Export targets the quantization before them cannot be written to are refused now, not after it ran."""
-    if not isinstance(config, ExportConfig) or "gguf" not in config.targets:
+    if not isinstance(config, ExportConfig):
         return
     quantize = next((e.config for e in reversed(before) if isinstance(e.config, QuantizeConfig)), None)
-    if quantize is None:
+    if "hf-quantized" in config.targets:
+        if quantize is None:
+            raise RecipeError(f"{where}.targets: hf-quantized writes the quantize stage's codes and there is no quantize "
+                              f"stage before export; add one (hf-quantized takes {HF_FORMATS})")
+        if quantize.method == "w8a8":
+            raise RecipeError(f"{where}.targets: hf-quantized cannot hold W8A8: its int8 weights are made by ONNX Runtime "
+                              f"inside the graph, with no codes to copy; hf-quantized takes {HF_FORMATS}")
+    if "gguf" not in config.targets or quantize is None:
         return
     if quantize.method == "w8a8":
         raise RecipeError(f"{where}.targets: gguf cannot hold W8A8 (int8 activations); GGUF takes {GGUF_FORMATS}")

@@ -1,1 +1,2 @@
-"""Our quantized weights written in other engines' formats (llama.cpp's GGUF, ...), unchanged where the formats agree."""
+"""Our artifacts in other engines' formats, unchanged where the formats agree: llama.cpp's GGUF,
+compressed-tensors checkpoints (transformers, vLLM) and onnxruntime-genai's config for our ONNX graph."""

@@ -19,6 +19,8 @@ from pipeline.archs import arch_for, model_dims
 from pipeline.artifacts import sha256_file
 from pipeline.configs import ExportConfig
 from pipeline.errors import StageError
+from pipeline.formats.compressed_tensors import HF_QUANTIZED_FOLDER, write_compressed_tensors
+from pipeline.formats.genai import write_genai_config
 from pipeline.formats.gguf import GGUF_FILE, GGUF_FOLDER, write_gguf
 from pipeline.fused_graph import build_fused_graph, to_float16
 from pipeline.models import TOKENIZER_FILES, load_torch_model
@@ -74,6 +76,11 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
     contract = Contract("portable", dims.num_layers, dims.num_kv_heads, dims.head_dim, dims.vocab_size, weights=weights_kind)
     out: Path = ctx.out_dir
     path = out / contract.model_file
+    targets: dict[str, dict] = {}  # the other engines' formats, each in its own folder with a manifest
+    if "hf-quantized" in cfg.targets:  # first: it refuses layouts it cannot hold before the slow tracing
+        targets["hf-quantized"] = _export_hf_quantized(inp.path, out, ctx)
+    if "gguf" in cfg.targets:
+        targets["gguf"] = _export_gguf(inp.path, out, ctx)
     ctx.log(f"  tracing {model.config.model_type} ({dims.num_layers} layers) to ONNX opset {cfg.opset}")
     _trace(model, contract, path, cfg.opset)
     graph = onnx.load(str(path))
@@ -88,6 +95,7 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
         if (inp.path / name).exists():
             shutil.copy2(inp.path / name, out / name)
     contract.save(out)
+    write_genai_config(out, contract)  # onnxruntime_genai.Model(<this folder>) runs the portable graph
     graphs = {"portable": path}
     if cfg.fused and activations:
         ctx.log("  fused graph skipped: W8A8 artifacts are quantized by ONNX Runtime's tools on the portable graph")
@@ -130,10 +138,9 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
     size = {f: sum(p.stat().st_size for p in g.parent.iterdir() if p.name.startswith("model.onnx")) for f, g in graphs.items()}
     metrics = {"parity_max_abs_diff": diff, "onnx_bytes": size["portable"], "fused_onnx_bytes": size.get("fused", 0),
                "block_quantized_ops": swapped}
-    targets = {"onnx": {"folder": ".", "graphs": sorted(graphs)}}
-    if "gguf" in cfg.targets:
-        targets["gguf"] = _export_gguf(inp.path, out, ctx)
-        metrics["gguf_bytes"] = targets["gguf"]["bytes"]
+    for name, target in targets.items():
+        metrics[f"{name.replace('-', '_')}_bytes"] = target["bytes"]
+    targets = {"onnx": {"folder": ".", "graphs": sorted(graphs)}, **targets}
     return StageResult(
         metrics=metrics,
         info={"io_contract": contract.__dict__, "atol": arch.atol, "graphs": sorted(graphs),
@@ -164,6 +171,30 @@ def _export_gguf(source: Path, out: Path, ctx) -> dict:
             + (f", {len(report.converted)} layers re-quantized to Q8_0" if report.converted else "")
             + f"; float16 block scales move weights by at most {report.max_scale_rounding:.3g}")
     return {"folder": GGUF_FOLDER, **manifest}
+
+
+def _export_hf_quantized(source: Path, out: Path, ctx) -> dict:
+    """The same codes as a compressed-tensors checkpoint in hf-quantized/ (transformers, vLLM), with its own manifest."""
+    folder = out / HF_QUANTIZED_FOLDER
+    ctx.log("  writing the compressed-tensors checkpoint (transformers, vLLM)")
+    report = write_compressed_tensors(source, folder)
+    files = sorted(p for p in folder.iterdir())
+    manifest = {
+        "format": "compressed-tensors", "compression": "pack-quantized", "engines": ["transformers", "vllm"],
+        "bytes": sum(p.stat().st_size for p in files),
+        "sha256": {p.name: sha256_file(p) for p in files},
+        "schemes": {label: len(layers) for label, layers in report.groups.items()},
+        "float_linears": report.float_linears, "notes": report.notes,
+        "vllm_compatible": not report.vllm_problems, "vllm_problems": report.vllm_problems,
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    ctx.log(f"  hf-quantized: {manifest['bytes'] / 2**20:.1f} MiB, {manifest['schemes']}, "
+            f"{len(report.float_linears)} linears float" + "".join(f"; {n}" for n in report.notes))
+    if report.vllm_problems:
+        ctx.log(f"  hf-quantized: WARNING vLLM fuses q/k/v and gate/up into one matmul each and needs one scheme per "
+                f"set; {len(report.vllm_problems)} sets mix schemes (first: {report.vllm_problems[0]}). transformers "
+                "loads it; for vLLM quantize those siblings alike (overrides on all of them)")
+    return {"folder": HF_QUANTIZED_FOLDER, **manifest}
 
 
 def _w8a8_modules(plan: dict, model) -> list[str]:
