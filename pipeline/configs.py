@@ -62,7 +62,7 @@ class TextSourceConfig:
 
 
 QUANT_METHODS = ("rtn", "gptq", "awq", "w8a8")
-ACTIVATION_MODES = ("dynamic", "static")
+ACTIVATION_MODES = ("dynamic", "dynamic_per_token", "static")
 LM_HEAD_CHOICES = ("float", "int8", "int4")
 
 
@@ -165,7 +165,7 @@ class DistillConfig:
     bf16: str = "auto"  # auto (where the GPU or CPU computes bf16 natively) | true | false
     seed: int = 0
     loss: DistillLossConfig = field(default_factory=DistillLossConfig)
-    version: int = 2  # 2: tokenizer.json rewritten as plain byte-level BPE where the GGUF loader added byte fallback
+    version: int = 1
 
     def __post_init__(self):
         if (self.num_layers is None) == (self.param_budget_m is None):
@@ -208,12 +208,14 @@ class QuantizeConfig:
     act_order: bool = True  # GPTQ: visit columns by decreasing Hessian diagonal
     mse_clip: bool = True  # GPTQ: choose each group's range by least rounding error, not plain min/max
     search_tokens: int = 2048  # AWQ: calibration tokens per layer input used by the scale and clip searches
-    activations: str = "dynamic"  # W8A8: dynamic (ranges per run) | static (ranges calibrated, QDQ)
+    # W8A8: dynamic (ONNX Runtime: one range per tensor, per run) | dynamic_per_token (one scale per token,
+    # as vLLM runs it) | static (ranges calibrated, QDQ)
+    activations: str = "dynamic"
     smoothquant: float = 0.0  # W8A8: SmoothQuant migration strength alpha in (0, 1); 0 = off, 0.5 is usual
     provider: str = "cpu"  # the execution provider the artifact is for: cpu | cuda
     budget: BudgetConfig | None = None  # mixed precision chosen by measured sensitivity (INT4 bits only)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
-    version: int = 2  # 2: tokenizer.json rewritten as plain byte-level BPE where the GGUF loader added byte fallback
+    version: int = 1
 
     def __post_init__(self):
         if self.method not in QUANT_METHODS:

@@ -1,10 +1,13 @@
-"""W8A8 on the traced float graph with ONNX Runtime's quantization tools (CPU provider).
+"""W8A8 on the traced float graph (CPU provider).
 
-    dynamic: MatMul -> DynamicQuantizeLinear + MatMulInteger (activation ranges found per run)
-    static:  MatMul -> QDQ pairs with activation ranges calibrated (MinMax) on the recipe's
-             calibration blocks, which the quantize stage saved as calibration_ids.npy
+    dynamic:           ONNX Runtime's quantizer: MatMul -> DynamicQuantizeLinear + MatMulInteger
+                       (one asymmetric uint8 range per activation tensor, found per run)
+    dynamic_per_token: our rewrite: one symmetric int8 scale per token, MatMulInteger on int8 x int8
+                       (llm-compressor's and vLLM's dynamic scheme)
+    static:            ONNX Runtime's quantizer: QDQ pairs with activation ranges calibrated (MinMax)
+                       on the recipe's calibration blocks, which the quantize stage saved as calibration_ids.npy
 
-Weights are int8 per output channel in both. Only the decoder's linear layers the quantize stage
+Weights are int8 per output channel in all three. Only the decoder's linear layers the quantize stage
 lists are quantized (its ignore list keeps others float): the attention's own matmuls (activation × activation: scores and weighted values) and the LM head stay
 float, as in SmoothQuant and llm-compressor; quantizing the scores per tensor ruins the model.
 Run after the export's float parity check.
@@ -12,10 +15,12 @@ Run after the export's float parity check.
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
 from pipeline.errors import StageError
@@ -52,6 +57,8 @@ def linear_nodes(path: Path, modules: list[str]) -> list[str]:
 
 def quantize_w8a8(path: Path, mode: str, contract: Contract, calibration: Path | None, modules: list[str]) -> onnx.ModelProto:
     """The quantized graph of the float model at `path` (returned in memory, weights loaded)."""
+    if mode == "dynamic_per_token":
+        return quantize_per_token(path, modules)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         out = Path(tmp) / "model.onnx"
         common = dict(op_types_to_quantize=["MatMul"], nodes_to_quantize=linear_nodes(path, set(modules)), per_channel=True,
@@ -64,3 +71,122 @@ def quantize_w8a8(path: Path, mode: str, contract: Contract, calibration: Path |
                             weight_type=QuantType.QInt8, extra_options={"WeightSymmetric": True}, **common)
         graph = onnx.load(str(out))
     return graph
+
+
+def quantize_per_token(path: Path, modules: list[str]) -> onnx.ModelProto:
+    """W8A8 with one activation scale per token, our own rewrite of each linear's MatMul(x, W):
+
+        s_x = max(|x|, last axis) / 127          q_x = int8(clip(round(x / s_x), -127, 127))
+        s_w = max(|W|, per output column) / 127  W_q = int8(round(W / s_w))           (computed here, once)
+        y   = float(MatMulInteger(q_x, W_q)) * s_x * s_w
+
+    ONNX Runtime's dynamic mode shares one (asymmetric) range across the whole activation tensor, so
+    one outlier token coarsens every other token's rounding; per token, each row gets its own. This
+    is the dynamic scheme of llm-compressor and vLLM. Linears fed the same tensor (q/k/v, gate/up)
+    share its quantization. Node and initializer names follow ONNX Runtime's dynamic mode
+    (`<MatMul>_quant`, `<W>_quantized`, `<W>_scale`), so `read_w8a8_codes` reads both."""
+    model = onnx.load(str(path))
+    graph = model.graph
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    inits = {t.name: t for t in graph.initializer}
+    targets = set(linear_nodes(path, set(modules)))
+    consts = [numpy_helper.from_array(np.array(v, dtype=t), name=n) for n, v, t in
+              (("w8a8_127", 127.0, np.float32), ("w8a8_neg127", -127.0, np.float32), ("w8a8_eps", 1e-8, np.float32))]
+    if opset >= 18:
+        consts.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), name="w8a8_last_axis"))
+    quantized_inputs: dict[str, tuple[str, str]] = {}  # float input -> (int8 codes, per-token scale)
+    nodes, dropped = [], set()
+    for node in graph.node:
+        if node.name not in targets:
+            nodes.append(node)
+            continue
+        x, w_name = node.input
+        if x not in quantized_inputs:
+            nodes += _per_token_nodes(x, opset)
+            quantized_inputs[x] = (f"{x}_q_int8", f"{x}_token_scale")
+        q_x, s_x = quantized_inputs[x]
+        w = numpy_helper.to_array(inits[w_name]).astype(np.float32)  # [K, N]
+        s_w = np.maximum(np.abs(w).max(axis=0), 1e-12) / 127
+        w_q = np.clip(np.round(w / s_w), -127, 127).astype(np.int8)
+        consts += [numpy_helper.from_array(w_q, name=f"{w_name}_quantized"),
+                   numpy_helper.from_array(s_w.astype(np.float32), name=f"{w_name}_scale")]
+        dropped.add(w_name)
+        y = node.output[0]
+        nodes += [
+            onnx.helper.make_node("MatMulInteger", [q_x, f"{w_name}_quantized"], [f"{y}_int32"], name=f"{node.name}_quant"),
+            onnx.helper.make_node("Cast", [f"{y}_int32"], [f"{y}_float"], to=onnx.TensorProto.FLOAT),
+            onnx.helper.make_node("Mul", [f"{y}_float", s_x], [f"{y}_token_scaled"]),
+            onnx.helper.make_node("Mul", [f"{y}_token_scaled", f"{w_name}_scale"], [y]),
+        ]
+    still_used = {i for n in nodes for i in n.input}
+    kept = [t for t in graph.initializer if t.name not in dropped or t.name in still_used]
+    del graph.node[:], graph.initializer[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(kept + consts)
+    return model
+
+
+def _per_token_nodes(x: str, opset: int) -> list[onnx.NodeProto]:
+    """x -> int8 codes `{x}_q_int8` and scales `{x}_token_scale` [..., 1], one per row of the last axis."""
+    make = onnx.helper.make_node
+    reduce = (make("ReduceMax", [f"{x}_abs", "w8a8_last_axis"], [f"{x}_absmax"], keepdims=1) if opset >= 18 else
+              make("ReduceMax", [f"{x}_abs"], [f"{x}_absmax"], axes=[-1], keepdims=1))
+    return [
+        make("Abs", [x], [f"{x}_abs"]),
+        reduce,
+        make("Max", [f"{x}_absmax", "w8a8_eps"], [f"{x}_absmax_safe"]),
+        make("Div", [f"{x}_absmax_safe", "w8a8_127"], [f"{x}_token_scale"]),
+        make("Div", [x, f"{x}_token_scale"], [f"{x}_scaled"]),
+        make("Round", [f"{x}_scaled"], [f"{x}_rounded"]),
+        make("Clip", [f"{x}_rounded", "w8a8_neg127", "w8a8_127"], [f"{x}_clipped"]),
+        make("Cast", [f"{x}_clipped"], [f"{x}_q_int8"], to=onnx.TensorProto.INT8),
+    ]
+
+
+@dataclass
+class W8A8Codes:
+    """What a W8A8 graph holds for one linear (ONNX Runtime's quantizer or our per-token rewrite): the codes
+    other formats copy."""
+
+    weight: np.ndarray  # int8 [N, K] (out, in), symmetric: zero point 0
+    scale: np.ndarray  # float32 [N], per output channel
+    input_scale: float | None = None  # static: the calibrated per-tensor activation scale
+    input_zero_point: int | None = None  # static: its uint8 zero point
+
+
+def read_w8a8_codes(path: Path, modules: list[str]) -> dict[str, W8A8Codes]:
+    """The int8 weights and per-channel scales of each of `modules` in the W8A8 graph at `path`, and for
+    static graphs each linear's calibrated input range.
+
+        dynamic (and per token): MatMulInteger(x_q, W_q [K, N][, x_zp, W_zp])   W_scale = initializer '<W>_scale'
+        static:  MatMul(DequantizeLinear(x_q, s, zp), DequantizeLinear(W_q [K, N], W_scale, W_zp))
+    """
+    graph = onnx.load(str(path)).graph
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    array = lambda name: numpy_helper.to_array(inits[name])  # noqa: E731
+    codes: dict[str, W8A8Codes] = {}
+    for node in graph.node:
+        if node.op_type == "MatMulInteger" and (module := module_of(node.name, "MatMul_quant")) in modules:
+            base = node.input[1].removesuffix("_quantized")
+            zero = array(node.input[3]) if len(node.input) > 3 else np.zeros(1, np.int8)  # our per-token graphs: none
+            codes[module] = _codes(array(node.input[1]), array(f"{base}_scale"), zero, module)
+        elif node.op_type == "MatMul" and (module := module_of(node.name)) in modules:
+            w_dq, x_dq = producer.get(node.input[1]), producer.get(node.input[0])
+            if w_dq is None or w_dq.op_type != "DequantizeLinear" or w_dq.input[0] not in inits:
+                continue  # left float by ONNX Runtime: reported below as missing
+            codes[module] = _codes(array(w_dq.input[0]), array(w_dq.input[1]), array(w_dq.input[2]), module)
+            if x_dq is not None and x_dq.op_type == "DequantizeLinear" and x_dq.input[1] in inits:
+                codes[module].input_scale = float(array(x_dq.input[1]))
+                codes[module].input_zero_point = int(array(x_dq.input[2]))
+    missing = [m for m in modules if m not in codes]
+    if missing:
+        raise StageError(f"{path}: no int8 weights found for {len(missing)} W8A8 linears (first: {missing[0]})")
+    return codes
+
+
+def _codes(w_q: np.ndarray, scale: np.ndarray, zero: np.ndarray, module: str) -> W8A8Codes:
+    if w_q.dtype != np.int8 or np.any(zero != 0):
+        raise StageError(f"{module}: expected symmetric int8 weights from ONNX Runtime, got {w_q.dtype} with "
+                         f"{'nonzero' if np.any(zero != 0) else 'zero'} zero points")
+    return W8A8Codes(np.ascontiguousarray(w_q.T), scale.astype(np.float32).reshape(-1))

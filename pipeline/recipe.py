@@ -123,13 +123,9 @@ def _check_targets(config: Any, before: list[StageEntry], where: str) -> None:
     if not isinstance(config, ExportConfig):
         return
     quantize = next((e.config for e in reversed(before) if isinstance(e.config, QuantizeConfig)), None)
-    if "hf-quantized" in config.targets:
-        if quantize is None:
-            raise RecipeError(f"{where}.targets: hf-quantized writes the quantize stage's codes and there is no quantize "
-                              f"stage before export; add one (hf-quantized takes {HF_FORMATS})")
-        if quantize.method == "w8a8":
-            raise RecipeError(f"{where}.targets: hf-quantized cannot hold W8A8: its int8 weights are made by ONNX Runtime "
-                              f"inside the graph, with no codes to copy; hf-quantized takes {HF_FORMATS}")
+    if "hf-quantized" in config.targets and quantize is None:
+        raise RecipeError(f"{where}.targets: hf-quantized writes the quantize stage's codes and there is no quantize "
+                          f"stage before export; add one (hf-quantized takes {HF_FORMATS})")
     if "gguf" not in config.targets or quantize is None:
         return
     if quantize.method == "w8a8":

@@ -10,12 +10,16 @@ reads) from the quantize stage's codes: the same integers, packed into int32 wor
     value (q - zp) * scale             (q_signed - zp_signed) * scale: the same number
                                        weight_shape int64 [2] = [N, K]
 
+    W8A8 (ONNX Runtime's codes)        compressed-tensors "int-quantized"
+    int8 W [K, N], scale [N], zp 0     weight int8 [N, K], weight_scale [N, 1]
+    static input: scale, uint8 zp      input_scale [1], input_zero_point int8 [1] = zp - 128
+
 Nothing is re-quantized: the codes and scales are copied (scales cast to the checkpoint's dtype,
-float32 for our reference model, so bit-exact there). compressed-tensors quantizes linear layers
-only, so a quantized embedding is written as its dequantized float weights, and a tied LM head that
-is quantized is untied (the float embedding beside the head's codes). Its groups must divide every
-layer's input width, and W8A8 (quantized by ONNX Runtime inside the graph at export) has no codes
-here to copy: both are refused with the reason.
+float32 for our reference model, so bit-exact there). W8A8 codes are made by ONNX Runtime's
+quantizer at export, so they are read back from the quantized graph. compressed-tensors quantizes
+linear layers only, so a quantized embedding is written as its dequantized float weights, and a tied
+LM head that is quantized is untied (the float embedding beside the head's codes). Groups must divide
+every layer's input width: other layouts are refused with the reason.
 """
 from __future__ import annotations
 
@@ -31,18 +35,29 @@ from safetensors.torch import save_file
 
 from pipeline.errors import StageError
 from pipeline.onnx_quant import EMBEDDING
+from pipeline.onnx_w8a8 import W8A8Codes, read_w8a8_codes
 from pipeline.quant.primitives import unpack_matmul_nbits
 
 HF_QUANTIZED_FOLDER = "hf-quantized"
 FORMATS_THAT_WORK = ("weight-only int4 or int8 (W4A16 / W8A16), symmetric or asymmetric, with a group size "
-                     "that divides every layer's input width")
+                     "that divides every layer's input width; or W8A8 (dynamic or static)")
 # vLLM fuses these siblings into one matmul and needs one scheme across each set
 FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 @dataclass
+class Group:
+    """One compressed-tensors config group: the quantization args and the layers that use them."""
+
+    weights: dict
+    inputs: dict | None = None
+    layers: list[str] = field(default_factory=list)
+
+
+@dataclass
 class CompressedReport:
-    groups: dict[str, list[str]] = field(default_factory=dict)  # scheme label -> layers
+    format: str = ""  # pack-quantized (weight-only) or int-quantized (W8A8)
+    groups: dict[str, Group] = field(default_factory=dict)  # scheme label -> its group
     float_linears: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what is not a plain copy, and why
     vllm_problems: list[str] = field(default_factory=list)  # what vLLM would refuse to load
@@ -67,8 +82,8 @@ def unpack_int32(words: np.ndarray, bits: int, cols: int) -> np.ndarray:
     return values.reshape(words.shape[0], -1)[:, :cols].astype(np.uint8)
 
 
-def compressed_tensors(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, spec: dict, dtype: torch.dtype) -> dict:
-    """One layer's codes [N, groups, G], scale and zero point [N, groups] as compressed-tensors' tensors."""
+def packed_tensors(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, spec: dict, dtype: torch.dtype) -> dict:
+    """One weight-only layer's codes [N, groups, G], scale and zero point [N, groups] as pack-quantized tensors."""
     n, k, bits = spec["N"], spec["K"], spec["bits"]
     out = {
         "weight_packed": torch.from_numpy(pack_int32(q.reshape(n, -1)[:, :k], bits)),
@@ -80,56 +95,74 @@ def compressed_tensors(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, spec:
     return out
 
 
+def w8a8_tensors(codes: W8A8Codes, dtype: torch.dtype) -> dict:
+    """One W8A8 linear as int-quantized tensors: int8 weight, per-channel scale, and (static) the input's range,
+    its uint8 zero point moved to int8 (q - 128 on both sides of (q - zp) * s: the same numbers)."""
+    out = {"weight": torch.from_numpy(codes.weight),
+           "weight_scale": torch.from_numpy(codes.scale[:, None]).to(dtype)}
+    if codes.input_scale is not None:
+        out["input_scale"] = torch.tensor([codes.input_scale], dtype=dtype)
+        out["input_zero_point"] = torch.tensor([codes.input_zero_point - 128], dtype=torch.int8)
+    return out
+
+
 def scheme_label(spec: dict) -> str:
     return f"int{spec['bits']} g{spec['group_size']} {'sym' if spec['symmetric'] else 'asym'}"
 
 
-def write_compressed_tensors(quant_dir: Path, out: Path) -> CompressedReport:
-    """The checkpoint in `quant_dir` (a quantize artifact: dequantized model.safetensors, codes in
-    quantized.safetensors, the plan in quant_plan.json) as a compressed-tensors checkpoint in `out`,
-    built in a temporary folder and renamed."""
+def weight_args(bits: int, symmetric: bool, strategy: str, group_size: int | None = None) -> dict:
+    return {"num_bits": bits, "type": "int", "symmetric": symmetric, "strategy": strategy, "group_size": group_size,
+            "dynamic": False, "actorder": None, "observer": "minmax"}
+
+
+# ONNX Runtime rounds W8A8 activations per tensor, asymmetric uint8 (dynamic: each run's own range;
+# static: the calibrated one). vLLM's int8 kernels take dynamic activations per token only, so a
+# dynamic artifact is written per token, symmetric (llm-compressor's W8A8); static is written as it is.
+PER_TOKEN = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True, "observer": None}
+W8A8_INPUTS = {
+    "dynamic": PER_TOKEN,
+    "dynamic_per_token": PER_TOKEN,  # what the ONNX graph computes
+    "static": {"num_bits": 8, "type": "int", "symmetric": False, "strategy": "tensor", "dynamic": False,
+               "observer": "minmax"},
+}
+
+
+def write_compressed_tensors(quant_dir: Path, out: Path, w8a8_graph: Path | None = None) -> CompressedReport:
+    """The checkpoint in `quant_dir` (a quantize artifact) as a compressed-tensors checkpoint in `out`,
+    built in a temporary folder and renamed. Weight-only codes come from quantized.safetensors and
+    quant_plan.json; W8A8 codes from the ONNX graph `w8a8_graph` that ONNX Runtime quantized."""
     config = json.loads((quant_dir / "config.json").read_text())
     plan_file = quant_dir / "quant_plan.json"
     plan_all = json.loads(plan_file.read_text()) if plan_file.is_file() else {}
-    if plan_all.get("activations"):
-        raise StageError(f"{quant_dir}: W8A8 is quantized by ONNX Runtime inside the graph, so there are no codes to "
-                         f"copy into compressed-tensors; hf-quantized takes {FORMATS_THAT_WORK}")
-    plan = {n: s for n, s in plan_all.get("layers", {}).items() if n != EMBEDDING}
-    if not plan:
-        raise StageError(f"{quant_dir}: no quantized layers; hf-quantized writes a quantize stage's codes "
-                         "(a float model needs no compressed-tensors checkpoint)")
-    for layer, spec in plan.items():
-        if spec["K"] % spec["group_size"]:
-            raise StageError(f"{layer}: {spec['K']} inputs is not a multiple of group_size {spec['group_size']}; "
-                             f"compressed-tensors needs whole groups: hf-quantized takes {FORMATS_THAT_WORK}")
     dtype = getattr(torch, config.get("torch_dtype") or config.get("dtype") or "float32")
-    dense = load_file(str(quant_dir / "model.safetensors"))
-    packed = load_file(str(quant_dir / "quantized.safetensors"))
     report = CompressedReport()
+    if plan_all.get("activations"):
+        if w8a8_graph is None:
+            raise StageError(f"{quant_dir}: W8A8 codes are made by ONNX Runtime at export; pass the quantized graph")
+        layers, fmt = _w8a8_layers(plan_all, w8a8_graph, dtype, report), "int-quantized"
+    else:
+        layers, fmt = _weight_only_layers(plan_all, quant_dir, dtype, report), "pack-quantized"
 
     tensors: dict[str, torch.Tensor] = {}
-    for name, array in dense.items():
+    for name, array in load_file(str(quant_dir / "model.safetensors")).items():
         layer = name.removesuffix(".weight")
-        if layer in plan:
+        if layer in layers:
             continue
         tensors[name] = torch.from_numpy(array).to(dtype)
         if layer.endswith("_proj"):
             report.float_linears.append(layer)
-    if "lm_head" not in plan:
+    if "lm_head" not in layers:
         report.float_linears.append("lm_head")  # tied or not, a Linear module that targets must not catch
-    for layer, spec in plan.items():
-        q, scale, zero = unpack_matmul_nbits(packed, layer, spec)
-        for key, t in compressed_tensors(q, scale, zero, spec, dtype).items():
-            tensors[f"{layer}.{key}"] = t
-        report.groups.setdefault(scheme_label(spec), []).append(layer)
+    for layer, parts in layers.items():
+        tensors.update({f"{layer}.{key}": t for key, t in parts.items()})
     if EMBEDDING in plan_all.get("layers", {}):
         report.notes.append(f"{EMBEDDING}: written as its dequantized float weights (compressed-tensors quantizes "
                             "linear layers only); the values are those of our codes")
-    if "lm_head" in plan and config.get("tie_word_embeddings"):
+    if "lm_head" in layers and config.get("tie_word_embeddings"):
         config["tie_word_embeddings"] = False
         report.notes.append("lm_head: untied from the embedding, which stays float beside the head's codes")
-    report.vllm_problems = _vllm_problems(plan)
-    config["quantization_config"] = _quantization_config(plan, report)
+    report.format = fmt
+    config["quantization_config"] = _quantization_config(report, fmt)
 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -144,34 +177,65 @@ def write_compressed_tensors(quant_dir: Path, out: Path) -> CompressedReport:
     return report
 
 
-def _quantization_config(plan: dict, report: CompressedReport) -> dict:
+def _weight_only_layers(plan_all: dict, quant_dir: Path, dtype, report: CompressedReport) -> dict[str, dict]:
+    plan = {n: s for n, s in plan_all.get("layers", {}).items() if n != EMBEDDING}
+    if not plan:
+        raise StageError(f"{quant_dir}: no quantized layers; hf-quantized writes a quantize stage's codes "
+                         "(a float model needs no compressed-tensors checkpoint)")
+    for layer, spec in plan.items():
+        if spec["K"] % spec["group_size"]:
+            raise StageError(f"{layer}: {spec['K']} inputs is not a multiple of group_size {spec['group_size']}; "
+                             f"compressed-tensors needs whole groups: hf-quantized takes {FORMATS_THAT_WORK}")
+    packed = load_file(str(quant_dir / "quantized.safetensors"))
+    layers = {}
+    for layer, spec in plan.items():
+        layers[layer] = packed_tensors(*unpack_matmul_nbits(packed, layer, spec), spec, dtype)
+        group = report.groups.setdefault(scheme_label(spec), Group(weight_args(spec["bits"], spec["symmetric"], "group",
+                                                                                spec["group_size"])))
+        group.layers.append(layer)
+    report.vllm_problems = _vllm_problems({n: scheme_label(s) for n, s in plan.items()})
+    return layers
+
+
+def _w8a8_layers(plan_all: dict, graph: Path, dtype, report: CompressedReport) -> dict[str, dict]:
+    mode = plan_all["activations"]
+    codes = read_w8a8_codes(graph, plan_all["w8a8_modules"])
+    label = f"int8 W8A8 {mode} (weights per channel, activations {W8A8_INPUTS[mode]['strategy']})"
+    report.groups[label] = Group(weight_args(8, True, "channel"), W8A8_INPUTS[mode], list(codes))
+    report.notes.append({
+        "dynamic": "W8A8 dynamic: ONNX Runtime rounds activations per tensor (asymmetric uint8); this checkpoint asks "
+                   "for per token (symmetric int8), the dynamic scheme vLLM runs: the weights are the same codes, the "
+                   "activation rounding differs (activations: dynamic_per_token matches exactly)",
+        "dynamic_per_token": "W8A8 dynamic per token: the same weight codes and activation scheme as the ONNX graph; the "
+                             "per-token scale is absmax / 127 in the graph and in vLLM, absmax / 127.5 in "
+                             "compressed-tensors' own reference code (what transformers runs)",
+        "static": "W8A8 static: the calibrated input ranges are copied; ONNX Runtime's graph also rounds each linear's "
+                  "output, which compressed-tensors does not"}[mode])
+    report.vllm_problems = _vllm_problems({n: label if n in codes else "float" for n in plan_all["w8a8_modules"]})
+    return {m: w8a8_tensors(c, dtype) for m, c in codes.items()}
+
+
+def _quantization_config(report: CompressedReport, fmt: str) -> dict:
     """config.json's quantization_config: one config group per scheme. A single scheme over every
-    quantized linear targets the class `Linear`, as llm-compressor writes it; otherwise each group
-    names its layers."""
+    quantized linear targets the class `Linear`, as llm-compressor writes it (float linears go to
+    `ignore`); otherwise each group names its layers."""
     uniform = len(report.groups) == 1
-    specs = {scheme_label(s): s for s in plan.values()}
-    groups = {}
-    for i, (label, layers) in enumerate(report.groups.items()):
-        spec = specs[label]
-        groups[f"group_{i}"] = {
-            "targets": ["Linear"] if uniform else layers,
-            "weights": {"num_bits": spec["bits"], "type": "int", "symmetric": spec["symmetric"], "strategy": "group",
-                        "group_size": spec["group_size"], "dynamic": False, "actorder": None, "observer": "minmax"},
-            "input_activations": None, "output_activations": None, "format": "pack-quantized",
-        }
-    return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+    groups = {f"group_{i}": {"targets": ["Linear"] if uniform else g.layers, "weights": g.weights,
+                             "input_activations": g.inputs, "output_activations": None, "format": fmt}
+              for i, g in enumerate(report.groups.values())}
+    return {"quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
             "config_groups": groups, "ignore": report.float_linears, "kv_cache_scheme": None}
 
 
-def _vllm_problems(plan: dict) -> list[str]:
-    """Sibling layers vLLM fuses into one matmul but that hold different schemes here."""
+def _vllm_problems(labels: dict[str, str]) -> list[str]:
+    """Sibling layers vLLM fuses into one matmul but that hold different schemes here (`labels`: layer -> scheme)."""
     problems = []
-    for layer in plan:
+    for layer in labels:
         parent, _, kind = layer.rpartition(".")
         for siblings in FUSED_SIBLINGS:
             if kind != siblings[0]:
                 continue
-            labels = {s: scheme_label(plan[f"{parent}.{s}"]) if f"{parent}.{s}" in plan else "float" for s in siblings}
-            if len(set(labels.values())) > 1:
-                problems.append(f"{parent}: " + ", ".join(f"{s} {v}" for s, v in labels.items()))
+            found = {s: labels.get(f"{parent}.{s}", "float") for s in siblings}
+            if len(set(found.values())) > 1:
+                problems.append(f"{parent}: " + ", ".join(f"{s} {v}" for s, v in found.items()))
     return problems

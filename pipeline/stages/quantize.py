@@ -95,8 +95,8 @@ def _w8a8(model, cfg: QuantizeConfig, src_dir, ctx, started: float) -> StageResu
     plan = {"method": "w8a8", "activations": cfg.activations, "smoothquant": cfg.smoothquant, "layers": {},
             "w8a8_modules": modules, "skipped": skipped}
     (ctx.out_dir / PLAN_FILE).write_text(json.dumps(plan, indent=2) + "\n")
-    ctx.log(f"  W8A8 {cfg.activations}: int8 weights (per channel) and activations for {len(modules)} linears, applied by "
-            f"ONNX Runtime at export; {len(skipped)} kept float")
+    ctx.log(f"  W8A8 {cfg.activations}: int8 weights (per channel) and activations for {len(modules)} linears, applied to "
+            f"the graph at export; {len(skipped)} kept float")
     return StageResult(metrics={"seconds": round(time.time() - started, 1)}, info={"w8a8": plan, **info})
 
 

@@ -138,14 +138,42 @@ def test_a_missing_engine_is_never_a_pass(tmp_path, tiny_llama, eval_text, monke
         run(path, workdir=tmp_path / "artifacts")
 
 
-@pytest.mark.parametrize("quantize, words", [
-    ("{method: w8a8}", "hf-quantized cannot hold W8A8"),
-    (None, "no quantize stage before export"),
-])
-def test_what_compressed_tensors_cannot_hold_is_refused_when_the_recipe_loads(tmp_path, tiny_llama, eval_text,
-                                                                               quantize, words):
-    with pytest.raises(RecipeError, match=words):
-        load_recipe(recipe(tmp_path, tiny_llama, eval_text, quantize))
+def test_a_recipe_without_a_quantize_stage_is_refused_when_it_loads(tmp_path, tiny_llama, eval_text):
+    with pytest.raises(RecipeError, match="no quantize stage before export"):
+        load_recipe(recipe(tmp_path, tiny_llama, eval_text, None))
+
+
+@pytest.mark.parametrize("activations", ["dynamic", "dynamic_per_token", "static"])
+def test_w8a8_copies_onnx_runtimes_int8_codes_and_loads_in_transformers(tmp_path, tiny_llama, eval_text, activations):
+    pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed (make engines)")
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.onnx_w8a8 import read_w8a8_codes
+
+    quantize = f"{{method: w8a8, activations: {activations}, calibration: {{num_samples: 4, sequence_length: 32}}}}"
+    work = run(recipe(tmp_path, tiny_llama, eval_text, quantize), workdir=tmp_path / "artifacts")
+    export = next(work.glob("*-export-*"))
+    folder = export / "hf-quantized"
+    modules = json.loads((next(work.glob("*-quantize-*")) / "quant_plan.json").read_text())["w8a8_modules"]
+    codes = read_w8a8_codes(export / "model.onnx", modules)
+    written = load_file(str(folder / "model.safetensors"))
+    for module, c in codes.items():
+        np.testing.assert_array_equal(written[f"{module}.weight"], c.weight)
+        np.testing.assert_array_equal(written[f"{module}.weight_scale"][:, 0], c.scale)
+        if activations == "static":
+            assert written[f"{module}.input_zero_point"].item() == c.input_zero_point - 128
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    (group,) = config["config_groups"].values()
+    assert config["format"] == "int-quantized" and group["weights"]["strategy"] == "channel"
+    assert group["input_activations"]["dynamic"] is activations.startswith("dynamic")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]))  # the first forward decompresses
+    weight = model.get_submodule(modules[0]).weight.detach().numpy()
+    np.testing.assert_allclose(weight, codes[modules[0]].weight * codes[modules[0]].scale[:, None], rtol=1e-6)
+    report = json.loads(next(work.glob("*-validate-*/report.json")).read_text())
+    assert report["targets"]["hf-quantized"]["validated"]
+    assert report["metrics"]["hf_quantized_perplexity_vs_onnx_pct"] < 5  # the activations are rounded differently
 
 
 def test_groups_that_do_not_divide_a_layer_are_refused_before_tracing(tmp_path, tiny_llama, eval_text):

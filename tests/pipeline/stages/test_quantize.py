@@ -2,6 +2,7 @@
 import json
 import textwrap
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -161,6 +162,7 @@ def test_awq_scaling_is_exact_in_float(tiny_llama, eval_text):
 
 
 @pytest.mark.parametrize("settings", ["{method: w8a8, activations: dynamic}",
+                                      "{method: w8a8, activations: dynamic_per_token}",
                                       "{method: w8a8, activations: static, smoothquant: 0.5}",
                                       "{method: w8a8, activations: dynamic, ignore: ['down_proj']}"])
 def test_w8a8_exports_integer_ops_and_stays_close(tmp_path, tiny_llama, eval_text, settings):
@@ -182,6 +184,35 @@ def test_w8a8_exports_integer_ops_and_stays_close(tmp_path, tiny_llama, eval_tex
     assert contract["weights"].startswith("int8 W8A8")
     report = json.loads(next(run_dir.glob("*-validate-*/report.json")).read_text())
     assert report["passed"] and report["metrics"]["perplexity_delta_pct"] != 0
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+def test_per_token_w8a8_rounds_each_token_on_its_own_scale(tmp_path, opset):
+    """The rewritten graph computes exactly: int8 codes per token and per output channel, integer matmul, rescale."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from pipeline.onnx_w8a8 import quantize_per_token, read_w8a8_codes
+
+    rng = np.random.default_rng(opset)
+    w = rng.normal(size=(16, 8)).astype(np.float32)  # [K, N], as the traced graph holds a linear's weight
+    node = helper.make_node("MatMul", ["x", "W"], ["y"], name="/model/model/layers.0/mlp/up_proj/MatMul")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(w, "W")])
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), str(path))
+    quantized = quantize_per_token(path, ["model.layers.0.mlp.up_proj"])
+    x = rng.normal(size=(2, 3, 16)).astype(np.float32)
+    x[0, 0] *= 100  # an outlier token: per token, it coarsens only its own row
+    got = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    s_x = np.abs(x).max(-1, keepdims=True) / 127
+    s_w = np.abs(w).max(0) / 127
+    q_x, q_w = np.clip(np.round(x / s_x), -127, 127), np.clip(np.round(w / s_w), -127, 127)
+    np.testing.assert_allclose(got, (q_x @ q_w) * s_x * s_w, rtol=1e-5)
+    assert np.abs(got - x @ w)[1].max() < 0.05 * np.abs(x[1] @ w).max()  # the ordinary tokens stay close
+    onnx.save(quantized, str(path))
+    codes = read_w8a8_codes(path, ["model.layers.0.mlp.up_proj"])["model.layers.0.mlp.up_proj"]
+    np.testing.assert_array_equal(codes.weight, q_w.T.astype(np.int8))
 
 
 def test_w8a8_for_cuda_is_refused_with_the_reason(tmp_path, tiny_llama):

@@ -1,0 +1,31 @@
+"""The shipped W8A8 recipe on SmolLM2-135M-Instruct: per-token int8 activations after SmoothQuant (slow tier; CI runs it)."""
+import json
+
+import onnx
+import pytest
+
+from conftest import run_reference_recipe
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def w8a8_run(tmp_path_factory):
+    return run_reference_recipe("smollm2-w8a8.yaml", tmp_path_factory)
+
+
+def test_per_token_w8a8_passes_its_gates_with_every_decoder_linear_in_int8(w8a8_run):
+    report = json.loads(next(w8a8_run.glob("*-validate-*/report.json")).read_text())
+    assert report["passed"], report["failures"]
+    assert report["metrics"]["perplexity_delta_pct"] < 2
+    graph = onnx.load(str(next(w8a8_run.glob("*-export-*/model.onnx"))), load_external_data=False).graph
+    assert sum(n.op_type == "MatMulInteger" for n in graph.node) == 30 * 7
+
+
+def test_the_compressed_tensors_checkpoint_carries_the_same_int8_codes(w8a8_run):
+    pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed: `make engines`")
+    report = json.loads(next(w8a8_run.glob("*-validate-*/report.json")).read_text())
+    assert report["targets"]["hf-quantized"]["validated"]
+    manifest = json.loads(next(w8a8_run.glob("*-export-*/hf-quantized/manifest.json")).read_text())
+    assert manifest["compression"] == "int-quantized" and manifest["vllm_compatible"]
+    assert list(manifest["schemes"].values()) == [30 * 7]
