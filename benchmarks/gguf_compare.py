@@ -23,7 +23,7 @@ import yaml
 from calibration import load_text, windows
 from pipeline import run
 from pipeline.formats.gguf import GGUF_FILE, GGUF_FOLDER, write_gguf
-from pipeline.validate_targets import open_gguf, scored_window, target_perplexity
+from pipeline.validate_targets import LlamaCppEngine, scored_window, target_perplexity
 from runtime import find_model_folder
 from runtime.tokenizer import Tokenizer
 
@@ -99,7 +99,7 @@ def main() -> None:
         wins = [scored_window(ids, w.begin, w.end, w.scored, None) for w in windows(len(ids), 512, 512, args.windows)]
         for name, ftype in LLAMA_CPP.items():
             path = llama_cpp_own(float_model, ftype, name)
-            ppl, _ = target_perplexity(open_gguf(path, 512), wins)
+            ppl, _ = target_perplexity(LlamaCppEngine(path, 512), wins)
             rows.append({"variant": name, "gguf_perplexity": ppl, "gguf_mb": path.stat().st_size / 2**20})
             print(rows[-1], flush=True)
     print("\n| variant | llama.cpp ppl | our ONNX ppl | GGUF vs ONNX | top-1 = ONNX | greedy = ONNX | GGUF MiB |\n"

@@ -24,7 +24,7 @@ from typing import Protocol
 
 import numpy as np
 
-from pipeline.formats.compressed_tensors import HF_QUANTIZED_FOLDER
+from pipeline.formats.compressed_tensors import HF_QUANTIZED_FOLDER, checkpoint_dtype
 from pipeline.formats.genai import GENAI_CONFIG
 from pipeline.formats.gguf import GGUF_FILE, GGUF_FOLDER
 
@@ -128,6 +128,11 @@ def agreement(expected: list[list[int]], got: list[list[int]]) -> float:
     return same / total if total else 1.0
 
 
+def until_eos(tokens: list[int], eos_ids: set[int]) -> list[int]:
+    """`tokens` up to, not including, the first end token."""
+    return tokens[: next((i for i, t in enumerate(tokens) if t in eos_ids), len(tokens))]
+
+
 class LlamaCppEngine:
     """A GGUF file in llama.cpp, every position's logits kept."""
 
@@ -161,8 +166,7 @@ class TransformersEngine:
         import torch
         from transformers import AutoModelForCausalLM
 
-        config = json.loads((folder / "config.json").read_text())
-        dtype = getattr(torch, config.get("dtype") or config.get("torch_dtype") or "float32")
+        dtype = checkpoint_dtype(json.loads((folder / "config.json").read_text()))
         self.torch = torch
         self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
         self.label = (f"transformers {importlib.metadata.version('transformers')} + compressed-tensors "
@@ -177,8 +181,7 @@ class TransformersEngine:
             prompt = self.torch.tensor([ids])
             out = self.model.generate(prompt, attention_mask=self.torch.ones_like(prompt), max_new_tokens=max_new_tokens,
                                       do_sample=False, eos_token_id=sorted(eos_ids), pad_token_id=min(eos_ids))
-        out = out[0, len(ids):].tolist()
-        return out[: next((i for i, t in enumerate(out) if t in eos_ids), len(out))]
+        return until_eos(out[0, len(ids):].tolist(), eos_ids)
 
 
 class GenaiEngine:
@@ -205,10 +208,4 @@ class GenaiEngine:
         generator.append_tokens(np.asarray(ids, dtype=np.int32))
         while not generator.is_done():
             generator.generate_next_token()
-        out = [int(t) for t in generator.get_sequence(0)[len(ids):]]
-        return out[: next((i for i, t in enumerate(out) if t in eos_ids), len(out))]
-
-
-def open_gguf(path: Path, context: int) -> LlamaCppEngine:
-    """llama.cpp on `path` (raises ImportError without llama-cpp-python)."""
-    return LlamaCppEngine(path, context)
+        return until_eos([int(t) for t in generator.get_sequence(0)[len(ids):]], eos_ids)

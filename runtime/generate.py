@@ -67,10 +67,7 @@ class Generator:
         self.session, self.provider = create_session(graph_folder, self.contract, provider, threads, cuda_graph,
                                                       spinning)
         self.tokenizer = Tokenizer(self.folder)
-        gen = _read_json(self.folder / "generation_config.json")
-        eos = gen.get("eos_token_id")
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        self.pad_id = gen.get("pad_token_id", min(self.eos_ids) if self.eos_ids else 0)
+        self.eos_ids, self.pad_id = end_tokens(_read_json(self.folder / "generation_config.json"))
         if self.contract.flavour == "fused":
             device = "cuda" if self.provider.startswith("CUDA") else "cpu"
             self.graph = FusedGraph(self.session, self.contract, self.pad_id, device, max_length, cuda_graph)
@@ -154,6 +151,14 @@ class Generator:
         result.decode_seconds = time.perf_counter() - started
         result.decode_session_seconds = self.graph.session_seconds - session_before
         return result
+
+
+def end_tokens(gen: dict) -> tuple[set[int], int]:
+    """The ids generation stops on and the padding id, from a generation config (eos one id or a list;
+    padding defaults to the smallest end id)."""
+    eos = gen.get("eos_token_id")
+    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return eos_ids, gen.get("pad_token_id", min(eos_ids) if eos_ids else 0)
 
 
 def _read_json(path: Path) -> dict:

@@ -76,6 +76,27 @@ def write_recipe(folder: Path, model: Path, text: Path, name: str = "tiny", extr
     return recipe
 
 
+def write_targets_recipe(folder: Path, model: Path, text: Path, quantize: str | None, targets: str,
+                         thresholds: str = "{}") -> Path:
+    """quantize (when given) -> export to `targets` -> validate with `thresholds`: the export-target tests' recipe."""
+    recipe = folder / "targets.yaml"
+    quantize_stage = f"  - quantize: {quantize}\n" if quantize else ""
+    recipe.write_text(textwrap.dedent("""\
+        name: tiny-targets
+        model: {{source: {model}}}
+        stages:
+        {quantize}  - export: {{targets: {targets}}}
+          - validate:
+              eval_data: {{source: {text}}}
+              context_length: 64
+              max_windows: 3
+              max_new_tokens: 8
+              prompts: ["The capital of France", "def add(a, b):"]
+              thresholds: {thresholds}
+        """).format(model=model, text=text, targets=targets, thresholds=thresholds, quantize=quantize_stage))
+    return recipe
+
+
 def run_reference_recipe(name: str, tmp_path_factory) -> Path:
     """Run a shipped recipe on the real reference model into a fresh work folder (slow tier)."""
     from pipeline import run

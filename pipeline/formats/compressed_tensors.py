@@ -63,6 +63,11 @@ class CompressedReport:
     vllm_problems: list[str] = field(default_factory=list)  # what vLLM would refuse to load
 
 
+def checkpoint_dtype(config: dict) -> torch.dtype:
+    """The torch dtype a config.json names (`dtype` in newer transformers, `torch_dtype` before), float32 if none."""
+    return getattr(torch, config.get("dtype") or config.get("torch_dtype") or "float32")
+
+
 def pack_int32(values: np.ndarray, bits: int) -> np.ndarray:
     """Unsigned codes [R, C] -> int32 words [R, ceil(C * bits / 32)], element j at bits (j % per) * bits."""
     per = 32 // bits
@@ -134,7 +139,7 @@ def write_compressed_tensors(quant_dir: Path, out: Path, w8a8_graph: Path | None
     config = json.loads((quant_dir / "config.json").read_text())
     plan_file = quant_dir / "quant_plan.json"
     plan_all = json.loads(plan_file.read_text()) if plan_file.is_file() else {}
-    dtype = getattr(torch, config.get("torch_dtype") or config.get("dtype") or "float32")
+    dtype = checkpoint_dtype(config)
     report = CompressedReport()
     if plan_all.get("activations"):
         if w8a8_graph is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from runtime.generate import end_tokens
 from runtime.io_spec import Contract
 
 GENAI_CONFIG = "genai_config.json"
@@ -61,9 +62,7 @@ def write_genai_config(folder: Path, contract: Contract) -> Path:
     config = json.loads((folder / "config.json").read_text())
     gen_file = folder / "generation_config.json"
     gen = {**config, **(json.loads(gen_file.read_text()) if gen_file.is_file() else {})}
-    eos = gen.get("eos_token_id")
-    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    pad_id = gen.get("pad_token_id", min(eos_ids) if eos_ids else 0)
+    eos_ids, pad_id = end_tokens(gen)
     path = folder / GENAI_CONFIG
     path.write_text(json.dumps(genai_config(contract, config, gen.get("bos_token_id"), eos_ids, pad_id), indent=2) + "\n")
     return path

@@ -2,13 +2,13 @@
 transformers to the same weights, refused where the format cannot hold them, and measured by validate."""
 import json
 import sys
-import textwrap
 
 import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file
 
+from conftest import write_targets_recipe
 from pipeline import run
 from pipeline.errors import RecipeError, StageError
 from pipeline.formats.compressed_tensors import pack_int32, unpack_int32
@@ -16,23 +16,8 @@ from pipeline.quant.primitives import unpack_matmul_nbits
 from pipeline.recipe import load_recipe
 
 
-def recipe(folder, model, text, quantize: str | None, targets="[onnx, hf-quantized]", thresholds="{}"):
-    path = folder / "hf.yaml"
-    quantize_stage = f"  - quantize: {quantize}\n" if quantize else ""
-    path.write_text(textwrap.dedent("""\
-        name: tiny-hf-quantized
-        model: {{source: {model}}}
-        stages:
-        {quantize}  - export: {{targets: {targets}}}
-          - validate:
-              eval_data: {{source: {text}}}
-              context_length: 64
-              max_windows: 3
-              max_new_tokens: 8
-              prompts: ["The capital of France", "def add(a, b):"]
-              thresholds: {thresholds}
-        """).format(model=model, text=text, targets=targets, thresholds=thresholds, quantize=quantize_stage))
-    return path
+def recipe(folder, model, text, quantize, targets="[onnx, hf-quantized]", thresholds="{}"):
+    return write_targets_recipe(folder, model, text, quantize, targets, thresholds)
 
 
 @pytest.fixture(scope="module")

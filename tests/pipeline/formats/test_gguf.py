@@ -2,13 +2,13 @@
 validate stage measures the file through llama.cpp (or says it could not)."""
 import json
 import sys
-import textwrap
 
 import gguf
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from conftest import write_targets_recipe
 from pipeline import run
 from pipeline.errors import RecipeError
 from pipeline.formats.gguf import block_values, permute_rows, tensor_sources
@@ -18,23 +18,8 @@ from pipeline.recipe import load_recipe
 HEADS = {"q_proj": 4, "k_proj": 2}  # the tiny llama's attention and KV heads
 
 
-def recipe(folder, model, text, quantize: str, targets="[onnx, gguf]", thresholds="{}"):
-    path = folder / "gguf.yaml"
-    path.write_text(textwrap.dedent(f"""\
-        name: tiny-gguf
-        model: {{source: {model}}}
-        stages:
-          - quantize: {quantize}
-          - export: {{targets: {targets}}}
-          - validate:
-              eval_data: {{source: {text}}}
-              context_length: 64
-              max_windows: 3
-              max_new_tokens: 8
-              prompts: ["The capital of France", "def add(a, b):"]
-              thresholds: {thresholds}
-        """))
-    return path
+def recipe(folder, model, text, quantize, targets="[onnx, gguf]", thresholds="{}"):
+    return write_targets_recipe(folder, model, text, quantize, targets, thresholds)
 
 
 @pytest.fixture(scope="module")
