@@ -92,7 +92,7 @@ def main() -> int:
         print(f"{name}: {ppl:.3f} in {wall:.0f}s", flush=True)
 
     teacher_ppl, pruned_ppl = rows[0]["perplexity"], rows[3]["perplexity"]
-    print(f"\n| row | WikiText-2 test perplexity | gap recovered |\n|---|---|---|")
+    print("\n| row | WikiText-2 test perplexity | gap recovered |\n|---|---|---|")
     for r in rows:
         gap = (pruned_ppl - r["perplexity"]) / (pruned_ppl - teacher_ppl) if "train_tokens_per_second" in r else None
         print(f"| {r['row']} | {r['perplexity']:.3f} | {'' if gap is None else f'{gap * 100:.0f} %'} |")

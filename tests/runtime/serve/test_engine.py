@@ -1,6 +1,5 @@
 """The scheduler on a tiny model: continuous batching gives each request what it gets alone."""
 import queue
-import threading
 import time
 
 import pytest
