@@ -5,7 +5,7 @@
 Each variant is a recipe (model -> quantize -> export -> validate) run through `pipeline.run`
 into artifacts/bench-quant/<name>/; the validate stage's protocol gives the accuracy figures
 (WikiText-2 test, 512-token windows, first --windows windows; calibration on WikiText-2 valid).
-Prints a Markdown table and writes artifacts/bench-quant/quantize_matrix.json.
+Prints a Markdown table and merges its rows into benchmarks/results/quantize/quantize_matrix.json.
 """
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ from runtime import Generator, find_model_folder
 ROOT = Path(__file__).resolve().parents[1]
 GGUF = ROOT / "artifacts" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 OUT = ROOT / "artifacts" / "bench-quant"
+RESULTS = ROOT / "benchmarks" / "results" / "quantize"
+W8A8_CALIBRATION = {"num_samples": 32, "sequence_length": 256}
 
 VARIANTS = {
     "fp32": None,
@@ -35,11 +37,18 @@ VARIANTS = {
     "int4-gptq-asym-g128": {"method": "gptq", "group_size": 128},
     "int8-w8a8-dynamic": {"method": "w8a8", "activations": "dynamic"},
     "int8-w8a8-static-smoothquant": {"method": "w8a8", "activations": "static", "smoothquant": 0.5,
-                                     "calibration": {"num_samples": 32, "sequence_length": 256}},
+                                     "calibration": W8A8_CALIBRATION},
+    "int8-w8a8-dynamic-smoothquant-auto": {"method": "w8a8", "activations": "dynamic", "smoothquant": "auto",
+                                           "calibration": W8A8_CALIBRATION},
+    "int8-w8a8-static-smoothquant-auto": {"method": "w8a8", "activations": "static", "smoothquant": "auto",
+                                          "calibration": W8A8_CALIBRATION},
+    "int8-w8a8-dynamic-per-token": {"method": "w8a8", "activations": "dynamic_per_token"},
+    "int8-w8a8-dynamic-per-token-smoothquant-auto": {"method": "w8a8", "activations": "dynamic_per_token",
+                                                     "smoothquant": "auto", "calibration": W8A8_CALIBRATION},
     "int8-w8a8-dynamic-float-down": {"method": "w8a8", "activations": "dynamic", "ignore": [r"mlp\.down_proj"]},
     "int8-w8a8-static-smoothquant-float-down": {"method": "w8a8", "activations": "static", "smoothquant": 0.5,
                                                 "ignore": [r"mlp\.down_proj"],
-                                                "calibration": {"num_samples": 32, "sequence_length": 256}},
+                                                "calibration": W8A8_CALIBRATION},
     "int4-awq-asym-g32": {"method": "awq", "group_size": 32},
     "int4-awq-sym-g32": {"method": "awq", "group_size": 32, "symmetric": True},
     "int4-awq-asym-g128": {"method": "awq", "group_size": 128},
@@ -104,7 +113,8 @@ def main() -> None:
     for r in rows:
         print(f"| {r['variant']} | {r['perplexity']:.3f} | {r['delta_pct']:+.2f} | {r['kl']:.4f} | {r['top1_agreement']:.3f} | "
               f"{r['greedy_agreement']:.2f} | {r['onnx_mb']:.0f} | {r['decode_tok_s']:.1f} | {r['quantize_s']:.0f} |")
-    out = OUT / "quantize_matrix.json"
+    out = RESULTS / "quantize_matrix.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     existing = json.loads(out.read_text()) if out.exists() else {}
     existing.update({r["variant"]: r for r in rows})
     out.write_text(json.dumps(existing, indent=2) + "\n")

@@ -207,15 +207,15 @@ class QuantizeConfig:
     damp: float = 0.01  # GPTQ: fraction of the mean Hessian diagonal added for stability
     act_order: bool = True  # GPTQ: visit columns by decreasing Hessian diagonal
     mse_clip: bool = True  # GPTQ: choose each group's range by least rounding error, not plain min/max
-    search_tokens: int = 2048  # AWQ: calibration tokens per layer input used by the scale and clip searches
+    search_tokens: int = 2048  # AWQ, SmoothQuant: calibration tokens per layer input used by the searches
     # W8A8: dynamic (ONNX Runtime: one range per tensor, per run) | dynamic_per_token (one scale per token,
     # as vLLM runs it) | static (ranges calibrated, QDQ)
     activations: str = "dynamic"
-    smoothquant: float = 0.0  # W8A8: SmoothQuant migration strength alpha in (0, 1); 0 = off, 0.5 is usual
+    smoothquant: float | str = 0.0  # W8A8: SmoothQuant strength alpha in (0, 1), or auto (searched per layer); 0 = off
     provider: str = "cpu"  # the execution provider the artifact is for: cpu | cuda
     budget: BudgetConfig | None = None  # mixed precision chosen by measured sensitivity (INT4 bits only)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
-    version: int = 1
+    version: int = 2  # 2: SmoothQuant also folds up->down and v->o; AWQ folds into a feeder bias
 
     def __post_init__(self):
         if self.method not in QUANT_METHODS:
@@ -243,8 +243,9 @@ class QuantizeConfig:
             )
         if self.activations not in ACTIVATION_MODES:
             raise RecipeError(f"activations: '{self.activations}' is not one of {', '.join(ACTIVATION_MODES)}")
-        if not 0 <= self.smoothquant < 1:
-            raise RecipeError(f"smoothquant: {self.smoothquant} must be in [0, 1) (0 = off, 0.5 is usual)")
+        if self.smoothquant != "auto" and not (isinstance(self.smoothquant, float) and 0 <= self.smoothquant < 1):
+            raise RecipeError(f"smoothquant: {self.smoothquant!r} must be in [0, 1) or auto (0 = off, 0.5 is usual, "
+                              "auto searches alpha per layer on the calibration data)")
         if self.smoothquant and self.method != "w8a8":
             raise RecipeError(f"smoothquant: applies to method w8a8 only (method is {self.method})")
         if self.provider not in ("cpu", "cuda"):
@@ -276,7 +277,7 @@ class ExportConfig:
     dtype: str = "float32"  # the fused graph's weights and KV cache: float32, or float16 (what CUDA's GroupQueryAttention needs)
     # formats written: onnx (always), gguf (llama.cpp, in gguf/), hf-quantized (compressed-tensors for vLLM, in hf-quantized/)
     targets: tuple[str, ...] = ("onnx",)
-    version: int = 6  # 2: fused graph beside the portable one; 3: logits_positions, packed matmuls; 4: no query_seqlens, dtype; 5: targets; 6: genai_config.json, hf-quantized
+    version: int = 7  # 2: fused graph beside the portable one; 3: logits_positions, packed matmuls; 4: no query_seqlens, dtype; 5: targets; 6: genai_config.json, hf-quantized; 7: per-token W8A8 codes as uint8 + 128
 
     def __post_init__(self):
         if self.accuracy_level not in (0, 1, 2, 3, 4):

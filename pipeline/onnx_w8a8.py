@@ -76,9 +76,13 @@ def quantize_w8a8(path: Path, mode: str, contract: Contract, calibration: Path |
 def quantize_per_token(path: Path, modules: list[str]) -> onnx.ModelProto:
     """W8A8 with one activation scale per token, our own rewrite of each linear's MatMul(x, W):
 
-        s_x = max(|x|, last axis) / 127          q_x = int8(clip(round(x / s_x), -127, 127))
+        s_x = max(|x|, last axis) / 127          q_x = clip(round(x / s_x), -127, 127)
         s_w = max(|W|, per output column) / 127  W_q = int8(round(W / s_w))           (computed here, once)
-        y   = float(MatMulInteger(q_x, W_q)) * s_x * s_w
+        y   = float(MatMulInteger(uint8(q_x + 128), W_q, a_zero_point=128)) * s_x * s_w
+
+    The activation codes travel as uint8 with zero point 128, the same integers as int8: ONNX
+    Runtime's CPU kernels have fast paths for uint8 x int8 only (int8 x int8 measured 20-30x slower
+    on this AVX-512 machine, a portable fallback).
 
     ONNX Runtime's dynamic mode shares one (asymmetric) range across the whole activation tensor, so
     one outlier token coarsens every other token's rounding; per token, each row gets its own. This
@@ -91,10 +95,11 @@ def quantize_per_token(path: Path, modules: list[str]) -> onnx.ModelProto:
     inits = {t.name: t for t in graph.initializer}
     targets = set(linear_nodes(path, set(modules)))
     consts = [numpy_helper.from_array(np.array(v, dtype=t), name=n) for n, v, t in
-              (("w8a8_127", 127.0, np.float32), ("w8a8_neg127", -127.0, np.float32), ("w8a8_eps", 1e-8, np.float32))]
+              (("w8a8_127", 127.0, np.float32), ("w8a8_neg127", -127.0, np.float32), ("w8a8_eps", 1e-8, np.float32),
+               ("w8a8_128", 128.0, np.float32), ("w8a8_zero_point", 128, np.uint8))]
     if opset >= 18:
         consts.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), name="w8a8_last_axis"))
-    quantized_inputs: dict[str, tuple[str, str]] = {}  # float input -> (int8 codes, per-token scale)
+    quantized_inputs: dict[str, tuple[str, str]] = {}  # float input -> (uint8 codes, per-token scale)
     nodes, dropped = [], set()
     for node in graph.node:
         if node.name not in targets:
@@ -103,7 +108,7 @@ def quantize_per_token(path: Path, modules: list[str]) -> onnx.ModelProto:
         x, w_name = node.input
         if x not in quantized_inputs:
             nodes += _per_token_nodes(x, opset)
-            quantized_inputs[x] = (f"{x}_q_int8", f"{x}_token_scale")
+            quantized_inputs[x] = (f"{x}_q_uint8", f"{x}_token_scale")
         q_x, s_x = quantized_inputs[x]
         w = numpy_helper.to_array(inits[w_name]).astype(np.float32)  # [K, N]
         s_w = np.maximum(np.abs(w).max(axis=0), 1e-12) / 127
@@ -113,7 +118,8 @@ def quantize_per_token(path: Path, modules: list[str]) -> onnx.ModelProto:
         dropped.add(w_name)
         y = node.output[0]
         nodes += [
-            onnx.helper.make_node("MatMulInteger", [q_x, f"{w_name}_quantized"], [f"{y}_int32"], name=f"{node.name}_quant"),
+            onnx.helper.make_node("MatMulInteger", [q_x, f"{w_name}_quantized", "w8a8_zero_point"], [f"{y}_int32"],
+                                  name=f"{node.name}_quant"),
             onnx.helper.make_node("Cast", [f"{y}_int32"], [f"{y}_float"], to=onnx.TensorProto.FLOAT),
             onnx.helper.make_node("Mul", [f"{y}_float", s_x], [f"{y}_token_scaled"]),
             onnx.helper.make_node("Mul", [f"{y}_token_scaled", f"{w_name}_scale"], [y]),
@@ -127,7 +133,7 @@ def quantize_per_token(path: Path, modules: list[str]) -> onnx.ModelProto:
 
 
 def _per_token_nodes(x: str, opset: int) -> list[onnx.NodeProto]:
-    """x -> int8 codes `{x}_q_int8` and scales `{x}_token_scale` [..., 1], one per row of the last axis."""
+    """x -> codes `{x}_q_uint8` (int8 codes + 128) and scales `{x}_token_scale` [..., 1], one per row of the last axis."""
     make = onnx.helper.make_node
     reduce = (make("ReduceMax", [f"{x}_abs", "w8a8_last_axis"], [f"{x}_absmax"], keepdims=1) if opset >= 18 else
               make("ReduceMax", [f"{x}_abs"], [f"{x}_absmax"], axes=[-1], keepdims=1))
@@ -139,7 +145,8 @@ def _per_token_nodes(x: str, opset: int) -> list[onnx.NodeProto]:
         make("Div", [x, f"{x}_token_scale"], [f"{x}_scaled"]),
         make("Round", [f"{x}_scaled"], [f"{x}_rounded"]),
         make("Clip", [f"{x}_rounded", "w8a8_neg127", "w8a8_127"], [f"{x}_clipped"]),
-        make("Cast", [f"{x}_clipped"], [f"{x}_q_int8"], to=onnx.TensorProto.INT8),
+        make("Add", [f"{x}_clipped", "w8a8_128"], [f"{x}_shifted"]),
+        make("Cast", [f"{x}_shifted"], [f"{x}_q_uint8"], to=onnx.TensorProto.UINT8),
     ]
 
 

@@ -263,8 +263,16 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(inner, value, where)
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _coerce(inner[0], value, where)
+        for member in inner:
+            try:
+                return _coerce(member, value, where)
+            except RecipeError:
+                pass
+        names = " or ".join(getattr(a, "__name__", str(a)) for a in inner)
+        raise RecipeError(f"{where}: expected {names}, got {type(value).__name__} {value!r}")
     if dataclasses.is_dataclass(tp):
         return build_config(tp, value, where)
     if origin is tuple:

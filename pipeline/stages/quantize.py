@@ -80,8 +80,10 @@ def _w8a8(model, cfg: QuantizeConfig, src_dir, ctx, started: float) -> StageResu
     batches = _calibration_batches(cfg, src_dir)
     info: dict = {}
     if cfg.smoothquant:
-        ctx.log(f"  SmoothQuant alpha {cfg.smoothquant} over {len(batches)} calibration batches")
-        info["activation_max_before_smoothing"] = smoothquant(model, batches, cfg.smoothquant)
+        how = "searched per layer" if cfg.smoothquant == "auto" else str(cfg.smoothquant)
+        ctx.log(f"  SmoothQuant alpha {how} over {len(batches)} calibration batches, {cfg.search_tokens} tokens per input")
+        info["smoothquant"] = smoothquant(model, batches, cfg.smoothquant, cfg.activations, cfg.search_tokens,
+                                          cfg.calibration.seed, ctx.log)
     model.save_pretrained(ctx.out_dir, safe_serialization=True)
     copy_tokenizer(src_dir, ctx.out_dir)
     if cfg.activations == "static":

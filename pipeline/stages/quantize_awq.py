@@ -27,16 +27,17 @@ SCALE_GROUPS = (
 
 
 class InputStats:
-    """Mean |x| per channel over every calibration token, plus a seeded sample of tokens for the searches."""
+    """Mean and max |x| per channel over every calibration token, plus a seeded sample of tokens for the searches."""
 
     def __init__(self, keep: int, generator: torch.Generator):
-        self.sum, self.count, self.sample, self.keep, self.gen = None, 0, [], keep, generator
+        self.sum, self.max, self.count, self.sample, self.keep, self.gen = None, None, 0, [], keep, generator
 
     def add(self, x: torch.Tensor, batches: int) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
         if not torch.isfinite(x).all():
             raise FloatingPointError
         self.sum = x.abs().sum(0) if self.sum is None else self.sum + x.abs().sum(0)
+        self.max = x.abs().amax(0) if self.max is None else torch.maximum(self.max, x.abs().amax(0))
         self.count += x.shape[0]
         take = min(x.shape[0], -(-self.keep // batches))
         self.sample.append(x[torch.randperm(x.shape[0], generator=self.gen)[:take]])
@@ -53,7 +54,7 @@ def awq_model(model, plan: dict[str, QuantScheme], cfg: QuantizeConfig, batches:
     qtensors: dict[str, QTensor] = {}
     for index, layer in enumerate(tqdm(decoder_layers(model), desc="  awq layers", unit="layer")):
         prefix = f"model.layers.{index}."
-        stats = _collect(layer, hidden, kwargs, cfg.search_tokens, gen, index)
+        stats = {n: s.result() for n, s in collect_inputs(layer, hidden, kwargs, cfg.search_tokens, gen, index).items()}
         for feeder, names in SCALE_GROUPS:
             _scale_group(layer, feeder, names, prefix, plan, stats)
         for name, module in layer.named_modules():
@@ -74,7 +75,8 @@ def awq_model(model, plan: dict[str, QuantScheme], cfg: QuantizeConfig, batches:
     return qtensors
 
 
-def _collect(layer, hidden, kwargs, keep: int, gen, index: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def collect_inputs(layer, hidden, kwargs, keep: int, gen, index: int) -> dict[str, InputStats]:
+    """Run the layer over the calibration batches; statistics of each linear's inputs."""
     linears = {name: m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
     stats = {name: InputStats(keep, gen) for name in linears}
 
@@ -86,13 +88,21 @@ def _collect(layer, hidden, kwargs, keep: int, gen, index: int) -> dict[str, tup
 
     with input_hooks(linears, sink):
         run_layer(layer, hidden, kwargs)
-    return {name: s.result() for name, s in stats.items()}
+    return stats
+
+
+def lines_up(feed: torch.nn.Module, mods: list[torch.nn.Linear]) -> bool:
+    """Whether the feeder's outputs are the linears' inputs channel for channel (not so for v_proj -> o_proj
+    under grouped-query attention, where a v channel feeds several o_proj inputs)."""
+    return not isinstance(feed, torch.nn.Linear) or feed.out_features == mods[0].in_features
 
 
 def fold_scale(feed: torch.nn.Module, mods: list[torch.nn.Linear], s: torch.Tensor) -> None:
     """Divide the feeder's output channels by s and multiply the linears' input channels by s (exact in float)."""
     if isinstance(feed, torch.nn.Linear):
         feed.weight.data /= s[:, None]
+        if feed.bias is not None:
+            feed.bias.data /= s
     else:  # RMSNorm: its weight multiplies each output channel
         feed.weight.data /= s
     for m in mods:
@@ -103,8 +113,8 @@ def _scale_group(layer, feeder: str, names: tuple[str, ...], prefix: str, plan: 
     """Search s for the group, fold 1/s into the feeder and s into the linears; the inputs seen become x / s."""
     mods = [layer.get_submodule(n) for n in names]
     feed = layer.get_submodule(feeder)
-    if isinstance(feed, torch.nn.Linear) and feed.out_features != mods[0].in_features:
-        return  # grouped-query attention: v_proj's outputs do not line up with o_proj's inputs
+    if not lines_up(feed, mods):
+        return
     planned = [(m, plan[prefix + n]) for n, m in zip(names, mods) if prefix + n in plan]
     if not planned:
         return

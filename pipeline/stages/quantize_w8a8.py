@@ -1,48 +1,109 @@
 """W8A8 preparation in PyTorch: optional SmoothQuant migration, and the calibration set for static ranges.
 
 SmoothQuant (Xiao et al., 2022) moves activation outliers into the weights before both are
-quantized to int8: per input channel, s = max|X|^α / max|W|^(1-α); the norm feeding the linears
-is divided by s and the linears' weights multiplied by s (exact in float). The int8 quantization
-itself is ONNX Runtime's (dynamic, or static QDQ) and happens at export, on the traced graph.
+quantized to int8: per input channel, s = max|X|^α / max|W|^(1-α); the op feeding the linears is
+divided by s and the linears' weights multiplied by s (exact in float). Beyond the paper's two norm
+groups, v_proj absorbs o_proj's scales where their widths line up, and up_proj absorbs down_proj's
+(the SwiGLU product is linear in up_proj's output): down_proj's inputs carry a Llama block's
+largest outliers. With `smoothquant: auto`, α is searched per group and layer: the candidate whose
+int8 weights times int8 activations (the recipe's activation scheme) best reproduce the float
+outputs on calibration tokens, "no migration" among them. The int8 quantization itself happens at
+export, on the traced graph (ONNX Runtime's quantizer, or our per-token rewrite).
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from calibration.collect import decoder_layers, input_hooks
-from pipeline.stages.quantize_awq import fold_scale
+from calibration.collect import capture_layer_inputs, decoder_layers, run_layer
+from pipeline.stages.quantize_awq import SCALE_GROUPS, collect_inputs, fold_scale, lines_up
 
-# norm -> the linears it feeds (the Llama family); only norms can absorb 1/s without an extra op
-SMOOTH_GROUPS = (
-    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-)
+AUTO_ALPHAS = (None, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # None: no migration (s = 1)
 
 
-def smoothquant(model, batches: list[torch.Tensor], alpha: float) -> dict[str, float]:
-    """Fold SmoothQuant scales into every decoder layer; returns the largest activation max per layer before."""
-    first = {f"model.layers.{i}.{names[0]}": layer.get_submodule(names[0])
-             for i, layer in enumerate(decoder_layers(model)) for _, names in SMOOTH_GROUPS}
-    act_max: dict[str, torch.Tensor] = {}
+def smoothquant(model, batches: list[torch.Tensor], alpha: float | str, activations: str, search_tokens: int = 2048,
+                seed: int = 0, log: Callable[[str], None] = print) -> dict[str, dict]:
+    """Fold SmoothQuant scales into every decoder layer, one layer at a time.
 
-    def sink(name: str, x: torch.Tensor) -> None:
-        m = x.reshape(-1, x.shape[-1]).abs().amax(0).float()
-        act_max[name] = torch.maximum(act_max[name], m) if name in act_max else m
+    Returns, per smoothed group (named by its first linear): the α used (None: left alone), the
+    largest |x| of its inputs before, and the int8 output error relative to no migration.
+    """
+    candidates = AUTO_ALPHAS if alpha == "auto" else (float(alpha),)
+    hidden, kwargs = capture_layer_inputs(model, batches)
+    gen = torch.Generator().manual_seed(seed)
+    report: dict[str, dict] = {}
+    for index, layer in enumerate(tqdm(decoder_layers(model), desc="  smoothquant layers", unit="layer")):
+        stats = collect_inputs(layer, hidden, kwargs, search_tokens, gen, index)
+        for feeder, names in SCALE_GROUPS:
+            feed, mods = layer.get_submodule(feeder), [layer.get_submodule(n) for n in names]
+            if not lines_up(feed, mods):
+                continue
+            x, _ = stats[names[0]].result()
+            x_max = stats[names[0]].max.clamp(min=1e-5)
+            chosen, s, error = search_alpha(x, x_max, [m.weight.data for m in mods], candidates, activations)
+            if s is not None:
+                fold_scale(feed, mods, s)
+            report[f"model.layers.{index}.{names[0]}"] = {
+                "alpha": chosen, "max_abs_input_before": round(float(x_max.max()), 3), "error_vs_none": round(error, 4)}
+        hidden = run_layer(layer, hidden, kwargs)  # the folds are exact: the next layer's inputs are unchanged
+    _log_summary(report, log)
+    return report
 
-    with input_hooks(first, sink), torch.no_grad():
-        for ids in batches:
-            model(input_ids=ids, use_cache=False)
-    before = {}
-    for i, layer in enumerate(decoder_layers(model)):
-        for feeder, names in SMOOTH_GROUPS:
-            mods = [layer.get_submodule(n) for n in names]
-            x_max = act_max[f"model.layers.{i}.{names[0]}"].clamp(min=1e-5)
-            w_max = torch.cat([m.weight.data for m in mods]).abs().amax(0).clamp(min=1e-5)
-            s = (x_max.pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
-            fold_scale(layer.get_submodule(feeder), mods, s)
-            before[f"model.layers.{i}.{feeder}"] = float(x_max.max())
-    return before
+
+def search_alpha(x: torch.Tensor, x_max: torch.Tensor, weights: list[torch.Tensor], candidates: tuple,
+                 activations: str) -> tuple[float | None, torch.Tensor | None, float]:
+    """The candidate α with the smallest int8 output error on the token sample x; its scales; that
+    error over the error without migration."""
+    w_max = torch.cat(weights).abs().amax(0).clamp(min=1e-5)
+    exact = [x @ w.T for w in weights]
+
+    def error(s: torch.Tensor | None) -> float:
+        xs, ws = (x, weights) if s is None else (x / s, [w * s for w in weights])
+        xq = fake_quant_activations(xs, activations)
+        return sum(float((xq @ fake_quant_weight(w).T - e).pow(2).sum()) for w, e in zip(ws, exact))
+
+    base = error(None)
+    best_error, best_alpha, best_s = (base if None in candidates else float("inf")), None, None
+    for a in (c for c in candidates if c is not None):
+        s = (x_max.pow(a) / w_max.pow(1 - a)).clamp(min=1e-5)
+        if (e := error(s)) < best_error:
+            best_error, best_alpha, best_s = e, a, s
+    return best_alpha, best_s, (best_error / base if base > 0 else 1.0)
+
+
+def fake_quant_activations(x: torch.Tensor, activations: str) -> torch.Tensor:
+    """x through int8 and back as the exported graph quantizes it: symmetric per token for
+    dynamic_per_token; one asymmetric uint8 range for the tensor otherwise (dynamic, static)."""
+    if activations == "dynamic_per_token":
+        scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-8) / 127
+        return (x / scale).round().clamp(-127, 127) * scale
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    scale = max(hi - lo, 1e-8) / 255
+    zero = round(-lo / scale)
+    return ((x / scale).round() + zero).clamp(0, 255).sub(zero) * scale
+
+
+def fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
+    """Symmetric int8 per output channel, as the exported graph stores the weights."""
+    scale = w.abs().amax(1, keepdim=True).clamp(min=1e-8) / 127
+    return (w / scale).round().clamp(-127, 127) * scale
+
+
+def _log_summary(report: dict[str, dict], log: Callable[[str], None]) -> None:
+    kinds: dict[str, list[dict]] = {}
+    for name, r in report.items():
+        kinds.setdefault(name.split(".", 3)[-1], []).append(r)
+    for kind, rows in kinds.items():
+        alphas = [r["alpha"] for r in rows]
+        used = sorted(a for a in alphas if a is not None)
+        median = f"median alpha {used[len(used) // 2]}" if used else "alpha none"
+        left = sum(a is None for a in alphas)
+        ratio = float(np.mean([r["error_vs_none"] for r in rows]))
+        log(f"  smoothquant {kind}: {median}, {left} of {len(rows)} layers left alone; int8 output error "
+            f"{ratio:.2f}x that without migration (mean)")
 
 
 def calibration_ids(batches: list[torch.Tensor]) -> np.ndarray:

@@ -51,6 +51,10 @@ def test_plan_ignores_overrides_and_lm_head(tiny_llama):
     ("{calibration: {num_samples: 2}}", r"calibration.num_samples: 2 is too few for GPTQ"),
     ("{lm_head: int2}", r"lm_head: 'int2' is not one of"),
     ("{embedding: fp8}", r"embedding: 'fp8' is not one of"),
+    ("{method: w8a8, smoothquant: 1.5}", r"smoothquant: 1.5 must be in \[0, 1\) or auto"),
+    ("{method: w8a8, smoothquant: best}", r"smoothquant: 'best' must be in \[0, 1\) or auto"),
+    ("{method: w8a8, smoothquant: [0.5]}", r"quantize.smoothquant: expected float or str, got list"),
+    ("{method: gptq, smoothquant: auto}", r"smoothquant: applies to method w8a8 only"),
 ])
 def test_bad_quantize_settings(tmp_path, tiny_llama, settings, message):
     with pytest.raises(RecipeError, match=message):
@@ -153,7 +157,8 @@ def test_awq_scaling_is_exact_in_float(tiny_llama, eval_text):
     layer = model.model.layers[0]
     from calibration.collect import capture_layer_inputs
     hidden, kwargs = capture_layer_inputs(model, [ids])
-    stats = quantize_awq._collect(layer, hidden, kwargs, 64, torch.Generator().manual_seed(0), 0)
+    collected = quantize_awq.collect_inputs(layer, hidden, kwargs, 64, torch.Generator().manual_seed(0), 0)
+    stats = {n: s.result() for n, s in collected.items()}
     plan = {f"model.layers.0.{n}": QuantScheme(4, 16, False) for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
     for feeder, names in quantize_awq.SCALE_GROUPS:
         quantize_awq._scale_group(layer, feeder, names, "model.layers.0.", plan, stats)
@@ -162,7 +167,7 @@ def test_awq_scaling_is_exact_in_float(tiny_llama, eval_text):
 
 
 @pytest.mark.parametrize("settings", ["{method: w8a8, activations: dynamic}",
-                                      "{method: w8a8, activations: dynamic_per_token}",
+                                      "{method: w8a8, activations: dynamic_per_token, smoothquant: auto}",
                                       "{method: w8a8, activations: static, smoothquant: 0.5}",
                                       "{method: w8a8, activations: dynamic, ignore: ['down_proj']}"])
 def test_w8a8_exports_integer_ops_and_stays_close(tmp_path, tiny_llama, eval_text, settings):
@@ -202,6 +207,9 @@ def test_per_token_w8a8_rounds_each_token_on_its_own_scale(tmp_path, opset):
     path = tmp_path / "model.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), str(path))
     quantized = quantize_per_token(path, ["model.layers.0.mlp.up_proj"])
+    matmul = next(n for n in quantized.graph.node if n.op_type == "MatMulInteger")
+    codes_cast = next(n for n in quantized.graph.node if n.output[0] == matmul.input[0])
+    assert codes_cast.attribute[0].i == TensorProto.UINT8 and len(matmul.input) == 3  # uint8 x int8: the fast kernels
     x = rng.normal(size=(2, 3, 16)).astype(np.float32)
     x[0, 0] *= 100  # an outlier token: per token, it coarsens only its own row
     got = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
@@ -220,16 +228,61 @@ def test_w8a8_for_cuda_is_refused_with_the_reason(tmp_path, tiny_llama):
         load_recipe(quant_recipe(tmp_path, tiny_llama, None, "{method: w8a8, provider: cuda}"))
 
 
-def test_smoothquant_migration_is_exact_in_float(tiny_llama):
+@pytest.mark.parametrize("alpha, activations", [(0.5, "dynamic"), ("auto", "dynamic_per_token"), ("auto", "static")])
+def test_smoothquant_migration_is_exact_in_float(tiny_llama, alpha, activations):
     from pipeline.stages.quantize_w8a8 import smoothquant
 
     model = load_torch_model(tiny_llama)
     ids = torch.randint(0, model.config.vocab_size, (2, 24))
     with torch.no_grad():
         ref = model(ids).logits
-    smoothquant(model, [ids], 0.5)
+    report = smoothquant(model, [ids], alpha, activations, log=lambda _: None)
+    assert len(report) == 2 * 3  # per layer: q/k/v, gate/up, down (o_proj not: grouped-query attention)
+    if alpha == 0.5:
+        assert all(r["alpha"] == 0.5 for r in report.values())
+    else:
+        assert all(r["error_vs_none"] <= 1 for r in report.values())
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_smoothquant_folds_o_proj_into_v_proj_with_its_bias_when_widths_line_up():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pipeline.stages.quantize_w8a8 import smoothquant
+
+    config = AutoConfig.for_model("qwen2", vocab_size=96, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    for layer in model.model.layers:  # qwen2's q/k/v biases start at zero; make them count
+        torch.nn.init.normal_(layer.self_attn.v_proj.bias, std=0.5)
+    ids = torch.randint(0, 96, (2, 16))
+    o_before = model.model.layers[0].self_attn.o_proj.weight.clone()
+    with torch.no_grad():
+        ref = model(ids).logits
+    report = smoothquant(model, [ids], 0.5, "dynamic_per_token", log=lambda _: None)
+    assert "model.layers.0.self_attn.o_proj" in report and "model.layers.0.mlp.down_proj" in report
+    assert not torch.equal(model.model.layers[0].self_attn.o_proj.weight, o_before)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_smoothquant_search_migrates_an_outlier_channel_and_leaves_a_flat_input_alone():
+    from pipeline.stages.quantize_w8a8 import AUTO_ALPHAS, search_alpha
+
+    gen = torch.Generator().manual_seed(0)
+    w = [torch.randn(48, 64, generator=gen) * 0.05]
+    x = torch.randn(512, 64, generator=gen)
+    x[:, 5] *= 80  # one channel 80x the others: per-token int8 spends its range on it
+    alpha, s, ratio = search_alpha(x, x.abs().amax(0), w, AUTO_ALPHAS, "dynamic_per_token")
+    assert alpha is not None and s is not None and ratio < 0.2
+    assert s[5] == s.max()  # the outlier channel is divided the most
+
+    flat = torch.full((512, 64), 1.0) * torch.where(torch.rand(512, 64, generator=gen) < 0.5, -1.0, 1.0)
+    w_flat = [torch.full((48, 64), 0.05)]  # every |x| and |w| alike: nothing to migrate, int8 already exact
+    alpha, s, ratio = search_alpha(flat, flat.abs().amax(0), w_flat, AUTO_ALPHAS, "dynamic_per_token")
+    assert alpha is None and s is None and ratio == 1
 
 
 # all-INT4 weighs 0.211 MB and all-INT8 0.250 MB on the tiny model; all-INT4 costs ~0.05 % perplexity
