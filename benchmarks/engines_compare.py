@@ -5,7 +5,8 @@ llama.cpp (GGUF) and transformers + compressed-tensors (hf-quantized, what vLLM 
 
 Each variant is a recipe run into artifacts/bench-engines/: the shipped recipes/smollm2-int4-engines.yaml
 (GPTQ asymmetric g32, float compute in the ONNX graph), the same with MatMulNBits' int8 compute
-(accuracy_level 4; it reuses the first run's quantize step), and W8A8 (ONNX Runtime's dynamic, our
+(accuracy_level 4; it reuses the first run's quantize step), the first with hf-quantized written in
+bfloat16, and W8A8 (ONNX Runtime's dynamic, our
 per-token dynamic, static with SmoothQuant) exported to onnx and hf-quantized. `--only` re-measures the
 named variants and keeps the other rows of the last results. The validate stage measures every target on the same WikiText-2
 test windows and prompts; this script collects its numbers (a run whose gates fail is reported with
@@ -45,6 +46,8 @@ def variants() -> dict[str, dict]:
         "int4-gptq-g32-float-compute": with_stages("int4-gptq-g32", quantize, export, validate["thresholds"]),
         "int4-gptq-g32-int8-compute": with_stages("int4-gptq-g32", quantize, {**export, "accuracy_level": 4},
                                                   validate["thresholds"]),
+        "int4-gptq-g32-hf-bfloat16": with_stages("int4-gptq-g32", quantize, {**export, "hf_quantized_dtype": "bfloat16"},
+                                                 validate["thresholds"]),
         "int8-w8a8-dynamic": with_stages("int8-w8a8-dynamic", {"method": "w8a8", "activations": "dynamic"},
                                          {"targets": ["onnx", "hf-quantized"]}, w8a8_gates),
         "int8-w8a8-dynamic-per-token": with_stages("int8-w8a8-dynamic-per-token",

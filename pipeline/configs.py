@@ -12,6 +12,7 @@ from pipeline.errors import RecipeError, did_you_mean
 
 # Metrics the validate stage computes, and which side of the threshold passes.
 EXPORT_TARGETS = ("onnx", "gguf", "hf-quantized")
+HF_QUANTIZED_DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: the checkpoint's own
 
 VALIDATE_METRICS = {
     "perplexity_delta_pct": "max",  # (ppl_onnx - ppl_torch) / ppl_torch * 100
@@ -277,6 +278,7 @@ class ExportConfig:
     dtype: str = "float32"  # the fused graph's weights and KV cache: float32, or float16 (what CUDA's GroupQueryAttention needs)
     # formats written: onnx (always), gguf (llama.cpp, in gguf/), hf-quantized (compressed-tensors for vLLM, in hf-quantized/)
     targets: tuple[str, ...] = ("onnx",)
+    hf_quantized_dtype: str = "auto"  # hf-quantized's float tensors and scales: auto (as the model), float32, bfloat16, float16
     version: int = 7  # 2: fused graph beside the portable one; 3: logits_positions, packed matmuls; 4: no query_seqlens, dtype; 5: targets; 6: genai_config.json, hf-quantized; 7: per-token W8A8 codes as uint8 + 128
 
     def __post_init__(self):
@@ -294,6 +296,11 @@ class ExportConfig:
             if target not in EXPORT_TARGETS:
                 raise RecipeError(f"targets: '{target}' is not one of {', '.join(EXPORT_TARGETS)}"
                                   f"{did_you_mean(target, EXPORT_TARGETS)}")
+        if self.hf_quantized_dtype not in HF_QUANTIZED_DTYPES:
+            raise RecipeError(f"hf_quantized_dtype: '{self.hf_quantized_dtype}' is not one of {', '.join(HF_QUANTIZED_DTYPES)}"
+                              f"{did_you_mean(self.hf_quantized_dtype, HF_QUANTIZED_DTYPES)}")
+        if self.hf_quantized_dtype != "auto" and "hf-quantized" not in self.targets:
+            raise RecipeError("hf_quantized_dtype: applies to the hf-quantized target, which targets does not list")
         if "onnx" not in self.targets:
             raise RecipeError("targets: must include onnx (the runner and the validate stage read it)")
         if self.parity_tokens < 2:

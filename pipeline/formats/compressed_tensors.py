@@ -61,6 +61,7 @@ class CompressedReport:
     float_linears: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what is not a plain copy, and why
     vllm_problems: list[str] = field(default_factory=list)  # what vLLM would refuse to load
+    dtype: str = ""  # of the float tensors and scales
 
 
 def checkpoint_dtype(config: dict) -> torch.dtype:
@@ -132,15 +133,26 @@ W8A8_INPUTS = {
 }
 
 
-def write_compressed_tensors(quant_dir: Path, out: Path, w8a8_graph: Path | None = None) -> CompressedReport:
+def write_compressed_tensors(quant_dir: Path, out: Path, w8a8_graph: Path | None = None,
+                             dtype_name: str = "auto") -> CompressedReport:
     """The checkpoint in `quant_dir` (a quantize artifact) as a compressed-tensors checkpoint in `out`,
     built in a temporary folder and renamed. Weight-only codes come from quantized.safetensors and
-    quant_plan.json; W8A8 codes from the ONNX graph `w8a8_graph` that ONNX Runtime quantized."""
+    quant_plan.json; W8A8 codes from the ONNX graph `w8a8_graph` that ONNX Runtime quantized.
+    `dtype_name` other than auto casts the float tensors and scales (bfloat16 halves a float embedding;
+    vLLM computes in 16 bits anyway); integer codes and zero points are never touched."""
     config = json.loads((quant_dir / "config.json").read_text())
     plan_file = quant_dir / "quant_plan.json"
     plan_all = json.loads(plan_file.read_text()) if plan_file.is_file() else {}
     dtype = checkpoint_dtype(config)
     report = CompressedReport()
+    if dtype_name != "auto" and getattr(torch, dtype_name) != dtype:
+        report.notes.append(f"float tensors and scales rounded from {str(dtype).removeprefix('torch.')} to {dtype_name}; "
+                            "the integer codes and zero points are unchanged")
+        dtype = getattr(torch, dtype_name)
+        config["torch_dtype"] = dtype_name
+        if "dtype" in config:
+            config["dtype"] = dtype_name
+    report.dtype = str(dtype).removeprefix("torch.")
     if plan_all.get("activations"):
         if w8a8_graph is None:
             raise StageError(f"{quant_dir}: W8A8 codes are made by ONNX Runtime at export; pass the quantized graph")

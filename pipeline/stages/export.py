@@ -78,7 +78,7 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
     path = out / contract.model_file
     targets: dict[str, dict] = {}  # the other engines' formats, each in its own folder with a manifest
     if "hf-quantized" in cfg.targets and not activations:  # first: it refuses layouts it cannot hold before tracing
-        targets["hf-quantized"] = _export_hf_quantized(inp.path, out, ctx)
+        targets["hf-quantized"] = _export_hf_quantized(inp.path, out, ctx, cfg.hf_quantized_dtype)
     if "gguf" in cfg.targets:
         targets["gguf"] = _export_gguf(inp.path, out, ctx)
     ctx.log(f"  tracing {model.config.model_type} ({dims.num_layers} layers) to ONNX opset {cfg.opset}")
@@ -136,7 +136,7 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
         calibration = inp.path / CALIBRATION_FILE if activations == "static" else None
         _replace_graph(quantize_w8a8(path, activations, contract, calibration, _w8a8_modules(plan, model)), path, cfg.external_data)
         if "hf-quantized" in cfg.targets:  # ONNX Runtime's int8 codes exist only now
-            targets["hf-quantized"] = _export_hf_quantized(inp.path, out, ctx, w8a8_graph=path)
+            targets["hf-quantized"] = _export_hf_quantized(inp.path, out, ctx, cfg.hf_quantized_dtype, w8a8_graph=path)
     size = {f: sum(p.stat().st_size for p in g.parent.iterdir() if p.name.startswith("model.onnx")) for f, g in graphs.items()}
     metrics = {"parity_max_abs_diff": diff, "onnx_bytes": size["portable"], "fused_onnx_bytes": size.get("fused", 0),
                "block_quantized_ops": swapped}
@@ -175,14 +175,15 @@ def _export_gguf(source: Path, out: Path, ctx) -> dict:
     return {"folder": GGUF_FOLDER, **manifest}
 
 
-def _export_hf_quantized(source: Path, out: Path, ctx, w8a8_graph: Path | None = None) -> dict:
+def _export_hf_quantized(source: Path, out: Path, ctx, dtype: str, w8a8_graph: Path | None = None) -> dict:
     """The same codes as a compressed-tensors checkpoint in hf-quantized/ (transformers, vLLM), with its own manifest."""
     folder = out / HF_QUANTIZED_FOLDER
     ctx.log("  writing the compressed-tensors checkpoint (transformers, vLLM)")
-    report = write_compressed_tensors(source, folder, w8a8_graph)
+    report = write_compressed_tensors(source, folder, w8a8_graph, dtype)
     files = sorted(p for p in folder.iterdir())
     manifest = {
-        "format": "compressed-tensors", "compression": report.format, "engines": ["transformers", "vllm"],
+        "format": "compressed-tensors", "compression": report.format, "dtype": report.dtype,
+        "engines": ["transformers", "vllm"],
         "bytes": sum(p.stat().st_size for p in files),
         "sha256": {p.name: sha256_file(p) for p in files},
         "schemes": {label: len(group.layers) for label, group in report.groups.items()},

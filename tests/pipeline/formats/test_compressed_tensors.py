@@ -165,3 +165,42 @@ def test_groups_that_do_not_divide_a_layer_are_refused_before_tracing(tmp_path, 
     path = recipe(tmp_path, tiny_llama, eval_text, "{method: rtn, group_size: 128}")  # the tiny model's width is 64
     with pytest.raises(StageError, match="64 inputs is not a multiple of group_size 128; compressed-tensors needs whole"):
         run(path, workdir=tmp_path / "artifacts")
+
+
+def test_bfloat16_rounds_the_float_tensors_and_scales_but_never_the_codes(tmp_path, tiny_llama, eval_text):
+    pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed (make engines)")
+    from safetensors.torch import load_file as load_torch
+
+    from pipeline.formats.compressed_tensors import write_compressed_tensors
+
+    targets = "[onnx, hf-quantized], hf_quantized_dtype: bfloat16"
+    run_dir = run(recipe(tmp_path, tiny_llama, eval_text, "{method: rtn, group_size: 32, symmetric: false}", targets),
+                  workdir=tmp_path / "artifacts")
+    folder = next(run_dir.glob("*-export-*")) / "hf-quantized"
+    half = load_torch(str(folder / "model.safetensors"))
+    assert half["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert half["model.layers.0.mlp.up_proj.weight_scale"].dtype == torch.bfloat16
+    write_compressed_tensors(next(run_dir.glob("*-quantize-*")), tmp_path / "f32")  # auto: the model's float32
+    full = load_torch(str(tmp_path / "f32" / "model.safetensors"))
+    for name, t in full.items():
+        if not t.is_floating_point():  # packed codes, zero points, shapes
+            torch.testing.assert_close(half[name], t, rtol=0, atol=0, msg=name)
+        else:
+            torch.testing.assert_close(half[name], t.to(torch.bfloat16), rtol=0, atol=0, msg=name)
+    assert json.loads((folder / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["dtype"] == "bfloat16" and "rounded from float32 to bfloat16" in manifest["notes"][-1]
+    report = json.loads(next(run_dir.glob("*-validate-*/report.json")).read_text())
+    assert report["targets"]["hf-quantized"]["validated"]  # loaded and run by transformers in bfloat16
+    assert report["metrics"]["hf_quantized_perplexity_vs_onnx_pct"] < 2
+
+
+@pytest.mark.parametrize("export, message", [
+    ("{targets: [onnx, hf-quantized], hf_quantized_dtype: fp8}", r"hf_quantized_dtype: 'fp8' is not one of auto"),
+    ("{hf_quantized_dtype: bfloat16}", r"hf_quantized_dtype: applies to the hf-quantized target"),
+])
+def test_bad_hf_quantized_dtype_is_refused_when_the_recipe_loads(tmp_path, tiny_llama, eval_text, export, message):
+    path = recipe(tmp_path, tiny_llama, eval_text, "{method: rtn, group_size: 32}")
+    path.write_text(path.read_text().replace("export: {targets: [onnx, hf-quantized]}", f"export: {export}"))
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(path)
