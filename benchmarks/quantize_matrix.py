@@ -45,6 +45,9 @@ VARIANTS = {
     "int8-w8a8-dynamic-per-token": {"method": "w8a8", "activations": "dynamic_per_token"},
     "int8-w8a8-dynamic-per-token-smoothquant-auto": {"method": "w8a8", "activations": "dynamic_per_token",
                                                      "smoothquant": "auto", "calibration": W8A8_CALIBRATION},
+    "int8-w8a8-dynamic-per-token-smoothquant-auto-int8-head": {
+        "method": "w8a8", "activations": "dynamic_per_token", "smoothquant": "auto", "lm_head": "int8",
+        "calibration": W8A8_CALIBRATION},
     "int8-w8a8-dynamic-float-down": {"method": "w8a8", "activations": "dynamic", "ignore": [r"mlp\.down_proj"]},
     "int8-w8a8-static-smoothquant-float-down": {"method": "w8a8", "activations": "static", "smoothquant": 0.5,
                                                 "ignore": [r"mlp\.down_proj"],

@@ -249,6 +249,9 @@ class QuantizeConfig:
                               "auto searches alpha per layer on the calibration data)")
         if self.smoothquant and self.method != "w8a8":
             raise RecipeError(f"smoothquant: applies to method w8a8 only (method is {self.method})")
+        if self.method == "w8a8" and (self.lm_head == "int4" or self.embedding != "float"):
+            raise RecipeError("lm_head/embedding: w8a8 quantizes the LM head to W8A8 with lm_head: int8 (or keeps it "
+                              "float) and keeps the embedding float; int4 and a quantized embedding are for rtn, gptq, awq")
         if self.provider not in ("cpu", "cuda"):
             raise RecipeError(f"provider: '{self.provider}' is not one of cpu, cuda")
         if self.method == "w8a8" and self.provider == "cuda":
@@ -279,7 +282,7 @@ class ExportConfig:
     # formats written: onnx (always), gguf (llama.cpp, in gguf/), hf-quantized (compressed-tensors for vLLM, in hf-quantized/)
     targets: tuple[str, ...] = ("onnx",)
     hf_quantized_dtype: str = "auto"  # hf-quantized's float tensors and scales: auto (as the model), float32, bfloat16, float16
-    version: int = 7  # 2: fused graph beside the portable one; 3: logits_positions, packed matmuls; 4: no query_seqlens, dtype; 5: targets; 6: genai_config.json, hf-quantized; 7: per-token W8A8 codes as uint8 + 128
+    version: int = 8  # 2: fused graph beside the portable one; 3: logits_positions, packed matmuls; 4: no query_seqlens, dtype; 5: targets; 6: genai_config.json, hf-quantized; 7: per-token W8A8 codes as uint8 + 128; 8: per-token W8A8 fused graph
 
     def __post_init__(self):
         if self.accuracy_level not in (0, 1, 2, 3, 4):

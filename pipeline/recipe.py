@@ -126,6 +126,9 @@ def _check_targets(config: Any, before: list[StageEntry], where: str) -> None:
     if "hf-quantized" in config.targets and quantize is None:
         raise RecipeError(f"{where}.targets: hf-quantized writes the quantize stage's codes and there is no quantize "
                           f"stage before export; add one (hf-quantized takes {HF_FORMATS})")
+    if quantize is not None and quantize.method == "w8a8" and config.dtype == "float16":
+        raise RecipeError(f"{where}.dtype: float16 is for the CUDA provider and W8A8 runs on the CPU provider only; "
+                          "keep dtype: float32")
     if "gguf" not in config.targets or quantize is None:
         return
     if quantize.method == "w8a8":

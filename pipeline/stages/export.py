@@ -26,7 +26,7 @@ from pipeline.fused_graph import build_fused_graph, to_float16
 from pipeline.models import TOKENIZER_FILES, load_torch_model
 from pipeline.onnx_pack import pack_sibling_matmuls
 from pipeline.onnx_quant import apply_block_quantized_ops, set_accuracy_level
-from pipeline.onnx_w8a8 import quantize_w8a8
+from pipeline.onnx_w8a8 import quantize_per_token, quantize_w8a8
 from pipeline.stages.quantize import CALIBRATION_FILE, PLAN_FILE, decoder_linears
 from pipeline.registry import StageResult, register_stage
 from runtime.generate import Generator
@@ -97,8 +97,8 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
     contract.save(out)
     write_genai_config(out, contract)  # onnxruntime_genai.Model(<this folder>) runs the portable graph
     graphs = {"portable": path}
-    if cfg.fused and activations:
-        ctx.log("  fused graph skipped: W8A8 artifacts are quantized by ONNX Runtime's tools on the portable graph")
+    if cfg.fused and activations in ("dynamic", "static"):
+        ctx.log("  fused graph skipped: this W8A8 mode is quantized by ONNX Runtime's tools on the portable graph")
     elif cfg.fused:
         fused = Contract("fused", dims.num_layers, dims.num_kv_heads, dims.head_dim, dims.vocab_size, weights=weights_kind,
                          max_positions=model.config.max_position_embeddings, dtype=cfg.dtype)
@@ -107,7 +107,8 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
         graph = build_fused_graph(model, fused, cfg.opset)
         if plan.get("layers"):
             apply_block_quantized_ops(graph, inp.path, weights, accuracy_level=0)
-        ctx.log(f"  {pack_sibling_matmuls(graph)} groups of sibling linears packed into one matmul each")
+        if not activations:  # the per-token rewrite finds each linear's own MatMul; it shares their inputs' rounding
+            ctx.log(f"  {pack_sibling_matmuls(graph)} groups of sibling linears packed into one matmul each")
         if cfg.dtype == "float16":
             ctx.log(f"  {to_float16(graph)} float tensors converted to float16")
         graphs["fused"] = out / "fused" / fused.model_file
@@ -134,7 +135,10 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
     if activations:  # checked in float above; activation rounding is the validate stage's business
         ctx.log(f"  W8A8 {activations}: quantizing weights and activations in the graph")
         calibration = inp.path / CALIBRATION_FILE if activations == "static" else None
-        _replace_graph(quantize_w8a8(path, activations, contract, calibration, _w8a8_modules(plan, model)), path, cfg.external_data)
+        modules = _w8a8_modules(plan, model)
+        _replace_graph(quantize_w8a8(path, activations, contract, calibration, modules), path, cfg.external_data)
+        if "fused" in graphs:  # dynamic_per_token: our rewrite applies to the fused graph as well
+            _replace_graph(quantize_per_token(graphs["fused"], modules), graphs["fused"], cfg.external_data)
         if "hf-quantized" in cfg.targets:  # ONNX Runtime's int8 codes exist only now
             targets["hf-quantized"] = _export_hf_quantized(inp.path, out, ctx, cfg.hf_quantized_dtype, w8a8_graph=path)
     size = {f: sum(p.stat().st_size for p in g.parent.iterdir() if p.name.startswith("model.onnx")) for f, g in graphs.items()}

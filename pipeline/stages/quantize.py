@@ -90,7 +90,10 @@ def _w8a8(model, cfg: QuantizeConfig, src_dir, ctx, started: float) -> StageResu
         np.save(ctx.out_dir / CALIBRATION_FILE, calibration_ids(batches))
     linears = decoder_linears(model)
     skipped = {n: why for n in linears if (why := _ignored(n, cfg)) is not None}
-    skipped["lm_head"] = "W8A8 keeps the LM head float"
+    if cfg.lm_head == "int8":
+        linears.append("lm_head")  # per-token int8 activations too: the float head is half a decode step's reads
+    else:
+        skipped["lm_head"] = "lm_head: float (recipe; int8 quantizes it to W8A8 too)"
     modules = [n for n in linears if n not in skipped]
     if not modules:
         raise StageError("quantize: the ignore list leaves no decoder layer to quantize")

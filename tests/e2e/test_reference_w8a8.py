@@ -22,8 +22,10 @@ def test_per_token_w8a8_passes_its_gates_with_every_decoder_linear_in_int8(w8a8_
     searched = quantize["smoothquant"]
     assert len(searched) == 30 * 3  # q/k/v, gate/up and down_proj groups; o_proj not (grouped-query attention)
     assert all(r["error_vs_none"] <= 1 for r in searched.values())
-    graph = onnx.load(str(next(w8a8_run.glob("*-export-*/model.onnx"))), load_external_data=False).graph
-    assert sum(n.op_type == "MatMulInteger" for n in graph.node) == 30 * 7
+    for name in ("model.onnx", "fused/model.onnx"):  # the runner and validate take the fused graph
+        graph = onnx.load(str(next(w8a8_run.glob(f"*-export-*/{name}"))), load_external_data=False).graph
+        assert sum(n.op_type == "MatMulInteger" for n in graph.node) == 30 * 7
+    assert report["graph"] == "fused"
 
 
 def test_the_compressed_tensors_checkpoint_carries_the_same_int8_codes(w8a8_run):

@@ -161,6 +161,32 @@ def test_w8a8_copies_onnx_runtimes_int8_codes_and_loads_in_transformers(tmp_path
     assert report["metrics"]["hf_quantized_perplexity_vs_onnx_pct"] < 5  # the activations are rounded differently
 
 
+def test_a_w8a8_head_of_a_tied_model_is_untied_and_quantized_in_both_formats(tmp_path, tiny_qwen2, eval_text):
+    pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed (make engines)")
+    from transformers import AutoModelForCausalLM
+
+    quantize = ("{method: w8a8, activations: dynamic_per_token, lm_head: int8, "
+                "calibration: {num_samples: 4, sequence_length: 32}}")
+    work = run(recipe(tmp_path, tiny_qwen2, eval_text, quantize), workdir=tmp_path / "artifacts")
+    export = next(work.glob("*-export-*"))
+    ops = [n.op_type for n in onnx_nodes(export / "model.onnx")]
+    assert ops.count("MatMulInteger") == 7 * 2 + 1  # every decoder linear and the head
+    written = load_file(str(export / "hf-quantized" / "model.safetensors"))
+    assert written["lm_head.weight"].dtype == np.int8 and written["model.embed_tokens.weight"].dtype == np.float32
+    manifest = json.loads((export / "hf-quantized" / "manifest.json").read_text())
+    assert "lm_head" not in manifest["float_linears"] and any("untied" in n for n in manifest["notes"])
+    model = AutoModelForCausalLM.from_pretrained(export / "hf-quantized", dtype=torch.float32)
+    assert model.config.tie_word_embeddings is False
+    report = json.loads(next(work.glob("*-validate-*/report.json")).read_text())
+    assert report["targets"]["hf-quantized"]["validated"] and report["metrics"]["hf_quantized_perplexity_vs_onnx_pct"] < 5
+
+
+def onnx_nodes(path):
+    import onnx
+
+    return onnx.load(str(path), load_external_data=False).graph.node
+
+
 def test_groups_that_do_not_divide_a_layer_are_refused_before_tracing(tmp_path, tiny_llama, eval_text):
     path = recipe(tmp_path, tiny_llama, eval_text, "{method: rtn, group_size: 128}")  # the tiny model's width is 64
     with pytest.raises(StageError, match="64 inputs is not a multiple of group_size 128; compressed-tensors needs whole"):

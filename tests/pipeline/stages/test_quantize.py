@@ -55,6 +55,8 @@ def test_plan_ignores_overrides_and_lm_head(tiny_llama):
     ("{method: w8a8, smoothquant: best}", r"smoothquant: 'best' must be in \[0, 1\) or auto"),
     ("{method: w8a8, smoothquant: [0.5]}", r"quantize.smoothquant: expected float or str, got list"),
     ("{method: gptq, smoothquant: auto}", r"smoothquant: applies to method w8a8 only"),
+    ("{method: w8a8, lm_head: int4}", r"lm_head/embedding: w8a8 quantizes the LM head to W8A8 with lm_head: int8"),
+    ("{method: w8a8, embedding: int8}", r"lm_head/embedding: w8a8 .* keeps the embedding float"),
 ])
 def test_bad_quantize_settings(tmp_path, tiny_llama, settings, message):
     with pytest.raises(RecipeError, match=message):
@@ -189,6 +191,13 @@ def test_w8a8_exports_integer_ops_and_stays_close(tmp_path, tiny_llama, eval_tex
     assert contract["weights"].startswith("int8 W8A8")
     report = json.loads(next(run_dir.glob("*-validate-*/report.json")).read_text())
     assert report["passed"] and report["metrics"]["perplexity_delta_pct"] != 0
+    fused = export / "fused" / "model.onnx"
+    if "dynamic_per_token" in settings:  # our own rewrite: the fused graph (GroupQueryAttention) gets it too
+        fused_ops = [n.op_type for n in onnx.load(str(fused), load_external_data=False).graph.node]
+        assert fused_ops.count("MatMulInteger") == 7 * 2 and "GroupQueryAttention" in fused_ops
+        assert report["graph"] == "fused"
+    else:  # ONNX Runtime's tools quantize the portable graph only
+        assert not fused.exists() and report["graph"] == "portable"
 
 
 @pytest.mark.parametrize("opset", [17, 18])
@@ -221,6 +230,13 @@ def test_per_token_w8a8_rounds_each_token_on_its_own_scale(tmp_path, opset):
     onnx.save(quantized, str(path))
     codes = read_w8a8_codes(path, ["model.layers.0.mlp.up_proj"])["model.layers.0.mlp.up_proj"]
     np.testing.assert_array_equal(codes.weight, q_w.T.astype(np.int8))
+
+
+def test_w8a8_into_a_float16_graph_is_refused_when_the_recipe_loads(tmp_path, tiny_llama):
+    path = quant_recipe(tmp_path, tiny_llama, None, "{method: w8a8}")
+    path.write_text(path.read_text().replace("export: {}", "export: {dtype: float16}"))
+    with pytest.raises(RecipeError, match=r"export.dtype: float16 is for the CUDA provider and W8A8 runs on the CPU"):
+        load_recipe(path)
 
 
 def test_w8a8_for_cuda_is_refused_with_the_reason(tmp_path, tiny_llama):
