@@ -216,7 +216,7 @@ class QuantizeConfig:
     provider: str = "cpu"  # the execution provider the artifact is for: cpu | cuda
     budget: BudgetConfig | None = None  # mixed precision chosen by measured sensitivity (INT4 bits only)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
-    version: int = 2  # 2: SmoothQuant also folds up->down and v->o; AWQ folds into a feeder bias
+    version: int = 3  # 3: SmoothQuant also folds up->down and v->o, alpha auto; AWQ folds into a feeder bias (2 was used by e25b010)
 
     def __post_init__(self):
         if self.method not in QUANT_METHODS:
