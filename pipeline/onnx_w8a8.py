@@ -81,7 +81,7 @@ def quantize_per_token(path: Path, modules: list[str]) -> onnx.ModelProto:
         y   = float(MatMulInteger(uint8(q_x + 128), W_q, a_zero_point=128)) * s_x * s_w
 
     The activation codes travel as uint8 with zero point 128, the same integers as int8: ONNX
-    Runtime's CPU kernels have fast paths for uint8 x int8 only (int8 x int8 measured 20-30x slower
+    Runtime's CPU kernels have fast paths for uint8 x int8 only (int8 x int8 measured 19-28x slower
     on this AVX-512 machine, a portable fallback).
 
     ONNX Runtime's dynamic mode shares one (asymmetric) range across the whole activation tensor, so
