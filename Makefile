@@ -47,10 +47,11 @@ generate: run  ## ask the default run's artifact a question through the ONNX Run
 bench: run  ## speed of the default run's artifact against transformers, optimum, onnxruntime-genai (llama.cpp if installed)
 	$(BIN)/optimize bench artifacts/smollm2-fp32 --compare --threads 2
 
-gpu-check:  ## on a GPU machine, after install-cuda and `optimize recipes/smollm2-int4-cuda.yaml`: CUDA checks and bench
-	$(PY) -m pipeline.cli bench $(GPU_RUN) --provider cuda --text $(BENCH_TEXT) --out $(GPU_OUT)/bench
+gpu-check:  ## on a GPU machine, after install-cuda and `optimize recipes/smollm2-int4-cuda.yaml`: CUDA checks, decode overhead, bench vs peers
 	$(PY) benchmarks/gpu_check.py $(GPU_RUN) --out $(GPU_OUT)
-	$(PY) -m pipeline.cli bench $(GPU_RUN) --provider cuda --cuda-graph --text $(BENCH_TEXT) --out $(GPU_OUT)/bench-cuda-graph
+	$(PY) benchmarks/cuda_decode_overhead.py $(GPU_RUN) --out $(GPU_OUT)
+	$(PY) -m pipeline.cli bench $(GPU_RUN) --provider cuda --text $(BENCH_TEXT) --compare \
+		--peers onnxruntime-genai,onnxruntime-genai-cuda-graph,transformers-sdpa --out $(GPU_OUT)/bench
 
 test: install engines model  ## every test, the slow reference-model tests included (what CI runs)
 	$(BIN)/python -m pytest -q

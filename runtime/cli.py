@@ -28,7 +28,8 @@ from runtime.tokenizer import StreamDecoder
 @click.option("--max-length", default=None, type=click.IntRange(2),
               help="KV cache positions of the fused graph (default: prompt plus --max-new-tokens)")
 @click.option("--allow-fallback", is_flag=True, help="run even if heavy nodes fell back from the GPU to the CPU")
-@click.option("--cuda-graph", is_flag=True, help="capture the decode step as a CUDA graph and replay it (cuda, fused graph)")
+@click.option("--cuda-graph/--no-cuda-graph", default=None,
+              help="capture the decode step as a CUDA graph and replay it (default: on with cuda and the fused graph)")
 def generate_command(artifact, prompt, max_new_tokens, temperature, top_k, top_p, seed, system, no_chat, provider, threads,
                      graph, max_length, allow_fallback, cuda_graph):
     """Answer PROMPT with the model exported in ARTIFACT (a run folder or an export step folder)."""

@@ -6,7 +6,7 @@ or allocated for the cache between steps. A prefill is GroupQueryAttention's "fi
 feeds one token to every row of the buffer, and a row whose sequence has finished is fed the pad
 token and ignored, so the batch keeps its shape.
 
-On CUDA with `cuda_graph=True`, decode steps read their inputs from device buffers at fixed
+On CUDA with `cuda_graph=True` (the runner's default there), decode steps read their inputs from device buffers at fixed
 addresses and write the logits to another, so ONNX Runtime captures the step once per batch size
 and cache and replays it: one graph launch per token instead of one launch per kernel.
 """
@@ -40,7 +40,7 @@ class FusedGraph:
         self.cuda_graph = cuda_graph
         self._cache: StaticKVCache | None = None
         self._binding: ort.IOBinding | None = None
-        self._logits: dict[int, tuple[np.ndarray, ort.OrtValue]] = {}  # CPU: batch -> reused one-row logits buffer
+        self._logits: dict[int, tuple[np.ndarray | None, ort.OrtValue]] = {}  # batch -> reused one-row logits buffer
         self._step: dict[str, ort.OrtValue] = {}  # cuda_graph: the decode step's fixed device buffers
         self._run_options = {}  # "prefill" / "decode" -> RunOptions naming the CUDA graph to capture or replay
         self.session_seconds = 0.0  # time inside session.run, for the bench's overhead figure
@@ -101,11 +101,7 @@ class FusedGraph:
         total = cache.lengths + 1 if decode else prompt_lengths.astype(np.int32)
         binding.bind_cpu_input("seqlens_k", (total - 1).astype(np.int32))
         binding.bind_cpu_input("total_sequence_length", np.array(cache.max_length if decode else width, dtype=np.int32))
-        if self.device == "cpu":  # straight into a host array: no per-step wrapping of every output
-            host, logits = self._host_logits(batch, positions.shape[1])
-        else:
-            host, logits = None, ort.OrtValue.ortvalue_from_shape_and_type(
-                (batch, positions.shape[1], self.contract.vocab_size), np.float32, self.device, 0)
+        host, logits = self._logits_buffer(batch, positions.shape[1])
         binding.bind_ortvalue_output("logits", logits)
         started = time.perf_counter()
         self.session.run_with_iobinding(binding, self._run_options.get("prefill"))
@@ -127,13 +123,18 @@ class FusedGraph:
         cache.lengths += 1
         return step["logits"].numpy()
 
-    def _host_logits(self, batch: int, rows: int) -> tuple[np.ndarray, ort.OrtValue]:
-        """A host buffer for the logits: reused across steps for one row per sequence (the caller
-        consumes it before the next step), fresh otherwise."""
+    def _logits_buffer(self, batch: int, rows: int) -> tuple[np.ndarray | None, ort.OrtValue]:
+        """Where the logits go: on the CPU a host array (no per-step wrapping of every output), on
+        CUDA a device buffer copied back after the run. Reused across steps for one row per
+        sequence (the caller consumes it before the next step), fresh otherwise."""
         if rows == 1 and batch in self._logits:
             return self._logits[batch]
-        array = np.empty((batch, rows, self.contract.vocab_size), dtype=np.float32)
-        pair = (array, ort.OrtValue.ortvalue_from_numpy(array))
+        shape = (batch, rows, self.contract.vocab_size)
+        if self.device == "cpu":
+            array = np.empty(shape, dtype=np.float32)
+            pair = (array, ort.OrtValue.ortvalue_from_numpy(array))
+        else:
+            pair = (None, ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self.device, 0))
         if rows == 1:
             self._logits = {batch: pair}
         return pair

@@ -24,7 +24,7 @@ from runtime.io_spec import CONTRACT_FILE, Contract
 from runtime.portable import PortableGraph
 from runtime.sampling import SamplingParams, sample
 from runtime.placement import check_placement
-from runtime.session import PROVIDERS, create_session
+from runtime.session import PROVIDERS, choose_provider, create_session
 from runtime.tokenizer import Tokenizer
 
 GRAPHS = ("auto", "fused", "portable")
@@ -54,18 +54,24 @@ class Generator:
     """
 
     def __init__(self, folder: Path | str, provider: str = "auto", threads: int = 0, graph: str = "auto",
-                 max_length: int | None = None, allow_fallback: bool = False, cuda_graph: bool = False,
-                 spinning: bool = True):
+                 max_length: int | None = None, allow_fallback: bool = False, cuda_graph: bool | None = None,
+                 spinning: bool = True, verify_placement: bool = True):
+        """`cuda_graph`: capture the decode step once and replay it; None (the default) does so on
+        CUDA with the fused graph. `verify_placement`: off the CPU, profile one probe run and fail
+        if a heavy node left the provider (unless `allow_fallback`)."""
         self.folder = Path(folder)
         graph_folder = self._graph_folder(graph)
         try:
             self.contract = Contract.load(graph_folder)
         except (FileNotFoundError, ValueError) as e:
             raise RuntimeFailure(str(e)) from e
+        if cuda_graph is None:
+            cuda_graph = self.contract.flavour == "fused" and choose_provider(provider) == "cuda"
         if cuda_graph and self.contract.flavour != "fused":
             raise RuntimeFailure("cuda_graph needs the fused graph (the portable graph's shapes change every step)")
+        self.cuda_graph = cuda_graph
         self.session, self.provider = create_session(graph_folder, self.contract, provider, threads, cuda_graph,
-                                                      spinning)
+                                                      spinning, profile_placement=verify_placement)
         self.tokenizer = Tokenizer(self.folder)
         self.eos_ids, self.pad_id = end_tokens(_read_json(self.folder / "generation_config.json"))
         if self.contract.flavour == "fused":
@@ -74,7 +80,7 @@ class Generator:
         else:
             self.graph = PortableGraph(self.session, self.contract, self.pad_id)
         self.fallback_nodes: list[str] = []
-        if self.provider != PROVIDERS["cpu"]:  # one probe run, profiled: are the heavy nodes on the provider?
+        if self.provider != PROVIDERS["cpu"] and verify_placement:  # one probe run, profiled
             self.graph.logits([self.pad_id, self.pad_id])
             self.fallback_nodes = check_placement(Path(self.session.end_profiling()), self.provider, allow_fallback)
 

@@ -30,17 +30,20 @@ def choose_provider(requested: str = "auto") -> str:
 
 
 def create_session(folder: Path, contract: Contract, provider: str = "auto", threads: int = 0,
-                   cuda_graph: bool = False, spinning: bool = True) -> tuple[ort.InferenceSession, str]:
+                   cuda_graph: bool = False, spinning: bool = True,
+                   profile_placement: bool = True) -> tuple[ort.InferenceSession, str]:
     """Open `folder/model.onnx` on the chosen provider; returns (session, provider name in use).
     `cuda_graph`: let ONNX Runtime capture and replay CUDA graphs (runs that name a gpu_graph_id).
     `spinning=False`: idle intra-op threads sleep instead of spinning, leaving the cores to other
-    threads of the process (a server's HTTP side)."""
+    threads of the process (a server's HTTP side).
+    `profile_placement`: off the CPU, profile until the caller's first `end_profiling()`, whose
+    profile says where each node ran (runtime.placement)."""
     chosen = choose_provider(provider)
     if cuda_graph and chosen != "cuda":
         raise RuntimeFailure(f"cuda_graph needs the cuda provider, not {chosen}")
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if chosen != "cpu":  # the first run's profile shows where each node ran (runtime.placement)
+    if chosen != "cpu" and profile_placement:
         opts.enable_profiling = True
         opts.profile_file_prefix = str(Path(tempfile.gettempdir()) / f"ort-placement-{os.getpid()}")
     if threads:

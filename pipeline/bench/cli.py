@@ -44,7 +44,8 @@ def _ints(value: str) -> tuple[int, ...]:
 @click.option("--threads", default=0, type=click.IntRange(0), help="intra-op threads (0: onnxruntime decides)")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--graph", type=click.Choice(GRAPHS), default="auto", show_default=True)
-@click.option("--cuda-graph", is_flag=True, help="ours: capture the decode step as a CUDA graph (cuda, fused graph)")
+@click.option("--cuda-graph/--no-cuda-graph", default=None,
+              help="ours: capture the decode step as a CUDA graph (default: on with cuda and the fused graph)")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="where bench.json and bench.png go (default: <run folder>/bench/<export step>)")
 def bench_command(artifact, compare, peer_names, prompt_lengths, batches, new_tokens, long_tokens, repeats, warmup,

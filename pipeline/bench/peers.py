@@ -60,15 +60,19 @@ def time_generation(first_token: Callable[[list[list[int]]], object], next_token
     for batch in work.batches:
         prompts = work.batch(batch)
         rates, steps = [], []
-        for i in range(work.warmup + work.repeats):
-            state = first_token(prompts)
-            t = time.perf_counter()
-            for _ in range(work.new_tokens - 1):
-                next_token(state)
-            seconds = time.perf_counter() - t
-            if i >= work.warmup:
-                rates.append(batch * (work.new_tokens - 1) / seconds)
-                steps.append(seconds / (work.new_tokens - 1) * 1000)
+        try:
+            for i in range(work.warmup + work.repeats):
+                state = first_token(prompts)
+                t = time.perf_counter()
+                for _ in range(work.new_tokens - 1):
+                    next_token(state)
+                seconds = time.perf_counter() - t
+                if i >= work.warmup:
+                    rates.append(batch * (work.new_tokens - 1) / seconds)
+                    steps.append(seconds / (work.new_tokens - 1) * 1000)
+        except Exception as err:  # one batch size the engine refuses leaves the others measured
+            out.setdefault("errors", {})[batch] = f"{type(err).__name__}: {str(err)[:300]}"
+            continue
         out["decode_tok_s"][batch] = statistics.median(rates)
         out["decode_ms_per_step"][batch] = statistics.median(steps)
     return out
@@ -162,26 +166,37 @@ def bench_optimum(inp: PeerInputs) -> dict:
     return {"engine": engine, "status": "ok", "precision": "int4/int8" if inp.quantized else "fp32", "load_s": load_s, **result}
 
 
-def bench_genai(inp: PeerInputs) -> dict:
-    engine = "onnxruntime-genai"
+def bench_genai(inp: PeerInputs, cuda_graph: bool = False) -> dict:
+    """onnxruntime-genai on its builder's model for the same checkpoint: float32 or INT4 on the CPU,
+    INT4 (float16 compute) on the CUDA provider. A build found in the cache is reused, so a model
+    built on one machine can be copied with the export to a GPU machine that lacks the checkpoint."""
+    engine = "onnxruntime-genai" + (" cuda-graph" if cuda_graph else "")
     if importlib.util.find_spec("onnxruntime_genai") is None:
         return skipped(engine, "onnxruntime-genai is not installed")
-    if inp.checkpoint is None:
-        return skipped(engine, "the export's source checkpoint was not found beside it")
-    import onnxruntime_genai as og
-
-    precision = "int4" if inp.quantized else "fp32"
-    folder = inp.cache_dir / f"genai-{precision}"
+    gpu = inp.device == "cuda"
+    if cuda_graph and not gpu:
+        return {"engine": engine, "status": "skipped", "reason": "CUDA graphs need ours on the CUDA provider"}
+    precision = "int4" if inp.quantized else ("fp16" if gpu else "fp32")
+    folder = inp.cache_dir / f"genai-{precision}" if not gpu else inp.cache_dir / f"genai-{precision}-cuda"
     if not (folder / "genai_config.json").is_file():
+        if inp.checkpoint is None:
+            return skipped(engine, f"no build in {folder} and the export's source checkpoint was not found beside it")
         cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(inp.checkpoint), "-o", str(folder),
-               "-p", precision, "-e", "cpu", "-c", str(inp.cache_dir / "genai-cache")]
+               "-p", precision, "-e", inp.device, "-c", str(inp.cache_dir / "genai-cache")]
         built = subprocess.run(cmd, capture_output=True, text=True)
         if built.returncode != 0:
             last = (built.stderr.strip().splitlines() or ["no output"])[-1]
             return {"engine": engine, "status": "failed", "reason": f"model builder failed: {last[:300]}"}
     _set_genai_threads(folder / "genai_config.json", inp.threads)
+    import onnxruntime_genai as og
+
+    config = og.Config(str(folder))
+    config.clear_providers()
+    if gpu:
+        config.append_provider("cuda")
+        config.set_provider_option("cuda", "enable_cuda_graph", "1" if cuda_graph else "0")
     t = time.perf_counter()
-    model = og.Model(str(folder))
+    model = og.Model(config)
     load_s = time.perf_counter() - t
     work = inp.work
 
@@ -193,13 +208,19 @@ def bench_genai(inp: PeerInputs) -> dict:
         gen = og.Generator(model, params)
         gen.append_tokens(prompts)
         gen.generate_next_token()
+        gen.get_next_tokens()
         return gen
 
     def next_token(gen):
         gen.generate_next_token()
+        gen.get_next_tokens()  # a streaming loop reads each token back, as ours does; on CUDA this waits for it
 
-    result = time_generation(first_token, next_token, work)
-    return {"engine": engine, "status": "ok", "precision": precision, "load_s": load_s, "model_dir": str(folder), **result}
+    try:
+        result = time_generation(first_token, next_token, work)
+    except Exception as err:  # e.g. a CUDA-graph capture the provider refuses for a batch shape
+        return {"engine": engine, "status": "failed", "reason": f"{type(err).__name__}: {str(err)[:300]}"}
+    return {"engine": engine, "status": "ok", "precision": precision, "device": inp.device, "load_s": load_s,
+            "model_dir": str(folder), **result}
 
 
 def _set_genai_threads(path: Path, threads: int) -> None:
@@ -260,6 +281,7 @@ PEERS = {
     "transformers-sdpa": lambda inp: bench_transformers(inp, "sdpa"),
     "optimum": bench_optimum,
     "onnxruntime-genai": bench_genai,
+    "onnxruntime-genai-cuda-graph": lambda inp: bench_genai(inp, cuda_graph=True),
     "llama.cpp": bench_llama_cpp,
 }
-GPU_PEERS = ("transformers-eager", "transformers-sdpa")  # those that follow ours onto the GPU
+GPU_PEERS = ("transformers-eager", "transformers-sdpa", "onnxruntime-genai", "onnxruntime-genai-cuda-graph")  # those that follow ours onto the GPU

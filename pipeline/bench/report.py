@@ -15,12 +15,20 @@ def table(results: list[dict], work) -> str:
         if r.get("status", "ok") != "ok":
             lines.append(f"| {r['engine']} | {r['status']}: {r['reason']} (`{r.get('install') or ''}`) |" + " |" * (len(head) - 2))
             continue
-        cells = [r["engine"] + (f" ({r['graph']})" if "graph" in r else ""), r.get("precision", r.get("weights", "")),
+        cells = [label(r), r.get("precision", r.get("weights", "")),
                  f"{r['load_s']:.2f}"]
         cells += [_num(r["ttft_ms"].get(n)) for n in lengths]
         cells += [_num(r["decode_tok_s"].get(b)) for b in batches]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def label(r: dict) -> str:
+    """ours (fused), ours (fused, CUDA graph), or a peer's engine name."""
+    extras = [r["graph"]] if "graph" in r else []
+    if r.get("cuda_graph"):
+        extras.append("CUDA graph")
+    return r["engine"] + (f" ({', '.join(extras)})" if extras else "")
 
 
 def _num(value) -> str:
@@ -45,11 +53,11 @@ def _chart(path: Path, payload: dict) -> Path:
     ok = [r for r in payload["results"] if r.get("status", "ok") == "ok"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in ok:
-        label = r["engine"] + (f" ({r['graph']})" if "graph" in r else "")
+        name = label(r)
         batches = sorted(int(b) for b in r["decode_tok_s"])
-        left.plot(batches, [r["decode_tok_s"][b] for b in batches], marker="o", label=label)
+        left.plot(batches, [r["decode_tok_s"][b] for b in batches], marker="o", label=name)
         lengths = sorted(int(n) for n in r["ttft_ms"])
-        right.plot(lengths, [r["ttft_ms"][n] for n in lengths], marker="o", label=label)
+        right.plot(lengths, [r["ttft_ms"][n] for n in lengths], marker="o", label=name)
     left.set(xlabel="batch size", ylabel="decode tokens/s (all sequences)", title="Decode throughput")
     right.set(xlabel="prompt tokens", ylabel="ms", title="Time to first token (batch 1)")
     for ax in (left, right):

@@ -48,3 +48,26 @@ def test_bench_rejects_unknown_peer_and_bad_lists(tiny_run):
     assert result.exit_code != 0 and "unknown peer 'vllm'" in result.output
     result = CliRunner().invoke(main, ["bench", str(tiny_run), "--batches", "1,x"])
     assert result.exit_code != 0 and "comma-separated list of integers" in result.output
+
+
+def test_a_batch_size_an_engine_refuses_is_recorded_and_the_others_measured():
+    from pipeline.bench.peers import time_generation
+    from pipeline.bench.workload import Workload
+
+    def first_token(prompts):
+        if len(prompts) > 1:
+            raise RuntimeError("batch_size must be 1")
+        return {}
+
+    work = Workload(list(range(64)), (8,), (1, 2), 8, 3, 0, 0, 1)
+    out = time_generation(first_token, lambda state: None, work)
+    assert set(out["decode_tok_s"]) == {1} and out["decode_tok_s"][1] > 0
+    assert out["errors"] == {2: "RuntimeError: batch_size must be 1"}
+
+
+def test_report_labels_say_graph_and_cuda_graph():
+    from pipeline.bench.report import label
+
+    assert label({"engine": "ours", "graph": "fused", "cuda_graph": True}) == "ours (fused, CUDA graph)"
+    assert label({"engine": "ours", "graph": "portable", "cuda_graph": False}) == "ours (portable)"
+    assert label({"engine": "onnxruntime-genai"}) == "onnxruntime-genai"

@@ -56,6 +56,22 @@ def test_kv_buffer_is_allocated_once_and_updated_in_place(fused):
     assert not np.array_equal(first, cache.values["present.0.key"].numpy())  # written in place
 
 
+def test_cuda_graph_default_follows_provider_and_graph(tiny_export):
+    """None (the default) means on only for CUDA with the fused graph: here, off either way."""
+    assert Generator(tiny_export, provider="cpu").cuda_graph is False
+    assert Generator(tiny_export, provider="auto", graph="portable").cuda_graph is False
+    assert Generator(tiny_export, provider="cpu", cuda_graph=False).cuda_graph is False
+
+
+def test_decode_logits_buffer_is_reused_across_steps(tiny_export):
+    gen = Generator(tiny_export, provider="cpu", graph="fused")
+    logits, state = gen.prefill([PROMPTS[0]], 4)
+    first = gen.graph._logits_buffer(1, 1)
+    gen.decode(logits.argmax(-1), state)
+    gen.decode(logits.argmax(-1), state)
+    assert gen.graph._logits_buffer(1, 1) is first  # one buffer per batch size, not one per step
+
+
 def test_cuda_graph_is_refused_without_cuda(tiny_export):
     with pytest.raises(RuntimeFailure, match="cuda_graph needs the cuda provider"):
         Generator(tiny_export, provider="cpu", cuda_graph=True)

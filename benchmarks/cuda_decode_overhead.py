@@ -1,0 +1,123 @@
+"""Where a CUDA decode step's time goes, and what each runner setting buys (GPU machine):
+`python benchmarks/cuda_decode_overhead.py RUN [--out DIR]`.
+
+In one process, on the same prompt, batch 1 and 8, 128 decode steps, median of 3:
+  plain            decode launched kernel by kernel, after the profiled placement probe (the default
+                   before CUDA graphs became the default on CUDA)
+  plain, no probe  the same session opened without profiling (`verify_placement=False`)
+  plain, 1 thread  one intra-op thread
+  CUDA graph       the decode step captured once and replayed (the default on CUDA)
+Then one profiled plain session over 16 decode steps: ONNX Runtime's node events give the host-side
+time per op type and step (on CUDA a node's time is its launch cost; kernels run asynchronously) and
+the whole `model_run`, so the launch overhead can be told from the GPU's own time.
+Prints a table and writes cuda_decode_overhead.json into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from runtime import Generator, find_model_folder  # noqa: E402
+from runtime.fused import FusedGraph  # noqa: E402
+from runtime.session import create_session  # noqa: E402
+
+PROMPT = "Explain in two sentences why the sky is blue. " * 12  # about 128 tokens
+STEPS = 128
+VARIANTS = {
+    "plain": dict(cuda_graph=False),
+    "plain, no probe": dict(cuda_graph=False, verify_placement=False),
+    "plain, 1 thread": dict(cuda_graph=False, threads=1),
+    "CUDA graph": dict(cuda_graph=True),
+}
+
+
+def time_decode(gen: Generator, prompt: list[int], batch: int, repeats: int = 3) -> dict:
+    """ms per decode step and the share of it inside session.run, greedy, median of `repeats`."""
+    per_step, inside = [], []
+    for _ in range(repeats):
+        logits, state = gen.prefill([prompt] * batch, STEPS + 2)
+        tokens = logits.argmax(-1)
+        tokens = gen.decode(tokens, state).argmax(-1)  # a CUDA graph is captured here
+        before = gen.graph.session_seconds
+        started = time.perf_counter()
+        for _ in range(STEPS):
+            tokens = gen.decode(tokens, state).argmax(-1)
+        seconds = time.perf_counter() - started
+        per_step.append(seconds / STEPS * 1000)
+        inside.append((gen.graph.session_seconds - before) / seconds)
+    return {"ms_per_step": statistics.median(per_step), "tok_s": batch * 1000 / statistics.median(per_step),
+            "inside_run": statistics.median(inside)}
+
+
+def profile_plain(folder: Path, prompt: list[int], steps: int = 16) -> dict:
+    """Host-side µs per decode step by op type, from ONNX Runtime's profile of a plain session."""
+    gen = Generator(folder, provider="cuda", cuda_graph=False, verify_placement=False)
+    session, _ = create_session(folder / "fused", gen.contract, "cuda", profile_placement=True)
+    return profile_decode(FusedGraph(session, gen.contract, gen.pad_id, "cuda"), prompt, steps)
+
+
+def profile_decode(graph: FusedGraph, prompt: list[int], steps: int) -> dict:
+    """Decode `steps` tokens on a session opened with profiling; summarize its node events."""
+    session = graph.session
+    logits, state = graph.prefill([prompt], steps + 8)
+    tokens = logits.argmax(-1)
+    for _ in range(4 + steps):
+        tokens = graph.decode(tokens, state).argmax(-1)
+    events = json.loads(Path(session.end_profiling()).read_text())
+    runs = [e for e in events if e.get("name") == "model_run"][-steps:]
+    start, end = runs[0]["ts"], runs[-1]["ts"] + runs[-1]["dur"]
+    by_op: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and start <= e["ts"] <= end:
+            by_op[e["args"]["op_name"]][0] += 1
+            by_op[e["args"]["op_name"]][1] += e["dur"]
+    return {"model_run_us": statistics.mean(r["dur"] for r in runs),
+            "ops": {op: {"nodes_per_step": n / steps, "us_per_step": us / steps}
+                    for op, (n, us) in sorted(by_op.items(), key=lambda kv: -kv[1][1])}}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("artifact", help="a run folder or export step with a fused graph")
+    parser.add_argument("--out", type=Path, default=Path("cuda-decode-overhead"))
+    parser.add_argument("--provider", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu: a smoke test of the script (no CUDA graph, no profile)")
+    args = parser.parse_args()
+    import onnxruntime as ort
+
+    folder = find_model_folder(args.artifact)
+    report: dict = {"artifact": str(folder), "onnxruntime": ort.__version__, "steps": STEPS, "variants": {}}
+    prompt: list[int] = []
+    for name, options in VARIANTS.items():
+        if args.provider == "cpu" and options.get("cuda_graph"):
+            continue
+        gen = Generator(folder, provider=args.provider, **options)
+        prompt = prompt or gen.tokenizer.encode(PROMPT)[:128]
+        report["variants"][name] = {f"batch {b}": time_decode(gen, prompt, b) for b in (1, 8)}
+        del gen
+    report["profile"] = profile_plain(folder, prompt) if args.provider == "cuda" else None
+
+    print("| variant | b1 ms/step | b1 tok/s | b1 inside run | b8 ms/step | b8 tok/s |\n|---|---|---|---|---|---|")
+    for name, rows in report["variants"].items():
+        one, eight = rows["batch 1"], rows["batch 8"]
+        print(f"| {name} | {one['ms_per_step']:.2f} | {one['tok_s']:.1f} | {one['inside_run']:.0%} | "
+              f"{eight['ms_per_step']:.2f} | {eight['tok_s']:.1f} |")
+    profile = report["profile"] or {"model_run_us": float("nan"), "ops": {}}
+    print(f"profiled plain decode: model_run {profile['model_run_us']:.0f} µs/step; host time by op:")
+    for op, row in list(profile["ops"].items())[:10]:
+        print(f"  {op:32s} {row['nodes_per_step']:5.0f} nodes {row['us_per_step']:8.0f} µs "
+              f"({row['us_per_step'] / max(row['nodes_per_step'], 1):.1f} µs/node)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "cuda_decode_overhead.json").write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
