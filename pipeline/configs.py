@@ -232,6 +232,10 @@ class QuantizeConfig:
                 raise RecipeError(f"ignore/overrides: '{pattern}' is not a valid regular expression ({e})") from None
         for pattern, bits in self.overrides.items():
             _check_bits(f"overrides.{pattern}", bits)
+        head_hit = next((p for p in self.ignore if re.search(p, "lm_head")), None)
+        if head_hit is not None and self.lm_head != "float":
+            raise RecipeError(f"ignore: '{head_hit}' matches lm_head, which lm_head: {self.lm_head} quantizes; "
+                              "set lm_head: float to keep it float, or narrow the pattern (e.g. '^model\\.layers\\.')")
         for key in ("lm_head", "embedding"):
             if getattr(self, key) not in LM_HEAD_CHOICES:
                 raise RecipeError(f"{key}: '{getattr(self, key)}' is not one of {', '.join(LM_HEAD_CHOICES)}")

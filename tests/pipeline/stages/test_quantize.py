@@ -57,6 +57,8 @@ def test_plan_ignores_overrides_and_lm_head(tiny_llama):
     ("{method: gptq, smoothquant: auto}", r"smoothquant: applies to method w8a8 only"),
     ("{method: w8a8, lm_head: int4}", r"lm_head/embedding: w8a8 quantizes the LM head to W8A8 with lm_head: int8"),
     ("{method: w8a8, embedding: int8}", r"lm_head/embedding: w8a8 .* keeps the embedding float"),
+    ("{method: w8a8, lm_head: int8, ignore: ['head']}", r"ignore: 'head' matches lm_head, which lm_head: int8 quantizes"),
+    ("{method: rtn, lm_head: int4, ignore: ['.*_head']}", r"ignore: '.\*_head' matches lm_head, which lm_head: int4"),
 ])
 def test_bad_quantize_settings(tmp_path, tiny_llama, settings, message):
     with pytest.raises(RecipeError, match=message):
