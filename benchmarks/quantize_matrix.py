@@ -36,6 +36,7 @@ VARIANTS = {
     "int4-gptq-sym-g32": {"method": "gptq", "group_size": 32, "symmetric": True},
     "int4-gptq-asym-g128": {"method": "gptq", "group_size": 128},
     "int8-w8a8-dynamic": {"method": "w8a8", "activations": "dynamic"},
+    "int8-w8a8-static": {"method": "w8a8", "activations": "static", "calibration": W8A8_CALIBRATION},
     "int8-w8a8-static-smoothquant": {"method": "w8a8", "activations": "static", "smoothquant": 0.5,
                                      "calibration": W8A8_CALIBRATION},
     "int8-w8a8-dynamic-smoothquant-auto": {"method": "w8a8", "activations": "dynamic", "smoothquant": "auto",

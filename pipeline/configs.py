@@ -210,13 +210,15 @@ class QuantizeConfig:
     mse_clip: bool = True  # GPTQ: choose each group's range by least rounding error, not plain min/max
     search_tokens: int = 2048  # AWQ, SmoothQuant: calibration tokens per layer input used by the searches
     # W8A8: dynamic (ONNX Runtime: one range per tensor, per run) | dynamic_per_token (one scale per token,
-    # as vLLM runs it) | static (ranges calibrated, QDQ)
+    # as vLLM runs it) | static (one symmetric scale per linear input, calibrated: clipped max |x|)
     activations: str = "dynamic"
     smoothquant: float | str = 0.0  # W8A8: SmoothQuant strength alpha in (0, 1), or auto (searched per layer); 0 = off
     provider: str = "cpu"  # the execution provider the artifact is for: cpu | cuda
     budget: BudgetConfig | None = None  # mixed precision chosen by measured sensitivity (INT4 bits only)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
-    version: int = 3  # 3: SmoothQuant also folds up->down and v->o, alpha auto; AWQ folds into a feeder bias (2 was used by e25b010)
+    # 3: SmoothQuant also folds up->down and v->o, alpha auto; AWQ folds into a feeder bias (2 was used by e25b010)
+    # 4: static W8A8 is ours (calibrated symmetric input scales in the plan), not ONNX Runtime's QDQ
+    version: int = 4
 
     def __post_init__(self):
         if self.method not in QUANT_METHODS:

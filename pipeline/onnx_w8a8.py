@@ -4,13 +4,17 @@
                        (one asymmetric uint8 range per activation tensor, found per run)
     dynamic_per_token: our rewrite: one symmetric int8 scale per token, MatMulInteger on int8 x int8
                        (llm-compressor's and vLLM's dynamic scheme)
-    static:            ONNX Runtime's quantizer: QDQ pairs with activation ranges calibrated (MinMax)
-                       on the recipe's calibration blocks, which the quantize stage saved as calibration_ids.npy
+    static:            our rewrite: one symmetric int8 scale per linear input, calibrated by the quantize
+                       stage (clipped max |x|), QuantizeLinear then MatMulInteger (their static scheme)
 
 Weights are int8 per output channel in all three. Only the decoder's linear layers the quantize stage
 lists are quantized (its ignore list keeps others float): the attention's own matmuls (activation × activation: scores and weighted values) and the LM head stay
 float, as in SmoothQuant and llm-compressor; quantizing the scores per tensor ruins the model.
 Run after the export's float parity check.
+
+ONNX Runtime's own static mode (QDQ, MinMax ranges) was the static path until our rewrite replaced
+it: on SmolLM2 with SmoothQuant auto it measured +168 % perplexity, mostly because its graph also
+rounds every linear's output to uint8 and its MinMax ranges are set by a few outlier tokens.
 """
 from __future__ import annotations
 
@@ -21,28 +25,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import numpy_helper
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from pipeline.errors import StageError
 from pipeline.onnx_quant import module_of
-from runtime.io_spec import Contract
-
-
-class _Blocks(CalibrationDataReader):
-    """ORT CalibrationDataReader over token blocks: one prefill (empty past) per block."""
-
-    def __init__(self, ids: np.ndarray, contract: Contract):
-        self.ids, self.contract, self.i = ids, contract, 0
-
-    def get_next(self):
-        if self.i == len(self.ids):
-            return None
-        ids = self.ids[self.i: self.i + 1]
-        self.i += 1
-        empty = np.zeros((1, self.contract.num_kv_heads, 0, self.contract.head_dim), dtype=np.float32)
-        return {"input_ids": ids, "attention_mask": np.ones_like(ids),
-                "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None],
-                **{name: empty for name in self.contract.past_names()}}
 
 
 def linear_nodes(path: Path, modules: list[str]) -> list[str]:
@@ -55,26 +41,24 @@ def linear_nodes(path: Path, modules: list[str]) -> list[str]:
     return nodes
 
 
-def quantize_w8a8(path: Path, mode: str, contract: Contract, calibration: Path | None, modules: list[str]) -> onnx.ModelProto:
-    """The quantized graph of the float model at `path` (returned in memory, weights loaded)."""
+def quantize_w8a8(path: Path, mode: str, modules: list[str], input_scales: dict[str, float] | None = None) -> onnx.ModelProto:
+    """The quantized graph of the float model at `path` (returned in memory, weights loaded).
+    `input_scales`: static mode's calibrated scale per linear (from the quantize stage's plan)."""
     if mode == "dynamic_per_token":
-        return quantize_per_token(path, modules)
+        return quantize_int8_linears(path, modules)
+    if mode == "static":
+        if not input_scales:
+            raise StageError("export: static W8A8 needs the quantize stage's input_scales (re-run quantize)")
+        return quantize_int8_linears(path, modules, input_scales)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         out = Path(tmp) / "model.onnx"
-        common = dict(op_types_to_quantize=["MatMul"], nodes_to_quantize=linear_nodes(path, set(modules)), per_channel=True,
-                      use_external_data_format=True)
-        if mode == "dynamic":
-            quantize_dynamic(path, out, weight_type=QuantType.QInt8, **common)
-        else:
-            reader = _Blocks(np.load(calibration), contract)
-            quantize_static(path, out, reader, quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
-                            weight_type=QuantType.QInt8, extra_options={"WeightSymmetric": True}, **common)
-        graph = onnx.load(str(out))
-    return graph
+        quantize_dynamic(path, out, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                         nodes_to_quantize=linear_nodes(path, set(modules)), per_channel=True, use_external_data_format=True)
+        return onnx.load(str(out))
 
 
-def quantize_per_token(path: Path, modules: list[str]) -> onnx.ModelProto:
-    """W8A8 with one activation scale per token, our own rewrite of each linear's MatMul(x, W):
+def quantize_int8_linears(path: Path, modules: list[str], input_scales: dict[str, float] | None = None) -> onnx.ModelProto:
+    """W8A8, our own rewrite of each linear's MatMul(x, W); by default one activation scale per token:
 
         s_x = max(|x|, last axis) / 127          q_x = clip(round(x / s_x), -127, 127)
         s_w = max(|W|, per output column) / 127  W_q = int8(round(W / s_w))           (computed here, once)
@@ -88,27 +72,42 @@ def quantize_per_token(path: Path, modules: list[str]) -> onnx.ModelProto:
     one outlier token coarsens every other token's rounding; per token, each row gets its own. This
     is the dynamic scheme of llm-compressor and vLLM. Linears fed the same tensor (q/k/v, gate/up)
     share its quantization. Node and initializer names follow ONNX Runtime's dynamic mode
-    (`<MatMul>_quant`, `<W>_quantized`, `<W>_scale`), so `read_w8a8_codes` reads both."""
+    (`<MatMul>_quant`, `<W>_quantized`, `<W>_scale`), so `read_w8a8_codes` reads both.
+
+    With `input_scales` (module -> s_x, static W8A8) the scale is a constant instead:
+    q_x = QuantizeLinear(x, s_x, zero point 128), codes in [-128, 127] shifted to uint8; the rest is
+    the same."""
     model = onnx.load(str(path))
     graph = model.graph
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     inits = {t.name: t for t in graph.initializer}
     targets = set(linear_nodes(path, set(modules)))
+    per_token = (("w8a8_127", 127.0, np.float32), ("w8a8_neg127", -127.0, np.float32), ("w8a8_eps", 1e-8, np.float32),
+                 ("w8a8_128", 128.0, np.float32))
     consts = [numpy_helper.from_array(np.array(v, dtype=t), name=n) for n, v, t in
-              (("w8a8_127", 127.0, np.float32), ("w8a8_neg127", -127.0, np.float32), ("w8a8_eps", 1e-8, np.float32),
-               ("w8a8_128", 128.0, np.float32), ("w8a8_zero_point", 128, np.uint8))]
-    if opset >= 18:
+              ((*per_token,) if input_scales is None else ()) + (("w8a8_zero_point", 128, np.uint8),)]
+    if opset >= 18 and input_scales is None:
         consts.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), name="w8a8_last_axis"))
-    quantized_inputs: dict[str, tuple[str, str]] = {}  # float input -> (uint8 codes, per-token scale)
+    quantized_inputs: dict[str, tuple[str, str]] = {}  # float input -> (uint8 codes, per-token or static scale)
+    static_scales: dict[str, float] = {}
     nodes, dropped = [], set()
     for node in graph.node:
         if node.name not in targets:
             nodes.append(node)
             continue
         x, w_name = node.input
-        if x not in quantized_inputs:
+        scale = None if input_scales is None else float(input_scales[module_of(node.name)])
+        if x not in quantized_inputs and scale is None:
             nodes += _per_token_nodes(x, opset)
             quantized_inputs[x] = (f"{x}_q_uint8", f"{x}_token_scale")
+        elif x not in quantized_inputs:
+            consts.append(numpy_helper.from_array(np.array(scale, dtype=np.float32), name=f"{x}_static_scale"))
+            nodes.append(onnx.helper.make_node("QuantizeLinear", [x, f"{x}_static_scale", "w8a8_zero_point"],
+                                               [f"{x}_q_uint8"], name=f"{x}_QuantizeLinear"))
+            quantized_inputs[x] = (f"{x}_q_uint8", f"{x}_static_scale")
+            static_scales[x] = scale
+        elif scale is not None and scale != static_scales[x]:
+            raise StageError(f"export: the linears fed by {x} were calibrated to different input scales")
         q_x, s_x = quantized_inputs[x]
         w = numpy_helper.to_array(inits[w_name]).astype(np.float32)  # [K, N]
         s_w = np.maximum(np.abs(w).max(axis=0), 1e-12) / 127
@@ -166,7 +165,8 @@ def read_w8a8_codes(path: Path, modules: list[str]) -> dict[str, W8A8Codes]:
     static graphs each linear's calibrated input range.
 
         dynamic (and per token): MatMulInteger(x_q, W_q [K, N][, x_zp, W_zp])   W_scale = initializer '<W>_scale'
-        static:  MatMul(DequantizeLinear(x_q, s, zp), DequantizeLinear(W_q [K, N], W_scale, W_zp))
+        static (ours): the same, x_q = QuantizeLinear(x, s, zp) with s, zp initializers
+        static (ONNX Runtime's QDQ, older artifacts): MatMul(DequantizeLinear(x_q, s, zp), DequantizeLinear(W_q, W_scale, W_zp))
     """
     graph = onnx.load(str(path)).graph
     inits = {t.name: t for t in graph.initializer}
@@ -178,6 +178,10 @@ def read_w8a8_codes(path: Path, modules: list[str]) -> dict[str, W8A8Codes]:
             base = node.input[1].removesuffix("_quantized")
             zero = array(node.input[3]) if len(node.input) > 3 else np.zeros(1, np.int8)  # our per-token graphs: none
             codes[module] = _codes(array(node.input[1]), array(f"{base}_scale"), zero, module)
+            x_q = producer.get(node.input[0])
+            if x_q is not None and x_q.op_type == "QuantizeLinear" and x_q.input[1] in inits:
+                codes[module].input_scale = float(array(x_q.input[1]))
+                codes[module].input_zero_point = int(array(x_q.input[2]))
         elif node.op_type == "MatMul" and (module := module_of(node.name)) in modules:
             w_dq, x_dq = producer.get(node.input[1]), producer.get(node.input[0])
             if w_dq is None or w_dq.op_type != "DequantizeLinear" or w_dq.input[0] not in inits:

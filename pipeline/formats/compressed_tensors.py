@@ -10,13 +10,13 @@ reads) from the quantize stage's codes: the same integers, packed into int32 wor
     value (q - zp) * scale             (q_signed - zp_signed) * scale: the same number
                                        weight_shape int64 [2] = [N, K]
 
-    W8A8 (ONNX Runtime's codes)        compressed-tensors "int-quantized"
+    W8A8 (the graph's codes)           compressed-tensors "int-quantized"
     int8 W [K, N], scale [N], zp 0     weight int8 [N, K], weight_scale [N, 1]
-    static input: scale, uint8 zp      input_scale [1], input_zero_point int8 [1] = zp - 128
+    static input: scale, uint8 zp 128  input_scale [1] (symmetric: zero point 0, not written)
 
 Nothing is re-quantized: the codes and scales are copied (scales cast to the checkpoint's dtype,
-float32 for our reference model, so bit-exact there). W8A8 codes are made by ONNX Runtime's
-quantizer at export, so they are read back from the quantized graph. compressed-tensors quantizes
+float32 for our reference model, so bit-exact there). W8A8 codes are made at export (our rewrites,
+or ONNX Runtime's quantizer for `dynamic`), so they are read back from the quantized graph. compressed-tensors quantizes
 linear layers only, so a quantized embedding is written as its dequantized float weights, and a tied
 LM head that is quantized is untied (the float embedding beside the head's codes). Groups must divide
 every layer's input width: other layouts are refused with the reason.
@@ -108,7 +108,8 @@ def w8a8_tensors(codes: W8A8Codes, dtype: torch.dtype) -> dict:
            "weight_scale": torch.from_numpy(codes.scale[:, None]).to(dtype)}
     if codes.input_scale is not None:
         out["input_scale"] = torch.tensor([codes.input_scale], dtype=dtype)
-        out["input_zero_point"] = torch.tensor([codes.input_zero_point - 128], dtype=torch.int8)
+        if codes.input_zero_point != 128:  # older artifacts' asymmetric ranges (ONNX Runtime's QDQ)
+            out["input_zero_point"] = torch.tensor([codes.input_zero_point - 128], dtype=torch.int8)
     return out
 
 
@@ -121,15 +122,16 @@ def weight_args(bits: int, symmetric: bool, strategy: str, group_size: int | Non
             "dynamic": False, "actorder": None, "observer": "minmax"}
 
 
-# ONNX Runtime rounds W8A8 activations per tensor, asymmetric uint8 (dynamic: each run's own range;
-# static: the calibrated one). vLLM's int8 kernels take dynamic activations per token only, so a
-# dynamic artifact is written per token, symmetric (llm-compressor's W8A8); static is written as it is.
+# ONNX Runtime's dynamic mode rounds W8A8 activations per tensor, asymmetric uint8 (each run's own
+# range). vLLM's int8 kernels take dynamic activations per token only, so a dynamic artifact is
+# written per token, symmetric (llm-compressor's W8A8). Static is ours: symmetric, one calibrated
+# scale per tensor, written as it is.
 PER_TOKEN = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True, "observer": None}
 W8A8_INPUTS = {
     "dynamic": PER_TOKEN,
     "dynamic_per_token": PER_TOKEN,  # what the ONNX graph computes
-    "static": {"num_bits": 8, "type": "int", "symmetric": False, "strategy": "tensor", "dynamic": False,
-               "observer": "minmax"},
+    "static": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "tensor", "dynamic": False,
+               "observer": "mse"},
 }
 
 
@@ -226,8 +228,8 @@ def _w8a8_layers(plan_all: dict, graph: Path, dtype, report: CompressedReport) -
         "dynamic_per_token": "W8A8 dynamic per token: the same weight codes and activation scheme as the ONNX graph; the "
                              "per-token scale is absmax / 127 in the graph and in vLLM, absmax / 127.5 in "
                              "compressed-tensors' own reference code (what transformers runs)",
-        "static": "W8A8 static: the calibrated input ranges are copied; ONNX Runtime's graph also rounds each linear's "
-                  "output, which compressed-tensors does not"}[mode])
+        "static": "W8A8 static: the same weight codes and calibrated input scales as the ONNX graph (symmetric, one "
+                  "per tensor); the graph's QuantizeLinear codes span [-128, 127], compressed-tensors' [-128, 127] too"}[mode])
     report.vllm_problems = _vllm_problems({n: label if n in codes else "float" for n in plan_all["w8a8_modules"]})
     return {m: w8a8_tensors(c, dtype) for m, c in codes.items()}
 

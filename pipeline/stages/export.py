@@ -26,8 +26,8 @@ from pipeline.fused_graph import build_fused_graph, to_float16
 from pipeline.models import TOKENIZER_FILES, load_torch_model
 from pipeline.onnx_pack import pack_sibling_matmuls
 from pipeline.onnx_quant import apply_block_quantized_ops, set_accuracy_level
-from pipeline.onnx_w8a8 import quantize_per_token, quantize_w8a8
-from pipeline.stages.quantize import CALIBRATION_FILE, PLAN_FILE, decoder_linears
+from pipeline.onnx_w8a8 import quantize_w8a8
+from pipeline.stages.quantize import PLAN_FILE, decoder_linears
 from pipeline.registry import StageResult, register_stage
 from runtime.generate import Generator
 from runtime.io_spec import Contract
@@ -97,8 +97,8 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
     contract.save(out)
     write_genai_config(out, contract)  # onnxruntime_genai.Model(<this folder>) runs the portable graph
     graphs = {"portable": path}
-    if cfg.fused and activations in ("dynamic", "static"):
-        ctx.log("  fused graph skipped: this W8A8 mode is quantized by ONNX Runtime's tools on the portable graph")
+    if cfg.fused and activations == "dynamic":
+        ctx.log("  fused graph skipped: W8A8 dynamic is quantized by ONNX Runtime's tool on the portable graph")
     elif cfg.fused:
         fused = Contract("fused", dims.num_layers, dims.num_kv_heads, dims.head_dim, dims.vocab_size, weights=weights_kind,
                          max_positions=model.config.max_position_embeddings, dtype=cfg.dtype)
@@ -134,12 +134,10 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
             _replace_graph(graph, graph_path, cfg.external_data)
     if activations:  # checked in float above; activation rounding is the validate stage's business
         ctx.log(f"  W8A8 {activations}: quantizing weights and activations in the graph")
-        calibration = inp.path / CALIBRATION_FILE if activations == "static" else None
-        modules = _w8a8_modules(plan, model)
-        _replace_graph(quantize_w8a8(path, activations, contract, calibration, modules), path, cfg.external_data)
-        if "fused" in graphs:  # dynamic_per_token: our rewrite applies to the fused graph as well
-            _replace_graph(quantize_per_token(graphs["fused"], modules), graphs["fused"], cfg.external_data)
-        if "hf-quantized" in cfg.targets:  # ONNX Runtime's int8 codes exist only now
+        modules, scales = _w8a8_modules(plan, model), plan.get("input_scales")
+        for graph_path in graphs.values():  # the fused graph exists for our rewrites (per token, static) only
+            _replace_graph(quantize_w8a8(graph_path, activations, modules, scales), graph_path, cfg.external_data)
+        if "hf-quantized" in cfg.targets:  # the graphs' int8 codes exist only now
             targets["hf-quantized"] = _export_hf_quantized(inp.path, out, ctx, cfg.hf_quantized_dtype, w8a8_graph=path)
     size = {f: sum(p.stat().st_size for p in g.parent.iterdir() if p.name.startswith("model.onnx")) for f, g in graphs.items()}
     metrics = {"parity_max_abs_diff": diff, "onnx_bytes": size["portable"], "fused_onnx_bytes": size.get("fused", 0),

@@ -26,14 +26,13 @@ from pipeline.models import copy_tokenizer, load_torch_model
 from pipeline.quant.gptq import HessianAccumulator, gptq
 from pipeline.stages.quantize_awq import awq_model
 from pipeline.stages.quantize_budget import bar_chart, choose
-from pipeline.stages.quantize_w8a8 import calibration_ids, smoothquant
+from pipeline.stages.quantize_w8a8 import smoothquant, static_input_scales
 from pipeline.quant.primitives import QTensor, QuantScheme, count_schemes, dequantize, pack_matmul_nbits, quantize
 from pipeline.registry import StageResult, register_stage
 from runtime.tokenizer import Tokenizer
 
 PLAN_FILE = "quant_plan.json"
 PACKED_FILE = "quantized.safetensors"
-CALIBRATION_FILE = "calibration_ids.npy"
 LM_HEAD_BITS = {"float": None, "int8": 8, "int4": 4}
 
 
@@ -86,19 +85,22 @@ def _w8a8(model, cfg: QuantizeConfig, src_dir, ctx, started: float) -> StageResu
                                           cfg.calibration.seed, ctx.log)
     model.save_pretrained(ctx.out_dir, safe_serialization=True)
     copy_tokenizer(src_dir, ctx.out_dir)
-    if cfg.activations == "static":
-        np.save(ctx.out_dir / CALIBRATION_FILE, calibration_ids(batches))
     linears = decoder_linears(model)
     skipped = {n: why for n in linears if (why := _ignored(n, cfg)) is not None}
     if cfg.lm_head == "int8":
-        linears.append("lm_head")  # per-token int8 activations too: the float head is half a decode step's reads
+        linears.append("lm_head")  # int8 activations too: the float head is half a decode step's reads
     else:
         skipped["lm_head"] = "lm_head: float (recipe; int8 quantizes it to W8A8 too)"
     modules = [n for n in linears if n not in skipped]
     if not modules:
         raise StageError("quantize: the ignore list leaves no decoder layer to quantize")
+    input_scales = None
+    if cfg.activations == "static":
+        ctx.log(f"  static: calibrating one int8 input scale per linear input (clip searched on {cfg.search_tokens} tokens)")
+        info["static_inputs"] = static_input_scales(model, batches, modules, cfg.search_tokens, cfg.calibration.seed, ctx.log)
+        input_scales = {name: found["scale"] for name, found in info["static_inputs"].items()}
     plan = {"method": "w8a8", "activations": cfg.activations, "smoothquant": cfg.smoothquant, "layers": {},
-            "w8a8_modules": modules, "skipped": skipped}
+            "w8a8_modules": modules, "skipped": skipped, "input_scales": input_scales}
     (ctx.out_dir / PLAN_FILE).write_text(json.dumps(plan, indent=2) + "\n")
     ctx.log(f"  W8A8 {cfg.activations}: int8 weights (per channel) and activations for {len(modules)} linears, applied to "
             f"the graph at export; {len(skipped)} kept float")

@@ -1,4 +1,4 @@
-"""W8A8 preparation in PyTorch: optional SmoothQuant migration, and the calibration set for static ranges.
+"""W8A8 preparation in PyTorch: optional SmoothQuant migration, and the calibrated input scales of static W8A8.
 
 SmoothQuant (Xiao et al., 2022) moves activation outliers into the weights before both are
 quantized to int8: per input channel, s = max|X|^α / max|W|^(1-α); the op feeding the linears is
@@ -8,7 +8,12 @@ groups, v_proj absorbs o_proj's scales where their widths line up, and up_proj a
 largest outliers. With `smoothquant: auto`, α is searched per group and layer: the candidate whose
 int8 weights times int8 activations (the recipe's activation scheme) best reproduce the float
 outputs on calibration tokens, "no migration" among them. The int8 quantization itself happens at
-export, on the traced graph (ONNX Runtime's quantizer, or our per-token rewrite).
+export, on the traced graph (ONNX Runtime's quantizer, or our per-token and static rewrites).
+
+Static W8A8 fixes one symmetric int8 scale per linear input ahead of time (vLLM's and
+llm-compressor's static scheme). A plain max |x| over the calibration data wastes most of the 256
+levels on a few outlier tokens, so the scale is a clipped maximum: the clip ratio whose int8 round
+trip best reproduces the float outputs of the linears sharing that input, on calibration tokens.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from calibration.collect import capture_layer_inputs, decoder_layers, run_layer
 from pipeline.stages.quantize_awq import SCALE_GROUPS, collect_inputs, fold_scale, lines_up
 
 AUTO_ALPHAS = (None, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # None: no migration (s = 1)
+CLIP_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)  # static: fractions of max |x| tried as the int8 range
 
 
 def smoothquant(model, batches: list[torch.Tensor], alpha: float | str, activations: str, search_tokens: int = 2048,
@@ -76,14 +82,66 @@ def search_alpha(x: torch.Tensor, x_max: torch.Tensor, weights: list[torch.Tenso
 
 def fake_quant_activations(x: torch.Tensor, activations: str) -> torch.Tensor:
     """x through int8 and back as the exported graph quantizes it: symmetric per token for
-    dynamic_per_token; one asymmetric uint8 range for the tensor otherwise (dynamic, static)."""
+    dynamic_per_token; symmetric per tensor for static (here with the sample's own max |x|; the
+    calibrated scale is clipped after the migration is chosen); one asymmetric uint8 range for the
+    tensor for dynamic (ONNX Runtime's)."""
     if activations == "dynamic_per_token":
         scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-8) / 127
         return (x / scale).round().clamp(-127, 127) * scale
+    if activations == "static":
+        return fake_quant_static(x, float(x.abs().max()) / 127)
     lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
     scale = max(hi - lo, 1e-8) / 255
     zero = round(-lo / scale)
     return ((x / scale).round() + zero).clamp(0, 255).sub(zero) * scale
+
+
+def fake_quant_static(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """The static graph's rounding: QuantizeLinear to uint8 with zero point 128, i.e. int8 codes in [-128, 127]."""
+    scale = max(scale, 1e-12)
+    return (x / scale).round().clamp(-128, 127) * scale
+
+
+def static_input_scales(model, batches: list[torch.Tensor], modules: list[str], search_tokens: int = 2048,
+                        seed: int = 0, log: Callable[[str], None] = print) -> dict[str, dict]:
+    """Per W8A8 linear (names as in `modules`), the calibrated int8 scale of its input and the clip
+    ratio chosen; linears fed the same tensor share one. Layer by layer on the (smoothed) float model."""
+    wanted = set(modules)
+    hidden, kwargs = capture_layer_inputs(model, batches)
+    gen = torch.Generator().manual_seed(seed)
+    scales: dict[str, dict] = {}
+    for index, layer in enumerate(tqdm(decoder_layers(model), desc="  static input scales", unit="layer")):
+        stats = collect_inputs(layer, hidden, kwargs, search_tokens, gen, index)
+        for _, names in SCALE_GROUPS:
+            chosen = [(f"model.layers.{index}.{n}", layer.get_submodule(n)) for n in names
+                      if f"model.layers.{index}.{n}" in wanted]
+            if chosen:
+                x, _ = stats[names[0]].result()
+                found = search_clip(x, float(stats[names[0]].max.max()), [m.weight.data for _, m in chosen])
+                scales.update({name: found for name, _ in chosen})
+        hidden = run_layer(layer, hidden, kwargs)
+    if "lm_head" in wanted:
+        with torch.no_grad():
+            final = torch.cat([model.model.norm(h).reshape(-1, h.shape[-1]) for h in hidden])
+        sample = final[torch.randperm(len(final), generator=gen)[:search_tokens]]
+        scales["lm_head"] = search_clip(sample, float(final.abs().max()), [model.lm_head.weight.data])
+    clipped = sum(v["clip"] < 1 for v in scales.values())
+    log(f"  static input scales for {len(scales)} linears; {clipped} clipped below their calibration max |x|")
+    return scales
+
+
+def search_clip(x: torch.Tensor, max_abs: float, weights: list[torch.Tensor]) -> dict:
+    """The clip ratio r (scale = r * max|x| / 127) with the smallest int8 output error on the token sample x."""
+    exact = [x @ w.T for w in weights]
+    quantized = [fake_quant_weight(w) for w in weights]
+    best = None
+    for ratio in CLIP_RATIOS:
+        scale = max(max_abs * ratio, 1e-8) / 127
+        xq = fake_quant_static(x, scale)
+        error = sum(float((xq @ q.T - e).pow(2).sum()) for q, e in zip(quantized, exact))
+        if best is None or error < best[0]:
+            best = (error, ratio, scale)
+    return {"scale": best[2], "clip": best[1], "max_abs": round(max_abs, 4)}
 
 
 def fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
@@ -104,8 +162,3 @@ def _log_summary(report: dict[str, dict], log: Callable[[str], None]) -> None:
         ratio = float(np.mean([r["error_vs_none"] for r in rows]))
         log(f"  smoothquant {kind}: {median}, {left} of {len(rows)} layers left alone; int8 output error "
             f"{ratio:.2f}x that without migration (mean)")
-
-
-def calibration_ids(batches: list[torch.Tensor]) -> np.ndarray:
-    """The calibration token blocks, saved with the artifact so export can calibrate static ranges."""
-    return torch.cat(batches).numpy().astype(np.int64)

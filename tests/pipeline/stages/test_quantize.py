@@ -183,18 +183,19 @@ def test_w8a8_exports_integer_ops_and_stays_close(tmp_path, tiny_llama, eval_tex
     nodes = onnx.load(str(export / "model.onnx"), load_external_data=False).graph.node
     ops = [n.op_type for n in nodes]
     ignored = 2 if "ignore" in settings else 0  # down_proj of both layers
-    assert (ops.count("MatMulInteger") == 7 * 2 - ignored) if "dynamic" in settings else ({"QuantizeLinear", "DequantizeLinear"} <= set(ops))
+    assert ops.count("MatMulInteger") == 7 * 2 - ignored
+    if "static" in settings:  # constant scales: one QuantizeLinear per distinct input (qkv, o, gate/up, down)
+        assert ops.count("QuantizeLinear") == 4 * 2 and "DequantizeLinear" not in ops and "ReduceMax" not in ops
     # only the decoder's linears: the rotary table, the two activation x activation matmuls of each
     # attention and the LM head stay float
-    made_by = {o: n.op_type for n in nodes for o in n.output}
-    float_matmuls = [n for n in nodes if n.op_type == "MatMul" and made_by.get(n.input[0]) != "DequantizeLinear"]
+    float_matmuls = [n for n in nodes if n.op_type == "MatMul"]
     assert len(float_matmuls) == 1 + 2 * 2 + 1 + ignored
     contract = json.loads((export / "io_contract.json").read_text())
     assert contract["weights"].startswith("int8 W8A8")
     report = json.loads(next(run_dir.glob("*-validate-*/report.json")).read_text())
     assert report["passed"] and report["metrics"]["perplexity_delta_pct"] != 0
     fused = export / "fused" / "model.onnx"
-    if "dynamic_per_token" in settings:  # our own rewrite: the fused graph (GroupQueryAttention) gets it too
+    if "dynamic_per_token" in settings or "static" in settings:  # our rewrites: the fused graph (GroupQueryAttention) too
         fused_ops = [n.op_type for n in onnx.load(str(fused), load_external_data=False).graph.node]
         assert fused_ops.count("MatMulInteger") == 7 * 2 and "GroupQueryAttention" in fused_ops
         assert report["graph"] == "fused"
@@ -208,7 +209,7 @@ def test_per_token_w8a8_rounds_each_token_on_its_own_scale(tmp_path, opset):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from pipeline.onnx_w8a8 import quantize_per_token, read_w8a8_codes
+    from pipeline.onnx_w8a8 import quantize_int8_linears, read_w8a8_codes
 
     rng = np.random.default_rng(opset)
     w = rng.normal(size=(16, 8)).astype(np.float32)  # [K, N], as the traced graph holds a linear's weight
@@ -217,7 +218,7 @@ def test_per_token_w8a8_rounds_each_token_on_its_own_scale(tmp_path, opset):
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(w, "W")])
     path = tmp_path / "model.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), str(path))
-    quantized = quantize_per_token(path, ["model.layers.0.mlp.up_proj"])
+    quantized = quantize_int8_linears(path, ["model.layers.0.mlp.up_proj"])
     matmul = next(n for n in quantized.graph.node if n.op_type == "MatMulInteger")
     codes_cast = next(n for n in quantized.graph.node if n.output[0] == matmul.input[0])
     assert codes_cast.attribute[0].i == TensorProto.UINT8 and len(matmul.input) == 3  # uint8 x int8: the fast kernels
@@ -232,6 +233,44 @@ def test_per_token_w8a8_rounds_each_token_on_its_own_scale(tmp_path, opset):
     onnx.save(quantized, str(path))
     codes = read_w8a8_codes(path, ["model.layers.0.mlp.up_proj"])["model.layers.0.mlp.up_proj"]
     np.testing.assert_array_equal(codes.weight, q_w.T.astype(np.int8))
+
+
+def test_static_w8a8_graph_rounds_like_the_calibration_model(tmp_path):
+    """The static rewrite computes exactly what the quantize stage's search modelled: QuantizeLinear
+    codes on the calibrated scale (uint8, zero point 128), integer matmul, rescale; codes read back."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from pipeline.onnx_w8a8 import quantize_int8_linears, read_w8a8_codes
+    from pipeline.stages.quantize_w8a8 import fake_quant_static, fake_quant_weight, search_clip
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(16, 8)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"], name="/model/model/layers.0/mlp/up_proj/MatMul"),
+             helper.make_node("MatMul", ["x", "W2"], ["y2"], name="/model/model/layers.0/mlp/gate_proj/MatMul")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("y2", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "W"), numpy_helper.from_array(w[:, ::-1].copy(), "W2")])
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    x = rng.laplace(size=(8192, 16)).astype(np.float32)  # a long tail: clipping its last stretch buys a finer grid
+    found = search_clip(torch.from_numpy(x), float(np.abs(x).max()), [torch.from_numpy(w.T.copy())])
+    assert found["clip"] < 1 and found["scale"] == pytest.approx(found["clip"] * np.abs(x).max() / 127)
+    x = x[:64]
+    modules = ["model.layers.0.mlp.up_proj", "model.layers.0.mlp.gate_proj"]
+    quantized = quantize_int8_linears(path, modules, {m: found["scale"] for m in modules})
+    ops = [n.op_type for n in quantized.graph.node]
+    assert ops.count("QuantizeLinear") == 1 and ops.count("MatMulInteger") == 2  # the two linears share x's codes
+    got = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x[None]})[0][0]
+    expected = fake_quant_static(torch.from_numpy(x), found["scale"]) @ fake_quant_weight(torch.from_numpy(w.T.copy())).T
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-5, atol=1e-5)
+    onnx.save(quantized, str(path))
+    codes = read_w8a8_codes(path, modules)["model.layers.0.mlp.up_proj"]
+    assert codes.input_scale == pytest.approx(found["scale"]) and codes.input_zero_point == 128
+    with pytest.raises(Exception, match="calibrated to different input scales"):
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+        quantize_int8_linears(path, modules, {modules[0]: 0.1, modules[1]: 0.2})
 
 
 def test_w8a8_into_a_float16_graph_is_refused_when_the_recipe_loads(tmp_path, tiny_llama):
