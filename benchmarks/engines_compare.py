@@ -7,7 +7,7 @@ Each variant is a recipe run into artifacts/bench-engines/: the shipped recipes/
 (GPTQ asymmetric g32, float compute in the ONNX graph), the same with MatMulNBits' int8 compute
 (accuracy_level 4; it reuses the first run's quantize step), the first with hf-quantized written in
 bfloat16, and W8A8 (ONNX Runtime's dynamic, our
-per-token dynamic, static with SmoothQuant) exported to onnx and hf-quantized. `--only` re-measures the
+per-token dynamic, our static with SmoothQuant 0.5 and auto) exported to onnx and hf-quantized. `--only` re-measures the
 named variants and keeps the other rows of the last results. The validate stage measures every target on the same WikiText-2
 test windows and prompts; this script collects its numbers (a run whose gates fail is reported with
 its failures, not dropped). Needs `make engines`. Prints a Markdown table and writes
@@ -56,6 +56,10 @@ def variants() -> dict[str, dict]:
         "int8-w8a8-static-smoothquant": with_stages(
             "int8-w8a8-static-smoothquant",
             {"method": "w8a8", "activations": "static", "smoothquant": 0.5, "calibration": W8A8_CALIBRATION},
+            {"targets": ["onnx", "hf-quantized"]}, w8a8_gates),
+        "int8-w8a8-static-smoothquant-auto": with_stages(
+            "int8-w8a8-static-smoothquant-auto",
+            {"method": "w8a8", "activations": "static", "smoothquant": "auto", "calibration": W8A8_CALIBRATION},
             {"targets": ["onnx", "hf-quantized"]}, w8a8_gates),
     }
 
