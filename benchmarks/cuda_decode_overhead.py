@@ -9,8 +9,10 @@ In one process, on the same prompt, batch 1 and 8, 128 decode steps, median of 3
   CUDA graph       the decode step captured once and replayed (the default on CUDA)
 Then one profiled plain session over 16 decode steps: ONNX Runtime's node events give the host-side
 time per op type and step (on CUDA a node's time is its launch cost; kernels run asynchronously) and
-the whole `model_run`, so the launch overhead can be told from the GPU's own time.
-Prints a table and writes cuda_decode_overhead.json into --out.
+the whole `model_run`, so the launch overhead can be told from the GPU's own time. The same for the
+prefill (time to first token): wall time and time inside session.run for 128- and 1024-token
+prompts, and a profiled prefill of each.
+Prints tables and writes cuda_decode_overhead.json into --out.
 """
 from __future__ import annotations
 
@@ -65,13 +67,40 @@ def profile_plain(folder: Path, prompt: list[int], steps: int = 16) -> dict:
 
 def profile_decode(graph: FusedGraph, prompt: list[int], steps: int) -> dict:
     """Decode `steps` tokens on a session opened with profiling; summarize its node events."""
-    session = graph.session
     logits, state = graph.prefill([prompt], steps + 8)
     tokens = logits.argmax(-1)
     for _ in range(4 + steps):
         tokens = graph.decode(tokens, state).argmax(-1)
+    events = json.loads(Path(graph.session.end_profiling()).read_text())
+    return summarize(events, [e for e in events if e.get("name") == "model_run"][-steps:])
+
+
+def time_prefill(gen: Generator, prompt: list[int], repeats: int = 5) -> dict:
+    """Wall ms of a prefill (what the bench's time to first token measures) and ms inside session.run."""
+    walls, inside = [], []
+    for i in range(2 + repeats):
+        before, started = gen.graph.session_seconds, time.perf_counter()
+        gen.prefill([prompt], 8)
+        if i >= 2:
+            walls.append((time.perf_counter() - started) * 1000)
+            inside.append((gen.graph.session_seconds - before) * 1000)
+    return {"wall_ms": statistics.median(walls), "session_run_ms": statistics.median(inside)}
+
+
+def profile_prefill(folder: Path, prompt: list[int]) -> dict:
+    """Host-side µs by op type of one prefill of `prompt`, from a profiled plain session (after 3 warm-ups)."""
+    gen = Generator(folder, provider="cuda", cuda_graph=False, verify_placement=False)
+    session, _ = create_session(folder / "fused", gen.contract, "cuda", profile_placement=True)
+    graph = FusedGraph(session, gen.contract, gen.pad_id, "cuda")
+    for _ in range(4):
+        graph.prefill([prompt], 8)
     events = json.loads(Path(session.end_profiling()).read_text())
-    runs = [e for e in events if e.get("name") == "model_run"][-steps:]
+    return summarize(events, [e for e in events if e.get("name") == "model_run"][-1:])
+
+
+def summarize(events: list[dict], runs: list[dict]) -> dict:
+    """Per op type: nodes and host µs per run, over the node events inside `runs`; their mean model_run µs."""
+    steps = len(runs)
     start, end = runs[0]["ts"], runs[-1]["ts"] + runs[-1]["dur"]
     by_op: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
     for e in events:
@@ -103,6 +132,13 @@ def main() -> int:
         report["variants"][name] = {f"batch {b}": time_decode(gen, prompt, b) for b in (1, 8)}
         del gen
     report["profile"] = profile_plain(folder, prompt) if args.provider == "cuda" else None
+    gen = Generator(folder, provider=args.provider)
+    long_prompt = (prompt * 9)[:1024]
+    report["prefill"] = {f"{len(p)} tokens": time_prefill(gen, p) for p in (prompt, long_prompt)}
+    del gen
+    if args.provider == "cuda":
+        for p in (prompt, long_prompt):
+            report["prefill"][f"{len(p)} tokens"]["profile"] = profile_prefill(folder, p)
 
     print("| variant | b1 ms/step | b1 tok/s | b1 inside run | b8 ms/step | b8 tok/s |\n|---|---|---|---|---|---|")
     for name, rows in report["variants"].items():
@@ -114,6 +150,12 @@ def main() -> int:
     for op, row in list(profile["ops"].items())[:10]:
         print(f"  {op:32s} {row['nodes_per_step']:5.0f} nodes {row['us_per_step']:8.0f} µs "
               f"({row['us_per_step'] / max(row['nodes_per_step'], 1):.1f} µs/node)")
+    for name, row in report["prefill"].items():
+        print(f"prefill {name}: {row['wall_ms']:.2f} ms wall, {row['session_run_ms']:.2f} ms in session.run")
+        if "profile" in row:
+            top = list(row["profile"]["ops"].items())[:6]
+            print(f"  profiled: model_run {row['profile']['model_run_us']:.0f} µs; "
+                  + ", ".join(f"{op} {r['us_per_step']:.0f} µs" for op, r in top))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "cuda_decode_overhead.json").write_text(json.dumps(report, indent=2) + "\n")
     return 0

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 
 from pipeline.bench.system import gpu_memory_used_mb, read_bandwidth_gbs, rss_bytes
-from pipeline.bench.workload import Workload
+from pipeline.bench.workload import Workload, warm_up_gpu
 from runtime import Generator
 
 
@@ -27,6 +27,8 @@ def measure_ours(folder: Path, work: Workload, provider: str = "auto", threads: 
               "dtype": gen.contract.dtype, "cuda_graph": gen.cuda_graph,
               "weights": gen.contract.weights, "kv_bytes_per_token": gen.contract.kv_bytes_per_token(),
               "ttft_ms": {}, "decode_ms_per_step": {}, "decode_tok_s": {}, "outside_run_pct": {}}
+    if on_gpu:
+        warm_up_gpu(lambda: gen.prefill([work.prompt(work.prompt_lengths[0])], work.new_tokens))
     for length in work.prompt_lengths:
         prompt = work.prompt(length)
         times = []

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from pipeline.bench.workload import Workload
+from pipeline.bench.workload import Workload, warm_up_gpu
 
 INSTALL = {
     "transformers": "pip install torch transformers",
@@ -45,10 +45,13 @@ def skipped(engine: str, why: str) -> dict:
 
 
 def time_generation(first_token: Callable[[list[list[int]]], object], next_token: Callable[[object], None],
-                    work: Workload) -> dict:
+                    work: Workload, gpu: bool = False) -> dict:
     """TTFT per prompt length (batch 1) and decode tok/s per batch size, for an engine given as
-    `first_token(prompts) -> state` (prefill + first token) and `next_token(state)` (one more)."""
+    `first_token(prompts) -> state` (prefill + first token) and `next_token(state)` (one more).
+    `gpu`: keep the device busy for a second first (see warm_up_gpu)."""
     out: dict = {"ttft_ms": {}, "decode_tok_s": {}, "decode_ms_per_step": {}}
+    if gpu:
+        warm_up_gpu(lambda: first_token([work.prompt(work.prompt_lengths[0])]))
     for length in work.prompt_lengths:
         times = []
         for i in range(work.warmup + work.repeats):
@@ -128,7 +131,7 @@ def bench_transformers(inp: PeerInputs, attention: str) -> dict:
         state["next"] = out.logits[:, -1].argmax(-1, keepdim=True)
         sync()
 
-    result = time_generation(first_token, next_token, inp.work)
+    result = time_generation(first_token, next_token, inp.work, gpu=gpu)
     return {"engine": engine, "status": "ok", "precision": "fp16" if gpu else "fp32", "device": inp.device,
             "weights": weights, "load_s": load_s, **result}
 
@@ -216,7 +219,7 @@ def bench_genai(inp: PeerInputs, cuda_graph: bool = False) -> dict:
         gen.get_next_tokens()  # a streaming loop reads each token back, as ours does; on CUDA this waits for it
 
     try:
-        result = time_generation(first_token, next_token, work)
+        result = time_generation(first_token, next_token, work, gpu=gpu)
     except Exception as err:  # e.g. a CUDA-graph capture the provider refuses for a batch shape
         return {"engine": engine, "status": "failed", "reason": f"{type(err).__name__}: {str(err)[:300]}"}
     return {"engine": engine, "status": "ok", "precision": precision, "device": inp.device, "load_s": load_s,

@@ -2,7 +2,9 @@
 engine, and a fixed number of new tokens (EOS ignored)."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from typing import Callable
 
 from calibration.datasets import load_text
 
@@ -33,3 +35,11 @@ def make_workload(tokenizer, source: str = "wikitext-2", split: str = "test", **
     """`tokenizer` is our runtime's (encode(text, add_special_tokens=False))."""
     text = load_text(source, split)
     return Workload(tokens=tokenizer.encode(text[:200_000], add_special_tokens=False), **settings)
+
+
+def warm_up_gpu(step: Callable[[], object], seconds: float = 1.0) -> None:
+    """Repeat `step` for `seconds`: an idle GPU runs at low clocks and takes a while to raise them,
+    which a single warm-up prefill does not cover (time to first token is measured first)."""
+    until = time.perf_counter() + seconds
+    while time.perf_counter() < until:
+        step()

@@ -71,3 +71,13 @@ def test_report_labels_say_graph_and_cuda_graph():
     assert label({"engine": "ours", "graph": "fused", "cuda_graph": True}) == "ours (fused, CUDA graph)"
     assert label({"engine": "ours", "graph": "portable", "cuda_graph": False}) == "ours (portable)"
     assert label({"engine": "onnxruntime-genai"}) == "onnxruntime-genai"
+
+
+def test_on_a_gpu_the_engine_is_kept_busy_before_time_to_first_token():
+    from pipeline.bench.peers import time_generation
+    from pipeline.bench.workload import Workload
+
+    calls = []
+    work = Workload(list(range(64)), (8,), (1,), 8, 2, 0, 1, 1)
+    time_generation(lambda prompts: calls.append(len(prompts[0])), lambda state: None, work, gpu=True)
+    assert len(calls) > 2 * (work.warmup + work.repeats) + 10  # a second of prefills before the timed ones
