@@ -1,6 +1,7 @@
 """Distillation on the reference model: which layers to drop, and KD against plain fine-tuning.
 
     python benchmarks/distill_matrix.py artifacts/smollm2-fp32/00-model-* --layers 20 --tokens 200000
+    python benchmarks/distill_matrix.py TEACHER --tokens 250000,1000000,2000000 --batch-size 16 --grad-accum 1   # a GPU
 
 Teacher: the hf-model artifact given (SmolLM2-135M-Instruct, 30 layers). Student: `--layers` of them.
 Rows: the teacher; the pruned student with layers dropped uniformly, by block influence (hidden)
@@ -8,7 +9,8 @@ and by the loss increase when each layer alone is skipped (loss), untrained; the
 student trained for the same token budget with knowledge distillation (KL to the teacher, T = 2)
 and with plain cross-entropy on the text. Training text: WikiText-2 valid + Tiny Shakespeare (the
 distill stage's defaults); perplexity: WikiText-2 test, 40 windows of 512 tokens (the validate
-stage's protocol), through PyTorch. Prints a table and writes JSON.
+stage's protocol), through PyTorch. Training runs where accelerate puts it (a GPU when there is
+one). Prints a table and writes JSON.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from calibration import load_text, sample_blocks, windows  # noqa: E402
-from pipeline.configs import DistillConfig, DistillLossConfig  # noqa: E402
+from pipeline.configs import DistillConfig, DistillLossConfig, TextSourceConfig  # noqa: E402
 from pipeline.distill.prune import choose_layers, layer_importance, prune_depth  # noqa: E402
 from pipeline.distill.train import train  # noqa: E402
 from pipeline.stages.distill import _data  # noqa: E402
@@ -38,7 +40,7 @@ from runtime.tokenizer import Tokenizer  # noqa: E402
 def perplexity(model, ids: np.ndarray, context: int = 512, max_windows: int = 40) -> float:
     nll, scored = 0.0, 0
     for w in windows(len(ids), context, context, max_windows):
-        window = torch.from_numpy(ids[w.begin:w.end])[None]
+        window = torch.from_numpy(ids[w.begin:w.end])[None].to(next(model.parameters()).device)
         logits = model(input_ids=window, use_cache=False).logits[0]
         targets = window[0, len(window[0]) - w.scored:]
         lp = torch.log_softmax(logits[len(window[0]) - w.scored - 1:-1].double(), dim=-1)
@@ -51,8 +53,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("teacher", type=Path, help="an hf-model artifact folder (the model step)")
     parser.add_argument("--layers", type=int, default=20)
-    parser.add_argument("--tokens", type=int, default=200_000, help="training budget of each trained row")
+    parser.add_argument("--tokens", default="200000",
+                        help="training budget of each trained row; several, comma-separated, give a row pair each")
+    parser.add_argument("--batch-size", type=int, default=DistillConfig.batch_size)
+    parser.add_argument("--grad-accum", type=int, default=DistillConfig.grad_accum)
     parser.add_argument("--trained", default="kd,ce", help="trained rows to run: kd, ce or both")
+    parser.add_argument("--train-data", default="wikitext-2:valid,tinyshakespeare:all",
+                        help="training texts as source:split, comma-separated (the distill stage's defaults)")
+    parser.add_argument("--choices", default="uniform,hidden,loss",
+                        help="layer choices to score and report untrained; the trained rows use the last one")
     parser.add_argument("--out", type=Path, default=Path("artifacts/bench-distill/distill_matrix.json"))
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM
@@ -60,14 +69,18 @@ def main() -> int:
     teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=torch.float32, attn_implementation="sdpa").eval()
     tokenizer = Tokenizer(args.teacher)
     test_ids = np.array(tokenizer.encode(load_text("wikitext-2", "test"), add_special_tokens=False), dtype=np.int64)
-    cfg = DistillConfig(num_layers=args.layers, tokens=args.tokens)
+    budgets = [int(t) for t in args.tokens.split(",")]
+    sources = tuple(TextSourceConfig(*item.split(":", 1)) for item in args.train_data.split(","))
+    cfg = DistillConfig(num_layers=args.layers, tokens=budgets[0], batch_size=args.batch_size, grad_accum=args.grad_accum,
+                        train_data=sources)
     train_blocks, eval_blocks = _data(cfg, tokenizer)
     calib = torch.from_numpy(sample_blocks(train_blocks.numpy().reshape(-1), cfg.sequence_length,
                                            cfg.importance_samples, cfg.seed))
-    rows = [{"row": "teacher (30 layers)", "perplexity": perplexity(teacher, test_ids)}]
+    rows = [{"row": f"teacher ({teacher.config.num_hidden_layers} layers)", "perplexity": perplexity(teacher, test_ids)}]
     print(f"teacher: {rows[0]['perplexity']:.3f}", flush=True)
     kept = {}
-    for how in ("uniform", "hidden", "loss"):
+    choices = args.choices.split(",")
+    for how in choices:
         started = time.perf_counter()
         scores = None if how == "uniform" else layer_importance(teacher, calib, how)
         kept[how] = choose_layers(teacher.config.num_hidden_layers, args.layers, how, scores)
@@ -77,27 +90,31 @@ def main() -> int:
         print(f"pruned ({how}): {ppl:.3f} layers {kept[how]}", flush=True)
     trained = {"kd": ("knowledge distillation (KL, T=2)", DistillLossConfig(kd=1.0)),
                "ce": ("cross-entropy fine-tuning", DistillLossConfig(kd=0.0, ce=1.0))}
-    for name, loss in (trained[key] for key in args.trained.split(",")):
-        student = prune_depth(teacher, kept["loss"])
-        run_cfg = dataclasses.replace(cfg, loss=loss)
+    runs = [(tokens, *trained[key]) for tokens in budgets for key in args.trained.split(",")]
+    for tokens, name, loss in runs:
+        student = prune_depth(teacher, kept[choices[-1]])
+        run_cfg = dataclasses.replace(cfg, loss=loss, tokens=tokens)
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as checkpoints:
-            history = train(student, teacher, train_blocks, eval_blocks, dict(enumerate(kept["loss"])), run_cfg,
+            history = train(student, teacher, train_blocks, eval_blocks, dict(enumerate(kept[choices[-1]])), run_cfg,
                             Path(checkpoints), print)
         wall = time.perf_counter() - started
         ppl = perplexity(student.eval(), test_ids)
-        rows.append({"row": f"loss choice + {name}, {history.tokens_seen:,} tokens", "perplexity": ppl,
+        rows.append({"row": f"{choices[-1]} choice + {name}, {history.tokens_seen:,} tokens", "perplexity": ppl,
                      "train_tokens_per_second": history.tokens_seen / history.train_seconds, "wall_seconds": wall,
                      "heldout_curve": list(zip(history.eval_steps, history.eval_ppl))})
         print(f"{name}: {ppl:.3f} in {wall:.0f}s", flush=True)
 
-    teacher_ppl, pruned_ppl = rows[0]["perplexity"], rows[3]["perplexity"]
+    teacher_ppl, pruned_ppl = rows[0]["perplexity"], rows[len(choices)]["perplexity"]
     print("\n| row | WikiText-2 test perplexity | gap recovered |\n|---|---|---|")
     for r in rows:
         gap = (pruned_ppl - r["perplexity"]) / (pruned_ppl - teacher_ppl) if "train_tokens_per_second" in r else None
         print(f"| {r['row']} | {r['perplexity']:.3f} | {'' if gap is None else f'{gap * 100:.0f} %'} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"teacher": str(args.teacher), "layers": args.layers, "tokens": args.tokens,
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    args.out.write_text(json.dumps({"teacher": str(args.teacher), "layers": args.layers, "tokens": budgets,
+                                    "train_data": args.train_data,
+                                    "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "device": device,
                                     "threads": torch.get_num_threads(), "rows": rows}, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0

@@ -93,7 +93,8 @@ def _read_local(path: Path) -> str:
         raise DataError(f"{path}: not UTF-8 text ({e})") from e
 
 
-def _read_hub(name: str, config: str | None, split: str, field: str) -> str:
+def hub_column(name: str, config: str | None, split: str, field: str, what: str = "text") -> list:
+    """One column of a hub dataset split; DataError when the dataset or the column is missing."""
     from datasets import load_dataset
 
     try:
@@ -101,8 +102,12 @@ def _read_hub(name: str, config: str | None, split: str, field: str) -> str:
     except Exception as e:  # the hub raises many types; all mean "cannot get this dataset"
         raise DataError(f"dataset {name} ({config or 'default'}, split {split}) could not be loaded: {e}") from e
     if field not in rows.column_names:
-        raise DataError(f"dataset {name}: no text field '{field}'; columns are {rows.column_names}")
-    texts = rows[field]
+        raise DataError(f"dataset {name}: no {what} field '{field}'; columns are {rows.column_names}")
+    return rows[field]
+
+
+def _read_hub(name: str, config: str | None, split: str, field: str) -> str:
+    texts = hub_column(name, config, split, field)
     joiner = "" if texts and all(t.endswith("\n") or not t for t in texts[:100]) else "\n"
     return joiner.join(texts)
 

@@ -133,6 +133,32 @@ class DistillLossConfig:
 
 
 @dataclass(frozen=True)
+class TeacherAnswersConfig:
+    """Sequence-level distillation data: the teacher answers `samples` chat prompts (sampled with
+    `temperature` / `top_p`, seeded) and the conversations join the training text. Answers that hit
+    `max_new_tokens` before the end of their turn are dropped. `prompts`: a text file (one prompt per
+    line) or a hub dataset (`text_field`: a prompt string or chat messages); none = the built-in set,
+    whose passage tasks quote the first training text."""
+
+    samples: int = 512
+    prompts: TextSourceConfig | None = None
+    max_new_tokens: int = 192
+    temperature: float = 0.7
+    top_p: float = 0.9
+    batch_size: int = 32  # prompts answered together by the runner
+    system: str | None = None  # system message; none = the chat template's default
+
+    def __post_init__(self):
+        for key in ("samples", "max_new_tokens", "batch_size"):
+            if getattr(self, key) < 1:
+                raise RecipeError(f"{key}: must be a positive integer, got {getattr(self, key)}")
+        if self.temperature < 0:
+            raise RecipeError(f"temperature: must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise RecipeError(f"top_p: must be in (0, 1], got {self.top_p}")
+
+
+@dataclass(frozen=True)
 class DistillConfig:
     """A smaller student from the teacher (the step before): pruned, then trained to imitate it.
 
@@ -166,7 +192,8 @@ class DistillConfig:
     bf16: str = "auto"  # auto (where the GPU or CPU computes bf16 natively) | true | false
     seed: int = 0
     loss: DistillLossConfig = field(default_factory=DistillLossConfig)
-    version: int = 1
+    teacher_answers: TeacherAnswersConfig | None = None  # chat turns the teacher writes, added to train_data
+    version: int = 2
 
     def __post_init__(self):
         if (self.num_layers is None) == (self.param_budget_m is None):

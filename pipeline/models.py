@@ -54,6 +54,10 @@ def import_model(cfg: ModelConfig, source: ModelSource, out: Path, log: Callable
         raise StageError(f"model {source.location}: could not load: {e}{hint}") from e
     if not tokenizer.is_fast:
         raise StageError(f"model {source.location}: no fast tokenizer (tokenizer.json); the runner needs one")
+    if source.kind == "gguf":  # the weights are float32 now; transformers 5 refuses to save a model marked GGUF-quantized
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     eos_ids, fixes = _end_tokens(cfg, model, tokenizer)
     model.generation_config.eos_token_id = eos_ids
     if model.generation_config.pad_token_id is None:

@@ -73,7 +73,7 @@ class Generator:
         self.session, self.provider = create_session(graph_folder, self.contract, provider, threads, cuda_graph,
                                                       spinning, profile_placement=verify_placement)
         self.tokenizer = Tokenizer(self.folder)
-        self.eos_ids, self.pad_id = end_tokens(_read_json(self.folder / "generation_config.json"))
+        self.eos_ids, self.pad_id = end_tokens(read_json(self.folder / "generation_config.json"))
         if self.contract.flavour == "fused":
             device = "cuda" if self.provider.startswith("CUDA") else "cpu"
             self.graph = FusedGraph(self.session, self.contract, self.pad_id, device, max_length, cuda_graph)
@@ -167,7 +167,7 @@ def end_tokens(gen: dict) -> tuple[set[int], int]:
     return eos_ids, gen.get("pad_token_id", min(eos_ids) if eos_ids else 0)
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     import json
 
     return json.loads(path.read_text()) if path.is_file() else {}

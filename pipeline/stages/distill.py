@@ -3,29 +3,41 @@
     teacher ─► width pruning (MLP channels, KV groups) ─► depth pruning (layers kept by importance)
             ─► pruned student ─► knowledge distillation on text (pipeline/distill/train.py) ─► student
 
+With `teacher_answers`, the teacher first answers chat prompts (pipeline/distill/teacher_answers.py)
+and those conversations join the training text, so the student keeps the teacher's chat turns.
 Calibration blocks (from the training text) score the layers, channels and heads; held-out blocks
-measure the student before and during training. Training checkpoints live beside the run
+measure the student before and during training; a few greedy chat replies of teacher and student
+go in the manifest. Training checkpoints live beside the run
 (`.resume-<step folder>/`) until the step completes, so a killed run resumes when re-run.
 """
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from calibration import DataError, load_text, sample_blocks
+from calibration.prompts import builtin_prompts, load_prompts
 from pipeline.configs import DistillConfig, TextSourceConfig
 from pipeline.distill.prune import (
     choose_layers, layer_importance, layers_for_budget, mean_loss, prune_depth, prune_kv_groups, prune_mlp,
 )
+from pipeline.distill.teacher_answers import conversations_stream, sample_replies, teacher_answers
 from pipeline.distill.train import evaluate, train
 from pipeline.errors import StageError
 from pipeline.models import copy_tokenizer
 from pipeline.registry import StageResult, register_stage
 from runtime.tokenizer import Tokenizer
+
+
+ANSWERS_FILE = "teacher_answers.jsonl"
+REPLY_PROMPTS = ("What is the capital of France?", "Write a short poem about the sea.",
+                 "Explain photosynthesis in simple terms.")
 
 
 @register_stage("distill", DistillConfig, consumes="hf-model", produces="hf-model")
@@ -34,7 +46,9 @@ def distill(cfg: DistillConfig, inp, ctx) -> StageResult:
 
     teacher = AutoModelForCausalLM.from_pretrained(inp.path, dtype=torch.float32, attn_implementation="sdpa").eval()
     teacher_layers = teacher.config.num_hidden_layers
-    train_blocks, eval_blocks = _data(cfg, Tokenizer(inp.path))
+    checkpoints = ctx.run_dir / f".resume-{ctx.step or 'distill'}"
+    answers = _teacher_answers(cfg, teacher, inp.path, checkpoints, ctx.log) if cfg.teacher_answers else None
+    train_blocks, eval_blocks = _data(cfg, Tokenizer(inp.path), answers)
     calib = torch.from_numpy(sample_blocks(train_blocks.numpy().reshape(-1), cfg.sequence_length,
                                            cfg.importance_samples, cfg.seed))
     ctx.log(f"  {len(train_blocks)} training blocks of {cfg.sequence_length} tokens, {len(eval_blocks)} held out")
@@ -63,13 +77,18 @@ def distill(cfg: DistillConfig, inp, ctx) -> StageResult:
     teacher_ppl = math.exp(mean_loss(teacher, eval_blocks))
     pruned_ppl, pruned_kl = evaluate(student, teacher, eval_blocks)
     ctx.log(f"  held-out perplexity: teacher {teacher_ppl:.3f}, pruned student {pruned_ppl:.3f}")
-    checkpoints = ctx.run_dir / f".resume-{ctx.step or 'distill'}"
     started = time.time()
     history = train(student, teacher, train_blocks, eval_blocks, layer_map, cfg, checkpoints, ctx.log)
     final_ppl, final_kl = history.eval_ppl[-1], history.eval_kl[-1]
 
     student.save_pretrained(ctx.out_dir, safe_serialization=True)
     copy_tokenizer(inp.path, ctx.out_dir)
+    replies = [{"prompt": p, "teacher": t, "student": s} for p, t, s in
+               zip(REPLY_PROMPTS, sample_replies(teacher, inp.path, REPLY_PROMPTS), sample_replies(student, inp.path, REPLY_PROMPTS))]
+    for r in replies:
+        ctx.log(f"  {r['prompt']!r} -> student: {r['student'][:120]!r}")
+    if answers is not None:
+        _write_jsonl(ctx.out_dir / ANSWERS_FILE, [{"prompt": a["prompt"], "answer": a["answer"]} for a in answers])
     _plot(history, pruned_ppl, teacher_ppl, ctx.out_dir / "training.png")
     shutil.rmtree(checkpoints, ignore_errors=True)
     recovered = (pruned_ppl - final_ppl) / (pruned_ppl - teacher_ppl) if pruned_ppl > teacher_ppl else 1.0
@@ -78,6 +97,7 @@ def distill(cfg: DistillConfig, inp, ctx) -> StageResult:
                  "gap_recovered": recovered, "kl_to_teacher": final_kl, "pruned_kl_to_teacher": pruned_kl,
                  "parameters": params, "teacher_parameters": teacher_params, "layers": len(keep),
                  "tokens_seen": history.tokens_seen,
+                 "teacher_answers": len(answers) if answers is not None else 0,
                  "train_tokens_per_second": history.tokens_seen / max(history.train_seconds, 1e-9),
                  "wall_seconds": time.time() - started},
         info={"teacher": {"artifact": str(inp.path), "fingerprint": inp.fingerprint,
@@ -86,15 +106,50 @@ def distill(cfg: DistillConfig, inp, ctx) -> StageResult:
                           "intermediate_size": student.config.intermediate_size,
                           "num_key_value_heads": student.config.num_key_value_heads},
               "layer_map": {str(k): v for k, v in layer_map.items()},
-              "training": history.__dict__},
+              "training": history.__dict__, "sample_replies": replies},
     )
 
 
-def _data(cfg: DistillConfig, tokenizer: Tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training blocks from the head of each training text; held-out blocks from their tails (or eval_data)."""
+def _teacher_answers(cfg: DistillConfig, teacher, teacher_folder: Path, checkpoints: Path, log) -> list[dict]:
+    """The teacher's chat turns (sequence-level KD data); kept beside the training checkpoints, so a
+    resumed run trains on the very answers the killed one generated."""
+    saved = checkpoints / ANSWERS_FILE
+    if saved.is_file():
+        answers = [json.loads(line) for line in saved.read_text().splitlines()]
+        log(f"  teacher answers: {len(answers)} read from the interrupted run")
+        return answers
+    ta = cfg.teacher_answers
+    try:
+        if ta.prompts is None:
+            first = cfg.train_data[0]
+            passages = load_text(first.source, first.split, first.hub_config, first.text_field)
+            prompts = builtin_prompts(ta.samples, cfg.seed, passages)
+        else:
+            p = ta.prompts
+            prompts = load_prompts(p.source, p.split, p.text_field, ta.samples, cfg.seed, p.hub_config)
+    except DataError as e:
+        raise StageError(f"distill.teacher_answers.prompts: {e}") from e
+    answers = teacher_answers(teacher, teacher_folder, checkpoints / "teacher-onnx", prompts, ta, cfg.seed, log)
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(saved, answers)
+    return answers
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.rename(path)
+
+
+def _data(cfg: DistillConfig, tokenizer: Tokenizer, answers: list[dict] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training blocks from the head of each training text (the teacher's conversations count as one);
+    held-out blocks from their tails (or eval_data)."""
     train_parts, heldout_parts = [], []
-    for i, source in enumerate(cfg.train_data):
-        ids = _tokens(source, tokenizer, f"distill.train_data[{i}]")
+    streams = [(f"distill.train_data[{i}]", source) for i, source in enumerate(cfg.train_data)]
+    if answers is not None:
+        streams.append(("distill.teacher_answers", conversations_stream(answers)))
+    for key, source in streams:
+        ids = source if isinstance(source, np.ndarray) else _tokens(source, tokenizer, key)
         cut = int(len(ids) * (1 - cfg.heldout_fraction)) if cfg.eval_data is None else len(ids)
         train_parts.append(_blocks(ids[:cut], cfg.sequence_length))
         heldout_parts.append(ids[cut:])

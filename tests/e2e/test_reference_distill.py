@@ -21,7 +21,8 @@ def test_twenty_layer_student_trains_exports_and_generates(tmp_path):
         model: {{source: {REFERENCE_GGUF}}}
         stages:
           - distill: {{num_layers: 20, layer_choice: hidden, tokens: 8192, batch_size: 4, grad_accum: 2,
-                       eval_every: 2, checkpoint_every: 2, eval_samples: 4, importance_samples: 4}}
+                       eval_every: 2, checkpoint_every: 2, eval_samples: 4, importance_samples: 4,
+                       teacher_answers: {{samples: 16, max_new_tokens: 96, batch_size: 16}}}}
           - export: {{}}
         """))
     run_dir = run(recipe, workdir=tmp_path / "a")
@@ -32,6 +33,9 @@ def test_twenty_layer_student_trains_exports_and_generates(tmp_path):
     assert m["parameters"] < 0.8 * m["teacher_parameters"]
     assert m["pruned_perplexity"] > m["teacher_perplexity"]  # ten layers fewer cost something
     assert m["perplexity"] < m["pruned_perplexity"]  # four steps of KD already win some of it back
+    answers = [json.loads(line) for line in (step / "teacher_answers.jsonl").read_text().splitlines()]
+    assert len(answers) == m["teacher_answers"] >= 4  # the instruct teacher ends most of its turns
+    assert sum("paris" in r["teacher"].lower() for r in manifest["sample_replies"]) == 1
     gen = Generator(find_model_folder(run_dir), provider="cpu")
     ids = gen.tokenizer.encode_chat("What is the capital of France?")
     assert len(gen.generate([ids], 8, ignore_eos=True).tokens[0]) == 8

@@ -106,3 +106,46 @@ def test_bad_shapes_and_data_are_named(tmp_path, teacher, eval_text, settings, m
         settings += ", heldout_fraction: 0.2"
     with pytest.raises(StageError, match=message):
         run(_recipe(tmp_path, teacher, eval_text, settings=settings), workdir=tmp_path / "a")
+
+
+def test_teacher_answers_join_the_training_text_and_survive_a_kill(tmp_path, teacher, eval_text, monkeypatch):
+    import pipeline.stages.distill as stage
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"Tell me about the number {i}.\n" for i in range(24)))
+    settings = (SETTINGS + f", teacher_answers: {{samples: 20, prompts: {{source: {prompts}}}, max_new_tokens: 120, "
+                "temperature: 1.5, batch_size: 10}")
+    calls, real_answers, real_train = [], stage.teacher_answers, stage.train
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real_answers(*args, **kwargs)
+
+    def killed_at_step_5(*args, **kwargs):
+        def on_step(step):
+            if step == 5:
+                raise KeyboardInterrupt
+        return real_train(*args, **kwargs, on_step=on_step)
+
+    monkeypatch.setattr(stage, "teacher_answers", counted)
+    monkeypatch.setattr(stage, "train", killed_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        run(_recipe(tmp_path, teacher, eval_text, settings=settings), workdir=tmp_path / "a")
+    monkeypatch.setattr(stage, "train", real_train)
+    run_dir = run(_recipe(tmp_path, teacher, eval_text, settings=settings), workdir=tmp_path / "a")
+    assert len(calls) == 1  # the resumed run trained on the answers the killed one wrote
+    step = next(run_dir.glob("01-distill-*"))
+    manifest = json.loads((step / "manifest.json").read_text())
+    rows = [json.loads(line) for line in (step / "teacher_answers.jsonl").read_text().splitlines()]
+    assert 0 < len(rows) == manifest["metrics"]["teacher_answers"] <= 20
+    assert all(r["prompt"].startswith("Tell me about the number") and set(r) == {"prompt", "answer"} for r in rows)
+    replies = manifest["sample_replies"]
+    assert [r["prompt"] for r in replies] == list(stage.REPLY_PROMPTS) and all(set(r) == {"prompt", "teacher", "student"} for r in replies)
+
+
+def test_a_prompt_file_too_short_for_the_samples_is_named(tmp_path, teacher, eval_text):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("One prompt.\n")
+    settings = SETTINGS + f", teacher_answers: {{samples: 4, prompts: {{source: {prompts}}}}}"
+    with pytest.raises(StageError, match=r"distill.teacher_answers.prompts: .*prompts.txt: 1 prompts, fewer than the 4"):
+        run(_recipe(tmp_path, teacher, eval_text, settings=settings), workdir=tmp_path / "a")

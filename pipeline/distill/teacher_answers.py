@@ -1,0 +1,118 @@
+"""Sequence-level distillation data (Kim & Rush, 2016): the teacher's own answers to chat prompts.
+
+A student trained on plain text alone learns that text's style and loses the chat turns its
+teacher follows: asked a question, it echoes the prompt or continues in the corpus's style. Training
+also on conversations the teacher wrote (its chat template, its answers, its end-of-turn token)
+keeps that behaviour, and the KD loss on them teaches the teacher's distributions on exactly the
+sequences it would produce.
+
+    teacher ─► fused ONNX graph (float32, in a work folder) ─► our runner: batched, seeded sampling
+    prompts ─► chat template ─► answers that end their turn ─► prompt + answer + end of turn
+            ─► one token stream, cut into blocks like any training text
+
+The answers come from our own runner, not `transformers.generate`: on this 2-core CPU it samples
+about 7x faster (ragged batches, preallocated KV cache), and it runs on CUDA where there is a GPU.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import torch
+
+from pipeline.archs import model_dims
+from pipeline.configs import ExportConfig, TeacherAnswersConfig
+from pipeline.errors import StageError
+from pipeline.fused_graph import build_fused_graph
+from pipeline.models import copy_tokenizer
+from pipeline.onnx_pack import pack_sibling_matmuls
+from runtime import Generator
+from runtime.generate import end_tokens, read_json
+from runtime.io_spec import Contract
+from runtime.sampling import SamplingParams
+from runtime.tokenizer import Tokenizer
+
+END_OF_TURN = "<|im_end|>"
+
+
+def export_for_sampling(teacher, teacher_folder: Path, work: Path) -> Path:
+    """The teacher as a float32 fused graph in `work` (a folder the runner loads); rebuilt from scratch."""
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "fused").mkdir(parents=True)
+    dims = model_dims(teacher.config)
+    contract = Contract("fused", dims.num_layers, dims.num_kv_heads, dims.head_dim, dims.vocab_size,
+                        max_positions=teacher.config.max_position_embeddings)
+    graph = build_fused_graph(teacher, contract, ExportConfig().opset)
+    pack_sibling_matmuls(graph)
+    onnx.save_model(graph, str(work / "fused" / contract.model_file), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location=contract.model_file + ".data", size_threshold=1024)
+    contract.save(work / "fused")
+    copy_tokenizer(teacher_folder, work)
+    return work
+
+
+def teacher_answers(teacher, teacher_folder: Path, work: Path, prompts: list[str], cfg: TeacherAnswersConfig,
+                    seed: int, log: Callable[[str], None]) -> list[dict]:
+    """One record per prompt whose answer ended within `max_new_tokens`: the prompt, the answer text,
+    and the conversation's token ids (chat-templated prompt, answer, end of turn, the template's newline)."""
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    gen = Generator(export_for_sampling(teacher, teacher_folder, work), provider="auto", graph="fused")
+    log(f"  teacher exported for sampling in {time.perf_counter() - started:.0f} s; answering {len(prompts)} "
+        f"prompts on {gen.provider}, batches of {cfg.batch_size}")
+    tokenizer = gen.tokenizer
+    end = tokenizer.token_id(END_OF_TURN)
+    end = end if end in gen.eos_ids else min(gen.eos_ids, default=None)
+    if end is None:
+        raise StageError(f"distill.teacher_answers: {teacher_folder} names no end-of-turn token "
+                         f"(generation_config.json eos_token_id); the teacher's answers would never end")
+    after_turn = tokenizer.encode("\n", add_special_tokens=False)
+    records, new_tokens, started = [], 0, time.perf_counter()
+    bar = tqdm(total=len(prompts), desc="  teacher answers", unit="prompt")
+    for start in range(0, len(prompts), cfg.batch_size):
+        batch = prompts[start:start + cfg.batch_size]
+        encoded = [tokenizer.encode_chat(p, cfg.system) for p in batch]
+        # one seed per prompt: an answer does not depend on the batch it ran in
+        params = [SamplingParams(cfg.temperature, 0, cfg.top_p, seed + start + i) for i in range(len(batch))]
+        result = gen.generate(encoded, cfg.max_new_tokens, params)
+        for prompt, prompt_ids, answer, reason in zip(batch, encoded, result.tokens, result.finish_reasons):
+            new_tokens += len(answer)
+            if reason == "stop" and answer:  # cut off by the limit, or empty: dropped
+                records.append({"prompt": prompt, "answer": tokenizer.decode(answer),
+                                "ids": prompt_ids + answer + [end] + after_turn})
+        bar.update(len(batch))
+    bar.close()
+    del gen
+    shutil.rmtree(work, ignore_errors=True)
+    seconds = time.perf_counter() - started
+    log(f"  teacher answers: {len(records)} of {len(prompts)} ended within {cfg.max_new_tokens} tokens "
+        f"({new_tokens} tokens sampled in {seconds:.0f} s, {new_tokens / max(seconds, 1e-9):.0f} tokens/s)")
+    if not records:
+        raise StageError(f"distill.teacher_answers: none of the {len(prompts)} answers ended within max_new_tokens "
+                         f"{cfg.max_new_tokens}; raise it")
+    return records
+
+
+def conversations_stream(records: list[dict]) -> np.ndarray:
+    return np.array([t for r in records for t in r["ids"]], dtype=np.int64)
+
+
+@torch.no_grad()
+def sample_replies(model, folder: Path, prompts: list[str], max_new_tokens: int = 48) -> list[str]:
+    """Greedy chat replies of a PyTorch model (the student) whose tokenizer is in `folder`: a few of
+    them go in the manifest, so anyone can read what the student says."""
+    tokenizer = Tokenizer(folder)
+    eos_ids, pad = end_tokens(read_json(folder / "generation_config.json"))
+    device = next(model.parameters()).device
+    replies = []
+    for prompt in prompts:
+        ids = torch.tensor([tokenizer.encode_chat(prompt)], device=device)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=sorted(eos_ids) or None, pad_token_id=pad)
+        replies.append(tokenizer.decode(out[0, ids.shape[1]:].tolist()))
+    return replies

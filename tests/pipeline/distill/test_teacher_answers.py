@@ -1,0 +1,48 @@
+"""The teacher's answers (sequence-level KD data), from our runner on a fused export of the teacher:
+chat turns that end with the end-of-turn token, the same whatever the batch, cut-off answers dropped."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import make_checkpoint
+from pipeline import StageError
+from pipeline.configs import TeacherAnswersConfig
+from pipeline.distill.teacher_answers import conversations_stream, teacher_answers
+from runtime.tokenizer import Tokenizer
+
+PROMPTS = [f"Tell me about the number {i}." for i in range(16)]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    folder = make_checkpoint(tmp_path_factory.mktemp("teacher"), "llama", layers=2)
+    return folder, AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def test_answers_are_whole_chat_turns_and_do_not_depend_on_the_batch(tmp_path, teacher):
+    folder, model = teacher
+    cfg = TeacherAnswersConfig(samples=16, max_new_tokens=120, temperature=1.5, batch_size=5)
+    small = teacher_answers(model, folder, tmp_path / "a", PROMPTS, cfg, seed=0, log=print)
+    whole = teacher_answers(model, folder, tmp_path / "b", PROMPTS, TeacherAnswersConfig(
+        samples=16, max_new_tokens=120, temperature=1.5, batch_size=16), seed=0, log=print)
+    assert small == whole  # one seed per prompt
+    assert 0 < len(small) < len(PROMPTS)  # random weights: some answers end, the rest hit the limit and go
+    tok = Tokenizer(folder)
+    end, newline = tok.token_id("<|im_end|>"), tok.encode("\n", add_special_tokens=False)
+    for record in small:
+        prompt = tok.encode_chat(record["prompt"])
+        answer = record["ids"][len(prompt):]
+        assert record["ids"][:len(prompt)] == prompt
+        assert answer[-1 - len(newline):] == [end] + newline and end not in answer[:-1 - len(newline)]
+        assert tok.decode(answer[:-1 - len(newline)]) == record["answer"]
+    assert len(conversations_stream(small)) == sum(len(r["ids"]) for r in small)
+    assert not (tmp_path / "a").exists()  # the sampling export goes once the answers are in
+
+
+def test_no_answer_within_the_limit_is_an_error_naming_the_key(tmp_path, teacher):
+    folder, model = teacher
+    cfg = TeacherAnswersConfig(samples=2, max_new_tokens=1, temperature=1.0, batch_size=2)
+    with pytest.raises(StageError, match="distill.teacher_answers: none of the 2 answers ended within max_new_tokens 1"):
+        teacher_answers(model, folder, tmp_path / "a", PROMPTS[:2], cfg, seed=0, log=print)
