@@ -91,12 +91,13 @@ def main() -> int:
     trained = {"kd": ("knowledge distillation (KL, T=2)", DistillLossConfig(kd=1.0)),
                "ce": ("cross-entropy fine-tuning", DistillLossConfig(kd=0.0, ce=1.0))}
     runs = [(tokens, *trained[key]) for tokens in budgets for key in args.trained.split(",")]
+    chosen = kept[choices[-1]]  # the trained rows start from the last choice's student
     for tokens, name, loss in runs:
-        student = prune_depth(teacher, kept[choices[-1]])
+        student = prune_depth(teacher, chosen)
         run_cfg = dataclasses.replace(cfg, loss=loss, tokens=tokens)
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as checkpoints:
-            history = train(student, teacher, train_blocks, eval_blocks, dict(enumerate(kept[choices[-1]])), run_cfg,
+            history = train(student, teacher, train_blocks, eval_blocks, dict(enumerate(chosen)), run_cfg,
                             Path(checkpoints), print)
         wall = time.perf_counter() - started
         ppl = perplexity(student.eval(), test_ids)

@@ -70,6 +70,18 @@ def library_versions(names: tuple[str, ...] = TRACKED_LIBRARIES) -> dict[str, st
     return versions
 
 
+def save_onnx(graph, path: Path, external_data: bool = True) -> None:
+    """Save an ONNX graph; with external_data, its weights go to `<name>.data` beside it, referenced by
+    a relative path (a 2 GB protobuf limit otherwise)."""
+    import onnx
+
+    if external_data:
+        onnx.save_model(graph, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(graph, str(path))
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")

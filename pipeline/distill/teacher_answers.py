@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import onnx
 import torch
 
 from pipeline.archs import model_dims
+from pipeline.artifacts import save_onnx
 from pipeline.configs import ExportConfig, TeacherAnswersConfig
 from pipeline.errors import StageError
 from pipeline.fused_graph import build_fused_graph
@@ -48,8 +48,7 @@ def export_for_sampling(teacher, teacher_folder: Path, work: Path) -> Path:
                         max_positions=teacher.config.max_position_embeddings)
     graph = build_fused_graph(teacher, contract, ExportConfig().opset)
     pack_sibling_matmuls(graph)
-    onnx.save_model(graph, str(work / "fused" / contract.model_file), save_as_external_data=True,
-                    all_tensors_to_one_file=True, location=contract.model_file + ".data", size_threshold=1024)
+    save_onnx(graph, work / "fused" / contract.model_file)
     contract.save(work / "fused")
     copy_tokenizer(teacher_folder, work)
     return work

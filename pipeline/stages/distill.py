@@ -23,6 +23,7 @@ import torch
 
 from calibration import DataError, load_text, sample_blocks
 from calibration.prompts import builtin_prompts, load_prompts
+from pipeline.artifacts import write_json_atomic
 from pipeline.configs import DistillConfig, TextSourceConfig
 from pipeline.distill.prune import (
     choose_layers, layer_importance, layers_for_budget, mean_loss, prune_depth, prune_kv_groups, prune_mlp,
@@ -87,8 +88,9 @@ def distill(cfg: DistillConfig, inp, ctx) -> StageResult:
                zip(REPLY_PROMPTS, sample_replies(teacher, inp.path, REPLY_PROMPTS), sample_replies(student, inp.path, REPLY_PROMPTS))]
     for r in replies:
         ctx.log(f"  {r['prompt']!r} -> student: {r['student'][:120]!r}")
-    if answers is not None:
-        _write_jsonl(ctx.out_dir / ANSWERS_FILE, [{"prompt": a["prompt"], "answer": a["answer"]} for a in answers])
+    if answers is not None:  # the step folder appears only once complete: a plain write is enough
+        (ctx.out_dir / ANSWERS_FILE).write_text("".join(json.dumps({"prompt": a["prompt"], "answer": a["answer"]}) + "\n"
+                                                        for a in answers))
     _plot(history, pruned_ppl, teacher_ppl, ctx.out_dir / "training.png")
     shutil.rmtree(checkpoints, ignore_errors=True)
     recovered = (pruned_ppl - final_ppl) / (pruned_ppl - teacher_ppl) if pruned_ppl > teacher_ppl else 1.0
@@ -113,9 +115,9 @@ def distill(cfg: DistillConfig, inp, ctx) -> StageResult:
 def _teacher_answers(cfg: DistillConfig, teacher, teacher_folder: Path, checkpoints: Path, log) -> list[dict]:
     """The teacher's chat turns (sequence-level KD data); kept beside the training checkpoints, so a
     resumed run trains on the very answers the killed one generated."""
-    saved = checkpoints / ANSWERS_FILE
+    saved = checkpoints / "teacher_answers.json"
     if saved.is_file():
-        answers = [json.loads(line) for line in saved.read_text().splitlines()]
+        answers = json.loads(saved.read_text())
         log(f"  teacher answers: {len(answers)} read from the interrupted run")
         return answers
     ta = cfg.teacher_answers
@@ -131,25 +133,18 @@ def _teacher_answers(cfg: DistillConfig, teacher, teacher_folder: Path, checkpoi
         raise StageError(f"distill.teacher_answers.prompts: {e}") from e
     answers = teacher_answers(teacher, teacher_folder, checkpoints / "teacher-onnx", prompts, ta, cfg.seed, log)
     checkpoints.mkdir(parents=True, exist_ok=True)
-    _write_jsonl(saved, answers)
+    write_json_atomic(saved, answers)
     return answers
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.rename(path)
 
 
 def _data(cfg: DistillConfig, tokenizer: Tokenizer, answers: list[dict] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Training blocks from the head of each training text (the teacher's conversations count as one);
     held-out blocks from their tails (or eval_data)."""
     train_parts, heldout_parts = [], []
-    streams = [(f"distill.train_data[{i}]", source) for i, source in enumerate(cfg.train_data)]
+    streams = [_tokens(source, tokenizer, f"distill.train_data[{i}]") for i, source in enumerate(cfg.train_data)]
     if answers is not None:
-        streams.append(("distill.teacher_answers", conversations_stream(answers)))
-    for key, source in streams:
-        ids = source if isinstance(source, np.ndarray) else _tokens(source, tokenizer, key)
+        streams.append(conversations_stream(answers))
+    for ids in streams:
         cut = int(len(ids) * (1 - cfg.heldout_fraction)) if cfg.eval_data is None else len(ids)
         train_parts.append(_blocks(ids[:cut], cfg.sequence_length))
         heldout_parts.append(ids[cut:])

@@ -16,7 +16,7 @@ import onnx
 import torch
 
 from pipeline.archs import arch_for, model_dims
-from pipeline.artifacts import sha256_file
+from pipeline.artifacts import save_onnx, sha256_file
 from pipeline.configs import ExportConfig
 from pipeline.errors import StageError
 from pipeline.formats.compressed_tensors import HF_QUANTIZED_FOLDER, write_compressed_tensors
@@ -90,7 +90,7 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
                    if isinstance(module, (torch.nn.Linear, torch.nn.Embedding))}
         swapped = apply_block_quantized_ops(graph, inp.path, weights, accuracy_level=0)
         ctx.log(f"  {swapped} ops replaced by MatMulNBits / GatherBlockQuantized")
-    _save_graph(graph, path, cfg.external_data)
+    save_onnx(graph, path, cfg.external_data)
     for name in COPIED_FILES:
         if (inp.path / name).exists():
             shutil.copy2(inp.path / name, out / name)
@@ -112,7 +112,7 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
         if cfg.dtype == "float16":
             ctx.log(f"  {to_float16(graph)} float tensors converted to float16")
         graphs["fused"] = out / "fused" / fused.model_file
-        _save_graph(graph, graphs["fused"], cfg.external_data)
+        save_onnx(graph, graphs["fused"], cfg.external_data)
         fused.save(out / "fused")
     parity, limits = {}, {}
     for flavour in graphs:
@@ -226,20 +226,11 @@ def _trace(model, contract: Contract, path: Path, opset: int) -> None:
         )
 
 
-def _save_graph(graph: onnx.ModelProto, path: Path, external_data: bool) -> None:
-    """With external_data, weights go to `model.onnx.data` beside the graph, referenced by a relative path."""
-    if external_data:
-        onnx.save_model(graph, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
-    else:
-        onnx.save_model(graph, str(path))
-
-
 def _replace_graph(graph: onnx.ModelProto, path: Path, external_data: bool) -> None:
     """Overwrite the saved graph (and its external data) with `graph`, already held in memory."""
     for stale in path.parent.glob(path.name + "*"):
         stale.unlink()
-    _save_graph(graph, path, external_data)
+    save_onnx(graph, path, external_data)
 
 
 def _parity(model, folder: Path, tokens: int, graph: str) -> float:
