@@ -240,6 +240,7 @@ class QuantizeConfig:
     # as vLLM runs it) | static (one symmetric scale per linear input, calibrated: clipped max |x|)
     activations: str = "dynamic"
     smoothquant: float | str = 0.0  # W8A8: SmoothQuant strength alpha in (0, 1), or auto (searched per layer); 0 = off
+    hadamard: bool = False  # W8A8 (our rewrites): rotate down_proj's inputs by a 128-wide block Hadamard in the graph (QuaRot)
     provider: str = "cpu"  # the execution provider the artifact is for: cpu | cuda
     budget: BudgetConfig | None = None  # mixed precision chosen by measured sensitivity (INT4 bits only)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
@@ -282,6 +283,9 @@ class QuantizeConfig:
                               "auto searches alpha per layer on the calibration data)")
         if self.smoothquant and self.method != "w8a8":
             raise RecipeError(f"smoothquant: applies to method w8a8 only (method is {self.method})")
+        if self.hadamard and (self.method != "w8a8" or self.activations == "dynamic"):
+            raise RecipeError("hadamard: rotates down_proj's inputs in our W8A8 graphs only; use it with method: w8a8 and "
+                              f"activations: static or dynamic_per_token (got method {self.method}, activations {self.activations})")
         if self.method == "w8a8" and (self.lm_head == "int4" or self.embedding != "float"):
             raise RecipeError("lm_head/embedding: w8a8 quantizes the LM head to W8A8 with lm_head: int8 (or keeps it "
                               "float) and keeps the embedding float; int4 and a quantized embedding are for rtn, gptq, awq")

@@ -29,6 +29,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from pipeline.errors import StageError
 from pipeline.onnx_quant import module_of
+from pipeline.quant.rotation import hadamard
 
 
 def linear_nodes(path: Path, modules: list[str]) -> list[str]:
@@ -41,15 +42,19 @@ def linear_nodes(path: Path, modules: list[str]) -> list[str]:
     return nodes
 
 
-def quantize_w8a8(path: Path, mode: str, modules: list[str], input_scales: dict[str, float] | None = None) -> onnx.ModelProto:
+def quantize_w8a8(path: Path, mode: str, modules: list[str], input_scales: dict[str, float] | None = None,
+                  rotations: dict[str, int] | None = None) -> onnx.ModelProto:
     """The quantized graph of the float model at `path` (returned in memory, weights loaded).
-    `input_scales`: static mode's calibrated scale per linear (from the quantize stage's plan)."""
+    `input_scales`: static mode's calibrated scale per linear; `rotations`: the linears whose input
+    is rotated by a block Hadamard of that width (both from the quantize stage's plan)."""
     if mode == "dynamic_per_token":
-        return quantize_int8_linears(path, modules)
+        return quantize_int8_linears(path, modules, rotations=rotations)
     if mode == "static":
         if not input_scales:
             raise StageError("export: static W8A8 needs the quantize stage's input_scales (re-run quantize)")
-        return quantize_int8_linears(path, modules, input_scales)
+        return quantize_int8_linears(path, modules, input_scales, rotations)
+    if rotations:
+        raise StageError("export: ONNX Runtime's dynamic W8A8 cannot take hadamard rotations (ours, per token or static, can)")
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         out = Path(tmp) / "model.onnx"
         quantize_dynamic(path, out, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
@@ -57,7 +62,8 @@ def quantize_w8a8(path: Path, mode: str, modules: list[str], input_scales: dict[
         return onnx.load(str(out))
 
 
-def quantize_int8_linears(path: Path, modules: list[str], input_scales: dict[str, float] | None = None) -> onnx.ModelProto:
+def quantize_int8_linears(path: Path, modules: list[str], input_scales: dict[str, float] | None = None,
+                          rotations: dict[str, int] | None = None) -> onnx.ModelProto:
     """W8A8, our own rewrite of each linear's MatMul(x, W); by default one activation scale per token:
 
         s_x = max(|x|, last axis) / 127          q_x = clip(round(x / s_x), -127, 127)
@@ -76,7 +82,11 @@ def quantize_int8_linears(path: Path, modules: list[str], input_scales: dict[str
 
     With `input_scales` (module -> s_x, static W8A8) the scale is a constant instead:
     q_x = QuantizeLinear(x, s_x, zero point 128), codes in [-128, 127] shifted to uint8; the rest is
-    the same."""
+    the same.
+
+    With `rotations` (module -> block width b), that linear's input is first rotated in float by the
+    block-diagonal Hadamard Q (x -> rows of b -> MatMul(H_b) -> x's shape) and its weight to match
+    (W -> Qᵀ W, before quantization): the same product in float, outliers spread before rounding."""
     model = onnx.load(str(path))
     graph = model.graph
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
@@ -96,6 +106,13 @@ def quantize_int8_linears(path: Path, modules: list[str], input_scales: dict[str
             nodes.append(node)
             continue
         x, w_name = node.input
+        w = numpy_helper.to_array(inits[w_name]).astype(np.float32)  # [K, N]
+        if (block := (rotations or {}).get(module_of(node.name))):
+            if f"{x}_rotated" not in quantized_inputs:
+                nodes += _rotation_nodes(x, block, consts)
+            x = f"{x}_rotated"
+            h = hadamard(block)
+            w = (h.T @ w.reshape(-1, block, w.shape[1])).reshape(w.shape)
         scale = None if input_scales is None else float(input_scales[module_of(node.name)])
         if x not in quantized_inputs and scale is None:
             nodes += _per_token_nodes(x, opset)
@@ -109,7 +126,6 @@ def quantize_int8_linears(path: Path, modules: list[str], input_scales: dict[str
         elif scale is not None and scale != static_scales[x]:
             raise StageError(f"export: the linears fed by {x} were calibrated to different input scales")
         q_x, s_x = quantized_inputs[x]
-        w = numpy_helper.to_array(inits[w_name]).astype(np.float32)  # [K, N]
         s_w = np.maximum(np.abs(w).max(axis=0), 1e-12) / 127
         w_q = np.clip(np.round(w / s_w), -127, 127).astype(np.int8)
         consts += [numpy_helper.from_array(w_q, name=f"{w_name}_quantized"),
@@ -129,6 +145,20 @@ def quantize_int8_linears(path: Path, modules: list[str], input_scales: dict[str
     graph.node.extend(nodes)
     graph.initializer.extend(kept + consts)
     return model
+
+
+def _rotation_nodes(x: str, block: int, consts: list) -> list[onnx.NodeProto]:
+    """x -> `{x}_rotated`: x Q for Q = diag(H_b, …, H_b) along the last axis, any rank."""
+    make = onnx.helper.make_node
+    if not any(c.name == f"w8a8_hadamard_{block}" for c in consts):
+        consts += [numpy_helper.from_array(hadamard(block), name=f"w8a8_hadamard_{block}"),
+                   numpy_helper.from_array(np.array([-1, block], dtype=np.int64), name=f"w8a8_rows_of_{block}")]
+    return [
+        make("Shape", [x], [f"{x}_shape"]),
+        make("Reshape", [x, f"w8a8_rows_of_{block}"], [f"{x}_blocks"]),
+        make("MatMul", [f"{x}_blocks", f"w8a8_hadamard_{block}"], [f"{x}_blocks_rotated"]),
+        make("Reshape", [f"{x}_blocks_rotated", f"{x}_shape"], [f"{x}_rotated"]),
+    ]
 
 
 def _per_token_nodes(x: str, opset: int) -> list[onnx.NodeProto]:

@@ -126,6 +126,10 @@ def _check_targets(config: Any, before: list[StageEntry], where: str) -> None:
     if "hf-quantized" in config.targets and quantize is None:
         raise RecipeError(f"{where}.targets: hf-quantized writes the quantize stage's codes and there is no quantize "
                           f"stage before export; add one (hf-quantized takes {HF_FORMATS})")
+    if "hf-quantized" in config.targets and quantize is not None and quantize.hadamard:
+        raise RecipeError(f"{where}.targets: hf-quantized cannot hold hadamard: true (its down_proj weights are rotated "
+                          "to match a rotation our graph applies at run time, which compressed-tensors does not); "
+                          "drop the target or set hadamard: false")
     if quantize is not None and quantize.method == "w8a8" and config.dtype == "float16":
         raise RecipeError(f"{where}.dtype: float16 is for the CUDA provider and W8A8 runs on the CPU provider only; "
                           "keep dtype: float32")

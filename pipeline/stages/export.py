@@ -134,9 +134,9 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
             _replace_graph(graph, graph_path, cfg.external_data)
     if activations:  # checked in float above; activation rounding is the validate stage's business
         ctx.log(f"  W8A8 {activations}: quantizing weights and activations in the graph")
-        modules, scales = _w8a8_modules(plan, model), plan.get("input_scales")
+        modules, scales, rotations = _w8a8_modules(plan, model), plan.get("input_scales"), plan.get("rotations") or {}
         for graph_path in graphs.values():  # the fused graph exists for our rewrites (per token, static) only
-            _replace_graph(quantize_w8a8(graph_path, activations, modules, scales), graph_path, cfg.external_data)
+            _replace_graph(quantize_w8a8(graph_path, activations, modules, scales, rotations), graph_path, cfg.external_data)
         if "hf-quantized" in cfg.targets:  # the graphs' int8 codes exist only now
             targets["hf-quantized"] = _export_hf_quantized(inp.path, out, ctx, cfg.hf_quantized_dtype, w8a8_graph=path)
     size = {f: sum(p.stat().st_size for p in g.parent.iterdir() if p.name.startswith("model.onnx")) for f, g in graphs.items()}

@@ -26,8 +26,9 @@ from pipeline.models import copy_tokenizer, load_torch_model
 from pipeline.quant.gptq import HessianAccumulator, gptq
 from pipeline.stages.quantize_awq import awq_model
 from pipeline.stages.quantize_budget import bar_chart, choose
-from pipeline.stages.quantize_w8a8 import smoothquant, static_input_scales
+from pipeline.stages.quantize_w8a8 import ROTATED, smoothquant, static_input_scales
 from pipeline.quant.primitives import QTensor, QuantScheme, count_schemes, dequantize, pack_matmul_nbits, quantize
+from pipeline.quant.rotation import BLOCK, can_rotate
 from pipeline.registry import StageResult, register_stage
 from runtime.tokenizer import Tokenizer
 
@@ -76,13 +77,18 @@ def quantize_stage(cfg: QuantizeConfig, inp, ctx) -> StageResult:
 
 def _w8a8(model, cfg: QuantizeConfig, src_dir, ctx, started: float) -> StageResult:
     """Float checkpoint (SmoothQuant-migrated if asked) + the plan telling export to quantize weights and activations."""
+    if cfg.hadamard:
+        for name in (n for n in decoder_linears(model) if n.endswith(ROTATED)):
+            if not can_rotate(width := model.get_submodule(name).in_features):
+                raise StageError(f"quantize.hadamard: {name} takes {width} inputs, not a multiple of the {BLOCK}-wide "
+                                 "Hadamard block; set hadamard: false for this model")
     batches = _calibration_batches(cfg, src_dir)
     info: dict = {}
     if cfg.smoothquant:
         how = "searched per layer" if cfg.smoothquant == "auto" else str(cfg.smoothquant)
         ctx.log(f"  SmoothQuant alpha {how} over {len(batches)} calibration batches, {cfg.search_tokens} tokens per input")
         info["smoothquant"] = smoothquant(model, batches, cfg.smoothquant, cfg.activations, cfg.search_tokens,
-                                          cfg.calibration.seed, ctx.log)
+                                          cfg.calibration.seed, ctx.log, cfg.hadamard)
     model.save_pretrained(ctx.out_dir, safe_serialization=True)
     copy_tokenizer(src_dir, ctx.out_dir)
     linears = decoder_linears(model)
@@ -94,13 +100,17 @@ def _w8a8(model, cfg: QuantizeConfig, src_dir, ctx, started: float) -> StageResu
     modules = [n for n in linears if n not in skipped]
     if not modules:
         raise StageError("quantize: the ignore list leaves no decoder layer to quantize")
+    rotations = {n: BLOCK for n in modules if n.endswith(ROTATED)} if cfg.hadamard else {}
+    if rotations:
+        ctx.log(f"  hadamard: {len(rotations)} down_proj inputs rotated at run time ({BLOCK}-wide blocks), weights to match")
     input_scales = None
     if cfg.activations == "static":
         ctx.log(f"  static: calibrating one int8 input scale per linear input (clip searched on {cfg.search_tokens} tokens)")
-        info["static_inputs"] = static_input_scales(model, batches, modules, cfg.search_tokens, cfg.calibration.seed, ctx.log)
+        info["static_inputs"] = static_input_scales(model, batches, modules, cfg.search_tokens, cfg.calibration.seed, ctx.log,
+                                                       cfg.hadamard)
         input_scales = {name: found["scale"] for name, found in info["static_inputs"].items()}
     plan = {"method": "w8a8", "activations": cfg.activations, "smoothquant": cfg.smoothquant, "layers": {},
-            "w8a8_modules": modules, "skipped": skipped, "input_scales": input_scales}
+            "w8a8_modules": modules, "skipped": skipped, "input_scales": input_scales, "rotations": rotations}
     (ctx.out_dir / PLAN_FILE).write_text(json.dumps(plan, indent=2) + "\n")
     ctx.log(f"  W8A8 {cfg.activations}: int8 weights (per channel) and activations for {len(modules)} linears, applied to "
             f"the graph at export; {len(skipped)} kept float")

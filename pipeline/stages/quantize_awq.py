@@ -29,11 +29,14 @@ SCALE_GROUPS = (
 class InputStats:
     """Mean and max |x| per channel over every calibration token, plus a seeded sample of tokens for the searches."""
 
-    def __init__(self, keep: int, generator: torch.Generator):
+    def __init__(self, keep: int, generator: torch.Generator, transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.sum, self.max, self.count, self.sample, self.keep, self.gen = None, None, 0, [], keep, generator
+        self.transform = transform  # statistics of transform(x) instead of x (a rotated input)
 
     def add(self, x: torch.Tensor, batches: int) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
+        if self.transform is not None:
+            x = self.transform(x)
         if not torch.isfinite(x).all():
             raise FloatingPointError
         self.sum = x.abs().sum(0) if self.sum is None else self.sum + x.abs().sum(0)
@@ -75,10 +78,11 @@ def awq_model(model, plan: dict[str, QuantScheme], cfg: QuantizeConfig, batches:
     return qtensors
 
 
-def collect_inputs(layer, hidden, kwargs, keep: int, gen, index: int) -> dict[str, InputStats]:
-    """Run the layer over the calibration batches; statistics of each linear's inputs."""
+def collect_inputs(layer, hidden, kwargs, keep: int, gen, index: int,
+                   transforms: dict[str, Callable] | None = None) -> dict[str, InputStats]:
+    """Run the layer over the calibration batches; statistics of each linear's inputs (of transforms[name](x) where given)."""
     linears = {name: m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-    stats = {name: InputStats(keep, gen) for name in linears}
+    stats = {name: InputStats(keep, gen, (transforms or {}).get(name)) for name in linears}
 
     def sink(name: str, x: torch.Tensor) -> None:
         try:

@@ -14,6 +14,11 @@ Static W8A8 fixes one symmetric int8 scale per linear input ahead of time (vLLM'
 llm-compressor's static scheme). A plain max |x| over the calibration data wastes most of the 256
 levels on a few outlier tokens, so the scale is a clipped maximum: the clip ratio whose int8 round
 trip best reproduces the float outputs of the linears sharing that input, on calibration tokens.
+
+With `hadamard`, down_proj's input is also rotated by a block Hadamard transform in the graph, after
+the migration (pipeline.quant.rotation): SmoothQuant flattens the channels that are large for every
+token, the rotation spreads those that are large in a few tokens, which is what a static scale
+cannot follow. The α search and the clip search then model the rotated rounding.
 """
 from __future__ import annotations
 
@@ -24,14 +29,16 @@ import torch
 from tqdm import tqdm
 
 from calibration.collect import capture_layer_inputs, decoder_layers, run_layer
+from pipeline.quant.rotation import rotate
 from pipeline.stages.quantize_awq import SCALE_GROUPS, collect_inputs, fold_scale, lines_up
 
+ROTATED = ("mlp.down_proj",)  # hadamard: the inputs rotated at run time (no linear op feeds them to fold a rotation into)
 AUTO_ALPHAS = (None, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # None: no migration (s = 1)
 CLIP_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)  # static: fractions of max |x| tried as the int8 range
 
 
 def smoothquant(model, batches: list[torch.Tensor], alpha: float | str, activations: str, search_tokens: int = 2048,
-                seed: int = 0, log: Callable[[str], None] = print) -> dict[str, dict]:
+                seed: int = 0, log: Callable[[str], None] = print, hadamard: bool = False) -> dict[str, dict]:
     """Fold SmoothQuant scales into every decoder layer, one layer at a time.
 
     Returns, per smoothed group (named by its first linear): the α used (None: left alone), the
@@ -49,7 +56,8 @@ def smoothquant(model, batches: list[torch.Tensor], alpha: float | str, activati
                 continue
             x, _ = stats[names[0]].result()
             x_max = stats[names[0]].max.clamp(min=1e-5)
-            chosen, s, error = search_alpha(x, x_max, [m.weight.data for m in mods], candidates, activations)
+            rot = rotate if hadamard and names == ROTATED else None
+            chosen, s, error = search_alpha(x, x_max, [m.weight.data for m in mods], candidates, activations, rot)
             if s is not None:
                 fold_scale(feed, mods, s)
             report[f"model.layers.{index}.{names[0]}"] = {
@@ -60,14 +68,17 @@ def smoothquant(model, batches: list[torch.Tensor], alpha: float | str, activati
 
 
 def search_alpha(x: torch.Tensor, x_max: torch.Tensor, weights: list[torch.Tensor], candidates: tuple,
-                 activations: str) -> tuple[float | None, torch.Tensor | None, float]:
+                 activations: str, rot: Callable[[torch.Tensor], torch.Tensor] | None = None
+                 ) -> tuple[float | None, torch.Tensor | None, float]:
     """The candidate α with the smallest int8 output error on the token sample x; its scales; that
-    error over the error without migration."""
+    error over the error without migration. `rot`: the graph rotates the migrated input (and the weights)."""
     w_max = torch.cat(weights).abs().amax(0).clamp(min=1e-5)
     exact = [x @ w.T for w in weights]
 
     def error(s: torch.Tensor | None) -> float:
         xs, ws = (x, weights) if s is None else (x / s, [w * s for w in weights])
+        if rot is not None:
+            xs, ws = rot(xs), [rot(w) for w in ws]
         xq = fake_quant_activations(xs, activations)
         return sum(float((xq @ fake_quant_weight(w).T - e).pow(2).sum()) for w, e in zip(ws, exact))
 
@@ -103,21 +114,26 @@ def fake_quant_static(x: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def static_input_scales(model, batches: list[torch.Tensor], modules: list[str], search_tokens: int = 2048,
-                        seed: int = 0, log: Callable[[str], None] = print) -> dict[str, dict]:
+                        seed: int = 0, log: Callable[[str], None] = print, hadamard: bool = False) -> dict[str, dict]:
     """Per W8A8 linear (names as in `modules`), the calibrated int8 scale of its input and the clip
-    ratio chosen; linears fed the same tensor share one. Layer by layer on the (smoothed) float model."""
+    ratio chosen; linears fed the same tensor share one. Layer by layer on the (smoothed) float model;
+    with `hadamard`, ROTATED inputs are calibrated as the graph rounds them, rotated."""
     wanted = set(modules)
     hidden, kwargs = capture_layer_inputs(model, batches)
     gen = torch.Generator().manual_seed(seed)
     scales: dict[str, dict] = {}
+    transforms = {name: rotate for name in ROTATED} if hadamard else None
     for index, layer in enumerate(tqdm(decoder_layers(model), desc="  static input scales", unit="layer")):
-        stats = collect_inputs(layer, hidden, kwargs, search_tokens, gen, index)
+        stats = collect_inputs(layer, hidden, kwargs, search_tokens, gen, index, transforms)
         for _, names in SCALE_GROUPS:
             chosen = [(f"model.layers.{index}.{n}", layer.get_submodule(n)) for n in names
                       if f"model.layers.{index}.{n}" in wanted]
             if chosen:
                 x, _ = stats[names[0]].result()
-                found = search_clip(x, float(stats[names[0]].max.max()), [m.weight.data for _, m in chosen])
+                weights = [m.weight.data for _, m in chosen]
+                if hadamard and names == ROTATED:
+                    weights = [rotate(w) for w in weights]
+                found = search_clip(x, float(stats[names[0]].max.max()), weights)
                 scales.update({name: found for name, _ in chosen})
         hidden = run_layer(layer, hidden, kwargs)
     if "lm_head" in wanted:

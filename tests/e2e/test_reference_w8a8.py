@@ -35,3 +35,21 @@ def test_the_compressed_tensors_checkpoint_carries_the_same_int8_codes(w8a8_run)
     manifest = json.loads(next(w8a8_run.glob("*-export-*/hf-quantized/manifest.json")).read_text())
     assert manifest["compression"] == "int-quantized" and manifest["vllm_compatible"]
     assert list(manifest["schemes"].values()) == [30 * 7]
+
+
+@pytest.fixture(scope="module")
+def static_run(tmp_path_factory):
+    return run_reference_recipe("smollm2-w8a8-static.yaml", tmp_path_factory)
+
+
+def test_static_w8a8_with_hadamard_passes_its_gate_with_every_decoder_linear_in_int8(static_run):
+    report = json.loads(next(static_run.glob("*-validate-*/report.json")).read_text())
+    assert report["passed"], report["failures"]
+    assert report["metrics"]["perplexity_delta_pct"] < 1 and report["graph"] == "fused"
+    plan = json.loads(next(static_run.glob("*-quantize-*/manifest.json")).read_text())["w8a8"]
+    assert len(plan["input_scales"]) == 30 * 7 and len(plan["rotations"]) == 30
+    assert all(name.endswith("mlp.down_proj") for name in plan["rotations"])
+    graph = onnx.load(str(next(static_run.glob("*-export-*/fused/model.onnx"))), load_external_data=False).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("MatMulInteger") == 30 * 7 and ops.count("QuantizeLinear") == 30 * 4
+    assert "ReduceMax" not in ops  # static: no per-token reduction at run time

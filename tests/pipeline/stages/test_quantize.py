@@ -55,6 +55,8 @@ def test_plan_ignores_overrides_and_lm_head(tiny_llama):
     ("{method: w8a8, smoothquant: best}", r"smoothquant: 'best' must be in \[0, 1\) or auto"),
     ("{method: w8a8, smoothquant: [0.5]}", r"quantize.smoothquant: expected float or str, got list"),
     ("{method: gptq, smoothquant: auto}", r"smoothquant: applies to method w8a8 only"),
+    ("{method: gptq, hadamard: true}", r"hadamard: rotates down_proj's inputs in our W8A8 graphs only"),
+    ("{method: w8a8, hadamard: true}", r"hadamard: .* \(got method w8a8, activations dynamic\)"),
     ("{method: w8a8, lm_head: int4}", r"lm_head/embedding: w8a8 quantizes the LM head to W8A8 with lm_head: int8"),
     ("{method: w8a8, embedding: int8}", r"lm_head/embedding: w8a8 .* keeps the embedding float"),
     ("{method: w8a8, lm_head: int8, ignore: ['head']}", r"ignore: 'head' matches lm_head, which lm_head: int8 quantizes"),
@@ -173,6 +175,7 @@ def test_awq_scaling_is_exact_in_float(tiny_llama, eval_text):
 @pytest.mark.parametrize("settings", ["{method: w8a8, activations: dynamic}",
                                       "{method: w8a8, activations: dynamic_per_token, smoothquant: auto}",
                                       "{method: w8a8, activations: static, smoothquant: 0.5}",
+                                      "{method: w8a8, activations: static, smoothquant: auto, hadamard: true}",
                                       "{method: w8a8, activations: dynamic, ignore: ['down_proj']}"])
 def test_w8a8_exports_integer_ops_and_stays_close(tmp_path, tiny_llama, eval_text, settings):
     settings = settings[:-1] + f", {cal(eval_text, 4)}}}"
@@ -189,7 +192,8 @@ def test_w8a8_exports_integer_ops_and_stays_close(tmp_path, tiny_llama, eval_tex
     # only the decoder's linears: the rotary table, the two activation x activation matmuls of each
     # attention and the LM head stay float
     float_matmuls = [n for n in nodes if n.op_type == "MatMul"]
-    assert len(float_matmuls) == 1 + 2 * 2 + 1 + ignored
+    rotated = 2 if "hadamard" in settings else 0  # down_proj's input rotation, one per layer
+    assert len(float_matmuls) == 1 + 2 * 2 + 1 + ignored + rotated
     contract = json.loads((export / "io_contract.json").read_text())
     assert contract["weights"].startswith("int8 W8A8")
     report = json.loads(next(run_dir.glob("*-validate-*/report.json")).read_text())
@@ -271,6 +275,47 @@ def test_static_w8a8_graph_rounds_like_the_calibration_model(tmp_path):
     with pytest.raises(Exception, match="calibrated to different input scales"):
         onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
         quantize_int8_linears(path, modules, {modules[0]: 0.1, modules[1]: 0.2})
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_hadamard_w8a8_graph_rotates_the_input_and_the_weights_alike(tmp_path, static):
+    """With a rotation, the graph rounds x Q against Qᵀ W: what the quantize stage's searches modelled,
+    and the same float product."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from pipeline.onnx_w8a8 import quantize_int8_linears
+    from pipeline.quant.rotation import rotate
+    from pipeline.stages.quantize_w8a8 import fake_quant_static, fake_quant_weight
+
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(64, 8)).astype(np.float32)  # [K, N]
+    node = helper.make_node("MatMul", ["x", "W"], ["y"], name="/model/model/layers.0/mlp/down_proj/MatMul")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(w, "W")])
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    x = rng.normal(size=(2, 5, 64)).astype(np.float32)
+    xr, wr = rotate(torch.from_numpy(x), 16), rotate(torch.from_numpy(w.T.copy()), 16)
+    module, scale = "model.layers.0.mlp.down_proj", float(xr.abs().max()) / 127
+    quantized = quantize_int8_linears(path, [module], {module: scale} if static else None, {module: 16})
+    got = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    if static:
+        expected = fake_quant_static(xr, scale) @ fake_quant_weight(wr).T
+    else:
+        s = xr.abs().amax(-1, keepdim=True) / 127
+        expected = (xr / s).round() * s @ fake_quant_weight(wr).T
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4, atol=1e-4)
+    assert np.abs(got - x @ w).max() < 0.05 * np.abs(x @ w).max()  # still the same linear
+    ops = [n.op_type for n in quantized.graph.node]
+    assert ops.count("MatMul") == 1 and ops.count("MatMulInteger") == 1  # the rotation: one small float matmul
+
+
+def test_hadamard_into_compressed_tensors_is_refused_when_the_recipe_loads(tmp_path, tiny_llama):
+    path = quant_recipe(tmp_path, tiny_llama, None, "{method: w8a8, activations: static, hadamard: true}")
+    path.write_text(path.read_text().replace("export: {}", "export: {targets: [onnx, hf-quantized]}"))
+    with pytest.raises(RecipeError, match="hf-quantized cannot hold hadamard: true"):
+        load_recipe(path)
 
 
 def test_w8a8_into_a_float16_graph_is_refused_when_the_recipe_loads(tmp_path, tiny_llama):
