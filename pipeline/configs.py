@@ -246,7 +246,8 @@ class QuantizeConfig:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     # 3: SmoothQuant also folds up->down and v->o, alpha auto; AWQ folds into a feeder bias (2 was used by e25b010)
     # 4: static W8A8 is ours (calibrated symmetric input scales in the plan), not ONNX Runtime's QDQ
-    version: int = 4
+    # 5: AWQ's clip search refines an asymmetric group's two ends apart
+    version: int = 5
 
     def __post_init__(self):
         if self.method not in QUANT_METHODS:

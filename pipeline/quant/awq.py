@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.quant.primitives import QuantScheme, choose_qparams, fake_quantize, to_groups
+from pipeline.quant.primitives import Clip, QuantScheme, choose_qparams, fake_quantize, to_groups
 
 
 def fake_quant(w: torch.Tensor, scheme: QuantScheme, clip: torch.Tensor | float = 1.0) -> torch.Tensor:
@@ -49,23 +49,36 @@ def search_scale(x: torch.Tensor, x_mean: torch.Tensor, weights: list[torch.Tens
 
 
 def search_clip(x: torch.Tensor, w: torch.Tensor, scheme: QuantScheme, grid: int = 20,
-                max_shrink: float = 0.5) -> torch.Tensor:
+                max_shrink: float = 0.5) -> Clip:
     """Per-group range clip [N, k_blocks] minimizing each group's contribution to the output error.
 
     A group's share of the error is dᵀ H_g d, with H_g the Gram matrix of its input channels.
+    Asymmetric groups then refine their two ends apart, the low end and then the high end (a
+    group's long tail is usually on one side; shrinking the other side as well wastes levels),
+    and get (high, low) factors.
     """
     gs = scheme.group_size
     wg = to_groups(w, gs)  # [N, G, gs]
     xg = to_groups(x, gs)  # [T, G, gs]
     gram = torch.einsum("tgk,tgl->gkl", xg, xg)  # [G, gs, gs]
+    steps = [1.0 - max_shrink * i / grid for i in range(grid)]
     best_err = torch.full(wg.shape[:2], float("inf"))
-    best_clip = torch.ones(wg.shape[:2])
-    for i in range(grid):
-        clip = 1.0 - max_shrink * i / grid
-        scale, zero = choose_qparams(wg, scheme, clip)
-        delta = fake_quantize(wg, scale[..., None], zero[..., None], scheme.maxq) - wg  # [N, G, gs]
-        err = (torch.einsum("ngk,gkl->ngl", delta, gram) * delta).sum(-1)  # [N, G]
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_clip = torch.where(better, torch.full_like(best_clip, clip), best_clip)
-    return best_clip
+    top, bottom = torch.ones(wg.shape[:2]), torch.ones(wg.shape[:2])
+
+    def improve(candidates) -> None:
+        nonlocal best_err, top, bottom
+        for t, b in candidates:
+            t, b = torch.as_tensor(t).expand_as(top), torch.as_tensor(b).expand_as(top)
+            scale, zero = choose_qparams(wg, scheme, (t, b))
+            delta = fake_quantize(wg, scale[..., None], zero[..., None], scheme.maxq) - wg  # [N, G, gs]
+            err = (torch.einsum("ngk,gkl->ngl", delta, gram) * delta).sum(-1)  # [N, G]
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            top, bottom = torch.where(better, t, top), torch.where(better, b, bottom)
+
+    improve((c, c) for c in steps)
+    if scheme.symmetric:
+        return top
+    improve([(top, torch.full_like(bottom, c)) for c in steps[::2]])
+    improve([(torch.full_like(top, c), bottom) for c in steps[::2]])
+    return top, bottom

@@ -60,10 +60,15 @@ def to_groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return w.reshape(n, blocks, group_size)
 
 
-def choose_qparams(groups: torch.Tensor, scheme: QuantScheme, clip: torch.Tensor | float = 1.0):
-    """Scale and integer zero point per group of `groups` [..., G]; `clip` shrinks the range (AWQ clip search)."""
-    gmax = groups.amax(dim=-1).clamp(min=0) * clip
-    gmin = groups.amin(dim=-1).clamp(max=0) * clip
+Clip = torch.Tensor | float | tuple[torch.Tensor, torch.Tensor]
+
+
+def choose_qparams(groups: torch.Tensor, scheme: QuantScheme, clip: Clip = 1.0):
+    """Scale and integer zero point per group of `groups` [..., G]; `clip` shrinks the range (AWQ clip search):
+    one factor for both ends, or (factor for the max, factor for the min) for asymmetric groups."""
+    top, bottom = clip if isinstance(clip, tuple) else (clip, clip)
+    gmax = groups.amax(dim=-1).clamp(min=0) * top
+    gmin = groups.amin(dim=-1).clamp(max=0) * bottom
     if scheme.symmetric:
         absmax = torch.maximum(gmax, -gmin)
         scale = (2 * absmax / scheme.maxq).clamp(min=1e-10)
@@ -99,7 +104,7 @@ def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq
     return (quantize_with(w, scale, zero, maxq) - zero) * scale
 
 
-def quantize(w: torch.Tensor, scheme: QuantScheme, clip: torch.Tensor | float = 1.0) -> QTensor:
+def quantize(w: torch.Tensor, scheme: QuantScheme, clip: Clip = 1.0) -> QTensor:
     """Round-to-nearest quantization of W [N, K]."""
     groups = to_groups(w.float(), scheme.group_size)
     scale, zero = choose_qparams(groups, scheme, clip)

@@ -70,3 +70,26 @@ def test_awq_scale_and_clip_reduce_output_error_below_rtn():
     clipped = (x / s) @ dequantize(quantize(w * s, scheme, clip)).T
     assert awq < 0.8 * rtn
     assert (clipped - ref).pow(2).mean() <= awq * 1.0001
+
+
+def test_awq_asymmetric_clip_refines_the_two_ends_apart_and_never_loses_to_one_shared_factor():
+    from pipeline.quant.awq import search_clip
+    from pipeline.quant.primitives import choose_qparams, fake_quantize, to_groups
+
+    torch.manual_seed(0)
+    x = torch.randn(512, 64)
+    w = torch.randn(16, 64)
+    w[w > 0] *= 0.3  # skewed groups: the long tail is on the low side
+    scheme = QuantScheme(4, 32, False)
+    wg, xg = to_groups(w, 32), to_groups(x, 32)
+    gram = torch.einsum("tgk,tgl->gkl", xg, xg)
+
+    def group_err(clip):
+        scale, zero = choose_qparams(wg, scheme, clip)
+        d = fake_quantize(wg, scale[..., None], zero[..., None], scheme.maxq) - wg
+        return (torch.einsum("ngk,gkl->ngl", d, gram) * d).sum(-1)
+
+    shared = torch.stack([group_err(1.0 - 0.5 * i / 20) for i in range(20)]).amin(0)  # best single factor per group
+    top, bottom = search_clip(x, w, scheme)
+    assert (group_err((top, bottom)) <= shared * (1 + 1e-6)).all()
+    assert group_err((top, bottom)).sum() < 0.99 * shared.sum() and (top != bottom).any()
