@@ -22,7 +22,9 @@ import torch
 from calibration import load_text, sample_blocks
 from pipeline.models import load_torch_model
 from pipeline.quant.rotation import rotate
-from pipeline.stages.quantize_w8a8 import ROTATED, fake_quant_static, fake_quant_weight, smoothquant, static_input_scales
+from pipeline.stages.quantize import decoder_linears
+from pipeline.stages.quantize_w8a8 import (ROTATED, fake_quant_activations, fake_quant_static, fake_quant_weight, smoothquant,
+                                           static_input_scales)
 from runtime.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,24 +32,19 @@ OUT = ROOT / "benchmarks" / "results" / "quantize" / "w8a8_fake_quant.json"
 GROUPS = {"q/k/v": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate/up": ("gate_proj", "up_proj"), "down": ("down_proj",)}
 
 
-def per_token(x: torch.Tensor) -> torch.Tensor:
-    s = x.abs().amax(-1, keepdim=True).clamp(min=1e-8) / 127
-    return (x / s).round().clamp(-127, 127) * s
-
-
 def fake_quantized(model, scales: dict, mode_of, rotated: bool = False):
     """A copy of `model` with each decoder linear's weight int8 and its input rounded as mode_of(name) says."""
     model = copy.deepcopy(model)
-    for name, m in model.named_modules():
-        if not (isinstance(m, torch.nn.Linear) and name.startswith("model.layers.")):
-            continue
+    for name in decoder_linears(model):
+        m = model.get_submodule(name)
         rot = rotated and name.endswith(ROTATED)
         m.weight.data = fake_quant_weight(rotate(m.weight.data) if rot else m.weight.data)
         mode = mode_of(name)
 
         def hook(_m, args, name=name, mode=mode, rot=rot):
             x = rotate(args[0]) if rot else args[0]
-            return (fake_quant_static(x, scales[name]["scale"]) if mode == "static" else per_token(x),)
+            return (fake_quant_static(x, scales[name]["scale"]) if mode == "static"
+                    else fake_quant_activations(x, "dynamic_per_token"),)
         m.register_forward_pre_hook(hook)
     return model
 
@@ -82,8 +79,7 @@ def main() -> None:
         started = time.time()
         smoothed = copy.deepcopy(base)
         smoothquant(smoothed, batches, "auto", "static", log=quiet, hadamard=hadamard)
-        linears = [n for n, m in smoothed.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")]
-        scales = static_input_scales(smoothed, batches, linears, log=quiet, hadamard=hadamard)
+        scales = static_input_scales(smoothed, batches, decoder_linears(smoothed), log=quiet, hadamard=hadamard)
         tag = " + hadamard" if hadamard else ""
         print(f"calibrated{tag} in {time.time() - started:.0f} s", flush=True)
         rows.append((f"static everywhere{tag}", perplexity(fake_quantized(smoothed, scales, lambda n: "static", hadamard), windows)))

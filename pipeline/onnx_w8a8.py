@@ -24,12 +24,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import torch
 from onnx import numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from pipeline.errors import StageError
 from pipeline.onnx_quant import module_of
-from pipeline.quant.rotation import hadamard
+from pipeline.quant.rotation import hadamard, rotate
 
 
 def linear_nodes(path: Path, modules: list[str]) -> list[str]:
@@ -111,8 +112,7 @@ def quantize_int8_linears(path: Path, modules: list[str], input_scales: dict[str
             if f"{x}_rotated" not in quantized_inputs:
                 nodes += _rotation_nodes(x, block, consts)
             x = f"{x}_rotated"
-            h = hadamard(block)
-            w = (h.T @ w.reshape(-1, block, w.shape[1])).reshape(w.shape)
+            w = np.ascontiguousarray(rotate(torch.from_numpy(np.ascontiguousarray(w.T)), block).numpy().T)  # Qᵀ W
         scale = None if input_scales is None else float(input_scales[module_of(node.name)])
         if x not in quantized_inputs and scale is None:
             nodes += _per_token_nodes(x, opset)

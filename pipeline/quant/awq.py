@@ -17,7 +17,7 @@ import torch
 from pipeline.quant.primitives import Clip, QuantScheme, choose_qparams, fake_quantize, to_groups
 
 
-def fake_quant(w: torch.Tensor, scheme: QuantScheme, clip: torch.Tensor | float = 1.0) -> torch.Tensor:
+def fake_quant(w: torch.Tensor, scheme: QuantScheme, clip: Clip = 1.0) -> torch.Tensor:
     """Round-to-nearest W [N, K] -> dequantized W (padding dropped)."""
     g = to_groups(w, scheme.group_size)
     scale, zero = choose_qparams(g, scheme, clip)
