@@ -100,6 +100,7 @@ def _peer_inputs(folder: Path, work, threads: int, out: Path) -> peer_mod.PeerIn
     through the manifests' parent links."""
     checkpoint = gguf = None
     manifest = _manifest(folder)
+    layout: dict = {"accuracy_level": manifest.get("config", {}).get("accuracy_level", 4)}
     run_folder = folder.parent
     parent = manifest.get("parent")
     while parent:
@@ -109,6 +110,9 @@ def _peer_inputs(folder: Path, work, threads: int, out: Path) -> peer_mod.PeerIn
         m = _manifest(step)
         if m.get("kind") == "hf-model" and checkpoint is None:
             checkpoint = step
+        if m.get("stage") == "quantize" and "int4_symmetric" not in layout:
+            layout["int4_symmetric"] = m["config"].get("symmetric", True)
+            layout["int4_block_size"] = m["config"].get("group_size", 32)
         if m.get("source", {}).get("kind") == "gguf":
             gguf = Path(m["source"]["location"])
         parent = m.get("parent")
@@ -117,7 +121,7 @@ def _peer_inputs(folder: Path, work, threads: int, out: Path) -> peer_mod.PeerIn
     if own.is_file():  # the export's own GGUF: llama.cpp runs the very weights ours runs
         gguf = own
     return peer_mod.PeerInputs(export=folder, checkpoint=checkpoint, gguf=gguf, quantized=quantized, work=work,
-                               threads=threads, cache_dir=out.parent / "peers")
+                               threads=threads, cache_dir=out.parent / "peers", **layout)
 
 
 def _manifest(folder: Path) -> dict:

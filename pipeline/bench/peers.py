@@ -38,6 +38,9 @@ class PeerInputs:
     threads: int
     cache_dir: Path  # where peers' own model builds are kept between bench runs
     device: str = "cpu"  # "cuda" when ours ran on the CUDA provider: peers that can, run on the GPU too
+    int4_symmetric: bool = True  # our INT4 layout, which the onnxruntime-genai build copies
+    int4_block_size: int = 32
+    accuracy_level: int = 4  # MatMulNBits compute: 4 int8, 0 float
 
 
 def skipped(engine: str, why: str) -> dict:
@@ -169,6 +172,15 @@ def bench_optimum(inp: PeerInputs) -> dict:
     return {"engine": engine, "status": "ok", "precision": "int4/int8" if inp.quantized else "fp32", "load_s": load_s, **result}
 
 
+def _genai_int4_options(inp: PeerInputs) -> dict[str, str]:
+    """The builder options that give onnxruntime-genai our INT4 layout: symmetry and block size, and
+    on the CPU the MatMulNBits compute (its defaults are symmetric, 32, int8 compute)."""
+    options = {"int4_is_symmetric": str(inp.int4_symmetric).lower(), "int4_block_size": str(inp.int4_block_size)}
+    if inp.device == "cpu":
+        options["int4_accuracy_level"] = str(inp.accuracy_level)
+    return options
+
+
 def bench_genai(inp: PeerInputs, cuda_graph: bool = False) -> dict:
     """onnxruntime-genai on its builder's model for the same checkpoint: float32 or INT4 on the CPU,
     INT4 (float16 compute) on the CUDA provider. A build found in the cache is reused, so a model
@@ -180,12 +192,16 @@ def bench_genai(inp: PeerInputs, cuda_graph: bool = False) -> dict:
     if cuda_graph and not gpu:
         return {"engine": engine, "status": "skipped", "reason": "CUDA graphs need ours on the CUDA provider"}
     precision = "int4" if inp.quantized else ("fp16" if gpu else "fp32")
-    folder = inp.cache_dir / (f"genai-{precision}" + ("-cuda" if gpu else ""))
+    options = _genai_int4_options(inp) if inp.quantized else {}
+    layout = "".join(f"-{k.removeprefix('int4_')}-{v}" for k, v in options.items())
+    folder = inp.cache_dir / (f"genai-{precision}{layout}" + ("-cuda" if gpu else ""))
     if not (folder / "genai_config.json").is_file():
         if inp.checkpoint is None:
             return skipped(engine, f"no build in {folder} and the export's source checkpoint was not found beside it")
         cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(inp.checkpoint), "-o", str(folder),
                "-p", precision, "-e", inp.device, "-c", str(inp.cache_dir / "genai-cache")]
+        if options:
+            cmd += ["--extra_options", *(f"{k}={v}" for k, v in options.items())]
         built = subprocess.run(cmd, capture_output=True, text=True)
         if built.returncode != 0:
             last = (built.stderr.strip().splitlines() or ["no output"])[-1]

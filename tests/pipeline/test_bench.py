@@ -81,3 +81,36 @@ def test_on_a_gpu_the_engine_is_kept_busy_before_time_to_first_token():
     work = Workload(list(range(64)), (8,), (1,), 8, 2, 0, 1, 1)
     time_generation(lambda prompts: calls.append(len(prompts[0])), lambda state: None, work, gpu=True)
     assert len(calls) > 2 * (work.warmup + work.repeats) + 10  # a second of prefills before the timed ones
+
+
+def test_genai_is_built_in_our_int4_layout(tiny_llama, eval_text, tmp_path):
+    """The onnxruntime-genai peer gets our INT4 layout (symmetry, block size, compute), not its
+    builder's defaults (symmetric, 32, int8), so the speed comparison is like against like."""
+    import onnx
+
+    from pipeline import run
+    from pipeline.bench.cli import _peer_inputs
+    from pipeline.bench.peers import _genai_int4_options, bench_genai
+    from pipeline.bench.workload import make_workload
+    from runtime import find_model_folder
+    from runtime.tokenizer import Tokenizer
+
+    recipe = tmp_path / "asym.yaml"
+    recipe.write_text(f"name: asym\nmodel: {{source: {tiny_llama}}}\nstages:\n"
+                      "  - quantize: {method: rtn, bits: 4, group_size: 16, symmetric: false}\n"
+                      "  - export: {accuracy_level: 4}\n")
+    export = find_model_folder(run(recipe, workdir=tmp_path))
+    work = make_workload(Tokenizer(export), str(eval_text), prompt_lengths=(8,), batches=(1,), new_tokens=3,
+                         long_tokens=10, repeats=1)
+    inp = _peer_inputs(export, work, threads=1, out=tmp_path / "bench" / "bench.json")
+    assert (inp.quantized, inp.int4_symmetric, inp.int4_block_size, inp.accuracy_level) == (True, False, 16, 4)
+    assert _genai_int4_options(inp) == {"int4_is_symmetric": "false", "int4_block_size": "16", "int4_accuracy_level": "4"}
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        return
+    result = bench_genai(inp)
+    assert result["status"] == "ok", result
+    built = next(inp.cache_dir.glob("genai-int4-is_symmetric-false-block_size-16-accuracy_level-4/*.onnx"))
+    nbits = [n for n in onnx.load(str(built), load_external_data=False).graph.node if n.op_type == "MatMulNBits"]
+    attrs = {a.name: a.i for a in nbits[0].attribute}
+    assert attrs["block_size"] == 16 and attrs["accuracy_level"] == 4
+    assert all(len(n.input) >= 4 and n.input[3] for n in nbits)  # zero points: asymmetric

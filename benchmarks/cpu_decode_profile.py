@@ -1,0 +1,169 @@
+"""Where a CPU decode step's time goes: ONNX Runtime's per-op profile of the fused graph, and what one
+MatMulNBits costs as the batch grows.
+
+    .venv/bin/python benchmarks/cpu_decode_profile.py artifacts/smollm2-int4-rtn [--batches 1,8] [--steps 100]
+
+Part 1 runs decode steps of the artifact's fused graph at each batch size (128-token prompts, 2
+threads), first plain for the step time, then under ONNX Runtime's profiler, and sums each op
+type's kernel time over the measured steps only (prefill and warm-up excluded). The profiler adds
+a few microseconds to every node, so read its figures as shares, not as the plain step time.
+
+Part 2 times one MatMulNBits of a SmolLM2 gate/up shape (K 576, N 1536, INT4 g32 asymmetric) at
+1 to 64 rows, with int8 compute (`accuracy_level` 4, what the INT4 recipes ship) and float compute
+(0), against a float32 MatMul. Each graph chains 30 such matmuls with distinct weights, as a
+30-layer model reads them, so the weights stream from memory rather than sit in cache.
+
+Prints Markdown tables and writes benchmarks/results/kernels/cpu_decode_profile.json.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from runtime import find_model_folder  # noqa: E402
+from runtime.fused import FusedGraph  # noqa: E402
+from runtime.io_spec import Contract  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "results" / "kernels" / "cpu_decode_profile.json"
+THREADS = 2
+PROMPT = 128
+K, N, BLOCK, CHAIN = 576, 1536, 32, 30
+
+
+def _session(path: Path, profile: bool) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if profile:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tempfile.gettempdir()) / f"cpu-decode-profile-{os.getpid()}")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _decode_steps(session: ort.InferenceSession, contract: Contract, batch: int, steps: int) -> float:
+    """Prefill, 10 warm-up steps, then `steps` timed decode steps; returns ms per step."""
+    graph = FusedGraph(session, contract, pad_id=0)
+    prompts = [list(range(100 + row, 100 + row + PROMPT)) for row in range(batch)]
+    _, state = graph.prefill(prompts, room=steps + 16)
+    tokens = np.full(batch, 5)
+    for _ in range(10):
+        graph.decode(tokens, state)
+    started = time.perf_counter()
+    for _ in range(steps):
+        graph.decode(tokens, state)
+    return (time.perf_counter() - started) / steps * 1e3
+
+
+def profile_decode(folder: Path, batch: int, steps: int) -> dict:
+    contract = Contract.load(folder / "fused")
+    path = folder / "fused" / contract.model_file
+    plain_ms = _decode_steps(_session(path, False), contract, batch, steps)
+    session = _session(path, True)
+    profiled_ms = _decode_steps(session, contract, batch, steps)
+    events = json.loads(Path(session.end_profiling()).read_text())
+    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "Session" and e["name"] == "model_run")
+    measured = runs[-steps:]  # the timed decode steps: after the prefill and the warm-up
+    start = measured[0][0]
+    per_op, nodes = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= start:
+            per_op[e["args"]["op_name"]] += e["dur"]
+            nodes[e["args"]["op_name"]] += 1
+    total = sum(per_op.values())
+    return {
+        "batch": batch, "context": PROMPT + 10 + steps // 2, "plain_ms_per_step": round(plain_ms, 3),
+        "profiled_ms_per_step": round(profiled_ms, 3),
+        "ops": [{"op": op, "us_per_step": round(us / steps, 1), "share": round(us / total, 3),
+                 "nodes_per_step": nodes[op] // steps} for op, us in per_op.most_common()],
+    }
+
+
+def _chain(op: str, level: int | None, rng: np.random.Generator) -> ort.InferenceSession:
+    nodes, inits = [], []
+    for i in range(CHAIN):
+        if op == "MatMulNBits":
+            blocks = K // BLOCK
+            inits += [numpy_helper.from_array(rng.integers(0, 256, (N, blocks, BLOCK // 2), dtype=np.uint8), f"B{i}"),
+                      numpy_helper.from_array((rng.random(N * blocks, dtype=np.float32) + 0.5) * 0.01, f"S{i}"),
+                      numpy_helper.from_array(rng.integers(0, 256, N * ((blocks + 1) // 2), dtype=np.uint8), f"Z{i}")]
+            nodes.append(helper.make_node("MatMulNBits", ["X", f"B{i}", f"S{i}", f"Z{i}"], [f"Y{i}"], domain="com.microsoft",
+                                          K=K, N=N, bits=4, block_size=BLOCK, accuracy_level=level))
+        else:
+            inits.append(numpy_helper.from_array(rng.standard_normal((K, N), dtype=np.float32), f"W{i}"))
+            nodes.append(helper.make_node("MatMul", ["X", f"W{i}"], [f"Y{i}"]))
+    nodes.append(helper.make_node("Sum", [f"Y{i}" for i in range(CHAIN)], ["Y"]))
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["M", K])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", N])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def matmul_rows(rows: list[int], repeats: int = 20) -> list[dict]:
+    rng = np.random.default_rng(0)
+    kinds = {"int4 g32, int8 compute": _chain("MatMulNBits", 4, rng), "int4 g32, float compute": _chain("MatMulNBits", 0, rng),
+             "float32 MatMul": _chain("MatMul", None, rng)}
+    table = []
+    for m in rows:
+        x = rng.standard_normal((m, K), dtype=np.float32)
+        row = {"rows": m}
+        for kind, sess in kinds.items():
+            for _ in range(5):
+                sess.run(None, {"X": x})
+            times = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                sess.run(None, {"X": x})
+                times.append(time.perf_counter() - started)
+            row[kind] = round(statistics.median(times) / CHAIN * 1e6, 1)
+        table.append(row)
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("artifact", type=Path, help="a run folder or export folder with a fused graph")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--rows", default="1,2,4,8,16,64")
+    args = parser.parse_args()
+    folder = find_model_folder(args.artifact)
+    if not (folder / "fused").is_dir():
+        raise SystemExit(f"{folder}: no fused/ graph; export with fused: true")
+    profiles = [profile_decode(folder, int(b), args.steps) for b in args.batches.split(",")]
+    for p in profiles:
+        print(f"\nbatch {p['batch']}, about {p['context']} positions: {p['plain_ms_per_step']} ms per step "
+              f"({p['profiled_ms_per_step']} under the profiler)\n")
+        print("| op | µs per step (profiled) | share | nodes per step |\n|---|---|---|---|")
+        for op in p["ops"]:
+            print(f"| {op['op']} | {op['us_per_step']} | {op['share']:.1%} | {op['nodes_per_step']} |")
+    rows = matmul_rows([int(r) for r in args.rows.split(",")])
+    kinds = [k for k in rows[0] if k != "rows"]
+    print(f"\nOne matmul K {K} x N {N}, µs (median, {CHAIN} chained with distinct weights, {THREADS} threads)\n")
+    print("| rows | " + " | ".join(kinds) + " |\n|---|" + "---|" * len(kinds))
+    for r in rows:
+        print(f"| {r['rows']} | " + " | ".join(str(r[k]) for k in kinds) + " |")
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    result = {"artifact": str(folder), "threads": THREADS, "onnxruntime": ort.__version__,
+              "decode_profiles": profiles, "matmul_rows": rows}
+    tmp = OUT.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(OUT)
+    print(f"\nwrote {OUT}")
+
+
+if __name__ == "__main__":
+    main()
