@@ -236,7 +236,7 @@ def bench_genai(inp: PeerInputs, cuda_graph: bool = False) -> dict:
 
     result = time_generation(first_token, next_token, work, gpu=gpu)  # a refused batch size is recorded there
     return {"engine": engine, "status": "ok", "precision": precision, "device": inp.device, "load_s": load_s,
-            "model_dir": str(folder), **result}
+            "model_dir": str(folder), "builder_options": options, **result}
 
 
 def _set_genai_threads(path: Path, threads: int) -> None:

@@ -15,8 +15,7 @@ def table(results: list[dict], work) -> str:
         if r.get("status", "ok") != "ok":
             lines.append(f"| {r['engine']} | {r['status']}: {r['reason']} (`{r.get('install') or ''}`) |" + " |" * (len(head) - 2))
             continue
-        cells = [label(r), r.get("precision", r.get("weights", "")),
-                 f"{r['load_s']:.2f}"]
+        cells = [label(r), precision(r), f"{r['load_s']:.2f}"]
         cells += [_num(r["ttft_ms"].get(n)) for n in lengths]
         cells += [_num(r["decode_tok_s"].get(b)) for b in batches]
         lines.append("| " + " | ".join(cells) + " |")
@@ -29,6 +28,17 @@ def label(r: dict) -> str:
     if r.get("cuda_graph"):
         extras.append("CUDA graph")
     return r["engine"] + (f" ({', '.join(extras)})" if extras else "")
+
+
+def precision(r: dict) -> str:
+    """The engine's precision, with the INT4 layout a peer was built in where it says (int4 asym g32 acc4)."""
+    text = r.get("precision", r.get("weights", ""))
+    options = r.get("builder_options") or {}
+    if "int4_is_symmetric" in options:
+        text += " " + ("sym" if options["int4_is_symmetric"] == "true" else "asym") + f" g{options['int4_block_size']}"
+        if "int4_accuracy_level" in options:
+            text += f" acc{options['int4_accuracy_level']}"
+    return text
 
 
 def _num(value) -> str:

@@ -91,6 +91,7 @@ def test_genai_is_built_in_our_int4_layout(tiny_llama, eval_text, tmp_path):
     from pipeline import run
     from pipeline.bench.cli import _peer_inputs
     from pipeline.bench.peers import _genai_int4_options, bench_genai
+    from pipeline.bench.report import precision
     from pipeline.bench.workload import make_workload
     from runtime import find_model_folder
     from runtime.tokenizer import Tokenizer
@@ -109,6 +110,8 @@ def test_genai_is_built_in_our_int4_layout(tiny_llama, eval_text, tmp_path):
         return
     result = bench_genai(inp)
     assert result["status"] == "ok", result
+    assert result["builder_options"]["int4_is_symmetric"] == "false"  # recorded in bench.json
+    assert precision(result) == "int4 asym g16 acc4"  # and in the table
     built = next(inp.cache_dir.glob("genai-int4-is_symmetric-false-block_size-16-accuracy_level-4/*.onnx"))
     nbits = [n for n in onnx.load(str(built), load_external_data=False).graph.node if n.op_type == "MatMulNBits"]
     attrs = {a.name: a.i for a in nbits[0].attribute}
