@@ -42,14 +42,16 @@ PROMPT = 128
 K, N, BLOCK, CHAIN = 576, 1536, 32, 30
 
 
-def _session(path: Path, profile: bool) -> ort.InferenceSession:
+def _session(model: Path | bytes, profile: bool = False) -> ort.InferenceSession:
+    """A CPU session on THREADS threads, from a model file or serialized bytes."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = THREADS
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if profile:
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tempfile.gettempdir()) / f"cpu-decode-profile-{os.getpid()}")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
+                                providers=["CPUExecutionProvider"])
 
 
 def _decode_steps(session: ort.InferenceSession, contract: Contract, batch: int, steps: int) -> float:
@@ -73,9 +75,8 @@ def profile_decode(folder: Path, batch: int, steps: int) -> dict:
     session = _session(path, True)
     profiled_ms = _decode_steps(session, contract, batch, steps)
     events = json.loads(Path(session.end_profiling()).read_text())
-    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "Session" and e["name"] == "model_run")
-    measured = runs[-steps:]  # the timed decode steps: after the prefill and the warm-up
-    start = measured[0][0]
+    runs = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e["name"] == "model_run")
+    start = runs[-steps]  # the first timed decode step: after the prefill and the warm-up
     per_op, nodes = collections.Counter(), collections.Counter()
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= start:
@@ -107,9 +108,7 @@ def _chain(op: str, level: int | None, rng: np.random.Generator) -> ort.Inferenc
     graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["M", K])],
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", N])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = THREADS
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return _session(model.SerializeToString())
 
 
 def matmul_rows(rows: list[int], repeats: int = 20) -> list[dict]:
