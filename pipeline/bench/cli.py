@@ -14,6 +14,7 @@ from pipeline.bench.report import table, write
 from pipeline.bench.system import machine
 from pipeline.formats.gguf import GGUF_FILE, GGUF_FOLDER
 from pipeline.bench.workload import make_workload
+from pipeline.configs import ExportConfig, QuantizeConfig
 from runtime import RuntimeFailure, find_model_folder
 from runtime.generate import GRAPHS
 from runtime.tokenizer import Tokenizer
@@ -100,7 +101,8 @@ def _peer_inputs(folder: Path, work, threads: int, out: Path) -> peer_mod.PeerIn
     through the manifests' parent links."""
     checkpoint = gguf = None
     manifest = _manifest(folder)
-    layout: dict = {"accuracy_level": manifest.get("config", {}).get("accuracy_level", 4)}
+    # a setting missing from a manifest is the stage's default (pipeline.configs)
+    layout: dict = {"accuracy_level": manifest.get("config", {}).get("accuracy_level", ExportConfig.accuracy_level)}
     run_folder = folder.parent
     parent = manifest.get("parent")
     while parent:
@@ -111,8 +113,8 @@ def _peer_inputs(folder: Path, work, threads: int, out: Path) -> peer_mod.PeerIn
         if m.get("kind") == "hf-model" and checkpoint is None:
             checkpoint = step
         if m.get("stage") == "quantize" and "int4_symmetric" not in layout:
-            layout["int4_symmetric"] = m["config"].get("symmetric", True)
-            layout["int4_block_size"] = m["config"].get("group_size", 32)
+            layout["int4_symmetric"] = m["config"].get("symmetric", QuantizeConfig.symmetric)
+            layout["int4_block_size"] = m["config"].get("group_size", QuantizeConfig.group_size)
         if m.get("source", {}).get("kind") == "gguf":
             gguf = Path(m["source"]["location"])
         parent = m.get("parent")
