@@ -6,11 +6,12 @@
 Teacher: the hf-model artifact given (SmolLM2-135M-Instruct, 30 layers). Student: `--layers` of them.
 Rows: the teacher; the pruned student with layers dropped uniformly, by block influence (hidden)
 and by the loss increase when each layer alone is skipped (loss), untrained; then the loss-chosen
-student trained for the same token budget with knowledge distillation (KL to the teacher, T = 2)
-and with plain cross-entropy on the text. Training text: WikiText-2 valid + Tiny Shakespeare (the
-distill stage's defaults); perplexity: WikiText-2 test, 40 windows of 512 tokens (the validate
-stage's protocol), through PyTorch. Training runs where accelerate puts it (a GPU when there is
-one). Prints a table and writes JSON.
+student trained for the same token budget with each loss that `--trained` names: knowledge
+distillation (KL to the teacher at T = 2, or T = 1), the two mixed as the shipped recipe does
+(KL at T = 2 plus 0.5 cross-entropy), and plain cross-entropy on the text. Training text:
+WikiText-2 valid + Tiny Shakespeare (the distill stage's defaults); perplexity: WikiText-2 test,
+40 windows of 512 tokens (the validate stage's protocol), through PyTorch. Training runs where
+accelerate puts it (a GPU when there is one). Prints a table and writes JSON.
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ def main() -> int:
                         help="training budget of each trained row; several, comma-separated, give a row pair each")
     parser.add_argument("--batch-size", type=int, default=DistillConfig.batch_size)
     parser.add_argument("--grad-accum", type=int, default=DistillConfig.grad_accum)
-    parser.add_argument("--trained", default="kd,ce", help="trained rows to run: kd, ce or both")
+    parser.add_argument("--trained", default="kd,ce", help="trained rows to run, comma-separated: kd, kd-t1, kd+ce, ce")
     parser.add_argument("--train-data", default="wikitext-2:valid,tinyshakespeare:all",
                         help="training texts as source:split, comma-separated (the distill stage's defaults)")
     parser.add_argument("--choices", default="uniform,hidden,loss",
@@ -89,7 +90,12 @@ def main() -> int:
                      "scoring_seconds": time.perf_counter() - started})
         print(f"pruned ({how}): {ppl:.3f} layers {kept[how]}", flush=True)
     trained = {"kd": ("knowledge distillation (KL, T=2)", DistillLossConfig(kd=1.0)),
+               "kd-t1": ("knowledge distillation (KL, T=1)", DistillLossConfig(kd=1.0, temperature=1.0)),
+               "kd+ce": ("KD (KL, T=2) + 0.5 cross-entropy, the shipped mix", DistillLossConfig(kd=1.0, ce=0.5)),
                "ce": ("cross-entropy fine-tuning", DistillLossConfig(kd=0.0, ce=1.0))}
+    unknown = set(args.trained.split(",")) - set(trained)
+    if unknown:
+        parser.error(f"--trained: {', '.join(sorted(unknown))} not one of {', '.join(trained)}")
     runs = [(tokens, *trained[key]) for tokens in budgets for key in args.trained.split(",")]
     chosen = kept[choices[-1]]  # the trained rows start from the last choice's student
     for tokens, name, loss in runs:
@@ -103,6 +109,7 @@ def main() -> int:
         ppl = perplexity(student.eval(), test_ids)
         rows.append({"row": f"{choices[-1]} choice + {name}, {history.tokens_seen:,} tokens", "perplexity": ppl,
                      "train_tokens_per_second": history.tokens_seen / history.train_seconds, "wall_seconds": wall,
+                     "heldout_kl": history.eval_kl[-1] if history.eval_kl else None,
                      "heldout_curve": list(zip(history.eval_steps, history.eval_ppl))})
         print(f"{name}: {ppl:.3f} in {wall:.0f}s", flush=True)
 

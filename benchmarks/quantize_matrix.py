@@ -64,6 +64,11 @@ VARIANTS = {
     "int4-awq-sym-g32": {"method": "awq", "group_size": 32, "symmetric": True},
     "int4-awq-asym-g128": {"method": "awq", "group_size": 128},
     "int4-awq-sym-g128": {"method": "awq", "group_size": 128, "symmetric": True},
+    # the scale searched on each linear's own output instead of the attention block's / MLP's
+    "int4-awq-asym-g32-linear": {"method": "awq", "group_size": 32, "awq_objective": "linear"},
+    "int4-awq-sym-g32-linear": {"method": "awq", "group_size": 32, "symmetric": True, "awq_objective": "linear"},
+    "int4-awq-asym-g128-linear": {"method": "awq", "group_size": 128, "awq_objective": "linear"},
+    "int4-awq-sym-g128-linear": {"method": "awq", "group_size": 128, "symmetric": True, "awq_objective": "linear"},
     "int4-gptq-asym-g32-budget100": {"method": "gptq", "group_size": 32, "lm_head": "int4", "embedding": "int4",
                                      "budget": {"max_size_mb": 98}},
     "int4-gptq-asym-g32-mixed": {"method": "gptq", "group_size": 32, "overrides": {r"mlp\.down_proj": 8},

@@ -64,6 +64,7 @@ class TextSourceConfig:
 
 QUANT_METHODS = ("rtn", "gptq", "awq", "w8a8")
 ACTIVATION_MODES = ("dynamic", "dynamic_per_token", "static")
+AWQ_OBJECTIVES = ("block", "linear")
 LM_HEAD_CHOICES = ("float", "int8", "int4")
 
 
@@ -236,6 +237,9 @@ class QuantizeConfig:
     act_order: bool = True  # GPTQ: visit columns by decreasing Hessian diagonal
     mse_clip: bool = True  # GPTQ: choose each group's range by least rounding error, not plain min/max
     search_tokens: int = 2048  # AWQ, SmoothQuant: calibration tokens per layer input used by the searches
+    # AWQ: judge the q/k/v and gate/up scales by the output of the attention block / MLP they sit in
+    # (block, as AutoAWQ does), or by the linears' own outputs (linear: faster)
+    awq_objective: str = "block"
     # W8A8: dynamic (ONNX Runtime: one range per tensor, per run) | dynamic_per_token (one scale per token,
     # as vLLM runs it) | static (one symmetric scale per linear input, calibrated: clipped max |x|)
     activations: str = "dynamic"
@@ -247,7 +251,8 @@ class QuantizeConfig:
     # 3: SmoothQuant also folds up->down and v->o, alpha auto; AWQ folds into a feeder bias (2 was used by e25b010)
     # 4: static W8A8 is ours (calibrated symmetric input scales in the plan), not ONNX Runtime's QDQ
     # 5: AWQ's clip search refines an asymmetric group's two ends apart
-    version: int = 5
+    # 6: awq_objective (default block: AWQ judges the q/k/v scale by the attention block's output, gate/up's by the MLP's)
+    version: int = 6
 
     def __post_init__(self):
         if self.method not in QUANT_METHODS:
@@ -299,6 +304,8 @@ class QuantizeConfig:
             )
         if self.budget is not None and (self.bits != 4 or self.method == "w8a8"):
             raise RecipeError("budget: chooses INT8 for some layers of an INT4 plan; use it with bits: 4 and a weight-only method")
+        if self.awq_objective not in AWQ_OBJECTIVES:
+            raise RecipeError(f"awq_objective: '{self.awq_objective}' is not one of {', '.join(AWQ_OBJECTIVES)}")
         if self.search_tokens < 64:
             raise RecipeError(f"search_tokens: {self.search_tokens} is too few; use at least 64 (2048 is the default)")
 

@@ -6,11 +6,15 @@ channel scale s moves weight magnitude onto those channels before rounding:
     y = X Wᵀ = (X / s)(W s)ᵀ        W s is quantized; X / s is folded into the op before
 
 s = mean|X|^α / mean|W|^(1-α), with α searched on calibration inputs to minimize the output error
-of the quantized linears. Then each group's range is clipped (searched the same way). For the
-Llama family the foldable pairs are: input_layernorm -> q,k,v; post_attention_layernorm -> gate,up;
-up_proj -> down_proj (v_proj -> o_proj too when there is no grouped-query attention).
+of the quantized linears, or of the block they sit in (the attention block for q/k/v, the MLP for
+gate/up), whose output weighs each linear's rounding by its effect downstream. Then each group's
+range is clipped, searched on the linear's own output. For the Llama family the foldable pairs
+are: input_layernorm -> q,k,v; post_attention_layernorm -> gate,up; up_proj -> down_proj
+(v_proj -> o_proj too when there is no grouped-query attention).
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -24,6 +28,16 @@ def fake_quant(w: torch.Tensor, scheme: QuantScheme, clip: Clip = 1.0) -> torch.
     return fake_quantize(g, scale[..., None], zero[..., None], scheme.maxq).reshape(w.shape[0], -1)[:, : w.shape[1]]
 
 
+def scale_candidates(x_mean: torch.Tensor, weights: list[torch.Tensor], grid: int):
+    """(α, s) for α = 0, 1/grid, …: s = mean|x|^α / mean|W|^(1-α), normalized so that max·min = 1."""
+    w_all = torch.cat(weights, dim=0)
+    w_mean = (w_all.abs() / w_all.abs().amax(dim=1, keepdim=True).clamp(min=1e-8)).mean(dim=0)
+    for i in range(grid):
+        alpha = i / grid
+        s = (x_mean.pow(alpha) / w_mean.pow(1 - alpha).clamp(min=1e-4)).clamp(min=1e-4)
+        yield alpha, s / (s.max() * s.min()).sqrt()
+
+
 def search_scale(x: torch.Tensor, x_mean: torch.Tensor, weights: list[torch.Tensor], schemes: list[QuantScheme],
                  grid: int = 20) -> tuple[torch.Tensor, float]:
     """Per-input-channel scale s [K] for linears sharing input x [T, K]; returns (s, chosen α).
@@ -31,20 +45,40 @@ def search_scale(x: torch.Tensor, x_mean: torch.Tensor, weights: list[torch.Tens
     The output error of a weight change D is |x Dᵀ|² = tr(D H Dᵀ) with H = xᵀx, so the search
     costs N·K² per candidate instead of T·N·K, and needs no [T, N] outputs.
     """
-    w_all = torch.cat(weights, dim=0)
-    w_mean = (w_all.abs() / w_all.abs().amax(dim=1, keepdim=True).clamp(min=1e-8)).mean(dim=0)
     gram = x.T @ x
     best = (float("inf"), torch.ones_like(x_mean), 0.0)
-    for i in range(grid):
-        alpha = i / grid
-        s = (x_mean.pow(alpha) / w_mean.pow(1 - alpha).clamp(min=1e-4)).clamp(min=1e-4)
-        s = s / (s.max() * s.min()).sqrt()
+    for alpha, s in scale_candidates(x_mean, weights, grid):
         err = 0.0
         for w, sc in zip(weights, schemes):
             d = fake_quant(w * s, sc) / s - w
             err += float(((d @ gram) * d).sum()) / (x.shape[0] * w.shape[0])
         if err < best[0]:
             best = (err, s, alpha)
+    return best[1], best[2]
+
+
+@torch.no_grad()
+def search_scale_on_output(x_mean: torch.Tensor, linears: list[torch.nn.Linear], schemes: list[QuantScheme],
+                           forward: Callable[[], torch.Tensor], grid: int = 20) -> tuple[torch.Tensor, float]:
+    """Like search_scale, but the error is that of forward()'s output (the attention block or the MLP that the
+    linears sit in), so each linear's rounding counts by what it does downstream, through softmax or SwiGLU.
+
+    Each candidate sets the linears' weights to fake_quant(W s) / s, which computes exactly what the folded,
+    quantized linears would; the weights are restored afterwards.
+    """
+    originals = [m.weight.data for m in linears]
+    reference = forward().float()
+    best = (float("inf"), torch.ones_like(x_mean), 0.0)
+    try:
+        for alpha, s in scale_candidates(x_mean, originals, grid):
+            for m, w, sc in zip(linears, originals, schemes):
+                m.weight.data = (fake_quant(w * s, sc) / s).to(w.dtype)
+            err = float((forward().float() - reference).pow(2).mean())
+            if err < best[0]:
+                best = (err, s, alpha)
+    finally:
+        for m, w in zip(linears, originals):
+            m.weight.data = w
     return best[1], best[2]
 
 

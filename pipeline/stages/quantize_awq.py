@@ -2,7 +2,10 @@
 
 For each layer: collect the inputs of each group of linears that share an input, search the
 activation-aware scale and fold it into the op that feeds them (exact in float), search each
-group's clipping range, quantize, then run the quantized layer to feed the next one.
+group's clipping range, quantize, then run the quantized layer to feed the next one. With
+`awq_objective: block` (the default) the scale of q/k/v is judged by the attention block's output
+and that of gate/up by the MLP's output (as AutoAWQ does); the others, and every scale with
+`awq_objective: linear`, by the linears' own outputs.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from tqdm import tqdm
 from calibration.collect import calibration_estimate, capture_layer_inputs, decoder_layers, input_hooks, run_layer
 from pipeline.configs import QuantizeConfig
 from pipeline.errors import StageError
-from pipeline.quant.awq import search_clip, search_scale
+from pipeline.quant.awq import search_clip, search_scale, search_scale_on_output
 from pipeline.quant.primitives import QTensor, QuantScheme, dequantize, quantize
 
 # (op whose output feeds the linears, the linears) within one decoder layer of the Llama family
@@ -24,6 +27,8 @@ SCALE_GROUPS = (
     ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
     ("mlp.up_proj", ("mlp.down_proj",)),
 )
+# the block whose output judges a group's scale, where a nonlinearity sits between the linears and the next fold
+JUDGED_BY = {"input_layernorm": "self_attn", "post_attention_layernorm": "mlp"}
 
 
 class InputStats:
@@ -58,8 +63,10 @@ def awq_model(model, plan: dict[str, QuantScheme], cfg: QuantizeConfig, batches:
     for index, layer in enumerate(tqdm(decoder_layers(model), desc="  awq layers", unit="layer")):
         prefix = f"model.layers.{index}."
         stats = {n: s.result() for n, s in collect_inputs(layer, hidden, kwargs, cfg.search_tokens, gen, index).items()}
+        judges = {"self_attn": replay(layer, "self_attn", hidden[0], kwargs[0]),
+                  "mlp": lambda x=stats["mlp.gate_proj"][0]: layer.mlp(x)} if cfg.awq_objective == "block" else {}
         for feeder, names in SCALE_GROUPS:
-            _scale_group(layer, feeder, names, prefix, plan, stats)
+            _scale_group(layer, feeder, names, prefix, plan, stats, judges.get(JUDGED_BY.get(feeder)))
         for name, module in layer.named_modules():
             if prefix + name in plan:
                 x, _ = stats[name]
@@ -113,8 +120,29 @@ def fold_scale(feed: torch.nn.Module, mods: list[torch.nn.Linear], s: torch.Tens
         m.weight.data *= s[None, :]
 
 
-def _scale_group(layer, feeder: str, names: tuple[str, ...], prefix: str, plan: dict, stats: dict) -> None:
-    """Search s for the group, fold 1/s into the feeder and s into the linears; the inputs seen become x / s."""
+def replay(layer, name: str, hidden: torch.Tensor, kwargs: dict) -> Callable[[], torch.Tensor]:
+    """A call that re-runs the layer's submodule `name` on the arguments it gets when the layer runs on one batch."""
+    module, seen = layer.get_submodule(name), {}
+
+    def grab(_module, args, kw):
+        seen["args"], seen["kwargs"] = args, kw
+
+    handle = module.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        run_layer(layer, [hidden], [kwargs])
+    finally:
+        handle.remove()
+
+    def forward() -> torch.Tensor:
+        out = module(*seen["args"], **seen["kwargs"])
+        return out[0] if isinstance(out, tuple) else out
+    return forward
+
+
+def _scale_group(layer, feeder: str, names: tuple[str, ...], prefix: str, plan: dict, stats: dict,
+                 judge: Callable[[], torch.Tensor] | None = None) -> None:
+    """Search s for the group (by judge()'s output error where given, else by the linears' own), fold 1/s into
+    the feeder and s into the linears; the inputs seen become x / s."""
     mods = [layer.get_submodule(n) for n in names]
     feed = layer.get_submodule(feeder)
     if not lines_up(feed, mods):
@@ -123,7 +151,10 @@ def _scale_group(layer, feeder: str, names: tuple[str, ...], prefix: str, plan: 
     if not planned:
         return
     x, x_mean = stats[names[0]]
-    s, _alpha = search_scale(x, x_mean, [m.weight.data for m, _ in planned], [sc for _, sc in planned])
+    if judge is not None:
+        s, _alpha = search_scale_on_output(x_mean, [m for m, _ in planned], [sc for _, sc in planned], judge)
+    else:
+        s, _alpha = search_scale(x, x_mean, [m.weight.data for m, _ in planned], [sc for _, sc in planned])
     fold_scale(feed, mods, s)
     for n in names:
         sample, mean = stats[n]

@@ -72,6 +72,34 @@ def test_awq_scale_and_clip_reduce_output_error_below_rtn():
     assert (clipped - ref).pow(2).mean() <= awq * 1.0001
 
 
+def test_awq_scale_judged_by_a_swiglu_output_beats_rtn_there_and_restores_the_weights():
+    """gate/up judged by the MLP's output: the chosen scale lowers that output's error and leaves W as it was."""
+    from pipeline.quant.awq import fake_quant, search_scale_on_output
+
+    torch.manual_seed(0)
+    k, n = 128, 96
+    x = torch.randn(512, k)
+    x[:, :4] *= 25  # salient channels
+    gate, up, down = torch.nn.Linear(k, n, bias=False), torch.nn.Linear(k, n, bias=False), torch.nn.Linear(n, k, bias=False)
+
+    def mlp(x=x):
+        return down(torch.nn.functional.silu(gate(x)) * up(x))
+
+    scheme = QuantScheme(4, 32, False)
+    before = [gate.weight.data.clone(), up.weight.data.clone()]
+    with torch.no_grad():
+        ref = mlp()
+        s, alpha = search_scale_on_output(x.abs().mean(0), [gate, up], [scheme, scheme], mlp)
+        assert torch.equal(gate.weight.data, before[0]) and torch.equal(up.weight.data, before[1])
+
+        def err(scale):
+            g, u = fake_quant(before[0] * scale, scheme) / scale, fake_quant(before[1] * scale, scheme) / scale
+            return (down(torch.nn.functional.silu(x @ g.T) * (x @ u.T)) - ref).pow(2).mean()
+
+        assert alpha > 0
+        assert err(s) < 0.8 * err(torch.ones(k))
+
+
 def test_awq_asymmetric_clip_refines_the_two_ends_apart_and_never_loses_to_one_shared_factor():
     from pipeline.quant.awq import search_clip
     from pipeline.quant.primitives import choose_qparams, fake_quantize, to_groups

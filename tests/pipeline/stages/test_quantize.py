@@ -46,6 +46,7 @@ def test_plan_ignores_overrides_and_lm_head(tiny_llama):
     ("{bits: 3}", r"bits: 3 bits is not supported"),
     ("{method: gptqq}", r"method: 'gptqq' is not one of rtn, gptq, awq, w8a8 \(did you mean 'gptq'\?\)"),
     ("{method: awq, calibration: {num_samples: 4}}", r"calibration.num_samples: 4 is too few for AWQ"),
+    ("{method: awq, awq_objective: output}", r"awq_objective: 'output' is not one of block, linear"),
     ("{ignore: ['(']}", r"not a valid regular expression"),
     ("{overrides: {down_proj: 2}}", r"overrides.down_proj: 2 bits"),
     ("{calibration: {num_samples: 2}}", r"calibration.num_samples: 2 is too few for GPTQ"),
@@ -166,8 +167,11 @@ def test_awq_scaling_is_exact_in_float(tiny_llama, eval_text):
     collected = quantize_awq.collect_inputs(layer, hidden, kwargs, 64, torch.Generator().manual_seed(0), 0)
     stats = {n: s.result() for n, s in collected.items()}
     plan = {f"model.layers.0.{n}": QuantScheme(4, 16, False) for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    judges = {"self_attn": quantize_awq.replay(layer, "self_attn", hidden[0], kwargs[0]),
+              "mlp": lambda: layer.mlp(stats["mlp.gate_proj"][0])}
     for feeder, names in quantize_awq.SCALE_GROUPS:
-        quantize_awq._scale_group(layer, feeder, names, "model.layers.0.", plan, stats)
+        judge = judges.get(quantize_awq.JUDGED_BY.get(feeder))
+        quantize_awq._scale_group(layer, feeder, names, "model.layers.0.", plan, stats, judge)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref, atol=1e-4, rtol=1e-4)
 
