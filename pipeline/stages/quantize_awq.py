@@ -63,10 +63,9 @@ def awq_model(model, plan: dict[str, QuantScheme], cfg: QuantizeConfig, batches:
     for index, layer in enumerate(tqdm(decoder_layers(model), desc="  awq layers", unit="layer")):
         prefix = f"model.layers.{index}."
         stats = {n: s.result() for n, s in collect_inputs(layer, hidden, kwargs, cfg.search_tokens, gen, index).items()}
-        judges = {"self_attn": replay(layer, "self_attn", hidden[0], kwargs[0]),
-                  "mlp": lambda x=stats["mlp.gate_proj"][0]: layer.mlp(x)} if cfg.awq_objective == "block" else {}
+        judges = block_judges(layer, hidden[0], kwargs[0], stats) if cfg.awq_objective == "block" else {}
         for feeder, names in SCALE_GROUPS:
-            _scale_group(layer, feeder, names, prefix, plan, stats, judges.get(JUDGED_BY.get(feeder)))
+            _scale_group(layer, feeder, names, prefix, plan, stats, judges.get(feeder))
         for name, module in layer.named_modules():
             if prefix + name in plan:
                 x, _ = stats[name]
@@ -137,6 +136,14 @@ def replay(layer, name: str, hidden: torch.Tensor, kwargs: dict) -> Callable[[],
         out = module(*seen["args"], **seen["kwargs"])
         return out[0] if isinstance(out, tuple) else out
     return forward
+
+
+def block_judges(layer, hidden: torch.Tensor, kwargs: dict, stats: dict) -> dict[str, Callable[[], torch.Tensor]]:
+    """feeder -> the output that judges its group's scale: the attention block re-run on one calibration batch,
+    the MLP on the sampled inputs of gate_proj (taken before any fold, as the searches need)."""
+    mlp_input = stats["mlp.gate_proj"][0]
+    blocks = {"self_attn": replay(layer, "self_attn", hidden, kwargs), "mlp": lambda: layer.mlp(mlp_input)}
+    return {feeder: blocks[block] for feeder, block in JUDGED_BY.items()}
 
 
 def _scale_group(layer, feeder: str, names: tuple[str, ...], prefix: str, plan: dict, stats: dict,

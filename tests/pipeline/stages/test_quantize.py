@@ -167,11 +167,9 @@ def test_awq_scaling_is_exact_in_float(tiny_llama, eval_text):
     collected = quantize_awq.collect_inputs(layer, hidden, kwargs, 64, torch.Generator().manual_seed(0), 0)
     stats = {n: s.result() for n, s in collected.items()}
     plan = {f"model.layers.0.{n}": QuantScheme(4, 16, False) for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-    judges = {"self_attn": quantize_awq.replay(layer, "self_attn", hidden[0], kwargs[0]),
-              "mlp": lambda: layer.mlp(stats["mlp.gate_proj"][0])}
+    judges = quantize_awq.block_judges(layer, hidden[0], kwargs[0], stats)
     for feeder, names in quantize_awq.SCALE_GROUPS:
-        judge = judges.get(quantize_awq.JUDGED_BY.get(feeder))
-        quantize_awq._scale_group(layer, feeder, names, "model.layers.0.", plan, stats, judge)
+        quantize_awq._scale_group(layer, feeder, names, "model.layers.0.", plan, stats, judges.get(feeder))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref, atol=1e-4, rtol=1e-4)
 
