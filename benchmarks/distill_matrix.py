@@ -58,7 +58,7 @@ def main() -> int:
                         help="training budget of each trained row; several, comma-separated, give a row pair each")
     parser.add_argument("--batch-size", type=int, default=DistillConfig.batch_size)
     parser.add_argument("--grad-accum", type=int, default=DistillConfig.grad_accum)
-    parser.add_argument("--trained", default="kd,ce", help="trained rows to run, comma-separated: kd, kd-t1, kd+ce, ce")
+    parser.add_argument("--trained", default="kd,ce", help="trained rows to run, comma-separated: kd, kd-t1, kd+ce, kd-t1+ce, ce")
     parser.add_argument("--train-data", default="wikitext-2:valid,tinyshakespeare:all",
                         help="training texts as source:split, comma-separated (the distill stage's defaults)")
     parser.add_argument("--choices", default="uniform,hidden,loss",
@@ -92,6 +92,7 @@ def main() -> int:
     trained = {"kd": ("knowledge distillation (KL, T=2)", DistillLossConfig(kd=1.0)),
                "kd-t1": ("knowledge distillation (KL, T=1)", DistillLossConfig(kd=1.0, temperature=1.0)),
                "kd+ce": ("KD (KL, T=2) + 0.5 cross-entropy, the shipped mix", DistillLossConfig(kd=1.0, ce=0.5)),
+               "kd-t1+ce": ("KD (KL, T=1) + 0.5 cross-entropy", DistillLossConfig(kd=1.0, ce=0.5, temperature=1.0)),
                "ce": ("cross-entropy fine-tuning", DistillLossConfig(kd=0.0, ce=1.0))}
     unknown = set(args.trained.split(",")) - set(trained)
     if unknown:
