@@ -1,16 +1,17 @@
-"""Probe for an int8 KV cache on the CPU provider: what ONNX Runtime's GroupQueryAttention gains in
-time with int8 past/present buffers, and what static int8 K/V cost in perplexity on the reference
-model. A probe for a feature not built yet (the export and the runner still keep the cache in
-float32), to decide whether it is worth building.
+"""Probe for an int8 KV cache on the CPU provider: what ONNX Runtime's GroupQueryAttention gains or
+loses in time with int8 past/present buffers, and what static int8 K/V cost in perplexity on the
+reference model. It decided the export's `kv_cache: int8` (built since); `optimize bench` measures
+the whole model with it.
 
-    .venv/bin/python benchmarks/kv_int8_probe.py artifacts/smollm2-fp32 [--repeats 30]
+    .venv/bin/python benchmarks/kv_int8_probe.py artifacts/smollm2-fp32 [--repeats 30] [--out FILE.json]
 
 Part 1 times a decode step of 30 chained GroupQueryAttention nodes with SmolLM2-135M's shapes
 (9 query heads, 3 KV heads, head size 64, rotary inside, a 512-position cache shared by past and
 present through IO binding), at batch 1 and 8 and 40 and 350 cached positions, with a float32
 cache and with int8 caches (`kv_cache_bit_width` 8; `k_quant_type`/`v_quant_type` PER_TENSOR and
-PER_CHANNEL, static scales). Only attention: no matmuls, so read it against the whole decode step
-that `cpu_decode_profile.py` measures.
+PER_CHANNEL, static scales). Then a batch-1 prompt of 128 and 512 tokens through the same chain
+(the prefill, which reads the int8 cache it has just written). Only attention: no matmuls, so read
+it against the whole decode step that `cpu_decode_profile.py` measures.
 
 Part 2 runs the fp32 checkpoint in PyTorch with K (after the rotary embedding, as the kernel stores
 it) and V rounded to int8 with static symmetric scales, max |x| over 16 x 512 tokens of WikiText-2
@@ -43,16 +44,16 @@ HEADS, KV_HEADS, HEAD, MAX_LEN, LAYERS, THREADS = 9, 3, 64, 512, 30, 2
 KINDS = {"float32": None, "int8 per tensor": "PER_TENSOR", "int8 per channel": "PER_CHANNEL"}
 
 
-def attention_chain(batch: int, quant: str | None) -> bytes:
+def attention_chain(batch: int, quant: str | None, seq: int = 1) -> bytes:
     """30 GroupQueryAttention nodes; each output, padded back to the packed QKV width, feeds the next."""
     cache = TensorProto.FLOAT if quant is None else TensorProto.INT8
     width = (HEADS + 2 * KV_HEADS) * HEAD
-    inputs = [helper.make_tensor_value_info("qkv", TensorProto.FLOAT, [batch, 1, width]),
+    inputs = [helper.make_tensor_value_info("qkv", TensorProto.FLOAT, [batch, seq, width]),
               helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [batch]),
               helper.make_tensor_value_info("total", TensorProto.INT32, [])]
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.random((MAX_LEN, HEAD // 2), dtype=np.float32), n) for n in ("cos", "sin")]
-    inits.append(numpy_helper.from_array(np.zeros((batch, 1, width - HEADS * HEAD), np.float32), "pad"))
+    inits.append(numpy_helper.from_array(np.zeros((batch, seq, width - HEADS * HEAD), np.float32), "pad"))
     if quant is not None:
         shape = [1] if quant == "PER_TENSOR" else [KV_HEADS, 1, HEAD]
         inits += [numpy_helper.from_array(np.full(shape, 0.05, np.float32), n) for n in ("k_scale", "v_scale")]
@@ -76,16 +77,18 @@ def attention_chain(batch: int, quant: str | None) -> bytes:
     return model.SerializeToString()
 
 
-def time_attention(batch: int, past: int, quant: str | None, repeats: int) -> float:
-    """Median ms of one step of the chain, the caches bound in place as the runner binds them."""
+def time_attention(batch: int, past: int, quant: str | None, repeats: int, prompt: int = 0) -> float:
+    """Median ms of one step of the chain, the caches bound in place as the runner binds them: a decode
+    step over `past` cached positions, or with `prompt` a first prompt of that many tokens."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = THREADS
-    session = ort.InferenceSession(attention_chain(batch, quant), options, providers=["CPUExecutionProvider"])
+    seq = prompt or 1
+    session = ort.InferenceSession(attention_chain(batch, quant, seq), options, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(1)
     binding = session.io_binding()
-    binding.bind_cpu_input("qkv", rng.standard_normal((batch, 1, (HEADS + 2 * KV_HEADS) * HEAD), dtype=np.float32))
-    binding.bind_cpu_input("seqlens_k", np.full(batch, past, np.int32))
-    binding.bind_cpu_input("total", np.array(MAX_LEN, np.int32))
+    binding.bind_cpu_input("qkv", rng.standard_normal((batch, seq, (HEADS + 2 * KV_HEADS) * HEAD), dtype=np.float32))
+    binding.bind_cpu_input("seqlens_k", np.full(batch, prompt - 1 if prompt else past, np.int32))
+    binding.bind_cpu_input("total", np.array(prompt or MAX_LEN, np.int32))
     caches = []
     for i in range(LAYERS):
         for kv in "kv":
@@ -144,6 +147,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("artifact", type=Path, help="a run folder with the fp32 model step (artifacts/smollm2-fp32)")
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     speed = []
@@ -153,6 +157,12 @@ def main() -> int:
         row = {"batch": batch, "past": past} | {k: time_attention(batch, past, q, args.repeats) for k, q in KINDS.items()}
         speed.append(row)
         print(f"| {batch} | {past} | " + " | ".join(f"{row[k]:.2f}" for k in KINDS) + " |", flush=True)
+    prefill = []
+    print("\n| prompt tokens (batch 1, first prompt) | " + " | ".join(KINDS) + " |\n|---|" + "---|" * len(KINDS))
+    for prompt in (128, 512):
+        row = {"prompt": prompt} | {k: time_attention(1, 0, q, max(3, args.repeats // 4), prompt) for k, q in KINDS.items()}
+        prefill.append(row)
+        print(f"| {prompt} | " + " | ".join(f"{row[k]:.1f}" for k in KINDS) + " |", flush=True)
 
     from transformers import AutoModelForCausalLM
     folder = next(p for p in sorted(args.artifact.glob("00-model-*")) if (p / "config.json").exists())
@@ -162,8 +172,8 @@ def main() -> int:
     valid = np.array(tokenizer.encode(load_text("wikitext-2", "valid"), add_special_tokens=False), dtype=np.int64)
     calibration = torch.from_numpy(sample_blocks(valid, 512, 16, 0))
     accuracy = {"float32": perplexity(model, test)}
-    for name, per_channel in (("int8 per tensor", False), ("int8 per channel", True)):
-        rounding = KVRounding(model, per_channel)
+    for name in ("int8 per tensor", "int8 per channel"):
+        rounding = KVRounding(model, per_channel=KINDS[name] == "PER_CHANNEL")
         try:
             with torch.no_grad():
                 for block in calibration:
@@ -175,10 +185,10 @@ def main() -> int:
     print("\n| KV cache | WikiText-2 test perplexity | vs float32 |\n|---|---|---|")
     for name, ppl in accuracy.items():
         print(f"| {name} | {ppl:.3f} | {(ppl / accuracy['float32'] - 1) * 100:+.2f} % |")
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({"onnxruntime": ort.__version__, "threads": THREADS, "attention_ms": speed,
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"onnxruntime": ort.__version__, "threads": THREADS, "attention_ms": speed, "prefill_attention_ms": prefill,
                                "perplexity": accuracy}, indent=2) + "\n")
-    print(f"wrote {OUT}")
+    print(f"wrote {args.out}")
     return 0
 
 

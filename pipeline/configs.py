@@ -13,6 +13,7 @@ from pipeline.errors import RecipeError, did_you_mean
 # Metrics the validate stage computes, and which side of the threshold passes.
 EXPORT_TARGETS = ("onnx", "gguf", "hf-quantized")
 HF_QUANTIZED_DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: the checkpoint's own
+KV_CACHES = ("float", "int8")
 
 VALIDATE_METRICS = {
     "perplexity_delta_pct": "max",  # (ppl_onnx - ppl_torch) / ppl_torch * 100
@@ -324,10 +325,12 @@ class ExportConfig:
     int8_accuracy_level: int | None = None  # the same for 8-bit layers only (None: as accuracy_level)
     fused: bool = True  # also write fused/: GroupQueryAttention, fused norms, in-place KV cache (ONNX Runtime only)
     dtype: str = "float32"  # the fused graph's weights and KV cache: float32, or float16 (what CUDA's GroupQueryAttention needs)
+    kv_cache: str = "float"  # the fused graph's KV cache: float (as dtype) or int8 (static per-channel scales; CPU provider)
+    kv_calibration: CalibrationConfig = field(default_factory=lambda: CalibrationConfig(num_samples=16, batch_size=4))
     # formats written: onnx (always), gguf (llama.cpp, in gguf/), hf-quantized (compressed-tensors for vLLM, in hf-quantized/)
     targets: tuple[str, ...] = ("onnx",)
     hf_quantized_dtype: str = "auto"  # hf-quantized's float tensors and scales: auto (as the model), float32, bfloat16, float16
-    version: int = 8  # 2: fused graph beside the portable one; 3: logits_positions, packed matmuls; 4: no query_seqlens, dtype; 5: targets; 6: genai_config.json, hf-quantized; 7: per-token W8A8 codes as uint8 + 128; 8: per-token W8A8 fused graph
+    version: int = 9  # 2: fused graph beside the portable one; 3: logits_positions, packed matmuls; 4: no query_seqlens, dtype; 5: targets; 6: genai_config.json, hf-quantized; 7: per-token W8A8 codes as uint8 + 128; 8: per-token W8A8 fused graph; 9: kv_cache
 
     def __post_init__(self):
         if self.accuracy_level not in (0, 1, 2, 3, 4):
@@ -338,6 +341,11 @@ class ExportConfig:
             raise RecipeError(f"dtype: '{self.dtype}' is not one of float32, float16")
         if self.dtype == "float16" and not self.fused:
             raise RecipeError("dtype: float16 applies to the fused graph (the portable one stays float32); set fused: true")
+        if self.kv_cache not in KV_CACHES:
+            raise RecipeError(f"kv_cache: '{self.kv_cache}' is not one of {', '.join(KV_CACHES)}{did_you_mean(self.kv_cache, KV_CACHES)}")
+        if self.kv_cache == "int8" and (not self.fused or self.dtype != "float32"):
+            raise RecipeError("kv_cache: int8 is built for the fused graph in float32 (ONNX Runtime's CPU GroupQueryAttention); "
+                              "set fused: true and dtype: float32, or kv_cache: float")
         if not 14 <= self.opset <= 21:
             raise RecipeError(f"opset: {self.opset} is not supported; use 14..21 (17 is the default)")
         for target in self.targets:

@@ -20,6 +20,9 @@ With `dtype: float16` (what the CUDA provider's GroupQueryAttention needs) every
 rotary tables and the KV cache are float16; the logits are cast back to float32 for sampling and
 perplexity. The graph is built in float32 first so the quantized-op rewrite and packing see the
 weights exactly as PyTorch holds them; `to_float16` converts it last.
+
+With `kv_cache: int8` in the contract, each GroupQueryAttention keeps its cache in int8 and takes the
+layer's per-channel key and value scales (pipeline.quant.kv_cache) as initializers.
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ from runtime.io_spec import Contract
 
 MS = "com.microsoft"
 DTYPES = {"int64": TensorProto.INT64, "int32": TensorProto.INT32, "float32": TensorProto.FLOAT,
-          "float16": TensorProto.FLOAT16}
+          "float16": TensorProto.FLOAT16, "int8": TensorProto.INT8}
 
 
 class _Graph:
@@ -54,13 +57,17 @@ class _Graph:
         return outs
 
 
-def build_fused_graph(model: torch.nn.Module, contract: Contract, opset: int) -> onnx.ModelProto:
+def build_fused_graph(model: torch.nn.Module, contract: Contract, opset: int,
+                      kv_scales: list[tuple[np.ndarray, np.ndarray]] | None = None) -> onnx.ModelProto:
     """The model as GroupQueryAttention + SimplifiedLayerNormalization + MatMul ops, with float32 weights
-    (call `to_float16` after any rewrite when the contract's dtype is float16)."""
+    (call `to_float16` after any rewrite when the contract's dtype is float16). `kv_scales`, per layer
+    (key, value) [1, kv_heads, 1, head_dim], is required when the contract's cache is int8."""
     cfg = model.config
     dims = model_dims(cfg)
     heads, kv_heads, head_dim = cfg.num_attention_heads, dims.num_kv_heads, dims.head_dim
     _check_supported(cfg, head_dim)
+    if (contract.kv_cache == "int8") != (kv_scales is not None):
+        raise StageError("export.fused: an int8 KV cache needs its calibrated scales, and only an int8 cache takes them")
     eps = float(cfg.rms_norm_eps)
     weights = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     g = _Graph()
@@ -104,14 +111,17 @@ def build_fused_graph(model: torch.nn.Module, contract: Contract, opset: int) ->
         q, k, v = (linear(x, f"{p}.self_attn.{n}_proj") for n in "qkv")
         if f"{p}.self_attn.q_norm.weight" in weights:
             q, k = head_norm(q, f"{p}.self_attn.q_norm", heads), head_norm(k, f"{p}.self_attn.k_norm", kv_heads)
+        inputs = [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k", "total_sequence_length",
+                  "cos_cache", "sin_cache"]
+        quant = {}
+        if kv_scales is not None:  # inputs 9-11 (position_ids, attention_bias, head_sink) stay empty
+            inputs += ["", "", "", g.const(f"{p}.self_attn.k_scale", kv_scales[i][0]), g.const(f"{p}.self_attn.v_scale", kv_scales[i][1])]
+            quant = {"k_quant_type": "PER_CHANNEL", "v_quant_type": "PER_CHANNEL", "kv_cache_bit_width": 8}
         attn, _, _ = g.op(
-            "GroupQueryAttention",
-            [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k", "total_sequence_length",
-             "cos_cache", "sin_cache"],
-            f"/model/{p.replace('.', '/')}/self_attn/GroupQueryAttention",
+            "GroupQueryAttention", inputs, f"/model/{p.replace('.', '/')}/self_attn/GroupQueryAttention",
             outputs=[f"{p}.attn_out", f"present.{i}.key", f"present.{i}.value"], domain=MS,
             num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0, local_window_size=window,
-            scale=float(head_dim ** -0.5),
+            scale=float(head_dim ** -0.5), **quant,
         )
         pending = linear(attn, f"{p}.self_attn.o_proj")
         x = norm("post_attention_layernorm")

@@ -23,7 +23,9 @@ right-padded; each sequence's own lengths replace the mask and position ids:
     -> logits                    float32 [batch_size, logits_length, vocab_size]
     -> present.{i}.key|value     dtype [batch_size, num_kv_heads, max_length, head_dim]  (the same buffer)
 
-`dtype` (float32 or float16) is the cache's and the weights' type; logits are float32 either way.
+`dtype` (float32 or float16) is the weights' type and the cache's, unless `kv_cache` is "int8": then
+the cache holds int8 codes, rounded by GroupQueryAttention with per-channel scales stored in the graph
+(pipeline.quant.kv_cache). Logits are float32 either way.
 """
 from __future__ import annotations
 
@@ -59,6 +61,7 @@ class Contract:
     weights: str = "float"  # "float" or "MatMulNBits" (block-quantized linear layers)
     model_file: str = "model.onnx"
     max_positions: int = 0  # fused: rotary table length, the largest KV buffer the graph can take
+    kv_cache: str = "float"  # fused: "float" (the cache in `dtype`) or "int8"
     version: int = CONTRACT_VERSION
 
     def inputs(self) -> list[TensorSpec]:
@@ -69,7 +72,7 @@ class Contract:
                 TensorSpec("seqlens_k", "int32", (BATCH,)),
                 TensorSpec("total_sequence_length", "int32", ()),
                 TensorSpec("logits_positions", "int64", (BATCH, LOGITS)),
-            ] + [TensorSpec(n, self.dtype, kv) for n in self.past_names()]
+            ] + [TensorSpec(n, self.kv_dtype, kv) for n in self.past_names()]
         kv = (BATCH, self.num_kv_heads, PAST, self.head_dim)
         specs = [
             TensorSpec("input_ids", "int64", (BATCH, SEQ)),
@@ -82,8 +85,13 @@ class Contract:
         fused = self.flavour == "fused"
         kv = (BATCH, self.num_kv_heads, MAX_LENGTH if fused else TOTAL, self.head_dim)
         return [TensorSpec("logits", "float32", (BATCH, LOGITS if fused else SEQ, self.vocab_size))] + [
-            TensorSpec(n, self.dtype, kv) for n in self.present_names()
+            TensorSpec(n, self.kv_dtype, kv) for n in self.present_names()
         ]
+
+    @property
+    def kv_dtype(self) -> str:
+        """numpy dtype name of the cache buffers."""
+        return "int8" if self.kv_cache == "int8" else self.dtype
 
     def past_names(self) -> list[str]:
         return [f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
@@ -99,7 +107,7 @@ class Contract:
         }
 
     def kv_bytes_per_token(self, batch: int = 1) -> int:
-        itemsize = 2 if self.dtype == "float16" else 4
+        itemsize = {"float16": 2, "int8": 1}.get(self.kv_dtype, 4)
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize * batch
 
     def save(self, folder: Path) -> None:

@@ -51,11 +51,11 @@ class StaticKVCache:
         self.values: dict[str, ort.OrtValue] = {}
         for past, present in zip(contract.past_names(), contract.present_names()):
             if device == "cpu":
-                array = np.zeros(shape, dtype=contract.dtype)
+                array = np.zeros(shape, dtype=contract.kv_dtype)
                 self.host.append(array)
                 value = ort.OrtValue.ortvalue_from_numpy(array)
             else:
-                value = ort.OrtValue.ortvalue_from_shape_and_type(shape, np.dtype(contract.dtype), device, 0)
+                value = ort.OrtValue.ortvalue_from_shape_and_type(shape, np.dtype(contract.kv_dtype), device, 0)
             self.values[past] = value
             self.values[present] = value
         self.lengths = np.zeros(batch, dtype=np.int32)  # tokens held by each row

@@ -57,14 +57,15 @@ def make_checkpoint(folder: Path, family: str = "llama", seed: int = 0, layers: 
     return folder
 
 
-def write_recipe(folder: Path, model: Path, text: Path, name: str = "tiny", extra_validate: str = "") -> Path:
+def write_recipe(folder: Path, model: Path, text: Path, name: str = "tiny", extra_validate: str = "",
+                 export: str = "{opset: 17}") -> Path:
     recipe = folder / f"{name}.yaml"
     recipe.write_text(textwrap.dedent(f"""\
         name: {name}
         model:
           source: {model}
         stages:
-          - export: {{opset: 17}}
+          - export: {export}
           - validate:
               eval_data: {{source: {text}}}
               context_length: 64
@@ -138,6 +139,20 @@ def tiny_export(tiny_run) -> Path:
     from runtime import find_model_folder
 
     return find_model_folder(tiny_run)
+
+
+@pytest.fixture(scope="session")
+def tiny_export_int8_kv(tmp_path_factory, tiny_llama, eval_text) -> Path:
+    """The tiny recipe exported with an int8 KV cache (scales calibrated on the tiny corpus)."""
+    from pipeline import run
+    from runtime import find_model_folder
+
+    work = tmp_path_factory.mktemp("work-int8-kv")
+    export = ("{opset: 17, kv_cache: int8, kv_calibration: {data: {source: %s}, num_samples: 4, sequence_length: 32}}"
+              % eval_text)
+    gates = "thresholds: {top1_agreement: 0.9, greedy_token_agreement: 0.8}"  # a random model's near-ties flip
+    return find_model_folder(run(write_recipe(work, tiny_llama, eval_text, "tiny-int8-kv", gates, export=export),
+                                 workdir=work / "artifacts"))
 
 
 FAULTY_SEED = 13

@@ -27,7 +27,8 @@ from pipeline.models import TOKENIZER_FILES, load_torch_model
 from pipeline.onnx_pack import pack_sibling_matmuls
 from pipeline.onnx_quant import apply_block_quantized_ops, set_accuracy_level
 from pipeline.onnx_w8a8 import quantize_w8a8
-from pipeline.stages.quantize import PLAN_FILE, decoder_linears
+from pipeline.quant.kv_cache import RoundingCache, kv_scales
+from pipeline.stages.quantize import PLAN_FILE, calibration_batches, decoder_linears
 from pipeline.registry import StageResult, register_stage
 from runtime.generate import Generator
 from runtime.io_spec import Contract
@@ -36,6 +37,10 @@ COPIED_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
 # max |logit difference| against PyTorch's float32 for a float16 graph: half precision's rounding
 # over every layer, far below a broken graph's error (SmolLM2-135M measures 0.09)
 FLOAT16_ATOL = 0.5
+# the same for an int8 KV cache against PyTorch rounding its cache alike: float differences of 1e-6
+# flip a code now and then, and a flip moves later layers (SmolLM2-135M: 0.37 max, 0.05 mean, where
+# the rounding itself moves logits by 1.2 max); a graph that misreads its scales is off by far more
+INT8_KV_ATOL = 1.0
 
 
 class KVCacheWrapper(torch.nn.Module):
@@ -101,10 +106,16 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
         ctx.log("  fused graph skipped: W8A8 dynamic is quantized by ONNX Runtime's tool on the portable graph")
     elif cfg.fused:
         fused = Contract("fused", dims.num_layers, dims.num_kv_heads, dims.head_dim, dims.vocab_size, weights=weights_kind,
-                         max_positions=model.config.max_position_embeddings, dtype=cfg.dtype)
+                         max_positions=model.config.max_position_embeddings, dtype=cfg.dtype, kv_cache=cfg.kv_cache)
         (out / "fused").mkdir()
-        ctx.log(f"  building the fused graph (GroupQueryAttention, SkipSimplifiedLayerNormalization; {cfg.dtype})")
-        graph = build_fused_graph(model, fused, cfg.opset)
+        if cfg.kv_cache == "int8":
+            cal = cfg.kv_calibration
+            ctx.log(f"  int8 KV cache: per-channel scales from {cal.num_samples} x {cal.sequence_length} tokens of "
+                    f"{cal.data.source} {cal.data.split}")
+            scales = kv_scales(model, calibration_batches(cal, inp.path, "export.kv_calibration"))
+        ctx.log(f"  building the fused graph (GroupQueryAttention, SkipSimplifiedLayerNormalization; {cfg.dtype}, "
+                f"KV cache {fused.kv_dtype})")
+        graph = build_fused_graph(model, fused, cfg.opset, scales if cfg.kv_cache == "int8" else None)
         if plan.get("layers"):
             apply_block_quantized_ops(graph, inp.path, weights, accuracy_level=0)
         if not activations:  # the per-token rewrite finds each linear's own MatMul; it shares their inputs' rounding
@@ -116,8 +127,10 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
         fused.save(out / "fused")
     parity, limits = {}, {}
     for flavour in graphs:
-        parity[flavour] = _parity(model, out, cfg.parity_tokens, flavour)
-        atol = limits[flavour] = FLOAT16_ATOL if flavour == "fused" and cfg.dtype == "float16" else arch.atol
+        int8_kv = flavour == "fused" and cfg.kv_cache == "int8"
+        parity[flavour] = _parity(model, out, cfg.parity_tokens, flavour, scales if int8_kv else None)
+        atol = limits[flavour] = (FLOAT16_ATOL if flavour == "fused" and cfg.dtype == "float16" else
+                                  max(INT8_KV_ATOL, arch.atol) if int8_kv else arch.atol)
         ctx.log(f"  parity of the {flavour} graph: max |logits_onnx - logits_torch| = {parity[flavour]:.3g} (limit {atol:g})")
         if parity[flavour] > atol:
             raise StageError(
@@ -148,7 +161,7 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
     return StageResult(
         metrics=metrics,
         info={"io_contract": contract.__dict__, "atol": arch.atol, "graphs": sorted(graphs),
-              "parity_by_graph": parity, "parity_limit_by_graph": limits, "targets": targets},
+              "parity_by_graph": parity, "parity_limit_by_graph": limits, "targets": targets, "kv_cache": cfg.kv_cache},
     )
 
 
@@ -233,9 +246,10 @@ def _replace_graph(graph: onnx.ModelProto, path: Path, external_data: bool) -> N
     save_onnx(graph, path, external_data)
 
 
-def _parity(model, folder: Path, tokens: int, graph: str) -> float:
+def _parity(model, folder: Path, tokens: int, graph: str, kv_scales: list | None = None) -> float:
     """Prefill half the tokens, decode the rest one by one with the ONNX KV cache, and compare
-    every step's logits with PyTorch recomputing the whole sequence without a cache."""
+    every step's logits with PyTorch recomputing the whole sequence without a cache (with `kv_scales`:
+    through a cache that rounds keys and values to int8 as the graph does)."""
     gen = Generator(folder, provider="cpu", graph=graph)
     ids = np.random.default_rng(0).integers(0, gen.contract.vocab_size, size=(1, tokens)).astype(np.int64)
     split = tokens // 2
@@ -245,5 +259,7 @@ def _parity(model, folder: Path, tokens: int, graph: str) -> float:
         logits = gen.decode(ids[:, t], state)
         onnx_steps.append(logits)
     with torch.no_grad():
-        ref = model(torch.from_numpy(ids[:, : tokens - 1])).logits[0, split - 1:].numpy()  # [steps, V]
+        cache = RoundingCache(kv_scales) if kv_scales is not None else None
+        ref = model(torch.from_numpy(ids[:, : tokens - 1]), past_key_values=cache, use_cache=cache is not None)
+        ref = ref.logits[0, split - 1:].numpy()  # [steps, V]
     return float(np.abs(np.concatenate(onnx_steps, axis=0) - ref).max())

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from calibration import DataError, load_text, sample_blocks
 from calibration.collect import calibration_estimate, capture_layer_inputs, decoder_layers, input_hooks, run_layer
-from pipeline.configs import QuantizeConfig
+from pipeline.configs import CalibrationConfig, QuantizeConfig
 from pipeline.errors import StageError
 from pipeline.models import copy_tokenizer, load_torch_model
 from pipeline.quant.gptq import HessianAccumulator, gptq
@@ -219,16 +219,20 @@ def _collect_hessians(layer, modules, hidden, kwargs, index) -> dict[str, Hessia
 
 
 def _calibration_batches(cfg: QuantizeConfig, model_dir, length: int | None = None) -> list[torch.Tensor]:
-    cal = cfg.calibration
+    return calibration_batches(cfg.calibration, model_dir, "quantize.calibration", length)
+
+
+def calibration_batches(cal: CalibrationConfig, model_dir, where: str, length: int | None = None) -> list[torch.Tensor]:
+    """The calibration blocks of `cal` as token-id batches [batch_size, length]; `where` names the recipe key in errors."""
     try:
         text = load_text(cal.data.source, cal.data.split, cal.data.hub_config, cal.data.text_field)
     except DataError as e:
-        raise StageError(f"quantize.calibration.data: {e}") from e
+        raise StageError(f"{where}.data: {e}") from e
     ids = np.array(Tokenizer(model_dir).encode(text, add_special_tokens=False), dtype=np.int64)
     try:
         blocks = sample_blocks(ids, length or cal.sequence_length, cal.num_samples, cal.seed)
     except DataError as e:
-        raise StageError(f"quantize.calibration: {e}") from e
+        raise StageError(f"{where}: {e}") from e
     return [torch.from_numpy(blocks[i:i + cal.batch_size]) for i in range(0, len(blocks), cal.batch_size)]
 
 

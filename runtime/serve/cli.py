@@ -58,8 +58,8 @@ def serve_command(artifact, host, port, slots, max_length, kv_budget_mb, max_wai
     except RuntimeFailure as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"[{folder}] {gen.flavour} graph on {gen.provider}; serving model '{name}'", err=True)
-    click.echo(f"KV cache: {slots} slots x {max_length} positions = {server.slots.nbytes / 2**20:.1f} MiB "
-               f"preallocated; queue: {max_waiting} waiting; prefill: {max_prefill_tokens} tokens per step", err=True)
+    click.echo(f"KV cache ({gen.contract.kv_dtype}): {slots} slots x {max_length} positions = "
+               f"{server.slots.nbytes / 2**20:.1f} MiB preallocated; queue: {max_waiting} waiting; prefill: {max_prefill_tokens} tokens per step", err=True)
     config = uvicorn.Config(create_app(server), host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=shutdown_timeout, access_log=log_level == "debug")
     uvicorn.Server(config).run()

@@ -41,7 +41,7 @@ def test_failed_gate_exit_1_names_metric(tmp_path, tiny_llama, eval_text):
 def test_generate_streams_and_names_the_provider(tiny_run):
     result = CliRunner().invoke(main, ["generate", str(tiny_run), "The capital of France", "--max-new-tokens", "5"])
     assert result.exit_code == 0, result.output
-    assert "fused graph on CPUExecutionProvider" in result.output and "KV cache: " in result.output
+    assert "fused graph on CPUExecutionProvider" in result.output and "KV cache (float32): " in result.output
     assert re.search(r"\d+ prompt tokens, \d+ new", result.output)
 
 

@@ -10,6 +10,7 @@ import torch
 from pipeline.archs import model_dims
 from pipeline.fused_graph import build_fused_graph, to_float16
 from pipeline.onnx_pack import pack_sibling_matmuls
+from pipeline.quant.kv_cache import RoundingCache, kv_scales
 from runtime.io_spec import Contract
 
 
@@ -23,10 +24,11 @@ def _tiny(family: str, **extra):
     return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
 
 
-def _session(model, pack: bool = False, dtype: str = "float32"):
+def _session(model, pack: bool = False, dtype: str = "float32", scales: list | None = None):
     d = model_dims(model.config)
-    contract = Contract("fused", d.num_layers, d.num_kv_heads, d.head_dim, d.vocab_size, max_positions=64, dtype=dtype)
-    graph = build_fused_graph(model, contract, 17)
+    contract = Contract("fused", d.num_layers, d.num_kv_heads, d.head_dim, d.vocab_size, max_positions=64, dtype=dtype,
+                        kv_cache="int8" if scales else "float")
+    graph = build_fused_graph(model, contract, 17, scales)
     if pack:
         matmuls = sum(n.op_type == "MatMul" for n in graph.graph.node)
         groups = pack_sibling_matmuls(graph)
@@ -51,28 +53,48 @@ def test_float16_graph_matches_pytorch_within_half_precision(family, extra):
     _check_against_pytorch(_tiny(family, **extra), True, "float16", atol=5e-3)
 
 
-def _check_against_pytorch(model, pack: bool, dtype: str, atol: float):
+@pytest.mark.parametrize("family,extra", FAMILIES)
+def test_int8_kv_cache_graph_matches_pytorch_rounding_alike(family, extra):
+    """With an int8 cache the graph must equal PyTorch attending over keys and values rounded with the same
+    per-channel scales (prefill reads the rounded cache too), and differ from the float model."""
+    model = _tiny(family, **extra)
+    with torch.no_grad():
+        scales = kv_scales(model, [torch.randint(0, 120, (2, 32), generator=torch.Generator().manual_seed(1))])
+    head_dim = model_dims(model.config).head_dim
+    assert len(scales) == 2 and scales[0][0].shape == (1, 2, 1, head_dim) and (scales[0][0] > 0).all()
+    _check_against_pytorch(model, True, "float32", atol=2e-3, scales=scales)
+    with pytest.raises(AssertionError):  # the rounding is real: the float model is farther than the tolerance
+        _check_against_pytorch(model, True, "float32", atol=2e-4, scales=scales, rounding_reference=False)
+
+
+def _check_against_pytorch(model, pack: bool, dtype: str, atol: float, scales: list | None = None,
+                           rounding_reference: bool = True):
     """Prefill two ragged right-padded prompts (GroupQueryAttention's first prompt), then decode one
-    token for each row: the pad positions the prefill wrote into the shorter row are overwritten."""
-    session, contract = _session(model, pack, dtype)
+    token for each row: the pad positions the prefill wrote into the shorter row are overwritten.
+    With `scales` the cache is int8, and PyTorch rounds its cache alike unless `rounding_reference` is off."""
+    session, contract = _session(model, pack, dtype, scales)
     capacity, lengths = 24, np.array([12, 5])
     ids = np.random.default_rng(0).integers(0, 120, (2, 12))
-    past = {n: np.zeros((2, contract.num_kv_heads, capacity, contract.head_dim), dtype) for n in contract.past_names()}
+    past = {n: np.zeros((2, contract.num_kv_heads, capacity, contract.head_dim), contract.kv_dtype) for n in contract.past_names()}
     logits, *presents = session.run(None, {
         "input_ids": ids, "seqlens_k": (lengths - 1).astype(np.int32), "total_sequence_length": np.array(12, np.int32),
         "logits_positions": np.tile(np.arange(12), (2, 1)), **past})
-    assert logits.dtype == np.float32 and presents[0].dtype == np.dtype(dtype)
+    assert logits.dtype == np.float32 and presents[0].dtype == np.dtype(contract.kv_dtype)
+
+    def reference(x):
+        cache = RoundingCache(scales) if scales and rounding_reference else None
+        return model(torch.tensor(x), past_key_values=cache, use_cache=cache is not None).logits[0]
+
     with torch.no_grad():
         for row, n in enumerate(lengths):
-            ref = model(torch.tensor(ids[row:row + 1, :n])).logits[0].numpy()
-            np.testing.assert_allclose(logits[row, :n], ref, atol=atol)
+            np.testing.assert_allclose(logits[row, :n], reference(ids[row:row + 1, :n]).numpy(), atol=atol)
     logits, *_ = session.run(None, {
         "input_ids": np.array([[7], [9]]), "seqlens_k": lengths.astype(np.int32),
         "total_sequence_length": np.array(capacity, np.int32), "logits_positions": np.zeros((2, 1), np.int64),
         **dict(zip(contract.past_names(), presents))})
     with torch.no_grad():
         for row, token in enumerate((7, 9)):
-            ref = model(torch.tensor(np.concatenate([ids[row, :lengths[row]], [token]])[None])).logits[0, -1].numpy()
+            ref = reference(np.concatenate([ids[row, :lengths[row]], [token]])[None])[-1].numpy()
             np.testing.assert_allclose(logits[row, 0], ref, atol=atol)
 
 

@@ -61,6 +61,16 @@ def test_float16_export_is_checked(base):
         load_recipe(base("- export: {dtype: float16, fused: false}\n"))
 
 
+def test_int8_kv_cache_is_checked(base):
+    with pytest.raises(RecipeError, match=r"export\.kv_cache: 'int4' is not one of float, int8"):
+        load_recipe(base("- export: {kv_cache: int4}\n"))
+    for other in ("dtype: float16", "fused: false"):
+        with pytest.raises(RecipeError, match=r"export\.kv_cache: int8 is built for the fused graph in float32"):
+            load_recipe(base(f"- export: {{kv_cache: int8, {other}}}\n"))
+    with pytest.raises(RecipeError, match=r"export\.kv_calibration\.num_samples: must be a positive integer"):
+        load_recipe(base("- export: {kv_cache: int8, kv_calibration: {num_samples: 0}}\n"))
+
+
 def test_missing_model_path(base, tmp_path):
     with pytest.raises(RecipeError, match=r"model.source: GGUF file .*missing.gguf not found"):
         load_recipe(base("- export: {}\n", model=str(tmp_path / "missing.gguf")))

@@ -27,6 +27,15 @@ def test_batched_greedy_equals_one_at_a_time_and_the_portable_graph(fused, tiny_
     assert batched == single == portable
 
 
+def test_int8_kv_cache_runs_batched_like_one_at_a_time_in_a_quarter_of_the_memory(tiny_export_int8_kv, tiny_export):
+    gen = Generator(tiny_export_int8_kv, provider="cpu", graph="fused")
+    assert gen.contract.kv_dtype == "int8"
+    assert gen.contract.kv_bytes_per_token() * 4 == Generator(tiny_export, provider="cpu").contract.kv_bytes_per_token()
+    batched = gen.generate(PROMPTS, 12, ignore_eos=True).tokens
+    assert batched == [gen.generate([p], 12, ignore_eos=True).tokens[0] for p in PROMPTS]
+    assert {b.dtype for b in gen.graph._cache.host} == {np.dtype(np.int8)}
+
+
 def test_rows_stop_on_their_own_limit(fused):
     """A finished row keeps its place in the buffer, fed the pad token; the rows still going are
     unaffected: their logits equal those of a batch in which nothing finished."""

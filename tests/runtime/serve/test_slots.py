@@ -8,9 +8,10 @@ from runtime.serve.slots import SlotCache
 PROMPTS = [[1, 5, 9, 14, 3], [7, 2], [11, 12, 13, 14, 15, 16, 17, 18]]
 
 
-@pytest.fixture()
-def gen(tiny_export):
-    return Generator(tiny_export, provider="cpu", graph="fused")
+@pytest.fixture(params=["float", "int8"], ids=["float-kv", "int8-kv"])
+def gen(request):
+    folder = request.getfixturevalue("tiny_export" if request.param == "float" else "tiny_export_int8_kv")
+    return Generator(folder, provider="cpu", graph="fused")
 
 
 def greedy_alone(gen, prompt, n):
