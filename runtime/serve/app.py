@@ -39,6 +39,7 @@ class Settings:
     max_waiting: int = 64
     max_prefill_tokens: int = 512
     model_name: str = "model"
+    reuse_prefixes: bool = True  # a prompt starting like a cached sequence takes those positions from it
 
 
 class Server:
@@ -46,7 +47,8 @@ class Server:
 
     def __init__(self, generator: Generator, settings: Settings):
         self.generator, self.settings = generator, settings
-        self.slots = SlotCache(generator.session, generator.contract, settings.slots, settings.max_length)
+        self.slots = SlotCache(generator.session, generator.contract, settings.slots, settings.max_length,
+                               settings.reuse_prefixes)
         self.metrics = Metrics(settings.slots)
         self.scheduler = Scheduler(self.slots, generator.tokenizer, generator.eos_ids, settings.max_waiting,
                                    settings.max_prefill_tokens, self.metrics)
@@ -56,16 +58,21 @@ class Server:
         """Before the first request: prompts from 16 tokens to the longest a slot takes, then decode steps
         with every slot in use, so ONNX Runtime's buffers grow now rather than under load."""
         pad, slots = self.generator.pad_id, self.slots
-        length = slots.max_length - 1
-        while length >= 16:
-            slots.prefill(0, [pad] * length)
-            slots.free(0)
-            length //= 2
-        for row in range(slots.slots):
-            slots.prefill(row, [pad] * 4)
-        slots.decode([pad] * slots.slots)
-        for row in range(slots.slots):
-            slots.free(row)
+        slots.reuse_prefixes = False  # whole prompts, or the shorter ones would only extend the longest
+        try:
+            length = slots.max_length - 1
+            while length >= 16:
+                slots.prefill(0, [pad] * length)
+                slots.free(0)
+                length //= 2
+            for row in range(slots.slots):
+                slots.prefill(row, [pad] * 4)
+            slots.decode([pad] * slots.slots)
+            for row in range(slots.slots):
+                slots.free(row)
+        finally:
+            slots.reuse_prefixes = self.settings.reuse_prefixes
+            slots.forget()  # no prompt should start from the warm-up's padding
 
 
 def create_app(server: Server) -> Starlette:
@@ -150,7 +157,7 @@ async def _collect(server: Server, http: HttpRequest, job: protocol.Job, request
             elif event.kind == "error":
                 return _error(500, event.message, "server_error")
             else:
-                usage = protocol.usage(len(job.prompt), len(request.tokens))
+                usage = protocol.usage(len(job.prompt), len(request.tokens), request.cached_tokens)
                 return JSONResponse(protocol.response(job.kind, request.id, server.settings.model_name, "".join(pieces),
                                                       event.finish_reason, usage))
     finally:
@@ -175,7 +182,7 @@ async def _stream(server: Server, job: protocol.Job, request: Request, events: a
                                           first=first))
                 if job.include_usage:
                     yield _sse(protocol.chunk(job.kind, request.id, model, None,
-                                              usage_=protocol.usage(len(job.prompt), len(request.tokens))))
+                                              usage_=protocol.usage(len(job.prompt), len(request.tokens), request.cached_tokens)))
                 break
         yield "data: [DONE]\n\n"
     finally:

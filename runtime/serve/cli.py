@@ -22,6 +22,8 @@ from runtime import Generator, RuntimeFailure, find_model_folder
               help="queued requests beyond the slots; past it: 429")
 @click.option("--max-prefill-tokens", default=512, show_default=True, type=click.IntRange(1),
               help="prompt tokens prefilled between two decode steps (at least one request)")
+@click.option("--prefix-reuse/--no-prefix-reuse", default=True, show_default=True,
+              help="a prompt that starts like a cached sequence (system prompt, earlier turns) reuses its KV")
 @click.option("--model-name", default=None, help="the `model` clients send (default: the run folder's name)")
 @click.option("--provider", type=click.Choice(["auto", "cpu"]), default="auto", show_default=True)
 @click.option("--threads", default=0, type=click.IntRange(0), help="intra-op threads (0: onnxruntime decides)")
@@ -30,8 +32,8 @@ from runtime import Generator, RuntimeFailure, find_model_folder
 @click.option("--shutdown-timeout", default=30.0, show_default=True, type=click.FloatRange(0),
               help="seconds in-flight requests get to finish after SIGTERM")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
-def serve_command(artifact, host, port, slots, max_length, kv_budget_mb, max_waiting, max_prefill_tokens, model_name,
-                  provider, threads, spin, shutdown_timeout, log_level):
+def serve_command(artifact, host, port, slots, max_length, kv_budget_mb, max_waiting, max_prefill_tokens, prefix_reuse,
+                  model_name, provider, threads, spin, shutdown_timeout, log_level):
     """Serve the model exported in ARTIFACT (a run folder or an export step folder) over HTTP."""
     import uvicorn
 
@@ -53,13 +55,14 @@ def serve_command(artifact, host, port, slots, max_length, kv_budget_mb, max_wai
         if gen.contract.max_positions:
             max_length = min(max_length, gen.contract.max_positions)
         name = model_name or _default_name(folder)
-        server = Server(gen, Settings(slots, max_length, max_waiting, max_prefill_tokens, name))
+        server = Server(gen, Settings(slots, max_length, max_waiting, max_prefill_tokens, name, prefix_reuse))
         server.warm_up()
     except RuntimeFailure as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"[{folder}] {gen.flavour} graph on {gen.provider}; serving model '{name}'", err=True)
     click.echo(f"KV cache ({gen.contract.kv_dtype}): {slots} slots x {max_length} positions = "
-               f"{server.slots.nbytes / 2**20:.1f} MiB preallocated; queue: {max_waiting} waiting; prefill: {max_prefill_tokens} tokens per step", err=True)
+               f"{server.slots.nbytes / 2**20:.1f} MiB preallocated; queue: {max_waiting} waiting; prefill: {max_prefill_tokens} tokens per step; "
+               f"prefix reuse {'on' if prefix_reuse else 'off'}", err=True)
     config = uvicorn.Config(create_app(server), host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=shutdown_timeout, access_log=log_level == "debug")
     uvicorn.Server(config).run()

@@ -5,8 +5,9 @@
         ┌────────────── one decode step for every running row ◄───────────────┘
         └──► sample per request ──► text event ──► done? free the slot at once
 
-Between two decode steps the scheduler admits waiting requests (a prefill each, up to
-`max_prefill_tokens` prompt tokens per step so the running rows are not stalled for long), drops
+Between two decode steps the scheduler admits waiting requests (a prefill each, of the prompt
+tokens no cached prefix holds, up to `max_prefill_tokens` per step so the running rows are not
+stalled for long), drops
 cancelled ones, then decodes. Events go to each request's `emit` callback from this thread; the
 HTTP side turns them into responses. A failure inside one request's handling fails that request
 alone; a failing decode step fails the rows in it, and the scheduler goes on.
@@ -61,6 +62,7 @@ class Request:
     finished: float | None = None
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    cached_tokens: int = 0  # prompt tokens the prefill took from a cached prefix
     cancelled: bool = False  # set from any thread (client gone); acted on at the next step boundary
     stream: TextStream | None = None
     rng: np.random.Generator | None = None
@@ -160,10 +162,11 @@ class Scheduler:
                 self.slots.free(row)
                 self._fail(request, e)
                 continue
+            request.cached_tokens = self.slots.last_cached
             self.running.append(request)
             request.stream = TextStream(self.tokenizer, request.stop)
             request.rng = np.random.default_rng(request.params.seed)
-            budget -= len(request.prompt)
+            budget -= len(request.prompt) - request.cached_tokens
             admitted += 1
             if self._accept(request, logits, row):
                 self._release([row], None)

@@ -37,6 +37,8 @@ class Metrics:
                              registry=r)
         self.prompt_tokens = Histogram("optimize_prompt_tokens", "Prompt tokens per request", buckets=TOKEN_BUCKETS,
                                        registry=r)
+        self.cached_tokens = Counter("optimize_prompt_tokens_cached", "Prompt tokens whose KV came from a cached prefix",
+                                     registry=r)
         self.output_tokens = Histogram("optimize_output_tokens", "Output tokens per request", buckets=TOKEN_BUCKETS,
                                        registry=r)
         self.running = Gauge("optimize_requests_running", "Requests holding a KV slot", registry=r)
@@ -57,14 +59,15 @@ class Metrics:
         self.queue.observe(queue_s)
         self.e2e.observe(request.finished - request.submitted)
         self.prompt_tokens.observe(len(request.prompt))
+        self.cached_tokens.inc(request.cached_tokens)
         self.output_tokens.observe(n)
         if ttft_s is not None:
             self.ttft.observe(ttft_s)
         if tpot_s is not None:
             self.tpot.observe(tpot_s)
-        log.info("request %s %s: prompt %d tokens, output %d, queue %.0f ms, ttft %s, tpot %s, total %.0f ms",
-                 request.id, request.finish_reason, len(request.prompt), n, queue_s * 1000, _ms(ttft_s), _ms(tpot_s),
-                 (request.finished - request.submitted) * 1000)
+        log.info("request %s %s: prompt %d tokens (%d cached), output %d, queue %.0f ms, ttft %s, tpot %s, total %.0f ms",
+                 request.id, request.finish_reason, len(request.prompt), request.cached_tokens, n, queue_s * 1000,
+                 _ms(ttft_s), _ms(tpot_s), (request.finished - request.submitted) * 1000)
 
     def step(self, new_tokens: int) -> None:
         """The scheduler produced `new_tokens` in one step."""

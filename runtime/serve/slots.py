@@ -6,10 +6,17 @@
         row 2 │ seq B ██████████░░ │
         row 3 │ (free)             │  a newcomer's prefill binds the view [k:k+1] and writes there
 
-A newcomer's prompt runs as a batch-1 GroupQueryAttention "first prompt" whose past and present are
-the view of its own row, so its KV lands in place: no copy. Decode steps run only the rows in use,
-never the free ones. When a sequence ends, the last row's filled positions move into the hole, so
-the rows in use stay a prefix (on the CPU the move is a memcpy of the filled positions only).
+A newcomer's prompt runs as a batch-1 GroupQueryAttention prompt whose past and present are the
+view of its own row, so its KV lands in place. Decode steps run only the rows in use, never the free
+ones. When a sequence ends, the last row's filled positions move into the hole, so the rows in use
+stay a prefix (on the CPU the move is a memcpy of the filled positions only).
+
+Prefix reuse: each row remembers the token ids whose keys and values fill its first positions, also
+after it is freed (until something overwrites it). A prompt that starts like one of them (the same
+system prompt and chat template, a conversation's next turn) takes those positions from that row, a
+memcpy, or in place when it is the same row, and only the rest of the prompt runs, as a continuation
+of the cached prefix. The logits equal a full prefill's (tested); `last_cached` says how many prompt
+tokens the last prefill did not recompute.
 
 Views are bound by address (IO binding with a buffer pointer), so every binding shares the one
 allocation. Each (start, stop) range is bound once and reused.
@@ -27,7 +34,8 @@ from runtime.kv_cache import StaticKVCache
 class SlotCache:
     """A fused graph's session driving `slots` sequences of up to `max_length` positions each."""
 
-    def __init__(self, session: ort.InferenceSession, contract: Contract, slots: int, max_length: int):
+    def __init__(self, session: ort.InferenceSession, contract: Contract, slots: int, max_length: int,
+                 reuse_prefixes: bool = True):
         if contract.flavour != "fused":
             raise RuntimeFailure("serving needs the fused graph (export with `fused: true`)")
         if slots < 1 or max_length < 2:
@@ -38,6 +46,9 @@ class SlotCache:
         self.nbytes = cache.nbytes
         self.buffers = cache.host  # [slots, kv_heads, max_length, head_dim] per past name
         self.lengths = cache.lengths  # positions filled in each row
+        self.reuse_prefixes = reuse_prefixes
+        self.tokens: list[list[int]] = [[] for _ in range(slots)]  # ids whose KV fills each row's first positions
+        self.last_cached = 0  # prompt tokens the last prefill took from the cache
         self._bindings: dict[tuple[int, int], ort.IOBinding] = {}
         self._logits: dict[int, np.ndarray] = {}  # rows -> reused [rows, 1, V] host buffer
         self._total_length = np.array(max_length, dtype=np.int32)  # GQA's total_sequence_length when decoding
@@ -76,11 +87,32 @@ class SlotCache:
             raise RuntimeFailure(f"a prompt needs 1 to {self.max_length - 1} tokens, got {n}")
         if self.lengths[row]:
             raise RuntimeFailure(f"slot {row} is in use")
-        logits = self._run(self._binding(row, row + 1), np.asarray([prompt], dtype=np.int64),
+        source, cached = self._longest_prefix(row, prompt) if self.reuse_prefixes else (row, 0)
+        self.tokens[row] = []  # overwritten from here on, whatever happens
+        if cached and source != row:
+            self._copy(source, row, cached)
+        logits = self._run(self._binding(row, row + 1), np.asarray([prompt[cached:]], dtype=np.int64),
                            np.array([n - 1], dtype=np.int32), np.array(n, dtype=np.int32),
-                           np.array([[n - 1]], dtype=np.int64))
-        self.lengths[row] = n
+                           np.array([[n - cached - 1]], dtype=np.int64))
+        self.lengths[row], self.tokens[row], self.last_cached = n, list(prompt), cached
         return logits[0]
+
+    def _longest_prefix(self, row: int, prompt: list[int]) -> tuple[int, int]:
+        """(row, length) of the longest cached prefix of `prompt`, leaving at least its last token to run
+        (the logits come from it); `row` itself wins ties, since it needs no copy."""
+        best, length = row, 0
+        wanted = np.asarray(prompt[:-1], dtype=np.int64)
+        for other in [row] + [r for r in range(self.slots) if r != row]:
+            limit = min(len(self.tokens[other]), len(wanted))
+            differ = np.flatnonzero(np.asarray(self.tokens[other][:limit], dtype=np.int64) != wanted[:limit])
+            same = int(differ[0]) if len(differ) else limit
+            if same > length:
+                best, length = other, same
+        return best, length
+
+    def _copy(self, src: int, dst: int, n: int) -> None:
+        for buffer in self.buffers:
+            buffer[dst, :, :n] = buffer[src, :, :n]
 
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         """One token for each of rows 0..k-1 (k = len(tokens)) -> their logits [k, V]."""
@@ -91,14 +123,23 @@ class SlotCache:
                            self.lengths[:k].copy(),  # GQA's seqlens_k: the new total minus one = the past
                            self._total_length, np.zeros((k, 1), dtype=np.int64))
         self.lengths[:k] += 1
+        for row, token in enumerate(tokens):
+            self.tokens[row].append(int(token))
         return logits
 
     def move(self, src: int, dst: int) -> None:
         """Move row `src`'s filled positions into the free row `dst`; `src` becomes free."""
         n = int(self.lengths[src])
-        for buffer in self.buffers:
-            buffer[dst, :, :n] = buffer[src, :, :n]
+        self._copy(src, dst, n)
         self.lengths[dst], self.lengths[src] = n, 0
+        self.tokens[dst] = list(self.tokens[src])  # src keeps its copy too: its positions are untouched
 
     def free(self, row: int) -> None:
+        """The row takes no more steps; its positions stay readable as a prefix for later prompts."""
         self.lengths[row] = 0
+
+    def forget(self) -> None:
+        """Drop every free row's remembered prefix (after a warm-up on made-up tokens)."""
+        for row in range(self.slots):
+            if not self.lengths[row]:
+                self.tokens[row] = []

@@ -61,6 +61,17 @@ def test_greedy_answers_under_concurrency_equal_the_answers_alone(client):
     assert together == alone * 2
 
 
+def test_a_repeated_prompt_reports_its_cached_tokens(client, served):
+    """The second identical chat request finds the first one's positions (its freed row, or a busy one):
+    every prompt token but the last comes from the cache, the answer is the same, and /metrics counts them."""
+    first = chat(client, QUESTIONS[3], max_tokens=8)
+    second = chat(client, QUESTIONS[3], max_tokens=8)
+    assert second.usage.prompt_tokens_details.cached_tokens == second.usage.prompt_tokens - 1
+    assert second.choices[0].message.content == first.choices[0].message.content
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{served}/metrics").text)}
+    assert families["optimize_prompt_tokens_cached"].samples[0].value >= second.usage.prompt_tokens - 1
+
+
 def test_seeded_sampling_repeats(client):
     answers = {chat(client, QUESTIONS[1], temperature=1.0, top_p=0.9, seed=3,
                     extra_body={"top_k": 50}).choices[0].message.content

@@ -66,3 +66,63 @@ def test_bad_sizes_are_readable_errors(gen):
     slots.prefill(0, [1, 2, 3])
     with pytest.raises(RuntimeFailure, match="in use"):
         slots.prefill(0, [1])
+
+
+SHARED = [21, 22, 23, 24, 25, 26, 27, 28, 29, 30]  # a system prompt and chat template, say
+
+
+def test_a_prompt_reuses_the_longest_cached_prefix_and_gets_the_same_logits(gen):
+    """From a running row (copied), from its own freed row (in place), from a freed row elsewhere (copied),
+    never the whole prompt (its last token makes the logits); each result equals a prefill from nothing."""
+    fresh = SlotCache(gen.session, gen.contract, slots=1, max_length=32, reuse_prefixes=False)
+
+    def alone(prompt):
+        fresh.free(0)
+        return fresh.prefill(0, prompt).copy()
+
+    slots = SlotCache(gen.session, gen.contract, slots=3, max_length=32)
+    first, second, third = SHARED + [1, 2, 3], SHARED + [4, 5], SHARED[:6] + [9]
+    np.testing.assert_allclose(slots.prefill(0, first), alone(first), atol=1e-5)
+    assert slots.last_cached == 0
+    np.testing.assert_allclose(slots.prefill(1, second), alone(second), atol=1e-5)  # row 0 runs: copied
+    assert slots.last_cached == len(SHARED)
+    token = int(np.argmax(slots.decode(np.array([7, 8]))[1]))
+    slots.free(1)
+    np.testing.assert_allclose(slots.prefill(1, second + [8, token]), alone(second + [8, token]), atol=1e-5)
+    assert slots.last_cached == len(second) + 1  # its own freed row, in place, decoded token included
+    slots.free(0)
+    np.testing.assert_allclose(slots.prefill(2, third), alone(third), atol=1e-5)
+    assert slots.last_cached == 6
+    slots.free(2)
+    np.testing.assert_allclose(slots.prefill(2, list(first)), alone(first), atol=1e-5)  # all cached but the last
+    assert slots.last_cached == len(first) - 1
+
+
+def test_a_reused_prefix_decodes_as_if_prefilled_whole(gen):
+    slots = SlotCache(gen.session, gen.contract, slots=2, max_length=32)
+    slots.prefill(0, SHARED + [1])
+    prompt = SHARED + [2, 3]
+    out = [int(np.argmax(slots.prefill(1, prompt)))]
+    assert slots.last_cached == len(SHARED)
+    for _ in range(5):
+        out.append(int(np.argmax(slots.decode(np.array([1, out[-1]]))[1])))
+    assert out == greedy_alone(gen, prompt, 6)
+
+
+def test_moves_carry_the_prefix_and_reuse_can_be_turned_off(gen):
+    slots = SlotCache(gen.session, gen.contract, slots=2, max_length=32)
+    slots.prefill(0, [1, 2])
+    slots.prefill(1, SHARED)
+    slots.free(0)
+    slots.move(1, 0)
+    assert slots.tokens[0] == SHARED
+    slots.prefill(1, SHARED + [3])  # the old row 1 still holds SHARED too; itself wins the tie, in place
+    assert slots.last_cached == len(SHARED)
+    off = SlotCache(gen.session, gen.contract, slots=2, max_length=32, reuse_prefixes=False)
+    off.prefill(0, SHARED)
+    off.prefill(1, SHARED + [3])
+    assert off.last_cached == 0
+    off.free(0)
+    off.free(1)
+    off.forget()
+    assert off.tokens == [[], []]
