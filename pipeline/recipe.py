@@ -133,6 +133,10 @@ def _check_targets(config: Any, before: list[StageEntry], where: str) -> None:
     if quantize is not None and quantize.method == "w8a8" and config.dtype == "float16":
         raise RecipeError(f"{where}.dtype: float16 is for the CUDA provider and W8A8 runs on the CPU provider only; "
                           "keep dtype: float32")
+    if quantize is not None and quantize.method == "w8a8" and quantize.activations == "dynamic" and config.kv_cache == "int8":
+        raise RecipeError(f"{where}.kv_cache: int8 lives in the fused graph, which W8A8 with dynamic activations does not "
+                          "get (ONNX Runtime's tool quantizes the portable graph); use activations: dynamic_per_token or "
+                          "static, or kv_cache: float")
     if "gguf" not in config.targets or quantize is None:
         return
     if quantize.method == "w8a8":

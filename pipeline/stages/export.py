@@ -108,6 +108,7 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
         fused = Contract("fused", dims.num_layers, dims.num_kv_heads, dims.head_dim, dims.vocab_size, weights=weights_kind,
                          max_positions=model.config.max_position_embeddings, dtype=cfg.dtype, kv_cache=cfg.kv_cache)
         (out / "fused").mkdir()
+        scales = None  # the int8 KV cache's, per layer (key, value)
         if cfg.kv_cache == "int8":
             cal = cfg.kv_calibration
             ctx.log(f"  int8 KV cache: per-channel scales from {cal.num_samples} x {cal.sequence_length} tokens of "
@@ -115,7 +116,7 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
             scales = kv_scales(model, calibration_batches(cal, inp.path, "export.kv_calibration"))
         ctx.log(f"  building the fused graph (GroupQueryAttention, SkipSimplifiedLayerNormalization; {cfg.dtype}, "
                 f"KV cache {fused.kv_dtype})")
-        graph = build_fused_graph(model, fused, cfg.opset, scales if cfg.kv_cache == "int8" else None)
+        graph = build_fused_graph(model, fused, cfg.opset, scales)
         if plan.get("layers"):
             apply_block_quantized_ops(graph, inp.path, weights, accuracy_level=0)
         if not activations:  # the per-token rewrite finds each linear's own MatMul; it shares their inputs' rounding
@@ -246,9 +247,9 @@ def _replace_graph(graph: onnx.ModelProto, path: Path, external_data: bool) -> N
     save_onnx(graph, path, external_data)
 
 
-def _parity(model, folder: Path, tokens: int, graph: str, kv_scales: list | None = None) -> float:
+def _parity(model, folder: Path, tokens: int, graph: str, int8_kv_scales: list | None = None) -> float:
     """Prefill half the tokens, decode the rest one by one with the ONNX KV cache, and compare
-    every step's logits with PyTorch recomputing the whole sequence without a cache (with `kv_scales`:
+    every step's logits with PyTorch recomputing the whole sequence without a cache (with `int8_kv_scales`:
     through a cache that rounds keys and values to int8 as the graph does)."""
     gen = Generator(folder, provider="cpu", graph=graph)
     ids = np.random.default_rng(0).integers(0, gen.contract.vocab_size, size=(1, tokens)).astype(np.int64)
@@ -259,7 +260,7 @@ def _parity(model, folder: Path, tokens: int, graph: str, kv_scales: list | None
         logits = gen.decode(ids[:, t], state)
         onnx_steps.append(logits)
     with torch.no_grad():
-        cache = RoundingCache(kv_scales) if kv_scales is not None else None
+        cache = RoundingCache(int8_kv_scales) if int8_kv_scales is not None else None
         ref = model(torch.from_numpy(ids[:, : tokens - 1]), past_key_values=cache, use_cache=cache is not None)
         ref = ref.logits[0, split - 1:].numpy()  # [steps, V]
     return float(np.abs(np.concatenate(onnx_steps, axis=0) - ref).max())

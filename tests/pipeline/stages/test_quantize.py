@@ -209,6 +209,22 @@ def test_w8a8_exports_integer_ops_and_stays_close(tmp_path, tiny_llama, eval_tex
         assert not fused.exists() and report["graph"] == "portable"
 
 
+def test_static_w8a8_with_an_int8_kv_cache(tmp_path, tiny_llama, eval_text):
+    """Both int8 rewrites in one fused graph: the activation quantization and the KV cache's."""
+    path = quant_recipe(tmp_path, tiny_llama, eval_text, f"{{method: w8a8, activations: static, {cal(eval_text, 4)}}}",
+                        validate=f"{{eval_data: {eval_text}, context_length: 64, max_windows: 2, "
+                                 "thresholds: {perplexity_delta_pct: 5}}")
+    kv = f"{{kv_cache: int8, kv_calibration: {{data: {{source: {eval_text}}}, num_samples: 4, sequence_length: 32}}}}"
+    path.write_text(path.read_text().replace("export: {}", f"export: {kv}"))
+    run_dir = run(path, workdir=tmp_path / "a")
+    export = find_model_folder(run_dir)
+    fused = onnx.load(str(export / "fused" / "model.onnx"), load_external_data=False).graph
+    assert [n.op_type for n in fused.node].count("MatMulInteger") == 7 * 2
+    assert {i.type.tensor_type.elem_type for i in fused.input if i.name.startswith("past_")} == {onnx.TensorProto.INT8}
+    report = json.loads(next(run_dir.glob("*-validate-*/report.json")).read_text())
+    assert report["passed"] and report["graph"] == "fused"
+
+
 @pytest.mark.parametrize("opset", [17, 18])
 def test_per_token_w8a8_rounds_each_token_on_its_own_scale(tmp_path, opset):
     """The rewritten graph computes exactly: int8 codes per token and per output channel, integer matmul, rescale."""
@@ -325,6 +341,15 @@ def test_w8a8_into_a_float16_graph_is_refused_when_the_recipe_loads(tmp_path, ti
     path.write_text(path.read_text().replace("export: {}", "export: {dtype: float16}"))
     with pytest.raises(RecipeError, match=r"export.dtype: float16 is for the CUDA provider and W8A8 runs on the CPU"):
         load_recipe(path)
+
+
+def test_an_int8_kv_cache_without_a_fused_graph_is_refused_when_the_recipe_loads(tmp_path, tiny_llama):
+    path = quant_recipe(tmp_path, tiny_llama, None, "{method: w8a8}")  # dynamic activations: no fused graph
+    path.write_text(path.read_text().replace("export: {}", "export: {kv_cache: int8}"))
+    with pytest.raises(RecipeError, match=r"export.kv_cache: int8 lives in the fused graph"):
+        load_recipe(path)
+    path.write_text(path.read_text().replace("{method: w8a8}", "{method: w8a8, activations: static}"))
+    assert load_recipe(path)
 
 
 def test_w8a8_for_cuda_is_refused_with_the_reason(tmp_path, tiny_llama):
