@@ -72,6 +72,15 @@ def test_a_repeated_prompt_reports_its_cached_tokens(client, served):
     assert families["optimize_prompt_tokens_cached"].samples[0].value >= second.usage.prompt_tokens - 1
 
 
+def test_a_conversations_next_turn_reuses_the_earlier_turns(client):
+    first = chat(client, QUESTIONS[4], max_tokens=8)
+    messages = [{"role": "user", "content": QUESTIONS[4]},
+                {"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "user", "content": QUESTIONS[5]}]
+    second = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=8)
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+
+
 def test_seeded_sampling_repeats(client):
     answers = {chat(client, QUESTIONS[1], temperature=1.0, top_p=0.9, seed=3,
                     extra_body={"top_k": 50}).choices[0].message.content
