@@ -38,11 +38,13 @@ from runtime.tokenizer import Tokenizer  # noqa: E402
 
 
 @torch.no_grad()
-def perplexity(model, ids: np.ndarray, context: int = 512, max_windows: int = 40) -> float:
+def perplexity(model, ids: np.ndarray, context: int = 512, max_windows: int = 40, cache=None) -> float:
+    """`cache`: a callable giving each window a fresh transformers cache to attend through (None: no cache)."""
     nll, scored = 0.0, 0
     for w in windows(len(ids), context, context, max_windows):
         window = torch.from_numpy(ids[w.begin:w.end])[None].to(next(model.parameters()).device)
-        logits = model(input_ids=window, use_cache=False).logits[0]
+        past = cache() if cache is not None else None
+        logits = model(input_ids=window, past_key_values=past, use_cache=past is not None).logits[0]
         targets = window[0, len(window[0]) - w.scored:]
         lp = torch.log_softmax(logits[len(window[0]) - w.scored - 1:-1].double(), dim=-1)
         nll -= lp.gather(1, targets[:, None]).sum().item()

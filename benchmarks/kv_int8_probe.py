@@ -14,9 +14,9 @@ PER_CHANNEL, static scales). Then a batch-1 prompt of 128 and 512 tokens through
 it against the whole decode step that `cpu_decode_profile.py` measures.
 
 Part 2 runs the fp32 checkpoint in PyTorch with K (after the rotary embedding, as the kernel stores
-it) and V rounded to int8 with static symmetric scales, max |x| over 16 x 512 tokens of WikiText-2
-valid, one scale per layer (per tensor) or per KV channel (per channel), and scores WikiText-2
-test with the validate stage's windows (40 x 512 tokens).
+it) and V rounded to int8 by the export's own `RoundingCache`, with static symmetric scales, max |x|
+over 16 x 512 tokens of WikiText-2 valid (`kv_scales`), one scale per KV channel or their maximum per
+layer (per tensor), and scores WikiText-2 test with the validate stage's windows (40 x 512 tokens).
 
 Prints Markdown tables and writes benchmarks/results/kernels/kv_int8_probe.json.
 """
@@ -37,6 +37,7 @@ from onnx import TensorProto, helper, numpy_helper
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from calibration import load_text, sample_blocks  # noqa: E402
 from distill_matrix import perplexity  # noqa: E402  (the same windows as validate's, through PyTorch)
+from pipeline.quant.kv_cache import RoundingCache, kv_scales  # noqa: E402
 from runtime.tokenizer import Tokenizer  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "kernels" / "kv_int8_probe.json"
@@ -109,40 +110,6 @@ def time_attention(batch: int, past: int, quant: str | None, repeats: int, promp
     return statistics.median(times)
 
 
-class KVRounding:
-    """Rounds each layer's post-rotary K and its V to int8 with static scales; first records their max |x|."""
-
-    def __init__(self, model, per_channel: bool):
-        from transformers.models.llama import modeling_llama
-        self.module, self.per_channel = modeling_llama, per_channel
-        self.max_k, self.max_v, self.calibrating, self.layer = {}, {}, True, 0
-        self.original = modeling_llama.apply_rotary_pos_emb
-        self.handles = []
-        for i, layer in enumerate(model.model.layers):
-            self.handles.append(layer.self_attn.register_forward_pre_hook(lambda _m, _a, i=i: setattr(self, "layer", i)))
-            self.handles.append(layer.self_attn.v_proj.register_forward_hook(lambda _m, _a, out, i=i: self.round(out, i, "v")))
-        modeling_llama.apply_rotary_pos_emb = self.rotary
-
-    def rotary(self, q, k, *args, **kwargs):
-        q, k = self.original(q, k, *args, **kwargs)
-        return q, self.round(k.transpose(1, 2).flatten(2), self.layer, "k").unflatten(2, (k.shape[1], k.shape[3])).transpose(1, 2)
-
-    def round(self, x: torch.Tensor, layer: int, which: str) -> torch.Tensor:
-        """x [batch, tokens, KV channels]."""
-        seen = self.max_k if which == "k" else self.max_v
-        peak = x.abs().amax(dim=(0, 1)) if self.per_channel else x.abs().amax()
-        if self.calibrating:
-            seen[layer] = peak if layer not in seen else torch.maximum(seen[layer], peak)
-            return x
-        scale = seen[layer].clamp(min=1e-8) / 127
-        return (x / scale).round().clamp(-127, 127) * scale
-
-    def close(self) -> None:
-        self.module.apply_rotary_pos_emb = self.original
-        for handle in self.handles:
-            handle.remove()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("artifact", type=Path, help="a run folder with the fp32 model step (artifacts/smollm2-fp32)")
@@ -171,17 +138,12 @@ def main() -> int:
     test = np.array(tokenizer.encode(load_text("wikitext-2", "test"), add_special_tokens=False), dtype=np.int64)
     valid = np.array(tokenizer.encode(load_text("wikitext-2", "valid"), add_special_tokens=False), dtype=np.int64)
     calibration = torch.from_numpy(sample_blocks(valid, 512, 16, 0))
-    accuracy = {"float32": perplexity(model, test)}
-    for name in ("int8 per tensor", "int8 per channel"):
-        rounding = KVRounding(model, per_channel=KINDS[name] == "PER_CHANNEL")
-        try:
-            with torch.no_grad():
-                for block in calibration:
-                    model(input_ids=block[None], use_cache=False)
-            rounding.calibrating = False
-            accuracy[name] = perplexity(model, test)
-        finally:
-            rounding.close()
+    per_channel = kv_scales(model, list(calibration.split(4)))  # what the export's `kv_cache: int8` uses
+    per_tensor = [tuple(np.full_like(s, s.max()) for s in pair) for pair in per_channel]  # max over the channels' maxima
+    with torch.no_grad():
+        accuracy = {"float32": perplexity(model, test),
+                    "int8 per tensor": perplexity(model, test, cache=lambda: RoundingCache(per_tensor)),
+                    "int8 per channel": perplexity(model, test, cache=lambda: RoundingCache(per_channel))}
     print("\n| KV cache | WikiText-2 test perplexity | vs float32 |\n|---|---|---|")
     for name, ppl in accuracy.items():
         print(f"| {name} | {ppl:.3f} | {(ppl / accuracy['float32'] - 1) * 100:+.2f} % |")

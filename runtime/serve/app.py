@@ -58,21 +58,18 @@ class Server:
         """Before the first request: prompts from 16 tokens to the longest a slot takes, then decode steps
         with every slot in use, so ONNX Runtime's buffers grow now rather than under load."""
         pad, slots = self.generator.pad_id, self.slots
-        slots.reuse_prefixes = False  # whole prompts, or the shorter ones would only extend the longest
-        try:
-            length = slots.max_length - 1
-            while length >= 16:
-                slots.prefill(0, [pad] * length)
-                slots.free(0)
-                length //= 2
-            for row in range(slots.slots):
-                slots.prefill(row, [pad] * 4)
-            slots.decode([pad] * slots.slots)
-            for row in range(slots.slots):
-                slots.free(row)
-        finally:
-            slots.reuse_prefixes = self.settings.reuse_prefixes
-            slots.forget()  # no prompt should start from the warm-up's padding
+        length = slots.max_length - 1
+        while length >= 16:
+            slots.prefill(0, [pad] * length)
+            slots.free(0)
+            slots.forget()  # so the next, shorter prompt runs whole instead of reusing this one's positions
+            length //= 2
+        for row in range(slots.slots):
+            slots.prefill(row, [pad] * 4)
+        slots.decode([pad] * slots.slots)
+        for row in range(slots.slots):
+            slots.free(row)
+        slots.forget()  # no prompt should start from the warm-up's padding
 
 
 def create_app(server: Server) -> Starlette:
