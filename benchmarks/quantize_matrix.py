@@ -69,6 +69,12 @@ VARIANTS = {
     "int4-awq-sym-g32-linear": {"method": "awq", "group_size": 32, "symmetric": True, "awq_objective": "linear"},
     "int4-awq-asym-g128-linear": {"method": "awq", "group_size": 128, "awq_objective": "linear"},
     "int4-awq-sym-g128-linear": {"method": "awq", "group_size": 128, "symmetric": True, "awq_objective": "linear"},
+    # float zero points: each block's grid spans its exact range (llama.cpp's Q4_1 layout). At g32 this model's
+    # weights (dequantized Q4_1) are re-found exactly; at g128 the grids do not line up, the general case
+    "int4-rtn-asym-g32-float-zero": {"method": "rtn", "group_size": 32, "zero_point": "float"},
+    "int4-rtn-asym-g128-float-zero": {"method": "rtn", "group_size": 128, "zero_point": "float"},
+    "int4-gptq-asym-g128-float-zero": {"method": "gptq", "group_size": 128, "zero_point": "float"},
+    "int4-awq-asym-g128-float-zero": {"method": "awq", "group_size": 128, "zero_point": "float"},
     "int4-gptq-asym-g32-budget100": {"method": "gptq", "group_size": 32, "lm_head": "int4", "embedding": "int4",
                                      "budget": {"max_size_mb": 98}},
     "int4-gptq-asym-g32-mixed": {"method": "gptq", "group_size": 32, "overrides": {r"mlp\.down_proj": 8},

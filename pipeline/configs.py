@@ -67,6 +67,7 @@ QUANT_METHODS = ("rtn", "gptq", "awq", "w8a8")
 ACTIVATION_MODES = ("dynamic", "dynamic_per_token", "static")
 AWQ_OBJECTIVES = ("block", "linear")
 LM_HEAD_CHOICES = ("float", "int8", "int4")
+ZERO_POINTS = ("int", "float")
 
 
 @dataclass(frozen=True)
@@ -230,6 +231,9 @@ class QuantizeConfig:
     bits: int = 4
     group_size: int = 128
     symmetric: bool = False
+    # asymmetric 4-bit zero points: int (the grid starts at a multiple of the scale) or float (the grid spans each
+    # block's exact range, as llama.cpp's Q4_1; run through a small correction matmul per layer); 8-bit layers use int
+    zero_point: str = "int"
     ignore: tuple[str, ...] = ()
     overrides: dict[str, int] = field(default_factory=dict)  # regex -> bits (4 or 8) for matching layers
     lm_head: str = "float"  # float | int8 | int4
@@ -298,6 +302,11 @@ class QuantizeConfig:
                               "float) and keeps the embedding float; int4 and a quantized embedding are for rtn, gptq, awq")
         if self.provider not in ("cpu", "cuda"):
             raise RecipeError(f"provider: '{self.provider}' is not one of cpu, cuda")
+        if self.zero_point not in ZERO_POINTS:
+            raise RecipeError(f"zero_point: '{self.zero_point}' is not one of {', '.join(ZERO_POINTS)}")
+        if self.zero_point == "float" and (self.symmetric or self.method == "w8a8"):
+            raise RecipeError("zero_point: float is for asymmetric weight-only blocks; use it with symmetric: false and "
+                              f"method rtn, gptq or awq (got symmetric: {str(self.symmetric).lower()}, method {self.method})")
         if self.method == "w8a8" and self.provider == "cuda":
             raise RecipeError(
                 "method: w8a8 targets the CPU provider only: the CUDA provider has no kernels for its integer "

@@ -130,6 +130,9 @@ def _check_targets(config: Any, before: list[StageEntry], where: str) -> None:
         raise RecipeError(f"{where}.targets: hf-quantized cannot hold hadamard: true (its down_proj weights are rotated "
                           "to match a rotation our graph applies at run time, which compressed-tensors does not); "
                           "drop the target or set hadamard: false")
+    if "hf-quantized" in config.targets and quantize is not None and quantize.zero_point == "float":
+        raise RecipeError(f"{where}.targets: hf-quantized cannot hold zero_point: float (compressed-tensors stores integer "
+                          "zero points); drop the target or set zero_point: int (gguf holds float zero points as Q4_1)")
     if quantize is not None and quantize.method == "w8a8" and config.dtype == "float16":
         raise RecipeError(f"{where}.dtype: float16 is for the CUDA provider and W8A8 runs on the CPU provider only; "
                           "keep dtype: float32")

@@ -202,6 +202,9 @@ def _weight_only_layers(plan_all: dict, quant_dir: Path, dtype, report: Compress
         raise StageError(f"{quant_dir}: no quantized layers; hf-quantized writes a quantize stage's codes "
                          "(a float model needs no compressed-tensors checkpoint)")
     for layer, spec in plan.items():
+        if spec.get("float_zero"):
+            raise StageError(f"{layer}: float zero points have no compressed-tensors form (its zero points are integers); "
+                             f"hf-quantized takes {FORMATS_THAT_WORK} with zero_point: int")
         if spec["K"] % spec["group_size"]:
             raise StageError(f"{layer}: {spec['K']} inputs is not a multiple of group_size {spec['group_size']}; "
                              f"compressed-tensors needs whole groups: hf-quantized takes {FORMATS_THAT_WORK}")

@@ -3,6 +3,7 @@
     ours (MatMulNBits)                          ggml block of 32 weights
     int4 g32 symmetric   (q - 8) * scale    ->  Q4_0  {f16 d; u8 qs[16]}          d * (q - 8)
     int4 g32 asymmetric  (q - zp) * scale   ->  Q4_1  {f16 d; f16 m; u8 qs[16]}   d * q + m,  m = -zp * scale
+                                                (zp an integer, or a float with zero_point: float)
     int8 g32 symmetric   (q - 128) * scale  ->  Q8_0  {f16 d; i8 qs[32]}          d * qs
 
 The codes are copied; only the per-block scale (and Q4_1's minimum) is rounded to float16, which

@@ -25,7 +25,7 @@ def fake_quant(w: torch.Tensor, scheme: QuantScheme, clip: Clip = 1.0) -> torch.
     """Round-to-nearest W [N, K] -> dequantized W (padding dropped)."""
     g = to_groups(w, scheme.group_size)
     scale, zero = choose_qparams(g, scheme, clip)
-    return fake_quantize(g, scale[..., None], zero[..., None], scheme.maxq).reshape(w.shape[0], -1)[:, : w.shape[1]]
+    return fake_quantize(g, scale[..., None], zero[..., None], scheme.maxq, scheme.float_zero).reshape(w.shape[0], -1)[:, : w.shape[1]]
 
 
 def scale_candidates(x_mean: torch.Tensor, weights: list[torch.Tensor], grid: int):
@@ -104,7 +104,7 @@ def search_clip(x: torch.Tensor, w: torch.Tensor, scheme: QuantScheme, grid: int
         for t, b in candidates:
             t, b = torch.as_tensor(t).expand_as(top), torch.as_tensor(b).expand_as(top)
             scale, zero = choose_qparams(wg, scheme, (t, b))
-            delta = fake_quantize(wg, scale[..., None], zero[..., None], scheme.maxq) - wg  # [N, G, gs]
+            delta = fake_quantize(wg, scale[..., None], zero[..., None], scheme.maxq, scheme.float_zero) - wg  # [N, G, gs]
             err = (torch.einsum("ngk,gkl->ngl", delta, gram) * delta).sum(-1)  # [N, G]
             better = err < best_err
             best_err = torch.where(better, err, best_err)

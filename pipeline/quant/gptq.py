@@ -71,7 +71,7 @@ def gptq(w: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, damp: float = 0.
             if not static and col % gs == 0:
                 scale[:, g], zero[:, g] = qparams(W1[:, i:i + gs], scheme)
             w_col = W1[:, i]
-            q = quantize_with(w_col, scale[:, g], zero[:, g], scheme.maxq)
+            q = quantize_with(w_col, scale[:, g], zero[:, g], scheme.maxq, scheme.float_zero)
             codes[:, i1 + i] = q
             err = (w_col - (q - zero[:, g]) * scale[:, g]) / Hinv1[i, i]
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]

@@ -4,6 +4,11 @@ A linear weight W [N, K] (out, in) is cut along K into blocks of `group_size`; t
 zero-padded when group_size does not divide K. Each block has a float scale and an integer zero
 point, and dequantizes as (q - zero_point) * scale with q in [0, 2**bits - 1]. Symmetric blocks use
 the fixed zero point 2**(bits-1), which is also MatMulNBits' default when no zero points are given.
+
+With `float_zero` (asymmetric only) a block's zero point is any float, so its grid runs from the
+block's exact minimum to its exact maximum, as llama.cpp's Q4_1 stores it (d * q + m with a float m):
+an integer zero point can only start the grid at a multiple of the scale. MatMulNBits takes float
+zero points as they are; `pipeline.onnx_float_zero` rewrites them for ONNX Runtime's CPU kernels.
 """
 from __future__ import annotations
 
@@ -18,6 +23,11 @@ class QuantScheme:
     bits: int  # 4 or 8
     group_size: int  # power of two >= 16 (what MatMulNBits takes)
     symmetric: bool
+    float_zero: bool = False  # asymmetric blocks with float zero points (the grid spans the block's exact range)
+
+    def __post_init__(self):
+        if self.float_zero and self.symmetric:
+            raise ValueError("float zero points are for asymmetric blocks only")
 
     @property
     def maxq(self) -> int:
@@ -25,7 +35,7 @@ class QuantScheme:
 
     @property
     def label(self) -> str:
-        return f"int{self.bits} g{self.group_size} {'sym' if self.symmetric else 'asym'}"
+        return f"int{self.bits} g{self.group_size} {'sym' if self.symmetric else 'asym'}{' float-zp' if self.float_zero else ''}"
 
 
 def count_schemes(schemes) -> dict[str, int]:
@@ -67,6 +77,12 @@ def choose_qparams(groups: torch.Tensor, scheme: QuantScheme, clip: Clip = 1.0):
     """Scale and integer zero point per group of `groups` [..., G]; `clip` shrinks the range (AWQ clip search):
     one factor for both ends, or (factor for the max, factor for the min) for asymmetric groups."""
     top, bottom = clip if isinstance(clip, tuple) else (clip, clip)
+    if scheme.float_zero:  # the grid need not hold 0: it spans the block's own range
+        gmax, gmin = groups.amax(dim=-1), groups.amin(dim=-1)
+        mid = (gmax + gmin) / 2
+        gmax, gmin = mid + (gmax - mid) * top, mid + (gmin - mid) * bottom
+        scale = ((gmax - gmin) / scheme.maxq).clamp(min=1e-10)
+        return scale, -gmin / scale
     gmax = groups.amax(dim=-1).clamp(min=0) * top
     gmin = groups.amin(dim=-1).clamp(max=0) * bottom
     if scheme.symmetric:
@@ -87,7 +103,7 @@ def choose_qparams_mse(groups: torch.Tensor, scheme: QuantScheme, grid: int = 20
     for i in range(grid + 1):
         clip = 1.0 - max_shrink * i / grid
         scale, zero = choose_qparams(groups, scheme, clip)
-        err = (fake_quantize(groups, scale[..., None], zero[..., None], scheme.maxq) - groups).abs().pow(norm).sum(-1)
+        err = (fake_quantize(groups, scale[..., None], zero[..., None], scheme.maxq, scheme.float_zero) - groups).abs().pow(norm).sum(-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
@@ -95,20 +111,24 @@ def choose_qparams_mse(groups: torch.Tensor, scheme: QuantScheme, grid: int = 20
     return best_scale, best_zero
 
 
-def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int,
+                  float_zero: bool = False) -> torch.Tensor:
     """Integer codes of w for given (broadcastable) scale and zero point."""
+    if float_zero:
+        return torch.clamp(torch.round(w / scale + zero), 0, maxq)
     return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
 
 
-def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    return (quantize_with(w, scale, zero, maxq) - zero) * scale
+def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int,
+                  float_zero: bool = False) -> torch.Tensor:
+    return (quantize_with(w, scale, zero, maxq, float_zero) - zero) * scale
 
 
 def quantize(w: torch.Tensor, scheme: QuantScheme, clip: Clip = 1.0) -> QTensor:
     """Round-to-nearest quantization of W [N, K]."""
     groups = to_groups(w.float(), scheme.group_size)
     scale, zero = choose_qparams(groups, scheme, clip)
-    q = quantize_with(groups, scale[..., None], zero[..., None], scheme.maxq)
+    q = quantize_with(groups, scale[..., None], zero[..., None], scheme.maxq, scheme.float_zero)
     return QTensor(q.to(torch.uint8), scale, zero, scheme, w.shape[1])
 
 
@@ -125,7 +145,8 @@ def from_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme:
 
 
 def pack_matmul_nbits(qt: QTensor) -> dict[str, np.ndarray]:
-    """MatMulNBits inputs: B uint8 [N, k_blocks, blob], scales f32 [N * k_blocks], zero_points uint8."""
+    """MatMulNBits inputs: B uint8 [N, k_blocks, blob], scales f32 [N * k_blocks], zero_points uint8
+    (packed two a byte for 4 bits) or, with float zero points, f32 [N * k_blocks] like the scales."""
     q = qt.q.numpy().astype(np.uint8)
     n, blocks, group = q.shape
     if qt.scheme.bits == 4:
@@ -133,7 +154,9 @@ def pack_matmul_nbits(qt: QTensor) -> dict[str, np.ndarray]:
     else:
         b = q
     out = {"B": np.ascontiguousarray(b), "scales": qt.scale.numpy().astype(np.float32).reshape(-1)}
-    if not qt.scheme.symmetric:
+    if qt.scheme.float_zero:
+        out["zero_points"] = qt.zero.numpy().astype(np.float32).reshape(-1)
+    elif not qt.scheme.symmetric:
         zero = qt.zero.numpy().astype(np.uint8)
         if qt.scheme.bits == 4:
             if blocks % 2:
@@ -149,12 +172,15 @@ def packed_bytes(qt: QTensor) -> int:
 
 def unpack_matmul_nbits(packed: dict[str, np.ndarray], layer: str, spec: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The inverse of `pack_matmul_nbits` for `layer`'s tensors in `packed` (keys `<layer>.B|scales|zero_points`)
-    and its plan entry `spec`: codes [N, blocks, G] uint8, scale [N, blocks] float32, zero point [N, blocks] uint8."""
+    and its plan entry `spec`: codes [N, blocks, G] uint8, scale [N, blocks] float32, zero point [N, blocks]
+    (uint8, or float32 for float zero points)."""
     n, k, bits, g = spec["N"], spec["K"], spec["bits"], spec["group_size"]
     blocks = -(-k // g)
     b = packed[f"{layer}.B"].reshape(n, blocks, -1)
     q = np.stack([b & 0x0F, b >> 4], axis=-1).reshape(n, blocks, g) if bits == 4 else b.reshape(n, blocks, g)
     scale = packed[f"{layer}.scales"].reshape(n, blocks)
+    if spec.get("float_zero"):
+        return q.astype(np.uint8), scale.astype(np.float32), packed[f"{layer}.zero_points"].reshape(n, blocks).astype(np.float32)
     if spec["symmetric"]:
         zero = np.full((n, blocks), 2 ** (bits - 1), dtype=np.uint8)
     elif bits == 4:

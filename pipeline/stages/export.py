@@ -24,6 +24,7 @@ from pipeline.formats.genai import write_genai_config
 from pipeline.formats.gguf import GGUF_FILE, GGUF_FOLDER, write_gguf
 from pipeline.fused_graph import build_fused_graph, to_float16
 from pipeline.models import TOKENIZER_FILES, load_torch_model
+from pipeline.onnx_float_zero import lower_float_zero_points
 from pipeline.onnx_pack import pack_sibling_matmuls
 from pipeline.onnx_quant import apply_block_quantized_ops, set_accuracy_level
 from pipeline.onnx_w8a8 import quantize_w8a8
@@ -89,12 +90,14 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
     ctx.log(f"  tracing {model.config.model_type} ({dims.num_layers} layers) to ONNX opset {cfg.opset}")
     _trace(model, contract, path, cfg.opset)
     graph = onnx.load(str(path))
-    swapped = 0
+    swapped = lowered = 0
     if plan.get("layers"):
         weights = {name: module.weight.detach().numpy() for name, module in model.named_modules()
                    if isinstance(module, (torch.nn.Linear, torch.nn.Embedding))}
         swapped = apply_block_quantized_ops(graph, inp.path, weights, accuracy_level=0)
         ctx.log(f"  {swapped} ops replaced by MatMulNBits / GatherBlockQuantized")
+        if lowered := lower_float_zero_points(graph):
+            ctx.log(f"  {lowered} MatMulNBits with float zero points: integer zero points plus a correction matmul each")
     save_onnx(graph, path, cfg.external_data)
     for name in COPIED_FILES:
         if (inp.path / name).exists():
@@ -121,6 +124,7 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
             apply_block_quantized_ops(graph, inp.path, weights, accuracy_level=0)
         if not activations:  # the per-token rewrite finds each linear's own MatMul; it shares their inputs' rounding
             ctx.log(f"  {pack_sibling_matmuls(graph)} groups of sibling linears packed into one matmul each")
+        lower_float_zero_points(graph)
         if cfg.dtype == "float16":
             ctx.log(f"  {to_float16(graph)} float tensors converted to float16")
         graphs["fused"] = out / "fused" / fused.model_file
@@ -155,7 +159,7 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
             targets["hf-quantized"] = _export_hf_quantized(inp.path, out, ctx, cfg.hf_quantized_dtype, w8a8_graph=path)
     size = {f: sum(p.stat().st_size for p in g.parent.iterdir() if p.name.startswith("model.onnx")) for f, g in graphs.items()}
     metrics = {"parity_max_abs_diff": diff, "onnx_bytes": size["portable"], "fused_onnx_bytes": size.get("fused", 0),
-               "block_quantized_ops": swapped}
+               "block_quantized_ops": swapped, "float_zero_point_matmuls": lowered}
     for name, target in targets.items():
         metrics[f"{name.replace('-', '_')}_bytes"] = target["bytes"]
     targets = {"onnx": {"folder": ".", "graphs": sorted(graphs)}, **targets}

@@ -131,16 +131,19 @@ def _ignored(name: str, cfg: QuantizeConfig) -> str | None:
 def make_plan(model, cfg: QuantizeConfig) -> tuple[dict[str, QuantScheme], dict[str, str]]:
     """Which linear layers get which scheme; every layer left float is named with the reason."""
     plan, skipped = {}, {}
+    float_zero = cfg.zero_point == "float"  # 4-bit layers only: 8-bit integer zero points are already fine-grained
     for name in decoder_linears(model):
         why = _ignored(name, cfg)
         if why is not None:
             skipped[name] = why
             continue
         bits = next((b for p, b in cfg.overrides.items() if re.search(p, name)), cfg.bits)
-        plan[name] = QuantScheme(bits, cfg.group_size, cfg.symmetric)
+        plan[name] = QuantScheme(bits, cfg.group_size, cfg.symmetric, float_zero and bits == 4)
     head_bits = LM_HEAD_BITS[cfg.lm_head]
     if head_bits:
-        plan["lm_head"] = QuantScheme(head_bits, cfg.group_size, cfg.symmetric)
+        # a head whose codes the embedding shares keeps integer zero points: GatherBlockQuantized takes no others
+        plan["lm_head"] = QuantScheme(head_bits, cfg.group_size, cfg.symmetric,
+                                      float_zero and head_bits == 4 and not _embedding_shares_head(model, cfg))
     else:
         skipped["lm_head"] = "lm_head: float (recipe)"
     if not any(n != "lm_head" for n in plan):
@@ -261,7 +264,8 @@ def _save(model, qtensors, plan, skipped, cfg, src_dir, out, embed: dict | None)
 
 
 def _scheme_dict(s: QuantScheme) -> dict:
-    return {"bits": s.bits, "group_size": s.group_size, "symmetric": s.symmetric}
+    """The plan entry of a scheme; `float_zero` only where set, so integer plans read as before."""
+    return {"bits": s.bits, "group_size": s.group_size, "symmetric": s.symmetric, **({"float_zero": True} if s.float_zero else {})}
 
 
 def _plan_summary(plan: dict[str, QuantScheme]) -> str:

@@ -91,3 +91,29 @@ def test_unpacking_matmul_nbits_gives_back_the_codes(bits, symmetric):
     np.testing.assert_array_equal(q, qt.q.numpy())
     np.testing.assert_array_equal(scale, qt.scale.numpy())
     np.testing.assert_array_equal(zero, qt.zero.numpy().astype(np.uint8))
+
+
+def test_float_zero_points_refind_a_grid_that_integer_zero_points_cannot():
+    """Weights on llama.cpp's Q4_1 grid (d * q + m, any float m) come back exactly with float zero points."""
+    torch.manual_seed(5)
+    codes = torch.randint(0, 16, (8, 2, 32)).float()
+    codes[..., 0], codes[..., 1] = 0, 15  # every group spans the full range
+    d, m = torch.rand(8, 2, 1) * 0.1 + 0.01, torch.randn(8, 2, 1) * 0.1
+    w = (codes * d + m).reshape(8, 64)
+    exact = quantize(w, QuantScheme(4, 32, False, float_zero=True))
+    torch.testing.assert_close(dequantize(exact), w, atol=1e-6, rtol=1e-6)
+    integer = quantize(w, QuantScheme(4, 32, False))
+    assert (dequantize(integer) - w).abs().max() > 100 * (dequantize(exact) - w).abs().max()
+
+
+def test_float_zero_points_pack_as_floats_and_unpack_unchanged():
+    scheme = QuantScheme(4, 32, False, float_zero=True)
+    qt = quantize(torch.randn(6, 96), scheme)
+    packed = pack_matmul_nbits(qt)
+    assert packed["zero_points"].dtype == np.float32 and packed["zero_points"].shape == (6 * 3,)
+    q, scale, zero = unpack_matmul_nbits({f"l.{k}": v for k, v in packed.items()}, "l",
+                                         {"N": 6, "K": 96, "bits": 4, "group_size": 32, "symmetric": False, "float_zero": True})
+    np.testing.assert_array_equal(q, qt.q.numpy())
+    np.testing.assert_array_equal(zero, qt.zero.numpy())
+    with pytest.raises(ValueError, match="asymmetric blocks only"):
+        QuantScheme(4, 32, True, float_zero=True)

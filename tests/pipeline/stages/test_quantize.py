@@ -62,6 +62,9 @@ def test_plan_ignores_overrides_and_lm_head(tiny_llama):
     ("{method: w8a8, embedding: int8}", r"lm_head/embedding: w8a8 .* keeps the embedding float"),
     ("{method: w8a8, lm_head: int8, ignore: ['head']}", r"ignore: 'head' matches lm_head, which lm_head: int8 quantizes"),
     ("{method: rtn, lm_head: int4, ignore: ['.*_head']}", r"ignore: '.\*_head' matches lm_head, which lm_head: int4"),
+    ("{zero_point: half}", r"zero_point: 'half' is not one of int, float"),
+    ("{symmetric: true, zero_point: float}", r"zero_point: float is for asymmetric .* \(got symmetric: true, method gptq\)"),
+    ("{method: w8a8, zero_point: float}", r"zero_point: float is for asymmetric .* \(got symmetric: false, method w8a8\)"),
 ])
 def test_bad_quantize_settings(tmp_path, tiny_llama, settings, message):
     with pytest.raises(RecipeError, match=message):
@@ -489,3 +492,50 @@ def test_int8_layers_can_take_their_own_accuracy_level(tmp_path, tiny_llama, eva
         levels = {(attrs["bits"], attrs["accuracy_level"]) for n in nodes if n.op_type == "MatMulNBits"
                   for attrs in [{a.name: a.i for a in n.attribute}]}
         assert levels == {(4, 0), (8, 4)}
+
+
+def test_float_zero_points_for_4_bit_layers_and_a_head_the_embedding_does_not_share(tiny_llama, tiny_qwen2):
+    cfg = QuantizeConfig(method="rtn", group_size=16, zero_point="float", overrides={r"mlp\.down_proj": 8}, lm_head="int4")
+    plan, _ = make_plan(load_torch_model(tiny_llama), cfg)
+    assert plan["model.layers.0.mlp.up_proj"].float_zero and plan["lm_head"].float_zero
+    assert not plan["model.layers.0.mlp.down_proj"].float_zero  # 8-bit integer zero points are fine-grained already
+    # qwen2 ties the head to the embedding: shared codes go through GatherBlockQuantized, which takes integer zero points
+    shared, _ = make_plan(load_torch_model(tiny_qwen2), QuantizeConfig(method="rtn", group_size=16, zero_point="float",
+                                                                       lm_head="int4", embedding="int4"))
+    assert not shared["lm_head"].float_zero and shared["model.layers.0.mlp.up_proj"].float_zero
+
+
+def test_float_zero_points_export_exactly_and_go_to_gguf_as_q4_1(tmp_path, tiny_llama, eval_text):
+    import gguf
+
+    from conftest import write_targets_recipe
+    from pipeline.formats.gguf import block_values, permute_rows
+    from pipeline.quant.primitives import unpack_matmul_nbits
+    from safetensors.numpy import load_file
+
+    quantize = f"{{method: gptq, group_size: 32, zero_point: float, lm_head: int4, {cal(eval_text)}}}"
+    run_dir = run(write_targets_recipe(tmp_path, tiny_llama, eval_text, quantize, "[onnx, gguf]"), workdir=tmp_path / "a")
+    quant, export = next(run_dir.glob("*-quantize-*")), find_model_folder(run_dir)
+    plan = json.loads((quant / "quant_plan.json").read_text())["layers"]
+    assert all(spec.get("float_zero") for spec in plan.values())
+    for graph_file in (export / "model.onnx", export / "fused" / "model.onnx"):
+        graph = onnx.load(str(graph_file), load_external_data=False).graph
+        corrections = [n for n in graph.node if n.name.endswith("/ZeroCorrection")]
+        assert len(corrections) == len([n for n in graph.node if n.op_type == "MatMulNBits"]) > 0
+    manifest = json.loads((export / "manifest.json").read_text())
+    assert max(manifest["parity_by_graph"].values()) < 1e-3  # against the dequantized float-zero model
+    packed = load_file(str(quant / "quantized.safetensors"))
+    tensors = {t.name: t for t in gguf.GGUFReader(str(export / "gguf" / "model.gguf")).tensors}
+    layer = "model.layers.1.self_attn.q_proj"
+    q, scale, zero = (permute_rows(a, 4) for a in unpack_matmul_nbits(packed, layer, plan[layer]))
+    t = tensors["blk.1.attn_q.weight"]
+    assert t.tensor_type.name == "Q4_1"
+    np.testing.assert_array_equal(gguf.quants.dequantize(np.array(t.data), t.tensor_type), block_values(q, scale, zero, t.tensor_type))
+
+
+def test_float_zero_points_into_compressed_tensors_are_refused_when_the_recipe_loads(tmp_path, tiny_llama, eval_text):
+    from conftest import write_targets_recipe
+
+    recipe = write_targets_recipe(tmp_path, tiny_llama, eval_text, "{method: rtn, zero_point: float}", "[onnx, hf-quantized]")
+    with pytest.raises(RecipeError, match=r"hf-quantized cannot hold zero_point: float .* \(gguf holds float zero points as Q4_1\)"):
+        load_recipe(recipe)
