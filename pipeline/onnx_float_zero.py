@@ -35,10 +35,11 @@ def lower_float_zero_points(model: onnx.ModelProto) -> int:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         k, n, bits, g = attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]
         blocks = -(-k // g)
+        scales = numpy_helper.to_array(inits[node.input[2]])
+        dtype = scales.dtype
+        scale = scales.astype(np.float32).reshape(n, blocks)
         zero = numpy_helper.to_array(zp).astype(np.float32).reshape(n, blocks)
-        scale = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32).reshape(n, blocks)
         rounded = np.clip(np.round(zero), 0, 2**bits - 1)
-        dtype = numpy_helper.to_array(inits[node.input[2]]).dtype
         if (k, g) not in sums:
             e = np.zeros((k, blocks), dtype)
             e[np.arange(k), np.arange(k) // g] = 1
