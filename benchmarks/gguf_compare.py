@@ -35,6 +35,8 @@ OURS = {
     "ours-gptq-asym-g32 (Q4_1)": {"method": "gptq", "group_size": 32},
     "ours-gptq-sym-g32 (Q4_0)": {"method": "gptq", "group_size": 32, "symmetric": True},
     "ours-rtn-sym-g32 (Q4_0)": {"method": "rtn", "group_size": 32, "symmetric": True},
+    # float zero points re-find this model's own Q4_1 grid (a conversion check, not a quality result)
+    "ours-rtn-asym-g32-float-zero (Q4_1)": {"method": "rtn", "group_size": 32, "zero_point": "float"},
 }
 LLAMA_CPP = {"llama.cpp Q4_0": 2, "llama.cpp Q4_1": 3}  # llama_ftype: MOSTLY_Q4_0, MOSTLY_Q4_1
 
