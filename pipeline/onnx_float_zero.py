@@ -1,7 +1,7 @@
 """Float zero points on ONNX Runtime's CPU provider, exactly and at MatMulNBits' integer speed.
 
-MatMulNBits takes float zero points, but ONNX Runtime's CPU kernel then dequantizes the whole weight
-on every call (about 18x slower per decode step, measured on SmolLM2's shapes). So each such node is
+MatMulNBits takes float zero points, but ONNX Runtime's CPU kernel then takes a slow path: 20 to 48x
+slower for a SmolLM2 gate/up matmul at one row (benchmarks/float_zero_kernel.py). So each such node is
 split into the fast integer kernel plus a small correction that restores the fractional part:
 
     w = s * (q - z)  =  s * (q - round(z))  +  s * (round(z) - z)          per block of G inputs
@@ -19,6 +19,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from pipeline.onnx_quant import drop_unused_initializers
+from pipeline.quant.primitives import pack_zero_points
 
 
 def lower_float_zero_points(model: onnx.ModelProto) -> int:
@@ -47,7 +48,7 @@ def lower_float_zero_points(model: onnx.ModelProto) -> int:
             graph.initializer.append(numpy_helper.from_array(e, sums[(k, g)]))
         name = node.name
         graph.initializer.extend([
-            numpy_helper.from_array(_pack_zero_points(rounded.astype(np.uint8), bits), f"{name}.zero_points_int"),
+            numpy_helper.from_array(pack_zero_points(rounded.astype(np.uint8), bits), f"{name}.zero_points_int"),
             numpy_helper.from_array(np.ascontiguousarray((scale * (rounded - zero)).T.astype(dtype)), f"{name}.zero_correction"),
         ])
         out = node.output[0]
@@ -63,12 +64,3 @@ def lower_float_zero_points(model: onnx.ModelProto) -> int:
     graph.node.extend(nodes)
     drop_unused_initializers(graph)
     return rewritten
-
-
-def _pack_zero_points(zero: np.ndarray, bits: int) -> np.ndarray:
-    """[N, blocks] uint8 -> MatMulNBits' layout: two 4-bit zero points a byte (low nibble first), rows padded."""
-    if bits != 4:
-        return np.ascontiguousarray(zero).reshape(-1)
-    if zero.shape[1] % 2:
-        zero = np.pad(zero, ((0, 0), (0, 1)))
-    return np.ascontiguousarray(zero[:, 0::2] | (zero[:, 1::2] << 4)).reshape(-1)

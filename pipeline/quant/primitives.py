@@ -157,13 +157,18 @@ def pack_matmul_nbits(qt: QTensor) -> dict[str, np.ndarray]:
     if qt.scheme.float_zero:
         out["zero_points"] = qt.zero.numpy().astype(np.float32).reshape(-1)
     elif not qt.scheme.symmetric:
-        zero = qt.zero.numpy().astype(np.uint8)
-        if qt.scheme.bits == 4:
-            if blocks % 2:
-                zero = np.pad(zero, ((0, 0), (0, 1)))
-            zero = zero[:, 0::2] | (zero[:, 1::2] << 4)
-        out["zero_points"] = np.ascontiguousarray(zero).reshape(-1)
+        out["zero_points"] = pack_zero_points(qt.zero.numpy().astype(np.uint8), qt.scheme.bits)
     return out
+
+
+def pack_zero_points(zero: np.ndarray, bits: int) -> np.ndarray:
+    """Integer zero points [N, blocks] uint8 in MatMulNBits' layout: for 4 bits two a byte (low nibble
+    first), each row padded to an even count; 8-bit ones as they are. Flattened."""
+    if bits == 4:
+        if zero.shape[1] % 2:
+            zero = np.pad(zero, ((0, 0), (0, 1)))
+        zero = zero[:, 0::2] | (zero[:, 1::2] << 4)
+    return np.ascontiguousarray(zero).reshape(-1)
 
 
 def packed_bytes(qt: QTensor) -> int:
