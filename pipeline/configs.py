@@ -245,6 +245,9 @@ class QuantizeConfig:
     # AWQ: judge the q/k/v and gate/up scales by the output of the attention block / MLP they sit in
     # (block, as AutoAWQ does), or by the linears' own outputs (linear: faster)
     awq_objective: str = "block"
+    # AWQ: after the clip search, refit each row's group scales by least squares on the layer's output error for the
+    # rounded codes, all of the row's groups at once (its codes re-rounded in turn); false keeps the paper's AWQ
+    awq_refit: bool = True
     # W8A8: dynamic (ONNX Runtime: one range per tensor, per run) | dynamic_per_token (one scale per token,
     # as vLLM runs it) | static (one symmetric scale per linear input, calibrated: clipped max |x|)
     activations: str = "dynamic"
@@ -257,7 +260,8 @@ class QuantizeConfig:
     # 4: static W8A8 is ours (calibrated symmetric input scales in the plan), not ONNX Runtime's QDQ
     # 5: AWQ's clip search refines an asymmetric group's two ends apart
     # 6: awq_objective (default block: AWQ judges the q/k/v scale by the attention block's output, gate/up's by the MLP's)
-    version: int = 6
+    # 7: awq_refit (default true)
+    version: int = 7
 
     def __post_init__(self):
         if self.method not in QUANT_METHODS:

@@ -2,7 +2,8 @@
 
 For each layer: collect the inputs of each group of linears that share an input, search the
 activation-aware scale and fold it into the op that feeds them (exact in float), search each
-group's clipping range, quantize, then run the quantized layer to feed the next one. With
+group's clipping range, quantize, refit the group scales on the output error (`awq_refit`, see
+pipeline.quant.refit), then run the quantized layer to feed the next one. With
 `awq_objective: block` (the default) the scale of q/k/v is judged by the attention block's output
 and that of gate/up by the MLP's output (as AutoAWQ does); the others, and every scale with
 `awq_objective: linear`, by the linears' own outputs.
@@ -19,6 +20,7 @@ from pipeline.configs import QuantizeConfig
 from pipeline.errors import StageError
 from pipeline.quant.awq import search_clip, search_scale, search_scale_on_output
 from pipeline.quant.primitives import QTensor, QuantScheme, dequantize, quantize
+from pipeline.quant.refit import padded_gram, refit_scales
 
 # (op whose output feeds the linears, the linears) within one decoder layer of the Llama family
 SCALE_GROUPS = (
@@ -70,7 +72,7 @@ def awq_model(model, plan: dict[str, QuantScheme], cfg: QuantizeConfig, batches:
             if prefix + name in plan:
                 x, _ = stats[name]
                 scheme = plan[prefix + name]
-                qtensors[prefix + name] = quantize(module.weight.data, scheme, search_clip(x, module.weight.data, scheme))
+                qtensors[prefix + name] = _quantize_searched(x, module.weight.data, scheme, cfg.awq_refit)
                 module.weight.data = dequantize(qtensors[prefix + name])
         hidden = run_layer(layer, hidden, kwargs)
     if "lm_head" in plan:  # tied to the embedding: no scale to fold, clipping only
@@ -80,8 +82,14 @@ def awq_model(model, plan: dict[str, QuantScheme], cfg: QuantizeConfig, batches:
                 stats.add(model.model.norm(h), len(hidden))
         x, _ = stats.result()
         w = model.lm_head.weight.data
-        qtensors["lm_head"] = quantize(w, plan["lm_head"], search_clip(x, w, plan["lm_head"]))
+        qtensors["lm_head"] = _quantize_searched(x, w, plan["lm_head"], cfg.awq_refit)
     return qtensors
+
+
+def _quantize_searched(x: torch.Tensor, w: torch.Tensor, scheme: QuantScheme, refit: bool) -> QTensor:
+    """Clip search, then (with `refit`) each row's group scales refitted by least squares on its output error."""
+    qt = quantize(w, scheme, search_clip(x, w, scheme))
+    return refit_scales(qt, w, padded_gram(x, scheme.group_size)) if refit else qt
 
 
 def collect_inputs(layer, hidden, kwargs, keep: int, gen, index: int,

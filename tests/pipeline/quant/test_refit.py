@@ -1,0 +1,48 @@
+"""The least-squares refit of group scales: never worse per row, better in total, layout unchanged."""
+import pytest
+import torch
+
+from pipeline.quant.awq import search_clip
+from pipeline.quant.gptq import gptq
+from pipeline.quant.primitives import QuantScheme, dequantize, quantize
+from pipeline.quant.refit import padded_gram, refit_scales
+from tests.pipeline.quant.test_gptq import correlated_inputs
+
+
+def row_errors(x: torch.Tensor, w: torch.Tensor, qt) -> torch.Tensor:
+    return (x @ (dequantize(qt) - w).T).pow(2).sum(0)
+
+
+@pytest.mark.parametrize("scheme", [QuantScheme(4, 32, False), QuantScheme(4, 32, True), QuantScheme(4, 64, False, True)],
+                         ids=["asym", "sym", "float-zero"])
+def test_refit_after_the_awq_clip_search_lowers_every_rows_output_error(scheme):
+    torch.manual_seed(0)
+    x = correlated_inputs(1024, 100)  # 100 = whole blocks and a padded one
+    w = torch.randn(24, 100)
+    qt = quantize(w, scheme, search_clip(x, w, scheme))
+    fitted = refit_scales(qt, w, padded_gram(x, scheme.group_size))
+    before, after = row_errors(x, w, qt), row_errors(x, w, fitted)
+    assert torch.equal(fitted.zero, qt.zero) and fitted.q.dtype == torch.uint8 and fitted.q.shape == qt.q.shape
+    assert int(fitted.q.max()) <= scheme.maxq and fitted.in_features == 100
+    assert (after <= before * (1 + 1e-4)).all()
+    assert after.sum() < 0.97 * before.sum()
+
+
+def test_refit_of_gptq_codes_takes_the_unpadded_hessian_and_never_loses():
+    torch.manual_seed(0)
+    x = correlated_inputs(2048, 100)
+    w = torch.randn(16, 100)
+    h = x.T @ x
+    qt = gptq(w, h, QuantScheme(4, 32, False))
+    fitted = refit_scales(qt, w, 2 * h / len(x))  # any positive multiple of XᵀX
+    before, after = row_errors(x, w, qt), row_errors(x, w, fitted)
+    assert (after <= before * (1 + 1e-4)).all() and after.sum() < before.sum()
+
+
+def test_refit_keeps_a_row_whose_scales_cannot_improve():
+    """A weight already on its grid: zero error, nothing to gain, nothing changed."""
+    scheme = QuantScheme(4, 32, False)
+    w = dequantize(quantize(torch.randn(4, 64), scheme))
+    qt = quantize(w, scheme)
+    fitted = refit_scales(qt, w, padded_gram(torch.randn(256, 64), 32))
+    torch.testing.assert_close(dequantize(fitted), dequantize(qt))
