@@ -64,11 +64,13 @@ VARIANTS = {
     "int4-awq-sym-g32": {"method": "awq", "group_size": 32, "symmetric": True},
     "int4-awq-asym-g128": {"method": "awq", "group_size": 128},
     "int4-awq-sym-g128": {"method": "awq", "group_size": 128, "symmetric": True},
-    # AWQ as the paper has it: no least-squares refit of the group scales after the clip search
-    "int4-awq-asym-g32-no-refit": {"method": "awq", "group_size": 32, "awq_refit": False},
-    "int4-awq-sym-g32-no-refit": {"method": "awq", "group_size": 32, "symmetric": True, "awq_refit": False},
-    "int4-awq-asym-g128-no-refit": {"method": "awq", "group_size": 128, "awq_refit": False},
-    "int4-awq-sym-g128-no-refit": {"method": "awq", "group_size": 128, "symmetric": True, "awq_refit": False},
+    # GPTQ and AWQ as the papers have them: no least-squares refit of the group scales once the codes are chosen
+    "int4-gptq-asym-g32-no-refit": {"method": "gptq", "group_size": 32, "refit_scales": False},
+    "int4-gptq-asym-g128-no-refit": {"method": "gptq", "group_size": 128, "refit_scales": False},
+    "int4-awq-asym-g32-no-refit": {"method": "awq", "group_size": 32, "refit_scales": False},
+    "int4-awq-sym-g32-no-refit": {"method": "awq", "group_size": 32, "symmetric": True, "refit_scales": False},
+    "int4-awq-asym-g128-no-refit": {"method": "awq", "group_size": 128, "refit_scales": False},
+    "int4-awq-sym-g128-no-refit": {"method": "awq", "group_size": 128, "symmetric": True, "refit_scales": False},
     # the scale searched on each linear's own output instead of the attention block's / MLP's
     "int4-awq-asym-g32-linear": {"method": "awq", "group_size": 32, "awq_objective": "linear"},
     "int4-awq-sym-g32-linear": {"method": "awq", "group_size": 32, "symmetric": True, "awq_objective": "linear"},

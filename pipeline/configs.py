@@ -245,9 +245,10 @@ class QuantizeConfig:
     # AWQ: judge the q/k/v and gate/up scales by the output of the attention block / MLP they sit in
     # (block, as AutoAWQ does), or by the linears' own outputs (linear: faster)
     awq_objective: str = "block"
-    # AWQ: after the clip search, refit each row's group scales by least squares on the layer's output error for the
-    # rounded codes, all of the row's groups at once (its codes re-rounded in turn); false keeps the paper's AWQ
-    awq_refit: bool = True
+    # GPTQ, AWQ: once the codes are chosen, refit each row's group scales by least squares on the layer's output
+    # error on the calibration inputs, all of a row's groups at once (codes re-rounded in turn); false keeps the
+    # papers' algorithms as they are
+    refit_scales: bool = True
     # W8A8: dynamic (ONNX Runtime: one range per tensor, per run) | dynamic_per_token (one scale per token,
     # as vLLM runs it) | static (one symmetric scale per linear input, calibrated: clipped max |x|)
     activations: str = "dynamic"
@@ -260,7 +261,7 @@ class QuantizeConfig:
     # 4: static W8A8 is ours (calibrated symmetric input scales in the plan), not ONNX Runtime's QDQ
     # 5: AWQ's clip search refines an asymmetric group's two ends apart
     # 6: awq_objective (default block: AWQ judges the q/k/v scale by the attention block's output, gate/up's by the MLP's)
-    # 7: awq_refit (default true)
+    # 7: refit_scales (default true)
     version: int = 7
 
     def __post_init__(self):

@@ -2,7 +2,7 @@
 
 For each layer: collect the inputs of each group of linears that share an input, search the
 activation-aware scale and fold it into the op that feeds them (exact in float), search each
-group's clipping range, quantize, refit the group scales on the output error (`awq_refit`, see
+group's clipping range, quantize, refit the group scales on the output error (`refit_scales`, see
 pipeline.quant.refit), then run the quantized layer to feed the next one. With
 `awq_objective: block` (the default) the scale of q/k/v is judged by the attention block's output
 and that of gate/up by the MLP's output (as AutoAWQ does); the others, and every scale with
@@ -72,7 +72,7 @@ def awq_model(model, plan: dict[str, QuantScheme], cfg: QuantizeConfig, batches:
             if prefix + name in plan:
                 x, _ = stats[name]
                 scheme = plan[prefix + name]
-                qtensors[prefix + name] = _quantize_searched(x, module.weight.data, scheme, cfg.awq_refit)
+                qtensors[prefix + name] = _quantize_searched(x, module.weight.data, scheme, cfg.refit_scales)
                 module.weight.data = dequantize(qtensors[prefix + name])
         hidden = run_layer(layer, hidden, kwargs)
     if "lm_head" in plan:  # tied to the embedding: no scale to fold, clipping only
@@ -82,7 +82,7 @@ def awq_model(model, plan: dict[str, QuantScheme], cfg: QuantizeConfig, batches:
                 stats.add(model.model.norm(h), len(hidden))
         x, _ = stats.result()
         w = model.lm_head.weight.data
-        qtensors["lm_head"] = _quantize_searched(x, w, plan["lm_head"], cfg.awq_refit)
+        qtensors["lm_head"] = _quantize_searched(x, w, plan["lm_head"], cfg.refit_scales)
     return qtensors
 
 
