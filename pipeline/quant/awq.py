@@ -8,7 +8,8 @@ channel scale s moves weight magnitude onto those channels before rounding:
 s = mean|X|^α / mean|W|^(1-α), with α searched on calibration inputs to minimize the output error
 of the quantized linears, or of the block they sit in (the attention block for q/k/v, the MLP for
 gate/up), whose output weighs each linear's rounding by its effect downstream. Then each group's
-range is clipped, searched on the linear's own output. For the Llama family the foldable pairs
+range is clipped, searched on the linear's own output (and, with `refit_scales`, the row's group scales
+then refitted on that output: pipeline.quant.refit). For the Llama family the foldable pairs
 are: input_layernorm -> q,k,v; post_attention_layernorm -> gate,up; up_proj -> down_proj
 (v_proj -> o_proj too when there is no grouped-query attention).
 """

@@ -90,7 +90,7 @@ def _logit_error(model_dir, ref, ids) -> float:
         return float((load_torch_model(model_dir)(ids).logits - ref).pow(2).mean())
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq", "gptq, refit_scales: false", "awq", "awq, refit_scales: false"],
+@pytest.mark.parametrize("method", ["gptq", "gptq, refit_scales: false", "awq", "awq, refit_scales: false"],
                          ids=["gptq", "gptq-no-refit", "awq", "awq-no-refit"])
 def test_calibrated_method_beats_rtn_on_the_calibration_text(tmp_path, tiny_llama, eval_text, method):
     settings = "group_size: 16, bits: 4, symmetric: true, " + cal(eval_text, 16)
