@@ -71,6 +71,13 @@ VARIANTS = {
     "int4-awq-sym-g32-no-refit": {"method": "awq", "group_size": 32, "symmetric": True, "refit_scales": False},
     "int4-awq-asym-g128-no-refit": {"method": "awq", "group_size": 128, "refit_scales": False},
     "int4-awq-sym-g128-no-refit": {"method": "awq", "group_size": 128, "symmetric": True, "refit_scales": False},
+    # refit with cyclic coordinate descent on the codes between scale refits
+    "int4-gptq-asym-g32-descent": {"method": "gptq", "group_size": 32, "code_descent": True},
+    "int4-gptq-asym-g128-descent": {"method": "gptq", "group_size": 128, "code_descent": True},
+    "int4-awq-asym-g32-descent": {"method": "awq", "group_size": 32, "code_descent": True},
+    "int4-awq-sym-g32-descent": {"method": "awq", "group_size": 32, "symmetric": True, "code_descent": True},
+    "int4-awq-asym-g128-descent": {"method": "awq", "group_size": 128, "code_descent": True},
+    "int4-awq-sym-g128-descent": {"method": "awq", "group_size": 128, "symmetric": True, "code_descent": True},
     # the scale searched on each linear's own output instead of the attention block's / MLP's
     "int4-awq-asym-g32-linear": {"method": "awq", "group_size": 32, "awq_objective": "linear"},
     "int4-awq-sym-g32-linear": {"method": "awq", "group_size": 32, "symmetric": True, "awq_objective": "linear"},

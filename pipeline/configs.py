@@ -249,6 +249,9 @@ class QuantizeConfig:
     # error on the calibration inputs, all of a row's groups at once (codes re-rounded in turn); false keeps the
     # papers' algorithms as they are
     refit_scales: bool = True
+    # GPTQ, AWQ, with refit_scales: between scale refits, move each code by cyclic coordinate descent on the same
+    # output error (QuantEase-style), instead of only re-rounding codes to the nearest grid point
+    code_descent: bool = False
     # W8A8: dynamic (ONNX Runtime: one range per tensor, per run) | dynamic_per_token (one scale per token,
     # as vLLM runs it) | static (one symmetric scale per linear input, calibrated: clipped max |x|)
     activations: str = "dynamic"
@@ -262,7 +265,8 @@ class QuantizeConfig:
     # 5: AWQ's clip search refines an asymmetric group's two ends apart
     # 6: awq_objective (default block: AWQ judges the q/k/v scale by the attention block's output, gate/up's by the MLP's)
     # 7: refit_scales (default true)
-    version: int = 7
+    # 8: code_descent; refit_scales also fits float zero points
+    version: int = 8
 
     def __post_init__(self):
         if self.method not in QUANT_METHODS:
@@ -305,6 +309,9 @@ class QuantizeConfig:
         if self.method == "w8a8" and (self.lm_head == "int4" or self.embedding != "float"):
             raise RecipeError("lm_head/embedding: w8a8 quantizes the LM head to W8A8 with lm_head: int8 (or keeps it "
                               "float) and keeps the embedding float; int4 and a quantized embedding are for rtn, gptq, awq")
+        if self.code_descent and not (self.refit_scales and self.method in ("gptq", "awq")):
+            raise RecipeError("code_descent: runs inside the refit of GPTQ's or AWQ's scales; use it with method gptq or awq "
+                              f"and refit_scales: true (got method {self.method}, refit_scales {str(self.refit_scales).lower()})")
         if self.provider not in ("cpu", "cuda"):
             raise RecipeError(f"provider: '{self.provider}' is not one of cpu, cuda")
         if self.zero_point not in ZERO_POINTS:

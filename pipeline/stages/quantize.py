@@ -201,7 +201,7 @@ def _gptq_model(model, plan, cfg: QuantizeConfig, model_dir, ctx) -> dict[str, Q
 def _gptq_refit(w: torch.Tensor, H: torch.Tensor, scheme, cfg: QuantizeConfig) -> QTensor:
     """GPTQ's codes, then (`refit_scales`) each row's group scales refitted on the output error under H."""
     qt = gptq(w, H, scheme, cfg.damp, cfg.act_order, cfg.mse_clip)
-    return refit_scales(qt, w, H) if cfg.refit_scales else qt
+    return refit_scales(qt, w, H, descent=cfg.code_descent) if cfg.refit_scales else qt
 
 
 def _collect_hessians(layer, modules, hidden, kwargs, index) -> dict[str, HessianAccumulator]:

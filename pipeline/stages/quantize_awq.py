@@ -72,7 +72,7 @@ def awq_model(model, plan: dict[str, QuantScheme], cfg: QuantizeConfig, batches:
             if prefix + name in plan:
                 x, _ = stats[name]
                 scheme = plan[prefix + name]
-                qtensors[prefix + name] = _quantize_searched(x, module.weight.data, scheme, cfg.refit_scales)
+                qtensors[prefix + name] = _quantize_searched(x, module.weight.data, scheme, cfg)
                 module.weight.data = dequantize(qtensors[prefix + name])
         hidden = run_layer(layer, hidden, kwargs)
     if "lm_head" in plan:  # tied to the embedding: no scale to fold, clipping only
@@ -82,14 +82,16 @@ def awq_model(model, plan: dict[str, QuantScheme], cfg: QuantizeConfig, batches:
                 stats.add(model.model.norm(h), len(hidden))
         x, _ = stats.result()
         w = model.lm_head.weight.data
-        qtensors["lm_head"] = _quantize_searched(x, w, plan["lm_head"], cfg.refit_scales)
+        qtensors["lm_head"] = _quantize_searched(x, w, plan["lm_head"], cfg)
     return qtensors
 
 
-def _quantize_searched(x: torch.Tensor, w: torch.Tensor, scheme: QuantScheme, refit: bool) -> QTensor:
-    """Clip search, then (with `refit`) each row's group scales refitted by least squares on its output error."""
+def _quantize_searched(x: torch.Tensor, w: torch.Tensor, scheme: QuantScheme, cfg: QuantizeConfig) -> QTensor:
+    """Clip search, then (`refit_scales`) each row's group scales refitted by least squares on its output error."""
     qt = quantize(w, scheme, search_clip(x, w, scheme))
-    return refit_scales(qt, w, padded_gram(x, scheme.group_size)) if refit else qt
+    if not cfg.refit_scales:
+        return qt
+    return refit_scales(qt, w, padded_gram(x, scheme.group_size), descent=cfg.code_descent)
 
 
 def collect_inputs(layer, hidden, kwargs, keep: int, gen, index: int,

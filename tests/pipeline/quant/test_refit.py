@@ -1,11 +1,13 @@
-"""The least-squares refit of group scales: never worse per row, better in total, layout unchanged."""
+"""The least-squares refit of group scales (and float zero points), with or without coordinate descent on the
+codes: never worse per row, better in total, layout unchanged."""
 import pytest
 import torch
 
 from pipeline.quant.awq import search_clip
 from pipeline.quant.gptq import gptq
 from pipeline.quant.primitives import QuantScheme, dequantize, quantize
-from pipeline.quant.refit import padded_gram, refit_scales
+from pipeline.quant.primitives import to_groups
+from pipeline.quant.refit import descend_codes, padded_gram, refit_scales
 from tests.pipeline.quant.test_gptq import correlated_inputs
 
 
@@ -22,7 +24,11 @@ def test_refit_after_the_awq_clip_search_lowers_every_rows_output_error(scheme):
     qt = quantize(w, scheme, search_clip(x, w, scheme))
     fitted = refit_scales(qt, w, padded_gram(x, scheme.group_size))
     before, after = row_errors(x, w, qt), row_errors(x, w, fitted)
-    assert torch.equal(fitted.zero, qt.zero) and fitted.q.dtype == torch.uint8 and fitted.q.shape == qt.q.shape
+    assert fitted.q.dtype == torch.uint8 and fitted.q.shape == qt.q.shape
+    if scheme.float_zero:  # fitted with the scales
+        assert not torch.equal(fitted.zero, qt.zero)
+    else:  # integer zero points are the layout's: unchanged
+        assert torch.equal(fitted.zero, qt.zero)
     assert int(fitted.q.max()) <= scheme.maxq and fitted.in_features == 100
     assert (after <= before * (1 + 1e-4)).all()
     assert after.sum() < 0.97 * before.sum()
@@ -46,3 +52,50 @@ def test_refit_keeps_a_row_whose_scales_cannot_improve():
     qt = quantize(w, scheme)
     fitted = refit_scales(qt, w, padded_gram(torch.randn(256, 64), 32))
     torch.testing.assert_close(dequantize(fitted), dequantize(qt))
+
+
+@pytest.mark.parametrize("scheme", [QuantScheme(4, 32, False), QuantScheme(4, 32, True), QuantScheme(4, 64, False, True)],
+                         ids=["asym", "sym", "float-zero"])
+def test_code_descent_cuts_the_refits_output_error_further(scheme):
+    torch.manual_seed(0)
+    x = correlated_inputs(1024, 100)
+    w = torch.randn(24, 100)
+    qt = quantize(w, scheme, search_clip(x, w, scheme))
+    gram = padded_gram(x, scheme.group_size)
+    plain, descended = refit_scales(qt, w, gram), refit_scales(qt, w, gram, descent=True)
+    before, after = row_errors(x, w, qt), row_errors(x, w, descended)
+    assert (after <= before * (1 + 1e-4)).all()
+    assert after.sum() < 0.8 * row_errors(x, w, plain).sum()
+    assert int(descended.q.max()) <= scheme.maxq and descended.q.dtype == torch.uint8
+
+
+def test_code_descent_ends_where_no_single_code_can_move_for_the_better():
+    """Run to convergence, every code is the best integer for its row given the others (brute-force check)."""
+    torch.manual_seed(1)
+    scheme = QuantScheme(4, 16, False)
+    x = correlated_inputs(512, 48)
+    w = torch.randn(3, 48)
+    qt = quantize(w, scheme)
+    gram = padded_gram(x, 16)
+    wg = to_groups(w, 16)
+    q = qt.q.float()
+    for _ in range(50):
+        moved = descend_codes(wg.reshape(3, -1), qt.scale, qt.zero, q, gram, scheme.maxq)
+        if torch.equal(moved, q):
+            break
+        q = moved
+    else:
+        pytest.fail("coordinate descent did not settle in 50 passes")
+
+    def err(codes):
+        return row_errors(x, w, type(qt)(codes.to(torch.uint8), qt.scale, qt.zero, scheme, 48))
+
+    base = err(q)
+    for row in range(3):
+        for j in range(48):
+            for step in (-1, 1):
+                trial = q.clone().view(3, 48)
+                if not 0 <= trial[row, j] + step <= scheme.maxq:
+                    continue
+                trial[row, j] += step
+                assert err(trial.view_as(q))[row] >= base[row] * (1 - 1e-5)

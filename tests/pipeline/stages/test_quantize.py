@@ -63,6 +63,8 @@ def test_plan_ignores_overrides_and_lm_head(tiny_llama):
     ("{method: w8a8, lm_head: int8, ignore: ['head']}", r"ignore: 'head' matches lm_head, which lm_head: int8 quantizes"),
     ("{method: rtn, lm_head: int4, ignore: ['.*_head']}", r"ignore: '.\*_head' matches lm_head, which lm_head: int4"),
     ("{zero_point: half}", r"zero_point: 'half' is not one of int, float"),
+    ("{refit_scales: false, code_descent: true}", r"code_descent: runs inside the refit .* \(got method gptq, refit_scales false\)"),
+    ("{method: rtn, code_descent: true}", r"code_descent: .* \(got method rtn, refit_scales true\)"),
     ("{symmetric: true, zero_point: float}", r"zero_point: float is for asymmetric .* \(got symmetric: true, method gptq\)"),
     ("{method: w8a8, zero_point: float}", r"zero_point: float is for asymmetric .* \(got symmetric: false, method w8a8\)"),
 ])
@@ -90,8 +92,9 @@ def _logit_error(model_dir, ref, ids) -> float:
         return float((load_torch_model(model_dir)(ids).logits - ref).pow(2).mean())
 
 
-@pytest.mark.parametrize("method", ["gptq", "gptq, refit_scales: false", "awq", "awq, refit_scales: false"],
-                         ids=["gptq", "gptq-no-refit", "awq", "awq-no-refit"])
+@pytest.mark.parametrize("method", ["gptq", "gptq, refit_scales: false", "gptq, code_descent: true", "awq",
+                                    "awq, refit_scales: false", "awq, code_descent: true"],
+                         ids=["gptq", "gptq-no-refit", "gptq-descent", "awq", "awq-no-refit", "awq-descent"])
 def test_calibrated_method_beats_rtn_on_the_calibration_text(tmp_path, tiny_llama, eval_text, method):
     settings = "group_size: 16, bits: 4, symmetric: true, " + cal(eval_text, 16)
     rtn = run(quant_recipe(tmp_path, tiny_llama, eval_text, f"{{method: rtn, {settings}}}", "rtn"), workdir=tmp_path / "a")
