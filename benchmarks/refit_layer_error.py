@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "quantize" / "refit_layer_error.json"
 LAYERS = ("model.layers.3.self_attn.q_proj", "model.layers.3.self_attn.o_proj", "model.layers.10.mlp.down_proj",
           "model.layers.20.mlp.gate_proj", "model.layers.29.mlp.down_proj")
-SCHEMES = (QuantScheme(4, 128, False), QuantScheme(4, 128, True), QuantScheme(4, 32, False))
+SCHEMES = (QuantScheme(4, 128, False), QuantScheme(4, 128, True), QuantScheme(4, 32, False), QuantScheme(4, 128, False, True))
 
 
 def layer_inputs(model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
