@@ -10,7 +10,8 @@ it lowers the error, so the result is never worse than the input.
 
 Integer zero points stay as they are: the layout (MatMulNBits, GGUF, compressed-tensors) does not
 change. Fitting them too (offset by least squares, then rounded) changed under 1 % of the zero points
-in the five SmolLM2 layers tried, so it is not done. Float zero points are fitted with the scales (Ŵ = s·q - t per block, both linear).
+in the five SmolLM2 layers tried, so it is not done. Float zero points are fitted with the scales
+(Ŵ = s·q - t per block, both linear).
 
 With `descent`, each round also runs a pass of cyclic coordinate descent on the codes (as QuantEase
 does): each code in turn becomes the best integer for the same output error given the others. That is
@@ -52,6 +53,7 @@ def _refit_rows(wg, scale, zero, q, gram, maxq: int, float_zero: bool, rounds: i
     w_flat = wg.reshape(n, -1)
     hw = (w_flat @ gram).view(n, groups, gs)  # H w per row, by block
     h_blocks = gram.view(-1, groups, gs)
+    h_ones = h_blocks.sum(-1).view(groups, gs, groups)  # H 1_h at block g, position l: for the offsets' columns
 
     def error(codes, s, z):
         d = ((codes - z[..., None]) * s[..., None]).reshape(n, -1) - w_flat
@@ -70,10 +72,9 @@ def _refit_rows(wg, scale, zero, q, gram, maxq: int, float_zero: bool, rounds: i
     def scales_and_offsets_for(codes):
         """Ŵ_g = s_g q_g - t_g: both fitted at once; the zero point is t/s."""
         hq = torch.einsum("kgl,ngl->nkg", h_blocks, codes).view(n, groups, gs, groups)
-        h1 = h_blocks.sum(-1).view(groups, gs, groups)  # H 1_h at block g, position l
         a_ss = torch.einsum("ngl,nglh->ngh", codes, hq)
-        a_st = -torch.einsum("ngl,glh->ngh", codes, h1)
-        a_tt = h1.sum(1).expand(n, groups, groups)
+        a_st = -torch.einsum("ngl,glh->ngh", codes, h_ones)
+        a_tt = h_ones.sum(1).expand(n, groups, groups)
         a = torch.cat([torch.cat([a_ss, a_st], 2), torch.cat([a_st.transpose(1, 2), a_tt], 2)], 1)
         ridge = 1e-6 * a.diagonal(dim1=1, dim2=2).clamp(min=1e-30)  # per unknown: scales and offsets differ in size
         x = solve(a, torch.cat([(codes * hw).sum(-1), -hw.sum(-1)], 1), ridge)

@@ -5,8 +5,7 @@ import torch
 
 from pipeline.quant.awq import search_clip
 from pipeline.quant.gptq import gptq
-from pipeline.quant.primitives import QuantScheme, dequantize, quantize
-from pipeline.quant.primitives import to_groups
+from pipeline.quant.primitives import QuantScheme, dequantize, quantize, to_groups
 from pipeline.quant.refit import descend_codes, padded_gram, refit_scales
 from tests.pipeline.quant.test_gptq import correlated_inputs
 
