@@ -7,7 +7,9 @@
     static:            our rewrite: one symmetric int8 scale per linear input, calibrated by the quantize
                        stage (clipped max |x|), QuantizeLinear then MatMulInteger (their static scheme)
 
-Weights are int8 per output channel in all three. Only the decoder's linear layers the quantize stage
+Weights are int8 per output channel in all three. Our two rewrites store both operands as uint8
+(codes + 128), exact on every x86 CPU; ONNX Runtime's dynamic mode keeps its uint8 x int8 pairs, which
+saturate on AVX2 CPUs without VNNI (its documentation's reduce_range caveat). Only the decoder's linear layers the quantize stage
 lists are quantized (its ignore list keeps others float): the attention's own matmuls (activation × activation: scores and weighted values) and the LM head stay
 float, as in SmoothQuant and llm-compressor; quantizing the scores per tensor ruins the model.
 Run after the export's float parity check.
@@ -69,11 +71,15 @@ def quantize_int8_linears(path: Path, modules: list[str], input_scales: dict[str
 
         s_x = max(|x|, last axis) / 127          q_x = clip(round(x / s_x), -127, 127)
         s_w = max(|W|, per output column) / 127  W_q = int8(round(W / s_w))           (computed here, once)
-        y   = float(MatMulInteger(uint8(q_x + 128), W_q, a_zero_point=128)) * s_x * s_w
+        y   = float(MatMulInteger(uint8(q_x + 128), uint8(W_q + 128), a_zero_point=128, b_zero_point=128)) * s_x * s_w
 
-    The activation codes travel as uint8 with zero point 128, the same integers as int8: ONNX
-    Runtime's CPU kernels have fast paths for uint8 x int8 only (int8 x int8 measured 19-28x slower
-    on this AVX-512 machine, a portable fallback).
+    Both sides' codes travel as uint8 with zero point 128, the same integers as int8. ONNX Runtime's
+    CPU kernels have fast paths for uint8 x int8 and uint8 x uint8 only (int8 x int8 measured 19-28x
+    slower on an AVX-512 machine, a portable fallback). uint8 x int8 is not exact everywhere: on x86
+    CPUs with AVX2 but no VNNI it sums pairs of products in saturating 16-bit lanes (vpmaddubsw), and
+    255 x 127 x 2 overflows them (measured: 24 % error on an AVX2-only AMD EPYC, the accuracy gate
+    failed there). uint8 x uint8 widens first and is exact on every CPU, at 12-15 % more time per
+    MatMulInteger on that machine.
 
     ONNX Runtime's dynamic mode shares one (asymmetric) range across the whole activation tensor, so
     one outlier token coarsens every other token's rounding; per token, each row gets its own. This
@@ -127,13 +133,14 @@ def quantize_int8_linears(path: Path, modules: list[str], input_scales: dict[str
             raise StageError(f"export: the linears fed by {x} were calibrated to different input scales")
         q_x, s_x = quantized_inputs[x]
         s_w = np.maximum(np.abs(w).max(axis=0), 1e-12) / 127
-        w_q = np.clip(np.round(w / s_w), -127, 127).astype(np.int8)
-        consts += [numpy_helper.from_array(w_q, name=f"{w_name}_quantized"),
+        w_q = np.clip(np.round(w / s_w), -127, 127).astype(np.int16)
+        consts += [numpy_helper.from_array((w_q + 128).astype(np.uint8), name=f"{w_name}_quantized"),
                    numpy_helper.from_array(s_w.astype(np.float32), name=f"{w_name}_scale")]
         dropped.add(w_name)
         y = node.output[0]
         nodes += [
-            onnx.helper.make_node("MatMulInteger", [q_x, f"{w_name}_quantized", "w8a8_zero_point"], [f"{y}_int32"],
+            onnx.helper.make_node("MatMulInteger", [q_x, f"{w_name}_quantized", "w8a8_zero_point", "w8a8_zero_point"],
+                                  [f"{y}_int32"],
                                   name=f"{node.name}_quant"),
             onnx.helper.make_node("Cast", [f"{y}_int32"], [f"{y}_float"], to=onnx.TensorProto.FLOAT),
             onnx.helper.make_node("Mul", [f"{y}_float", s_x], [f"{y}_token_scaled"]),
@@ -206,7 +213,7 @@ def read_w8a8_codes(path: Path, modules: list[str]) -> dict[str, W8A8Codes]:
     for node in graph.node:
         if node.op_type == "MatMulInteger" and (module := module_of(node.name, "MatMul_quant")) in modules:
             base = node.input[1].removesuffix("_quantized")
-            zero = array(node.input[3]) if len(node.input) > 3 else np.zeros(1, np.int8)  # our per-token graphs: none
+            zero = array(node.input[3]) if len(node.input) > 3 else np.zeros(1, np.int8)  # older graphs: int8, none
             codes[module] = _codes(array(node.input[1]), array(f"{base}_scale"), zero, module)
             x_q = producer.get(node.input[0])
             if x_q is not None and x_q.op_type == "QuantizeLinear" and x_q.input[1] in inits:
@@ -227,6 +234,8 @@ def read_w8a8_codes(path: Path, modules: list[str]) -> dict[str, W8A8Codes]:
 
 
 def _codes(w_q: np.ndarray, scale: np.ndarray, zero: np.ndarray, module: str) -> W8A8Codes:
+    if w_q.dtype == np.uint8 and np.all(zero == 128):  # ours: int8 codes + 128
+        w_q, zero = (w_q.astype(np.int16) - 128).astype(np.int8), np.zeros(1, np.int8)
     if w_q.dtype != np.int8 or np.any(zero != 0):
         raise StageError(f"{module}: expected symmetric int8 weights from ONNX Runtime, got {w_q.dtype} with "
                          f"{'nonzero' if np.any(zero != 0) else 'zero'} zero points")

@@ -18,7 +18,7 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
@@ -28,6 +28,7 @@ from pipeline.configs import ExportConfig, ModelConfig, QuantizeConfig, TextSour
 from pipeline.errors import RecipeError, did_you_mean
 from pipeline.formats.compressed_tensors import FORMATS_THAT_WORK as HF_FORMATS
 from pipeline.formats.gguf import FORMATS_THAT_WORK as GGUF_FORMATS
+from pipeline.recipe_overrides import apply_overrides
 from pipeline.registry import STAGES
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -55,8 +56,9 @@ class Recipe:
     stages: tuple[StageEntry, ...]
 
 
-def load_recipe(path: Path | str) -> Recipe:
-    """Parse and validate a recipe file. Raises RecipeError with `file: key.path: message`."""
+def load_recipe(path: Path | str, overrides: Sequence[str] = ()) -> Recipe:
+    """Parse and validate a recipe file, with `--set KEY.PATH=VALUE` overrides applied first
+    (pipeline/recipe_overrides.py). Raises RecipeError with `file: key.path: message`."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -67,7 +69,7 @@ def load_recipe(path: Path | str) -> Recipe:
         where = f" line {mark.line + 1}" if mark else ""
         raise RecipeError(f"{path}:{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
     try:
-        return _build_recipe(path, raw)
+        return _build_recipe(path, apply_overrides(raw, overrides) if overrides else raw)
     except RecipeError as e:
         raise RecipeError(f"{path}: {e}") from None
 

@@ -18,7 +18,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from pipeline import stages as _stages  # noqa: F401  (registers the stages)
 from pipeline.artifacts import (
@@ -45,7 +45,8 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def run(recipe_path: Path | str, workdir: Path | str = "artifacts", force: bool = False) -> Path:
+def run(recipe_path: Path | str, workdir: Path | str = "artifacts", force: bool = False,
+        overrides: Sequence[str] = ()) -> Path:
     """Run a recipe end to end and return its run folder.
 
     Example:
@@ -53,15 +54,18 @@ def run(recipe_path: Path | str, workdir: Path | str = "artifacts", force: bool 
         >>> run("recipes/smollm2-fp32.yaml")          # doctest: +SKIP
         PosixPath('artifacts/smollm2-fp32')
     """
-    recipe = load_recipe(recipe_path)
+    recipe = load_recipe(recipe_path, overrides)
     run_dir = Path(workdir) / recipe.name
     run_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(run_dir)
-    log(f"run {recipe.name}: {recipe.path} -> {run_dir}")
-    record = {"recipe": str(recipe.path), "name": recipe.name, "started": time.time(), "steps": [], "status": "running"}
+    log(f"run {recipe.name}: {recipe.path}{''.join(f' --set {o}' for o in overrides)} -> {run_dir}")
+    record = {"recipe": str(recipe.path), "name": recipe.name, "overrides": list(overrides), "started": time.time(),
+              "steps": [], "status": "running"}
 
     model_cfg = dataclasses.asdict(recipe.model)
-    model_fp = fingerprint("model", recipe.model.version, model_cfg, source_identity(recipe.source))
+    # the source's identity is its content (or hub id), not how the recipe spells its path
+    model_fp = fingerprint("model", recipe.model.version, {k: v for k, v in model_cfg.items() if k != "source"},
+                           source_identity(recipe.source))
     build_model = lambda ctx: import_model(recipe.model, recipe.source, ctx.out_dir, log)  # noqa: E731
     try:
         art = _run_step(run_dir, 0, "model", "hf-model", model_cfg, model_fp, (), build_model, force, record)
@@ -94,9 +98,21 @@ def _run_step(run_dir, index, name, kind, cfg_dict, fp, history, build, force, r
             _raise_if_failed(art)
             return art
         log(f"[{index:02d}] {name}: cached artifact rejected ({why}); rebuilding")
-    log(f"[{index:02d}] {name}: running (fp {fp[:12]})")
     tmp = run_dir / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    # a report names the run it checked, so only model-making steps are shared between run folders
+    twin = None if force or kind == "report" else _verified_twin(run_dir, final.name, fp)
+    if twin is not None:
+        shutil.copytree(twin.path, tmp, copy_function=_link_or_copy)
+        for stale in run_dir.glob(f"{index:02d}-{name}-*"):
+            shutil.rmtree(stale)
+        os.replace(tmp, final)
+        log(f"[{index:02d}] {name}: unchanged (fp {fp[:12]}), linked from {twin.path}")
+        record["steps"].append({"index": index, "stage": name, "dir": final.name, "cached": True, "from": str(twin.path)})
+        art = Artifact(final, twin.manifest)
+        _raise_if_failed(art)
+        return art
+    log(f"[{index:02d}] {name}: running (fp {fp[:12]})")
     tmp.mkdir()
     started = time.time()
     try:
@@ -122,6 +138,25 @@ def _run_step(run_dir, index, name, kind, cfg_dict, fp, history, build, force, r
     art = Artifact(final, manifest)
     _raise_if_failed(art)
     return art
+
+
+def _verified_twin(run_dir: Path, step: str, fp: str) -> Artifact | None:
+    """The same step (same fingerprint: same source, stages and settings up to it) completed in
+    another run folder of this workdir, e.g. the model step that every recipe of one model shares."""
+    for other in sorted(run_dir.parent.glob(f"*/{step}")):
+        if other.parent != run_dir:
+            art, _ = load_verified(other, fp)
+            if art is not None:
+                return art
+    return None
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """Hard links cost no space or time; artifacts are never changed in place (their checksums say so)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _manifest(name, kind, cfg_dict, fp, parent, result: StageResult, folder: Path, started: float) -> dict:

@@ -5,14 +5,14 @@ import textwrap
 
 import pytest
 
-from conftest import REFERENCE_GGUF
+from conftest import REFERENCE_GGUF, reference_workdir
 from pipeline import run
 from runtime import Generator, find_model_folder
 
 pytestmark = pytest.mark.slow
 
 
-def test_twenty_layer_student_trains_exports_and_generates(tmp_path):
+def test_twenty_layer_student_trains_exports_and_generates(tmp_path, tmp_path_factory):
     if not REFERENCE_GGUF.exists():
         pytest.fail(f"{REFERENCE_GGUF} is missing: run `make model`")
     recipe = tmp_path / "short-distill.yaml"
@@ -25,7 +25,7 @@ def test_twenty_layer_student_trains_exports_and_generates(tmp_path):
                        teacher_answers: {{samples: 16, max_new_tokens: 96, batch_size: 16}}}}
           - export: {{}}
         """))
-    run_dir = run(recipe, workdir=tmp_path / "a")
+    run_dir = run(recipe, workdir=reference_workdir(tmp_path_factory))
     step = next(run_dir.glob("01-distill-*"))
     manifest = json.loads((step / "manifest.json").read_text())
     assert json.loads((step / "config.json").read_text())["num_hidden_layers"] == 20

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import run_reference_recipe
+from conftest import CI_CALIBRATION, CI_WINDOWS, run_reference_recipe
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: `make engines` (make test does it)")
@@ -12,7 +12,7 @@ pytest.importorskip("compressed_tensors", reason="compressed-tensors is not inst
 
 @pytest.fixture(scope="module")
 def engines_run(tmp_path_factory):
-    return run_reference_recipe("smollm2-int4-engines.yaml", tmp_path_factory)
+    return run_reference_recipe("smollm2-int4-engines.yaml", tmp_path_factory, (CI_WINDOWS, CI_CALIBRATION))
 
 
 def test_llama_cpp_gives_the_onnx_artifacts_model(engines_run):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import ROOT, run_reference_recipe
+from conftest import CI_WINDOWS, ROOT, run_reference_recipe
 from pipeline import run
 from pipeline.cli import main
 from runtime import Generator, find_model_folder
@@ -30,7 +30,7 @@ def test_default_recipe_meets_the_accuracy_gates(smol_run):
     m = report["metrics"]
     assert report["passed"], report["failures"]
     assert abs(m["perplexity_delta_pct"]) < 0.1
-    assert m["perplexity_baseline"] == pytest.approx(25.62, abs=0.05)  # WikiText-2 test, 40 x 512 tokens
+    assert m["perplexity_baseline"] == pytest.approx(27.61, abs=0.05)  # WikiText-2 test, the first 8 x 512 tokens (40: 25.62)
     assert m["greedy_token_agreement"] == 1.0 and m["batch_greedy_agreement"] == 1.0
     assert m["decode_logits_max_abs_diff"] < 1e-2 and m["top1_agreement"] > 0.999
 
@@ -43,7 +43,7 @@ def test_gguf_quirks_are_fixed_in_the_model_step(smol_run):
 
 def test_second_run_is_all_cache_hits(smol_run, capsys):
     started = time.time()
-    run(RECIPE, workdir=smol_run.parent)
+    run(RECIPE, workdir=smol_run.parent, overrides=(CI_WINDOWS,))
     out = capsys.readouterr().out
     assert out.count("unchanged") == 3 and "running" not in out
     assert time.time() - started < 60

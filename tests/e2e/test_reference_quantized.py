@@ -5,7 +5,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from conftest import run_reference_recipe
+from conftest import CI_CALIBRATION, CI_WINDOWS, run_reference_recipe
 from pipeline.cli import main
 from runtime import find_model_folder
 
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def int4_run(tmp_path_factory):
-    return run_reference_recipe("smollm2-int4-gptq.yaml", tmp_path_factory)
+    return run_reference_recipe("smollm2-int4-gptq.yaml", tmp_path_factory, (CI_WINDOWS, CI_CALIBRATION))
 
 
 def test_int4_recipe_passes_its_gates_and_is_small(int4_run):
@@ -47,6 +47,7 @@ def test_int4_artifact_serves_the_openai_client_with_continuous_batching(int4_ru
 
     from openai import OpenAI
 
+    from runtime import Generator
     from runtime.serve.launch import serve_process
 
     questions = ["What is the capital of France?", "Name three colors.", "What is 2 + 2?", "Who wrote Hamlet?"]
@@ -61,5 +62,22 @@ def test_int4_artifact_serves_the_openai_client_with_continuous_batching(int4_ru
         alone = [ask(q) for q in questions]
         with ThreadPoolExecutor(len(questions)) as pool:
             together = list(pool.map(ask, questions))
-    assert "Paris" in alone[0]
-    assert together == alone
+    assert "Paris" in alone[0] and "Paris" in together[0]
+    # Batched decode rows and prefix-cached prefills multiply matrices of other shapes than one request alone,
+    # so logits move by float noise (~1e-5) and a near-tie may flip a later token. Every token the server sent,
+    # alone or in a batch, must still be the model's greedy choice up to that noise: a mixed-up cache row or a
+    # stale prefix would miss it by whole logits.
+    gen = Generator(find_model_folder(int4_run), provider="cpu")
+    for question, answer in zip(questions * 2, alone + together):
+        assert greedy_shortfall(gen, question, answer) < 0.05, (question, answer, alone, together)
+
+
+def greedy_shortfall(gen, question: str, answer: str) -> float:
+    """How far (in logits) the answer's least-preferred token falls below the best token at its position,
+    scoring the answer after the question's chat prompt in one forward pass without a cache."""
+    import numpy as np
+
+    prompt = gen.tokenizer.encode_chat(question)
+    tokens = gen.tokenizer.encode(answer, add_special_tokens=False)
+    logits = gen.logits(prompt + tokens)[len(prompt) - 1:-1]
+    return float((logits.max(-1) - logits[np.arange(len(tokens)), tokens]).max())

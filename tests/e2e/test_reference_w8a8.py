@@ -4,14 +4,14 @@ import json
 import onnx
 import pytest
 
-from conftest import run_reference_recipe
+from conftest import CI_CALIBRATION, CI_WINDOWS, run_reference_recipe
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def w8a8_run(tmp_path_factory):
-    return run_reference_recipe("smollm2-w8a8.yaml", tmp_path_factory)
+    return run_reference_recipe("smollm2-w8a8.yaml", tmp_path_factory, (CI_WINDOWS, CI_CALIBRATION))
 
 
 def test_per_token_w8a8_passes_its_gates_with_every_decoder_linear_in_int8(w8a8_run):
@@ -39,7 +39,7 @@ def test_the_compressed_tensors_checkpoint_carries_the_same_int8_codes(w8a8_run)
 
 @pytest.fixture(scope="module")
 def static_run(tmp_path_factory):
-    return run_reference_recipe("smollm2-w8a8-static.yaml", tmp_path_factory)
+    return run_reference_recipe("smollm2-w8a8-static.yaml", tmp_path_factory, (CI_WINDOWS, CI_CALIBRATION))
 
 
 def test_static_w8a8_with_hadamard_passes_its_gate_with_every_decoder_linear_in_int8(static_run):

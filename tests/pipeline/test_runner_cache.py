@@ -119,3 +119,37 @@ def test_editing_the_eval_text_reruns_validate(tmp_path, tiny_llama, eval_text, 
     run(recipe, workdir=tmp_path / "a")
     out = capsys.readouterr().out
     assert "[01] export: unchanged" in out and "[02] validate: running" in out
+
+
+def test_another_recipe_in_the_same_workdir_links_the_steps_it_shares(work, capsys):
+    tmp, recipe = work
+    run(recipe, workdir=tmp / "a")
+    capsys.readouterr()
+    other = run(recipe, workdir=tmp / "a", overrides=["name=other", "validate.max_windows=2"])
+    out = capsys.readouterr().out
+    assert "[00] model: unchanged" in out and "[01] export: unchanged" in out and "linked from" in out
+    assert "[02] validate: running" in out  # a report names its own run: never shared
+    ours, theirs = steps(other), steps(tmp / "a" / "tiny")
+    assert (ours["export"] / "model.onnx.data").stat().st_ino == (theirs["export"] / "model.onnx.data").stat().st_ino
+    assert load_verified(ours["export"])[0] is not None
+
+
+def test_a_tampered_twin_is_not_linked(work, capsys):
+    tmp, recipe = work
+    run(recipe, workdir=tmp / "a")
+    with open(steps(tmp / "a" / "tiny")["export"] / "model.onnx.data", "r+b") as f:
+        f.write(b"\x00\x01\x02\x03")
+    capsys.readouterr()
+    run(recipe, workdir=tmp / "a", overrides=["name=other"])
+    out = capsys.readouterr().out
+    assert "[00] model: unchanged" in out and "[01] export: running" in out
+
+
+def test_the_model_step_is_keyed_by_the_sources_content_not_its_spelling(work, tiny_llama, eval_text):
+    import os
+
+    tmp, recipe = work
+    sub = tmp / "elsewhere"
+    sub.mkdir()
+    relative = write_recipe(sub, Path(os.path.relpath(tiny_llama, sub)), eval_text)
+    assert steps(run(recipe, workdir=tmp / "a"))["model"].name == steps(run(relative, workdir=tmp / "b"))["model"].name

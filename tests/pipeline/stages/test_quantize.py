@@ -242,6 +242,7 @@ def test_per_token_w8a8_rounds_each_token_on_its_own_scale(tmp_path, opset):
 
     rng = np.random.default_rng(opset)
     w = rng.normal(size=(16, 8)).astype(np.float32)  # [K, N], as the traced graph holds a linear's weight
+    w[:, 0] = np.abs(w[:, 0])  # column 0's codes are all positive and one of them 127 ...
     node = helper.make_node("MatMul", ["x", "W"], ["y"], name="/model/model/layers.0/mlp/up_proj/MatMul")
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", 16])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(w, "W")])
@@ -250,9 +251,10 @@ def test_per_token_w8a8_rounds_each_token_on_its_own_scale(tmp_path, opset):
     quantized = quantize_int8_linears(path, ["model.layers.0.mlp.up_proj"])
     matmul = next(n for n in quantized.graph.node if n.op_type == "MatMulInteger")
     codes_cast = next(n for n in quantized.graph.node if n.output[0] == matmul.input[0])
-    assert codes_cast.attribute[0].i == TensorProto.UINT8 and len(matmul.input) == 3  # uint8 x int8: the fast kernels
+    assert codes_cast.attribute[0].i == TensorProto.UINT8 and len(matmul.input) == 4  # uint8 x uint8: exact everywhere
     x = rng.normal(size=(2, 3, 16)).astype(np.float32)
     x[0, 0] *= 100  # an outlier token: per token, it coarsens only its own row
+    x[1, 2] = 1.0  # ... and this token's codes are all 127 (uint8 255): uint8 x int8 would saturate on AVX2 without VNNI
     got = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     s_x = np.abs(x).max(-1, keepdims=True) / 127
     s_w = np.abs(w).max(0) / 127

@@ -1,0 +1,92 @@
+"""`--set KEY.PATH=VALUE`: change a recipe for one run without editing its file.
+
+    optimize recipes/smollm2-int4-gptq.yaml --set validate.max_windows=8 --set quantize.group_size=64
+
+The first part of the key names a stage (`validate`, or `stages[2]` when a recipe has two stages of
+one kind), `model` or `name`; the rest walks into that section, creating mappings that are absent.
+The value is read as YAML (`8`, `true`, `[a, b]`, `{source: wikitext-2}`). Overrides are applied to
+the parsed file before the schema checks it, so a wrong key or value fails with the usual precise error.
+"""
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any, Iterable
+
+import yaml
+
+from pipeline.errors import RecipeError
+
+STAGE_INDEX = re.compile(r"^stages\[(\d+)\]$")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'validate.max_windows=8' -> (['validate', 'max_windows'], 8)."""
+    key, sep, value = text.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
+        raise RecipeError(f"--set {text}: expected KEY.PATH=VALUE, e.g. validate.max_windows=8")
+    try:
+        return parts, yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as e:
+        raise RecipeError(f"--set {text}: the value is not valid YAML ({getattr(e, 'problem', e)})") from None
+
+
+def apply_overrides(raw: Any, overrides: Iterable[str]) -> Any:
+    """Return the parsed recipe with each override applied in order (the input is not modified)."""
+    raw = copy.deepcopy(raw)
+    for text in overrides:
+        parts, value = parse_override(text)
+        if not isinstance(raw, dict):
+            raise RecipeError(f"--set {text}: the recipe is not a mapping")
+        section = _section(raw, parts[0], text)
+        if len(parts) == 1:
+            _replace_section(raw, parts[0], value)
+            continue
+        if section is None:
+            section = {}
+            _replace_section(raw, parts[0], section)
+        for depth, part in enumerate(parts[1:], start=1):
+            if not isinstance(section, dict):
+                raise RecipeError(f"--set {text}: {'.'.join(parts[:depth])} is {section!r}, not a mapping")
+            if depth == len(parts) - 1:
+                section[part] = value
+            elif section.get(part) is None:
+                section[part] = {}
+            section = section[part]
+    return raw
+
+
+def _section(raw: dict, head: str, text: str) -> Any:
+    """The mapping the first key part names: a top-level key or one stage's settings."""
+    if head in ("name", "model"):
+        return raw.get(head)
+    stages = raw.get("stages")
+    if not isinstance(stages, list):
+        raise RecipeError(f"--set {text}: the recipe has no stages list to apply it to")
+    names = [next(iter(s)) if isinstance(s, dict) and len(s) == 1 else None for s in stages]
+    match = STAGE_INDEX.match(head)
+    if match:
+        index = int(match.group(1))
+        if index >= len(stages) or names[index] is None:
+            raise RecipeError(f"--set {text}: stages[{index}] does not exist (the recipe has {len(stages)} stages)")
+        return stages[index][names[index]]
+    found = [i for i, n in enumerate(names) if n == head]
+    if not found:
+        listed = ", ".join(n for n in names if n) or "none"
+        raise RecipeError(f"--set {text}: the recipe has no '{head}' stage (stages: {listed}; or name a top-level "
+                          "key: name, model)")
+    if len(found) > 1:
+        raise RecipeError(f"--set {text}: the recipe has {len(found)} '{head}' stages; say which, e.g. "
+                          f"stages[{found[0]}].{text.partition('.')[2] or '…'}")
+    return stages[found[0]][head]
+
+
+def _replace_section(raw: dict, head: str, value: Any) -> None:
+    match = STAGE_INDEX.match(head)
+    if head in ("name", "model"):
+        raw[head] = value
+        return
+    stages = raw["stages"]
+    index = int(match.group(1)) if match else next(i for i, s in enumerate(stages) if isinstance(s, dict) and head in s)
+    stages[index] = {next(iter(stages[index])): value}
