@@ -54,7 +54,7 @@ gpu-check:  ## on a GPU machine, after install-cuda and `optimize recipes/smollm
 		--peers onnxruntime-genai,onnxruntime-genai-cuda-graph,transformers-sdpa --out $(GPU_OUT)/bench
 
 test: install engines model  ## every test, the slow reference-model tests included (what CI runs)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30
 
 test-fast: install  ## tiny-model tests only
 	$(BIN)/python -m pytest -q -m "not slow"
