@@ -63,13 +63,16 @@ def test_int4_artifact_serves_the_openai_client_with_continuous_batching(int4_ru
         with ThreadPoolExecutor(len(questions)) as pool:
             together = list(pool.map(ask, questions))
     assert "Paris" in alone[0] and "Paris" in together[0]
-    # Batched decode rows and prefix-cached prefills multiply matrices of other shapes than one request alone,
-    # so logits move by float noise (~1e-5) and a near-tie may flip a later token. Every token the server sent,
-    # alone or in a batch, must still be the model's greedy choice up to that noise: a mixed-up cache row or a
-    # stale prefix would miss it by whole logits.
+    # Batched decode steps sum attention over other padded shapes than one request alone, so logits move
+    # by float noise, and accuracy_level 4 rounds every linear's input to int8 at run time: a nudge across
+    # a rounding boundary grows to tenths of a logit (measured up to 0.29 on an AVX2 machine, where a
+    # near-tie flipped "classic" to "masterpiece"). Batched and alone answers may therefore differ; every
+    # token the server sent must still be the model's greedy choice within 1 logit. A mixed-up cache row
+    # or stale prefix misses by far more: another question's answer falls 7 to 15 logits short.
     gen = Generator(find_model_folder(int4_run), provider="cpu")
     for question, answer in zip(questions * 2, alone + together):
-        assert greedy_shortfall(gen, question, answer) < 0.05, (question, answer, alone, together)
+        assert greedy_shortfall(gen, question, answer) < 1.0, (question, answer, alone, together)
+    assert greedy_shortfall(gen, questions[0], alone[3]) > 3  # the check tells a wrong context apart
 
 
 def greedy_shortfall(gen, question: str, answer: str) -> float:
