@@ -78,8 +78,8 @@ def quantize_int8_linears(path: Path, modules: list[str], input_scales: dict[str
     slower on an AVX-512 machine, a portable fallback). uint8 x int8 is not exact everywhere: on x86
     CPUs with AVX2 but no VNNI it sums pairs of products in saturating 16-bit lanes (vpmaddubsw), and
     255 x 127 x 2 overflows them (measured: 24 % error on an AVX2-only AMD EPYC, the accuracy gate
-    failed there). uint8 x uint8 widens first and is exact on every CPU, at 12-15 % more time per
-    MatMulInteger on that machine.
+    failed there). uint8 x uint8 widens first and is exact on every CPU; on that machine it takes
+    2.2x the time at 1 row and 1.2x at 256 (benchmarks/matmul_integer_kernels.py).
 
     ONNX Runtime's dynamic mode shares one (asymmetric) range across the whole activation tensor, so
     one outlier token coarsens every other token's rounding; per token, each row gets its own. This
