@@ -9,7 +9,9 @@
 
 Weights are int8 per output channel in all three. Our two rewrites store both operands as uint8
 (codes + 128), exact on every x86 CPU; ONNX Runtime's dynamic mode keeps its uint8 x int8 pairs, which
-saturate on AVX2 CPUs without VNNI (its documentation's reduce_range caveat). Only the decoder's linear layers the quantize stage
+saturate on AVX2 CPUs without VNNI (its documentation's reduce_range caveat).
+
+Only the decoder's linear layers the quantize stage
 lists are quantized (its ignore list keeps others float): the attention's own matmuls (activation × activation: scores and weighted values) and the LM head stay
 float, as in SmoothQuant and llm-compressor; quantizing the scores per tensor ruins the model.
 Run after the export's float parity check.

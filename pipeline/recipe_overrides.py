@@ -39,28 +39,21 @@ def apply_overrides(raw: Any, overrides: Iterable[str]) -> Any:
         parts, value = parse_override(text)
         if not isinstance(raw, dict):
             raise RecipeError(f"--set {text}: the recipe is not a mapping")
-        section = _section(raw, parts[0], text)
-        if len(parts) == 1:
-            _replace_section(raw, parts[0], value)
-            continue
-        if section is None:
-            section = {}
-            _replace_section(raw, parts[0], section)
+        container, key = _locate(raw, parts[0], text)
         for depth, part in enumerate(parts[1:], start=1):
-            if not isinstance(section, dict):
-                raise RecipeError(f"--set {text}: {'.'.join(parts[:depth])} is {section!r}, not a mapping")
-            if depth == len(parts) - 1:
-                section[part] = value
-            elif section.get(part) is None:
-                section[part] = {}
-            section = section[part]
+            if container.get(key) is None:
+                container[key] = {}
+            container, key = container[key], part
+            if not isinstance(container, dict):
+                raise RecipeError(f"--set {text}: {'.'.join(parts[:depth])} is {container!r}, not a mapping")
+        container[key] = value
     return raw
 
 
-def _section(raw: dict, head: str, text: str) -> Any:
-    """The mapping the first key part names: a top-level key or one stage's settings."""
+def _locate(raw: dict, head: str, text: str) -> tuple[dict, str]:
+    """Where the first key part lives: (the recipe, 'name' | 'model') or (one stage's entry, its stage name)."""
     if head in ("name", "model"):
-        return raw.get(head)
+        return raw, head
     stages = raw.get("stages")
     if not isinstance(stages, list):
         raise RecipeError(f"--set {text}: the recipe has no stages list to apply it to")
@@ -70,7 +63,7 @@ def _section(raw: dict, head: str, text: str) -> Any:
         index = int(match.group(1))
         if index >= len(stages) or names[index] is None:
             raise RecipeError(f"--set {text}: stages[{index}] does not exist (the recipe has {len(stages)} stages)")
-        return stages[index][names[index]]
+        return stages[index], names[index]
     found = [i for i, n in enumerate(names) if n == head]
     if not found:
         listed = ", ".join(n for n in names if n) or "none"
@@ -79,14 +72,4 @@ def _section(raw: dict, head: str, text: str) -> Any:
     if len(found) > 1:
         raise RecipeError(f"--set {text}: the recipe has {len(found)} '{head}' stages; say which, e.g. "
                           f"stages[{found[0]}].{text.partition('.')[2] or '…'}")
-    return stages[found[0]][head]
-
-
-def _replace_section(raw: dict, head: str, value: Any) -> None:
-    match = STAGE_INDEX.match(head)
-    if head in ("name", "model"):
-        raw[head] = value
-        return
-    stages = raw["stages"]
-    index = int(match.group(1)) if match else next(i for i, s in enumerate(stages) if isinstance(s, dict) and head in s)
-    stages[index] = {next(iter(stages[index])): value}
+    return stages[found[0]], head

@@ -104,9 +104,7 @@ def _run_step(run_dir, index, name, kind, cfg_dict, fp, history, build, force, r
     twin = None if force or kind == "report" else _verified_twin(run_dir, final.name, fp)
     if twin is not None:
         shutil.copytree(twin.path, tmp, copy_function=_link_or_copy)
-        for stale in run_dir.glob(f"{index:02d}-{name}-*"):
-            shutil.rmtree(stale)
-        os.replace(tmp, final)
+        _put_in_place(tmp, final, run_dir, f"{index:02d}-{name}-*")
         log(f"[{index:02d}] {name}: unchanged (fp {fp[:12]}), linked from {twin.path}")
         record["steps"].append({"index": index, "stage": name, "dir": final.name, "cached": True, "from": str(twin.path)})
         art = Artifact(final, twin.manifest)
@@ -121,9 +119,7 @@ def _run_step(run_dir, index, name, kind, cfg_dict, fp, history, build, force, r
         result: StageResult = build(ctx)
         manifest = _manifest(name, kind, cfg_dict, fp, history[-1] if history else None, result, tmp, started)
         write_json_atomic(tmp / MANIFEST, manifest)
-        for stale in run_dir.glob(f"{index:02d}-{name}-*"):
-            shutil.rmtree(stale)
-        os.replace(tmp, final)
+        _put_in_place(tmp, final, run_dir, f"{index:02d}-{name}-*")
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, PipelineError):
@@ -138,6 +134,13 @@ def _run_step(run_dir, index, name, kind, cfg_dict, fp, history, build, force, r
     art = Artifact(final, manifest)
     _raise_if_failed(art)
     return art
+
+
+def _put_in_place(tmp: Path, final: Path, run_dir: Path, pattern: str) -> None:
+    """The completed step replaces any older build of its stage (another fingerprint) in one rename."""
+    for stale in run_dir.glob(pattern):
+        shutil.rmtree(stale)
+    os.replace(tmp, final)
 
 
 def _verified_twin(run_dir: Path, step: str, fp: str) -> Artifact | None:
