@@ -266,7 +266,8 @@ class QuantizeConfig:
     # 6: awq_objective (default block: AWQ judges the q/k/v scale by the attention block's output, gate/up's by the MLP's)
     # 7: refit_scales (default true)
     # 8: code_descent; refit_scales also fits float zero points
-    version: int = 8
+    # 9: calibration passes with sdpa attention (float noise); sensitivity forwards start at their own layer
+    version: int = 9
 
     def __post_init__(self):
         if self.method not in QUANT_METHODS:

@@ -19,7 +19,7 @@ from safetensors.numpy import save_file
 from tqdm import tqdm
 
 from calibration import DataError, load_text, sample_blocks
-from calibration.collect import calibration_estimate, capture_layer_inputs, decoder_layers, input_hooks, run_layer
+from calibration.collect import calibration_estimate, capture_layer_inputs, decoder_layers, feed_inputs, run_layer
 from pipeline.configs import CalibrationConfig, QuantizeConfig
 from pipeline.errors import StageError
 from pipeline.models import copy_tokenizer, load_torch_model
@@ -41,7 +41,7 @@ LM_HEAD_BITS = {"float": None, "int8": 8, "int4": 4}
 @register_stage("quantize", QuantizeConfig, consumes="hf-model", produces="hf-model")
 def quantize_stage(cfg: QuantizeConfig, inp, ctx) -> StageResult:
     started = time.time()
-    model = load_torch_model(inp.path)
+    model = load_torch_model(inp.path, attention="sdpa")  # calibration passes only; export traces its own copy
     if cfg.method == "w8a8":
         return _w8a8(model, cfg, inp.path, ctx, started)
     plan, skipped = make_plan(model, cfg)
@@ -221,10 +221,9 @@ def _collect_hessians(layer, modules, hidden, kwargs, index) -> dict[str, Hessia
         acc.setdefault(name, batch_inputs[key][1])
         assert acc[name] is batch_inputs[key][1], f"{name}: input sharing changed between batches"
 
-    with input_hooks(modules, sink):
-        for h, kw in zip(hidden, kwargs):
-            run_layer(layer, [h], [kw])
-            batch_inputs.clear()
+    for h, kw in zip(hidden, kwargs):
+        feed_inputs(layer, h, kw, modules, sink)
+        batch_inputs.clear()
     return acc
 
 

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from calibration.collect import calibration_estimate, capture_layer_inputs, decoder_layers, input_hooks, run_layer
+from calibration.collect import calibration_estimate, capture_layer_inputs, decoder_layers, feed_inputs, run_layer
 from pipeline.configs import QuantizeConfig
 from pipeline.errors import StageError
 from pipeline.quant.awq import search_clip, search_scale, search_scale_on_output
@@ -106,8 +106,8 @@ def collect_inputs(layer, hidden, kwargs, keep: int, gen, index: int,
         except FloatingPointError:
             raise StageError(f"quantize: NaN/Inf in the inputs of model.layers.{index}.{name}; the model or data is broken") from None
 
-    with input_hooks(linears, sink):
-        run_layer(layer, hidden, kwargs)
+    for h, kw in zip(hidden, kwargs):
+        feed_inputs(layer, h, kw, linears, sink)
     return stats
 
 

@@ -10,6 +10,7 @@ chosen method) is within it.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from calibration.collect import capture_layer_inputs, decoder_layers, run_layer
 from pipeline.configs import BudgetConfig
 from pipeline.errors import StageError
 from pipeline.quant.awq import fake_quant
@@ -24,18 +26,59 @@ from pipeline.quant.primitives import QuantScheme, packed_bytes, quantize
 
 
 def sensitivities(model, plan: dict[str, QuantScheme], ids: torch.Tensor) -> dict[str, float]:
-    """KL of the output when only that layer is quantized with its planned scheme."""
+    """KL of the output when only that layer is quantized with its planned scheme.
+
+    The decoder layers before a candidate compute the same thing with or without it quantized, so
+    the input of every decoder layer is captured once and each candidate's forward starts at its own
+    layer: about half the work of a whole forward per candidate. Where the head is not norm → lm_head
+    (checked against the model's own logits), every candidate runs the whole model instead, and so
+    does a head tied to the embedding (quantizing it changes the model's input too).
+    """
+    layers = decoder_layers(model)
     with torch.no_grad():
-        ref = F.log_softmax(model(ids).logits.double(), -1)
+        full = model(ids).logits
+        hidden, kwargs = capture_layer_inputs(model, [ids])
+        entering = [hidden]  # entering[i]: what decoder layer i sees; entering[-1]: the final hidden state
+        for layer in layers:
+            entering.append(run_layer(layer, entering[-1], kwargs))
+        shortcut = _head_logits(model, entering[-1][0])
+        if shortcut is None or not torch.allclose(shortcut, full, rtol=1e-4, atol=1e-3):
+            entering = None
+        ref = F.log_softmax(full.double(), -1)
+        p_ref = ref.exp()
+        neg_entropy = (p_ref * ref).sum(-1)
         out = {}
         for name in tqdm(plan, desc="  sensitivity", unit="layer", leave=False):
             module = model.get_submodule(name)
             original = module.weight.data
             module.weight.data = fake_quant(original, plan[name])
-            lp = F.log_softmax(model(ids).logits.double(), -1)
-            module.weight.data = original
-            out[name] = max(0.0, float((ref.exp() * (ref - lp)).sum(-1).mean()))  # >= 0 up to round-off
+            try:
+                if entering is None or module.weight is model.get_input_embeddings().weight:
+                    logits = model(ids).logits  # a tied head changes the embedding too: the whole forward
+                else:
+                    start = _layer_index(name, len(layers))
+                    h = entering[start]
+                    for layer in layers[start:]:
+                        h = run_layer(layer, h, kwargs)
+                    logits = _head_logits(model, h[0])
+            finally:
+                module.weight.data = original
+            z = logits.double()  # KL = Σ p log p - Σ p (z - logsumexp z), and Σ p = 1
+            kl = neg_entropy - torch.linalg.vecdot(p_ref, z) + torch.logsumexp(z, -1)
+            out[name] = max(0.0, float(kl.mean()))  # >= 0 up to round-off
     return out
+
+
+def _head_logits(model, hidden: torch.Tensor) -> torch.Tensor | None:
+    """Logits from the last decoder layer's output, for models whose head is final norm then lm_head."""
+    norm, head = getattr(model.model, "norm", None), getattr(model, "lm_head", None)
+    return None if norm is None or head is None else head(norm(hidden))
+
+
+def _layer_index(name: str, count: int) -> int:
+    """The decoder layer a module belongs to; `count` (after the last) for the head."""
+    found = re.match(r"model\.layers\.(\d+)\.", name)
+    return int(found.group(1)) if found else count
 
 
 EMBEDDING = "model.embed_tokens"

@@ -37,6 +37,23 @@ def test_hessian_accumulates_the_mean_outer_product():
     torch.testing.assert_close(acc.H, 2 * x.T @ x / 100, rtol=1e-4, atol=1e-5)
 
 
+def test_blocked_gram_equals_the_full_product():
+    from pipeline.quant.gptq import add_gram
+
+    x = torch.randn(300, 600)  # two uneven blocks of columns
+    H = torch.ones(600, 600)
+    add_gram(H, x, 0.5)
+    torch.testing.assert_close(H, 1 + 0.5 * x.T @ x, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_hessian_rejects_nan_and_inf_in_any_column(bad):
+    x = torch.randn(50, 600)
+    x[17, 599] = bad
+    with pytest.raises(FloatingPointError):
+        HessianAccumulator(600).add(x)
+
+
 def test_hessian_rejects_nan():
     acc = HessianAccumulator(4)
     with pytest.raises(FloatingPointError):

@@ -442,6 +442,33 @@ def test_budget_raises_the_most_sensitive_layers_to_int8(tmp_path, tiny_llama, e
     assert (folder / "sensitivity.png").stat().st_size > 1000
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # untied head; head tied to the embedding
+def test_sensitivity_from_each_layers_input_equals_the_whole_forward(request, family):
+    """Starting a candidate's forward at its own decoder layer gives the KL of the whole model's forward."""
+    import torch.nn.functional as F
+
+    from pipeline.quant.awq import fake_quant
+    from pipeline.quant.primitives import QuantScheme
+    from pipeline.stages.quantize_budget import sensitivities
+
+    model = load_torch_model(request.getfixturevalue(f"tiny_{family}"))
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    plan = {n: QuantScheme(4, 16, False) for n in names}
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    fast = sensitivities(model, plan, ids)
+    with torch.no_grad():
+        ref = F.log_softmax(model(ids).logits.double(), -1)
+        for name in names:
+            module = model.get_submodule(name)
+            original = module.weight.data
+            module.weight.data = fake_quant(original, plan[name])
+            lp = F.log_softmax(model(ids).logits.double(), -1)
+            module.weight.data = original
+            slow = float((ref.exp() * (ref - lp)).sum(-1).mean())
+            assert slow > 0, name  # every layer moves the output: the comparison means something
+            assert fast[name] == pytest.approx(slow, rel=1e-3, abs=1e-12), name
+
+
 def test_budget_below_the_int4_size_is_an_error(tmp_path, tiny_llama, eval_text):
     settings = f"{{method: rtn, group_size: 16, budget: {{max_size_mb: 0.01}}, {cal(eval_text)}}}"
     with pytest.raises(Exception, match=r"max_size_mb: 0.01 MB is below the all-INT4 size"):
