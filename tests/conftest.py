@@ -187,3 +187,14 @@ def sampling_fault(monkeypatch) -> int:
 
     monkeypatch.setattr(engine, "sample", faulty)
     return FAULTY_SEED
+
+
+def greedy_shortfall(gen, question: str, answer: str) -> float:
+    """How far (in logits) the answer's least-preferred token falls below the best token at its position,
+    scoring the answer after the question's chat prompt in one forward pass without a cache."""
+    import numpy as np
+
+    prompt = gen.tokenizer.encode_chat(question)
+    tokens = gen.tokenizer.encode(answer, add_special_tokens=False)
+    logits = gen.logits(prompt + tokens)[len(prompt) - 1:-1]
+    return float((logits.max(-1) - logits[np.arange(len(tokens)), tokens]).max())

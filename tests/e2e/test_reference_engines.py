@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import CI_CALIBRATION, CI_WINDOWS, run_reference_recipe
+from conftest import CI_CALIBRATION, CI_WINDOWS, greedy_shortfall, run_reference_recipe
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: `make engines` (make test does it)")
@@ -25,21 +25,27 @@ def test_llama_cpp_gives_the_onnx_artifacts_model(engines_run):
     assert manifest["tokenizer"].startswith("copied from")
 
 
-def test_llama_cpp_and_our_runner_begin_the_same_chat_answer(engines_run):
+def test_llama_cpp_and_our_runner_give_the_same_chat_answers(engines_run):
     """The GGUF's copied tokenizer and chat template give llama.cpp the prompt our runner builds, and the
-    same codes give the same first words (INT4 everywhere, the head included, answers oddly: both alike)."""
+    same codes make the same model: every token of llama.cpp's greedy answer is our runner's greedy choice
+    up to a near-tie. llama.cpp rounds activations to 8 bits for its Q4_1 matmuls and our graph computes in
+    float here, so a near-tie may break the other way and the answers part from there (measured: llama.cpp's
+    tokens at most 0.05 and 0.08 logits short of ours on these questions; another question's answer falls
+    9 to 10 logits short)."""
     from llama_cpp import Llama
 
     from runtime import Generator, find_model_folder
 
-    question = "What is the capital of France?"
+    questions = ["What is the capital of France?", "Name three primary colors."]
     ours = Generator(find_model_folder(engines_run), provider="cpu")
-    ids = ours.tokenizer.encode_chat(question)
-    our_text = ours.tokenizer.decode(ours.generate([ids], max_new_tokens=16).tokens[0])
     llm = Llama(model_path=str(next(engines_run.glob("*-export-*/gguf/model.gguf"))), n_ctx=256, verbose=False)
-    reply = llm.create_chat_completion(messages=[{"role": "user", "content": question}], temperature=0, max_tokens=16)
-    assert reply["usage"]["prompt_tokens"] == len(ids)
-    assert reply["choices"][0]["message"]["content"].split()[:4] == our_text.split()[:4]
+    answers = []
+    for question in questions:
+        reply = llm.create_chat_completion(messages=[{"role": "user", "content": question}], temperature=0, max_tokens=16)
+        assert reply["usage"]["prompt_tokens"] == len(ours.tokenizer.encode_chat(question))
+        answers.append(reply["choices"][0]["message"]["content"])
+        assert greedy_shortfall(ours, question, answers[-1]) < 0.5, (question, answers[-1])
+    assert greedy_shortfall(ours, questions[1], answers[0]) > 3  # the check tells a wrong context apart
 
 
 def test_transformers_gives_the_onnx_artifacts_model_from_the_compressed_tensors_checkpoint(engines_run):

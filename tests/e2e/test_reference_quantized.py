@@ -5,7 +5,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from conftest import CI_CALIBRATION, CI_WINDOWS, run_reference_recipe
+from conftest import CI_CALIBRATION, CI_WINDOWS, greedy_shortfall, run_reference_recipe
 from pipeline.cli import main
 from runtime import find_model_folder
 
@@ -73,14 +73,3 @@ def test_int4_artifact_serves_the_openai_client_with_continuous_batching(int4_ru
     for question, answer in zip(questions * 2, alone + together):
         assert greedy_shortfall(gen, question, answer) < 1.0, (question, answer, alone, together)
     assert greedy_shortfall(gen, questions[0], alone[3]) > 3  # the check tells a wrong context apart
-
-
-def greedy_shortfall(gen, question: str, answer: str) -> float:
-    """How far (in logits) the answer's least-preferred token falls below the best token at its position,
-    scoring the answer after the question's chat prompt in one forward pass without a cache."""
-    import numpy as np
-
-    prompt = gen.tokenizer.encode_chat(question)
-    tokens = gen.tokenizer.encode(answer, add_special_tokens=False)
-    logits = gen.logits(prompt + tokens)[len(prompt) - 1:-1]
-    return float((logits.max(-1) - logits[np.arange(len(tokens)), tokens]).max())
