@@ -1,4 +1,4 @@
-"""`optimize RECIPE` runs a recipe; `optimize generate|bench|doctor` are subcommands of the same command.
+"""`optimize RECIPE` runs a recipe; `optimize generate|tune|bench|serve|doctor` are subcommands of the same command.
 
 Exit codes: 0 success, 1 a stage or a validation gate failed, 2 a bad recipe or usage.
 """
@@ -11,7 +11,7 @@ import click
 
 from pipeline.bench.cli import bench_command
 from pipeline.doctor import doctor_command
-from runtime.cli import generate_command
+from runtime.cli import generate_command, tune_command
 from runtime.serve.cli import serve_command
 
 
@@ -52,6 +52,7 @@ def run_command(recipe, workdir, force, overrides, debug):
 
 
 main.add_command(generate_command)
+main.add_command(tune_command)
 main.add_command(serve_command)
 main.add_command(doctor_command)
 main.add_command(bench_command)

@@ -343,7 +343,9 @@ class ExportConfig:
     opset: int = 17
     external_data: bool = True  # weights in model.onnx.data beside the graph (relative path)
     parity_tokens: int = 16  # tokens of the export-time parity check against PyTorch
-    accuracy_level: int = 0  # MatMulNBits compute: 0 = float like the weights' dequantized matmul, 4 = int8 (faster on CPU)
+    # MatMulNBits compute: 0 = float like the weights' dequantized matmul, 4 = int8 (faster on CPU),
+    # auto = whichever of the two decodes faster on this machine's CPU (measured by the export, in its manifest)
+    accuracy_level: int | str = 0
     int8_accuracy_level: int | None = None  # the same for 8-bit layers only (None: as accuracy_level)
     fused: bool = True  # also write fused/: GroupQueryAttention, fused norms, in-place KV cache (ONNX Runtime only)
     dtype: str = "float32"  # the fused graph's weights and KV cache: float32, or float16 (what CUDA's GroupQueryAttention needs)
@@ -355,12 +357,15 @@ class ExportConfig:
     version: int = 9  # 2: fused graph beside the portable one; 3: logits_positions, packed matmuls; 4: no query_seqlens, dtype; 5: targets; 6: genai_config.json, hf-quantized; 7: per-token W8A8 codes as uint8 + 128; 8: per-token W8A8 fused graph; 9: kv_cache
 
     def __post_init__(self):
-        if self.accuracy_level not in (0, 1, 2, 3, 4):
-            raise RecipeError(f"accuracy_level: {self.accuracy_level} is not one of 0..4")
+        if self.accuracy_level not in (0, 1, 2, 3, 4, "auto"):
+            raise RecipeError(f"accuracy_level: {self.accuracy_level!r} is not one of 0..4 or auto")
         if self.int8_accuracy_level not in (None, 0, 1, 2, 3, 4):
             raise RecipeError(f"int8_accuracy_level: {self.int8_accuracy_level} is not one of 0..4")
         if self.dtype not in ("float32", "float16"):
             raise RecipeError(f"dtype: '{self.dtype}' is not one of float32, float16")
+        if self.accuracy_level == "auto" and self.dtype == "float16":
+            raise RecipeError("accuracy_level: auto times the CPU's arithmetic; a float16 graph is for CUDA, "
+                              "so set 0 or 4 explicitly")
         if self.dtype == "float16" and not self.fused:
             raise RecipeError("dtype: float16 applies to the fused graph (the portable one stays float32); set fused: true")
         if self.kv_cache not in KV_CACHES:

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import platform
-import shutil
-import subprocess
 from importlib import metadata
 
 import click
 
 from pipeline.artifacts import TRACKED_LIBRARIES
+from runtime.machine import nvidia_smi
 
 
 def diagnose() -> tuple[list[str], list[str]]:
@@ -49,18 +48,6 @@ def diagnose() -> tuple[list[str], list[str]]:
         if "CUDAExecutionProvider" not in providers:
             warnings.append("a GPU is present but onnxruntime has no CUDA provider: run `make install-cuda`")
     return facts, warnings
-
-
-def nvidia_smi(query: str = "name,driver_version,memory.total") -> str | None:
-    """nvidia-smi's answer to a --query-gpu (by default the GPUs' name, driver, memory), or None without one."""
-    if not shutil.which("nvidia-smi"):
-        return None
-    try:
-        out = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None
 
 
 @click.command("doctor")

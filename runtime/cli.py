@@ -1,4 +1,5 @@
-"""`optimize generate ARTIFACT PROMPT`: stream an answer through the bundled ONNX Runtime runner."""
+"""`optimize generate ARTIFACT PROMPT`: stream an answer through the bundled ONNX Runtime runner;
+`optimize tune ARTIFACT`: measure the runner's session settings on this machine."""
 from __future__ import annotations
 
 import sys
@@ -39,7 +40,8 @@ def generate_command(artifact, prompt, max_new_tokens, temperature, top_k, top_p
         gen = Generator(folder, provider=provider, threads=threads, graph=graph, max_length=max_length,
                         allow_fallback=allow_fallback, cuda_graph=cuda_graph)
         load_s = time.perf_counter() - t0
-        click.echo(f"[{folder}] {gen.flavour} graph on {gen.provider}, loaded in {load_s:.2f}s", err=True)
+        click.echo(f"[{folder}] {gen.flavour} graph on {gen.provider}, loaded in {load_s:.2f}s; {gen.describe_settings()}",
+                   err=True)
         ids = gen.tokenizer.encode(prompt) if no_chat else gen.tokenizer.encode_chat(prompt, system)
         if gen.flavour == "fused":
             positions = max_length or len(ids) + max_new_tokens
@@ -62,3 +64,35 @@ def generate_command(artifact, prompt, max_new_tokens, temperature, top_k, top_p
 def _emit(piece: str) -> None:
     sys.stdout.write(piece)
     sys.stdout.flush()
+
+
+@click.command("tune")
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False))
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--graph", type=click.Choice(GRAPHS), default="auto", show_default=True)
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(1),
+              help="rows decoded together (a server's busy batch: its --slots)")
+@click.option("--prompt-tokens", default=128, show_default=True, type=click.IntRange(1))
+@click.option("--steps", default=64, show_default=True, type=click.IntRange(2), help="timed decode steps per candidate")
+@click.option("--rounds", default=3, show_default=True, type=click.IntRange(1),
+              help="passes over the candidates (alternately forward and backward); the median counts")
+def tune_command(artifact, provider, graph, batch, prompt_tokens, steps, rounds):
+    """Measure intra-op threads and the graph optimization level for ARTIFACT on this machine; generate,
+    bench, serve and validate then use the fastest (unless given --threads)."""
+    from runtime.tune import tune
+
+    try:
+        folder = find_model_folder(artifact)
+        click.echo(f"[{folder}] tuning the runner's session: batch {batch}, {prompt_tokens}-token prompt, {steps} decode steps")
+        result = tune(folder, provider, graph, batch, prompt_tokens, steps, rounds, log=click.echo)
+    except (RuntimeFailure, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo("| intra-op threads | graph optimization | decode ms/step (median) | prefill ms (median) |")
+    click.echo("|---|---|---|---|")
+    for c in sorted(result["candidates"], key=lambda c: c["decode_ms_median"]):
+        threads = c["threads"] or "onnxruntime's"
+        click.echo(f"| {threads} | {c['optimization']} | {c['decode_ms_median']:.2f} | {c['prefill_ms_median']:.1f} |")
+    chosen = result["chosen"]
+    threads = chosen["threads"] or "onnxruntime's"
+    click.echo(f"chosen: {threads} threads, graph optimization {chosen['optimization']} "
+               f"({result['decode_speedup_vs_default']:.2f}x the defaults' decode speed); written to {result['file']}")

@@ -25,6 +25,7 @@ from runtime.portable import PortableGraph
 from runtime.sampling import SamplingParams, sample
 from runtime.placement import check_placement
 from runtime.session import PROVIDERS, choose_provider, create_session
+from runtime.settings import SessionSettings, load_tuned
 from runtime.tokenizer import Tokenizer
 
 GRAPHS = ("auto", "fused", "portable")
@@ -55,10 +56,12 @@ class Generator:
 
     def __init__(self, folder: Path | str, provider: str = "auto", threads: int = 0, graph: str = "auto",
                  max_length: int | None = None, allow_fallback: bool = False, cuda_graph: bool | None = None,
-                 spinning: bool = True, verify_placement: bool = True):
-        """`cuda_graph`: capture the decode step once and replay it; None (the default) does so on
-        CUDA with the fused graph. `verify_placement`: off the CPU, profile one probe run and fail
-        if a heavy node left the provider (unless `allow_fallback`)."""
+                 spinning: bool = True, verify_placement: bool = True, optimization: str | None = None):
+        """`threads` and `optimization` (graph optimization level): given neither, the settings
+        `optimize tune` measured for this artifact on this machine, else onnxruntime's defaults
+        (`settings` and `tuning_file` say which). `cuda_graph`: capture the decode step once and
+        replay it; None (the default) does so on CUDA with the fused graph. `verify_placement`: off
+        the CPU, profile one probe run and fail if a heavy node left the provider (unless `allow_fallback`)."""
         self.folder = Path(folder)
         graph_folder = self._graph_folder(graph)
         try:
@@ -70,8 +73,13 @@ class Generator:
         if cuda_graph and self.contract.flavour != "fused":
             raise RuntimeFailure("cuda_graph needs the fused graph (the portable graph's shapes change every step)")
         self.cuda_graph = cuda_graph
-        self.session, self.provider = create_session(graph_folder, self.contract, provider, threads, cuda_graph,
-                                                      spinning, profile_placement=verify_placement)
+        self.settings, self.tuning_file = SessionSettings(threads, optimization or SessionSettings.optimization), None
+        self._settings_given = bool(threads) or optimization is not None
+        if not self._settings_given and (tuned := load_tuned(self.folder, choose_provider(provider), self.contract.flavour)):
+            self.settings, self.tuning_file = tuned
+        self.session, self.provider = create_session(graph_folder, self.contract, provider, self.settings.threads,
+                                                      cuda_graph, spinning, profile_placement=verify_placement,
+                                                      optimization=self.settings.optimization)
         self.tokenizer = Tokenizer(self.folder)
         self.eos_ids, self.pad_id = end_tokens(read_json(self.folder / "generation_config.json"))
         if self.contract.flavour == "fused":
@@ -95,6 +103,12 @@ class Generator:
     @property
     def flavour(self) -> str:
         return self.contract.flavour
+
+    def describe_settings(self) -> str:
+        """The session settings in use and where they come from, for a log line."""
+        source = (f"tuned on this machine: {self.tuning_file.name}" if self.tuning_file else "as given" if self._settings_given
+                  else "defaults; `optimize tune` measures this machine")
+        return f"{self.settings.describe()} ({source})"
 
     def logits(self, ids: list[int] | np.ndarray) -> np.ndarray:
         """Logits [T, V] of one sequence (teacher forcing), from an empty cache."""

@@ -15,6 +15,9 @@ from runtime.errors import RuntimeFailure
 from runtime.io_spec import Contract
 
 PROVIDERS = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+OPTIMIZATION_LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                       "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                       "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
 
 
 def choose_provider(requested: str = "auto") -> str:
@@ -31,8 +34,10 @@ def choose_provider(requested: str = "auto") -> str:
 
 def create_session(folder: Path, contract: Contract, provider: str = "auto", threads: int = 0,
                    cuda_graph: bool = False, spinning: bool = True,
-                   profile_placement: bool = True) -> tuple[ort.InferenceSession, str]:
+                   profile_placement: bool = True, optimization: str = "all") -> tuple[ort.InferenceSession, str]:
     """Open `folder/model.onnx` on the chosen provider; returns (session, provider name in use).
+    `threads`: intra-op threads (0: onnxruntime's choice, one per physical core); `optimization`: the
+    graph optimization level (basic, extended, all). `optimize tune` picks both by measurement.
     `cuda_graph`: let ONNX Runtime capture and replay CUDA graphs (runs that name a gpu_graph_id).
     `spinning=False`: idle intra-op threads sleep instead of spinning, leaving the cores to other
     threads of the process (a server's HTTP side).
@@ -41,8 +46,10 @@ def create_session(folder: Path, contract: Contract, provider: str = "auto", thr
     chosen = choose_provider(provider)
     if cuda_graph and chosen != "cuda":
         raise RuntimeFailure(f"cuda_graph needs the cuda provider, not {chosen}")
+    if optimization not in OPTIMIZATION_LEVELS:
+        raise RuntimeFailure(f"graph optimization '{optimization}' is not one of {', '.join(OPTIMIZATION_LEVELS)}")
     opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
     if chosen != "cpu" and profile_placement:
         opts.enable_profiling = True
         opts.profile_file_prefix = str(Path(tempfile.gettempdir()) / f"ort-placement-{os.getpid()}")

@@ -2,6 +2,7 @@
 tiny recipes, and one tiny end-to-end run reused by many tests. Right for speed, never for accuracy."""
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
 
@@ -120,6 +121,18 @@ def reference_workdir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.getbasetemp() / "reference-runs"
     folder.mkdir(exist_ok=True)
     return folder
+
+
+@pytest.fixture(scope="session", autouse=True)
+def own_tuning_cache(tmp_path_factory):
+    """Tests never read the tunings `optimize tune` left in this machine's cache (subprocesses inherit it)."""
+    before = os.environ.get("LLM_OPTIMIZE_TUNING_DIR")
+    os.environ["LLM_OPTIMIZE_TUNING_DIR"] = str(tmp_path_factory.mktemp("tuning-cache"))
+    yield
+    if before is None:
+        os.environ.pop("LLM_OPTIMIZE_TUNING_DIR", None)
+    else:
+        os.environ["LLM_OPTIMIZE_TUNING_DIR"] = before
 
 
 @pytest.fixture(scope="session")

@@ -102,7 +102,9 @@ def _peer_inputs(folder: Path, work, threads: int, out: Path) -> peer_mod.PeerIn
     checkpoint = gguf = None
     manifest = _manifest(folder)
     # a setting missing from a manifest is the stage's default (pipeline.configs)
-    layout: dict = {"accuracy_level": manifest.get("config", {}).get("accuracy_level", ExportConfig.accuracy_level)}
+    # (the level the export chose: `auto` is measured there)
+    layout: dict = {"accuracy_level": manifest.get("accuracy_level",
+                                                   manifest.get("config", {}).get("accuracy_level", ExportConfig.accuracy_level))}
     run_folder = folder.parent
     parent = manifest.get("parent")
     while parent:

@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 from pipeline.artifacts import library_versions
-from pipeline.doctor import nvidia_smi
+from runtime.machine import cpu_model, nvidia_smi
 
 LIBRARIES = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-genai", "numpy", "torch", "transformers", "optimum",
              "optimum-onnx", "llama-cpp-python")
@@ -18,7 +18,7 @@ LIBRARIES = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-genai", "numpy", "to
 def machine() -> dict:
     import onnxruntime as ort
 
-    return {"cpu": _cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
             "platform": platform.platform(), "gpu": nvidia_smi(), "versions": library_versions(LIBRARIES),
             # where both onnxruntime and onnxruntime-gpu are installed, the one Python imports
             "onnxruntime_imported": f"{ort.__version__} ({', '.join(ort.get_available_providers())})"}
@@ -71,14 +71,3 @@ def read_bandwidth_gbs(threads: int = 0, megabytes: int = 512, repeats: int = 5,
         binding.synchronize_outputs()
         best = min(best, time.perf_counter() - t)
     return weights.nbytes / best / 1e9
-
-
-def _cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-

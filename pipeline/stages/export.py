@@ -143,12 +143,17 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
                 f"{atol:g} for {model.config.model_type}; the exported graph is wrong"
             )
     diff = max(parity.values())
-    if swapped and (cfg.accuracy_level or cfg.int8_accuracy_level):  # parity was checked with float compute
-        ctx.log(f"  MatMulNBits accuracy_level {cfg.accuracy_level}"
+    level, level_timings = cfg.accuracy_level, None
+    if swapped and level == "auto":
+        level, level_timings = _fastest_accuracy_level(out, graphs, cfg.int8_accuracy_level, ctx)
+    elif level == "auto":
+        level = 0  # no MatMulNBits to set
+    if swapped and (level or cfg.int8_accuracy_level):  # parity was checked with float compute
+        ctx.log(f"  MatMulNBits accuracy_level {level}"
                 + (f", {cfg.int8_accuracy_level} for 8-bit layers" if cfg.int8_accuracy_level is not None else ""))
         for graph_path in graphs.values():
             graph = onnx.load(str(graph_path))  # saving with external data emptied the in-memory tensors
-            set_accuracy_level(graph, cfg.accuracy_level, cfg.int8_accuracy_level)
+            set_accuracy_level(graph, level, cfg.int8_accuracy_level)
             _replace_graph(graph, graph_path, cfg.external_data)
     if activations:  # checked in float above; activation rounding is the validate stage's business
         ctx.log(f"  W8A8 {activations}: quantizing weights and activations in the graph")
@@ -165,9 +170,38 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
     targets = {"onnx": {"folder": ".", "graphs": sorted(graphs)}, **targets}
     return StageResult(
         metrics=metrics,
-        info={"io_contract": contract.__dict__, "atol": arch.atol, "graphs": sorted(graphs),
+        info={"io_contract": contract.__dict__, "atol": arch.atol, "graphs": sorted(graphs), "accuracy_level": level,
+              "accuracy_level_decode_ms": level_timings,
               "parity_by_graph": parity, "parity_limit_by_graph": limits, "targets": targets, "kv_cache": cfg.kv_cache},
     )
+
+
+def _fastest_accuracy_level(out: Path, graphs: dict[str, Path], int8_level: int | None, ctx,
+                            rounds: int = 3) -> tuple[int, dict[int, list[float]]]:
+    """`accuracy_level: auto`: time the runner's graph decoding with float (0) and int8 (4) MatMulNBits
+    compute on this machine's CPU, in alternating rounds; int8 wins only when its median step is 3 %
+    shorter. Only the graph's attributes change between candidates (its weights stay where they are)."""
+    from runtime.settings import SessionSettings
+    from runtime.tune import MARGIN, measure
+
+    flavour = "fused" if "fused" in graphs else "portable"
+    path = graphs[flavour]
+    proto = onnx.load(str(path), load_external_data=False)
+    timings: dict[int, list[float]] = {0: [], 4: []}
+    try:
+        for turn in range(rounds):
+            for level in (0, 4) if turn % 2 == 0 else (4, 0):
+                set_accuracy_level(proto, level, int8_level)
+                onnx.save(proto, str(path))  # the tensors keep pointing at model.onnx.data
+                timings[level].append(measure(out, SessionSettings(), "cpu", flavour, 1, 64, 32)[1])
+    finally:
+        set_accuracy_level(proto, 0, None)  # as parity checked it; the caller sets the choice on every graph
+        onnx.save(proto, str(path))
+    median = {level: float(np.median(times)) for level, times in timings.items()}
+    chosen = 4 if median[4] < median[0] * (1 - MARGIN) else 0
+    ctx.log(f"  accuracy_level auto: decode step {median[0]:.2f} ms with float compute (0), {median[4]:.2f} ms with "
+            f"int8 compute (4) on this CPU ({flavour} graph) -> {chosen}")
+    return chosen, timings
 
 
 def _export_gguf(source: Path, out: Path, ctx) -> dict:

@@ -59,7 +59,7 @@ def serve_command(artifact, host, port, slots, max_length, kv_budget_mb, max_wai
         server.warm_up()
     except RuntimeFailure as e:
         raise click.ClickException(str(e)) from None
-    click.echo(f"[{folder}] {gen.flavour} graph on {gen.provider}; serving model '{name}'", err=True)
+    click.echo(f"[{folder}] {gen.flavour} graph on {gen.provider} ({gen.describe_settings()}); serving model '{name}'", err=True)
     click.echo(f"KV cache ({gen.contract.kv_dtype}): {slots} slots x {max_length} positions = "
                f"{server.slots.nbytes / 2**20:.1f} MiB preallocated; queue: {max_waiting} waiting; prefill: {max_prefill_tokens} tokens per step; "
                f"prefix reuse {'on' if prefix_reuse else 'off'}", err=True)

@@ -1,6 +1,7 @@
 """Quantize stage on tiny models: the plan, the recipe checks, GPTQ beating RTN, and MatMulNBits export."""
 import json
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -8,8 +9,9 @@ import pytest
 import torch
 
 from pipeline import RecipeError, load_recipe, run
-from pipeline.configs import QuantizeConfig
+from pipeline.configs import ExportConfig, QuantizeConfig
 from pipeline.models import load_torch_model
+from pipeline.recipe import build_config
 from pipeline.stages.quantize import make_plan
 from runtime import Generator, find_model_folder
 
@@ -525,6 +527,58 @@ def test_int8_layers_can_take_their_own_accuracy_level(tmp_path, tiny_llama, eva
         levels = {(attrs["bits"], attrs["accuracy_level"]) for n in nodes if n.op_type == "MatMulNBits"
                   for attrs in [{a.name: a.i for a in n.attribute}]}
         assert levels == {(4, 0), (8, 4)}
+
+
+def _levels(graph_file: Path) -> set[int]:
+    nodes = onnx.load(str(graph_file), load_external_data=False).graph.node
+    return {a.i for n in nodes if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
+
+
+def _export_with_auto_accuracy_level(tmp_path: Path, model: Path) -> Path:
+    path = tmp_path / "auto.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        model: {{source: {model}}}
+        stages:
+          - quantize: {{method: rtn, bits: 4, group_size: 16}}
+          - export: {{accuracy_level: auto}}
+        """))
+    return find_model_folder(run(path, workdir=tmp_path / "a"))
+
+
+@pytest.mark.parametrize("faster", [4, 0])
+def test_accuracy_level_auto_keeps_the_level_that_decodes_faster(tmp_path, tiny_llama, monkeypatch, faster):
+    """The export times the runner's graph with each level written into it (read back here from the file
+    it runs) and sets the faster one on both graphs."""
+    import runtime.tune
+
+    seen = []
+
+    def fake_measure(folder, settings, provider, graph, batch, prompt_tokens, steps):
+        level = _levels(folder / "fused" / "model.onnx")
+        assert len(level) == 1 and graph == "fused"
+        seen.append(level.pop())
+        return 50.0, 5.0 if seen[-1] == faster else 10.0
+
+    monkeypatch.setattr(runtime.tune, "measure", fake_measure)
+    export = _export_with_auto_accuracy_level(tmp_path, tiny_llama)
+    assert seen == [0, 4, 4, 0, 0, 4]  # alternating rounds
+    assert _levels(export / "model.onnx") == _levels(export / "fused" / "model.onnx") == {faster}
+    manifest = json.loads((export / "manifest.json").read_text())
+    assert manifest["accuracy_level"] == faster and manifest["config"]["accuracy_level"] == "auto"
+    assert manifest["accuracy_level_decode_ms"][str(faster)] == [5.0, 5.0, 5.0]
+
+
+def test_accuracy_level_auto_measured_for_real_and_refused_when_misspelled(tmp_path, tiny_llama):
+    export = _export_with_auto_accuracy_level(tmp_path, tiny_llama)
+    manifest = json.loads((export / "manifest.json").read_text())
+    assert manifest["accuracy_level"] in (0, 4)
+    assert _levels(export / "fused" / "model.onnx") == {manifest["accuracy_level"]}
+    assert all(len(t) == 3 and min(t) > 0 for t in manifest["accuracy_level_decode_ms"].values())
+    assert Generator(export).generate([[5, 6, 7]], 3, ignore_eos=True).tokens[0]
+    with pytest.raises(RecipeError, match="export.accuracy_level: 'fast' is not one of 0..4 or auto"):
+        build_config(ExportConfig, {"accuracy_level": "fast"}, "export")
+    with pytest.raises(RecipeError, match="export.accuracy_level: auto times the CPU's arithmetic"):
+        build_config(ExportConfig, {"accuracy_level": "auto", "dtype": "float16"}, "export")
 
 
 def test_float_zero_points_for_4_bit_layers_and_a_head_the_embedding_does_not_share(tiny_llama, tiny_qwen2):
