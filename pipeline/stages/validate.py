@@ -39,7 +39,7 @@ def validate(cfg: ValidateConfig, inp, ctx) -> StageResult:
     source = next(a for a in reversed(ctx.history) if a.kind == "hf-model")
     source_model = torch_model if source.path == ctx.baseline.path else load_torch_model(source.path)
     gen = Generator(inp.path, provider=cfg.provider)
-    ctx.log(f"  runner provider: {gen.provider}, {gen.flavour} graph")
+    ctx.log(f"  runner provider: {gen.provider}, {gen.flavour} graph; {gen.describe_settings()}")
     metrics: dict = {}
     protocol, scored_windows = _perplexity(cfg, torch_model, gen, metrics, ctx)
     prompts = [gen.tokenizer.encode(p) for p in cfg.prompts]
