@@ -42,7 +42,7 @@ PROMPT = 128
 K, N, BLOCK, CHAIN = 576, 1536, 32, 30
 
 
-def _session(model: Path | bytes, profile: bool = False) -> ort.InferenceSession:
+def cpu_session(model: Path | bytes, profile: bool = False) -> ort.InferenceSession:
     """A CPU session on THREADS threads, from a model file or serialized bytes."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = THREADS
@@ -54,11 +54,15 @@ def _session(model: Path | bytes, profile: bool = False) -> ort.InferenceSession
                                 providers=["CPUExecutionProvider"])
 
 
-def _decode_steps(session: ort.InferenceSession, contract: Contract, batch: int, steps: int) -> float:
-    """Prefill, 10 warm-up steps, then `steps` timed decode steps; returns ms per step."""
+def prompts(batch: int) -> list[list[int]]:
+    """`batch` made-up prompts of PROMPT tokens (speed does not depend on the ids)."""
+    return [list(range(100 + row, 100 + row + PROMPT)) for row in range(batch)]
+
+
+def decode_steps(session: ort.InferenceSession, contract: Contract, batch: int, steps: int) -> float:
+    """Prefill `prompts(batch)`, 10 warm-up steps, then `steps` timed decode steps; returns ms per step."""
     graph = FusedGraph(session, contract, pad_id=0)
-    prompts = [list(range(100 + row, 100 + row + PROMPT)) for row in range(batch)]
-    _, state = graph.prefill(prompts, room=steps + 16)
+    _, state = graph.prefill(prompts(batch), room=steps + 16)
     tokens = np.full(batch, 5)
     for _ in range(10):
         graph.decode(tokens, state)
@@ -71,9 +75,9 @@ def _decode_steps(session: ort.InferenceSession, contract: Contract, batch: int,
 def profile_decode(folder: Path, batch: int, steps: int) -> dict:
     contract = Contract.load(folder / "fused")
     path = folder / "fused" / contract.model_file
-    plain_ms = _decode_steps(_session(path, False), contract, batch, steps)
-    session = _session(path, True)
-    profiled_ms = _decode_steps(session, contract, batch, steps)
+    plain_ms = decode_steps(cpu_session(path, False), contract, batch, steps)
+    session = cpu_session(path, True)
+    profiled_ms = decode_steps(session, contract, batch, steps)
     events = json.loads(Path(session.end_profiling()).read_text())
     runs = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e["name"] == "model_run")
     start = runs[-steps]  # the first timed decode step: after the prefill and the warm-up
@@ -108,7 +112,7 @@ def _chain(op: str, level: int | None, rng: np.random.Generator) -> ort.Inferenc
     graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["M", K])],
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", N])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
-    return _session(model.SerializeToString())
+    return cpu_session(model.SerializeToString())
 
 
 def matmul_rows(rows: list[int], repeats: int = 20) -> list[dict]:

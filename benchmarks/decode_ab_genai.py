@@ -23,35 +23,12 @@ import numpy as np
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_decode_profile import PROMPT, THREADS, cpu_session, decode_steps, prompts  # noqa: E402
 from runtime import find_model_folder  # noqa: E402
-from runtime.fused import FusedGraph  # noqa: E402
 from runtime.io_spec import Contract  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "kernels"
-PROMPT, THREADS = 128, 2
-
-
-def session(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = THREADS
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def prompts(batch: int) -> np.ndarray:
-    return np.array([list(range(100 + row, 100 + row + PROMPT)) for row in range(batch)], dtype=np.int64)
-
-
-def ours(s: ort.InferenceSession, contract: Contract, batch: int, steps: int) -> float:
-    graph = FusedGraph(s, contract, pad_id=0)
-    _, state = graph.prefill(prompts(batch).tolist(), room=steps + 16)
-    tokens = np.full(batch, 5)
-    for _ in range(10):
-        graph.decode(tokens, state)
-    started = time.perf_counter()
-    for _ in range(steps):
-        graph.decode(tokens, state)
-    return (time.perf_counter() - started) / steps * 1000
 
 
 def genai(s: ort.InferenceSession, batch: int, steps: int) -> float:
@@ -73,7 +50,7 @@ def genai(s: ort.InferenceSession, batch: int, steps: int) -> float:
         s.run_with_iobinding(binding)
 
     total = PROMPT
-    run(prompts(batch), total)
+    run(np.array(prompts(batch), dtype=np.int64), total)
     token = np.full((batch, 1), 5, np.int64)
     for _ in range(10):
         total += 1
@@ -95,8 +72,8 @@ def main() -> None:
     args = parser.parse_args()
     fused = find_model_folder(args.artifact) / "fused"
     contract = Contract.load(fused)
-    sessions = {"ours": session(fused / contract.model_file), "genai": session(args.genai_dir / "model.onnx")}
-    runs = {"ours": lambda: ours(sessions["ours"], contract, args.batch, args.steps),
+    sessions = {"ours": cpu_session(fused / contract.model_file), "genai": cpu_session(args.genai_dir / "model.onnx")}
+    runs = {"ours": lambda: decode_steps(sessions["ours"], contract, args.batch, args.steps),
             "genai": lambda: genai(sessions["genai"], args.batch, args.steps)}
     times: dict[str, list[float]] = {name: [] for name in runs}
     for turn in range(args.rounds):

@@ -9,6 +9,7 @@ import click
 
 from runtime import Generator, RuntimeFailure, SamplingParams, find_model_folder
 from runtime.generate import GRAPHS
+from runtime.settings import SessionSettings
 from runtime.tokenizer import StreamDecoder
 
 
@@ -92,7 +93,5 @@ def tune_command(artifact, provider, graph, batch, prompt_tokens, steps, rounds)
     for c in sorted(result["candidates"], key=lambda c: c["decode_ms_median"]):
         threads = c["threads"] or "onnxruntime's"
         click.echo(f"| {threads} | {c['optimization']} | {c['decode_ms_median']:.2f} | {c['prefill_ms_median']:.1f} |")
-    chosen = result["chosen"]
-    threads = chosen["threads"] or "onnxruntime's"
-    click.echo(f"chosen: {threads} threads, graph optimization {chosen['optimization']} "
+    click.echo(f"chosen: {SessionSettings(**result['chosen']).describe()} "
                f"({result['decode_speedup_vs_default']:.2f}x the defaults' decode speed); written to {result['file']}")

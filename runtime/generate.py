@@ -63,11 +63,8 @@ class Generator:
         replay it; None (the default) does so on CUDA with the fused graph. `verify_placement`: off
         the CPU, profile one probe run and fail if a heavy node left the provider (unless `allow_fallback`)."""
         self.folder = Path(folder)
-        graph_folder = self._graph_folder(graph)
-        try:
-            self.contract = Contract.load(graph_folder)
-        except (FileNotFoundError, ValueError) as e:
-            raise RuntimeFailure(str(e)) from e
+        graph_folder = runner_graph_folder(self.folder, graph)
+        self.contract = load_contract(graph_folder)
         if cuda_graph is None:
             cuda_graph = self.contract.flavour == "fused" and choose_provider(provider) == "cuda"
         if cuda_graph and self.contract.flavour != "fused":
@@ -91,14 +88,6 @@ class Generator:
         if self.provider != PROVIDERS["cpu"] and verify_placement:  # one probe run, profiled
             self.graph.logits([self.pad_id, self.pad_id])
             self.fallback_nodes = check_placement(Path(self.session.end_profiling()), self.provider, allow_fallback)
-
-    def _graph_folder(self, graph: str) -> Path:
-        if graph not in GRAPHS:
-            raise RuntimeFailure(f"graph '{graph}' is not one of {', '.join(GRAPHS)}")
-        fused = self.folder / "fused"
-        if graph == "fused" and not (fused / CONTRACT_FILE).is_file():
-            raise RuntimeFailure(f"{self.folder}: no fused graph (export with `fused: true`)")
-        return fused if graph != "portable" and (fused / CONTRACT_FILE).is_file() else self.folder
 
     @property
     def flavour(self) -> str:
@@ -171,6 +160,23 @@ class Generator:
         result.decode_seconds = time.perf_counter() - started
         result.decode_session_seconds = self.graph.session_seconds - session_before
         return result
+
+
+def runner_graph_folder(folder: Path, graph: str = "auto") -> Path:
+    """The folder of the graph a Generator runs: `fused/` when asked for or, with "auto", when present."""
+    if graph not in GRAPHS:
+        raise RuntimeFailure(f"graph '{graph}' is not one of {', '.join(GRAPHS)}")
+    fused = Path(folder) / "fused"
+    if graph == "fused" and not (fused / CONTRACT_FILE).is_file():
+        raise RuntimeFailure(f"{folder}: no fused graph (export with `fused: true`)")
+    return fused if graph != "portable" and (fused / CONTRACT_FILE).is_file() else Path(folder)
+
+
+def load_contract(folder: Path) -> Contract:
+    try:
+        return Contract.load(folder)
+    except (FileNotFoundError, ValueError) as e:
+        raise RuntimeFailure(str(e)) from e
 
 
 def end_tokens(gen: dict) -> tuple[set[int], int]:

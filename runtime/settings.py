@@ -31,9 +31,11 @@ class SessionSettings:
     threads: int = 0  # intra-op threads; 0: onnxruntime's choice (one per physical core)
     optimization: str = "all"  # graph optimization level: basic, extended, all
 
+    def describe_threads(self) -> str:
+        return f"{self.threads} intra-op threads" if self.threads else "onnxruntime's intra-op threads"
+
     def describe(self) -> str:
-        threads = f"{self.threads} intra-op threads" if self.threads else "onnxruntime's intra-op threads"
-        return f"{threads}, graph optimization {self.optimization}"
+        return f"{self.describe_threads()}, graph optimization {self.optimization}"
 
 
 def machine_facts(provider: str, flavour: str) -> dict:

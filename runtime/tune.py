@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from runtime.generate import Generator
+from runtime.generate import Generator, load_contract, runner_graph_folder
 from runtime.machine import usable_cores
 from runtime.session import OPTIMIZATION_LEVELS, choose_provider
 from runtime.settings import SessionSettings, machine_facts, tuning_path
@@ -63,7 +63,7 @@ def tune(folder: Path | str, provider: str = "auto", graph: str = "auto", batch:
     """Search the settings, write the tuning file, and return its content (path under "file")."""
     folder = Path(folder)
     provider = choose_provider(provider)
-    flavour = Generator(folder, provider=provider, graph=graph, threads=1, verify_placement=False).flavour
+    flavour = load_contract(runner_graph_folder(folder, graph)).flavour
     timings: dict[SessionSettings, dict[str, list[float]]] = {}
 
     def run_pass(candidates: list[SessionSettings]) -> None:
@@ -83,7 +83,7 @@ def tune(folder: Path | str, provider: str = "auto", graph: str = "auto", batch:
         log(f"threads at graph optimization all ({rounds} rounds):")
         run_pass([SessionSettings(t, "all") for t in threads])
     best_threads = min(threads, key=lambda t: decode(SessionSettings(t, "all"))) if len(threads) > 1 else threads[0]
-    log(f"graph optimization levels at {SessionSettings(best_threads).describe().split(',')[0]} ({rounds} rounds):")
+    log(f"graph optimization levels at {SessionSettings(best_threads).describe_threads()} ({rounds} rounds):")
     run_pass([SessionSettings(best_threads, level) for level in OPTIMIZATION_LEVELS])
     default = SessionSettings()
     best = min(timings, key=decode)
