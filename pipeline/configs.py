@@ -66,6 +66,7 @@ class TextSourceConfig:
 QUANT_METHODS = ("rtn", "gptq", "awq", "w8a8")
 ACTIVATION_MODES = ("dynamic", "dynamic_per_token", "static")
 AWQ_OBJECTIVES = ("block", "linear")
+AWQ_CODES = ("clip", "gptq")
 LM_HEAD_CHOICES = ("float", "int8", "int4")
 ZERO_POINTS = ("int", "float")
 
@@ -227,7 +228,9 @@ class QuantizeConfig:
     `model.layers.3.mlp.down_proj`; ignored layers stay float and are listed in the manifest.
     """
 
-    method: str = "gptq"  # rtn | gptq | awq (weight-only, MatMulNBits) | w8a8 (int8 weights and activations, CPU)
+    # rtn | gptq | awq (weight-only, MatMulNBits) | w8a8 (int8 weights and activations, CPU). awq is the default: its
+    # scaling with GPTQ's codes (awq_codes: gptq) halves either one's loss on SmolLM2 (README, quantization table)
+    method: str = "awq"
     bits: int = 4
     group_size: int = 128
     symmetric: bool = False
@@ -245,6 +248,10 @@ class QuantizeConfig:
     # AWQ: judge the q/k/v and gate/up scales by the output of the attention block / MLP they sit in
     # (block, as AutoAWQ does), or by the linears' own outputs (linear: faster)
     awq_objective: str = "block"
+    # AWQ: after scaling, the codes come from GPTQ on the scaled weights under the full calibration Hessian (gptq:
+    # the two combined, as the AWQ paper shows they compose; damp, act_order and mse_clip apply) or from a clip
+    # search and rounding (clip, the paper's AWQ)
+    awq_codes: str = "gptq"
     # GPTQ, AWQ: once the codes are chosen, refit each row's group scales by least squares on the layer's output
     # error on the calibration inputs, all of a row's groups at once (codes re-rounded in turn); false keeps the
     # papers' algorithms as they are
@@ -267,7 +274,8 @@ class QuantizeConfig:
     # 7: refit_scales (default true)
     # 8: code_descent; refit_scales also fits float zero points
     # 9: calibration passes with sdpa attention (float noise); sensitivity forwards start at their own layer
-    version: int = 9
+    # 10: awq_codes (default gptq), and method awq by default
+    version: int = 10
 
     def __post_init__(self):
         if self.method not in QUANT_METHODS:
@@ -329,6 +337,8 @@ class QuantizeConfig:
             raise RecipeError("budget: chooses INT8 for some layers of an INT4 plan; use it with bits: 4 and a weight-only method")
         if self.awq_objective not in AWQ_OBJECTIVES:
             raise RecipeError(f"awq_objective: '{self.awq_objective}' is not one of {', '.join(AWQ_OBJECTIVES)}")
+        if self.awq_codes not in AWQ_CODES:
+            raise RecipeError(f"awq_codes: '{self.awq_codes}' is not one of {', '.join(AWQ_CODES)}")
         if self.search_tokens < 64:
             raise RecipeError(f"search_tokens: {self.search_tokens} is too few; use at least 64 (2048 is the default)")
 

@@ -3,7 +3,10 @@
 For each layer: collect the inputs of each group of linears that share an input, search the
 activation-aware scale and fold it into the op that feeds them (exact in float), search each
 group's clipping range, quantize, refit the group scales on the output error (`refit_scales`, see
-pipeline.quant.refit), then run the quantized layer to feed the next one. With
+pipeline.quant.refit), then run the quantized layer to feed the next one. With `awq_codes: gptq`
+the codes of the scaled weights come from GPTQ instead of the clip search (the AWQ paper's
+combination of the two): each distinct linear input also accumulates its Hessian over every
+calibration token, and a fold of s turns it into H / (s sᵀ), the Hessian of the inputs x / s. With
 `awq_objective: block` (the default) the scale of q/k/v is judged by the attention block's output
 and that of gate/up by the MLP's output (as AutoAWQ does); the others, and every scale with
 `awq_objective: linear`, by the linears' own outputs.
@@ -19,6 +22,7 @@ from calibration.collect import calibration_estimate, capture_layer_inputs, deco
 from pipeline.configs import QuantizeConfig
 from pipeline.errors import StageError
 from pipeline.quant.awq import search_clip, search_scale, search_scale_on_output
+from pipeline.quant.gptq import HessianAccumulator, gptq
 from pipeline.quant.primitives import QTensor, QuantScheme, dequantize, quantize
 from pipeline.quant.refit import padded_gram, refit_scales
 
@@ -36,9 +40,12 @@ JUDGED_BY = {"input_layernorm": "self_attn", "post_attention_layernorm": "mlp"}
 class InputStats:
     """Mean and max |x| per channel over every calibration token, plus a seeded sample of tokens for the searches."""
 
-    def __init__(self, keep: int, generator: torch.Generator, transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    def __init__(self, keep: int, generator: torch.Generator, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 hessian: bool = False):
         self.sum, self.max, self.count, self.sample, self.keep, self.gen = None, None, 0, [], keep, generator
         self.transform = transform  # statistics of transform(x) instead of x (a rotated input)
+        self.hessian: HessianAccumulator | None = None  # over every token, not the sample (GPTQ codes)
+        self._want_hessian = hessian
 
     def add(self, x: torch.Tensor, batches: int) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
@@ -49,6 +56,9 @@ class InputStats:
         self.sum = x.abs().sum(0) if self.sum is None else self.sum + x.abs().sum(0)
         self.max = x.abs().amax(0) if self.max is None else torch.maximum(self.max, x.abs().amax(0))
         self.count += x.shape[0]
+        if self._want_hessian:
+            self.hessian = self.hessian or HessianAccumulator(x.shape[-1])
+            self.hessian.add(x)
         take = min(x.shape[0], -(-self.keep // batches))
         self.sample.append(x[torch.randperm(x.shape[0], generator=self.gen)[:take]])
 
@@ -59,46 +69,72 @@ class InputStats:
 def awq_model(model, plan: dict[str, QuantScheme], cfg: QuantizeConfig, batches: list[torch.Tensor],
               log: Callable[[str], None]) -> dict[str, QTensor]:
     hidden, kwargs = capture_layer_inputs(model, batches)
-    log("  " + calibration_estimate(decoder_layers(model), hidden, kwargs) + f"; searches on {cfg.search_tokens} tokens per input")
+    use_gptq = cfg.awq_codes == "gptq"
+    passes = 4.5 if use_gptq else 2.6  # layer forwards per batch that the work costs (GPTQ codes: measured on SmolLM2)
+    log("  " + calibration_estimate(decoder_layers(model), hidden, kwargs, passes)
+        + f"; searches on {cfg.search_tokens} tokens per input" + ("; codes by GPTQ" if use_gptq else ""))
     gen = torch.Generator().manual_seed(cfg.calibration.seed)
     qtensors: dict[str, QTensor] = {}
     for index, layer in enumerate(tqdm(decoder_layers(model), desc="  awq layers", unit="layer")):
         prefix = f"model.layers.{index}."
-        stats = {n: s.result() for n, s in collect_inputs(layer, hidden, kwargs, cfg.search_tokens, gen, index).items()}
+        collected = collect_inputs(layer, hidden, kwargs, cfg.search_tokens, gen, index,
+                                   hessians=[names[0] for _, names in SCALE_GROUPS] if use_gptq else ())
+        stats = {n: s.result() for n, s in collected.items()}
+        hessians = shared_hessians(collected) if use_gptq else {}
         judges = block_judges(layer, hidden[0], kwargs[0], stats) if cfg.awq_objective == "block" else {}
         for feeder, names in SCALE_GROUPS:
-            _scale_group(layer, feeder, names, prefix, plan, stats, judges.get(feeder))
+            _scale_group(layer, feeder, names, prefix, plan, stats, judges.get(feeder), hessians.get(names[0]))
         for name, module in layer.named_modules():
             if prefix + name in plan:
                 x, _ = stats[name]
                 scheme = plan[prefix + name]
-                qtensors[prefix + name] = _quantize_searched(x, module.weight.data, scheme, cfg)
+                qtensors[prefix + name] = _quantize_codes(x, module.weight.data, scheme, cfg, hessians.get(name))
                 module.weight.data = dequantize(qtensors[prefix + name])
         hidden = run_layer(layer, hidden, kwargs)
-    if "lm_head" in plan:  # tied to the embedding: no scale to fold, clipping only
-        stats = InputStats(cfg.search_tokens, gen)
+    if "lm_head" in plan:  # tied to the embedding: no scale to fold, codes only
+        stats = InputStats(cfg.search_tokens, gen, hessian=use_gptq)
         with torch.no_grad():
             for h in hidden:
                 stats.add(model.model.norm(h), len(hidden))
         x, _ = stats.result()
         w = model.lm_head.weight.data
-        qtensors["lm_head"] = _quantize_searched(x, w, plan["lm_head"], cfg)
+        qtensors["lm_head"] = _quantize_codes(x, w, plan["lm_head"], cfg, stats.hessian.H if use_gptq else None)
     return qtensors
 
 
-def _quantize_searched(x: torch.Tensor, w: torch.Tensor, scheme: QuantScheme, cfg: QuantizeConfig) -> QTensor:
-    """Clip search, then (`refit_scales`) each row's group scales refitted by least squares on its output error."""
-    qt = quantize(w, scheme, search_clip(x, w, scheme))
+def _quantize_codes(x: torch.Tensor, w: torch.Tensor, scheme: QuantScheme, cfg: QuantizeConfig,
+                    H: torch.Tensor | None = None) -> QTensor:
+    """Codes for the scaled weight: clip search and rounding on the sampled inputs x, or (`awq_codes: gptq`)
+    GPTQ under the Hessian H of every calibration token; then (`refit_scales`) each row's group scales
+    refitted by least squares on its output error (under H where there is one: it saw every token)."""
+    if H is not None:
+        qt = gptq(w, H, scheme, cfg.damp, cfg.act_order, cfg.mse_clip)
+        gram = H
+    else:
+        qt = quantize(w, scheme, search_clip(x, w, scheme))
+        gram = padded_gram(x, scheme.group_size) if cfg.refit_scales else None
     if not cfg.refit_scales:
         return qt
-    return refit_scales(qt, w, padded_gram(x, scheme.group_size), descent=cfg.code_descent)
+    return refit_scales(qt, w, gram, descent=cfg.code_descent)
+
+
+def shared_hessians(collected: dict[str, InputStats]) -> dict[str, torch.Tensor]:
+    """linear -> the Hessian of its input, one tensor shared by the linears of a scale group (they read the same
+    input), so that a fold updates it once for all of them."""
+    out = {}
+    for _, names in SCALE_GROUPS:
+        acc = collected[names[0]].hessian
+        if acc is not None:
+            out.update({n: acc.H for n in names})
+    return out
 
 
 def collect_inputs(layer, hidden, kwargs, keep: int, gen, index: int,
-                   transforms: dict[str, Callable] | None = None) -> dict[str, InputStats]:
-    """Run the layer over the calibration batches; statistics of each linear's inputs (of transforms[name](x) where given)."""
+                   transforms: dict[str, Callable] | None = None, hessians=()) -> dict[str, InputStats]:
+    """Run the layer over the calibration batches; statistics of each linear's inputs (of transforms[name](x) where
+    given), with the inputs' Hessian for the linears named in `hessians`."""
     linears = {name: m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-    stats = {name: InputStats(keep, gen, (transforms or {}).get(name)) for name in linears}
+    stats = {name: InputStats(keep, gen, (transforms or {}).get(name), name in hessians) for name in linears}
 
     def sink(name: str, x: torch.Tensor) -> None:
         try:
@@ -157,9 +193,9 @@ def block_judges(layer, hidden: torch.Tensor, kwargs: dict, stats: dict) -> dict
 
 
 def _scale_group(layer, feeder: str, names: tuple[str, ...], prefix: str, plan: dict, stats: dict,
-                 judge: Callable[[], torch.Tensor] | None = None) -> None:
+                 judge: Callable[[], torch.Tensor] | None = None, hessian: torch.Tensor | None = None) -> None:
     """Search s for the group (by judge()'s output error where given, else by the linears' own), fold 1/s into
-    the feeder and s into the linears; the inputs seen become x / s."""
+    the feeder and s into the linears; the inputs seen become x / s, and their Hessian (updated in place) H / (s sᵀ)."""
     mods = [layer.get_submodule(n) for n in names]
     feed = layer.get_submodule(feeder)
     if not lines_up(feed, mods):
@@ -176,3 +212,5 @@ def _scale_group(layer, feeder: str, names: tuple[str, ...], prefix: str, plan: 
     for n in names:
         sample, mean = stats[n]
         stats[n] = (sample / s, mean / s)
+    if hessian is not None:
+        hessian /= s[:, None] * s[None, :]

@@ -49,9 +49,11 @@ def test_plan_ignores_overrides_and_lm_head(tiny_llama):
     ("{method: gptqq}", r"method: 'gptqq' is not one of rtn, gptq, awq, w8a8 \(did you mean 'gptq'\?\)"),
     ("{method: awq, calibration: {num_samples: 4}}", r"calibration.num_samples: 4 is too few for AWQ"),
     ("{method: awq, awq_objective: output}", r"awq_objective: 'output' is not one of block, linear"),
+    ("{method: awq, awq_codes: round}", r"awq_codes: 'round' is not one of clip, gptq"),
     ("{ignore: ['(']}", r"not a valid regular expression"),
     ("{overrides: {down_proj: 2}}", r"overrides.down_proj: 2 bits"),
-    ("{calibration: {num_samples: 2}}", r"calibration.num_samples: 2 is too few for GPTQ"),
+    ("{calibration: {num_samples: 2}}", r"calibration.num_samples: 2 is too few for AWQ"),
+    ("{method: gptq, calibration: {num_samples: 2}}", r"calibration.num_samples: 2 is too few for GPTQ"),
     ("{lm_head: int2}", r"lm_head: 'int2' is not one of"),
     ("{embedding: fp8}", r"embedding: 'fp8' is not one of"),
     ("{method: w8a8, smoothquant: 1.5}", r"smoothquant: 1.5 must be in \[0, 1\) or auto"),
@@ -65,9 +67,9 @@ def test_plan_ignores_overrides_and_lm_head(tiny_llama):
     ("{method: w8a8, lm_head: int8, ignore: ['head']}", r"ignore: 'head' matches lm_head, which lm_head: int8 quantizes"),
     ("{method: rtn, lm_head: int4, ignore: ['.*_head']}", r"ignore: '.\*_head' matches lm_head, which lm_head: int4"),
     ("{zero_point: half}", r"zero_point: 'half' is not one of int, float"),
-    ("{refit_scales: false, code_descent: true}", r"code_descent: runs inside the refit .* \(got method gptq, refit_scales false\)"),
+    ("{refit_scales: false, code_descent: true}", r"code_descent: runs inside the refit .* \(got method awq, refit_scales false\)"),
     ("{method: rtn, code_descent: true}", r"code_descent: .* \(got method rtn, refit_scales true\)"),
-    ("{symmetric: true, zero_point: float}", r"zero_point: float is for asymmetric .* \(got symmetric: true, method gptq\)"),
+    ("{symmetric: true, zero_point: float}", r"zero_point: float is for asymmetric .* \(got symmetric: true, method awq\)"),
     ("{method: w8a8, zero_point: float}", r"zero_point: float is for asymmetric .* \(got symmetric: false, method w8a8\)"),
 ])
 def test_bad_quantize_settings(tmp_path, tiny_llama, settings, message):
@@ -95,8 +97,10 @@ def _logit_error(model_dir, ref, ids) -> float:
 
 
 @pytest.mark.parametrize("method", ["gptq", "gptq, refit_scales: false", "gptq, code_descent: true", "awq",
-                                    "awq, refit_scales: false", "awq, code_descent: true"],
-                         ids=["gptq", "gptq-no-refit", "gptq-descent", "awq", "awq-no-refit", "awq-descent"])
+                                    "awq, refit_scales: false", "awq, code_descent: true", "awq, awq_codes: clip",
+                                    "awq, awq_codes: clip, refit_scales: false", "awq, awq_codes: clip, code_descent: true"],
+                         ids=["gptq", "gptq-no-refit", "gptq-descent", "awq-gptq", "awq-gptq-no-refit", "awq-gptq-descent",
+                              "awq-clip", "awq-clip-no-refit", "awq-clip-descent"])
 def test_calibrated_method_beats_rtn_on_the_calibration_text(tmp_path, tiny_llama, eval_text, method):
     settings = "group_size: 16, bits: 4, symmetric: true, " + cal(eval_text, 16)
     rtn = run(quant_recipe(tmp_path, tiny_llama, eval_text, f"{{method: rtn, {settings}}}", "rtn"), workdir=tmp_path / "a")
@@ -181,6 +185,34 @@ def test_awq_scaling_is_exact_in_float(tiny_llama, eval_text):
         quantize_awq._scale_group(layer, feeder, names, "model.layers.0.", plan, stats, judges.get(feeder))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_awq_fold_turns_each_hessian_into_that_of_the_scaled_inputs(tiny_llama):
+    """After the folds, the Hessians kept for `awq_codes: gptq` equal the ones collected again from the folded layer."""
+    from calibration.collect import capture_layer_inputs
+    from pipeline.quant.primitives import QuantScheme
+    from pipeline.stages import quantize_awq
+
+    model = load_torch_model(tiny_llama)
+    layer = model.model.layers[0]
+    hidden, kwargs = capture_layer_inputs(model, [torch.randint(0, model.config.vocab_size, (2, 24))])
+    firsts = [names[0] for _, names in quantize_awq.SCALE_GROUPS]
+
+    def collect():
+        return quantize_awq.collect_inputs(layer, hidden, kwargs, 64, torch.Generator().manual_seed(0), 0, hessians=firsts)
+
+    collected = collect()
+    stats = {n: s.result() for n, s in collected.items()}
+    hessians = quantize_awq.shared_hessians(collected)
+    assert hessians["self_attn.k_proj"] is hessians["self_attn.q_proj"] and hessians["mlp.up_proj"] is hessians["mlp.gate_proj"]
+    before = {n: h.clone() for n, h in hessians.items()}
+    plan = {f"model.layers.0.{n}": QuantScheme(4, 16, False) for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    for feeder, names in quantize_awq.SCALE_GROUPS:
+        quantize_awq._scale_group(layer, feeder, names, "model.layers.0.", plan, stats, None, hessians.get(names[0]))
+    again = quantize_awq.shared_hessians(collect())
+    for name in ("self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj"):
+        assert not torch.allclose(hessians[name], before[name], rtol=1e-3), f"{name}: no fold happened"
+        torch.testing.assert_close(hessians[name], again[name], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("settings", ["{method: w8a8, activations: dynamic}",
