@@ -13,7 +13,7 @@ and that of gate/up by the MLP's output (as AutoAWQ does); the others, and every
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Collection
 
 import torch
 from tqdm import tqdm
@@ -130,7 +130,7 @@ def shared_hessians(collected: dict[str, InputStats]) -> dict[str, torch.Tensor]
 
 
 def collect_inputs(layer, hidden, kwargs, keep: int, gen, index: int,
-                   transforms: dict[str, Callable] | None = None, hessians=()) -> dict[str, InputStats]:
+                   transforms: dict[str, Callable] | None = None, hessians: Collection[str] = ()) -> dict[str, InputStats]:
     """Run the layer over the calibration batches; statistics of each linear's inputs (of transforms[name](x) where
     given), with the inputs' Hessian for the linears named in `hessians`."""
     linears = {name: m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
