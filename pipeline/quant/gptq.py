@@ -8,11 +8,17 @@ so every group stays a contiguous block of K, as MatMulNBits requires.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from pipeline.quant.primitives import (
     QTensor, QuantScheme, choose_qparams, choose_qparams_mse, from_codes, quantize_with, to_groups,
 )
+from pipeline.quant.refit import refit_scales
+
+if TYPE_CHECKING:
+    from pipeline.configs import QuantizeConfig
 
 
 class HessianAccumulator:
@@ -91,3 +97,10 @@ def gptq(w: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, damp: float = 0.
     if static:
         codes = codes[:, torch.argsort(perm)]
     return from_codes(codes, scale, zero, scheme)
+
+
+def gptq_refit(w: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cfg: QuantizeConfig) -> QTensor:
+    """GPTQ's codes with the recipe's settings, then (`refit_scales`) each row's group scales refitted on the
+    output error under H (pipeline.quant.refit). Used by method gptq and by AWQ's `awq_codes: gptq`."""
+    qt = gptq(w, H, scheme, cfg.damp, cfg.act_order, cfg.mse_clip)
+    return refit_scales(qt, w, H, descent=cfg.code_descent) if cfg.refit_scales else qt

@@ -23,8 +23,7 @@ from calibration.collect import calibration_estimate, capture_layer_inputs, deco
 from pipeline.configs import CalibrationConfig, QuantizeConfig
 from pipeline.errors import StageError
 from pipeline.models import copy_tokenizer, load_torch_model
-from pipeline.quant.gptq import HessianAccumulator, gptq
-from pipeline.quant.refit import refit_scales
+from pipeline.quant.gptq import HessianAccumulator, gptq_refit
 from pipeline.stages.quantize_awq import awq_model
 from pipeline.stages.quantize_budget import bar_chart, choose
 from pipeline.stages.quantize_w8a8 import ROTATED, smoothquant, static_input_scales
@@ -186,7 +185,7 @@ def _gptq_model(model, plan, cfg: QuantizeConfig, model_dir, ctx) -> dict[str, Q
         names = {n: model.get_submodule(n) for n in plan if n.startswith(f"model.layers.{index}.")}
         hessians = _collect_hessians(layer, names, hidden, kwargs, index)
         for name, module in names.items():
-            qtensors[name] = _gptq_refit(module.weight.data, hessians[name].H, plan[name], cfg)
+            qtensors[name] = gptq_refit(module.weight.data, hessians[name].H, plan[name], cfg)
             module.weight.data = dequantize(qtensors[name])
         hidden = run_layer(layer, hidden, kwargs)  # what the next layer sees: this layer, quantized
     if "lm_head" in plan:
@@ -194,14 +193,8 @@ def _gptq_model(model, plan, cfg: QuantizeConfig, model_dir, ctx) -> dict[str, Q
         with torch.no_grad():
             for h in hidden:
                 acc.add(model.model.norm(h))
-        qtensors["lm_head"] = _gptq_refit(model.lm_head.weight.data, acc.H, plan["lm_head"], cfg)
+        qtensors["lm_head"] = gptq_refit(model.lm_head.weight.data, acc.H, plan["lm_head"], cfg)
     return qtensors
-
-
-def _gptq_refit(w: torch.Tensor, H: torch.Tensor, scheme, cfg: QuantizeConfig) -> QTensor:
-    """GPTQ's codes, then (`refit_scales`) each row's group scales refitted on the output error under H."""
-    qt = gptq(w, H, scheme, cfg.damp, cfg.act_order, cfg.mse_clip)
-    return refit_scales(qt, w, H, descent=cfg.code_descent) if cfg.refit_scales else qt
 
 
 def _collect_hessians(layer, modules, hidden, kwargs, index) -> dict[str, HessianAccumulator]:

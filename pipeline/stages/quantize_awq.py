@@ -22,7 +22,7 @@ from calibration.collect import calibration_estimate, capture_layer_inputs, deco
 from pipeline.configs import QuantizeConfig
 from pipeline.errors import StageError
 from pipeline.quant.awq import search_clip, search_scale, search_scale_on_output
-from pipeline.quant.gptq import HessianAccumulator, gptq
+from pipeline.quant.gptq import HessianAccumulator, gptq_refit
 from pipeline.quant.primitives import QTensor, QuantScheme, dequantize, quantize
 from pipeline.quant.refit import padded_gram, refit_scales
 
@@ -104,18 +104,15 @@ def awq_model(model, plan: dict[str, QuantScheme], cfg: QuantizeConfig, batches:
 
 def _quantize_codes(x: torch.Tensor, w: torch.Tensor, scheme: QuantScheme, cfg: QuantizeConfig,
                     H: torch.Tensor | None = None) -> QTensor:
-    """Codes for the scaled weight: clip search and rounding on the sampled inputs x, or (`awq_codes: gptq`)
-    GPTQ under the Hessian H of every calibration token; then (`refit_scales`) each row's group scales
-    refitted by least squares on its output error (under H where there is one: it saw every token)."""
+    """Codes for the scaled weight: (`awq_codes: gptq`) GPTQ under the Hessian H of every calibration token, or
+    clip search and rounding on the sampled inputs x; then (`refit_scales`) each row's group scales refitted by
+    least squares on its output error (under H for GPTQ's codes, else the sample's Gram matrix)."""
     if H is not None:
-        qt = gptq(w, H, scheme, cfg.damp, cfg.act_order, cfg.mse_clip)
-        gram = H
-    else:
-        qt = quantize(w, scheme, search_clip(x, w, scheme))
-        gram = padded_gram(x, scheme.group_size) if cfg.refit_scales else None
+        return gptq_refit(w, H, scheme, cfg)
+    qt = quantize(w, scheme, search_clip(x, w, scheme))
     if not cfg.refit_scales:
         return qt
-    return refit_scales(qt, w, gram, descent=cfg.code_descent)
+    return refit_scales(qt, w, padded_gram(x, scheme.group_size), descent=cfg.code_descent)
 
 
 def shared_hessians(collected: dict[str, InputStats]) -> dict[str, torch.Tensor]:
