@@ -364,7 +364,7 @@ class ExportConfig:
     # formats written: onnx (always), gguf (llama.cpp, in gguf/), hf-quantized (compressed-tensors for vLLM, in hf-quantized/)
     targets: tuple[str, ...] = ("onnx",)
     hf_quantized_dtype: str = "auto"  # hf-quantized's float tensors and scales: auto (as the model), float32, bfloat16, float16
-    version: int = 9  # 2: fused graph beside the portable one; 3: logits_positions, packed matmuls; 4: no query_seqlens, dtype; 5: targets; 6: genai_config.json, hf-quantized; 7: per-token W8A8 codes as uint8 + 128; 8: per-token W8A8 fused graph; 9: kv_cache
+    version: int = 10  # 2: fused graph beside the portable one; 3: logits_positions, packed matmuls; 4: no query_seqlens, dtype; 5: targets; 6: genai_config.json, hf-quantized; 7: per-token W8A8 codes as uint8 + 128; 8: per-token W8A8 fused graph; 9: kv_cache; 10: int8 cache's float prefill graph
 
     def __post_init__(self):
         if self.accuracy_level not in (0, 1, 2, 3, 4, "auto"):

@@ -194,3 +194,31 @@ def _rotary_tables(model, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _value_infos(specs) -> list[onnx.ValueInfoProto]:
     return [helper.make_tensor_value_info(s.name, DTYPES[s.dtype], list(s.dims)) for s in specs]
+
+
+def float_cache_graph(model: onnx.ModelProto, dtype: str = "float32") -> onnx.ModelProto:
+    """The int8-cache graph with a `dtype` cache instead: GroupQueryAttention without its scales and
+    quantization attributes, the cache inputs and outputs retyped, every other node and weight as is.
+    The runner runs prompts through it (their attention reads the float keys and values they just made,
+    where the int8 kernel reads back the codes it wrote, 1.3 to 4x slower) and rounds the result into the
+    int8 cache itself. Weights stored as external data keep their references, so both graphs share one
+    data file."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    dropped: set[str] = set()
+    for node in out.graph.node:
+        if node.op_type == "GroupQueryAttention" and len(node.input) > 9:
+            dropped.update(name for name in node.input[9:] if name)
+            del node.input[9:]
+            kept = [a for a in node.attribute if a.name not in ("k_quant_type", "v_quant_type", "kv_cache_bit_width")]
+            del node.attribute[:]
+            node.attribute.extend(kept)
+    if not dropped:
+        raise StageError("export: the fused graph has no int8 KV cache to take out")
+    kept_inits = [t for t in out.graph.initializer if t.name not in dropped]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(kept_inits)
+    for value in list(out.graph.input) + list(out.graph.output):
+        if value.name.startswith(("past_key_values.", "present.")):
+            value.type.tensor_type.elem_type = DTYPES[dtype]
+    return out

@@ -46,7 +46,7 @@ def generate_command(artifact, prompt, max_new_tokens, temperature, top_k, top_p
         ids = gen.tokenizer.encode(prompt) if no_chat else gen.tokenizer.encode_chat(prompt, system)
         if gen.flavour == "fused":
             positions = max_length or len(ids) + max_new_tokens
-            click.echo(f"KV cache ({gen.contract.kv_dtype}): {gen.contract.kv_bytes_per_token() * positions / 2**20:.1f} MiB "
+            click.echo(f"KV cache ({gen.describe_kv()}): {gen.contract.kv_bytes_per_token() * positions / 2**20:.1f} MiB "
                        f"({positions} positions, preallocated)", err=True)
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         stream = StreamDecoder(gen.tokenizer)

@@ -9,6 +9,10 @@ token and ignored, so the batch keeps its shape.
 On CUDA with `cuda_graph=True` (the runner's default there), decode steps read their inputs from device buffers at fixed
 addresses and write the logits to another, so ONNX Runtime captures the step once per batch size
 and cache and replays it: one graph launch per token instead of one launch per kernel.
+
+With an int8 cache, `prefill` runs the prompts through the float-cache twin graph and rounds their
+keys and values into the cache (runtime.float_prefill); `logits` (teacher forcing, validation) stays
+on the int8 graph, so every position reads the codes, as every generated token does.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import numpy as np
 import onnxruntime as ort
 
 from runtime.errors import RuntimeFailure
+from runtime.float_prefill import FloatPrefill
 from runtime.io_spec import Contract
 from runtime.kv_cache import StaticKVCache
 
@@ -34,8 +39,9 @@ class FusedState:
 
 class FusedGraph:
     def __init__(self, session: ort.InferenceSession, contract: Contract, pad_id: int, device: str = "cpu",
-                 max_length: int | None = None, cuda_graph: bool = False):
+                 max_length: int | None = None, cuda_graph: bool = False, float_prefill: FloatPrefill | None = None):
         self.session, self.contract, self.pad_id, self.device = session, contract, pad_id, device
+        self.float_prefill = float_prefill  # int8 cache: prompts run through the float-cache graph
         self.max_length = max_length  # None: each generate sizes the cache to its prompts plus new tokens
         self.cuda_graph = cuda_graph
         self._cache: StaticKVCache | None = None
@@ -154,7 +160,13 @@ class FusedGraph:
         for row, ids in enumerate(prompts):
             input_ids[row, : len(ids)] = ids
         cache = self.cache_for(len(prompts), width + room)
-        logits = self.run(input_ids, cache, (lengths - 1)[:, None], lengths)
+        if self.float_prefill is not None:
+            started = time.perf_counter()
+            logits = self.float_prefill.run(input_ids, lengths, (lengths - 1)[:, None], cache.host)
+            self.session_seconds += time.perf_counter() - started
+            cache.lengths[:] = lengths
+        else:
+            logits = self.run(input_ids, cache, (lengths - 1)[:, None], lengths)
         return logits[:, 0].copy(), FusedState(cache, np.arange(len(prompts)))
 
     def decode(self, tokens: np.ndarray, state: FusedState) -> np.ndarray:

@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 
 from runtime.errors import RuntimeFailure
+from runtime.float_prefill import FloatPrefill
 from runtime.fused import FusedGraph
 from runtime.io_spec import CONTRACT_FILE, Contract
 from runtime.portable import PortableGraph
@@ -56,12 +57,15 @@ class Generator:
 
     def __init__(self, folder: Path | str, provider: str = "auto", threads: int = 0, graph: str = "auto",
                  max_length: int | None = None, allow_fallback: bool = False, cuda_graph: bool | None = None,
-                 spinning: bool = True, verify_placement: bool = True, optimization: str | None = None):
+                 spinning: bool = True, verify_placement: bool = True, optimization: str | None = None,
+                 float_prefill: bool = True):
         """`threads` and `optimization` (graph optimization level): given neither, the settings
         `optimize tune` measured for this artifact on this machine, else onnxruntime's defaults
         (`settings` and `tuning_file` say which). `cuda_graph`: capture the decode step once and
         replay it; None (the default) does so on CUDA with the fused graph. `verify_placement`: off
-        the CPU, profile one probe run and fail if a heavy node left the provider (unless `allow_fallback`)."""
+        the CPU, profile one probe run and fail if a heavy node left the provider (unless `allow_fallback`).
+        `float_prefill`: with an int8 KV cache, run prompts through the artifact's float-cache graph
+        (runtime.float_prefill: faster prompts, a second session's memory) rather than the int8 graph."""
         self.folder = Path(folder)
         graph_folder = runner_graph_folder(self.folder, graph)
         self.contract = load_contract(graph_folder)
@@ -77,11 +81,18 @@ class Generator:
         self.session, self.provider = create_session(graph_folder, self.contract, provider, self.settings.threads,
                                                       cuda_graph, spinning, profile_placement=verify_placement,
                                                       optimization=self.settings.optimization)
+        self.float_prefill = None  # an int8 cache's prompts run through the float-cache twin graph (CPU)
+        if float_prefill and self.contract.prefill_model_file and self.provider == PROVIDERS["cpu"]:
+            prefill_session, _ = create_session(graph_folder, self.contract, "cpu", self.settings.threads, spinning=spinning,
+                                                optimization=self.settings.optimization,
+                                                model_file=self.contract.prefill_model_file)
+            self.float_prefill = FloatPrefill.load(graph_folder, self.contract, prefill_session)
         self.tokenizer = Tokenizer(self.folder)
         self.eos_ids, self.pad_id = end_tokens(read_json(self.folder / "generation_config.json"))
         if self.contract.flavour == "fused":
             device = "cuda" if self.provider.startswith("CUDA") else "cpu"
-            self.graph = FusedGraph(self.session, self.contract, self.pad_id, device, max_length, cuda_graph)
+            self.graph = FusedGraph(self.session, self.contract, self.pad_id, device, max_length, cuda_graph,
+                                    self.float_prefill)
         else:
             self.graph = PortableGraph(self.session, self.contract, self.pad_id)
         self.fallback_nodes: list[str] = []
@@ -98,6 +109,11 @@ class Generator:
         source = (f"tuned on this machine: {self.tuning_file.name}" if self.tuning_file else "as given" if self._settings_given
                   else "defaults; `optimize tune` measures this machine")
         return f"{self.settings.describe()} ({source})"
+
+    def describe_kv(self) -> str:
+        """The cache's type for a log line, and how prompts fill it when that differs from decoding."""
+        kv = self.contract.kv_dtype if self.flavour == "fused" else self.contract.dtype
+        return f"{kv}, prompts through the float-cache graph" if self.float_prefill is not None else kv
 
     def logits(self, ids: list[int] | np.ndarray) -> np.ndarray:
         """Logits [T, V] of one sequence (teacher forcing), from an empty cache."""

@@ -25,7 +25,9 @@ right-padded; each sequence's own lengths replace the mask and position ids:
 
 `dtype` (float32 or float16) is the weights' type and the cache's, unless `kv_cache` is "int8": then
 the cache holds int8 codes, rounded by GroupQueryAttention with per-channel scales stored in the graph
-(pipeline.quant.kv_cache). Logits are float32 either way.
+(pipeline.quant.kv_cache). Logits are float32 either way. Such an artifact also holds the same graph with
+a float cache (`prefill_model_file`, sharing the weights file) and the scales (`kv_scales_file`): the
+runner runs prompts through the float graph and rounds their keys and values into the int8 cache.
 """
 from __future__ import annotations
 
@@ -62,6 +64,10 @@ class Contract:
     model_file: str = "model.onnx"
     max_positions: int = 0  # fused: rotary table length, the largest KV buffer the graph can take
     kv_cache: str = "float"  # fused: "float" (the cache in `dtype`) or "int8"
+    # int8 cache: the same graph with a float cache, for prompts, and the scales [layers, 2 (key, value),
+    # kv_heads, head_dim] the runner rounds its keys and values with (empty in artifacts from before)
+    prefill_model_file: str = ""
+    kv_scales_file: str = ""
     version: int = CONTRACT_VERSION
 
     def inputs(self) -> list[TensorSpec]:

@@ -34,8 +34,9 @@ def choose_provider(requested: str = "auto") -> str:
 
 def create_session(folder: Path, contract: Contract, provider: str = "auto", threads: int = 0,
                    cuda_graph: bool = False, spinning: bool = True,
-                   profile_placement: bool = True, optimization: str = "all") -> tuple[ort.InferenceSession, str]:
-    """Open `folder/model.onnx` on the chosen provider; returns (session, provider name in use).
+                   profile_placement: bool = True, optimization: str = "all",
+                   model_file: str | None = None) -> tuple[ort.InferenceSession, str]:
+    """Open `folder/model.onnx` (or `model_file`) on the chosen provider; returns (session, provider name in use).
     `threads`: intra-op threads (0: onnxruntime's choice, one per physical core); `optimization`: the
     graph optimization level (basic, extended, all). `optimize tune` picks both by measurement.
     `cuda_graph`: let ONNX Runtime capture and replay CUDA graphs (runs that name a gpu_graph_id).
@@ -57,9 +58,10 @@ def create_session(folder: Path, contract: Contract, provider: str = "auto", thr
         opts.intra_op_num_threads = threads
     if not spinning:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    path = Path(folder) / contract.model_file
+    model_file = model_file or contract.model_file
+    path = Path(folder) / model_file
     if not path.is_file():
-        raise RuntimeFailure(f"{folder}: {contract.model_file} not found")
+        raise RuntimeFailure(f"{folder}: {model_file} not found")
     providers: list = [PROVIDERS[chosen]] + ([PROVIDERS["cpu"]] if chosen != "cpu" else [])
     if cuda_graph:
         providers[0] = (PROVIDERS["cuda"], {"enable_cuda_graph": "1"})

@@ -22,11 +22,11 @@ def measure_ours(folder: Path, work: Workload, provider: str = "auto", threads: 
     gen = Generator(folder, provider=provider, threads=threads, graph=graph, cuda_graph=cuda_graph)
     load_s = time.perf_counter() - started
     on_gpu = gen.provider != "CPUExecutionProvider"
-    log(f"  ours: {gen.flavour} graph ({gen.contract.dtype}, KV cache {gen.contract.kv_dtype}) on {gen.provider}{', CUDA graphs' if gen.cuda_graph else ''}, "
+    log(f"  ours: {gen.flavour} graph ({gen.contract.dtype}, KV cache {gen.describe_kv()}) on {gen.provider}{', CUDA graphs' if gen.cuda_graph else ''}, "
         f"loaded in {load_s:.2f}s; {gen.describe_settings()}")
     result = {"engine": "ours", "graph": gen.flavour, "provider": gen.provider, "load_s": load_s,
               "session_settings": {**asdict(gen.settings), "tuning_file": str(gen.tuning_file) if gen.tuning_file else None},
-              "dtype": gen.contract.dtype, "kv_cache_dtype": gen.contract.kv_dtype, "cuda_graph": gen.cuda_graph,
+              "dtype": gen.contract.dtype, "kv_cache_dtype": gen.contract.kv_dtype, "float_prefill": gen.float_prefill is not None, "cuda_graph": gen.cuda_graph,
               "weights": gen.contract.weights, "kv_bytes_per_token": gen.contract.kv_bytes_per_token(),
               "ttft_ms": {}, "decode_ms_per_step": {}, "decode_tok_s": {}, "outside_run_pct": {}}
     if on_gpu:

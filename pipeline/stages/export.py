@@ -22,7 +22,7 @@ from pipeline.errors import StageError
 from pipeline.formats.compressed_tensors import HF_QUANTIZED_FOLDER, write_compressed_tensors
 from pipeline.formats.genai import write_genai_config
 from pipeline.formats.gguf import GGUF_FILE, GGUF_FOLDER, write_gguf
-from pipeline.fused_graph import build_fused_graph, to_float16
+from pipeline.fused_graph import build_fused_graph, float_cache_graph, to_float16
 from pipeline.models import TOKENIZER_FILES, load_torch_model
 from pipeline.onnx_float_zero import lower_float_zero_points
 from pipeline.onnx_pack import pack_sibling_matmuls
@@ -42,6 +42,7 @@ FLOAT16_ATOL = 0.5
 # flip a code now and then, and a flip moves later layers (SmolLM2-135M: 0.37 max, 0.05 mean, where
 # the rounding itself moves logits by 1.2 max); a graph that misreads its scales is off by far more
 INT8_KV_ATOL = 1.0
+PREFILL_FILE, KV_SCALES_FILE = "model_prefill.onnx", "kv_scales.npy"  # an int8 cache's float prefill graph and scales
 
 
 class KVCacheWrapper(torch.nn.Module):
@@ -108,8 +109,10 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
     if cfg.fused and activations == "dynamic":
         ctx.log("  fused graph skipped: W8A8 dynamic is quantized by ONNX Runtime's tool on the portable graph")
     elif cfg.fused:
+        int8_files = {"prefill_model_file": PREFILL_FILE, "kv_scales_file": KV_SCALES_FILE} if cfg.kv_cache == "int8" else {}
         fused = Contract("fused", dims.num_layers, dims.num_kv_heads, dims.head_dim, dims.vocab_size, weights=weights_kind,
-                         max_positions=model.config.max_position_embeddings, dtype=cfg.dtype, kv_cache=cfg.kv_cache)
+                         max_positions=model.config.max_position_embeddings, dtype=cfg.dtype, kv_cache=cfg.kv_cache,
+                         **int8_files)
         (out / "fused").mkdir()
         scales = None  # the int8 KV cache's, per layer (key, value)
         if cfg.kv_cache == "int8":
@@ -129,6 +132,9 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
             ctx.log(f"  {to_float16(graph)} float tensors converted to float16")
         graphs["fused"] = out / "fused" / fused.model_file
         save_onnx(graph, graphs["fused"], cfg.external_data)
+        if scales is not None:
+            np.save(out / "fused" / KV_SCALES_FILE, np.stack([np.stack([k[0, :, 0], v[0, :, 0]]) for k, v in scales]))
+            _write_float_prefill(graphs["fused"], cfg.dtype)  # before parity, which runs prompts through it
         fused.save(out / "fused")
     parity, limits = {}, {}
     for flavour in graphs:
@@ -162,6 +168,8 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
             _replace_graph(quantize_w8a8(graph_path, activations, modules, scales, rotations), graph_path, cfg.external_data)
         if "hf-quantized" in cfg.targets:  # the graphs' int8 codes exist only now
             targets["hf-quantized"] = _export_hf_quantized(inp.path, out, ctx, cfg.hf_quantized_dtype, w8a8_graph=path)
+    if cfg.kv_cache == "int8" and "fused" in graphs:
+        _write_float_prefill(graphs["fused"], cfg.dtype)  # again: the rewrites above changed the int8 graph
     size = {f: sum(p.stat().st_size for p in g.parent.iterdir() if p.name.startswith("model.onnx")) for f, g in graphs.items()}
     metrics = {"parity_max_abs_diff": diff, "onnx_bytes": size["portable"], "fused_onnx_bytes": size.get("fused", 0),
                "block_quantized_ops": swapped, "float_zero_point_matmuls": lowered}
@@ -278,6 +286,12 @@ def _trace(model, contract: Contract, path: Path, opset: int) -> None:
         )
 
 
+def _write_float_prefill(int8_graph: Path, dtype: str) -> None:
+    """The int8-cache graph's float-cache twin beside it, reading the same weights file."""
+    proto = onnx.load(str(int8_graph), load_external_data=False)
+    onnx.save(float_cache_graph(proto, dtype), str(int8_graph.parent / PREFILL_FILE))
+
+
 def _replace_graph(graph: onnx.ModelProto, path: Path, external_data: bool) -> None:
     """Overwrite the saved graph (and its external data) with `graph`, already held in memory."""
     for stale in path.parent.glob(path.name + "*"):
@@ -288,7 +302,8 @@ def _replace_graph(graph: onnx.ModelProto, path: Path, external_data: bool) -> N
 def _parity(model, folder: Path, tokens: int, graph: str, int8_kv_scales: list | None = None) -> float:
     """Prefill half the tokens, decode the rest one by one with the ONNX KV cache, and compare
     every step's logits with PyTorch recomputing the whole sequence without a cache (with `int8_kv_scales`:
-    through a cache that rounds keys and values to int8 as the graph does)."""
+    through a cache that rounds keys and values to int8 as the graph does; step by step when the prompt
+    runs through the float prefill graph, whose own attention reads them unrounded)."""
     gen = Generator(folder, provider="cpu", graph=graph)
     ids = np.random.default_rng(0).integers(0, gen.contract.vocab_size, size=(1, tokens)).astype(np.int64)
     split = tokens // 2
@@ -298,7 +313,14 @@ def _parity(model, folder: Path, tokens: int, graph: str, int8_kv_scales: list |
         logits = gen.decode(ids[:, t], state)
         onnx_steps.append(logits)
     with torch.no_grad():
-        cache = RoundingCache(int8_kv_scales) if int8_kv_scales is not None else None
-        ref = model(torch.from_numpy(ids[:, : tokens - 1]), past_key_values=cache, use_cache=cache is not None)
-        ref = ref.logits[0, split - 1:].numpy()  # [steps, V]
+        if gen.float_prefill is not None:  # the prompt attends in float, its keys and values are stored rounded
+            cache = RoundingCache(int8_kv_scales, float_prompt=True)
+            rows = [model(torch.from_numpy(ids[:, :split]), past_key_values=cache, use_cache=True).logits[0, -1:]]
+            rows += [model(torch.from_numpy(ids[:, t:t + 1]), past_key_values=cache, use_cache=True).logits[0]
+                     for t in range(split, tokens - 1)]
+            ref = torch.cat(rows).numpy()
+        else:
+            cache = RoundingCache(int8_kv_scales) if int8_kv_scales is not None else None
+            ref = model(torch.from_numpy(ids[:, : tokens - 1]), past_key_values=cache, use_cache=cache is not None)
+            ref = ref.logits[0, split - 1:].numpy()  # [steps, V]
     return float(np.abs(np.concatenate(onnx_steps, axis=0) - ref).max())

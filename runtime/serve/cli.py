@@ -24,6 +24,9 @@ from runtime import Generator, RuntimeFailure, find_model_folder
               help="prompt tokens prefilled between two decode steps (at least one request)")
 @click.option("--prefix-reuse/--no-prefix-reuse", default=True, show_default=True,
               help="a prompt that starts like a cached sequence (system prompt, earlier turns) reuses its KV")
+@click.option("--float-prefill/--no-float-prefill", default=True, show_default=True,
+              help="int8 KV cache: run prompts through the artifact's float-cache graph (faster prompts, one more "
+                   "session's memory) instead of the int8 graph")
 @click.option("--model-name", default=None, help="the `model` clients send (default: the run folder's name)")
 @click.option("--provider", type=click.Choice(["auto", "cpu"]), default="auto", show_default=True)
 @click.option("--threads", default=0, type=click.IntRange(0), help="intra-op threads (0: onnxruntime decides)")
@@ -33,7 +36,7 @@ from runtime import Generator, RuntimeFailure, find_model_folder
               help="seconds in-flight requests get to finish after SIGTERM")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
 def serve_command(artifact, host, port, slots, max_length, kv_budget_mb, max_waiting, max_prefill_tokens, prefix_reuse,
-                  model_name, provider, threads, spin, shutdown_timeout, log_level):
+                  float_prefill, model_name, provider, threads, spin, shutdown_timeout, log_level):
     """Serve the model exported in ARTIFACT (a run folder or an export step folder) over HTTP."""
     import uvicorn
 
@@ -44,7 +47,7 @@ def serve_command(artifact, host, port, slots, max_length, kv_budget_mb, max_wai
         folder = find_model_folder(artifact)
         # The slots are on the host (row views bound by address); serving from GPU memory is not built yet.
         gen = Generator(folder, provider="cpu" if provider == "auto" else provider, threads=threads, graph="fused",
-                        spinning=spin)
+                        spinning=spin, float_prefill=float_prefill)
         per_token = gen.contract.kv_bytes_per_token(slots)
         if kv_budget_mb is not None:
             fit = int(kv_budget_mb * 2**20 // per_token)
@@ -60,7 +63,7 @@ def serve_command(artifact, host, port, slots, max_length, kv_budget_mb, max_wai
     except RuntimeFailure as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"[{folder}] {gen.flavour} graph on {gen.provider} ({gen.describe_settings()}); serving model '{name}'", err=True)
-    click.echo(f"KV cache ({gen.contract.kv_dtype}): {slots} slots x {max_length} positions = "
+    click.echo(f"KV cache ({gen.describe_kv()}): {slots} slots x {max_length} positions = "
                f"{server.slots.nbytes / 2**20:.1f} MiB preallocated; queue: {max_waiting} waiting; prefill: {max_prefill_tokens} tokens per step; "
                f"prefix reuse {'on' if prefix_reuse else 'off'}", err=True)
     config = uvicorn.Config(create_app(server), host=host, port=port, log_level=log_level,

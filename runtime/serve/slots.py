@@ -18,6 +18,10 @@ memcpy, or in place when it is the same row, and only the rest of the prompt run
 of the cached prefix. The logits equal a full prefill's (tested); `last_cached` says how many prompt
 tokens the last prefill did not recompute.
 
+With an int8 cache and the artifact's float-cache graph (runtime.float_prefill), a prompt runs there
+and its keys and values are rounded into the row; a reused prefix is read back from its codes, so the
+logits then equal a whole prefill's up to the cache's rounding, not to the bit.
+
 Views are bound by address (IO binding with a buffer pointer), so every binding shares the one
 allocation. Each (start, stop) range is bound once and reused.
 """
@@ -27,6 +31,7 @@ import numpy as np
 import onnxruntime as ort
 
 from runtime.errors import RuntimeFailure
+from runtime.float_prefill import FloatPrefill
 from runtime.io_spec import Contract
 from runtime.kv_cache import StaticKVCache
 
@@ -35,7 +40,7 @@ class SlotCache:
     """A fused graph's session driving `slots` sequences of up to `max_length` positions each."""
 
     def __init__(self, session: ort.InferenceSession, contract: Contract, slots: int, max_length: int,
-                 reuse_prefixes: bool = True):
+                 reuse_prefixes: bool = True, float_prefill: FloatPrefill | None = None):
         if contract.flavour != "fused":
             raise RuntimeFailure("serving needs the fused graph (export with `fused: true`)")
         if slots < 1 or max_length < 2:
@@ -47,6 +52,7 @@ class SlotCache:
         self.buffers = cache.host  # [slots, kv_heads, max_length, head_dim] per past name
         self.lengths = cache.lengths  # positions filled in each row
         self.reuse_prefixes = reuse_prefixes
+        self.float_prefill = float_prefill  # int8 cache: prompts run through the float-cache graph
         self.tokens: list[list[int]] = [[] for _ in range(slots)]  # ids whose KV fills each row's first positions
         self.last_cached = 0  # prompt tokens the last prefill took from the cache
         self._bindings: dict[tuple[int, int], ort.IOBinding] = {}
@@ -91,9 +97,12 @@ class SlotCache:
         self.tokens[row] = []  # overwritten from here on, whatever happens
         if cached and source != row:
             self._copy(source, row, cached)
-        logits = self._run(self._binding(row, row + 1), np.asarray([prompt[cached:]], dtype=np.int64),
-                           np.array([n - 1], dtype=np.int32), np.array(n, dtype=np.int32),
-                           np.array([[n - cached - 1]], dtype=np.int64))
+        ids, last = np.asarray([prompt[cached:]], dtype=np.int64), np.array([[n - cached - 1]], dtype=np.int64)
+        if self.float_prefill is not None:
+            logits = self.float_prefill.run(ids, np.array([n]), last, [b[row:row + 1] for b in self.buffers], cached)[:, 0]
+        else:
+            logits = self._run(self._binding(row, row + 1), ids, np.array([n - 1], dtype=np.int32),
+                               np.array(n, dtype=np.int32), last)
         self.lengths[row], self.tokens[row], self.last_cached = n, list(prompt), cached
         return logits[0]
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.archs import model_dims
-from pipeline.fused_graph import build_fused_graph, to_float16
+from pipeline.fused_graph import build_fused_graph, float_cache_graph, to_float16
 from pipeline.onnx_pack import pack_sibling_matmuls
 from pipeline.quant.kv_cache import RoundingCache, kv_scales
 from runtime.io_spec import Contract
@@ -96,6 +96,48 @@ def _check_against_pytorch(model, pack: bool, dtype: str, atol: float, scales: l
         for row, token in enumerate((7, 9)):
             ref = reference(np.concatenate([ids[row, :lengths[row]], [token]])[None])[-1].numpy()
             np.testing.assert_allclose(logits[row, 0], ref, atol=atol)
+
+
+def test_the_float_twin_of_an_int8_graph_runs_prompts_whose_codes_decode_like_pytorch():
+    """float_cache_graph: the int8 graph without its rounding is the float graph (same logits and cache for a
+    prompt). Its keys and values rounded by the runner, then a decode step in the int8 graph, equal PyTorch
+    whose prompt attends in float and whose cache is stored rounded (RoundingCache(float_prompt=True))."""
+    from runtime.float_prefill import quantize
+
+    model = _tiny("llama")
+    with torch.no_grad():
+        scales = kv_scales(model, [torch.randint(0, 120, (2, 32), generator=torch.Generator().manual_seed(1))])
+    d = model_dims(model.config)
+    int8 = Contract("fused", d.num_layers, d.num_kv_heads, d.head_dim, d.vocab_size, max_positions=64, kv_cache="int8")
+    int8_graph = build_fused_graph(model, int8, 17, scales)
+    twin = float_cache_graph(int8_graph)
+    assert not [a for n in twin.graph.node for a in n.attribute if a.name == "kv_cache_bit_width"]
+    assert not [t for t in twin.graph.initializer if t.name.endswith("_scale")]
+    float_session, contract = _session(model)
+    twin_session = ort.InferenceSession(twin.SerializeToString(), providers=["CPUExecutionProvider"])
+    n, capacity = 9, 16
+    ids = np.random.default_rng(2).integers(0, 120, (1, n))
+    feeds = {"input_ids": ids, "seqlens_k": np.array([n - 1], np.int32), "total_sequence_length": np.array(n, np.int32),
+             "logits_positions": np.array([[n - 1]]),
+             **{name: np.zeros((1, d.num_kv_heads, n, d.head_dim), np.float32) for name in contract.past_names()}}
+    got, want = twin_session.run(None, feeds), float_session.run(None, feeds)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+    codes = [np.zeros((1, d.num_kv_heads, capacity, d.head_dim), np.int8) for _ in contract.past_names()]
+    per_name = [s for pair in scales for s in pair]  # layer 0 key, value, layer 1 key, …
+    for code, present, scale in zip(codes, got[1:], per_name):
+        code[:, :, :n] = quantize(present, scale)
+    int8_session = ort.InferenceSession(int8_graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    step, *_ = int8_session.run(None, {
+        "input_ids": np.array([[7]]), "seqlens_k": np.array([n], np.int32), "total_sequence_length": np.array(capacity, np.int32),
+        "logits_positions": np.zeros((1, 1), np.int64), **dict(zip(contract.past_names(), codes))})
+    with torch.no_grad():
+        cache = RoundingCache(scales, float_prompt=True)
+        prompt = model(torch.tensor(ids), past_key_values=cache, use_cache=True).logits[0, -1]
+        ref = model(torch.tensor([[7]]), past_key_values=cache, use_cache=True).logits[0, -1]
+    np.testing.assert_allclose(got[0][0, 0], prompt.numpy(), atol=1e-4)
+    np.testing.assert_allclose(step[0, 0], ref.numpy(), atol=2e-3)
 
 
 def test_ir_version_is_the_lowest_the_opset_allows():

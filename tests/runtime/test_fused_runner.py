@@ -36,6 +36,32 @@ def test_int8_kv_cache_runs_batched_like_one_at_a_time_in_a_quarter_of_the_memor
     assert {b.dtype for b in gen.graph._cache.host} == {np.dtype(np.int8)}
 
 
+def test_an_int8_cache_takes_prompts_through_its_float_twin_graph(tiny_export_int8_kv):
+    """The export writes the float-cache graph beside the int8 one, reading the same weights file. The codes
+    it rounds match the int8 kernel's bit for bit where both see the same keys and values (layer 0, whose
+    inputs are the embeddings); deeper layers differ only by the prompt's attention, float against codes."""
+    from runtime.fused import FusedGraph
+
+    gen = Generator(tiny_export_int8_kv, provider="cpu", graph="fused")
+    folder = tiny_export_int8_kv / "fused"
+    assert gen.float_prefill is not None and gen.contract.prefill_model_file == "model_prefill.onnx"
+    assert sorted(p.name for p in folder.glob("*.data")) == ["model.onnx.data"]  # one copy of the weights
+    prefill_graph = gen.float_prefill.session
+    assert {i.type for i in prefill_graph.get_inputs() if i.name.startswith("past_")} == {"tensor(float)"}
+
+    prompts = [PROMPTS[0], PROMPTS[2]]
+    logits, state = gen.prefill(prompts)
+    hybrid = [b.copy() for b in state.cache.host]
+    kernel = FusedGraph(gen.session, gen.contract, gen.pad_id)  # the int8 graph rounding its own prompt
+    kernel_logits, kernel_state = kernel.prefill(prompts)
+    for row, prompt in enumerate(prompts):
+        for name in (0, 1):  # layer 0's key and value
+            np.testing.assert_array_equal(hybrid[name][row, :, :len(prompt)], kernel_state.cache.host[name][row, :, :len(prompt)])
+        deeper = np.abs(hybrid[-1][row, :, :len(prompt)].astype(int) - kernel_state.cache.host[-1][row, :, :len(prompt)])
+        assert deeper.max() <= 8  # a few steps of 127 at most: the same values, attended a little differently
+    np.testing.assert_allclose(logits, kernel_logits, atol=0.05)
+
+
 def test_rows_stop_on_their_own_limit(fused):
     """A finished row keeps its place in the buffer, fed the pad token; the rows still going are
     unaffected: their logits equal those of a batch in which nothing finished."""

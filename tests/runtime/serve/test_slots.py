@@ -8,10 +8,16 @@ from runtime.serve.slots import SlotCache
 PROMPTS = [[1, 5, 9, 14, 3], [7, 2], [11, 12, 13, 14, 15, 16, 17, 18]]
 
 
-@pytest.fixture(params=["float", "int8"], ids=["float-kv", "int8-kv"])
+@pytest.fixture(params=["float", "int8", "int8-kernel"], ids=["float-kv", "int8-kv", "int8-kv-kernel-prompts"])
 def gen(request):
+    """int8-kv: prompts through the float-cache twin graph (the default); int8-kv-kernel-prompts: through the int8 graph."""
     folder = request.getfixturevalue("tiny_export" if request.param == "float" else "tiny_export_int8_kv")
-    return Generator(folder, provider="cpu", graph="fused")
+    return Generator(folder, provider="cpu", graph="fused", float_prefill=request.param != "int8-kernel")
+
+
+def make_slots(gen, slots: int, max_length: int, **kw) -> SlotCache:
+    """As the server makes them: an int8 cache's prompts run through the float prefill graph."""
+    return SlotCache(gen.session, gen.contract, slots, max_length, float_prefill=gen.float_prefill, **kw)
 
 
 def greedy_alone(gen, prompt, n):
@@ -19,7 +25,7 @@ def greedy_alone(gen, prompt, n):
 
 
 def test_rows_decoded_together_match_each_sequence_alone(gen):
-    slots = SlotCache(gen.session, gen.contract, slots=4, max_length=32)
+    slots = make_slots(gen, slots=4, max_length=32)
     out = [[int(np.argmax(slots.prefill(row, p)))] for row, p in enumerate(PROMPTS)]
     for _ in range(5):
         logits = slots.decode(np.array([o[-1] for o in out]))
@@ -30,7 +36,7 @@ def test_rows_decoded_together_match_each_sequence_alone(gen):
 
 
 def test_a_moved_row_continues_as_if_it_had_not_moved(gen):
-    slots = SlotCache(gen.session, gen.contract, slots=3, max_length=32)
+    slots = make_slots(gen, slots=3, max_length=32)
     first = [int(np.argmax(slots.prefill(row, p))) for row, p in enumerate(PROMPTS[:3])]
     logits = slots.decode(np.array(first))
     last = [int(np.argmax(x)) for x in logits]
@@ -47,7 +53,7 @@ def test_a_moved_row_continues_as_if_it_had_not_moved(gen):
 
 
 def test_a_row_is_bound_once_and_the_cache_is_never_reallocated(gen):
-    slots = SlotCache(gen.session, gen.contract, slots=2, max_length=16)
+    slots = make_slots(gen, slots=2, max_length=16)
     addresses = [b.ctypes.data for b in slots.buffers]
     for _ in range(3):
         slots.prefill(0, PROMPTS[0])
@@ -59,8 +65,8 @@ def test_a_row_is_bound_once_and_the_cache_is_never_reallocated(gen):
 
 def test_bad_sizes_are_readable_errors(gen):
     with pytest.raises(RuntimeFailure, match="exceeds the model's"):
-        SlotCache(gen.session, gen.contract, slots=1, max_length=10**7)
-    slots = SlotCache(gen.session, gen.contract, slots=1, max_length=8)
+        make_slots(gen, slots=1, max_length=10**7)
+    slots = make_slots(gen, slots=1, max_length=8)
     with pytest.raises(RuntimeFailure, match="1 to 7 tokens"):
         slots.prefill(0, list(range(1, 9)))
     slots.prefill(0, [1, 2, 3])
@@ -71,46 +77,60 @@ def test_bad_sizes_are_readable_errors(gen):
 SHARED = [21, 22, 23, 24, 25, 26, 27, 28, 29, 30]  # a system prompt and chat template, say
 
 
+def reuse_atol(gen) -> float:
+    """A float cache, or an int8 cache whose prompts run in the int8 graph: a reused prefix holds the very
+    keys and values (or codes) a whole prefill reads. Int8 cache with the float twin: a whole prompt attends
+    over its own float keys and values, a reused prefix is read back from its codes; on the tiny model that
+    rounding moves the logits (max |x| ~0.5) by ~0.01, a wrong prefix by 0.16 or more."""
+    return 0.05 if gen.float_prefill is not None else 1e-5
+
+
 def test_a_prompt_reuses_the_longest_cached_prefix_and_gets_the_same_logits(gen):
     """From a running row (copied), from its own freed row (in place), from a freed row elsewhere (copied),
     never the whole prompt (its last token makes the logits); each result equals a prefill from nothing."""
-    fresh = SlotCache(gen.session, gen.contract, slots=1, max_length=32, reuse_prefixes=False)
+    fresh = make_slots(gen, slots=1, max_length=32, reuse_prefixes=False)
+    atol = reuse_atol(gen)
 
     def alone(prompt):
         fresh.free(0)
         return fresh.prefill(0, prompt).copy()
 
-    slots = SlotCache(gen.session, gen.contract, slots=3, max_length=32)
+    slots = make_slots(gen, slots=3, max_length=32)
     first, second, third = SHARED + [1, 2, 3], SHARED + [4, 5], SHARED[:6] + [9]
-    np.testing.assert_allclose(slots.prefill(0, first), alone(first), atol=1e-5)
+    np.testing.assert_allclose(slots.prefill(0, first), alone(first), atol=atol)
     assert slots.last_cached == 0
-    np.testing.assert_allclose(slots.prefill(1, second), alone(second), atol=1e-5)  # row 0 runs: copied
+    np.testing.assert_allclose(slots.prefill(1, second), alone(second), atol=atol)  # row 0 runs: copied
     assert slots.last_cached == len(SHARED)
     token = int(np.argmax(slots.decode(np.array([7, 8]))[1]))
     slots.free(1)
-    np.testing.assert_allclose(slots.prefill(1, second + [8, token]), alone(second + [8, token]), atol=1e-5)
+    np.testing.assert_allclose(slots.prefill(1, second + [8, token]), alone(second + [8, token]), atol=atol)
     assert slots.last_cached == len(second) + 1  # its own freed row, in place, decoded token included
     slots.free(0)
-    np.testing.assert_allclose(slots.prefill(2, third), alone(third), atol=1e-5)
+    np.testing.assert_allclose(slots.prefill(2, third), alone(third), atol=atol)
     assert slots.last_cached == 6
     slots.free(2)
-    np.testing.assert_allclose(slots.prefill(2, list(first)), alone(first), atol=1e-5)  # all cached but the last
+    np.testing.assert_allclose(slots.prefill(2, list(first)), alone(first), atol=atol)  # all cached but the last
     assert slots.last_cached == len(first) - 1
 
 
 def test_a_reused_prefix_decodes_as_if_prefilled_whole(gen):
-    slots = SlotCache(gen.session, gen.contract, slots=2, max_length=32)
+    """Fed the same tokens, a row that reused a prefix and one prefilled whole give the same logits at every step."""
+    atol = reuse_atol(gen)
+    slots = make_slots(gen, slots=2, max_length=32)
     slots.prefill(0, SHARED + [1])
+    whole = make_slots(gen, slots=1, max_length=32, reuse_prefixes=False)
     prompt = SHARED + [2, 3]
-    out = [int(np.argmax(slots.prefill(1, prompt)))]
+    reused, alone = slots.prefill(1, prompt).copy(), whole.prefill(0, prompt).copy()
     assert slots.last_cached == len(SHARED)
     for _ in range(5):
-        out.append(int(np.argmax(slots.decode(np.array([1, out[-1]]))[1])))
-    assert out == greedy_alone(gen, prompt, 6)
+        np.testing.assert_allclose(reused, alone, atol=atol)
+        token = int(np.argmax(alone))
+        reused, alone = slots.decode(np.array([1, token]))[1].copy(), whole.decode(np.array([token]))[0].copy()
+    np.testing.assert_allclose(reused, alone, atol=atol)
 
 
 def test_moves_carry_the_prefix_and_reuse_can_be_turned_off(gen):
-    slots = SlotCache(gen.session, gen.contract, slots=2, max_length=32)
+    slots = make_slots(gen, slots=2, max_length=32)
     slots.prefill(0, [1, 2])
     slots.prefill(1, SHARED)
     slots.free(0)
@@ -118,7 +138,7 @@ def test_moves_carry_the_prefix_and_reuse_can_be_turned_off(gen):
     assert slots.tokens[0] == SHARED
     slots.prefill(1, SHARED + [3])  # the old row 1 still holds SHARED too; itself wins the tie, in place
     assert slots.last_cached == len(SHARED)
-    off = SlotCache(gen.session, gen.contract, slots=2, max_length=32, reuse_prefixes=False)
+    off = make_slots(gen, slots=2, max_length=32, reuse_prefixes=False)
     off.prefill(0, SHARED)
     off.prefill(1, SHARED + [3])
     assert off.last_cached == 0
