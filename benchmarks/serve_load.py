@@ -9,8 +9,8 @@ whole answer, and sends the next. It cycles through one request per (prompt, out
 prompts of 64/128/256 tokens cut from WikiText-2 test (plus the chat template), 64/128/256 output
 tokens (`ignore_eos`), so every level has the same mix. A level's clients start spread over --ramp
 seconds and stop sending --duration seconds later; throughput counts the tokens streamed in that
-window, latencies (TTFT to the first streamed text, TPOT the mean gap after it) the requests sent in
-it. The server's RSS is sampled throughout. Prints a table; writes serve_load.json and serve_load.png.
+window, latencies (TTFT to the first streamed text, TPOT the mean gap after it, ITL every gap between
+two streamed pieces) the requests sent in it. The server's RSS is sampled throughout. Prints a table; writes serve_load.json and serve_load.png.
 """
 from __future__ import annotations
 
@@ -110,11 +110,15 @@ async def level(url: str, bodies: list[list[dict]], concurrency: int, duration_s
     def pct(key, q):
         return float(np.percentile([r[key] for r in in_window], q)) if in_window else float("nan")
 
+    # inter-token latency: every gap between two streamed pieces, where a prefill stalling the batch shows
+    gaps = [b - a for r in in_window for a, b in zip(r["times"], r["times"][1:])] or [float("nan")]
+
     return {"concurrency": concurrency, "requests": len(results), "errors": len(errors), "error_samples": errors[:3],
             "window_s": duration_s, "requests_per_s": sum(window_start <= r["times"][-1] < window_end for r in ok) / duration_s,
             "output_tokens_per_s": streamed / duration_s,
             **{f"ttft_p{q}_ms": pct("ttft", q) * 1000 for q in (50, 95, 99)},
-            **{f"tpot_p{q}_ms": pct("tpot", q) * 1000 for q in (50, 95, 99)}}
+            **{f"tpot_p{q}_ms": pct("tpot", q) * 1000 for q in (50, 95, 99)},
+            **{f"itl_p{q}_ms": float(np.percentile(gaps, q)) * 1000 for q in (50, 99)}, "itl_max_ms": max(gaps) * 1000}
 
 
 def rss_mb(pid: int) -> float:
@@ -148,14 +152,16 @@ async def run_all(url: str, pid: int, bodies: list[list[dict]], args) -> tuple[l
     return rows, memory
 
 
-HEADER = ("clients", "reqs", "err", "req/s", "out tok/s", "TTFT p50/p95/p99 ms", "TPOT p50/p95/p99 ms", "RSS max MiB")
+HEADER = ("clients", "reqs", "err", "req/s", "out tok/s", "TTFT p50/p95/p99 ms", "TPOT p50/p95/p99 ms",
+          "ITL p50/p99/max ms", "RSS max MiB")
 
 
 def print_row(r: dict) -> None:
     ttft = "/".join(f"{r.get(f'ttft_p{q}_ms', 0):.0f}" for q in (50, 95, 99))
     tpot = "/".join(f"{r.get(f'tpot_p{q}_ms', 0):.1f}" for q in (50, 95, 99))
+    itl = "/".join(f"{r.get(key, 0):.0f}" for key in ("itl_p50_ms", "itl_p99_ms", "itl_max_ms"))
     print(f"| {r['concurrency']} | {r['requests']} | {r['errors']} | {r['requests_per_s']:.2f} | "
-          f"{r['output_tokens_per_s']:.1f} | {ttft} | {tpot} | {r['rss_max_mb']:.0f} |", flush=True)
+          f"{r['output_tokens_per_s']:.1f} | {ttft} | {tpot} | {itl} | {r['rss_max_mb']:.0f} |", flush=True)
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -194,7 +200,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "artifacts" / "serve-load")
     args = p.parse_args()
     folder = find_model_folder(args.artifact)
-    bodies = make_requests(folder, max(args.concurrency), args.prompt_tokens, args.output_tokens)
+    # enough clients for the largest level and for the warm-up, which runs one per slot
+    bodies = make_requests(folder, max(*args.concurrency, args.slots), args.prompt_tokens, args.output_tokens)
     model = folder.parent.name if (folder.parent / "run.json").is_file() else folder.name
     for body in (b for client in bodies for b in client):
         body["model"] = model

@@ -21,7 +21,7 @@ from runtime import Generator, RuntimeFailure, find_model_folder
 @click.option("--max-waiting", default=64, show_default=True, type=click.IntRange(0),
               help="queued requests beyond the slots; past it: 429")
 @click.option("--max-prefill-tokens", default=512, show_default=True, type=click.IntRange(1),
-              help="prompt tokens prefilled between two decode steps (at least one request)")
+              help="prompt tokens prefilled between two decode steps; longer prompts are prefilled in chunks over several steps")
 @click.option("--prefix-reuse/--no-prefix-reuse", default=True, show_default=True,
               help="a prompt that starts like a cached sequence (system prompt, earlier turns) reuses its KV")
 @click.option("--float-prefill/--no-float-prefill", default=True, show_default=True,

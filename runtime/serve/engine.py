@@ -5,10 +5,11 @@
         ┌────────────── one decode step for every running row ◄───────────────┘
         └──► sample per request ──► text event ──► done? free the slot at once
 
-Between two decode steps the scheduler admits waiting requests (a prefill each, of the prompt
-tokens no cached prefix holds, up to `max_prefill_tokens` per step so the running rows are not
-stalled for long), drops
-cancelled ones, then decodes. Events go to each request's `emit` callback from this thread; the
+Between two decode steps the scheduler drops cancelled requests and admits waiting ones: a prefill
+each, of the prompt tokens no cached prefix holds, `max_prefill_tokens` of them per step, so the
+running rows are never stalled for longer than that. A longer prompt is prefilled in chunks over
+several steps (one prompt at a time, in the row after the running ones) and joins the decode steps
+when its last chunk is in. Then it decodes. Events go to each request's `emit` callback from this thread; the
 HTTP side turns them into responses. A failure inside one request's handling fails that request
 alone; a failing decode step fails the rows in it, and the scheduler goes on.
 """
@@ -87,6 +88,8 @@ class Scheduler:
         self.max_waiting, self.max_prefill_tokens, self.observer = max_waiting, max_prefill_tokens, observer
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # running[i] holds cache row i
+        self.filling: Request | None = None  # a prompt prefilled in chunks, in the row after the running ones
+        self.filling_row = 0
         self._cond = threading.Condition()
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -111,7 +114,7 @@ class Scheduler:
         """Refuse new requests, cancel the ones left, and wait for the thread."""
         with self._cond:
             self._closing = True
-            for request in list(self.waiting) + self.running:
+            for request in list(self.waiting) + self.running + ([self.filling] if self.filling else []):
                 request.cancel()
             self._cond.notify()
         if self._thread is not None:
@@ -119,25 +122,29 @@ class Scheduler:
 
     @property
     def load(self) -> tuple[int, int]:
-        """(running, waiting)"""
-        return len(self.running), len(self.waiting)
+        """(running, waiting); a prompt part-way through its chunks counts as running"""
+        return len(self.running) + (self.filling is not None), len(self.waiting)
 
     # --- the scheduler thread --------------------------------------------------------------
 
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self.waiting and not self.running and not self._closing:
+                while not self.waiting and not self.running and not self.filling and not self._closing:
                     self._cond.wait()
-                if self._closing and not self.waiting and not self.running:
+                if self._closing and not self.waiting and not self.running and not self.filling:
                     return
-            self._produced = 0
-            self._drop_cancelled()
-            self._admit()
-            if self.running:
-                self._decode()
-            if self.observer:
-                self.observer.step(self._produced)
+            self.step()
+
+    def step(self) -> None:
+        """One step boundary: drop cancelled requests, prefill (up to `max_prefill_tokens`), decode."""
+        self._produced = 0
+        self._drop_cancelled()
+        self._admit()
+        if self.running:
+            self._decode()
+        if self.observer:
+            self.observer.step(self._produced)
 
     def _drop_cancelled(self) -> None:
         with self._cond:
@@ -145,29 +152,49 @@ class Scheduler:
                 self.waiting.remove(request)
                 self._finish(request, "cancelled")
         self._release([row for row, r in enumerate(self.running) if r.cancelled], "cancelled")
+        if self.filling is not None and self.filling.cancelled:
+            self.slots.free(self.filling_row)
+            self._finish(self.filling, "cancelled")
+            self.filling = None
 
     def _admit(self) -> None:
-        """Prefill waiting requests into free rows, at least one per step while a row is free."""
-        budget, admitted = self.max_prefill_tokens, 0
-        while len(self.running) < self.slots.slots and (budget > 0 or admitted == 0):
-            with self._cond:
-                if not self.waiting:
-                    break
-                request = self.waiting.popleft()
-            request.admitted = time.perf_counter()
-            row = len(self.running)
+        """Prefill up to `max_prefill_tokens` prompt tokens into the row after the running ones: first the
+        next chunk of a prompt already begun, then waiting requests while rows are free. A prompt whose
+        last chunk is in starts running (and yields its first token)."""
+        budget = self.max_prefill_tokens
+        while budget > 0:
+            request, row = self.filling, len(self.running)  # _release keeps a filling row right after the running ones
+            if request is None:
+                if row >= self.slots.slots:
+                    return
+                with self._cond:
+                    if not self.waiting:
+                        return
+                    request = self.waiting.popleft()
+                request.admitted = time.perf_counter()
+                try:
+                    request.cached_tokens = self.slots.start(row, request.prompt)
+                except Exception as e:  # noqa: BLE001 - one request's failure must not stop the server
+                    self.slots.free(row)
+                    self._fail(request, e)
+                    continue
+                self.filling, self.filling_row = request, row
+            remaining = len(request.prompt) - int(self.slots.lengths[row])
+            chunk = min(remaining, budget)
             try:
-                logits = self.slots.prefill(row, request.prompt)
-            except Exception as e:  # noqa: BLE001 - one request's failure must not stop the server
+                logits = self.slots.extend(row, request.prompt, chunk)
+            except Exception as e:  # noqa: BLE001
                 self.slots.free(row)
+                self.filling = None
                 self._fail(request, e)
                 continue
-            request.cached_tokens = self.slots.last_cached
+            budget -= chunk
+            if chunk < remaining:
+                return  # the rest in the next steps
+            self.filling = None
             self.running.append(request)
             request.stream = TextStream(self.tokenizer, request.stop)
             request.rng = np.random.default_rng(request.params.seed)
-            budget -= len(request.prompt) - request.cached_tokens
-            admitted += 1
             if self._accept(request, logits, row):
                 self._release([row], None)
 
@@ -181,6 +208,7 @@ class Scheduler:
                 self._fail(request, e)
                 self.slots.free(row)
             self.running = []
+            self._settle_filling()
             return
         done = [row for row, request in enumerate(self.running) if self._accept(request, logits[row], row)]
         self._release(done, None)
@@ -220,6 +248,13 @@ class Scheduler:
                 self.slots.move(last, row)
                 self.running[row] = self.running[last]
             self.running.pop()
+        self._settle_filling()
+
+    def _settle_filling(self) -> None:
+        """Keep the prompt being filled in the row right after the running ones (where it will run)."""
+        if self.filling is not None and self.filling_row != len(self.running):
+            self.slots.move(self.filling_row, len(self.running))
+            self.filling_row = len(self.running)
 
     def _finish(self, request: Request, reason: str) -> None:
         request.finish_reason, request.finished = reason, time.perf_counter()

@@ -7,7 +7,8 @@
         row 3 │ (free)             │  a newcomer's prefill binds the view [k:k+1] and writes there
 
 A newcomer's prompt runs as a batch-1 GroupQueryAttention prompt whose past and present are the
-view of its own row, so its KV lands in place. Decode steps run only the rows in use, never the free
+view of its own row, so its KV lands in place; a long one can run in chunks (`start` claims the row,
+each `extend` runs the next chunk as a continuation of the positions the row already holds). Decode steps run only the rows in use, never the free
 ones. When a sequence ends, the last row's filled positions move into the hole, so the rows in use
 stay a prefix (on the CPU the move is a memcpy of the filled positions only).
 
@@ -88,6 +89,12 @@ class SlotCache:
 
     def prefill(self, row: int, prompt: list[int]) -> np.ndarray:
         """Run one prompt into the empty row `row`; returns its last logits [V] (valid until the next call)."""
+        cached = self.start(row, prompt)
+        return self.extend(row, prompt, len(prompt) - cached)
+
+    def start(self, row: int, prompt: list[int]) -> int:
+        """Claim the empty row `row` for `prompt` and fill it with the longest cached prefix (at most all
+        but the last token); returns how many positions that gave. `extend` runs the rest."""
         n = len(prompt)
         if not 0 < n < self.max_length:
             raise RuntimeFailure(f"a prompt needs 1 to {self.max_length - 1} tokens, got {n}")
@@ -97,13 +104,24 @@ class SlotCache:
         self.tokens[row] = []  # overwritten from here on, whatever happens
         if cached and source != row:
             self._copy(source, row, cached)
-        ids, last = np.asarray([prompt[cached:]], dtype=np.int64), np.array([[n - cached - 1]], dtype=np.int64)
+        self.lengths[row], self.tokens[row], self.last_cached = cached, list(prompt[:cached]), cached
+        return cached
+
+    def extend(self, row: int, prompt: list[int], count: int) -> np.ndarray:
+        """Run the next `count` tokens of `prompt` into row `row` after the positions it holds (a chunk of a
+        long prompt, as a continuation); returns the logits [V] after the chunk's last token, the
+        prompt's next-token logits once the chunk ends the prompt."""
+        done = int(self.lengths[row])
+        n = done + count
+        if count < 1 or n > len(prompt) or self.tokens[row] != list(prompt[:done]):
+            raise RuntimeFailure(f"slot {row} holds {done} positions of another prompt, or {count} tokens overrun it")
+        ids, last = np.asarray([prompt[done:n]], dtype=np.int64), np.array([[count - 1]], dtype=np.int64)
         if self.float_prefill is not None:
-            logits = self.float_prefill.run(ids, np.array([n]), last, [b[row:row + 1] for b in self.buffers], cached)[:, 0]
+            logits = self.float_prefill.run(ids, np.array([n]), last, [b[row:row + 1] for b in self.buffers], done)[:, 0]
         else:
             logits = self._run(self._binding(row, row + 1), ids, np.array([n - 1], dtype=np.int32),
                                np.array(n, dtype=np.int32), last)
-        self.lengths[row], self.tokens[row], self.last_cached = n, list(prompt), cached
+        self.lengths[row], self.tokens[row] = n, list(prompt[:n])
         return logits[0]
 
     def _longest_prefix(self, row: int, prompt: list[int]) -> tuple[int, int]:

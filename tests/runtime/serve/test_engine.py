@@ -120,3 +120,43 @@ def test_stop_sequences_and_eos_end_a_request(gen):
     assert eos.finish_reason == "stop" and eos.tokens == alone[:2]
     assert r.finish_reason == "stop" and stop_text not in r.stream.output
     assert r.stream.output == gen.tokenizer.decode(alone[:len(r.stream.decoder.ids)])[: len(r.stream.output)]
+
+
+def test_long_prompts_are_prefilled_in_chunks_between_decode_steps(gen):
+    """With 3 prompt tokens per step, the 8-token prompt takes three steps while the running rows keep
+    decoding, moves down a row when a running request finishes, and everyone gets what they get alone."""
+    alone = [gen.generate([p], 6, ignore_eos=True).tokens[0] for p in PROMPTS]
+    s = scheduler(gen, slots=3, max_prefill_tokens=3)
+    calls = []  # ("prefill", row, first prompt token, tokens) and ("decode", rows)
+    extend, decode = s.slots.extend, s.slots.decode
+    s.slots.extend = lambda row, prompt, count: (calls.append(("prefill", row, prompt[0], count)), extend(row, prompt, count))[1]
+    s.slots.decode = lambda tokens: (calls.append(("decode", len(tokens))), decode(tokens))[1]
+    requests = [request(i, p, max_tokens=2 if i == 1 else 6) for i, p in enumerate(PROMPTS)]
+    for r in requests:
+        s.submit(r)
+    for _ in range(100):
+        if all(r.done for r in requests):
+            break
+        s.step()
+    assert [r.tokens for r in requests] == [a[: r.max_tokens] for r, a in zip(requests, alone)]
+    prefills = [c for c in calls if c[0] == "prefill"]
+    assert max(c[3] for c in prefills) == 3 and sum(c[3] for c in prefills) == sum(len(p) for p in PROMPTS)
+    eight = [i for i, c in enumerate(calls) if c[0] == "prefill" and c[2] == PROMPTS[2][0]]
+    assert len(eight) == 3 and len({calls[i][1] for i in eight}) == 2  # three chunks, moved down a row on the way
+    assert any(c[0] == "decode" for c in calls[eight[0]:eight[-1]])  # the running rows decoded meanwhile
+    assert s.slots.lengths.tolist() == [0, 0, 0] and s.filling is None
+
+
+def test_a_request_cancelled_while_its_prompt_is_filled_frees_the_row(gen):
+    s = scheduler(gen, slots=2, max_prefill_tokens=2)
+    long, short = request(0, PROMPTS[2], max_tokens=4), request(1, PROMPTS[1], max_tokens=4)
+    s.submit(long)
+    s.step()  # long: 2 of its 8 tokens
+    assert s.filling is long and s.slots.lengths[0] == 2
+    long.cancel()
+    s.submit(short)
+    while not short.done:
+        s.step()
+    assert long.finish_reason == "cancelled" and long.tokens == []
+    assert short.tokens == gen.generate([PROMPTS[1]], 4, ignore_eos=True).tokens[0]
+    assert s.filling is None and s.slots.lengths.tolist() == [0, 0]
