@@ -200,7 +200,7 @@ def float_cache_graph(model: onnx.ModelProto, dtype: str = "float32") -> onnx.Mo
     """The int8-cache graph with a `dtype` cache instead: GroupQueryAttention without its scales and
     quantization attributes, the cache inputs and outputs retyped, every other node and weight as is.
     The runner runs prompts through it (their attention reads the float keys and values they just made,
-    where the int8 kernel reads back the codes it wrote, 1.3 to 4x slower) and rounds the result into the
+    where the int8 kernel reads back the codes it wrote, 1.15 to 1.8x slower) and rounds the result into the
     int8 cache itself. Weights stored as external data keep their references, so both graphs share one
     data file."""
     out = onnx.ModelProto()
