@@ -262,6 +262,9 @@ def test_static_w8a8_with_an_int8_kv_cache(tmp_path, tiny_llama, eval_text):
     fused = onnx.load(str(export / "fused" / "model.onnx"), load_external_data=False).graph
     assert [n.op_type for n in fused.node].count("MatMulInteger") == 7 * 2
     assert {i.type.tensor_type.elem_type for i in fused.input if i.name.startswith("past_")} == {onnx.TensorProto.INT8}
+    twin = onnx.load(str(export / "fused" / "model_prefill.onnx"), load_external_data=False).graph  # derived after the rewrite
+    assert [n.op_type for n in twin.node].count("MatMulInteger") == 7 * 2
+    assert {i.type.tensor_type.elem_type for i in twin.input if i.name.startswith("past_")} == {onnx.TensorProto.FLOAT}
     report = json.loads(next(run_dir.glob("*-validate-*/report.json")).read_text())
     assert report["passed"] and report["graph"] == "fused"
 
