@@ -8,8 +8,8 @@
 
 A newcomer's prompt runs as a batch-1 GroupQueryAttention prompt whose past and present are the
 view of its own row, so its KV lands in place; a long one can run in chunks (`start` claims the row,
-each `extend` runs the next chunk as a continuation of the positions the row already holds). Decode steps run only the rows in use, never the free
-ones. When a sequence ends, the last row's filled positions move into the hole, so the rows in use
+each `extend` runs the next chunk as a continuation of the positions the row already holds). Decode
+steps run only the rows in use, never the free ones. When a sequence ends, the last row's filled positions move into the hole, so the rows in use
 stay a prefix (on the CPU the move is a memcpy of the filled positions only).
 
 Prefix reuse: each row remembers the token ids whose keys and values fill its first positions, also
