@@ -112,7 +112,7 @@ class Generator:
 
     def describe_kv(self) -> str:
         """The cache's type for a log line, and how prompts fill it when that differs from decoding."""
-        kv = self.contract.kv_dtype if self.flavour == "fused" else self.contract.dtype
+        kv = self.contract.kv_dtype
         return f"{kv}, prompts through the float-cache graph" if self.float_prefill is not None else kv
 
     def logits(self, ids: list[int] | np.ndarray) -> np.ndarray:

@@ -88,8 +88,7 @@ class Scheduler:
         self.max_waiting, self.max_prefill_tokens, self.observer = max_waiting, max_prefill_tokens, observer
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # running[i] holds cache row i
-        self.filling: Request | None = None  # a prompt prefilled in chunks, in the row after the running ones
-        self.filling_row = 0
+        self.filling: Request | None = None  # a prompt prefilled in chunks, in row len(running)
         self._cond = threading.Condition()
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -153,7 +152,7 @@ class Scheduler:
                 self._finish(request, "cancelled")
         self._release([row for row, r in enumerate(self.running) if r.cancelled], "cancelled")
         if self.filling is not None and self.filling.cancelled:
-            self.slots.free(self.filling_row)
+            self.slots.free(len(self.running))
             self._finish(self.filling, "cancelled")
             self.filling = None
 
@@ -163,7 +162,7 @@ class Scheduler:
         last chunk is in starts running (and yields its first token)."""
         budget = self.max_prefill_tokens
         while budget > 0:
-            request, row = self.filling, len(self.running)  # _release keeps a filling row right after the running ones
+            request, row = self.filling, len(self.running)
             if request is None:
                 if row >= self.slots.slots:
                     return
@@ -178,7 +177,7 @@ class Scheduler:
                     self.slots.free(row)
                     self._fail(request, e)
                     continue
-                self.filling, self.filling_row = request, row
+                self.filling = request
             remaining = len(request.prompt) - int(self.slots.lengths[row])
             chunk = min(remaining, budget)
             try:
@@ -204,11 +203,12 @@ class Scheduler:
         try:
             logits = self.slots.decode(tokens)
         except Exception as e:  # noqa: BLE001
+            filling_row = len(self.running)
             for row, request in enumerate(self.running):
                 self._fail(request, e)
                 self.slots.free(row)
             self.running = []
-            self._settle_filling()
+            self._settle_filling(filling_row)
             return
         done = [row for row, request in enumerate(self.running) if self._accept(request, logits[row], row)]
         self._release(done, None)
@@ -238,6 +238,7 @@ class Scheduler:
 
     def _release(self, rows: list[int], reason: str | None) -> None:
         """Finish the requests in `rows` and free their slots, keeping the rows in use a prefix."""
+        filling_row = len(self.running)
         for row in sorted(rows, reverse=True):
             request = self.running[row]
             if request.finished is None:
@@ -248,13 +249,13 @@ class Scheduler:
                 self.slots.move(last, row)
                 self.running[row] = self.running[last]
             self.running.pop()
-        self._settle_filling()
+        self._settle_filling(filling_row)
 
-    def _settle_filling(self) -> None:
-        """Keep the prompt being filled in the row right after the running ones (where it will run)."""
-        if self.filling is not None and self.filling_row != len(self.running):
-            self.slots.move(self.filling_row, len(self.running))
-            self.filling_row = len(self.running)
+    def _settle_filling(self, row: int) -> None:
+        """Move the prompt being filled from `row` (where it was, after the running rows before they shrank)
+        to the row right after the running ones, where it will run."""
+        if self.filling is not None and row != len(self.running):
+            self.slots.move(row, len(self.running))
 
     def _finish(self, request: Request, reason: str) -> None:
         request.finish_reason, request.finished = reason, time.perf_counter()
