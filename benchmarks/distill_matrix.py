@@ -2,13 +2,17 @@
 
     python benchmarks/distill_matrix.py artifacts/smollm2-fp32/00-model-* --layers 20 --tokens 200000
     python benchmarks/distill_matrix.py TEACHER --tokens 250000,1000000,2000000 --batch-size 16 --grad-accum 1   # a GPU
+    python benchmarks/distill_matrix.py TEACHER --choices loss --trained kd,ce,kd+ce --teacher-correction 250000
 
 Teacher: the hf-model artifact given (SmolLM2-135M-Instruct, 30 layers). Student: `--layers` of them.
 Rows: the teacher; the pruned student with layers dropped uniformly, by block influence (hidden)
 and by the loss increase when each layer alone is skipped (loss), untrained; then the loss-chosen
 student trained for the same token budget with each loss that `--trained` names: knowledge
 distillation (KL to the teacher at T = 2, or T = 1), the two mixed as the shipped recipe does
-(KL at T = 2 plus 0.5 cross-entropy), and plain cross-entropy on the text. Training text:
+(KL at T = 2 plus 0.5 cross-entropy), and plain cross-entropy on the text. With
+`--teacher-correction TOKENS` the teacher is first fine-tuned on the training text (cross-entropy,
+pipeline/distill/correct.py), and the layer choice, the students and KD all start from that corrected
+teacher; its perplexity is a row of its own. Training text:
 WikiText-2 valid + Tiny Shakespeare (the distill stage's defaults); perplexity: WikiText-2 test,
 40 windows of 512 tokens (the validate stage's protocol), through PyTorch. Training runs where
 accelerate puts it (a GPU when there is one). Prints a table and writes JSON.
@@ -30,7 +34,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from calibration import load_text, sample_blocks, windows  # noqa: E402
-from pipeline.configs import DistillConfig, DistillLossConfig, TextSourceConfig  # noqa: E402
+from pipeline.configs import DistillConfig, DistillLossConfig, TeacherCorrectionConfig, TextSourceConfig  # noqa: E402
+from pipeline.distill.correct import correct_teacher  # noqa: E402
 from pipeline.distill.prune import choose_layers, layer_importance, prune_depth  # noqa: E402
 from pipeline.distill.train import train  # noqa: E402
 from pipeline.stages.distill import _data  # noqa: E402
@@ -65,6 +70,9 @@ def main() -> int:
                         help="training texts as source:split, comma-separated (the distill stage's defaults)")
     parser.add_argument("--choices", default="uniform,hidden,loss",
                         help="layer choices to score and report untrained; the trained rows use the last one")
+    parser.add_argument("--teacher-correction", type=int, default=0, metavar="TOKENS",
+                        help="fine-tune the teacher on the training text for this many tokens first (0: no)")
+    parser.add_argument("--correction-lr", type=float, default=TeacherCorrectionConfig.lr)
     parser.add_argument("--out", type=Path, default=Path("artifacts/bench-distill/distill_matrix.json"))
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM
@@ -79,8 +87,31 @@ def main() -> int:
     train_blocks, eval_blocks = _data(cfg, tokenizer)
     calib = torch.from_numpy(sample_blocks(train_blocks.numpy().reshape(-1), cfg.sequence_length,
                                            cfg.importance_samples, cfg.seed))
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+    def save(rows: list[dict], complete: bool) -> None:
+        """After every row, so a long run that is stopped keeps what it measured."""
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"teacher": str(args.teacher), "layers": args.layers, "tokens": budgets,
+                                        "train_data": args.train_data, "teacher_correction": args.teacher_correction,
+                                        "correction_lr": args.correction_lr if args.teacher_correction else None,
+                                        "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "device": device,
+                                        "threads": torch.get_num_threads(), "complete": complete, "rows": rows},
+                                       indent=2) + "\n")
+
     rows = [{"row": f"teacher ({teacher.config.num_hidden_layers} layers)", "perplexity": perplexity(teacher, test_ids)}]
     print(f"teacher: {rows[0]['perplexity']:.3f}", flush=True)
+    original_ppl = rows[0]["perplexity"]
+    if args.teacher_correction:
+        correction = TeacherCorrectionConfig(tokens=args.teacher_correction, lr=args.correction_lr)
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory() as checkpoints:
+            teacher, info = correct_teacher(teacher, train_blocks, eval_blocks,
+                                            dataclasses.replace(cfg, teacher_correction=correction), Path(checkpoints), print)
+        rows.append({"row": f"teacher corrected on the training text, {info['tokens']:,} tokens",
+                     "perplexity": perplexity(teacher, test_ids), "wall_seconds": time.perf_counter() - started,
+                     "correction": info})
+        print(f"corrected teacher: {rows[-1]['perplexity']:.3f}", flush=True)
     kept = {}
     choices = args.choices.split(",")
     for how in choices:
@@ -115,18 +146,15 @@ def main() -> int:
                      "heldout_kl": history.eval_kl[-1] if history.eval_kl else None,
                      "heldout_curve": list(zip(history.eval_steps, history.eval_ppl))})
         print(f"{name}: {ppl:.3f} in {wall:.0f}s", flush=True)
+        save(rows, complete=False)
 
-    teacher_ppl, pruned_ppl = rows[0]["perplexity"], rows[len(choices)]["perplexity"]
+    # the gap is the one pruning opened below the original teacher, so rows with and without correction compare
+    teacher_ppl, pruned_ppl = original_ppl, rows[len(rows) - len(runs) - 1]["perplexity"]
     print("\n| row | WikiText-2 test perplexity | gap recovered |\n|---|---|---|")
     for r in rows:
         gap = (pruned_ppl - r["perplexity"]) / (pruned_ppl - teacher_ppl) if "train_tokens_per_second" in r else None
         print(f"| {r['row']} | {r['perplexity']:.3f} | {'' if gap is None else f'{gap * 100:.0f} %'} |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    args.out.write_text(json.dumps({"teacher": str(args.teacher), "layers": args.layers, "tokens": budgets,
-                                    "train_data": args.train_data,
-                                    "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "device": device,
-                                    "threads": torch.get_num_threads(), "rows": rows}, indent=2) + "\n")
+    save(rows, complete=True)
     print(f"wrote {args.out}")
     return 0
 

@@ -163,6 +163,23 @@ class TeacherAnswersConfig:
 
 
 @dataclass(frozen=True)
+class TeacherCorrectionConfig:
+    """Teacher correction (Minitron, Sreenivas et al. 2024): before it is pruned and imitated, the teacher
+    is fine-tuned with cross-entropy on the training text for `tokens`, at `lr` (the rest of the
+    schedule as the student's). The student then starts from, and learns from, a teacher already
+    adapted to the text instead of one that KD would pull away from it."""
+
+    tokens: int = 250_000
+    lr: float = 1e-4
+
+    def __post_init__(self):
+        if self.tokens < 1:
+            raise RecipeError(f"tokens: must be a positive integer, got {self.tokens}")
+        if self.lr <= 0:
+            raise RecipeError(f"lr: must be positive, got {self.lr}")
+
+
+@dataclass(frozen=True)
 class DistillConfig:
     """A smaller student from the teacher (the step before): pruned, then trained to imitate it.
 
@@ -197,6 +214,7 @@ class DistillConfig:
     seed: int = 0
     loss: DistillLossConfig = field(default_factory=DistillLossConfig)
     teacher_answers: TeacherAnswersConfig | None = None  # chat turns the teacher writes, added to train_data
+    teacher_correction: TeacherCorrectionConfig | None = None  # fine-tune the teacher on the text first
     version: int = 2
 
     def __post_init__(self):

@@ -116,6 +116,7 @@ def train(student, teacher, train_blocks: torch.Tensor, eval_blocks: torch.Tenso
         log(f"  resuming from the checkpoint at step {start} of {steps}")
 
     need_hidden = cfg.loss.hidden > 0
+    need_teacher = cfg.loss.kd > 0 or need_hidden  # cross-entropy alone (teacher correction) reads only the text
     n_blocks = len(train_blocks)
     bar = tqdm(total=steps, initial=start, desc="distill", unit="step", disable=not accelerator.is_main_process)
     last_good = start
@@ -128,8 +129,10 @@ def train(student, teacher, train_blocks: torch.Tensor, eval_blocks: torch.Tenso
             ids = train_blocks[torch.from_numpy(rows)].to(accelerator.device)
             with accelerator.accumulate(student):
                 with accelerator.autocast():
-                    with torch.no_grad():
-                        t_out = teacher(input_ids=ids, output_hidden_states=need_hidden, use_cache=False)
+                    t_out = None
+                    if need_teacher:
+                        with torch.no_grad():
+                            t_out = teacher(input_ids=ids, output_hidden_states=need_hidden, use_cache=False)
                     s_out = student(input_ids=ids, output_hidden_states=need_hidden, use_cache=False)
                     loss = _loss(s_out, t_out, ids, layer_map, cfg)
                 if not torch.isfinite(loss):

@@ -5,6 +5,8 @@
 
 With `teacher_answers`, the teacher first answers chat prompts (pipeline/distill/teacher_answers.py)
 and those conversations join the training text, so the student keeps the teacher's chat turns.
+With `teacher_correction`, the teacher is then fine-tuned on that text (pipeline/distill/correct.py)
+and everything after (scores, pruned weights, KD targets) comes from the corrected teacher.
 Calibration blocks (from the training text) score the layers, channels and heads; held-out blocks
 measure the student before and during training; a few greedy chat replies of teacher and student
 go in the manifest. Training checkpoints live beside the run
@@ -25,6 +27,7 @@ from calibration import DataError, load_text, sample_blocks
 from calibration.prompts import builtin_prompts, load_prompts
 from pipeline.artifacts import write_json_atomic
 from pipeline.configs import DistillConfig, TextSourceConfig
+from pipeline.distill.correct import correct_teacher
 from pipeline.distill.prune import (
     choose_layers, layer_importance, layers_for_budget, mean_loss, prune_depth, prune_kv_groups, prune_mlp,
 )
@@ -50,6 +53,12 @@ def distill(cfg: DistillConfig, inp, ctx) -> StageResult:
     checkpoints = ctx.run_dir / f".resume-{ctx.step or 'distill'}"
     answers = _teacher_answers(cfg, teacher, inp.path, checkpoints, ctx.log) if cfg.teacher_answers else None
     train_blocks, eval_blocks = _data(cfg, Tokenizer(inp.path), answers)
+    teacher_ppl = math.exp(mean_loss(teacher, eval_blocks))
+    teacher_replies = sample_replies(teacher, inp.path, REPLY_PROMPTS)
+    correction = None
+    if cfg.teacher_correction is not None:
+        teacher, correction = correct_teacher(teacher, train_blocks, eval_blocks, cfg, checkpoints, ctx.log)
+        ctx.log(f"  held-out perplexity: teacher {teacher_ppl:.3f}, corrected {correction['heldout_perplexity']:.3f}")
     calib = torch.from_numpy(sample_blocks(train_blocks.numpy().reshape(-1), cfg.sequence_length,
                                            cfg.importance_samples, cfg.seed))
     ctx.log(f"  {len(train_blocks)} training blocks of {cfg.sequence_length} tokens, {len(eval_blocks)} held out")
@@ -75,7 +84,6 @@ def distill(cfg: DistillConfig, inp, ctx) -> StageResult:
     teacher_params = sum(p.numel() for p in teacher.parameters())
     ctx.log(f"  student: layers {keep} of {teacher_layers}, {params / 1e6:.1f}M parameters (teacher {teacher_params / 1e6:.1f}M)")
 
-    teacher_ppl = math.exp(mean_loss(teacher, eval_blocks))
     pruned_ppl, pruned_kl = evaluate(student, teacher, eval_blocks)
     ctx.log(f"  held-out perplexity: teacher {teacher_ppl:.3f}, pruned student {pruned_ppl:.3f}")
     started = time.time()
@@ -85,17 +93,20 @@ def distill(cfg: DistillConfig, inp, ctx) -> StageResult:
     student.save_pretrained(ctx.out_dir, safe_serialization=True)
     copy_tokenizer(inp.path, ctx.out_dir)
     replies = [{"prompt": p, "teacher": t, "student": s} for p, t, s in
-               zip(REPLY_PROMPTS, sample_replies(teacher, inp.path, REPLY_PROMPTS), sample_replies(student, inp.path, REPLY_PROMPTS))]
+               zip(REPLY_PROMPTS, teacher_replies, sample_replies(student, inp.path, REPLY_PROMPTS))]
     for r in replies:
         ctx.log(f"  {r['prompt']!r} -> student: {r['student'][:120]!r}")
     if answers is not None:  # the step folder appears only once complete: a plain write is enough
         (ctx.out_dir / ANSWERS_FILE).write_text("".join(json.dumps({"prompt": a["prompt"], "answer": a["answer"]}) + "\n"
                                                         for a in answers))
-    _plot(history, pruned_ppl, teacher_ppl, ctx.out_dir / "training.png")
+    _plot(history, pruned_ppl, teacher_ppl, ctx.out_dir / "training.png",
+          correction["heldout_perplexity"] if correction else None)
     shutil.rmtree(checkpoints, ignore_errors=True)
+    # the gap opened below the teacher the stage was given, also when a corrected teacher was imitated
     recovered = (pruned_ppl - final_ppl) / (pruned_ppl - teacher_ppl) if pruned_ppl > teacher_ppl else 1.0
+    corrected = {"corrected_teacher_perplexity": correction["heldout_perplexity"]} if correction else {}
     return StageResult(
-        metrics={"teacher_perplexity": teacher_ppl, "pruned_perplexity": pruned_ppl, "perplexity": final_ppl,
+        metrics={"teacher_perplexity": teacher_ppl, **corrected, "pruned_perplexity": pruned_ppl, "perplexity": final_ppl,
                  "gap_recovered": recovered, "kl_to_teacher": final_kl, "pruned_kl_to_teacher": pruned_kl,
                  "parameters": params, "teacher_parameters": teacher_params, "layers": len(keep),
                  "tokens_seen": history.tokens_seen,
@@ -107,6 +118,7 @@ def distill(cfg: DistillConfig, inp, ctx) -> StageResult:
               "pruning": {"kept_layers": keep, "layer_choice": cfg.layer_choice, "layer_scores": scores,
                           "intermediate_size": student.config.intermediate_size,
                           "num_key_value_heads": student.config.num_key_value_heads},
+              "teacher_correction": correction,
               "layer_map": {str(k): v for k, v in layer_map.items()},
               "training": history.__dict__, "sample_replies": replies},
     )
@@ -190,7 +202,7 @@ def _layer_map(cfg: DistillConfig, keep: list[int], teacher_layers: int) -> dict
     return out
 
 
-def _plot(history, pruned_ppl: float, teacher_ppl: float, path) -> None:
+def _plot(history, pruned_ppl: float, teacher_ppl: float, path, corrected_ppl: float | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -201,6 +213,8 @@ def _plot(history, pruned_ppl: float, teacher_ppl: float, path) -> None:
     loss_ax.set(xlabel="step", ylabel="training loss", title="distillation loss")
     ppl_ax.plot([0] + history.eval_steps, [pruned_ppl] + history.eval_ppl, marker="o", label="student")
     ppl_ax.axhline(teacher_ppl, color="gray", ls="--", label="teacher")
+    if corrected_ppl is not None:
+        ppl_ax.axhline(corrected_ppl, color="gray", ls=":", label="corrected teacher")
     ppl_ax.set(xlabel="step", ylabel="held-out perplexity", title="evaluation")
     ppl_ax.legend()
     fig.tight_layout()

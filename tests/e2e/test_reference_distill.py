@@ -1,4 +1,5 @@
-"""A short distillation of SmolLM2-135M-Instruct to 20 layers, exported and run (slow tier; CI runs it).
+"""A short distillation of SmolLM2-135M-Instruct to 20 layers (with a two-step teacher correction), exported and
+run (slow tier; CI runs it).
 The full budget and its numbers: recipes/smollm2-distill-int4.yaml and benchmarks/distill_matrix.py."""
 import json
 import textwrap
@@ -22,7 +23,8 @@ def test_twenty_layer_student_trains_exports_and_generates(tmp_path, tmp_path_fa
         stages:
           - distill: {{num_layers: 20, layer_choice: hidden, tokens: 8192, batch_size: 4, grad_accum: 2,
                        eval_every: 2, checkpoint_every: 2, eval_samples: 4, importance_samples: 4,
-                       teacher_answers: {{samples: 16, max_new_tokens: 96, batch_size: 16}}}}
+                       teacher_answers: {{samples: 16, max_new_tokens: 96, batch_size: 16}},
+                       teacher_correction: {{tokens: 4096}}}}
           - export: {{}}
         """))
     run_dir = run(recipe, workdir=reference_workdir(tmp_path_factory))
@@ -31,7 +33,8 @@ def test_twenty_layer_student_trains_exports_and_generates(tmp_path, tmp_path_fa
     assert json.loads((step / "config.json").read_text())["num_hidden_layers"] == 20
     m = manifest["metrics"]
     assert m["parameters"] < 0.8 * m["teacher_parameters"]
-    assert m["pruned_perplexity"] > m["teacher_perplexity"]  # ten layers fewer cost something
+    assert m["corrected_teacher_perplexity"] < m["teacher_perplexity"]  # two steps on the text already adapt it
+    assert m["pruned_perplexity"] > m["corrected_teacher_perplexity"]  # ten layers fewer cost something
     assert m["perplexity"] < m["pruned_perplexity"]  # four steps of KD already win some of it back
     answers = [json.loads(line) for line in (step / "teacher_answers.jsonl").read_text().splitlines()]
     assert len(answers) == m["teacher_answers"] >= 4  # the instruct teacher ends most of its turns

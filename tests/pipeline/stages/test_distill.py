@@ -149,3 +149,60 @@ def test_a_prompt_file_too_short_for_the_samples_is_named(tmp_path, teacher, eva
     settings = SETTINGS + f", teacher_answers: {{samples: 4, prompts: {{source: {prompts}}}}}"
     with pytest.raises(StageError, match=r"distill.teacher_answers.prompts: .*prompts.txt: 1 prompts, fewer than the 4"):
         run(_recipe(tmp_path, teacher, eval_text, settings=settings), workdir=tmp_path / "a")
+
+
+CORRECTION = SETTINGS + ", teacher_correction: {tokens: 1024, lr: 0.003}"
+
+
+def test_teacher_correction_adapts_the_teacher_first_and_survives_a_kill(tmp_path, teacher, eval_text, monkeypatch):
+    import pipeline.distill.correct as correct
+    import pipeline.stages.distill as stage
+
+    whole = run(_recipe(tmp_path, teacher, eval_text, settings=CORRECTION), workdir=tmp_path / "whole")
+    step = next(whole.glob("01-distill-*"))
+    manifest = json.loads((step / "manifest.json").read_text())
+    m, info = manifest["metrics"], manifest["teacher_correction"]
+    assert info["tokens"] == 1024 and info["lr"] == 0.003 and len(info["curve"]) == 2  # 8 steps, evaluated at 4 and 8
+    # the random teacher learns the text, and the student is pruned from (and imitates) the corrected one
+    assert m["corrected_teacher_perplexity"] == info["heldout_perplexity"] < 0.8 * m["teacher_perplexity"]
+    plain = json.loads((next(run(_recipe(tmp_path, teacher, eval_text), workdir=tmp_path / "plain").glob("01-distill-*"))
+                        / "manifest.json").read_text())["metrics"]
+    assert m["pruned_perplexity"] < 0.8 * plain["pruned_perplexity"]
+    assert m["teacher_perplexity"] == pytest.approx(plain["teacher_perplexity"])  # still the teacher the stage was given
+
+    corrections, real_correct_train, real_train = [], correct.train, stage.train
+
+    def counted(*args, **kwargs):
+        corrections.append(1)
+        return real_correct_train(*args, **kwargs)
+
+    def killed_at_step_5(*args, **kwargs):
+        def on_step(step):
+            if step == 5:
+                raise KeyboardInterrupt
+        return real_train(*args, **kwargs, on_step=on_step)
+
+    monkeypatch.setattr(correct, "train", counted)
+    monkeypatch.setattr(stage, "train", killed_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        run(_recipe(tmp_path, teacher, eval_text, settings=CORRECTION), workdir=tmp_path / "resumed")
+    monkeypatch.setattr(stage, "train", real_train)
+    resumed = run(_recipe(tmp_path, teacher, eval_text, settings=CORRECTION), workdir=tmp_path / "resumed")
+    assert len(corrections) == 1  # the resumed run read the corrected teacher back
+    a = load_file(str(step / "model.safetensors"))
+    b = load_file(str(next(resumed.glob("01-distill-*")) / "model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("value,message", [
+    ("{tokens: 0}", r"distill\.teacher_correction\.tokens: must be a positive integer, got 0"),
+    ("{lr: -1.0}", r"distill\.teacher_correction\.lr: must be positive, got -1.0"),
+    ("{steps: 5}", r"distill\.teacher_correction\.steps: unknown key"),
+])
+def test_bad_teacher_correction_is_named(tmp_path, teacher, eval_text, value, message):
+    from pipeline import RecipeError
+    from pipeline.recipe import load_recipe
+
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(_recipe(tmp_path, teacher, eval_text, settings=SETTINGS + f", teacher_correction: {value}"))
