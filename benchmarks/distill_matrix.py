@@ -2,7 +2,7 @@
 
     python benchmarks/distill_matrix.py artifacts/smollm2-fp32/00-model-* --layers 20 --tokens 200000
     python benchmarks/distill_matrix.py TEACHER --tokens 250000,1000000,2000000 --batch-size 16 --grad-accum 1   # a GPU
-    python benchmarks/distill_matrix.py TEACHER --choices loss --trained kd,ce,kd+ce --teacher-correction 250000
+    python benchmarks/distill_matrix.py TEACHER --choices loss --trained kd,ce,kd+ce --teacher-correction 100000
 
 Teacher: the hf-model artifact given (SmolLM2-135M-Instruct, 30 layers). Student: `--layers` of them.
 Rows: the teacher; the pruned student with layers dropped uniformly, by block influence (hidden)

@@ -34,6 +34,24 @@ def _recipe(folder, teacher, text, settings: str = SETTINGS, extra_stages: str =
     return path
 
 
+def _killed_at_step_5(real_train):
+    """`train` as the stage calls it, raising KeyboardInterrupt after step 5 (after the checkpoint at step 4)."""
+    def killed(*args, **kwargs):
+        def on_step(step):
+            if step == 5:
+                raise KeyboardInterrupt
+        return real_train(*args, **kwargs, on_step=on_step)
+    return killed
+
+
+def _assert_same_weights(step_a, step_b) -> None:
+    a = load_file(str(step_a / "model.safetensors"))
+    b = load_file(str(step_b / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+
+
 def test_student_is_smaller_trained_and_exportable(tmp_path, teacher, eval_text):
     stages = "  - quantize: {method: rtn, bits: 4, group_size: 32}\n  - export: {}\n"
     run_dir = run(_recipe(tmp_path, teacher, eval_text, extra_stages=stages), workdir=tmp_path / "a")
@@ -57,24 +75,13 @@ def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(tmp_path,
 
     whole = run(_recipe(tmp_path, teacher, eval_text), workdir=tmp_path / "whole")
     real_train = stage.train
-
-    def killed_at_step_5(*args, **kwargs):
-        def on_step(step):
-            if step == 5:
-                raise KeyboardInterrupt  # after the checkpoint at step 4
-        return real_train(*args, **kwargs, on_step=on_step)
-
-    monkeypatch.setattr(stage, "train", killed_at_step_5)
+    monkeypatch.setattr(stage, "train", _killed_at_step_5(real_train))
     with pytest.raises(KeyboardInterrupt):
         run(_recipe(tmp_path, teacher, eval_text), workdir=tmp_path / "resumed")
     assert list((tmp_path / "resumed" / "d").glob(".resume-*/state/progress.json"))
     monkeypatch.setattr(stage, "train", real_train)
     resumed = run(_recipe(tmp_path, teacher, eval_text), workdir=tmp_path / "resumed")
-    a = load_file(str(next(whole.glob("01-distill-*")) / "model.safetensors"))
-    b = load_file(str(next(resumed.glob("01-distill-*")) / "model.safetensors"))
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+    _assert_same_weights(next(whole.glob("01-distill-*")), next(resumed.glob("01-distill-*")))
     history = json.loads((next(resumed.glob("01-distill-*")) / "manifest.json").read_text())["training"]
     assert history["steps"] == list(range(1, 9))  # the resumed run's curve is whole
 
@@ -121,14 +128,8 @@ def test_teacher_answers_join_the_training_text_and_survive_a_kill(tmp_path, tea
         calls.append(1)
         return real_answers(*args, **kwargs)
 
-    def killed_at_step_5(*args, **kwargs):
-        def on_step(step):
-            if step == 5:
-                raise KeyboardInterrupt
-        return real_train(*args, **kwargs, on_step=on_step)
-
     monkeypatch.setattr(stage, "teacher_answers", counted)
-    monkeypatch.setattr(stage, "train", killed_at_step_5)
+    monkeypatch.setattr(stage, "train", _killed_at_step_5(real_train))
     with pytest.raises(KeyboardInterrupt):
         run(_recipe(tmp_path, teacher, eval_text, settings=settings), workdir=tmp_path / "a")
     monkeypatch.setattr(stage, "train", real_train)
@@ -176,23 +177,14 @@ def test_teacher_correction_adapts_the_teacher_first_and_survives_a_kill(tmp_pat
         corrections.append(1)
         return real_correct_train(*args, **kwargs)
 
-    def killed_at_step_5(*args, **kwargs):
-        def on_step(step):
-            if step == 5:
-                raise KeyboardInterrupt
-        return real_train(*args, **kwargs, on_step=on_step)
-
     monkeypatch.setattr(correct, "train", counted)
-    monkeypatch.setattr(stage, "train", killed_at_step_5)
+    monkeypatch.setattr(stage, "train", _killed_at_step_5(real_train))
     with pytest.raises(KeyboardInterrupt):
         run(_recipe(tmp_path, teacher, eval_text, settings=CORRECTION), workdir=tmp_path / "resumed")
     monkeypatch.setattr(stage, "train", real_train)
     resumed = run(_recipe(tmp_path, teacher, eval_text, settings=CORRECTION), workdir=tmp_path / "resumed")
     assert len(corrections) == 1  # the resumed run read the corrected teacher back
-    a = load_file(str(step / "model.safetensors"))
-    b = load_file(str(next(resumed.glob("01-distill-*")) / "model.safetensors"))
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+    _assert_same_weights(step, next(resumed.glob("01-distill-*")))
 
 
 @pytest.mark.parametrize("value,message", [
