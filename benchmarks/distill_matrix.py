@@ -3,6 +3,7 @@
     python benchmarks/distill_matrix.py artifacts/smollm2-fp32/00-model-* --layers 20 --tokens 200000
     python benchmarks/distill_matrix.py TEACHER --tokens 250000,1000000,2000000 --batch-size 16 --grad-accum 1   # a GPU
     python benchmarks/distill_matrix.py TEACHER --choices loss --trained kd,ce,kd+ce --teacher-correction 100000
+    python benchmarks/distill_matrix.py TEACHER --choices loss --trained ce,kd+ce --teacher-correction 100000 --seed 1
 
 Teacher: the hf-model artifact given (SmolLM2-135M-Instruct, 30 layers). Student: `--layers` of them.
 Rows: the teacher; the pruned student with layers dropped uniformly, by block influence (hidden)
@@ -12,7 +13,8 @@ distillation (KL to the teacher at T = 2, or T = 1), the two mixed as the shippe
 (KL at T = 2 plus 0.5 cross-entropy), and plain cross-entropy on the text. With
 `--teacher-correction TOKENS` the teacher is first fine-tuned on the training text (cross-entropy,
 pipeline/distill/correct.py), and the layer choice, the students and KD all start from that corrected
-teacher; its perplexity is a row of its own. Training text:
+teacher; its perplexity is a row of its own. `--seed` seeds everything random: the blocks that score the
+layers, the order of the training blocks, and the correction's. Training text:
 WikiText-2 valid + Tiny Shakespeare (the distill stage's defaults); perplexity: WikiText-2 test,
 40 windows of 512 tokens (the validate stage's protocol), through PyTorch. Training runs where
 accelerate puts it (a GPU when there is one). Prints a table and writes JSON.
@@ -73,6 +75,8 @@ def main() -> int:
     parser.add_argument("--teacher-correction", type=int, default=0, metavar="TOKENS",
                         help="fine-tune the teacher on the training text for this many tokens first (0: no)")
     parser.add_argument("--correction-lr", type=float, default=TeacherCorrectionConfig.lr)
+    parser.add_argument("--seed", type=int, default=DistillConfig.seed,
+                        help="seed of the layer-scoring sample and of the training order (correction and students)")
     parser.add_argument("--out", type=Path, default=Path("artifacts/bench-distill/distill_matrix.json"))
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM
@@ -83,7 +87,7 @@ def main() -> int:
     budgets = [int(t) for t in args.tokens.split(",")]
     sources = tuple(TextSourceConfig(*item.split(":", 1)) for item in args.train_data.split(","))
     cfg = DistillConfig(num_layers=args.layers, tokens=budgets[0], batch_size=args.batch_size, grad_accum=args.grad_accum,
-                        train_data=sources)
+                        train_data=sources, seed=args.seed)
     train_blocks, eval_blocks = _data(cfg, tokenizer)
     calib = torch.from_numpy(sample_blocks(train_blocks.numpy().reshape(-1), cfg.sequence_length,
                                            cfg.importance_samples, cfg.seed))
@@ -94,7 +98,7 @@ def main() -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"teacher": str(args.teacher), "layers": args.layers, "tokens": budgets,
                                         "train_data": args.train_data, "teacher_correction": args.teacher_correction,
-                                        "correction_lr": args.correction_lr if args.teacher_correction else None,
+                                        "correction_lr": args.correction_lr if args.teacher_correction else None, "seed": args.seed,
                                         "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "device": device,
                                         "threads": torch.get_num_threads(), "complete": complete, "rows": rows},
                                        indent=2) + "\n")
