@@ -98,7 +98,8 @@ def main() -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"teacher": str(args.teacher), "layers": args.layers, "tokens": budgets,
                                         "train_data": args.train_data, "teacher_correction": args.teacher_correction,
-                                        "correction_lr": args.correction_lr if args.teacher_correction else None, "seed": args.seed,
+                                        "correction_lr": args.correction_lr if args.teacher_correction else None,
+                                        "seed": args.seed,
                                         "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "device": device,
                                         "threads": torch.get_num_threads(), "complete": complete, "rows": rows},
                                        indent=2) + "\n")
