@@ -31,7 +31,7 @@ class Builtin:
     hub_splits: dict[str, str]
 
 
-TEXT_SUFFIXES = (".txt", ".text", ".md")
+TEXT_SUFFIXES = (".txt", ".text", ".md", ".jsonl")
 
 BUILTINS = {
     "wikitext-2": Builtin("wikitext-2/{split}.txt", ("valid", "test"), "wikitext", "wikitext-2-v1",

@@ -38,7 +38,14 @@ VALIDATE_METRICS = {
     "hf_quantized_greedy_agreement": "min",
     "hf_quantized_onnx_greedy_agreement": "min",
     "hf_quantized_onnx_top1_agreement": "min",
+    # validate.chat: greedy chat replies of the artifact (the runner) to the chat set, next to the baseline's
+    "chat_fact_accuracy": "min",  # replies to the factual questions that name an accepted answer
+    "chat_fact_accuracy_delta": "min",  # chat_fact_accuracy minus the baseline's (negative: facts lost)
+    "chat_turn_end_rate": "min",  # replies that end their turn within chat.max_new_tokens
+    "chat_reply_perplexity": "max",  # the baseline's greedy replies, teacher-forced through the artifact
+    "chat_reply_top1_agreement": "min",  # the artifact's argmax equal to the baseline's reply token
 }
+CHAT_METRICS = tuple(name for name in VALIDATE_METRICS if name.startswith("chat_"))
 
 
 @dataclass(frozen=True)
@@ -431,6 +438,26 @@ DEFAULT_PROMPTS = (
 
 
 @dataclass(frozen=True)
+class ChatEvalConfig:
+    """Chat checks: the artifact and the baseline answer the chat set greedily (`max_new_tokens` each, in
+    batches of `batch_size`, under `system`, none = the chat template's default). `prompts`: a JSONL file
+    ({"prompt": ..., "answers": [...]}); none = the built-in set (calibration/chat_set.py)."""
+
+    prompts: TextSourceConfig | None = None
+    max_new_tokens: int = 64
+    batch_size: int = 16
+    system: str | None = None
+
+    def __post_init__(self):
+        for key in ("max_new_tokens", "batch_size"):
+            if getattr(self, key) < 1:
+                raise RecipeError(f"{key}: must be a positive integer, got {getattr(self, key)}")
+        if self.prompts is not None and not self.prompts.source.endswith(".jsonl"):
+            raise RecipeError(f"prompts: '{self.prompts.source}' is not a .jsonl file; give a local JSONL file of "
+                              '{"prompt": ..., "answers": [...]} lines, or leave it out for the built-in set')
+
+
+@dataclass(frozen=True)
 class ValidateConfig:
     """Accuracy of the exported artifact against the unoptimized PyTorch model.
 
@@ -448,6 +475,7 @@ class ValidateConfig:
     prompts: tuple[str, ...] = DEFAULT_PROMPTS
     max_new_tokens: int = 32
     provider: str = "auto"  # auto | cpu | cuda
+    chat: ChatEvalConfig | None = None  # chat checks (`chat: {}` for the built-in set); none = skipped
     thresholds: dict[str, float] = field(
         default_factory=lambda: {
             "perplexity_delta_pct": 0.1,
@@ -457,7 +485,7 @@ class ValidateConfig:
             "decode_logits_max_abs_diff": 1e-2,
         }
     )
-    version: int = 4  # 2: decode parity measured against the export's source model; 3: export targets through their engines; 4: hf-quantized
+    version: int = 5  # 2: decode parity measured against the export's source model; 3: export targets through their engines; 4: hf-quantized; 5: chat checks
 
     def __post_init__(self):
         if self.stride is None:
@@ -478,5 +506,8 @@ class ValidateConfig:
                     f"thresholds.{name}: unknown metric{did_you_mean(name, VALIDATE_METRICS)}; "
                     f"known: {', '.join(VALIDATE_METRICS)}"
                 )
+            if name in CHAT_METRICS and self.chat is None:
+                raise RecipeError(f"thresholds.{name}: measured by the chat checks, which are off; add `chat: {{}}` "
+                                  "(the built-in chat set) or drop the threshold")
         if self.provider not in ("auto", "cpu", "cuda"):
             raise RecipeError(f"provider: '{self.provider}' is not one of auto, cpu, cuda")

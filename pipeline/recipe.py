@@ -22,9 +22,10 @@ from typing import Any, Sequence
 
 import yaml
 
+from calibration.chat_set import load_chat_set
 from calibration.datasets import BUILTINS, TEXT_SUFFIXES, DataError, local_file
 from pipeline.artifacts import sha256_file
-from pipeline.configs import ExportConfig, ModelConfig, QuantizeConfig, TextSourceConfig
+from pipeline.configs import ExportConfig, ModelConfig, QuantizeConfig, TextSourceConfig, ValidateConfig
 from pipeline.errors import RecipeError, did_you_mean
 from pipeline.formats.compressed_tensors import FORMATS_THAT_WORK as HF_FORMATS
 from pipeline.formats.gguf import FORMATS_THAT_WORK as GGUF_FORMATS
@@ -115,7 +116,9 @@ def _build_stages(raw: Any, base: Path) -> tuple[StageEntry, ...]:
             )
         config = build_config(spec.config_cls, settings or {}, f"{where}.{name}")
         _check_targets(config, entries, f"{where}.{name}")
-        entries.append(StageEntry(name, _resolve_text_sources(config, base, f"{where}.{name}")))
+        config = _resolve_text_sources(config, base, f"{where}.{name}")
+        _check_chat_set(config, f"{where}.{name}")
+        entries.append(StageEntry(name, config))
         kind = spec.produces
     return tuple(entries)
 
@@ -149,6 +152,16 @@ def _check_targets(config: Any, before: list[StageEntry], where: str) -> None:
     if quantize.group_size != 32:
         raise RecipeError(f"{where}.targets: gguf cannot hold {quantize.method} int{quantize.bits} g{quantize.group_size} "
                           f"(ggml blocks are 32 weights); GGUF takes {GGUF_FORMATS}: set group_size: 32")
+
+
+def _check_chat_set(config: Any, where: str) -> None:
+    """A custom chat set is read now, so a bad line fails the recipe before any stage runs."""
+    if not isinstance(config, ValidateConfig) or config.chat is None or config.chat.prompts is None:
+        return
+    try:
+        load_chat_set(Path(config.chat.prompts.source))
+    except DataError as e:
+        raise RecipeError(f"{where}.chat.prompts: {e}") from None
 
 
 def _resolve_text_sources(config: Any, base: Path, where: str) -> Any:

@@ -51,7 +51,39 @@ def render_markdown(report: dict) -> str:
     for s in report["samples"]:
         mark = "identical" if s["identical"] else "DIFFERENT"
         lines += [f"**{s['prompt']}** ({mark})", "", f"- baseline: {s['baseline']!r}", f"- onnx: {s['onnx']!r}", ""]
+    if report.get("chat"):
+        lines += _chat_section(report["chat"])
     return "\n".join(lines) + "\n"
+
+
+def _chat_section(chat: dict) -> list[str]:
+    """Counts, then every reply whose verdict differs between the two models, then the open instructions."""
+    replies = chat["replies"]
+    facts = [r for r in replies if r["answers"]]
+    lines = ["## Chat replies (greedy, chat template)", "",
+             f"- chat set: {chat['prompts']}, {len(replies)} prompts, {len(facts)} with answers, "
+             f"at most {chat['max_new_tokens']} new tokens",
+             f"- facts named: baseline {sum(bool(r['baseline_correct']) for r in facts)}, "
+             f"onnx {sum(bool(r['onnx_correct']) for r in facts)} of {len(facts)}",
+             f"- turns ended: baseline {sum(r['baseline_ended'] for r in replies)}, "
+             f"onnx {sum(r['onnx_ended'] for r in replies)} of {len(replies)}", ""]
+    changed = [r for r in facts if bool(r["baseline_correct"]) != bool(r["onnx_correct"])]
+    if changed:
+        lines += ["Facts one model names and the other does not:", ""]
+        for r in changed:
+            lines += [f"**{r['prompt']}** (accepted: {', '.join(r['answers'])})", "",
+                      f"- baseline ({_verdict(r['baseline_correct'])}): {r['baseline']!r}",
+                      f"- onnx ({_verdict(r['onnx_correct'])}): {r['onnx']!r}", ""]
+    opened = [r for r in replies if not r["answers"]]
+    if opened:
+        lines += ["Open instructions:", ""]
+        for r in opened:
+            lines += [f"**{r['prompt']}**", "", f"- baseline: {r['baseline']!r}", f"- onnx: {r['onnx']!r}", ""]
+    return lines
+
+
+def _verdict(correct: bool | None) -> str:
+    return "names it" if correct else "does not"
 
 
 def _fmt(v) -> str:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from calibration import DataError, load_text, text_fingerprint, windows
+from pipeline.chat_eval import chat_checks, torch_greedy
 from pipeline.configs import VALIDATE_METRICS, ValidateConfig
 from pipeline.errors import StageError
 from pipeline.models import load_torch_model
@@ -44,6 +45,7 @@ def validate(cfg: ValidateConfig, inp, ctx) -> StageResult:
     protocol, scored_windows = _perplexity(cfg, torch_model, gen, metrics, ctx)
     prompts = [gen.tokenizer.encode(p) for p in cfg.prompts]
     samples, greedy = _greedy(cfg, prompts, torch_model, source_model, gen, metrics)
+    chat = chat_checks(cfg.chat, torch_model, gen, metrics, ctx.log) if cfg.chat is not None else None
     targets = validate_targets(inp.path, scored_windows, prompts, greedy, cfg.max_new_tokens, gen.eos_ids, metrics,
                                ctx.log)
     failures = gate(metrics, cfg.thresholds)
@@ -51,7 +53,7 @@ def validate(cfg: ValidateConfig, inp, ctx) -> StageResult:
         "artifact": str(inp.path), "baseline": str(ctx.baseline.path), "export_source": str(source.path),
         "provider": gen.provider, "graph": gen.flavour,
         "metrics": metrics, "thresholds": cfg.thresholds, "failures": failures, "passed": not failures,
-        "protocol": protocol, "samples": samples, "targets": targets, "seconds": round(time.time() - started, 1),
+        "protocol": protocol, "samples": samples, "chat": chat, "targets": targets, "seconds": round(time.time() - started, 1),
         "quantization": _quantization_summary(ctx.history),
     }
     write_reports(ctx.out_dir, report)
@@ -127,14 +129,7 @@ def _greedy(cfg: ValidateConfig, prompts: list[list[int]], torch_model, source_m
             metrics: dict) -> tuple[list[dict], dict]:
     """Greedy answers of the baseline and of the runner to `prompts` (cfg.prompts encoded); returns the
     samples and {"baseline", "onnx"} token lists."""
-    eos = sorted(gen.eos_ids)
-    ref = []
-    for ids in prompts:
-        with torch.no_grad():
-            out = torch_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                       max_new_tokens=cfg.max_new_tokens, do_sample=False, eos_token_id=eos,
-                                       pad_token_id=gen.pad_id)
-        ref.append([t for t in out[0, len(ids):].tolist() if t not in gen.eos_ids])
+    ref = [reply for reply, _ in torch_greedy(torch_model, prompts, cfg.max_new_tokens, gen.eos_ids, gen.pad_id, 1)]
     single = [gen.generate([ids], cfg.max_new_tokens).tokens[0] for ids in prompts]
     batched = gen.generate(prompts, cfg.max_new_tokens).tokens
     metrics["greedy_token_agreement"] = agreement(ref, single)

@@ -27,6 +27,18 @@ def test_int4_recipe_passes_its_gates_and_is_small(int4_run):
     assert {"MatMulNBits", "GatherBlockQuantized"} <= ops
 
 
+def test_int4_artifact_keeps_most_of_the_teachers_facts_in_chat(int4_run):
+    """validate's chat checks on the real model: the instruct teacher names most of the built-in facts, and the
+    GPTQ artifact (here calibrated on CI's 32 blocks) keeps most of them and most of the teacher's reply tokens."""
+    report = json.loads(next(int4_run.glob("*-validate-*/report.json")).read_text())
+    m = report["metrics"]
+    assert m["chat_fact_accuracy_baseline"] >= 0.5
+    assert m["chat_fact_accuracy"] >= m["chat_fact_accuracy_baseline"] - 0.2
+    assert m["chat_turn_end_rate"] >= 0.4 and m["chat_reply_top1_agreement"] >= 0.6
+    paris = next(r for r in report["chat"]["replies"] if r["prompt"] == "What is the capital of France?")
+    assert paris["baseline_correct"] and paris["onnx_correct"], paris
+
+
 def test_quantize_manifest_lists_the_budget_plan(int4_run):
     manifest = json.loads(next(int4_run.glob("*-quantize-*/manifest.json")).read_text())
     plan, int8 = manifest["plan"], manifest["int8_layers"]

@@ -1,0 +1,133 @@
+"""The validate stage's chat checks: does the artifact still answer like its baseline?
+
+Perplexity on a corpus and agreement on its windows measure how a model predicts text. A chat model
+is used to answer, and a step can keep one and lose the other: a distilled student that beats its
+teacher on WikiText-2 can stop naming Paris as the capital of France. So both models answer the chat
+set (chat template applied, greedy), and three things are compared:
+
+    chat set ─► chat template ─┬─► baseline PyTorch, greedy (batched) ─► replies ─┐
+                               └─► artifact, our runner, greedy (batched) ─► replies ┴─► facts named, turns ended
+    baseline replies (+ their end of turn) ─► teacher-forced through the artifact ─► reply perplexity, top-1 agreement
+
+The last one needs no right answers: it asks how likely the artifact finds what the baseline said.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from calibration.datasets import DataError, local_file
+from calibration.chat_set import ChatPrompt, builtin_chat_set, load_chat_set, mentions
+from pipeline.configs import ChatEvalConfig
+from pipeline.errors import StageError
+from runtime.errors import RuntimeFailure
+from runtime.generate import Generator
+
+
+def chat_checks(cfg: ChatEvalConfig, torch_model, gen: Generator, metrics: dict,
+                log: Callable[[str], None]) -> dict:
+    """Adds the chat_* metrics (and the baseline's values) to `metrics`; returns the replies for the report."""
+    started = time.perf_counter()
+    items = _chat_set(cfg)
+    try:
+        prompts = [gen.tokenizer.encode_chat(item.prompt, cfg.system) for item in items]
+    except RuntimeFailure as e:
+        raise StageError(f"validate.chat: {e}; the chat checks need a chat model (drop `chat`)") from None
+    if not gen.eos_ids:
+        raise StageError("validate.chat: the artifact names no end token (generation_config.json eos_token_id), "
+                         "so no reply could end its turn")
+    base = torch_greedy(torch_model, prompts, cfg.max_new_tokens, gen.eos_ids, gen.pad_id, cfg.batch_size)
+    ours = []
+    for start in range(0, len(prompts), cfg.batch_size):
+        result = gen.generate(prompts[start:start + cfg.batch_size], cfg.max_new_tokens)
+        ours += [(tokens, reason == "stop") for tokens, reason in zip(result.tokens, result.finish_reasons)]
+    replies = [
+        {"prompt": item.prompt, "answers": list(item.answers),
+         "baseline": gen.tokenizer.decode(b), "onnx": gen.tokenizer.decode(o),
+         "baseline_ended": end is not None, "onnx_ended": ended}
+        for item, (b, end), (o, ended) in zip(items, base, ours)
+    ]
+    for r in replies:
+        r["baseline_correct"] = mentions(r["baseline"], r["answers"]) if r["answers"] else None
+        r["onnx_correct"] = mentions(r["onnx"], r["answers"]) if r["answers"] else None
+    metrics.update(_reply_counts(replies))
+    metrics.update(_reply_scores(torch_model, gen, prompts, base))
+    log(f"  chat: {len(items)} prompts in {time.perf_counter() - started:.0f} s; "
+        + ", ".join(f"{k.removeprefix('chat_')} {v:.3f}" for k, v in metrics.items() if k.startswith("chat_")))
+    return {"prompts": "built-in" if cfg.prompts is None else cfg.prompts.source,
+            "max_new_tokens": cfg.max_new_tokens, "replies": replies}
+
+
+def _reply_counts(replies: list[dict]) -> dict[str, float]:
+    facts = [r for r in replies if r["answers"]]
+    counts = {}
+    if facts:
+        counts["chat_fact_accuracy"] = sum(r["onnx_correct"] for r in facts) / len(facts)
+        counts["chat_fact_accuracy_baseline"] = sum(r["baseline_correct"] for r in facts) / len(facts)
+        counts["chat_fact_accuracy_delta"] = counts["chat_fact_accuracy"] - counts["chat_fact_accuracy_baseline"]
+    counts["chat_turn_end_rate"] = sum(r["onnx_ended"] for r in replies) / len(replies)
+    counts["chat_turn_end_rate_baseline"] = sum(r["baseline_ended"] for r in replies) / len(replies)
+    return counts
+
+
+def _chat_set(cfg: ChatEvalConfig) -> list[ChatPrompt]:
+    if cfg.prompts is None:
+        return builtin_chat_set()
+    try:
+        path = local_file(cfg.prompts.source, cfg.prompts.split)
+        if path is None:
+            raise DataError(f"{cfg.prompts.source} is not a local file; the chat set is read from a JSONL file")
+        return load_chat_set(path)
+    except DataError as e:
+        raise StageError(f"validate.chat.prompts: {e}") from None
+
+
+@torch.no_grad()
+def torch_greedy(model, prompts: list[list[int]], max_new_tokens: int, eos_ids: set[int], pad_id: int,
+                 batch_size: int) -> list[tuple[list[int], int | None]]:
+    """Greedy replies of a PyTorch model, left-padded batches: (reply tokens, the end token or None if cut off)."""
+    replies = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        width = max(len(p) for p in batch)
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=sorted(eos_ids), pad_token_id=pad_id)
+        for row in out[:, width:].tolist():
+            end = next((k for k, t in enumerate(row) if t in eos_ids), None)
+            replies.append((row, None) if end is None else (row[:end], row[end]))
+    return replies
+
+
+@torch.no_grad()
+def _reply_scores(torch_model, gen: Generator, prompts: list[list[int]],
+                  replies: list[tuple[list[int], int | None]]) -> dict[str, float]:
+    """The baseline's replies (with the end token it chose, when it ended) teacher-forced through the artifact
+    and through the baseline itself: perplexity of each on those tokens, and the artifact's top-1 agreement."""
+    nll_ours = nll_base = 0.0
+    agree = count = 0
+    for prompt, (reply, end) in zip(prompts, replies):
+        target = reply + ([end] if end is not None else [])
+        if not target:
+            continue
+        seq = prompt + target[:-1]
+        first = len(prompt) - 1  # the position whose next token is the reply's first
+        labels = torch.tensor(target)
+        ours = F.log_softmax(torch.from_numpy(gen.logits(seq)[first:]).double(), dim=-1)
+        base = F.log_softmax(torch_model(torch.tensor([seq])).logits[0, first:].double(), dim=-1)
+        nll_ours -= ours.gather(1, labels[:, None]).sum().item()
+        nll_base -= base.gather(1, labels[:, None]).sum().item()
+        agree += int((ours.argmax(-1) == labels).sum())
+        count += len(target)
+    if not count:
+        return {"chat_reply_perplexity": math.nan, "chat_reply_perplexity_baseline": math.nan,
+                "chat_reply_top1_agreement": math.nan}
+    return {"chat_reply_perplexity": math.exp(nll_ours / count),
+            "chat_reply_perplexity_baseline": math.exp(nll_base / count),
+            "chat_reply_top1_agreement": agree / count}
+
