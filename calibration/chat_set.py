@@ -3,8 +3,9 @@ open instructions without one.
 
 Perplexity on a corpus says how well a model predicts that text; a chat model is used to answer. The
 built-in set is small and general on purpose: questions an instruct model of ~100M parameters
-answers about half of the time, so a student or a quantized model that forgets facts shows it, and
-instructions unlike the distill stage's built-in prompts (calibration/prompts.py), so they are held out.
+mostly answers (SmolLM2-135M-Instruct names 41 of the 60), so a student or a quantized model that
+forgets facts shows it; and instructions unlike the distill stage's built-in prompts
+(calibration/prompts.py), so they are held out.
 
 A custom set is a JSONL file, one object per line: {"prompt": "...", "answers": ["...", ...]};
 `answers` may be left out (an open instruction). A reply is correct when it mentions one of the answers

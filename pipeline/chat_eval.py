@@ -20,8 +20,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from calibration.datasets import DataError, local_file
 from calibration.chat_set import ChatPrompt, builtin_chat_set, load_chat_set, mentions
+from calibration.datasets import DataError, local_file
 from pipeline.configs import ChatEvalConfig
 from pipeline.errors import StageError
 from runtime.errors import RuntimeFailure
