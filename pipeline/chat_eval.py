@@ -24,6 +24,7 @@ from calibration.chat_set import ChatPrompt, builtin_chat_set, load_chat_set, me
 from calibration.datasets import DataError, local_file
 from pipeline.configs import ChatEvalConfig
 from pipeline.errors import StageError
+from pipeline.models import torch_greedy
 from runtime.errors import RuntimeFailure
 from runtime.generate import Generator
 
@@ -84,24 +85,6 @@ def _chat_set(cfg: ChatEvalConfig) -> list[ChatPrompt]:
         return load_chat_set(path)
     except DataError as e:
         raise StageError(f"validate.chat.prompts: {e}") from None
-
-
-@torch.no_grad()
-def torch_greedy(model, prompts: list[list[int]], max_new_tokens: int, eos_ids: set[int], pad_id: int,
-                 batch_size: int) -> list[tuple[list[int], int | None]]:
-    """Greedy replies of a PyTorch model, left-padded batches: (reply tokens, the end token or None if cut off)."""
-    replies = []
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start:start + batch_size]
-        width = max(len(p) for p in batch)
-        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=sorted(eos_ids), pad_token_id=pad_id)
-        for row in out[:, width:].tolist():
-            end = next((k for k, t in enumerate(row) if t in eos_ids), None)
-            replies.append((row, None) if end is None else (row[:end], row[end]))
-    return replies
 
 
 @torch.no_grad()

@@ -141,3 +141,23 @@ def load_torch_model(folder: Path, attention: str = "eager"):
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=attention)
     return model.eval()
 
+
+
+@torch.no_grad()
+def torch_greedy(model, prompts: list[list[int]], max_new_tokens: int, eos_ids: set[int], pad_id: int,
+                 batch_size: int) -> list[tuple[list[int], int | None]]:
+    """Greedy replies of a PyTorch model, in left-padded batches on the model's device: (reply tokens, the end
+    token it stopped on, or None when cut off). With no `eos_ids`, the model's generation config decides."""
+    device = next(model.parameters()).device
+    replies = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        width = max(len(p) for p in batch)
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=sorted(eos_ids) or None, pad_token_id=pad_id)
+        for row in out[:, width:].tolist():
+            end = next((k for k, t in enumerate(row) if t in eos_ids), None)
+            replies.append((row, None) if end is None else (row[:end], row[end]))
+    return replies

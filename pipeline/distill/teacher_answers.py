@@ -21,14 +21,13 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
 from pipeline.archs import model_dims
 from pipeline.artifacts import save_onnx
 from pipeline.configs import ExportConfig, TeacherAnswersConfig
 from pipeline.errors import StageError
 from pipeline.fused_graph import build_fused_graph
-from pipeline.models import copy_tokenizer
+from pipeline.models import copy_tokenizer, torch_greedy
 from pipeline.onnx_pack import pack_sibling_matmuls
 from runtime import Generator
 from runtime.generate import end_tokens, read_json
@@ -101,17 +100,10 @@ def conversations_stream(records: list[dict]) -> np.ndarray:
     return np.array([t for r in records for t in r["ids"]], dtype=np.int64)
 
 
-@torch.no_grad()
 def sample_replies(model, folder: Path, prompts: list[str], max_new_tokens: int = 48) -> list[str]:
     """Greedy chat replies of a PyTorch model (the student) whose tokenizer is in `folder`: a few of
     them go in the manifest, so anyone can read what the student says."""
     tokenizer = Tokenizer(folder)
     eos_ids, pad = end_tokens(read_json(folder / "generation_config.json"))
-    device = next(model.parameters()).device
-    replies = []
-    for prompt in prompts:
-        ids = torch.tensor([tokenizer.encode_chat(prompt)], device=device)
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=sorted(eos_ids) or None, pad_token_id=pad)
-        replies.append(tokenizer.decode(out[0, ids.shape[1]:].tolist()))
-    return replies
+    encoded = [tokenizer.encode_chat(prompt) for prompt in prompts]
+    return [tokenizer.decode(reply) for reply, _ in torch_greedy(model, encoded, max_new_tokens, eos_ids, pad, 1)]

@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from calibration import DataError, load_text, text_fingerprint, windows
-from pipeline.chat_eval import chat_checks, torch_greedy
+from pipeline.chat_eval import chat_checks
 from pipeline.configs import VALIDATE_METRICS, ValidateConfig
 from pipeline.errors import StageError
-from pipeline.models import load_torch_model
+from pipeline.models import load_torch_model, torch_greedy
 from pipeline.quant.primitives import QuantScheme, count_schemes
 from pipeline.registry import StageResult, register_stage
 from pipeline.validate_report import write_reports
