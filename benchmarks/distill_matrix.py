@@ -4,6 +4,8 @@
     python benchmarks/distill_matrix.py TEACHER --tokens 250000,1000000,2000000 --batch-size 16 --grad-accum 1   # a GPU
     python benchmarks/distill_matrix.py TEACHER --choices loss --trained kd,ce,kd+ce --teacher-correction 100000
     python benchmarks/distill_matrix.py TEACHER --choices loss --trained ce,kd+ce --teacher-correction 100000 --seed 1
+    python benchmarks/distill_matrix.py TEACHER --choices loss --trained kd --train-data none \
+        --teacher-answers STUDENT/teacher_answers.jsonl --chat --students STUDENT
 
 Teacher: the hf-model artifact given (SmolLM2-135M-Instruct, 30 layers). Student: `--layers` of them.
 Rows: the teacher; the pruned student with layers dropped uniformly, by block influence (hidden)
@@ -15,8 +17,13 @@ distillation (KL to the teacher at T = 2, or T = 1), the two mixed as the shippe
 pipeline/distill/correct.py), and the layer choice, the students and KD all start from that corrected
 teacher; its perplexity is a row of its own. `--seed` seeds everything random: the blocks that score the
 layers, the order of the training blocks, and the correction's. Training text:
-WikiText-2 valid + Tiny Shakespeare (the distill stage's defaults); perplexity: WikiText-2 test,
-40 windows of 512 tokens (the validate stage's protocol), through PyTorch. Training runs where
+WikiText-2 valid + Tiny Shakespeare (the distill stage's defaults); `--teacher-answers` adds the
+conversations a distill step's teacher wrote (its `teacher_answers.jsonl`), and `--train-data none`
+leaves only them. Perplexity: WikiText-2 test, 40 windows of 512 tokens (the validate stage's protocol),
+through PyTorch. `--chat` adds the validate stage's chat checks to every row, in PyTorch: of the built-in
+set's 60 facts, how many the greedy reply names; of its 76 prompts, how many replies end their turn within
+64 tokens; and the perplexity of the original teacher's replies under the row's model. `--students` adds
+rows for students a distill step already trained (its output folders). Training runs where
 accelerate puts it (a GPU when there is one). Prints a table and writes JSON.
 """
 from __future__ import annotations
@@ -36,11 +43,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from calibration import load_text, sample_blocks, windows  # noqa: E402
+from calibration.chat_set import builtin_chat_set, mentions  # noqa: E402
 from pipeline.configs import DistillConfig, DistillLossConfig, TeacherCorrectionConfig, TextSourceConfig  # noqa: E402
 from pipeline.distill.correct import correct_teacher  # noqa: E402
 from pipeline.distill.prune import choose_layers, layer_importance, prune_depth  # noqa: E402
 from pipeline.distill.train import train  # noqa: E402
-from pipeline.stages.distill import _data  # noqa: E402
+from pipeline.distill.teacher_answers import conversations_stream, read_answers  # noqa: E402
+from pipeline.models import torch_greedy  # noqa: E402
+from pipeline.stages.distill import _data, split_blocks  # noqa: E402
+from runtime.generate import end_tokens, read_json  # noqa: E402
 from runtime.tokenizer import Tokenizer  # noqa: E402
 
 
@@ -59,17 +70,57 @@ def perplexity(model, ids: np.ndarray, context: int = 512, max_windows: int = 40
     return math.exp(nll / scored)
 
 
+class ChatProbe:
+    """The validate stage's chat checks in PyTorch, for any model of the teacher's family."""
+
+    def __init__(self, folder: Path, tokenizer: Tokenizer):
+        self.items = builtin_chat_set()
+        self.tokenizer = tokenizer
+        self.prompts = [tokenizer.encode_chat(item.prompt) for item in self.items]
+        self.eos, self.pad = end_tokens(read_json(folder / "generation_config.json"))
+        self.reference: list[list[int]] | None = None  # the original teacher's replies, with their end token
+
+    @torch.no_grad()
+    def measure(self, model) -> dict:
+        replies = torch_greedy(model, self.prompts, 64, self.eos, self.pad, 16)
+        facts = [mentions(self.tokenizer.decode(r), item.answers) for (r, _), item in zip(replies, self.items) if item.answers]
+        if self.reference is None:
+            self.reference = [r + ([end] if end is not None else []) for r, end in replies]
+        nll, count = 0.0, 0
+        device = next(model.parameters()).device
+        for prompt, target in zip(self.prompts, self.reference):
+            if not target:
+                continue
+            seq = torch.tensor([prompt + target[:-1]], device=device)
+            lp = torch.log_softmax(model(input_ids=seq).logits[0, len(prompt) - 1:].double(), dim=-1)
+            nll -= lp.gather(1, torch.tensor(target, device=device)[:, None]).sum().item()
+            count += len(target)
+        return {"chat_facts": sum(facts), "chat_fact_questions": len(facts),
+                "chat_turns_ended": sum(end is not None for _, end in replies), "chat_prompts": len(replies),
+                "teacher_reply_perplexity": math.exp(nll / count),
+                "chat_sample": [self.tokenizer.decode(r) for r, _ in replies[:3]]}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("teacher", type=Path, help="an hf-model artifact folder (the model step)")
     parser.add_argument("--layers", type=int, default=20)
+    parser.add_argument("--depths", default="", metavar="N,N",
+                        help="more student depths to prune to and measure untrained, with each choice (comma-separated)")
     parser.add_argument("--tokens", default="200000",
                         help="training budget of each trained row; several, comma-separated, give a row pair each")
     parser.add_argument("--batch-size", type=int, default=DistillConfig.batch_size)
     parser.add_argument("--grad-accum", type=int, default=DistillConfig.grad_accum)
-    parser.add_argument("--trained", default="kd,ce", help="trained rows to run, comma-separated: kd, kd-t1, kd+ce, kd-t1+ce, ce")
+    parser.add_argument("--trained", default="kd,ce", help="trained rows to run, comma-separated: kd, kd-t1, kd+ce, kd-t1+ce, ce; or none")
     parser.add_argument("--train-data", default="wikitext-2:valid,tinyshakespeare:all",
-                        help="training texts as source:split, comma-separated (the distill stage's defaults)")
+                        help="training texts as source:split, comma-separated (the distill stage's defaults); "
+                             "none: only --teacher-answers")
+    parser.add_argument("--teacher-answers", type=Path, metavar="JSONL",
+                        help="a distill step's teacher_answers.jsonl: its conversations join the training text")
+    parser.add_argument("--chat", action="store_true", help="chat checks on every row (facts, turns ended, "
+                                                            "the teacher's replies' perplexity)")
+    parser.add_argument("--students", default="", metavar="DIRS",
+                        help="students a distill step trained (output folders, comma-separated): measured as rows")
     parser.add_argument("--choices", default="uniform,hidden,loss",
                         help="layer choices to score and report untrained; the trained rows use the last one")
     parser.add_argument("--teacher-correction", type=int, default=0, metavar="TOKENS",
@@ -85,10 +136,22 @@ def main() -> int:
     tokenizer = Tokenizer(args.teacher)
     test_ids = np.array(tokenizer.encode(load_text("wikitext-2", "test"), add_special_tokens=False), dtype=np.int64)
     budgets = [int(t) for t in args.tokens.split(",")]
-    sources = tuple(TextSourceConfig(*item.split(":", 1)) for item in args.train_data.split(","))
+    if args.train_data == "none" and args.teacher_answers is None:
+        parser.error("--train-data none leaves no training text: give --teacher-answers")
+    answers = read_answers(args.teacher_answers, tokenizer) if args.teacher_answers else None
+    sources = () if args.train_data == "none" else tuple(TextSourceConfig(*item.split(":", 1))
+                                                          for item in args.train_data.split(","))
     cfg = DistillConfig(num_layers=args.layers, tokens=budgets[0], batch_size=args.batch_size, grad_accum=args.grad_accum,
-                        train_data=sources, seed=args.seed)
-    train_blocks, eval_blocks = _data(cfg, tokenizer)
+                        train_data=sources or DistillConfig.train_data, seed=args.seed)
+    if sources:
+        train_blocks, eval_blocks = _data(cfg, tokenizer, answers)
+    else:
+        train_blocks, eval_blocks = split_blocks([conversations_stream(answers)], cfg)
+    chat = ChatProbe(args.teacher, tokenizer) if args.chat else None
+
+    def measure(model) -> dict:
+        """Test perplexity, and the chat checks with --chat."""
+        return {"perplexity": perplexity(model, test_ids), **(chat.measure(model) if chat else {})}
     calib = torch.from_numpy(sample_blocks(train_blocks.numpy().reshape(-1), cfg.sequence_length,
                                            cfg.importance_samples, cfg.seed))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -97,14 +160,17 @@ def main() -> int:
         """After every row, so a long run that is stopped keeps what it measured."""
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"teacher": str(args.teacher), "layers": args.layers, "tokens": budgets,
-                                        "train_data": args.train_data, "teacher_correction": args.teacher_correction,
+                                        "train_data": args.train_data,
+                                        "teacher_answers": str(args.teacher_answers) if answers else None,
+                                        "conversations": len(answers) if answers else 0,
+                                        "teacher_correction": args.teacher_correction,
                                         "correction_lr": args.correction_lr if args.teacher_correction else None,
                                         "seed": args.seed,
                                         "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "device": device,
                                         "threads": torch.get_num_threads(), "complete": complete, "rows": rows},
                                        indent=2) + "\n")
 
-    rows = [{"row": f"teacher ({teacher.config.num_hidden_layers} layers)", "perplexity": perplexity(teacher, test_ids)}]
+    rows = [{"row": f"teacher ({teacher.config.num_hidden_layers} layers)", **measure(teacher)}]
     print(f"teacher: {rows[0]['perplexity']:.3f}", flush=True)
     original_ppl = rows[0]["perplexity"]
     if args.teacher_correction:
@@ -114,7 +180,7 @@ def main() -> int:
             teacher, info = correct_teacher(teacher, train_blocks, eval_blocks,
                                             dataclasses.replace(cfg, teacher_correction=correction), Path(checkpoints), print)
         rows.append({"row": f"teacher corrected on the training text, {info['tokens']:,} tokens",
-                     "perplexity": perplexity(teacher, test_ids), "wall_seconds": time.perf_counter() - started,
+                     **measure(teacher), "wall_seconds": time.perf_counter() - started,
                      "correction": info})
         print(f"corrected teacher: {rows[-1]['perplexity']:.3f}", flush=True)
     kept = {}
@@ -122,20 +188,27 @@ def main() -> int:
     for how in choices:
         started = time.perf_counter()
         scores = None if how == "uniform" else layer_importance(teacher, calib, how)
+        scoring_seconds = time.perf_counter() - started
+        for depth in [int(d) for d in filter(None, args.depths.split(","))]:
+            keep = choose_layers(teacher.config.num_hidden_layers, depth, how, scores)
+            rows.append({"row": f"pruned to {depth} layers, {how} choice, untrained",
+                         **measure(prune_depth(teacher, keep)), "layers": keep})
+            print(f"pruned to {depth} ({how}): {rows[-1]['perplexity']:.3f} layers {keep}", flush=True)
         kept[how] = choose_layers(teacher.config.num_hidden_layers, args.layers, how, scores)
-        ppl = perplexity(prune_depth(teacher, kept[how]), test_ids)
-        rows.append({"row": f"pruned, {how} choice, untrained", "perplexity": ppl, "layers": kept[how],
-                     "scoring_seconds": time.perf_counter() - started})
-        print(f"pruned ({how}): {ppl:.3f} layers {kept[how]}", flush=True)
+        rows.append({"row": f"pruned to {args.layers} layers, {how} choice, untrained",
+                     **measure(prune_depth(teacher, kept[how])), "layers": kept[how], "scoring_seconds": scoring_seconds})
+        print(f"pruned ({how}): {rows[-1]['perplexity']:.3f} layers {kept[how]}", flush=True)
+    pruned_ppl = rows[-1]["perplexity"]  # the trained rows start from the last choice's student
     trained = {"kd": ("knowledge distillation (KL, T=2)", DistillLossConfig(kd=1.0)),
                "kd-t1": ("knowledge distillation (KL, T=1)", DistillLossConfig(kd=1.0, temperature=1.0)),
                "kd+ce": ("KD (KL, T=2) + 0.5 cross-entropy, the shipped mix", DistillLossConfig(kd=1.0, ce=0.5)),
                "kd-t1+ce": ("KD (KL, T=1) + 0.5 cross-entropy", DistillLossConfig(kd=1.0, ce=0.5, temperature=1.0)),
                "ce": ("cross-entropy fine-tuning", DistillLossConfig(kd=0.0, ce=1.0))}
-    unknown = set(args.trained.split(",")) - set(trained)
+    keys = [] if args.trained == "none" else args.trained.split(",")
+    unknown = set(keys) - set(trained)
     if unknown:
-        parser.error(f"--trained: {', '.join(sorted(unknown))} not one of {', '.join(trained)}")
-    runs = [(tokens, *trained[key]) for tokens in budgets for key in args.trained.split(",")]
+        parser.error(f"--trained: {', '.join(sorted(unknown))} not one of {', '.join(trained)} (or none)")
+    runs = [(tokens, *trained[key]) for tokens in budgets for key in keys]
     chosen = kept[choices[-1]]  # the trained rows start from the last choice's student
     for tokens, name, loss in runs:
         student = prune_depth(teacher, chosen)
@@ -145,20 +218,27 @@ def main() -> int:
             history = train(student, teacher, train_blocks, eval_blocks, dict(enumerate(chosen)), run_cfg,
                             Path(checkpoints), print)
         wall = time.perf_counter() - started
-        ppl = perplexity(student.eval(), test_ids)
-        rows.append({"row": f"{choices[-1]} choice + {name}, {history.tokens_seen:,} tokens", "perplexity": ppl,
+        rows.append({"row": f"{choices[-1]} choice + {name}, {history.tokens_seen:,} tokens", **measure(student.eval()),
                      "train_tokens_per_second": history.tokens_seen / history.train_seconds, "wall_seconds": wall,
                      "heldout_kl": history.eval_kl[-1] if history.eval_kl else None,
                      "heldout_curve": list(zip(history.eval_steps, history.eval_ppl))})
-        print(f"{name}: {ppl:.3f} in {wall:.0f}s", flush=True)
+        print(f"{name}: {rows[-1]['perplexity']:.3f} in {wall:.0f}s", flush=True)
+        save(rows, complete=False)
+    for folder in filter(None, args.students.split(",")):
+        student = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
+        rows.append({"row": f"student {folder}", **measure(student), "student": folder})
+        print(f"{folder}: {rows[-1]['perplexity']:.3f}", flush=True)
         save(rows, complete=False)
 
     # the gap is the one pruning opened below the original teacher, so rows with and without correction compare
-    teacher_ppl, pruned_ppl = original_ppl, rows[len(rows) - len(runs) - 1]["perplexity"]
-    print("\n| row | WikiText-2 test perplexity | gap recovered |\n|---|---|---|")
+    teacher_ppl = original_ppl
+    chat_head = " facts named | turns ended | teacher-reply ppl |" if chat else ""
+    print(f"\n| row | WikiText-2 test perplexity | gap recovered |{chat_head}\n|---|---|---|{'---|---|---|' if chat else ''}")
     for r in rows:
         gap = (pruned_ppl - r["perplexity"]) / (pruned_ppl - teacher_ppl) if "train_tokens_per_second" in r else None
-        print(f"| {r['row']} | {r['perplexity']:.3f} | {'' if gap is None else f'{gap * 100:.0f} %'} |")
+        cells = (f" {r['chat_facts']}/{r['chat_fact_questions']} | {r['chat_turns_ended']}/{r['chat_prompts']} |"
+                 f" {r['teacher_reply_perplexity']:.2f} |") if chat else ""
+        print(f"| {r['row']} | {r['perplexity']:.3f} | {'' if gap is None else f'{gap * 100:.0f} %'} |{cells}")
     save(rows, complete=True)
     print(f"wrote {args.out}")
     return 0

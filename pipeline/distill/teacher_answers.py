@@ -15,6 +15,7 @@ about 3.5x faster at batch 16 (ragged batches, preallocated KV cache), and it ru
 """
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -93,6 +94,22 @@ def teacher_answers(teacher, teacher_folder: Path, work: Path, prompts: list[str
     if not records:
         raise StageError(f"distill.teacher_answers: none of the {len(prompts)} answers ended within max_new_tokens "
                          f"{cfg.max_new_tokens}; raise it")
+    return records
+
+
+def read_answers(path: Path, tokenizer: Tokenizer) -> list[dict]:
+    """The records of a `teacher_answers.jsonl` a distill step wrote, with the conversations' token ids
+    rebuilt (the answer text re-encoded), so another run can train on the same conversations."""
+    end = tokenizer.token_id(END_OF_TURN)
+    after_turn = tokenizer.encode("\n", add_special_tokens=False)
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            r = json.loads(line)
+            ids = tokenizer.encode_chat(r["prompt"]) + tokenizer.encode(r["answer"], add_special_tokens=False)
+        except (ValueError, KeyError, TypeError) as e:
+            raise StageError(f"{path}:{number}: not a teacher answer record ({{'prompt': ..., 'answer': ...}}): {e}") from None
+        records.append({"prompt": r["prompt"], "answer": r["answer"], "ids": ids + [end] + after_turn})
     return records
 
 

@@ -152,20 +152,26 @@ def _teacher_answers(cfg: DistillConfig, teacher, teacher_folder: Path, checkpoi
 def _data(cfg: DistillConfig, tokenizer: Tokenizer, answers: list[dict] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Training blocks from the head of each training text (the teacher's conversations count as one);
     held-out blocks from their tails (or eval_data)."""
-    train_parts, heldout_parts = [], []
     streams = [_tokens(source, tokenizer, f"distill.train_data[{i}]") for i, source in enumerate(cfg.train_data)]
     if answers is not None:
         streams.append(conversations_stream(answers))
+    held = _tokens(cfg.eval_data, tokenizer, "distill.eval_data") if cfg.eval_data is not None else None
+    return split_blocks(streams, cfg, held)
+
+
+def split_blocks(streams: list[np.ndarray], cfg: DistillConfig, held: np.ndarray | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token streams -> training blocks from the head of each, held-out blocks from their tails (or from `held`)."""
+    train_parts, heldout_parts = [], []
     for ids in streams:
-        cut = int(len(ids) * (1 - cfg.heldout_fraction)) if cfg.eval_data is None else len(ids)
+        cut = int(len(ids) * (1 - cfg.heldout_fraction)) if held is None else len(ids)
         train_parts.append(_blocks(ids[:cut], cfg.sequence_length))
         heldout_parts.append(ids[cut:])
     train_blocks = np.concatenate(train_parts)
     if len(train_blocks) < cfg.batch_size:
         raise StageError(f"distill.train_data: {len(train_blocks)} blocks of {cfg.sequence_length} tokens, fewer than "
                          f"one batch of {cfg.batch_size}; give more text or lower sequence_length/batch_size")
-    held = (_tokens(cfg.eval_data, tokenizer, "distill.eval_data") if cfg.eval_data is not None
-            else np.concatenate(heldout_parts))
+    held = np.concatenate(heldout_parts) if held is None else held
     eval_blocks = _blocks(held, cfg.sequence_length)[: cfg.eval_samples]
     if len(eval_blocks) == 0:
         raise StageError(f"distill: the held-out text has {len(held)} tokens, fewer than one block of "

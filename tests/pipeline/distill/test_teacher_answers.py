@@ -2,6 +2,8 @@
 chat turns that end with the end-of-turn token, the same whatever the batch, cut-off answers dropped."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -9,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from conftest import make_checkpoint
 from pipeline import StageError
 from pipeline.configs import TeacherAnswersConfig
-from pipeline.distill.teacher_answers import conversations_stream, teacher_answers
+from pipeline.distill.teacher_answers import conversations_stream, read_answers, teacher_answers
 from runtime.tokenizer import Tokenizer
 
 PROMPTS = [f"Tell me about the number {i}." for i in range(16)]
@@ -46,3 +48,22 @@ def test_no_answer_within_the_limit_is_an_error_naming_the_key(tmp_path, teacher
     cfg = TeacherAnswersConfig(samples=2, max_new_tokens=1, temperature=1.0, batch_size=2)
     with pytest.raises(StageError, match="distill.teacher_answers: none of the 2 answers ended within max_new_tokens 1"):
         teacher_answers(model, folder, tmp_path / "a", PROMPTS[:2], cfg, seed=0, log=print)
+
+
+def test_a_saved_answers_file_gives_back_the_conversations(tmp_path, teacher):
+    """read_answers: another run (distill_matrix.py) trains on the conversations a distill step wrote."""
+    folder, _ = teacher
+    tok = Tokenizer(folder)
+    saved = [{"prompt": "Name a colour.", "answer": "Blue, like the sea."}, {"prompt": "Hi", "answer": "Hello!"}]
+    path = tmp_path / "teacher_answers.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in saved))
+    records = read_answers(path, tok)
+    end, newline = tok.token_id("<|im_end|>"), tok.encode("\n", add_special_tokens=False)
+    assert [(r["prompt"], r["answer"]) for r in records] == [(r["prompt"], r["answer"]) for r in saved]
+    for r in records:
+        prompt = tok.encode_chat(r["prompt"])
+        assert r["ids"][:len(prompt)] == prompt and r["ids"][-1 - len(newline):] == [end] + newline
+        assert tok.decode(r["ids"][len(prompt):-1 - len(newline)]) == r["answer"]
+    path.write_text(json.dumps(saved[0]) + "\n" + json.dumps({"prompt": "no answer"}) + "\n")
+    with pytest.raises(StageError, match=r"teacher_answers.jsonl:2: not a teacher answer record"):
+        read_answers(path, tok)
