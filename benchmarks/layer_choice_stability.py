@@ -1,0 +1,91 @@
+"""How stable is the loss-based layer choice? The layers it drops, from several calibration samples.
+
+    python benchmarks/layer_choice_stability.py TEACHER --teacher-answers DISTILL/teacher_answers.jsonl
+
+The distill stage scores each teacher layer by the loss increase when that layer alone is skipped, on
+`importance_samples` (8) random blocks of its training text. Here a pool of `--pool` blocks is drawn the
+stage's way and every block's loss is measured once per skipped layer, so any sample of the pool
+scores for free: the pool cut into disjoint samples of `--sample` blocks, each giving its own choice,
+and the whole pool giving one. Training text as the distill recipe's: WikiText-2 valid plus the
+conversations a distill step's teacher wrote. Prints the layers dropped for each depth and writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from calibration import sample_blocks  # noqa: E402
+from pipeline.configs import DistillConfig, TextSourceConfig  # noqa: E402
+from calibration.collect import decoder_layers  # noqa: E402
+from pipeline.distill.prune import _without_layer, choose_layers, mean_loss  # noqa: E402
+from pipeline.distill.teacher_answers import read_answers  # noqa: E402
+from pipeline.stages.distill import _data  # noqa: E402
+from runtime.tokenizer import Tokenizer  # noqa: E402
+
+
+def block_losses(model, blocks: torch.Tensor) -> np.ndarray:
+    """[layers + 1, blocks]: row 0 the whole model's loss per block, row 1 + i with layer i skipped."""
+    rows = [[mean_loss(model, b[None]) for b in blocks]]
+    for i in range(len(decoder_layers(model))):
+        with _without_layer(model, i):
+            rows.append([mean_loss(model, b[None]) for b in blocks])
+        print(f"  layer {i} scored", flush=True)
+    return np.array(rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("teacher", type=Path, help="an hf-model artifact folder (the model step)")
+    parser.add_argument("--teacher-answers", type=Path, metavar="JSONL", required=True)
+    parser.add_argument("--pool", type=int, default=32)
+    parser.add_argument("--sample", type=int, default=DistillConfig.importance_samples)
+    parser.add_argument("--depths", default="26,20")
+    parser.add_argument("--seed", type=int, default=DistillConfig.seed)
+    parser.add_argument("--out", type=Path, default=Path("artifacts/bench-distill/layer_choice_stability.json"))
+    args = parser.parse_args()
+    if args.pool % args.sample:
+        parser.error(f"--pool {args.pool} is not a multiple of --sample {args.sample}")
+    depths = [int(d) for d in args.depths.split(",")]
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=torch.float32, attn_implementation="sdpa").eval()
+    tokenizer = Tokenizer(args.teacher)
+    cfg = DistillConfig(num_layers=depths[0], train_data=(TextSourceConfig("wikitext-2", "valid"),), seed=args.seed)
+    train_blocks, _ = _data(cfg, tokenizer, read_answers(args.teacher_answers, tokenizer))
+    pool = torch.from_numpy(sample_blocks(train_blocks.numpy().reshape(-1), cfg.sequence_length, args.pool, args.seed))
+    started = time.perf_counter()
+    losses = block_losses(teacher, pool)
+    seconds = time.perf_counter() - started
+    deltas = losses[1:] - losses[0]  # [layers, blocks]
+    n = deltas.shape[0]
+    samples = [(f"blocks {s}-{s + args.sample - 1}", deltas[:, s:s + args.sample]) for s in range(0, args.pool, args.sample)]
+    samples.append((f"all {args.pool} blocks", deltas))
+    rows = []
+    for name, d in samples:
+        scores = d.mean(axis=1).tolist()
+        dropped = {depth: sorted(set(range(n)) - set(choose_layers(n, depth, "loss", scores))) for depth in depths}
+        rows.append({"sample": name, "blocks": d.shape[1], "scores": scores, "dropped": dropped})
+    print(f"\n{n} layers scored on {args.pool} blocks of {cfg.sequence_length} tokens in {seconds:.0f} s")
+    print("| sample | " + " | ".join(f"dropped for {depth} layers" for depth in depths) + " |")
+    print("|---|" + "---|" * len(depths))
+    for r in rows:
+        print(f"| {r['sample']} | " + " | ".join(", ".join(map(str, r["dropped"][depth])) for depth in depths) + " |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"teacher": str(args.teacher), "teacher_answers": str(args.teacher_answers),
+                                    "pool": args.pool, "sample": args.sample, "seed": args.seed,
+                                    "sequence_length": cfg.sequence_length, "seconds": seconds,
+                                    "block_losses": losses.tolist(), "rows": rows}, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
