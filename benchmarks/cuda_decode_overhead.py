@@ -7,6 +7,8 @@ In one process, on the same prompt, batch 1 and 8, 128 decode steps, median of 3
   plain, no probe  the same session opened without profiling (`verify_placement=False`)
   plain, 1 thread  one intra-op thread
   CUDA graph       the decode step captured once and replayed (the default on CUDA)
+  … argmax on the device   greedy tokens picked by an ArgMax on the GPU (what `generate` does when
+                   every row is greedy) instead of copying the logits to the host and taking numpy's argmax
 Then one profiled plain session over 16 decode steps: ONNX Runtime's node events give the host-side
 time per op type and step (on CUDA a node's time is its launch cost; kernels run asynchronously) and
 the whole `model_run`, so the launch overhead can be told from the GPU's own time. The same for the
@@ -36,21 +38,27 @@ VARIANTS = {
     "plain": dict(cuda_graph=False),
     "plain, no probe": dict(cuda_graph=False, verify_placement=False),
     "plain, 1 thread": dict(cuda_graph=False, threads=1),
+    "plain, argmax on the device": dict(cuda_graph=False, device_argmax=True),
     "CUDA graph": dict(cuda_graph=True),
+    "CUDA graph, argmax on the device": dict(cuda_graph=True, device_argmax=True),
 }
 
 
-def time_decode(gen: Generator, prompt: list[int], batch: int, repeats: int = 3) -> dict:
-    """ms per decode step and the share of it inside session.run, greedy, median of `repeats`."""
+def time_decode(gen: Generator, prompt: list[int], batch: int, device_argmax: bool = False, repeats: int = 3) -> dict:
+    """ms per decode step and the share of it inside session.run (the device argmax's run included),
+    greedy, median of `repeats`."""
     per_step, inside = [], []
     for _ in range(repeats):
         logits, state = gen.prefill([prompt] * batch, STEPS + 2)
-        tokens = logits.argmax(-1)
-        tokens = gen.decode(tokens, state).argmax(-1)  # a CUDA graph is captured here
+
+        def step(tokens):
+            return gen.decode(tokens, state, greedy=True) if device_argmax else gen.decode(tokens, state).argmax(-1)
+
+        tokens = step(logits.argmax(-1))  # a CUDA graph is captured here
         before = gen.graph.session_seconds
         started = time.perf_counter()
         for _ in range(STEPS):
-            tokens = gen.decode(tokens, state).argmax(-1)
+            tokens = step(tokens)
         seconds = time.perf_counter() - started
         per_step.append(seconds / STEPS * 1000)
         inside.append((gen.graph.session_seconds - before) / seconds)
@@ -127,9 +135,11 @@ def main() -> int:
     for name, options in VARIANTS.items():
         if args.provider == "cpu" and options.get("cuda_graph"):
             continue
+        options = dict(options)
+        device_argmax = options.pop("device_argmax", False)
         gen = Generator(folder, provider=args.provider, **options)
         prompt = prompt or gen.tokenizer.encode(PROMPT)[:128]
-        report["variants"][name] = {f"batch {b}": time_decode(gen, prompt, b) for b in (1, 8)}
+        report["variants"][name] = {f"batch {b}": time_decode(gen, prompt, b, device_argmax) for b in (1, 8)}
         del gen
     report["profile"] = profile_plain(folder, prompt) if args.provider == "cuda" else None
     gen = Generator(folder, provider=args.provider)
@@ -140,11 +150,12 @@ def main() -> int:
         for p in (prompt, long_prompt):
             report["prefill"][f"{len(p)} tokens"]["profile"] = profile_prefill(folder, p)
 
-    print("| variant | b1 ms/step | b1 tok/s | b1 inside run | b8 ms/step | b8 tok/s |\n|---|---|---|---|---|---|")
+    print("| variant | b1 ms/step | b1 tok/s | b1 inside run | b8 ms/step | b8 tok/s | b8 inside run |\n"
+          "|---|---|---|---|---|---|---|")
     for name, rows in report["variants"].items():
         one, eight = rows["batch 1"], rows["batch 8"]
         print(f"| {name} | {one['ms_per_step']:.2f} | {one['tok_s']:.1f} | {one['inside_run']:.0%} | "
-              f"{eight['ms_per_step']:.2f} | {eight['tok_s']:.1f} |")
+              f"{eight['ms_per_step']:.2f} | {eight['tok_s']:.1f} | {eight['inside_run']:.0%} |")
     profile = report["profile"] or {"model_run_us": float("nan"), "ops": {}}
     print(f"profiled plain decode: model_run {profile['model_run_us']:.0f} µs/step; host time by op:")
     for op, row in list(profile["ops"].items())[:10]:

@@ -10,6 +10,10 @@ On CUDA with `cuda_graph=True` (the runner's default there), decode steps read t
 addresses and write the logits to another, so ONNX Runtime captures the step once per batch size
 and cache and replays it: one graph launch per token instead of one launch per kernel.
 
+`greedy=True` (every row greedy) returns each row's argmax token instead of its logits. On CUDA the
+argmax runs on the device (runtime.greedy_pick), so a step copies one int64 per row to the host
+instead of batch × vocabulary float32 logits.
+
 With an int8 cache, `prefill` runs the prompts through the float-cache twin graph and rounds their
 keys and values into the cache (runtime.float_prefill); `logits` (teacher forcing, validation) stays
 on the int8 graph, so every position reads the codes, as every generated token does.
@@ -25,6 +29,7 @@ import onnxruntime as ort
 
 from runtime.errors import RuntimeFailure
 from runtime.float_prefill import FloatPrefill
+from runtime.greedy_pick import DeviceArgmax
 from runtime.io_spec import Contract
 from runtime.kv_cache import StaticKVCache
 
@@ -49,6 +54,7 @@ class FusedGraph:
         self._logits: dict[int, tuple[np.ndarray | None, ort.OrtValue]] = {}  # batch -> reused one-row logits buffer
         self._step: dict[str, ort.OrtValue] = {}  # cuda_graph: the decode step's fixed device buffers
         self._run_options = {}  # "prefill" / "decode" -> RunOptions naming the CUDA graph to capture or replay
+        self._argmax: DeviceArgmax | None = None  # greedy tokens picked on the device, built on first use
         self.session_seconds = 0.0  # time inside session.run, for the bench's overhead figure
 
     def cache_for(self, batch: int, length: int) -> StaticKVCache:
@@ -91,16 +97,16 @@ class FusedGraph:
         self._run_options = {"prefill": prefill, "decode": decode}
 
     def run(self, input_ids: np.ndarray, cache: StaticKVCache, positions: np.ndarray,
-            prompt_lengths: np.ndarray | None = None) -> np.ndarray:
+            prompt_lengths: np.ndarray | None = None, greedy: bool = False) -> np.ndarray:
         """A prefill of right-padded prompts [B, S] into an empty cache (`prompt_lengths` [B] real tokens),
         or, without `prompt_lengths`, a decode step (S = 1, one token for every row).
-        Returns the logits at `positions` [B, P] of the chunk: [B, P, V]."""
+        Returns the logits at `positions` [B, P] of the chunk: [B, P, V]; with `greedy`, their argmax [B, P]."""
         batch, width = input_ids.shape
         decode = prompt_lengths is None
         if not decode and cache.lengths.any():
             raise RuntimeFailure("a prompt can only be run into an empty cache")
         if decode and self._step:
-            return self._replay_decode(input_ids, cache)
+            return self._replay_decode(input_ids, cache, greedy)
         binding = self._binding
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input("logits_positions", np.ascontiguousarray(positions, dtype=np.int64))
@@ -113,9 +119,11 @@ class FusedGraph:
         self.session.run_with_iobinding(binding, self._run_options.get("prefill"))
         self.session_seconds += time.perf_counter() - started
         cache.lengths[:] = total
-        return host if host is not None else logits.numpy()
+        if host is not None:
+            return host.argmax(-1) if greedy else host
+        return self._pick(logits) if greedy else logits.numpy()
 
-    def _replay_decode(self, input_ids: np.ndarray, cache: StaticKVCache) -> np.ndarray:
+    def _replay_decode(self, input_ids: np.ndarray, cache: StaticKVCache, greedy: bool) -> np.ndarray:
         """A decode step through the fixed device buffers (captured on first use, replayed after)."""
         step, binding = self._step, self._binding
         step["input_ids"].update_inplace(np.ascontiguousarray(input_ids, dtype=np.int64))
@@ -127,7 +135,16 @@ class FusedGraph:
         self.session.run_with_iobinding(binding, self._run_options["decode"])
         self.session_seconds += time.perf_counter() - started
         cache.lengths += 1
-        return step["logits"].numpy()
+        return self._pick(step["logits"]) if greedy else step["logits"].numpy()
+
+    def _pick(self, logits: ort.OrtValue) -> np.ndarray:
+        """Argmax of device logits, on the device; its run counts as session time."""
+        if self._argmax is None:
+            self._argmax = DeviceArgmax(self.device)
+        started = time.perf_counter()
+        tokens = self._argmax(logits)
+        self.session_seconds += time.perf_counter() - started
+        return tokens
 
     def _logits_buffer(self, batch: int, rows: int) -> tuple[np.ndarray | None, ort.OrtValue]:
         """Where the logits go: on the CPU a host array (no per-step wrapping of every output), on
@@ -169,15 +186,16 @@ class FusedGraph:
             logits = self.run(input_ids, cache, (lengths - 1)[:, None], lengths)
         return logits[:, 0].copy(), FusedState(cache, np.arange(len(prompts)))
 
-    def decode(self, tokens: np.ndarray, state: FusedState) -> np.ndarray:
-        """tokens [R] for the rows still generating -> their logits [R, V]. Finished rows are fed the
-        pad token (their cache grows unread), so every step has the same shape."""
+    def decode(self, tokens: np.ndarray, state: FusedState, greedy: bool = False) -> np.ndarray:
+        """tokens [R] for the rows still generating -> their logits [R, V], or with `greedy` their
+        argmax tokens [R]. Finished rows are fed the pad token (their cache grows unread), so every
+        step has the same shape."""
         cache = state.cache
         if int(cache.lengths.max()) >= cache.max_length:
             raise RuntimeFailure(f"the KV cache is full ({cache.max_length} positions); raise max_length")
         input_ids = np.full((cache.batch, 1), self.pad_id, dtype=np.int64)
         input_ids[state.rows, 0] = tokens
-        return self.run(input_ids, cache, np.zeros((cache.batch, 1), dtype=np.int64))[state.rows, 0]
+        return self.run(input_ids, cache, np.zeros((cache.batch, 1), dtype=np.int64), greedy=greedy)[state.rows, 0]
 
     def keep(self, state: FusedState, rows: np.ndarray) -> None:
         state.rows = state.rows[rows]

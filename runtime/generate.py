@@ -125,9 +125,10 @@ class Generator:
             raise RuntimeFailure("every prompt needs at least one token")
         return self.graph.prefill(prompts, room)
 
-    def decode(self, tokens: np.ndarray, state) -> np.ndarray:
-        """One token for each row still generating -> their logits [R, V]."""
-        return self.graph.decode(np.asarray(tokens, dtype=np.int64), state)
+    def decode(self, tokens: np.ndarray, state, greedy: bool = False) -> np.ndarray:
+        """One token for each row still generating -> their logits [R, V], or with `greedy` their
+        argmax tokens [R] (on CUDA picked on the device: no logits copied to the host)."""
+        return self.graph.decode(np.asarray(tokens, dtype=np.int64), state, greedy)
 
     def generate(
         self,
@@ -141,6 +142,7 @@ class Generator:
         n = len(prompts)
         per_row = params if isinstance(params, list) else [params] * n
         rngs = [np.random.default_rng(p.seed) for p in per_row]
+        greedy = all(p.temperature == 0 for p in per_row)  # then decode returns tokens, not logits
         out: list[list[int]] = [[] for _ in range(n)]
         reasons = ["length"] * n
         result = GenerationResult(out, finish_reasons=reasons)
@@ -148,6 +150,7 @@ class Generator:
             return result
         started = time.perf_counter()
         logits, state = self.prefill(prompts, max_new_tokens)
+        choices = logits.argmax(-1) if greedy else logits  # per row: its token (greedy) or its logits
         result.prefill_seconds = time.perf_counter() - started
         active = np.arange(n)  # original row of each batch row still generating
         session_before = self.graph.session_seconds
@@ -155,7 +158,7 @@ class Generator:
         while True:
             next_tokens, keep = [], []
             for b, row in enumerate(active):
-                token = sample(logits[b], per_row[row], rngs[row])
+                token = int(choices[b]) if greedy else sample(choices[b], per_row[row], rngs[row])
                 if token in self.eos_ids and not ignore_eos:
                     reasons[row] = "stop"
                     continue
@@ -171,7 +174,7 @@ class Generator:
                 rows = np.array(keep)
                 self.graph.keep(state, rows)
                 active = active[rows]
-            logits = self.decode(np.array(next_tokens), state)
+            choices = self.decode(np.array(next_tokens), state, greedy)
             result.decode_steps += 1
         result.decode_seconds = time.perf_counter() - started
         result.decode_session_seconds = self.graph.session_seconds - session_before

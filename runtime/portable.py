@@ -53,11 +53,12 @@ class PortableGraph:
         logits = self.run(input_ids, mask, positions, cache)
         return logits[:, -1, :], PortableState(cache, mask)
 
-    def decode(self, tokens: np.ndarray, state: PortableState) -> np.ndarray:
-        """tokens [B] (one per row still generating) -> logits [B, V]."""
+    def decode(self, tokens: np.ndarray, state: PortableState, greedy: bool = False) -> np.ndarray:
+        """tokens [B] (one per row still generating) -> logits [B, V], or with `greedy` their argmax [B]."""
         state.mask = np.concatenate([state.mask, np.ones((state.mask.shape[0], 1), dtype=np.int64)], axis=1)
         positions = (state.mask.sum(axis=1, keepdims=True) - 1).astype(np.int64)
-        return self.run(tokens[:, None].astype(np.int64), state.mask, positions, state.cache)[:, -1, :]
+        logits = self.run(tokens[:, None].astype(np.int64), state.mask, positions, state.cache)[:, -1, :]
+        return logits.argmax(-1) if greedy else logits
 
     def keep(self, state: PortableState, rows: np.ndarray) -> None:
         """Keep only the given rows of the batch (the sequences still generating)."""

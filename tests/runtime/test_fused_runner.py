@@ -142,3 +142,36 @@ def test_returned_logits_are_not_overwritten_by_the_next_step(fused):
     fused.decode(np.argmax(second, -1), state)
     np.testing.assert_array_equal(first, kept)
     np.testing.assert_array_equal(second, kept_second)
+
+
+@pytest.mark.parametrize("graph", ["fused", "portable"])
+def test_greedy_decode_returns_the_argmax_of_the_logits_it_replaces(tiny_export, graph):
+    """`decode(..., greedy=True)` hands back tokens instead of logits (on CUDA picked on the device);
+    they must be the logits' argmax, also after a row has finished."""
+    logits_gen = Generator(tiny_export, provider="cpu", graph=graph)
+    greedy_gen = Generator(tiny_export, provider="cpu", graph=graph)
+    logits, a = logits_gen.prefill(PROMPTS, room=6)
+    _, b = greedy_gen.prefill(PROMPTS, room=6)
+    tokens = logits.argmax(-1)
+    for step in range(5):
+        if step == 2:  # the middle row finishes
+            for gen, state in ((logits_gen, a), (greedy_gen, b)):
+                gen.graph.keep(state, np.array([0, 2]))
+            tokens = tokens[[0, 2]]
+        expected = logits_gen.decode(tokens, a).argmax(-1)
+        picked = greedy_gen.decode(tokens, b, greedy=True)
+        np.testing.assert_array_equal(picked, expected)
+        tokens = expected
+
+
+def test_device_argmax_matches_numpy_including_ties():
+    import onnxruntime as ort
+
+    from runtime.greedy_pick import DeviceArgmax
+
+    logits = np.random.default_rng(0).standard_normal((3, 2, 50)).astype(np.float32)
+    logits[1, 0, [7, 30]] = 9.0  # a tie: the first index wins, as in numpy
+    picked = DeviceArgmax("cpu")(ort.OrtValue.ortvalue_from_numpy(logits))
+    assert picked.shape == (3, 2) and picked.dtype == np.int64
+    np.testing.assert_array_equal(picked, logits.argmax(-1))
+    assert picked[1, 0] == 7
