@@ -23,7 +23,10 @@ leaves only them. Perplexity: WikiText-2 test, 40 windows of 512 tokens (the val
 through PyTorch. `--chat` adds the validate stage's chat checks to every row, in PyTorch: of the built-in
 set's 60 facts, how many the greedy reply names; of its 76 prompts, how many replies end their turn within
 64 tokens; and the perplexity of the original teacher's replies under the row's model. `--students` adds
-rows for students a distill step already trained (its output folders). Training runs where
+rows for students a distill step already trained (its output folders). `--drops "3,4,5,26;4,5,13,17"`
+trains from given layer sets instead of the last choice's (the teacher layers each one drops), and
+`--train-seeds 0,1` repeats every trained row with each training-order seed (the layer-scoring sample
+keeps `--seed`): does the pick matter more than the seed? Training runs where
 accelerate puts it (a GPU when there is one). Prints a table and writes JSON.
 """
 from __future__ import annotations
@@ -44,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from calibration import load_text, sample_blocks, windows  # noqa: E402
 from calibration.chat_set import builtin_chat_set, mentions  # noqa: E402
+from pipeline.chat_eval import score_replies  # noqa: E402
 from pipeline.configs import DistillConfig, DistillLossConfig, TeacherCorrectionConfig, TextSourceConfig  # noqa: E402
 from pipeline.distill.correct import correct_teacher  # noqa: E402
 from pipeline.distill.prune import choose_layers, layer_importance, prune_depth  # noqa: E402
@@ -78,27 +82,36 @@ class ChatProbe:
         self.tokenizer = tokenizer
         self.prompts = [tokenizer.encode_chat(item.prompt) for item in self.items]
         self.eos, self.pad = end_tokens(read_json(folder / "generation_config.json"))
-        self.reference: list[list[int]] | None = None  # the original teacher's replies, with their end token
+        self.reference: list[tuple[list[int], int | None]] | None = None  # the original teacher's replies and end tokens
 
     @torch.no_grad()
     def measure(self, model) -> dict:
         replies = torch_greedy(model, self.prompts, 64, self.eos, self.pad, 16)
         facts = [mentions(self.tokenizer.decode(r), item.answers) for (r, _), item in zip(replies, self.items) if item.answers]
         if self.reference is None:
-            self.reference = [r + ([end] if end is not None else []) for r, end in replies]
-        nll, count = 0.0, 0
+            self.reference = replies
         device = next(model.parameters()).device
-        for prompt, target in zip(self.prompts, self.reference):
-            if not target:
-                continue
-            seq = torch.tensor([prompt + target[:-1]], device=device)
-            lp = torch.log_softmax(model(input_ids=seq).logits[0, len(prompt) - 1:].double(), dim=-1)
-            nll -= lp.gather(1, torch.tensor(target, device=device)[:, None]).sum().item()
-            count += len(target)
+        nll, _, count = score_replies(lambda seq: model(input_ids=torch.tensor([seq], device=device)).logits[0],
+                                      self.prompts, self.reference)
         return {"chat_facts": sum(facts), "chat_fact_questions": len(facts),
                 "chat_turns_ended": sum(end is not None for _, end in replies), "chat_prompts": len(replies),
                 "teacher_reply_perplexity": math.exp(nll / count),
                 "chat_sample": [self.tokenizer.decode(r) for r, _ in replies[:3]]}
+
+
+def parse_drops(parser: argparse.ArgumentParser, text: str, n: int, layers: int) -> list[list[int]]:
+    """--drops "3,4,5,26;4,5,13,17" -> the layer sets, each naming n - layers distinct layers of the teacher."""
+    if not text:
+        return []
+    try:
+        drop_sets = [sorted({int(i) for i in part.split(",")}) for part in text.split(";")]
+    except ValueError:
+        parser.error(f"--drops {text!r}: give layer indices, e.g. 3,4,5,26;4,5,13,17")
+    for drop in drop_sets:
+        if len(drop) != n - layers or not all(0 <= i < n for i in drop):
+            parser.error(f"--drops: {drop} must name {n - layers} distinct layers of 0..{n - 1} "
+                         f"(the teacher's {n} less --layers {layers})")
+    return drop_sets
 
 
 def main() -> int:
@@ -128,12 +141,18 @@ def main() -> int:
     parser.add_argument("--correction-lr", type=float, default=TeacherCorrectionConfig.lr)
     parser.add_argument("--seed", type=int, default=DistillConfig.seed,
                         help="seed of the layer-scoring sample and of the training order (correction and students)")
+    parser.add_argument("--drops", default="", metavar="I,J;K,L",
+                        help="teacher layers to drop, one set per ';': the trained rows start from each set instead "
+                             "of the last choice's")
+    parser.add_argument("--train-seeds", default="", metavar="S,S",
+                        help="training-order seeds: every trained row once per seed (default: --seed)")
     parser.add_argument("--out", type=Path, default=Path("artifacts/bench-distill/distill_matrix.json"))
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM
 
     teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=torch.float32, attn_implementation="sdpa").eval()
     tokenizer = Tokenizer(args.teacher)
+    drop_sets = parse_drops(parser, args.drops, teacher.config.num_hidden_layers, args.layers)
     test_ids = np.array(tokenizer.encode(load_text("wikitext-2", "test"), add_special_tokens=False), dtype=np.int64)
     budgets = [int(t) for t in args.tokens.split(",")]
     if args.train_data == "none" and args.teacher_answers is None:
@@ -208,17 +227,29 @@ def main() -> int:
     unknown = set(keys) - set(trained)
     if unknown:
         parser.error(f"--trained: {', '.join(sorted(unknown))} not one of {', '.join(trained)} (or none)")
-    runs = [(tokens, *trained[key]) for tokens in budgets for key in keys]
-    chosen = kept[choices[-1]]  # the trained rows start from the last choice's student
-    for tokens, name, loss in runs:
+    n = teacher.config.num_hidden_layers
+    starts = [(f"{choices[-1]} choice", kept[choices[-1]], pruned_ppl)]  # by default the last choice's student
+    if drop_sets:
+        starts = []
+        for drop in drop_sets:
+            keep = [i for i in range(n) if i not in drop]
+            rows.append({"row": f"dropping {','.join(map(str, drop))}, untrained", **measure(prune_depth(teacher, keep)),
+                         "layers": keep})
+            print(f"dropping {drop}: {rows[-1]['perplexity']:.3f}", flush=True)
+            starts.append((f"dropping {','.join(map(str, drop))}", keep, rows[-1]["perplexity"]))
+    seeds = [int(x) for x in args.train_seeds.split(",")] if args.train_seeds else [args.seed]
+    runs = [(seed, start, tokens, *trained[key]) for seed in seeds for start in starts for tokens in budgets for key in keys]
+    for seed, (start_name, chosen, start_ppl), tokens, name, loss in runs:
         student = prune_depth(teacher, chosen)
-        run_cfg = dataclasses.replace(cfg, loss=loss, tokens=tokens)
+        run_cfg = dataclasses.replace(cfg, loss=loss, tokens=tokens, seed=seed)
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as checkpoints:
             history = train(student, teacher, train_blocks, eval_blocks, dict(enumerate(chosen)), run_cfg,
                             Path(checkpoints), print)
         wall = time.perf_counter() - started
-        rows.append({"row": f"{choices[-1]} choice + {name}, {history.tokens_seen:,} tokens", **measure(student.eval()),
+        seed_note = f", training seed {seed}" if args.train_seeds else ""
+        rows.append({"row": f"{start_name} + {name}, {history.tokens_seen:,} tokens{seed_note}", **measure(student.eval()),
+                     "layers": chosen, "train_seed": seed, "start_perplexity": start_ppl,
                      "train_tokens_per_second": history.tokens_seen / history.train_seconds, "wall_seconds": wall,
                      "heldout_kl": history.eval_kl[-1] if history.eval_kl else None,
                      "heldout_curve": list(zip(history.eval_steps, history.eval_ppl))})
@@ -235,7 +266,8 @@ def main() -> int:
     chat_head = " facts named | turns ended | teacher-reply ppl |" if chat else ""
     print(f"\n| row | WikiText-2 test perplexity | gap recovered |{chat_head}\n|---|---|---|{'---|---|---|' if chat else ''}")
     for r in rows:
-        gap = (pruned_ppl - r["perplexity"]) / (pruned_ppl - teacher_ppl) if "train_tokens_per_second" in r else None
+        start = r.get("start_perplexity", pruned_ppl)  # the untrained student this row was trained from
+        gap = (start - r["perplexity"]) / (start - teacher_ppl) if "train_tokens_per_second" in r else None
         cells = (f" {r['chat_facts']}/{r['chat_fact_questions']} | {r['chat_turns_ended']}/{r['chat_prompts']} |"
                  f" {r['teacher_reply_perplexity']:.2f} |") if chat else ""
         print(f"| {r['row']} | {r['perplexity']:.3f} | {'' if gap is None else f'{gap * 100:.0f} %'} |{cells}")

@@ -4,8 +4,8 @@
 
 The distill stage scores each teacher layer by the loss increase when that layer alone is skipped, on
 `importance_samples` (8) random blocks of its training text. Here a pool of `--pool` blocks is drawn the
-stage's way and every block's loss is measured once per skipped layer, so any sample of the pool
-scores for free: the pool cut into disjoint samples of `--sample` blocks, each giving its own choice,
+stage's way and each block is scored alone by the stage's own `layer_importance`; the blocks are of one
+length, so a sample's scores are the mean of its blocks' and any sample of the pool scores for free: the pool cut into disjoint samples of `--sample` blocks, each giving its own choice,
 and the whole pool giving one. Training text as the distill recipe's: WikiText-2 valid plus the
 conversations a distill step's teacher wrote. Prints the layers dropped for each depth and writes JSON.
 """
@@ -24,21 +24,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from calibration import sample_blocks  # noqa: E402
 from pipeline.configs import DistillConfig, TextSourceConfig  # noqa: E402
-from calibration.collect import decoder_layers  # noqa: E402
-from pipeline.distill.prune import _without_layer, choose_layers, mean_loss  # noqa: E402
+from pipeline.distill.prune import choose_layers, layer_importance  # noqa: E402
 from pipeline.distill.teacher_answers import read_answers  # noqa: E402
 from pipeline.stages.distill import _data  # noqa: E402
 from runtime.tokenizer import Tokenizer  # noqa: E402
 
 
-def block_losses(model, blocks: torch.Tensor) -> np.ndarray:
-    """[layers + 1, blocks]: row 0 the whole model's loss per block, row 1 + i with layer i skipped."""
-    rows = [[mean_loss(model, b[None]) for b in blocks]]
-    for i in range(len(decoder_layers(model))):
-        with _without_layer(model, i):
-            rows.append([mean_loss(model, b[None]) for b in blocks])
-        print(f"  layer {i} scored", flush=True)
-    return np.array(rows)
+def block_deltas(model, blocks: torch.Tensor) -> np.ndarray:
+    """[layers, blocks]: the loss increase on each block when each layer alone is skipped."""
+    columns = []
+    for j in range(len(blocks)):
+        columns.append(layer_importance(model, blocks[j:j + 1], "loss"))
+        print(f"  block {j} scored", flush=True)
+    return np.array(columns).T
 
 
 def main() -> int:
@@ -62,9 +60,8 @@ def main() -> int:
     train_blocks, _ = _data(cfg, tokenizer, read_answers(args.teacher_answers, tokenizer))
     pool = torch.from_numpy(sample_blocks(train_blocks.numpy().reshape(-1), cfg.sequence_length, args.pool, args.seed))
     started = time.perf_counter()
-    losses = block_losses(teacher, pool)
+    deltas = block_deltas(teacher, pool)
     seconds = time.perf_counter() - started
-    deltas = losses[1:] - losses[0]  # [layers, blocks]
     n = deltas.shape[0]
     samples = [(f"blocks {s}-{s + args.sample - 1}", deltas[:, s:s + args.sample]) for s in range(0, args.pool, args.sample)]
     samples.append((f"all {args.pool} blocks", deltas))
@@ -82,7 +79,7 @@ def main() -> int:
     args.out.write_text(json.dumps({"teacher": str(args.teacher), "teacher_answers": str(args.teacher_answers),
                                     "pool": args.pool, "sample": args.sample, "seed": args.seed,
                                     "sequence_length": cfg.sequence_length, "seconds": seconds,
-                                    "block_losses": losses.tolist(), "rows": rows}, indent=2) + "\n")
+                                    "block_deltas": deltas.tolist(), "rows": rows}, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
 

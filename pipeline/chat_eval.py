@@ -92,25 +92,32 @@ def _reply_scores(torch_model, gen: Generator, prompts: list[list[int]],
                   replies: list[tuple[list[int], int | None]]) -> dict[str, float]:
     """The baseline's replies (with the end token it chose, when it ended) teacher-forced through the artifact
     and through the baseline itself: perplexity of each on those tokens, and the artifact's top-1 agreement."""
-    nll_ours = nll_base = 0.0
-    agree = count = 0
-    for prompt, (reply, end) in zip(prompts, replies):
-        target = reply + ([end] if end is not None else [])
-        if not target:
-            continue
-        seq = prompt + target[:-1]
-        first = len(prompt) - 1  # the position whose next token is the reply's first
-        labels = torch.tensor(target)
-        ours = F.log_softmax(torch.from_numpy(gen.logits(seq)[first:]).double(), dim=-1)
-        base = F.log_softmax(torch_model(torch.tensor([seq])).logits[0, first:].double(), dim=-1)
-        nll_ours -= ours.gather(1, labels[:, None]).sum().item()
-        nll_base -= base.gather(1, labels[:, None]).sum().item()
-        agree += int((ours.argmax(-1) == labels).sum())
-        count += len(target)
+    nll_ours, agree, count = score_replies(lambda seq: torch.from_numpy(gen.logits(seq)), prompts, replies)
+    nll_base, _, _ = score_replies(lambda seq: torch_model(torch.tensor([seq])).logits[0], prompts, replies)
     if not count:
         return {"chat_reply_perplexity": math.nan, "chat_reply_perplexity_baseline": math.nan,
                 "chat_reply_top1_agreement": math.nan}
     return {"chat_reply_perplexity": math.exp(nll_ours / count),
             "chat_reply_perplexity_baseline": math.exp(nll_base / count),
             "chat_reply_top1_agreement": agree / count}
+
+
+@torch.no_grad()
+def score_replies(logits_of: Callable[[list[int]], torch.Tensor], prompts: list[list[int]],
+                  replies: list[tuple[list[int], int | None]]) -> tuple[float, int, int]:
+    """Replies (with the end token chosen, when one was) teacher-forced after their prompts through a
+    model (`logits_of(ids)` -> logits [T, V]): their summed negative log-likelihood, the positions whose
+    argmax is the reply's token, and the tokens scored."""
+    nll, agree, count = 0.0, 0, 0
+    for prompt, (reply, end) in zip(prompts, replies):
+        target = reply + ([end] if end is not None else [])
+        if not target:
+            continue
+        first = len(prompt) - 1  # the position whose next token is the reply's first
+        log_probs = F.log_softmax(logits_of(prompt + target[:-1])[first:].double(), dim=-1)
+        labels = torch.tensor(target, device=log_probs.device)
+        nll -= log_probs.gather(1, labels[:, None]).sum().item()
+        agree += int((log_probs.argmax(-1) == labels).sum())
+        count += len(target)
+    return nll, agree, count
 

@@ -70,7 +70,6 @@ def teacher_answers(teacher, teacher_folder: Path, work: Path, prompts: list[str
     if end is None:
         raise StageError(f"distill.teacher_answers: {teacher_folder} names no end-of-turn token "
                          f"(generation_config.json eos_token_id); the teacher's answers would never end")
-    after_turn = tokenizer.encode("\n", add_special_tokens=False)
     records, new_tokens, started = [], 0, time.perf_counter()
     bar = tqdm(total=len(prompts), desc="  teacher answers", unit="prompt")
     for start in range(0, len(prompts), cfg.batch_size):
@@ -83,7 +82,7 @@ def teacher_answers(teacher, teacher_folder: Path, work: Path, prompts: list[str
             new_tokens += len(answer)
             if reason == "stop" and answer:  # cut off by the limit, or empty: dropped
                 records.append({"prompt": prompt, "answer": tokenizer.decode(answer),
-                                "ids": prompt_ids + answer + [end] + after_turn})
+                                "ids": conversation(tokenizer, prompt_ids, answer, end)})
         bar.update(len(batch))
     bar.close()
     del gen
@@ -97,19 +96,30 @@ def teacher_answers(teacher, teacher_folder: Path, work: Path, prompts: list[str
     return records
 
 
+def conversation(tokenizer: Tokenizer, prompt_ids: list[int], answer_ids: list[int], end: int) -> list[int]:
+    """One training conversation: the chat-templated prompt, the answer, the end of its turn and the
+    newline the chat template puts after a turn."""
+    return prompt_ids + answer_ids + [end] + tokenizer.encode("\n", add_special_tokens=False)
+
+
 def read_answers(path: Path, tokenizer: Tokenizer) -> list[dict]:
-    """The records of a `teacher_answers.jsonl` a distill step wrote, with the conversations' token ids
-    rebuilt (the answer text re-encoded), so another run can train on the same conversations."""
+    """The records of a `teacher_answers.jsonl` a distill step wrote, so another run can train on the
+    same conversations: their token ids as sampled (system prompt included), or, in files written
+    before the ids were saved, rebuilt from the texts (chat template without a system prompt, the
+    answer re-encoded)."""
     end = tokenizer.token_id(END_OF_TURN)
-    after_turn = tokenizer.encode("\n", add_special_tokens=False)
     records = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         try:
             r = json.loads(line)
-            ids = tokenizer.encode_chat(r["prompt"]) + tokenizer.encode(r["answer"], add_special_tokens=False)
-        except (ValueError, KeyError, TypeError) as e:
-            raise StageError(f"{path}:{number}: not a teacher answer record ({{'prompt': ..., 'answer': ...}}): {e}") from None
-        records.append({"prompt": r["prompt"], "answer": r["answer"], "ids": ids + [end] + after_turn})
+            ids = r.get("ids") or conversation(tokenizer, tokenizer.encode_chat(r["prompt"]),
+                                               tokenizer.encode(r["answer"], add_special_tokens=False), end)
+            if not all(isinstance(t, int) for t in ids):
+                raise TypeError(f"ids must be token ids, got {ids[:3]}")
+            records.append({"prompt": r["prompt"], "answer": r["answer"], "ids": ids})
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise StageError(f"{path}:{number}: not a teacher answer record "
+                             f"({{'prompt': ..., 'answer': ..., 'ids': [...]}}): {e}") from None
     return records
 
 

@@ -97,8 +97,8 @@ def distill(cfg: DistillConfig, inp, ctx) -> StageResult:
     for r in replies:
         ctx.log(f"  {r['prompt']!r} -> student: {r['student'][:120]!r}")
     if answers is not None:  # the step folder appears only once complete: a plain write is enough
-        (ctx.out_dir / ANSWERS_FILE).write_text("".join(json.dumps({"prompt": a["prompt"], "answer": a["answer"]}) + "\n"
-                                                        for a in answers))
+        (ctx.out_dir / ANSWERS_FILE).write_text("".join(json.dumps({"prompt": a["prompt"], "answer": a["answer"],
+                                                                    "ids": a["ids"]}) + "\n" for a in answers))
     _plot(history, pruned_ppl, teacher_ppl, ctx.out_dir / "training.png",
           correction["heldout_perplexity"] if correction else None)
     shutil.rmtree(checkpoints, ignore_errors=True)

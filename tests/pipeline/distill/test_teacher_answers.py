@@ -50,8 +50,24 @@ def test_no_answer_within_the_limit_is_an_error_naming_the_key(tmp_path, teacher
         teacher_answers(model, folder, tmp_path / "a", PROMPTS[:2], cfg, seed=0, log=print)
 
 
-def test_a_saved_answers_file_gives_back_the_conversations(tmp_path, teacher):
-    """read_answers: another run (distill_matrix.py) trains on the conversations a distill step wrote."""
+def test_saved_answers_give_back_the_sampled_conversations_system_prompt_included(tmp_path, teacher):
+    """The distill step saves each conversation's ids: another run trains on exactly those tokens,
+    even where a system prompt shaped them (the texts alone do not say which)."""
+    folder, model = teacher
+    cfg = TeacherAnswersConfig(samples=8, max_new_tokens=120, temperature=1.5, batch_size=8, system="Answer briefly.")
+    records = teacher_answers(model, folder, tmp_path / "a", PROMPTS[:8], cfg, seed=0, log=print)
+    tok = Tokenizer(folder)
+    assert records and all(r["ids"][:len(p)] == p for r in records for p in [tok.encode_chat(r["prompt"], cfg.system)])
+    path = tmp_path / "teacher_answers.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))  # as the distill stage writes it
+    assert read_answers(path, tok) == records
+    path.write_text(json.dumps({**records[0], "ids": ["a"]}) + "\n")
+    with pytest.raises(StageError, match=r"teacher_answers.jsonl:1: not a teacher answer record"):
+        read_answers(path, tok)
+
+
+def test_an_answers_file_without_ids_is_rebuilt_from_its_texts(tmp_path, teacher):
+    """read_answers on a file written before the ids were saved: the conversations are re-encoded."""
     folder, _ = teacher
     tok = Tokenizer(folder)
     saved = [{"prompt": "Name a colour.", "answer": "Blue, like the sea."}, {"prompt": "Hi", "answer": "Hello!"}]

@@ -11,7 +11,9 @@ from safetensors.torch import load_file
 
 from conftest import make_checkpoint
 from pipeline import StageError, run
+from pipeline.distill.teacher_answers import read_answers
 from runtime import Generator, find_model_folder
+from runtime.tokenizer import Tokenizer
 
 SETTINGS = ("num_layers: 2, layer_choice: loss, intermediate_size: 96, sequence_length: 32, batch_size: 2, "
             "grad_accum: 2, tokens: 1024, eval_every: 4, checkpoint_every: 2, eval_samples: 4, importance_samples: 4, "
@@ -139,7 +141,9 @@ def test_teacher_answers_join_the_training_text_and_survive_a_kill(tmp_path, tea
     manifest = json.loads((step / "manifest.json").read_text())
     rows = [json.loads(line) for line in (step / "teacher_answers.jsonl").read_text().splitlines()]
     assert 0 < len(rows) == manifest["metrics"]["teacher_answers"] <= 20
-    assert all(r["prompt"].startswith("Tell me about the number") and set(r) == {"prompt", "answer"} for r in rows)
+    assert all(r["prompt"].startswith("Tell me about the number") and set(r) == {"prompt", "answer", "ids"} for r in rows)
+    # another run reads back the very conversations this one trained on (system prompt and all)
+    assert [r["ids"] for r in read_answers(step / "teacher_answers.jsonl", Tokenizer(step))] == [r["ids"] for r in rows]
     replies = manifest["sample_replies"]
     assert [r["prompt"] for r in replies] == list(stage.REPLY_PROMPTS) and all(set(r) == {"prompt", "teacher", "student"} for r in replies)
 
