@@ -5,8 +5,9 @@
 The distill stage scores each teacher layer by the loss increase when that layer alone is skipped, on
 `importance_samples` (8) random blocks of its training text. Here a pool of `--pool` blocks is drawn the
 stage's way and each block is scored alone by the stage's own `layer_importance`; the blocks are of one
-length, so a sample's scores are the mean of its blocks' and any sample of the pool scores for free: the pool cut into disjoint samples of `--sample` blocks, each giving its own choice,
-and the whole pool giving one. Training text as the distill recipe's: WikiText-2 valid plus the
+length, so a sample's scores are the mean of its blocks' and any sample of the pool scores for free:
+the pool cut into disjoint samples of `--sample` blocks, each giving its own choice, and the whole
+pool giving one. Training text as the distill recipe's: WikiText-2 valid plus the
 conversations a distill step's teacher wrote. Prints the layers dropped for each depth and writes JSON.
 """
 from __future__ import annotations

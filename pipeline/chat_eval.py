@@ -120,4 +120,3 @@ def score_replies(logits_of: Callable[[list[int]], torch.Tensor], prompts: list[
         agree += int((log_probs.argmax(-1) == labels).sum())
         count += len(target)
     return nll, agree, count
-
