@@ -142,7 +142,7 @@ class Generator:
         n = len(prompts)
         per_row = params if isinstance(params, list) else [params] * n
         rngs = [np.random.default_rng(p.seed) for p in per_row]
-        greedy = all(p.temperature == 0 for p in per_row)  # then decode returns tokens, not logits
+        greedy = all(p.greedy for p in per_row)  # then decode returns tokens, not logits
         out: list[list[int]] = [[] for _ in range(n)]
         reasons = ["length"] * n
         result = GenerationResult(out, finish_reasons=reasons)

@@ -21,6 +21,11 @@ class SamplingParams:
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
+    @property
+    def greedy(self) -> bool:
+        """Temperature 0: the argmax, whatever top_k and top_p say."""
+        return self.temperature == 0
+
 
 def candidates(logits: np.ndarray, temperature: float, top_k: int = 0, top_p: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """logits [V] -> (token ids, their probabilities summing to 1) left after temperature, top-k and
@@ -55,7 +60,7 @@ def logits_to_probs(logits: np.ndarray, temperature: float, top_k: int = 0, top_
 
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
     """logits: [V] -> one token id."""
-    if params.temperature == 0:
+    if params.greedy:
         return int(np.argmax(logits))
     ids, probs = candidates(logits, params.temperature, params.top_k, params.top_p)
     cdf = np.cumsum(probs)  # inverse-CDF draw: rng.choice(p=...) re-validates p at every call
