@@ -38,6 +38,7 @@ def main():
 @click.option("--debug", is_flag=True, help="show tracebacks")
 def run_command(recipe, workdir, force, overrides, debug):
     """Run RECIPE (a YAML file): each stage writes artifacts/<run>/<NN>-<stage>-<fp>/."""
+    from pipeline import distributed
     from pipeline.errors import PipelineError
     from pipeline.runner import run
 
@@ -46,9 +47,13 @@ def run_command(recipe, workdir, force, overrides, debug):
     except PipelineError as e:
         if debug:
             traceback.print_exc()
-        click.echo(f"error: {e}", err=True)
+        if distributed.is_main():  # under a launcher process 0 speaks; the others only for errors of their own
+            click.echo(f"error: {e}", err=True)
+        elif not isinstance(e, distributed.Forwarded):
+            click.echo(f"error (process {distributed.rank()}): {e}", err=True)
         sys.exit(e.exit_code)
-    click.echo(f"done: {run_dir} (try: optimize generate {run_dir} \"What is the capital of France?\")")
+    if distributed.is_main():
+        click.echo(f"done: {run_dir} (try: optimize generate {run_dir} \"What is the capital of France?\")")
 
 
 main.add_command(generate_command)

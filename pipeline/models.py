@@ -52,6 +52,11 @@ def import_model(cfg: ModelConfig, source: ModelSource, out: Path, log: Callable
     except OSError as e:
         hint = "" if cfg.allow_pickle else " (only safetensors/GGUF are read unless model.allow_pickle: true)"
         raise StageError(f"model {source.location}: could not load: {e}{hint}") from e
+    except ValueError as e:
+        if source.kind != "gguf":
+            raise
+        # the gguf reader's own words ("GGUF magic invalid", an unknown architecture) name no file
+        raise StageError(f"model.source: {source.location} could not be read as a GGUF model: {e}") from e
     if not tokenizer.is_fast:
         raise StageError(f"model {source.location}: no fast tokenizer (tokenizer.json); the runner needs one")
     if source.kind == "gguf":  # the weights are float32 now; transformers 5 refuses to save a model marked GGUF-quantized

@@ -17,6 +17,7 @@ class StageSpec:
     fn: Callable
     consumes: str  # artifact kind taken: "hf-model" | "onnx"
     produces: str  # artifact kind written: "hf-model" | "onnx" | "report"
+    distributed: bool = False  # under a launcher, runs in every process (pipeline/distributed.py), not process 0 alone
 
 
 @dataclass
@@ -30,10 +31,10 @@ class StageResult:
 STAGES: dict[str, StageSpec] = {}
 
 
-def register_stage(name: str, config_cls: type, consumes: str, produces: str):
+def register_stage(name: str, config_cls: type, consumes: str, produces: str, distributed: bool = False):
     def wrap(fn: Callable) -> Callable:
         assert name not in STAGES, f"stage {name} registered twice"
-        STAGES[name] = StageSpec(name, config_cls, fn, consumes, produces)
+        STAGES[name] = StageSpec(name, config_cls, fn, consumes, produces, distributed)
         return fn
 
     return wrap

@@ -7,6 +7,9 @@
 
 A step is built in a hidden temp folder and renamed into place only after its manifest is
 written, so a run killed at any moment leaves nothing that looks complete.
+
+Under `torchrun` / `accelerate launch` every process runs this loop (pipeline/distributed.py): stages
+registered as distributed are built by all of them together, every other step by process 0 alone.
 """
 from __future__ import annotations
 
@@ -15,11 +18,13 @@ import functools
 import json
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from pipeline import distributed
 from pipeline import stages as _stages  # noqa: F401  (registers the stages)
 from pipeline.artifacts import (
     MANIFEST, SCHEMA_VERSION, Artifact, file_table, fingerprint, library_versions, load_verified,
@@ -42,7 +47,8 @@ class RunContext:
 
 
 def log(msg: str) -> None:
-    print(msg, flush=True)
+    if distributed.is_main():
+        print(msg, flush=True)
 
 
 def run(recipe_path: Path | str, workdir: Path | str = "artifacts", force: bool = False,
@@ -55,12 +61,23 @@ def run(recipe_path: Path | str, workdir: Path | str = "artifacts", force: bool 
         PosixPath('artifacts/smollm2-fp32')
     """
     recipe = load_recipe(recipe_path, overrides)
+    distributed.start()
+    main, world = distributed.is_main(), distributed.world_size()
     run_dir = Path(workdir) / recipe.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(run_dir)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(run_dir)
     log(f"run {recipe.name}: {recipe.path}{''.join(f' --set {o}' for o in overrides)} -> {run_dir}")
+    # processes 1.. follow the recipe up to its last distributed stage, then leave it to process 0
+    shared = [i for i, entry in enumerate(recipe.stages, start=1) if STAGES[entry.name].distributed]
+    follow_until = shared[-1] if shared else 0
+    if world > 1:
+        log(f"{world} processes: stage(s) {', '.join(recipe.stages[i - 1].name for i in shared) or 'none'} "
+            f"run in all of them, every other step in process 0")
+        if not main and follow_until == 0:
+            return run_dir
     record = {"recipe": str(recipe.path), "name": recipe.name, "overrides": list(overrides), "started": time.time(),
-              "steps": [], "status": "running"}
+              "steps": [], "status": "running", "processes": world}
 
     model_cfg = dataclasses.asdict(recipe.model)
     # the source's identity is its content (or hub id), not how the recipe spells its path
@@ -68,15 +85,27 @@ def run(recipe_path: Path | str, workdir: Path | str = "artifacts", force: bool 
                            source_identity(recipe.source))
     build_model = lambda ctx: import_model(recipe.model, recipe.source, ctx.out_dir, log)  # noqa: E731
     try:
-        art = _run_step(run_dir, 0, "model", "hf-model", model_cfg, model_fp, (), build_model, force, record)
+        model_step = lambda: _run_step(run_dir, 0, "model", "hf-model", model_cfg, model_fp, (), build_model,  # noqa: E731
+                                       force, record)
+        art = distributed.on_main(model_step) if follow_until > 0 else model_step()
         history = (art,)
         for i, entry in enumerate(recipe.stages, start=1):
             spec = STAGES[entry.name]
             cfg_dict = dataclasses.asdict(entry.config)
-            fp = fingerprint(art.fingerprint, entry.name, cfg_dict, data_identity(entry.config))
+            # a training run's batches depend on how many processes share them (one process: as before)
+            processes = (world,) if spec.distributed and world > 1 else ()
+            fp = fingerprint(art.fingerprint, entry.name, cfg_dict, data_identity(entry.config), *processes)
             build = functools.partial(spec.fn, entry.config, art)
-            art = _run_step(run_dir, i, entry.name, spec.produces, cfg_dict, fp, history, build, force, record)
+            args = (run_dir, i, entry.name, spec.produces, cfg_dict, fp, history, build, force, record)
+            if spec.distributed and world > 1:
+                art = _run_shared_step(*args)
+            elif i < follow_until:  # processes 1.. wait for this step's artifact
+                art = distributed.on_main(lambda: _run_step(*args))
+            else:
+                art = _run_step(*args)
             history += (art,)
+            if not main and i == follow_until:
+                return run_dir
         record["status"] = "passed"
         return run_dir
     except PipelineError as e:
@@ -84,32 +113,60 @@ def run(recipe_path: Path | str, workdir: Path | str = "artifacts", force: bool 
         record["error"] = str(e)
         raise
     finally:
-        record["finished"] = time.time()
-        write_json_atomic(run_dir / "run.json", record)
+        if main:
+            record["finished"] = time.time()
+            write_json_atomic(run_dir / "run.json", record)
+
+
+def _run_shared_step(run_dir, index, name, kind, cfg_dict, fp, history, build, force, record) -> Artifact:
+    """A distributed stage: process 0 decides whether the cached artifact stands; if not, every
+    process runs the stage (process 0 into the step's temp folder, the others into scratch folders
+    that are thrown away), then process 0 writes the manifest and puts the step in place."""
+    if distributed.is_main():
+        final = run_dir / f"{index:02d}-{name}-{fp[:12]}"
+        cached = _reuse(run_dir, final, index, name, kind, fp, force, record)
+        distributed.share(str(cached.path) if cached is not None else None)
+        if cached is not None:
+            _raise_if_failed(cached)
+            return cached
+        try:
+            art = _build_step(run_dir, index, name, kind, cfg_dict, fp, history, build, record)
+        except ValidationFailed:  # in place but failed: the others raise the same from its manifest
+            distributed.share(str(final))
+            raise
+        distributed.share(str(art.path))
+        return art
+    cached = distributed.share()
+    if cached is None:
+        scratch = Path(tempfile.mkdtemp(prefix=f"optimize-rank{distributed.rank()}-"))
+        try:
+            build(RunContext(run_dir=run_dir, out_dir=scratch, baseline=history[0], history=history, log=log,
+                             step=f"{index:02d}-{name}-{fp[:12]}"))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        cached = distributed.share()
+    art = _read_artifact(Path(cached))
+    _raise_if_failed(art)
+    return art
+
+
+def _read_artifact(folder: Path) -> Artifact:
+    return Artifact(folder, json.loads((folder / MANIFEST).read_text()))
 
 
 def _run_step(run_dir, index, name, kind, cfg_dict, fp, history, build, force, record) -> Artifact:
     final = run_dir / f"{index:02d}-{name}-{fp[:12]}"
-    if final.exists() and not force:
-        art, why = load_verified(final, fp)
-        if art is not None:
-            log(f"[{index:02d}] {name}: unchanged (fp {fp[:12]}), reusing {final}")
-            record["steps"].append({"index": index, "stage": name, "dir": final.name, "cached": True})
-            _raise_if_failed(art)
-            return art
-        log(f"[{index:02d}] {name}: cached artifact rejected ({why}); rebuilding")
+    cached = _reuse(run_dir, final, index, name, kind, fp, force, record)
+    if cached is not None:
+        _raise_if_failed(cached)
+        return cached
+    return _build_step(run_dir, index, name, kind, cfg_dict, fp, history, build, record)
+
+
+def _build_step(run_dir, index, name, kind, cfg_dict, fp, history, build, record) -> Artifact:
+    final = run_dir / f"{index:02d}-{name}-{fp[:12]}"
     tmp = run_dir / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    # a report names the run it checked, so only model-making steps are shared between run folders
-    twin = None if force or kind == "report" else _verified_twin(run_dir, final.name, fp)
-    if twin is not None:
-        shutil.copytree(twin.path, tmp, copy_function=_link_or_copy)
-        _put_in_place(tmp, final, run_dir, f"{index:02d}-{name}-*")
-        log(f"[{index:02d}] {name}: unchanged (fp {fp[:12]}), linked from {twin.path}")
-        record["steps"].append({"index": index, "stage": name, "dir": final.name, "cached": True, "from": str(twin.path)})
-        art = Artifact(final, twin.manifest)
-        _raise_if_failed(art)
-        return art
     log(f"[{index:02d}] {name}: running (fp {fp[:12]})")
     tmp.mkdir()
     started = time.time()
@@ -134,6 +191,28 @@ def _run_step(run_dir, index, name, kind, cfg_dict, fp, history, build, force, r
     art = Artifact(final, manifest)
     _raise_if_failed(art)
     return art
+
+
+def _reuse(run_dir, final, index, name, kind, fp, force, record) -> Artifact | None:
+    """The step's artifact if it is already built, in this run folder or (hard-linked) from another."""
+    if final.exists() and not force:
+        art, why = load_verified(final, fp)
+        if art is not None:
+            log(f"[{index:02d}] {name}: unchanged (fp {fp[:12]}), reusing {final}")
+            record["steps"].append({"index": index, "stage": name, "dir": final.name, "cached": True})
+            return art
+        log(f"[{index:02d}] {name}: cached artifact rejected ({why}); rebuilding")
+    # a report names the run it checked, so only model-making steps are shared between run folders
+    twin = None if force or kind == "report" else _verified_twin(run_dir, final.name, fp)
+    if twin is None:
+        return None
+    tmp = run_dir / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(twin.path, tmp, copy_function=_link_or_copy)
+    _put_in_place(tmp, final, run_dir, f"{index:02d}-{name}-*")
+    log(f"[{index:02d}] {name}: unchanged (fp {fp[:12]}), linked from {twin.path}")
+    record["steps"].append({"index": index, "stage": name, "dir": final.name, "cached": True, "from": str(twin.path)})
+    return Artifact(final, twin.manifest)
 
 
 def _put_in_place(tmp: Path, final: Path, run_dir: Path, pattern: str) -> None:

@@ -9,7 +9,8 @@ the pruned student inherits adapted weights and learns from an adapted teacher.
 The run is the distillation loop itself (pipeline/distill/train.py) with cross-entropy as the only
 loss, on a copy of the teacher; its evaluations report the corrected teacher's held-out perplexity and
 its KL to the original. The corrected weights are saved beside the training checkpoints, so a killed
-distill step that is re-run does not correct twice.
+distill step that is re-run does not correct twice. Under a launcher every process trains (each its
+share of the batches) and process 0 saves.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from pipeline import distributed
 from pipeline.configs import DistillConfig, DistillLossConfig
 from pipeline.distill.train import train
 
@@ -48,6 +50,8 @@ def correct_teacher(teacher, train_blocks: torch.Tensor, eval_blocks: torch.Tens
     info = {"tokens": history.tokens_seen, "lr": tc.lr, "train_seconds": history.train_seconds,
             "heldout_perplexity": history.eval_ppl[-1], "kl_to_original": history.eval_kl[-1],
             "curve": [list(point) for point in zip(history.eval_steps, history.eval_ppl)]}
+    if not distributed.is_main():  # the processes hold the same weights: DDP kept them equal
+        return model, info
     tmp = checkpoints / f"{CORRECTED}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)

@@ -1,7 +1,8 @@
 """The distillation loop, run through Hugging Face accelerate.
 
-One process on the CPU here; the same code under `accelerate launch` / `torchrun` trains with DDP
-(each process takes its share of every batch). Deterministic: the block order of each epoch is a
+One process on the CPU here; the same code under `accelerate launch` / `torchrun` trains with DDP:
+each process takes `batch_size` blocks of every micro-batch, so a step reads batch_size × grad_accum ×
+processes blocks and the token budget takes fewer steps. Deterministic: the block order of each epoch is a
 permutation seeded by (seed, epoch), so step k always sees the same data, and a run resumed from a
 checkpoint continues exactly where the killed one was.
 
@@ -25,6 +26,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from pipeline import distributed
 from pipeline.configs import DistillConfig
 from pipeline.distill.losses import ce_loss, hidden_loss, kd_loss
 from pipeline.errors import StageError
@@ -43,8 +45,8 @@ class History:
     train_seconds: float = 0.0
 
 
-def total_steps(cfg: DistillConfig) -> int:
-    return max(1, cfg.tokens // (cfg.batch_size * cfg.grad_accum * cfg.sequence_length))
+def total_steps(cfg: DistillConfig, processes: int = 1) -> int:
+    return max(1, cfg.tokens // (cfg.batch_size * cfg.grad_accum * processes * cfg.sequence_length))
 
 
 def batch_indices(step: int, micro: int, n_blocks: int, cfg: DistillConfig, rank: int = 0, world: int = 1) -> np.ndarray:
@@ -86,7 +88,7 @@ def train(student, teacher, train_blocks: torch.Tensor, eval_blocks: torch.Tenso
           on_step: Callable[[int], None] | None = None) -> History:
     """Train `student` in place; resumes from `checkpoints` when it holds a finished checkpoint."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
     from tqdm import tqdm
 
     set_seed(cfg.seed)
@@ -98,8 +100,12 @@ def train(student, teacher, train_blocks: torch.Tensor, eval_blocks: torch.Tenso
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum)
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        # evaluation and saving read the whole student in each process; sharded weights would need gathering
+        raise StageError(f"distill: {accelerator.distributed_type.value} is not supported; launch with DDP "
+                         "(`accelerate launch --multi_gpu` or `torchrun`), one copy of the student per process")
     log(f"  training on {accelerator.device} ({accelerator.num_processes} process(es)), mixed precision: {precision}")
-    steps = total_steps(cfg)
+    steps = total_steps(cfg, accelerator.num_processes)
     student.requires_grad_(True)  # a student copied from a frozen model would otherwise not train
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, steps))
@@ -111,10 +117,16 @@ def train(student, teacher, train_blocks: torch.Tensor, eval_blocks: torch.Tenso
     state = latest_checkpoint(checkpoints)
     if state is not None:
         saved = json.loads((state / PROGRESS_FILE).read_text())
+        if saved.get("processes", 1) != accelerator.num_processes:
+            # rank r's blocks depend on the world size: another one would not continue the same run
+            raise StageError(f"distill: the checkpoint in {state} was written by {saved.get('processes', 1)} "
+                             f"process(es), this run has {accelerator.num_processes}; resume with as many "
+                             f"processes, or delete {checkpoints} to start over")
         accelerator.load_state(str(state))
         history, start = History(**saved["history"]), saved["step"]
         log(f"  resuming from the checkpoint at step {start} of {steps}")
 
+    distributed.cpu_threads(training=True)  # a launched run that fails here ends, so no restore on errors
     need_hidden = cfg.loss.hidden > 0
     need_teacher = cfg.loss.kd > 0 or need_hidden  # cross-entropy alone (teacher correction) reads only the text
     n_blocks = len(train_blocks)
@@ -168,6 +180,7 @@ def train(student, teacher, train_blocks: torch.Tensor, eval_blocks: torch.Tenso
         if on_step:
             on_step(done)
     bar.close()
+    distributed.cpu_threads(training=False)
     return history
 
 
@@ -212,15 +225,20 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 def _checkpoint(accelerator, folder: Path, step: int, history: History) -> None:
     """Write the state and its progress.json to a temp folder, then swap it in: a kill at any moment
-    leaves one complete checkpoint."""
+    leaves one complete checkpoint. Every process saves its part (its random state; all of it under
+    FSDP); process 0 writes progress.json and swaps."""
+    tmp, state, old = folder / "state.tmp", folder / "state", folder / "state.old"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp, state, old = folder / "state.tmp", folder / "state", folder / "state.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.save_state(str(tmp))
-    (tmp / PROGRESS_FILE).write_text(json.dumps({"step": step, "history": history.__dict__}))
+    progress = {"step": step, "processes": accelerator.num_processes, "history": history.__dict__}
+    (tmp / PROGRESS_FILE).write_text(json.dumps(progress))
     shutil.rmtree(old, ignore_errors=True)
     if state.exists():
         state.rename(old)

@@ -11,6 +11,10 @@ Calibration blocks (from the training text) score the layers, channels and heads
 measure the student before and during training; a few greedy chat replies of teacher and student
 go in the manifest. Training checkpoints live beside the run
 (`.resume-<step folder>/`) until the step completes, so a killed run resumes when re-run.
+
+Under `torchrun` / `accelerate launch` the stage runs in every process (pipeline/distributed.py): the
+trainings (correction and distillation) share each batch between them, while process 0 alone samples
+the teacher's answers, scores the layers, evaluates and writes; the others receive what they need.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import torch
 
 from calibration import DataError, load_text, sample_blocks
 from calibration.prompts import builtin_prompts, load_prompts
+from pipeline import distributed
 from pipeline.artifacts import write_json_atomic
 from pipeline.configs import DistillConfig, TextSourceConfig
 from pipeline.distill.correct import correct_teacher
@@ -44,17 +49,21 @@ REPLY_PROMPTS = ("What is the capital of France?", "Write a short poem about the
                  "Explain photosynthesis in simple terms.")
 
 
-@register_stage("distill", DistillConfig, consumes="hf-model", produces="hf-model")
+@register_stage("distill", DistillConfig, consumes="hf-model", produces="hf-model", distributed=True)
 def distill(cfg: DistillConfig, inp, ctx) -> StageResult:
     from transformers import AutoModelForCausalLM
 
     teacher = AutoModelForCausalLM.from_pretrained(inp.path, dtype=torch.float32, attn_implementation="sdpa").eval()
     teacher_layers = teacher.config.num_hidden_layers
     checkpoints = ctx.run_dir / f".resume-{ctx.step or 'distill'}"
-    answers = _teacher_answers(cfg, teacher, inp.path, checkpoints, ctx.log) if cfg.teacher_answers else None
+    main = distributed.is_main()
+    answers = None
+    if cfg.teacher_answers:
+        answers = distributed.on_main(lambda: _teacher_answers(cfg, teacher, inp.path, checkpoints, ctx.log))
     train_blocks, eval_blocks = _data(cfg, Tokenizer(inp.path), answers)
-    teacher_ppl = math.exp(mean_loss(teacher, eval_blocks))
-    teacher_replies = sample_replies(teacher, inp.path, REPLY_PROMPTS)
+    # what only the manifest needs is measured by process 0 alone
+    teacher_ppl = math.exp(mean_loss(teacher, eval_blocks)) if main else math.nan
+    teacher_replies = sample_replies(teacher, inp.path, REPLY_PROMPTS) if main else []
     correction = None
     if cfg.teacher_correction is not None:
         teacher, correction = correct_teacher(teacher, train_blocks, eval_blocks, cfg, checkpoints, ctx.log)
@@ -76,7 +85,8 @@ def distill(cfg: DistillConfig, inp, ctx) -> StageResult:
     scores = None
     if cfg.layer_choice != "uniform":
         ctx.log(f"  scoring {teacher_layers} layers ({cfg.layer_choice}) on {cfg.importance_samples} calibration blocks")
-        scores = layer_importance(teacher, calib, cfg.layer_choice)
+        # one process scores, so that every process prunes the same layers
+        scores = distributed.on_main(lambda: layer_importance(teacher, calib, cfg.layer_choice))
     keep = choose_layers(teacher_layers, layers, cfg.layer_choice, scores)
     student = prune_depth(student, keep)
     layer_map = _layer_map(cfg, keep, teacher_layers)
@@ -84,10 +94,12 @@ def distill(cfg: DistillConfig, inp, ctx) -> StageResult:
     teacher_params = sum(p.numel() for p in teacher.parameters())
     ctx.log(f"  student: layers {keep} of {teacher_layers}, {params / 1e6:.1f}M parameters (teacher {teacher_params / 1e6:.1f}M)")
 
-    pruned_ppl, pruned_kl = evaluate(student, teacher, eval_blocks)
+    pruned_ppl, pruned_kl = evaluate(student, teacher, eval_blocks) if main else (math.nan, math.nan)
     ctx.log(f"  held-out perplexity: teacher {teacher_ppl:.3f}, pruned student {pruned_ppl:.3f}")
     started = time.time()
     history = train(student, teacher, train_blocks, eval_blocks, layer_map, cfg, checkpoints, ctx.log)
+    if not main:
+        return StageResult()
     final_ppl, final_kl = history.eval_ppl[-1], history.eval_kl[-1]
 
     student.save_pretrained(ctx.out_dir, safe_serialization=True)
@@ -109,7 +121,7 @@ def distill(cfg: DistillConfig, inp, ctx) -> StageResult:
         metrics={"teacher_perplexity": teacher_ppl, **corrected, "pruned_perplexity": pruned_ppl, "perplexity": final_ppl,
                  "gap_recovered": recovered, "kl_to_teacher": final_kl, "pruned_kl_to_teacher": pruned_kl,
                  "parameters": params, "teacher_parameters": teacher_params, "layers": len(keep),
-                 "tokens_seen": history.tokens_seen,
+                 "tokens_seen": history.tokens_seen, "processes": distributed.world_size(),
                  "teacher_answers": len(answers) if answers is not None else 0,
                  "train_tokens_per_second": history.tokens_seen / max(history.train_seconds, 1e-9),
                  "wall_seconds": time.time() - started},

@@ -1,0 +1,143 @@
+"""A distill recipe under `torchrun` with 2 processes (gloo on this CPU): the student equals the one a
+single process trains on both processes' blocks, the rest of the recipe runs in process 0 alone,
+process 0 alone speaks, and a killed 2-process run resumes to the same student."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, make_checkpoint
+from pipeline import run
+from pipeline.distill.teacher_answers import read_answers
+from runtime.tokenizer import Tokenizer
+
+# float32 (bf16 autocast rounds differently for 2 and 4 rows); 2 blocks a process = 4 in one process
+DISTILL = ("num_layers: 2, layer_choice: loss, intermediate_size: 96, sequence_length: 32, batch_size: {batch}, "
+           "grad_accum: 2, tokens: 2048, eval_every: 4, checkpoint_every: 2, eval_samples: 4, importance_samples: 4, "
+           "heldout_fraction: 0.2, bf16: 'false', teacher_correction: {{tokens: 1024, lr: 0.003}}, "
+           "teacher_answers: {{samples: 8, prompts: {{source: {prompts}}}, max_new_tokens: 24, batch_size: 4}}")
+
+KILLED_AT_STEP_5 = """\
+import sys
+import pipeline.stages.distill as stage
+from pipeline.cli import main
+
+real_train = stage.train
+
+def killed(*args, **kwargs):
+    def on_step(step):
+        if step == 5:
+            raise KeyboardInterrupt
+    return real_train(*args, **kwargs, on_step=on_step)
+
+stage.train = killed
+main(args=sys.argv[1:])
+"""
+
+
+def _recipe(folder: Path, teacher: Path, text: Path, batch: int) -> Path:
+    prompts = folder / "prompts.txt"
+    prompts.write_text("".join(f"Tell me about the number {i}.\n" for i in range(12)))
+    path = folder / f"d{batch}.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        name: d
+        model: {{source: {teacher}}}
+        stages:
+          - distill: {{{DISTILL.format(batch=batch, prompts=prompts)}, train_data: [{{source: {text}}}]}}
+          - quantize: {{method: rtn, bits: 4, group_size: 32}}
+          - export: {{}}
+        """))
+    return path
+
+
+def _torchrun(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(next(run_dir.glob("01-distill-*")) / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, eval_text):
+    folder = tmp_path_factory.mktemp("processes")
+    teacher = make_checkpoint(folder / "teacher", "llama", layers=4)
+    one = run(_recipe(folder, teacher, eval_text, batch=4), workdir=folder / "one")
+    two = _torchrun("-m", "pipeline", str(_recipe(folder, teacher, eval_text, batch=2)), "--workdir", str(folder / "two"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    return folder, teacher, one, folder / "two" / "d", two
+
+
+def test_two_processes_train_the_student_one_process_trains_on_their_blocks(runs):
+    folder, teacher, one, two, _ = runs
+    a, b = _weights(one), _weights(two)
+    start = load_file(str(teacher / "model.safetensors"))["model.embed_tokens.weight"]
+    assert (a["model.embed_tokens.weight"] - start).abs().max() > 1e-4  # training moved the weights
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5)
+    m1 = json.loads((next(one.glob("01-distill-*")) / "manifest.json").read_text())
+    m2 = json.loads((next(two.glob("01-distill-*")) / "manifest.json").read_text())
+    assert (m1["metrics"]["processes"], m2["metrics"]["processes"]) == (1, 2)
+    # the same token budget in half as many steps per process: 8 steps of 4 blocks x 2 micro-batches x 32 tokens
+    assert m1["metrics"]["tokens_seen"] == m2["metrics"]["tokens_seen"] == 2048
+    assert len(m2["training"]["loss"]) == 8 and m2["training"]["eval_steps"] == [4, 8]
+    assert m2["teacher_correction"]["tokens"] == 1024
+    assert m2["metrics"]["perplexity"] == pytest.approx(m1["metrics"]["perplexity"], rel=1e-4)
+    # process 0 sampled the answers once; both processes trained on them
+    ids = [read_answers(next(r.glob("01-distill-*")) / "teacher_answers.jsonl", Tokenizer(teacher)) for r in (one, two)]
+    assert ids[0] == ids[1] and len(ids[0]) > 0
+
+
+def test_process_0_finishes_the_recipe_and_speaks_for_both(runs):
+    _, _, _, two, out = runs
+    assert next(two.glob("03-export-*")).is_dir()
+    record = json.loads((two / "run.json").read_text())
+    assert record["processes"] == 2 and record["status"] == "passed" and len(record["steps"]) == 4
+    assert out.stdout.count("done: ") == 1 and out.stdout.count("[01] distill: running") == 1
+    assert "training on cpu" in out.stdout and "(2 process(es))" in out.stdout
+    assert not list(two.glob(".resume-*")) and not list(two.glob(".tmp-*"))
+
+
+def test_a_killed_two_process_run_resumes_to_the_same_student(runs, tmp_path):
+    folder, _, _, two, _ = runs
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_AT_STEP_5)
+    recipe_file = folder / "d2.yaml"  # the fixture's 2-process recipe
+    killed = _torchrun(str(script), str(recipe_file), "--workdir", str(tmp_path / "w"))
+    assert killed.returncode != 0
+    state = next((tmp_path / "w" / "d").glob(".resume-01-distill-*")) / "state"
+    progress = json.loads((state / "progress.json").read_text())
+    assert (progress["step"], progress["processes"]) == (4, 2)
+    assert {p.name for p in state.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+    resumed = _torchrun("-m", "pipeline", str(recipe_file), "--workdir", str(tmp_path / "w"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from the checkpoint at step 4 of 8" in resumed.stdout
+    a, b = _weights(two), _weights(tmp_path / "w" / "d")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6)
+
+
+def test_a_failure_in_process_0_ends_every_process_with_one_message(tmp_path, eval_text):
+    gguf = tmp_path / "broken.gguf"
+    gguf.write_bytes(b"not a gguf file" * 64)
+    recipe = tmp_path / "broken.yaml"
+    recipe.write_text(textwrap.dedent(f"""\
+        name: broken
+        model: {{source: {gguf}}}
+        stages:
+          - distill: {{num_layers: 1, train_data: [{{source: {eval_text}}}]}}
+        """))
+    out = _torchrun("-m", "pipeline", str(recipe), "--workdir", str(tmp_path / "w"))  # process 1 waits for the import
+    assert out.returncode != 0
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and "broken.gguf" in errors[0], out.stderr[-2000:]
