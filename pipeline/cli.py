@@ -47,10 +47,8 @@ def run_command(recipe, workdir, force, overrides, debug):
     except PipelineError as e:
         if debug:
             traceback.print_exc()
-        if distributed.is_main():  # under a launcher process 0 speaks; the others only for errors of their own
+        if distributed.is_main():  # under a launcher process 0 speaks: the others stop on the same error
             click.echo(f"error: {e}", err=True)
-        elif not isinstance(e, distributed.Forwarded):
-            click.echo(f"error (process {distributed.rank()}): {e}", err=True)
         sys.exit(e.exit_code)
     if distributed.is_main():
         click.echo(f"done: {run_dir} (try: optimize generate {run_dir} \"What is the capital of France?\")")

@@ -19,10 +19,6 @@ from pipeline.errors import PipelineError, StageError
 
 T = TypeVar("T")
 
-
-class Forwarded(StageError):
-    """Process 0's error, raised again in the others (which leave the telling to process 0)."""
-
 # Process 0 may run long steps (an import, a GPTQ pass) while the others wait for it in a collective;
 # the default 30-minute timeout of torch.distributed would kill them first.
 WAIT = timedelta(hours=48)
@@ -97,5 +93,5 @@ def on_main(fn: Callable[[], T]) -> T:
         return value
     outcome, value = share()
     if outcome == "error":
-        raise Forwarded(f"process 0 failed: {value}")
+        raise StageError(f"process 0 failed: {value}")
     return value

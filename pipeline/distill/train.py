@@ -147,10 +147,11 @@ def train(student, teacher, train_blocks: torch.Tensor, eval_blocks: torch.Tenso
                             t_out = teacher(input_ids=ids, output_hidden_states=need_hidden, use_cache=False)
                     s_out = student(input_ids=ids, output_hidden_states=need_hidden, use_cache=False)
                     loss = _loss(s_out, t_out, ids, layer_map, cfg)
-                if not torch.isfinite(loss):
+                bad = _nonfinite(accelerator, loss)
+                if bad:
                     raise StageError(
-                        f"distill: the loss is {float(loss)} at step {step + 1}; the last good checkpoint "
-                        f"(step {last_good}) is kept in {checkpoints}; lower distill.lr or check the data")
+                        f"distill: the loss is {bad} at step {step + 1}; the last good checkpoint (step {last_good}) "
+                        f"is kept in {checkpoints}; lower distill.lr or check the data")
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm:
                     accelerator.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
@@ -182,6 +183,18 @@ def train(student, teacher, train_blocks: torch.Tensor, eval_blocks: torch.Tenso
     bar.close()
     distributed.cpu_threads(training=False)
     return history
+
+
+def _nonfinite(accelerator, loss: torch.Tensor) -> str:
+    """'' when every process's loss is finite, else which are not: all processes stop at the same
+    micro-batch, before a NaN reaches the averaged gradients."""
+    losses = loss.detach().float().reshape(1)
+    if accelerator.num_processes > 1:
+        losses = accelerator.gather(losses)
+    bad = [(i, v) for i, v in enumerate(losses.tolist()) if not math.isfinite(v)]
+    if accelerator.num_processes == 1:
+        return str(bad[0][1]) if bad else ""
+    return ", ".join(f"{v} in process {i}" for i, v in bad)
 
 
 def _loss(s_out, t_out, ids, layer_map: dict[int, int], cfg: DistillConfig) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -62,6 +63,11 @@ def _torchrun(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args],
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+
+
+def _errors(stderr: str) -> list[str]:
+    """Our CLI's error lines (a progress bar may precede one on its line)."""
+    return re.findall(r"error: [^\n]*", stderr)
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -139,5 +145,37 @@ def test_a_failure_in_process_0_ends_every_process_with_one_message(tmp_path, ev
         """))
     out = _torchrun("-m", "pipeline", str(recipe), "--workdir", str(tmp_path / "w"))  # process 1 waits for the import
     assert out.returncode != 0
-    errors = [line for line in out.stderr.splitlines() if line.startswith("error")]
-    assert len(errors) == 1 and errors[0].startswith("error: ") and "broken.gguf" in errors[0], out.stderr[-2000:]
+    errors = _errors(out.stderr)
+    assert len(errors) == 1 and "broken.gguf" in errors[0], out.stderr[-2000:]
+
+
+NAN_IN_PROCESS_1 = """\
+import os
+import sys
+import pipeline.distill.train as train
+from pipeline.cli import main
+
+real_loss, calls = train._loss, [0]
+
+def loss(*args):  # the teacher correction's 5th micro-batch: step 3 of 4 (2 micro-batches a step)
+    calls[0] += 1
+    value = real_loss(*args)
+    return value * float("nan") if calls[0] == 5 and os.environ["RANK"] == "1" else value
+
+train._loss = loss
+main(args=sys.argv[1:])
+"""
+
+
+def test_a_nan_loss_in_one_process_stops_both_at_the_same_step(runs, tmp_path):
+    folder = runs[0]
+    script = tmp_path / "nan.py"
+    script.write_text(NAN_IN_PROCESS_1)
+    out = _torchrun(str(script), str(folder / "d2.yaml"), "--workdir", str(tmp_path / "w"))
+    assert out.returncode != 0
+    errors = _errors(out.stderr)
+    assert len(errors) == 1, out.stderr[-2000:]
+    assert errors[0].startswith("error: distill: the loss is nan in process 1 at step 3; the last good checkpoint (step 2)")
+    # both processes stopped there: each saved its random state at step 2, none went on to step 4
+    state = next((tmp_path / "w" / "d").glob(".resume-01-distill-*")) / "correction" / "state"
+    assert json.loads((state / "progress.json").read_text())["step"] == 2
