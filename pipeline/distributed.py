@@ -72,13 +72,6 @@ def share(value: Any = None) -> Any:
     return box[0]
 
 
-def barrier() -> None:
-    if world_size() > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
 def on_main(fn: Callable[[], T]) -> T:
     """`fn()` run by process 0 alone; the others get its result (or raise its error) when it is done."""
     if world_size() == 1:

@@ -238,8 +238,8 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 def _checkpoint(accelerator, folder: Path, step: int, history: History) -> None:
     """Write the state and its progress.json to a temp folder, then swap it in: a kill at any moment
-    leaves one complete checkpoint. Every process saves its part (its random state; all of it under
-    FSDP); process 0 writes progress.json and swaps."""
+    leaves one complete checkpoint. Every process saves its part (its random state); process 0 writes
+    progress.json and swaps."""
     tmp, state, old = folder / "state.tmp", folder / "state", folder / "state.old"
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
