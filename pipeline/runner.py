@@ -121,50 +121,43 @@ def run(recipe_path: Path | str, workdir: Path | str = "artifacts", force: bool 
 def _run_shared_step(run_dir, index, name, kind, cfg_dict, fp, history, build, force, record) -> Artifact:
     """A distributed stage: process 0 decides whether the cached artifact stands; if not, every
     process runs the stage (process 0 into the step's temp folder, the others into scratch folders
-    that are thrown away), then process 0 writes the manifest and puts the step in place."""
+    that are thrown away), then process 0 writes the manifest, puts the step in place and sends the
+    artifact to the others."""
     if distributed.is_main():
-        final = run_dir / f"{index:02d}-{name}-{fp[:12]}"
-        cached = _reuse(run_dir, final, index, name, kind, fp, force, record)
-        distributed.share(str(cached.path) if cached is not None else None)
-        if cached is not None:
-            _raise_if_failed(cached)
-            return cached
-        try:
+        art = _reuse(run_dir, index, name, kind, fp, force, record)
+        distributed.share(art)
+        if art is None:
             art = _build_step(run_dir, index, name, kind, cfg_dict, fp, history, build, record)
-        except ValidationFailed:  # in place but failed: the others raise the same from its manifest
-            distributed.share(str(final))
-            raise
-        distributed.share(str(art.path))
-        return art
-    cached = distributed.share()
-    if cached is None:
-        scratch = Path(tempfile.mkdtemp(prefix=f"optimize-rank{distributed.rank()}-"))
-        try:
-            build(RunContext(run_dir=run_dir, out_dir=scratch, baseline=history[0], history=history, log=log,
-                             step=f"{index:02d}-{name}-{fp[:12]}"))
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        cached = distributed.share()
-    art = _read_artifact(Path(cached))
+            distributed.share(art)
+    else:
+        art = distributed.share()
+        if art is None:
+            scratch = Path(tempfile.mkdtemp(prefix=f"optimize-rank{distributed.rank()}-"))
+            try:
+                build(RunContext(run_dir=run_dir, out_dir=scratch, baseline=history[0], history=history, log=log,
+                                 step=_step_name(index, name, fp)))
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+            art = distributed.share()
     _raise_if_failed(art)
     return art
 
 
-def _read_artifact(folder: Path) -> Artifact:
-    return Artifact(folder, json.loads((folder / MANIFEST).read_text()))
-
-
 def _run_step(run_dir, index, name, kind, cfg_dict, fp, history, build, force, record) -> Artifact:
-    final = run_dir / f"{index:02d}-{name}-{fp[:12]}"
-    cached = _reuse(run_dir, final, index, name, kind, fp, force, record)
-    if cached is not None:
-        _raise_if_failed(cached)
-        return cached
-    return _build_step(run_dir, index, name, kind, cfg_dict, fp, history, build, record)
+    art = _reuse(run_dir, index, name, kind, fp, force, record)
+    if art is None:
+        art = _build_step(run_dir, index, name, kind, cfg_dict, fp, history, build, record)
+    _raise_if_failed(art)
+    return art
+
+
+def _step_name(index: int, name: str, fp: str) -> str:
+    return f"{index:02d}-{name}-{fp[:12]}"
 
 
 def _build_step(run_dir, index, name, kind, cfg_dict, fp, history, build, record) -> Artifact:
-    final = run_dir / f"{index:02d}-{name}-{fp[:12]}"
+    """Run the stage into a temp folder and put it in place; the caller raises if its gate failed."""
+    final = run_dir / _step_name(index, name, fp)
     tmp = run_dir / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     log(f"[{index:02d}] {name}: running (fp {fp[:12]})")
@@ -188,13 +181,12 @@ def _build_step(run_dir, index, name, kind, cfg_dict, fp, history, build, record
     figures = ", ".join(f"{k}={_fmt(v)}" for k, v in list(result.metrics.items())[:6])
     log(f"[{index:02d}] {name}: done in {seconds:.1f}s -> {final}" + (f" ({figures})" if figures else ""))
     record["steps"].append({"index": index, "stage": name, "dir": final.name, "cached": False, "seconds": seconds})
-    art = Artifact(final, manifest)
-    _raise_if_failed(art)
-    return art
+    return Artifact(final, manifest)
 
 
-def _reuse(run_dir, final, index, name, kind, fp, force, record) -> Artifact | None:
+def _reuse(run_dir, index, name, kind, fp, force, record) -> Artifact | None:
     """The step's artifact if it is already built, in this run folder or (hard-linked) from another."""
+    final = run_dir / _step_name(index, name, fp)
     if final.exists() and not force:
         art, why = load_verified(final, fp)
         if art is not None:
