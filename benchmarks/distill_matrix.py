@@ -244,8 +244,8 @@ def main() -> int:
         run_cfg = dataclasses.replace(cfg, loss=loss, tokens=tokens, seed=seed)
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as checkpoints:
-            history = train(student, teacher, train_blocks, eval_blocks, dict(enumerate(chosen)), run_cfg,
-                            Path(checkpoints), print)
+            student, history = train(student, teacher, train_blocks, eval_blocks, dict(enumerate(chosen)), run_cfg,
+                                     Path(checkpoints), print)
         wall = time.perf_counter() - started
         seed_note = f", training seed {seed}" if args.train_seeds else ""
         rows.append({"row": f"{start_name} + {name}, {history.tokens_seen:,} tokens{seed_note}", **measure(student.eval()),

@@ -218,6 +218,8 @@ class DistillConfig:
     eval_samples: int = 16  # held-out blocks per evaluation
     checkpoint_every: int = 20  # steps; a killed run resumes from the last one
     bf16: str = "auto"  # auto (where the GPU or CPU computes bf16 natively) | true | false
+    # under a launcher: ddp (a whole teacher and student in each process) | fsdp (each process holds 1/N)
+    parallel: str = "ddp"
     seed: int = 0
     loss: DistillLossConfig = field(default_factory=DistillLossConfig)
     teacher_answers: TeacherAnswersConfig | None = None  # chat turns the teacher writes, added to train_data
@@ -231,6 +233,8 @@ class DistillConfig:
             raise RecipeError(f"layer_choice: '{self.layer_choice}' is not one of {', '.join(DISTILL_LAYER_CHOICES)}")
         if self.bf16 not in ("auto", "true", "false"):
             raise RecipeError(f"bf16: '{self.bf16}' is not one of auto, true, false")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise RecipeError(f"parallel: '{self.parallel}' is not one of ddp, fsdp")
         if not 0 <= self.heldout_fraction < 0.5:
             raise RecipeError(f"heldout_fraction: {self.heldout_fraction} is not in [0, 0.5)")
         if self.eval_data is None and self.heldout_fraction == 0:

@@ -1,10 +1,10 @@
 """One recipe in several processes (`torchrun` / `accelerate launch`): which process does what.
 
 Under a launcher every process runs the recipe. A stage registered as `distributed` (distill) runs in
-all of them: each process takes its share of every batch and accelerate averages the gradients (DDP),
-while process 0 alone writes files and logs. Every other step runs in process 0 alone; the others wait
-for its artifact and read it from disk. Once the last distributed step is done, processes 1.. leave
-and process 0 finishes the recipe.
+all of them: each process takes its share of every batch and the gradients are averaged (DDP; or FSDP
+with `distill.parallel: fsdp`, each process holding a shard of the models), while process 0 alone
+writes files and logs. Every other step runs in process 0 alone; the others wait for its artifact.
+Once the last distributed step is done, processes 1.. leave and process 0 finishes the recipe.
 
 Without a launcher (WORLD_SIZE unset or 1) every function here is a no-op and the recipe runs as one
 process.

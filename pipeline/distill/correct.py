@@ -25,6 +25,7 @@ import torch
 
 from pipeline import distributed
 from pipeline.configs import DistillConfig, DistillLossConfig
+from pipeline.distill import sharding
 from pipeline.distill.train import train
 
 CORRECTED = "corrected-teacher"
@@ -34,23 +35,20 @@ RECORD = "correction.json"
 def correct_teacher(teacher, train_blocks: torch.Tensor, eval_blocks: torch.Tensor, cfg: DistillConfig,
                     checkpoints: Path, log: Callable[[str], None]) -> tuple[torch.nn.Module, dict]:
     """The teacher fine-tuned by `cfg.teacher_correction`, and what its training measured."""
-    from transformers import AutoModelForCausalLM
-
     tc = cfg.teacher_correction
     saved = checkpoints / CORRECTED
     if (saved / RECORD).is_file():
         log(f"  teacher correction: read from the interrupted run ({saved})")
-        model = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32, attn_implementation="sdpa").eval()
-        return model, json.loads((saved / RECORD).read_text())
+        return sharding.load(saved, cfg), json.loads((saved / RECORD).read_text())
     run_cfg = dataclasses.replace(cfg, tokens=tc.tokens, lr=tc.lr, loss=DistillLossConfig(kd=0.0, ce=1.0))
     log(f"  teacher correction: cross-entropy on the training text, {tc.tokens:,} tokens at lr {tc.lr:g}")
     model = copy.deepcopy(teacher)
-    history = train(model, teacher, train_blocks, eval_blocks, {}, run_cfg, checkpoints / "correction", log)
+    model, history = train(model, teacher, train_blocks, eval_blocks, {}, run_cfg, checkpoints / "correction", log)
     model = model.eval().requires_grad_(False)
     info = {"tokens": history.tokens_seen, "lr": tc.lr, "train_seconds": history.train_seconds,
             "heldout_perplexity": history.eval_ppl[-1], "kl_to_original": history.eval_kl[-1],
             "curve": [list(point) for point in zip(history.eval_steps, history.eval_ppl)]}
-    if not distributed.is_main():  # the processes hold the same weights: DDP kept them equal
+    if not distributed.is_main():  # DDP kept the processes' weights equal; under FSDP process 0 has them
         return model, info
     tmp = checkpoints / f"{CORRECTED}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -1,8 +1,9 @@
 """The distillation loop, run through Hugging Face accelerate.
 
-One process on the CPU here; the same code under `accelerate launch` / `torchrun` trains with DDP:
-each process takes `batch_size` blocks of every micro-batch, so a step reads batch_size × grad_accum ×
-processes blocks and the token budget takes fewer steps. Deterministic: the block order of each epoch is a
+One process on the CPU here; the same code under `accelerate launch` / `torchrun` trains with DDP, or
+with FSDP (`parallel: fsdp`, pipeline/distill/sharding.py: teacher and student split across the
+processes): each process takes `batch_size` blocks of every micro-batch, so a step reads batch_size ×
+grad_accum × processes blocks and the token budget takes fewer steps. Deterministic: the block order of each epoch is a
 permutation seeded by (seed, epoch), so step k always sees the same data, and a run resumed from a
 checkpoint continues exactly where the killed one was.
 
@@ -28,6 +29,8 @@ import torch
 
 from pipeline import distributed
 from pipeline.configs import DistillConfig
+from pipeline.distill import sharding
+from pipeline.bench.system import rss_bytes
 from pipeline.distill.losses import ce_loss, hidden_loss, kd_loss
 from pipeline.errors import StageError
 
@@ -43,6 +46,11 @@ class History:
     eval_kl: list[float] = field(default_factory=list)
     tokens_seen: int = 0
     train_seconds: float = 0.0
+    student_parameters_held: int = 0  # by each process: all of them, or its shard under FSDP
+    teacher_parameters_held: int = 0
+    start_rss_mib: list[float] = field(default_factory=list)  # per process, models in place, before the first step
+    peak_rss_mib: list[float] = field(default_factory=list)  # per process, when training ended
+    peak_device_mib: list[float] = field(default_factory=list)  # per process, on a GPU
 
 
 def total_steps(cfg: DistillConfig, processes: int = 1) -> int:
@@ -85,8 +93,12 @@ def _mixed_precision(cfg: DistillConfig) -> str:
 
 def train(student, teacher, train_blocks: torch.Tensor, eval_blocks: torch.Tensor, layer_map: dict[int, int],
           cfg: DistillConfig, checkpoints: Path, log: Callable[[str], None],
-          on_step: Callable[[int], None] | None = None) -> History:
-    """Train `student` in place; resumes from `checkpoints` when it holds a finished checkpoint."""
+          on_step: Callable[[int], None] | None = None) -> tuple[torch.nn.Module, History]:
+    """The trained student and its history; resumes from `checkpoints` when it holds a finished checkpoint.
+
+    Under DDP (or alone) the student is trained in place and returned; under FSDP the student and the
+    teacher (skeletons outside process 0) are sharded in place, and the student returned is a plain copy
+    gathered from the shards in process 0, a skeleton in the others."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, set_seed
     from tqdm import tqdm
@@ -101,30 +113,49 @@ def train(student, teacher, train_blocks: torch.Tensor, eval_blocks: torch.Tenso
     GradientState._reset_state()
     accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum)
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        # evaluation and saving read the whole student in each process; sharded weights would need gathering
-        raise StageError(f"distill: {accelerator.distributed_type.value} is not supported; launch with DDP "
-                         "(`accelerate launch --multi_gpu` or `torchrun`), one copy of the student per process")
-    log(f"  training on {accelerator.device} ({accelerator.num_processes} process(es)), mixed precision: {precision}")
+        # their plugins wrap the model in prepare(); we shard it ourselves (and the teacher with it)
+        raise StageError(f"distill: accelerate's {accelerator.distributed_type.value} plugin is not used; set "
+                         "distill.parallel: fsdp and launch with `torchrun` or `accelerate launch --multi_gpu`")
+    fsdp = sharding.active(cfg)
+    mode = "FSDP" if fsdp else "DDP" if accelerator.num_processes > 1 else "one process"
+    log(f"  training on {accelerator.device} ({accelerator.num_processes} process(es), {mode}), mixed precision: {precision}")
     steps = total_steps(cfg, accelerator.num_processes)
     student.requires_grad_(True)  # a student copied from a frozen model would otherwise not train
+    if fsdp:
+        for model in (student, teacher):
+            sharding.shard(model, accelerator.device)
+    (s_here, s_all), (t_here, t_all) = sharding.held_here(student), sharding.held_here(teacher)
+    if fsdp:
+        log(f"  FSDP: each process holds {s_here / 1e6:.2f}M of the student's {s_all / 1e6:.2f}M parameters "
+            f"and {t_here / 1e6:.2f}M of the teacher's {t_all / 1e6:.2f}M")
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, steps))
-    student, optimizer = accelerator.prepare(student, optimizer)
+    if not fsdp:  # DDP wrapping; the sharded model and its optimizer are checkpointed by sharding.save_shards
+        student, optimizer = accelerator.prepare(student, optimizer)
+        # prepare() also wraps the student's forward in autocast; the loop autocasts itself, and without
+        # the wrapper the evaluations (and whoever runs the returned student) compute in float32
+        accelerator.unwrap_model(student, keep_fp32_wrapper=False)
+        teacher = teacher.to(accelerator.device)
+    teacher.eval()  # read under no_grad only: its own flags stay as they are
     accelerator.register_for_checkpointing(scheduler)  # stepped here once per optimizer step, whatever the world size
-    teacher = teacher.to(accelerator.device).eval()  # read under no_grad only: its own flags stay as they are
 
     history, start = History(), 0
     state = latest_checkpoint(checkpoints)
     if state is not None:
         saved = json.loads((state / PROGRESS_FILE).read_text())
-        if saved.get("processes", 1) != accelerator.num_processes:
-            # rank r's blocks depend on the world size: another one would not continue the same run
-            raise StageError(f"distill: the checkpoint in {state} was written by {saved.get('processes', 1)} "
-                             f"process(es), this run has {accelerator.num_processes}; resume with as many "
-                             f"processes, or delete {checkpoints} to start over")
+        written = (saved.get("processes", 1), saved.get("fsdp", False))
+        if written != (accelerator.num_processes, fsdp):
+            # rank r's blocks depend on the world size, and sharded checkpoints on the sharding
+            raise StageError(f"distill: the checkpoint in {state} was written by {written[0]} process(es)"
+                             f"{' with FSDP' if written[1] else ''}, this run has {accelerator.num_processes}"
+                             f"{' with FSDP' if fsdp else ''}; resume the same way, or delete {checkpoints} to start over")
         accelerator.load_state(str(state))
+        if fsdp:
+            sharding.load_shards(student, optimizer, state)
         history, start = History(**saved["history"]), saved["step"]
         log(f"  resuming from the checkpoint at step {start} of {steps}")
+    history.student_parameters_held, history.teacher_parameters_held = s_here, t_here
+    history.start_rss_mib = _per_process(accelerator, rss_bytes() / 2**20)
 
     distributed.cpu_threads(training=True)  # a launched run that fails here ends, so no restore on errors
     need_hidden = cfg.loss.hidden > 0
@@ -153,12 +184,12 @@ def train(student, teacher, train_blocks: torch.Tensor, eval_blocks: torch.Tenso
                         f"distill: the loss is {bad} at step {step + 1}; the last good checkpoint (step {last_good}) "
                         f"is kept in {checkpoints}; lower distill.lr or check the data")
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm:
-                    accelerator.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                if accelerator.sync_gradients:
+                if accelerator.sync_gradients:  # the last micro-batch of the step
+                    if cfg.max_grad_norm:  # DTensor-aware: on FSDP shards the norm spans every process
+                        accelerator.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
                     scheduler.step()
-                optimizer.zero_grad()
+                    optimizer.zero_grad()
             step_loss += float(loss.detach()) / cfg.grad_accum
         seconds = time.perf_counter() - began
         tokens = cfg.batch_size * cfg.grad_accum * cfg.sequence_length * accelerator.num_processes
@@ -170,19 +201,36 @@ def train(student, teacher, train_blocks: torch.Tensor, eval_blocks: torch.Tenso
         bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens / seconds:.0f}")
         done = step + 1
         if done % cfg.eval_every == 0 or done == steps:
+            # every process evaluates (under FSDP each forward needs all of them)
             ppl, kl = evaluate(accelerator.unwrap_model(student), teacher, eval_blocks, cfg.loss.temperature)
             history.eval_steps.append(done)
             history.eval_ppl.append(ppl)
             history.eval_kl.append(kl)
             log(f"  step {done}/{steps}: held-out perplexity {ppl:.3f}, KL to the teacher {kl:.4f}")
         if done % cfg.checkpoint_every == 0 or done == steps:
-            _checkpoint(accelerator, checkpoints, done, history)
+            _checkpoint(accelerator, checkpoints, done, history, (student, optimizer) if fsdp else None)
             last_good = done
         if on_step:
             on_step(done)
     bar.close()
     distributed.cpu_threads(training=False)
-    return history
+    _record_peak_memory(accelerator, history)
+    return (sharding.gather(student) if fsdp else accelerator.unwrap_model(student)), history
+
+
+def _record_peak_memory(accelerator, history: History) -> None:
+    """Every process's peak resident memory (and device memory on a GPU) so far, in the history."""
+    history.peak_rss_mib = _per_process(accelerator, rss_bytes(peak=True) / 2**20)
+    if torch.cuda.is_available():
+        history.peak_device_mib = _per_process(accelerator, torch.cuda.max_memory_allocated() / 2**20)
+
+
+def _per_process(accelerator, value: float) -> list[float]:
+    """`value` of every process, in process order (all must call it)."""
+    values = torch.tensor([value], dtype=torch.float64, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        values = accelerator.gather(values)
+    return [round(x, 1) for x in values.tolist()]
 
 
 def _nonfinite(accelerator, loss: torch.Tensor) -> str:
@@ -236,10 +284,10 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return None
 
 
-def _checkpoint(accelerator, folder: Path, step: int, history: History) -> None:
+def _checkpoint(accelerator, folder: Path, step: int, history: History, sharded=None) -> None:
     """Write the state and its progress.json to a temp folder, then swap it in: a kill at any moment
-    leaves one complete checkpoint. Every process saves its part (its random state); process 0 writes
-    progress.json and swaps."""
+    leaves one complete checkpoint. Every process saves its part (its random state; under FSDP, given
+    `sharded` = (model, optimizer), its shards); process 0 writes progress.json and swaps."""
     tmp, state, old = folder / "state.tmp", folder / "state", folder / "state.old"
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -247,10 +295,13 @@ def _checkpoint(accelerator, folder: Path, step: int, history: History) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if sharded is not None:
+        sharding.save_shards(*sharded, tmp)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return
-    progress = {"step": step, "processes": accelerator.num_processes, "history": history.__dict__}
+    progress = {"step": step, "processes": accelerator.num_processes, "fsdp": sharded is not None,
+                "history": history.__dict__}
     (tmp / PROGRESS_FILE).write_text(json.dumps(progress))
     shutil.rmtree(old, ignore_errors=True)
     if state.exists():

@@ -15,6 +15,8 @@ go in the manifest. Training checkpoints live beside the run
 Under `torchrun` / `accelerate launch` the stage runs in every process (pipeline/distributed.py): the
 trainings (correction and distillation) share each batch between them, while process 0 alone samples
 the teacher's answers, scores the layers, evaluates and writes; the others receive what they need.
+Under FSDP (`parallel: fsdp`) only process 0 holds the teacher's weights and prunes the student; the
+others hold skeletons until training shards process 0's weights (pipeline/distill/sharding.py).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from calibration.prompts import builtin_prompts, load_prompts
 from pipeline import distributed
 from pipeline.artifacts import write_json_atomic
 from pipeline.configs import DistillConfig, TextSourceConfig
+from pipeline.distill import sharding
 from pipeline.distill.correct import correct_teacher
 from pipeline.distill.prune import (
     choose_layers, layer_importance, layers_for_budget, mean_loss, prune_depth, prune_kv_groups, prune_mlp,
@@ -51,9 +54,7 @@ REPLY_PROMPTS = ("What is the capital of France?", "Write a short poem about the
 
 @register_stage("distill", DistillConfig, consumes="hf-model", produces="hf-model", distributed=True)
 def distill(cfg: DistillConfig, inp, ctx) -> StageResult:
-    from transformers import AutoModelForCausalLM
-
-    teacher = AutoModelForCausalLM.from_pretrained(inp.path, dtype=torch.float32, attn_implementation="sdpa").eval()
+    teacher = sharding.load(inp.path, cfg)
     teacher_layers = teacher.config.num_hidden_layers
     checkpoints = ctx.run_dir / f".resume-{ctx.step or 'distill'}"
     main = distributed.is_main()
@@ -72,23 +73,17 @@ def distill(cfg: DistillConfig, inp, ctx) -> StageResult:
                                            cfg.importance_samples, cfg.seed))
     ctx.log(f"  {len(train_blocks)} training blocks of {cfg.sequence_length} tokens, {len(eval_blocks)} held out")
 
-    student = teacher
-    if cfg.intermediate_size is not None or cfg.num_key_value_heads is not None:
-        import copy
+    if sharding.active(cfg):  # process 0 alone has the weights to prune; the others take the student's shape
+        pruned = {}
 
-        student = copy.deepcopy(teacher)
-        if cfg.intermediate_size is not None:
-            prune_mlp(student, cfg.intermediate_size, calib)
-        if cfg.num_key_value_heads is not None:
-            prune_kv_groups(student, cfg.num_key_value_heads, calib)
-    layers = cfg.num_layers if cfg.num_layers is not None else layers_for_budget(student, cfg.param_budget_m)
-    scores = None
-    if cfg.layer_choice != "uniform":
-        ctx.log(f"  scoring {teacher_layers} layers ({cfg.layer_choice}) on {cfg.importance_samples} calibration blocks")
-        # one process scores, so that every process prunes the same layers
-        scores = distributed.on_main(lambda: layer_importance(teacher, calib, cfg.layer_choice))
-    keep = choose_layers(teacher_layers, layers, cfg.layer_choice, scores)
-    student = prune_depth(student, keep)
+        def prune_on_main():
+            pruned["student"], keep, scores = _prune(cfg, teacher, calib, ctx.log, lambda score: score())
+            return keep, scores, pruned["student"].config
+
+        keep, scores, config = distributed.on_main(prune_on_main)
+        student = pruned["student"] if main else sharding.skeleton(config)
+    else:  # every process prunes its copy alike; one scores the layers, so that all keep the same ones
+        student, keep, scores = _prune(cfg, teacher, calib, ctx.log, distributed.on_main)
     layer_map = _layer_map(cfg, keep, teacher_layers)
     params = sum(p.numel() for p in student.parameters())
     teacher_params = sum(p.numel() for p in teacher.parameters())
@@ -97,7 +92,7 @@ def distill(cfg: DistillConfig, inp, ctx) -> StageResult:
     pruned_ppl, pruned_kl = evaluate(student, teacher, eval_blocks) if main else (math.nan, math.nan)
     ctx.log(f"  held-out perplexity: teacher {teacher_ppl:.3f}, pruned student {pruned_ppl:.3f}")
     started = time.time()
-    history = train(student, teacher, train_blocks, eval_blocks, layer_map, cfg, checkpoints, ctx.log)
+    student, history = train(student, teacher, train_blocks, eval_blocks, layer_map, cfg, checkpoints, ctx.log)
     if not main:
         return StageResult()
     final_ppl, final_kl = history.eval_ppl[-1], history.eval_kl[-1]
@@ -134,6 +129,28 @@ def distill(cfg: DistillConfig, inp, ctx) -> StageResult:
               "layer_map": {str(k): v for k, v in layer_map.items()},
               "training": history.__dict__, "sample_replies": replies},
     )
+
+
+def _prune(cfg: DistillConfig, teacher, calib: torch.Tensor, log, score) -> tuple[torch.nn.Module, list[int], list | None]:
+    """The pruned student, the teacher layers it keeps and their scores (None when chosen uniformly);
+    `score(fn)` runs the layer scoring `fn`."""
+    teacher_layers = teacher.config.num_hidden_layers
+    student = teacher
+    if cfg.intermediate_size is not None or cfg.num_key_value_heads is not None:
+        import copy
+
+        student = copy.deepcopy(teacher)
+        if cfg.intermediate_size is not None:
+            prune_mlp(student, cfg.intermediate_size, calib)
+        if cfg.num_key_value_heads is not None:
+            prune_kv_groups(student, cfg.num_key_value_heads, calib)
+    layers = cfg.num_layers if cfg.num_layers is not None else layers_for_budget(student, cfg.param_budget_m)
+    scores = None
+    if cfg.layer_choice != "uniform":
+        log(f"  scoring {teacher_layers} layers ({cfg.layer_choice}) on {cfg.importance_samples} calibration blocks")
+        scores = score(lambda: layer_importance(teacher, calib, cfg.layer_choice))
+    keep = choose_layers(teacher_layers, layers, cfg.layer_choice, scores)
+    return prune_depth(student, keep), keep, scores
 
 
 def _teacher_answers(cfg: DistillConfig, teacher, teacher_folder: Path, checkpoints: Path, log) -> list[dict]:

@@ -30,6 +30,7 @@ def test_a_student_copied_from_a_frozen_teacher_trains(tmp_path):
     blocks = torch.randint(0, 50, (8, 16), generator=torch.Generator().manual_seed(0))
     cfg = DistillConfig(num_layers=1, sequence_length=16, batch_size=2, grad_accum=1, tokens=64, bf16="false",
                         eval_every=100, checkpoint_every=100, eval_samples=2)
-    history = train(student, teacher, blocks, blocks[:2], {0: 1}, cfg, tmp_path / "ckpt", lambda _msg: None)
+    trained, history = train(student, teacher, blocks, blocks[:2], {0: 1}, cfg, tmp_path / "ckpt", lambda _msg: None)
+    assert trained is student  # alone (and under DDP) the student is trained in place
     assert len(history.loss) == 2 and all(np.isfinite(history.loss))
     assert not torch.equal(before, student.model.layers[0].mlp.up_proj.weight)

@@ -202,3 +202,11 @@ def test_bad_teacher_correction_is_named(tmp_path, teacher, eval_text, value, me
 
     with pytest.raises(RecipeError, match=message):
         load_recipe(_recipe(tmp_path, teacher, eval_text, settings=SETTINGS + f", teacher_correction: {value}"))
+
+
+def test_a_bad_parallel_mode_is_named(tmp_path, teacher, eval_text):
+    from pipeline import RecipeError
+    from pipeline.recipe import load_recipe
+
+    with pytest.raises(RecipeError, match=r"distill\.parallel: 'zero3' is not one of ddp, fsdp"):
+        load_recipe(_recipe(tmp_path, teacher, eval_text, settings=SETTINGS + ", parallel: zero3"))

@@ -44,15 +44,15 @@ main(args=sys.argv[1:])
 """
 
 
-def _recipe(folder: Path, teacher: Path, text: Path, batch: int) -> Path:
+def _recipe(folder: Path, teacher: Path, text: Path, batch: int, parallel: str = "ddp") -> Path:
     prompts = folder / "prompts.txt"
     prompts.write_text("".join(f"Tell me about the number {i}.\n" for i in range(12)))
-    path = folder / f"d{batch}.yaml"
+    path = folder / f"d{batch}{'-fsdp' if parallel == 'fsdp' else ''}.yaml"
     path.write_text(textwrap.dedent(f"""\
         name: d
         model: {{source: {teacher}}}
         stages:
-          - distill: {{{DISTILL.format(batch=batch, prompts=prompts)}, train_data: [{{source: {text}}}]}}
+          - distill: {{{DISTILL.format(batch=batch, prompts=prompts)}, parallel: {parallel}, train_data: [{{source: {text}}}]}}
           - quantize: {{method: rtn, bits: 4, group_size: 32}}
           - export: {{}}
         """))
@@ -110,7 +110,7 @@ def test_process_0_finishes_the_recipe_and_speaks_for_both(runs):
     record = json.loads((two / "run.json").read_text())
     assert record["processes"] == 2 and record["status"] == "passed" and len(record["steps"]) == 4
     assert out.stdout.count("done: ") == 1 and out.stdout.count("[01] distill: running") == 1
-    assert "training on cpu" in out.stdout and "(2 process(es))" in out.stdout
+    assert "training on cpu" in out.stdout and "(2 process(es), DDP)" in out.stdout
     assert not list(two.glob(".resume-*")) and not list(two.glob(".tmp-*"))
 
 
@@ -179,3 +179,81 @@ def test_a_nan_loss_in_one_process_stops_both_at_the_same_step(runs, tmp_path):
     # both processes stopped there: each saved its random state at step 2, none went on to step 4
     state = next((tmp_path / "w" / "d").glob(".resume-01-distill-*")) / "correction" / "state"
     assert json.loads((state / "progress.json").read_text())["step"] == 2
+
+
+# processes 1.. of an FSDP run never read a model's weights (the one killed at step 5 is the same run)
+FSDP_PROCESS_1_HAS_NO_WEIGHTS = """\
+import os
+import sys
+import transformers
+import pipeline.stages.distill as stage
+from pipeline.cli import main
+
+def refuse(*args, **kwargs):
+    raise AssertionError("a process other than 0 read a model's weights")
+
+if os.environ["RANK"] != "0":
+    transformers.AutoModelForCausalLM.from_pretrained = refuse
+real_train = stage.train
+
+def killed(*args, **kwargs):
+    def on_step(step):
+        if step == int(os.environ.get("KILL_AT_STEP", 0)):
+            raise KeyboardInterrupt
+    return real_train(*args, **kwargs, on_step=on_step)
+
+stage.train = killed
+main(args=sys.argv[1:])
+"""
+
+
+@pytest.fixture(scope="module")
+def fsdp(runs, eval_text):
+    folder, teacher = runs[0], runs[1]
+    recipe = _recipe(folder, teacher, eval_text, batch=2, parallel="fsdp")
+    script = folder / "fsdp.py"
+    script.write_text(FSDP_PROCESS_1_HAS_NO_WEIGHTS)
+    out = _torchrun(str(script), str(recipe), "--workdir", str(folder / "fsdp"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return script, recipe, folder / "fsdp" / "d", out
+
+
+def test_fsdp_shards_teacher_and_student_and_trains_the_same_student(runs, fsdp):
+    _, _, one, two, _ = runs
+    _, _, sharded, out = fsdp
+    a, b, c = _weights(one), _weights(two), _weights(sharded)
+    for name in a:  # corrected teacher gathered, pruned, sharded again, trained, gathered: the same student
+        torch.testing.assert_close(c[name], a[name], rtol=0, atol=1e-5)
+        torch.testing.assert_close(c[name], b[name], rtol=0, atol=1e-5)
+    assert "(2 process(es), FSDP)" in out.stdout
+    # each process holds half of every model (FSDP pads a shard only when a dimension does not split evenly)
+    held = [tuple(map(float, m)) for m in re.findall(r"FSDP: each process holds ([\d.]+)M of the student's ([\d.]+)M "
+                                                       r"parameters and ([\d.]+)M of the teacher's ([\d.]+)M", out.stdout)]
+    assert len(held) == 2  # teacher correction, then distillation
+    for s_here, s_all, t_here, t_all in held:
+        assert s_here == pytest.approx(s_all / 2, abs=0.01) and t_here == pytest.approx(t_all / 2, abs=0.01)
+    manifest = json.loads((next(sharded.glob("01-distill-*")) / "manifest.json").read_text())
+    assert manifest["metrics"]["processes"] == 2 and manifest["metrics"]["tokens_seen"] == 2048
+    training = manifest["training"]
+    assert training["student_parameters_held"] * 2 == pytest.approx(sum(p.numel() for p in c.values()), rel=1e-3)
+    assert len(training["peak_rss_mib"]) == 2 and min(training["peak_rss_mib"]) > 100  # every process's, in MiB
+    assert json.loads((sharded / "run.json").read_text())["status"] == "passed"
+
+
+def test_a_killed_fsdp_run_resumes_from_its_shards_to_the_same_student(fsdp, tmp_path, monkeypatch):
+    script, recipe, sharded, _ = fsdp
+    monkeypatch.setenv("KILL_AT_STEP", "5")
+    killed = _torchrun(str(script), str(recipe), "--workdir", str(tmp_path / "w"))
+    assert killed.returncode != 0
+    state = next((tmp_path / "w" / "d").glob(".resume-01-distill-*")) / "state"
+    progress = json.loads((state / "progress.json").read_text())
+    assert (progress["step"], progress["processes"], progress["fsdp"]) == (4, 2, True)
+    assert len(list((state / "fsdp").glob("*.distcp"))) == 2  # one file of shards per process
+    monkeypatch.delenv("KILL_AT_STEP")
+    resumed = _torchrun(str(script), str(recipe), "--workdir", str(tmp_path / "w"))  # corrected teacher read back
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "teacher correction: read from the interrupted run" in resumed.stdout
+    assert "resuming from the checkpoint at step 4 of 8" in resumed.stdout
+    a, b = _weights(sharded), _weights(tmp_path / "w" / "d")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6)

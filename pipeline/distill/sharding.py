@@ -1,0 +1,115 @@
+"""FSDP for the distill loop (`distill.parallel: fsdp`): teacher and student split across the processes.
+
+Under DDP every process holds the whole teacher and student on its device. With FSDP (torch's
+`fully_shard`) each process keeps 1/N of every weight, and a decoder layer's weights are gathered only
+while that layer runs (forward; and backward for the student), so a teacher that does not fit one GPU
+can still teach. Each decoder layer is one unit; the embeddings, the final norm and the head (tied or
+not) belong to the root unit. The optimizer's moments are sharded with the weights.
+
+Only process 0 reads the teacher's weights, into CPU memory: it scores and prunes there. The other
+processes build skeletons of the same shapes on the meta device (no memory), and sharding sends each
+of them its share of process 0's weights, one tensor at a time. Checkpoints hold every process's
+shards (torch.distributed.checkpoint, one file per process plus metadata). When training ends, the
+student is gathered one tensor at a time into a plain model on process 0's CPU (the others get a
+skeleton again), so the stage goes on as under DDP.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from calibration.collect import decoder_layers
+from pipeline import distributed
+from pipeline.configs import DistillConfig
+
+FOLDER = "fsdp"  # inside a checkpoint: the sharded model and optimizer
+
+
+def active(cfg: DistillConfig) -> bool:
+    """Whether this run shards (FSDP asked for, and more than one process)."""
+    return cfg.parallel == "fsdp" and distributed.world_size() > 1
+
+
+def load(path: Path, cfg: DistillConfig) -> torch.nn.Module:
+    """A checkpoint's model in float32 on the CPU, or, in processes 1.. of a sharded run, its skeleton."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if active(cfg) and not distributed.is_main():
+        return skeleton(AutoConfig.from_pretrained(path))
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
+
+
+def skeleton(config) -> torch.nn.Module:
+    """A model of `config`'s shape on the meta device: shapes without memory, filled in by `shard`."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa").eval()
+
+
+def shard(model: torch.nn.Module, device: torch.device) -> None:
+    """Split `model` across all processes in place, with process 0's weights (the others may hold a
+    skeleton): its parameters become sharded DTensors on `device`."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    whole = model.state_dict() if distributed.is_main() else {}  # references: process 0's CPU copy stays until sent
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    if any(p.is_meta for p in model.parameters()) or any(b.is_meta for b in model.buffers()):
+        model.to_empty(device=device)
+    set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer in model.buffers():  # the rotary frequencies are not in the state dict
+        dist.broadcast(buffer, src=0)
+
+
+def held_here(model: torch.nn.Module) -> tuple[int, int]:
+    """(parameters this process holds, parameters of the model)."""
+    local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
+    return local, sum(p.numel() for p in model.parameters())
+
+
+def gather(model: torch.nn.Module) -> torch.nn.Module:
+    """A plain float32 copy of a sharded model on process 0's CPU; a skeleton in the others (all must call it)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_utils import no_init_weights
+
+    main = distributed.is_main()
+    weights = {}
+    for name, t in model.state_dict().items():
+        # one full tensor at a time on the device, so gathering needs no more device memory than one weight
+        whole = t.full_tensor() if hasattr(t, "full_tensor") else t
+        if main:
+            weights[name] = whole.detach().to("cpu", torch.float32)
+    if not main:
+        return skeleton(model.config).train(model.training)
+    with no_init_weights():
+        plain = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32, attn_implementation="sdpa")
+    plain.load_state_dict(weights)
+    plain.tie_weights()
+    return plain.train(model.training)
+
+
+def save_shards(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Every process writes its shards of the model and optimizer into `folder`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    weights, moments = get_state_dict(model, optimizer)
+    dcp.save({"model": weights, "optimizer": moments}, checkpoint_id=str(folder / FOLDER))
+
+
+def load_shards(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Every process reads its shards back from a checkpoint written by `save_shards` (as many processes)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    weights, moments = get_state_dict(model, optimizer)
+    state = {"model": weights, "optimizer": moments}
+    dcp.load(state, checkpoint_id=str(folder / FOLDER))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
