@@ -22,6 +22,7 @@ import torch
 from calibration.collect import decoder_layers
 from pipeline import distributed
 from pipeline.configs import DistillConfig
+from pipeline.models import load_torch_model
 
 FOLDER = "fsdp"  # inside a checkpoint: the sharded model and optimizer
 
@@ -33,11 +34,11 @@ def active(cfg: DistillConfig) -> bool:
 
 def load(path: Path, cfg: DistillConfig) -> torch.nn.Module:
     """A checkpoint's model in float32 on the CPU, or, in processes 1.. of a sharded run, its skeleton."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     if active(cfg) and not distributed.is_main():
         return skeleton(AutoConfig.from_pretrained(path))
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
+    return load_torch_model(path, attention="sdpa")
 
 
 def skeleton(config) -> torch.nn.Module:

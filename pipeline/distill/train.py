@@ -29,8 +29,8 @@ import torch
 
 from pipeline import distributed
 from pipeline.configs import DistillConfig
-from pipeline.distill import sharding
 from pipeline.bench.system import rss_bytes
+from pipeline.distill import sharding
 from pipeline.distill.losses import ce_loss, hidden_loss, kd_loss
 from pipeline.errors import StageError
 
@@ -155,7 +155,7 @@ def train(student, teacher, train_blocks: torch.Tensor, eval_blocks: torch.Tenso
         history, start = History(**saved["history"]), saved["step"]
         log(f"  resuming from the checkpoint at step {start} of {steps}")
     history.student_parameters_held, history.teacher_parameters_held = s_here, t_here
-    history.start_rss_mib = _per_process(accelerator, rss_bytes() / 2**20)
+    history.start_rss_mib = [round(x, 1) for x in _per_process(accelerator, rss_bytes() / 2**20)]
 
     distributed.cpu_threads(training=True)  # a launched run that fails here ends, so no restore on errors
     need_hidden = cfg.loss.hidden > 0
@@ -220,9 +220,10 @@ def train(student, teacher, train_blocks: torch.Tensor, eval_blocks: torch.Tenso
 
 def _record_peak_memory(accelerator, history: History) -> None:
     """Every process's peak resident memory (and device memory on a GPU) so far, in the history."""
-    history.peak_rss_mib = _per_process(accelerator, rss_bytes(peak=True) / 2**20)
+    history.peak_rss_mib = [round(x, 1) for x in _per_process(accelerator, rss_bytes(peak=True) / 2**20)]
     if torch.cuda.is_available():
-        history.peak_device_mib = _per_process(accelerator, torch.cuda.max_memory_allocated() / 2**20)
+        device = _per_process(accelerator, torch.cuda.max_memory_allocated() / 2**20)
+        history.peak_device_mib = [round(x, 1) for x in device]
 
 
 def _per_process(accelerator, value: float) -> list[float]:
@@ -230,16 +231,13 @@ def _per_process(accelerator, value: float) -> list[float]:
     values = torch.tensor([value], dtype=torch.float64, device=accelerator.device)
     if accelerator.num_processes > 1:
         values = accelerator.gather(values)
-    return [round(x, 1) for x in values.tolist()]
+    return values.tolist()
 
 
 def _nonfinite(accelerator, loss: torch.Tensor) -> str:
     """'' when every process's loss is finite, else which are not: all processes stop at the same
     micro-batch, before a NaN reaches the averaged gradients."""
-    losses = loss.detach().float().reshape(1)
-    if accelerator.num_processes > 1:
-        losses = accelerator.gather(losses)
-    bad = [(i, v) for i, v in enumerate(losses.tolist()) if not math.isfinite(v)]
+    bad = [(i, v) for i, v in enumerate(_per_process(accelerator, float(loss.detach()))) if not math.isfinite(v)]
     if accelerator.num_processes == 1:
         return str(bad[0][1]) if bad else ""
     return ", ".join(f"{v} in process {i}" for i, v in bad)

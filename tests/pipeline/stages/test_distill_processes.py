@@ -26,16 +26,25 @@ DISTILL = ("num_layers: 2, layer_choice: loss, intermediate_size: 96, sequence_l
            "heldout_fraction: 0.2, bf16: 'false', teacher_correction: {{tokens: 1024, lr: 0.003}}, "
            "teacher_answers: {{samples: 8, prompts: {{source: {prompts}}}, max_new_tokens: 24, batch_size: 4}}")
 
-KILLED_AT_STEP_5 = """\
+# `optimize` killed after distill step $KILL_AT_STEP; with $ONLY_PROCESS_0_READS_WEIGHTS, loading a model's
+# weights fails in every other process
+WRAPPED = """\
+import os
 import sys
+import transformers
 import pipeline.stages.distill as stage
 from pipeline.cli import main
 
+def refuse(*args, **kwargs):
+    raise AssertionError("a process other than 0 read a model's weights")
+
+if os.environ.get("ONLY_PROCESS_0_READS_WEIGHTS") and os.environ["RANK"] != "0":
+    transformers.AutoModelForCausalLM.from_pretrained = refuse
 real_train = stage.train
 
 def killed(*args, **kwargs):
     def on_step(step):
-        if step == 5:
+        if step == int(os.environ.get("KILL_AT_STEP", 0)):
             raise KeyboardInterrupt
     return real_train(*args, **kwargs, on_step=on_step)
 
@@ -114,11 +123,12 @@ def test_process_0_finishes_the_recipe_and_speaks_for_both(runs):
     assert not list(two.glob(".resume-*")) and not list(two.glob(".tmp-*"))
 
 
-def test_a_killed_two_process_run_resumes_to_the_same_student(runs, tmp_path):
+def test_a_killed_two_process_run_resumes_to_the_same_student(runs, tmp_path, monkeypatch):
     folder, _, _, two, _ = runs
     script = tmp_path / "killed.py"
-    script.write_text(KILLED_AT_STEP_5)
+    script.write_text(WRAPPED)
     recipe_file = folder / "d2.yaml"  # the fixture's 2-process recipe
+    monkeypatch.setenv("KILL_AT_STEP", "5")
     killed = _torchrun(str(script), str(recipe_file), "--workdir", str(tmp_path / "w"))
     assert killed.returncode != 0
     state = next((tmp_path / "w" / "d").glob(".resume-01-distill-*")) / "state"
@@ -181,39 +191,16 @@ def test_a_nan_loss_in_one_process_stops_both_at_the_same_step(runs, tmp_path):
     assert json.loads((state / "progress.json").read_text())["step"] == 2
 
 
-# processes 1.. of an FSDP run never read a model's weights (the one killed at step 5 is the same run)
-FSDP_PROCESS_1_HAS_NO_WEIGHTS = """\
-import os
-import sys
-import transformers
-import pipeline.stages.distill as stage
-from pipeline.cli import main
-
-def refuse(*args, **kwargs):
-    raise AssertionError("a process other than 0 read a model's weights")
-
-if os.environ["RANK"] != "0":
-    transformers.AutoModelForCausalLM.from_pretrained = refuse
-real_train = stage.train
-
-def killed(*args, **kwargs):
-    def on_step(step):
-        if step == int(os.environ.get("KILL_AT_STEP", 0)):
-            raise KeyboardInterrupt
-    return real_train(*args, **kwargs, on_step=on_step)
-
-stage.train = killed
-main(args=sys.argv[1:])
-"""
-
-
 @pytest.fixture(scope="module")
 def fsdp(runs, eval_text):
     folder, teacher = runs[0], runs[1]
     recipe = _recipe(folder, teacher, eval_text, batch=2, parallel="fsdp")
     script = folder / "fsdp.py"
-    script.write_text(FSDP_PROCESS_1_HAS_NO_WEIGHTS)
-    out = _torchrun(str(script), str(recipe), "--workdir", str(folder / "fsdp"))
+    script.write_text(WRAPPED)
+    # processes 1.. of an FSDP run never read a model's weights (nor does the killed and resumed run below)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("ONLY_PROCESS_0_READS_WEIGHTS", "1")
+        out = _torchrun(str(script), str(recipe), "--workdir", str(folder / "fsdp"))
     assert out.returncode == 0, out.stderr[-3000:]
     return script, recipe, folder / "fsdp" / "d", out
 
@@ -242,6 +229,7 @@ def test_fsdp_shards_teacher_and_student_and_trains_the_same_student(runs, fsdp)
 
 def test_a_killed_fsdp_run_resumes_from_its_shards_to_the_same_student(fsdp, tmp_path, monkeypatch):
     script, recipe, sharded, _ = fsdp
+    monkeypatch.setenv("ONLY_PROCESS_0_READS_WEIGHTS", "1")
     monkeypatch.setenv("KILL_AT_STEP", "5")
     killed = _torchrun(str(script), str(recipe), "--workdir", str(tmp_path / "w"))
     assert killed.returncode != 0
