@@ -4,6 +4,10 @@
             gradient scale independent of the temperature)
     hidden  per mapped layer pair, MSE or 1 - cosine between student and teacher hidden states
     ce      cross-entropy of the student on the data itself
+
+The training loop takes `hidden_loss` from here; KD and cross-entropy it computes from the final hidden
+states a chunk of positions at a time (pipeline/distill/head_loss.py), so that no whole batch of logits
+is held. `kd_loss` and `ce_loss` are the full-logits definitions that its tests hold it to.
 """
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ skeleton again), so the stage goes on as under DDP.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -67,6 +68,23 @@ def shard(model: torch.nn.Module, device: torch.device) -> None:
     set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     for buffer in model.buffers():  # the rotary frequencies are not in the state dict
         dist.broadcast(buffer, src=0)
+
+
+@contextlib.contextmanager
+def unsharded(model: torch.nn.Module | None):
+    """Inside, a sharded model's root unit (embeddings, final norm, head) is whole on every process, so its
+    head weight can be read outside its own forward (the student's head computes the KD term with it).
+    Does nothing for an unsharded model or None."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 def held_here(model: torch.nn.Module) -> tuple[int, int]:

@@ -10,6 +10,7 @@ checkpoint continues exactly where the killed one was.
     for each step:  teacher(ids) ─► logits_t, hidden_t          (no grad)
                     student(ids) ─► logits_s, hidden_s
                     loss = kd·KD(s, t; T) + ce·CE(s, ids) + hidden·Σ H(s_i, t_map(i))
+                    (KD and CE inside the student's head, chunk by chunk: pipeline/distill/head_loss.py)
                     AdamW, warm-up then cosine, gradient clipping, accumulation
     every eval_every steps: held-out perplexity of the student and its KL to the teacher
     every checkpoint_every steps: accelerate's state (model, optimizer, scheduler, RNG) + progress.json
@@ -30,8 +31,8 @@ import torch
 from pipeline import distributed
 from pipeline.configs import DistillConfig
 from pipeline.bench.system import rss_bytes
-from pipeline.distill import sharding
-from pipeline.distill.losses import ce_loss, hidden_loss, kd_loss
+from pipeline.distill import head_loss, sharding
+from pipeline.distill.losses import hidden_loss
 from pipeline.errors import StageError
 
 PROGRESS_FILE = "progress.json"
@@ -159,6 +160,9 @@ def train(student, teacher, train_blocks: torch.Tensor, eval_blocks: torch.Tenso
 
     distributed.cpu_threads(training=True)  # a launched run that fails here ends, so no restore on errors
     need_hidden = cfg.loss.hidden > 0
+    terms = head_loss.Terms(kd=cfg.loss.kd, ce=cfg.loss.ce, temperature=cfg.loss.temperature)
+    plain_student = student if fsdp else accelerator.unwrap_model(student)  # the module whose head computes the loss
+    teacher_head = teacher.get_output_embeddings()
     need_teacher = cfg.loss.kd > 0 or need_hidden  # cross-entropy alone (teacher correction) reads only the text
     n_blocks = len(train_blocks)
     bar = tqdm(total=steps, initial=start, desc="distill", unit="step", disable=not accelerator.is_main_process)
@@ -174,10 +178,14 @@ def train(student, teacher, train_blocks: torch.Tensor, eval_blocks: torch.Tenso
                 with accelerator.autocast():
                     t_out = None
                     if need_teacher:
-                        with torch.no_grad():
+                        with torch.no_grad(), head_loss.returning_hidden(teacher):
                             t_out = teacher(input_ids=ids, output_hidden_states=need_hidden, use_cache=False)
-                    s_out = student(input_ids=ids, output_hidden_states=need_hidden, use_cache=False)
-                    loss = _loss(s_out, t_out, ids, layer_map, cfg)
+                    # the student's head computes the KD and CE terms itself, a chunk of positions at a time
+                    teacher_final = t_out.logits if terms.kd else None
+                    with sharding.unsharded(teacher if terms.kd else None), head_loss.returning_loss(
+                            plain_student, head_loss.next_token_targets(ids), terms, teacher_final, teacher_head):
+                        s_out = student(input_ids=ids, output_hidden_states=need_hidden, use_cache=False)
+                    loss = _loss(s_out, t_out, layer_map, cfg)
                 bad = _nonfinite(accelerator, loss)
                 if bad:
                     raise StageError(
@@ -243,13 +251,11 @@ def _nonfinite(accelerator, loss: torch.Tensor) -> str:
     return ", ".join(f"{v} in process {i}" for i, v in bad)
 
 
-def _loss(s_out, t_out, ids, layer_map: dict[int, int], cfg: DistillConfig) -> torch.Tensor:
+def _loss(s_out, t_out, layer_map: dict[int, int], cfg: DistillConfig) -> torch.Tensor:
+    """The step's loss: the weighted KD and CE terms the student's head computed (head_loss), plus the
+    hidden-state term."""
     w = cfg.loss
-    loss = torch.zeros((), device=ids.device)
-    if w.kd:
-        loss = loss + w.kd * kd_loss(s_out.logits, t_out.logits, w.temperature)
-    if w.ce:
-        loss = loss + w.ce * ce_loss(s_out.logits, ids)
+    loss = s_out.logits[0]
     if w.hidden:
         # hidden_states[l + 1] is layer l's output
         terms = [hidden_loss(s_out.hidden_states[s + 1], t_out.hidden_states[t + 1], w.hidden_loss)
@@ -263,13 +269,17 @@ def evaluate(student, teacher, blocks: torch.Tensor, temperature: float = 1.0) -
     """Held-out perplexity of the student and its KL to the teacher (temperature 1) on blocks [N, T]."""
     was_training = student.training
     student.eval()
+    terms, teacher_head = head_loss.Terms(kd=1.0, ce=1.0, temperature=1.0), teacher.get_output_embeddings()
     nll = kl = 0.0
     for i in range(0, len(blocks), 4):
         ids = blocks[i:i + 4].to(next(student.parameters()).device)
-        s_logits = student(input_ids=ids, use_cache=False).logits
-        t_logits = teacher(input_ids=ids, use_cache=False).logits
-        nll += float(ce_loss(s_logits, ids)) * len(ids)
-        kl += float(kd_loss(s_logits, t_logits, 1.0)) * len(ids)
+        with head_loss.returning_hidden(teacher):
+            t_final = teacher(input_ids=ids, use_cache=False).logits
+        with sharding.unsharded(teacher), head_loss.returning_loss(student, head_loss.next_token_targets(ids), terms,
+                                                                    t_final, teacher_head):
+            _, kd, ce = student(input_ids=ids, use_cache=False).logits
+        nll += float(ce) * len(ids)
+        kl += float(kd) * len(ids)
     student.train(was_training)
     return math.exp(nll / len(blocks)), kl / len(blocks)
 

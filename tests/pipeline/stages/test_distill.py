@@ -92,13 +92,13 @@ def test_a_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path, tea
     import pipeline.distill.train as train_mod
 
     calls = [0]
-    real = train_mod.kd_loss
+    real = train_mod._loss
 
-    def nan_in_step_3(*args):  # calls 1-2: the held-out evaluations before training; then 2 per step
+    def nan_in_step_3(*args):  # one call per micro-batch, 2 per step
         calls[0] += 1
-        return real(*args) * (float("nan") if calls[0] == 7 else 1.0)
+        return real(*args) * (float("nan") if calls[0] == 5 else 1.0)
 
-    monkeypatch.setattr(train_mod, "kd_loss", nan_in_step_3)
+    monkeypatch.setattr(train_mod, "_loss", nan_in_step_3)
     with pytest.raises(StageError, match=r"the loss is nan at step 3; the last good checkpoint \(step 2\) is kept"):
         run(_recipe(tmp_path, teacher, eval_text), workdir=tmp_path / "a")
 
