@@ -29,8 +29,22 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pipeline.errors import StageError
+
 CHUNK_ELEMENTS = 1 << 23  # logits per chunk (rows × vocabulary): 32 MiB in float32
 IGNORE = -100  # target of a position with no next token
+# families whose causal-LM forward returns the head's output as the logits, untouched (no soft-capping or
+# scaling after the head, as Gemma 2 and Cohere apply): there the head can stand in for the loss
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def check_family(config) -> None:
+    """A clear error for a model whose logits are not just its head's output."""
+    family = getattr(config, "model_type", "?")
+    if family not in FAMILIES:
+        raise StageError(f"distill: model family '{family}' is not supported (supported: {', '.join(FAMILIES)}); "
+                         "the loop computes KD and cross-entropy inside the head and needs a forward that returns "
+                         "the head's output unchanged")
 
 
 @dataclass(frozen=True)

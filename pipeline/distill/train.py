@@ -104,6 +104,7 @@ def train(student, teacher, train_blocks: torch.Tensor, eval_blocks: torch.Tenso
     from accelerate.utils import DistributedType, set_seed
     from tqdm import tqdm
 
+    head_loss.check_family(student.config)
     set_seed(cfg.seed)
     precision = _mixed_precision(cfg)
     # accelerate keeps one state per process; a second training in the same process (another stage

@@ -34,7 +34,7 @@ from calibration.prompts import builtin_prompts, load_prompts
 from pipeline import distributed
 from pipeline.artifacts import write_json_atomic
 from pipeline.configs import DistillConfig, TextSourceConfig
-from pipeline.distill import sharding
+from pipeline.distill import head_loss, sharding
 from pipeline.distill.correct import correct_teacher
 from pipeline.distill.prune import (
     choose_layers, layer_importance, layers_for_budget, mean_loss, prune_depth, prune_kv_groups, prune_mlp,
@@ -55,6 +55,7 @@ REPLY_PROMPTS = ("What is the capital of France?", "Write a short poem about the
 @register_stage("distill", DistillConfig, consumes="hf-model", produces="hf-model", distributed=True)
 def distill(cfg: DistillConfig, inp, ctx) -> StageResult:
     teacher = sharding.load(inp.path, cfg)
+    head_loss.check_family(teacher.config)  # before any scoring or sampling, not after
     teacher_layers = teacher.config.num_hidden_layers
     checkpoints = ctx.run_dir / f".resume-{ctx.step or 'distill'}"
     main = distributed.is_main()

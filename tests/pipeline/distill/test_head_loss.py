@@ -111,3 +111,13 @@ def test_a_forward_set_on_the_head_by_a_hook_library_is_put_back():
     with head_loss.returning_hidden(student):
         assert student(input_ids=torch.tensor([[1, 2]])).logits.shape == (1, 2, 32)
     assert student.lm_head.forward is hook
+
+
+def test_a_family_whose_logits_are_not_the_heads_output_is_refused():
+    from transformers import AutoConfig
+
+    from pipeline.errors import StageError
+
+    head_loss.check_family(AutoConfig.for_model("qwen2"))
+    with pytest.raises(StageError, match="model family 'gemma2' is not supported"):
+        head_loss.check_family(AutoConfig.for_model("gemma2"))
