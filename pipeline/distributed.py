@@ -48,6 +48,13 @@ def start() -> None:
         cpu_threads(training=False)
 
 
+def device():
+    """This process's accelerator as accelerate picks it (under a launcher, its own GPU), or the CPU."""
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
 def cpu_threads(training: bool) -> None:
     """On the CPU under a launcher (which starts each process with one thread): while the processes
     train together each takes its share of the cores; otherwise process 0 works alone while the others

@@ -43,8 +43,9 @@ def _without_layer(model, index: int):
 def mean_loss(model, blocks: torch.Tensor, batch_size: int = 4) -> float:
     """Next-token cross-entropy over blocks [N, T]."""
     total, count = 0.0, 0
+    device = next(model.parameters()).device
     for i in range(0, len(blocks), batch_size):
-        ids = blocks[i:i + batch_size]
+        ids = blocks[i:i + batch_size].to(device)
         out = model(input_ids=ids, labels=ids, use_cache=False)
         total += float(out.loss) * ids.numel()
         count += ids.numel()
@@ -63,8 +64,10 @@ def layer_importance(model, blocks: torch.Tensor, how: str) -> list[float]:
         return scores
     if how == "hidden":
         sums = np.zeros(len(decoder_layers(model)))
+        device = next(model.parameters()).device
         for i in range(0, len(blocks), 4):
-            hidden = model(input_ids=blocks[i:i + 4], output_hidden_states=True, use_cache=False).hidden_states
+            ids = blocks[i:i + 4].to(device)
+            hidden = model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
             for layer in range(len(sums)):  # hidden[l] is layer l's input, hidden[l + 1] its output
                 cos = torch.nn.functional.cosine_similarity(hidden[layer], hidden[layer + 1], dim=-1)
                 sums[layer] += float((1 - cos).sum())
@@ -105,9 +108,10 @@ def _input_magnitudes(model, blocks: torch.Tensor, module_name: str) -> list[tor
         total = x.abs().reshape(-1, x.shape[-1]).sum(0)
         sums[name] = sums[name] + total if name in sums else total
 
+    device = next(model.parameters()).device
     with input_hooks(modules, sink):
         for i in range(0, len(blocks), 4):
-            model(input_ids=blocks[i:i + 4], use_cache=False)
+            model(input_ids=blocks[i:i + 4].to(device), use_cache=False)
     return [sums[name] / blocks.numel() for name in modules]
 
 
@@ -161,6 +165,7 @@ def prune_kv_groups(model, kv_heads: int, blocks: torch.Tensor) -> None:
 
 
 def _narrow(linear: torch.nn.Linear, keep: torch.Tensor, dim: int) -> None:
+    keep = keep.to(linear.weight.device)
     linear.weight = torch.nn.Parameter(linear.weight.detach().index_select(dim, keep).clone())
     if dim == 0 and linear.bias is not None:
         linear.bias = torch.nn.Parameter(linear.bias.detach().index_select(0, keep).clone())

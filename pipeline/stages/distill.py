@@ -17,6 +17,10 @@ trainings (correction and distillation) share each batch between them, while pro
 the teacher's answers, scores the layers, evaluates and writes; the others receive what they need.
 Under FSDP (`parallel: fsdp`) only process 0 holds the teacher's weights and prunes the student; the
 others hold skeletons until training shards process 0's weights (pipeline/distill/sharding.py).
+
+After the teacher's answers are sampled (from an ONNX export of it), the teacher moves to the device the
+training will use (each process its own GPU; the CPU here), so scoring, statistics, evaluations and
+replies run there; under FSDP process 0 keeps it in CPU memory, since it may not fit one device.
 """
 from __future__ import annotations
 
@@ -63,12 +67,20 @@ def distill(cfg: DistillConfig, inp, ctx) -> StageResult:
     if cfg.teacher_answers:
         answers = distributed.on_main(lambda: _teacher_answers(cfg, teacher, inp.path, checkpoints, ctx.log))
     train_blocks, eval_blocks = _data(cfg, Tokenizer(inp.path), answers)
+    # The forward passes below (perplexities, layer scores, channel statistics, replies) run where training
+    # will: on this process's GPU when there is one, which holds the teacher during training anyway.
+    # Under FSDP the teacher may not fit one device, so process 0 keeps it in CPU memory.
+    device = None if sharding.active(cfg) else distributed.device()
+    if device is not None:
+        teacher.to(device)
     # what only the manifest needs is measured by process 0 alone
     teacher_ppl = math.exp(mean_loss(teacher, eval_blocks)) if main else math.nan
     teacher_replies = sample_replies(teacher, inp.path, REPLY_PROMPTS) if main else []
     correction = None
     if cfg.teacher_correction is not None:
         teacher, correction = correct_teacher(teacher, train_blocks, eval_blocks, cfg, checkpoints, ctx.log)
+        if device is not None:  # one read back from an interrupted run's checkpoint is in CPU memory
+            teacher.to(device)
         ctx.log(f"  held-out perplexity: teacher {teacher_ppl:.3f}, corrected {correction['heldout_perplexity']:.3f}")
     calib = torch.from_numpy(sample_blocks(train_blocks.numpy().reshape(-1), cfg.sequence_length,
                                            cfg.importance_samples, cfg.seed))
