@@ -10,7 +10,7 @@ GPU_RUN ?= artifacts/smollm2-int4-cuda
 GPU_OUT ?= artifacts/gpu-check
 BENCH_TEXT ?= wikitext-2
 
-.PHONY: quickstart install engines install-cuda model run generate bench gpu-check test test-fast doctor clean
+.PHONY: quickstart install engines install-cuda model run generate bench gpu-check distill-gpu-check test test-fast doctor clean
 
 quickstart: install model run  ## set up, fetch the reference model, run the default recipe
 
@@ -52,6 +52,9 @@ gpu-check:  ## on a GPU machine, after install-cuda and `optimize recipes/smollm
 	$(PY) benchmarks/cuda_decode_overhead.py $(GPU_RUN) --out $(GPU_OUT)
 	$(PY) -m pipeline.cli bench $(GPU_RUN) --provider cuda --text $(BENCH_TEXT) --compare \
 		--peers onnxruntime-genai,onnxruntime-genai-cuda-graph,transformers-sdpa --out $(GPU_OUT)/bench
+
+distill-gpu-check:  ## on a GPU machine, after any SmolLM2 run (its model step is the teacher): the distill stage's CUDA path
+	$(PY) benchmarks/distill_gpu_check.py $(firstword $(wildcard $(GPU_RUN)/00-model-* artifacts/*/00-model-*)) --out $(GPU_OUT)
 
 test: install engines model  ## every test, the slow reference-model tests included (what CI runs)
 	$(BIN)/python -m pytest -q --durations=30
