@@ -6,8 +6,10 @@ while that layer runs (forward; and backward for the student), so a teacher that
 can still teach. Each decoder layer is one unit; the embeddings, the final norm and the head (tied or
 not) belong to the root unit. The optimizer's moments are sharded with the weights.
 
-Only process 0 reads the teacher's weights, into CPU memory: it scores and prunes there. The other
-processes build skeletons of the same shapes on the meta device (no memory), and sharding sends each
+Only process 0 reads the teacher's weights, into CPU memory. The stage shards the teacher before
+pruning, so that every process scores its layers on its device, and keeps process 0's CPU copy to
+prune from (`shard(..., keep_whole=True)`); training shards the student (and the teacher when the stage
+has not). The other processes build skeletons of the same shapes on the meta device (no memory), and sharding sends each
 of them its share of process 0's weights, one tensor at a time. Checkpoints hold every process's
 shards (torch.distributed.checkpoint, one file per process plus metadata). When training ends, the
 student is gathered one tensor at a time into a plain model on process 0's CPU (the others get a
@@ -50,9 +52,10 @@ def skeleton(config) -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa").eval()
 
 
-def shard(model: torch.nn.Module, device: torch.device) -> None:
+def shard(model: torch.nn.Module, device: torch.device, keep_whole: bool = False) -> torch.nn.Module | None:
     """Split `model` across all processes in place, with process 0's weights (the others may hold a
-    skeleton): its parameters become sharded DTensors on `device`."""
+    skeleton): its parameters become sharded DTensors on `device`. With `keep_whole`, process 0 gets back
+    a plain CPU model over the weights it had (no copy: the tensors the shards were cut from)."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
@@ -65,9 +68,17 @@ def shard(model: torch.nn.Module, device: torch.device) -> None:
     fully_shard(model, mesh=mesh)
     if any(p.is_meta for p in model.parameters()) or any(b.is_meta for b in model.buffers()):
         model.to_empty(device=device)
-    set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    # a copy of the dict: set_model_state_dict puts the sharded tensors into the one it is given
+    set_model_state_dict(model, dict(whole), options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     for buffer in model.buffers():  # the rotary frequencies are not in the state dict
         dist.broadcast(buffer, src=0)
+    return _plain(model.config, whole, assign=True) if keep_whole and distributed.is_main() else None
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
 
 
 @contextlib.contextmanager
@@ -75,9 +86,7 @@ def unsharded(model: torch.nn.Module | None):
     """Inside, a sharded model's root unit (embeddings, final norm, head) is whole on every process, so its
     head weight can be read outside its own forward (the student's head computes the KD term with it).
     Does nothing for an unsharded model or None."""
-    from torch.distributed.fsdp import FSDPModule
-
-    if not isinstance(model, FSDPModule):
+    if model is None or not is_sharded(model):
         yield
         return
     model.unshard()
@@ -95,9 +104,6 @@ def held_here(model: torch.nn.Module) -> tuple[int, int]:
 
 def gather(model: torch.nn.Module) -> torch.nn.Module:
     """A plain float32 copy of a sharded model on process 0's CPU; a skeleton in the others (all must call it)."""
-    from transformers import AutoModelForCausalLM
-    from transformers.modeling_utils import no_init_weights
-
     main = distributed.is_main()
     weights = {}
     for name, t in model.state_dict().items():
@@ -107,11 +113,19 @@ def gather(model: torch.nn.Module) -> torch.nn.Module:
             weights[name] = whole.detach().to("cpu", torch.float32)
     if not main:
         return skeleton(model.config).train(model.training)
+    return _plain(model.config, weights).train(model.training)
+
+
+def _plain(config, weights: dict[str, torch.Tensor], assign: bool = False) -> torch.nn.Module:
+    """A float32 CPU model of `config` holding `weights` (taking the tensors themselves with `assign`)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_utils import no_init_weights
+
     with no_init_weights():
-        plain = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32, attn_implementation="sdpa")
-    plain.load_state_dict(weights)
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    plain.load_state_dict(weights, assign=assign)
     plain.tie_weights()
-    return plain.train(model.training)
+    return plain.eval()
 
 
 def save_shards(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:

@@ -125,7 +125,8 @@ def train(student, teacher, train_blocks: torch.Tensor, eval_blocks: torch.Tenso
     student.requires_grad_(True)  # a student copied from a frozen model would otherwise not train
     if fsdp:
         for model in (student, teacher):
-            sharding.shard(model, accelerator.device)
+            if not sharding.is_sharded(model):  # the stage shards the teacher itself, to score layers with it
+                sharding.shard(model, accelerator.device)
     (s_here, s_all), (t_here, t_all) = sharding.held_here(student), sharding.held_here(teacher)
     if fsdp:
         log(f"  FSDP: each process holds {s_here / 1e6:.2f}M of the student's {s_all / 1e6:.2f}M parameters "

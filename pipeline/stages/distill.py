@@ -14,9 +14,11 @@ go in the manifest. Training checkpoints live beside the run
 
 Under `torchrun` / `accelerate launch` the stage runs in every process (pipeline/distributed.py): the
 trainings (correction and distillation) share each batch between them, while process 0 alone samples
-the teacher's answers, scores the layers, evaluates and writes; the others receive what they need.
-Under FSDP (`parallel: fsdp`) only process 0 holds the teacher's weights and prunes the student; the
-others hold skeletons until training shards process 0's weights (pipeline/distill/sharding.py).
+the teacher's answers, scores the layers (all of them under FSDP), evaluates and writes; the others
+receive what they need.
+Under FSDP (`parallel: fsdp`) only process 0 reads the teacher's weights; the others hold skeletons until
+the teacher is sharded from process 0's weights (pipeline/distill/sharding.py), before pruning: then every
+process scores the layers on its shards, and process 0 prunes from its CPU copy.
 
 After the teacher's answers are sampled (from an ONNX export of it), the teacher moves to the device the
 training will use (each process its own GPU; the CPU here), so scoring, statistics, evaluations and
@@ -86,23 +88,32 @@ def distill(cfg: DistillConfig, inp, ctx) -> StageResult:
                                            cfg.importance_samples, cfg.seed))
     ctx.log(f"  {len(train_blocks)} training blocks of {cfg.sequence_length} tokens, {len(eval_blocks)} held out")
 
-    if sharding.active(cfg):  # process 0 alone has the weights to prune; the others take the student's shape
+    whole = teacher  # the teacher's weights in this process's memory, to prune and to evaluate the pruned student
+    if sharding.active(cfg):
+        # The teacher is split across the processes' devices now, and every process scores its layers on the
+        # same blocks (each forward needs all of them); process 0 alone keeps the whole weights, in CPU
+        # memory, to prune from; the others take the student's shape.
+        whole = sharding.shard(teacher, distributed.device(), keep_whole=True)
+        scores = distributed.share(_scores(cfg, teacher, calib, ctx.log, lambda score: score()))
+        teacher.reshard()  # its forwards leave the root unit (embeddings, head) gathered
         pruned = {}
 
         def prune_on_main():
-            pruned["student"], keep, scores = _prune(cfg, teacher, calib, ctx.log, lambda score: score())
-            return keep, scores, pruned["student"].config
+            pruned["student"], keep = _prune(cfg, whole, calib, scores)
+            return keep, pruned["student"].config
 
-        keep, scores, config = distributed.on_main(prune_on_main)
+        keep, config = distributed.on_main(prune_on_main)
         student = pruned["student"] if main else sharding.skeleton(config)
     else:  # every process prunes its copy alike; one scores the layers, so that all keep the same ones
-        student, keep, scores = _prune(cfg, teacher, calib, ctx.log, distributed.on_main)
+        scores = _scores(cfg, teacher, calib, ctx.log, distributed.on_main)
+        student, keep = _prune(cfg, teacher, calib, scores)
     layer_map = _layer_map(cfg, keep, teacher_layers)
     params = sum(p.numel() for p in student.parameters())
     teacher_params = sum(p.numel() for p in teacher.parameters())
     ctx.log(f"  student: layers {keep} of {teacher_layers}, {params / 1e6:.1f}M parameters (teacher {teacher_params / 1e6:.1f}M)")
 
-    pruned_ppl, pruned_kl = evaluate(student, teacher, eval_blocks) if main else (math.nan, math.nan)
+    pruned_ppl, pruned_kl = evaluate(student, whole, eval_blocks) if main else (math.nan, math.nan)
+    whole = None  # under FSDP, process 0's CPU copy is not needed for training
     ctx.log(f"  held-out perplexity: teacher {teacher_ppl:.3f}, pruned student {pruned_ppl:.3f}")
     started = time.time()
     student, history = train(student, teacher, train_blocks, eval_blocks, layer_map, cfg, checkpoints, ctx.log)
@@ -144,9 +155,18 @@ def distill(cfg: DistillConfig, inp, ctx) -> StageResult:
     )
 
 
-def _prune(cfg: DistillConfig, teacher, calib: torch.Tensor, log, score) -> tuple[torch.nn.Module, list[int], list | None]:
-    """The pruned student, the teacher layers it keeps and their scores (None when chosen uniformly);
-    `score(fn)` runs the layer scoring `fn`."""
+def _scores(cfg: DistillConfig, teacher, calib: torch.Tensor, log, run) -> list[float] | None:
+    """The teacher's layer scores for `cfg.layer_choice` (None when layers are kept uniformly); `run(fn)` runs
+    the scoring `fn` (in process 0 alone, or in every process on a sharded teacher)."""
+    if cfg.layer_choice == "uniform":
+        return None
+    log(f"  scoring {teacher.config.num_hidden_layers} layers ({cfg.layer_choice}) on {cfg.importance_samples} "
+        "calibration blocks")
+    return run(lambda: layer_importance(teacher, calib, cfg.layer_choice))
+
+
+def _prune(cfg: DistillConfig, teacher, calib: torch.Tensor, scores: list[float] | None) -> tuple[torch.nn.Module, list[int]]:
+    """The pruned student and the teacher layers it keeps (by `scores`, or uniformly when None)."""
     teacher_layers = teacher.config.num_hidden_layers
     student = teacher
     if cfg.intermediate_size is not None or cfg.num_key_value_heads is not None:
@@ -158,12 +178,8 @@ def _prune(cfg: DistillConfig, teacher, calib: torch.Tensor, log, score) -> tupl
         if cfg.num_key_value_heads is not None:
             prune_kv_groups(student, cfg.num_key_value_heads, calib)
     layers = cfg.num_layers if cfg.num_layers is not None else layers_for_budget(student, cfg.param_budget_m)
-    scores = None
-    if cfg.layer_choice != "uniform":
-        log(f"  scoring {teacher_layers} layers ({cfg.layer_choice}) on {cfg.importance_samples} calibration blocks")
-        scores = score(lambda: layer_importance(teacher, calib, cfg.layer_choice))
     keep = choose_layers(teacher_layers, layers, cfg.layer_choice, scores)
-    return prune_depth(student, keep), keep, scores
+    return prune_depth(student, keep), keep
 
 
 def _teacher_answers(cfg: DistillConfig, teacher, teacher_folder: Path, checkpoints: Path, log) -> list[dict]:

@@ -221,6 +221,9 @@ def test_fsdp_shards_teacher_and_student_and_trains_the_same_student(runs, fsdp)
         assert s_here == pytest.approx(s_all / 2, abs=0.01) and t_here == pytest.approx(t_all / 2, abs=0.01)
     manifest = json.loads((next(sharded.glob("01-distill-*")) / "manifest.json").read_text())
     assert manifest["metrics"]["processes"] == 2 and manifest["metrics"]["tokens_seen"] == 2048
+    # the layers were scored on the sharded teacher, by both processes: the scores of one process alone
+    alone = json.loads((next(one.glob("01-distill-*")) / "manifest.json").read_text())["pruning"]["layer_scores"]
+    assert manifest["pruning"]["layer_scores"] == pytest.approx(alone, abs=1e-5)
     training = manifest["training"]
     assert training["student_parameters_held"] * 2 == pytest.approx(sum(p.numel() for p in c.values()), rel=1e-3)
     assert len(training["peak_rss_mib"]) == 2 and min(training["peak_rss_mib"]) > 100  # every process's, in MiB
