@@ -128,11 +128,11 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             kd_sum = torch.zeros((), device=hidden.device)
             ce_sum = torch.zeros((), device=hidden.device)
             if want_grad:
-                dh = torch.empty_like(h)
+                dh = torch.zeros_like(h)
                 dw = torch.zeros_like(weight)
                 db = torch.zeros_like(bias) if bias is not None else None
             rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
-            for start in range(0, n, rows):
+            for start in range(0, n if terms.kd or terms.ce else 0, rows):  # neither: the hidden-state loss alone
                 part = slice(start, start + rows)
                 z = F.linear(hc[part], w, b).float()
                 dz = torch.zeros_like(z) if want_grad else None

@@ -121,3 +121,13 @@ def test_a_family_whose_logits_are_not_the_heads_output_is_refused():
     head_loss.check_family(AutoConfig.for_model("qwen2"))
     with pytest.raises(StageError, match="model family 'gemma2' is not supported"):
         head_loss.check_family(AutoConfig.for_model("gemma2"))
+
+
+def test_with_neither_term_the_head_adds_nothing():
+    student, _ = _models(tie=True)
+    ids = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(4))
+    with head_loss.returning_loss(student, head_loss.next_token_targets(ids), head_loss.Terms()):
+        total, kd, ce = student(input_ids=ids).logits
+    total.backward()
+    assert float(total) == float(kd) == float(ce) == 0.0
+    assert all(p.grad is None or not p.grad.any() for p in student.parameters())
