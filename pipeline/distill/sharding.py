@@ -9,8 +9,8 @@ not) belong to the root unit. The optimizer's moments are sharded with the weigh
 Only process 0 reads the teacher's weights, into CPU memory. The stage shards the teacher before
 pruning, so that every process scores its layers on its device, and keeps process 0's CPU copy to
 prune from (`shard(..., keep_whole=True)`); training shards the student (and the teacher when the stage
-has not). The other processes build skeletons of the same shapes on the meta device (no memory), and sharding sends each
-of them its share of process 0's weights, one tensor at a time. Checkpoints hold every process's
+has not). The other processes build skeletons of the same shapes on the meta device (no memory), and
+sharding sends each of them its share of process 0's weights, one tensor at a time. Checkpoints hold every process's
 shards (torch.distributed.checkpoint, one file per process plus metadata). When training ends, the
 student is gathered one tensor at a time into a plain model on process 0's CPU (the others get a
 skeleton again), so the stage goes on as under DDP.

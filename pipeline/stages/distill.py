@@ -14,15 +14,16 @@ go in the manifest. Training checkpoints live beside the run
 
 Under `torchrun` / `accelerate launch` the stage runs in every process (pipeline/distributed.py): the
 trainings (correction and distillation) share each batch between them, while process 0 alone samples
-the teacher's answers, scores the layers (all of them under FSDP), evaluates and writes; the others
-receive what they need.
+the teacher's answers, scores the layers (under FSDP every process does, on the shards), evaluates and
+writes; the others receive what they need.
 Under FSDP (`parallel: fsdp`) only process 0 reads the teacher's weights; the others hold skeletons until
 the teacher is sharded from process 0's weights (pipeline/distill/sharding.py), before pruning: then every
 process scores the layers on its shards, and process 0 prunes from its CPU copy.
 
 After the teacher's answers are sampled (from an ONNX export of it), the teacher moves to the device the
 training will use (each process its own GPU; the CPU here), so scoring, statistics, evaluations and
-replies run there; under FSDP process 0 keeps it in CPU memory, since it may not fit one device.
+replies run there. Under FSDP it may not fit one device: process 0 keeps its CPU copy for pruning, the
+statistics and the first evaluations, and the layers are scored on the shards.
 """
 from __future__ import annotations
 
