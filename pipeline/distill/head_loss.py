@@ -173,6 +173,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, _grad_kd, _grad_ce):
+        # scaled in place: the head weight's gradient is as large as the head, so no second copy of it is
+        # made (this graph is differentiated once: the loop never retains it)
         dh, dw, db = ctx.saved_tensors
-        return (grad_total * dh, grad_total * dw, grad_total * db if db is not None else None,
+        return (dh.mul_(grad_total), dw.mul_(grad_total), db.mul_(grad_total) if db is not None else None,
                 None, None, None, None, None)
