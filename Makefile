@@ -10,7 +10,7 @@ GPU_RUN ?= artifacts/smollm2-int4-cuda
 GPU_OUT ?= artifacts/gpu-check
 BENCH_TEXT ?= wikitext-2
 
-.PHONY: quickstart install engines install-cuda model run generate bench gpu-check distill-gpu-check test test-fast doctor clean
+.PHONY: quickstart install engines install-cuda model run generate bench gpu-check serve-gpu-check distill-gpu-check test test-fast doctor clean
 
 quickstart: install model run  ## set up, fetch the reference model, run the default recipe
 
@@ -52,6 +52,11 @@ gpu-check:  ## on a GPU machine, after install-cuda and `optimize recipes/smollm
 	$(PY) benchmarks/cuda_decode_overhead.py $(GPU_RUN) --out $(GPU_OUT)
 	$(PY) -m pipeline.cli bench $(GPU_RUN) --provider cuda --text $(BENCH_TEXT) --compare \
 		--peers onnxruntime-genai,onnxruntime-genai-cuda-graph,transformers-sdpa --out $(GPU_OUT)/bench
+
+serve-gpu-check:  ## on a GPU machine, after install-cuda and `optimize recipes/smollm2-int4-cuda.yaml`: `optimize serve` with its KV slots in GPU memory, then a short load test
+	$(PY) benchmarks/serve_gpu_check.py $(GPU_RUN) --out $(GPU_OUT)
+	$(PY) benchmarks/serve_load.py $(GPU_RUN) --concurrency 1,8 --duration 15 --text $(BENCH_TEXT) \
+		--serve-args="--provider cuda" --out $(GPU_OUT)/serve-load
 
 distill-gpu-check:  ## on a GPU machine, after any SmolLM2 run (its model step is the teacher): the distill stage's CUDA path
 	$(PY) benchmarks/distill_gpu_check.py $(firstword $(wildcard $(GPU_RUN)/00-model-* artifacts/*/00-model-*)) --out $(GPU_OUT)

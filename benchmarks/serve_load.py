@@ -35,11 +35,11 @@ from runtime.tokenizer import Tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 
 def make_requests(folder: Path, clients: int, prompt_tokens: list[int], output_tokens: list[int],
-                  seed: int = 0) -> list[list[dict]]:
+                  seed: int = 0, text: str = "wikitext-2") -> list[list[dict]]:
     """For each client, one chat request per (prompt, output) length pair, in an order rotated by the
     client's index; prompts are cut from the evaluation text at random places."""
     tokenizer = Tokenizer(folder)
-    ids = tokenizer.encode(load_text("wikitext-2", "test"), add_special_tokens=False)
+    ids = tokenizer.encode(load_text(text, "test"), add_special_tokens=False)
     rng = random.Random(seed)
     pairs = [(p, o) for o in output_tokens for p in prompt_tokens]
     per_client = []
@@ -195,13 +195,15 @@ def main() -> None:
     p.add_argument("--output-tokens", default="64,128,256", type=ints, help="output lengths of the mix")
     p.add_argument("--ramp", type=float, default=1.0, help="seconds over which a level's clients start")
     p.add_argument("--slots", type=int, default=8)
+    p.add_argument("--text", default="wikitext-2", help="where prompts are cut from: a built-in name or a text file")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--serve-args", default=[], type=str.split, help="more `optimize serve` options, quoted")
     p.add_argument("--out", type=Path, default=ROOT / "artifacts" / "serve-load")
     args = p.parse_args()
     folder = find_model_folder(args.artifact)
     # enough clients for the largest level and for the warm-up, which runs one per slot
-    bodies = make_requests(folder, max(*args.concurrency, args.slots), args.prompt_tokens, args.output_tokens)
+    bodies = make_requests(folder, max(*args.concurrency, args.slots), args.prompt_tokens, args.output_tokens,
+                           text=args.text)
     model = folder.parent.name if (folder.parent / "run.json").is_file() else folder.name
     for body in (b for client in bodies for b in client):
         body["model"] = model

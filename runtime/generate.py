@@ -90,8 +90,7 @@ class Generator:
         self.tokenizer = Tokenizer(self.folder)
         self.eos_ids, self.pad_id = end_tokens(read_json(self.folder / "generation_config.json"))
         if self.contract.flavour == "fused":
-            device = "cuda" if self.provider.startswith("CUDA") else "cpu"
-            self.graph = FusedGraph(self.session, self.contract, self.pad_id, device, max_length, cuda_graph,
+            self.graph = FusedGraph(self.session, self.contract, self.pad_id, self.device, max_length, cuda_graph,
                                     self.float_prefill)
         else:
             self.graph = PortableGraph(self.session, self.contract, self.pad_id)
@@ -99,6 +98,11 @@ class Generator:
         if self.provider != PROVIDERS["cpu"] and verify_placement:  # one probe run, profiled
             self.graph.logits([self.pad_id, self.pad_id])
             self.fallback_nodes = check_placement(Path(self.session.end_profiling()), self.provider, allow_fallback)
+
+    @property
+    def device(self) -> str:
+        """Where the session's tensors live: "cuda" or "cpu"."""
+        return "cuda" if self.provider.startswith("CUDA") else "cpu"
 
     @property
     def flavour(self) -> str:

@@ -48,7 +48,7 @@ class Server:
     def __init__(self, generator: Generator, settings: Settings):
         self.generator, self.settings = generator, settings
         self.slots = SlotCache(generator.session, generator.contract, settings.slots, settings.max_length,
-                               settings.reuse_prefixes, generator.float_prefill)
+                               settings.reuse_prefixes, generator.float_prefill, device=generator.device)
         self.metrics = Metrics(settings.slots)
         self.scheduler = Scheduler(self.slots, generator.tokenizer, generator.eos_ids, settings.max_waiting,
                                    settings.max_prefill_tokens, self.metrics)

@@ -28,7 +28,8 @@ from runtime import Generator, RuntimeFailure, find_model_folder
               help="int8 KV cache: run prompts through the artifact's float-cache graph (faster prompts, one more "
                    "session's memory) instead of the int8 graph")
 @click.option("--model-name", default=None, help="the `model` clients send (default: the run folder's name)")
-@click.option("--provider", type=click.Choice(["auto", "cpu"]), default="auto", show_default=True)
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="auto: CUDA when onnxruntime offers it (the KV slots then live in GPU memory), else the CPU")
 @click.option("--threads", default=0, type=click.IntRange(0), help="intra-op threads (0: onnxruntime decides)")
 @click.option("--spin/--no-spin", default=True, show_default=True,
               help="let idle onnxruntime threads spin between steps (faster steps, less CPU left for HTTP)")
@@ -45,8 +46,8 @@ def serve_command(artifact, host, port, slots, max_length, kv_budget_mb, max_wai
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         folder = find_model_folder(artifact)
-        # The slots are on the host (row views bound by address); serving from GPU memory is not built yet.
-        gen = Generator(folder, provider="cpu" if provider == "auto" else provider, threads=threads, graph="fused",
+        # no CUDA graph: the server's batch changes from step to step, a captured graph has one shape
+        gen = Generator(folder, provider=provider, threads=threads, graph="fused", cuda_graph=False,
                         spinning=spin, float_prefill=float_prefill)
         per_token = gen.contract.kv_bytes_per_token(slots)
         if kv_budget_mb is not None:
@@ -64,7 +65,7 @@ def serve_command(artifact, host, port, slots, max_length, kv_budget_mb, max_wai
         raise click.ClickException(str(e)) from None
     click.echo(f"[{folder}] {gen.flavour} graph on {gen.provider} ({gen.describe_settings()}); serving model '{name}'", err=True)
     click.echo(f"KV cache ({gen.describe_kv()}): {slots} slots x {max_length} positions = "
-               f"{server.slots.nbytes / 2**20:.1f} MiB preallocated; queue: {max_waiting} waiting; prefill: {max_prefill_tokens} tokens per step; "
+               f"{server.slots.nbytes / 2**20:.1f} MiB preallocated in {'GPU' if server.slots.device == 'cuda' else 'host'} memory; queue: {max_waiting} waiting; prefill: {max_prefill_tokens} tokens per step; "
                f"prefix reuse {'on' if prefix_reuse else 'off'}", err=True)
     config = uvicorn.Config(create_app(server), host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=shutdown_timeout, access_log=log_level == "debug")

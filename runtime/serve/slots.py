@@ -25,6 +25,11 @@ logits then equal a whole prefill's up to the cache's rounding, not to the bit.
 
 Views are bound by address (IO binding with a buffer pointer), so every binding shares the one
 allocation. Each (start, stop) range is bound once and reused.
+
+On CUDA (`device="cuda"`) the cache lives in GPU memory, in the graph's dtype (float16 for a CUDA
+export): the same views are bound at device addresses, and rows are copied on the device by a small
+graph (runtime.serve.row_copy), whole rows rather than filled positions. Prompts and tokens go in
+from the host and each step's logits come back to it; the sampling stays on the host.
 """
 from __future__ import annotations
 
@@ -35,22 +40,33 @@ from runtime.errors import RuntimeFailure
 from runtime.float_prefill import FloatPrefill
 from runtime.io_spec import Contract
 from runtime.kv_cache import StaticKVCache
+from runtime.serve.row_copy import RowCopy, row_address
 
 
 class SlotCache:
     """A fused graph's session driving `slots` sequences of up to `max_length` positions each."""
 
     def __init__(self, session: ort.InferenceSession, contract: Contract, slots: int, max_length: int,
-                 reuse_prefixes: bool = True, float_prefill: FloatPrefill | None = None):
+                 reuse_prefixes: bool = True, float_prefill: FloatPrefill | None = None, device: str = "cpu",
+                 copy_on_device: bool | None = None):
+        """`device`: where the cache lives, the session's device ("cpu" or "cuda"). `copy_on_device`: copy
+        rows with the graph a device cache needs (default: off the CPU only; tests set it on the CPU)."""
         if contract.flavour != "fused":
             raise RuntimeFailure("serving needs the fused graph (export with `fused: true`)")
         if slots < 1 or max_length < 2:
             raise RuntimeFailure(f"need at least 1 slot and 2 positions, got {slots} slots of {max_length}")
         self.session, self.contract = session, contract
         self.slots, self.max_length = slots, max_length
-        cache = StaticKVCache(contract, slots, max_length, "cpu")  # checks the model's positions and free memory
-        self.nbytes = cache.nbytes
-        self.buffers = cache.host  # [slots, kv_heads, max_length, head_dim] per past name
+        if float_prefill is not None and device != "cpu":
+            raise RuntimeFailure("prompts through the float-cache graph run on the CPU only")
+        cache = StaticKVCache(contract, slots, max_length, device)  # checks the model's positions (and host memory)
+        self.nbytes, self.device = cache.nbytes, device
+        self.values = [cache.values[name] for name in contract.past_names()]  # [slots, kv_heads, max_length, head_dim]
+        self.buffers = cache.host  # the same memory as numpy arrays, on the CPU only
+        self.kv_dtype = np.dtype(contract.kv_dtype)
+        if copy_on_device is None:
+            copy_on_device = device != "cpu"
+        self._row_copy = RowCopy(self.values, device) if copy_on_device else None
         self.lengths = cache.lengths  # positions filled in each row
         self.reuse_prefixes = reuse_prefixes
         self.float_prefill = float_prefill  # int8 cache: prompts run through the float-cache graph
@@ -65,11 +81,12 @@ class SlotCache:
         binding = self._bindings.get((start, stop))
         if binding is None:
             binding = self.session.io_binding()
-            names = zip(self.contract.past_names(), self.contract.present_names(), self.buffers)
-            for past, present, buffer in names:
-                view = buffer[start:stop]  # contiguous: a row range of a C-ordered array
-                binding.bind_input(past, "cpu", 0, view.dtype, list(view.shape), view.ctypes.data)
-                binding.bind_output(present, "cpu", 0, view.dtype, list(view.shape), view.ctypes.data)
+            names = zip(self.contract.past_names(), self.contract.present_names(), self.values)
+            for past, present, value in names:
+                shape = [stop - start, *value.shape()[1:]]  # contiguous: a row range of a C-ordered buffer
+                address = row_address(value, start)
+                binding.bind_input(past, self.device, 0, self.kv_dtype, shape, address)
+                binding.bind_output(present, self.device, 0, self.kv_dtype, shape, address)
             self._bindings[(start, stop)] = binding
         return binding
 
@@ -138,6 +155,9 @@ class SlotCache:
         return best, length
 
     def _copy(self, src: int, dst: int, n: int) -> None:
+        if self._row_copy is not None:
+            self._row_copy(src, dst)
+            return
         for buffer in self.buffers:
             buffer[dst, :, :n] = buffer[src, :, :n]
 

@@ -146,3 +146,46 @@ def test_moves_carry_the_prefix_and_reuse_can_be_turned_off(gen):
     off.free(1)
     off.forget()
     assert off.tokens == [[], []]
+
+
+def test_row_copy_graph_copies_whole_rows_and_nothing_else():
+    """The device path's copy (runtime.serve.row_copy), run on the CPU: row src lands on row dst exactly."""
+    import onnxruntime as ort
+
+    from runtime.serve.row_copy import RowCopy
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal((3, 2, 5, 4)).astype(np.float16) for _ in range(4)]
+    before = [a.copy() for a in arrays]
+    copy = RowCopy([ort.OrtValue.ortvalue_from_numpy(a) for a in arrays], "cpu")
+    copy(2, 0)
+    for a, b in zip(arrays, before):
+        np.testing.assert_array_equal(a[0], b[2])
+        np.testing.assert_array_equal(a[1:], b[1:])
+    copy(0, 1)  # a second pair gets its own binding; the first stays bound
+    assert set(copy._bindings) == {(2, 0), (0, 1)}
+    for a, b in zip(arrays, before):
+        np.testing.assert_array_equal(a[1], b[2])
+
+
+@pytest.mark.parametrize("kind", ["float", "int8-kernel"])
+def test_copies_on_the_device_path_give_what_host_copies_give(kind, request):
+    """A cache in GPU memory copies rows with a graph instead of numpy; forced on here, moves and reused
+    prefixes must give bit for bit the logits of the host path."""
+    folder = request.getfixturevalue("tiny_export" if kind == "float" else "tiny_export_int8_kv")
+    gen = Generator(folder, provider="cpu", graph="fused", float_prefill=False)
+
+    def scenario(copy_on_device: bool) -> list[np.ndarray]:
+        slots = SlotCache(gen.session, gen.contract, 3, 32, copy_on_device=copy_on_device)
+        out = [slots.prefill(0, SHARED + [1]).copy(), slots.prefill(1, [5, 6, 7]).copy()]
+        out.append(slots.prefill(2, SHARED + [2, 3]).copy())  # prefix copied from row 0
+        assert slots.last_cached == len(SHARED)
+        out.append(slots.decode(np.array([4, 8, 9])).copy())
+        slots.free(0)
+        slots.move(2, 0)  # the last row fills the hole
+        for _ in range(3):
+            out.append(slots.decode(np.array([int(np.argmax(out[-1][2 if len(out) == 4 else 0])), 1])).copy())
+        return out
+
+    for host, device in zip(scenario(False), scenario(True)):
+        np.testing.assert_array_equal(host, device)
