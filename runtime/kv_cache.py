@@ -55,13 +55,21 @@ class StaticKVCache:
                 self.host.append(array)
                 value = ort.OrtValue.ortvalue_from_numpy(array)
             else:
-                value = ort.OrtValue.ortvalue_from_shape_and_type(shape, np.dtype(contract.kv_dtype), device, 0)
+                value = _device_buffer(shape, np.dtype(contract.kv_dtype), device, self.nbytes)
             self.values[past] = value
             self.values[present] = value
         self.lengths = np.zeros(batch, dtype=np.int32)  # tokens held by each row
 
     def fits(self, batch: int, length: int) -> bool:
         return batch == self.batch and length <= self.max_length
+
+
+def _device_buffer(shape: tuple, dtype: np.dtype, device: str, total: int) -> ort.OrtValue:
+    try:
+        return ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, 0)
+    except Exception as e:  # onnxruntime raises a bare RuntimeError with the allocator's message
+        raise RuntimeFailure(f"the KV cache ({total / 2**20:.0f} MiB) could not be allocated on {device}: {e}; "
+                             f"lower max_length or the batch size (serve: --slots, --max-length, --kv-budget-mb)") from None
 
 
 def check_fits(nbytes: int, device: str) -> None:

@@ -3,6 +3,7 @@ finished rows fed padding without disturbing the others, and a readable error wh
 from __future__ import annotations
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 from runtime import Generator, RuntimeFailure
@@ -120,6 +121,22 @@ def test_full_cache_and_explicit_max_length_are_readable_errors(tiny_export):
         small.generate([PROMPTS[0]], 4)
     with pytest.raises(RuntimeFailure, match="exceeds the model's"):
         Generator(tiny_export, provider="cpu", graph="fused", max_length=10_000).generate([[1]], 1)
+
+
+def test_a_device_cache_that_cannot_be_allocated_is_a_readable_error(tiny_export, monkeypatch):
+    """Off the CPU there is no free-memory check before allocating: the allocator's failure (out of GPU
+    memory; here, no CUDA in this onnxruntime) becomes one line naming the cache's size and the knobs."""
+    from runtime.io_spec import Contract
+    from runtime.kv_cache import StaticKVCache
+
+    def out_of_memory(*args):
+        raise RuntimeError("CUDA failure 2: out of memory")
+
+    monkeypatch.setattr(ort.OrtValue, "ortvalue_from_shape_and_type", out_of_memory)
+    contract = Contract.load(tiny_export / "fused")
+    with pytest.raises(RuntimeFailure, match=r"the KV cache \(\d+ MiB\) could not be allocated on cuda: CUDA failure 2: "
+                                             r"out of memory; lower max_length .* --kv-budget-mb"):
+        StaticKVCache(contract, 8, 256, "cuda")
 
 
 def test_missing_fused_graph_is_named(tiny_export, tmp_path):

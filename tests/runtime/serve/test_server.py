@@ -229,3 +229,19 @@ def test_sigterm_lets_the_request_in_flight_finish_then_exits(tiny_export):
             httpx.get(f"{url}/health", timeout=2)
         events = [json.loads(line[6:]) for line in rest[:-1]]
         assert events[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_the_start_line_says_where_the_slots_are_and_a_missing_cuda_is_one_line(tiny_export):
+    import onnxruntime as ort
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    with serve_process(tiny_export, "--slots", "2", "--max-length", "64", "--provider", "cpu") as (url, proc):
+        httpx.get(f"{url}/health", timeout=5)
+    assert "preallocated in host memory" in proc.stdout.read()
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("onnxruntime offers CUDA here: make serve-gpu-check covers it")
+    result = CliRunner().invoke(main, ["serve", str(tiny_export), "--provider", "cuda"])
+    assert result.exit_code == 1
+    assert "provider cuda requested" in result.output and "make install-cuda" in result.output
