@@ -13,6 +13,12 @@ Part 2 times one MatMulNBits of a SmolLM2 gate/up shape (K 576, N 1536, INT4 g32
 (0), against a float32 MatMul. Each graph chains 30 such matmuls with distinct weights, as a
 30-layer model reads them, so the weights stream from memory rather than sit in cache.
 
+Part 3 puts the fused graph's own MatMulNBits nodes (the step's weights, its attributes) in a graph
+of their own, each fed a [batch, 1, K] input, and times it against the whole decode step, the two
+alternated over --rounds rounds without the profiler: what the step would cost if every other op
+(attention, norms, activation, the executor) were free. Engines running ONNX Runtime's kernels
+(onnxruntime-genai too) can differ by little more than that.
+
 Prints Markdown tables and writes benchmarks/results/kernels/cpu_decode_profile.json.
 """
 from __future__ import annotations
@@ -28,6 +34,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
@@ -136,12 +143,54 @@ def matmul_rows(rows: list[int], repeats: int = 20) -> list[dict]:
     return table
 
 
+def matmuls_alone(folder: Path, batch: int, steps: int, rounds: int) -> dict:
+    """Median ms of a plain decode step against its MatMulNBits nodes alone (Part 3)."""
+    contract = Contract.load(folder / "fused")
+    model = onnx.load(str(folder / "fused" / contract.model_file))
+    inits = {i.name: i for i in model.graph.initializer}
+    nodes, outputs, used, widths = [], [], set(), set()
+    for node in (n for n in model.graph.node if n.op_type == "MatMulNBits"):
+        attrs = {a.name: a.i for a in node.attribute if a.name in ("K", "N")}
+        copy = helper.make_node("MatMulNBits", [f"a{attrs['K']}", *node.input[1:]], [f"{node.name}/Y"], name=node.name,
+                                domain="com.microsoft")
+        copy.attribute.extend(node.attribute)
+        nodes.append(copy)
+        outputs.append(helper.make_tensor_value_info(f"{node.name}/Y", TensorProto.FLOAT, [batch, 1, attrs["N"]]))
+        used.update(node.input[1:])
+        widths.add(attrs["K"])
+    inputs = [helper.make_tensor_value_info(f"a{k}", TensorProto.FLOAT, [batch, 1, k]) for k in sorted(widths)]
+    graph = helper.make_graph(nodes, "matmuls", inputs, outputs, [inits[u] for u in sorted(used) if u in inits])
+    alone = cpu_session(helper.make_model(graph, opset_imports=list(model.opset_import),
+                                          ir_version=model.ir_version).SerializeToString())
+    feeds = {f"a{k}": np.random.default_rng(k).standard_normal((batch, 1, k)).astype(np.float32) for k in widths}
+    full = cpu_session(folder / "fused" / contract.model_file)
+
+    def matmuls() -> float:
+        for _ in range(5):
+            alone.run(None, feeds)
+        started = time.perf_counter()
+        for _ in range(steps):
+            alone.run(None, feeds)
+        return (time.perf_counter() - started) / steps * 1000
+
+    times: dict[str, list[float]] = {"step": [], "matmuls": []}
+    for turn in range(rounds):
+        order = [("step", lambda: decode_steps(full, contract, batch, steps)), ("matmuls", matmuls)]
+        for name, run in order if turn % 2 == 0 else reversed(order):
+            times[name].append(run())
+    step, mm = statistics.median(times["step"]), statistics.median(times["matmuls"])
+    return {"batch": batch, "matmulnbits_nodes": len(nodes), "step_ms": round(step, 3), "matmuls_alone_ms": round(mm, 3),
+            "share": round(mm / step, 3), "step_over_matmuls": round(step / mm, 3),
+            "rounds_ms": {k: [round(x, 3) for x in v] for k, v in times.items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("artifact", type=Path, help="a run folder or export folder with a fused graph")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--rows", default="1,2,4,8,16,64")
+    parser.add_argument("--rounds", type=int, default=6, help="Part 3: alternated rounds of step and matmuls alone")
     args = parser.parse_args()
     folder = find_model_folder(args.artifact)
     if not (folder / "fused").is_dir():
@@ -159,9 +208,14 @@ def main() -> None:
     print("| rows | " + " | ".join(kinds) + " |\n|---|" + "---|" * len(kinds))
     for r in rows:
         print(f"| {r['rows']} | " + " | ".join(str(r[k]) for k in kinds) + " |")
+    alone = [matmuls_alone(folder, int(b), args.steps, args.rounds) for b in args.batches.split(",")]
+    print(f"\nThe step's MatMulNBits alone against the whole step, ms (median of {args.rounds} alternated rounds)\n")
+    print("| batch | whole step | MatMulNBits alone | share | step / matmuls |\n|---|---|---|---|---|")
+    for a in alone:
+        print(f"| {a['batch']} | {a['step_ms']} | {a['matmuls_alone_ms']} | {a['share']:.0%} | {a['step_over_matmuls']} |")
     OUT.parent.mkdir(parents=True, exist_ok=True)
     result = {"artifact": str(folder), "threads": THREADS, "onnxruntime": ort.__version__,
-              "decode_profiles": profiles, "matmul_rows": rows}
+              "decode_profiles": profiles, "matmul_rows": rows, "matmuls_alone": alone}
     tmp = OUT.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     tmp.replace(OUT)
