@@ -69,6 +69,12 @@ class Generator:
         self.folder = Path(folder)
         graph_folder = runner_graph_folder(self.folder, graph)
         self.contract = load_contract(graph_folder)
+        self.provider_reason: str | None = None  # why "auto" left a GPU unused, for the log lines
+        if provider == "auto" and choose_provider("auto") == "cuda" and self.contract.flavour == "fused" \
+                and self.contract.dtype != "float16":
+            provider = "cpu"
+            self.provider_reason = ("auto took the CPU: this fused graph is float32, and CUDA's GroupQueryAttention runs "
+                                    "float16 only (export with `dtype: float16` for the GPU)")
         if cuda_graph is None:
             cuda_graph = self.contract.flavour == "fused" and choose_provider(provider) == "cuda"
         if cuda_graph and self.contract.flavour != "fused":
@@ -112,7 +118,8 @@ class Generator:
         """The session settings in use and where they come from, for a log line."""
         source = (f"tuned on this machine: {self.tuning_file.name}" if self.tuning_file else "as given" if self._settings_given
                   else "defaults; `optimize tune` measures this machine")
-        return f"{self.settings.describe()} ({source})"
+        reason = f"; {self.provider_reason}" if self.provider_reason else ""
+        return f"{self.settings.describe()} ({source}){reason}"
 
     def describe_kv(self) -> str:
         """The cache's type for a log line, and how prompts fill it when that differs from decoding."""

@@ -108,6 +108,20 @@ def test_decode_logits_buffer_is_reused_across_steps(tiny_export):
     assert gen.graph._logits_buffer(1, 1) is first  # one buffer per batch size, not one per step
 
 
+def test_auto_keeps_a_float32_fused_graph_off_a_gpu_and_says_why(tiny_export, monkeypatch):
+    """CUDA's GroupQueryAttention runs float16 only: on a GPU machine "auto" must not pick CUDA for a float32
+    fused graph (its attention would fall back and the placement check fail); it runs on the CPU and says so."""
+    import json
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    gen = Generator(tiny_export, provider="auto", graph="fused")
+    assert gen.provider == "CPUExecutionProvider" and gen.device == "cpu"
+    assert "auto took the CPU: this fused graph is float32" in gen.describe_settings()
+    assert Generator(tiny_export, provider="cpu", graph="fused").provider_reason is None
+    contract = json.loads((tiny_export / "fused" / "io_contract.json").read_text())
+    assert contract["dtype"] == "float32"
+
+
 def test_cuda_graph_is_refused_without_cuda(tiny_export):
     with pytest.raises(RuntimeFailure, match="cuda_graph needs the cuda provider"):
         Generator(tiny_export, provider="cpu", cuda_graph=True)
