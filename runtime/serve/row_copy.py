@@ -21,24 +21,17 @@ _ONNX_TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): Te
                np.dtype(np.int8): TensorProto.INT8}
 
 
-def row_address(value: ort.OrtValue, row: int) -> int:
-    """Address of row `row` of a C-ordered [rows, ...] buffer."""
-    shape = value.shape()
-    row_elements = int(np.prod(shape[1:]))
-    return value.data_ptr() + row * row_elements * np.dtype(_numpy_type(value)).itemsize
-
-
-def _numpy_type(value: ort.OrtValue) -> np.dtype:
-    names = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
-    return np.dtype(names[value.data_type()])
+def row_address(value: ort.OrtValue, row: int, dtype: np.dtype) -> int:
+    """Address of row `row` of a C-ordered [rows, ...] buffer of `dtype`."""
+    return value.data_ptr() + row * int(np.prod(value.shape()[1:])) * dtype.itemsize
 
 
 class RowCopy:
-    """`copy(src, dst)` copies row `src` of every buffer onto row `dst`, on `device` ("cpu" or "cuda")."""
+    """`copy(src, dst)` copies row `src` of every buffer (all of `dtype`) onto row `dst`, on `device`
+    ("cpu" or "cuda")."""
 
-    def __init__(self, buffers: list[ort.OrtValue], device: str):
+    def __init__(self, buffers: list[ort.OrtValue], dtype: np.dtype, device: str):
         self.buffers, self.device = buffers, device
-        dtype = _numpy_type(buffers[0])
         self.dtype, self.row_shape = dtype, [1, *buffers[0].shape()[1:]]
         nodes = [helper.make_node("Identity", [f"src{i}"], [f"dst{i}"], name=f"copy{i}") for i in range(len(buffers))]
         info = [helper.make_tensor_value_info(f"{kind}{i}", _ONNX_TYPES[dtype], self.row_shape)
@@ -56,7 +49,7 @@ class RowCopy:
         if binding is None:
             binding = self.session.io_binding()
             for i, buffer in enumerate(self.buffers):
-                binding.bind_input(f"src{i}", self.device, 0, self.dtype, self.row_shape, row_address(buffer, src))
-                binding.bind_output(f"dst{i}", self.device, 0, self.dtype, self.row_shape, row_address(buffer, dst))
+                binding.bind_input(f"src{i}", self.device, 0, self.dtype, self.row_shape, row_address(buffer, src, self.dtype))
+                binding.bind_output(f"dst{i}", self.device, 0, self.dtype, self.row_shape, row_address(buffer, dst, self.dtype))
             self._bindings[(src, dst)] = binding
         self.session.run_with_iobinding(binding)

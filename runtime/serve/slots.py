@@ -66,7 +66,7 @@ class SlotCache:
         self.kv_dtype = np.dtype(contract.kv_dtype)
         if copy_on_device is None:
             copy_on_device = device != "cpu"
-        self._row_copy = RowCopy(self.values, device) if copy_on_device else None
+        self._row_copy = RowCopy(self.values, self.kv_dtype, device) if copy_on_device else None
         self.lengths = cache.lengths  # positions filled in each row
         self.reuse_prefixes = reuse_prefixes
         self.float_prefill = float_prefill  # int8 cache: prompts run through the float-cache graph
@@ -84,7 +84,7 @@ class SlotCache:
             names = zip(self.contract.past_names(), self.contract.present_names(), self.values)
             for past, present, value in names:
                 shape = [stop - start, *value.shape()[1:]]  # contiguous: a row range of a C-ordered buffer
-                address = row_address(value, start)
+                address = row_address(value, start, self.kv_dtype)
                 binding.bind_input(past, self.device, 0, self.kv_dtype, shape, address)
                 binding.bind_output(present, self.device, 0, self.kv_dtype, shape, address)
             self._bindings[(start, stop)] = binding

@@ -157,7 +157,7 @@ def test_row_copy_graph_copies_whole_rows_and_nothing_else():
     rng = np.random.default_rng(0)
     arrays = [rng.standard_normal((3, 2, 5, 4)).astype(np.float16) for _ in range(4)]
     before = [a.copy() for a in arrays]
-    copy = RowCopy([ort.OrtValue.ortvalue_from_numpy(a) for a in arrays], "cpu")
+    copy = RowCopy([ort.OrtValue.ortvalue_from_numpy(a) for a in arrays], np.dtype(np.float16), "cpu")
     copy(2, 0)
     for a, b in zip(arrays, before):
         np.testing.assert_array_equal(a[0], b[2])
