@@ -48,18 +48,18 @@ bench: run  ## speed of the default run's artifact against transformers, optimum
 	$(BIN)/optimize bench artifacts/smollm2-fp32 --compare --threads 2
 
 gpu-check:  ## on a GPU machine, after install-cuda and `optimize recipes/smollm2-int4-cuda.yaml`: CUDA checks, decode overhead, bench vs peers
-	$(PY) benchmarks/gpu_check.py $(GPU_RUN) --out $(GPU_OUT)
-	$(PY) benchmarks/cuda_decode_overhead.py $(GPU_RUN) --out $(GPU_OUT)
+	$(PY) -m benchmarks.checks.gpu_check $(GPU_RUN) --out $(GPU_OUT)
+	$(PY) -m benchmarks.checks.cuda_decode_overhead $(GPU_RUN) --out $(GPU_OUT)
 	$(PY) -m pipeline.cli bench $(GPU_RUN) --provider cuda --text $(BENCH_TEXT) --compare \
 		--peers onnxruntime-genai,onnxruntime-genai-cuda-graph,transformers-sdpa --out $(GPU_OUT)/bench
 
 serve-gpu-check:  ## on a GPU machine, after install-cuda and `optimize recipes/smollm2-int4-cuda.yaml`: `optimize serve` with its KV slots in GPU memory, then a short load test
-	$(PY) benchmarks/serve_gpu_check.py $(GPU_RUN) --out $(GPU_OUT)
-	$(PY) benchmarks/serve_load.py $(GPU_RUN) --concurrency 1,8 --duration 15 --text $(BENCH_TEXT) \
+	$(PY) -m benchmarks.checks.serve_gpu_check $(GPU_RUN) --out $(GPU_OUT)
+	$(PY) -m benchmarks.checks.serve_load $(GPU_RUN) --concurrency 1,8 --duration 15 --text $(BENCH_TEXT) \
 		--serve-args="--provider cuda" --out $(GPU_OUT)/serve-load
 
 distill-gpu-check:  ## on a GPU machine, after any SmolLM2 run (its model step is the teacher): the distill stage's CUDA path
-	$(PY) benchmarks/distill_gpu_check.py $(firstword $(wildcard $(GPU_RUN)/00-model-* artifacts/*/00-model-*)) --out $(GPU_OUT)
+	$(PY) -m benchmarks.checks.distill_gpu_check $(firstword $(wildcard $(GPU_RUN)/00-model-* artifacts/*/00-model-*)) --out $(GPU_OUT)
 
 test: install engines model  ## every test, the slow reference-model tests included (what CI runs)
 	$(BIN)/python -m pytest -q --durations=30

@@ -8,7 +8,7 @@ Example:
 from pipeline.artifacts import Artifact, load_artifact
 from pipeline.errors import PipelineError, RecipeError, StageError, ValidationFailed
 from pipeline.recipe import Recipe, load_recipe
-from pipeline.runner import run
+from pipeline.steps import run
 
 __all__ = ["Artifact", "PipelineError", "Recipe", "RecipeError", "StageError", "ValidationFailed",
            "load_artifact", "load_recipe", "run"]

@@ -3,7 +3,7 @@
 A manifest records what built the folder (stage, version, resolved config, parent fingerprint,
 library versions, timings), what it holds (sha256 of every file) and what it measured. A folder
 whose manifest is missing, unreadable, for another fingerprint, or whose files do not match
-their checksums is not an artifact: the runner rebuilds it.
+their checksums is not an artifact: the step loop (`pipeline/steps.py`) rebuilds it.
 """
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ def run_command(recipe, workdir, force, overrides, debug):
     """Run RECIPE (a YAML file): each stage writes artifacts/<run>/<NN>-<stage>-<fp>/."""
     from pipeline import distributed
     from pipeline.errors import PipelineError
-    from pipeline.runner import run
+    from pipeline.steps import run
 
     try:
         run_dir = run(recipe, workdir=workdir, force=force, overrides=overrides)

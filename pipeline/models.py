@@ -140,7 +140,7 @@ def copy_tokenizer(src: Path, out: Path) -> None:
 
 def load_torch_model(folder: Path, attention: str = "eager"):
     """The float32 PyTorch model of an hf-model artifact, by default with the attention the exporter traces
-    ("sdpa" runs calibration passes faster, benchmarks/quantize_speed.py; the result differs by float noise)."""
+    ("sdpa" runs calibration passes faster, benchmarks/experiments/quantize_speed.py; the result differs by float noise)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=attention)

@@ -1,7 +1,8 @@
 """The table of stages: recipe name -> config type, function, and the artifact kinds it links.
 
 A stage is a plain function `(config, input_artifact, ctx) -> StageResult` that writes its files
-into `ctx.out_dir`; the runner owns ordering, caching, manifests and atomic placement.
+into `ctx.out_dir`; the step loop (`pipeline/steps.py`) owns ordering, caching, manifests and atomic
+placement.
 Stage modules register themselves when `pipeline.stages` imports them.
 """
 from __future__ import annotations

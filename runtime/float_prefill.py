@@ -3,7 +3,7 @@
 ONNX Runtime's CPU GroupQueryAttention with an int8 cache rounds each new key and value into the
 cache and then attends over the codes it has just written, also for a prompt: the whole prompt takes
 1.15x (128 tokens) to 1.8x (1024 tokens) as long as with a float cache (SmolLM2 INT4 on an AVX2 CPU,
-benchmarks/kv_int8_prefill.py). The export stage writes the same graph with a float cache beside the
+benchmarks/experiments/kv_int8_prefill.py). The export stage writes the same graph with a float cache beside the
 int8 one (`prefill_model_file`, same weights file). A prompt runs there into a float scratch cache;
 this module rounds the new positions into the int8 rows with the graph's own per-channel scales
 (round half to even, saturated to int8's -128..127, as the kernel does) and decode steps go on in the

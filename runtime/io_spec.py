@@ -25,7 +25,7 @@ right-padded; each sequence's own lengths replace the mask and position ids:
 
 `dtype` (float32 or float16) is the weights' type and the cache's, unless `kv_cache` is "int8": then
 the cache holds int8 codes, rounded by GroupQueryAttention with per-channel scales stored in the graph
-(pipeline.quant.kv_cache). Logits are float32 either way. Such an artifact also holds the same graph with
+(pipeline.quant.kv_int8). Logits are float32 either way. Such an artifact also holds the same graph with
 a float cache (`prefill_model_file`, sharing the weights file) and the scales (`kv_scales_file`): the
 runner runs prompts through the float graph and rounds their keys and values into the int8 cache.
 """

@@ -117,7 +117,7 @@ def run_reference_recipe(name: str, tmp_path_factory, overrides: tuple[str, ...]
 
 def reference_workdir(tmp_path_factory) -> Path:
     """One workdir for every reference run of the session: their common model step is built once and
-    linked into the others (pipeline/runner.py, `_verified_twin`)."""
+    linked into the others (pipeline/steps.py, `_verified_twin`)."""
     folder = tmp_path_factory.getbasetemp() / "reference-runs"
     folder.mkdir(exist_ok=True)
     return folder

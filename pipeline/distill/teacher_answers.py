@@ -27,9 +27,9 @@ from pipeline.archs import model_dims
 from pipeline.artifacts import save_onnx
 from pipeline.configs import ExportConfig, TeacherAnswersConfig
 from pipeline.errors import StageError
-from pipeline.fused_graph import build_fused_graph
+from pipeline.graph.fused import build_fused_graph
 from pipeline.models import copy_tokenizer, torch_greedy
-from pipeline.onnx_pack import pack_sibling_matmuls
+from pipeline.graph.pack import pack_sibling_matmuls
 from runtime import Generator
 from runtime.generate import end_tokens, read_json
 from runtime.io_spec import Contract

@@ -34,9 +34,10 @@ from safetensors.numpy import load_file
 from safetensors.torch import save_file
 
 from pipeline.errors import StageError
-from pipeline.onnx_quant import EMBEDDING
-from pipeline.onnx_w8a8 import W8A8Codes, read_w8a8_codes
+from pipeline.graph.quant_ops import EMBEDDING
+from pipeline.graph.w8a8 import W8A8Codes, read_w8a8_codes
 from pipeline.quant.primitives import unpack_matmul_nbits
+from pipeline.quant.plan import PACKED_FILE, PLAN_FILE
 
 HF_QUANTIZED_FOLDER = "hf-quantized"
 FORMATS_THAT_WORK = ("weight-only int4 or int8 (W4A16 / W8A16), symmetric or asymmetric, with a group size "
@@ -143,7 +144,7 @@ def write_compressed_tensors(quant_dir: Path, out: Path, w8a8_graph: Path | None
     `dtype_name` other than auto casts the float tensors and scales (bfloat16 halves a float embedding;
     vLLM computes in 16 bits anyway); integer codes and zero points are never touched."""
     config = json.loads((quant_dir / "config.json").read_text())
-    plan_file = quant_dir / "quant_plan.json"
+    plan_file = quant_dir / PLAN_FILE
     plan_all = json.loads(plan_file.read_text()) if plan_file.is_file() else {}
     dtype = checkpoint_dtype(config)
     report = CompressedReport()
@@ -208,7 +209,7 @@ def _weight_only_layers(plan_all: dict, quant_dir: Path, dtype, report: Compress
         if spec["K"] % spec["group_size"]:
             raise StageError(f"{layer}: {spec['K']} inputs is not a multiple of group_size {spec['group_size']}; "
                              f"compressed-tensors needs whole groups: hf-quantized takes {FORMATS_THAT_WORK}")
-    packed = load_file(str(quant_dir / "quantized.safetensors"))
+    packed = load_file(str(quant_dir / PACKED_FILE))
     layers = {}
     for layer, spec in plan.items():
         layers[layer] = packed_tensors(*unpack_matmul_nbits(packed, layer, spec), spec, dtype)

@@ -25,8 +25,9 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from pipeline.errors import StageError
-from pipeline.onnx_quant import EMBEDDING
+from pipeline.graph.quant_ops import EMBEDDING
 from pipeline.quant.primitives import unpack_matmul_nbits
+from pipeline.quant.plan import PACKED_FILE, PLAN_FILE
 
 GGUF_FOLDER, GGUF_FILE = "gguf", "model.gguf"  # where the export stage puts it
 BLOCK = 32
@@ -87,7 +88,7 @@ def write_gguf(quant_dir: Path, out: Path, source_gguf: Path | None = None) -> G
     config = json.loads((quant_dir / "config.json").read_text())
     if config.get("model_type") != "llama":
         raise StageError(f"{quant_dir}: GGUF export covers the llama family, not {config.get('model_type')!r}")
-    plan_file, packed_file = quant_dir / "quant_plan.json", quant_dir / "quantized.safetensors"
+    plan_file, packed_file = quant_dir / PLAN_FILE, quant_dir / PACKED_FILE
     plan_all = json.loads(plan_file.read_text()) if plan_file.is_file() else {}
     if plan_all.get("activations"):
         raise StageError(f"{quant_dir}: W8A8 weights cannot go to GGUF; GGUF takes {FORMATS_THAT_WORK}")

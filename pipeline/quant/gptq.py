@@ -40,7 +40,7 @@ class HessianAccumulator:
 
 def add_gram(H: torch.Tensor, x: torch.Tensor, alpha: float, width: int = 256) -> None:
     """H += alpha * xᵀx, multiplying only the column blocks on and above the diagonal and mirroring the rest:
-    with 6 blocks 7/12 of a full product (a decoder layer's Hessians: benchmarks/quantize_speed.py)."""
+    with 6 blocks 7/12 of a full product (a decoder layer's Hessians: benchmarks/experiments/quantize_speed.py)."""
     k = x.shape[1]
     blocks = max(1, k // width)
     edges = [k * i // blocks for i in range(blocks + 1)]

@@ -8,7 +8,7 @@ the fixed zero point 2**(bits-1), which is also MatMulNBits' default when no zer
 With `float_zero` (asymmetric only) a block's zero point is any float, so its grid runs from the
 block's exact minimum to its exact maximum, as llama.cpp's Q4_1 stores it (d * q + m with a float m):
 an integer zero point can only start the grid at a multiple of the scale. MatMulNBits takes float
-zero points as they are; `pipeline.onnx_float_zero` rewrites them for ONNX Runtime's CPU kernels.
+zero points as they are; `pipeline.graph.float_zero` rewrites them for ONNX Runtime's CPU kernels.
 """
 from __future__ import annotations
 

@@ -15,6 +15,8 @@ import numpy as np
 import onnx
 import torch
 
+from calibration import DataError
+from calibration.batches import calibration_batches
 from pipeline.archs import arch_for, model_dims
 from pipeline.artifacts import save_onnx, sha256_file
 from pipeline.configs import ExportConfig
@@ -22,14 +24,14 @@ from pipeline.errors import StageError
 from pipeline.formats.compressed_tensors import HF_QUANTIZED_FOLDER, write_compressed_tensors
 from pipeline.formats.genai import write_genai_config
 from pipeline.formats.gguf import GGUF_FILE, GGUF_FOLDER, write_gguf
-from pipeline.fused_graph import build_fused_graph, float_cache_graph, to_float16
+from pipeline.graph.fused import build_fused_graph, float_cache_graph, to_float16
 from pipeline.models import TOKENIZER_FILES, load_torch_model
-from pipeline.onnx_float_zero import lower_float_zero_points
-from pipeline.onnx_pack import pack_sibling_matmuls
-from pipeline.onnx_quant import apply_block_quantized_ops, set_accuracy_level
-from pipeline.onnx_w8a8 import quantize_w8a8
-from pipeline.quant.kv_cache import RoundingCache, kv_scales
-from pipeline.stages.quantize import PLAN_FILE, calibration_batches, decoder_linears
+from pipeline.graph.float_zero import lower_float_zero_points
+from pipeline.graph.pack import pack_sibling_matmuls
+from pipeline.graph.quant_ops import apply_block_quantized_ops, set_accuracy_level
+from pipeline.graph.w8a8 import quantize_w8a8
+from pipeline.quant.plan import PLAN_FILE, decoder_linears
+from pipeline.quant.kv_int8 import RoundingCache, kv_scales
 from pipeline.registry import StageResult, register_stage
 from runtime.generate import Generator
 from runtime.io_spec import Contract
@@ -120,7 +122,11 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
             cal = cfg.kv_calibration
             ctx.log(f"  int8 KV cache: per-channel scales from {cal.num_samples} x {cal.sequence_length} tokens of "
                     f"{cal.data.source} {cal.data.split}")
-            scales = kv_scales(model, calibration_batches(cal, inp.path, "export.kv_calibration"))
+            try:
+                batches = calibration_batches(cal, inp.path, "export.kv_calibration")
+            except DataError as e:
+                raise StageError(str(e)) from e
+            scales = kv_scales(model, batches)
         ctx.log(f"  building the fused graph (GroupQueryAttention, SkipSimplifiedLayerNormalization; {cfg.dtype}, "
                 f"KV cache {fused.kv_dtype})")
         graph = build_fused_graph(model, fused, cfg.opset, scales)

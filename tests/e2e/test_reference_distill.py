@@ -1,6 +1,6 @@
 """A short distillation of SmolLM2-135M-Instruct to 20 layers (with a two-step teacher correction), exported and
 run (slow tier; CI runs it).
-The full budget and its numbers: recipes/smollm2-distill-int4.yaml and benchmarks/distill_matrix.py."""
+The full budget and its numbers: recipes/smollm2-distill-int4.yaml and benchmarks/experiments/distill_matrix.py."""
 import json
 import textwrap
 

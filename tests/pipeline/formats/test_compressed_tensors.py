@@ -133,7 +133,7 @@ def test_w8a8_copies_the_graphs_int8_codes_and_loads_in_transformers(tmp_path, t
     pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed (make engines)")
     from transformers import AutoModelForCausalLM
 
-    from pipeline.onnx_w8a8 import read_w8a8_codes
+    from pipeline.graph.w8a8 import read_w8a8_codes
 
     quantize = f"{{method: w8a8, activations: {activations}, calibration: {{num_samples: 4, sequence_length: 32}}}}"
     work = run(recipe(tmp_path, tiny_llama, eval_text, quantize), workdir=tmp_path / "artifacts")

@@ -28,7 +28,7 @@ def test_rotation_is_block_diagonal_and_leaves_a_linear_unchanged():
 
 
 def test_rotation_spreads_a_spike_so_one_static_scale_rounds_the_rest_finer():
-    from pipeline.stages.quantize_w8a8 import fake_quant_static, fake_quant_weight
+    from pipeline.stages.quantize.w8a8 import fake_quant_static, fake_quant_weight
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(512, 256, generator=g), torch.randn(64, 256, generator=g) / 16
     x[7, 3] = 60.0  # one token with one huge channel: it sets the static range

@@ -12,7 +12,7 @@ from pipeline import RecipeError, load_recipe, run
 from pipeline.configs import ExportConfig, QuantizeConfig
 from pipeline.models import load_torch_model
 from pipeline.recipe import build_config
-from pipeline.stages.quantize import make_plan
+from pipeline.stages.quantize.stage import make_plan
 from runtime import Generator, find_model_folder
 
 
@@ -167,7 +167,7 @@ def test_embedding_group_must_divide_hidden(tmp_path, tiny_llama, eval_text):
 
 def test_awq_scaling_is_exact_in_float(tiny_llama, eval_text):
     """Folding the AWQ scales changes no output before rounding: checked with 8-bit-free float weights."""
-    from pipeline.stages import quantize_awq
+    from pipeline.stages.quantize import awq as quantize_awq
     from pipeline.quant.primitives import QuantScheme
 
     model = load_torch_model(tiny_llama)
@@ -191,7 +191,7 @@ def test_awq_fold_turns_each_hessian_into_that_of_the_scaled_inputs(tiny_llama):
     """After the folds, the Hessians kept for `awq_codes: gptq` equal the ones collected again from the folded layer."""
     from calibration.collect import capture_layer_inputs
     from pipeline.quant.primitives import QuantScheme
-    from pipeline.stages import quantize_awq
+    from pipeline.stages.quantize import awq as quantize_awq
 
     model = load_torch_model(tiny_llama)
     layer = model.model.layers[0]
@@ -275,7 +275,7 @@ def test_per_token_w8a8_rounds_each_token_on_its_own_scale(tmp_path, opset):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from pipeline.onnx_w8a8 import quantize_int8_linears, read_w8a8_codes
+    from pipeline.graph.w8a8 import quantize_int8_linears, read_w8a8_codes
 
     rng = np.random.default_rng(opset)
     w = rng.normal(size=(16, 8)).astype(np.float32)  # [K, N], as the traced graph holds a linear's weight
@@ -309,8 +309,8 @@ def test_static_w8a8_graph_rounds_like_the_calibration_model(tmp_path):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from pipeline.onnx_w8a8 import quantize_int8_linears, read_w8a8_codes
-    from pipeline.stages.quantize_w8a8 import fake_quant_static, fake_quant_weight, search_clip
+    from pipeline.graph.w8a8 import quantize_int8_linears, read_w8a8_codes
+    from pipeline.stages.quantize.w8a8 import fake_quant_static, fake_quant_weight, search_clip
 
     rng = np.random.default_rng(0)
     w = rng.normal(size=(16, 8)).astype(np.float32)
@@ -348,9 +348,9 @@ def test_hadamard_w8a8_graph_rotates_the_input_and_the_weights_alike(tmp_path, s
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from pipeline.onnx_w8a8 import quantize_int8_linears
+    from pipeline.graph.w8a8 import quantize_int8_linears
     from pipeline.quant.rotation import rotate
-    from pipeline.stages.quantize_w8a8 import fake_quant_static, fake_quant_weight
+    from pipeline.stages.quantize.w8a8 import fake_quant_static, fake_quant_weight
 
     rng = np.random.default_rng(1)
     w = rng.normal(size=(64, 8)).astype(np.float32)  # [K, N]
@@ -405,7 +405,7 @@ def test_w8a8_for_cuda_is_refused_with_the_reason(tmp_path, tiny_llama):
 
 @pytest.mark.parametrize("alpha, activations", [(0.5, "dynamic"), ("auto", "dynamic_per_token"), ("auto", "static")])
 def test_smoothquant_migration_is_exact_in_float(tiny_llama, alpha, activations):
-    from pipeline.stages.quantize_w8a8 import smoothquant
+    from pipeline.stages.quantize.w8a8 import smoothquant
 
     model = load_torch_model(tiny_llama)
     ids = torch.randint(0, model.config.vocab_size, (2, 24))
@@ -424,7 +424,7 @@ def test_smoothquant_migration_is_exact_in_float(tiny_llama, alpha, activations)
 def test_smoothquant_folds_o_proj_into_v_proj_with_its_bias_when_widths_line_up():
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from pipeline.stages.quantize_w8a8 import smoothquant
+    from pipeline.stages.quantize.w8a8 import smoothquant
 
     config = AutoConfig.for_model("qwen2", vocab_size=96, hidden_size=64, intermediate_size=128,
                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
@@ -444,7 +444,7 @@ def test_smoothquant_folds_o_proj_into_v_proj_with_its_bias_when_widths_line_up(
 
 
 def test_smoothquant_search_migrates_an_outlier_channel_and_leaves_a_flat_input_alone():
-    from pipeline.stages.quantize_w8a8 import AUTO_ALPHAS, search_alpha
+    from pipeline.stages.quantize.w8a8 import AUTO_ALPHAS, search_alpha
 
     gen = torch.Generator().manual_seed(0)
     w = [torch.randn(48, 64, generator=gen) * 0.05]
@@ -486,7 +486,7 @@ def test_sensitivity_from_each_layers_input_equals_the_whole_forward(request, fa
 
     from pipeline.quant.awq import fake_quant
     from pipeline.quant.primitives import QuantScheme
-    from pipeline.stages.quantize_budget import sensitivities
+    from pipeline.stages.quantize.budget import sensitivities
 
     model = load_torch_model(request.getfixturevalue(f"tiny_{family}"))
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
@@ -520,7 +520,7 @@ def test_budget_needs_exactly_one_limit(tmp_path, tiny_llama):
 def test_size_estimate_matches_the_exported_artifact(tmp_path, tiny_qwen2, eval_text):
     """The budget's size estimate is the size the export really has (tied, shared INT4 head/embedding)."""
     from pipeline.quant.primitives import QuantScheme
-    from pipeline.stages.quantize_budget import weight_bytes
+    from pipeline.stages.quantize.budget import weight_bytes
 
     settings = f"{{method: rtn, group_size: 16, lm_head: int4, embedding: int4, {cal(eval_text)}}}"
     run_dir = run(quant_recipe(tmp_path, tiny_qwen2, eval_text, settings), workdir=tmp_path / "a")

@@ -1,7 +1,7 @@
 import json
 
-from pipeline.stages.validate import gate
-from pipeline.validate_targets import agreement
+from pipeline.stages.validate.stage import gate
+from pipeline.stages.validate.targets import agreement
 
 
 def test_gate_reports_every_failure_with_value_and_limit():

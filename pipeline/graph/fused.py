@@ -1,0 +1,224 @@
+"""The fused graph for ONNX Runtime, built node by node from the PyTorch model's weights.
+
+Per decoder layer (Llama family):
+
+    residual ─► SkipSimplifiedLayerNorm ─► q/k/v MatMul ─► GroupQueryAttention ─► o MatMul ─┐
+                (adds the previous output)              (rotary inside; past and present    │
+                                                         share one preallocated buffer)     │
+    residual ◄──────────────────────────────────────────────────────────────────────────────┘
+             ─► SkipSimplifiedLayerNorm ─► gate/up MatMul ─► SiLU·up ─► down MatMul ─► next layer
+
+Linear layers are plain MatMuls named after their modules (`/model/model/layers.0/mlp/up_proj/MatMul`),
+so the quantized artifact's codes go in through the same MatMulNBits rewrite as the portable graph.
+Prompts are right-padded and `seqlens_k` says how many tokens each sequence holds after the step,
+so a batch of ragged prompts runs in one call. The graph uses GroupQueryAttention's inputs as
+ONNX Runtime has had them since 1.19 (no `query_seqlens`), so onnxruntime-gpu releases that lag the
+CPU package load it too. `logits_positions` picks the rows that reach the LM head, so a prefill pays
+for one row of logits per sequence instead of the whole prompt.
+
+With `dtype: float16` (what the CUDA provider's GroupQueryAttention needs) every float weight, the
+rotary tables and the KV cache are float16; the logits are cast back to float32 for sampling and
+perplexity. The graph is built in float32 first so the quantized-op rewrite and packing see the
+weights exactly as PyTorch holds them; `to_float16` converts it last.
+
+With `kv_cache: int8` in the contract, each GroupQueryAttention keeps its cache in int8 and takes the
+layer's per-channel key and value scales (pipeline.quant.kv_int8) as initializers.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from pipeline.archs import model_dims
+from pipeline.errors import StageError
+from runtime.io_spec import Contract
+
+MS = "com.microsoft"
+DTYPES = {"int64": TensorProto.INT64, "int32": TensorProto.INT32, "float32": TensorProto.FLOAT,
+          "float16": TensorProto.FLOAT16, "int8": TensorProto.INT8}
+
+
+class _Graph:
+    """Nodes and initializers in the order they are added."""
+
+    def __init__(self):
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+
+    def const(self, name: str, array: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def op(self, op: str, inputs: list[str], name: str, outputs: int | list[str] = 1, domain: str = "", **attrs) -> list[str]:
+        outs = outputs if isinstance(outputs, list) else [f"{name}/output_{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op, inputs, outs, name=name, domain=domain or None, **attrs))
+        return outs
+
+
+def build_fused_graph(model: torch.nn.Module, contract: Contract, opset: int,
+                      kv_scales: list[tuple[np.ndarray, np.ndarray]] | None = None) -> onnx.ModelProto:
+    """The model as GroupQueryAttention + SimplifiedLayerNormalization + MatMul ops, with float32 weights
+    (call `to_float16` after any rewrite when the contract's dtype is float16). `kv_scales`, per layer
+    (key, value) [1, kv_heads, 1, head_dim], is required when the contract's cache is int8."""
+    cfg = model.config
+    dims = model_dims(cfg)
+    heads, kv_heads, head_dim = cfg.num_attention_heads, dims.num_kv_heads, dims.head_dim
+    _check_supported(cfg, head_dim)
+    if (contract.kv_cache == "int8") != (kv_scales is not None):
+        raise StageError("export.fused: an int8 KV cache needs its calibrated scales, and only an int8 cache takes them")
+    eps = float(cfg.rms_norm_eps)
+    weights = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    g = _Graph()
+
+    def linear(x: str, module: str) -> str:
+        w = g.const(f"{module}.weight.T", weights[f"{module}.weight"].T)
+        y = g.op("MatMul", [x, w], f"/model/{module.replace('.', '/')}/MatMul")[0]
+        if f"{module}.bias" in weights:
+            y = g.op("Add", [y, g.const(f"{module}.bias", weights[f"{module}.bias"])], f"/model/{module.replace('.', '/')}/Add")[0]
+        return y
+
+    def head_norm(x: str, module: str, n_heads: int) -> str:
+        """Qwen3's per-head RMSNorm on q or k, before rotary."""
+        path = f"/model/{module.replace('.', '/')}"
+        split = g.op("Reshape", [x, g.const(f"{module}.heads_shape", np.array([0, 0, n_heads, head_dim], np.int64))], f"{path}/Reshape")[0]
+        normed = g.op("SimplifiedLayerNormalization", [split, g.const(f"{module}.weight", weights[f"{module}.weight"])],
+                      f"{path}/SimplifiedLayerNorm", axis=-1, epsilon=eps)[0]
+        return g.op("Reshape", [normed, g.const(f"{module}.flat_shape", np.array([0, 0, -1], np.int64))], f"{path}/Reshape_1")[0]
+
+    cos, sin = _rotary_tables(model, head_dim)
+    g.const("cos_cache", cos)
+    g.const("sin_cache", sin)
+    window = _sliding_window(cfg)
+    hidden = g.op("Gather", ["model.embed_tokens.weight", "input_ids"], "/model/model/embed_tokens/Gather")[0]
+    g.const("model.embed_tokens.weight", weights["model.embed_tokens.weight"])
+    residual, pending = hidden, None  # `pending` is the last block's output, added to the residual by the next norm
+    for i in range(dims.num_layers):
+        p = f"model.layers.{i}"
+
+        def norm(name: str) -> str:
+            nonlocal residual
+            gamma = g.const(f"{p}.{name}.weight", weights[f"{p}.{name}.weight"])
+            if pending is None:
+                return g.op("SimplifiedLayerNormalization", [residual, gamma], f"/model/{p.replace('.', '/')}/{name}/LayerNorm",
+                            axis=-1, epsilon=eps)[0]
+            out, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [pending, residual, gamma],
+                                       f"/model/{p.replace('.', '/')}/{name}/SkipLayerNorm", outputs=4, domain=MS, epsilon=eps)
+            return out
+
+        x = norm("input_layernorm")
+        q, k, v = (linear(x, f"{p}.self_attn.{n}_proj") for n in "qkv")
+        if f"{p}.self_attn.q_norm.weight" in weights:
+            q, k = head_norm(q, f"{p}.self_attn.q_norm", heads), head_norm(k, f"{p}.self_attn.k_norm", kv_heads)
+        inputs = [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k", "total_sequence_length",
+                  "cos_cache", "sin_cache"]
+        quant = {}
+        if kv_scales is not None:  # inputs 9-11 (position_ids, attention_bias, head_sink) stay empty
+            inputs += ["", "", "", g.const(f"{p}.self_attn.k_scale", kv_scales[i][0]), g.const(f"{p}.self_attn.v_scale", kv_scales[i][1])]
+            quant = {"k_quant_type": "PER_CHANNEL", "v_quant_type": "PER_CHANNEL", "kv_cache_bit_width": 8}
+        attn, _, _ = g.op(
+            "GroupQueryAttention", inputs, f"/model/{p.replace('.', '/')}/self_attn/GroupQueryAttention",
+            outputs=[f"{p}.attn_out", f"present.{i}.key", f"present.{i}.value"], domain=MS,
+            num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0, local_window_size=window,
+            scale=float(head_dim ** -0.5), **quant,
+        )
+        pending = linear(attn, f"{p}.self_attn.o_proj")
+        x = norm("post_attention_layernorm")
+        gate, up = linear(x, f"{p}.mlp.gate_proj"), linear(x, f"{p}.mlp.up_proj")
+        path = f"/model/{p.replace('.', '/')}/mlp"
+        silu = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{path}/act_fn/Sigmoid")[0]], f"{path}/act_fn/Mul")[0]
+        pending = linear(g.op("Mul", [silu, up], f"{path}/Mul")[0], f"{p}.mlp.down_proj")
+    final = g.const("model.norm.weight", weights["model.norm.weight"])
+    x = g.op("SkipSimplifiedLayerNormalization", [pending, residual, final], "/model/model/norm/SkipLayerNorm",
+             outputs=1, domain=MS, epsilon=eps)[0]
+    # only the rows asked for reach the LM head: a prefill needs one row per sequence, not the whole prompt
+    rows = g.op("Unsqueeze", ["logits_positions", g.const("last_axis", np.array([-1], np.int64))], "/model/logits_rows/Unsqueeze")[0]
+    x = g.op("GatherND", [x, rows], "/model/logits_rows/GatherND", batch_dims=1)[0]
+    head = "lm_head" if "lm_head.weight" in weights else "model.embed_tokens"
+    if contract.dtype == "float16":
+        x = g.op("MatMul", [x, g.const("lm_head.weight.T", weights[f"{head}.weight"].T)], "/model/lm_head/MatMul")[0]
+        g.op("Cast", [x], "/model/logits/Cast", outputs=["logits"], to=TensorProto.FLOAT)
+    else:
+        g.op("MatMul", [x, g.const("lm_head.weight.T", weights[f"{head}.weight"].T)], "/model/lm_head/MatMul", outputs=["logits"])
+
+    graph = helper.make_graph(g.nodes, "fused", _value_infos(contract.inputs()), _value_infos(contract.outputs()), g.inits)
+    opsets = [helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)]
+    # the lowest IR version the opset allows, not the installed onnx's newest: older runtimes
+    # (onnxruntime-gpu releases lag the CPU package) refuse an IR version newer than they know
+    return helper.make_model(graph, opset_imports=opsets, producer_name="llm-optimize",
+                             ir_version=helper.find_min_ir_version_for(opsets, ignore_unknown=True))
+
+
+def to_float16(model: onnx.ModelProto) -> int:
+    """Convert every float32 initializer (weights, norms, rotary tables, MatMulNBits scales) to float16
+    in place; returns how many. The graph's inputs and outputs already carry the contract's types."""
+    converted = 0
+    for tensor in model.graph.initializer:
+        if tensor.data_type == TensorProto.FLOAT:
+            array = numpy_helper.to_array(tensor)
+            if np.abs(array).max(initial=0) > np.finfo(np.float16).max:
+                raise StageError(f"export: {tensor.name} holds values beyond float16's range; use dtype: float32")
+            tensor.CopyFrom(numpy_helper.from_array(array.astype(np.float16), tensor.name))
+            converted += 1
+    return converted
+
+
+def _check_supported(cfg, head_dim: int) -> None:
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        raise StageError(f"export.fused: activation {cfg.hidden_act} is not supported (silu only); set fused: false")
+    if getattr(cfg, "attention_bias", False) and cfg.model_type != "qwen2":
+        raise StageError("export.fused: attention biases are only supported for qwen2; set fused: false")
+    if getattr(cfg, "mlp_bias", False):
+        raise StageError("export.fused: MLP biases are not supported; set fused: false")
+    if head_dim % 16:
+        raise StageError(f"export.fused: head_dim {head_dim} is not a multiple of 16, which GroupQueryAttention needs")
+
+
+def _sliding_window(cfg) -> int:
+    """GroupQueryAttention's local_window_size: -1 for full attention."""
+    window = getattr(cfg, "sliding_window", None)
+    if not window or (cfg.model_type in ("qwen2", "qwen3") and not getattr(cfg, "use_sliding_window", False)):
+        return -1
+    return int(window)
+
+
+def _rotary_tables(model, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin [max_positions, head_dim / 2] from the model's own rotary module (any rope scaling)."""
+    positions = torch.arange(model.config.max_position_embeddings)[None]
+    with torch.no_grad():
+        cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
+    half = head_dim // 2
+    return cos[0, :, :half].numpy().astype(np.float32), sin[0, :, :half].numpy().astype(np.float32)
+
+
+def _value_infos(specs) -> list[onnx.ValueInfoProto]:
+    return [helper.make_tensor_value_info(s.name, DTYPES[s.dtype], list(s.dims)) for s in specs]
+
+
+def float_cache_graph(model: onnx.ModelProto, dtype: str = "float32") -> onnx.ModelProto:
+    """The int8-cache graph with a `dtype` cache instead: GroupQueryAttention without its scales and
+    quantization attributes, the cache inputs and outputs retyped, every other node and weight as is.
+    The runner runs prompts through it (their attention reads the float keys and values they just made,
+    where the int8 kernel reads back the codes it wrote, 1.15 to 1.8x slower) and rounds the result into the
+    int8 cache itself. Weights stored as external data keep their references, so both graphs share one
+    data file."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    dropped: set[str] = set()
+    for node in out.graph.node:
+        if node.op_type == "GroupQueryAttention" and len(node.input) > 9:
+            dropped.update(name for name in node.input[9:] if name)
+            del node.input[9:]
+            kept = [a for a in node.attribute if a.name not in ("k_quant_type", "v_quant_type", "kv_cache_bit_width")]
+            del node.attribute[:]
+            node.attribute.extend(kept)
+    if not dropped:
+        raise StageError("export: the fused graph has no int8 KV cache to take out")
+    kept_inits = [t for t in out.graph.initializer if t.name not in dropped]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(kept_inits)
+    for value in list(out.graph.input) + list(out.graph.output):
+        if value.name.startswith(("past_key_values.", "present.")):
+            value.type.tensor_type.elem_type = DTYPES[dtype]
+    return out

@@ -1,0 +1,127 @@
+"""Swap the float ops of quantized layers for ONNX Runtime's block-quantized contrib ops.
+
+    x   ─► MatMul(x, Wᵀ) ─► y     becomes   x   ─► MatMulNBits(x, B, scales[, zero_points]) ─► y
+    ids ─► Gather(E, ids) ─► h    becomes   ids ─► GatherBlockQuantized(E_q, ids, scales[, zero_points]) ─► h
+
+A tied embedding quantized like the LM head reads the head's tensors through Reshape
+([V, k_blocks, blob] -> [V, k_blocks * blob]): one copy of the codes on disk.
+
+The exporter names each linear's MatMul after its module (`/model/model/layers.0/mlp/up_proj/MatMul`);
+every match is also checked to hold exactly the dequantized weight, so a renamed or reordered
+graph cannot receive the wrong layer's codes.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+from safetensors.numpy import load_file
+
+from pipeline.errors import StageError
+from pipeline.quant.plan import PACKED_FILE, PLAN_FILE
+
+MS_DOMAIN = "com.microsoft"
+
+
+EMBEDDING = "model.embed_tokens"
+
+
+def module_of(node_name: str, op: str = "MatMul") -> str | None:
+    """'/model/model/layers.0/mlp/up_proj/MatMul' -> 'model.layers.0.mlp.up_proj'."""
+    if not node_name.startswith("/model/") or not node_name.endswith(f"/{op}"):
+        return None
+    return node_name[len("/model/"):-len(f"/{op}")].replace("/", ".")
+
+
+def apply_block_quantized_ops(graph_model: onnx.ModelProto, quant_dir: Path, weights: dict[str, np.ndarray],
+                       accuracy_level: int) -> int:
+    """Rewrite in place; `weights` maps module name -> dequantized float weight [N, K]. Returns ops swapped."""
+    plan = json.loads((quant_dir / PLAN_FILE).read_text())["layers"]
+    packed = load_file(str(quant_dir / PACKED_FILE))
+    graph = graph_model.graph
+    inits = {t.name: t for t in graph.initializer}
+    done: set[str] = set()
+    for index, node in enumerate(list(graph.node)):
+        name = module_of(node.name) if node.op_type == "MatMul" else None
+        if name not in plan or name == EMBEDDING:
+            continue
+        spec, init = plan[name], inits.get(node.input[1])
+        if init is None:
+            raise StageError(f"export: MatMul of {name} has no weight initializer; cannot place MatMulNBits")
+        if not np.array_equal(numpy_helper.to_array(init), weights[name].T):
+            raise StageError(f"export: the graph's weight for {name} is not the quantized weight; refusing to swap it")
+        prefix = f"{name}.qweight"
+        tensors = {key: packed[f"{name}.{key}"] for key in ("B", "scales", "zero_points") if f"{name}.{key}" in packed}
+        inputs = [node.input[0]]
+        for key, array in tensors.items():
+            graph.initializer.append(numpy_helper.from_array(array, f"{prefix}.{key}"))
+            inputs.append(f"{prefix}.{key}")
+        new = helper.make_node("MatMulNBits", inputs, list(node.output), name=node.name + "NBits", domain=MS_DOMAIN,
+                               K=spec["K"], N=spec["N"], bits=spec["bits"], block_size=spec["group_size"],
+                               accuracy_level=accuracy_level)
+        graph.node.remove(node)
+        graph.node.insert(index, new)
+        done.add(name)
+    if EMBEDDING in plan:
+        _swap_embedding(graph, plan[EMBEDDING], packed, inits, weights)
+        done.add(EMBEDDING)
+    missing = sorted(set(plan) - done)
+    if missing:
+        raise StageError(f"export: no MatMul found for quantized layers {missing[:3]} ({len(missing)} in all)")
+    drop_unused_initializers(graph)
+    if not any(o.domain == MS_DOMAIN for o in graph_model.opset_import):
+        graph_model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return len(done)
+
+
+def set_accuracy_level(graph_model: onnx.ModelProto, level: int, int8_level: int | None = None) -> None:
+    """MatMulNBits compute type: 0 float (as the dequantized matmul), 4 int8 activations (faster on CPU);
+    `int8_level`, when given, for the 8-bit layers (whose float-compute kernel is slow on CPUs)."""
+    for node in graph_model.graph.node:
+        if node.op_type == "MatMulNBits":
+            bits = next(a.i for a in node.attribute if a.name == "bits")
+            for attr in node.attribute:
+                if attr.name == "accuracy_level":
+                    attr.i = int8_level if bits == 8 and int8_level is not None else level
+
+
+def _swap_embedding(graph: onnx.GraphProto, spec: dict, packed: dict, inits: dict, weights: dict) -> None:
+    index, node = next(((i, n) for i, n in enumerate(graph.node)
+                        if n.op_type == "Gather" and module_of(n.name, "Gather") == EMBEDDING), (None, None))
+    if node is None or node.input[0] not in inits:
+        raise StageError("export: no Gather over the embedding weight found; cannot place GatherBlockQuantized")
+    if not np.array_equal(numpy_helper.to_array(inits[node.input[0]]), weights[EMBEDDING]):
+        raise StageError("export: the graph's embedding is not the quantized embedding; refusing to swap it")
+    rows = spec["N"]
+    keys = [k for k in ("B", "scales", "zero_points") if f"{spec.get('shared_with') or EMBEDDING}.{k}" in packed]
+    inputs = []
+    if spec.get("shared_with"):
+        shape = f"{EMBEDDING}.qweight.rows_shape"
+        graph.initializer.append(numpy_helper.from_array(np.array([rows, -1], dtype=np.int64), shape))
+        for key in keys:
+            reshaped = f"{EMBEDDING}.qweight.{key}"
+            graph.node.insert(index, helper.make_node("Reshape", [f"{spec['shared_with']}.qweight.{key}", shape],
+                                                      [reshaped], name=f"/model/model/embed_tokens/Reshape_{key}"))
+            index += 1
+            inputs.append(reshaped)
+    else:
+        for key in keys:
+            name = f"{EMBEDDING}.qweight.{key}"
+            graph.initializer.append(numpy_helper.from_array(packed[f"{EMBEDDING}.{key}"].reshape(rows, -1), name))
+            inputs.append(name)
+    data, *rest = inputs
+    new = helper.make_node("GatherBlockQuantized", [data, node.input[1], *rest], list(node.output),
+                           name="/model/model/embed_tokens/GatherBlockQuantized", domain=MS_DOMAIN,
+                           gather_axis=0, quantize_axis=1, block_size=spec["group_size"], bits=spec["bits"])
+    graph.node.remove(node)
+    graph.node.insert(index, new)
+
+
+def drop_unused_initializers(graph: onnx.GraphProto) -> None:
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
