@@ -4,6 +4,14 @@ A manifest records what built the folder (stage, version, resolved config, paren
 library versions, timings), what it holds (sha256 of every file) and what it measured. A folder
 whose manifest is missing, unreadable, for another fingerprint, or whose files do not match
 their checksums is not an artifact: the step loop (`pipeline/steps.py`) rebuilds it.
+
+Hash once: a file is hashed when its step writes it, and its size and modification time go into the
+manifest beside the sha256. Later checks trust a file whose size and modification time are
+unchanged and hash only the others (`verify=True` hashes every file). The modification time is set
+to two seconds before the hashing starts, so a write after that, even within the file system's
+timestamp granularity, moves it. Sources outside the workdir (a GGUF file, a checkpoint folder, a
+text file) cannot be stamped: `ChecksumCache` trusts them only when they were last modified more
+than two seconds before they were hashed, as git does for racily clean files.
 """
 from __future__ import annotations
 
@@ -11,6 +19,7 @@ import hashlib
 import json
 import os
 import platform
+import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -50,13 +59,55 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+RACY_NS = 2_000_000_000  # a file modified this close to its hashing may change again within one timestamp tick
+
+
 def file_table(folder: Path) -> dict[str, dict[str, Any]]:
-    """Checksums of every file under `folder` except the manifest, keyed by relative path."""
+    """Checksums of every file under `folder` except the manifest, keyed by relative path, each with the
+    size and the modification time it is stamped with (see the module's docstring)."""
+    stamp = time.time_ns() - RACY_NS
     table = {}
     for p in sorted(folder.rglob("*")):
         if p.is_file() and p.name != MANIFEST:
-            table[p.relative_to(folder).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            os.utime(p, ns=(p.stat().st_atime_ns, stamp))
+            table[p.relative_to(folder).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size,
+                                                       "mtime_ns": stamp}
     return table
+
+
+def _unchanged(path: Path, entry: dict[str, Any]) -> bool:
+    """The file still has the size and modification time it was hashed with (manifests without them: never)."""
+    st = path.stat()
+    return "mtime_ns" in entry and st.st_size == entry.get("bytes") and st.st_mtime_ns == entry["mtime_ns"]
+
+
+class ChecksumCache:
+    """sha256 of source files by (path, size, modification time, inode), kept in one JSON file of the workdir,
+    so a run re-hashes an 8B checkpoint only when it changed. A file modified within two seconds of its
+    hashing is hashed again next time (it might have changed within one timestamp tick)."""
+
+    def __init__(self, path: Path | None, verify: bool = False):
+        self.path, self.verify, self.entries = path, verify, {}
+        if path is not None and path.is_file():
+            try:
+                self.entries = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                self.entries = {}  # a damaged cache costs one re-hash, never a wrong answer
+
+    def sha256(self, path: Path) -> str:
+        path = Path(path).resolve()
+        st = path.stat()
+        key = str(path)
+        stat = [st.st_size, st.st_mtime_ns, st.st_ino]
+        entry = self.entries.get(key)
+        if not self.verify and entry and entry["stat"] == stat and st.st_mtime_ns < entry["hashed_ns"] - RACY_NS:
+            return entry["sha256"]
+        hashed_ns = time.time_ns()
+        digest = sha256_file(path)
+        self.entries[key] = {"stat": stat, "hashed_ns": hashed_ns, "sha256": digest}
+        if self.path is not None:
+            write_json_atomic(self.path, self.entries)
+        return digest
 
 
 def library_versions(names: tuple[str, ...] = TRACKED_LIBRARIES) -> dict[str, str]:
@@ -88,8 +139,9 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def load_verified(folder: Path, expected_fp: str | None = None) -> tuple[Artifact | None, str]:
-    """The artifact in `folder` if it is complete and untouched, else (None, why not)."""
+def load_verified(folder: Path, expected_fp: str | None = None, verify: bool = False) -> tuple[Artifact | None, str]:
+    """The artifact in `folder` if it is complete and untouched, else (None, why not). Files whose size and
+    modification time are as recorded are not hashed again unless `verify`."""
     mpath = folder / MANIFEST
     if not mpath.is_file():
         return None, "no manifest (incomplete or not an artifact)"
@@ -103,11 +155,11 @@ def load_verified(folder: Path, expected_fp: str | None = None) -> tuple[Artifac
         return None, f"manifest schema {manifest.get('schema_version')} != {SCHEMA_VERSION}"
     if expected_fp is not None and fp != expected_fp:
         return None, f"fingerprint {fp[:12]} != expected {expected_fp[:12]}"
-    on_disk = file_table(folder)
+    on_disk = {p.relative_to(folder).as_posix(): p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST}
     for rel, entry in files.items():
         if rel not in on_disk:
             return None, f"file {rel} is missing"
-        if on_disk[rel]["sha256"] != entry["sha256"]:
+        if (verify or not _unchanged(on_disk[rel], entry)) and sha256_file(on_disk[rel]) != entry["sha256"]:
             return None, f"file {rel} does not match its checksum (modified after it was written)"
     extra = sorted(set(on_disk) - set(files))
     if extra:

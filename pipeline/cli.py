@@ -33,17 +33,19 @@ def main():
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=str))
 @click.option("--workdir", default="artifacts", show_default=True, help="where run folders are written")
 @click.option("--force", is_flag=True, help="rebuild every stage even if its artifact is cached")
+@click.option("--verify", is_flag=True, help="hash every file of the cached artifacts and sources again, not only "
+              "those whose size or modification time changed")
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
               help="change one recipe setting for this run, e.g. --set validate.max_windows=8 (repeatable)")
 @click.option("--debug", is_flag=True, help="show tracebacks")
-def run_command(recipe, workdir, force, overrides, debug):
+def run_command(recipe, workdir, force, overrides, debug, verify):
     """Run RECIPE (a YAML file): each stage writes artifacts/<run>/<NN>-<stage>-<fp>/."""
     from pipeline import distributed
     from pipeline.errors import PipelineError
     from pipeline.steps import run
 
     try:
-        run_dir = run(recipe, workdir=workdir, force=force, overrides=overrides)
+        run_dir = run(recipe, workdir=workdir, force=force, overrides=overrides, verify=verify)
     except PipelineError as e:
         if debug:
             traceback.print_exc()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Literal
 
 from pipeline.errors import RecipeError, did_you_mean
 
@@ -57,7 +58,10 @@ class ModelConfig:
     trust_remote_code: bool = False
     allow_pickle: bool = False  # load *.bin / *.pt checkpoints; off by default (arbitrary code on load)
     eos_tokens: tuple[str, ...] = ()  # extra end tokens; end-of-turn tokens of the chat template are added anyway
-    version: int = 2  # 2: tokenizer.json rewritten as plain byte-level BPE where the GGUF loader added byte fallback
+    # the dtype the model step stores: auto keeps the checkpoint's own (a bf16 checkpoint stays bf16, half of float32
+    # on disk); a GGUF file is dequantized to float32, which auto keeps (its codes' values need more than bf16)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    version: int = 3  # 3: the checkpoint's own dtype on disk (was float32 always)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from pipeline.artifacts import sha256_file
+from pipeline.artifacts import ChecksumCache
 from pipeline.configs import ModelConfig
 from pipeline.errors import StageError
 from pipeline.recipe import ModelSource
@@ -24,25 +24,28 @@ END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoft
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
-def source_identity(source: ModelSource) -> dict:
-    """What the model step's cache key depends on: file contents for local sources."""
+def source_identity(source: ModelSource, checksums: ChecksumCache) -> dict:
+    """What the model step's cache key depends on: file contents for local sources (hashed once, see ChecksumCache)."""
     if source.kind == "gguf":
-        return {"kind": "gguf", "sha256": sha256_file(Path(source.location))}
+        return {"kind": "gguf", "sha256": checksums.sha256(Path(source.location))}
     if source.kind == "dir":
         folder = Path(source.location)
         files = sorted(p for p in folder.rglob("*") if p.is_file())
-        return {"kind": "dir", "files": {p.relative_to(folder).as_posix(): sha256_file(p) for p in files}}
+        return {"kind": "dir", "files": {p.relative_to(folder).as_posix(): checksums.sha256(p) for p in files}}
     return {"kind": "hub", "id": source.location}
 
 
 def import_model(cfg: ModelConfig, source: ModelSource, out: Path, log: Callable[[str], None]) -> StageResult:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs: dict = {"dtype": torch.float32, "trust_remote_code": cfg.trust_remote_code}
+    # "auto" keeps what the checkpoint holds (its config's dtype, else its first float weight's); GGUF dequantizes to float32
+    dtype = torch.float32 if cfg.dtype == "auto" and source.kind == "gguf" else \
+        "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+    kwargs: dict = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
     if source.kind == "gguf":
         path = Path(source.location)
         kwargs.update(pretrained_model_name_or_path=str(path.parent), gguf_file=path.name)
-        log(f"  dequantizing GGUF {path.name} to float32")
+        log(f"  dequantizing GGUF {path.name} to {str(dtype).removeprefix('torch.')}")
     else:
         kwargs.update(pretrained_model_name_or_path=source.location, revision=cfg.revision)
     tok_kwargs = {k: v for k, v in kwargs.items() if k != "dtype"}
@@ -78,8 +81,10 @@ def import_model(cfg: ModelConfig, source: ModelSource, out: Path, log: Callable
     for fix in fixes:
         log(f"  fixed: {fix}")
     params = sum(p.numel() for p in model.parameters())
+    stored = str(model.dtype).removeprefix("torch.")
+    log(f"  weights stored as {stored}" + (" (the checkpoint's own)" if cfg.dtype == "auto" and source.kind != "gguf" else ""))
     return StageResult(
-        metrics={"parameters": params, "model_type": model.config.model_type},
+        metrics={"parameters": params, "model_type": model.config.model_type, "dtype": stored},
         info={"source": {"kind": source.kind, "location": source.location}, "fixes": fixes,
               "eos_token_ids": eos_ids},
     )

@@ -24,7 +24,7 @@ import yaml
 
 from calibration.chat_set import load_chat_set
 from calibration.datasets import BUILTINS, TEXT_SUFFIXES, DataError, local_file
-from pipeline.artifacts import sha256_file
+from pipeline.artifacts import ChecksumCache
 from pipeline.configs import ExportConfig, ModelConfig, QuantizeConfig, TextSourceConfig, ValidateConfig
 from pipeline.errors import RecipeError, did_you_mean
 from pipeline.formats.compressed_tensors import FORMATS_THAT_WORK as HF_FORMATS
@@ -195,25 +195,25 @@ def _resolve_text_source(value: TextSourceConfig, base: Path, key: str) -> TextS
     return value
 
 
-def data_identity(config: Any) -> dict[str, Any]:
+def data_identity(config: Any, checksums: ChecksumCache) -> dict[str, Any]:
     """sha256 of each local text file a stage config reads, so editing the file invalidates the cache."""
     out: dict[str, Any] = {}
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if isinstance(value, TextSourceConfig):
-            out[f.name] = _text_identity(value)
+            out[f.name] = _text_identity(value, checksums)
         elif isinstance(value, tuple) and value and all(isinstance(v, TextSourceConfig) for v in value):
-            out[f.name] = [_text_identity(v) for v in value]
+            out[f.name] = [_text_identity(v, checksums) for v in value]
         elif dataclasses.is_dataclass(value):
-            inner = data_identity(value)
+            inner = data_identity(value, checksums)
             if inner:
                 out[f.name] = inner
     return out
 
 
-def _text_identity(value: TextSourceConfig) -> str:
+def _text_identity(value: TextSourceConfig, checksums: ChecksumCache) -> str:
     path = local_file(value.source, value.split)
-    return sha256_file(path) if path else f"hub:{value.source}"
+    return checksums.sha256(path) if path else f"hub:{value.source}"
 
 
 def resolve_source(source: str, base: Path) -> ModelSource:
@@ -302,6 +302,11 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
                 pass
         names = " or ".join(getattr(a, "__name__", str(a)) for a in inner)
         raise RecipeError(f"{where}: expected {names}, got {type(value).__name__} {value!r}")
+    if origin is typing.Literal:
+        if isinstance(value, (str, int)) and not isinstance(value, bool) and value in args:
+            return value
+        shown = [str(a) for a in args]
+        raise RecipeError(f"{where}: {value!r} is not one of {', '.join(shown)}{did_you_mean(str(value), shown)}")
     if dataclasses.is_dataclass(tp):
         return build_config(tp, value, where)
     if origin is tuple:

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from pipeline import distributed
+from pipeline import distributed, resources
 from pipeline import stages as _stages  # noqa: F401  (registers the stages)
 from pipeline.artifacts import (
-    MANIFEST, SCHEMA_VERSION, Artifact, file_table, fingerprint, library_versions, load_verified,
+    MANIFEST, SCHEMA_VERSION, Artifact, ChecksumCache, file_table, fingerprint, library_versions, load_verified,
     write_json_atomic,
 )
 from pipeline.errors import PipelineError, StageError, ValidationFailed
@@ -51,8 +51,14 @@ def log(msg: str) -> None:
         print(msg, flush=True)
 
 
+@dataclass(frozen=True)
+class CachePolicy:
+    force: bool = False  # rebuild every step
+    verify: bool = False  # hash every file of every reused artifact and source, not only those whose size or time changed
+
+
 def run(recipe_path: Path | str, workdir: Path | str = "artifacts", force: bool = False,
-        overrides: Sequence[str] = ()) -> Path:
+        overrides: Sequence[str] = (), verify: bool = False) -> Path:
     """Run a recipe end to end and return its run folder.
 
     Example:
@@ -81,12 +87,14 @@ def run(recipe_path: Path | str, workdir: Path | str = "artifacts", force: bool 
 
     model_cfg = dataclasses.asdict(recipe.model)
     # the source's identity is its content (or hub id), not how the recipe spells its path
+    cache = CachePolicy(force, verify)
+    checksums = ChecksumCache(Path(workdir) / ".checksums.json" if main else None, verify)
     model_fp = fingerprint("model", recipe.model.version, {k: v for k, v in model_cfg.items() if k != "source"},
-                           source_identity(recipe.source))
+                           source_identity(recipe.source, checksums))
     build_model = lambda ctx: import_model(recipe.model, recipe.source, ctx.out_dir, log)  # noqa: E731
     try:
         model_step = lambda: _run_step(run_dir, 0, "model", "hf-model", model_cfg, model_fp, (), build_model,  # noqa: E731
-                                       force, record)
+                                       cache, record)
         art = distributed.on_main(model_step) if follow_until > 0 else model_step()
         history = (art,)
         for i, entry in enumerate(recipe.stages, start=1):
@@ -94,9 +102,9 @@ def run(recipe_path: Path | str, workdir: Path | str = "artifacts", force: bool 
             cfg_dict = dataclasses.asdict(entry.config)
             # a training run's batches depend on how many processes share them (one process: as before)
             processes = (world,) if spec.distributed and world > 1 else ()
-            fp = fingerprint(art.fingerprint, entry.name, cfg_dict, data_identity(entry.config), *processes)
+            fp = fingerprint(art.fingerprint, entry.name, cfg_dict, data_identity(entry.config, checksums), *processes)
             build = functools.partial(spec.fn, entry.config, art)
-            args = (run_dir, i, entry.name, spec.produces, cfg_dict, fp, history, build, force, record)
+            args = (run_dir, i, entry.name, spec.produces, cfg_dict, fp, history, build, cache, record)
             if spec.distributed and world > 1:
                 art = _run_shared_step(*args)
             elif i < follow_until:  # processes 1.. wait for this step's artifact
@@ -118,13 +126,13 @@ def run(recipe_path: Path | str, workdir: Path | str = "artifacts", force: bool 
             write_json_atomic(run_dir / "run.json", record)
 
 
-def _run_shared_step(run_dir, index, name, kind, cfg_dict, fp, history, build, force, record) -> Artifact:
+def _run_shared_step(run_dir, index, name, kind, cfg_dict, fp, history, build, cache, record) -> Artifact:
     """A distributed stage: process 0 decides whether the cached artifact stands; if not, every
     process runs the stage (process 0 into the step's temp folder, the others into scratch folders
     that are thrown away), then process 0 writes the manifest, puts the step in place and sends the
     artifact to the others."""
     if distributed.is_main():
-        art = _reuse(run_dir, index, name, kind, fp, force, record)
+        art = _reuse(run_dir, index, name, kind, fp, cache, record)
         distributed.share(art)
         if art is None:
             art = _build_step(run_dir, index, name, kind, cfg_dict, fp, history, build, record)
@@ -143,8 +151,8 @@ def _run_shared_step(run_dir, index, name, kind, cfg_dict, fp, history, build, f
     return art
 
 
-def _run_step(run_dir, index, name, kind, cfg_dict, fp, history, build, force, record) -> Artifact:
-    art = _reuse(run_dir, index, name, kind, fp, force, record)
+def _run_step(run_dir, index, name, kind, cfg_dict, fp, history, build, cache, record) -> Artifact:
+    art = _reuse(run_dir, index, name, kind, fp, cache, record)
     if art is None:
         art = _build_step(run_dir, index, name, kind, cfg_dict, fp, history, build, record)
     _raise_if_failed(art)
@@ -163,11 +171,13 @@ def _build_step(run_dir, index, name, kind, cfg_dict, fp, history, build, record
     log(f"[{index:02d}] {name}: running (fp {fp[:12]})")
     tmp.mkdir()
     started = time.time()
+    reset = resources.reset_peaks()
     try:
         ctx = RunContext(run_dir=run_dir, out_dir=tmp, baseline=history[0] if history else None, history=history, log=log,
                          step=final.name)
         result: StageResult = build(ctx)
-        manifest = _manifest(name, kind, cfg_dict, fp, history[-1] if history else None, result, tmp, started)
+        manifest = _manifest(name, kind, cfg_dict, fp, history[-1] if history else None, result, tmp, started,
+                             resources.peaks(reset))
         write_json_atomic(tmp / MANIFEST, manifest)
         _put_in_place(tmp, final, run_dir, f"{index:02d}-{name}-*")
     except BaseException as e:
@@ -179,23 +189,26 @@ def _build_step(run_dir, index, name, kind, cfg_dict, fp, history, build, record
         raise
     seconds = time.time() - started
     figures = ", ".join(f"{k}={_fmt(v)}" for k, v in list(result.metrics.items())[:6])
-    log(f"[{index:02d}] {name}: done in {seconds:.1f}s -> {final}" + (f" ({figures})" if figures else ""))
+    used = manifest["resources"]
+    memory = f"peak RSS {used['peak_rss_mb'] / 1024:.1f} GiB" + (
+        f", GPU {used['peak_gpu_mb'] / 1024:.1f} GiB" if "peak_gpu_mb" in used else "")
+    log(f"[{index:02d}] {name}: done in {seconds:.1f}s, {memory} -> {final}" + (f" ({figures})" if figures else ""))
     record["steps"].append({"index": index, "stage": name, "dir": final.name, "cached": False, "seconds": seconds})
     return Artifact(final, manifest)
 
 
-def _reuse(run_dir, index, name, kind, fp, force, record) -> Artifact | None:
+def _reuse(run_dir, index, name, kind, fp, cache: CachePolicy, record) -> Artifact | None:
     """The step's artifact if it is already built, in this run folder or (hard-linked) from another."""
     final = run_dir / _step_name(index, name, fp)
-    if final.exists() and not force:
-        art, why = load_verified(final, fp)
+    if final.exists() and not cache.force:
+        art, why = load_verified(final, fp, cache.verify)
         if art is not None:
             log(f"[{index:02d}] {name}: unchanged (fp {fp[:12]}), reusing {final}")
             record["steps"].append({"index": index, "stage": name, "dir": final.name, "cached": True})
             return art
         log(f"[{index:02d}] {name}: cached artifact rejected ({why}); rebuilding")
     # a report names the run it checked, so only model-making steps are shared between run folders
-    twin = None if force or kind == "report" else _verified_twin(run_dir, final.name, fp)
+    twin = None if cache.force or kind == "report" else _verified_twin(run_dir, final.name, fp, cache.verify)
     if twin is None:
         return None
     tmp = run_dir / f".tmp-{final.name}-{os.getpid()}"
@@ -214,12 +227,12 @@ def _put_in_place(tmp: Path, final: Path, run_dir: Path, pattern: str) -> None:
     os.replace(tmp, final)
 
 
-def _verified_twin(run_dir: Path, step: str, fp: str) -> Artifact | None:
+def _verified_twin(run_dir: Path, step: str, fp: str, verify: bool) -> Artifact | None:
     """The same step (same fingerprint: same source, stages and settings up to it) completed in
     another run folder of this workdir, e.g. the model step that every recipe of one model shares."""
     for other in sorted(run_dir.parent.glob(f"*/{step}")):
         if other.parent != run_dir:
-            art, _ = load_verified(other, fp)
+            art, _ = load_verified(other, fp, verify)
             if art is not None:
                 return art
     return None
@@ -233,7 +246,8 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def _manifest(name, kind, cfg_dict, fp, parent, result: StageResult, folder: Path, started: float) -> dict:
+def _manifest(name, kind, cfg_dict, fp, parent, result: StageResult, folder: Path, started: float,
+              used: dict) -> dict:
     return {
         "schema_version": SCHEMA_VERSION,
         "stage": name,
@@ -249,6 +263,7 @@ def _manifest(name, kind, cfg_dict, fp, parent, result: StageResult, folder: Pat
         **result.info,
         "versions": library_versions(),
         "timing": {"started": started, "seconds": round(time.time() - started, 3)},
+        "resources": used,
     }
 
 

@@ -41,7 +41,7 @@ def make_tokenizer(folder: Path):
     return fast
 
 
-def make_checkpoint(folder: Path, family: str = "llama", seed: int = 0, layers: int = 2) -> Path:
+def make_checkpoint(folder: Path, family: str = "llama", seed: int = 0, layers: int = 2, dtype: str = "float32") -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -53,7 +53,7 @@ def make_checkpoint(folder: Path, family: str = "llama", seed: int = 0, layers: 
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=family == "qwen2",
     )
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    model = AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype))
     model.save_pretrained(folder, safe_serialization=True)
     return folder
 

@@ -13,7 +13,7 @@ def test_manifest_records_versions_config_and_checksums(tiny_run):
     export = next(tiny_run.glob("01-export-*"))
     m = json.loads((export / "manifest.json").read_text())
     for key in ("schema_version", "stage", "stage_version", "fingerprint", "parent", "config", "files",
-                "metrics", "versions", "timing"):
+                "metrics", "versions", "timing", "resources"):
         assert key in m, key
     assert m["stage"] == "export" and m["config"]["opset"] == 17
     assert {"torch", "transformers", "onnx", "onnxruntime"} <= set(m["versions"])
@@ -26,3 +26,25 @@ def test_manifest_records_versions_config_and_checksums(tiny_run):
 
 def test_library_versions_has_python():
     assert "python" in library_versions()
+
+
+def test_each_step_records_its_own_peak_memory(tiny_run):
+    used = [json.loads((step / "manifest.json").read_text())["resources"] for step in sorted(tiny_run.glob("0*-*"))]
+    assert len(used) == 3
+    for u in used:
+        assert u["peak_since"] == "step"  # restarted at the step's start (Linux)
+        assert 0 < u["rss_mb"] <= u["peak_rss_mb"]
+
+
+def test_peak_rss_restarts_after_a_large_allocation():
+    import numpy as np
+
+    from pipeline import resources
+
+    block = np.ones(200 * 2**20 // 8)  # 200 MB touched
+    assert resources.reset_peaks()
+    before = resources.peaks(True)["peak_rss_mb"]
+    del block
+    assert resources.reset_peaks()
+    after = resources.peaks(True)["peak_rss_mb"]
+    assert after < before - 150

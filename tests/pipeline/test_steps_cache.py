@@ -1,4 +1,5 @@
 """Stage cache: reuse when unchanged, rebuild what changed and what follows, reject tampering."""
+import json
 import signal
 import subprocess
 import sys
@@ -153,3 +154,65 @@ def test_the_model_step_is_keyed_by_the_sources_content_not_its_spelling(work, t
     sub.mkdir()
     relative = write_recipe(sub, Path(os.path.relpath(tiny_llama, sub)), eval_text)
     assert steps(run(recipe, workdir=tmp / "a"))["model"].name == steps(run(relative, workdir=tmp / "b"))["model"].name
+
+
+def _count_hashes(monkeypatch) -> list[str]:
+    import pipeline.artifacts
+
+    hashed: list[str] = []
+    real = pipeline.artifacts.sha256_file
+
+    def counting(path, *a, **k):
+        hashed.append(Path(path).name)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(pipeline.artifacts, "sha256_file", counting)
+    return hashed
+
+
+def test_a_rerun_hashes_nothing_that_did_not_change_and_verify_hashes_everything(tmp_path, tiny_llama, eval_text,
+                                                                                  monkeypatch, capsys):
+    import shutil
+
+    source, text = tmp_path / "ckpt", tmp_path / "eval.txt"
+    shutil.copytree(tiny_llama, source)
+    shutil.copy(eval_text, text)
+    old = time.time_ns() - 3600 * 10**9  # sources last written an hour ago: not racily clean
+    for p in [*source.iterdir(), text]:
+        import os
+
+        os.utime(p, ns=(old, old))
+    recipe = write_recipe(tmp_path, source, text)
+    run(recipe, workdir=tmp_path / "a")
+    hashed = _count_hashes(monkeypatch)
+    run(recipe, workdir=tmp_path / "a")
+    assert hashed == []  # not the 11 source files, not the text, not one artifact file
+    run(recipe, workdir=tmp_path / "a", verify=True)
+    artifact_files = sum(len(json.loads((d / "manifest.json").read_text())["files"]) for d in steps(tmp_path / "a" / "tiny").values())
+    # every artifact file, every source file, the eval text and the export's built-in calibration text where local
+    from calibration.datasets import local_file
+    from pipeline.configs import ExportConfig
+
+    cal = ExportConfig().kv_calibration.data
+    texts = 1 + (local_file(cal.source, cal.split) is not None)
+    assert len(hashed) == artifact_files + len(list(source.iterdir())) + texts and "eval.txt" in hashed
+    # a source changed in place, size kept, is hashed again and rebuilds the model step
+    hashed.clear()
+    weights = source / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    capsys.readouterr()
+    run(recipe, workdir=tmp_path / "a")
+    assert hashed.count("model.safetensors") >= 1 and "[00] model: running" in capsys.readouterr().out
+
+
+def test_a_source_written_just_before_it_was_hashed_is_hashed_again(tmp_path):
+    from pipeline.artifacts import ChecksumCache
+
+    f = tmp_path / "fresh.txt"
+    f.write_text("abc")
+    cache = ChecksumCache(tmp_path / "sums.json")
+    first = cache.sha256(f)
+    f.write_text("abd")  # same size, very likely the same timestamp tick
+    assert ChecksumCache(tmp_path / "sums.json").sha256(f) != first

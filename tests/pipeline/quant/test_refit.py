@@ -98,3 +98,39 @@ def test_code_descent_ends_where_no_single_code_can_move_for_the_better():
                     continue
                 trial[row, j] += step
                 assert err(trial.view_as(q))[row] >= base[row] * (1 - 1e-5)
+
+
+@pytest.mark.parametrize("scheme", [QuantScheme(4, 32, False), QuantScheme(4, 64, False, True)], ids=["asym", "float-zero"])
+def test_refit_in_row_chunks_equals_all_rows_at_once(scheme):
+    torch.manual_seed(0)
+    x = correlated_inputs(512, 128)
+    w = torch.randn(20, 128)
+    qt = quantize(w, scheme)
+    gram = padded_gram(x, scheme.group_size)
+    whole = refit_scales(qt, w, gram, chunk=20, descent=True)
+    for chunk in (1, 7):
+        part = refit_scales(qt, w, gram, chunk=chunk, descent=True)
+        assert torch.equal(part.q, whole.q)
+        torch.testing.assert_close(part.scale, whole.scale, rtol=1e-4, atol=0)  # batched solves round differently
+        torch.testing.assert_close(part.zero, whole.zero, rtol=1e-4, atol=0)
+
+
+def test_the_refits_temporaries_stay_near_the_layers_own_size():
+    """A 512 x 4096 layer in groups of 32: all rows at once would hold a [512, 4096, 128] float32 temporary
+    (1 GiB) for an 8 MiB weight; in chunks the growth stays near the 256 MiB floor."""
+    from pipeline import resources
+    from pipeline.quant.refit import MIN_BUDGET, rows_per_chunk
+
+    n, k, gs = 512, 4096, 32
+    assert rows_per_chunk(n, k, k // gs) * 4 * k * (k // gs + 4) <= MIN_BUDGET
+    torch.manual_seed(0)
+    w = torch.randn(n, k)
+    x = torch.randn(4 * k, k) / 8
+    gram = x.T @ x
+    del x
+    qt = quantize(w, QuantScheme(4, gs, False))
+    assert resources.reset_peaks()
+    start = resources.peaks(True)["rss_mb"]
+    refit_scales(qt, w, gram, rounds=1)
+    grown = resources.peaks(True)["peak_rss_mb"] - start
+    assert grown < 500, f"the refit grew the RSS by {grown:.0f} MB"
