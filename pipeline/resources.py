@@ -8,6 +8,8 @@ and the manifest says so.
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import sys
 from pathlib import Path
 
@@ -44,3 +46,13 @@ def peaks(reset: bool) -> dict:
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc keeps them otherwise), so the next
+    phase of a step starts from what is alive, not from the last phase's high-water mark."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: the allocator keeps its pages, nothing is wrong

@@ -33,6 +33,7 @@ from pipeline.graph.w8a8 import quantize_w8a8
 from pipeline.quant.plan import PLAN_FILE, decoder_linears
 from pipeline.quant.kv_int8 import RoundingCache, kv_scales
 from pipeline.registry import StageResult, register_stage
+from pipeline.resources import release_memory
 from runtime.generate import Generator
 from runtime.io_spec import Contract
 
@@ -92,8 +93,7 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
     if "gguf" in cfg.targets:
         targets["gguf"] = _export_gguf(inp.path, out, ctx)
     ctx.log(f"  tracing {model.config.model_type} ({dims.num_layers} layers) to ONNX opset {cfg.opset}")
-    _trace(model, contract, path, cfg.opset)
-    graph = onnx.load(str(path))
+    graph = _trace(model, contract, out, cfg.opset)
     swapped = lowered = 0
     if plan.get("layers"):
         weights = {name: module.weight.detach().numpy() for name, module in model.named_modules()
@@ -103,6 +103,8 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
         if lowered := lower_float_zero_points(graph):
             ctx.log(f"  {lowered} MatMulNBits with float zero points: integer zero points plus a correction matmul each")
     save_onnx(graph, path, cfg.external_data)
+    del graph  # saved: each phase below starts from the model alone
+    release_memory()
     for name in COPIED_FILES:
         if (inp.path / name).exists():
             shutil.copy2(inp.path / name, out / name)
@@ -139,6 +141,8 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
             ctx.log(f"  {to_float16(graph)} float tensors converted to float16")
         graphs["fused"] = out / "fused" / fused.model_file
         save_onnx(graph, graphs["fused"], cfg.external_data)
+        del graph
+        release_memory()
         if scales is not None:
             np.save(out / "fused" / KV_SCALES_FILE, np.stack([np.stack([k[0, :, 0], v[0, :, 0]]) for k, v in scales]))
             _write_float_prefill(graphs["fused"], cfg.dtype)  # before parity, which runs prompts through it
@@ -274,7 +278,20 @@ def _w8a8_modules(plan: dict, model) -> list[str]:
     return plan["w8a8_modules"] if "w8a8_modules" in plan else decoder_linears(model)
 
 
-def _trace(model, contract: Contract, path: Path, opset: int) -> None:
+def _trace(model, contract: Contract, out: Path, opset: int) -> onnx.ModelProto:
+    """The portable graph, traced by TorchScript into a scratch folder that is removed once the graph is in
+    memory: past 2 GB the exporter writes one file per tensor beside the graph, which must not stay in
+    the artifact."""
+    scratch = out / ".trace"
+    scratch.mkdir()
+    try:
+        _trace_into(model, contract, scratch / contract.model_file, opset)
+        return onnx.load(str(scratch / contract.model_file))
+    finally:
+        shutil.rmtree(scratch)
+
+
+def _trace_into(model, contract: Contract, path: Path, opset: int) -> None:
     batch, seq, past = 2, 3, 4  # non-trivial sizes so no dimension is traced as a constant
     kv = (batch, contract.num_kv_heads, past, contract.head_dim)
     args = (

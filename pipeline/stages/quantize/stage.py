@@ -10,7 +10,6 @@ activations for the calibration set, never the whole model's.
 from __future__ import annotations
 
 import json
-import re
 import time
 
 import torch
@@ -25,51 +24,68 @@ from pipeline.errors import StageError
 from pipeline.models import copy_tokenizer, load_torch_model
 from pipeline.quant.gptq import HessianAccumulator, gptq_refit
 from pipeline.stages.quantize.awq import awq_model
+from pipeline.stages.quantize.rtn import rtn_streamed
+from pipeline.stages.quantize.plan import (
+    EMBEDDING, LM_HEAD_BITS, embedding_scheme, embedding_shares_head, ignored, make_plan, plan_file, plan_summary,
+    scheme_dict,
+)
 from pipeline.stages.quantize.budget import bar_chart, choose
 from pipeline.stages.quantize.w8a8 import ROTATED, smoothquant, static_input_scales
 from pipeline.quant.plan import PACKED_FILE, PLAN_FILE, decoder_linears
-from pipeline.quant.primitives import QTensor, QuantScheme, count_schemes, dequantize, pack_matmul_nbits, quantize
+from pipeline.quant.primitives import QTensor, QuantScheme, dequantize, pack_matmul_nbits, quantize
 from pipeline.quant.rotation import BLOCK, can_rotate
 from pipeline.registry import StageResult, register_stage
 
-LM_HEAD_BITS = {"float": None, "int8": 8, "int4": 4}
 
 
 @register_stage("quantize", QuantizeConfig, consumes="hf-model", produces="hf-model")
 def quantize_stage(cfg: QuantizeConfig, inp, ctx) -> StageResult:
     started = time.time()
+    if cfg.method == "rtn" and cfg.budget is None:  # no forward pass needed: never the whole model in memory
+        plan, skipped, packed, float_bytes = rtn_streamed(cfg, inp.path, ctx.out_dir, ctx.log)
+        return _result(plan, skipped, packed, float_bytes, {}, started)
     model = load_torch_model(inp.path, attention="sdpa")  # calibration passes only; export traces its own copy
     if cfg.method == "w8a8":
         return _w8a8(model, cfg, inp.path, ctx, started)
+    return _result(*quantize_loaded(model, cfg, inp.path, ctx), started)
+
+
+def quantize_loaded(model, cfg: QuantizeConfig, src_dir, ctx) -> tuple[dict, dict, int, int, dict]:
+    """Weight-only quantization of the whole model in memory (RTN with a budget, GPTQ, AWQ) into ctx.out_dir;
+    returns (plan, skipped layers, packed bytes, the planned layers' float32 bytes, the budget's record)."""
     plan, skipped = make_plan(model, cfg)
-    share = _embedding_shares_head(model, cfg)
+    share = embedding_shares_head(model, cfg)
     budget_info = {}
     if cfg.budget is not None:
-        ids = torch.cat(_calibration_batches(cfg, inp.path, cfg.budget.sensitivity_length))[: cfg.budget.sensitivity_samples]
+        ids = torch.cat(_calibration_batches(cfg, src_dir, cfg.budget.sensitivity_length))[: cfg.budget.sensitivity_samples]
         embed = "shared" if share else None if cfg.embedding == "float" else \
             QuantScheme(LM_HEAD_BITS[cfg.embedding], cfg.group_size, cfg.symmetric)
         plan, budget_info = choose(model, plan, cfg.budget, ids, embed, ctx.log)
         bar_chart(budget_info["sensitivity_kl"], budget_info["int8_layers"], ctx.out_dir / "sensitivity.png")
     if "lm_head" in plan and model.config.tie_word_embeddings and not share:
         _untie_lm_head(model)  # the embedding keeps its own (float or separately quantized) copy
-    ctx.log(f"  {cfg.method.upper()} {len(plan)} layers ({_plan_summary(plan)}), {len(skipped)} kept float")
+    ctx.log(f"  {cfg.method.upper()} {len(plan)} layers ({plan_summary(plan)}), {len(skipped)} kept float")
     if cfg.method == "rtn":
         qtensors = {name: quantize(model.get_submodule(name).weight.data, scheme)
                     for name, scheme in tqdm(plan.items(), desc="  rtn", leave=False)}
     elif cfg.method == "gptq":
-        qtensors = _gptq_model(model, plan, cfg, inp.path, ctx)
+        qtensors = _gptq_model(model, plan, cfg, src_dir, ctx)
     else:
-        qtensors = awq_model(model, plan, cfg, _calibration_batches(cfg, inp.path), ctx.log)
+        qtensors = awq_model(model, plan, cfg, _calibration_batches(cfg, src_dir), ctx.log)
     embed = _quantize_embedding(model, cfg, qtensors, share, skipped)
     for name, qt in qtensors.items():
         model.get_submodule(name).weight.data = dequantize(qt).to(model.dtype)
-    packed = _save(model, qtensors, plan, skipped, cfg, inp.path, ctx.out_dir, embed)
+    packed = _save(model, qtensors, plan, skipped, cfg, src_dir, ctx.out_dir, embed)
     float_bytes = sum(model.get_submodule(n).weight.numel() * 4 for n in plan)
+    return plan, skipped, packed, float_bytes, budget_info
+
+
+def _result(plan, skipped, packed: int, float_bytes: int, budget_info: dict, started: float) -> StageResult:
     return StageResult(
         metrics={"quantized_layers": len(plan), "float_layers": len(skipped),
                  "quantized_weight_mb": round(packed / 1e6, 2), "float_weight_mb": round(float_bytes / 1e6, 2),
                  "seconds": round(time.time() - started, 1)},
-        info={"skipped_layers": skipped, "plan": {n: _scheme_dict(s) for n, s in plan.items()}, **budget_info},
+        info={"skipped_layers": skipped, "plan": {n: scheme_dict(s) for n, s in plan.items()}, **budget_info},
     )
 
 
@@ -90,7 +106,7 @@ def _w8a8(model, cfg: QuantizeConfig, src_dir, ctx, started: float) -> StageResu
     model.save_pretrained(ctx.out_dir, safe_serialization=True)
     copy_tokenizer(src_dir, ctx.out_dir)
     linears = decoder_linears(model)
-    skipped = {n: why for n in linears if (why := _ignored(n, cfg)) is not None}
+    skipped = {n: why for n in linears if (why := ignored(n, cfg)) is not None}
     if cfg.lm_head == "int8":
         linears.append("lm_head")  # int8 activations too: the float head is half a decode step's reads
     else:
@@ -115,56 +131,15 @@ def _w8a8(model, cfg: QuantizeConfig, src_dir, ctx, started: float) -> StageResu
     return StageResult(metrics={"seconds": round(time.time() - started, 1)}, info={"w8a8": plan, **info})
 
 
-def _ignored(name: str, cfg: QuantizeConfig) -> str | None:
-    """Why `name` stays float by the recipe's ignore list, or None."""
-    hit = next((p for p in cfg.ignore if re.search(p, name)), None)
-    return None if hit is None else f"matches ignore pattern '{hit}'"
-
-
-def make_plan(model, cfg: QuantizeConfig) -> tuple[dict[str, QuantScheme], dict[str, str]]:
-    """Which linear layers get which scheme; every layer left float is named with the reason."""
-    plan, skipped = {}, {}
-    float_zero = cfg.zero_point == "float"  # 4-bit layers only: 8-bit integer zero points are already fine-grained
-    for name in decoder_linears(model):
-        why = _ignored(name, cfg)
-        if why is not None:
-            skipped[name] = why
-            continue
-        bits = next((b for p, b in cfg.overrides.items() if re.search(p, name)), cfg.bits)
-        plan[name] = QuantScheme(bits, cfg.group_size, cfg.symmetric, float_zero and bits == 4)
-    head_bits = LM_HEAD_BITS[cfg.lm_head]
-    if head_bits:
-        # a head whose codes the embedding shares keeps integer zero points: GatherBlockQuantized takes no others
-        plan["lm_head"] = QuantScheme(head_bits, cfg.group_size, cfg.symmetric,
-                                      float_zero and head_bits == 4 and not _embedding_shares_head(model, cfg))
-    else:
-        skipped["lm_head"] = "lm_head: float (recipe)"
-    if not any(n != "lm_head" for n in plan):
-        raise StageError("quantize: the ignore list leaves no decoder layer to quantize")
-    return plan, skipped
-
-
-def _embedding_shares_head(model, cfg: QuantizeConfig) -> bool:
-    """A tied embedding quantized like the head reuses the head's codes: one copy on disk."""
-    return model.config.tie_word_embeddings and cfg.embedding != "float" and cfg.embedding == cfg.lm_head
-
-
 def _quantize_embedding(model, cfg: QuantizeConfig, qtensors: dict, share: bool, skipped: dict) -> dict | None:
     """Embedding rows for GatherBlockQuantized: round-to-nearest along the hidden axis (no activations to calibrate)."""
-    name = "model.embed_tokens"
-    if cfg.embedding == "float":
-        skipped[name] = "embedding: float (recipe)"
+    scheme = embedding_scheme(model, cfg)
+    if scheme is None:
+        skipped[EMBEDDING] = "embedding: float (recipe)"
         return None
-    hidden = model.get_submodule(name).weight.shape[1]
-    if hidden % cfg.group_size:
-        raise StageError(
-            f"quantize.embedding: hidden size {hidden} is not a multiple of group_size {cfg.group_size}; "
-            "GatherBlockQuantized needs whole blocks: use a group_size dividing it, or embedding: float"
-        )
     if share:
         return {"shared_with": "lm_head"}
-    scheme = QuantScheme(LM_HEAD_BITS[cfg.embedding], cfg.group_size, cfg.symmetric)
-    qtensors[name] = quantize(model.get_submodule(name).weight.data, scheme)
+    qtensors[EMBEDDING] = quantize(model.get_submodule(EMBEDDING).weight.data, scheme)
     return {"shared_with": None}
 
 
@@ -234,20 +209,6 @@ def _save(model, qtensors, plan, skipped, cfg, src_dir, out, embed: dict | None)
         for key, array in pack_matmul_nbits(qt).items():
             tensors[f"{name}.{key}"] = array
     save_file(tensors, str(out / PACKED_FILE))
-    layers = {n: {**_scheme_dict(qt.scheme), "N": qt.shape[0], "K": qt.shape[1]} for n, qt in qtensors.items()
-              if n != "model.embed_tokens"}
-    if embed is not None:
-        source = qtensors["lm_head" if embed["shared_with"] else "model.embed_tokens"]
-        embed_entry = {**_scheme_dict(source.scheme), "N": source.shape[0], "K": source.shape[1], **embed}
-        layers["model.embed_tokens"] = embed_entry
-    (out / PLAN_FILE).write_text(json.dumps({"method": cfg.method, "layers": layers, "skipped": skipped}, indent=2) + "\n")
+    shapes = {n: (qt.scheme, qt.shape[0], qt.shape[1]) for n, qt in qtensors.items()}
+    (out / PLAN_FILE).write_text(plan_file(cfg.method, shapes, embed, skipped))
     return sum(a.nbytes for a in tensors.values())
-
-
-def _scheme_dict(s: QuantScheme) -> dict:
-    """The plan entry of a scheme; `float_zero` only where set, so integer plans read as before."""
-    return {"bits": s.bits, "group_size": s.group_size, "symmetric": s.symmetric, **({"float_zero": True} if s.float_zero else {})}
-
-
-def _plan_summary(plan: dict[str, QuantScheme]) -> str:
-    return ", ".join(f"{v} {k}" for k, v in count_schemes(plan.values()).items())

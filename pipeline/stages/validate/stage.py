@@ -6,7 +6,8 @@
               ─► decode-step logits (runner KV cache) vs. the export's own source model, full recompute
 
 The baseline is the unoptimized model (accuracy); the export's source is the model the graph was
-traced from (parity). They differ when a quantize stage stands between them.
+traced from (parity). They differ when a quantize stage stands between them; then the source is
+loaded only after the baseline's work is done and the baseline freed, so one model is in memory.
 
 Every gate in `thresholds` is checked; all failures are reported together, the artifact (with
 report.json and report.md) is kept either way, and a failure makes the run exit non-zero.
@@ -28,6 +29,7 @@ from pipeline.errors import StageError
 from pipeline.models import load_torch_model, torch_greedy
 from pipeline.quant.primitives import QuantScheme, count_schemes
 from pipeline.registry import StageResult, register_stage
+from pipeline.resources import release_memory
 from pipeline.stages.validate.report import write_reports
 from pipeline.stages.validate.targets import ScoredWindow, agreement, scored_window, validate_targets
 from runtime.generate import Generator
@@ -38,14 +40,19 @@ def validate(cfg: ValidateConfig, inp, ctx) -> StageResult:
     started = time.time()
     torch_model = load_torch_model(ctx.baseline.path)
     source = next(a for a in reversed(ctx.history) if a.kind == "hf-model")
-    source_model = torch_model if source.path == ctx.baseline.path else load_torch_model(source.path)
     gen = Generator(inp.path, provider=cfg.provider)
     ctx.log(f"  runner provider: {gen.provider}, {gen.flavour} graph; {gen.describe_settings()}")
     metrics: dict = {}
     protocol, scored_windows = _perplexity(cfg, torch_model, gen, metrics, ctx)
     prompts = [gen.tokenizer.encode(p) for p in cfg.prompts]
-    samples, greedy = _greedy(cfg, prompts, torch_model, source_model, gen, metrics)
+    samples, greedy = _greedy(cfg, prompts, torch_model, gen, metrics)
     chat = chat_checks(cfg.chat, torch_model, gen, metrics, ctx.log) if cfg.chat is not None else None
+    if source.path != ctx.baseline.path:  # one PyTorch model in memory at a time: the baseline's work is done
+        del torch_model
+        release_memory()
+        torch_model = load_torch_model(source.path)
+    metrics["decode_logits_max_abs_diff"] = _decode_diff(torch_model, gen, prompts[0] + greedy["onnx"][0])
+    del torch_model
     targets = validate_targets(inp.path, scored_windows, prompts, greedy, cfg.max_new_tokens, gen.eos_ids, metrics,
                                ctx.log)
     failures = gate(metrics, cfg.thresholds)
@@ -125,7 +132,7 @@ def _perplexity(cfg: ValidateConfig, torch_model, gen: Generator, metrics: dict,
     }, scored_windows
 
 
-def _greedy(cfg: ValidateConfig, prompts: list[list[int]], torch_model, source_model, gen: Generator,
+def _greedy(cfg: ValidateConfig, prompts: list[list[int]], torch_model, gen: Generator,
             metrics: dict) -> tuple[list[dict], dict]:
     """Greedy answers of the baseline and of the runner to `prompts` (cfg.prompts encoded); returns the
     samples and {"baseline", "onnx"} token lists."""
@@ -134,7 +141,6 @@ def _greedy(cfg: ValidateConfig, prompts: list[list[int]], torch_model, source_m
     batched = gen.generate(prompts, cfg.max_new_tokens).tokens
     metrics["greedy_token_agreement"] = agreement(ref, single)
     metrics["batch_greedy_agreement"] = agreement(single, batched)
-    metrics["decode_logits_max_abs_diff"] = _decode_diff(source_model, gen, prompts[0] + single[0])
     return [
         {"prompt": p, "baseline": gen.tokenizer.decode(r), "onnx": gen.tokenizer.decode(s), "identical": r == s}
         for p, r, s in zip(cfg.prompts, ref, single)

@@ -12,7 +12,7 @@ from pipeline import RecipeError, load_recipe, run
 from pipeline.configs import ExportConfig, QuantizeConfig
 from pipeline.models import load_torch_model
 from pipeline.recipe import build_config
-from pipeline.stages.quantize.stage import make_plan
+from pipeline.stages.quantize.plan import make_plan
 from runtime import Generator, find_model_folder
 
 

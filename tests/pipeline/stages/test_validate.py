@@ -34,3 +34,31 @@ def test_report_has_metrics_protocol_and_samples(tiny_run):
     assert len(report["samples"]) == 4
     md = (folder / "report.md").read_text()
     assert "PASSED" in md and "| perplexity_delta_pct |" in md
+
+
+def test_validate_after_quantize_holds_one_pytorch_model_at_a_time(tmp_path, tiny_llama, eval_text, monkeypatch):
+    """The baseline (perplexity, greedy, chat) and the export's source (decode parity) are loaded one after the other."""
+    import gc
+    import weakref
+
+    import pipeline.stages.validate.stage as stage
+    from conftest import write_targets_recipe
+    from pipeline import run
+
+    loaded: list[weakref.ref] = []
+    alive_at_load: list[int] = []
+    real = stage.load_torch_model
+
+    def tracking(folder, *a, **k):
+        gc.collect()
+        alive_at_load.append(sum(r() is not None for r in loaded))
+        model = real(folder, *a, **k)
+        loaded.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(stage, "load_torch_model", tracking)
+    quantize = "{method: rtn, bits: 4, group_size: 32, lm_head: float, embedding: float}"
+    run_dir = run(write_targets_recipe(tmp_path, tiny_llama, eval_text, quantize, "[onnx]"), workdir=tmp_path / "a")
+    assert alive_at_load == [0, 0]  # the baseline, then the quantized source: never both
+    report = json.loads((next(run_dir.glob("03-validate-*")) / "report.json").read_text())
+    assert report["metrics"]["decode_logits_max_abs_diff"] < 1e-3  # parity against the quantized source, not the baseline
