@@ -50,7 +50,7 @@ def build_checkpoint(config_file: Path, tokenizer: Path, out: Path, seed: int = 
     tmp.mkdir(parents=True)
     spec = json.loads(config_file.read_text())
     config = AutoConfig.for_model(**spec)
-    config.torch_dtype = torch.bfloat16
+    config.dtype = torch.bfloat16
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     shapes = {name: tuple(p.shape) for name, p in skeleton.state_dict().items()}

@@ -41,19 +41,21 @@ DTYPES = {"int64": TensorProto.INT64, "int32": TensorProto.INT32, "float32": Ten
 
 
 class _Graph:
-    """Nodes and initializers in the order they are added."""
+    """Nodes and initializers in the order they are added, written straight into the model proto: each
+    weight is held once (building a list and handing it to make_graph and make_model copies every
+    weight twice more, 3x the model's size at the peak)."""
 
     def __init__(self):
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
+        self.model = onnx.ModelProto()
+        self.graph = self.model.graph
 
     def const(self, name: str, array: np.ndarray) -> str:
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        self.graph.initializer.add().CopyFrom(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
     def op(self, op: str, inputs: list[str], name: str, outputs: int | list[str] = 1, domain: str = "", **attrs) -> list[str]:
         outs = outputs if isinstance(outputs, list) else [f"{name}/output_{i}" for i in range(outputs)]
-        self.nodes.append(helper.make_node(op, inputs, outs, name=name, domain=domain or None, **attrs))
+        self.graph.node.add().CopyFrom(helper.make_node(op, inputs, outs, name=name, domain=domain or None, **attrs))
         return outs
 
 
@@ -142,12 +144,16 @@ def build_fused_graph(model: torch.nn.Module, contract: Contract, opset: int,
     else:
         g.op("MatMul", [x, g.const("lm_head.weight.T", weights[f"{head}.weight"].T)], "/model/lm_head/MatMul", outputs=["logits"])
 
-    graph = helper.make_graph(g.nodes, "fused", _value_infos(contract.inputs()), _value_infos(contract.outputs()), g.inits)
+    g.graph.name = "fused"
+    g.graph.input.extend(_value_infos(contract.inputs()))
+    g.graph.output.extend(_value_infos(contract.outputs()))
     opsets = [helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)]
+    g.model.opset_import.extend(opsets)
+    g.model.producer_name = "llm-optimize"
     # the lowest IR version the opset allows, not the installed onnx's newest: older runtimes
     # (onnxruntime-gpu releases lag the CPU package) refuse an IR version newer than they know
-    return helper.make_model(graph, opset_imports=opsets, producer_name="llm-optimize",
-                             ir_version=helper.find_min_ir_version_for(opsets, ignore_unknown=True))
+    g.model.ir_version = helper.find_min_ir_version_for(opsets, ignore_unknown=True)
+    return g.model
 
 
 def to_float16(model: onnx.ModelProto) -> int:

@@ -35,7 +35,7 @@ def pack_sibling_matmuls(model: onnx.ModelProto) -> int:
             continue
         _merge(graph, nodes, inits)
         merged += 1
-    drop_unused_initializers(graph)
+        drop_unused_initializers(graph)  # the merged weights replace the originals now, not after every merge
     return merged
 
 

@@ -121,7 +121,8 @@ def _swap_embedding(graph: onnx.GraphProto, spec: dict, packed: dict, inits: dic
 
 
 def drop_unused_initializers(graph: onnx.GraphProto) -> None:
+    """Delete the initializers no node reads, in place: the kept ones are never copied (taking them out
+    and putting them back would hold every weight twice)."""
     used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    keep = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    for index in reversed([i for i, t in enumerate(graph.initializer) if t.name not in used]):
+        del graph.initializer[index]
