@@ -100,7 +100,7 @@ def find_tokenizer() -> Path:
 def run_recipe(recipe: str, source: Path, name: str, workdir: Path, extra: list[str], timeout: int) -> dict:
     """One recipe end to end in its own process; per step: seconds, peak RSS, size; what failed, if anything."""
     settings = [f"model.source={source}", f"name={name}", *COMMON, *extra]
-    command = [sys.executable, "-m", "pipeline", str(ROOT / recipe), "--workdir", str(workdir)]
+    command = [sys.executable, "-m", "pipeline", str(ROOT / recipe), "--workdir", str(workdir), "--force"]
     for s in settings:
         command += ["--set", s]
     started = time.time()

@@ -6,6 +6,7 @@ returns `logits` and `present.*`. Names and dynamic axes come from `runtime.io_s
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import warnings
@@ -28,6 +29,7 @@ from pipeline.graph.fused import build_fused_graph, float_cache_graph, to_float1
 from pipeline.models import TOKENIZER_FILES, load_torch_model
 from pipeline.graph.float_zero import lower_float_zero_points
 from pipeline.graph.pack import pack_sibling_matmuls
+from pipeline.graph.stamp import TRACED_LAYERS, stamp_layers, three_layer_copy
 from pipeline.graph.quant_ops import apply_block_quantized_ops, set_accuracy_level
 from pipeline.graph.w8a8 import quantize_w8a8
 from pipeline.quant.plan import PLAN_FILE, decoder_linears
@@ -93,7 +95,7 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
     if "gguf" in cfg.targets:
         targets["gguf"] = _export_gguf(inp.path, out, ctx)
     ctx.log(f"  tracing {model.config.model_type} ({dims.num_layers} layers) to ONNX opset {cfg.opset}")
-    graph = _trace(model, contract, out, cfg.opset)
+    graph = _trace(model, contract, out, cfg.opset, ctx.log)
     swapped = lowered = 0
     if plan.get("layers"):
         weights = {name: module.weight.detach().numpy() for name, module in model.named_modules()
@@ -278,10 +280,24 @@ def _w8a8_modules(plan: dict, model) -> list[str]:
     return plan["w8a8_modules"] if "w8a8_modules" in plan else decoder_linears(model)
 
 
-def _trace(model, contract: Contract, out: Path, opset: int) -> onnx.ModelProto:
-    """The portable graph, traced by TorchScript into a scratch folder that is removed once the graph is in
-    memory: past 2 GB the exporter writes one file per tensor beside the graph, which must not stay in
-    the artifact."""
+def _trace(model, contract: Contract, out: Path, opset: int, log) -> onnx.ModelProto:
+    """The portable graph. A model deeper than three layers is traced as a three-layer copy whose last layer
+    is stamped out to the model's depth (pipeline/graph/stamp.py): TorchScript holds several copies of
+    what it traces, so it never sees the whole model. The parity check below compares the result with
+    PyTorch either way."""
+    if model.config.num_hidden_layers > TRACED_LAYERS:
+        small = three_layer_copy(model)
+        traced = _trace_file(small, dataclasses.replace(contract, num_layers=TRACED_LAYERS), out, opset)
+        stamped = stamp_layers(traced, small, model, log)
+        if stamped is not None:
+            return stamped
+        del traced, small
+    return _trace_file(model, contract, out, opset)
+
+
+def _trace_file(model, contract: Contract, out: Path, opset: int) -> onnx.ModelProto:
+    """TorchScript's trace into a scratch folder that is removed once the graph is in memory: past 2 GB the
+    exporter writes one file per tensor beside the graph, which must not stay in the artifact."""
     scratch = out / ".trace"
     scratch.mkdir()
     try:

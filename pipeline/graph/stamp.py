@@ -1,0 +1,220 @@
+"""The portable graph of a deep model from the trace of a three-layer copy: TorchScript never sees the model.
+
+Tracing holds the model's weights several times over (4.5x the float32 model at the peak on
+SmolLM2-135M), so a 1.7B model did not fit in 24 GiB. The decoder layers run the same code, so the
+graph of layer 2 of a three-layer trace is the graph of every layer past it:
+
+    3-layer copy, distinct random weights ─► trace ─► global + layer 0 + layer 1 + layer 2 (template)
+    layer 2's nodes, renamed for layers 3 .. N-1 ─► global head reads layer N-1 ─► every initializer
+    filled from the real model by the parameter (and transpose) it was found to be
+
+Layer 0 and layer 1 stay as traced: layer 1 is where the template's inputs from a previous layer come
+from, and layer 0 holds what the tracer computed once and shared (rotary tables, masks). Weights are
+matched by value, which is why the copy's weights are random and distinct: the tracer merges
+initializers of equal value, and folds transposes into new ones. A layer that is not a copy of the
+template (layer 1's graph differs from layer 2's) or a weight that is neither a parameter nor its
+transpose makes `stamp_layers` return None, and the caller traces the whole model.
+"""
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+TEMPLATE = 2  # the traced layer copied to layers 3 .. N-1
+TRACED_LAYERS = 3
+_LAYER = re.compile(r"layers\.(\d+)")
+
+
+def three_layer_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` with three decoder layers and distinct random float32 weights (same code path)."""
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = TRACED_LAYERS
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:TRACED_LAYERS]
+    small = AutoModelForCausalLM.from_config(config, attn_implementation=model.config._attn_implementation)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in small.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.02 + 0.01)
+    return small.float().eval()
+
+
+def stamp_layers(traced: onnx.ModelProto, small: torch.nn.Module, model: torch.nn.Module,
+                 log: Callable[[str], None]) -> onnx.ModelProto | None:
+    """`traced` (the trace of `small`, see module docstring) grown to `model`'s depth with `model`'s weights,
+    in place; None when the trace does not have the shape this needs."""
+    layers = model.config.num_hidden_layers
+    graph = traced.graph
+    sources = _match_initializers(graph, small)
+    if sources is None:
+        log("  layer stamping: a traced weight is neither a parameter nor its transpose; tracing the whole model")
+        return None
+    by_layer: dict[int, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        if (m := _LAYER.search(node.name)) is not None:
+            by_layer.setdefault(int(m.group(1)), []).append(node)
+    if sorted(by_layer) != list(range(TRACED_LAYERS)):
+        log("  layer stamping: the trace's nodes are not named by layer; tracing the whole model")
+        return None
+    produced = {o: k for k, nodes in by_layer.items() for n in nodes for o in n.output}
+    places = {o: (_LAYER.sub("layers.N", n.name), list(n.output).index(o)) for nodes in by_layer.values() for n in nodes
+              for o in n.output}
+    shared = {x for n in by_layer[TEMPLATE] for x in n.input if produced.get(x) == 0}  # layer 0 computed them for all
+    constants = _constants(graph, sources)
+    signatures = [_signature(by_layer[k], k, produced, constants, shared, places) for k in (1, TEMPLATE)]
+    if signatures[0] != signatures[1]:
+        log("  layer stamping: the decoder layers' graphs differ; tracing the whole model")
+        return None
+    # layer 1's tensors -> the template's tensors made by the same node (what layer i-1 made for layer i)
+    counterpart = {a: b for n1, n2 in zip(by_layer[1], by_layer[TEMPLATE]) for a, b in zip(n1.output, n2.output)}
+    params = dict(model.named_parameters())
+    clones: list[onnx.NodeProto] = []
+    new_inits: list[tuple[str, str, bool]] = []  # (initializer, parameter, transposed), filled once the graph is laid out
+    for i in range(TRACED_LAYERS, layers):
+        for node in by_layer[TEMPLATE]:
+            clone = copy.deepcopy(node)
+            clone.name = _rename(node.name, i)
+            for k, name in enumerate(node.input):
+                clone.input[k] = _input_for(name, i, produced, counterpart, sources)
+            for k, name in enumerate(node.output):
+                clone.output[k] = _rename(name, i)
+            clones.append(clone)
+        for name, (param, transpose) in sources.items():
+            if _layer_of(param) == TEMPLATE:
+                new_inits.append((_rename(name, i), _rename_param(param, i), transpose))
+    last = layers - 1
+    for node in graph.node:  # what read the template's output (the final norm) reads the last layer's now
+        if _LAYER.search(node.name) is None:
+            for k, name in enumerate(node.input):
+                if produced.get(name) == TEMPLATE and last > TEMPLATE:
+                    node.input[k] = _rename(name, last)
+    position = max(k for k, n in enumerate(graph.node) if _LAYER.search(n.name)) + 1
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes[:position] + clones + nodes[position:])
+    for t in graph.initializer:  # the traced copy's weights become the model's
+        if t.name in sources:
+            param, transpose = sources[t.name]
+            t.CopyFrom(_tensor(params, param, transpose, t.name))
+    for name, param, transpose in new_inits:  # one weight at a time, straight into the graph
+        graph.initializer.add().CopyFrom(_tensor(params, param, transpose, name))
+    _grow_io(graph, layers)
+    del graph.value_info[:]  # shapes of the copy's intermediate tensors; ONNX Runtime infers its own
+    log(f"  layer stamping: traced {TRACED_LAYERS} layers, layers {TRACED_LAYERS}..{last} copied from layer {TEMPLATE} "
+        f"({len(clones)} nodes)")
+    return traced
+
+
+def _match_initializers(graph: onnx.GraphProto, small: torch.nn.Module) -> dict[str, tuple[str, bool]] | None:
+    """Initializer name -> (parameter name, transposed?) for every initializer holding a weight; other
+    initializers (constants of the code) are left out. None when a weight-sized one matches nothing."""
+    params = {n: p.detach().numpy() for n, p in small.named_parameters()}
+    by_size: dict[int, list[str]] = {}
+    for n, p in params.items():
+        by_size.setdefault(p.size, []).append(n)
+    found: dict[str, tuple[str, bool]] = {}
+    for t in graph.initializer:
+        candidates = by_size.get(int(np.prod(t.dims)), [])
+        if not candidates:
+            continue
+        array = numpy_helper.to_array(t)
+        hit = next(((n, False) for n in candidates if array.shape == params[n].shape and np.array_equal(array, params[n])), None)
+        if hit is None and array.ndim == 2:
+            hit = next(((n, True) for n in candidates if array.shape == params[n].T.shape and np.array_equal(array, params[n].T)), None)
+        if hit is None:
+            if array.size >= 64 and array.dtype == np.float32:  # weight-sized and float: must be a weight
+                return None
+            continue
+        found[t.name] = hit
+    return found
+
+
+def _tensor(params: dict, param: str, transpose: bool, name: str) -> onnx.TensorProto:
+    array = params[param].detach().float().numpy()
+    return numpy_helper.from_array(np.ascontiguousarray(array.T if transpose else array), name)
+
+
+def _input_for(name: str, i: int, produced: dict, counterpart: dict, sources: dict) -> str:
+    """What a copy of a template node for layer `i` reads in place of the template's input `name`."""
+    if not name:
+        return name
+    if name.startswith("past_key_values."):
+        return _rename(name, i)
+    layer = produced.get(name)
+    if layer == TEMPLATE:
+        return _rename(name, i)
+    if layer == 1:  # made by the previous layer: layer i-1's copy of the template's tensor
+        return _rename(counterpart[name], i - 1) if i - 1 > TEMPLATE else counterpart[name]
+    if name in sources and _layer_of(sources[name][0]) == TEMPLATE:
+        return _rename(name, i)
+    return name  # global, layer 0's shared tensors, constants of the code
+
+
+def _rename(name: str, new: int) -> str:
+    """The template's (layer 2's) tensor or node `name` for layer `new`."""
+    kv = re.sub(rf"^(present|past_key_values)\.{TEMPLATE}\.", rf"\g<1>.{new}.", name)
+    if kv != name:
+        return kv
+    if f"layers.{TEMPLATE}." in name or f"layers.{TEMPLATE}/" in name:
+        return name.replace(f"layers.{TEMPLATE}.", f"layers.{new}.").replace(f"layers.{TEMPLATE}/", f"layers.{new}/")
+    return f"{name}__layers.{new}"
+
+
+def _rename_param(param: str, new: int) -> str:
+    return param.replace(f"layers.{TEMPLATE}.", f"layers.{new}.")
+
+
+def _layer_of(param: str) -> int | None:
+    m = _LAYER.search(param)
+    return int(m.group(1)) if m else None
+
+
+def _constants(graph: onnx.GraphProto, sources: dict) -> dict[str, bytes]:
+    """The value of every constant tensor the code made (Constant nodes, initializers that are not weights)."""
+    out = {t.name: t.SerializeToString() for t in graph.initializer if t.name not in sources}
+    for n in graph.node:
+        if n.op_type == "Constant":
+            out[n.output[0]] = b"".join(a.SerializeToString() for a in n.attribute)
+    return out
+
+
+def _signature(nodes: list[onnx.NodeProto], layer: int, produced: dict, constants: dict, shared: set[str],
+               places: dict[str, tuple[str, int]]) -> list[tuple]:
+    """A layer's graph with its own index taken out: op, attributes, and for each input where it comes from
+    (this layer's node k, the previous layer's node of that name, a tensor layer 0 computed for all layers, a constant's
+    value, a weight, a graph input). Equal for two layers that are copies of each other."""
+    index = {o: k for k, n in enumerate(nodes) for o in n.output}
+
+    def source(name: str):
+        if name in index:
+            return ("own", index[name], list(nodes[index[name]].output).index(name))
+        if name in shared:
+            return ("shared", name)
+        if produced.get(name) == layer - 1:
+            return ("previous", *places[name])
+        if name in constants:
+            return ("const", constants[name])
+        if name.startswith("past_key_values."):
+            return ("past", name.split(".")[-1])
+        return ("other", produced.get(name))  # a weight (checked apart) or a global tensor
+
+    return [(n.op_type, str(n.attribute), tuple(source(x) for x in n.input)) for n in nodes]
+
+
+def _grow_io(graph: onnx.GraphProto, layers: int) -> None:
+    """Inputs past_key_values.{i}.* and outputs present.{i}.* for the stamped layers, after the template's."""
+    for values, prefix in ((graph.input, "past_key_values"), (graph.output, "present")):
+        template = [copy.deepcopy(v) for v in values if v.name.startswith(f"{prefix}.{TEMPLATE}.")]
+        for i in range(TRACED_LAYERS, layers):
+            for v in template:
+                added = values.add()
+                added.CopyFrom(v)
+                added.name = _rename(v.name, i)
