@@ -10,7 +10,7 @@ GPU_RUN ?= artifacts/smollm2-int4-cuda
 GPU_OUT ?= artifacts/gpu-check
 BENCH_TEXT ?= wikitext-2
 
-.PHONY: quickstart install engines install-cuda model run generate bench gpu-check serve-gpu-check distill-gpu-check test test-fast doctor clean
+.PHONY: quickstart install engines install-cuda model run generate bench gpu-check serve-gpu-check distill-gpu-check scale-check test test-fast doctor clean
 
 quickstart: install model run  ## set up, fetch the reference model, run the default recipe
 
@@ -60,6 +60,9 @@ serve-gpu-check:  ## on a GPU machine, after install-cuda and `optimize recipes/
 
 distill-gpu-check:  ## on a GPU machine, after any SmolLM2 run (its model step is the teacher): the distill stage's CUDA path
 	$(PY) -m benchmarks.checks.distill_gpu_check $(firstword $(wildcard $(GPU_RUN)/00-model-* artifacts/*/00-model-*)) --out $(GPU_OUT)
+
+scale-check: run  ## the scale ladder's small rung (Qwen2.5-0.5B shape, random bf16 weights): each step's time and peak memory
+	$(PY) -m benchmarks.checks.scale --rungs qwen2.5-0.5b --recipes fp32,int4-rtn
 
 test: install engines model  ## every test, the slow reference-model tests included (what CI runs)
 	$(BIN)/python -m pytest -q --durations=30

@@ -2,7 +2,7 @@
 tensor at a time into a safetensors file. A stage that streams a model through these holds one
 tensor, not the model (an 8B model in float32 is 32 GB).
 
-    CheckpointReader(folder)["model.layers.0.mlp.up_proj.weight"]   # read from its shard (memory-mapped)
+    CheckpointReader(folder)["model.layers.0.mlp.up_proj.weight"]   # read from its shard
     with SafetensorsWriter(path) as w: w.add(name, array)            # data appended as it comes
 
 The writer appends each tensor's bytes to a scratch file and writes the header (which needs every
@@ -21,33 +21,56 @@ import numpy as np
 import torch
 
 INDEX = "model.safetensors.index.json"
+_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                 "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+                 "BOOL": torch.bool}
 SINGLE = "model.safetensors"
 _DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.uint8): "U8", np.dtype(np.int8): "I8",
            np.dtype(np.int32): "I32", np.dtype(np.int64): "I64", np.dtype(np.float64): "F64", np.dtype(np.bool_): "BOOL"}
 
 
 class CheckpointReader:
-    """The tensors of a Hugging Face checkpoint folder by name, each read only when asked for."""
+    """The tensors of a Hugging Face checkpoint folder by name, each read only when asked for.
+
+    Tensors are read with plain file reads, not through a memory map: a mapped shard's pages count
+    as this process's resident memory once touched, so streaming a model through a map would end
+    with the whole checkpoint in its RSS."""
 
     def __init__(self, folder: Path):
-        from safetensors import safe_open
-
         folder = Path(folder)
         if (folder / INDEX).is_file():
-            weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
+            files = sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values()))
         elif (folder / SINGLE).is_file():
-            with safe_open(str(folder / SINGLE), "pt") as f:
-                weight_map = {k: SINGLE for k in f.keys()}
+            files = [SINGLE]
         else:
             raise FileNotFoundError(f"{folder}: no {SINGLE} or {INDEX}")
-        self.folder, self.weight_map = folder, weight_map
-        self._open = {name: safe_open(str(folder / name), "pt") for name in sorted(set(weight_map.values()))}
+        self.folder = folder
+        self.entries: dict[str, tuple[str, int, dict]] = {}  # name -> (file, data start, header entry)
+        for name in files:
+            with open(folder / name, "rb") as f:
+                (size,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(size))
+            for key, entry in header.items():
+                if key != "__metadata__":
+                    self.entries[key] = (name, 8 + size, entry)
 
     def __contains__(self, name: str) -> bool:
-        return name in self.weight_map
+        return name in self.entries
+
+    def __iter__(self):
+        return iter(self.entries)
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        return self._open[self.weight_map[name]].get_tensor(name)
+        file, start, entry = self.entries[name]
+        begin, end = entry["data_offsets"]
+        buffer = bytearray(end - begin)
+        with open(self.folder / file, "rb") as f:
+            f.seek(start + begin)
+            f.readinto(buffer)
+        dtype = _TORCH_DTYPES[entry["dtype"]]
+        if not buffer:
+            return torch.empty(entry["shape"], dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
 
 
 class SafetensorsWriter:

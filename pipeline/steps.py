@@ -31,9 +31,12 @@ from pipeline.artifacts import (
     write_json_atomic,
 )
 from pipeline.errors import PipelineError, StageError, ValidationFailed
+from pipeline.estimate import estimate, memory_bytes, model_shape
 from pipeline.models import import_model, source_identity
 from pipeline.recipe import data_identity, load_recipe
 from pipeline.registry import STAGES, StageResult
+
+MARGIN = 1.25  # refuse only what is clearly beyond the machine: the estimates are within about 15 %
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,8 @@ def run(recipe_path: Path | str, workdir: Path | str = "artifacts", force: bool 
         run_dir.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(run_dir)
     log(f"run {recipe.name}: {recipe.path}{''.join(f' --set {o}' for o in overrides)} -> {run_dir}")
+    if main:
+        _check_memory(recipe)
     # processes 1.. follow the recipe up to its last distributed stage, then leave it to process 0
     shared = [i for i, entry in enumerate(recipe.stages, start=1) if STAGES[entry.name].distributed]
     follow_until = shared[-1] if shared else 0
@@ -281,3 +286,23 @@ def _remove_stale_temps(run_dir: Path) -> None:
 
 def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+
+
+def _check_memory(recipe) -> None:
+    """Each step's estimated peak RSS (pipeline/estimate.py) in one line; a step that cannot fit this machine
+    stops the run here, before any heavy work, naming what would lower it."""
+    shape = model_shape(recipe.source.kind, recipe.source.location, recipe.model.dtype)
+    if shape is None:
+        log("plan: no memory estimate before a hub model is downloaded")
+        return
+    steps = estimate(shape, [(e.name, e.config) for e in recipe.stages])
+    total, available = memory_bytes()
+    size = f"{shape.parameters / 1e9:.2f}B" if shape.parameters >= 1e9 else f"{shape.parameters / 1e6:.1f}M"
+    log(f"plan: {size} parameters; estimated peak RSS " + ", ".join(s.describe() for s in steps)
+        + (f"; this machine {total / 2**30:.1f} GiB ({available / 2**30:.1f} available)" if total else ""))
+    worst = max(steps, key=lambda s: s.peak_bytes)
+    if total and worst.peak_bytes > MARGIN * total:
+        raise StageError(f"plan: the {worst.step} step needs about {worst.peak_bytes / 2**30:.0f} GiB and this machine has "
+                         f"{total / 2**30:.0f} GiB; {worst.knob}")
+    if available and worst.peak_bytes > available:
+        log(f"plan: WARNING the {worst.step} step may need more than the {available / 2**30:.1f} GiB available now")

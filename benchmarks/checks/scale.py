@@ -45,6 +45,8 @@ def build_checkpoint(config_file: Path, tokenizer: Path, out: Path, seed: int = 
 
     if (out / "model.safetensors.index.json").is_file():
         return out
+    from pipeline.resources import release_memory
+
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -85,6 +87,8 @@ def build_checkpoint(config_file: Path, tokenizer: Path, out: Path, seed: int = 
         if (tokenizer / name).is_file():
             shutil.copy2(tokenizer / name, tmp / name)
     tmp.rename(out)
+    del shard, skeleton
+    release_memory()  # this process waits beside the runs: it should not hold what building took
     return out
 
 
@@ -120,10 +124,23 @@ def run_recipe(recipe: str, source: Path, name: str, workdir: Path, extra: list[
             **manifest.get("resources", {}),
             "bytes": sum(f["bytes"] for f in manifest["files"].values()),
         })
+    predicted = {e.step: e.peak_bytes for e in _estimates(recipe, source, settings)}
+    for step in row["steps"]:
+        step["estimated_peak_rss_mb"] = round(predicted.get(step["step"].split("-", 1)[1], 0) / 2**20, 1)
     export = next(iter(sorted((workdir / name).glob("[0-9][0-9]-export-*"))), None)
     if export is not None and rc == 0:
         row["decode"] = decode_speed(export)
     return row
+
+
+def _estimates(recipe: str, source: Path, settings: list[str]):
+    """What the run printed before it started (pipeline/estimate.py), to set beside what it measured."""
+    from pipeline.estimate import estimate, model_shape
+    from pipeline.recipe import load_recipe
+
+    loaded = load_recipe(ROOT / recipe, settings)
+    shape = model_shape("dir", str(source), loaded.model.dtype)
+    return estimate(shape, [(e.name, e.config) for e in loaded.stages])
 
 
 def decode_speed(export: Path, prompt_tokens: int = 128, new_tokens: int = 32) -> dict:
@@ -159,15 +176,15 @@ def _mem_total_kib() -> int:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'rung':<14} {'recipe':<10} {'step':<12} {'seconds':>8} {'peak RSS GiB':>13} {'size GB':>8}  outcome")
+    print(f"{'rung':<14} {'recipe':<10} {'step':<12} {'seconds':>8} {'peak RSS GiB':>13} {'estimated':>10} {'size GB':>8}  outcome")
     for r in rows:
         outcome = "ok" if r["returncode"] == 0 else f"FAILED ({r['returncode']}): {' / '.join(r.get('error', []))[:120]}"
         for s in r["steps"]:
             print(f"{r['rung']:<14} {r['name']:<10} {s['step']:<12} {s['seconds']:>8.1f} "
-                  f"{s.get('peak_rss_mb', 0) / 1024:>13.2f} {s['bytes'] / 1e9:>8.2f}")
+                  f"{s.get('peak_rss_mb', 0) / 1024:>13.2f} {s.get('estimated_peak_rss_mb', 0) / 1024:>10.2f} {s['bytes'] / 1e9:>8.2f}")
         decode = r.get("decode", {})
         speed = f", decode {decode['tokens_per_second']} tok/s ({decode['provider']})" if "tokens_per_second" in decode else ""
-        print(f"{r['rung']:<14} {r['name']:<10} {'total':<12} {r['wall_seconds']:>8.1f} {'':>13} {'':>8}  {outcome}{speed}")
+        print(f"{r['rung']:<14} {r['name']:<10} {'total':<12} {r['wall_seconds']:>8.1f} {'':>13} {'':>10} {'':>8}  {outcome}{speed}")
 
 
 def main() -> int:

@@ -47,6 +47,12 @@ def three_layer_copy(model: torch.nn.Module) -> torch.nn.Module:
     return small.float().eval()
 
 
+def can_stamp(config) -> bool:
+    """Deeper than the trace, and every layer of one kind (no alternating sliding-window layers)."""
+    kinds = set(getattr(config, "layer_types", None) or [None])
+    return config.num_hidden_layers > TRACED_LAYERS and len(kinds) == 1
+
+
 def stamp_layers(traced: onnx.ModelProto, small: torch.nn.Module, model: torch.nn.Module,
                  log: Callable[[str], None]) -> onnx.ModelProto | None:
     """`traced` (the trace of `small`, see module docstring) grown to `model`'s depth with `model`'s weights,
@@ -57,22 +63,10 @@ def stamp_layers(traced: onnx.ModelProto, small: torch.nn.Module, model: torch.n
     if sources is None:
         log("  layer stamping: a traced weight is neither a parameter nor its transpose; tracing the whole model")
         return None
-    by_layer: dict[int, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        if (m := _LAYER.search(node.name)) is not None:
-            by_layer.setdefault(int(m.group(1)), []).append(node)
-    if sorted(by_layer) != list(range(TRACED_LAYERS)):
-        log("  layer stamping: the trace's nodes are not named by layer; tracing the whole model")
+    by_layer = _layers_alike(graph, sources, log)
+    if by_layer is None:
         return None
     produced = {o: k for k, nodes in by_layer.items() for n in nodes for o in n.output}
-    places = {o: (_LAYER.sub("layers.N", n.name), list(n.output).index(o)) for nodes in by_layer.values() for n in nodes
-              for o in n.output}
-    shared = {x for n in by_layer[TEMPLATE] for x in n.input if produced.get(x) == 0}  # layer 0 computed them for all
-    constants = _constants(graph, sources)
-    signatures = [_signature(by_layer[k], k, produced, constants, shared, places) for k in (1, TEMPLATE)]
-    if signatures[0] != signatures[1]:
-        log("  layer stamping: the decoder layers' graphs differ; tracing the whole model")
-        return None
     # layer 1's tensors -> the template's tensors made by the same node (what layer i-1 made for layer i)
     counterpart = {a: b for n1, n2 in zip(by_layer[1], by_layer[TEMPLATE]) for a, b in zip(n1.output, n2.output)}
     params = dict(model.named_parameters())
@@ -111,6 +105,27 @@ def stamp_layers(traced: onnx.ModelProto, small: torch.nn.Module, model: torch.n
     log(f"  layer stamping: traced {TRACED_LAYERS} layers, layers {TRACED_LAYERS}..{last} copied from layer {TEMPLATE} "
         f"({len(clones)} nodes)")
     return traced
+
+
+def _layers_alike(graph: onnx.GraphProto, sources: dict, log: Callable[[str], None]) -> dict[int, list] | None:
+    """The trace's nodes by layer, when layer 1's graph is the template's with its index changed; else None."""
+    by_layer: dict[int, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        if (m := _LAYER.search(node.name)) is not None:
+            by_layer.setdefault(int(m.group(1)), []).append(node)
+    if sorted(by_layer) != list(range(TRACED_LAYERS)):
+        log("  layer stamping: the trace's nodes are not named by layer; tracing the whole model")
+        return None
+    produced = {o: k for k, nodes in by_layer.items() for n in nodes for o in n.output}
+    places = {o: (_LAYER.sub("layers.N", n.name), list(n.output).index(o)) for nodes in by_layer.values() for n in nodes
+              for o in n.output}
+    shared = {x for n in by_layer[TEMPLATE] for x in n.input if produced.get(x) == 0}  # layer 0 computed them for all
+    constants = _constants(graph, sources)
+    signatures = [_signature(by_layer[k], k, produced, constants, shared, places) for k in (1, TEMPLATE)]
+    if signatures[0] != signatures[1]:
+        log("  layer stamping: the decoder layers' graphs differ; tracing the whole model")
+        return None
+    return by_layer
 
 
 def _match_initializers(graph: onnx.GraphProto, small: torch.nn.Module) -> dict[str, tuple[str, bool]] | None:

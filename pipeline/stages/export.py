@@ -29,7 +29,7 @@ from pipeline.graph.fused import build_fused_graph, float_cache_graph, to_float1
 from pipeline.models import TOKENIZER_FILES, load_torch_model
 from pipeline.graph.float_zero import lower_float_zero_points
 from pipeline.graph.pack import pack_sibling_matmuls
-from pipeline.graph.stamp import TRACED_LAYERS, stamp_layers, three_layer_copy
+from pipeline.graph.stamp import TRACED_LAYERS, can_stamp, stamp_layers, three_layer_copy
 from pipeline.graph.quant_ops import apply_block_quantized_ops, set_accuracy_level
 from pipeline.graph.w8a8 import quantize_w8a8
 from pipeline.quant.plan import PLAN_FILE, decoder_linears
@@ -285,7 +285,7 @@ def _trace(model, contract: Contract, out: Path, opset: int, log) -> onnx.ModelP
     is stamped out to the model's depth (pipeline/graph/stamp.py): TorchScript holds several copies of
     what it traces, so it never sees the whole model. The parity check below compares the result with
     PyTorch either way."""
-    if model.config.num_hidden_layers > TRACED_LAYERS:
+    if can_stamp(model.config):
         small = three_layer_copy(model)
         traced = _trace_file(small, dataclasses.replace(contract, num_layers=TRACED_LAYERS), out, opset)
         stamped = stamp_layers(traced, small, model, log)

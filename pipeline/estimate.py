@@ -1,0 +1,157 @@
+"""What each step of a recipe will need, known before any heavy work: peak host memory from the model's
+shape and the recipe, against this machine's memory.
+
+The figures are a model of where memory goes, fitted to what the step loop records in every manifest
+(pipeline/resources.py) on the scale ladder (benchmarks/checks/scale.py, which prints both):
+
+    base            Python, torch, onnxruntime and the tokenizer, before any weights
+    model           the source in memory (its dtype; a GGUF dequantized to float32) and its serialization
+    quantize rtn    tensor by tensor: a few copies of the largest tensor
+    quantize        the float32 model, the calibration activations of one layer, the Hessians, the refit
+    export          the float32 model, the graph built from it (one copy of the weights), the save
+    validate        the float32 model(s) one at a time, the runner's graph, a window's logits
+
+A step whose estimate is beyond this machine's memory stops the run before anything is built, with
+one line naming the knob that would help; one beyond the memory available now is a warning.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+GB = 1e9
+BASE = 0.55 * GB
+FLOAT32 = 4
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    parameters: int
+    stored_bytes: int  # the model step's checkpoint: its dtype's bytes per parameter (float32 for GGUF)
+    hidden: int
+    intermediate: int
+    vocab: int
+    layers: int
+
+    @property
+    def float32_bytes(self) -> int:
+        return self.parameters * FLOAT32
+
+
+@dataclass(frozen=True)
+class StepEstimate:
+    step: str
+    peak_bytes: float
+    knob: str  # what lowers it, for the refusal
+
+    def describe(self) -> str:
+        return f"{self.step} ~{self.peak_bytes / 2**30:.1f} GiB"
+
+
+def model_shape(source_kind: str, location: str, dtype: str) -> ModelShape | None:
+    """The shape of a local model source without loading its weights (None for a hub id: nothing to read here)."""
+    if source_kind == "dir":
+        config = json.loads((Path(location) / "config.json").read_text())
+        text = config.get("text_config", config)
+        hidden, layers = text.get("hidden_size"), text.get("num_hidden_layers")
+        inter, vocab = text.get("intermediate_size") or 4 * (hidden or 0), text.get("vocab_size")
+        if not (hidden and layers and vocab):
+            return None
+        params = _parameters(Path(location)) or _parameters_from_config(text, hidden, inter, vocab, layers)
+        own = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+        stored = {"float32": 4, "bfloat16": 2, "float16": 2}.get(own if dtype == "auto" else dtype, 4)
+        return ModelShape(params, params * stored, hidden, inter, vocab, layers)
+    if source_kind == "gguf":
+        return _gguf_shape(Path(location))
+    return None
+
+
+def estimate(shape: ModelShape, stages: list[tuple[str, object]]) -> list[StepEstimate]:
+    """Per step (the model step, then each stage of the recipe in order), the estimated peak RSS."""
+    f32 = shape.float32_bytes
+    largest = max(shape.vocab * shape.hidden, shape.hidden * shape.intermediate) * FLOAT32
+    logits = 512 * shape.vocab * FLOAT32 * 6  # a window's logits, log-probs and their float64 copies
+    out = [StepEstimate("model", BASE + 1.2 * shape.stored_bytes, "model.dtype: bfloat16 (stores half of float32)")]
+    graph_bytes = f32
+    for name, cfg in stages:
+        if name == "quantize":
+            method, budget = getattr(cfg, "method"), getattr(cfg, "budget", None)
+            bits = getattr(cfg, "bits", 4)
+            if method == "rtn" and budget is None:
+                out.append(StepEstimate("quantize", BASE + 5 * largest, "none: RTN streams tensor by tensor"))
+            else:
+                cal = cfg.calibration
+                tokens = cal.num_samples * cal.sequence_length
+                activations = tokens * shape.hidden * FLOAT32 * 3 + tokens * shape.intermediate * FLOAT32
+                hessians = (3 * shape.hidden ** 2 + shape.intermediate ** 2) * FLOAT32
+                out.append(StepEstimate("quantize", BASE + 1.2 * f32 + activations + hessians + 256 * 2**20,
+                                        "quantize.calibration.num_samples (activations), or method: rtn (streams)"))
+            graph_bytes = f32 * (bits / 32 + 1 / 16) if method != "w8a8" else f32 / 4
+        elif name == "export":
+            out.append(StepEstimate("export", BASE + 2.8 * f32, "a machine with more memory: export holds the float32 "
+                                    "model and one copy of its graph"))
+        elif name == "validate":
+            out.append(StepEstimate("validate", BASE + 1.5 * f32 + 1.5 * graph_bytes + logits,
+                                    "a machine with more memory: validate holds the float32 model and the runner's graph"))
+        elif name == "distill":
+            out.append(StepEstimate("distill", BASE + 4 * f32, "distill.num_layers or param_budget_m (a smaller student)"))
+    return out
+
+
+def memory_bytes() -> tuple[int, int]:
+    """(total, available now) host memory in bytes, from /proc/meminfo (0, 0 where it cannot be read)."""
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        return int(info["MemTotal"].split()[0]) * 1024, int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 0, 0
+
+
+def _parameters(folder: Path) -> int | None:
+    """Parameter count from the safetensors headers (no tensor is read)."""
+    import struct
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for f in files:
+        with open(f, "rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(size))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                count = 1
+                for d in entry["shape"]:
+                    count *= d
+                total += count
+    return total
+
+
+def _parameters_from_config(text: dict, hidden: int, inter: int, vocab: int, layers: int) -> int:
+    heads = text.get("num_attention_heads") or 1
+    kv = text.get("num_key_value_heads") or heads
+    head_dim = text.get("head_dim") or hidden // heads
+    attn = hidden * head_dim * (heads * 2 + kv * 2)
+    embed = vocab * hidden * (1 if text.get("tie_word_embeddings") else 2)
+    return layers * (attn + 3 * hidden * inter) + embed
+
+
+def _gguf_shape(path: Path) -> ModelShape | None:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    params = sum(int(t.n_elements) for t in reader.tensors)
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+
+    def field(key: str) -> int | None:
+        f = reader.fields.get(f"{arch}.{key}")
+        return int(f.parts[-1][0]) if f is not None else None
+
+    hidden, layers, inter = field("embedding_length"), field("block_count"), field("feed_forward_length")
+    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    vocab = int(max(embed.shape)) if embed is not None else None
+    if not (hidden and layers and vocab):
+        return None
+    return ModelShape(params, params * FLOAT32, hidden, inter or 4 * hidden, vocab, layers)

@@ -1,0 +1,96 @@
+"""The portable graph stamped from a three-layer trace runs exactly like the trace of the whole model."""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from conftest import make_checkpoint
+from pipeline.archs import model_dims
+from pipeline.models import load_torch_model
+from pipeline.stages import export as export_stage
+from runtime.io_spec import Contract
+
+
+def portable_contract(model) -> Contract:
+    dims = model_dims(model.config)
+    return Contract("portable", dims.num_layers, dims.num_kv_heads, dims.head_dim, dims.vocab_size)
+
+
+def run_graph(graph, contract: Contract, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    batch, new, past = 2, 5, 3
+    feeds = {"input_ids": rng.integers(0, contract.vocab_size, (batch, new)).astype(np.int64),
+             "attention_mask": np.ones((batch, past + new), np.int64),
+             "position_ids": np.tile(np.arange(past, past + new), (batch, 1)).astype(np.int64)}
+    for name in contract.past_names():
+        feeds[name] = rng.standard_normal((batch, contract.num_kv_heads, past, contract.head_dim)).astype(np.float32)
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == [s.name for s in contract.outputs()]
+    return session.run(None, feeds)
+
+
+@pytest.mark.parametrize("family,layers", [("llama", 4), ("llama", 7), ("qwen2", 5), ("qwen3", 5), ("mistral", 6)])
+def test_stamped_graph_equals_the_whole_trace(tmp_path, family, layers):
+    model = load_torch_model(make_checkpoint(tmp_path / "m", family, layers=layers))
+    contract = portable_contract(model)
+    said: list[str] = []
+    stamped = export_stage._trace(model, contract, tmp_path, 17, said.append)
+    assert any("layer stamping: traced 3 layers" in s for s in said), said  # it did not fall back
+    whole = export_stage._trace_file(model, contract, tmp_path, 17)
+    for a, b in zip(run_graph(stamped, contract), run_graph(whole, contract)):
+        np.testing.assert_array_equal(a, b)
+    assert not list(tmp_path.glob(".trace*"))
+
+
+def test_layers_that_differ_fall_back_to_the_whole_trace(tmp_path, monkeypatch):
+    """When layer 1's graph is not layer 2's (here: made so by renaming one op), nothing is stamped."""
+    import pipeline.graph.stamp as stamp
+
+    model = load_torch_model(make_checkpoint(tmp_path / "m", "llama", layers=5))
+    real = stamp._signature
+
+    def differing(nodes, layer, *a):
+        sig = real(nodes, layer, *a)
+        return sig[:-1] + [("changed",)] if layer == 1 else sig
+
+    monkeypatch.setattr(stamp, "_signature", differing)
+    said: list[str] = []
+    graph = export_stage._trace(model, portable_contract(model), tmp_path, 17, said.append)
+    assert any("graphs differ; tracing the whole model" in s for s in said)
+    assert len([t for t in graph.graph.input if t.name.startswith("past_key_values.")]) == 10
+
+
+def test_a_weight_the_trace_transformed_otherwise_falls_back(tmp_path, monkeypatch):
+    import pipeline.graph.stamp as stamp
+
+    model = load_torch_model(make_checkpoint(tmp_path / "m", "llama", layers=4))
+    monkeypatch.setattr(stamp, "_match_initializers", lambda graph, small: None)
+    said: list[str] = []
+    export_stage._trace(model, portable_contract(model), tmp_path, 17, said.append)
+    assert any("neither a parameter nor its transpose" in s for s in said)
+
+
+def test_a_quantized_model_stamps_and_swaps_every_layer(tmp_path, eval_text):
+    """After RTN, every stamped layer's MatMul still names its module, so MatMulNBits finds all of them."""
+    from conftest import write_targets_recipe
+    from pipeline import run
+
+    src = make_checkpoint(tmp_path / "m", "llama", layers=5)
+    quantize = "{method: rtn, bits: 4, group_size: 32, lm_head: int4, embedding: float}"
+    run_dir = run(write_targets_recipe(tmp_path, src, eval_text, quantize, "[onnx]"), workdir=tmp_path / "a")
+    import json
+
+    manifest = json.loads((next(run_dir.glob("02-export-*")) / "manifest.json").read_text())
+    assert manifest["metrics"]["block_quantized_ops"] == 5 * 7 + 1
+    assert manifest["parity_by_graph"]["portable"] < 1e-3
+
+
+def test_models_whose_layers_alternate_are_traced_whole():
+    from transformers import AutoConfig
+
+    from pipeline.graph.stamp import can_stamp
+
+    config = AutoConfig.for_model("qwen2", num_hidden_layers=6, use_sliding_window=True, max_window_layers=2,
+                                  sliding_window=64)
+    assert len(set(config.layer_types)) == 2 and not can_stamp(config)
+    assert can_stamp(AutoConfig.for_model("qwen2", num_hidden_layers=6)) and not can_stamp(AutoConfig.for_model("llama", num_hidden_layers=3))

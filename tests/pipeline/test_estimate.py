@@ -1,0 +1,56 @@
+"""Memory estimates before the heavy work: printed for every step, and a step that cannot fit stops the run."""
+import pytest
+
+from conftest import REFERENCE_GGUF, write_recipe
+from pipeline import StageError, run
+from pipeline.estimate import estimate, model_shape
+from pipeline.recipe import load_recipe
+
+
+def test_the_run_prints_each_steps_estimate(tmp_path, tiny_llama, eval_text, capsys):
+    run(write_recipe(tmp_path, tiny_llama, eval_text), workdir=tmp_path / "w")
+    plan = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("plan:"))
+    assert "estimated peak RSS model ~" in plan and "export ~" in plan and "validate ~" in plan and "available)" in plan
+
+
+def test_a_step_beyond_the_machine_stops_the_run_before_any_step(tmp_path, tiny_llama, eval_text, monkeypatch):
+    import pipeline.steps
+
+    monkeypatch.setattr(pipeline.steps, "memory_bytes", lambda: (2**28, 2**27))  # a 256 MiB machine
+    with pytest.raises(StageError, match=r"^plan: the \w+ step needs about \d+ GiB and this machine has 0 GiB; "):
+        run(write_recipe(tmp_path, tiny_llama, eval_text), workdir=tmp_path / "w")
+    assert not list((tmp_path / "w" / "tiny").glob("0*"))
+
+
+def test_the_shape_of_a_checkpoint_folder_is_read_without_its_weights(tiny_llama, tiny_qwen2):
+    import json
+
+    from safetensors import safe_open
+
+    for folder in (tiny_llama, tiny_qwen2):
+        shape = model_shape("dir", str(folder), "auto")
+        with safe_open(str(folder / "model.safetensors"), "pt") as f:
+            assert shape.parameters == sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+        config = json.loads((folder / "config.json").read_text())
+        assert (shape.hidden, shape.layers, shape.vocab) == (config["hidden_size"], config["num_hidden_layers"], config["vocab_size"])
+        assert shape.stored_bytes == 4 * shape.parameters
+    assert model_shape("dir", str(tiny_llama), "bfloat16").stored_bytes == 2 * model_shape("dir", str(tiny_llama), "auto").parameters
+    assert model_shape("hub", "org/model", "auto") is None
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+@pytest.mark.skipif(not REFERENCE_GGUF.is_file(), reason="the reference GGUF is fetched by `make model` (make test does it)")
+def test_the_reference_ggufs_shape_and_the_estimates_order():
+    recipe = load_recipe("recipes/smollm2-int4-gptq.yaml")
+    shape = model_shape(recipe.source.kind, recipe.source.location, recipe.model.dtype)
+    assert (shape.parameters, shape.hidden, shape.layers, shape.vocab) == (134515008, 576, 30, 49152)
+    steps = {s.step: s.peak_bytes for s in estimate(shape, [(e.name, e.config) for e in recipe.stages])}
+    assert steps["quantize"] > steps["model"]  # the float32 model and its calibration activations
+    streamed = estimate(shape, [(e.name, e.config) for e in load_recipe("recipes/smollm2-int4-rtn.yaml").stages])
+    assert next(s for s in streamed if s.step == "quantize").peak_bytes < steps["quantize"] / 2  # RTN streams
