@@ -72,7 +72,7 @@ def estimate(shape: ModelShape, stages: list[tuple[str, object]]) -> list[StepEs
     f32 = shape.float32_bytes
     largest = max(shape.vocab * shape.hidden, shape.hidden * shape.intermediate) * FLOAT32
     logits = 512 * shape.vocab * FLOAT32 * 6  # a window's logits, log-probs and their float64 copies
-    out = [StepEstimate("model", BASE + 1.2 * shape.stored_bytes, "model.dtype: bfloat16 (stores half of float32)")]
+    out = [StepEstimate("model", BASE + shape.stored_bytes, "model.dtype: bfloat16 (stores half of float32)")]
     graph_bytes = f32
     for name, cfg in stages:
         if name == "quantize":
@@ -92,7 +92,7 @@ def estimate(shape: ModelShape, stages: list[tuple[str, object]]) -> list[StepEs
             out.append(StepEstimate("export", BASE + 2.8 * f32, "a machine with more memory: export holds the float32 "
                                     "model and one copy of its graph"))
         elif name == "validate":
-            out.append(StepEstimate("validate", BASE + 1.5 * f32 + 1.5 * graph_bytes + logits,
+            out.append(StepEstimate("validate", BASE + 1.25 * f32 + 1.2 * graph_bytes + logits + 0.3 * GB,
                                     "a machine with more memory: validate holds the float32 model and the runner's graph"))
         elif name == "distill":
             out.append(StepEstimate("distill", BASE + 4 * f32, "distill.num_layers or param_budget_m (a smaller student)"))

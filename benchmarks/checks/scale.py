@@ -187,6 +187,22 @@ def print_table(rows: list[dict]) -> None:
         print(f"{r['rung']:<14} {r['name']:<10} {'total':<12} {r['wall_seconds']:>8.1f} {'':>13} {'':>10} {'':>8}  {outcome}{speed}")
 
 
+def markdown(result: dict) -> str:
+    """The README's table of a scale.json: one row per step, the run's machine and command below it."""
+    lines = ["| checkpoint (random weights, bf16) | recipe | step | seconds | peak RSS GiB | estimated GiB |",
+             "| --- | --- | --- | ---: | ---: | ---: |"]
+    for r in result["rows"]:
+        for s in r["steps"]:
+            lines.append(f"| {r['rung']} ({r['checkpoint_gb']:.2f} GB) | {r['name']} | {s['step'].split('-', 1)[1]} | "
+                         f"{s['seconds']:.0f} | {s.get('peak_rss_mb', 0) / 1024:.2f} | {s.get('estimated_peak_rss_mb', 0) / 1024:.2f} |")
+        if r["returncode"] != 0:
+            lines.append(f"| {r['rung']} | {r['name']} | failed | | | {' / '.join(r.get('error', []))[:80]} |")
+    m = result["machine"]
+    lines += ["", f"{m['cpu']}, {m['cores']} cores, {result['memory_gib']} GiB; {result['date']}, commit {result['commit']}; "
+              f"`{result['command']}` (`benchmarks/results/scale/scale.json`)."]
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rungs", default="qwen2.5-0.5b", help=f"comma-separated, of: {', '.join(p.stem for p in sorted(CONFIGS.glob('*.json')))}")
@@ -196,7 +212,11 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=ROOT / "artifacts" / "scale")
     parser.add_argument("--timeout", type=int, default=4 * 3600, help="seconds per recipe run")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scale" / "scale.json")
+    parser.add_argument("--markdown", type=Path, help="print the README table of this scale.json and exit")
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())))
+        return 0
     tokenizer = args.tokenizer or find_tokenizer()
     rows = []
     for rung in args.rungs.split(","):

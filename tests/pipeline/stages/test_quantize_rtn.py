@@ -90,9 +90,11 @@ def test_streamed_rtn_reads_one_tensor_at_a_time(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_streamed_rtn_equals_the_whole_model_path_on_the_reference_model(tmp_path):
     """SmolLM2-135M as its model step stores it: every code and every checkpoint tensor identical."""
-    from pipeline import run
+    from pipeline.configs import ModelConfig
+    from pipeline.models import import_model
+    from pipeline.recipe import ModelSource
 
-    recipe = tmp_path / "model.yaml"
-    recipe.write_text(f"name: ref\nmodel: {{source: {REFERENCE_GGUF}}}\nstages: []\n")
-    src = next(run(recipe, workdir=tmp_path / "w").glob("00-model-*"))
+    src = tmp_path / "model"
+    src.mkdir()
+    import_model(ModelConfig(source=str(REFERENCE_GGUF)), ModelSource("gguf", str(REFERENCE_GGUF)), src, print)
     assert_same_artifact(*both_paths(src, tmp_path, lm_head="int4", embedding="int4", group_size=32, symmetric=False))
