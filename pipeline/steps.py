@@ -18,6 +18,7 @@ import functools
 import json
 import os
 import shutil
+import struct
 import tempfile
 import time
 from dataclasses import dataclass
@@ -291,7 +292,11 @@ def _fmt(v) -> str:
 def _check_memory(recipe) -> None:
     """Each step's estimated peak RSS (pipeline/estimate.py) in one line; a step that cannot fit this machine
     stops the run here, before any heavy work, naming what would lower it."""
-    shape = model_shape(recipe.source.kind, recipe.source.location, recipe.model.dtype)
+    try:
+        shape = model_shape(recipe.source.kind, recipe.source.location, recipe.model.dtype)
+    except (OSError, ValueError, KeyError, IndexError, struct.error) as e:  # the model step says what is wrong
+        log(f"plan: no memory estimate ({recipe.source.location} unreadable: {type(e).__name__})")
+        return
     if shape is None:
         log("plan: no memory estimate before a hub model is downloaded")
         return

@@ -54,3 +54,11 @@ def test_the_reference_ggufs_shape_and_the_estimates_order():
     assert steps["quantize"] > steps["model"]  # the float32 model and its calibration activations
     streamed = estimate(shape, [(e.name, e.config) for e in load_recipe("recipes/smollm2-int4-rtn.yaml").stages])
     assert next(s for s in streamed if s.step == "quantize").peak_bytes < steps["quantize"] / 2  # RTN streams
+
+
+def test_an_unreadable_source_leaves_the_error_to_the_model_step(tmp_path, eval_text, capsys):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"not a gguf file at all" * 10)
+    with pytest.raises(StageError, match="could not be read as a GGUF model"):
+        run(write_recipe(tmp_path, bad, eval_text), workdir=tmp_path / "w")
+    assert "plan: no memory estimate" in capsys.readouterr().out
