@@ -29,6 +29,15 @@ _DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np
            np.dtype(np.int32): "I32", np.dtype(np.int64): "I64", np.dtype(np.float64): "F64", np.dtype(np.bool_): "BOOL"}
 
 
+def read_header(path: Path) -> tuple[int, dict]:
+    """A safetensors file's tensor table (name -> dtype, shape, data offsets) and where its data starts."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return 8 + size, header
+
+
 class CheckpointReader:
     """The tensors of a Hugging Face checkpoint folder by name, each read only when asked for.
 
@@ -47,12 +56,9 @@ class CheckpointReader:
         self.folder = folder
         self.entries: dict[str, tuple[str, int, dict]] = {}  # name -> (file, data start, header entry)
         for name in files:
-            with open(folder / name, "rb") as f:
-                (size,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(size))
+            start, header = read_header(folder / name)
             for key, entry in header.items():
-                if key != "__metadata__":
-                    self.entries[key] = (name, 8 + size, entry)
+                self.entries[key] = (name, start, entry)
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries

@@ -17,6 +17,7 @@ one line naming the knob that would help; one beyond the memory available now is
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,23 +111,12 @@ def memory_bytes() -> tuple[int, int]:
 
 def _parameters(folder: Path) -> int | None:
     """Parameter count from the safetensors headers (no tensor is read)."""
-    import struct
+    from pipeline.checkpoint import read_header
 
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         return None
-    total = 0
-    for f in files:
-        with open(f, "rb") as fh:
-            (size,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(size))
-        for name, entry in header.items():
-            if name != "__metadata__":
-                count = 1
-                for d in entry["shape"]:
-                    count *= d
-                total += count
-    return total
+    return sum(math.prod(entry["shape"]) for f in files for entry in read_header(f)[1].values())
 
 
 def _parameters_from_config(text: dict, hidden: int, inter: int, vocab: int, layers: int) -> int:

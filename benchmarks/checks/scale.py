@@ -159,20 +159,14 @@ def decode_speed(export: Path, prompt_tokens: int = 128, new_tokens: int = 32) -
 
 def envelope() -> dict:
     from pipeline.bench.system import machine
+    from pipeline.estimate import memory_bytes
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--", "pipeline", "runtime", "calibration"], cwd=ROOT,
                            capture_output=True, text=True).stdout.strip()
     return {"date": time.strftime("%Y-%m-%d"), "commit": commit + ("+" if dirty else ""),
             "command": " ".join(["python -m benchmarks.checks.scale", *sys.argv[1:]]), "machine": machine(),
-            "memory_gib": round(_mem_total_kib() / 2**20, 1)}
-
-
-def _mem_total_kib() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemTotal:"):
-            return int(line.split()[1])
-    return 0
+            "memory_gib": round(memory_bytes()[0] / 2**30, 1)}
 
 
 def print_table(rows: list[dict]) -> None:
