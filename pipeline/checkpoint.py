@@ -130,3 +130,32 @@ class SafetensorsWriter:
 
     def __exit__(self, kind, *_) -> None:
         self.abort() if kind is not None else self.close()
+
+
+class FloatWeights:
+    """A checkpoint's tensors as float32 numpy arrays, each read when asked for (the graph builders' weights)."""
+
+    def __init__(self, folder: Path):
+        self.reader = CheckpointReader(folder)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.reader
+
+    def __iter__(self):
+        return iter(self.reader)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.reader[name].to(torch.float32).numpy()
+
+    def shape(self, name: str) -> list[int]:
+        return list(self.reader.entries[name][2]["shape"])
+
+
+class ModelWeights(dict):
+    """An in-memory model's tensors in FloatWeights' place (tests, models built in memory)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__({k: v.detach().float().numpy() for k, v in model.state_dict().items()})
+
+    def shape(self, name: str) -> list[int]:
+        return list(self[name].shape)

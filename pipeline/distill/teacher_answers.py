@@ -24,10 +24,11 @@ from typing import Callable
 import numpy as np
 
 from pipeline.archs import model_dims
-from pipeline.artifacts import save_onnx
+from pipeline.checkpoint import FloatWeights
 from pipeline.configs import ExportConfig, TeacherAnswersConfig
 from pipeline.errors import StageError
 from pipeline.graph.fused import build_fused_graph
+from pipeline.graph.lazy import save_streamed
 from pipeline.models import copy_tokenizer, torch_greedy
 from pipeline.graph.pack import pack_sibling_matmuls
 from runtime import Generator
@@ -46,9 +47,10 @@ def export_for_sampling(teacher, teacher_folder: Path, work: Path) -> Path:
     dims = model_dims(teacher.config)
     contract = Contract("fused", dims.num_layers, dims.num_kv_heads, dims.head_dim, dims.vocab_size,
                         max_positions=teacher.config.max_position_embeddings)
-    graph = build_fused_graph(teacher, contract, ExportConfig().opset)
+    weights = FloatWeights(teacher_folder)
+    graph = build_fused_graph(teacher, weights, contract, ExportConfig().opset)
     pack_sibling_matmuls(graph)
-    save_onnx(graph, work / "fused" / contract.model_file)
+    save_streamed(graph, work / "fused" / contract.model_file, weights)
     contract.save(work / "fused")
     copy_tokenizer(teacher_folder, work)
     return work

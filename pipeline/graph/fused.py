@@ -32,7 +32,9 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from pipeline.archs import model_dims
+from pipeline.checkpoint import FloatWeights
 from pipeline.errors import StageError
+from pipeline.graph.lazy import is_lazy, lazy_tensor
 from runtime.io_spec import Contract
 
 MS = "com.microsoft"
@@ -53,17 +55,24 @@ class _Graph:
         self.graph.initializer.add().CopyFrom(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
+    def weight(self, name: str, param: str, shape: list[int], transpose: bool = False) -> str:
+        """A checkpoint tensor, left in the checkpoint until the graph is saved (pipeline/graph/lazy.py)."""
+        self.graph.initializer.add().CopyFrom(lazy_tensor(name, [(param, transpose)], shape[::-1] if transpose else shape))
+        return name
+
     def op(self, op: str, inputs: list[str], name: str, outputs: int | list[str] = 1, domain: str = "", **attrs) -> list[str]:
         outs = outputs if isinstance(outputs, list) else [f"{name}/output_{i}" for i in range(outputs)]
         self.graph.node.add().CopyFrom(helper.make_node(op, inputs, outs, name=name, domain=domain or None, **attrs))
         return outs
 
 
-def build_fused_graph(model: torch.nn.Module, contract: Contract, opset: int,
+def build_fused_graph(model: torch.nn.Module, weights: FloatWeights, contract: Contract, opset: int,
                       kv_scales: list[tuple[np.ndarray, np.ndarray]] | None = None) -> onnx.ModelProto:
     """The model as GroupQueryAttention + SimplifiedLayerNormalization + MatMul ops, with float32 weights
-    (call `to_float16` after any rewrite when the contract's dtype is float16). `kv_scales`, per layer
-    (key, value) [1, kv_heads, 1, head_dim], is required when the contract's cache is int8."""
+    read from `weights` (the checkpoint) when the graph is saved; `model` gives the config and rotary
+    tables only (a streamed model will do). Call `to_float16` after any rewrite when the contract's dtype
+    is float16. `kv_scales`, per layer (key, value) [1, kv_heads, 1, head_dim], is required when the
+    contract's cache is int8."""
     cfg = model.config
     dims = model_dims(cfg)
     heads, kv_heads, head_dim = cfg.num_attention_heads, dims.num_kv_heads, dims.head_dim
@@ -71,21 +80,23 @@ def build_fused_graph(model: torch.nn.Module, contract: Contract, opset: int,
     if (contract.kv_cache == "int8") != (kv_scales is not None):
         raise StageError("export.fused: an int8 KV cache needs its calibrated scales, and only an int8 cache takes them")
     eps = float(cfg.rms_norm_eps)
-    weights = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     g = _Graph()
 
+    def param(name: str, transpose: bool = False) -> str:
+        return g.weight(f"{name}.T" if transpose else name, name, weights.shape(name), transpose)
+
     def linear(x: str, module: str) -> str:
-        w = g.const(f"{module}.weight.T", weights[f"{module}.weight"].T)
+        w = param(f"{module}.weight", transpose=True)
         y = g.op("MatMul", [x, w], f"/model/{module.replace('.', '/')}/MatMul")[0]
         if f"{module}.bias" in weights:
-            y = g.op("Add", [y, g.const(f"{module}.bias", weights[f"{module}.bias"])], f"/model/{module.replace('.', '/')}/Add")[0]
+            y = g.op("Add", [y, param(f"{module}.bias")], f"/model/{module.replace('.', '/')}/Add")[0]
         return y
 
     def head_norm(x: str, module: str, n_heads: int) -> str:
         """Qwen3's per-head RMSNorm on q or k, before rotary."""
         path = f"/model/{module.replace('.', '/')}"
         split = g.op("Reshape", [x, g.const(f"{module}.heads_shape", np.array([0, 0, n_heads, head_dim], np.int64))], f"{path}/Reshape")[0]
-        normed = g.op("SimplifiedLayerNormalization", [split, g.const(f"{module}.weight", weights[f"{module}.weight"])],
+        normed = g.op("SimplifiedLayerNormalization", [split, param(f"{module}.weight")],
                       f"{path}/SimplifiedLayerNorm", axis=-1, epsilon=eps)[0]
         return g.op("Reshape", [normed, g.const(f"{module}.flat_shape", np.array([0, 0, -1], np.int64))], f"{path}/Reshape_1")[0]
 
@@ -94,14 +105,14 @@ def build_fused_graph(model: torch.nn.Module, contract: Contract, opset: int,
     g.const("sin_cache", sin)
     window = _sliding_window(cfg)
     hidden = g.op("Gather", ["model.embed_tokens.weight", "input_ids"], "/model/model/embed_tokens/Gather")[0]
-    g.const("model.embed_tokens.weight", weights["model.embed_tokens.weight"])
+    param("model.embed_tokens.weight")
     residual, pending = hidden, None  # `pending` is the last block's output, added to the residual by the next norm
     for i in range(dims.num_layers):
         p = f"model.layers.{i}"
 
         def norm(name: str) -> str:
             nonlocal residual
-            gamma = g.const(f"{p}.{name}.weight", weights[f"{p}.{name}.weight"])
+            gamma = param(f"{p}.{name}.weight")
             if pending is None:
                 return g.op("SimplifiedLayerNormalization", [residual, gamma], f"/model/{p.replace('.', '/')}/{name}/LayerNorm",
                             axis=-1, epsilon=eps)[0]
@@ -131,18 +142,19 @@ def build_fused_graph(model: torch.nn.Module, contract: Contract, opset: int,
         path = f"/model/{p.replace('.', '/')}/mlp"
         silu = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{path}/act_fn/Sigmoid")[0]], f"{path}/act_fn/Mul")[0]
         pending = linear(g.op("Mul", [silu, up], f"{path}/Mul")[0], f"{p}.mlp.down_proj")
-    final = g.const("model.norm.weight", weights["model.norm.weight"])
+    final = param("model.norm.weight")
     x = g.op("SkipSimplifiedLayerNormalization", [pending, residual, final], "/model/model/norm/SkipLayerNorm",
              outputs=1, domain=MS, epsilon=eps)[0]
     # only the rows asked for reach the LM head: a prefill needs one row per sequence, not the whole prompt
     rows = g.op("Unsqueeze", ["logits_positions", g.const("last_axis", np.array([-1], np.int64))], "/model/logits_rows/Unsqueeze")[0]
     x = g.op("GatherND", [x, rows], "/model/logits_rows/GatherND", batch_dims=1)[0]
     head = "lm_head" if "lm_head.weight" in weights else "model.embed_tokens"
+    head_t = g.weight("lm_head.weight.T", f"{head}.weight", weights.shape(f"{head}.weight"), transpose=True)
     if contract.dtype == "float16":
-        x = g.op("MatMul", [x, g.const("lm_head.weight.T", weights[f"{head}.weight"].T)], "/model/lm_head/MatMul")[0]
+        x = g.op("MatMul", [x, head_t], "/model/lm_head/MatMul")[0]
         g.op("Cast", [x], "/model/logits/Cast", outputs=["logits"], to=TensorProto.FLOAT)
     else:
-        g.op("MatMul", [x, g.const("lm_head.weight.T", weights[f"{head}.weight"].T)], "/model/lm_head/MatMul", outputs=["logits"])
+        g.op("MatMul", [x, head_t], "/model/lm_head/MatMul", outputs=["logits"])
 
     g.graph.name = "fused"
     g.graph.input.extend(_value_infos(contract.inputs()))
@@ -161,7 +173,10 @@ def to_float16(model: onnx.ModelProto) -> int:
     in place; returns how many. The graph's inputs and outputs already carry the contract's types."""
     converted = 0
     for tensor in model.graph.initializer:
-        if tensor.data_type == TensorProto.FLOAT:
+        if tensor.data_type == TensorProto.FLOAT and is_lazy(tensor):  # converted (and range-checked) as it is saved
+            tensor.data_type = TensorProto.FLOAT16
+            converted += 1
+        elif tensor.data_type == TensorProto.FLOAT:
             array = numpy_helper.to_array(tensor)
             if np.abs(array).max(initial=0) > np.finfo(np.float16).max:
                 raise StageError(f"export: {tensor.name} holds values beyond float16's range; use dtype: float32")

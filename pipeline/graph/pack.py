@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from pipeline.graph.lazy import concat_lazy, is_lazy
 from pipeline.graph.quant_ops import drop_unused_initializers
 
 PACKABLE = ("MatMul", "MatMulNBits")
@@ -64,9 +65,13 @@ def _merge(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], inits: dict) -> 
     name = nodes[0].name.rsplit("/", 2)[0] + "/packed_" + "_".join(n.name.rsplit("/", 2)[-2] for n in nodes)
     tensors = []
     for slot in range(1, len(nodes[0].input)):
-        arrays = [numpy_helper.to_array(inits[n.input[slot]]) for n in nodes]
+        parts = [inits[n.input[slot]] for n in nodes]
         axis = 1 if nodes[0].op_type == "MatMul" else 0  # MatMul weights are [K, N]; MatMulNBits tensors run over N first
-        tensors.append(numpy_helper.from_array(np.concatenate(arrays, axis=axis), f"{name}.input_{slot}"))
+        if all(is_lazy(t) for t in parts):  # still in the checkpoint: the merged tensor names its parts
+            tensors.append(concat_lazy(f"{name}.input_{slot}", parts, axis))
+        else:
+            arrays = [numpy_helper.to_array(t) for t in parts]
+            tensors.append(numpy_helper.from_array(np.concatenate(arrays, axis=axis), f"{name}.input_{slot}"))
     graph.initializer.extend(tensors)
     attrs = _attrs(nodes[0])
     if "N" in attrs:

@@ -13,14 +13,16 @@ graph cannot receive the wrong layer's codes.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
-from safetensors.numpy import load_file
+from safetensors import safe_open
 
 from pipeline.errors import StageError
+from pipeline.graph.lazy import is_lazy, lazy_parts
 from pipeline.quant.plan import PACKED_FILE, PLAN_FILE
 
 MS_DOMAIN = "com.microsoft"
@@ -36,11 +38,13 @@ def module_of(node_name: str, op: str = "MatMul") -> str | None:
     return node_name[len("/model/"):-len(f"/{op}")].replace("/", ".")
 
 
-def apply_block_quantized_ops(graph_model: onnx.ModelProto, quant_dir: Path, weights: dict[str, np.ndarray],
-                       accuracy_level: int) -> int:
-    """Rewrite in place; `weights` maps module name -> dequantized float weight [N, K]. Returns ops swapped."""
+def apply_block_quantized_ops(graph_model: onnx.ModelProto, quant_dir: Path, weights: Mapping[str, np.ndarray],
+                              accuracy_level: int) -> int:
+    """Rewrite in place; `weights` maps checkpoint tensor name -> dequantized float weight ([N, K] for a
+    linear's). A graph weight still in the checkpoint (pipeline/graph/lazy.py) is checked by the tensor it
+    names, any other by value. Returns ops swapped."""
     plan = json.loads((quant_dir / PLAN_FILE).read_text())["layers"]
-    packed = load_file(str(quant_dir / PACKED_FILE))
+    packed = _PackedTensors(quant_dir / PACKED_FILE)
     graph = graph_model.graph
     inits = {t.name: t for t in graph.initializer}
     done: set[str] = set()
@@ -51,7 +55,7 @@ def apply_block_quantized_ops(graph_model: onnx.ModelProto, quant_dir: Path, wei
         spec, init = plan[name], inits.get(node.input[1])
         if init is None:
             raise StageError(f"export: MatMul of {name} has no weight initializer; cannot place MatMulNBits")
-        if not np.array_equal(numpy_helper.to_array(init), weights[name].T):
+        if not _holds(init, f"{name}.weight", True, weights):
             raise StageError(f"export: the graph's weight for {name} is not the quantized weight; refusing to swap it")
         prefix = f"{name}.qweight"
         tensors = {key: packed[f"{name}.{key}"] for key in ("B", "scales", "zero_points") if f"{name}.{key}" in packed}
@@ -88,12 +92,12 @@ def set_accuracy_level(graph_model: onnx.ModelProto, level: int, int8_level: int
                     attr.i = int8_level if bits == 8 and int8_level is not None else level
 
 
-def _swap_embedding(graph: onnx.GraphProto, spec: dict, packed: dict, inits: dict, weights: dict) -> None:
+def _swap_embedding(graph: onnx.GraphProto, spec: dict, packed: _PackedTensors, inits: dict, weights: Mapping) -> None:
     index, node = next(((i, n) for i, n in enumerate(graph.node)
                         if n.op_type == "Gather" and module_of(n.name, "Gather") == EMBEDDING), (None, None))
     if node is None or node.input[0] not in inits:
         raise StageError("export: no Gather over the embedding weight found; cannot place GatherBlockQuantized")
-    if not np.array_equal(numpy_helper.to_array(inits[node.input[0]]), weights[EMBEDDING]):
+    if not _holds(inits[node.input[0]], f"{EMBEDDING}.weight", False, weights):
         raise StageError("export: the graph's embedding is not the quantized embedding; refusing to swap it")
     rows = spec["N"]
     keys = [k for k in ("B", "scales", "zero_points") if f"{spec.get('shared_with') or EMBEDDING}.{k}" in packed]
@@ -118,6 +122,30 @@ def _swap_embedding(graph: onnx.GraphProto, spec: dict, packed: dict, inits: dic
                            gather_axis=0, quantize_axis=1, block_size=spec["group_size"], bits=spec["bits"])
     graph.node.remove(node)
     graph.node.insert(index, new)
+
+
+class _PackedTensors:
+    """The quantize stage's packed codes by name, each read when asked for (an 8B model's are 4 GB or more)."""
+
+    def __init__(self, path: Path):
+        self.file = safe_open(str(path), "np")
+        self.names = set(self.file.keys())
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.names
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.file.get_tensor(name)
+
+
+def _holds(init: onnx.TensorProto, param: str, transposed: bool, weights: Mapping[str, np.ndarray]) -> bool:
+    """Whether a graph initializer is checkpoint tensor `param` (transposed when so)."""
+    if param == "lm_head.weight" and param not in weights:  # a tied head is the embedding
+        param = f"{EMBEDDING}.weight"
+    if is_lazy(init):
+        return lazy_parts(init)[0] == [(param, transposed)]
+    array = weights[param]
+    return np.array_equal(numpy_helper.to_array(init), array.T if transposed else array)
 
 
 def drop_unused_initializers(graph: onnx.GraphProto) -> None:

@@ -6,7 +6,7 @@ graph of layer 2 of a three-layer trace is the graph of every layer past it:
 
     3-layer copy, distinct random weights ─► trace ─► global + layer 0 + layer 1 + layer 2 (template)
     layer 2's nodes, renamed for layers 3 .. N-1 ─► global head reads layer N-1 ─► every initializer
-    filled from the real model by the parameter (and transpose) it was found to be
+    a placeholder for the checkpoint tensor (and transpose) it was found to be
 
 Layer 0 and layer 1 stay as traced: layer 1 is where the template's inputs from a previous layer come
 from, and layer 0 holds what the tracer computed once and shared (rotary tables, masks). Weights are
@@ -25,6 +25,8 @@ import numpy as np
 import onnx
 import torch
 from onnx import numpy_helper
+
+from pipeline.graph.lazy import lazy_tensor
 
 TEMPLATE = 2  # the traced layer copied to layers 3 .. N-1
 TRACED_LAYERS = 3
@@ -53,11 +55,11 @@ def can_stamp(config) -> bool:
     return config.num_hidden_layers > TRACED_LAYERS and len(kinds) == 1
 
 
-def stamp_layers(traced: onnx.ModelProto, small: torch.nn.Module, model: torch.nn.Module,
+def stamp_layers(traced: onnx.ModelProto, small: torch.nn.Module, layers: int,
                  log: Callable[[str], None]) -> onnx.ModelProto | None:
-    """`traced` (the trace of `small`, see module docstring) grown to `model`'s depth with `model`'s weights,
-    in place; None when the trace does not have the shape this needs."""
-    layers = model.config.num_hidden_layers
+    """`traced` (the trace of `small`, see module docstring) grown to `layers` layers, in place, its weights
+    placeholders for the checkpoint's tensors (pipeline/graph/lazy.py); None when the trace does not have
+    the shape this needs."""
     graph = traced.graph
     sources = _match_initializers(graph, small)
     if sources is None:
@@ -69,9 +71,8 @@ def stamp_layers(traced: onnx.ModelProto, small: torch.nn.Module, model: torch.n
     produced = {o: k for k, nodes in by_layer.items() for n in nodes for o in n.output}
     # layer 1's tensors -> the template's tensors made by the same node (what layer i-1 made for layer i)
     counterpart = {a: b for n1, n2 in zip(by_layer[1], by_layer[TEMPLATE]) for a, b in zip(n1.output, n2.output)}
-    params = dict(model.named_parameters())
     clones: list[onnx.NodeProto] = []
-    new_inits: list[tuple[str, str, bool]] = []  # (initializer, parameter, transposed), filled once the graph is laid out
+    new_inits: list[onnx.TensorProto] = []
     for i in range(TRACED_LAYERS, layers):
         for node in by_layer[TEMPLATE]:
             clone = copy.deepcopy(node)
@@ -81,9 +82,10 @@ def stamp_layers(traced: onnx.ModelProto, small: torch.nn.Module, model: torch.n
             for k, name in enumerate(node.output):
                 clone.output[k] = _rename(name, i)
             clones.append(clone)
-        for name, (param, transpose) in sources.items():
-            if _layer_of(param) == TEMPLATE:
-                new_inits.append((_rename(name, i), _rename_param(param, i), transpose))
+        for t in graph.initializer:
+            if t.name in sources and _layer_of(sources[t.name][0]) == TEMPLATE:
+                param, transpose = sources[t.name]
+                new_inits.append(lazy_tensor(_rename(t.name, i), [(_rename_param(param, i), transpose)], list(t.dims)))
     last = layers - 1
     for node in graph.node:  # what read the template's output (the final norm) reads the last layer's now
         if _LAYER.search(node.name) is None:
@@ -96,10 +98,8 @@ def stamp_layers(traced: onnx.ModelProto, small: torch.nn.Module, model: torch.n
     graph.node.extend(nodes[:position] + clones + nodes[position:])
     for t in graph.initializer:  # the traced copy's weights become the model's
         if t.name in sources:
-            param, transpose = sources[t.name]
-            t.CopyFrom(_tensor(params, param, transpose, t.name))
-    for name, param, transpose in new_inits:  # one weight at a time, straight into the graph
-        graph.initializer.add().CopyFrom(_tensor(params, param, transpose, name))
+            t.CopyFrom(lazy_tensor(t.name, [sources[t.name]], list(t.dims)))
+    graph.initializer.extend(new_inits)
     _grow_io(graph, layers)
     del graph.value_info[:]  # shapes of the copy's intermediate tensors; ONNX Runtime infers its own
     log(f"  layer stamping: traced {TRACED_LAYERS} layers, layers {TRACED_LAYERS}..{last} copied from layer {TEMPLATE} "
@@ -150,11 +150,6 @@ def _match_initializers(graph: onnx.GraphProto, small: torch.nn.Module) -> dict[
             continue
         found[t.name] = hit
     return found
-
-
-def _tensor(params: dict, param: str, transpose: bool, name: str) -> onnx.TensorProto:
-    array = params[param].detach().float().numpy()
-    return numpy_helper.from_array(np.ascontiguousarray(array.T if transpose else array), name)
 
 
 def _input_for(name: str, i: int, produced: dict, counterpart: dict, sources: dict) -> str:

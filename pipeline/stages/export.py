@@ -20,6 +20,7 @@ from calibration import DataError
 from calibration.batches import calibration_batches
 from pipeline.archs import arch_for, model_dims
 from pipeline.artifacts import save_onnx, sha256_file
+from pipeline.checkpoint import FloatWeights
 from pipeline.configs import ExportConfig
 from pipeline.errors import StageError
 from pipeline.formats.compressed_tensors import HF_QUANTIZED_FOLDER, write_compressed_tensors
@@ -28,6 +29,7 @@ from pipeline.formats.gguf import GGUF_FILE, GGUF_FOLDER, write_gguf
 from pipeline.graph.fused import build_fused_graph, float_cache_graph, to_float16
 from pipeline.models import TOKENIZER_FILES, load_torch_model
 from pipeline.graph.float_zero import lower_float_zero_points
+from pipeline.graph.lazy import save_streamed
 from pipeline.graph.pack import pack_sibling_matmuls
 from pipeline.graph.stamp import TRACED_LAYERS, can_stamp, stamp_layers, three_layer_copy
 from pipeline.graph.quant_ops import apply_block_quantized_ops, set_accuracy_level
@@ -36,6 +38,7 @@ from pipeline.quant.plan import PLAN_FILE, decoder_linears
 from pipeline.quant.kv_int8 import RoundingCache, kv_scales
 from pipeline.registry import StageResult, register_stage
 from pipeline.resources import release_memory
+from pipeline.streamed import load_streamed_model
 from runtime.generate import Generator
 from runtime.io_spec import Contract
 
@@ -80,8 +83,13 @@ class KVCacheWrapper(torch.nn.Module):
 
 @register_stage("export", ExportConfig, consumes="hf-model", produces="onnx")
 def export(cfg: ExportConfig, inp, ctx) -> StageResult:
-    model = load_torch_model(inp.path)
-    arch = arch_for(model.config)
+    # the graphs' weights stay in the checkpoint until each graph is saved (pipeline/graph/lazy.py); the PyTorch
+    # reference the parity checks compare with holds one decoder layer at a time (pipeline/streamed.py)
+    from transformers import AutoConfig
+
+    arch = arch_for(AutoConfig.from_pretrained(inp.path))  # an unsupported family is named before any loading
+    weights = FloatWeights(inp.path)
+    model = load_streamed_model(inp.path)
     dims = model_dims(model.config)
     plan = json.loads((inp.path / PLAN_FILE).read_text()) if (inp.path / PLAN_FILE).exists() else {}
     activations = plan.get("activations")
@@ -95,17 +103,15 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
     if "gguf" in cfg.targets:
         targets["gguf"] = _export_gguf(inp.path, out, ctx)
     ctx.log(f"  tracing {model.config.model_type} ({dims.num_layers} layers) to ONNX opset {cfg.opset}")
-    graph = _trace(model, contract, out, cfg.opset, ctx.log)
+    graph = _trace(model, inp.path, contract, out, cfg.opset, ctx.log)
     swapped = lowered = 0
     if plan.get("layers"):
-        weights = {name: module.weight.detach().numpy() for name, module in model.named_modules()
-                   if isinstance(module, (torch.nn.Linear, torch.nn.Embedding))}
         swapped = apply_block_quantized_ops(graph, inp.path, weights, accuracy_level=0)
         ctx.log(f"  {swapped} ops replaced by MatMulNBits / GatherBlockQuantized")
         if lowered := lower_float_zero_points(graph):
             ctx.log(f"  {lowered} MatMulNBits with float zero points: integer zero points plus a correction matmul each")
-    save_onnx(graph, path, cfg.external_data)
-    del graph  # saved: each phase below starts from the model alone
+    save_streamed(graph, path, weights, cfg.external_data)
+    del graph  # saved: each phase below starts from the checkpoint alone
     release_memory()
     for name in COPIED_FILES:
         if (inp.path / name).exists():
@@ -133,7 +139,7 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
             scales = kv_scales(model, batches)
         ctx.log(f"  building the fused graph (GroupQueryAttention, SkipSimplifiedLayerNormalization; {cfg.dtype}, "
                 f"KV cache {fused.kv_dtype})")
-        graph = build_fused_graph(model, fused, cfg.opset, scales)
+        graph = build_fused_graph(model, weights, fused, cfg.opset, scales)
         if plan.get("layers"):
             apply_block_quantized_ops(graph, inp.path, weights, accuracy_level=0)
         if not activations:  # the per-token rewrite finds each linear's own MatMul; it shares their inputs' rounding
@@ -142,7 +148,7 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
         if cfg.dtype == "float16":
             ctx.log(f"  {to_float16(graph)} float tensors converted to float16")
         graphs["fused"] = out / "fused" / fused.model_file
-        save_onnx(graph, graphs["fused"], cfg.external_data)
+        save_streamed(graph, graphs["fused"], weights, cfg.external_data)
         del graph
         release_memory()
         if scales is not None:
@@ -170,10 +176,10 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
     if swapped and (level or cfg.int8_accuracy_level):  # parity was checked with float compute
         ctx.log(f"  MatMulNBits accuracy_level {level}"
                 + (f", {cfg.int8_accuracy_level} for 8-bit layers" if cfg.int8_accuracy_level is not None else ""))
-        for graph_path in graphs.values():
-            graph = onnx.load(str(graph_path))  # saving with external data emptied the in-memory tensors
+        for graph_path in graphs.values():  # attributes only: the weights stay where they are
+            graph = onnx.load(str(graph_path), load_external_data=False)
             set_accuracy_level(graph, level, cfg.int8_accuracy_level)
-            _replace_graph(graph, graph_path, cfg.external_data)
+            onnx.save(graph, str(graph_path))
     if activations:  # checked in float above; activation rounding is the validate stage's business
         ctx.log(f"  W8A8 {activations}: quantizing weights and activations in the graph")
         modules, scales, rotations = _w8a8_modules(plan, model), plan.get("input_scales"), plan.get("rotations") or {}
@@ -280,19 +286,25 @@ def _w8a8_modules(plan: dict, model) -> list[str]:
     return plan["w8a8_modules"] if "w8a8_modules" in plan else decoder_linears(model)
 
 
-def _trace(model, contract: Contract, out: Path, opset: int, log) -> onnx.ModelProto:
+def _trace(model, folder: Path, contract: Contract, out: Path, opset: int, log) -> onnx.ModelProto:
     """The portable graph. A model deeper than three layers is traced as a three-layer copy whose last layer
-    is stamped out to the model's depth (pipeline/graph/stamp.py): TorchScript holds several copies of
-    what it traces, so it never sees the whole model. The parity check below compares the result with
+    is stamped out to the model's depth (pipeline/graph/stamp.py), its weights left in the checkpoint:
+    TorchScript holds several copies of what it traces, so it never sees the whole model. A model that
+    cannot be stamped is loaded whole and traced. The parity check below compares the result with
     PyTorch either way."""
     if can_stamp(model.config):
         small = three_layer_copy(model)
         traced = _trace_file(small, dataclasses.replace(contract, num_layers=TRACED_LAYERS), out, opset)
-        stamped = stamp_layers(traced, small, model, log)
+        stamped = stamp_layers(traced, small, model.config.num_hidden_layers, log)
         if stamped is not None:
             return stamped
         del traced, small
-    return _trace_file(model, contract, out, opset)
+    whole = load_torch_model(folder)
+    try:
+        return _trace_file(whole, contract, out, opset)
+    finally:
+        del whole
+        release_memory()
 
 
 def _trace_file(model, contract: Contract, out: Path, opset: int) -> onnx.ModelProto:

@@ -8,6 +8,7 @@
 The baseline is the unoptimized model (accuracy); the export's source is the model the graph was
 traced from (parity). They differ when a quantize stage stands between them; then the source is
 loaded only after the baseline's work is done and the baseline freed, so one model is in memory.
+A model whose float32 weights pass `pipeline.streamed.WHOLE_MODEL_LIMIT` is streamed layer by layer.
 
 Every gate in `thresholds` is checked; all failures are reported together, the artifact (with
 report.json and report.md) is kept either way, and a failure makes the run exit non-zero.
@@ -26,11 +27,12 @@ from calibration import DataError, load_text, text_fingerprint, windows
 from pipeline.stages.validate.chat import chat_checks
 from pipeline.configs import VALIDATE_METRICS, ValidateConfig
 from pipeline.errors import StageError
-from pipeline.models import load_torch_model, torch_greedy
+from pipeline.models import torch_greedy
 from pipeline.quant.primitives import QuantScheme, count_schemes
 from pipeline.registry import StageResult, register_stage
 from pipeline.resources import release_memory
 from pipeline.stages.validate.report import write_reports
+from pipeline.streamed import load_reference_model
 from pipeline.stages.validate.targets import ScoredWindow, agreement, scored_window, validate_targets
 from runtime.generate import Generator
 
@@ -38,7 +40,9 @@ from runtime.generate import Generator
 @register_stage("validate", ValidateConfig, consumes="onnx", produces="report")
 def validate(cfg: ValidateConfig, inp, ctx) -> StageResult:
     started = time.time()
-    torch_model = load_torch_model(ctx.baseline.path)
+    torch_model = load_reference_model(ctx.baseline.path)
+    reference = "streamed layer by layer" if hasattr(torch_model, "streamed_layers") else "whole model"
+    ctx.log(f"  PyTorch baseline in float32: {reference}")
     source = next(a for a in reversed(ctx.history) if a.kind == "hf-model")
     gen = Generator(inp.path, provider=cfg.provider)
     ctx.log(f"  runner provider: {gen.provider}, {gen.flavour} graph; {gen.describe_settings()}")
@@ -50,7 +54,7 @@ def validate(cfg: ValidateConfig, inp, ctx) -> StageResult:
     if source.path != ctx.baseline.path:  # one PyTorch model in memory at a time: the baseline's work is done
         del torch_model
         release_memory()
-        torch_model = load_torch_model(source.path)
+        torch_model = load_reference_model(source.path)
     metrics["decode_logits_max_abs_diff"] = _decode_diff(torch_model, gen, prompts[0] + greedy["onnx"][0])
     del torch_model
     targets = validate_targets(inp.path, scored_windows, prompts, greedy, cfg.max_new_tokens, gen.eos_ids, metrics,
@@ -58,13 +62,13 @@ def validate(cfg: ValidateConfig, inp, ctx) -> StageResult:
     failures = gate(metrics, cfg.thresholds)
     report = {
         "artifact": str(inp.path), "baseline": str(ctx.baseline.path), "export_source": str(source.path),
-        "provider": gen.provider, "graph": gen.flavour,
+        "provider": gen.provider, "graph": gen.flavour, "torch_reference": reference,
         "metrics": metrics, "thresholds": cfg.thresholds, "failures": failures, "passed": not failures,
         "protocol": protocol, "samples": samples, "chat": chat, "targets": targets, "seconds": round(time.time() - started, 1),
         "quantization": _quantization_summary(ctx.history),
     }
     write_reports(ctx.out_dir, report)
-    return StageResult(metrics=metrics, info={"protocol": protocol, "provider": gen.provider},
+    return StageResult(metrics=metrics, info={"protocol": protocol, "provider": gen.provider, "torch_reference": reference},
                        passed=not failures, failures=failures)
 
 

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from pipeline.archs import model_dims
+from pipeline.checkpoint import ModelWeights
 from pipeline.graph.fused import build_fused_graph, float_cache_graph, to_float16
+from pipeline.graph.lazy import materialize
 from pipeline.graph.pack import pack_sibling_matmuls
 from pipeline.quant.kv_int8 import RoundingCache, kv_scales
 from runtime.io_spec import Contract
@@ -28,7 +30,7 @@ def _session(model, pack: bool = False, dtype: str = "float32", scales: list | N
     d = model_dims(model.config)
     contract = Contract("fused", d.num_layers, d.num_kv_heads, d.head_dim, d.vocab_size, max_positions=64, dtype=dtype,
                         kv_cache="int8" if scales else "float")
-    graph = build_fused_graph(model, contract, 17, scales)
+    graph = build_fused_graph(model, ModelWeights(model), contract, 17, scales)
     if pack:
         matmuls = sum(n.op_type == "MatMul" for n in graph.graph.node)
         groups = pack_sibling_matmuls(graph)
@@ -36,6 +38,7 @@ def _session(model, pack: bool = False, dtype: str = "float32", scales: list | N
         assert sum(n.op_type == "MatMul" for n in graph.graph.node) == matmuls - 3 * d.num_layers
     if dtype == "float16":
         assert to_float16(graph) > 0
+    materialize(graph, ModelWeights(model))
     return ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"]), contract
 
 
@@ -109,12 +112,13 @@ def test_the_float_twin_of_an_int8_graph_runs_prompts_whose_codes_decode_like_py
         scales = kv_scales(model, [torch.randint(0, 120, (2, 32), generator=torch.Generator().manual_seed(1))])
     d = model_dims(model.config)
     int8 = Contract("fused", d.num_layers, d.num_kv_heads, d.head_dim, d.vocab_size, max_positions=64, kv_cache="int8")
-    int8_graph = build_fused_graph(model, int8, 17, scales)
+    int8_graph = build_fused_graph(model, ModelWeights(model), int8, 17, scales)
     twin = float_cache_graph(int8_graph)
     assert not [a for n in twin.graph.node for a in n.attribute if a.name == "kv_cache_bit_width"]
     assert not [t for t in twin.graph.initializer if t.name.endswith("_scale")]
     float_session, contract = _session(model)
-    twin_session = ort.InferenceSession(twin.SerializeToString(), providers=["CPUExecutionProvider"])
+    twin_session = ort.InferenceSession(materialize(twin, ModelWeights(model)).SerializeToString(),
+                                        providers=["CPUExecutionProvider"])
     n, capacity = 9, 16
     ids = np.random.default_rng(2).integers(0, 120, (1, n))
     feeds = {"input_ids": ids, "seqlens_k": np.array([n - 1], np.int32), "total_sequence_length": np.array(n, np.int32),
@@ -128,7 +132,8 @@ def test_the_float_twin_of_an_int8_graph_runs_prompts_whose_codes_decode_like_py
     per_name = [s for pair in scales for s in pair]  # layer 0 key, value, layer 1 key, …
     for code, present, scale in zip(codes, got[1:], per_name):
         code[:, :, :n] = quantize(present, scale)
-    int8_session = ort.InferenceSession(int8_graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    int8_session = ort.InferenceSession(materialize(int8_graph, ModelWeights(model)).SerializeToString(),
+                                        providers=["CPUExecutionProvider"])
     step, *_ = int8_session.run(None, {
         "input_ids": np.array([[7]]), "seqlens_k": np.array([n], np.int32), "total_sequence_length": np.array(capacity, np.int32),
         "logits_positions": np.zeros((1, 1), np.int64), **dict(zip(contract.past_names(), codes))})
@@ -144,8 +149,8 @@ def test_ir_version_is_the_lowest_the_opset_allows():
     """onnxruntime-gpu 1.31 refuses IR 14 (what onnx 1.23 writes by default): the graph must not ask for it."""
     d = model_dims((model := _tiny("llama")).config)
     contract = Contract("fused", d.num_layers, d.num_kv_heads, d.head_dim, d.vocab_size, max_positions=64)
-    assert build_fused_graph(model, contract, 17).ir_version == 8
-    assert build_fused_graph(model, contract, 21).ir_version == 10
+    assert build_fused_graph(model, ModelWeights(model), contract, 17).ir_version == 8
+    assert build_fused_graph(model, ModelWeights(model), contract, 21).ir_version == 10
 
 
 def test_unsupported_activation_is_refused():

@@ -6,7 +6,10 @@ import pytest
 
 from conftest import make_checkpoint
 from pipeline.archs import model_dims
+from pipeline.checkpoint import FloatWeights
+from pipeline.graph.lazy import is_lazy, materialize
 from pipeline.models import load_torch_model
+from pipeline.streamed import load_streamed_model
 from pipeline.stages import export as export_stage
 from runtime.io_spec import Contract
 
@@ -31,11 +34,14 @@ def run_graph(graph, contract: Contract, seed: int = 0) -> list[np.ndarray]:
 
 @pytest.mark.parametrize("family,layers", [("llama", 4), ("llama", 7), ("qwen2", 5), ("qwen3", 5), ("mistral", 6)])
 def test_stamped_graph_equals_the_whole_trace(tmp_path, family, layers):
-    model = load_torch_model(make_checkpoint(tmp_path / "m", family, layers=layers))
+    folder = make_checkpoint(tmp_path / "m", family, layers=layers)
+    model = load_torch_model(folder)
     contract = portable_contract(model)
     said: list[str] = []
-    stamped = export_stage._trace(model, contract, tmp_path, 17, said.append)
+    stamped = export_stage._trace(load_streamed_model(folder), folder, contract, tmp_path, 17, said.append)
     assert any("layer stamping: traced 3 layers" in s for s in said), said  # it did not fall back
+    assert all(is_lazy(t) for t in stamped.graph.initializer if t.name.startswith("model.layers."))  # no weight copied
+    materialize(stamped, FloatWeights(folder))
     whole = export_stage._trace_file(model, contract, tmp_path, 17)
     for a, b in zip(run_graph(stamped, contract), run_graph(whole, contract)):
         np.testing.assert_array_equal(a, b)
@@ -46,7 +52,8 @@ def test_layers_that_differ_fall_back_to_the_whole_trace(tmp_path, monkeypatch):
     """When layer 1's graph is not layer 2's (here: made so by renaming one op), nothing is stamped."""
     import pipeline.graph.stamp as stamp
 
-    model = load_torch_model(make_checkpoint(tmp_path / "m", "llama", layers=5))
+    folder = make_checkpoint(tmp_path / "m", "llama", layers=5)
+    model = load_streamed_model(folder)
     real = stamp._signature
 
     def differing(nodes, layer, *a):
@@ -55,7 +62,7 @@ def test_layers_that_differ_fall_back_to_the_whole_trace(tmp_path, monkeypatch):
 
     monkeypatch.setattr(stamp, "_signature", differing)
     said: list[str] = []
-    graph = export_stage._trace(model, portable_contract(model), tmp_path, 17, said.append)
+    graph = export_stage._trace(model, folder, portable_contract(model), tmp_path, 17, said.append)
     assert any("graphs differ; tracing the whole model" in s for s in said)
     assert len([t for t in graph.graph.input if t.name.startswith("past_key_values.")]) == 10
 
@@ -63,10 +70,11 @@ def test_layers_that_differ_fall_back_to_the_whole_trace(tmp_path, monkeypatch):
 def test_a_weight_the_trace_transformed_otherwise_falls_back(tmp_path, monkeypatch):
     import pipeline.graph.stamp as stamp
 
-    model = load_torch_model(make_checkpoint(tmp_path / "m", "llama", layers=4))
+    folder = make_checkpoint(tmp_path / "m", "llama", layers=4)
+    model = load_streamed_model(folder)
     monkeypatch.setattr(stamp, "_match_initializers", lambda graph, small: None)
     said: list[str] = []
-    export_stage._trace(model, portable_contract(model), tmp_path, 17, said.append)
+    export_stage._trace(model, folder, portable_contract(model), tmp_path, 17, said.append)
     assert any("neither a parameter nor its transpose" in s for s in said)
 
 
