@@ -45,7 +45,7 @@ class CheckpointReader:
     as this process's resident memory once touched, so streaming a model through a map would end
     with the whole checkpoint in its RSS."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, extra: tuple[str, ...] = ()):
         folder = Path(folder)
         if (folder / INDEX).is_file():
             files = sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values()))
@@ -53,6 +53,7 @@ class CheckpointReader:
             files = [SINGLE]
         else:
             raise FileNotFoundError(f"{folder}: no {SINGLE} or {INDEX}")
+        files += [name for name in extra if (folder / name).is_file()]
         self.folder = folder
         self.entries: dict[str, tuple[str, int, dict]] = {}  # name -> (file, data start, header entry)
         for name in files:
@@ -133,10 +134,13 @@ class SafetensorsWriter:
 
 
 class FloatWeights:
-    """A checkpoint's tensors as float32 numpy arrays, each read when asked for (the graph builders' weights)."""
+    """A checkpoint's tensors as numpy arrays, each read when asked for (the graph builders' weights): float
+    weights in float32, the quantize stage's packed codes and scales (read beside the weights) as stored."""
 
     def __init__(self, folder: Path):
-        self.reader = CheckpointReader(folder)
+        from pipeline.quant.plan import PACKED_FILE
+
+        self.reader = CheckpointReader(folder, extra=(PACKED_FILE,))
 
     def __contains__(self, name: str) -> bool:
         return name in self.reader
@@ -145,10 +149,15 @@ class FloatWeights:
         return iter(self.reader)
 
     def __getitem__(self, name: str) -> np.ndarray:
-        return self.reader[name].to(torch.float32).numpy()
+        tensor = self.reader[name]
+        return tensor.to(torch.float32).numpy() if tensor.dtype == torch.bfloat16 else tensor.numpy()
 
     def shape(self, name: str) -> list[int]:
         return list(self.reader.entries[name][2]["shape"])
+
+    def dtype(self, name: str) -> np.dtype:
+        dtype = self.reader.entries[name][2]["dtype"]
+        return np.dtype(np.float32) if dtype == "BF16" else next(k for k, v in _DTYPES.items() if v == dtype)
 
 
 class ModelWeights(dict):

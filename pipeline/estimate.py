@@ -5,11 +5,14 @@ The figures are a model of where memory goes, fitted to what the step loop recor
 (pipeline/resources.py) on the scale ladder (benchmarks/checks/scale.py, which prints both):
 
     base            Python, torch, onnxruntime and the tokenizer, before any weights
-    model           the source in memory (its dtype; a GGUF dequantized to float32) and its serialization
+    model           a local safetensors checkpoint: linked or converted tensor by tensor (the largest
+                    tensor); any other source in memory (its dtype; a GGUF dequantized to float32)
     quantize rtn    tensor by tensor: a few copies of the largest tensor
     quantize        the float32 model, the calibration activations of one layer, the Hessians, the refit
-    export          the float32 model, the graph built from it (one copy of the weights), the save
-    validate        the float32 model(s) one at a time, the runner's graph, a window's logits
+    export          the streamed reference (embeddings and head in float32, one layer at a time) and the
+                    runner's session of the graph (the graph itself is written from the checkpoint)
+    validate        the float32 reference (whole up to pipeline.streamed.WHOLE_MODEL_LIMIT, else
+                    streamed), the runner's session of the graph, a window's logits
 
 A step whose estimate is beyond this machine's memory stops the run before anything is built, with
 one line naming the knob that would help; one beyond the memory available now is a warning.
@@ -20,6 +23,8 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+
+from pipeline.streamed import WHOLE_MODEL_LIMIT
 
 GB = 1e9
 BASE = 0.55 * GB
@@ -34,6 +39,8 @@ class ModelShape:
     intermediate: int
     vocab: int
     layers: int
+    tied: bool = True  # the LM head is the embedding
+    linked: bool = False  # the model step links or converts the checkpoint tensor by tensor
 
     @property
     def float32_bytes(self) -> int:
@@ -62,7 +69,9 @@ def model_shape(source_kind: str, location: str, dtype: str) -> ModelShape | Non
         params = _parameters(Path(location)) or _parameters_from_config(text, hidden, inter, vocab, layers)
         own = str(config.get("dtype") or config.get("torch_dtype") or "float32")
         stored = {"float32": 4, "bfloat16": 2, "float16": 2}.get(own if dtype == "auto" else dtype, 4)
-        return ModelShape(params, params * stored, hidden, inter, vocab, layers)
+        names = _tensor_names(Path(location))
+        tied = "lm_head.weight" not in names if names else bool(text.get("tie_word_embeddings", False))
+        return ModelShape(params, params * stored, hidden, inter, vocab, layers, tied, _linked(Path(location)))
     if source_kind == "gguf":
         return _gguf_shape(Path(location))
     return None
@@ -73,7 +82,11 @@ def estimate(shape: ModelShape, stages: list[tuple[str, object]]) -> list[StepEs
     f32 = shape.float32_bytes
     largest = max(shape.vocab * shape.hidden, shape.hidden * shape.intermediate) * FLOAT32
     logits = 512 * shape.vocab * FLOAT32 * 6  # a window's logits, log-probs and their float64 copies
-    out = [StepEstimate("model", BASE + shape.stored_bytes, "model.dtype: bfloat16 (stores half of float32)")]
+    embeddings = shape.vocab * shape.hidden * FLOAT32 * (1 if shape.tied else 2)
+    streamed = embeddings + 2 * (f32 - embeddings) / shape.layers  # the reference holding one layer at a time
+    reference = f32 if f32 <= WHOLE_MODEL_LIMIT else streamed
+    stored = 2 * largest * shape.stored_bytes / f32 if shape.linked else shape.stored_bytes
+    out = [StepEstimate("model", BASE + stored, "model.dtype: bfloat16 (stores half of float32)")]
     graph_bytes = f32
     for name, cfg in stages:
         if name == "quantize":
@@ -90,11 +103,12 @@ def estimate(shape: ModelShape, stages: list[tuple[str, object]]) -> list[StepEs
                                         "quantize.calibration.num_samples (activations), or method: rtn (streams)"))
             graph_bytes = f32 * (bits / 32 + 1 / 16) if method != "w8a8" else f32 / 4
         elif name == "export":
-            out.append(StepEstimate("export", BASE + 2.8 * f32, "a machine with more memory: export holds the float32 "
-                                    "model and one copy of its graph"))
+            out.append(StepEstimate("export", BASE + streamed + 1.25 * graph_bytes,
+                                    "a machine with more memory: export runs the graph in ONNX Runtime"))
         elif name == "validate":
-            out.append(StepEstimate("validate", BASE + 1.25 * f32 + 1.2 * graph_bytes + logits + 0.3 * GB,
-                                    "a machine with more memory: validate holds the float32 model and the runner's graph"))
+            out.append(StepEstimate("validate", BASE + reference + 1.2 * graph_bytes + logits + 0.3 * GB,
+                                    "validate.max_windows, or a machine with more memory: validate runs the graph "
+                                    "in ONNX Runtime"))
         elif name == "distill":
             out.append(StepEstimate("distill", BASE + 4 * f32, "distill.num_layers or param_budget_m (a smaller student)"))
     return out
@@ -107,6 +121,18 @@ def memory_bytes() -> tuple[int, int]:
         return int(info["MemTotal"].split()[0]) * 1024, int(info["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
         return 0, 0
+
+
+def _tensor_names(folder: Path) -> set[str]:
+    from pipeline.checkpoint import read_header
+
+    return {name for f in sorted(folder.glob("*.safetensors")) for name in read_header(f)[1]}
+
+
+def _linked(folder: Path) -> bool:
+    from pipeline.models import streamable
+
+    return streamable(folder)
 
 
 def _parameters(folder: Path) -> int | None:
@@ -144,4 +170,5 @@ def _gguf_shape(path: Path) -> ModelShape | None:
     vocab = int(max(embed.shape)) if embed is not None else None
     if not (hidden and layers and vocab):
         return None
-    return ModelShape(params, params * FLOAT32, hidden, inter or 4 * hidden, vocab, layers)
+    tied = not any(t.name == "output.weight" for t in reader.tensors)
+    return ModelShape(params, params * FLOAT32, hidden, inter or 4 * hidden, vocab, layers, tied)

@@ -8,6 +8,7 @@ end-of-turn tokens a chat model really stops on) and `tokenizer.json` for the ru
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -36,6 +37,8 @@ def source_identity(source: ModelSource, checksums: ChecksumCache) -> dict:
 
 
 def import_model(cfg: ModelConfig, source: ModelSource, out: Path, log: Callable[[str], None]) -> StageResult:
+    if source.kind == "dir" and streamable(Path(source.location), cfg.trust_remote_code):
+        return _import_checkpoint(cfg, source, out, log)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # "auto" keeps what the checkpoint holds (its config's dtype, else its first float weight's); GGUF dequantizes to float32
@@ -66,11 +69,106 @@ def import_model(cfg: ModelConfig, source: ModelSource, out: Path, log: Callable
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-    eos_ids, fixes = _end_tokens(cfg, model, tokenizer)
+    eos_ids, fixes = _end_tokens(cfg, model.generation_config, model.config, tokenizer)
     model.generation_config.eos_token_id = eos_ids
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = eos_ids[0]
     model.save_pretrained(out, safe_serialization=True)
+    fixes += _save_tokenizer(tokenizer, out)
+    params = sum(p.numel() for p in model.parameters())
+    stored = str(model.dtype).removeprefix("torch.")
+    return _imported(cfg, source, model.config.model_type, params, stored, fixes, eos_ids, log)
+
+
+def streamable(folder: Path, trust_remote_code: bool = False) -> bool:
+    """Whether a local checkpoint folder can be imported tensor by tensor: safetensors whose names are the
+    ones its transformers class holds (else transformers loads it whole and renames what it must)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pipeline.checkpoint import CheckpointReader
+
+    try:
+        reader = CheckpointReader(folder)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError):
+        return False
+    expected = set(model.state_dict())
+    if getattr(config, "tie_word_embeddings", False):
+        expected.discard("lm_head.weight")
+    return expected <= set(reader) <= expected | {"lm_head.weight"}
+
+
+def _import_checkpoint(cfg: ModelConfig, source: ModelSource, out: Path, log: Callable[[str], None]) -> StageResult:
+    """A local safetensors checkpoint, shard by shard: a shard whose dtype stays is hard-linked (no second copy on
+    disk, and an edit to the source fails the artifact's checksums), one that changes dtype is rewritten one tensor
+    at a time. Memory: one tensor, whatever the model's size."""
+    import os
+    import shutil
+
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    from pipeline.checkpoint import INDEX, CheckpointReader, SafetensorsWriter
+
+    folder = Path(source.location)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
+    if not tokenizer.is_fast:
+        raise StageError(f"model {source.location}: no fast tokenizer (tokenizer.json); the runner needs one")
+    try:
+        generation = GenerationConfig.from_pretrained(folder)
+    except OSError:
+        generation = GenerationConfig.from_model_config(config)
+    reader = CheckpointReader(folder)
+    target = None if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+    stored: set[torch.dtype] = set()
+    params = 0
+    for shard in sorted({file for file, _, _ in reader.entries.values()}):
+        names = [n for n, (file, _, _) in reader.entries.items() if file == shard]
+        dtypes = {_dtype_of(reader.entries[n][2]["dtype"]) for n in names}
+        params += sum(math.prod(reader.entries[n][2]["shape"]) for n in names)
+        if target is None or dtypes <= {target} | _NOT_FLOAT:
+            stored |= dtypes
+            try:
+                os.link(folder / shard, out / shard)
+            except OSError:  # another file system
+                shutil.copy2(folder / shard, out / shard)
+            continue
+        with SafetensorsWriter(out / shard) as writer:
+            for name in names:
+                tensor = reader[name]
+                writer.add(name, tensor.to(target) if tensor.is_floating_point() else tensor)
+        stored.add(target)
+    if (folder / INDEX).is_file():
+        shutil.copy2(folder / INDEX, out / INDEX)
+    floats = sorted(str(d).removeprefix("torch.") for d in stored - _NOT_FLOAT)
+    dtype = floats[0] if len(floats) == 1 else "float32"
+    config.torch_dtype = getattr(torch, dtype)
+    config.save_pretrained(out)
+    eos_ids, fixes = _end_tokens(cfg, generation, config, tokenizer)
+    generation.eos_token_id = eos_ids
+    if generation.pad_token_id is None:
+        generation.pad_token_id = eos_ids[0]
+    generation.save_pretrained(out)
+    fixes += _save_tokenizer(tokenizer, out)
+    if len(floats) > 1:
+        log(f"  weights keep their own dtypes: {', '.join(floats)}")
+    return _imported(cfg, source, config.model_type, params, dtype, fixes, eos_ids, log)
+
+
+_NOT_FLOAT = {torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool}
+
+
+def _dtype_of(name: str) -> torch.dtype:
+    from pipeline.checkpoint import _TORCH_DTYPES
+
+    return _TORCH_DTYPES[name]
+
+
+def _save_tokenizer(tokenizer, out: Path) -> list[str]:
+    fixes = []
     tokenizer.save_pretrained(out)
     if (out / "tokenizer.model").exists():
         (out / "tokenizer.model").unlink()  # the GGUF loader copies the whole GGUF here; tokenizer.json suffices
@@ -78,13 +176,16 @@ def import_model(cfg: ModelConfig, source: ModelSource, out: Path, log: Callable
     if fix_byte_level_bpe(out / "tokenizer.json"):
         fixes.append("tokenizer.json: byte-level BPE without SentencePiece's byte fallback (as the GGUF's gpt2 "
                      "tokenizer is); the same ids, and onnxruntime-genai's tokenizer reads it")
+    return fixes
+
+
+def _imported(cfg: ModelConfig, source: ModelSource, model_type: str, params: int, stored: str, fixes: list[str],
+              eos_ids: list[int], log: Callable[[str], None]) -> StageResult:
     for fix in fixes:
         log(f"  fixed: {fix}")
-    params = sum(p.numel() for p in model.parameters())
-    stored = str(model.dtype).removeprefix("torch.")
     log(f"  weights stored as {stored}" + (" (the checkpoint's own)" if cfg.dtype == "auto" and source.kind != "gguf" else ""))
     return StageResult(
-        metrics={"parameters": params, "model_type": model.config.model_type, "dtype": stored},
+        metrics={"parameters": params, "model_type": model_type, "dtype": stored},
         info={"source": {"kind": source.kind, "location": source.location}, "fixes": fixes,
               "eos_token_ids": eos_ids},
     )
@@ -109,12 +210,12 @@ def fix_byte_level_bpe(path: Path) -> bool:
     return True
 
 
-def _end_tokens(cfg: ModelConfig, model, tokenizer) -> tuple[list[int], list[str]]:
+def _end_tokens(cfg: ModelConfig, generation, config, tokenizer) -> tuple[list[int], list[str]]:
     """The ids generation stops on: configured ones, the model's, and the chat template's end-of-turn."""
     fixes: list[str] = []
     vocab = tokenizer.get_vocab()
     ids: list[int] = []
-    configured = model.generation_config.eos_token_id or model.config.eos_token_id
+    configured = generation.eos_token_id or config.eos_token_id
     ids += configured if isinstance(configured, list) else ([configured] if configured is not None else [])
     template = tokenizer.chat_template or ""
     turn_ends = [t for t in END_OF_TURN if t in template and t in vocab]

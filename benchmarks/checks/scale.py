@@ -207,6 +207,10 @@ def main() -> int:
     parser.add_argument("--timeout", type=int, default=4 * 3600, help="seconds per recipe run")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scale" / "scale.json")
     parser.add_argument("--markdown", type=Path, help="print the README table of this scale.json and exit")
+    parser.add_argument("--merge", action="store_true", help="keep --out's rows of other rungs and recipes (each row "
+                        "names the commit and command that measured it)")
+    parser.add_argument("--drop-runs", action="store_true", help="delete each run's folder once measured (disk: an 8B "
+                        "run writes about 60 GB)")
     args = parser.parse_args()
     if args.markdown:
         print(markdown(json.loads(args.markdown.read_text())))
@@ -227,9 +231,16 @@ def main() -> int:
             recipe, extra = RECIPES[name]
             row = {"rung": rung, "name": name, **run_recipe(recipe, source, f"{rung}-{name}", args.workdir, extra, args.timeout)}
             row["checkpoint_gb"] = round(sum(f.stat().st_size for f in source.glob("*.safetensors")) / 1e9, 3)
+            run_envelope = envelope()
+            row.update(commit=run_envelope["commit"], command=run_envelope["command"], date=run_envelope["date"])
             rows.append(row)
+            if args.drop_runs:
+                shutil.rmtree(args.workdir / f"{rung}-{name}", ignore_errors=True)
             print_table([row])
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.merge and args.out.is_file():
+        new = {(r["rung"], r["name"]) for r in rows}
+        rows = [r for r in json.loads(args.out.read_text())["rows"] if (r["rung"], r["name"]) not in new] + rows
     args.out.write_text(json.dumps({**envelope(), "rows": rows}, indent=2) + "\n")
     print()
     print_table(rows)

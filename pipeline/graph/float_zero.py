@@ -14,16 +14,20 @@ same on every provider and in every engine that reads our ONNX (onnxruntime-gena
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from pipeline.graph.lazy import tensor_array
 from pipeline.graph.quant_ops import drop_unused_initializers
 from pipeline.quant.primitives import pack_zero_points
 
 
-def lower_float_zero_points(model: onnx.ModelProto) -> int:
-    """Rewrite every MatMulNBits with float zero points in place; returns how many were rewritten."""
+def lower_float_zero_points(model: onnx.ModelProto, weights: Mapping[str, np.ndarray] | None = None) -> int:
+    """Rewrite every MatMulNBits with float zero points in place; returns how many were rewritten. `weights`:
+    where the graph's placeholders read from (pipeline/graph/lazy.py)."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     nodes, rewritten = [], 0
@@ -36,10 +40,10 @@ def lower_float_zero_points(model: onnx.ModelProto) -> int:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         k, n, bits, g = attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]
         blocks = -(-k // g)
-        scales = numpy_helper.to_array(inits[node.input[2]])
+        scales = tensor_array(inits[node.input[2]], weights)
         dtype = scales.dtype
         scale = scales.astype(np.float32).reshape(n, blocks)
-        zero = numpy_helper.to_array(zp).astype(np.float32).reshape(n, blocks)
+        zero = tensor_array(zp, weights).astype(np.float32).reshape(n, blocks)
         rounded = np.clip(np.round(zero), 0, 2**bits - 1)
         if (k, g) not in sums:
             e = np.zeros((k, blocks), dtype)

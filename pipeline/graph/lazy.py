@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from pipeline.errors import StageError
 
@@ -29,9 +29,12 @@ ALIGN, ALIGN_ABOVE = 65536, 2**20  # large tensors start on a 64 KiB boundary, s
 INLINE_BELOW = 1024  # bytes; smaller tensors stay in the proto
 
 
-def lazy_tensor(name: str, parts: list[tuple[str, bool]], shape: list[int], axis: int = 0) -> TensorProto:
-    """A float32 placeholder for the concatenation of checkpoint tensors `parts` (name, transposed)."""
-    t = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=shape, data_location=TensorProto.EXTERNAL)
+def lazy_tensor(name: str, parts: list[tuple[str, bool]], shape: list[int], axis: int = 0,
+                dtype: np.dtype = np.dtype(np.float32)) -> TensorProto:
+    """A placeholder for checkpoint tensors `parts` (name, transposed) concatenated along `axis`, reshaped to
+    `shape`, of type `dtype`."""
+    t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), dims=shape,
+                    data_location=TensorProto.EXTERNAL)
     for key, value in (("location", LAZY), ("parts", json.dumps(parts)), ("axis", str(axis))):
         entry = t.external_data.add()
         entry.key, entry.value = key, value
@@ -67,12 +70,11 @@ def tensor_array(t: TensorProto, weights: Mapping[str, np.ndarray] | None = None
         raise StageError(f"export: {t.name} is still in the checkpoint and no checkpoint was given to read it from")
     parts, axis = lazy_parts(t)
     arrays = [weights[name].T if transposed else weights[name] for name, transposed in parts]
-    array = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=axis)
-    if t.data_type == TensorProto.FLOAT16:
-        if np.abs(array).max(initial=0) > np.finfo(np.float16).max:
-            raise StageError(f"export: {t.name} holds values beyond float16's range; use dtype: float32")
-        return array.astype(np.float16)
-    return np.ascontiguousarray(array, dtype=np.float32)
+    array = (arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=axis)).reshape(tuple(t.dims))
+    dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+    if dtype == np.float16 and array.dtype != np.float16 and np.abs(array).max(initial=0) > np.finfo(np.float16).max:
+        raise StageError(f"export: {t.name} holds values beyond float16's range; use dtype: float32")
+    return np.ascontiguousarray(array.astype(dtype, copy=False))
 
 
 def materialize(model: onnx.ModelProto, weights: Mapping[str, np.ndarray] | None) -> onnx.ModelProto:

@@ -13,6 +13,7 @@ graph cannot receive the wrong layer's codes.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -22,7 +23,8 @@ from onnx import helper, numpy_helper
 from safetensors import safe_open
 
 from pipeline.errors import StageError
-from pipeline.graph.lazy import is_lazy, lazy_parts
+from pipeline.checkpoint import FloatWeights, read_header
+from pipeline.graph.lazy import is_lazy, lazy_parts, lazy_tensor
 from pipeline.quant.plan import PACKED_FILE, PLAN_FILE
 
 MS_DOMAIN = "com.microsoft"
@@ -44,7 +46,7 @@ def apply_block_quantized_ops(graph_model: onnx.ModelProto, quant_dir: Path, wei
     linear's). A graph weight still in the checkpoint (pipeline/graph/lazy.py) is checked by the tensor it
     names, any other by value. Returns ops swapped."""
     plan = json.loads((quant_dir / PLAN_FILE).read_text())["layers"]
-    packed = _PackedTensors(quant_dir / PACKED_FILE)
+    packed = _PackedTensors(quant_dir / PACKED_FILE, weights)
     graph = graph_model.graph
     inits = {t.name: t for t in graph.initializer}
     done: set[str] = set()
@@ -58,10 +60,10 @@ def apply_block_quantized_ops(graph_model: onnx.ModelProto, quant_dir: Path, wei
         if not _holds(init, f"{name}.weight", True, weights):
             raise StageError(f"export: the graph's weight for {name} is not the quantized weight; refusing to swap it")
         prefix = f"{name}.qweight"
-        tensors = {key: packed[f"{name}.{key}"] for key in ("B", "scales", "zero_points") if f"{name}.{key}" in packed}
+        tensors = {key: f"{name}.{key}" for key in ("B", "scales", "zero_points") if f"{name}.{key}" in packed}
         inputs = [node.input[0]]
-        for key, array in tensors.items():
-            graph.initializer.append(numpy_helper.from_array(array, f"{prefix}.{key}"))
+        for key, source in tensors.items():
+            graph.initializer.append(packed.tensor(f"{prefix}.{key}", source))
             inputs.append(f"{prefix}.{key}")
         new = helper.make_node("MatMulNBits", inputs, list(node.output), name=node.name + "NBits", domain=MS_DOMAIN,
                                K=spec["K"], N=spec["N"], bits=spec["bits"], block_size=spec["group_size"],
@@ -114,7 +116,8 @@ def _swap_embedding(graph: onnx.GraphProto, spec: dict, packed: _PackedTensors, 
     else:
         for key in keys:
             name = f"{EMBEDDING}.qweight.{key}"
-            graph.initializer.append(numpy_helper.from_array(packed[f"{EMBEDDING}.{key}"].reshape(rows, -1), name))
+            shape = packed.shape(f"{EMBEDDING}.{key}")
+            graph.initializer.append(packed.tensor(name, f"{EMBEDDING}.{key}", [rows, math.prod(shape) // rows]))
             inputs.append(name)
     data, *rest = inputs
     new = helper.make_node("GatherBlockQuantized", [data, node.input[1], *rest], list(node.output),
@@ -125,17 +128,27 @@ def _swap_embedding(graph: onnx.GraphProto, spec: dict, packed: _PackedTensors, 
 
 
 class _PackedTensors:
-    """The quantize stage's packed codes by name, each read when asked for (an 8B model's are 4 GB or more)."""
+    """The quantize stage's packed codes, scales and zero points as graph tensors. With a checkpoint to read
+    them from when the graph is saved (FloatWeights holds them) they are placeholders (an 8B model's codes are
+    4 GB or more); else they are read now."""
 
-    def __init__(self, path: Path):
-        self.file = safe_open(str(path), "np")
-        self.names = set(self.file.keys())
+    def __init__(self, path: Path, weights: Mapping):
+        self.path, self.weights = path, weights
+        self.lazy = isinstance(weights, FloatWeights)
+        self.header = read_header(path)[1]
 
     def __contains__(self, name: str) -> bool:
-        return name in self.names
+        return name in self.header
 
-    def __getitem__(self, name: str) -> np.ndarray:
-        return self.file.get_tensor(name)
+    def shape(self, name: str) -> list[int]:
+        return list(self.header[name]["shape"])
+
+    def tensor(self, graph_name: str, name: str, shape: list[int] | None = None) -> onnx.TensorProto:
+        shape = shape or self.shape(name)
+        if self.lazy:
+            return lazy_tensor(graph_name, [(name, False)], shape, dtype=self.weights.dtype(name))
+        with safe_open(str(self.path), "np") as f:
+            return numpy_helper.from_array(np.ascontiguousarray(f.get_tensor(name).reshape(shape)), graph_name)
 
 
 def _holds(init: onnx.TensorProto, param: str, transposed: bool, weights: Mapping[str, np.ndarray]) -> bool:

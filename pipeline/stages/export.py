@@ -108,7 +108,7 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
     if plan.get("layers"):
         swapped = apply_block_quantized_ops(graph, inp.path, weights, accuracy_level=0)
         ctx.log(f"  {swapped} ops replaced by MatMulNBits / GatherBlockQuantized")
-        if lowered := lower_float_zero_points(graph):
+        if lowered := lower_float_zero_points(graph, weights):
             ctx.log(f"  {lowered} MatMulNBits with float zero points: integer zero points plus a correction matmul each")
     save_streamed(graph, path, weights, cfg.external_data)
     del graph  # saved: each phase below starts from the checkpoint alone
@@ -144,7 +144,7 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
             apply_block_quantized_ops(graph, inp.path, weights, accuracy_level=0)
         if not activations:  # the per-token rewrite finds each linear's own MatMul; it shares their inputs' rounding
             ctx.log(f"  {pack_sibling_matmuls(graph)} groups of sibling linears packed into one matmul each")
-        lower_float_zero_points(graph)
+        lower_float_zero_points(graph, weights)
         if cfg.dtype == "float16":
             ctx.log(f"  {to_float16(graph)} float tensors converted to float16")
         graphs["fused"] = out / "fused" / fused.model_file

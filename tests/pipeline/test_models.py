@@ -46,3 +46,41 @@ def test_an_unknown_dtype_names_the_key_and_the_choices(tmp_path, tiny_llama, ev
     with pytest.raises(RecipeError, match=r"model\.dtype: 'bfloat17' is not one of auto, float32, bfloat16, float16 "
                                           r"\(did you mean 'bfloat16'\?\)"):
         run(recipe, workdir=tmp_path / "w", overrides=["model.dtype=bfloat17"])
+
+
+def test_a_local_checkpoint_is_linked_not_loaded(tmp_path, bf16_checkpoint, eval_text, monkeypatch):
+    """Its shards keep their dtype, so the model step links them: no second copy on disk, no model in memory."""
+    import transformers
+
+    def refuse(*a, **k):
+        raise AssertionError("the model step loaded the whole model")
+
+    import pipeline.steps as steps
+
+    real = steps.import_model
+
+    def guarded(*a, **k):  # the model step only: export and validate load what they load
+        with monkeypatch.context() as m:
+            m.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+            return real(*a, **k)
+
+    monkeypatch.setattr(steps, "import_model", guarded)
+    step = next(run(write_recipe(tmp_path, bf16_checkpoint, eval_text), workdir=tmp_path / "a").glob("00-model-*"))
+    assert (step / "model.safetensors").stat().st_ino == (bf16_checkpoint / "model.safetensors").stat().st_ino
+    config = json.loads((step / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"
+    assert json.loads((step / "generation_config.json").read_text())["eos_token_id"]
+
+
+def test_a_checkpoint_with_names_transformers_renames_is_loaded_whole(tmp_path, eval_text):
+    from pipeline.checkpoint import CheckpointReader, SafetensorsWriter
+    from pipeline.models import streamable
+
+    folder = make_checkpoint(tmp_path / "m", "llama")
+    assert streamable(folder)
+    reader = CheckpointReader(folder)
+    renamed = {name.replace("model.", "", 1) if name.startswith("model.") else name: reader[name] for name in reader}
+    with SafetensorsWriter(folder / "model.safetensors") as writer:
+        for name, tensor in renamed.items():
+            writer.add(name, tensor)
+    assert not streamable(folder)

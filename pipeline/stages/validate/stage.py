@@ -57,18 +57,21 @@ def validate(cfg: ValidateConfig, inp, ctx) -> StageResult:
         torch_model = load_reference_model(source.path)
     metrics["decode_logits_max_abs_diff"] = _decode_diff(torch_model, gen, prompts[0] + greedy["onnx"][0])
     del torch_model
-    targets = validate_targets(inp.path, scored_windows, prompts, greedy, cfg.max_new_tokens, gen.eos_ids, metrics,
+    provider, flavour, eos_ids = gen.provider, gen.flavour, gen.eos_ids
+    del gen  # each target's engine loads its own copy of the weights: one runtime in memory at a time
+    release_memory()
+    targets = validate_targets(inp.path, scored_windows, prompts, greedy, cfg.max_new_tokens, eos_ids, metrics,
                                ctx.log)
     failures = gate(metrics, cfg.thresholds)
     report = {
         "artifact": str(inp.path), "baseline": str(ctx.baseline.path), "export_source": str(source.path),
-        "provider": gen.provider, "graph": gen.flavour, "torch_reference": reference,
+        "provider": provider, "graph": flavour, "torch_reference": reference,
         "metrics": metrics, "thresholds": cfg.thresholds, "failures": failures, "passed": not failures,
         "protocol": protocol, "samples": samples, "chat": chat, "targets": targets, "seconds": round(time.time() - started, 1),
         "quantization": _quantization_summary(ctx.history),
     }
     write_reports(ctx.out_dir, report)
-    return StageResult(metrics=metrics, info={"protocol": protocol, "provider": gen.provider, "torch_reference": reference},
+    return StageResult(metrics=metrics, info={"protocol": protocol, "provider": provider, "torch_reference": reference},
                        passed=not failures, failures=failures)
 
 
@@ -102,11 +105,10 @@ def _perplexity(cfg: ValidateConfig, torch_model, gen: Generator, metrics: dict,
     scored = agree = nonfinite = 0
     kl_sum, max_diff = 0.0, 0.0
     scored_windows = []
-    for w in tqdm(wins, desc="  perplexity windows", unit="win", leave=False):
-        sw = scored_window(ids, w.begin, w.end, w.scored, bos)
+    inputs = [scored_window(ids, w.begin, w.end, w.scored, bos) for w in wins]
+    refs = _reference_logits(torch_model, [sw.inputs for sw in inputs], gen.contract.vocab_size)
+    for w, sw, ref in tqdm(zip(wins, inputs, refs), total=len(wins), desc="  perplexity windows", unit="win", leave=False):
         scored_windows.append(sw)
-        with torch.no_grad():
-            ref = torch_model(torch.from_numpy(sw.inputs[None])).logits[0]  # [T, V]
         out = gen.logits(sw.inputs)  # [T, V]
         nonfinite += int((~np.isfinite(out)).sum())
         pos = slice(sw.first, sw.first + w.scored)  # positions whose next token is scored
@@ -136,11 +138,29 @@ def _perplexity(cfg: ValidateConfig, torch_model, gen: Generator, metrics: dict,
     }, scored_windows
 
 
+def _reference_logits(model, inputs: list[np.ndarray], vocab: int, budget: int = 2**30):
+    """The baseline's logits [T, V] per window, in order. A streamed model reads every layer once per forward,
+    so its windows of one length go through together, as many as `budget` bytes of logits allow; a whole
+    model takes them one at a time (what the reference results were measured with)."""
+    streamed = hasattr(model, "streamed_layers")
+    k = 0
+    while k < len(inputs):
+        per_batch = max(1, budget // (len(inputs[k]) * vocab * 4)) if streamed else 1
+        group = [inputs[k]]
+        while len(group) < per_batch and k + len(group) < len(inputs) and len(inputs[k + len(group)]) == len(group[0]):
+            group.append(inputs[k + len(group)])
+        with torch.no_grad():
+            logits = model(torch.from_numpy(np.stack(group))).logits
+        yield from logits
+        k += len(group)
+
+
 def _greedy(cfg: ValidateConfig, prompts: list[list[int]], torch_model, gen: Generator,
             metrics: dict) -> tuple[list[dict], dict]:
     """Greedy answers of the baseline and of the runner to `prompts` (cfg.prompts encoded); returns the
     samples and {"baseline", "onnx"} token lists."""
-    ref = [reply for reply, _ in torch_greedy(torch_model, prompts, cfg.max_new_tokens, gen.eos_ids, gen.pad_id, 1)]
+    batch = len(prompts) if hasattr(torch_model, "streamed_layers") else 1  # a streamed model reads its layers per step
+    ref = [reply for reply, _ in torch_greedy(torch_model, prompts, cfg.max_new_tokens, gen.eos_ids, gen.pad_id, batch)]
     single = [gen.generate([ids], cfg.max_new_tokens).tokens[0] for ids in prompts]
     batched = gen.generate(prompts, cfg.max_new_tokens).tokens
     metrics["greedy_token_agreement"] = agreement(ref, single)

@@ -47,7 +47,7 @@ def test_validate_after_quantize_holds_one_pytorch_model_at_a_time(tmp_path, tin
 
     loaded: list[weakref.ref] = []
     alive_at_load: list[int] = []
-    real = stage.load_torch_model
+    real = stage.load_reference_model
 
     def tracking(folder, *a, **k):
         gc.collect()
@@ -56,9 +56,25 @@ def test_validate_after_quantize_holds_one_pytorch_model_at_a_time(tmp_path, tin
         loaded.append(weakref.ref(model))
         return model
 
-    monkeypatch.setattr(stage, "load_torch_model", tracking)
+    monkeypatch.setattr(stage, "load_reference_model", tracking)
     quantize = "{method: rtn, bits: 4, group_size: 32, lm_head: float, embedding: float}"
     run_dir = run(write_targets_recipe(tmp_path, tiny_llama, eval_text, quantize, "[onnx]"), workdir=tmp_path / "a")
     assert alive_at_load == [0, 0]  # the baseline, then the quantized source: never both
     report = json.loads((next(run_dir.glob("03-validate-*")) / "report.json").read_text())
     assert report["metrics"]["decode_logits_max_abs_diff"] < 1e-3  # parity against the quantized source, not the baseline
+
+
+def test_a_streamed_baseline_measures_what_the_whole_model_measures(tmp_path, tiny_run, tiny_llama, eval_text,
+                                                                   monkeypatch):
+    """Above WHOLE_MODEL_LIMIT the baseline is streamed layer by layer (windows and prompts batched): the same
+    perplexity up to float rounding, the same greedy replies."""
+    from conftest import write_recipe
+    from pipeline import run
+
+    monkeypatch.setattr("pipeline.streamed.WHOLE_MODEL_LIMIT", 0)
+    streamed_run = run(write_recipe(tmp_path, tiny_llama, eval_text), workdir=tmp_path / "a")
+    whole, streamed = (json.loads((next(r.glob("02-validate-*")) / "report.json").read_text()) for r in (tiny_run, streamed_run))
+    assert (whole["torch_reference"], streamed["torch_reference"]) == ("whole model", "streamed layer by layer")
+    for name in ("perplexity_baseline", "perplexity", "top1_agreement", "greedy_token_agreement"):
+        assert abs(whole["metrics"][name] - streamed["metrics"][name]) <= 1e-6 * abs(whole["metrics"][name]), name
+    assert [s["baseline"] for s in whole["samples"]] == [s["baseline"] for s in streamed["samples"]]
