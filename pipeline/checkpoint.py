@@ -168,3 +168,51 @@ class ModelWeights(dict):
 
     def shape(self, name: str) -> list[int]:
         return list(self[name].shape)
+
+
+class ShardedWriter:
+    """A checkpoint folder written one tensor at a time into shards of at most `shard_bytes`, named and indexed
+    as Hugging Face names them (a single shard is model.safetensors). Each shard is a SafetensorsWriter, so the
+    disk holds at most one shard's data twice while writing."""
+
+    def __init__(self, folder: Path, shard_bytes: int = 5 * 10**9):
+        self.folder, self.limit = Path(folder), shard_bytes
+        self.shards: list[Path] = []
+        self.current: SafetensorsWriter | None = None
+        self.weight_map: dict[str, int] = {}
+        self.total = 0
+
+    def add(self, name: str, tensor: np.ndarray | torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size() if isinstance(tensor, torch.Tensor) else tensor.nbytes
+        if self.current is None or (self.current.offset and self.current.offset + size > self.limit):
+            if self.current is not None:
+                self.current.close()
+            self.shards.append(self.folder / f".shard-{len(self.shards) + 1}.safetensors")
+            self.current = SafetensorsWriter(self.shards[-1])
+        self.current.add(name, tensor)
+        self.weight_map[name] = len(self.shards) - 1
+        self.total += size
+
+    def close(self) -> None:
+        if self.current is not None:
+            self.current.close()
+        if len(self.shards) == 1:
+            os.replace(self.shards[0], self.folder / SINGLE)
+            return
+        names = [f"model-{i + 1:05d}-of-{len(self.shards):05d}.safetensors" for i in range(len(self.shards))]
+        for shard, name in zip(self.shards, names):
+            os.replace(shard, self.folder / name)
+        index = {"metadata": {"total_size": self.total}, "weight_map": {k: names[i] for k, i in self.weight_map.items()}}
+        (self.folder / INDEX).write_text(json.dumps(index, indent=2))
+
+    def abort(self) -> None:
+        if self.current is not None:
+            self.current.abort()
+        for shard in self.shards:
+            shard.unlink(missing_ok=True)
+
+    def __enter__(self) -> "ShardedWriter":
+        return self
+
+    def __exit__(self, kind, *_) -> None:
+        self.abort() if kind is not None else self.close()

@@ -55,13 +55,14 @@ def can_stamp(config) -> bool:
     return config.num_hidden_layers > TRACED_LAYERS and len(kinds) == 1
 
 
-def stamp_layers(traced: onnx.ModelProto, small: torch.nn.Module, layers: int,
+def stamp_layers(traced: onnx.ModelProto, small: torch.nn.Module | dict[str, tuple[str, bool]], layers: int,
                  log: Callable[[str], None]) -> onnx.ModelProto | None:
     """`traced` (the trace of `small`, see module docstring) grown to `layers` layers, in place, its weights
     placeholders for the checkpoint's tensors (pipeline/graph/lazy.py); None when the trace does not have
-    the shape this needs."""
+    the shape this needs. `small` may instead be what `weights_by_name` found: initializer -> (parameter,
+    transposed)."""
     graph = traced.graph
-    sources = _match_initializers(graph, small)
+    sources = small if isinstance(small, dict) else _match_initializers(graph, small)
     if sources is None:
         log("  layer stamping: a traced weight is neither a parameter nor its transpose; tracing the whole model")
         return None
@@ -126,6 +127,48 @@ def _layers_alike(graph: onnx.GraphProto, sources: dict, log: Callable[[str], No
         log("  layer stamping: the decoder layers' graphs differ; tracing the whole model")
         return None
     return by_layer
+
+
+def weights_by_name(traced: onnx.ModelProto, weights, prefix: str = "model.") -> dict[str, tuple[str, bool]] | None:
+    """For a graph traced without its parameters (`export_params=False`: they are graph inputs, and TorchScript
+    holds no copy of them): turn each weight input into a placeholder for its checkpoint tensor, in place, and
+    return initializer -> (checkpoint tensor, transposed). Parameters keep their names (behind the wrapper's
+    `prefix`); the transposed copies the tracer made for MatMuls are named after no parameter, so each is
+    the weight of the module its MatMul is named for. None when an input is neither, or a shape disagrees."""
+    graph = traced.graph
+    readers = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    sources: dict[str, tuple[str, bool]] = {}
+    kept = []
+    for value in graph.input:
+        name = value.name
+        dims = [d.dim_value for d in value.type.tensor_type.shape.dim]
+        if name.startswith(prefix) and name[len(prefix):] in weights:
+            param, transpose = name[len(prefix):], False
+        elif name.startswith("onnx::MatMul_") and len(readers.get(name, [])) == 1 and readers[name][0].op_type == "MatMul":
+            module = _module_of(readers[name][0].name)
+            param, transpose = f"{module}.weight", True
+            if param not in weights and module == "lm_head":  # a tied head is the embedding
+                param = "model.embed_tokens.weight"
+        else:
+            kept.append(value)
+            continue
+        if param not in weights or weights.shape(param)[::-1 if transpose else 1] != dims:
+            return None
+        sources[name] = (param, transpose)
+        graph.initializer.append(lazy_tensor(name, [(param, transpose)], dims))
+    if any(not v.name.startswith(("input_ids", "attention_mask", "position_ids", "past_key_values.")) for v in kept):
+        return None
+    del graph.input[:]
+    graph.input.extend(kept)
+    return sources
+
+
+def _module_of(node_name: str) -> str:
+    """'/model/model/layers.0/mlp/up_proj/MatMul' -> 'model.layers.0.mlp.up_proj'."""
+    return node_name.removeprefix("/model/").rpartition("/")[0].replace("/", ".")
 
 
 def _match_initializers(graph: onnx.GraphProto, small: torch.nn.Module) -> dict[str, tuple[str, bool]] | None:

@@ -31,7 +31,7 @@ from pipeline.models import TOKENIZER_FILES, load_torch_model
 from pipeline.graph.float_zero import lower_float_zero_points
 from pipeline.graph.lazy import save_streamed
 from pipeline.graph.pack import pack_sibling_matmuls
-from pipeline.graph.stamp import TRACED_LAYERS, can_stamp, stamp_layers, three_layer_copy
+from pipeline.graph.stamp import TRACED_LAYERS, can_stamp, stamp_layers, three_layer_copy, weights_by_name
 from pipeline.graph.quant_ops import apply_block_quantized_ops, set_accuracy_level
 from pipeline.graph.w8a8 import quantize_w8a8
 from pipeline.quant.plan import PLAN_FILE, decoder_linears
@@ -294,8 +294,13 @@ def _trace(model, folder: Path, contract: Contract, out: Path, opset: int, log) 
     PyTorch either way."""
     if can_stamp(model.config):
         small = three_layer_copy(model)
-        traced = _trace_file(small, dataclasses.replace(contract, num_layers=TRACED_LAYERS), out, opset)
-        stamped = stamp_layers(traced, small, model.config.num_hidden_layers, log)
+        small_contract = dataclasses.replace(contract, num_layers=TRACED_LAYERS)
+        traced = _trace_file(small, small_contract, out, opset, export_params=False)
+        sources = weights_by_name(traced, FloatWeights(folder))
+        if sources is None:  # by value, from a trace that holds the copy's weights
+            log("  layer stamping: a traced weight is named after no checkpoint tensor; matching weights by value")
+            traced, sources = _trace_file(small, small_contract, out, opset), small
+        stamped = stamp_layers(traced, sources, model.config.num_hidden_layers, log)
         if stamped is not None:
             return stamped
         del traced, small
@@ -307,19 +312,21 @@ def _trace(model, folder: Path, contract: Contract, out: Path, opset: int, log) 
         release_memory()
 
 
-def _trace_file(model, contract: Contract, out: Path, opset: int) -> onnx.ModelProto:
+def _trace_file(model, contract: Contract, out: Path, opset: int, export_params: bool = True) -> onnx.ModelProto:
     """TorchScript's trace into a scratch folder that is removed once the graph is in memory: past 2 GB the
-    exporter writes one file per tensor beside the graph, which must not stay in the artifact."""
+    exporter writes one file per tensor beside the graph, which must not stay in the artifact. Without
+    `export_params` the weights are graph inputs: the tracer holds no copies of them (4.5x the traced
+    model's float32 weights with them)."""
     scratch = out / ".trace"
     scratch.mkdir()
     try:
-        _trace_into(model, contract, scratch / contract.model_file, opset)
+        _trace_into(model, contract, scratch / contract.model_file, opset, export_params)
         return onnx.load(str(scratch / contract.model_file))
     finally:
         shutil.rmtree(scratch)
 
 
-def _trace_into(model, contract: Contract, path: Path, opset: int) -> None:
+def _trace_into(model, contract: Contract, path: Path, opset: int, export_params: bool = True) -> None:
     batch, seq, past = 2, 3, 4  # non-trivial sizes so no dimension is traced as a constant
     kv = (batch, contract.num_kv_heads, past, contract.head_dim)
     args = (
@@ -331,7 +338,7 @@ def _trace_into(model, contract: Contract, path: Path, opset: int) -> None:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            KVCacheWrapper(model), args, str(path), dynamo=False, opset_version=opset,
+            KVCacheWrapper(model), args, str(path), dynamo=False, opset_version=opset, export_params=export_params,
             input_names=[s.name for s in contract.inputs()],
             output_names=[s.name for s in contract.outputs()],
             dynamic_axes=contract.dynamic_axes(),

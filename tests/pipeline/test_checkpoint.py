@@ -41,3 +41,25 @@ def test_the_reader_reads_sharded_and_single_checkpoints_as_the_library_does(tmp
     for tensors in shards.values():
         for k, v in tensors.items():
             assert reader[k].dtype == v.dtype and torch.equal(reader[k], v)
+
+
+def test_a_sharded_checkpoint_is_indexed_and_reads_back(tmp_path):
+    import json
+
+    import numpy as np
+
+    from pipeline.checkpoint import INDEX, CheckpointReader, ShardedWriter
+
+    arrays = {f"t{i}": np.full((100,), i, np.float32) for i in range(5)}
+    with ShardedWriter(tmp_path / "many", shard_bytes=900) as w:  # two tensors (800 bytes) per shard
+        (tmp_path / "many").mkdir()
+        for name, array in arrays.items():
+            w.add(name, array)
+    index = json.loads((tmp_path / "many" / INDEX).read_text())
+    assert sorted(set(index["weight_map"].values())) == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    reader = CheckpointReader(tmp_path / "many")
+    assert all(np.array_equal(reader[n].numpy(), a) for n, a in arrays.items())
+    (tmp_path / "one").mkdir()
+    with ShardedWriter(tmp_path / "one") as w:
+        w.add("t0", arrays["t0"])
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["model.safetensors"]

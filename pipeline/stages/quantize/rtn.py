@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from pipeline.checkpoint import SINGLE, CheckpointReader, SafetensorsWriter
+from pipeline.checkpoint import CheckpointReader, SafetensorsWriter, ShardedWriter
 from pipeline.configs import QuantizeConfig
 from pipeline.models import copy_tokenizer
 from pipeline.quant.plan import PACKED_FILE, PLAN_FILE
@@ -60,7 +60,7 @@ def rtn_streamed(cfg: QuantizeConfig, src: Path, out: Path, log: Callable[[str],
     names = [n for n in model.state_dict() if not (tied and n == f"{HEAD}.weight")]
     shapes: dict[str, tuple[QuantScheme, int, int]] = {}
     packed_bytes = 0
-    with SafetensorsWriter(out / SINGLE) as weights, SafetensorsWriter(out / PACKED_FILE) as packed:
+    with ShardedWriter(out) as weights, SafetensorsWriter(out / PACKED_FILE) as packed:
         for name in tqdm(names, desc="  rtn", unit="tensor", leave=False):
             module, _, kind = name.rpartition(".")
             stored = name if name in reader else f"{EMBEDDING}.weight"  # an untied head starts as the embedding

@@ -40,6 +40,7 @@ def test_stamped_graph_equals_the_whole_trace(tmp_path, family, layers):
     said: list[str] = []
     stamped = export_stage._trace(load_streamed_model(folder), folder, contract, tmp_path, 17, said.append)
     assert any("layer stamping: traced 3 layers" in s for s in said), said  # it did not fall back
+    assert not any("by value" in s for s in said)  # the trace held no weights: each was found by its name
     assert all(is_lazy(t) for t in stamped.graph.initializer if t.name.startswith("model.layers."))  # no weight copied
     materialize(stamped, FloatWeights(folder))
     whole = export_stage._trace_file(model, contract, tmp_path, 17)
@@ -72,10 +73,25 @@ def test_a_weight_the_trace_transformed_otherwise_falls_back(tmp_path, monkeypat
 
     folder = make_checkpoint(tmp_path / "m", "llama", layers=4)
     model = load_streamed_model(folder)
+    monkeypatch.setattr(export_stage, "weights_by_name", lambda graph, weights: None)
     monkeypatch.setattr(stamp, "_match_initializers", lambda graph, small: None)
     said: list[str] = []
     export_stage._trace(model, folder, portable_contract(model), tmp_path, 17, said.append)
+    assert any("named after no checkpoint tensor; matching weights by value" in s for s in said)
     assert any("neither a parameter nor its transpose" in s for s in said)
+
+
+def test_weights_matched_by_value_stamp_the_same_graph(tmp_path, monkeypatch):
+    """The by-value path (a trace holding the copy's weights) is the fallback of the by-name one: same graph."""
+    folder = make_checkpoint(tmp_path / "m", "qwen2", layers=5)
+    model = load_streamed_model(folder)
+    contract = portable_contract(model)
+    by_name = export_stage._trace(model, folder, contract, tmp_path, 17, print)
+    monkeypatch.setattr(export_stage, "weights_by_name", lambda graph, weights: None)
+    by_value = export_stage._trace(model, folder, contract, tmp_path, 17, print)
+    weights = FloatWeights(folder)
+    for a, b in zip(run_graph(materialize(by_name, weights), contract), run_graph(materialize(by_value, weights), contract)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_a_quantized_model_stamps_and_swaps_every_layer(tmp_path, eval_text):
