@@ -69,9 +69,15 @@ def file_table(folder: Path) -> dict[str, dict[str, Any]]:
     table = {}
     for p in sorted(folder.rglob("*")):
         if p.is_file() and p.name != MANIFEST:
-            os.utime(p, ns=(p.stat().st_atime_ns, stamp))
-            table[p.relative_to(folder).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size,
-                                                       "mtime_ns": stamp}
+            st = p.stat()
+            entry = {"sha256": sha256_file(p), "bytes": st.st_size}
+            if st.st_nlink > 1:  # linked to a source (the model step): its times are the source's, not ours to set;
+                if st.st_mtime_ns < stamp:  # one modified just now is hashed on every load instead
+                    entry["mtime_ns"] = st.st_mtime_ns
+            else:
+                os.utime(p, ns=(st.st_atime_ns, stamp))
+                entry["mtime_ns"] = stamp
+            table[p.relative_to(folder).as_posix()] = entry
     return table
 
 
