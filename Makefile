@@ -62,7 +62,7 @@ distill-gpu-check:  ## on a GPU machine, after any SmolLM2 run (its model step i
 	$(PY) -m benchmarks.checks.distill_gpu_check $(firstword $(wildcard $(GPU_RUN)/00-model-* artifacts/*/00-model-*)) --out $(GPU_OUT)
 
 scale-check: run  ## the scale ladder's small rung (Qwen2.5-0.5B shape, random bf16 weights): each step's time and peak memory
-	$(PY) -m benchmarks.checks.scale --rungs qwen2.5-0.5b --recipes fp32,int4-rtn
+	$(PY) -m benchmarks.checks.scale --rungs qwen2.5-0.5b --recipes fp32,int4-rtn --merge --drop-runs
 
 test: install engines model  ## every test, the slow reference-model tests included (what CI runs)
 	$(BIN)/python -m pytest -q --durations=30

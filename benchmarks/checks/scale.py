@@ -1,6 +1,6 @@
 """The scale ladder: real-shape checkpoints with random weights through the shipped recipes, stage by stage.
 
-    python -m benchmarks.checks.scale --rungs qwen2.5-0.5b --recipes fp32,int4-rtn     (make scale-check)
+    python -m benchmarks.checks.scale --rungs qwen2.5-0.5b --recipes fp32,int4-rtn --merge --drop-runs   (make scale-check)
     python -m benchmarks.checks.scale --rungs smollm2-1.7b,llama-3.2-3b,llama-3-8b --recipes int4-rtn,int4-gptq
 
 Each rung is a config in benchmarks/checks/scale_configs/ (the shape of a real model, the reference
@@ -185,15 +185,19 @@ def markdown(result: dict) -> str:
     """The README's table of a scale.json: one row per step, the run's machine and command below it."""
     lines = ["| checkpoint (random weights, bf16) | recipe | step | seconds | peak RSS GiB | estimated GiB |",
              "| --- | --- | --- | ---: | ---: | ---: |"]
-    for r in result["rows"]:
+    rows = sorted(result["rows"], key=lambda r: (r["checkpoint_gb"], r["name"]))
+    for r in rows:
         for s in r["steps"]:
             lines.append(f"| {r['rung']} ({r['checkpoint_gb']:.2f} GB) | {r['name']} | {s['step'].split('-', 1)[1]} | "
                          f"{s['seconds']:.0f} | {s.get('peak_rss_mb', 0) / 1024:.2f} | {s.get('estimated_peak_rss_mb', 0) / 1024:.2f} |")
         if r["returncode"] != 0:
             lines.append(f"| {r['rung']} | {r['name']} | failed | | | {' / '.join(r.get('error', []))[:80]} |")
     m = result["machine"]
-    lines += ["", f"{m['cpu']}, {m['cores']} cores, {result['memory_gib']} GiB; {result['date']}, commit {result['commit']}; "
-              f"`{result['command']}` (`benchmarks/results/scale/scale.json`)."]
+    runs = dict.fromkeys((r.get("date", result["date"]), r.get("commit", result["commit"]),
+                          r.get("command", result["command"])) for r in rows)
+    lines += ["", f"{m['cpu']}, {m['cores']} cores, {result['memory_gib']} GiB; "
+              + "; ".join(f"{date}, commit {commit}: `{command}`" for date, commit, command in runs)
+              + " (`benchmarks/results/scale/scale.json`)."]
     return "\n".join(lines)
 
 
