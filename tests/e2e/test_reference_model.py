@@ -35,6 +35,20 @@ def test_default_recipe_meets_the_accuracy_gates(smol_run):
     assert m["decode_logits_max_abs_diff"] < 1e-2 and m["top1_agreement"] > 0.999
 
 
+def test_the_streamed_reference_computes_the_whole_models_logits(smol_run):
+    """Past WHOLE_MODEL_LIMIT validate and export compare with the layer-streamed model: on the reference model
+    its logits are the whole model's, bit for bit; the reference model itself is validated whole."""
+    from pipeline.models import load_torch_model
+    from pipeline.streamed import load_streamed_model
+
+    step = next(smol_run.glob("00-model-*"))
+    ids = torch.randint(0, 49152, (2, 256), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(load_torch_model(step)(ids).logits, load_streamed_model(step)(ids).logits)
+    report = json.loads(next(smol_run.glob("02-validate-*/report.json")).read_text())
+    assert report["torch_reference"] == "whole model"
+
+
 def test_gguf_quirks_are_fixed_in_the_model_step(smol_run):
     manifest = json.loads(next(smol_run.glob("00-model-*/manifest.json")).read_text())
     assert any("<|im_end|>" in fix for fix in manifest["fixes"])
