@@ -12,6 +12,7 @@ twice until the file is complete. A file is only ever complete or absent.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
@@ -66,6 +67,10 @@ class CheckpointReader:
 
     def __iter__(self):
         return iter(self.entries)
+
+    def parameters(self) -> int:
+        """How many numbers the checkpoint holds, from its headers (no tensor is read)."""
+        return sum(math.prod(entry["shape"]) for _, _, entry in self.entries.values())
 
     def __getitem__(self, name: str) -> torch.Tensor:
         file, start, entry = self.entries[name]
@@ -134,8 +139,9 @@ class SafetensorsWriter:
 
 
 class FloatWeights:
-    """A checkpoint's tensors as numpy arrays, each read when asked for (the graph builders' weights): float
-    weights in float32, the quantize stage's packed codes and scales (read beside the weights) as stored."""
+    """A checkpoint's tensors as numpy arrays, each read when asked for (the graph builders' weights), with the
+    quantize stage's packed codes and scales read beside them: floats in float32, integers as stored; `dtype`
+    is the type stored (bfloat16, which numpy lacks, as float32)."""
 
     def __init__(self, folder: Path):
         from pipeline.quant.plan import PACKED_FILE
@@ -150,7 +156,7 @@ class FloatWeights:
 
     def __getitem__(self, name: str) -> np.ndarray:
         tensor = self.reader[name]
-        return tensor.to(torch.float32).numpy() if tensor.dtype == torch.bfloat16 else tensor.numpy()
+        return tensor.to(torch.float32).numpy() if tensor.is_floating_point() else tensor.numpy()
 
     def shape(self, name: str) -> list[int]:
         return list(self.reader.entries[name][2]["shape"])

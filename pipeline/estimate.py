@@ -20,7 +20,6 @@ one line naming the knob that would help; one beyond the memory available now is
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,12 +65,16 @@ def model_shape(source_kind: str, location: str, dtype: str) -> ModelShape | Non
         inter, vocab = text.get("intermediate_size") or 4 * (hidden or 0), text.get("vocab_size")
         if not (hidden and layers and vocab):
             return None
-        params = _parameters(Path(location)) or _parameters_from_config(text, hidden, inter, vocab, layers)
+        reader = _reader(Path(location))
+        if reader is not None:
+            params, tied = reader.parameters(), "lm_head.weight" not in reader
+        else:
+            params = _parameters_from_config(text, hidden, inter, vocab, layers)
+            tied = bool(text.get("tie_word_embeddings", False))
         own = str(config.get("dtype") or config.get("torch_dtype") or "float32")
         stored = {"float32": 4, "bfloat16": 2, "float16": 2}.get(own if dtype == "auto" else dtype, 4)
-        names = _tensor_names(Path(location))
-        tied = "lm_head.weight" not in names if names else bool(text.get("tie_word_embeddings", False))
-        return ModelShape(params, params * stored, hidden, inter, vocab, layers, tied, _linked(Path(location)))
+        return ModelShape(params, params * stored, hidden, inter, vocab, layers, tied,
+                          reader is not None and _linked(Path(location)))
     if source_kind == "gguf":
         return _gguf_shape(Path(location))
     return None
@@ -124,26 +127,20 @@ def memory_bytes() -> tuple[int, int]:
         return 0, 0
 
 
-def _tensor_names(folder: Path) -> set[str]:
-    from pipeline.checkpoint import read_header
-
-    return {name for f in sorted(folder.glob("*.safetensors")) for name in read_header(f)[1]}
-
-
 def _linked(folder: Path) -> bool:
     from pipeline.models import streamable
 
     return streamable(folder)
 
 
-def _parameters(folder: Path) -> int | None:
-    """Parameter count from the safetensors headers (no tensor is read)."""
-    from pipeline.checkpoint import read_header
+def _reader(folder: Path):
+    """The folder's safetensors headers (no tensor is read); None when it has no safetensors checkpoint."""
+    from pipeline.checkpoint import CheckpointReader
 
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
+    try:
+        return CheckpointReader(folder)
+    except FileNotFoundError:
         return None
-    return sum(math.prod(entry["shape"]) for f in files for entry in read_header(f)[1].values())
 
 
 def _parameters_from_config(text: dict, hidden: int, inter: int, vocab: int, layers: int) -> int:

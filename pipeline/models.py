@@ -8,7 +8,6 @@ end-of-turn tokens a chat model really stops on) and `tokenizer.json` for the ru
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Callable
 
@@ -124,11 +123,9 @@ def _import_checkpoint(cfg: ModelConfig, source: ModelSource, out: Path, log: Ca
     reader = CheckpointReader(folder)
     target = None if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
     stored: set[torch.dtype] = set()
-    params = 0
     for shard in sorted({file for file, _, _ in reader.entries.values()}):
         names = [n for n, (file, _, _) in reader.entries.items() if file == shard]
         dtypes = {_dtype_of(reader.entries[n][2]["dtype"]) for n in names}
-        params += sum(math.prod(reader.entries[n][2]["shape"]) for n in names)
         if target is None or dtypes <= {target} | _NOT_FLOAT:
             stored |= dtypes
             try:
@@ -155,7 +152,7 @@ def _import_checkpoint(cfg: ModelConfig, source: ModelSource, out: Path, log: Ca
     fixes += _save_tokenizer(tokenizer, out)
     if len(floats) > 1:
         log(f"  weights keep their own dtypes: {', '.join(floats)}")
-    return _imported(cfg, source, config.model_type, params, dtype, fixes, eos_ids, log)
+    return _imported(cfg, source, config.model_type, reader.parameters(), dtype, fixes, eos_ids, log)
 
 
 _NOT_FLOAT = {torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool}

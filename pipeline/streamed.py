@@ -26,8 +26,7 @@ WHOLE_MODEL_LIMIT = 2 * 2**30  # float32 bytes; above this the reference model i
 
 def float32_bytes(folder: Path) -> int:
     """The checkpoint's size in float32: what loading it whole costs."""
-    reader = CheckpointReader(folder)
-    return sum(4 * _numel(reader.entries[name][2]["shape"]) for name in reader)
+    return 4 * CheckpointReader(folder).parameters()
 
 
 def load_reference_model(folder: Path, attention: str = "eager") -> torch.nn.Module:
@@ -97,9 +96,3 @@ def _set(root: torch.nn.Module, name: str, value: torch.Tensor, prefix: str = ""
                          f"{list(current.shape)}")
     owner._parameters[attr] = torch.nn.Parameter(value.to(torch.float32), requires_grad=False)
 
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
