@@ -67,7 +67,7 @@ scale-check: run  ## the scale ladder's small rung (Qwen2.5-0.5B shape, random b
 test: install engines model  ## every test, the slow reference-model tests included (what CI runs)
 	$(BIN)/python -m pytest -q --durations=30
 
-test-fast: install  ## tiny-model tests only
+test-fast: install model  ## tiny-model tests only
 	$(BIN)/python -m pytest -q -m "not slow"
 
 doctor: install
