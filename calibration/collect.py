@@ -56,12 +56,13 @@ def run_layer(layer, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[tor
     return outs
 
 
-def calibration_estimate(layers, hidden: list[torch.Tensor], kwargs: list[dict], passes: float = 2.6) -> str:
-    """Time one batch through the first layer and extrapolate: each layer runs about `passes` times per batch."""
+def calibration_estimate(first, count: int, hidden: list[torch.Tensor], kwargs: list[dict], passes: float = 2.6) -> str:
+    """Time one batch through the first of `count` layers and extrapolate: each layer runs about `passes` times
+    per batch."""
     started = time.perf_counter()
-    run_layer(layers[0], hidden[:1], kwargs[:1])
+    run_layer(first, hidden[:1], kwargs[:1])
     per_batch = time.perf_counter() - started
-    minutes = per_batch * len(hidden) * passes * len(layers) / 60
+    minutes = per_batch * len(hidden) * passes * count / 60
     tokens = sum(h.shape[0] * h.shape[1] for h in hidden)
     memory_mb = 2 * sum(h.numel() * h.element_size() for h in hidden) / 1e6
     return (f"calibration: {len(hidden)} batches, {tokens} tokens; estimate ~{minutes:.1f} min, "

@@ -8,7 +8,9 @@ The figures are a model of where memory goes, fitted to what the step loop recor
     model           a local safetensors checkpoint: linked or converted tensor by tensor (the largest
                     tensor); any other source in memory (its dtype; a GGUF dequantized to float32)
     quantize rtn    tensor by tensor: a few copies of the largest tensor
-    quantize        the float32 model, the calibration activations of one layer, the Hessians, the refit
+    quantize        GPTQ/AWQ: the streamed model (embeddings and head, one layer at a time), the calibration
+                    activations of one layer, the Hessians, the refit; the whole float32 model for W8A8
+                    and for a sensitivity budget
     export          the streamed reference (embeddings and head in float32, one layer at a time) and the
                     runner's session of the graph (the graph itself is written from the checkpoint)
     validate        the float32 reference (whole up to pipeline.streamed.WHOLE_MODEL_LIMIT, else
@@ -100,10 +102,18 @@ def estimate(shape: ModelShape, stages: list[tuple[str, object]]) -> list[StepEs
             else:
                 cal = cfg.calibration
                 tokens = cal.num_samples * cal.sequence_length
-                activations = tokens * shape.hidden * FLOAT32 * 3 + tokens * shape.intermediate * FLOAT32
-                hessians = (3 * shape.hidden ** 2 + shape.intermediate ** 2) * FLOAT32
-                out.append(StepEstimate("quantize", BASE + 1.2 * f32 + activations + hessians + 256 * 2**20,
-                                        "quantize.calibration.num_samples (activations), or method: rtn (streams)"))
+                batch = cal.batch_size * cal.sequence_length
+                # every token's hidden state entering and leaving the layer, and one batch's run through it
+                activations = 2 * tokens * shape.hidden * FLOAT32 + batch * (3 * shape.intermediate + 6 * shape.hidden) * FLOAT32
+                hessians = 2 * (3 * shape.hidden ** 2 + shape.intermediate ** 2) * FLOAT32  # and GPTQ's working copies
+                linear = shape.hidden * shape.intermediate * FLOAT32  # the refit's chunk of rows, GPTQ's weight copies
+                work = activations + hessians + 3 * linear + 256 * 2**20
+                peak = BASE + streamed + work  # GPTQ/AWQ hold one decoder layer at a time
+                knob = "quantize.calibration.num_samples (activations)"
+                if method == "w8a8" or budget is not None:  # SmoothQuant and the sensitivity pass: the whole model
+                    peak = max(peak, BASE + 1.2 * f32 + work)
+                    knob += "; quantize.budget loads the whole float32 model" if budget is not None else ""
+                out.append(StepEstimate("quantize", peak, knob))
             graph_bytes = f32 * (bits / 32 + 1 / 16) if method != "w8a8" else f32 / 4
         elif name == "export":
             out.append(StepEstimate("export", BASE + streamed + 1.25 * graph_bytes,

@@ -9,6 +9,9 @@ masks and rotary embeddings are the library's and `generate`, caches and hooks w
 forward reads the layers again (from the page cache when the checkpoint fits there); a float32 8B
 model would need 32 GB whole, streamed it needs its embeddings plus one layer.
 
+Calibration (GPTQ, AWQ) holds a layer for several passes: `load_streamed_model(folder, on_demand=False)`
+leaves the loading to the caller, through `load_layer` and `unload_layer`.
+
 `load_reference_model` picks: the whole model when its float32 weights are small (fast, and what the
 SmolLM2 results were measured with), streamed above `WHOLE_MODEL_LIMIT`.
 """
@@ -38,15 +41,16 @@ def load_reference_model(folder: Path, attention: str = "eager") -> torch.nn.Mod
     return load_streamed_model(folder, attention)
 
 
-def load_streamed_model(folder: Path, attention: str = "eager") -> torch.nn.Module:
-    """The model of a checkpoint folder with its decoder layers left on disk until a forward needs them."""
+def load_streamed_model(folder: Path, attention: str = "eager", on_demand: bool = True) -> torch.nn.Module:
+    """The model of a checkpoint folder with its decoder layers left on disk until a forward needs them
+    (`on_demand`), or until the caller loads them with `load_layer`."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(folder)
     config = AutoConfig.from_pretrained(folder)
     with init_empty_weights(include_buffers=False):  # buffers (rotary frequencies) are computed, not stored
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=attention, torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attention, dtype=torch.float32)
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):
         raise StageError(f"{folder}: {config.model_type} keeps no decoder layers at model.layers; it cannot be streamed")
@@ -55,7 +59,8 @@ def load_streamed_model(folder: Path, attention: str = "eager") -> torch.nn.Modu
         if not name.startswith("model.layers."):
             _set(model, name, reader[name])
     model.tie_weights()
-    for i, layer in enumerate(layers):
+    model.checkpoint_reader = reader
+    for i, layer in enumerate(layers if on_demand else ()):
         layer.register_forward_pre_hook(_loader(reader, f"model.layers.{i}."))
         layer.register_forward_hook(_unloader)
     resident = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith("model.layers.")]
@@ -63,6 +68,17 @@ def load_streamed_model(folder: Path, attention: str = "eager") -> torch.nn.Modu
         raise StageError(f"{folder}: the checkpoint holds no {resident[0]} ({len(resident)} tensors missing)")
     model.streamed_layers = len(layers)
     return model.eval()
+
+
+def load_layer(model: torch.nn.Module, index: int) -> torch.nn.Module:
+    """Decoder layer `index` of a streamed model, read from its checkpoint in float32; resident until unloaded."""
+    layer = model.model.layers[index]
+    _loader(model.checkpoint_reader, f"model.layers.{index}.")(layer, ())
+    return layer
+
+
+def unload_layer(model: torch.nn.Module, index: int) -> None:
+    model.model.layers[index].to("meta")
 
 
 def resident_layers(model: torch.nn.Module) -> list[int]:

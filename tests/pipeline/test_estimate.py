@@ -53,7 +53,7 @@ def test_the_reference_ggufs_shape_and_the_estimates_order():
     steps = {s.step: s.peak_bytes for s in estimate(shape, [(e.name, e.config) for e in recipe.stages])}
     assert steps["quantize"] > steps["model"]  # the float32 model and its calibration activations
     streamed = estimate(shape, [(e.name, e.config) for e in load_recipe("recipes/smollm2-int4-rtn.yaml").stages])
-    assert next(s for s in streamed if s.step == "quantize").peak_bytes < steps["quantize"] / 2  # RTN streams
+    assert next(s for s in streamed if s.step == "quantize").peak_bytes < 0.7 * steps["quantize"]  # RTN streams
 
 
 def test_an_unreadable_source_leaves_the_error_to_the_model_step(tmp_path, eval_text, capsys):
@@ -62,3 +62,13 @@ def test_an_unreadable_source_leaves_the_error_to_the_model_step(tmp_path, eval_
     with pytest.raises(StageError, match="could not be read as a GGUF model"):
         run(write_recipe(tmp_path, bad, eval_text), workdir=tmp_path / "w")
     assert "plan: no memory estimate" in capsys.readouterr().out
+
+
+def test_gptq_follows_one_layer_and_a_sensitivity_budget_the_whole_model():
+    from pipeline.configs import BudgetConfig, QuantizeConfig
+    from pipeline.estimate import ModelShape
+
+    llama3_8b = ModelShape(8_030_261_248, 2 * 8_030_261_248, 4096, 14336, 128256, 32, tied=False, linked=True)
+    plain, budget = (estimate(llama3_8b, [("quantize", QuantizeConfig(method="gptq", budget=b))])[1].peak_bytes
+                     for b in (None, BudgetConfig(max_size_mb=6000)))
+    assert plain < 16e9 < llama3_8b.float32_bytes < budget  # embeddings, head, one layer and the activations

@@ -1,9 +1,9 @@
-"""AWQ over a whole decoder, layer by layer (the math is in pipeline.quant.awq).
+"""AWQ over one decoder layer (the math is in pipeline.quant.awq; layerwise.py walks the layers).
 
-For each layer: collect the inputs of each group of linears that share an input, search the
+For the layer: collect the inputs of each group of linears that share an input, search the
 activation-aware scale and fold it into the op that feeds them (exact in float), search each
 group's clipping range, quantize, refit the group scales on the output error (`refit_scales`, see
-pipeline.quant.refit), then run the quantized layer to feed the next one. With `awq_codes: gptq`
+pipeline.quant.refit); the caller then runs the quantized layer to feed the next one. With `awq_codes: gptq`
 the codes of the scaled weights come from GPTQ instead of the clip search (the AWQ paper's
 combination of the two): each distinct linear input also accumulates its Hessian over every
 calibration token, and a fold of s turns it into H / (s sᵀ), the Hessian of the inputs x / s. With
@@ -16,14 +16,13 @@ from __future__ import annotations
 from typing import Callable, Collection
 
 import torch
-from tqdm import tqdm
 
-from calibration.collect import calibration_estimate, capture_layer_inputs, decoder_layers, feed_inputs, run_layer
+from calibration.collect import feed_inputs, run_layer
 from pipeline.configs import QuantizeConfig
 from pipeline.errors import StageError
 from pipeline.quant.awq import search_clip, search_scale, search_scale_on_output
 from pipeline.quant.gptq import HessianAccumulator, gptq_refit
-from pipeline.quant.primitives import QTensor, QuantScheme, dequantize, quantize
+from pipeline.quant.primitives import QTensor, QuantScheme, quantize
 from pipeline.quant.refit import padded_gram, refit_scales
 
 # (op whose output feeds the linears, the linears) within one decoder layer of the Llama family
@@ -66,40 +65,34 @@ class InputStats:
         return torch.cat(self.sample)[: self.keep], self.sum / self.count
 
 
-def awq_model(model, plan: dict[str, QuantScheme], cfg: QuantizeConfig, batches: list[torch.Tensor],
-              log: Callable[[str], None]) -> dict[str, QTensor]:
-    hidden, kwargs = capture_layer_inputs(model, batches)
+def awq_layer(layer: torch.nn.Module, prefix: str, index: int, plan: dict[str, QuantScheme], cfg: QuantizeConfig,
+              hidden: list[torch.Tensor], kwargs: list[dict], gen: torch.Generator) -> dict[str, QTensor]:
+    """Fold the searched scales into the layer and return the codes of its planned linears (full names)."""
     use_gptq = cfg.awq_codes == "gptq"
-    passes = 4.5 if use_gptq else 2.6  # layer forwards per batch that the work costs (GPTQ codes: measured on SmolLM2)
-    log("  " + calibration_estimate(decoder_layers(model), hidden, kwargs, passes)
-        + f"; searches on {cfg.search_tokens} tokens per input" + ("; codes by GPTQ" if use_gptq else ""))
-    gen = torch.Generator().manual_seed(cfg.calibration.seed)
+    collected = collect_inputs(layer, hidden, kwargs, cfg.search_tokens, gen, index,
+                               hessians=[names[0] for _, names in SCALE_GROUPS] if use_gptq else ())
+    stats = {n: s.result() for n, s in collected.items()}
+    hessians = shared_hessians(collected) if use_gptq else {}
+    judges = block_judges(layer, hidden[0], kwargs[0], stats) if cfg.awq_objective == "block" else {}
+    for feeder, names in SCALE_GROUPS:
+        _scale_group(layer, feeder, names, prefix, plan, stats, judges.get(feeder), hessians.get(names[0]))
     qtensors: dict[str, QTensor] = {}
-    for index, layer in enumerate(tqdm(decoder_layers(model), desc="  awq layers", unit="layer")):
-        prefix = f"model.layers.{index}."
-        collected = collect_inputs(layer, hidden, kwargs, cfg.search_tokens, gen, index,
-                                   hessians=[names[0] for _, names in SCALE_GROUPS] if use_gptq else ())
-        stats = {n: s.result() for n, s in collected.items()}
-        hessians = shared_hessians(collected) if use_gptq else {}
-        judges = block_judges(layer, hidden[0], kwargs[0], stats) if cfg.awq_objective == "block" else {}
-        for feeder, names in SCALE_GROUPS:
-            _scale_group(layer, feeder, names, prefix, plan, stats, judges.get(feeder), hessians.get(names[0]))
-        for name, module in layer.named_modules():
-            if prefix + name in plan:
-                x, _ = stats[name]
-                scheme = plan[prefix + name]
-                qtensors[prefix + name] = _quantize_codes(x, module.weight.data, scheme, cfg, hessians.get(name))
-                module.weight.data = dequantize(qtensors[prefix + name])
-        hidden = run_layer(layer, hidden, kwargs)
-    if "lm_head" in plan:  # tied to the embedding: no scale to fold, codes only
-        stats = InputStats(cfg.search_tokens, gen, hessian=use_gptq)
-        with torch.no_grad():
-            for h in hidden:
-                stats.add(model.model.norm(h), len(hidden))
-        x, _ = stats.result()
-        w = model.lm_head.weight.data
-        qtensors["lm_head"] = _quantize_codes(x, w, plan["lm_head"], cfg, stats.hessian.H if use_gptq else None)
+    for name, module in layer.named_modules():
+        if prefix + name in plan:
+            x, _ = stats[name]
+            qtensors[prefix + name] = _quantize_codes(x, module.weight.data, plan[prefix + name], cfg, hessians.get(name))
     return qtensors
+
+
+def awq_head(norm: torch.nn.Module, weight: torch.Tensor, scheme: QuantScheme, cfg: QuantizeConfig,
+             hidden: list[torch.Tensor], gen: torch.Generator) -> QTensor:
+    """The LM head's codes (no scale to fold: it may be tied to the embedding), from the final norm's outputs."""
+    stats = InputStats(cfg.search_tokens, gen, hessian=cfg.awq_codes == "gptq")
+    with torch.no_grad():
+        for h in hidden:
+            stats.add(norm(h), len(hidden))
+    x, _ = stats.result()
+    return _quantize_codes(x, weight, scheme, cfg, stats.hessian.H if stats.hessian is not None else None)
 
 
 def _quantize_codes(x: torch.Tensor, w: torch.Tensor, scheme: QuantScheme, cfg: QuantizeConfig,

@@ -1,7 +1,7 @@
 """Which layers a quantize step turns into which scheme, and how the plan is written down.
 
-Shared by the whole-model path (stage.py) and the tensor-by-tensor RTN path (rtn.py); both work from
-the module names and shapes, so a model skeleton on the meta device serves as well as a loaded model.
+Made from the module names and shapes alone, so a model skeleton on the meta device serves (rtn.py,
+layerwise.py) as well as a loaded model (the sensitivity budget).
 """
 from __future__ import annotations
 

@@ -6,9 +6,9 @@ layer, dequantized, and written straight into the output checkpoint; its packed 
 `quantized.safetensors` the same way. Memory is one tensor (plus the writers' headers), whatever the
 model's size: an 8B model's largest tensor is under 1 GB in float32.
 
-The artifact is the one the whole-model path writes (`stage.py`): the same codes, the same float32
-checkpoint tensors, the same plan (tests/pipeline/stages/test_quantize_rtn.py checks them against
-each other on a tiny model and on the reference model).
+The artifact is the one quantizing the loaded model would write: the same codes, the same float32
+checkpoint tensors, the same plan (tests/pipeline/stages/test_quantize_streamed.py checks them
+against each other on tiny models and on the reference model).
 
     model step shards ──► tensor ──► [planned: quantize ─► pack ──► quantized.safetensors]
                                       └─ dequantize (or as is) ─► float32 ──► model.safetensors
@@ -18,36 +18,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-import torch
 from tqdm import tqdm
 
-from pipeline.checkpoint import CheckpointReader, SafetensorsWriter, ShardedWriter
+from pipeline.checkpoint import CheckpointReader, ShardedWriter
 from pipeline.configs import QuantizeConfig
-from pipeline.models import copy_tokenizer
-from pipeline.quant.plan import PACKED_FILE, PLAN_FILE
-from pipeline.quant.primitives import QuantScheme, dequantize, pack_matmul_nbits, quantize
-from pipeline.stages.quantize.plan import (
-    EMBEDDING, embedding_scheme, embedding_shares_head, make_plan, plan_file, plan_summary,
-)
-
-HEAD = "lm_head"
+from pipeline.quant.primitives import QuantScheme, dequantize, quantize
+from pipeline.stages.quantize.output import HEAD, PackedCodes, finish, skeleton
+from pipeline.stages.quantize.plan import EMBEDDING, embedding_scheme, embedding_shares_head, plan_summary
 
 
-def skeleton(folder: Path):
-    """The model of `folder` on the meta device: module names, types and shapes, no weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(folder)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
-
-
-def rtn_streamed(cfg: QuantizeConfig, src: Path, out: Path, log: Callable[[str], None]) -> tuple[dict, dict, int, int]:
-    """Quantize the checkpoint in `src` into `out` tensor by tensor; returns (plan, skipped layers, packed bytes,
-    the planned layers' float32 bytes)."""
+def rtn_streamed(cfg: QuantizeConfig, src: Path, out: Path, plan: dict[str, QuantScheme], skipped: dict[str, str],
+                 log: Callable[[str], None]) -> tuple[int, int]:
+    """Quantize the checkpoint in `src` into `out` tensor by tensor as `plan` says; returns (packed bytes, the
+    planned layers' float32 bytes). Adds the embedding to `skipped` when it stays float."""
     model = skeleton(src)
     config = model.config
-    plan, skipped = make_plan(model, cfg)
     share = embedding_shares_head(model, cfg)
     embed_scheme = embedding_scheme(model, cfg)
     if embed_scheme is None:
@@ -58,9 +43,7 @@ def rtn_streamed(cfg: QuantizeConfig, src: Path, out: Path, log: Callable[[str],
         f"{src.name}")
     reader = CheckpointReader(src)
     names = [n for n in model.state_dict() if not (tied and n == f"{HEAD}.weight")]
-    shapes: dict[str, tuple[QuantScheme, int, int]] = {}
-    packed_bytes = 0
-    with ShardedWriter(out) as weights, SafetensorsWriter(out / PACKED_FILE) as packed:
+    with ShardedWriter(out) as weights, PackedCodes(out) as codes:
         for name in tqdm(names, desc="  rtn", unit="tensor", leave=False):
             module, _, kind = name.rpartition(".")
             stored = name if name in reader else f"{EMBEDDING}.weight"  # an untied head starts as the embedding
@@ -68,22 +51,12 @@ def rtn_streamed(cfg: QuantizeConfig, src: Path, out: Path, log: Callable[[str],
             scheme = _scheme_for(module, kind, plan, share, embed_scheme)
             if scheme is not None:
                 qt = quantize(tensor, scheme)
-                key = HEAD if module == EMBEDDING and share else module  # a shared embedding holds the head's codes
-                shapes[key] = (scheme, qt.shape[0], qt.shape[1])
-                for part, array in pack_matmul_nbits(qt).items():
-                    packed.add(f"{key}.{part}", array)
-                    packed_bytes += array.nbytes
+                codes.add(HEAD if module == EMBEDDING and share else module, qt)  # a shared embedding holds the head's codes
                 tensor = dequantize(qt).float()
             weights.add(name, tensor)
-    order = [n for n in (*plan, EMBEDDING) if n in shapes]  # the whole-model path's order: plan, then the embedding
     embed = None if embed_scheme is None else {"shared_with": HEAD if share else None}
-    (out / PLAN_FILE).write_text(plan_file(cfg.method, {n: shapes[n] for n in order}, embed, skipped))
-    float_bytes = sum(model.get_submodule(n).weight.numel() * 4 for n in plan)
-    config.tie_word_embeddings = tied
-    config.dtype = torch.float32
-    config.save_pretrained(out)
-    copy_tokenizer(src, out)
-    return plan, skipped, packed_bytes, float_bytes
+    finish(out, src, config, cfg.method, plan, skipped, codes, embed, tied)
+    return codes.bytes, sum(model.get_submodule(n).weight.numel() * 4 for n in plan)
 
 
 def _scheme_for(module: str, kind: str, plan: dict[str, QuantScheme], share: bool,
