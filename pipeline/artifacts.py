@@ -25,6 +25,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from runtime.integrity import sha256_file
+
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 TRACKED_LIBRARIES = ("torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "tokenizers",
@@ -49,14 +51,6 @@ def fingerprint(*parts: Any) -> str:
     """sha256 over the canonical JSON of `parts` (configs must be fully resolved first)."""
     blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 RACY_NS = 2_000_000_000  # a file modified this close to its hashing may change again within one timestamp tick

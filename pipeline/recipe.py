@@ -61,18 +61,60 @@ def load_recipe(path: Path | str, overrides: Sequence[str] = ()) -> Recipe:
     """Parse and validate a recipe file, with `--set KEY.PATH=VALUE` overrides applied first
     (pipeline/recipe_overrides.py). Raises RecipeError with `file: key.path: message`."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise RecipeError(f"{path}: recipe file not found") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise RecipeError(f"{path}:{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    raw = _read_yaml(path)
     try:
         return _build_recipe(path, apply_overrides(raw, overrides) if overrides else raw)
     except RecipeError as e:
         raise RecipeError(f"{path}: {e}") from None
+
+
+MAX_RECIPE_BYTES = 2**20
+MAX_RECIPE_VALUES = 100_000  # after YAML aliases are expanded: a few hundred bytes can otherwise mean gigabytes
+
+
+def _read_yaml(path: Path) -> Any:
+    """The recipe file's YAML, refused in one line when it is not a readable UTF-8 file of sane size and shape."""
+    try:
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"{path}: {path.stat().st_size} bytes; a recipe is at most {MAX_RECIPE_BYTES} bytes")
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: recipe file not found") from None
+    except IsADirectoryError:
+        raise RecipeError(f"{path}: is a folder; give the recipe's .yaml file") from None
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot be read ({e.strerror or e})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise RecipeError(f"{path}: line {line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the recipe as UTF-8") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"{path}:{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: nested too deeply to be a recipe") from None
+    if _expanded_values(raw, MAX_RECIPE_VALUES) > MAX_RECIPE_VALUES:
+        raise RecipeError(f"{path}: expands to more than {MAX_RECIPE_VALUES} values through YAML aliases (&name/*name); "
+                          "write the values out")
+    return raw
+
+
+def _expanded_values(node: Any, limit: int) -> int:
+    """How many values `node` holds with every shared (aliased) part counted each time it appears; stops past `limit`."""
+    count, stack = 0, [node]
+    while stack and count <= limit:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return count
 
 
 def _build_recipe(path: Path, raw: Any) -> Recipe:

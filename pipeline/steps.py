@@ -13,7 +13,9 @@ registered as distributed are built by all of them together, every other step by
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import json
 import os
@@ -23,7 +25,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from pipeline import distributed, resources
 from pipeline import stages as _stages  # noqa: F401  (registers the stages)
@@ -38,6 +40,7 @@ from pipeline.recipe import data_identity, load_recipe
 from pipeline.registry import STAGES, StageResult
 
 MARGIN = 1.25  # refuse only what is clearly beyond the machine: the estimates are within about 15 %
+LOCK_FILE = ".lock"  # held by the run working in the folder (see _run_lock)
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,39 @@ def run(recipe_path: Path | str, workdir: Path | str = "artifacts", force: bool 
     run_dir = Path(workdir) / recipe.name
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
+    with _run_lock(run_dir, main):
+        return _run(recipe, run_dir, Path(workdir), force, overrides, verify, main, world)
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: Path, main: bool) -> Iterator[None]:
+    """One run per run folder at a time: an advisory lock on `run_dir/.lock`, released when the run ends or its
+    process dies (kill -9 included), so a second run of the recipe refuses instead of taking the first one's
+    temporary folder for an interrupted run's."""
+    if not main:
+        yield
+        return
+    with open(run_dir / LOCK_FILE, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise StageError(f"{run_dir}: another run of this recipe is in progress ({holder}); wait for it to finish, "
+                             "or give this one another name (--set name=...) or --workdir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _run(recipe, run_dir: Path, workdir: Path, force: bool, overrides: Sequence[str], verify: bool, main: bool,
+         world: int) -> Path:
+    if main:
         _remove_stale_temps(run_dir)
     log(f"run {recipe.name}: {recipe.path}{''.join(f' --set {o}' for o in overrides)} -> {run_dir}")
     if main:

@@ -16,6 +16,7 @@ def find_model_folder(path):
     import json
     from pathlib import Path
 
+    from runtime.integrity import inside
     from runtime.io_spec import CONTRACT_FILE
 
     path = Path(path)
@@ -23,10 +24,14 @@ def find_model_folder(path):
         return path
     run = path / "run.json"
     if run.is_file():
-        steps = json.loads(run.read_text()).get("steps", [])
+        try:
+            steps = json.loads(run.read_text()).get("steps", [])
+        except (OSError, ValueError, AttributeError) as e:
+            raise RuntimeFailure(f"{run}: unreadable ({type(e).__name__}); pass the export step folder itself") from None
         for step in reversed(steps):
-            if (path / step["dir"] / CONTRACT_FILE).is_file():
-                return path / step["dir"]
+            folder = inside(path, str(step.get("dir", "")), "run.json") if isinstance(step, dict) else None
+            if folder is not None and (folder / CONTRACT_FILE).is_file():
+                return folder
     candidates = sorted(p.parent for p in path.glob(f"*/{CONTRACT_FILE}"))
     if candidates:
         return candidates[-1]

@@ -32,14 +32,15 @@ from runtime.tokenizer import StreamDecoder
 @click.option("--allow-fallback", is_flag=True, help="run even if heavy nodes fell back from the GPU to the CPU")
 @click.option("--cuda-graph/--no-cuda-graph", default=None,
               help="capture the decode step as a CUDA graph and replay it (default: on with cuda and the fused graph)")
+@click.option("--verify", is_flag=True, help="hash every file of the artifact against its manifest first (sizes are always checked)")
 def generate_command(artifact, prompt, max_new_tokens, temperature, top_k, top_p, seed, system, no_chat, provider, threads,
-                     graph, max_length, allow_fallback, cuda_graph):
+                     graph, max_length, allow_fallback, cuda_graph, verify):
     """Answer PROMPT with the model exported in ARTIFACT (a run folder or an export step folder)."""
     try:
         t0 = time.perf_counter()
         folder = find_model_folder(artifact)
         gen = Generator(folder, provider=provider, threads=threads, graph=graph, max_length=max_length,
-                        allow_fallback=allow_fallback, cuda_graph=cuda_graph)
+                        allow_fallback=allow_fallback, cuda_graph=cuda_graph, verify=verify)
         load_s = time.perf_counter() - t0
         click.echo(f"[{folder}] {gen.flavour} graph on {gen.provider}, loaded in {load_s:.2f}s; {gen.describe_settings()}",
                    err=True)

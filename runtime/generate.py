@@ -21,6 +21,7 @@ import numpy as np
 from runtime.errors import RuntimeFailure
 from runtime.float_prefill import FloatPrefill
 from runtime.fused import FusedGraph
+from runtime.integrity import check_artifact
 from runtime.io_spec import CONTRACT_FILE, Contract
 from runtime.portable import PortableGraph
 from runtime.sampling import SamplingParams, sample
@@ -58,15 +59,17 @@ class Generator:
     def __init__(self, folder: Path | str, provider: str = "auto", threads: int = 0, graph: str = "auto",
                  max_length: int | None = None, allow_fallback: bool = False, cuda_graph: bool | None = None,
                  spinning: bool = True, verify_placement: bool = True, optimization: str | None = None,
-                 float_prefill: bool = True):
+                 float_prefill: bool = True, verify: bool = False):
         """`threads` and `optimization` (graph optimization level): given neither, the settings
         `optimize tune` measured for this artifact on this machine, else onnxruntime's defaults
         (`settings` and `tuning_file` say which). `cuda_graph`: capture the decode step once and
         replay it; None (the default) does so on CUDA with the fused graph. `verify_placement`: off
         the CPU, profile one probe run and fail if a heavy node left the provider (unless `allow_fallback`).
         `float_prefill`: with an int8 KV cache, run prompts through the artifact's float-cache graph
-        (runtime.float_prefill: faster prompts, a second session's memory) rather than the int8 graph."""
+        (runtime.float_prefill: faster prompts, a second session's memory) rather than the int8 graph.
+        The artifact's files are checked against its manifest first: sizes always, checksums with `verify`."""
         self.folder = Path(folder)
+        check_artifact(self.folder, verify)
         graph_folder = runner_graph_folder(self.folder, graph)
         self.contract = load_contract(graph_folder)
         self.provider_reason: str | None = None  # why "auto" left a GPU unused, for the log lines

@@ -32,7 +32,7 @@ runner runs prompts through the float graph and rounds their keys and values int
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 CONTRACT_FILE = "io_contract.json"
@@ -41,6 +41,7 @@ CONTRACT_VERSION = 2  # 2: the fused graph lost query_seqlens; logits always flo
 BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "past_sequence_length + sequence_length"
 MAX_LENGTH, LOGITS = "max_length", "logits_length"
 FLAVOURS = ("portable", "fused")
+FILE_KEYS = ("model_file", "prefill_model_file", "kv_scales_file")
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,19 @@ class Contract:
         path = Path(folder) / CONTRACT_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{folder}: no {CONTRACT_FILE}; is this an export artifact?")
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: unreadable ({type(e).__name__}); re-run the export stage") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: not a JSON object; re-run the export stage")
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"{path}: unknown key {unknown[0]!r}; re-run the export stage with this version of the toolkit")
+        for key in FILE_KEYS:  # names of files beside the contract, never paths elsewhere
+            name = data.get(key, "")
+            if not isinstance(name, str) or (name and (Path(name).name != name or name in (".", ".."))):
+                raise ValueError(f"{path}: {key} {name!r} must be a file name in the artifact folder")
         if data.get("version") != CONTRACT_VERSION:
             raise ValueError(f"{path}: contract version {data.get('version')} is not {CONTRACT_VERSION}; "
                              f"re-run the export stage with this version of the toolkit")

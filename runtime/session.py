@@ -65,7 +65,12 @@ def create_session(folder: Path, contract: Contract, provider: str = "auto", thr
     providers: list = [PROVIDERS[chosen]] + ([PROVIDERS["cpu"]] if chosen != "cpu" else [])
     if cuda_graph:
         providers[0] = (PROVIDERS["cuda"], {"enable_cuda_graph": "1"})
-    session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    try:
+        session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf/RuntimeException types
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise RuntimeFailure(f"{path}: onnxruntime cannot load it ({first}); the artifact may be damaged: check it with "
+                             "--verify, or rebuild it (optimize RECIPE --force)") from None
     in_use = session.get_providers()[0]
     if in_use != PROVIDERS[chosen]:
         raise RuntimeFailure(f"requested {PROVIDERS[chosen]} but onnxruntime runs the model on {in_use}")

@@ -25,6 +25,7 @@ import torch
 from calibration.collect import decoder_layers
 from pipeline import distributed
 from pipeline.configs import DistillConfig
+from pipeline.errors import StageError
 from pipeline.models import load_torch_model
 
 FOLDER = "fsdp"  # inside a checkpoint: the sharded model and optimizer
@@ -144,5 +145,45 @@ def load_shards(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder
 
     weights, moments = get_state_dict(model, optimizer)
     state = {"model": weights, "optimizer": moments}
-    dcp.load(state, checkpoint_id=str(folder / FOLDER))
+    reader = metadata_checked_reader(folder / FOLDER)
+    reader.read_metadata()  # refused here in one line, not inside the collective load's report
+    dcp.load(state, storage_reader=reader)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def metadata_checked_reader(path: Path):
+    """torch's checkpoint reader, except that its `.metadata` file (a pickle) may hold only the checkpoint
+    format's own classes, torch sizes and dtypes: a file planted in the workdir cannot run code at resume."""
+    import pickle
+
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            found = super().find_class(module, name)
+            if module.startswith("torch.distributed.checkpoint.") and isinstance(found, type):
+                return found
+            if module == "torch" and (found is torch.Size or isinstance(found, (torch.dtype, torch.layout, torch.memory_format))):
+                return found
+            if (module, name) in {("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
+                                  ("torch.serialization", "_get_layout"),  # a layout by its name
+                                  ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath")}:  # where it was saved
+                return found
+            raise pickle.UnpicklingError(f"{module}.{name} has no place in a checkpoint's metadata")
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            metadata_path = self._get_metadata_path(kwargs.get("rank"))
+            try:
+                with open(metadata_path, "rb") as f:
+                    metadata = Unpickler(f).load()
+            except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as e:
+                raise StageError(f"distill: {metadata_path} is not a checkpoint this stage wrote ({e}); delete the "
+                                 "checkpoint folder to start over") from None
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return Reader(str(path))

@@ -13,7 +13,8 @@ checkpoint continues exactly where the killed one was.
                     (KD and CE inside the student's head, chunk by chunk: pipeline/distill/head_loss.py)
                     AdamW, warm-up then cosine, gradient clipping, accumulation
     every eval_every steps: held-out perplexity of the student and its KL to the teacher
-    every checkpoint_every steps: accelerate's state (model, optimizer, scheduler, RNG) + progress.json
+    every checkpoint_every steps: accelerate's state (model in safetensors; optimizer and RNG read back with
+    torch.load(weights_only=True)) + progress.json (step, history, the LR schedule: nothing is unpickled)
 """
 from __future__ import annotations
 
@@ -140,7 +141,6 @@ def train(student, teacher, train_blocks: torch.Tensor, eval_blocks: torch.Tenso
         accelerator.unwrap_model(student, keep_fp32_wrapper=False)
         teacher = teacher.to(accelerator.device)
     teacher.eval()  # read under no_grad only: its own flags stay as they are
-    accelerator.register_for_checkpointing(scheduler)  # stepped here once per optimizer step, whatever the world size
 
     history, start = History(), 0
     state = latest_checkpoint(checkpoints)
@@ -152,7 +152,8 @@ def train(student, teacher, train_blocks: torch.Tensor, eval_blocks: torch.Tenso
             raise StageError(f"distill: the checkpoint in {state} was written by {written[0]} process(es)"
                              f"{' with FSDP' if written[1] else ''}, this run has {accelerator.num_processes}"
                              f"{' with FSDP' if fsdp else ''}; resume the same way, or delete {checkpoints} to start over")
-        accelerator.load_state(str(state))
+        accelerator.load_state(str(state))  # safetensors, and torch.load with weights_only for the rest
+        scheduler.load_state_dict(saved["scheduler"])  # kept in progress.json: a registered object would be unpickled
         if fsdp:
             sharding.load_shards(student, optimizer, state)
         history, start = History(**saved["history"]), saved["step"]
@@ -218,7 +219,7 @@ def train(student, teacher, train_blocks: torch.Tensor, eval_blocks: torch.Tenso
             history.eval_kl.append(kl)
             log(f"  step {done}/{steps}: held-out perplexity {ppl:.3f}, KL to the teacher {kl:.4f}")
         if done % cfg.checkpoint_every == 0 or done == steps:
-            _checkpoint(accelerator, checkpoints, done, history, (student, optimizer) if fsdp else None)
+            _checkpoint(accelerator, checkpoints, done, history, scheduler, (student, optimizer) if fsdp else None)
             last_good = done
         if on_step:
             on_step(done)
@@ -294,7 +295,7 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return None
 
 
-def _checkpoint(accelerator, folder: Path, step: int, history: History, sharded=None) -> None:
+def _checkpoint(accelerator, folder: Path, step: int, history: History, scheduler, sharded=None) -> None:
     """Write the state and its progress.json to a temp folder, then swap it in: a kill at any moment
     leaves one complete checkpoint. Every process saves its part (its random state; under FSDP, given
     `sharded` = (model, optimizer), its shards); process 0 writes progress.json and swaps."""
@@ -311,7 +312,7 @@ def _checkpoint(accelerator, folder: Path, step: int, history: History, sharded=
     if not accelerator.is_main_process:
         return
     progress = {"step": step, "processes": accelerator.num_processes, "fsdp": sharded is not None,
-                "history": history.__dict__}
+                "history": history.__dict__, "scheduler": scheduler.state_dict()}
     (tmp / PROGRESS_FILE).write_text(json.dumps(progress))
     shutil.rmtree(old, ignore_errors=True)
     if state.exists():

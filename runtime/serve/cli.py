@@ -36,8 +36,9 @@ from runtime import Generator, RuntimeFailure, find_model_folder
 @click.option("--shutdown-timeout", default=30.0, show_default=True, type=click.FloatRange(0),
               help="seconds in-flight requests get to finish after SIGTERM")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
+@click.option("--verify", is_flag=True, help="hash every file of the artifact against its manifest first (sizes are always checked)")
 def serve_command(artifact, host, port, slots, max_length, kv_budget_mb, max_waiting, max_prefill_tokens, prefix_reuse,
-                  float_prefill, model_name, provider, threads, spin, shutdown_timeout, log_level):
+                  float_prefill, model_name, provider, threads, spin, shutdown_timeout, log_level, verify):
     """Serve the model exported in ARTIFACT (a run folder or an export step folder) over HTTP."""
     import uvicorn
 
@@ -48,7 +49,7 @@ def serve_command(artifact, host, port, slots, max_length, kv_budget_mb, max_wai
         folder = find_model_folder(artifact)
         # no CUDA graph: the server's batch changes from step to step, a captured graph has one shape
         gen = Generator(folder, provider=provider, threads=threads, graph="fused", cuda_graph=False,
-                        spinning=spin, float_prefill=float_prefill)
+                        spinning=spin, float_prefill=float_prefill, verify=verify)
         per_token = gen.contract.kv_bytes_per_token(slots)
         if kv_budget_mb is not None:
             fit = int(kv_budget_mb * 2**20 // per_token)

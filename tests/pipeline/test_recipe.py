@@ -132,6 +132,30 @@ def test_top_level_typo_and_yaml_error(tmp_path):
         load_recipe(tmp_path / "absent.yaml")
 
 
+LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]\n" for i in range(8))
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"name: caf\xe9\nmodel: x/y\nstages: []\n", r"r.yaml: line 1: not UTF-8 text \(byte 0xe9\); save the recipe as UTF-8"),
+    (b"\xff\xfe" + "model: x/y".encode("utf-16-le"), r"line 1: not UTF-8 text \(byte 0xff\)"),
+    (LAUGHS.encode(), r"expands to more than 100000 values through YAML aliases"),
+    (b"[" * 5000 + b"]" * 5000, r"nested too deeply to be a recipe|not valid YAML"),
+    (b"# " + b"x" * (2**20) + b"\n", r"r.yaml: \d+ bytes; a recipe is at most 1048576 bytes"),
+], ids=["latin-1", "utf-16", "alias-bomb", "deep", "huge"])
+def test_a_recipe_file_that_is_not_sane_yaml_text_is_one_line(tmp_path, content, message):
+    path = tmp_path / "r.yaml"
+    path.write_bytes(content)
+    with pytest.raises(RecipeError, match=message) as caught:
+        load_recipe(path)
+    assert "\n" not in str(caught.value) and len(str(caught.value)) < 300
+
+
+def test_a_recipe_path_that_is_a_folder_is_one_line(tmp_path):
+    with pytest.raises(RecipeError, match=r"is a folder; give the recipe's .yaml file"):
+        load_recipe(tmp_path)
+
+
 def test_shipped_recipes_parse():
     from conftest import REFERENCE_GGUF, ROOT
 

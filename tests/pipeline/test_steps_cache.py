@@ -216,3 +216,38 @@ def test_a_source_written_just_before_it_was_hashed_is_hashed_again(tmp_path):
     first = cache.sha256(f)
     f.write_text("abd")  # same size, very likely the same timestamp tick
     assert ChecksumCache(tmp_path / "sums.json").sha256(f) != first
+
+
+def test_a_second_run_of_a_live_run_refuses_and_leaves_its_temporary_folder(work):
+    """The run folder is locked while a run works in it: a second run names the holder and touches nothing."""
+    from pipeline.errors import StageError
+    from pipeline.steps import _run_lock
+
+    tmp, recipe = work
+    run_dir = tmp / "a" / "tiny"
+    run_dir.mkdir(parents=True)
+    live = run_dir / ".tmp-01-export-0123456789ab-99999"
+    live.mkdir()
+    with _run_lock(run_dir, main=True):
+        with pytest.raises(StageError, match=r"another run of this recipe is in progress \(pid \d+\); wait for it"):
+            run(recipe, workdir=tmp / "a")
+        assert live.is_dir() and not steps(run_dir)
+    run(recipe, workdir=tmp / "a")  # released: this run takes the folder and clears what the dead run left
+    assert not live.exists() and set(steps(run_dir)) == {"model", "export", "validate"}
+
+
+def test_the_run_lock_dies_with_its_process(work):
+    """kill -9 cannot leave the folder locked: the lock is the process's open file."""
+    tmp, recipe = work
+    run_dir = tmp / "a" / "tiny"
+    run_dir.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from pipeline.steps import _run_lock; "
+                               "ctx = _run_lock(Path(sys.argv[1]), True); ctx.__enter__(); print('held', flush=True); "
+                               "time.sleep(60)", str(run_dir)], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).parents[2])
+    assert holder.stdout.readline().strip() == "held"
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    run(recipe, workdir=tmp / "a")
+    assert set(steps(run_dir)) == {"model", "export", "validate"}

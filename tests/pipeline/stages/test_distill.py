@@ -82,7 +82,16 @@ def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(tmp_path,
         run(_recipe(tmp_path, teacher, eval_text), workdir=tmp_path / "resumed")
     assert list((tmp_path / "resumed" / "d").glob(".resume-*/state/progress.json"))
     monkeypatch.setattr(stage, "train", real_train)
+    real_load, loads = torch.load, []
+
+    def tensors_only(*args, **kwargs):  # a resume unpickles nothing: a file planted in the workdir cannot run code
+        loads.append(kwargs.get("weights_only"))
+        assert kwargs.get("weights_only") is True, f"torch.load without weights_only: {args[:1]}"
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", tensors_only)
     resumed = run(_recipe(tmp_path, teacher, eval_text), workdir=tmp_path / "resumed")
+    assert loads  # the optimizer and random states were read back
     _assert_same_weights(next(whole.glob("01-distill-*")), next(resumed.glob("01-distill-*")))
     history = json.loads((next(resumed.glob("01-distill-*")) / "manifest.json").read_text())["training"]
     assert history["steps"] == list(range(1, 9))  # the resumed run's curve is whole
