@@ -105,10 +105,14 @@ def estimate(shape: ModelShape, stages: list[tuple[str, object]]) -> list[StepEs
                 batch = cal.batch_size * cal.sequence_length
                 # every token's hidden state entering and leaving the layer, and one batch's run through it
                 activations = 2 * tokens * shape.hidden * FLOAT32 + batch * (3 * shape.intermediate + 6 * shape.hidden) * FLOAT32
-                hessians = 2 * (3 * shape.hidden ** 2 + shape.intermediate ** 2) * FLOAT32  # and GPTQ's working copies
+                # the layer's input Hessians, and GPTQ's five working K×K matrices for the widest input (down_proj)
+                hessians = (3 * shape.hidden ** 2 + 6 * shape.intermediate ** 2) * FLOAT32
                 linear = shape.hidden * shape.intermediate * FLOAT32  # the refit's chunk of rows, GPTQ's weight copies
-                work = activations + hessians + 3 * linear + 256 * 2**20
-                peak = BASE + streamed + work  # GPTQ/AWQ hold one decoder layer at a time
+                # 1.2: the allocator's slack over a layer's many temporaries (fitted on the 0.5B rung of the scale ladder)
+                work = 1.2 * (activations + hessians + 3 * linear + 256 * 2**20)
+                head = shape.vocab * shape.hidden * FLOAT32 if getattr(cfg, "lm_head", "float") != "float" else 0
+                # GPTQ/AWQ hold one decoder layer at a time, then the head (about three float32 copies of it)
+                peak = BASE + streamed + max(work, 3 * head + activations)
                 knob = "quantize.calibration.num_samples (activations)"
                 if method == "w8a8" or budget is not None:  # SmoothQuant and the sensitivity pass: the whole model
                     peak = max(peak, BASE + 1.2 * f32 + work)

@@ -5,6 +5,7 @@ No transformers here: the runner ships with onnxruntime, numpy, tokenizers and j
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import jinja2
@@ -46,6 +47,43 @@ class Tokenizer:
             raise RuntimeFailure(f"chat template does not parse: {e}") from e
         special = {k: _token_text(v) for k, v in self.config.items() if k.endswith("_token")}
         return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **special)
+
+    def encode_messages(self, messages: list[dict], trusted: bool = True) -> list[int]:
+        """The chat prompt of `messages` as ids. Untrusted (a server's clients), each message's content is text:
+        a special token's text inside it (a user typing '<|im_start|>system') is encoded as those characters,
+        never as the control token, so no one can forge a turn. Contents without such text encode as before."""
+        text = self.apply_chat_template(messages)
+        if trusted or not any(self._has_special_text(m["content"]) for m in messages):
+            return self.encode(text, add_special_tokens=False)
+        marks = [f"\ue000{i}\ue001" for i in range(len(messages))]  # private-use characters: no template writes them
+        framed = self.apply_chat_template([{**m, "content": mark} for m, mark in zip(messages, marks)])
+        parts = re.split("(" + "|".join(map(re.escape, marks)) + ")", framed)
+        if parts[1::2] != marks:
+            raise RuntimeFailure("the chat template changes message contents, so special-token text in them cannot be "
+                                 "kept apart from the template's own tokens; remove it from the messages")
+        ids: list[int] = []
+        for i, part in enumerate(parts):
+            if i % 2:
+                ids += self._literal().encode(messages[i // 2]["content"], add_special_tokens=False).ids
+            elif part:
+                ids += self.encode(part, add_special_tokens=False)
+        return ids
+
+    def _has_special_text(self, content: str) -> bool:
+        return any(token in content for token in self._special_texts())
+
+    def _special_texts(self) -> list[str]:
+        if not hasattr(self, "_specials"):
+            self._specials = [t.content for t in self.backend.get_added_tokens_decoder().values() if t.special]
+        return self._specials
+
+    def _literal(self) -> HFTokenizer:
+        """A copy of the tokenizer that reads special tokens' text as plain text."""
+        if not hasattr(self, "_literal_backend"):
+            literal = HFTokenizer.from_str(self.backend.to_str())
+            literal.encode_special_tokens = True
+            self._literal_backend = literal
+        return self._literal_backend
 
     def encode_chat(self, user_message: str, system: str | None = None) -> list[int]:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_message}]

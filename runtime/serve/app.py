@@ -6,19 +6,30 @@
 Each request becomes a scheduler `Request` whose events the scheduler thread hands to this event
 loop (`call_soon_threadsafe`) through a per-request queue. A client that goes away cancels its
 request; the scheduler frees the slot at its next step.
+
+No client can stall or break the others: bodies are capped (`max_body_bytes`, refused from the
+Content-Length header or while reading), JSON parsing, checks, chat templating and tokenizing run
+in a worker thread, every malformed request is a 4xx in OpenAI's error shape naming the field, and
+anything unexpected is a 500 in the same shape with a request id in the log. With `api_key`, the
+completion and model routes (and /health and /metrics if `protect_probes`) need
+`Authorization: Bearer KEY`, compared in constant time.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
+import logging
 import time
+import uuid
 from dataclasses import dataclass
 from functools import partial
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
-from starlette.requests import Request as HttpRequest
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -30,6 +41,7 @@ from runtime.serve.slots import SlotCache
 
 RETRY_AFTER_S = 1
 DISCONNECT_POLL_S = 0.5
+log = logging.getLogger("optimize.serve")
 
 
 @dataclass
@@ -40,6 +52,10 @@ class Settings:
     max_prefill_tokens: int = 512
     model_name: str = "model"
     reuse_prefixes: bool = True  # a prompt starting like a cached sequence takes those positions from it
+    max_body_bytes: int = 2 * 2**20  # a request body beyond this is refused (413) before it is read whole
+    api_key: str | None = None  # when set, requests need `Authorization: Bearer <api_key>`
+    protect_probes: bool = False  # /health and /metrics need the key too (else open, for load balancers)
+    special_tokens: bool = False  # special-token text in chat messages acts as control tokens (else plain text)
 
 
 class Server:
@@ -79,14 +95,47 @@ def create_app(server: Server) -> Starlette:
         yield
         server.scheduler.stop()
 
+    probes = server.settings.protect_probes
     routes = [
-        Route("/v1/chat/completions", partial(_complete, server, kind="chat"), methods=["POST"]),
-        Route("/v1/completions", partial(_complete, server, kind="completion"), methods=["POST"]),
-        Route("/v1/models", partial(_models, server), methods=["GET"]),
-        Route("/health", partial(_health, server), methods=["GET"]),
-        Route("/metrics", partial(_metrics, server), methods=["GET"]),
+        Route("/v1/chat/completions", _guarded(server, partial(_complete, server, kind="chat")), methods=["POST"]),
+        Route("/v1/completions", _guarded(server, partial(_complete, server, kind="completion")), methods=["POST"]),
+        Route("/v1/models", _guarded(server, partial(_models, server)), methods=["GET"]),
+        Route("/health", _guarded(server, partial(_health, server), probes), methods=["GET"]),
+        Route("/metrics", _guarded(server, partial(_metrics, server), probes), methods=["GET"]),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    handlers = {HTTPException: _http_error, Exception: _unexpected}
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
+
+
+def _guarded(server: Server, handler, protected: bool = True):
+    """The route behind the API key (when one is set and the route is protected), with any unexpected error
+    answered as a JSON 500 naming a request id that the log line carries with the traceback."""
+    key = (server.settings.api_key or "").encode()
+
+    async def route(http: HttpRequest) -> Response:
+        if key and protected:
+            given = http.headers.get("authorization", "")
+            token = given[7:].strip().encode() if given[:7].lower() == "bearer " else b""
+            if not hmac.compare_digest(token, key):
+                return _error(401, "a valid API key is needed: send the header 'Authorization: Bearer <key>'",
+                              "invalid_request_error", code="invalid_api_key")
+        try:
+            return await handler(http)
+        except Exception as e:  # noqa: BLE001 - one request's failure must not take the server's shape with it
+            return _unexpected(http, e)
+    return route
+
+
+def _unexpected(http: HttpRequest, error: Exception) -> JSONResponse:
+    request_id = uuid.uuid4().hex[:12]
+    log.error("request %s %s %s failed", request_id, http.method, http.url.path, exc_info=error)
+    return _error(500, f"internal error ({type(error).__name__}); request id {request_id} in the server's log",
+                  "server_error")
+
+
+async def _http_error(http: HttpRequest, error: HTTPException) -> JSONResponse:
+    kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+    return _error(error.status_code, f"{http.method} {http.url.path}: {error.detail}", kind, headers=error.headers)
 
 
 async def _models(server: Server, _http: HttpRequest) -> JSONResponse:
@@ -105,13 +154,15 @@ async def _metrics(server: Server, _http: HttpRequest) -> Response:
 
 
 async def _complete(server: Server, http: HttpRequest, kind: str) -> Response:
-    try:
-        body = await http.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return _error(400, "the request body is not valid JSON", "invalid_request_error")
     settings = server.settings
     try:
-        job = protocol.parse(kind, body, settings.model_name, settings.max_length, server.generator.tokenizer)
+        raw = await _read_body(http, settings.max_body_bytes)
+        job = await asyncio.to_thread(_parse, server, kind, raw)  # templating and tokenizing off the event loop
+    except _TooLarge as e:
+        server.metrics.rejected.labels("413").inc()
+        return _error(413, str(e), "invalid_request_error", code="request_too_large")
+    except ClientDisconnect:
+        return Response(status_code=499)
     except protocol.BadRequest as e:
         server.metrics.rejected.labels("400").inc()
         return JSONResponse(e.body(), status_code=400)
@@ -135,6 +186,35 @@ async def _complete(server: Server, http: HttpRequest, kind: str) -> Response:
         return StreamingResponse(_stream(server, job, request, events), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
     return await _collect(server, http, job, request, events)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _read_body(http: HttpRequest, limit: int) -> bytes:
+    """The body, refused as soon as it is known to exceed `limit` (from Content-Length, or while it streams in)."""
+    declared = http.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _TooLarge(f"the request body is {int(declared)} bytes; this server takes at most {limit}")
+    chunks, size = [], 0
+    async for chunk in http.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge(f"the request body is over {limit} bytes, the most this server takes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse(server: Server, kind: str, raw: bytes) -> protocol.Job:
+    """JSON, then the OpenAI checks: every problem a BadRequest (so a 400 naming the field), whatever the bytes."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):  # bad UTF-8 or JSON, or nested deeper than the parser goes
+        raise protocol.BadRequest("the request body is not valid JSON (UTF-8, nested at most a few hundred deep)") from None
+    settings = server.settings
+    return protocol.parse(kind, body, settings.model_name, settings.max_length, server.generator.tokenizer,
+                          settings.special_tokens)
 
 
 async def _collect(server: Server, http: HttpRequest, job: protocol.Job, request: Request,
@@ -191,5 +271,5 @@ def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def _error(status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(protocol.error_body(message, kind), status_code=status, headers=headers)
+def _error(status: int, message: str, kind: str, headers: dict | None = None, code: str | None = None) -> JSONResponse:
+    return JSONResponse(protocol.error_body(message, kind, code=code), status_code=status, headers=headers)

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 import click
 
 from runtime import Generator, RuntimeFailure, find_model_folder
+
+CUT_MARGIN_S = 1.0  # before the grace period ends, streams still running are ended by the scheduler
 
 
 @click.command("serve")
@@ -37,8 +41,17 @@ from runtime import Generator, RuntimeFailure, find_model_folder
               help="seconds in-flight requests get to finish after SIGTERM")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
 @click.option("--verify", is_flag=True, help="hash every file of the artifact against its manifest first (sizes are always checked)")
+@click.option("--max-body-mb", default=2.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="largest request body taken; a larger one is refused (413) before it is read")
+@click.option("--api-key", envvar="OPTIMIZE_API_KEY", default=None,
+              help="require 'Authorization: Bearer KEY' (or set OPTIMIZE_API_KEY)")
+@click.option("--protect-probes", is_flag=True, help="with an API key, /health and /metrics need it too (else open)")
+@click.option("--allow-special-tokens", is_flag=True,
+              help="read special-token text in chat messages as control tokens (by default it is plain text, so "
+                   "no client can forge a turn)")
 def serve_command(artifact, host, port, slots, max_length, kv_budget_mb, max_waiting, max_prefill_tokens, prefix_reuse,
-                  float_prefill, model_name, provider, threads, spin, shutdown_timeout, log_level, verify):
+                  float_prefill, model_name, provider, threads, spin, shutdown_timeout, log_level, verify, max_body_mb,
+                  api_key, protect_probes, allow_special_tokens):
     """Serve the model exported in ARTIFACT (a run folder or an export step folder) over HTTP."""
     import uvicorn
 
@@ -60,7 +73,10 @@ def serve_command(artifact, host, port, slots, max_length, kv_budget_mb, max_wai
         if gen.contract.max_positions:
             max_length = min(max_length, gen.contract.max_positions)
         name = model_name or _default_name(folder)
-        server = Server(gen, Settings(slots, max_length, max_waiting, max_prefill_tokens, name, prefix_reuse))
+        if protect_probes and not api_key:
+            raise RuntimeFailure("--protect-probes needs an API key (--api-key or OPTIMIZE_API_KEY)")
+        server = Server(gen, Settings(slots, max_length, max_waiting, max_prefill_tokens, name, prefix_reuse,
+                                      int(max_body_mb * 2**20), api_key or None, protect_probes, allow_special_tokens))
         server.warm_up()
     except RuntimeFailure as e:
         raise click.ClickException(str(e)) from None
@@ -70,7 +86,37 @@ def serve_command(artifact, host, port, slots, max_length, kv_budget_mb, max_wai
                f"prefix reuse {'on' if prefix_reuse else 'off'}", err=True)
     config = uvicorn.Config(create_app(server), host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=shutdown_timeout, access_log=log_level == "debug")
-    uvicorn.Server(config).run()
+    graceful_server(config, server.scheduler, shutdown_timeout).run()
+
+
+class _Graceful:
+    """Mixed into uvicorn's Server (below): a shutdown asked for with SIGTERM or SIGINT that completes exits 0
+    (uvicorn re-raises the signal afterwards: exit 143); new requests get 503 from the signal on; and streams
+    still running CUT_MARGIN_S before the grace period ends are ended by the scheduler, each with an error
+    event and [DONE], rather than cut mid-stream."""
+
+    def __init__(self, config, scheduler, grace: float):
+        super().__init__(config)
+        self.scheduler, self.grace, self.draining = scheduler, grace, False
+
+    def handle_exit(self, sig, frame) -> None:
+        super().handle_exit(sig, frame)
+        self._captured_signals.clear()
+        if not self.draining:  # the scheduler's lock may be held by this very thread: act from another one
+            self.draining = True
+            threading.Thread(target=self._drain, name="drain", daemon=True).start()
+
+    def _drain(self) -> None:
+        self.scheduler.refuse_new()
+        time.sleep(max(0.0, self.grace - CUT_MARGIN_S))
+        self.scheduler.stop()
+
+
+def graceful_server(config, scheduler, grace: float):
+    """uvicorn.Server with _Graceful's shutdown (uvicorn is imported only when serving)."""
+    import uvicorn
+
+    return type("GracefulServer", (_Graceful, uvicorn.Server), {})(config, scheduler, grace)
 
 
 def _default_name(folder) -> str:

@@ -109,6 +109,12 @@ class Scheduler:
         self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
         self._thread.start()
 
+    def refuse_new(self) -> None:
+        """From now on submit() raises ShuttingDown; the requests already in run to their end."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+
     def stop(self, timeout: float = 10.0) -> None:
         """Refuse new requests, cancel the ones left, and wait for the thread."""
         with self._cond:

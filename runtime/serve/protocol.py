@@ -37,16 +37,17 @@ class Job:
     ignore_eos: bool
 
 
-def parse(kind: str, body, model_name: str, max_length: int, tokenizer: Tokenizer) -> Job:
-    """Check a /v1/chat/completions (`kind="chat"`) or /v1/completions body against this server."""
+def parse(kind: str, body, model_name: str, max_length: int, tokenizer: Tokenizer, special_tokens: bool = False) -> Job:
+    """Check a /v1/chat/completions (`kind="chat"`) or /v1/completions body against this server. `special_tokens`:
+    special-token text in chat messages is read as control tokens (the operator's choice; off, it is plain text)."""
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     model = body.get("model")
     if model != model_name:
-        raise BadRequest(f"model {model!r} is not served here; this server serves {model_name!r}", "model",
+        raise BadRequest(f"model {_short(model)} is not served here; this server serves {model_name!r}", "model",
                          "model_not_found")
     _refuse_unsupported(body)
-    prompt = _chat_prompt(body, tokenizer) if kind == "chat" else _completion_prompt(body, tokenizer)
+    prompt = _chat_prompt(body, tokenizer, special_tokens) if kind == "chat" else _completion_prompt(body, tokenizer)
     if len(prompt) >= max_length:
         raise BadRequest(f"the prompt has {len(prompt)} tokens; this server's context is {max_length} tokens per "
                          f"request (prompt plus completion)", "messages" if kind == "chat" else "prompt",
@@ -68,7 +69,7 @@ def parse(kind: str, body, model_name: str, max_length: int, tokenizer: Tokenize
 
 def _refuse_unsupported(body: dict) -> None:
     if body.get("n", 1) != 1:
-        raise BadRequest(f"n must be 1 (one choice per request), got {body.get('n')!r}", "n")
+        raise BadRequest(f"n must be 1 (one choice per request), got {_short(body.get('n'))}", "n")
     if body.get("best_of", 1) not in (1, None):
         raise BadRequest("best_of is not supported; send separate requests", "best_of")
     for name in ("presence_penalty", "frequency_penalty"):
@@ -79,7 +80,7 @@ def _refuse_unsupported(body: dict) -> None:
             raise BadRequest(f"{name} is not supported by this server", name)
 
 
-def _chat_prompt(body: dict, tokenizer: Tokenizer) -> list[int]:
+def _chat_prompt(body: dict, tokenizer: Tokenizer, special_tokens: bool) -> list[int]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages must be a non-empty list of {role, content} objects", "messages")
@@ -90,10 +91,9 @@ def _chat_prompt(body: dict, tokenizer: Tokenizer) -> list[int]:
         role = "system" if message["role"] == "developer" else message["role"]
         clean.append({"role": role, "content": _content(message.get("content"), f"messages[{i}].content")})
     try:
-        text = tokenizer.apply_chat_template(clean)
+        return tokenizer.encode_messages(clean, trusted=special_tokens)
     except Exception as e:  # noqa: BLE001 - the template's own complaint is the useful message
         raise BadRequest(f"the chat template refused these messages: {e}", "messages") from e
-    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def _content(content, param: str) -> str:
@@ -109,7 +109,10 @@ def _completion_prompt(body: dict, tokenizer: Tokenizer) -> list[int]:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str) and prompt:
-        return tokenizer.encode(prompt)
+        try:
+            return tokenizer.encode(prompt)
+        except Exception as e:  # noqa: BLE001 - e.g. a lone surrogate, which JSON can carry and UTF-8 cannot
+            raise BadRequest(f"prompt could not be tokenized ({type(e).__name__})", "prompt") from None
     vocab = tokenizer.backend.get_vocab_size()
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and 0 <= t < vocab for t in prompt):
         return list(prompt)
@@ -129,7 +132,7 @@ def _sampling(body: dict) -> SamplingParams:
         raise BadRequest(f"top_k must be -1 or 0 (no cut) or a positive count, got {top_k}", "top_k")
     seed = body.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
-        raise BadRequest(f"seed must be a non-negative integer, got {seed!r}", "seed")
+        raise BadRequest(f"seed must be a non-negative integer, got {_short(seed)}", "seed")
     return SamplingParams(temperature=temperature, top_k=max(top_k, 0), top_p=top_p, seed=seed)
 
 
@@ -148,8 +151,11 @@ def _number(body: dict, name: str, default: float) -> float:
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise BadRequest(f"{name} must be a number, got {value!r}", name)
-    return float(value)
+        raise BadRequest(f"{name} must be a number, got {_short(value)}", name)
+    try:
+        return float(value)
+    except OverflowError:
+        raise BadRequest(f"{name} must be a number of ordinary size", name) from None
 
 
 def _integer(body: dict, name: str, default: int) -> int:
@@ -157,15 +163,21 @@ def _integer(body: dict, name: str, default: int) -> int:
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int):
-        raise BadRequest(f"{name} must be an integer, got {value!r}", name)
+        raise BadRequest(f"{name} must be an integer, got {_short(value)}", name)
     return value
 
 
 def _flag(body: dict, name: str) -> bool:
     value = body.get(name, False)
     if not isinstance(value, bool):
-        raise BadRequest(f"{name} must be true or false, got {value!r}", name)
+        raise BadRequest(f"{name} must be true or false, got {_short(value)}", name)
     return value
+
+
+def _short(value, limit: int = 60) -> str:
+    """A client's value quoted in an error, cut short: an error body never echoes a megabyte back."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 # --- responses -----------------------------------------------------------------------------

@@ -71,4 +71,4 @@ def test_gptq_follows_one_layer_and_a_sensitivity_budget_the_whole_model():
     llama3_8b = ModelShape(8_030_261_248, 2 * 8_030_261_248, 4096, 14336, 128256, 32, tied=False, linked=True)
     plain, budget = (estimate(llama3_8b, [("quantize", QuantizeConfig(method="gptq", budget=b))])[1].peak_bytes
                      for b in (None, BudgetConfig(max_size_mb=6000)))
-    assert plain < 16e9 < llama3_8b.float32_bytes < budget  # embeddings, head, one layer and the activations
+    assert plain < 20e9 < llama3_8b.float32_bytes < budget  # embeddings, head, one layer, activations, Hessians

@@ -159,6 +159,9 @@ def test_missing_fused_graph_is_named(tiny_export, tmp_path):
     copy = tmp_path / "export"
     shutil.copytree(tiny_export, copy)
     shutil.rmtree(copy / "fused")
+    with pytest.raises(RuntimeFailure, match=r"fused/.*: missing \(listed in manifest.json\)"):
+        Generator(copy, provider="cpu")  # the manifest says it had one: damaged
+    (copy / "manifest.json").unlink()  # a folder exported without it
     with pytest.raises(RuntimeFailure, match="no fused graph"):
         Generator(copy, provider="cpu", graph="fused")
     assert Generator(copy, provider="cpu").flavour == "portable"

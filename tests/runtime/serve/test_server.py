@@ -224,7 +224,7 @@ def test_sigterm_lets_the_request_in_flight_finish_then_exits(tiny_export):
             proc.send_signal(signal.SIGTERM)
             rest = [line for line in lines if line]
         assert rest[-1] == "data: [DONE]"
-        assert proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down
+        assert proc.wait(30) == 0  # a shutdown asked for and completed is a success
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{url}/health", timeout=2)
         events = [json.loads(line[6:]) for line in rest[:-1]]
