@@ -35,6 +35,34 @@ def source_identity(source: ModelSource, checksums: ChecksumCache) -> dict:
     return {"kind": "hub", "id": source.location}
 
 
+HUB_CONNECT_TIMEOUT_S = 5.0
+
+
+def _hub_reachable(repo_id: str, revision: str | None, log: Callable[[str], None]) -> bool:
+    """Whether to download; False (load from the local cache) when the hub cannot be reached but the model is
+    cached, and one line in seconds when it is not (the hub client would otherwise retry for minutes)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 HUB_CONNECT_TIMEOUT_S).close()
+        return True
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+    if isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str):
+        log(f"  {url.hostname} unreachable ({reason}): loading {repo_id} from the local cache")
+        return False
+    raise StageError(f"model.source: {repo_id} is a hub id, {url.hostname} cannot be reached ({reason}) and the model "
+                     "is not in the local cache; give a local folder or .gguf file, or download it where the hub is "
+                     "reachable (then HF_HUB_OFFLINE=1 uses the cache)")
+
+
 def import_model(cfg: ModelConfig, source: ModelSource, out: Path, log: Callable[[str], None]) -> StageResult:
     if source.kind == "dir" and streamable(Path(source.location), cfg.trust_remote_code):
         return _import_checkpoint(cfg, source, out, log)
@@ -50,6 +78,8 @@ def import_model(cfg: ModelConfig, source: ModelSource, out: Path, log: Callable
         log(f"  dequantizing GGUF {path.name} to {str(dtype).removeprefix('torch.')}")
     else:
         kwargs.update(pretrained_model_name_or_path=source.location, revision=cfg.revision)
+        if not _hub_reachable(source.location, cfg.revision, log):
+            kwargs["local_files_only"] = True
     tok_kwargs = {k: v for k, v in kwargs.items() if k != "dtype"}
     try:
         model = AutoModelForCausalLM.from_pretrained(**kwargs, use_safetensors=None if cfg.allow_pickle else True)

@@ -84,3 +84,22 @@ def test_a_checkpoint_with_names_transformers_renames_is_loaded_whole(tmp_path, 
         for name, tensor in renamed.items():
             writer.add(name, tensor)
     assert not streamable(folder)
+
+
+def test_an_unreachable_hub_fails_in_one_line_within_seconds(tmp_path, eval_text, monkeypatch, capsys):
+    """A hub id with no network: one line naming the way out, not minutes of retries."""
+    import time
+
+    from huggingface_hub import constants
+
+    from pipeline.errors import StageError
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    started = time.time()
+    with pytest.raises(StageError, match=r"model.source: org/not-cached is a hub id, 127.0.0.1 cannot be reached "
+                                         r"\(.*\) and the model is not in the local cache; give a local folder"):
+        run(write_recipe(tmp_path, "org/not-cached", eval_text), workdir=tmp_path / "w")
+    assert time.time() - started < 30
