@@ -1,4 +1,5 @@
-"""`optimize RECIPE` runs a recipe; `optimize generate|tune|bench|serve|doctor` are subcommands of the same command.
+"""`optimize RECIPE` runs a recipe; `optimize generate|tune|bench|serve|runs|show|doctor` are subcommands of the same
+command; `optimize --version` says which release this is.
 
 Exit codes: 0 success, 1 a stage or a validation gate failed, 2 a bad recipe or usage.
 """
@@ -11,6 +12,7 @@ import click
 
 from pipeline.bench.cli import bench_command
 from pipeline.doctor import doctor_command
+from pipeline.runs import runs_command, show_command
 from runtime.cli import generate_command, tune_command
 from runtime.serve.cli import serve_command
 
@@ -25,6 +27,7 @@ class RecipeOrCommand(click.Group):
 
 
 @click.group(cls=RecipeOrCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="llm-optimize", prog_name="optimize")
 def main():
     """Optimize and export language models. `optimize RECIPE.yaml` runs a recipe."""
 
@@ -61,6 +64,8 @@ main.add_command(tune_command)
 main.add_command(serve_command)
 main.add_command(doctor_command)
 main.add_command(bench_command)
+main.add_command(runs_command)
+main.add_command(show_command)
 
 
 if __name__ == "__main__":
