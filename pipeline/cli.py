@@ -40,13 +40,19 @@ def main():
               "those whose size or modification time changed")
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
               help="change one recipe setting for this run, e.g. --set validate.max_windows=8 (repeatable)")
+@click.option("--model", "model_source", default=None, metavar="SOURCE",
+              help="run the recipe on this model: a hub id, a local checkpoint folder or a .gguf file; the run is "
+                   "named <model>-<recipe> unless --set name=... (without it: the recipe's own model)")
 @click.option("--debug", is_flag=True, help="show tracebacks")
-def run_command(recipe, workdir, force, overrides, debug, verify):
+def run_command(recipe, workdir, force, overrides, debug, verify, model_source):
     """Run RECIPE (a YAML file): each stage writes artifacts/<run>/<NN>-<stage>-<fp>/."""
     from pipeline import distributed
     from pipeline.errors import PipelineError
+    from pipeline.recipe_overrides import model_overrides
     from pipeline.steps import run
 
+    if model_source is not None:
+        overrides = (*model_overrides(model_source, recipe), *overrides)
     try:
         run_dir = run(recipe, workdir=workdir, force=force, overrides=overrides, verify=verify)
     except PipelineError as e:

@@ -12,9 +12,7 @@ from typing import Literal
 from pipeline.errors import RecipeError, did_you_mean
 
 # Metrics the validate stage computes, and which side of the threshold passes.
-EXPORT_TARGETS = ("onnx", "gguf", "hf-quantized")
-HF_QUANTIZED_DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: the checkpoint's own
-KV_CACHES = ("float", "int8")
+ExportTarget = Literal["onnx", "gguf", "hf-quantized"]
 
 VALIDATE_METRICS = {
     "perplexity_delta_pct": "max",  # (ppl_onnx - ppl_torch) / ppl_torch * 100
@@ -74,12 +72,7 @@ class TextSourceConfig:
     text_field: str = "text"
 
 
-QUANT_METHODS = ("rtn", "gptq", "awq", "w8a8")
-ACTIVATION_MODES = ("dynamic", "dynamic_per_token", "static")
-AWQ_OBJECTIVES = ("block", "linear")
-AWQ_CODES = ("clip", "gptq")
-LM_HEAD_CHOICES = ("float", "int8", "int4")
-ZERO_POINTS = ("int", "float")
+HeadPrecision = Literal["float", "int8", "int4"]
 
 
 @dataclass(frozen=True)
@@ -118,9 +111,6 @@ class BudgetConfig:
             raise RecipeError("sensitivity_samples/sensitivity_length: need at least 1 block of 8 tokens")
 
 
-DISTILL_LAYER_CHOICES = ("uniform", "loss", "hidden")
-
-
 @dataclass(frozen=True)
 class DistillLossConfig:
     """Weights of the loss terms (at least one positive) and their settings."""
@@ -129,7 +119,7 @@ class DistillLossConfig:
     temperature: float = 2.0
     ce: float = 0.0  # cross-entropy on the text itself
     hidden: float = 0.0  # hidden-state loss over `layer_map`
-    hidden_loss: str = "cosine"  # cosine | mse
+    hidden_loss: Literal["cosine", "mse"] = "cosine"
     layer_map: dict[str, int] | None = None  # student layer -> teacher layer (default: where each kept layer came from)
 
     def __post_init__(self):
@@ -140,8 +130,6 @@ class DistillLossConfig:
             raise RecipeError("kd/ce/hidden: every loss weight is 0; give at least one a positive weight")
         if self.temperature <= 0:
             raise RecipeError(f"temperature: must be positive, got {self.temperature}")
-        if self.hidden_loss not in ("cosine", "mse"):
-            raise RecipeError(f"hidden_loss: '{self.hidden_loss}' is not one of cosine, mse")
         for key in self.layer_map or {}:
             if not key.isdigit():
                 raise RecipeError(f"layer_map.{key}: student layers are numbered 0, 1, …")
@@ -202,7 +190,7 @@ class DistillConfig:
 
     num_layers: int | None = None
     param_budget_m: float | None = None
-    layer_choice: str = "loss"  # uniform | loss (CE increase when the layer is skipped) | hidden (block influence)
+    layer_choice: Literal["uniform", "loss", "hidden"] = "loss"  # uniform | loss (CE increase when the layer is skipped) | hidden (block influence)
     intermediate_size: int | None = None
     num_key_value_heads: int | None = None
     importance_samples: int = 8  # calibration blocks that score layers, channels and heads
@@ -221,9 +209,9 @@ class DistillConfig:
     eval_every: int = 20  # steps
     eval_samples: int = 16  # held-out blocks per evaluation
     checkpoint_every: int = 20  # steps; a killed run resumes from the last one
-    bf16: str = "auto"  # auto (where the GPU or CPU computes bf16 natively) | true | false
+    bf16: Literal["auto", "true", "false"] = "auto"  # auto (where the GPU or CPU computes bf16 natively) | true | false
     # under a launcher: ddp (a whole teacher and student in each process) | fsdp (each process holds 1/N)
-    parallel: str = "ddp"
+    parallel: Literal["ddp", "fsdp"] = "ddp"
     seed: int = 0
     loss: DistillLossConfig = field(default_factory=DistillLossConfig)
     teacher_answers: TeacherAnswersConfig | None = None  # chat turns the teacher writes, added to train_data
@@ -233,12 +221,6 @@ class DistillConfig:
     def __post_init__(self):
         if (self.num_layers is None) == (self.param_budget_m is None):
             raise RecipeError("num_layers/param_budget_m: set exactly one (the student's depth, or its size in millions)")
-        if self.layer_choice not in DISTILL_LAYER_CHOICES:
-            raise RecipeError(f"layer_choice: '{self.layer_choice}' is not one of {', '.join(DISTILL_LAYER_CHOICES)}")
-        if self.bf16 not in ("auto", "true", "false"):
-            raise RecipeError(f"bf16: '{self.bf16}' is not one of auto, true, false")
-        if self.parallel not in ("ddp", "fsdp"):
-            raise RecipeError(f"parallel: '{self.parallel}' is not one of ddp, fsdp")
         if not 0 <= self.heldout_fraction < 0.5:
             raise RecipeError(f"heldout_fraction: {self.heldout_fraction} is not in [0, 0.5)")
         if self.eval_data is None and self.heldout_fraction == 0:
@@ -263,28 +245,28 @@ class QuantizeConfig:
 
     # rtn | gptq | awq (weight-only, MatMulNBits) | w8a8 (int8 weights and activations, CPU). awq is the default: its
     # scaling with GPTQ's codes (awq_codes: gptq) halves either one's loss on SmolLM2 (README, quantization table)
-    method: str = "awq"
+    method: Literal["rtn", "gptq", "awq", "w8a8"] = "awq"
     bits: int = 4
     group_size: int = 128
     symmetric: bool = False
     # asymmetric 4-bit zero points: int (the grid starts at a multiple of the scale) or float (the grid spans each
     # block's exact range, as llama.cpp's Q4_1; run through a small correction matmul per layer); 8-bit layers use int
-    zero_point: str = "int"
+    zero_point: Literal["int", "float"] = "int"
     ignore: tuple[str, ...] = ()
     overrides: dict[str, int] = field(default_factory=dict)  # regex -> bits (4 or 8) for matching layers
-    lm_head: str = "float"  # float | int8 | int4
-    embedding: str = "float"  # float | int8 | int4 (round-to-nearest; shares the LM head's codes when tied and equal)
+    lm_head: HeadPrecision = "float"
+    embedding: HeadPrecision = "float"  # round-to-nearest; shares the LM head's codes when tied and equal)
     damp: float = 0.01  # GPTQ: fraction of the mean Hessian diagonal added for stability
     act_order: bool = True  # GPTQ: visit columns by decreasing Hessian diagonal
     mse_clip: bool = True  # GPTQ: choose each group's range by least rounding error, not plain min/max
     search_tokens: int = 2048  # AWQ, SmoothQuant: calibration tokens per layer input used by the searches
     # AWQ: judge the q/k/v and gate/up scales by the output of the attention block / MLP they sit in
     # (block, as AutoAWQ does), or by the linears' own outputs (linear: faster)
-    awq_objective: str = "block"
+    awq_objective: Literal["block", "linear"] = "block"
     # AWQ: after scaling, the codes come from GPTQ on the scaled weights under the full calibration Hessian (gptq:
     # the two combined, as the AWQ paper shows they compose; damp, act_order and mse_clip apply) or from a clip
     # search and rounding (clip, the paper's AWQ)
-    awq_codes: str = "gptq"
+    awq_codes: Literal["clip", "gptq"] = "gptq"
     # GPTQ, AWQ: once the codes are chosen, refit each row's group scales by least squares on the layer's output
     # error on the calibration inputs, all of a row's groups at once (codes re-rounded in turn); false keeps the
     # papers' algorithms as they are
@@ -294,10 +276,10 @@ class QuantizeConfig:
     code_descent: bool = False
     # W8A8: dynamic (ONNX Runtime: one range per tensor, per run) | dynamic_per_token (one scale per token,
     # as vLLM runs it) | static (one symmetric scale per linear input, calibrated: clipped max |x|)
-    activations: str = "dynamic"
+    activations: Literal["dynamic", "dynamic_per_token", "static"] = "dynamic"
     smoothquant: float | str = 0.0  # W8A8: SmoothQuant strength alpha in (0, 1), or auto (searched per layer); 0 = off
     hadamard: bool = False  # W8A8 (our rewrites): rotate down_proj's inputs by a 128-wide block Hadamard in the graph (QuaRot)
-    provider: str = "cpu"  # the execution provider the artifact is for: cpu | cuda
+    provider: Literal["cpu", "cuda"] = "cpu"  # the execution provider the artifact is for
     budget: BudgetConfig | None = None  # mixed precision chosen by measured sensitivity (INT4 bits only)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     # 3: SmoothQuant also folds up->down and v->o, alpha auto; AWQ folds into a feeder bias (2 was used by e25b010)
@@ -311,8 +293,6 @@ class QuantizeConfig:
     version: int = 10
 
     def __post_init__(self):
-        if self.method not in QUANT_METHODS:
-            raise RecipeError(f"method: '{self.method}' is not one of {', '.join(QUANT_METHODS)}{did_you_mean(self.method, QUANT_METHODS)}")
         _check_bits("bits", self.bits)
         gs = self.group_size
         if gs < 16 or gs & (gs - 1):
@@ -328,9 +308,6 @@ class QuantizeConfig:
         if head_hit is not None and self.lm_head != "float":
             raise RecipeError(f"ignore: '{head_hit}' matches lm_head, which lm_head: {self.lm_head} quantizes; "
                               "set lm_head: float to keep it float, or narrow the pattern (e.g. '^model\\.layers\\.')")
-        for key in ("lm_head", "embedding"):
-            if getattr(self, key) not in LM_HEAD_CHOICES:
-                raise RecipeError(f"{key}: '{getattr(self, key)}' is not one of {', '.join(LM_HEAD_CHOICES)}")
         if not 0 < self.damp < 1:
             raise RecipeError(f"damp: {self.damp} must be between 0 and 1 (0.01 is usual)")
         if self.method in ("gptq", "awq") and self.calibration.num_samples < 8:
@@ -338,8 +315,6 @@ class QuantizeConfig:
                 f"calibration.num_samples: {self.calibration.num_samples} is too few for {self.method.upper()}; "
                 "use at least 8 (128 is usual)"
             )
-        if self.activations not in ACTIVATION_MODES:
-            raise RecipeError(f"activations: '{self.activations}' is not one of {', '.join(ACTIVATION_MODES)}")
         if self.smoothquant != "auto" and not (isinstance(self.smoothquant, float) and 0 <= self.smoothquant < 1):
             raise RecipeError(f"smoothquant: {self.smoothquant!r} must be in [0, 1) or auto (0 = off, 0.5 is usual, "
                               "auto searches alpha per layer on the calibration data)")
@@ -354,10 +329,6 @@ class QuantizeConfig:
         if self.code_descent and not (self.refit_scales and self.method in ("gptq", "awq")):
             raise RecipeError("code_descent: runs inside the refit of GPTQ's or AWQ's scales; use it with method gptq or awq "
                               f"and refit_scales: true (got method {self.method}, refit_scales {str(self.refit_scales).lower()})")
-        if self.provider not in ("cpu", "cuda"):
-            raise RecipeError(f"provider: '{self.provider}' is not one of cpu, cuda")
-        if self.zero_point not in ZERO_POINTS:
-            raise RecipeError(f"zero_point: '{self.zero_point}' is not one of {', '.join(ZERO_POINTS)}")
         if self.zero_point == "float" and (self.symmetric or self.method == "w8a8"):
             raise RecipeError("zero_point: float is for asymmetric weight-only blocks; use it with symmetric: false and "
                               f"method rtn, gptq or awq (got symmetric: {str(self.symmetric).lower()}, method {self.method})")
@@ -368,10 +339,6 @@ class QuantizeConfig:
             )
         if self.budget is not None and (self.bits != 4 or self.method == "w8a8"):
             raise RecipeError("budget: chooses INT8 for some layers of an INT4 plan; use it with bits: 4 and a weight-only method")
-        if self.awq_objective not in AWQ_OBJECTIVES:
-            raise RecipeError(f"awq_objective: '{self.awq_objective}' is not one of {', '.join(AWQ_OBJECTIVES)}")
-        if self.awq_codes not in AWQ_CODES:
-            raise RecipeError(f"awq_codes: '{self.awq_codes}' is not one of {', '.join(AWQ_CODES)}")
         if self.search_tokens < 64:
             raise RecipeError(f"search_tokens: {self.search_tokens} is too few; use at least 64 (2048 is the default)")
 
@@ -388,43 +355,28 @@ class ExportConfig:
     parity_tokens: int = 16  # tokens of the export-time parity check against PyTorch
     # MatMulNBits compute: 0 = float like the weights' dequantized matmul, 4 = int8 (faster on CPU),
     # auto = whichever of the two decodes faster on this machine's CPU (measured by the export, in its manifest)
-    accuracy_level: int | str = 0
-    int8_accuracy_level: int | None = None  # the same for 8-bit layers only (None: as accuracy_level)
+    accuracy_level: Literal[0, 1, 2, 3, 4, "auto"] = 0
+    int8_accuracy_level: Literal[0, 1, 2, 3, 4] | None = None  # the same for 8-bit layers only (None: as accuracy_level)
     fused: bool = True  # also write fused/: GroupQueryAttention, fused norms, in-place KV cache (ONNX Runtime only)
-    dtype: str = "float32"  # the fused graph's weights and KV cache: float32, or float16 (what CUDA's GroupQueryAttention needs)
-    kv_cache: str = "float"  # the fused graph's KV cache: float (as dtype) or int8 (static per-channel scales; CPU provider)
+    dtype: Literal["float32", "float16"] = "float32"  # the fused graph's weights and KV cache: float32, or float16 (what CUDA's GroupQueryAttention needs)
+    kv_cache: Literal["float", "int8"] = "float"  # the fused graph's KV cache: float (as dtype) or int8 (static per-channel scales; CPU provider)
     kv_calibration: CalibrationConfig = field(default_factory=lambda: CalibrationConfig(num_samples=16, batch_size=4))
     # formats written: onnx (always), gguf (llama.cpp, in gguf/), hf-quantized (compressed-tensors for vLLM, in hf-quantized/)
-    targets: tuple[str, ...] = ("onnx",)
-    hf_quantized_dtype: str = "auto"  # hf-quantized's float tensors and scales: auto (as the model), float32, bfloat16, float16
+    targets: tuple[ExportTarget, ...] = ("onnx",)
+    hf_quantized_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # hf-quantized's float tensors and scales: auto (as the model), float32, bfloat16, float16
     version: int = 10  # 2: fused graph beside the portable one; 3: logits_positions, packed matmuls; 4: no query_seqlens, dtype; 5: targets; 6: genai_config.json, hf-quantized; 7: per-token W8A8 codes as uint8 + 128; 8: per-token W8A8 fused graph; 9: kv_cache; 10: int8 cache's float prefill graph
 
     def __post_init__(self):
-        if self.accuracy_level not in (0, 1, 2, 3, 4, "auto"):
-            raise RecipeError(f"accuracy_level: {self.accuracy_level!r} is not one of 0..4 or auto")
-        if self.int8_accuracy_level not in (None, 0, 1, 2, 3, 4):
-            raise RecipeError(f"int8_accuracy_level: {self.int8_accuracy_level} is not one of 0..4")
-        if self.dtype not in ("float32", "float16"):
-            raise RecipeError(f"dtype: '{self.dtype}' is not one of float32, float16")
         if self.accuracy_level == "auto" and self.dtype == "float16":
             raise RecipeError("accuracy_level: auto times the CPU's arithmetic; a float16 graph is for CUDA, "
                               "so set 0 or 4 explicitly")
         if self.dtype == "float16" and not self.fused:
             raise RecipeError("dtype: float16 applies to the fused graph (the portable one stays float32); set fused: true")
-        if self.kv_cache not in KV_CACHES:
-            raise RecipeError(f"kv_cache: '{self.kv_cache}' is not one of {', '.join(KV_CACHES)}{did_you_mean(self.kv_cache, KV_CACHES)}")
         if self.kv_cache == "int8" and (not self.fused or self.dtype != "float32"):
             raise RecipeError("kv_cache: int8 is built for the fused graph in float32 (ONNX Runtime's CPU GroupQueryAttention); "
                               "set fused: true and dtype: float32, or kv_cache: float")
         if not 14 <= self.opset <= 21:
             raise RecipeError(f"opset: {self.opset} is not supported; use 14..21 (17 is the default)")
-        for target in self.targets:
-            if target not in EXPORT_TARGETS:
-                raise RecipeError(f"targets: '{target}' is not one of {', '.join(EXPORT_TARGETS)}"
-                                  f"{did_you_mean(target, EXPORT_TARGETS)}")
-        if self.hf_quantized_dtype not in HF_QUANTIZED_DTYPES:
-            raise RecipeError(f"hf_quantized_dtype: '{self.hf_quantized_dtype}' is not one of {', '.join(HF_QUANTIZED_DTYPES)}"
-                              f"{did_you_mean(self.hf_quantized_dtype, HF_QUANTIZED_DTYPES)}")
         if self.hf_quantized_dtype != "auto" and "hf-quantized" not in self.targets:
             raise RecipeError("hf_quantized_dtype: applies to the hf-quantized target, which targets does not list")
         if "onnx" not in self.targets:
@@ -482,7 +434,7 @@ class ValidateConfig:
     add_bos: bool = False
     prompts: tuple[str, ...] = DEFAULT_PROMPTS
     max_new_tokens: int = 32
-    provider: str = "auto"  # auto | cpu | cuda
+    provider: Literal["auto", "cpu", "cuda"] = "auto"
     chat: ChatEvalConfig | None = None  # chat checks (`chat: {}` for the built-in set); none = skipped
     thresholds: dict[str, float] = field(
         default_factory=lambda: {
@@ -517,5 +469,3 @@ class ValidateConfig:
             if name in CHAT_METRICS and self.chat is None:
                 raise RecipeError(f"thresholds.{name}: measured by the chat checks, which are off; add `chat: {{}}` "
                                   "(the built-in chat set) or drop the threshold")
-        if self.provider not in ("auto", "cpu", "cuda"):
-            raise RecipeError(f"provider: '{self.provider}' is not one of auto, cpu, cuda")

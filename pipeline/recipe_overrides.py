@@ -10,7 +10,9 @@ the parsed file before the schema checks it, so a wrong key or value fails with 
 from __future__ import annotations
 
 import copy
+import json
 import re
+from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
@@ -73,3 +75,15 @@ def _locate(raw: dict, head: str, text: str) -> tuple[dict, str]:
         raise RecipeError(f"--set {text}: the recipe has {len(found)} '{head}' stages; say which, e.g. "
                           f"stages[{found[0]}].{text.partition('.')[2] or '…'}")
     return stages[found[0]], head
+
+
+def model_overrides(source: str, recipe_path: str | Path) -> list[str]:
+    """`optimize RECIPE --model SOURCE` as --set settings: the model source (a local path made absolute, since the
+    user typed it relative to where they are, not to the recipe) and a run name from the model's and the recipe's
+    names, so runs of one recipe on several models do not share a folder. A later `--set name=…` wins."""
+    local = Path(source).expanduser()
+    found = local.exists()
+    value = str(local.resolve()) if found else source
+    model = (local.stem if local.suffix == ".gguf" else local.resolve().name) if found else source.rstrip("/").rsplit("/", 1)[-1]
+    name = re.sub(r"[^\w.-]+", "-", f"{model}-{Path(recipe_path).stem}").lstrip(".-_") or "run"
+    return [f"model.source={json.dumps(value)}", f"name={json.dumps(name)}"]
