@@ -69,6 +69,14 @@ class Tokenizer:
                 ids += self.encode(part, add_special_tokens=False)
         return ids
 
+    def fewest_tokens(self, chars: int) -> int:
+        """A lower bound on how many tokens `chars` characters of text take (no token spells more characters
+        than the longest vocabulary entry), known without tokenizing: a server refuses a prompt that cannot
+        fit its context before spending the time to encode it."""
+        if not hasattr(self, "_longest"):
+            self._longest = max(len(token) for token in self.backend.get_vocab(with_added_tokens=True))
+        return chars // max(self._longest, 1)
+
     def _has_special_text(self, content: str) -> bool:
         return any(token in content for token in self._special_texts())
 

@@ -233,9 +233,9 @@ def main() -> int:
             if name not in RECIPES:
                 sys.exit(f"--recipes: '{name}' is not one of {', '.join(RECIPES)}")
             recipe, extra = RECIPES[name]
+            run_envelope = envelope()  # the code as the run starts: edits made while it runs are not its
             row = {"rung": rung, "name": name, **run_recipe(recipe, source, f"{rung}-{name}", args.workdir, extra, args.timeout)}
             row["checkpoint_gb"] = round(sum(f.stat().st_size for f in source.glob("*.safetensors")) / 1e9, 3)
-            run_envelope = envelope()
             row.update(commit=run_envelope["commit"], command=run_envelope["command"], date=run_envelope["date"])
             rows.append(row)
             if args.drop_runs:

@@ -47,7 +47,8 @@ def parse(kind: str, body, model_name: str, max_length: int, tokenizer: Tokenize
         raise BadRequest(f"model {_short(model)} is not served here; this server serves {model_name!r}", "model",
                          "model_not_found")
     _refuse_unsupported(body)
-    prompt = _chat_prompt(body, tokenizer, special_tokens) if kind == "chat" else _completion_prompt(body, tokenizer)
+    prompt = _chat_prompt(body, tokenizer, special_tokens, max_length) if kind == "chat" else \
+        _completion_prompt(body, tokenizer, max_length)
     if len(prompt) >= max_length:
         raise BadRequest(f"the prompt has {len(prompt)} tokens; this server's context is {max_length} tokens per "
                          f"request (prompt plus completion)", "messages" if kind == "chat" else "prompt",
@@ -80,7 +81,7 @@ def _refuse_unsupported(body: dict) -> None:
             raise BadRequest(f"{name} is not supported by this server", name)
 
 
-def _chat_prompt(body: dict, tokenizer: Tokenizer, special_tokens: bool) -> list[int]:
+def _chat_prompt(body: dict, tokenizer: Tokenizer, special_tokens: bool, max_length: int) -> list[int]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages must be a non-empty list of {role, content} objects", "messages")
@@ -90,10 +91,19 @@ def _chat_prompt(body: dict, tokenizer: Tokenizer, special_tokens: bool) -> list
             raise BadRequest(f"messages[{i}] needs a role of system, developer, user or assistant", f"messages[{i}].role")
         role = "system" if message["role"] == "developer" else message["role"]
         clean.append({"role": role, "content": _content(message.get("content"), f"messages[{i}].content")})
+    _fits(sum(len(m["content"]) for m in clean), tokenizer, max_length, "messages")
     try:
         return tokenizer.encode_messages(clean, trusted=special_tokens)
     except Exception as e:  # noqa: BLE001 - the template's own complaint is the useful message
         raise BadRequest(f"the chat template refused these messages: {e}", "messages") from e
+
+
+def _fits(chars: int, tokenizer: Tokenizer, max_length: int, param: str) -> None:
+    """Refuse text that cannot fit the context whatever its tokens, before tokenizing it (megabytes take seconds)."""
+    least = tokenizer.fewest_tokens(chars)
+    if least >= max_length:
+        raise BadRequest(f"{param}: {chars} characters, so at least {least} tokens; this server's context is "
+                         f"{max_length} tokens per request (prompt plus completion)", param, "context_length_exceeded")
 
 
 def _content(content, param: str) -> str:
@@ -104,11 +114,12 @@ def _content(content, param: str) -> str:
     raise BadRequest(f"{param} must be a string or a list of text parts", param)
 
 
-def _completion_prompt(body: dict, tokenizer: Tokenizer) -> list[int]:
+def _completion_prompt(body: dict, tokenizer: Tokenizer, max_length: int) -> list[int]:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str) and prompt:
+        _fits(len(prompt), tokenizer, max_length, "prompt")
         try:
             return tokenizer.encode(prompt)
         except Exception as e:  # noqa: BLE001 - e.g. a lone surrogate, which JSON can carry and UTF-8 cannot

@@ -86,6 +86,7 @@ def test_a_checkpoint_with_names_transformers_renames_is_loaded_whole(tmp_path, 
     assert not streamable(folder)
 
 
+@pytest.mark.hostile
 def test_an_unreachable_hub_fails_in_one_line_within_seconds(tmp_path, eval_text, monkeypatch, capsys):
     """A hub id with no network: one line naming the way out, not minutes of retries."""
     import time

@@ -123,6 +123,7 @@ def test_unknown_threshold_metric(base, eval_text):
         load_recipe(base(f"- export: {{}}\n- validate: {{eval_data: {eval_text}, thresholds: {{perplexity_delta: 1}}}}\n"))
 
 
+@pytest.mark.hostile
 def test_top_level_typo_and_yaml_error(tmp_path):
     with pytest.raises(RecipeError, match=r"stagse: unknown key \(did you mean 'stages'\?\)"):
         load_recipe(recipe(tmp_path, "model: x/y\nstagse: []\n"))
@@ -136,6 +137,7 @@ LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]\n" for i in range(8))
 
 
+@pytest.mark.hostile
 @pytest.mark.parametrize("content,message", [
     (b"name: caf\xe9\nmodel: x/y\nstages: []\n", r"r.yaml: line 1: not UTF-8 text \(byte 0xe9\); save the recipe as UTF-8"),
     (b"\xff\xfe" + "model: x/y".encode("utf-16-le"), r"line 1: not UTF-8 text \(byte 0xff\)"),
@@ -151,6 +153,7 @@ def test_a_recipe_file_that_is_not_sane_yaml_text_is_one_line(tmp_path, content,
     assert "\n" not in str(caught.value) and len(str(caught.value)) < 300
 
 
+@pytest.mark.hostile
 def test_a_recipe_path_that_is_a_folder_is_one_line(tmp_path):
     with pytest.raises(RecipeError, match=r"is a folder; give the recipe's .yaml file"):
         load_recipe(tmp_path)

@@ -218,6 +218,7 @@ def test_a_source_written_just_before_it_was_hashed_is_hashed_again(tmp_path):
     assert ChecksumCache(tmp_path / "sums.json").sha256(f) != first
 
 
+@pytest.mark.hostile
 def test_a_second_run_of_a_live_run_refuses_and_leaves_its_temporary_folder(work):
     """The run folder is locked while a run works in it: a second run names the holder and touches nothing."""
     from pipeline.errors import StageError
@@ -236,6 +237,7 @@ def test_a_second_run_of_a_live_run_refuses_and_leaves_its_temporary_folder(work
     assert not live.exists() and set(steps(run_dir)) == {"model", "export", "validate"}
 
 
+@pytest.mark.hostile
 def test_the_run_lock_dies_with_its_process(work):
     """kill -9 cannot leave the folder locked: the lock is the process's open file."""
     tmp, recipe = work

@@ -10,6 +10,8 @@ import pytest
 from runtime import Generator, RuntimeFailure, find_model_folder
 from runtime.io_spec import CONTRACT_FILE
 
+pytestmark = pytest.mark.hostile
+
 
 @pytest.fixture
 def copy(tiny_export, tmp_path) -> Path:

@@ -8,6 +8,8 @@ import torch
 from pipeline.distill.sharding import metadata_checked_reader
 from pipeline.errors import StageError
 
+pytestmark = pytest.mark.hostile
+
 
 def test_a_torch_checkpoint_round_trips_through_the_checked_reader(tmp_path):
     import torch.distributed.checkpoint as dcp

@@ -72,6 +72,7 @@ def test_student_is_smaller_trained_and_exportable(tmp_path, teacher, eval_text)
     assert len(gen.generate([[5, 6, 7]], 4, ignore_eos=True).tokens[0]) == 4
 
 
+@pytest.mark.hostile
 def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(tmp_path, teacher, eval_text, monkeypatch):
     import pipeline.stages.distill as stage
 

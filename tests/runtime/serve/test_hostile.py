@@ -16,6 +16,8 @@ from runtime.serve.launch import free_port, wait_healthy
 
 from test_server import long_request, serve_in_thread, slow_server  # noqa: F401 (fixture)
 
+pytestmark = pytest.mark.hostile
+
 
 @pytest.fixture(scope="module")
 def gen(tiny_export):
