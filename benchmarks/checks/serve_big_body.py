@@ -91,6 +91,9 @@ def main() -> int:
     from pipeline.bench.system import machine
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "runtime", "pipeline"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    commit += "+" if dirty else ""  # uncommitted changes to the code measured
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps({
         "date": time.strftime("%Y-%m-%d"), "commit": commit, "machine": machine(), "versions": library_versions(),
