@@ -4,7 +4,10 @@ A source is a built-in corpus name, a local text file, or a hub dataset id:
 
     wikitext-2        ../shared/data/wikitext-2/{valid,test}.txt when present, else the hub's
                       wikitext / wikitext-2-v1 (rows concatenated as they are: they end in newlines)
-    tinyshakespeare   ../shared/data/tinyshakespeare/input.txt, else karpathy/tiny_shakespeare
+    tinyshakespeare   ../shared/data/tinyshakespeare/input.txt, else karpathy/tiny_shakespeare; split
+                      "train" is its first 36,000 lines, "test" the last 4,000, "all" the whole text
+    python-code       ../shared/data/python-code/{valid,test}.txt: modules of Python's standard library
+                      (no hub copy)
     some/file.txt     a UTF-8 text file, read whole
     org/dataset       any hub dataset: `text_field` of `split`, rows joined with newlines
 """
@@ -26,9 +29,10 @@ class DataError(ValueError):
 class Builtin:
     local: str  # path under the data folder, {split} filled in
     splits: tuple[str, ...]
-    hub: str
+    hub: str | None
     hub_config: str | None
     hub_splits: dict[str, str]
+    lines: dict[str, slice] | None = None  # a split that is a range of the text's lines
 
 
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".jsonl")
@@ -36,8 +40,10 @@ TEXT_SUFFIXES = (".txt", ".text", ".md", ".jsonl")
 BUILTINS = {
     "wikitext-2": Builtin("wikitext-2/{split}.txt", ("valid", "test"), "wikitext", "wikitext-2-v1",
                           {"valid": "validation", "test": "test", "train": "train"}),
-    "tinyshakespeare": Builtin("tinyshakespeare/input.txt", ("all",), "karpathy/tiny_shakespeare", None,
-                               {"all": "train"}),
+    "tinyshakespeare": Builtin("tinyshakespeare/input.txt", ("all", "train", "test"), "karpathy/tiny_shakespeare", None,
+                               {"all": "train", "train": "train", "test": "train"},
+                               {"all": slice(None), "train": slice(None, 36000), "test": slice(36000, None)}),
+    "python-code": Builtin("python-code/{split}.txt", ("valid", "test"), None, None, {}),
 }
 
 
@@ -76,9 +82,14 @@ def load_text(source: str, split: str = "test", hub_config: str | None = None, t
         text = _read_local(path)
     elif source in BUILTINS:
         b = BUILTINS[source]
+        if b.hub is None:
+            raise DataError(f"{source}: {b.local.format(split=split)} is not in the data folder ({data_dir() or 'none found'}; "
+                            "set OPTIMIZE_DATA_DIR) and this corpus has no hub copy")
         text = _read_hub(b.hub, b.hub_config, b.hub_splits[split], "text")
     else:
         text = _read_hub(source, hub_config, split, text_field)
+    if source in BUILTINS and BUILTINS[source].lines is not None:
+        text = "".join(text.splitlines(keepends=True)[BUILTINS[source].lines[split]])
     if not text.strip():
         raise DataError(f"{path or source}: the text is empty")
     return text

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from pipeline.errors import RecipeError, did_you_mean
 
-# Metrics the validate stage computes, and which side of the threshold passes.
 ExportTarget = Literal["onnx", "gguf", "hf-quantized"]
 
+# Metrics the validate stage computes, and which side of the threshold passes.
 VALIDATE_METRICS = {
     "perplexity_delta_pct": "max",  # (ppl_onnx - ppl_torch) / ppl_torch * 100
     "perplexity": "max",  # the artifact's own perplexity
@@ -45,6 +46,9 @@ VALIDATE_METRICS = {
     "chat_reply_top1_agreement": "min",  # the artifact's argmax equal to the baseline's reply token
 }
 CHAT_METRICS = tuple(name for name in VALIDATE_METRICS if name.startswith("chat_"))
+# measured on every evaluation text; with several (eval_data a mapping), also as `metric@domain` for each
+DOMAIN_METRICS = ("perplexity_delta_pct", "perplexity", "top1_agreement", "kl_divergence")
+DOMAIN_NAME = re.compile(r"^[A-Za-z0-9][\w-]*$")
 
 
 @dataclass(frozen=True)
@@ -427,7 +431,10 @@ class ValidateConfig:
     are scored. Thresholds map a metric name to its limit (see validate.METRICS).
     """
 
-    eval_data: TextSourceConfig = field(default_factory=lambda: TextSourceConfig("wikitext-2", "test"))
+    # one text, or several by name ({prose: {source: wikitext-2}, code: {source: python-code}}): each is scored
+    # on its own, the first under the plain metric names too
+    eval_data: TextSourceConfig | dict[str, TextSourceConfig] = field(
+        default_factory=lambda: TextSourceConfig("wikitext-2", "test"))
     context_length: int = 512
     stride: int | None = None  # None: equal to context_length (non-overlapping windows)
     max_windows: int = 40
@@ -447,6 +454,14 @@ class ValidateConfig:
     )
     version: int = 5  # 2: decode parity measured against the export's source model; 3: export targets through their engines; 4: hf-quantized; 5: chat checks
 
+    @property
+    def domains(self) -> dict[str, TextSourceConfig]:
+        """The evaluation texts by name; one text is named after its source."""
+        if isinstance(self.eval_data, dict):
+            return dict(self.eval_data)
+        return {Path(self.eval_data.source).stem if "." in Path(self.eval_data.source).name else self.eval_data.source:
+                self.eval_data}
+
     def __post_init__(self):
         if self.stride is None:
             object.__setattr__(self, "stride", self.context_length)  # resolved before fingerprinting
@@ -460,12 +475,22 @@ class ValidateConfig:
             )
         if not self.prompts:
             raise RecipeError("prompts: needs at least one prompt")
-        for name in self.thresholds:
+        if isinstance(self.eval_data, dict):
+            if not self.eval_data:
+                raise RecipeError("eval_data: an empty mapping; give one text, or name each: {prose: {source: wikitext-2}}")
+            for domain in self.eval_data:
+                if not DOMAIN_NAME.match(domain):
+                    raise RecipeError(f"eval_data.{domain}: a domain's name is letters, digits, '_' or '-'")
+        for key in self.thresholds:
+            name, _, domain = key.partition("@")
             if name not in VALIDATE_METRICS:
                 raise RecipeError(
-                    f"thresholds.{name}: unknown metric{did_you_mean(name, VALIDATE_METRICS)}; "
+                    f"thresholds.{key}: unknown metric{did_you_mean(name, VALIDATE_METRICS)}; "
                     f"known: {', '.join(VALIDATE_METRICS)}"
                 )
+            if domain and (name not in DOMAIN_METRICS or domain not in self.domains):
+                raise RecipeError(f"thresholds.{key}: a per-domain limit is one of {', '.join(DOMAIN_METRICS)} "
+                                  f"@ a domain eval_data names ({', '.join(self.domains) if len(self.domains) > 1 else 'it names one text'})")
             if name in CHAT_METRICS and self.chat is None:
                 raise RecipeError(f"thresholds.{name}: measured by the chat checks, which are off; add `chat: {{}}` "
                                   "(the built-in chat set) or drop the threshold")

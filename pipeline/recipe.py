@@ -215,6 +215,8 @@ def _resolve_text_sources(config: Any, base: Path, where: str) -> Any:
             new = _resolve_text_source(value, base, f"{where}.{f.name}.source")
         elif isinstance(value, tuple) and value and all(isinstance(v, TextSourceConfig) for v in value):
             new = tuple(_resolve_text_source(v, base, f"{where}.{f.name}[{i}].source") for i, v in enumerate(value))
+        elif isinstance(value, dict) and value and all(isinstance(v, TextSourceConfig) for v in value.values()):
+            new = {k: _resolve_text_source(v, base, f"{where}.{f.name}.{k}.source") for k, v in value.items()}
         elif dataclasses.is_dataclass(value):
             new = _resolve_text_sources(value, base, f"{where}.{f.name}")
         else:
@@ -246,6 +248,8 @@ def data_identity(config: Any, checksums: ChecksumCache) -> dict[str, Any]:
             out[f.name] = _text_identity(value, checksums)
         elif isinstance(value, tuple) and value and all(isinstance(v, TextSourceConfig) for v in value):
             out[f.name] = [_text_identity(v, checksums) for v in value]
+        elif isinstance(value, dict) and value and all(isinstance(v, TextSourceConfig) for v in value.values()):
+            out[f.name] = {k: _text_identity(v, checksums) for k, v in value.items()}
         elif dataclasses.is_dataclass(value):
             inner = data_identity(value, checksums)
             if inner:
@@ -337,11 +341,16 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         if len(inner) == 1:
             return _coerce(inner[0], value, where)
+        errors = {}
         for member in inner:
             try:
                 return _coerce(member, value, where)
-            except RecipeError:
-                pass
+            except RecipeError as e:
+                errors[member] = e
+        for member, error in errors.items():  # a mapping that uses a section's own keys meant that section
+            if dataclasses.is_dataclass(member) and isinstance(value, dict) and \
+                    set(value) & {f.name for f in dataclasses.fields(member)}:
+                raise error
         names = " or ".join(getattr(a, "__name__", str(a)) for a in inner)
         raise RecipeError(f"{where}: expected {names}, got {type(value).__name__} {value!r}")
     if origin is typing.Literal:

@@ -29,13 +29,18 @@ def render_markdown(report: dict) -> str:
         "| --- | --- | --- | --- |",
     ]
     for name, value in m.items():
-        limit = limits.get(name)
-        if limit is None:
-            lines.append(f"| {name} | {_fmt(value)} | | |")
-            continue
-        side = VALIDATE_METRICS[name]
-        ok = value is not None and (value <= limit if side == "max" else value >= limit)
-        lines.append(f"| {name} | {_fmt(value)} | {side} {limit:g} | {'ok' if ok else '**FAIL**'} |")
+        if "@" not in name:  # per-domain figures: their own table below
+            lines.append(_metric_row(name, value, limits))
+    if "domains" in p:
+        lines += ["", "## Per evaluation text", "", "| text | source | windows | perplexity baseline | perplexity | "
+                  "Δ % | top-1 agreement | KL | gates |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+        for domain, proto in p["domains"].items():
+            keys = [f"{k}@{domain}" for k in ("perplexity_delta_pct", "top1_agreement", "kl_divergence", "perplexity")]
+            gated = [_gate_verdict(k, m.get(k), limits) for k in keys]
+            verdict = "**FAIL**" if "fail" in gated else "ok" if "ok" in gated else ""
+            lines.append(f"| {domain} | {proto['dataset']} / {proto['split']} | {proto['windows']} | "
+                         f"{_fmt(proto['perplexity_baseline'])} | {_fmt(proto['perplexity'])} | {_fmt(m.get(keys[0]))} | "
+                         f"{_fmt(m.get(keys[1]))} | {_fmt(m.get(keys[2]))} | {verdict} |")
     q = report.get("quantization")
     if q:
         lines += ["", "## Quantization", "", f"- method: {q['method']} (`{q['artifact']}`)",
@@ -54,6 +59,27 @@ def render_markdown(report: dict) -> str:
     if report.get("chat"):
         lines += _chat_section(report["chat"])
     return "\n".join(lines) + "\n"
+
+
+def _limit(name: str, limits: dict) -> float | None:
+    """The limit on `name`: its own, or for `metric@domain` the plain metric's (which holds on every text)."""
+    return limits.get(name, limits.get(name.partition("@")[0]) if "@" in name else None)
+
+
+def _gate_verdict(name: str, value, limits: dict) -> str:
+    limit = _limit(name, limits)
+    if limit is None:
+        return ""
+    side = VALIDATE_METRICS[name.partition("@")[0]]
+    return "ok" if value is not None and (value <= limit if side == "max" else value >= limit) else "fail"
+
+
+def _metric_row(name: str, value, limits: dict) -> str:
+    verdict = _gate_verdict(name, value, limits)
+    if not verdict:
+        return f"| {name} | {_fmt(value)} | | |"
+    side = VALIDATE_METRICS[name.partition("@")[0]]
+    return f"| {name} | {_fmt(value)} | {side} {_limit(name, limits):g} | {'ok' if verdict == 'ok' else '**FAIL**'} |"
 
 
 def _chat_section(chat: dict) -> list[str]:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from calibration import DataError, load_text, text_fingerprint, windows
 from pipeline.stages.validate.chat import chat_checks
-from pipeline.configs import VALIDATE_METRICS, ValidateConfig
+from pipeline.configs import DOMAIN_METRICS, VALIDATE_METRICS, ValidateConfig
 from pipeline.errors import StageError
 from pipeline.models import torch_greedy
 from pipeline.quant.primitives import QuantScheme, count_schemes
@@ -78,28 +78,51 @@ def validate(cfg: ValidateConfig, inp, ctx) -> StageResult:
 def gate(metrics: dict, thresholds: dict[str, float]) -> list[str]:
     """Every threshold checked; each failure names the metric, its value and its limit."""
     failures = []
-    for name, limit in thresholds.items():
-        value = metrics.get(name)
-        side = VALIDATE_METRICS[name]
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            failures.append(f"{name} = {value} (not measured; limit {side} {limit:g})")
-        elif (side == "max" and value > limit) or (side == "min" and value < limit):
-            failures.append(f"{name} = {value:.6g} {'>' if side == 'max' else '<'} {side} {limit:g}")
+    for key, limit in thresholds.items():
+        side = VALIDATE_METRICS[key.partition("@")[0]]
+        per_domain = [k for k in metrics if k.startswith(f"{key}@")]  # a plain limit holds on every text
+        for name in per_domain or [key]:
+            value = metrics.get(name)
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                failures.append(f"{name} = {value} (not measured; limit {side} {limit:g})")
+            elif (side == "max" and value > limit) or (side == "min" and value < limit):
+                failures.append(f"{name} = {value:.6g} {'>' if side == 'max' else '<'} {side} {limit:g}")
     if metrics.get("nonfinite_logits"):
         failures.append(f"nonfinite_logits = {metrics['nonfinite_logits']} (NaN/Inf in the ONNX logits)")
     return failures
 
 
 def _perplexity(cfg: ValidateConfig, torch_model, gen: Generator, metrics: dict, ctx) -> tuple[dict, list[ScoredWindow]]:
-    src = cfg.eval_data
+    """Perplexity, KL and top-1 agreement on each evaluation text. The first text's figures go under the plain
+    metric names (and its windows to the export targets' checks); with several, each also as `metric@domain`."""
+    domains = cfg.domains
+    protocols, first_windows = {}, None
+    for name, src in domains.items():
+        found, protocol, scored_windows = _score_text(name, src, cfg, torch_model, gen, ctx)
+        protocols[name] = protocol
+        if first_windows is None:
+            first_windows = scored_windows
+            metrics.update(found)
+        else:  # the prefill checks hold over every text
+            metrics["nonfinite_logits"] += found["nonfinite_logits"]
+            metrics["window_logits_max_abs_diff"] = max(metrics["window_logits_max_abs_diff"],
+                                                        found["window_logits_max_abs_diff"])
+        if len(domains) > 1:
+            metrics.update({f"{key}@{name}": found[key] for key in DOMAIN_METRICS})
+    protocol = next(iter(protocols.values()))
+    return ({**protocol, "domains": protocols} if len(domains) > 1 else protocol), first_windows
+
+
+def _score_text(name: str, src, cfg: ValidateConfig, torch_model, gen: Generator, ctx) -> tuple[dict, dict, list[ScoredWindow]]:
+    key = "validate.eval_data" + (f".{name}" if isinstance(cfg.eval_data, dict) else "")
     try:
         text = load_text(src.source, src.split, src.hub_config, src.text_field)
     except DataError as e:
-        raise StageError(f"validate.eval_data: {e}") from e
+        raise StageError(f"{key}: {e}") from e
     ids = np.array(gen.tokenizer.encode(text, add_special_tokens=False), dtype=np.int64)
     wins = windows(len(ids), cfg.context_length, cfg.stride, cfg.max_windows)
     if not wins:
-        raise StageError(f"validate.eval_data: {src.source} has {len(ids)} tokens, too few for one window")
+        raise StageError(f"{key}: {src.source} has {len(ids)} tokens, too few for one window")
     bos = _bos_id(gen) if cfg.add_bos else None
     nll = {"torch": 0.0, "onnx": 0.0}
     scored = agree = nonfinite = 0
@@ -107,7 +130,8 @@ def _perplexity(cfg: ValidateConfig, torch_model, gen: Generator, metrics: dict,
     scored_windows = []
     inputs = [scored_window(ids, w.begin, w.end, w.scored, bos) for w in wins]
     refs = _reference_logits(torch_model, [sw.inputs for sw in inputs], gen.contract.vocab_size)
-    for w, sw, ref in tqdm(zip(wins, inputs, refs), total=len(wins), desc="  perplexity windows", unit="win", leave=False):
+    for w, sw, ref in tqdm(zip(wins, inputs, refs), total=len(wins), desc=f"  perplexity windows ({name})", unit="win",
+                           leave=False):
         scored_windows.append(sw)
         out = gen.logits(sw.inputs)  # [T, V]
         nonfinite += int((~np.isfinite(out)).sum())
@@ -123,18 +147,19 @@ def _perplexity(cfg: ValidateConfig, torch_model, gen: Generator, metrics: dict,
         max_diff = max(max_diff, float(np.abs(out - ref.numpy()).max()))
         scored += w.scored
     ppl_torch, ppl_onnx = math.exp(nll["torch"] / scored), math.exp(nll["onnx"] / scored)
-    metrics.update(
+    found = dict(
         perplexity_baseline=ppl_torch, perplexity=ppl_onnx,
         perplexity_delta_pct=(ppl_onnx - ppl_torch) / ppl_torch * 100,
         top1_agreement=agree / scored, kl_divergence=kl_sum / scored,
         window_logits_max_abs_diff=max_diff, nonfinite_logits=nonfinite, scored_tokens=scored,
     )
-    ctx.log(f"  perplexity: torch {ppl_torch:.4f}, onnx {ppl_onnx:.4f} over {len(wins)} windows ({scored} tokens)")
-    return {
+    ctx.log(f"  perplexity ({name}): torch {ppl_torch:.4f}, onnx {ppl_onnx:.4f} over {len(wins)} windows ({scored} tokens)")
+    return found, {
         "dataset": src.source, "split": src.split, "hub_config": src.hub_config,
         "text_sha256": text_fingerprint(text), "tokens_in_text": int(len(ids)),
         "context_length": cfg.context_length, "stride": cfg.stride, "windows": len(wins),
         "scored_tokens": scored, "bos": "prepended" if bos is not None else "none",
+        "perplexity_baseline": ppl_torch, "perplexity": ppl_onnx,
     }, scored_windows
 
 

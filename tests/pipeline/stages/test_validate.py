@@ -78,3 +78,59 @@ def test_a_streamed_baseline_measures_what_the_whole_model_measures(tmp_path, ti
     for name in ("perplexity_baseline", "perplexity", "top1_agreement", "greedy_token_agreement"):
         assert abs(whole["metrics"][name] - streamed["metrics"][name]) <= 1e-6 * abs(whole["metrics"][name]), name
     assert [s["baseline"] for s in whole["samples"]] == [s["baseline"] for s in streamed["samples"]]
+
+
+def test_a_plain_limit_holds_on_every_text_and_a_named_one_on_its_own():
+    metrics = {"perplexity_delta_pct": 0.5, "perplexity_delta_pct@prose": 0.5, "perplexity_delta_pct@code": 3.0,
+               "top1_agreement": 0.95, "top1_agreement@prose": 0.95, "top1_agreement@code": 0.8}
+    failures = gate(metrics, {"perplexity_delta_pct": 1.0, "top1_agreement@code": 0.9})
+    assert failures == ["perplexity_delta_pct@code = 3 > max 1", "top1_agreement@code = 0.8 < min 0.9"]
+
+
+def test_several_evaluation_texts_are_scored_gated_and_reported_each(tmp_path, tiny_llama, eval_text):
+    import pytest
+
+    from conftest import write_recipe
+    from pipeline import ValidationFailed, run
+
+    recipe = write_recipe(tmp_path, tiny_llama, eval_text)
+    domains = (f"eval_data: {{prose: {{source: {eval_text}}}, plays: {{source: tinyshakespeare, split: test}}, "
+               "code: {source: python-code, split: test}}")
+    text = recipe.read_text().replace(f"eval_data: {{source: {eval_text}}}", domains)
+    recipe.write_text(text.replace("max_new_tokens: 8", "max_new_tokens: 8\n      thresholds: {perplexity_delta_pct: 0.1, "
+                                   "kl_divergence@plays: -1}"))
+    with pytest.raises(ValidationFailed) as failed:
+        run(recipe, workdir=tmp_path / "w")
+    assert [f for f in failed.value.failures if "@" in f] == [f for f in failed.value.failures if f.startswith("kl_divergence@plays = ")]
+    assert len(failed.value.failures) == 1  # the plain limit held on all three texts
+    folder = next((tmp_path / "w" / "tiny").glob("02-validate-*"))
+    report = json.loads((folder / "report.json").read_text())
+    m = report["metrics"]
+    assert m["perplexity_delta_pct"] == m["perplexity_delta_pct@prose"]  # the first text under the plain names too
+    assert {k.partition("@")[2] for k in m if "@" in k} == {"prose", "plays", "code"}
+    assert m["perplexity@code"] != m["perplexity@plays"]
+    assert report["protocol"]["domains"]["plays"]["dataset"] == "tinyshakespeare"
+    md = (folder / "report.md").read_text()
+    assert "## Per evaluation text" in md and "| plays | tinyshakespeare / test |" in md and "**FAIL**" in md
+
+
+def test_per_domain_limits_name_a_domain_that_is_evaluated(tmp_path, tiny_llama, eval_text):
+    import pytest
+
+    from conftest import write_recipe
+    from pipeline import RecipeError
+    from pipeline.recipe import load_recipe
+
+    recipe = write_recipe(tmp_path, tiny_llama, eval_text)
+    one = recipe.read_text().replace("max_new_tokens: 8", "max_new_tokens: 8\n      thresholds: {top1_agreement@code: 0.9}")
+    recipe.write_text(one)
+    with pytest.raises(RecipeError, match=r"thresholds.top1_agreement@code: a per-domain limit is one of .*\(it names one text\)"):
+        load_recipe(recipe)
+    two = one.replace(f"eval_data: {{source: {eval_text}}}", f"eval_data: {{prose: {{source: {eval_text}}}, "
+                      "plays: {source: tinyshakespeare, split: tset}}")
+    recipe.write_text(two.replace("@code", "@plays"))
+    with pytest.raises(RecipeError, match=r"eval_data.plays.source: tinyshakespeare: no split 'tset'"):
+        load_recipe(recipe)
+    recipe.write_text(two.replace("split: tset", "split: test"))
+    with pytest.raises(RecipeError, match=r"per-domain limit is one of .* \(prose, plays\)"):
+        load_recipe(recipe)
