@@ -76,14 +76,27 @@ class TextSourceConfig:
     text_field: str = "text"
 
 
+@dataclass(frozen=True)
+class MixedTextSourceConfig(TextSourceConfig):
+    """One part of a calibration mix: a text source and its share of the blocks."""
+
+    weight: float = 1.0
+
+    def __post_init__(self):
+        if not self.weight > 0:
+            raise RecipeError(f"weight: must be positive, got {self.weight}")
+
+
 HeadPrecision = Literal["float", "int8", "int4"]
 
 
 @dataclass(frozen=True)
 class CalibrationConfig:
-    """Calibration text: `num_samples` blocks of `sequence_length` tokens drawn with `seed`."""
+    """Calibration text: `num_samples` blocks of `sequence_length` tokens drawn with `seed`, from one source or a
+    weighted mix (`data: [{source: wikitext-2, split: valid, weight: 2}, {source: python-code, split: valid}]`)."""
 
-    data: TextSourceConfig = field(default_factory=lambda: TextSourceConfig("wikitext-2", "valid"))
+    data: TextSourceConfig | tuple[MixedTextSourceConfig, ...] = field(
+        default_factory=lambda: TextSourceConfig("wikitext-2", "valid"))
     num_samples: int = 128
     sequence_length: int = 512
     seed: int = 0
@@ -93,6 +106,8 @@ class CalibrationConfig:
         for name in ("num_samples", "sequence_length", "batch_size"):
             if getattr(self, name) < 1:
                 raise RecipeError(f"{name}: must be a positive integer, got {getattr(self, name)}")
+        if isinstance(self.data, tuple) and not self.data:
+            raise RecipeError("data: an empty mix; give one source, or a list of {source, split, weight}")
 
 
 @dataclass(frozen=True)

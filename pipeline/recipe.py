@@ -347,9 +347,11 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
                 return _coerce(member, value, where)
             except RecipeError as e:
                 errors[member] = e
-        for member, error in errors.items():  # a mapping that uses a section's own keys meant that section
+        for member, error in errors.items():  # a mapping that uses a section's own keys meant that section,
             if dataclasses.is_dataclass(member) and isinstance(value, dict) and \
                     set(value) & {f.name for f in dataclasses.fields(member)}:
+                raise error
+            if typing.get_origin(member) is tuple and isinstance(value, list):  # and a list meant the list
                 raise error
         names = " or ".join(getattr(a, "__name__", str(a)) for a in inner)
         raise RecipeError(f"{where}: expected {names}, got {type(value).__name__} {value!r}")

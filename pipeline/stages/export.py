@@ -17,7 +17,7 @@ import onnx
 import torch
 
 from calibration import DataError
-from calibration.batches import calibration_batches
+from calibration.batches import calibration_batches, describe_text
 from pipeline.archs import arch_for, model_dims
 from pipeline.artifacts import save_onnx, sha256_file
 from pipeline.checkpoint import FloatWeights
@@ -131,7 +131,7 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
         if cfg.kv_cache == "int8":
             cal = cfg.kv_calibration
             ctx.log(f"  int8 KV cache: per-channel scales from {cal.num_samples} x {cal.sequence_length} tokens of "
-                    f"{cal.data.source} {cal.data.split}")
+                    + describe_text(cal.data))
             try:
                 batches = calibration_batches(cal, inp.path, "export.kv_calibration")
             except DataError as e:
