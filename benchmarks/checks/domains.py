@@ -50,12 +50,31 @@ def run_recipe(name: str, workdir: Path, windows: int) -> dict:
             "texts": texts}
 
 
+def markdown(result: dict) -> str:
+    """The README's table: one row per recipe and text."""
+    lines = ["| recipe | text | perplexity, float | perplexity | Δ % | KL | top-1 agreement |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for row in result["rows"]:
+        for domain, t in row["texts"].items():
+            lines.append(f"| `{row['recipe']}` | {domain} ({t['source']}, {t['windows']} × 512 tokens) | "
+                         f"{t['perplexity_baseline']:.3f} | {t['perplexity']:.3f} | {t['perplexity_delta_pct']:+.2f} | "
+                         f"{t['kl_divergence']:.4f} | {t['top1_agreement']:.3f} |")
+    m = result["machine"]
+    lines += ["", f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores; {result['date']}, commit {result['commit']}: "
+                  f"`{result['command']}` (`benchmarks/results/domains/domains.json`)."]
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipes", default="smollm2-int4-rtn,smollm2-int4-gptq")
     parser.add_argument("--windows", type=int, default=40, help="windows of 512 tokens per text")
     parser.add_argument("--workdir", type=Path, default=ROOT / "artifacts")
+    parser.add_argument("--markdown", type=Path, help="print the README table of this domains.json and exit")
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())))
+        return 0
     from pipeline.artifacts import library_versions
     from pipeline.bench.system import machine
 
