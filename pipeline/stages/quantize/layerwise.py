@@ -33,8 +33,8 @@ from pipeline.errors import StageError
 from pipeline.quant.primitives import QTensor, QuantScheme, dequantize, quantize
 from pipeline.stages.quantize.awq import awq_head, awq_layer
 from pipeline.stages.quantize.gptq import gptq_head, gptq_layer
-from pipeline.stages.quantize.output import HEAD, PackedCodes, finish
-from pipeline.stages.quantize.plan import EMBEDDING, embedding_scheme, embedding_shares_head, plan_summary
+from pipeline.stages.quantize.output import HEAD, HeadLayout, PackedCodes, finish, head_layout
+from pipeline.stages.quantize.plan import EMBEDDING, plan_summary
 from pipeline.streamed import load_layer, load_streamed_model, unload_layer
 
 # layer forwards per calibration batch that each method's work costs (measured on SmolLM2), for the estimate
@@ -46,14 +46,8 @@ def quantize_layerwise(cfg: QuantizeConfig, src: Path, out: Path, plan: dict[str
     """GPTQ or AWQ of the checkpoint in `src` into `out` as `plan` says; returns (packed bytes, the planned layers'
     float32 bytes). Adds the embedding to `skipped` when it stays float."""
     model = load_streamed_model(src, attention="sdpa", on_demand=False)
-    config = model.config
-    share = embedding_shares_head(model, cfg)
-    embed_scheme = embedding_scheme(model, cfg)
-    if embed_scheme is None:
-        skipped[EMBEDDING] = "embedding: float (recipe)"
-    untie = HEAD in plan and config.tie_word_embeddings and not share  # the head gets codes of its own
-    tied = config.tie_word_embeddings and not untie
-    batches = _batches(cfg, src)
+    layout = head_layout(model, cfg, plan, skipped)
+    batches = quantize_batches(cfg, src)
     hidden, kwargs = capture_layer_inputs(model, batches)
     layers = decoder_layers(model)
     method = "awq+gptq" if cfg.method == "awq" and cfg.awq_codes == "gptq" else cfg.method
@@ -79,9 +73,8 @@ def quantize_layerwise(cfg: QuantizeConfig, src: Path, out: Path, plan: dict[str
                 weights.add(prefix + name, tensor)
             unload_layer(model, index)
         head = _head_codes(model, plan, cfg, hidden, gen)
-        _write_outside_layers(model, weights, codes, head, share, embed_scheme, tied)
-    embed = None if embed_scheme is None else {"shared_with": HEAD if share else None}
-    finish(out, src, config, cfg.method, plan, skipped, codes, embed, tied)
+        _write_outside_layers(model, weights, codes, head, layout)
+    finish(out, src, model.config, cfg.method, plan, skipped, codes, layout)
     return codes.bytes, sum(model.get_submodule(n).weight.numel() * 4 for n in plan)
 
 
@@ -95,29 +88,30 @@ def _head_codes(model, plan: dict[str, QuantScheme], cfg: QuantizeConfig, hidden
     return awq_head(model.model.norm, weight, plan[HEAD], cfg, hidden, gen)
 
 
-def _write_outside_layers(model, weights: ShardedWriter, codes: PackedCodes, head: QTensor | None, share: bool,
-                          embed_scheme: QuantScheme | None, tied: bool) -> None:
+def _write_outside_layers(model, weights: ShardedWriter, codes: PackedCodes, head: QTensor | None,
+                          layout: HeadLayout) -> None:
     """Embedding, final norm and head. A shared embedding holds the head's dequantized codes; an embedding of
     its own is rounded to nearest (its rows are looked up, no activations to calibrate on)."""
     if head is not None:
         codes.add(HEAD, head)
     for name, tensor in model.state_dict().items():
-        if name.startswith("model.layers.") or (tied and name == f"{HEAD}.weight"):
+        if name.startswith("model.layers.") or (layout.tied and name == f"{HEAD}.weight"):
             continue
         if name == f"{HEAD}.weight" and head is not None:
             tensor = dequantize(head)
         elif name == f"{EMBEDDING}.weight":
-            if share and head is not None:
+            if layout.share and head is not None:
                 tensor = dequantize(head)
-            elif embed_scheme is not None:
-                qt = quantize(tensor, embed_scheme)
+            elif layout.embed_scheme is not None:
+                qt = quantize(tensor, layout.embed_scheme)
                 codes.add(EMBEDDING, qt)
                 tensor = dequantize(qt)
         weights.add(name, tensor.float())
 
 
-def _batches(cfg: QuantizeConfig, src: Path) -> list[torch.Tensor]:
+def quantize_batches(cfg: QuantizeConfig, src: Path, length: int | None = None) -> list[torch.Tensor]:
+    """The quantize step's calibration blocks; a text that cannot give them stops the stage in one line."""
     try:
-        return calibration_batches(cfg.calibration, src, "quantize.calibration")
+        return calibration_batches(cfg.calibration, src, "quantize.calibration", length)
     except DataError as e:
         raise StageError(str(e)) from e

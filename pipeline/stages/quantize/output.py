@@ -6,6 +6,7 @@ so both write the same files the same way.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ from pipeline.checkpoint import SafetensorsWriter
 from pipeline.models import copy_tokenizer
 from pipeline.quant.plan import PACKED_FILE, PLAN_FILE
 from pipeline.quant.primitives import QTensor, QuantScheme, pack_matmul_nbits
-from pipeline.stages.quantize.plan import EMBEDDING, plan_file
+from pipeline.stages.quantize.plan import EMBEDDING, embedding_scheme, embedding_shares_head, plan_file
 
 HEAD = "lm_head"
 
@@ -26,6 +27,31 @@ def skeleton(folder: Path):
     config = AutoConfig.from_pretrained(folder)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """How the output checkpoint holds the embedding and the head."""
+
+    share: bool  # a tied embedding holds the head's codes (one copy)
+    embed_scheme: QuantScheme | None  # the embedding's own scheme (None: float)
+    tied: bool  # head and embedding stay one tensor in the output
+
+    @property
+    def plan_entry(self) -> dict | None:
+        """The embedding's entry in quant_plan.json (None: float)."""
+        return None if self.embed_scheme is None else {"shared_with": HEAD if self.share else None}
+
+
+def head_layout(model, cfg, plan: dict[str, QuantScheme], skipped: dict[str, str]) -> HeadLayout:
+    """The layout for `plan`; adds the embedding to `skipped` when it stays float. A head quantized on its own
+    unties from a tied embedding."""
+    share = embedding_shares_head(model, cfg)
+    embed_scheme = embedding_scheme(model, cfg)
+    if embed_scheme is None:
+        skipped[EMBEDDING] = "embedding: float (recipe)"
+    untie = HEAD in plan and model.config.tie_word_embeddings and not share
+    return HeadLayout(share, embed_scheme, model.config.tie_word_embeddings and not untie)
 
 
 class PackedCodes:
@@ -51,11 +77,11 @@ class PackedCodes:
 
 
 def finish(out: Path, src: Path, config, method: str, plan: dict[str, QuantScheme], skipped: dict[str, str],
-           codes: PackedCodes, embed: dict | None, tied: bool) -> None:
+           codes: PackedCodes, layout: HeadLayout) -> None:
     """The plan (quantized layers in plan order, then the embedding), the config and the tokenizer."""
     order = [n for n in (*plan, EMBEDDING) if n in codes.shapes]
-    (out / PLAN_FILE).write_text(plan_file(method, {n: codes.shapes[n] for n in order}, embed, skipped))
-    config.tie_word_embeddings = tied
+    (out / PLAN_FILE).write_text(plan_file(method, {n: codes.shapes[n] for n in order}, layout.plan_entry, skipped))
+    config.tie_word_embeddings = layout.tied
     config.dtype = torch.float32
     config.save_pretrained(out)
     copy_tokenizer(src, out)

@@ -23,8 +23,8 @@ from tqdm import tqdm
 from pipeline.checkpoint import CheckpointReader, ShardedWriter
 from pipeline.configs import QuantizeConfig
 from pipeline.quant.primitives import QuantScheme, dequantize, quantize
-from pipeline.stages.quantize.output import HEAD, PackedCodes, finish, skeleton
-from pipeline.stages.quantize.plan import EMBEDDING, embedding_scheme, embedding_shares_head, plan_summary
+from pipeline.stages.quantize.output import HEAD, HeadLayout, PackedCodes, finish, head_layout, skeleton
+from pipeline.stages.quantize.plan import EMBEDDING, plan_summary
 
 
 def rtn_streamed(cfg: QuantizeConfig, src: Path, out: Path, plan: dict[str, QuantScheme], skipped: dict[str, str],
@@ -32,38 +32,30 @@ def rtn_streamed(cfg: QuantizeConfig, src: Path, out: Path, plan: dict[str, Quan
     """Quantize the checkpoint in `src` into `out` tensor by tensor as `plan` says; returns (packed bytes, the
     planned layers' float32 bytes). Adds the embedding to `skipped` when it stays float."""
     model = skeleton(src)
-    config = model.config
-    share = embedding_shares_head(model, cfg)
-    embed_scheme = embedding_scheme(model, cfg)
-    if embed_scheme is None:
-        skipped[EMBEDDING] = "embedding: float (recipe)"
-    untie = HEAD in plan and config.tie_word_embeddings and not share  # the head gets codes of its own
-    tied = config.tie_word_embeddings and not untie
+    layout = head_layout(model, cfg, plan, skipped)
     log(f"  RTN {len(plan)} layers ({plan_summary(plan)}), {len(skipped)} kept float; tensor by tensor from "
         f"{src.name}")
     reader = CheckpointReader(src)
-    names = [n for n in model.state_dict() if not (tied and n == f"{HEAD}.weight")]
+    names = [n for n in model.state_dict() if not (layout.tied and n == f"{HEAD}.weight")]
     with ShardedWriter(out) as weights, PackedCodes(out) as codes:
         for name in tqdm(names, desc="  rtn", unit="tensor", leave=False):
             module, _, kind = name.rpartition(".")
             stored = name if name in reader else f"{EMBEDDING}.weight"  # an untied head starts as the embedding
             tensor = reader[stored].float()
-            scheme = _scheme_for(module, kind, plan, share, embed_scheme)
+            scheme = _scheme_for(module, kind, plan, layout)
             if scheme is not None:
                 qt = quantize(tensor, scheme)
-                codes.add(HEAD if module == EMBEDDING and share else module, qt)  # a shared embedding holds the head's codes
+                codes.add(HEAD if module == EMBEDDING and layout.share else module, qt)  # a shared embedding holds the head's codes
                 tensor = dequantize(qt).float()
             weights.add(name, tensor)
-    embed = None if embed_scheme is None else {"shared_with": HEAD if share else None}
-    finish(out, src, config, cfg.method, plan, skipped, codes, embed, tied)
+    finish(out, src, model.config, cfg.method, plan, skipped, codes, layout)
     return codes.bytes, sum(model.get_submodule(n).weight.numel() * 4 for n in plan)
 
 
-def _scheme_for(module: str, kind: str, plan: dict[str, QuantScheme], share: bool,
-                embed_scheme: QuantScheme | None) -> QuantScheme | None:
+def _scheme_for(module: str, kind: str, plan: dict[str, QuantScheme], layout: HeadLayout) -> QuantScheme | None:
     """The scheme a checkpoint tensor is quantized with, or None when it stays as it is."""
     if kind != "weight":
         return None
     if module == EMBEDDING:
-        return plan[HEAD] if share else embed_scheme
+        return plan[HEAD] if layout.share else layout.embed_scheme
     return plan.get(module)

@@ -17,8 +17,6 @@ import time
 
 import torch
 
-from calibration import DataError
-from calibration.batches import calibration_batches
 from pipeline.configs import QuantizeConfig
 from pipeline.errors import StageError
 from pipeline.models import copy_tokenizer, load_torch_model
@@ -27,7 +25,7 @@ from pipeline.quant.primitives import QuantScheme
 from pipeline.quant.rotation import BLOCK, can_rotate
 from pipeline.registry import StageResult, register_stage
 from pipeline.stages.quantize.budget import bar_chart, choose
-from pipeline.stages.quantize.layerwise import quantize_layerwise
+from pipeline.stages.quantize.layerwise import quantize_batches, quantize_layerwise
 from pipeline.stages.quantize.output import skeleton
 from pipeline.stages.quantize.plan import LM_HEAD_BITS, embedding_shares_head, ignored, make_plan, scheme_dict
 from pipeline.stages.quantize.rtn import rtn_streamed
@@ -54,7 +52,7 @@ def _budget(cfg: QuantizeConfig, src, plan: dict[str, QuantScheme], ctx) -> tupl
     """The plan with the most sensitive layers raised to INT8 (budget.py), measured on the whole float model,
     which is freed before the quantization streams."""
     model = load_torch_model(src, attention="sdpa")
-    ids = torch.cat(_calibration_batches(cfg, src, cfg.budget.sensitivity_length))[: cfg.budget.sensitivity_samples]
+    ids = torch.cat(quantize_batches(cfg, src, cfg.budget.sensitivity_length))[: cfg.budget.sensitivity_samples]
     embed = "shared" if embedding_shares_head(model, cfg) else None if cfg.embedding == "float" else \
         QuantScheme(LM_HEAD_BITS[cfg.embedding], cfg.group_size, cfg.symmetric)
     plan, info = choose(model, plan, cfg.budget, ids, embed, ctx.log)
@@ -80,7 +78,7 @@ def _w8a8(model, cfg: QuantizeConfig, src_dir, ctx, started: float) -> StageResu
             if not can_rotate(width := model.get_submodule(name).in_features):
                 raise StageError(f"quantize.hadamard: {name} takes {width} inputs, not a multiple of the {BLOCK}-wide "
                                  "Hadamard block; set hadamard: false for this model")
-    batches = _calibration_batches(cfg, src_dir)
+    batches = quantize_batches(cfg, src_dir)
     info: dict = {}
     if cfg.smoothquant:
         how = "searched per layer" if cfg.smoothquant == "auto" else str(cfg.smoothquant)
@@ -113,10 +111,3 @@ def _w8a8(model, cfg: QuantizeConfig, src_dir, ctx, started: float) -> StageResu
     ctx.log(f"  W8A8 {cfg.activations}: int8 weights (per channel) and activations for {len(modules)} linears, applied to "
             f"the graph at export; {len(skipped)} kept float")
     return StageResult(metrics={"seconds": round(time.time() - started, 1)}, info={"w8a8": plan, **info})
-
-
-def _calibration_batches(cfg: QuantizeConfig, model_dir, length: int | None = None) -> list[torch.Tensor]:
-    try:
-        return calibration_batches(cfg.calibration, model_dir, "quantize.calibration", length)
-    except DataError as e:
-        raise StageError(str(e)) from e
