@@ -10,7 +10,7 @@ GPU_RUN ?= artifacts/smollm2-int4-cuda
 GPU_OUT ?= artifacts/gpu-check
 BENCH_TEXT ?= wikitext-2
 
-.PHONY: quickstart install engines install-cuda model run generate bench gpu-check serve-gpu-check distill-gpu-check scale-check test test-fast doctor clean
+.PHONY: quickstart install engines install-cuda model run generate bench gpu-check serve-gpu-check distill-gpu-check scale-check lint test test-fast doctor clean
 
 quickstart: install model run  ## set up, fetch the reference model, run the default recipe
 
@@ -64,7 +64,11 @@ distill-gpu-check:  ## on a GPU machine, after any SmolLM2 run (its model step i
 scale-check: run  ## the scale ladder's small rung (Qwen2.5-0.5B shape, random bf16 weights): each step's time and peak memory
 	$(PY) -m benchmarks.checks.scale --rungs qwen2.5-0.5b --recipes fp32,int4-rtn --merge --drop-runs
 
-test: install engines model  ## every test, the slow reference-model tests included (what CI runs)
+lint: install  ## ruff's linter and formatter, as configured in pyproject.toml (`ruff format .` fixes the formatting)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: install engines model lint  ## lint, then every test, the slow reference-model tests included (what CI runs)
 	$(BIN)/python -m pytest -q --durations=30
 
 test-fast: install model  ## tiny-model tests only

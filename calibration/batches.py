@@ -1,5 +1,6 @@
 """Calibration text as token-id batches: the blocks every calibrated step (GPTQ, AWQ, SmoothQuant,
 the sensitivity pass, int8 KV scales) runs the model on."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -21,18 +22,23 @@ def calibration_batches(cal, model_dir, where: str, length: int | None = None) -
         blocks = _blocks(cal.data, tokenizer, length, cal.num_samples, cal.seed, f"{where}.data", where)
     else:
         counts = shares([part.weight for part in cal.data], cal.num_samples)
-        parts = [_blocks(part, tokenizer, length, count, cal.seed + i, f"{where}.data[{i}]", f"{where}.data[{i}]")
-                 for i, (part, count) in enumerate(zip(cal.data, counts)) if count]
+        parts = [
+            _blocks(part, tokenizer, length, count, cal.seed + i, f"{where}.data[{i}]", f"{where}.data[{i}]")
+            for i, (part, count) in enumerate(zip(cal.data, counts))
+            if count
+        ]
         blocks = np.concatenate(parts)[np.random.default_rng(cal.seed).permutation(cal.num_samples)]
-    return [torch.from_numpy(blocks[i:i + cal.batch_size]) for i in range(0, len(blocks), cal.batch_size)]
+    return [torch.from_numpy(blocks[i : i + cal.batch_size]) for i in range(0, len(blocks), cal.batch_size)]
 
 
 def describe_text(data) -> str:
     """A calibration source, or a mix of them, in a few words for a log line."""
     parts = data if isinstance(data, tuple) else (data,)
     weight = sum(getattr(p, "weight", 1.0) for p in parts)
-    return " + ".join(f"{p.source} {p.split}" + (f" ({getattr(p, 'weight', 1.0) / weight:.0%})" if len(parts) > 1 else "")
-                      for p in parts)
+    return " + ".join(
+        f"{p.source} {p.split}" + (f" ({getattr(p, 'weight', 1.0) / weight:.0%})" if len(parts) > 1 else "")
+        for p in parts
+    )
 
 
 def shares(weights: list[float], total: int) -> list[int]:

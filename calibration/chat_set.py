@@ -11,6 +11,7 @@ A custom set is a JSONL file, one object per line: {"prompt": "...", "answers": 
 `answers` may be left out (an open instruction). A reply is correct when it mentions one of the answers
 as a whole word or phrase, ignoring case and accents.
 """
+
 from __future__ import annotations
 
 import json
@@ -125,14 +126,14 @@ def load_chat_set(path: Path) -> list[ChatPrompt]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not JSON ({e.msg}); each line is {{\"prompt\": ..., \"answers\": [...]}}") from None
+            raise DataError(f'{where}: not JSON ({e.msg}); each line is {{"prompt": ..., "answers": [...]}}') from None
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
-            raise DataError(f"{where}: needs a non-empty \"prompt\" string")
+            raise DataError(f'{where}: needs a non-empty "prompt" string')
         answers = record.get("answers", [])
         if isinstance(answers, str):
             answers = [answers]
         if not isinstance(answers, list) or not all(isinstance(a, str) and a.strip() for a in answers):
-            raise DataError(f"{where}: \"answers\" must be a list of non-empty strings")
+            raise DataError(f'{where}: "answers" must be a list of non-empty strings')
         unknown = set(record) - {"prompt", "answers"}
         if unknown:
             raise DataError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; allowed: prompt, answers")

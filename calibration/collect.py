@@ -7,11 +7,12 @@ memory is bounded by [samples, seq, hidden] rather than by the whole model's act
                        ▲ hooks see each linear's inputs; the caller quantizes, then the
                          layer is re-run so the next layer sees the quantized layer's outputs
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import torch
 
@@ -65,15 +66,19 @@ def calibration_estimate(first, count: int, hidden: list[torch.Tensor], kwargs: 
     minutes = per_batch * len(hidden) * passes * count / 60
     tokens = sum(h.shape[0] * h.shape[1] for h in hidden)
     memory_mb = 2 * sum(h.numel() * h.element_size() for h in hidden) / 1e6
-    return (f"calibration: {len(hidden)} batches, {tokens} tokens; estimate ~{minutes:.1f} min, "
-            f"activations ~{memory_mb:.0f} MB (one layer at a time)")
+    return (
+        f"calibration: {len(hidden)} batches, {tokens} tokens; estimate ~{minutes:.1f} min, "
+        f"activations ~{memory_mb:.0f} MB (one layer at a time)"
+    )
 
 
 @contextmanager
 def input_hooks(modules: dict[str, torch.nn.Module], sink: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
     """Call sink(name, input) before each forward of each module."""
-    handles = [m.register_forward_pre_hook(lambda _m, args, name=name: sink(name, args[0].detach()))
-               for name, m in modules.items()]
+    handles = [
+        m.register_forward_pre_hook(lambda _m, args, name=name: sink(name, args[0].detach()))
+        for name, m in modules.items()
+    ]
     try:
         yield
     finally:
@@ -81,8 +86,13 @@ def input_hooks(modules: dict[str, torch.nn.Module], sink: Callable[[str, torch.
             h.remove()
 
 
-def feed_inputs(layer, hidden: torch.Tensor, kwargs: dict, modules: dict[str, torch.nn.Module],
-                sink: Callable[[str, torch.Tensor], None]) -> None:
+def feed_inputs(
+    layer,
+    hidden: torch.Tensor,
+    kwargs: dict,
+    modules: dict[str, torch.nn.Module],
+    sink: Callable[[str, torch.Tensor], None],
+) -> None:
     """sink(name, input) for each of `modules` (each run once per forward) on one batch, running the layer only
     until the last of them has its input: the layer's output is not needed, so in a decoder layer the down
     projection (a quarter of its multiplications) is skipped."""

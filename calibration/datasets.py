@@ -11,6 +11,7 @@ A source is a built-in corpus name, a local text file, or a hub dataset id:
     some/file.txt     a UTF-8 text file, read whole
     org/dataset       any hub dataset: `text_field` of `split`, rows joined with newlines
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -38,11 +39,21 @@ class Builtin:
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".jsonl")
 
 BUILTINS = {
-    "wikitext-2": Builtin("wikitext-2/{split}.txt", ("valid", "test"), "wikitext", "wikitext-2-v1",
-                          {"valid": "validation", "test": "test", "train": "train"}),
-    "tinyshakespeare": Builtin("tinyshakespeare/input.txt", ("all", "train", "test"), "karpathy/tiny_shakespeare", None,
-                               {"all": "train", "train": "train", "test": "train"},
-                               {"all": slice(None), "train": slice(None, 36000), "test": slice(36000, None)}),
+    "wikitext-2": Builtin(
+        "wikitext-2/{split}.txt",
+        ("valid", "test"),
+        "wikitext",
+        "wikitext-2-v1",
+        {"valid": "validation", "test": "test", "train": "train"},
+    ),
+    "tinyshakespeare": Builtin(
+        "tinyshakespeare/input.txt",
+        ("all", "train", "test"),
+        "karpathy/tiny_shakespeare",
+        None,
+        {"all": "train", "train": "train", "test": "train"},
+        {"all": slice(None), "train": slice(None, 36000), "test": slice(36000, None)},
+    ),
     "python-code": Builtin("python-code/{split}.txt", ("valid", "test"), None, None, {}),
 }
 
@@ -83,8 +94,10 @@ def load_text(source: str, split: str = "test", hub_config: str | None = None, t
     elif source in BUILTINS:
         b = BUILTINS[source]
         if b.hub is None:
-            raise DataError(f"{source}: {b.local.format(split=split)} is not in the data folder ({data_dir() or 'none found'}; "
-                            "set OPTIMIZE_DATA_DIR) and this corpus has no hub copy")
+            raise DataError(
+                f"{source}: {b.local.format(split=split)} is not in the data folder ({data_dir() or 'none found'}; "
+                "set OPTIMIZE_DATA_DIR) and this corpus has no hub copy"
+            )
         text = _read_hub(b.hub, b.hub_config, b.hub_splits[split], "text")
     else:
         text = _read_hub(source, hub_config, split, text_field)

@@ -5,6 +5,7 @@ string or a list of chat messages, whose first user turn is taken), or, with no 
 built-in set: instructions made from templates and topics, plus tasks on passages of the training
 text (summarise, explain, continue, answer about it), so the answers also cover that text's domain.
 """
+
 from __future__ import annotations
 
 import re
@@ -33,15 +34,66 @@ TOPIC_TEMPLATES = (
 )
 
 TOPICS = (
-    "the ocean", "the moon", "photosynthesis", "volcanoes", "friendship", "the Roman Empire", "rainbows",
-    "honey bees", "electricity", "the water cycle", "gravity", "the Internet", "chess", "coffee", "music",
-    "the human heart", "climate change", "dinosaurs", "the solar system", "bread baking", "democracy",
-    "recycling", "sleep", "the French Revolution", "mountains", "rain forests", "computers", "birds",
-    "the printing press", "mathematics", "healthy eating", "libraries", "trains", "the desert", "whales",
-    "gardening", "time management", "the brain", "lighthouses", "autumn", "kindness", "the stars",
-    "bicycles", "ancient Egypt", "the immune system", "wind energy", "penguins", "writing a good essay",
-    "learning a new language", "the weather", "rivers", "earthquakes", "butterflies", "the Olympic Games",
-    "vaccines", "the telephone", "snow", "a city at night", "running", "cooking pasta",
+    "the ocean",
+    "the moon",
+    "photosynthesis",
+    "volcanoes",
+    "friendship",
+    "the Roman Empire",
+    "rainbows",
+    "honey bees",
+    "electricity",
+    "the water cycle",
+    "gravity",
+    "the Internet",
+    "chess",
+    "coffee",
+    "music",
+    "the human heart",
+    "climate change",
+    "dinosaurs",
+    "the solar system",
+    "bread baking",
+    "democracy",
+    "recycling",
+    "sleep",
+    "the French Revolution",
+    "mountains",
+    "rain forests",
+    "computers",
+    "birds",
+    "the printing press",
+    "mathematics",
+    "healthy eating",
+    "libraries",
+    "trains",
+    "the desert",
+    "whales",
+    "gardening",
+    "time management",
+    "the brain",
+    "lighthouses",
+    "autumn",
+    "kindness",
+    "the stars",
+    "bicycles",
+    "ancient Egypt",
+    "the immune system",
+    "wind energy",
+    "penguins",
+    "writing a good essay",
+    "learning a new language",
+    "the weather",
+    "rivers",
+    "earthquakes",
+    "butterflies",
+    "the Olympic Games",
+    "vaccines",
+    "the telephone",
+    "snow",
+    "a city at night",
+    "running",
+    "cooking pasta",
 )
 
 PASSAGE_TEMPLATES = (
@@ -63,15 +115,20 @@ def builtin_prompts(count: int, seed: int, passages_text: str | None = None) -> 
     tasks = [t.format(p=p) for p in passages for t in PASSAGE_TEMPLATES]
     n_tasks = min(len(tasks), count // 2)
     n_topic = min(len(topic), count - n_tasks)
-    chosen = ([topic[i] for i in rng.permutation(len(topic))[:n_topic]]
-              + [tasks[i] for i in rng.permutation(len(tasks))[:n_tasks]])
+    chosen = [topic[i] for i in rng.permutation(len(topic))[:n_topic]] + [
+        tasks[i] for i in rng.permutation(len(tasks))[:n_tasks]
+    ]
     if len(chosen) < count:
-        raise DataError(f"the built-in prompt set holds {len(chosen)} prompts, fewer than the {count} asked for; "
-                        "lower samples or give a prompts source")
+        raise DataError(
+            f"the built-in prompt set holds {len(chosen)} prompts, fewer than the {count} asked for; "
+            "lower samples or give a prompts source"
+        )
     return [chosen[i] for i in rng.permutation(len(chosen))]
 
 
-def load_prompts(source: str, split: str, field: str, count: int, seed: int, hub_config: str | None = None) -> list[str]:
+def load_prompts(
+    source: str, split: str, field: str, count: int, seed: int, hub_config: str | None = None
+) -> list[str]:
     """`count` prompts drawn (seeded, without repeats) from a text file or a hub dataset."""
     path = local_file(source, split)
     if path is not None:

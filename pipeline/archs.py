@@ -3,6 +3,7 @@
 Adding a family whose HF implementation takes a 4D additive mask, `position_ids` and a
 `DynamicCache` is one line here plus a tiny-model parity test.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -13,6 +13,7 @@ timestamp granularity, moves it. Sources outside the workdir (a GGUF file, a che
 text file) cannot be stamped: `ChecksumCache` trusts them only when they were last modified more
 than two seconds before they were hashed, as git does for racily clean files.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,8 +30,20 @@ from runtime.integrity import sha256_file
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-TRACKED_LIBRARIES = ("torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "tokenizers",
-                     "optimum", "optimum-onnx", "datasets", "gguf", "numpy", "llm-optimize")
+TRACKED_LIBRARIES = (
+    "torch",
+    "transformers",
+    "onnx",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "tokenizers",
+    "optimum",
+    "optimum-onnx",
+    "datasets",
+    "gguf",
+    "numpy",
+    "llm-optimize",
+)
 
 
 @dataclass(frozen=True)
@@ -127,8 +140,14 @@ def save_onnx(graph, path: Path, external_data: bool = True) -> None:
     import onnx
 
     if external_data:
-        onnx.save_model(graph, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
+        onnx.save_model(
+            graph,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=path.name + ".data",
+            size_threshold=1024,
+        )
     else:
         onnx.save_model(graph, str(path))
 

@@ -9,6 +9,7 @@ The writer appends each tensor's bytes to a scratch file and writes the header (
 offset) when it is closed, then the data after it: memory stays at one tensor, disk holds the data
 twice until the file is complete. A file is only ever complete or absent.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,12 +23,29 @@ import numpy as np
 import torch
 
 INDEX = "model.safetensors.index.json"
-_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-                 "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
-                 "BOOL": torch.bool}
+_TORCH_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "BOOL": torch.bool,
+}
 SINGLE = "model.safetensors"
-_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.uint8): "U8", np.dtype(np.int8): "I8",
-           np.dtype(np.int32): "I32", np.dtype(np.int64): "I64", np.dtype(np.float64): "F64", np.dtype(np.bool_): "BOOL"}
+_DTYPES = {
+    np.dtype(np.float32): "F32",
+    np.dtype(np.float16): "F16",
+    np.dtype(np.uint8): "U8",
+    np.dtype(np.int8): "I8",
+    np.dtype(np.int32): "I32",
+    np.dtype(np.int64): "I64",
+    np.dtype(np.float64): "F64",
+    np.dtype(np.bool_): "BOOL",
+}
 
 
 def read_header(path: Path) -> tuple[int, dict]:
@@ -109,7 +127,11 @@ class SafetensorsWriter:
             raise ValueError(f"{self.path.name}: tensor {name} written twice")
         raw = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
         self.data.write(raw)
-        self.header[name] = {"dtype": dtype, "shape": list(array.shape), "data_offsets": [self.offset, self.offset + len(raw)]}
+        self.header[name] = {
+            "dtype": dtype,
+            "shape": list(array.shape),
+            "data_offsets": [self.offset, self.offset + len(raw)],
+        }
         self.offset += len(raw)
 
     def close(self) -> None:
@@ -131,7 +153,7 @@ class SafetensorsWriter:
         self.data.close()
         self.scratch.unlink(missing_ok=True)
 
-    def __enter__(self) -> "SafetensorsWriter":
+    def __enter__(self) -> SafetensorsWriter:
         return self
 
     def __exit__(self, kind, *_) -> None:
@@ -208,7 +230,10 @@ class ShardedWriter:
         names = [f"model-{i + 1:05d}-of-{len(self.shards):05d}.safetensors" for i in range(len(self.shards))]
         for shard, name in zip(self.shards, names):
             os.replace(shard, self.folder / name)
-        index = {"metadata": {"total_size": self.total}, "weight_map": {k: names[i] for k, i in self.weight_map.items()}}
+        index = {
+            "metadata": {"total_size": self.total},
+            "weight_map": {k: names[i] for k, i in self.weight_map.items()},
+        }
         (self.folder / INDEX).write_text(json.dumps(index, indent=2))
 
     def abort(self) -> None:
@@ -217,7 +242,7 @@ class ShardedWriter:
         for shard in self.shards:
             shard.unlink(missing_ok=True)
 
-    def __enter__(self) -> "ShardedWriter":
+    def __enter__(self) -> ShardedWriter:
         return self
 
     def __exit__(self, kind, *_) -> None:

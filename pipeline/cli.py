@@ -3,6 +3,7 @@ command; `optimize --version` says which release this is.
 
 Exit codes: 0 success, 1 a stage or a validation gate failed, 2 a bad recipe or usage.
 """
+
 from __future__ import annotations
 
 import sys
@@ -36,13 +37,27 @@ def main():
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=str))
 @click.option("--workdir", default="artifacts", show_default=True, help="where run folders are written")
 @click.option("--force", is_flag=True, help="rebuild every stage even if its artifact is cached")
-@click.option("--verify", is_flag=True, help="hash every file of the cached artifacts and sources again, not only "
-              "those whose size or modification time changed")
-@click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
-              help="change one recipe setting for this run, e.g. --set validate.max_windows=8 (repeatable)")
-@click.option("--model", "model_source", default=None, metavar="SOURCE",
-              help="run the recipe on this model: a hub id, a local checkpoint folder or a .gguf file; the run is "
-                   "named <model>-<recipe> unless --set name=... (without it: the recipe's own model)")
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="hash every file of the cached artifacts and sources again, not only "
+    "those whose size or modification time changed",
+)
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY.PATH=VALUE",
+    help="change one recipe setting for this run, e.g. --set validate.max_windows=8 (repeatable)",
+)
+@click.option(
+    "--model",
+    "model_source",
+    default=None,
+    metavar="SOURCE",
+    help="run the recipe on this model: a hub id, a local checkpoint folder or a .gguf file; the run is "
+    "named <model>-<recipe> unless --set name=... (without it: the recipe's own model)",
+)
 @click.option("--debug", is_flag=True, help="show tracebacks")
 def run_command(recipe, workdir, force, overrides, debug, verify, model_source):
     """Run RECIPE (a YAML file): each stage writes artifacts/<run>/<NN>-<stage>-<fp>/."""
@@ -62,7 +77,7 @@ def run_command(recipe, workdir, force, overrides, debug, verify, model_source):
             click.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
     if distributed.is_main():
-        click.echo(f"done: {run_dir} (try: optimize generate {run_dir} \"What is the capital of France?\")")
+        click.echo(f'done: {run_dir} (try: optimize generate {run_dir} "What is the capital of France?")')
 
 
 main.add_command(generate_command)

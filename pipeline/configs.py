@@ -3,6 +3,7 @@
 Each stage config carries a `version`: bump it when the stage's output for the same settings
 changes, so cached artifacts built by the old code are rebuilt.
 """
+
 from __future__ import annotations
 
 import re
@@ -96,7 +97,8 @@ class CalibrationConfig:
     weighted mix (`data: [{source: wikitext-2, split: valid, weight: 2}, {source: python-code, split: valid}]`)."""
 
     data: TextSourceConfig | tuple[MixedTextSourceConfig, ...] = field(
-        default_factory=lambda: TextSourceConfig("wikitext-2", "valid"))
+        default_factory=lambda: TextSourceConfig("wikitext-2", "valid")
+    )
     num_samples: int = 128
     sequence_length: int = 512
     seed: int = 0
@@ -209,12 +211,16 @@ class DistillConfig:
 
     num_layers: int | None = None
     param_budget_m: float | None = None
-    layer_choice: Literal["uniform", "loss", "hidden"] = "loss"  # uniform | loss (CE increase when the layer is skipped) | hidden (block influence)
+    layer_choice: Literal["uniform", "loss", "hidden"] = (
+        "loss"  # uniform | loss (CE increase when the layer is skipped) | hidden (block influence)
+    )
     intermediate_size: int | None = None
     num_key_value_heads: int | None = None
     importance_samples: int = 8  # calibration blocks that score layers, channels and heads
-    train_data: tuple[TextSourceConfig, ...] = (TextSourceConfig("wikitext-2", "valid"),
-                                                TextSourceConfig("tinyshakespeare", "all"))
+    train_data: tuple[TextSourceConfig, ...] = (
+        TextSourceConfig("wikitext-2", "valid"),
+        TextSourceConfig("tinyshakespeare", "all"),
+    )
     eval_data: TextSourceConfig | None = None
     heldout_fraction: float = 0.05
     sequence_length: int = 256
@@ -239,13 +245,23 @@ class DistillConfig:
 
     def __post_init__(self):
         if (self.num_layers is None) == (self.param_budget_m is None):
-            raise RecipeError("num_layers/param_budget_m: set exactly one (the student's depth, or its size in millions)")
+            raise RecipeError(
+                "num_layers/param_budget_m: set exactly one (the student's depth, or its size in millions)"
+            )
         if not 0 <= self.heldout_fraction < 0.5:
             raise RecipeError(f"heldout_fraction: {self.heldout_fraction} is not in [0, 0.5)")
         if self.eval_data is None and self.heldout_fraction == 0:
             raise RecipeError("heldout_fraction: 0 leaves nothing to evaluate on; give eval_data or a fraction > 0")
-        for key in ("sequence_length", "tokens", "batch_size", "grad_accum", "eval_every", "eval_samples",
-                    "checkpoint_every", "importance_samples"):
+        for key in (
+            "sequence_length",
+            "tokens",
+            "batch_size",
+            "grad_accum",
+            "eval_every",
+            "eval_samples",
+            "checkpoint_every",
+            "importance_samples",
+        ):
             if getattr(self, key) < 1:
                 raise RecipeError(f"{key}: must be a positive integer, got {getattr(self, key)}")
         if self.lr <= 0:
@@ -263,7 +279,7 @@ class QuantizeConfig:
     """
 
     # rtn | gptq | awq (weight-only, MatMulNBits) | w8a8 (int8 weights and activations, CPU). awq is the default: its
-    # scaling with GPTQ's codes (awq_codes: gptq) halves either one's loss on SmolLM2 (README, quantization table)
+    # scaling with GPTQ's codes (awq_codes: gptq) halves either one's loss on SmolLM2 (docs/notes/2026-12-06-quantization-on-smollm2.md)
     method: Literal["rtn", "gptq", "awq", "w8a8"] = "awq"
     bits: int = 4
     group_size: int = 128
@@ -297,7 +313,9 @@ class QuantizeConfig:
     # as vLLM runs it) | static (one symmetric scale per linear input, calibrated: clipped max |x|)
     activations: Literal["dynamic", "dynamic_per_token", "static"] = "dynamic"
     smoothquant: float | str = 0.0  # W8A8: SmoothQuant strength alpha in (0, 1), or auto (searched per layer); 0 = off
-    hadamard: bool = False  # W8A8 (our rewrites): rotate down_proj's inputs by a 128-wide block Hadamard in the graph (QuaRot)
+    hadamard: bool = (
+        False  # W8A8 (our rewrites): rotate down_proj's inputs by a 128-wide block Hadamard in the graph (QuaRot)
+    )
     provider: Literal["cpu", "cuda"] = "cpu"  # the execution provider the artifact is for
     budget: BudgetConfig | None = None  # mixed precision chosen by measured sensitivity (INT4 bits only)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
@@ -315,7 +333,9 @@ class QuantizeConfig:
         _check_bits("bits", self.bits)
         gs = self.group_size
         if gs < 16 or gs & (gs - 1):
-            raise RecipeError(f"group_size: {gs} is not a power of two >= 16, which MatMulNBits requires (use 32, 64 or 128)")
+            raise RecipeError(
+                f"group_size: {gs} is not a power of two >= 16, which MatMulNBits requires (use 32, 64 or 128)"
+            )
         for pattern in (*self.ignore, *self.overrides):
             try:
                 re.compile(pattern)
@@ -325,8 +345,10 @@ class QuantizeConfig:
             _check_bits(f"overrides.{pattern}", bits)
         head_hit = next((p for p in self.ignore if re.search(p, "lm_head")), None)
         if head_hit is not None and self.lm_head != "float":
-            raise RecipeError(f"ignore: '{head_hit}' matches lm_head, which lm_head: {self.lm_head} quantizes; "
-                              "set lm_head: float to keep it float, or narrow the pattern (e.g. '^model\\.layers\\.')")
+            raise RecipeError(
+                f"ignore: '{head_hit}' matches lm_head, which lm_head: {self.lm_head} quantizes; "
+                "set lm_head: float to keep it float, or narrow the pattern (e.g. '^model\\.layers\\.')"
+            )
         if not 0 < self.damp < 1:
             raise RecipeError(f"damp: {self.damp} must be between 0 and 1 (0.01 is usual)")
         if self.method in ("gptq", "awq") and self.calibration.num_samples < 8:
@@ -335,29 +357,41 @@ class QuantizeConfig:
                 "use at least 8 (128 is usual)"
             )
         if self.smoothquant != "auto" and not (isinstance(self.smoothquant, float) and 0 <= self.smoothquant < 1):
-            raise RecipeError(f"smoothquant: {self.smoothquant!r} must be in [0, 1) or auto (0 = off, 0.5 is usual, "
-                              "auto searches alpha per layer on the calibration data)")
+            raise RecipeError(
+                f"smoothquant: {self.smoothquant!r} must be in [0, 1) or auto (0 = off, 0.5 is usual, "
+                "auto searches alpha per layer on the calibration data)"
+            )
         if self.smoothquant and self.method != "w8a8":
             raise RecipeError(f"smoothquant: applies to method w8a8 only (method is {self.method})")
         if self.hadamard and (self.method != "w8a8" or self.activations == "dynamic"):
-            raise RecipeError("hadamard: rotates down_proj's inputs in our W8A8 graphs only; use it with method: w8a8 and "
-                              f"activations: static or dynamic_per_token (got method {self.method}, activations {self.activations})")
+            raise RecipeError(
+                "hadamard: rotates down_proj's inputs in our W8A8 graphs only; use it with method: w8a8 and "
+                f"activations: static or dynamic_per_token (got method {self.method}, activations {self.activations})"
+            )
         if self.method == "w8a8" and (self.lm_head == "int4" or self.embedding != "float"):
-            raise RecipeError("lm_head/embedding: w8a8 quantizes the LM head to W8A8 with lm_head: int8 (or keeps it "
-                              "float) and keeps the embedding float; int4 and a quantized embedding are for rtn, gptq, awq")
+            raise RecipeError(
+                "lm_head/embedding: w8a8 quantizes the LM head to W8A8 with lm_head: int8 (or keeps it "
+                "float) and keeps the embedding float; int4 and a quantized embedding are for rtn, gptq, awq"
+            )
         if self.code_descent and not (self.refit_scales and self.method in ("gptq", "awq")):
-            raise RecipeError("code_descent: runs inside the refit of GPTQ's or AWQ's scales; use it with method gptq or awq "
-                              f"and refit_scales: true (got method {self.method}, refit_scales {str(self.refit_scales).lower()})")
+            raise RecipeError(
+                "code_descent: runs inside the refit of GPTQ's or AWQ's scales; use it with method gptq or awq "
+                f"and refit_scales: true (got method {self.method}, refit_scales {str(self.refit_scales).lower()})"
+            )
         if self.zero_point == "float" and (self.symmetric or self.method == "w8a8"):
-            raise RecipeError("zero_point: float is for asymmetric weight-only blocks; use it with symmetric: false and "
-                              f"method rtn, gptq or awq (got symmetric: {str(self.symmetric).lower()}, method {self.method})")
+            raise RecipeError(
+                "zero_point: float is for asymmetric weight-only blocks; use it with symmetric: false and "
+                f"method rtn, gptq or awq (got symmetric: {str(self.symmetric).lower()}, method {self.method})"
+            )
         if self.method == "w8a8" and self.provider == "cuda":
             raise RecipeError(
                 "method: w8a8 targets the CPU provider only: the CUDA provider has no kernels for its integer "
                 "ops, so they would fall back to the CPU; use a weight-only method (rtn, gptq, awq) for cuda"
             )
         if self.budget is not None and (self.bits != 4 or self.method == "w8a8"):
-            raise RecipeError("budget: chooses INT8 for some layers of an INT4 plan; use it with bits: 4 and a weight-only method")
+            raise RecipeError(
+                "budget: chooses INT8 for some layers of an INT4 plan; use it with bits: 4 and a weight-only method"
+            )
         if self.search_tokens < 64:
             raise RecipeError(f"search_tokens: {self.search_tokens} is too few; use at least 64 (2048 is the default)")
 
@@ -375,25 +409,38 @@ class ExportConfig:
     # MatMulNBits compute: 0 = float like the weights' dequantized matmul, 4 = int8 (faster on CPU),
     # auto = whichever of the two decodes faster on this machine's CPU (measured by the export, in its manifest)
     accuracy_level: Literal[0, 1, 2, 3, 4, "auto"] = 0
-    int8_accuracy_level: Literal[0, 1, 2, 3, 4] | None = None  # the same for 8-bit layers only (None: as accuracy_level)
+    int8_accuracy_level: Literal[0, 1, 2, 3, 4] | None = (
+        None  # the same for 8-bit layers only (None: as accuracy_level)
+    )
     fused: bool = True  # also write fused/: GroupQueryAttention, fused norms, in-place KV cache (ONNX Runtime only)
-    dtype: Literal["float32", "float16"] = "float32"  # the fused graph's weights and KV cache: float32, or float16 (what CUDA's GroupQueryAttention needs)
-    kv_cache: Literal["float", "int8"] = "float"  # the fused graph's KV cache: float (as dtype) or int8 (static per-channel scales; CPU provider)
+    dtype: Literal["float32", "float16"] = (
+        "float32"  # the fused graph's weights and KV cache: float32, or float16 (what CUDA's GroupQueryAttention needs)
+    )
+    kv_cache: Literal["float", "int8"] = (
+        "float"  # the fused graph's KV cache: float (as dtype) or int8 (static per-channel scales; CPU provider)
+    )
     kv_calibration: CalibrationConfig = field(default_factory=lambda: CalibrationConfig(num_samples=16, batch_size=4))
     # formats written: onnx (always), gguf (llama.cpp, in gguf/), hf-quantized (compressed-tensors for vLLM, in hf-quantized/)
     targets: tuple[ExportTarget, ...] = ("onnx",)
-    hf_quantized_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # hf-quantized's float tensors and scales: auto (as the model), float32, bfloat16, float16
+    hf_quantized_dtype: Literal["auto", "float32", "bfloat16", "float16"] = (
+        "auto"  # hf-quantized's float tensors and scales: auto (as the model), float32, bfloat16, float16
+    )
     version: int = 10  # 2: fused graph beside the portable one; 3: logits_positions, packed matmuls; 4: no query_seqlens, dtype; 5: targets; 6: genai_config.json, hf-quantized; 7: per-token W8A8 codes as uint8 + 128; 8: per-token W8A8 fused graph; 9: kv_cache; 10: int8 cache's float prefill graph
 
     def __post_init__(self):
         if self.accuracy_level == "auto" and self.dtype == "float16":
-            raise RecipeError("accuracy_level: auto times the CPU's arithmetic; a float16 graph is for CUDA, "
-                              "so set 0 or 4 explicitly")
+            raise RecipeError(
+                "accuracy_level: auto times the CPU's arithmetic; a float16 graph is for CUDA, so set 0 or 4 explicitly"
+            )
         if self.dtype == "float16" and not self.fused:
-            raise RecipeError("dtype: float16 applies to the fused graph (the portable one stays float32); set fused: true")
+            raise RecipeError(
+                "dtype: float16 applies to the fused graph (the portable one stays float32); set fused: true"
+            )
         if self.kv_cache == "int8" and (not self.fused or self.dtype != "float32"):
-            raise RecipeError("kv_cache: int8 is built for the fused graph in float32 (ONNX Runtime's CPU GroupQueryAttention); "
-                              "set fused: true and dtype: float32, or kv_cache: float")
+            raise RecipeError(
+                "kv_cache: int8 is built for the fused graph in float32 (ONNX Runtime's CPU GroupQueryAttention); "
+                "set fused: true and dtype: float32, or kv_cache: float"
+            )
         if not 14 <= self.opset <= 21:
             raise RecipeError(f"opset: {self.opset} is not supported; use 14..21 (17 is the default)")
         if self.hf_quantized_dtype != "auto" and "hf-quantized" not in self.targets:
@@ -432,8 +479,10 @@ class ChatEvalConfig:
             if getattr(self, key) < 1:
                 raise RecipeError(f"{key}: must be a positive integer, got {getattr(self, key)}")
         if self.prompts is not None and not self.prompts.source.endswith(".jsonl"):
-            raise RecipeError(f"prompts: '{self.prompts.source}' is not a .jsonl file; give a local JSONL file of "
-                              '{"prompt": ..., "answers": [...]} lines, or leave it out for the built-in set')
+            raise RecipeError(
+                f"prompts: '{self.prompts.source}' is not a .jsonl file; give a local JSONL file of "
+                '{"prompt": ..., "answers": [...]} lines, or leave it out for the built-in set'
+            )
 
 
 @dataclass(frozen=True)
@@ -449,7 +498,8 @@ class ValidateConfig:
     # one text, or several by name ({prose: {source: wikitext-2}, code: {source: python-code}}): each is scored
     # on its own, the first under the plain metric names too
     eval_data: TextSourceConfig | dict[str, TextSourceConfig] = field(
-        default_factory=lambda: TextSourceConfig("wikitext-2", "test"))
+        default_factory=lambda: TextSourceConfig("wikitext-2", "test")
+    )
     context_length: int = 512
     stride: int | None = None  # None: equal to context_length (non-overlapping windows)
     max_windows: int = 40
@@ -474,8 +524,11 @@ class ValidateConfig:
         """The evaluation texts by name; one text is named after its source."""
         if isinstance(self.eval_data, dict):
             return dict(self.eval_data)
-        return {Path(self.eval_data.source).stem if "." in Path(self.eval_data.source).name else self.eval_data.source:
-                self.eval_data}
+        return {
+            Path(self.eval_data.source).stem
+            if "." in Path(self.eval_data.source).name
+            else self.eval_data.source: self.eval_data
+        }
 
     def __post_init__(self):
         if self.stride is None:
@@ -492,7 +545,9 @@ class ValidateConfig:
             raise RecipeError("prompts: needs at least one prompt")
         if isinstance(self.eval_data, dict):
             if not self.eval_data:
-                raise RecipeError("eval_data: an empty mapping; give one text, or name each: {prose: {source: wikitext-2}}")
+                raise RecipeError(
+                    "eval_data: an empty mapping; give one text, or name each: {prose: {source: wikitext-2}}"
+                )
             for domain in self.eval_data:
                 if not DOMAIN_NAME.match(domain):
                     raise RecipeError(f"eval_data.{domain}: a domain's name is letters, digits, '_' or '-'")
@@ -504,8 +559,12 @@ class ValidateConfig:
                     f"known: {', '.join(VALIDATE_METRICS)}"
                 )
             if domain and (name not in DOMAIN_METRICS or domain not in self.domains):
-                raise RecipeError(f"thresholds.{key}: a per-domain limit is one of {', '.join(DOMAIN_METRICS)} "
-                                  f"@ a domain eval_data names ({', '.join(self.domains) if len(self.domains) > 1 else 'it names one text'})")
+                raise RecipeError(
+                    f"thresholds.{key}: a per-domain limit is one of {', '.join(DOMAIN_METRICS)} "
+                    f"@ a domain eval_data names ({', '.join(self.domains) if len(self.domains) > 1 else 'it names one text'})"
+                )
             if name in CHAT_METRICS and self.chat is None:
-                raise RecipeError(f"thresholds.{name}: measured by the chat checks, which are off; add `chat: {{}}` "
-                                  "(the built-in chat set) or drop the threshold")
+                raise RecipeError(
+                    f"thresholds.{name}: measured by the chat checks, which are off; add `chat: {{}}` "
+                    "(the built-in chat set) or drop the threshold"
+                )

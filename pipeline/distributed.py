@@ -9,11 +9,13 @@ Once the last distributed step is done, processes 1.. leave and process 0 finish
 Without a launcher (WORLD_SIZE unset or 1) every function here is a no-op and the recipe runs as one
 process.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from pipeline.errors import PipelineError, StageError
 

@@ -1,4 +1,5 @@
 """`optimize doctor`: what this machine offers the pipeline and the runner, and known conflicts."""
+
 from __future__ import annotations
 
 import platform

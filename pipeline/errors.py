@@ -3,6 +3,7 @@
 The CLI prints the message without a traceback and exits with `exit_code`:
 2 for a bad recipe or usage, 1 for a stage that failed.
 """
+
 from __future__ import annotations
 
 import difflib

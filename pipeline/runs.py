@@ -3,6 +3,7 @@
 Everything is read from the files a run leaves: `run.json` (the steps and the status) and each step's
 `manifest.json` (the model source, the sizes, validate's metrics). A folder that is not a run is skipped.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,14 +41,24 @@ def summary(run_dir: Path, record: dict) -> dict:
     export = manifests.get("export", {})
     files = export.get("files", {})
     graph = "fused/" if any(name.startswith("fused/") for name in files) else ""  # the graph the runner loads
-    size = sum(f.get("bytes", 0) for name, f in files.items()
-               if name.startswith(graph) and "/" not in name[len(graph):] and "model.onnx" in name) or None
+    size = (
+        sum(
+            f.get("bytes", 0)
+            for name, f in files.items()
+            if name.startswith(graph) and "/" not in name[len(graph) :] and "model.onnx" in name
+        )
+        or None
+    )
     metrics = manifests.get("validate", {}).get("metrics", {})
-    return {"name": run_dir.name, "model": Path(source).name if source.endswith(".gguf") else source,
-            "steps": " → ".join(s.get("stage", "?") for s in record["steps"]), "status": record.get("status", "?"),
-            "size_mb": round(size / 1e6, 1) if size else None,
-            "metrics": {k: metrics[k] for k in HEADLINE if k in metrics},
-            "when": record.get("finished") or record.get("started")}
+    return {
+        "name": run_dir.name,
+        "model": Path(source).name if source.endswith(".gguf") else source,
+        "steps": " → ".join(s.get("stage", "?") for s in record["steps"]),
+        "status": record.get("status", "?"),
+        "size_mb": round(size / 1e6, 1) if size else None,
+        "metrics": {k: metrics[k] for k in HEADLINE if k in metrics},
+        "when": record.get("finished") or record.get("started"),
+    }
 
 
 def list_runs(workdir: Path) -> list[dict]:
@@ -74,9 +85,18 @@ def runs_command(workdir: Path):
         click.echo(f"no runs in {workdir} (run one: optimize recipes/smollm2-fp32.yaml)")
         return
     header = ("run", "model", "steps", "status", "graph MB", "accuracy vs. float", "when")
-    table = [header] + [(r["name"], str(r["model"]), r["steps"], r["status"], "-" if r["size_mb"] is None else str(r["size_mb"]),
-                         _fmt_metrics(r["metrics"]), time.strftime("%Y-%m-%d %H:%M", time.localtime(r["when"])) if r["when"] else "-")
-                        for r in rows]
+    table = [header] + [
+        (
+            r["name"],
+            str(r["model"]),
+            r["steps"],
+            r["status"],
+            "-" if r["size_mb"] is None else str(r["size_mb"]),
+            _fmt_metrics(r["metrics"]),
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(r["when"])) if r["when"] else "-",
+        )
+        for r in rows
+    ]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
@@ -90,9 +110,13 @@ def show_command(run: Path, workdir: Path):
     run_dir = run if (run / "run.json").is_file() else workdir / run
     record = read_run(run_dir)
     if record is None:
-        raise click.ClickException(f"{run}: no run here (no readable run.json in {run_dir}); `optimize runs` lists them")
+        raise click.ClickException(
+            f"{run}: no run here (no readable run.json in {run_dir}); `optimize runs` lists them"
+        )
     row = summary(run_dir, record)
-    click.echo(f"run {row['name']}: {record.get('recipe', '?')}{''.join(f' --set {o}' for o in record.get('overrides', []))}")
+    click.echo(
+        f"run {row['name']}: {record.get('recipe', '?')}{''.join(f' --set {o}' for o in record.get('overrides', []))}"
+    )
     click.echo(f"status: {row['status']}" + (f" ({record['error']})" if record.get("error") else ""))
     for step in record["steps"]:
         how = "cached" if step.get("cached") else f"built in {step.get('seconds', 0):.0f} s"
@@ -104,7 +128,7 @@ def show_command(run: Path, workdir: Path):
             click.echo("")
             click.echo(_report_summary(report.read_text()))
     if any(s.get("stage") == "export" for s in record["steps"]):
-        click.echo(f"\ngenerate: optimize generate {run_dir} \"What is the capital of France?\"")
+        click.echo(f'\ngenerate: optimize generate {run_dir} "What is the capital of France?"')
         click.echo(f"serve:    optimize serve {run_dir} --port 8000")
         click.echo(f"bench:    optimize bench {run_dir}")
 

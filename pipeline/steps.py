@@ -11,6 +11,7 @@ written, so a run killed at any moment leaves nothing that looks complete.
 Under `torchrun` / `accelerate launch` every process runs this loop (pipeline/distributed.py): stages
 registered as distributed are built by all of them together, every other step by process 0 alone.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,14 +24,21 @@ import shutil
 import struct
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 from pipeline import distributed, resources
 from pipeline import stages as _stages  # noqa: F401  (registers the stages)
 from pipeline.artifacts import (
-    MANIFEST, SCHEMA_VERSION, Artifact, ChecksumCache, file_table, fingerprint, library_versions, load_verified,
+    MANIFEST,
+    SCHEMA_VERSION,
+    Artifact,
+    ChecksumCache,
+    file_table,
+    fingerprint,
+    library_versions,
+    load_verified,
     write_json_atomic,
 )
 from pipeline.errors import PipelineError, StageError, ValidationFailed
@@ -61,11 +69,18 @@ def log(msg: str) -> None:
 @dataclass(frozen=True)
 class CachePolicy:
     force: bool = False  # rebuild every step
-    verify: bool = False  # hash every file of every reused artifact and source, not only those whose size or time changed
+    verify: bool = (
+        False  # hash every file of every reused artifact and source, not only those whose size or time changed
+    )
 
 
-def run(recipe_path: Path | str, workdir: Path | str = "artifacts", force: bool = False,
-        overrides: Sequence[str] = (), verify: bool = False) -> Path:
+def run(
+    recipe_path: Path | str,
+    workdir: Path | str = "artifacts",
+    force: bool = False,
+    overrides: Sequence[str] = (),
+    verify: bool = False,
+) -> Path:
     """Run a recipe end to end and return its run folder.
 
     Example:
@@ -97,8 +112,10 @@ def _run_lock(run_dir: Path, main: bool) -> Iterator[None]:
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "another process"
-            raise StageError(f"{run_dir}: another run of this recipe is in progress ({holder}); wait for it to finish, "
-                             "or give this one another name (--set name=...) or --workdir") from None
+            raise StageError(
+                f"{run_dir}: another run of this recipe is in progress ({holder}); wait for it to finish, "
+                "or give this one another name (--set name=...) or --workdir"
+            ) from None
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()}")
@@ -109,8 +126,9 @@ def _run_lock(run_dir: Path, main: bool) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _run(recipe, run_dir: Path, workdir: Path, force: bool, overrides: Sequence[str], verify: bool, main: bool,
-         world: int) -> Path:
+def _run(
+    recipe, run_dir: Path, workdir: Path, force: bool, overrides: Sequence[str], verify: bool, main: bool, world: int
+) -> Path:
     if main:
         _remove_stale_temps(run_dir)
     log(f"run {recipe.name}: {recipe.path}{''.join(f' --set {o}' for o in overrides)} -> {run_dir}")
@@ -120,23 +138,46 @@ def _run(recipe, run_dir: Path, workdir: Path, force: bool, overrides: Sequence[
     shared = [i for i, entry in enumerate(recipe.stages, start=1) if STAGES[entry.name].distributed]
     follow_until = shared[-1] if shared else 0
     if world > 1:
-        log(f"{world} processes: stage(s) {', '.join(recipe.stages[i - 1].name for i in shared) or 'none'} "
-            f"run in all of them, every other step in process 0")
+        log(
+            f"{world} processes: stage(s) {', '.join(recipe.stages[i - 1].name for i in shared) or 'none'} "
+            f"run in all of them, every other step in process 0"
+        )
         if not main and follow_until == 0:
             return run_dir
-    record = {"recipe": str(recipe.path), "name": recipe.name, "overrides": list(overrides), "started": time.time(),
-              "steps": [], "status": "running", "processes": world}
+    record = {
+        "recipe": str(recipe.path),
+        "name": recipe.name,
+        "overrides": list(overrides),
+        "started": time.time(),
+        "steps": [],
+        "status": "running",
+        "processes": world,
+    }
 
     model_cfg = dataclasses.asdict(recipe.model)
     # the source's identity is its content (or hub id), not how the recipe spells its path
     cache = CachePolicy(force, verify)
     checksums = ChecksumCache(Path(workdir) / ".checksums.json" if main else None, verify)
-    model_fp = fingerprint("model", recipe.model.version, {k: v for k, v in model_cfg.items() if k != "source"},
-                           source_identity(recipe.source, checksums))
+    model_fp = fingerprint(
+        "model",
+        recipe.model.version,
+        {k: v for k, v in model_cfg.items() if k != "source"},
+        source_identity(recipe.source, checksums),
+    )
     build_model = lambda ctx: import_model(recipe.model, recipe.source, ctx.out_dir, log)  # noqa: E731
     try:
-        model_step = lambda: _run_step(run_dir, 0, "model", "hf-model", model_cfg, model_fp, (), build_model,  # noqa: E731
-                                       cache, record)
+        model_step = lambda: _run_step(
+            run_dir,
+            0,
+            "model",
+            "hf-model",
+            model_cfg,
+            model_fp,
+            (),
+            build_model,  # noqa: E731
+            cache,
+            record,
+        )
         art = distributed.on_main(model_step) if follow_until > 0 else model_step()
         history = (art,)
         for i, entry in enumerate(recipe.stages, start=1):
@@ -184,8 +225,16 @@ def _run_shared_step(run_dir, index, name, kind, cfg_dict, fp, history, build, c
         if art is None:
             scratch = Path(tempfile.mkdtemp(prefix=f"optimize-rank{distributed.rank()}-"))
             try:
-                build(RunContext(run_dir=run_dir, out_dir=scratch, baseline=history[0], history=history, log=log,
-                                 step=_step_name(index, name, fp)))
+                build(
+                    RunContext(
+                        run_dir=run_dir,
+                        out_dir=scratch,
+                        baseline=history[0],
+                        history=history,
+                        log=log,
+                        step=_step_name(index, name, fp),
+                    )
+                )
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
             art = distributed.share()
@@ -215,11 +264,18 @@ def _build_step(run_dir, index, name, kind, cfg_dict, fp, history, build, record
     started = time.time()
     reset = resources.reset_peaks()
     try:
-        ctx = RunContext(run_dir=run_dir, out_dir=tmp, baseline=history[0] if history else None, history=history, log=log,
-                         step=final.name)
+        ctx = RunContext(
+            run_dir=run_dir,
+            out_dir=tmp,
+            baseline=history[0] if history else None,
+            history=history,
+            log=log,
+            step=final.name,
+        )
         result: StageResult = build(ctx)
-        manifest = _manifest(name, kind, cfg_dict, fp, history[-1] if history else None, result, tmp, started,
-                             resources.peaks(reset))
+        manifest = _manifest(
+            name, kind, cfg_dict, fp, history[-1] if history else None, result, tmp, started, resources.peaks(reset)
+        )
         write_json_atomic(tmp / MANIFEST, manifest)
         _put_in_place(tmp, final, run_dir, f"{index:02d}-{name}-*")
     except BaseException as e:
@@ -233,7 +289,8 @@ def _build_step(run_dir, index, name, kind, cfg_dict, fp, history, build, record
     figures = ", ".join(f"{k}={_fmt(v)}" for k, v in list(result.metrics.items())[:6])
     used = manifest["resources"]
     memory = f"peak RSS {used['peak_rss_mb'] / 1024:.1f} GiB" + (
-        f", GPU {used['peak_gpu_mb'] / 1024:.1f} GiB" if "peak_gpu_mb" in used else "")
+        f", GPU {used['peak_gpu_mb'] / 1024:.1f} GiB" if "peak_gpu_mb" in used else ""
+    )
     log(f"[{index:02d}] {name}: done in {seconds:.1f}s, {memory} -> {final}" + (f" ({figures})" if figures else ""))
     record["steps"].append({"index": index, "stage": name, "dir": final.name, "cached": False, "seconds": seconds})
     return Artifact(final, manifest)
@@ -288,8 +345,7 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def _manifest(name, kind, cfg_dict, fp, parent, result: StageResult, folder: Path, started: float,
-              used: dict) -> dict:
+def _manifest(name, kind, cfg_dict, fp, parent, result: StageResult, folder: Path, started: float, used: dict) -> dict:
     return {
         "schema_version": SCHEMA_VERSION,
         "stage": name,
@@ -339,11 +395,16 @@ def _check_memory(recipe) -> None:
     steps = estimate(shape, [(e.name, e.config) for e in recipe.stages])
     total, available = memory_bytes()
     size = f"{shape.parameters / 1e9:.2f}B" if shape.parameters >= 1e9 else f"{shape.parameters / 1e6:.1f}M"
-    log(f"plan: {size} parameters; estimated peak RSS " + ", ".join(s.describe() for s in steps)
-        + (f"; this machine {total / 2**30:.1f} GiB ({available / 2**30:.1f} available)" if total else ""))
+    log(
+        f"plan: {size} parameters; estimated peak RSS "
+        + ", ".join(s.describe() for s in steps)
+        + (f"; this machine {total / 2**30:.1f} GiB ({available / 2**30:.1f} available)" if total else "")
+    )
     worst = max(steps, key=lambda s: s.peak_bytes)
     if total and worst.peak_bytes > MARGIN * total:
-        raise StageError(f"plan: the {worst.step} step needs about {worst.peak_bytes / 2**30:.0f} GiB and this machine has "
-                         f"{total / 2**30:.0f} GiB; {worst.knob}")
+        raise StageError(
+            f"plan: the {worst.step} step needs about {worst.peak_bytes / 2**30:.0f} GiB and this machine has "
+            f"{total / 2**30:.0f} GiB; {worst.knob}"
+        )
     if available and worst.peak_bytes > available:
         log(f"plan: WARNING the {worst.step} step may need more than the {available / 2**30:.1f} GiB available now")

@@ -15,6 +15,7 @@ leaves the loading to the caller, through `load_layer` and `unload_layer`.
 `load_reference_model` picks: the whole model when its float32 weights are small (fast, and what the
 SmolLM2 results were measured with), streamed above `WHOLE_MODEL_LIMIT`.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -53,7 +54,9 @@ def load_streamed_model(folder: Path, attention: str = "eager", on_demand: bool 
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attention, dtype=torch.float32)
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):
-        raise StageError(f"{folder}: {config.model_type} keeps no decoder layers at model.layers; it cannot be streamed")
+        raise StageError(
+            f"{folder}: {config.model_type} keeps no decoder layers at model.layers; it cannot be streamed"
+        )
     reader = CheckpointReader(folder)
     for name in reader:
         if not name.startswith("model.layers."):
@@ -90,6 +93,7 @@ def _loader(reader: CheckpointReader, prefix: str):
     def load(layer: torch.nn.Module, args) -> None:
         for name, _ in list(layer.named_parameters()):
             _set(layer, name, reader[prefix + name], prefix)
+
     return load
 
 
@@ -108,7 +112,7 @@ def _set(root: torch.nn.Module, name: str, value: torch.Tensor, prefix: str = ""
             return
         raise StageError(f"checkpoint tensor {prefix}{name} has no place in the model")
     if tuple(current.shape) != tuple(value.shape):
-        raise StageError(f"checkpoint tensor {prefix}{name} has shape {list(value.shape)}, the model expects "
-                         f"{list(current.shape)}")
+        raise StageError(
+            f"checkpoint tensor {prefix}{name} has shape {list(value.shape)}, the model expects {list(current.shape)}"
+        )
     owner._parameters[attr] = torch.nn.Parameter(value.to(torch.float32), requires_grad=False)
-

@@ -3,6 +3,7 @@
 Depends on onnxruntime, numpy, tokenizers and jinja2 only (no torch, no transformers); the server in
 `runtime.serve` adds starlette, uvicorn and prometheus-client.
 """
+
 from runtime.errors import RuntimeFailure
 from runtime.generate import GenerationResult, Generator
 from runtime.io_spec import Contract
@@ -27,7 +28,9 @@ def find_model_folder(path):
         try:
             steps = json.loads(run.read_text()).get("steps", [])
         except (OSError, ValueError, AttributeError) as e:
-            raise RuntimeFailure(f"{run}: unreadable ({type(e).__name__}); pass the export step folder itself") from None
+            raise RuntimeFailure(
+                f"{run}: unreadable ({type(e).__name__}); pass the export step folder itself"
+            ) from None
         for step in reversed(steps):
             folder = inside(path, str(step.get("dir", "")), "run.json") if isinstance(step, dict) else None
             if folder is not None and (folder / CONTRACT_FILE).is_file():
@@ -35,4 +38,6 @@ def find_model_folder(path):
     candidates = sorted(p.parent for p in path.glob(f"*/{CONTRACT_FILE}"))
     if candidates:
         return candidates[-1]
-    raise RuntimeFailure(f"{path}: no exported model here (no {CONTRACT_FILE}); pass a run folder or an export step folder")
+    raise RuntimeFailure(
+        f"{path}: no exported model here (no {CONTRACT_FILE}); pass a run folder or an export step folder"
+    )

@@ -13,6 +13,7 @@ A prompt's own attention therefore reads float keys and values, as it would with
 prefix reused from the cache (serving), or an earlier chunk of the same prompt, is read back from its
 codes. Decode steps read codes either way.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,18 +35,20 @@ class FloatPrefill:
         self.session, self.contract = session, contract
         self.dtype = np.dtype(contract.dtype)
         # one [1, kv_heads, 1, head_dim] scale per past name, in the contract's order (layer 0 key, value, …)
-        self.scales = [scales[i, kind][None, :, None, :].astype(np.float32)
-                       for i in range(contract.num_layers) for kind in (0, 1)]
+        self.scales = [
+            scales[i, kind][None, :, None, :].astype(np.float32) for i in range(contract.num_layers) for kind in (0, 1)
+        ]
 
     @classmethod
-    def load(cls, folder: Path, contract: Contract, session: ort.InferenceSession) -> "FloatPrefill":
+    def load(cls, folder: Path, contract: Contract, session: ort.InferenceSession) -> FloatPrefill:
         path = Path(folder) / contract.kv_scales_file
         if not path.is_file():
             raise RuntimeFailure(f"{folder}: {contract.kv_scales_file} not found (named by io_contract.json)")
         return cls(session, contract, np.load(path))
 
-    def run(self, input_ids: np.ndarray, lengths: np.ndarray, positions: np.ndarray,
-            codes: list[np.ndarray], start: int = 0) -> np.ndarray:
+    def run(
+        self, input_ids: np.ndarray, lengths: np.ndarray, positions: np.ndarray, codes: list[np.ndarray], start: int = 0
+    ) -> np.ndarray:
         """Run right-padded prompts [B, S] (`lengths` [B]: each row's tokens after the step, cached ones
         included) whose first `start` positions are already in `codes` (one int8 [B, kv_heads, max_length,
         head_dim] array per past name; `start` > 0 for one row only). Writes each row's new positions into
@@ -56,8 +59,9 @@ class FloatPrefill:
         total = start + width
         if total > codes[0].shape[2]:
             raise RuntimeFailure(f"{total} positions do not fit a cache of {codes[0].shape[2]}")
-        scratch = [np.zeros((batch, self.contract.num_kv_heads, total, self.contract.head_dim), self.dtype)
-                   for _ in codes]
+        scratch = [
+            np.zeros((batch, self.contract.num_kv_heads, total, self.contract.head_dim), self.dtype) for _ in codes
+        ]
         if start:
             for buffer, code, scale in zip(scratch, codes, self.scales):
                 np.multiply(code[:, :, :start], scale, out=buffer[:, :, :start])

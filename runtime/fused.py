@@ -18,6 +18,7 @@ With an int8 cache, `prefill` runs the prompts through the float-cache twin grap
 keys and values into the cache (runtime.float_prefill); `logits` (teacher forcing, validation) stays
 on the int8 graph, so every position reads the codes, as every generated token does.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -43,8 +44,16 @@ class FusedState:
 
 
 class FusedGraph:
-    def __init__(self, session: ort.InferenceSession, contract: Contract, pad_id: int, device: str = "cpu",
-                 max_length: int | None = None, cuda_graph: bool = False, float_prefill: FloatPrefill | None = None):
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        contract: Contract,
+        pad_id: int,
+        device: str = "cpu",
+        max_length: int | None = None,
+        cuda_graph: bool = False,
+        float_prefill: FloatPrefill | None = None,
+    ):
         self.session, self.contract, self.pad_id, self.device = session, contract, pad_id, device
         self.float_prefill = float_prefill  # int8 cache: prompts run through the float-cache graph
         self.max_length = max_length  # None: each generate sizes the cache to its prompts plus new tokens
@@ -80,6 +89,7 @@ class FusedGraph:
 
     def _bind_decode_buffers(self, batch: int, max_length: int) -> None:
         """Device buffers for the decode step's inputs and logits, and a fresh CUDA graph id."""
+
         def device(shape, dtype):
             return ort.OrtValue.ortvalue_from_shape_and_type(shape, np.dtype(dtype), "cuda", 0)
 
@@ -96,8 +106,14 @@ class FusedGraph:
         decode.add_run_config_entry("gpu_graph_id", str(next(_GRAPH_IDS)))
         self._run_options = {"prefill": prefill, "decode": decode}
 
-    def run(self, input_ids: np.ndarray, cache: StaticKVCache, positions: np.ndarray,
-            prompt_lengths: np.ndarray | None = None, greedy: bool = False) -> np.ndarray:
+    def run(
+        self,
+        input_ids: np.ndarray,
+        cache: StaticKVCache,
+        positions: np.ndarray,
+        prompt_lengths: np.ndarray | None = None,
+        greedy: bool = False,
+    ) -> np.ndarray:
         """A prefill of right-padded prompts [B, S] into an empty cache (`prompt_lengths` [B] real tokens),
         or, without `prompt_lengths`, a decode step (S = 1, one token for every row).
         Returns the logits at `positions` [B, P] of the chunk: [B, P, V]; with `greedy`, their argmax [B, P]."""

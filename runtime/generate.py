@@ -9,12 +9,13 @@ fused one in `fused/` (GroupQueryAttention, in-place KV cache): the Generator ta
 graph when there is one. A batch of prompts of different lengths is decoded together; a sequence
 that ends (EOS or its token limit) stops while the rest go on.
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -23,9 +24,9 @@ from runtime.float_prefill import FloatPrefill
 from runtime.fused import FusedGraph
 from runtime.integrity import check_artifact
 from runtime.io_spec import CONTRACT_FILE, Contract
+from runtime.placement import check_placement
 from runtime.portable import PortableGraph
 from runtime.sampling import SamplingParams, sample
-from runtime.placement import check_placement
 from runtime.session import PROVIDERS, choose_provider, create_session
 from runtime.settings import SessionSettings, load_tuned
 from runtime.tokenizer import Tokenizer
@@ -56,10 +57,21 @@ class Generator:
         >>> g.tokenizer.decode(g.generate([ids], max_new_tokens=20).tokens[0])  # doctest: +SKIP
     """
 
-    def __init__(self, folder: Path | str, provider: str = "auto", threads: int = 0, graph: str = "auto",
-                 max_length: int | None = None, allow_fallback: bool = False, cuda_graph: bool | None = None,
-                 spinning: bool = True, verify_placement: bool = True, optimization: str | None = None,
-                 float_prefill: bool = True, verify: bool = False):
+    def __init__(
+        self,
+        folder: Path | str,
+        provider: str = "auto",
+        threads: int = 0,
+        graph: str = "auto",
+        max_length: int | None = None,
+        allow_fallback: bool = False,
+        cuda_graph: bool | None = None,
+        spinning: bool = True,
+        verify_placement: bool = True,
+        optimization: str | None = None,
+        float_prefill: bool = True,
+        verify: bool = False,
+    ):
         """`threads` and `optimization` (graph optimization level): given neither, the settings
         `optimize tune` measured for this artifact on this machine, else onnxruntime's defaults
         (`settings` and `tuning_file` say which). `cuda_graph`: capture the decode step once and
@@ -73,11 +85,17 @@ class Generator:
         graph_folder = runner_graph_folder(self.folder, graph)
         self.contract = load_contract(graph_folder)
         self.provider_reason: str | None = None  # why "auto" left a GPU unused, for the log lines
-        if provider == "auto" and choose_provider("auto") == "cuda" and self.contract.flavour == "fused" \
-                and self.contract.dtype != "float16":
+        if (
+            provider == "auto"
+            and choose_provider("auto") == "cuda"
+            and self.contract.flavour == "fused"
+            and self.contract.dtype != "float16"
+        ):
             provider = "cpu"
-            self.provider_reason = ("auto took the CPU: this fused graph is float32, and CUDA's GroupQueryAttention runs "
-                                    "float16 only (export with `dtype: float16` for the GPU)")
+            self.provider_reason = (
+                "auto took the CPU: this fused graph is float32, and CUDA's GroupQueryAttention runs "
+                "float16 only (export with `dtype: float16` for the GPU)"
+            )
         if cuda_graph is None:
             cuda_graph = self.contract.flavour == "fused" and choose_provider(provider) == "cuda"
         if cuda_graph and self.contract.flavour != "fused":
@@ -85,22 +103,38 @@ class Generator:
         self.cuda_graph = cuda_graph
         self.settings, self.tuning_file = SessionSettings(threads, optimization or SessionSettings.optimization), None
         self._settings_given = bool(threads) or optimization is not None
-        if not self._settings_given and (tuned := load_tuned(self.folder, choose_provider(provider), self.contract.flavour)):
+        if not self._settings_given and (
+            tuned := load_tuned(self.folder, choose_provider(provider), self.contract.flavour)
+        ):
             self.settings, self.tuning_file = tuned
-        self.session, self.provider = create_session(graph_folder, self.contract, provider, self.settings.threads,
-                                                      cuda_graph, spinning, profile_placement=verify_placement,
-                                                      optimization=self.settings.optimization)
+        self.session, self.provider = create_session(
+            graph_folder,
+            self.contract,
+            provider,
+            self.settings.threads,
+            cuda_graph,
+            spinning,
+            profile_placement=verify_placement,
+            optimization=self.settings.optimization,
+        )
         self.float_prefill = None  # an int8 cache's prompts run through the float-cache twin graph (CPU)
         if float_prefill and self.contract.prefill_model_file and self.provider == PROVIDERS["cpu"]:
-            prefill_session, _ = create_session(graph_folder, self.contract, "cpu", self.settings.threads, spinning=spinning,
-                                                optimization=self.settings.optimization,
-                                                model_file=self.contract.prefill_model_file)
+            prefill_session, _ = create_session(
+                graph_folder,
+                self.contract,
+                "cpu",
+                self.settings.threads,
+                spinning=spinning,
+                optimization=self.settings.optimization,
+                model_file=self.contract.prefill_model_file,
+            )
             self.float_prefill = FloatPrefill.load(graph_folder, self.contract, prefill_session)
         self.tokenizer = Tokenizer(self.folder)
         self.eos_ids, self.pad_id = end_tokens(read_json(self.folder / "generation_config.json"))
         if self.contract.flavour == "fused":
-            self.graph = FusedGraph(self.session, self.contract, self.pad_id, self.device, max_length, cuda_graph,
-                                    self.float_prefill)
+            self.graph = FusedGraph(
+                self.session, self.contract, self.pad_id, self.device, max_length, cuda_graph, self.float_prefill
+            )
         else:
             self.graph = PortableGraph(self.session, self.contract, self.pad_id)
         self.fallback_nodes: list[str] = []
@@ -119,8 +153,13 @@ class Generator:
 
     def describe_settings(self) -> str:
         """The session settings in use and where they come from, for a log line."""
-        source = (f"tuned on this machine: {self.tuning_file.name}" if self.tuning_file else "as given" if self._settings_given
-                  else "defaults; `optimize tune` measures this machine")
+        source = (
+            f"tuned on this machine: {self.tuning_file.name}"
+            if self.tuning_file
+            else "as given"
+            if self._settings_given
+            else "defaults; `optimize tune` measures this machine"
+        )
         reason = f"; {self.provider_reason}" if self.provider_reason else ""
         return f"{self.settings.describe()} ({source}){reason}"
 

@@ -5,6 +5,7 @@ the host at every step (1.5 MB at batch 8 for a 49k vocabulary), only to take th
 costs more than the arithmetic. A one-node ArgMax session reads the step's logits buffer in place
 and returns one int64 per row.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,9 +20,12 @@ class DeviceArgmax:
 
     def __init__(self, device: str):
         node = helper.make_node("ArgMax", ["logits"], ["tokens"], axis=-1, keepdims=0)
-        graph = helper.make_graph([node], "greedy_pick",
-                                  [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "rows", "vocab"])],
-                                  [helper.make_tensor_value_info("tokens", TensorProto.INT64, ["batch", "rows"])])
+        graph = helper.make_graph(
+            [node],
+            "greedy_pick",
+            [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "rows", "vocab"])],
+            [helper.make_tensor_value_info("tokens", TensorProto.INT64, ["batch", "rows"])],
+        )
         opsets = [helper.make_opsetid("", 13)]
         model = helper.make_model(graph, opset_imports=opsets, ir_version=helper.find_min_ir_version_for(opsets))
         providers = [PROVIDERS[device]] + ([PROVIDERS["cpu"]] if device != "cpu" else [])

@@ -6,6 +6,7 @@ Runtime reads it); the checksums only when asked (`--verify`), since hashing a l
 weights takes seconds to minutes. A folder without a manifest (written by another tool) is loaded
 as it is.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -35,14 +36,16 @@ def check_artifact(folder: Path, verify: bool = False) -> None:
             raise RuntimeFailure(f"{path}: missing (listed in {MANIFEST}); {REBUILD}")
         actual = path.stat().st_size
         if actual != size:
-            raise RuntimeFailure(f"{path}: {actual} bytes where {MANIFEST} says {size} (truncated or replaced); {REBUILD}")
+            raise RuntimeFailure(
+                f"{path}: {actual} bytes where {MANIFEST} says {size} (truncated or replaced); {REBUILD}"
+            )
         if verify and sha256_file(path) != digest:
             raise RuntimeFailure(f"{path}: does not match its checksum in {MANIFEST} (changed after export); {REBUILD}")
 
 
 def inside(folder: Path, relative: str, named_by: str) -> Path:
     """folder / relative, refused when it would leave `folder` (a path read from a file is data, not a place)."""
-    path = (Path(folder) / relative)
+    path = Path(folder) / relative
     if Path(relative).is_absolute() or not path.resolve().is_relative_to(Path(folder).resolve()):
         raise RuntimeFailure(f"{folder}: {named_by} names '{relative}', outside the artifact folder; {REBUILD}")
     return path

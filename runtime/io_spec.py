@@ -29,6 +29,7 @@ the cache holds int8 codes, rounded by GroupQueryAttention with per-channel scal
 a float cache (`prefill_model_file`, sharing the weights file) and the scales (`kv_scales_file`): the
 runner runs prompts through the float graph and rounds their keys and values into the int8 cache.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,7 +39,12 @@ from pathlib import Path
 CONTRACT_FILE = "io_contract.json"
 CONTRACT_VERSION = 2  # 2: the fused graph lost query_seqlens; logits always float32
 
-BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "past_sequence_length + sequence_length"
+BATCH, SEQ, PAST, TOTAL = (
+    "batch_size",
+    "sequence_length",
+    "past_sequence_length",
+    "past_sequence_length + sequence_length",
+)
 MAX_LENGTH, LOGITS = "max_length", "logits_length"
 FLAVOURS = ("portable", "fused")
 FILE_KEYS = ("model_file", "prefill_model_file", "kv_scales_file")
@@ -109,8 +115,7 @@ class Contract:
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         """torch.onnx.export's dynamic_axes, derived from the symbolic dims above."""
         return {
-            s.name: {i: d for i, d in enumerate(s.dims) if isinstance(d, str)}
-            for s in self.inputs() + self.outputs()
+            s.name: {i: d for i, d in enumerate(s.dims) if isinstance(d, str)} for s in self.inputs() + self.outputs()
         }
 
     def kv_bytes_per_token(self, batch: int = 1) -> int:
@@ -121,7 +126,7 @@ class Contract:
         (folder / CONTRACT_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
-    def load(cls, folder: Path) -> "Contract":
+    def load(cls, folder: Path) -> Contract:
         path = Path(folder) / CONTRACT_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{folder}: no {CONTRACT_FILE}; is this an export artifact?")
@@ -133,14 +138,18 @@ class Contract:
             raise ValueError(f"{path}: not a JSON object; re-run the export stage")
         unknown = sorted(set(data) - {f.name for f in fields(cls)})
         if unknown:
-            raise ValueError(f"{path}: unknown key {unknown[0]!r}; re-run the export stage with this version of the toolkit")
+            raise ValueError(
+                f"{path}: unknown key {unknown[0]!r}; re-run the export stage with this version of the toolkit"
+            )
         for key in FILE_KEYS:  # names of files beside the contract, never paths elsewhere
             name = data.get(key, "")
             if not isinstance(name, str) or (name and (Path(name).name != name or name in (".", ".."))):
                 raise ValueError(f"{path}: {key} {name!r} must be a file name in the artifact folder")
         if data.get("version") != CONTRACT_VERSION:
-            raise ValueError(f"{path}: contract version {data.get('version')} is not {CONTRACT_VERSION}; "
-                             f"re-run the export stage with this version of the toolkit")
+            raise ValueError(
+                f"{path}: contract version {data.get('version')} is not {CONTRACT_VERSION}; "
+                f"re-run the export stage with this version of the toolkit"
+            )
         if data.get("flavour") not in FLAVOURS:
             raise ValueError(f"{path}: flavour {data.get('flavour')!r} is not one of {', '.join(FLAVOURS)}")
         return cls(**data)

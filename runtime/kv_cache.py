@@ -5,6 +5,7 @@ after each run. StaticKVCache (fused graph): one buffer per layer and kind, allo
 `max_length` positions and bound as both past and present, so the graph writes new keys and
 values in place: no concatenation, no allocation, no copy between steps.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -68,8 +69,10 @@ def _device_buffer(shape: tuple, dtype: np.dtype, device: str, total: int) -> or
     try:
         return ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, 0)
     except Exception as e:  # onnxruntime raises a bare RuntimeError with the allocator's message
-        raise RuntimeFailure(f"the KV cache ({total / 2**20:.0f} MiB) could not be allocated on {device}: {e}; "
-                             f"lower max_length or the batch size (serve: --slots, --max-length, --kv-budget-mb)") from None
+        raise RuntimeFailure(
+            f"the KV cache ({total / 2**20:.0f} MiB) could not be allocated on {device}: {e}; "
+            f"lower max_length or the batch size (serve: --slots, --max-length, --kv-budget-mb)"
+        ) from None
 
 
 def check_fits(nbytes: int, device: str) -> None:
@@ -78,8 +81,10 @@ def check_fits(nbytes: int, device: str) -> None:
         return
     available = _available_memory()
     if available is not None and nbytes > available:
-        raise RuntimeFailure(f"the KV cache needs {nbytes / 2**20:.0f} MiB but only {available / 2**20:.0f} MiB of memory "
-                             f"is available; lower max_length or the batch size")
+        raise RuntimeFailure(
+            f"the KV cache needs {nbytes / 2**20:.0f} MiB but only {available / 2**20:.0f} MiB of memory "
+            f"is available; lower max_length or the batch size"
+        )
 
 
 def _available_memory() -> int | None:

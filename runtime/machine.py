@@ -1,4 +1,5 @@
 """Facts about the machine at hand: CPU model, the cores this process may use, the GPU."""
+
 from __future__ import annotations
 
 import os
@@ -30,8 +31,9 @@ def nvidia_smi(query: str = "name,driver_version,memory.total") -> str | None:
     if not shutil.which("nvidia-smi"):
         return None
     try:
-        out = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"], capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None

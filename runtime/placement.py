@@ -4,6 +4,7 @@ ONNX Runtime places a node on the CPU when the requested provider has no kernel 
 only in verbose logs. A CUDA run whose attention or matmuls fell back to the CPU is slow for a
 reason the user cannot see, so the runner profiles its first run and fails, naming the nodes.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,18 @@ from pathlib import Path
 
 from runtime.errors import RuntimeFailure
 
-HEAVY_OPS = {"MatMul", "MatMulNBits", "Gemm", "GroupQueryAttention", "MultiHeadAttention", "Attention",
-             "GatherBlockQuantized", "MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul"}
+HEAVY_OPS = {
+    "MatMul",
+    "MatMulNBits",
+    "Gemm",
+    "GroupQueryAttention",
+    "MultiHeadAttention",
+    "Attention",
+    "GatherBlockQuantized",
+    "MatMulInteger",
+    "DynamicQuantizeMatMul",
+    "QLinearMatMul",
+}
 
 
 def node_providers(profile: Path) -> dict[str, tuple[str, str]]:
@@ -30,8 +41,9 @@ def node_providers(profile: Path) -> dict[str, tuple[str, str]]:
 
 def fallen_back(placed: dict[str, tuple[str, str]], provider: str) -> list[str]:
     """Heavy nodes that ran on another provider than `provider`, as 'name (op on provider)'."""
-    return sorted(f"{name} ({op} on {where})" for name, (op, where) in placed.items()
-                  if op in HEAVY_OPS and where != provider)
+    return sorted(
+        f"{name} ({op} on {where})" for name, (op, where) in placed.items() if op in HEAVY_OPS and where != provider
+    )
 
 
 def check_placement(profile: Path, provider: str, allow_fallback: bool = False) -> list[str]:
@@ -42,6 +54,8 @@ def check_placement(profile: Path, provider: str, allow_fallback: bool = False) 
         os.unlink(profile)
     if off and not allow_fallback:
         shown = ", ".join(off[:5]) + (f" and {len(off) - 5} more" if len(off) > 5 else "")
-        raise RuntimeFailure(f"{len(off)} heavy nodes do not run on {provider}: {shown}; "
-                             f"pass allow_fallback (--allow-fallback) to run anyway")
+        raise RuntimeFailure(
+            f"{len(off)} heavy nodes do not run on {provider}: {shown}; "
+            f"pass allow_fallback (--allow-fallback) to run anyway"
+        )
     return off

@@ -1,5 +1,6 @@
 """Running the portable graph: left-padded prompts, an attention mask, and a KV cache that the
 graph returns grown by one position each step (past + new -> present)."""
+
 from __future__ import annotations
 
 import time
@@ -46,8 +47,8 @@ class PortableGraph:
         input_ids = np.full((len(prompts), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(prompts), width), dtype=np.int64)
         for row, ids in enumerate(prompts):
-            input_ids[row, width - len(ids):] = ids
-            mask[row, width - len(ids):] = 1
+            input_ids[row, width - len(ids) :] = ids
+            mask[row, width - len(ids) :] = 1
         positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)  # pads sit at 0; real tokens count from 0
         cache = KVCache(self.contract, len(prompts))
         logits = self.run(input_ids, mask, positions, cache)

@@ -1,4 +1,5 @@
 """Next-token choice from logits: greedy, or temperature / top-k / top-p sampling with a seeded RNG."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,7 +28,9 @@ class SamplingParams:
         return self.temperature == 0
 
 
-def candidates(logits: np.ndarray, temperature: float, top_k: int = 0, top_p: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def candidates(
+    logits: np.ndarray, temperature: float, top_k: int = 0, top_p: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
     """logits [V] -> (token ids, their probabilities summing to 1) left after temperature, top-k and
     nucleus (top-p) filtering. The nucleus is sought among the few hundred most likely tokens,
     widening only when they hold less than top_p: a full sort of a 50k-token vocabulary costs

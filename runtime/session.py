@@ -3,6 +3,7 @@
 `provider="auto"` takes CUDA when onnxruntime offers it, else CPU. A provider asked for by name
 that is missing, or that onnxruntime silently replaced, is an error, not a warning.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,9 +16,11 @@ from runtime.errors import RuntimeFailure
 from runtime.io_spec import Contract
 
 PROVIDERS = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
-OPTIMIZATION_LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                       "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-                       "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+OPTIMIZATION_LEVELS = {
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
 
 
 def choose_provider(requested: str = "auto") -> str:
@@ -32,10 +35,17 @@ def choose_provider(requested: str = "auto") -> str:
     return requested
 
 
-def create_session(folder: Path, contract: Contract, provider: str = "auto", threads: int = 0,
-                   cuda_graph: bool = False, spinning: bool = True,
-                   profile_placement: bool = True, optimization: str = "all",
-                   model_file: str | None = None) -> tuple[ort.InferenceSession, str]:
+def create_session(
+    folder: Path,
+    contract: Contract,
+    provider: str = "auto",
+    threads: int = 0,
+    cuda_graph: bool = False,
+    spinning: bool = True,
+    profile_placement: bool = True,
+    optimization: str = "all",
+    model_file: str | None = None,
+) -> tuple[ort.InferenceSession, str]:
     """Open `folder/model.onnx` (or `model_file`) on the chosen provider; returns (session, provider name in use).
     `threads`: intra-op threads (0: onnxruntime's choice, one per physical core); `optimization`: the
     graph optimization level (basic, extended, all). `optimize tune` picks both by measurement.
@@ -69,8 +79,10 @@ def create_session(folder: Path, contract: Contract, provider: str = "auto", thr
         session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf/RuntimeException types
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise RuntimeFailure(f"{path}: onnxruntime cannot load it ({first}); the artifact may be damaged: check it with "
-                             "--verify, or rebuild it (optimize RECIPE --force)") from None
+        raise RuntimeFailure(
+            f"{path}: onnxruntime cannot load it ({first}); the artifact may be damaged: check it with "
+            "--verify, or rebuild it (optimize RECIPE --force)"
+        ) from None
     in_use = session.get_providers()[0]
     if in_use != PROVIDERS[chosen]:
         raise RuntimeFailure(f"requested {PROVIDERS[chosen]} but onnxruntime runs the model on {in_use}")

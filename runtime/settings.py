@@ -11,6 +11,7 @@ tuned afresh. The machine key hashes what the timings depend on: the CPU model a
 process may use, the provider (and GPU), the onnxruntime version and the graph. Another machine, or an
 upgraded onnxruntime, finds no file and runs with the defaults.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,7 +24,6 @@ import onnxruntime as ort
 
 from runtime.errors import RuntimeFailure
 from runtime.machine import cpu_model, nvidia_smi, usable_cores
-
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,13 @@ class SessionSettings:
 
 def machine_facts(provider: str, flavour: str) -> dict:
     """What a tuning's timings depend on; `provider` is cpu or cuda, `flavour` the graph (fused, portable)."""
-    facts = {"cpu": cpu_model(), "usable_cores": usable_cores(), "provider": provider,
-             "onnxruntime": ort.__version__, "graph": flavour}
+    facts = {
+        "cpu": cpu_model(),
+        "usable_cores": usable_cores(),
+        "provider": provider,
+        "onnxruntime": ort.__version__,
+        "graph": flavour,
+    }
     if provider == "cuda":
         facts["gpu"] = nvidia_smi("name") or "unknown"
     return facts
@@ -77,4 +82,6 @@ def load_tuned(folder: Path | str, provider: str, flavour: str) -> tuple[Session
         chosen = json.loads(path.read_text())["chosen"]
         return SessionSettings(int(chosen["threads"]), str(chosen["optimization"])), path
     except (ValueError, KeyError, TypeError) as e:
-        raise RuntimeFailure(f"{path}: unreadable tuning ({type(e).__name__}: {e}); delete it or run `optimize tune` again") from None
+        raise RuntimeFailure(
+            f"{path}: unreadable tuning ({type(e).__name__}: {e}); delete it or run `optimize tune` again"
+        ) from None

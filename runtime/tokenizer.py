@@ -2,6 +2,7 @@
 
 No transformers here: the runner ships with onnxruntime, numpy, tokenizers and jinja2 only.
 """
+
 from __future__ import annotations
 
 import json
@@ -59,8 +60,10 @@ class Tokenizer:
         framed = self.apply_chat_template([{**m, "content": mark} for m, mark in zip(messages, marks)])
         parts = re.split("(" + "|".join(map(re.escape, marks)) + ")", framed)
         if parts[1::2] != marks:
-            raise RuntimeFailure("the chat template changes message contents, so special-token text in them cannot be "
-                                 "kept apart from the template's own tokens; remove it from the messages")
+            raise RuntimeFailure(
+                "the chat template changes message contents, so special-token text in them cannot be "
+                "kept apart from the template's own tokens; remove it from the messages"
+            )
         ids: list[int] = []
         for i, part in enumerate(parts):
             if i % 2:
@@ -94,7 +97,9 @@ class Tokenizer:
         return self._literal_backend
 
     def encode_chat(self, user_message: str, system: str | None = None) -> list[int]:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_message}]
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": user_message}
+        ]
         return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
 
 
@@ -111,7 +116,7 @@ class StreamDecoder:
         text = self.tokenizer.decode(self.ids)
         if text.endswith("\ufffd"):
             return ""
-        piece, self.emitted = text[len(self.emitted):], text
+        piece, self.emitted = text[len(self.emitted) :], text
         return piece
 
 

@@ -10,16 +10,17 @@ A candidate replaces onnxruntime's defaults only when its median step is `margin
 alone never moves a setting. The result goes to this machine's tuning cache (runtime.settings), where
 every later Generator on this machine finds it.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -40,13 +41,22 @@ def thread_counts(cores: int) -> list[int]:
     return [0, *sorted(counts)]
 
 
-def measure(folder: Path, settings: SessionSettings, provider: str, graph: str, batch: int, prompt_tokens: int,
-            steps: int) -> tuple[float, float]:
+def measure(
+    folder: Path, settings: SessionSettings, provider: str, graph: str, batch: int, prompt_tokens: int, steps: int
+) -> tuple[float, float]:
     """(prefill ms of one `prompt_tokens` prompt, decode ms per step at `batch`) in a fresh session."""
-    gen = Generator(folder, provider=provider, threads=settings.threads, optimization=settings.optimization,
-                    graph=graph, verify_placement=False)
+    gen = Generator(
+        folder,
+        provider=provider,
+        threads=settings.threads,
+        optimization=settings.optimization,
+        graph=graph,
+        verify_placement=False,
+    )
     vocab = gen.contract.vocab_size
-    prompt = [int(t) for t in np.arange(prompt_tokens) * 7919 % (vocab - 1) + 1]  # any ids: speed does not depend on them
+    prompt = [
+        int(t) for t in np.arange(prompt_tokens) * 7919 % (vocab - 1) + 1
+    ]  # any ids: speed does not depend on them
     gen.prefill([prompt], steps)  # warm-up
     started = time.perf_counter()
     gen.prefill([prompt], steps)
@@ -57,9 +67,18 @@ def measure(folder: Path, settings: SessionSettings, provider: str, graph: str, 
     return prefill_ms, result.decode_seconds / result.decode_steps * 1000
 
 
-def tune(folder: Path | str, provider: str = "auto", graph: str = "auto", batch: int = 1, prompt_tokens: int = 128,
-         steps: int = 64, rounds: int = 3, margin: float = MARGIN, log: Callable[[str], None] = print,
-         measure_fn: Callable[..., tuple[float, float]] = measure) -> dict:
+def tune(
+    folder: Path | str,
+    provider: str = "auto",
+    graph: str = "auto",
+    batch: int = 1,
+    prompt_tokens: int = 128,
+    steps: int = 64,
+    rounds: int = 3,
+    margin: float = MARGIN,
+    log: Callable[[str], None] = print,
+    measure_fn: Callable[..., tuple[float, float]] = measure,
+) -> dict:
     """Search the settings, write the tuning file, and return its content (path under "file")."""
     folder = Path(folder)
     provider = choose_provider(provider)
@@ -90,10 +109,17 @@ def tune(folder: Path | str, provider: str = "auto", graph: str = "auto", batch:
     chosen = best if decode(best) < decode(default) * (1 - margin) else default
     result = {
         "machine": machine_facts(provider, flavour),
-        "workload": {"batch": batch, "prompt_tokens": prompt_tokens, "decode_steps": steps, "rounds": rounds,
-                     "margin": margin},
-        "candidates": [{**asdict(s), "decode_ms_median": decode(s), "prefill_ms_median": statistics.median(t["prefill_ms"]),
-                        **t} for s, t in timings.items()],
+        "workload": {
+            "batch": batch,
+            "prompt_tokens": prompt_tokens,
+            "decode_steps": steps,
+            "rounds": rounds,
+            "margin": margin,
+        },
+        "candidates": [
+            {**asdict(s), "decode_ms_median": decode(s), "prefill_ms_median": statistics.median(t["prefill_ms"]), **t}
+            for s, t in timings.items()
+        ],
         "default": asdict(default),
         "chosen": asdict(chosen),
         "decode_speedup_vs_default": decode(default) / decode(chosen),

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random-weight checkpoints (with a real BPE tokenizer and chat template),
 tiny recipes, and one tiny end-to-end run reused by many tests. Right for speed, never for accuracy."""
+
 from __future__ import annotations
 
 import os
@@ -11,12 +12,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_GGUF = ROOT / "artifacts" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-CORPUS = textwrap.dedent("""\
+CORPUS = (
+    textwrap.dedent("""\
     The quick brown fox jumps over the lazy dog. A model that is smaller and faster is still useful
     when it stays accurate. The capital of France is Paris, and the capital of Italy is Rome.
     Once upon a time there was a small village by the sea where people told stories every night.
     def add(a, b): return a + b. Numbers like 1, 2, 3, 42 and 1000 appear in text as well.
-    """) * 20
+    """)
+    * 20
+)
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n'}}"
@@ -31,26 +35,41 @@ def make_tokenizer(folder: Path):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator([CORPUS], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                   unk_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>"
+    )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(folder)
     return fast
 
 
-def make_checkpoint(folder: Path, family: str = "llama", seed: int = 0, layers: int = 2, dtype: str = "float32") -> Path:
+def make_checkpoint(
+    folder: Path, family: str = "llama", seed: int = 0, layers: int = 2, dtype: str = "float32"
+) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder.mkdir(parents=True, exist_ok=True)
     tok = make_tokenizer(folder)
     config = AutoConfig.for_model(
-        family, vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=family == "qwen2",
+        family,
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=family == "qwen2",
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype))
@@ -58,10 +77,12 @@ def make_checkpoint(folder: Path, family: str = "llama", seed: int = 0, layers: 
     return folder
 
 
-def write_recipe(folder: Path, model: Path, text: Path, name: str = "tiny", extra_validate: str = "",
-                 export: str = "{opset: 17}") -> Path:
+def write_recipe(
+    folder: Path, model: Path, text: Path, name: str = "tiny", extra_validate: str = "", export: str = "{opset: 17}"
+) -> Path:
     recipe = folder / f"{name}.yaml"
-    recipe.write_text(textwrap.dedent(f"""\
+    recipe.write_text(
+        textwrap.dedent(f"""\
         name: {name}
         model:
           source: {model}
@@ -73,17 +94,20 @@ def write_recipe(folder: Path, model: Path, text: Path, name: str = "tiny", extr
               max_windows: 4
               max_new_tokens: 8
               prompts: ["The capital of France", "Once upon a time there was a", "def add(a, b):", "42"]
-        {textwrap.indent(extra_validate, '      ')}
-        """))
+        {textwrap.indent(extra_validate, "      ")}
+        """)
+    )
     return recipe
 
 
-def write_targets_recipe(folder: Path, model: Path, text: Path, quantize: str | None, targets: str,
-                         thresholds: str = "{}") -> Path:
+def write_targets_recipe(
+    folder: Path, model: Path, text: Path, quantize: str | None, targets: str, thresholds: str = "{}"
+) -> Path:
     """quantize (when given) -> export to `targets` -> validate with `thresholds`: the export-target tests' recipe."""
     recipe = folder / "targets.yaml"
     quantize_stage = f"  - quantize: {quantize}\n" if quantize else ""
-    recipe.write_text(textwrap.dedent("""\
+    recipe.write_text(
+        textwrap.dedent("""\
         name: tiny-targets
         model: {{source: {model}}}
         stages:
@@ -95,7 +119,8 @@ def write_targets_recipe(folder: Path, model: Path, text: Path, quantize: str | 
               max_new_tokens: 8
               prompts: ["The capital of France", "def add(a, b):"]
               thresholds: {thresholds}
-        """).format(model=model, text=text, targets=targets, thresholds=thresholds, quantize=quantize_stage))
+        """).format(model=model, text=text, targets=targets, thresholds=thresholds, quantize=quantize_stage)
+    )
     return recipe
 
 
@@ -176,11 +201,14 @@ def tiny_export_int8_kv(tmp_path_factory, tiny_llama, eval_text) -> Path:
     from runtime import find_model_folder
 
     work = tmp_path_factory.mktemp("work-int8-kv")
-    export = ("{opset: 17, kv_cache: int8, kv_calibration: {data: {source: %s}, num_samples: 4, sequence_length: 32}}"
-              % eval_text)
+    export = (
+        "{opset: 17, kv_cache: int8, kv_calibration: {data: {source: %s}, num_samples: 4, sequence_length: 32}}"
+        % eval_text
+    )
     gates = "thresholds: {top1_agreement: 0.9, greedy_token_agreement: 0.8}"  # a random model's near-ties flip
-    return find_model_folder(run(write_recipe(work, tiny_llama, eval_text, "tiny-int8-kv", gates, export=export),
-                                 workdir=work / "artifacts"))
+    return find_model_folder(
+        run(write_recipe(work, tiny_llama, eval_text, "tiny-int8-kv", gates, export=export), workdir=work / "artifacts")
+    )
 
 
 FAULTY_SEED = 13
@@ -209,5 +237,5 @@ def greedy_shortfall(gen, question: str, answer: str) -> float:
 
     prompt = gen.tokenizer.encode_chat(question)
     tokens = gen.tokenizer.encode(answer, add_special_tokens=False)
-    logits = gen.logits(prompt + tokens)[len(prompt) - 1:-1]
+    logits = gen.logits(prompt + tokens)[len(prompt) - 1 : -1]
     return float((logits.max(-1) - logits[np.arange(len(tokens)), tokens]).max())

@@ -16,6 +16,7 @@ prefill (time to first token): wall time and time inside session.run for 128- an
 prompts, and a profiled prefill of each.
 Prints tables and writes cuda_decode_overhead.json into --out.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,6 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
-
 
 from runtime import Generator, find_model_folder
 from runtime.fused import FusedGraph
@@ -61,8 +61,11 @@ def time_decode(gen: Generator, prompt: list[int], batch: int, device_argmax: bo
         seconds = time.perf_counter() - started
         per_step.append(seconds / STEPS * 1000)
         inside.append((gen.graph.session_seconds - before) / seconds)
-    return {"ms_per_step": statistics.median(per_step), "tok_s": batch * 1000 / statistics.median(per_step),
-            "inside_run": statistics.median(inside)}
+    return {
+        "ms_per_step": statistics.median(per_step),
+        "tok_s": batch * 1000 / statistics.median(per_step),
+        "inside_run": statistics.median(inside),
+    }
 
 
 def profile_plain(folder: Path, prompt: list[int], steps: int = 16) -> dict:
@@ -114,17 +117,25 @@ def summarize(events: list[dict], runs: list[dict]) -> dict:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and start <= e["ts"] <= end:
             by_op[e["args"]["op_name"]][0] += 1
             by_op[e["args"]["op_name"]][1] += e["dur"]
-    return {"model_run_us": statistics.mean(r["dur"] for r in runs),
-            "ops": {op: {"nodes_per_step": n / steps, "us_per_step": us / steps}
-                    for op, (n, us) in sorted(by_op.items(), key=lambda kv: -kv[1][1])}}
+    return {
+        "model_run_us": statistics.mean(r["dur"] for r in runs),
+        "ops": {
+            op: {"nodes_per_step": n / steps, "us_per_step": us / steps}
+            for op, (n, us) in sorted(by_op.items(), key=lambda kv: -kv[1][1])
+        },
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("artifact", help="a run folder or export step with a fused graph")
     parser.add_argument("--out", type=Path, default=Path("cuda-decode-overhead"))
-    parser.add_argument("--provider", choices=("cuda", "cpu"), default="cuda",
-                        help="cpu: a smoke test of the script (no CUDA graph, no profile)")
+    parser.add_argument(
+        "--provider",
+        choices=("cuda", "cpu"),
+        default="cuda",
+        help="cpu: a smoke test of the script (no CUDA graph, no profile)",
+    )
     args = parser.parse_args()
     import onnxruntime as ort
 
@@ -149,23 +160,31 @@ def main() -> int:
         for p in (prompt, long_prompt):
             report["prefill"][f"{len(p)} tokens"]["profile"] = profile_prefill(folder, p)
 
-    print("| variant | b1 ms/step | b1 tok/s | b1 inside run | b8 ms/step | b8 tok/s | b8 inside run |\n"
-          "|---|---|---|---|---|---|---|")
+    print(
+        "| variant | b1 ms/step | b1 tok/s | b1 inside run | b8 ms/step | b8 tok/s | b8 inside run |\n"
+        "|---|---|---|---|---|---|---|"
+    )
     for name, rows in report["variants"].items():
         one, eight = rows["batch 1"], rows["batch 8"]
-        print(f"| {name} | {one['ms_per_step']:.2f} | {one['tok_s']:.1f} | {one['inside_run']:.0%} | "
-              f"{eight['ms_per_step']:.2f} | {eight['tok_s']:.1f} | {eight['inside_run']:.0%} |")
+        print(
+            f"| {name} | {one['ms_per_step']:.2f} | {one['tok_s']:.1f} | {one['inside_run']:.0%} | "
+            f"{eight['ms_per_step']:.2f} | {eight['tok_s']:.1f} | {eight['inside_run']:.0%} |"
+        )
     profile = report["profile"] or {"model_run_us": float("nan"), "ops": {}}
     print(f"profiled plain decode: model_run {profile['model_run_us']:.0f} µs/step; host time by op:")
     for op, row in list(profile["ops"].items())[:10]:
-        print(f"  {op:32s} {row['nodes_per_step']:5.0f} nodes {row['us_per_step']:8.0f} µs "
-              f"({row['us_per_step'] / max(row['nodes_per_step'], 1):.1f} µs/node)")
+        print(
+            f"  {op:32s} {row['nodes_per_step']:5.0f} nodes {row['us_per_step']:8.0f} µs "
+            f"({row['us_per_step'] / max(row['nodes_per_step'], 1):.1f} µs/node)"
+        )
     for name, row in report["prefill"].items():
         print(f"prefill {name}: {row['wall_ms']:.2f} ms wall, {row['session_run_ms']:.2f} ms in session.run")
         if "profile" in row:
             top = list(row["profile"]["ops"].items())[:6]
-            print(f"  profiled: model_run {row['profile']['model_run_us']:.0f} µs; "
-                  + ", ".join(f"{op} {r['us_per_step']:.0f} µs" for op, r in top))
+            print(
+                f"  profiled: model_run {row['profile']['model_run_us']:.0f} µs; "
+                + ", ".join(f"{op} {r['us_per_step']:.0f} µs" for op, r in top)
+            )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "cuda_decode_overhead.json").write_text(json.dumps(report, indent=2) + "\n")
     return 0

@@ -13,6 +13,7 @@ distill_gpu_check.json (exit status 1 when one fails):
 Random token ids: the checks compare paths, they do not measure quality. Runs in about a minute on an
 H200 after the teacher is read (nothing to install beyond the project's torch stack: no ONNX Runtime).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,6 @@ import time
 from pathlib import Path
 
 import torch
-
 
 from pipeline.configs import DistillConfig, DistillLossConfig
 from pipeline.distill import head_loss
@@ -56,10 +56,13 @@ def head_loss_gap(student, teacher, ids, autocast: bool) -> dict:
     chunked.backward()
     got = torch.cat([p.grad.flatten() for p in student.parameters()])
     student.zero_grad()
-    return {"loss_full": float(full), "loss_chunked": float(chunked),
-            "loss_rel_gap": abs(float(chunked) - float(full)) / abs(float(full)),
-            "grad_cosine": float(torch.nn.functional.cosine_similarity(got.double(), expected.double(), dim=0)),
-            "grad_max_rel": float((got - expected).abs().max() / expected.abs().max())}
+    return {
+        "loss_full": float(full),
+        "loss_chunked": float(chunked),
+        "loss_rel_gap": abs(float(chunked) - float(full)) / abs(float(full)),
+        "grad_cosine": float(torch.nn.functional.cosine_similarity(got.double(), expected.double(), dim=0)),
+        "grad_max_rel": float((got - expected).abs().max() / expected.abs().max()),
+    }
 
 
 def main() -> int:
@@ -99,8 +102,14 @@ def main() -> int:
     cpu_seconds = time.perf_counter() - started
     gap = max(abs(a - b) for a, b in zip(on_gpu, on_cpu))
     same = choose_layers(layers, len(keep), "loss", on_gpu) == choose_layers(layers, len(keep), "loss", on_cpu)
-    record("scoring", gap < 1e-3 and same, max_score_gap=gap, same_layers_kept=same,
-           gpu_seconds=round(gpu_seconds, 2), cpu_seconds=round(cpu_seconds, 2))
+    record(
+        "scoring",
+        gap < 1e-3 and same,
+        max_score_gap=gap,
+        same_layers_kept=same,
+        gpu_seconds=round(gpu_seconds, 2),
+        cpu_seconds=round(cpu_seconds, 2),
+    )
 
     narrow = {}
     for name, model in (("gpu", copy.deepcopy(teacher)), ("cpu", copy.deepcopy(cpu_teacher))):
@@ -109,23 +118,40 @@ def main() -> int:
         narrow[name] = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
         del model
     shapes = all(narrow["gpu"][k].shape == narrow["cpu"][k].shape for k in narrow["cpu"])
-    diff = max(float((narrow["gpu"][k] - narrow["cpu"][k]).abs().max()) for k in narrow["cpu"]) if shapes else float("inf")
+    diff = (
+        max(float((narrow["gpu"][k] - narrow["cpu"][k]).abs().max()) for k in narrow["cpu"]) if shapes else float("inf")
+    )
     record("width", shapes and diff < 1e-5, same_shapes=shapes, max_weight_diff=diff)
 
     student = prune_depth(teacher, keep)
-    cfg = DistillConfig(num_layers=len(keep), sequence_length=256, batch_size=4, grad_accum=1, tokens=2 * 4 * 256,
-                        eval_every=10**6, checkpoint_every=10**6, eval_samples=4, bf16="auto",
-                        loss=DistillLossConfig(kd=1.0, ce=0.5, temperature=2.0))
+    cfg = DistillConfig(
+        num_layers=len(keep),
+        sequence_length=256,
+        batch_size=4,
+        grad_accum=1,
+        tokens=2 * 4 * 256,
+        eval_every=10**6,
+        checkpoint_every=10**6,
+        eval_samples=4,
+        bf16="auto",
+        loss=DistillLossConfig(kd=1.0, ce=0.5, temperature=2.0),
+    )
     if gpu.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     log: list[str] = []
     with tempfile.TemporaryDirectory() as ckpt:
         student, history = train(student, teacher, blocks[:8], blocks[8:12], {}, cfg, Path(ckpt), log.append)
     on_device = next(student.parameters()).device.type == gpu.type
-    record("train", on_device and all(map(torch.isfinite, map(torch.tensor, history.loss))),
-           device=str(next(student.parameters()).device), loss=history.loss, heldout_perplexity=history.eval_ppl[-1],
-           tokens_per_second=round(history.tokens_seen / history.train_seconds, 1),
-           peak_device_mib=history.peak_device_mib, log=log[:2])
+    record(
+        "train",
+        on_device and all(map(torch.isfinite, map(torch.tensor, history.loss))),
+        device=str(next(student.parameters()).device),
+        loss=history.loss,
+        heldout_perplexity=history.eval_ppl[-1],
+        tokens_per_second=round(history.tokens_seen / history.train_seconds, 1),
+        peak_device_mib=history.peak_device_mib,
+        log=log[:2],
+    )
 
     args.out.mkdir(parents=True, exist_ok=True)
     name = torch.cuda.get_device_name() if gpu.type == "cuda" else "cpu (dry run)"

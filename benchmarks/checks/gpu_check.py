@@ -11,6 +11,7 @@ Float16 kernels differ between the providers and between batch shapes, so `cuda_
 `batch` report agreement and are hard checks only at their first tokens; `cuda_graph` must match
 exactly (same kernels, same shapes).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,11 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-
 from runtime import Generator, find_model_folder
 
-PROMPTS = ("What is the capital of France?", "Write a haiku about the sea.",
-           "Explain in two sentences why the sky is blue.", "List three prime numbers.")
+PROMPTS = (
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain in two sentences why the sky is blue.",
+    "List three prime numbers.",
+)
 NEW_TOKENS = 48
 HARD_PREFIX = 8  # tokens that must agree across providers and batch shapes
 
@@ -50,8 +54,12 @@ def main() -> int:
     import onnxruntime as ort
 
     folder = find_model_folder(args.artifact)
-    report: dict = {"artifact": str(folder), "onnxruntime": ort.__version__, "providers": ort.get_available_providers(),
-                    "checks": {}}
+    report: dict = {
+        "artifact": str(folder),
+        "onnxruntime": ort.__version__,
+        "providers": ort.get_available_providers(),
+        "checks": {},
+    }
     checks = report["checks"]
 
     def record(name: str, ok: bool, hard: bool = True, **facts) -> None:
@@ -60,9 +68,15 @@ def main() -> int:
 
     started = time.perf_counter()
     gpu = Generator(folder, provider="cuda", cuda_graph=False)  # fails by name if a heavy node left the GPU
-    record("provider", gpu.provider == "CUDAExecutionProvider" and not gpu.fallback_nodes, provider=gpu.provider,
-           fallback_nodes=gpu.fallback_nodes, graph=gpu.flavour, dtype=gpu.contract.dtype,
-           load_s=round(time.perf_counter() - started, 2))
+    record(
+        "provider",
+        gpu.provider == "CUDAExecutionProvider" and not gpu.fallback_nodes,
+        provider=gpu.provider,
+        fallback_nodes=gpu.fallback_nodes,
+        graph=gpu.flavour,
+        dtype=gpu.contract.dtype,
+        load_s=round(time.perf_counter() - started, 2),
+    )
     prompts = [gpu.tokenizer.encode_chat(p) for p in PROMPTS]
 
     tokens_gpu = gpu.generate(prompts, NEW_TOKENS, ignore_eos=True).tokens
@@ -70,28 +84,41 @@ def main() -> int:
     pointers = {n: v.data_ptr() for n, v in cache.values.items()}
     devices = {v.device_name() for v in cache.values.values()}
     gpu.generate(prompts, NEW_TOKENS, ignore_eos=True)
-    record("kv_on_device", devices == {"cuda"} and gpu.graph._cache is cache
-           and {n: v.data_ptr() for n, v in cache.values.items()} == pointers
-           and cache.values["past_key_values.0.key"].data_ptr() == cache.values["present.0.key"].data_ptr(),
-           devices=sorted(devices), kv_mib=round(cache.nbytes / 2**20, 2))
+    record(
+        "kv_on_device",
+        devices == {"cuda"}
+        and gpu.graph._cache is cache
+        and {n: v.data_ptr() for n, v in cache.values.items()} == pointers
+        and cache.values["past_key_values.0.key"].data_ptr() == cache.values["present.0.key"].data_ptr(),
+        devices=sorted(devices),
+        kv_mib=round(cache.nbytes / 2**20, 2),
+    )
 
     cpu = Generator(folder, provider="cpu")
     text_ids = gpu.tokenizer.encode(" ".join(PROMPTS) * 6, add_special_tokens=False)[:128]
     lg, lc = gpu.logits(text_ids), cpu.logits(text_ids)
     tokens_cpu = cpu.generate(prompts, NEW_TOKENS, ignore_eos=True).tokens
     rate, prefix = agreement(tokens_gpu, tokens_cpu)
-    record("cuda_vs_cpu", prefix >= HARD_PREFIX and float((lg.argmax(-1) == lc.argmax(-1)).mean()) >= 0.95,
-           logits_max_abs_diff=float(np.abs(lg - lc).max()), prefill_argmax_agreement=float((lg.argmax(-1) == lc.argmax(-1)).mean()),
-           greedy_agreement=round(rate, 3), shortest_common_prefix=prefix)
+    record(
+        "cuda_vs_cpu",
+        prefix >= HARD_PREFIX and float((lg.argmax(-1) == lc.argmax(-1)).mean()) >= 0.95,
+        logits_max_abs_diff=float(np.abs(lg - lc).max()),
+        prefill_argmax_agreement=float((lg.argmax(-1) == lc.argmax(-1)).mean()),
+        greedy_agreement=round(rate, 3),
+        shortest_common_prefix=prefix,
+    )
 
     graphed = Generator(folder, provider="cuda", cuda_graph=True)
     first = graphed.generate(prompts, NEW_TOKENS, ignore_eos=True)  # captures, then replays
     again = graphed.generate(prompts, NEW_TOKENS, ignore_eos=True)  # the same cache: replays only
     plain = gpu.generate(prompts, NEW_TOKENS, ignore_eos=True)
-    record("cuda_graph", first.tokens == tokens_gpu == again.tokens,
-           agreement=agreement(again.tokens, tokens_gpu)[0],
-           decode_tok_s_plain=round(len(prompts) * plain.decode_tokens_per_second, 1),
-           decode_tok_s_graph=round(len(prompts) * again.decode_tokens_per_second, 1))
+    record(
+        "cuda_graph",
+        first.tokens == tokens_gpu == again.tokens,
+        agreement=agreement(again.tokens, tokens_gpu)[0],
+        decode_tok_s_plain=round(len(prompts) * plain.decode_tokens_per_second, 1),
+        decode_tok_s_graph=round(len(prompts) * again.decode_tokens_per_second, 1),
+    )
 
     single = [gpu.generate([p], NEW_TOKENS, ignore_eos=True).tokens[0] for p in prompts]
     rate, prefix = agreement(tokens_gpu, single)
@@ -102,7 +129,10 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     failed = [name for name, c in checks.items() if c["hard"] and not c["ok"]]
-    print(f"gpu check: {len(checks) - len(failed)}/{len(checks)} passed" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    print(
+        f"gpu check: {len(checks) - len(failed)}/{len(checks)} passed"
+        + (f"; failed: {', '.join(failed)}" if failed else "")
+    )
     return 1 if failed else 0
 
 

@@ -12,6 +12,7 @@ process of its own; the per-step wall time and peak RSS come from the steps' man
 records them, pipeline/resources.py). Prints a table and writes scale.json with the machine,
 versions, commit and command.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,14 +25,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = Path(__file__).resolve().parent / "scale_configs"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 SHARD_BYTES = 2 * 10**9
 RECIPES = {  # name -> (shipped recipe, settings that make it about memory and time, not accuracy)
     "fp32": ("recipes/smollm2-fp32.yaml", []),
     "int4-rtn": ("recipes/smollm2-int4-rtn.yaml", ["validate.chat=null"]),
-    "int4-gptq": ("recipes/smollm2-int4-gptq.yaml", ["validate.chat=null", "quantize.budget=null",
-                                                      "quantize.calibration.num_samples=32"]),
+    "int4-gptq": (
+        "recipes/smollm2-int4-gptq.yaml",
+        ["validate.chat=null", "quantize.budget=null", "quantize.calibration.num_samples=32"],
+    ),
 }
 COMMON = ["validate.max_windows=2", "validate.thresholds={}", "validate.max_new_tokens=8"]
 
@@ -95,10 +103,14 @@ def build_checkpoint(config_file: Path, tokenizer: Path, out: Path, seed: int = 
 def find_tokenizer() -> Path:
     """The reference tokenizer: a SmolLM2 model step of an earlier run (`make quickstart` makes one)."""
     for step in sorted(ROOT.glob("artifacts/*/00-model-*")):
-        if (step / "tokenizer.json").is_file() and json.loads((step / "config.json").read_text()).get("vocab_size") == 49152:
+        if (step / "tokenizer.json").is_file() and json.loads((step / "config.json").read_text()).get(
+            "vocab_size"
+        ) == 49152:
             return step
-    sys.exit("no SmolLM2 model step under artifacts/ to take the tokenizer from: run `make quickstart` first, "
-             "or pass --tokenizer DIR")
+    sys.exit(
+        "no SmolLM2 model step under artifacts/ to take the tokenizer from: run `make quickstart` first, "
+        "or pass --tokenizer DIR"
+    )
 
 
 def run_recipe(recipe: str, source: Path, name: str, workdir: Path, extra: list[str], timeout: int) -> dict:
@@ -113,17 +125,25 @@ def run_recipe(recipe: str, source: Path, name: str, workdir: Path, extra: list[
         rc, tail = done.returncode, (done.stdout + done.stderr).strip().splitlines()[-3:]
     except subprocess.TimeoutExpired:
         rc, tail = "timeout", [f"over {timeout} s"]
-    row: dict = {"recipe": recipe, "settings": settings, "returncode": rc, "wall_seconds": round(time.time() - started, 1),
-                 "steps": []}
+    row: dict = {
+        "recipe": recipe,
+        "settings": settings,
+        "returncode": rc,
+        "wall_seconds": round(time.time() - started, 1),
+        "steps": [],
+    }
     if rc != 0:
         row["error"] = tail
     for step in sorted((workdir / name).glob("[0-9][0-9]-*")):
         manifest = json.loads((step / "manifest.json").read_text())
-        row["steps"].append({
-            "step": step.name.rsplit("-", 1)[0], "seconds": manifest["timing"]["seconds"],
-            **manifest.get("resources", {}),
-            "bytes": sum(f["bytes"] for f in manifest["files"].values()),
-        })
+        row["steps"].append(
+            {
+                "step": step.name.rsplit("-", 1)[0],
+                "seconds": manifest["timing"]["seconds"],
+                **manifest.get("resources", {}),
+                "bytes": sum(f["bytes"] for f in manifest["files"].values()),
+            }
+        )
     predicted = {e.step: e.peak_bytes for e in _estimates(recipe, source, settings)}
     for step in row["steps"]:
         step["estimated_peak_rss_mb"] = round(predicted.get(step["step"].split("-", 1)[1], 0) / 2**20, 1)
@@ -145,12 +165,14 @@ def _estimates(recipe: str, source: Path, settings: list[str]):
 
 def decode_speed(export: Path, prompt_tokens: int = 128, new_tokens: int = 32) -> dict:
     """The artifact's decode tokens/s at batch 1 through our runner (greedy, a random-token prompt)."""
-    code = ("import json, sys, numpy as np\nfrom runtime import Generator\n"
-            f"g = Generator({str(export)!r})\n"
-            f"ids = np.random.default_rng(0).integers(100, 40000, {prompt_tokens}).tolist()\n"
-            f"g.generate([ids], max_new_tokens=4, ignore_eos=True)\n"
-            f"r = g.generate([ids], max_new_tokens={new_tokens}, ignore_eos=True)\n"
-            "print(json.dumps({'provider': g.provider, 'graph': g.flavour, 'tokens_per_second': round(r.decode_tokens_per_second, 2)}))")
+    code = (
+        "import json, sys, numpy as np\nfrom runtime import Generator\n"
+        f"g = Generator({str(export)!r})\n"
+        f"ids = np.random.default_rng(0).integers(100, 40000, {prompt_tokens}).tolist()\n"
+        f"g.generate([ids], max_new_tokens=4, ignore_eos=True)\n"
+        f"r = g.generate([ids], max_new_tokens={new_tokens}, ignore_eos=True)\n"
+        "print(json.dumps({'provider': g.provider, 'graph': g.flavour, 'tokens_per_second': round(r.decode_tokens_per_second, 2)}))"
+    )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1:]}
@@ -158,67 +180,69 @@ def decode_speed(export: Path, prompt_tokens: int = 128, new_tokens: int = 32) -
 
 
 def envelope() -> dict:
-    from pipeline.bench.system import machine
+    from pipeline.bench.system import envelope as take_envelope
     from pipeline.estimate import memory_bytes
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "pipeline", "runtime", "calibration"], cwd=ROOT,
-                           capture_output=True, text=True).stdout.strip()
-    return {"date": time.strftime("%Y-%m-%d"), "commit": commit + ("+" if dirty else ""),
-            "command": " ".join(["python -m benchmarks.checks.scale", *sys.argv[1:]]), "machine": machine(),
-            "memory_gib": round(memory_bytes()[0] / 2**30, 1)}
+    return {
+        **take_envelope(
+            " ".join(["python -m benchmarks.checks.scale", *sys.argv[1:]]), ("pipeline", "runtime", "calibration")
+        ),
+        "memory_gib": round(memory_bytes()[0] / 2**30, 1),
+    }
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'rung':<14} {'recipe':<10} {'step':<12} {'seconds':>8} {'peak RSS GiB':>13} {'estimated':>10} {'size GB':>8}  outcome")
+    print(
+        f"{'rung':<14} {'recipe':<10} {'step':<12} {'seconds':>8} {'peak RSS GiB':>13} {'estimated':>10} {'size GB':>8}  outcome"
+    )
     for r in rows:
-        outcome = "ok" if r["returncode"] == 0 else f"FAILED ({r['returncode']}): {' / '.join(r.get('error', []))[:120]}"
+        outcome = (
+            "ok" if r["returncode"] == 0 else f"FAILED ({r['returncode']}): {' / '.join(r.get('error', []))[:120]}"
+        )
         for s in r["steps"]:
-            print(f"{r['rung']:<14} {r['name']:<10} {s['step']:<12} {s['seconds']:>8.1f} "
-                  f"{s.get('peak_rss_mb', 0) / 1024:>13.2f} {s.get('estimated_peak_rss_mb', 0) / 1024:>10.2f} {s['bytes'] / 1e9:>8.2f}")
+            print(
+                f"{r['rung']:<14} {r['name']:<10} {s['step']:<12} {s['seconds']:>8.1f} "
+                f"{s.get('peak_rss_mb', 0) / 1024:>13.2f} {s.get('estimated_peak_rss_mb', 0) / 1024:>10.2f} {s['bytes'] / 1e9:>8.2f}"
+            )
         decode = r.get("decode", {})
-        speed = f", decode {decode['tokens_per_second']} tok/s ({decode['provider']})" if "tokens_per_second" in decode else ""
-        print(f"{r['rung']:<14} {r['name']:<10} {'total':<12} {r['wall_seconds']:>8.1f} {'':>13} {'':>10} {'':>8}  {outcome}{speed}")
-
-
-def markdown(result: dict) -> str:
-    """The README's table of a scale.json: one row per step, the run's machine and command below it."""
-    lines = ["| checkpoint (random weights, bf16) | recipe | step | seconds | peak RSS GiB | estimated GiB |",
-             "| --- | --- | --- | ---: | ---: | ---: |"]
-    rows = sorted(result["rows"], key=lambda r: (r["checkpoint_gb"], r["name"]))
-    for r in rows:
-        for s in r["steps"]:
-            lines.append(f"| {r['rung']} ({r['checkpoint_gb']:.2f} GB) | {r['name']} | {s['step'].split('-', 1)[1]} | "
-                         f"{s['seconds']:.0f} | {s.get('peak_rss_mb', 0) / 1024:.2f} | {s.get('estimated_peak_rss_mb', 0) / 1024:.2f} |")
-        if r["returncode"] != 0:
-            lines.append(f"| {r['rung']} | {r['name']} | failed | | | {' / '.join(r.get('error', []))[:80]} |")
-    m = result["machine"]
-    runs = dict.fromkeys((r.get("date", result["date"]), r.get("commit", result["commit"]),
-                          r.get("command", result["command"])) for r in rows)
-    lines += ["", f"{m['cpu']}, {m['cores']} cores, {result['memory_gib']} GiB; "
-              + "; ".join(f"{date}, commit {commit}: `{command}`" for date, commit, command in runs)
-              + " (`benchmarks/results/scale/scale.json`)."]
-    return "\n".join(lines)
+        speed = (
+            f", decode {decode['tokens_per_second']} tok/s ({decode['provider']})"
+            if "tokens_per_second" in decode
+            else ""
+        )
+        print(
+            f"{r['rung']:<14} {r['name']:<10} {'total':<12} {r['wall_seconds']:>8.1f} {'':>13} {'':>10} {'':>8}  {outcome}{speed}"
+        )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rungs", default="qwen2.5-0.5b", help=f"comma-separated, of: {', '.join(p.stem for p in sorted(CONFIGS.glob('*.json')))}")
+    parser.add_argument(
+        "--rungs",
+        default="qwen2.5-0.5b",
+        help=f"comma-separated, of: {', '.join(p.stem for p in sorted(CONFIGS.glob('*.json')))}",
+    )
     parser.add_argument("--recipes", default="fp32,int4-rtn", help=f"comma-separated, of: {', '.join(RECIPES)}")
-    parser.add_argument("--tokenizer", type=Path, help="folder with the reference tokenizer (default: a SmolLM2 model step)")
-    parser.add_argument("--models", type=Path, default=ROOT / "artifacts" / "scale-models", help="where checkpoints are built")
+    parser.add_argument(
+        "--tokenizer", type=Path, help="folder with the reference tokenizer (default: a SmolLM2 model step)"
+    )
+    parser.add_argument(
+        "--models", type=Path, default=ROOT / "artifacts" / "scale-models", help="where checkpoints are built"
+    )
     parser.add_argument("--workdir", type=Path, default=ROOT / "artifacts" / "scale")
     parser.add_argument("--timeout", type=int, default=4 * 3600, help="seconds per recipe run")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scale" / "scale.json")
-    parser.add_argument("--markdown", type=Path, help="print the README table of this scale.json and exit")
-    parser.add_argument("--merge", action="store_true", help="keep --out's rows of other rungs and recipes (each row "
-                        "names the commit and command that measured it)")
-    parser.add_argument("--drop-runs", action="store_true", help="delete each run's folder once measured (disk: an 8B "
-                        "run writes about 60 GB)")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep --out's rows of other rungs and recipes (each row names the commit and command that measured it)",
+    )
+    parser.add_argument(
+        "--drop-runs",
+        action="store_true",
+        help="delete each run's folder once measured (disk: an 8B run writes about 60 GB)",
+    )
     args = parser.parse_args()
-    if args.markdown:
-        print(markdown(json.loads(args.markdown.read_text())))
-        return 0
     tokenizer = args.tokenizer or find_tokenizer()
     rows = []
     for rung in args.rungs.split(","):
@@ -227,14 +251,21 @@ def main() -> int:
             sys.exit(f"--rungs: no config {config.name} in {CONFIGS}")
         started = time.time()
         source = build_checkpoint(config, tokenizer, args.models / rung)
-        print(f"{rung}: checkpoint {source} ({sum(f.stat().st_size for f in source.glob('*.safetensors')) / 1e9:.2f} GB bf16, "
-              f"{time.time() - started:.0f} s)", flush=True)
+        print(
+            f"{rung}: checkpoint {source} ({sum(f.stat().st_size for f in source.glob('*.safetensors')) / 1e9:.2f} GB bf16, "
+            f"{time.time() - started:.0f} s)",
+            flush=True,
+        )
         for name in args.recipes.split(","):
             if name not in RECIPES:
                 sys.exit(f"--recipes: '{name}' is not one of {', '.join(RECIPES)}")
             recipe, extra = RECIPES[name]
             run_envelope = envelope()  # the code as the run starts: edits made while it runs are not its
-            row = {"rung": rung, "name": name, **run_recipe(recipe, source, f"{rung}-{name}", args.workdir, extra, args.timeout)}
+            row = {
+                "rung": rung,
+                "name": name,
+                **run_recipe(recipe, source, f"{rung}-{name}", args.workdir, extra, args.timeout),
+            }
             row["checkpoint_gb"] = round(sum(f.stat().st_size for f in source.glob("*.safetensors")) / 1e9, 3)
             row.update(commit=run_envelope["commit"], command=run_envelope["command"], date=run_envelope["date"])
             rows.append(row)

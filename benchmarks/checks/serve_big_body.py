@@ -8,12 +8,12 @@ before the context check refuses it). In each phase it times GET /health and the
 token of a small streamed greedy chat request. Prints a table; writes
 benchmarks/results/serve-load/big_body.json with the machine, versions, commit and command.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -25,8 +25,12 @@ from runtime.serve.launch import serve_process
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "benchmarks" / "results" / "serve-load" / "big_body.json"
-SMALL = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 8,
-         "temperature": 0, "stream": True}
+SMALL = {
+    "messages": [{"role": "user", "content": "What is the capital of France?"}],
+    "max_tokens": 8,
+    "temperature": 0,
+    "stream": True,
+}
 
 
 def health_ms(url: str) -> float:
@@ -49,8 +53,12 @@ def measure(url: str, model: str, rounds: int) -> dict:
     for _ in range(rounds):
         health.append(health_ms(url))
         ttft.append(ttft_ms(url, model))
-    return {"health_ms_median": round(statistics.median(health), 1), "health_ms_max": round(max(health), 1),
-            "ttft_ms_median": round(statistics.median(ttft), 1), "ttft_ms_max": round(max(ttft), 1)}
+    return {
+        "health_ms_median": round(statistics.median(health), 1),
+        "health_ms_max": round(max(health), 1),
+        "ttft_ms_median": round(statistics.median(ttft), 1),
+        "ttft_ms_max": round(max(ttft), 1),
+    }
 
 
 def flood(url: str, model: str, size: int, stop: threading.Event, replies: list[int]) -> None:
@@ -59,8 +67,11 @@ def flood(url: str, model: str, size: int, stop: threading.Event, replies: list[
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 8}).encode()
     with httpx.Client(timeout=120) as client:
         while not stop.is_set():
-            replies.append(client.post(f"{url}/v1/chat/completions", content=body,
-                                       headers={"content-type": "application/json"}).status_code)
+            replies.append(
+                client.post(
+                    f"{url}/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+                ).status_code
+            )
 
 
 def main() -> int:
@@ -70,8 +81,17 @@ def main() -> int:
     parser.add_argument("--max-body-mb", type=float, default=2.0)
     args = parser.parse_args()
     size = int(args.max_body_mb * 2**20)
-    with serve_process(args.artifact, "--slots", "2", "--max-length", "512", "--model-name", "m",
-                       "--max-body-mb", str(args.max_body_mb)) as (url, _proc):
+    with serve_process(
+        args.artifact,
+        "--slots",
+        "2",
+        "--max-length",
+        "512",
+        "--model-name",
+        "m",
+        "--max-body-mb",
+        str(args.max_body_mb),
+    ) as (url, _proc):
         ttft_ms(url, "m")  # first request: warm
         alone = measure(url, "m", args.rounds)
         stop, replies = threading.Event(), []
@@ -84,23 +104,33 @@ def main() -> int:
     rows = [("alone", alone), (f"beside bodies of {size} bytes", loaded)]
     print(f"{'phase':<34} {'/health median ms':>18} {'max':>8} {'TTFT median ms':>15} {'max':>8}")
     for name, r in rows:
-        print(f"{name:<34} {r['health_ms_median']:>18} {r['health_ms_max']:>8} {r['ttft_ms_median']:>15} {r['ttft_ms_max']:>8}")
+        print(
+            f"{name:<34} {r['health_ms_median']:>18} {r['health_ms_max']:>8} {r['ttft_ms_median']:>15} {r['ttft_ms_max']:>8}"
+        )
     ratio = loaded["ttft_ms_median"] / alone["ttft_ms_median"]
     print(f"big bodies sent: {len(replies)} (status {sorted(set(replies))}); TTFT x{ratio:.2f} beside them")
-    from pipeline.artifacts import library_versions
-    from pipeline.bench.system import machine
+    from pipeline.bench.system import envelope
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "runtime", "pipeline"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()
-    commit += "+" if dirty else ""  # uncommitted changes to the code measured
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({
-        "date": time.strftime("%Y-%m-%d"), "commit": commit, "machine": machine(), "versions": library_versions(),
-        "command": " ".join(["python -m benchmarks.checks.serve_big_body", *sys.argv[1:]]),
-        "artifact": str(args.artifact), "body_bytes": size, "rounds": args.rounds, "big_bodies_sent": len(replies),
-        "big_body_statuses": sorted(set(replies)), "alone": alone, "beside_big_bodies": loaded,
-        "ttft_ratio": round(ratio, 2)}, indent=2) + "\n")
+    OUT.write_text(
+        json.dumps(
+            {
+                **envelope(
+                    " ".join(["python -m benchmarks.checks.serve_big_body", *sys.argv[1:]]), ("runtime", "pipeline")
+                ),
+                "artifact": str(args.artifact),
+                "body_bytes": size,
+                "rounds": args.rounds,
+                "big_bodies_sent": len(replies),
+                "big_body_statuses": sorted(set(replies)),
+                "alone": alone,
+                "beside_big_bodies": loaded,
+                "ttft_ratio": round(ratio, 2),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {OUT.relative_to(ROOT)}")
     return 0
 

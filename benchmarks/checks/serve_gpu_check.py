@@ -12,6 +12,7 @@ Checks, each recorded pass/fail in serve_gpu_check.json (exit status 1 when a ha
 Float16 kernels differ between batch shapes and query lengths, so token agreement is reported and
 only the first HARD_PREFIX tokens (and the reused prefix's argmax) are hard checks.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
 
 from benchmarks.checks.gpu_check import HARD_PREFIX, NEW_TOKENS, PROMPTS, agreement
 from runtime import Generator, find_model_folder
@@ -41,8 +41,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("artifact", help="a run folder or export step whose fused graph is float16 (the CUDA recipe's)")
     parser.add_argument("--out", type=Path, default=Path("gpu-check"))
-    parser.add_argument("--provider", choices=["cuda", "cpu"], default="cuda",
-                        help="cpu: a dry run of this script on a machine without a GPU")
+    parser.add_argument(
+        "--provider",
+        choices=["cuda", "cpu"],
+        default="cuda",
+        help="cpu: a dry run of this script on a machine without a GPU",
+    )
     args = parser.parse_args()
     folder = find_model_folder(args.artifact)
     report: dict = {"artifact": str(folder), "checks": {}}
@@ -55,8 +59,14 @@ def main() -> int:
     prompts = [gen.tokenizer.encode_chat(p) for p in PROMPTS]
     length = max(len(p) for p in prompts) + 2 * NEW_TOKENS + 8
     slots = SlotCache(gen.session, gen.contract, len(prompts), length, device=gen.device)
-    record("slots_on_device", gen.device == args.provider and all(v.device_name().lower() == args.provider for v in slots.values),
-           provider=gen.provider, buffers=len(slots.values), kv_dtype=str(slots.kv_dtype), mib=round(slots.nbytes / 2**20, 1))
+    record(
+        "slots_on_device",
+        gen.device == args.provider and all(v.device_name().lower() == args.provider for v in slots.values),
+        provider=gen.provider,
+        buffers=len(slots.values),
+        kv_dtype=str(slots.kv_dtype),
+        mib=round(slots.nbytes / 2**20, 1),
+    )
 
     together = decode_together(slots, prompts, NEW_TOKENS)
     alone = [gen.generate([p], max_new_tokens=NEW_TOKENS, ignore_eos=True).tokens[0] for p in prompts]
@@ -93,18 +103,28 @@ def main() -> int:
     cached = slots.last_cached
     whole.free(0)
     fresh = whole.prefill(0, prompt).copy()
-    record("prefix_reuse", cached == expected and int(np.argmax(reused)) == int(np.argmax(fresh)),
-           cached_tokens=cached, expected=expected, max_abs_logit_diff=float(np.abs(reused - fresh).max()))
+    record(
+        "prefix_reuse",
+        cached == expected and int(np.argmax(reused)) == int(np.argmax(fresh)),
+        cached_tokens=cached,
+        expected=expected,
+        max_abs_logit_diff=float(np.abs(reused - fresh).max()),
+    )
     del slots, whole, gen
 
     import httpx
 
     # no prefix reuse: the streamed request must run exactly as the plain one did (a reused prefix's
     # continuation may round differently and take another path after a near-tie)
-    with serve_process(folder, "--provider", args.provider, "--slots", "4", "--max-length", "1024",
-                       "--no-prefix-reuse") as (url, proc):
-        body = {"model": folder.parent.name if (folder.parent / "run.json").is_file() else folder.name,
-                "messages": [{"role": "user", "content": PROMPTS[0]}], "temperature": 0, "max_tokens": 24}
+    with serve_process(
+        folder, "--provider", args.provider, "--slots", "4", "--max-length", "1024", "--no-prefix-reuse"
+    ) as (url, proc):
+        body = {
+            "model": folder.parent.name if (folder.parent / "run.json").is_file() else folder.name,
+            "messages": [{"role": "user", "content": PROMPTS[0]}],
+            "temperature": 0,
+            "max_tokens": 24,
+        }
         plain = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()
         streamed = []
         with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=60) as r:
@@ -115,13 +135,21 @@ def main() -> int:
     text = plain["choices"][0]["message"]["content"]
     log = proc.stdout.read() if proc.stdout else ""  # the server has exited: its start-up lines say where the slots are
     memory = "GPU memory" if args.provider == "cuda" else "host memory"
-    record("server", bool(text) and text == "".join(streamed) and memory in log, reply=text, streamed="".join(streamed), health=health,
-           start_lines=[line for line in log.splitlines() if "KV cache" in line or "graph on" in line])
+    record(
+        "server",
+        bool(text) and text == "".join(streamed) and memory in log,
+        reply=text,
+        streamed="".join(streamed),
+        health=health,
+        start_lines=[line for line in log.splitlines() if "KV cache" in line or "graph on" in line],
+    )
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serve_gpu_check.json").write_text(json.dumps(report, indent=2))
     failed = [n for n, c in report["checks"].items() if c["hard"] and not c["ok"]]
-    print(f"{'FAILED: ' + ', '.join(failed) if failed else 'all hard checks passed'}; wrote {args.out}/serve_gpu_check.json")
+    print(
+        f"{'FAILED: ' + ', '.join(failed) if failed else 'all hard checks passed'}; wrote {args.out}/serve_gpu_check.json"
+    )
     return 1 if failed else 0
 
 

@@ -12,6 +12,7 @@ seconds and stop sending --duration seconds later; throughput counts the tokens 
 window, latencies (TTFT to the first streamed text, TPOT the mean gap after it, ITL every gap between
 two streamed pieces) the requests sent in it. The server's RSS is sampled throughout. Prints a table; writes serve_load.json and serve_load.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,15 @@ from runtime.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 
-def make_requests(folder: Path, clients: int, prompt_tokens: list[int], output_tokens: list[int],
-                  seed: int = 0, text: str = "wikitext-2") -> list[list[dict]]:
+
+def make_requests(
+    folder: Path,
+    clients: int,
+    prompt_tokens: list[int],
+    output_tokens: list[int],
+    seed: int = 0,
+    text: str = "wikitext-2",
+) -> list[list[dict]]:
     """For each client, one chat request per (prompt, output) length pair, in an order rotated by the
     client's index; prompts are cut from the evaluation text at random places."""
     tokenizer = Tokenizer(folder)
@@ -45,12 +53,19 @@ def make_requests(folder: Path, clients: int, prompt_tokens: list[int], output_t
     per_client = []
     for i in range(clients):
         bodies = []
-        for length, new in pairs[i % len(pairs):] + pairs[: i % len(pairs)]:
+        for length, new in pairs[i % len(pairs) :] + pairs[: i % len(pairs)]:
             start = rng.randrange(0, len(ids) - length)
-            text = tokenizer.decode(ids[start: start + length])
-            bodies.append({"messages": [{"role": "user", "content": f"Continue this text:\n\n{text}"}],
-                           "max_tokens": new, "temperature": 0, "ignore_eos": True, "stream": True,
-                           "stream_options": {"include_usage": True}})
+            text = tokenizer.decode(ids[start : start + length])
+            bodies.append(
+                {
+                    "messages": [{"role": "user", "content": f"Continue this text:\n\n{text}"}],
+                    "max_tokens": new,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                }
+            )
         per_client.append(bodies)
     return per_client
 
@@ -79,8 +94,14 @@ async def one(client: httpx.AsyncClient, url: str, body: dict) -> dict:
         return {"error": f"{type(e).__name__}: {e}"}
     if first is None:
         return {"error": "no text streamed"}
-    return {"ttft": first - started, "tpot": (last - first) / max(tokens - 1, 1), "tokens": tokens,
-            "seconds": last - started, "started": started, "times": times}
+    return {
+        "ttft": first - started,
+        "tpot": (last - first) / max(tokens - 1, 1),
+        "tokens": tokens,
+        "seconds": last - started,
+        "started": started,
+        "times": times,
+    }
 
 
 async def level(url: str, bodies: list[list[dict]], concurrency: int, duration_s: float, ramp_s: float = 0.0) -> dict:
@@ -113,12 +134,19 @@ async def level(url: str, bodies: list[list[dict]], concurrency: int, duration_s
     # inter-token latency: every gap between two streamed pieces, where a prefill stalling the batch shows
     gaps = [b - a for r in in_window for a, b in zip(r["times"], r["times"][1:])] or [float("nan")]
 
-    return {"concurrency": concurrency, "requests": len(results), "errors": len(errors), "error_samples": errors[:3],
-            "window_s": duration_s, "requests_per_s": sum(window_start <= r["times"][-1] < window_end for r in ok) / duration_s,
-            "output_tokens_per_s": streamed / duration_s,
-            **{f"ttft_p{q}_ms": pct("ttft", q) * 1000 for q in (50, 95, 99)},
-            **{f"tpot_p{q}_ms": pct("tpot", q) * 1000 for q in (50, 95, 99)},
-            **{f"itl_p{q}_ms": float(np.percentile(gaps, q)) * 1000 for q in (50, 99)}, "itl_max_ms": max(gaps) * 1000}
+    return {
+        "concurrency": concurrency,
+        "requests": len(results),
+        "errors": len(errors),
+        "error_samples": errors[:3],
+        "window_s": duration_s,
+        "requests_per_s": sum(window_start <= r["times"][-1] < window_end for r in ok) / duration_s,
+        "output_tokens_per_s": streamed / duration_s,
+        **{f"ttft_p{q}_ms": pct("ttft", q) * 1000 for q in (50, 95, 99)},
+        **{f"tpot_p{q}_ms": pct("tpot", q) * 1000 for q in (50, 95, 99)},
+        **{f"itl_p{q}_ms": float(np.percentile(gaps, q)) * 1000 for q in (50, 99)},
+        "itl_max_ms": max(gaps) * 1000,
+    }
 
 
 def rss_mb(pid: int) -> float:
@@ -152,16 +180,28 @@ async def run_all(url: str, pid: int, bodies: list[list[dict]], args) -> tuple[l
     return rows, memory
 
 
-HEADER = ("clients", "reqs", "err", "req/s", "out tok/s", "TTFT p50/p95/p99 ms", "TPOT p50/p95/p99 ms",
-          "ITL p50/p99/max ms", "RSS max MiB")
+HEADER = (
+    "clients",
+    "reqs",
+    "err",
+    "req/s",
+    "out tok/s",
+    "TTFT p50/p95/p99 ms",
+    "TPOT p50/p95/p99 ms",
+    "ITL p50/p99/max ms",
+    "RSS max MiB",
+)
 
 
 def print_row(r: dict) -> None:
     ttft = "/".join(f"{r.get(f'ttft_p{q}_ms', 0):.0f}" for q in (50, 95, 99))
     tpot = "/".join(f"{r.get(f'tpot_p{q}_ms', 0):.1f}" for q in (50, 95, 99))
     itl = "/".join(f"{r.get(key, 0):.0f}" for key in ("itl_p50_ms", "itl_p99_ms", "itl_max_ms"))
-    print(f"| {r['concurrency']} | {r['requests']} | {r['errors']} | {r['requests_per_s']:.2f} | "
-          f"{r['output_tokens_per_s']:.1f} | {ttft} | {tpot} | {itl} | {r['rss_max_mb']:.0f} |", flush=True)
+    print(
+        f"| {r['concurrency']} | {r['requests']} | {r['errors']} | {r['requests_per_s']:.2f} | "
+        f"{r['output_tokens_per_s']:.1f} | {ttft} | {tpot} | {itl} | {r['rss_max_mb']:.0f} |",
+        flush=True,
+    )
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -202,13 +242,23 @@ def main() -> None:
     args = p.parse_args()
     folder = find_model_folder(args.artifact)
     # enough clients for the largest level and for the warm-up, which runs one per slot
-    bodies = make_requests(folder, max(*args.concurrency, args.slots), args.prompt_tokens, args.output_tokens,
-                           text=args.text)
+    bodies = make_requests(
+        folder, max(*args.concurrency, args.slots), args.prompt_tokens, args.output_tokens, text=args.text
+    )
     model = folder.parent.name if (folder.parent / "run.json").is_file() else folder.name
     for body in (b for client in bodies for b in client):
         body["model"] = model
-    serve_args = ["--slots", str(args.slots), "--max-length", "1024", "--threads", str(args.threads),
-                  "--log-level", "warning", *args.serve_args]
+    serve_args = [
+        "--slots",
+        str(args.slots),
+        "--max-length",
+        "1024",
+        "--threads",
+        str(args.threads),
+        "--log-level",
+        "warning",
+        *args.serve_args,
+    ]
     print(f"serving {folder} ({args.slots} slots); {args.duration:.0f} s per level\n")
     print("| " + " | ".join(HEADER) + " |\n|" + "---|" * len(HEADER))
     with serve_process(folder, *serve_args) as (url, proc):
@@ -217,18 +267,31 @@ def main() -> None:
     eight = next((r for r in rows if r["concurrency"] == 8), None)
     targets = {}
     if one_client and eight:
-        targets = {"throughput_8_over_1": eight["output_tokens_per_s"] / one_client["output_tokens_per_s"],
-                   "ttft_p95_8_over_p50_1": eight["ttft_p95_ms"] / one_client["ttft_p50_ms"]}
+        targets = {
+            "throughput_8_over_1": eight["output_tokens_per_s"] / one_client["output_tokens_per_s"],
+            "ttft_p95_8_over_p50_1": eight["ttft_p95_ms"] / one_client["ttft_p50_ms"],
+        }
     total_errors = sum(r["errors"] for r in rows)
-    print(f"\nmemory: {memory['after_warmup_mb']:.0f} MiB after warm-up, {memory['end_mb']:.0f} at the end, "
-          f"{memory['max_mb']:.0f} max; errors: {total_errors}")
+    print(
+        f"\nmemory: {memory['after_warmup_mb']:.0f} MiB after warm-up, {memory['end_mb']:.0f} at the end, "
+        f"{memory['max_mb']:.0f} max; errors: {total_errors}"
+    )
     for key, value in targets.items():
         print(f"{key}: {value:.2f}")
     args.out.mkdir(parents=True, exist_ok=True)
-    report = {"artifact": str(folder), "slots": args.slots, "duration_s": args.duration, "ramp_s": args.ramp,
-              "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens, "rows": rows,
-              "memory": memory, "targets": targets, "errors": total_errors,
-              "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}}
+    report = {
+        "artifact": str(folder),
+        "slots": args.slots,
+        "duration_s": args.duration,
+        "ramp_s": args.ramp,
+        "prompt_tokens": args.prompt_tokens,
+        "output_tokens": args.output_tokens,
+        "rows": rows,
+        "memory": memory,
+        "targets": targets,
+        "errors": total_errors,
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+    }
     (args.out / "serve_load.json").write_text(json.dumps(report, indent=2))
     plot(rows, args.out / "serve_load.png")
     print(f"wrote {args.out}/serve_load.json and serve_load.png")

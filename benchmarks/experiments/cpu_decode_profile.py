@@ -21,6 +21,7 @@ alternated over --rounds rounds without the profiler: what the step would cost i
 
 Prints Markdown tables and writes benchmarks/results/kernels/cpu_decode_profile.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,8 +56,9 @@ def cpu_session(model: Path | bytes, profile: bool = False) -> ort.InferenceSess
     if profile:
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tempfile.gettempdir()) / f"cpu-decode-profile-{os.getpid()}")
-    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
-                                providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        model if isinstance(model, bytes) else str(model), options, providers=["CPUExecutionProvider"]
+    )
 
 
 def prompts(batch: int) -> list[list[int]]:
@@ -93,10 +95,19 @@ def profile_decode(folder: Path, batch: int, steps: int) -> dict:
             nodes[e["args"]["op_name"]] += 1
     total = sum(per_op.values())
     return {
-        "batch": batch, "context": PROMPT + 10 + steps // 2, "plain_ms_per_step": round(plain_ms, 3),
+        "batch": batch,
+        "context": PROMPT + 10 + steps // 2,
+        "plain_ms_per_step": round(plain_ms, 3),
         "profiled_ms_per_step": round(profiled_ms, 3),
-        "ops": [{"op": op, "us_per_step": round(us / steps, 1), "share": round(us / total, 3),
-                 "nodes_per_step": nodes[op] // steps} for op, us in per_op.most_common()],
+        "ops": [
+            {
+                "op": op,
+                "us_per_step": round(us / steps, 1),
+                "share": round(us / total, 3),
+                "nodes_per_step": nodes[op] // steps,
+            }
+            for op, us in per_op.most_common()
+        ],
     }
 
 
@@ -105,25 +116,48 @@ def _chain(op: str, level: int | None, rng: np.random.Generator) -> ort.Inferenc
     for i in range(CHAIN):
         if op == "MatMulNBits":
             blocks = K // BLOCK
-            inits += [numpy_helper.from_array(rng.integers(0, 256, (N, blocks, BLOCK // 2), dtype=np.uint8), f"B{i}"),
-                      numpy_helper.from_array((rng.random(N * blocks, dtype=np.float32) + 0.5) * 0.01, f"S{i}"),
-                      numpy_helper.from_array(rng.integers(0, 256, N * ((blocks + 1) // 2), dtype=np.uint8), f"Z{i}")]
-            nodes.append(helper.make_node("MatMulNBits", ["X", f"B{i}", f"S{i}", f"Z{i}"], [f"Y{i}"], domain="com.microsoft",
-                                          K=K, N=N, bits=4, block_size=BLOCK, accuracy_level=level))
+            inits += [
+                numpy_helper.from_array(rng.integers(0, 256, (N, blocks, BLOCK // 2), dtype=np.uint8), f"B{i}"),
+                numpy_helper.from_array((rng.random(N * blocks, dtype=np.float32) + 0.5) * 0.01, f"S{i}"),
+                numpy_helper.from_array(rng.integers(0, 256, N * ((blocks + 1) // 2), dtype=np.uint8), f"Z{i}"),
+            ]
+            nodes.append(
+                helper.make_node(
+                    "MatMulNBits",
+                    ["X", f"B{i}", f"S{i}", f"Z{i}"],
+                    [f"Y{i}"],
+                    domain="com.microsoft",
+                    K=K,
+                    N=N,
+                    bits=4,
+                    block_size=BLOCK,
+                    accuracy_level=level,
+                )
+            )
         else:
             inits.append(numpy_helper.from_array(rng.standard_normal((K, N), dtype=np.float32), f"W{i}"))
             nodes.append(helper.make_node("MatMul", ["X", f"W{i}"], [f"Y{i}"]))
     nodes.append(helper.make_node("Sum", [f"Y{i}" for i in range(CHAIN)], ["Y"]))
-    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["M", K])],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", N])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    graph = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["M", K])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", N])],
+        inits,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
     return cpu_session(model.SerializeToString())
 
 
 def matmul_rows(rows: list[int], repeats: int = 20) -> list[dict]:
     rng = np.random.default_rng(0)
-    kinds = {"int4 g32, int8 compute": _chain("MatMulNBits", 4, rng), "int4 g32, float compute": _chain("MatMulNBits", 0, rng),
-             "float32 MatMul": _chain("MatMul", None, rng)}
+    kinds = {
+        "int4 g32, int8 compute": _chain("MatMulNBits", 4, rng),
+        "int4 g32, float compute": _chain("MatMulNBits", 0, rng),
+        "float32 MatMul": _chain("MatMul", None, rng),
+    }
     table = []
     for m in rows:
         x = rng.standard_normal((m, K), dtype=np.float32)
@@ -149,8 +183,13 @@ def matmuls_alone(folder: Path, batch: int, steps: int, rounds: int) -> dict:
     nodes, outputs, used, widths = [], [], set(), set()
     for node in (n for n in model.graph.node if n.op_type == "MatMulNBits"):
         attrs = {a.name: a.i for a in node.attribute if a.name in ("K", "N")}
-        copy = helper.make_node("MatMulNBits", [f"a{attrs['K']}", *node.input[1:]], [f"{node.name}/Y"], name=node.name,
-                                domain="com.microsoft")
+        copy = helper.make_node(
+            "MatMulNBits",
+            [f"a{attrs['K']}", *node.input[1:]],
+            [f"{node.name}/Y"],
+            name=node.name,
+            domain="com.microsoft",
+        )
         copy.attribute.extend(node.attribute)
         nodes.append(copy)
         outputs.append(helper.make_tensor_value_info(f"{node.name}/Y", TensorProto.FLOAT, [batch, 1, attrs["N"]]))
@@ -158,8 +197,11 @@ def matmuls_alone(folder: Path, batch: int, steps: int, rounds: int) -> dict:
         widths.add(attrs["K"])
     inputs = [helper.make_tensor_value_info(f"a{k}", TensorProto.FLOAT, [batch, 1, k]) for k in sorted(widths)]
     graph = helper.make_graph(nodes, "matmuls", inputs, outputs, [inits[u] for u in sorted(used) if u in inits])
-    alone = cpu_session(helper.make_model(graph, opset_imports=list(model.opset_import),
-                                          ir_version=model.ir_version).SerializeToString())
+    alone = cpu_session(
+        helper.make_model(
+            graph, opset_imports=list(model.opset_import), ir_version=model.ir_version
+        ).SerializeToString()
+    )
     feeds = {f"a{k}": np.random.default_rng(k).standard_normal((batch, 1, k)).astype(np.float32) for k in widths}
     full = cpu_session(folder / "fused" / contract.model_file)
 
@@ -177,9 +219,15 @@ def matmuls_alone(folder: Path, batch: int, steps: int, rounds: int) -> dict:
         for name, run in order if turn % 2 == 0 else reversed(order):
             times[name].append(run())
     step, mm = statistics.median(times["step"]), statistics.median(times["matmuls"])
-    return {"batch": batch, "matmulnbits_nodes": len(nodes), "step_ms": round(step, 3), "matmuls_alone_ms": round(mm, 3),
-            "share": round(mm / step, 3), "step_over_matmuls": round(step / mm, 3),
-            "rounds_ms": {k: [round(x, 3) for x in v] for k, v in times.items()}}
+    return {
+        "batch": batch,
+        "matmulnbits_nodes": len(nodes),
+        "step_ms": round(step, 3),
+        "matmuls_alone_ms": round(mm, 3),
+        "share": round(mm / step, 3),
+        "step_over_matmuls": round(step / mm, 3),
+        "rounds_ms": {k: [round(x, 3) for x in v] for k, v in times.items()},
+    }
 
 
 def main() -> None:
@@ -195,8 +243,10 @@ def main() -> None:
         raise SystemExit(f"{folder}: no fused/ graph; export with fused: true")
     profiles = [profile_decode(folder, int(b), args.steps) for b in args.batches.split(",")]
     for p in profiles:
-        print(f"\nbatch {p['batch']}, about {p['context']} positions: {p['plain_ms_per_step']} ms per step "
-              f"({p['profiled_ms_per_step']} under the profiler)\n")
+        print(
+            f"\nbatch {p['batch']}, about {p['context']} positions: {p['plain_ms_per_step']} ms per step "
+            f"({p['profiled_ms_per_step']} under the profiler)\n"
+        )
         print("| op | µs per step (profiled) | share | nodes per step |\n|---|---|---|---|")
         for op in p["ops"]:
             print(f"| {op['op']} | {op['us_per_step']} | {op['share']:.1%} | {op['nodes_per_step']} |")
@@ -210,10 +260,18 @@ def main() -> None:
     print(f"\nThe step's MatMulNBits alone against the whole step, ms (median of {args.rounds} alternated rounds)\n")
     print("| batch | whole step | MatMulNBits alone | share | step / matmuls |\n|---|---|---|---|---|")
     for a in alone:
-        print(f"| {a['batch']} | {a['step_ms']} | {a['matmuls_alone_ms']} | {a['share']:.0%} | {a['step_over_matmuls']} |")
+        print(
+            f"| {a['batch']} | {a['step_ms']} | {a['matmuls_alone_ms']} | {a['share']:.0%} | {a['step_over_matmuls']} |"
+        )
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    result = {"artifact": str(folder), "threads": THREADS, "onnxruntime": ort.__version__,
-              "decode_profiles": profiles, "matmul_rows": rows, "matmuls_alone": alone}
+    result = {
+        "artifact": str(folder),
+        "threads": THREADS,
+        "onnxruntime": ort.__version__,
+        "decode_profiles": profiles,
+        "matmul_rows": rows,
+        "matmuls_alone": alone,
+    }
     tmp = OUT.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     tmp.replace(OUT)

@@ -10,6 +10,7 @@ affects both. GENAI_MODEL_DIR is the folder the bench built with genai's model b
 (`<run>/bench/peers/genai-int4-…`). Prints the ms per step of each round and the medians; writes
 benchmarks/results/kernels/decode_ab_genai_b<batch>.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,20 +71,34 @@ def main() -> None:
     fused = find_model_folder(args.artifact) / "fused"
     contract = Contract.load(fused)
     sessions = {"ours": cpu_session(fused / contract.model_file), "genai": cpu_session(args.genai_dir / "model.onnx")}
-    runs = {"ours": lambda: decode_steps(sessions["ours"], contract, args.batch, args.steps),
-            "genai": lambda: genai(sessions["genai"], args.batch, args.steps)}
+    runs = {
+        "ours": lambda: decode_steps(sessions["ours"], contract, args.batch, args.steps),
+        "genai": lambda: genai(sessions["genai"], args.batch, args.steps),
+    }
     times: dict[str, list[float]] = {name: [] for name in runs}
     for turn in range(args.rounds):
         for name in runs if turn % 2 == 0 else reversed(runs):
             times[name].append(runs[name]())
-    print(f"batch {args.batch}, {args.steps} decode steps after a {PROMPT}-token prompt, {THREADS} threads, ms per step:")
+    print(
+        f"batch {args.batch}, {args.steps} decode steps after a {PROMPT}-token prompt, {THREADS} threads, ms per step:"
+    )
     for name, values in times.items():
         print(f"  {name:5s} median {statistics.median(values):6.2f}   rounds " + " ".join(f"{v:.2f}" for v in values))
     out = RESULTS / f"decode_ab_genai_b{args.batch}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"artifact": str(args.artifact), "genai_dir": str(args.genai_dir), "batch": args.batch,
-                               "steps": args.steps, "ms_per_step": times,
-                               "median": {k: statistics.median(v) for k, v in times.items()}}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "artifact": str(args.artifact),
+                "genai_dir": str(args.genai_dir),
+                "batch": args.batch,
+                "steps": args.steps,
+                "ms_per_step": times,
+                "median": {k: statistics.median(v) for k, v in times.items()},
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
 
 

@@ -10,6 +10,7 @@ memory is reset once the models are loaded (/proc/self/clear_refs), so the figur
 peak. `--against REV` runs the same script with that revision's `pipeline/` (a git worktree in a temp
 folder) in alternation with this checkout's. Prints a table, writes JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,17 +40,37 @@ def child(teacher_path: str, batch: int, steps: int, bf16: str) -> None:
     vocab = teacher.config.vocab_size
     ids = np.random.default_rng(0).integers(0, vocab, (batch * steps + 8, SEQUENCE))
     blocks = torch.from_numpy(ids)
-    cfg = DistillConfig(num_layers=20, sequence_length=SEQUENCE, batch_size=batch, grad_accum=1,
-                        tokens=batch * steps * SEQUENCE, eval_every=10**6, checkpoint_every=10**6, eval_samples=8,
-                        bf16=bf16, loss=DistillLossConfig(kd=1.0, ce=0.5, temperature=2.0))
+    cfg = DistillConfig(
+        num_layers=20,
+        sequence_length=SEQUENCE,
+        batch_size=batch,
+        grad_accum=1,
+        tokens=batch * steps * SEQUENCE,
+        eval_every=10**6,
+        checkpoint_every=10**6,
+        eval_samples=8,
+        bf16=bf16,
+        loss=DistillLossConfig(kd=1.0, ce=0.5, temperature=2.0),
+    )
     before = _status_mib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # the peak restarts from here: the loop's own
     with tempfile.TemporaryDirectory() as ckpt:
         _, history = train(student, teacher, blocks[: batch * steps], blocks[-8:], {}, cfg, Path(ckpt), lambda _m: None)
-    print(json.dumps({"batch": batch, "steps": steps, "rss_before_mib": before, "peak_rss_mib": _status_mib("VmHWM"),
-                      "train_tokens_per_second": history.tokens_seen / history.train_seconds,
-                      "loss": history.loss, "heldout_perplexity": history.eval_ppl[-1], "kl": history.eval_kl[-1],
-                      "threads": torch.get_num_threads()}))
+    print(
+        json.dumps(
+            {
+                "batch": batch,
+                "steps": steps,
+                "rss_before_mib": before,
+                "peak_rss_mib": _status_mib("VmHWM"),
+                "train_tokens_per_second": history.tokens_seen / history.train_seconds,
+                "loss": history.loss,
+                "heldout_perplexity": history.eval_ppl[-1],
+                "kl": history.eval_kl[-1],
+                "threads": torch.get_num_threads(),
+            }
+        )
+    )
 
 
 def _status_mib(field: str) -> float:
@@ -60,9 +81,24 @@ def _status_mib(field: str) -> float:
 
 
 def run(checkout: Path, teacher: str, batch: int, steps: int, bf16: str) -> dict:
-    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", teacher, "--batches", str(batch),
-                          "--steps", str(steps), "--bf16", bf16], cwd=checkout, capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(checkout)})
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--child",
+            teacher,
+            "--batches",
+            str(batch),
+            "--steps",
+            str(steps),
+            "--bf16",
+            bf16,
+        ],
+        cwd=checkout,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(checkout)},
+    )
     if out.returncode != 0:
         sys.exit(f"run in {checkout} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -75,8 +111,12 @@ def main() -> int:
     parser.add_argument("--batches", default="4,8", help="blocks of 256 tokens per step, comma-separated")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--bf16", default="auto", choices=("auto", "true", "false"),
-                        help="the loop's bf16 autocast (auto: where the CPU computes bf16 natively)")
+    parser.add_argument(
+        "--bf16",
+        default="auto",
+        choices=("auto", "true", "false"),
+        help="the loop's bf16 autocast (auto: where the CPU computes bf16 natively)",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "distill" / "distill_memory.json")
     args = parser.parse_args()
@@ -85,13 +125,19 @@ def main() -> int:
         child(args.teacher, batches[0], args.steps, args.bf16)
         return 0
     teacher = str(Path(args.teacher).resolve())
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    head = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
     checkouts = [(f"this checkout ({head}{'+' if _dirty() else ''})", ROOT)]
     with tempfile.TemporaryDirectory() as tmp:
         if args.against:
             other = Path(tmp) / "against"
-            subprocess.run(["git", "worktree", "add", "--detach", str(other), args.against], cwd=ROOT, check=True,
-                           capture_output=True)
+            subprocess.run(
+                ["git", "worktree", "add", "--detach", str(other), args.against],
+                cwd=ROOT,
+                check=True,
+                capture_output=True,
+            )
             checkouts.append((args.against, other))
         rows = []
         try:
@@ -100,18 +146,25 @@ def main() -> int:
                     for name, path in checkouts:
                         row = {"code": name, "round": r, **run(path, teacher, batch, args.steps, args.bf16)}
                         rows.append(row)
-                        print(f"  {name}, batch {batch}, round {r}: peak {row['peak_rss_mib']:.0f} MiB, "
-                              f"{row['train_tokens_per_second']:.1f} tokens/s", flush=True)
+                        print(
+                            f"  {name}, batch {batch}, round {r}: peak {row['peak_rss_mib']:.0f} MiB, "
+                            f"{row['train_tokens_per_second']:.1f} tokens/s",
+                            flush=True,
+                        )
         finally:
             if args.against:
                 subprocess.run(["git", "worktree", "remove", "--force", str(other)], cwd=ROOT, capture_output=True)
-    print("\n| code | blocks of 256 per step | round | RSS after loading MiB | loop's peak RSS MiB | loop's own growth MiB "
-          "| training tokens/s | last step loss | held-out ppl |")
+    print(
+        "\n| code | blocks of 256 per step | round | RSS after loading MiB | loop's peak RSS MiB | loop's own growth MiB "
+        "| training tokens/s | last step loss | held-out ppl |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['code']} | {row['batch']} | {row['round']} | {row['rss_before_mib']:.0f} | {row['peak_rss_mib']:.0f} | "
-              f"{row['peak_rss_mib'] - row['rss_before_mib']:.0f} | {row['train_tokens_per_second']:.1f} | "
-              f"{row['loss'][-1]:.6f} | {row['heldout_perplexity']:.2f} |")
+        print(
+            f"| {row['code']} | {row['batch']} | {row['round']} | {row['rss_before_mib']:.0f} | {row['peak_rss_mib']:.0f} | "
+            f"{row['peak_rss_mib'] - row['rss_before_mib']:.0f} | {row['train_tokens_per_second']:.1f} | "
+            f"{row['loss'][-1]:.6f} | {row['heldout_perplexity']:.2f} |"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"rows": rows, "args": {k: str(v) for k, v in vars(args).items()}}, indent=2) + "\n")
     print(f"wrote {args.out}")
@@ -119,8 +172,11 @@ def main() -> int:
 
 
 def _dirty() -> bool:
-    return bool(subprocess.run(["git", "status", "--porcelain", "--", "pipeline"], cwd=ROOT, capture_output=True,
-                               text=True).stdout.strip())
+    return bool(
+        subprocess.run(
+            ["git", "status", "--porcelain", "--", "pipeline"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+    )
 
 
 if __name__ == "__main__":

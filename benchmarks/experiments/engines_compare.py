@@ -13,6 +13,7 @@ test windows and prompts; this script collects its numbers (a run whose gates fa
 its failures, not dropped). Needs `make engines`. Prints a Markdown table and writes
 benchmarks/results/engines/engines_compare.{json,md}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,11 @@ ROOT = Path(__file__).resolve().parents[2]
 GGUF = ROOT / "artifacts" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 WORK = ROOT / "artifacts" / "bench-engines"
 RESULTS = ROOT / "benchmarks" / "results" / "engines"
-ENGINES = {"genai": "onnxruntime-genai", "gguf": "llama.cpp (GGUF)", "hf_quantized": "transformers + compressed-tensors"}
+ENGINES = {
+    "genai": "onnxruntime-genai",
+    "gguf": "llama.cpp (GGUF)",
+    "hf_quantized": "transformers + compressed-tensors",
+}
 W8A8_CALIBRATION = {"num_samples": 32, "sequence_length": 256}
 
 
@@ -38,29 +43,45 @@ def variants() -> dict[str, dict]:
     quantize, export, validate = (next(iter(s.values())) for s in shipped["stages"])
 
     def with_stages(name: str, q: dict, e: dict, thresholds: dict) -> dict:
-        return {**shipped, "name": name, "stages": [{"quantize": q}, {"export": e},
-                                                    {"validate": {**validate, "thresholds": thresholds}}]}
+        return {
+            **shipped,
+            "name": name,
+            "stages": [{"quantize": q}, {"export": e}, {"validate": {**validate, "thresholds": thresholds}}],
+        }
 
     w8a8_gates = {k: v for k, v in validate["thresholds"].items() if not k.startswith("gguf")}
     return {
         "int4-gptq-g32-float-compute": with_stages("int4-gptq-g32", quantize, export, validate["thresholds"]),
-        "int4-gptq-g32-int8-compute": with_stages("int4-gptq-g32", quantize, {**export, "accuracy_level": 4},
-                                                  validate["thresholds"]),
-        "int4-gptq-g32-hf-bfloat16": with_stages("int4-gptq-g32", quantize, {**export, "hf_quantized_dtype": "bfloat16"},
-                                                 validate["thresholds"]),
-        "int8-w8a8-dynamic": with_stages("int8-w8a8-dynamic", {"method": "w8a8", "activations": "dynamic"},
-                                         {"targets": ["onnx", "hf-quantized"]}, w8a8_gates),
-        "int8-w8a8-dynamic-per-token": with_stages("int8-w8a8-dynamic-per-token",
-                                                   {"method": "w8a8", "activations": "dynamic_per_token"},
-                                                   {"targets": ["onnx", "hf-quantized"]}, w8a8_gates),
+        "int4-gptq-g32-int8-compute": with_stages(
+            "int4-gptq-g32", quantize, {**export, "accuracy_level": 4}, validate["thresholds"]
+        ),
+        "int4-gptq-g32-hf-bfloat16": with_stages(
+            "int4-gptq-g32", quantize, {**export, "hf_quantized_dtype": "bfloat16"}, validate["thresholds"]
+        ),
+        "int8-w8a8-dynamic": with_stages(
+            "int8-w8a8-dynamic",
+            {"method": "w8a8", "activations": "dynamic"},
+            {"targets": ["onnx", "hf-quantized"]},
+            w8a8_gates,
+        ),
+        "int8-w8a8-dynamic-per-token": with_stages(
+            "int8-w8a8-dynamic-per-token",
+            {"method": "w8a8", "activations": "dynamic_per_token"},
+            {"targets": ["onnx", "hf-quantized"]},
+            w8a8_gates,
+        ),
         "int8-w8a8-static-smoothquant": with_stages(
             "int8-w8a8-static-smoothquant",
             {"method": "w8a8", "activations": "static", "smoothquant": 0.5, "calibration": W8A8_CALIBRATION},
-            {"targets": ["onnx", "hf-quantized"]}, w8a8_gates),
+            {"targets": ["onnx", "hf-quantized"]},
+            w8a8_gates,
+        ),
         "int8-w8a8-static-smoothquant-auto": with_stages(
             "int8-w8a8-static-smoothquant-auto",
             {"method": "w8a8", "activations": "static", "smoothquant": "auto", "calibration": W8A8_CALIBRATION},
-            {"targets": ["onnx", "hf-quantized"]}, w8a8_gates),
+            {"targets": ["onnx", "hf-quantized"]},
+            w8a8_gates,
+        ),
     }
 
 
@@ -76,27 +97,51 @@ def measure(name: str, recipe: dict, windows: int) -> dict:
     report = json.loads(max(folder.glob("*-validate-*/report.json"), key=lambda p: p.stat().st_mtime).read_text())
     export = json.loads(max(folder.glob("*-export-*/manifest.json"), key=lambda p: p.stat().st_mtime).read_text())
     m = report["metrics"]
-    rows = [{"engine": "our runner (ONNX Runtime)", "perplexity": m["perplexity"], "vs_onnx_pct": 0.0,
-             "top1_onnx": 1.0, "greedy_onnx": 1.0, "mib": export["metrics"]["onnx_bytes"] / 2**20}]
+    rows = [
+        {
+            "engine": "our runner (ONNX Runtime)",
+            "perplexity": m["perplexity"],
+            "vs_onnx_pct": 0.0,
+            "top1_onnx": 1.0,
+            "greedy_onnx": 1.0,
+            "mib": export["metrics"]["onnx_bytes"] / 2**20,
+        }
+    ]
     for key, engine in ENGINES.items():
         if f"{key}_perplexity" not in m:
             continue
         size = export["metrics"].get(f"{key}_bytes") or (export["metrics"]["onnx_bytes"] if key == "genai" else None)
-        rows.append({"engine": engine, "perplexity": m[f"{key}_perplexity"], "vs_onnx_pct": m[f"{key}_perplexity_vs_onnx_pct"],
-                     "top1_onnx": m.get(f"{key}_onnx_top1_agreement"), "greedy_onnx": m[f"{key}_onnx_greedy_agreement"],
-                     "mib": size / 2**20 if size else None})
-    return {"variant": name, "baseline_perplexity": m["perplexity_baseline"], "rows": rows,
-            "failures": report["failures"], "seconds": round(time.time() - started, 1)}
+        rows.append(
+            {
+                "engine": engine,
+                "perplexity": m[f"{key}_perplexity"],
+                "vs_onnx_pct": m[f"{key}_perplexity_vs_onnx_pct"],
+                "top1_onnx": m.get(f"{key}_onnx_top1_agreement"),
+                "greedy_onnx": m[f"{key}_onnx_greedy_agreement"],
+                "mib": size / 2**20 if size else None,
+            }
+        )
+    return {
+        "variant": name,
+        "baseline_perplexity": m["perplexity_baseline"],
+        "rows": rows,
+        "failures": report["failures"],
+        "seconds": round(time.time() - started, 1),
+    }
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| variant | engine | perplexity | vs ONNX | next-token argmax = ONNX | greedy tokens = ONNX | MiB |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| variant | engine | perplexity | vs ONNX | next-token argmax = ONNX | greedy tokens = ONNX | MiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         for row in r["rows"]:
             fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-            lines.append(f"| {r['variant']} | {row['engine']} | {row['perplexity']:.3f} | {row['vs_onnx_pct']:.3f} % | "
-                         f"{fmt(row['top1_onnx'], '.3f')} | {fmt(row['greedy_onnx'], '.3f')} | {fmt(row['mib'], '.1f')} |")
+            lines.append(
+                f"| {r['variant']} | {row['engine']} | {row['perplexity']:.3f} | {row['vs_onnx_pct']:.3f} % | "
+                f"{fmt(row['top1_onnx'], '.3f')} | {fmt(row['greedy_onnx'], '.3f')} | {fmt(row['mib'], '.1f')} |"
+            )
     return "\n".join(lines)
 
 

@@ -9,6 +9,7 @@ points; float zero points as MatMulNBits takes them; and float zero points as th
 (`pipeline.graph.float_zero`: integer MatMulNBits plus a block-sum correction). Prints a Markdown table
 and writes benchmarks/results/float-zero/kernel.json.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,14 +37,35 @@ def chain(float_zero: bool, accuracy_level: int) -> onnx.ModelProto:
     for i in range(CHAIN):
         packed = pack_matmul_nbits(quantize(torch.randn(N, K) * 0.05, QuantScheme(4, GROUP, False, float_zero)))
         names = [f"w{i}.{key}" for key in ("B", "scales", "zero_points")]
-        inits += [numpy_helper.from_array(packed[key], name) for key, name in zip(("B", "scales", "zero_points"), names)]
-        nodes.append(helper.make_node("MatMulNBits", ["x", *names], [f"y{i}"], name=f"/m{i}/MatMulNBits", domain="com.microsoft",
-                                      K=K, N=N, bits=4, block_size=GROUP, accuracy_level=accuracy_level))
+        inits += [
+            numpy_helper.from_array(packed[key], name) for key, name in zip(("B", "scales", "zero_points"), names)
+        ]
+        nodes.append(
+            helper.make_node(
+                "MatMulNBits",
+                ["x", *names],
+                [f"y{i}"],
+                name=f"/m{i}/MatMulNBits",
+                domain="com.microsoft",
+                K=K,
+                N=N,
+                bits=4,
+                block_size=GROUP,
+                accuracy_level=accuracy_level,
+            )
+        )
         outputs.append(f"y{i}")
     nodes.append(helper.make_node("Sum", outputs, ["y"]))
-    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, K])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, N])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    graph = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, N])],
+        inits,
+    )
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
 
 
 def time_us(model: onnx.ModelProto, rows: int, repeats: int = 30) -> float:
@@ -67,15 +89,28 @@ def main() -> None:
         lowered = chain(True, level)
         lower_float_zero_points(lowered)
         for m in (1, 8):
-            rows.append({"accuracy_level": level, "rows": m, "integer_us": time_us(integer, m),
-                         "float_native_us": time_us(native, m), "float_lowered_us": time_us(lowered, m)})
+            rows.append(
+                {
+                    "accuracy_level": level,
+                    "rows": m,
+                    "integer_us": time_us(integer, m),
+                    "float_native_us": time_us(native, m),
+                    "float_lowered_us": time_us(lowered, m),
+                }
+            )
     print(f"One INT4 g32 MatMulNBits, K {K} x N {N}, µs per matmul (median, {CHAIN} chained, 2 threads)\n")
-    print("| accuracy_level | rows | integer zero points | float, as MatMulNBits takes them | float, our CPU form |\n|---|---|---|---|---|")
+    print(
+        "| accuracy_level | rows | integer zero points | float, as MatMulNBits takes them | float, our CPU form |\n|---|---|---|---|---|"
+    )
     for r in rows:
-        print(f"| {r['accuracy_level']} | {r['rows']} | {r['integer_us']:.1f} | {r['float_native_us']:.1f} | {r['float_lowered_us']:.1f} |")
+        print(
+            f"| {r['accuracy_level']} | {r['rows']} | {r['integer_us']:.1f} | {r['float_native_us']:.1f} | {r['float_lowered_us']:.1f} |"
+        )
     OUT.parent.mkdir(parents=True, exist_ok=True)
     tmp = OUT.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"onnxruntime": ort.__version__, "K": K, "N": N, "group": GROUP, "rows": rows}, indent=2) + "\n")
+    tmp.write_text(
+        json.dumps({"onnxruntime": ort.__version__, "K": K, "N": N, "group": GROUP, "rows": rows}, indent=2) + "\n"
+    )
     tmp.replace(OUT)
     print(f"\nwrote {OUT}")
 

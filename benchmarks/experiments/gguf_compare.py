@@ -10,6 +10,7 @@ higher-precision type), measured through llama.cpp on the same windows (WikiText
 windows, the first --windows). Needs llama-cpp-python (`make engines`). Prints a Markdown table and
 writes artifacts/bench-gguf/gguf_compare.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,12 +43,23 @@ LLAMA_CPP = {"llama.cpp Q4_0": 2, "llama.cpp Q4_1": 3}  # llama_ftype: MOSTLY_Q4
 
 
 def recipe_for(name: str, quantize: dict, windows_: int) -> Path:
-    q = {"bits": 4, "lm_head": "int4", "embedding": "int4",
-         "calibration": {"data": {"source": "wikitext-2", "split": "valid"}}, **quantize}
-    recipe = {"name": slug(name), "model": {"source": str(GGUF)}, "stages": [
-        {"quantize": q}, {"export": {"accuracy_level": 4, "targets": ["onnx", "gguf"]}},
-        # a gate that cannot fail: this script reports the numbers, it does not judge them
-        {"validate": {"max_windows": windows_, "thresholds": {"perplexity_delta_pct": 1000}}}]}
+    q = {
+        "bits": 4,
+        "lm_head": "int4",
+        "embedding": "int4",
+        "calibration": {"data": {"source": "wikitext-2", "split": "valid"}},
+        **quantize,
+    }
+    recipe = {
+        "name": slug(name),
+        "model": {"source": str(GGUF)},
+        "stages": [
+            {"quantize": q},
+            {"export": {"accuracy_level": 4, "targets": ["onnx", "gguf"]}},
+            # a gate that cannot fail: this script reports the numbers, it does not judge them
+            {"validate": {"max_windows": windows_, "thresholds": {"perplexity_delta_pct": 1000}}},
+        ],
+    }
     path = OUT / f"{slug(name)}.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
@@ -88,13 +100,19 @@ def main() -> None:
         export = find_model_folder(folder)
         float_model, tokenizer_dir = next(folder.glob("00-model-*")), export
         m = report["metrics"]
-        rows.append({"variant": name, "gguf_perplexity": m.get("gguf_perplexity"), "onnx_perplexity": m["perplexity"],
-                     "gguf_vs_onnx_pct": m.get("gguf_perplexity_vs_onnx_pct"),
-                     "gguf_onnx_greedy_agreement": m.get("gguf_onnx_greedy_agreement"),
-                     "gguf_onnx_top1_agreement": m.get("gguf_onnx_top1_agreement"),
-                     "baseline_perplexity": m["perplexity_baseline"],
-                     "gguf_mb": (export / GGUF_FOLDER / GGUF_FILE).stat().st_size / 2**20,
-                     "seconds": round(time.time() - started, 1)})
+        rows.append(
+            {
+                "variant": name,
+                "gguf_perplexity": m.get("gguf_perplexity"),
+                "onnx_perplexity": m["perplexity"],
+                "gguf_vs_onnx_pct": m.get("gguf_perplexity_vs_onnx_pct"),
+                "gguf_onnx_greedy_agreement": m.get("gguf_onnx_greedy_agreement"),
+                "gguf_onnx_top1_agreement": m.get("gguf_onnx_top1_agreement"),
+                "baseline_perplexity": m["perplexity_baseline"],
+                "gguf_mb": (export / GGUF_FOLDER / GGUF_FILE).stat().st_size / 2**20,
+                "seconds": round(time.time() - started, 1),
+            }
+        )
         print(rows[-1], flush=True)
     if float_model is not None:
         ids = np.array(Tokenizer(tokenizer_dir).encode(load_text("wikitext-2", "test"), add_special_tokens=False))
@@ -104,14 +122,18 @@ def main() -> None:
             ppl, _ = target_perplexity(LlamaCppEngine(path, 512), wins)
             rows.append({"variant": name, "gguf_perplexity": ppl, "gguf_mb": path.stat().st_size / 2**20})
             print(rows[-1], flush=True)
-    print("\n| variant | llama.cpp ppl | our ONNX ppl | GGUF vs ONNX | top-1 = ONNX | greedy = ONNX | GGUF MiB |\n"
-          "|---|---|---|---|---|---|---|")
+    print(
+        "\n| variant | llama.cpp ppl | our ONNX ppl | GGUF vs ONNX | top-1 = ONNX | greedy = ONNX | GGUF MiB |\n"
+        "|---|---|---|---|---|---|---|"
+    )
     for r in rows:
         onnx = f"{r['onnx_perplexity']:.3f}" if "onnx_perplexity" in r else "-"
         vs = f"{r['gguf_vs_onnx_pct']:.3f} %" if r.get("gguf_vs_onnx_pct") is not None else "-"
         agree = f"{r['gguf_onnx_greedy_agreement']:.3f}" if r.get("gguf_onnx_greedy_agreement") is not None else "-"
         top1 = f"{r['gguf_onnx_top1_agreement']:.3f}" if r.get("gguf_onnx_top1_agreement") is not None else "-"
-        print(f"| {r['variant']} | {r['gguf_perplexity']:.3f} | {onnx} | {vs} | {top1} | {agree} | {r['gguf_mb']:.1f} |")
+        print(
+            f"| {r['variant']} | {r['gguf_perplexity']:.3f} | {onnx} | {vs} | {top1} | {agree} | {r['gguf_mb']:.1f} |"
+        )
     (OUT / "gguf_compare.json").write_text(json.dumps({"windows": args.windows, "rows": rows}, indent=2))
 
 

@@ -14,6 +14,7 @@ alternating them for `--rounds` rounds (median). It also reports the resident me
 adds, and how far the first token's logits of the two int8 paths are apart. Prints a table and writes
 benchmarks/results/kv-int8/prefill_ab.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,14 +55,21 @@ def main() -> None:
     if gen.float_prefill is None:
         sys.exit(f"{args.int8_artifact}: no float prefill graph (an int8 cache exported by this version is needed)")
     before = rss_bytes()  # a third session, as the runner's second one: the memory it adds
-    extra, _ = create_session(find_model_folder(args.int8_artifact) / "fused", gen.contract, "cpu", args.threads,
-                              optimization=gen.settings.optimization, model_file=gen.contract.prefill_model_file)
+    extra, _ = create_session(
+        find_model_folder(args.int8_artifact) / "fused",
+        gen.contract,
+        "cpu",
+        args.threads,
+        optimization=gen.settings.optimization,
+        model_file=gen.contract.prefill_model_file,
+    )
     added_mib = (rss_bytes() - before) / 2**20
     del extra
-    graphs = {"float prefill": gen.graph,
-              "int8 kernel": FusedGraph(gen.session, gen.contract, gen.pad_id)}
+    graphs = {"float prefill": gen.graph, "int8 kernel": FusedGraph(gen.session, gen.contract, gen.pad_id)}
     if args.float_artifact:
-        graphs["float cache"] = Generator(find_model_folder(args.float_artifact), provider="cpu", graph="fused", threads=args.threads).graph
+        graphs["float cache"] = Generator(
+            find_model_folder(args.float_artifact), provider="cpu", graph="fused", threads=args.threads
+        ).graph
     work = make_workload(gen.tokenizer)
 
     times: dict[str, dict[int, list[float]]] = {name: {n: [] for n in lengths} for name in graphs}
@@ -79,18 +87,32 @@ def main() -> None:
         apart[n] = float(np.abs(logits["float prefill"] - logits["int8 kernel"]).max())
 
     median = {name: {n: statistics.median(v) for n, v in by_len.items()} for name, by_len in times.items()}
-    print(f"\nprefill of one prompt, ms (median of {args.rounds} alternated rounds); "
-          f"the float prefill session adds {added_mib:.0f} MiB resident")
+    print(
+        f"\nprefill of one prompt, ms (median of {args.rounds} alternated rounds); "
+        f"the float prefill session adds {added_mib:.0f} MiB resident"
+    )
     print("| prompt tokens | " + " | ".join(graphs) + " | max |logit difference| float prefill vs int8 kernel |")
     print("|---" * (len(graphs) + 2) + "|")
     for n in lengths:
         print(f"| {n} | " + " | ".join(f"{median[name][n]:.1f}" for name in graphs) + f" | {apart[n]:.3f} |")
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "prefill_ab.json"
-    out.write_text(json.dumps({"int8_artifact": args.int8_artifact, "float_artifact": args.float_artifact,
-                               "rounds": args.rounds, "median_ms": median, "all_ms": times,
-                               "logits_max_abs_diff": apart, "prefill_session_rss_mib": added_mib,
-                               "machine": machine()}, indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "int8_artifact": args.int8_artifact,
+                "float_artifact": args.float_artifact,
+                "rounds": args.rounds,
+                "median_ms": median,
+                "all_ms": times,
+                "logits_max_abs_diff": apart,
+                "prefill_session_rss_mib": added_mib,
+                "machine": machine(),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {out}")
 
 

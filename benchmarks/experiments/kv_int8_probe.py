@@ -20,6 +20,7 @@ layer (per tensor), and scores WikiText-2 test with the validate stage's windows
 
 Prints Markdown tables and writes benchmarks/results/kernels/kv_int8_probe.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,8 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from calibration import load_text, sample_blocks
 from benchmarks.experiments.distill_matrix import perplexity  # the same windows as validate's, through PyTorch)
+from calibration import load_text, sample_blocks
 from pipeline.quant.kv_int8 import RoundingCache, kv_scales
 from runtime.tokenizer import Tokenizer
 
@@ -48,9 +49,11 @@ def attention_chain(batch: int, quant: str | None, seq: int = 1) -> bytes:
     """30 GroupQueryAttention nodes; each output, padded back to the packed QKV width, feeds the next."""
     cache = TensorProto.FLOAT if quant is None else TensorProto.INT8
     width = (HEADS + 2 * KV_HEADS) * HEAD
-    inputs = [helper.make_tensor_value_info("qkv", TensorProto.FLOAT, [batch, seq, width]),
-              helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [batch]),
-              helper.make_tensor_value_info("total", TensorProto.INT32, [])]
+    inputs = [
+        helper.make_tensor_value_info("qkv", TensorProto.FLOAT, [batch, seq, width]),
+        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [batch]),
+        helper.make_tensor_value_info("total", TensorProto.INT32, []),
+    ]
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.random((MAX_LEN, HEAD // 2), dtype=np.float32), n) for n in ("cos", "sin")]
     inits.append(numpy_helper.from_array(np.zeros((batch, seq, width - HEADS * HEAD), np.float32), "pad"))
@@ -67,13 +70,22 @@ def attention_chain(batch: int, quant: str | None, seq: int = 1) -> bytes:
         if quant is not None:
             args += ["", "", "", "k_scale", "v_scale"]
             attrs.update(k_quant_type=quant, v_quant_type=quant, kv_cache_bit_width=8)
-        nodes.append(helper.make_node("GroupQueryAttention", args, [f"o{i}", f"present_k{i}", f"present_v{i}"],
-                                      domain="com.microsoft", **attrs))
+        nodes.append(
+            helper.make_node(
+                "GroupQueryAttention",
+                args,
+                [f"o{i}", f"present_k{i}", f"present_v{i}"],
+                domain="com.microsoft",
+                **attrs,
+            )
+        )
         nodes.append(helper.make_node("Concat", [f"o{i}", "pad"], [f"x{i}"], axis=2))
         x = f"x{i}"
     outputs.insert(0, helper.make_tensor_value_info(x, TensorProto.FLOAT, None))
     graph = helper.make_graph(nodes, "gqa_chain", inputs, outputs, inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
     return model.SerializeToString()
 
 
@@ -117,20 +129,27 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     speed = []
-    print(f"onnxruntime {ort.__version__}, {THREADS} threads: {LAYERS} GroupQueryAttention nodes, one decode step, ms (median)")
+    print(
+        f"onnxruntime {ort.__version__}, {THREADS} threads: {LAYERS} GroupQueryAttention nodes, one decode step, ms (median)"
+    )
     print("\n| batch | cached positions | " + " | ".join(KINDS) + " |\n|---|---|" + "---|" * len(KINDS))
     for batch, past in ((1, 40), (1, 350), (8, 40), (8, 350)):
-        row = {"batch": batch, "past": past} | {k: time_attention(batch, past, q, args.repeats) for k, q in KINDS.items()}
+        row = {"batch": batch, "past": past} | {
+            k: time_attention(batch, past, q, args.repeats) for k, q in KINDS.items()
+        }
         speed.append(row)
         print(f"| {batch} | {past} | " + " | ".join(f"{row[k]:.2f}" for k in KINDS) + " |", flush=True)
     prefill = []
     print("\n| prompt tokens (batch 1, first prompt) | " + " | ".join(KINDS) + " |\n|---|" + "---|" * len(KINDS))
     for prompt in (128, 512):
-        row = {"prompt": prompt} | {k: time_attention(1, 0, q, max(3, args.repeats // 4), prompt) for k, q in KINDS.items()}
+        row = {"prompt": prompt} | {
+            k: time_attention(1, 0, q, max(3, args.repeats // 4), prompt) for k, q in KINDS.items()
+        }
         prefill.append(row)
         print(f"| {prompt} | " + " | ".join(f"{row[k]:.1f}" for k in KINDS) + " |", flush=True)
 
     from transformers import AutoModelForCausalLM
+
     folder = next(p for p in sorted(args.artifact.glob("00-model-*")) if (p / "config.json").exists())
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
     tokenizer = Tokenizer(folder)
@@ -138,17 +157,32 @@ def main() -> int:
     valid = np.array(tokenizer.encode(load_text("wikitext-2", "valid"), add_special_tokens=False), dtype=np.int64)
     calibration = torch.from_numpy(sample_blocks(valid, 512, 16, 0))
     per_channel = kv_scales(model, list(calibration.split(4)))  # what the export's `kv_cache: int8` uses
-    per_tensor = [tuple(np.full_like(s, s.max()) for s in pair) for pair in per_channel]  # max over the channels' maxima
+    per_tensor = [
+        tuple(np.full_like(s, s.max()) for s in pair) for pair in per_channel
+    ]  # max over the channels' maxima
     with torch.no_grad():
-        accuracy = {"float32": perplexity(model, test),
-                    "int8 per tensor": perplexity(model, test, cache=lambda: RoundingCache(per_tensor)),
-                    "int8 per channel": perplexity(model, test, cache=lambda: RoundingCache(per_channel))}
+        accuracy = {
+            "float32": perplexity(model, test),
+            "int8 per tensor": perplexity(model, test, cache=lambda: RoundingCache(per_tensor)),
+            "int8 per channel": perplexity(model, test, cache=lambda: RoundingCache(per_channel)),
+        }
     print("\n| KV cache | WikiText-2 test perplexity | vs float32 |\n|---|---|---|")
     for name, ppl in accuracy.items():
         print(f"| {name} | {ppl:.3f} | {(ppl / accuracy['float32'] - 1) * 100:+.2f} % |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"onnxruntime": ort.__version__, "threads": THREADS, "attention_ms": speed, "prefill_attention_ms": prefill,
-                               "perplexity": accuracy}, indent=2) + "\n")
+    args.out.write_text(
+        json.dumps(
+            {
+                "onnxruntime": ort.__version__,
+                "threads": THREADS,
+                "attention_ms": speed,
+                "prefill_attention_ms": prefill,
+                "perplexity": accuracy,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {args.out}")
     return 0
 

@@ -10,6 +10,7 @@ the pool cut into disjoint samples of `--sample` blocks, each giving its own cho
 pool giving one. Training text as the distill recipe's: WikiText-2 valid plus the
 conversations a distill step's teacher wrote. Prints the layers dropped for each depth and writes JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 
 from calibration import sample_blocks
 from pipeline.configs import DistillConfig, TextSourceConfig
@@ -33,7 +33,7 @@ def block_deltas(model, blocks: torch.Tensor) -> np.ndarray:
     """[layers, blocks]: the loss increase on each block when each layer alone is skipped."""
     columns = []
     for j in range(len(blocks)):
-        columns.append(layer_importance(model, blocks[j:j + 1], "loss"))
+        columns.append(layer_importance(model, blocks[j : j + 1], "loss"))
         print(f"  block {j} scored", flush=True)
     return np.array(columns).T
 
@@ -62,7 +62,9 @@ def main() -> int:
     deltas = block_deltas(teacher, pool)
     seconds = time.perf_counter() - started
     n = deltas.shape[0]
-    samples = [(f"blocks {s}-{s + args.sample - 1}", deltas[:, s:s + args.sample]) for s in range(0, args.pool, args.sample)]
+    samples = [
+        (f"blocks {s}-{s + args.sample - 1}", deltas[:, s : s + args.sample]) for s in range(0, args.pool, args.sample)
+    ]
     samples.append((f"all {args.pool} blocks", deltas))
     rows = []
     for name, d in samples:
@@ -75,10 +77,23 @@ def main() -> int:
     for r in rows:
         print(f"| {r['sample']} | " + " | ".join(", ".join(map(str, r["dropped"][depth])) for depth in depths) + " |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"teacher": str(args.teacher), "teacher_answers": str(args.teacher_answers),
-                                    "pool": args.pool, "sample": args.sample, "seed": args.seed,
-                                    "sequence_length": cfg.sequence_length, "seconds": seconds,
-                                    "block_deltas": deltas.tolist(), "rows": rows}, indent=2) + "\n")
+    args.out.write_text(
+        json.dumps(
+            {
+                "teacher": str(args.teacher),
+                "teacher_answers": str(args.teacher_answers),
+                "pool": args.pool,
+                "sample": args.sample,
+                "seed": args.seed,
+                "sequence_length": cfg.sequence_length,
+                "seconds": seconds,
+                "block_deltas": deltas.tolist(),
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {args.out}")
     return 0
 

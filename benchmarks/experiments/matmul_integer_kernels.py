@@ -11,6 +11,7 @@ on one SmolLM2 down_proj-sized matmul (K 576, N 1536) at 1 and 256 rows, 2 threa
 repeats. Prints a Markdown table and writes benchmarks/results/kernels/matmul_integer-<isa>.json
 (the ISA this CPU reports: avx512-vnni, avx-vnni, avx2 or other).
 """
+
 from __future__ import annotations
 
 import json
@@ -25,17 +26,29 @@ from onnx import TensorProto, helper, numpy_helper
 
 K, N = 576, 1536
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "kernels"
-VARIANTS = {"int8 x int8": (TensorProto.INT8, TensorProto.INT8), "uint8 x int8": (TensorProto.UINT8, TensorProto.INT8),
-            "uint8 x uint8": (TensorProto.UINT8, TensorProto.UINT8)}
+VARIANTS = {
+    "int8 x int8": (TensorProto.INT8, TensorProto.INT8),
+    "uint8 x int8": (TensorProto.UINT8, TensorProto.INT8),
+    "uint8 x uint8": (TensorProto.UINT8, TensorProto.UINT8),
+}
 
 
 def isa() -> str:
     try:
-        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split())
+        flags = set(
+            next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+        )
     except (OSError, StopIteration):
         return "other"
-    return ("avx512-vnni" if "avx512_vnni" in flags else "avx-vnni" if "avx_vnni" in flags
-            else "avx2" if "avx2" in flags else "other")
+    return (
+        "avx512-vnni"
+        if "avx512_vnni" in flags
+        else "avx-vnni"
+        if "avx_vnni" in flags
+        else "avx2"
+        if "avx2" in flags
+        else "other"
+    )
 
 
 def carried(codes: np.ndarray, tensor_type: int) -> np.ndarray:
@@ -49,9 +62,13 @@ def session(weights: np.ndarray, a_type: int, b_type: int) -> ort.InferenceSessi
         zero = np.array(128, dtype=np.uint8) if tensor_type == TensorProto.UINT8 else np.array(0, dtype=np.int8)
         inits.append(numpy_helper.from_array(zero, name))
         inputs.append(name)
-    graph = helper.make_graph([helper.make_node("MatMulInteger", inputs, ["Y"])], "matmul_integer",
-                              [helper.make_tensor_value_info("A", a_type, [None, K])],
-                              [helper.make_tensor_value_info("Y", TensorProto.INT32, [None, N])], inits)
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", inputs, ["Y"])],
+        "matmul_integer",
+        [helper.make_tensor_value_info("A", a_type, [None, K])],
+        [helper.make_tensor_value_info("Y", TensorProto.INT32, [None, N])],
+        inits,
+    )
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -88,13 +105,19 @@ def main() -> None:
         rows.append(row)
     cpu = isa()
     print(f"CPU: {platform.processor() or platform.machine()} ({cpu}); onnxruntime {ort.__version__}\n")
-    print("| variant | exact, random codes | max error, every code 127 | ms, 1 row | ms, 256 rows |\n|---|---|---|---|---|")
+    print(
+        "| variant | exact, random codes | max error, every code 127 | ms, 1 row | ms, 256 rows |\n|---|---|---|---|---|"
+    )
     for r in rows:
-        print(f"| {r['variant']} | {r['exact_random']} | {r['worst_case_max_error']} | {r['ms_1_rows']:.3f} | "
-              f"{r['ms_256_rows']:.3f} |")
+        print(
+            f"| {r['variant']} | {r['exact_random']} | {r['worst_case_max_error']} | {r['ms_1_rows']:.3f} | "
+            f"{r['ms_256_rows']:.3f} |"
+        )
     out = RESULTS / f"matmul_integer-{cpu}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"onnxruntime": ort.__version__, "isa": cpu, "k": K, "n": N, "rows": rows}, indent=2) + "\n")
+    out.write_text(
+        json.dumps({"onnxruntime": ort.__version__, "isa": cpu, "k": K, "n": N, "rows": rows}, indent=2) + "\n"
+    )
     print(f"wrote {out}")
 
 

@@ -9,6 +9,7 @@ fused graph as exported and with every MatMulNBits switched to float compute (`a
 in memory). It prints the largest logit difference and the greedy replies (24 tokens) both ways, and
 writes benchmarks/results/serve-load/prefix_reuse_rounding.json.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,13 +41,18 @@ def main() -> None:
     question = sys.argv[2] if len(sys.argv) > 2 else "What is the capital of France?"
     gen = Generator(folder, provider="cpu", graph="fused")
     model = onnx.load(str(folder / "fused" / gen.contract.model_file))
-    levels = sorted({a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"})
+    levels = sorted(
+        {a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
+    )
     for node in (n for n in model.graph.node if n.op_type == "MatMulNBits"):
         for attr in (a for a in node.attribute if a.name == "accuracy_level"):
             attr.i = 0
-    sessions = {f"as exported (accuracy_level {levels})": gen.session,
-                "float compute (accuracy_level 0)": ort.InferenceSession(model.SerializeToString(),
-                                                                         providers=["CPUExecutionProvider"])}
+    sessions = {
+        f"as exported (accuracy_level {levels})": gen.session,
+        "float compute (accuracy_level 0)": ort.InferenceSession(
+            model.SerializeToString(), providers=["CPUExecutionProvider"]
+        ),
+    }
     prompt = gen.tokenizer.encode_chat(question)
     rows = []
     for name, session in sessions.items():
@@ -56,14 +62,21 @@ def main() -> None:
         reused.free(0)
         a, whole_tokens = reply(whole, 0, prompt)
         b, reused_tokens = reply(reused, 0, prompt)
-        row = {"graph": name, "prompt_tokens": len(prompt), "cached_tokens": reused.last_cached,
-               "max_abs_logit_diff": float(np.abs(a - b).max()),
-               "reply_whole": gen.tokenizer.decode(whole_tokens), "reply_reused": gen.tokenizer.decode(reused_tokens),
-               "same_reply": whole_tokens == reused_tokens}
+        row = {
+            "graph": name,
+            "prompt_tokens": len(prompt),
+            "cached_tokens": reused.last_cached,
+            "max_abs_logit_diff": float(np.abs(a - b).max()),
+            "reply_whole": gen.tokenizer.decode(whole_tokens),
+            "reply_reused": gen.tokenizer.decode(reused_tokens),
+            "same_reply": whole_tokens == reused_tokens,
+        }
         rows.append(row)
-        print(f"{name}: {row['cached_tokens']} of {len(prompt)} prompt tokens cached, largest logit difference "
-              f"{row['max_abs_logit_diff']:.3g}; reply whole {row['reply_whole']!r}, with the prefix reused "
-              f"{row['reply_reused']!r}")
+        print(
+            f"{name}: {row['cached_tokens']} of {len(prompt)} prompt tokens cached, largest logit difference "
+            f"{row['max_abs_logit_diff']:.3g}; reply whole {row['reply_whole']!r}, with the prefix reused "
+            f"{row['reply_reused']!r}"
+        )
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps({"artifact": str(folder), "question": question, "rows": rows}, indent=2) + "\n")
     print(f"wrote {OUT}")

@@ -13,6 +13,7 @@ WikiText-2 valid:
    candidate's own layer), with the largest relative difference of the KLs they give.
 Prints a table and writes benchmarks/results/quantize/quantize_speed.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,8 +78,10 @@ def gptq_passes(src: Path, batches: list[torch.Tensor], repeats: int) -> list[di
         run_layer(layer, hidden[:1], kwargs[:1])  # warm-up
         variants = [("whole layer, full XᵀX", False, full_gram)]
         if attention == "sdpa":
-            variants += [("stopped after the last input, full XᵀX", True, full_gram),
-                         ("stopped after the last input, upper blocks of XᵀX", True, add_gram)]
+            variants += [
+                ("stopped after the last input, full XᵀX", True, full_gram),
+                ("stopped after the last input, upper blocks of XᵀX", True, add_gram),
+            ]
         times: dict[str, list[float]] = {what: [] for what, _, _ in variants} | {"run_layer": []}
         for _ in range(repeats):
             for what, stop, gram in variants:
@@ -87,9 +90,15 @@ def gptq_passes(src: Path, batches: list[torch.Tensor], repeats: int) -> list[di
             outputs[attention] = run_layer(layer, hidden, kwargs)
             times["run_layer"].append((time.perf_counter() - started) / len(hidden))
         for what, seconds in times.items():
-            rows.append({"pass": "quantized layer's outputs" if what == "run_layer" else "Hessians", "attention": attention,
-                         "how": what, "ms_per_batch": round(1000 * statistics.median(seconds), 1),
-                         "ms_per_batch_all": [round(1000 * t, 1) for t in seconds]})
+            rows.append(
+                {
+                    "pass": "quantized layer's outputs" if what == "run_layer" else "Hessians",
+                    "attention": attention,
+                    "how": what,
+                    "ms_per_batch": round(1000 * statistics.median(seconds), 1),
+                    "ms_per_batch_all": [round(1000 * t, 1) for t in seconds],
+                }
+            )
     eager, sdpa = torch.cat(outputs["eager"]), torch.cat(outputs["sdpa"])
     rows[-1]["max_abs_diff_vs_eager"] = float((sdpa - eager).abs().max())
     rows[-1]["max_abs_output"] = float(eager.abs().max())
@@ -113,18 +122,31 @@ def whole_forward_sensitivities(model, plan: dict[str, QuantScheme], ids: torch.
 
 def sensitivity_pass(src: Path, ids: torch.Tensor, layers: list[int]) -> list[dict]:
     rows, found = [], {}
-    for attention, how, fn in (("eager", "whole forward per candidate", whole_forward_sensitivities),
-                               ("sdpa", "whole forward per candidate", whole_forward_sensitivities),
-                               ("sdpa", "from the candidate's own layer", sensitivities)):
+    for attention, how, fn in (
+        ("eager", "whole forward per candidate", whole_forward_sensitivities),
+        ("sdpa", "whole forward per candidate", whole_forward_sensitivities),
+        ("sdpa", "from the candidate's own layer", sensitivities),
+    ):
         model = load_torch_model(src, attention=attention)
-        names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-                 and (n == "lm_head" or any(n.startswith(f"model.layers.{i}.") for i in layers))]
+        names = [
+            n
+            for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear)
+            and (n == "lm_head" or any(n.startswith(f"model.layers.{i}.") for i in layers))
+        ]
         plan = {n: QuantScheme(4, 32, False) for n in names}
         started = time.perf_counter()
         found[(attention, how)] = fn(model, plan, ids)
         seconds = time.perf_counter() - started
-        rows.append({"pass": "sensitivity", "attention": attention, "how": how, "candidates": len(names),
-                     "s_per_candidate": round(seconds / len(names), 3)})
+        rows.append(
+            {
+                "pass": "sensitivity",
+                "attention": attention,
+                "how": how,
+                "candidates": len(names),
+                "s_per_candidate": round(seconds / len(names), 3),
+            }
+        )
     first, last = found[("eager", "whole forward per candidate")], found[("sdpa", "from the candidate's own layer")]
     rows[-1]["max_rel_diff_vs_first"] = max(abs(last[n] - first[n]) / first[n] for n in first)
     return rows
@@ -135,7 +157,9 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=None, help="float checkpoint (default: the fp32 recipe's model step)")
     ap.add_argument("--batches", type=int, default=4, help="calibration batches of 8 x 512 tokens for the GPTQ passes")
     ap.add_argument("--repeats", type=int, default=3, help="turns of each GPTQ-pass variant (the median is reported)")
-    ap.add_argument("--layers", type=int, nargs="+", default=[0, 10, 20, 29], help="decoder layers for the sensitivity pass")
+    ap.add_argument(
+        "--layers", type=int, nargs="+", default=[0, 10, 20, 29], help="decoder layers for the sensitivity pass"
+    )
     args = ap.parse_args()
     src = args.model or next((ROOT / "artifacts" / "smollm2-fp32").glob("00-model-*"))
     valid = np.array(Tokenizer(src).encode(load_text("wikitext-2", "valid"), add_special_tokens=False), dtype=np.int64)
@@ -146,16 +170,35 @@ def main() -> None:
     print(f"| pass | attention | how | cost | torch {torch.__version__}, {torch.get_num_threads()} threads |")
     print("|---|---|---|---|---|")
     for r in rows:
-        cost = f"{r['ms_per_batch']} ms per 8 x 512 batch" if "ms_per_batch" in r else \
-            f"{r['s_per_candidate']} s per candidate ({r['candidates']})"
-        extra = f"max relative KL difference {r['max_rel_diff_vs_first']:.1e}" if "max_rel_diff_vs_first" in r else \
-            f"max abs difference from eager {r['max_abs_diff_vs_eager']:.1e} (outputs up to {r['max_abs_output']:.0f})" \
-            if "max_abs_diff_vs_eager" in r else ""
+        cost = (
+            f"{r['ms_per_batch']} ms per 8 x 512 batch"
+            if "ms_per_batch" in r
+            else f"{r['s_per_candidate']} s per candidate ({r['candidates']})"
+        )
+        extra = (
+            f"max relative KL difference {r['max_rel_diff_vs_first']:.1e}"
+            if "max_rel_diff_vs_first" in r
+            else f"max abs difference from eager {r['max_abs_diff_vs_eager']:.1e} (outputs up to {r['max_abs_output']:.0f})"
+            if "max_abs_diff_vs_eager" in r
+            else ""
+        )
         print(f"| {r['pass']} | {r['attention']} | {r['how']} | {cost} | {extra} |")
     OUT.parent.mkdir(parents=True, exist_ok=True)
     tmp = OUT.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"layer": LAYER, "batches": args.batches, "sensitivity_layers": args.layers,
-                               "repeats": args.repeats, "threads": torch.get_num_threads(), "rows": rows}, indent=2) + "\n")
+    tmp.write_text(
+        json.dumps(
+            {
+                "layer": LAYER,
+                "batches": args.batches,
+                "sensitivity_layers": args.layers,
+                "repeats": args.repeats,
+                "threads": torch.get_num_threads(),
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     tmp.replace(OUT)
     print(f"wrote {OUT.relative_to(ROOT)}")
 

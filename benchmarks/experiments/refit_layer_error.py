@@ -9,6 +9,7 @@ Hessian on the same tokens), then GPTQ refitted with code descent. A fit on the 
 held-out figure: `quantize_matrix.py` measures what reaches perplexity. Prints a table and writes
 benchmarks/results/quantize/refit_layer_error.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,15 +30,29 @@ from runtime.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "benchmarks" / "results" / "quantize" / "refit_layer_error.json"
-LAYERS = ("model.layers.3.self_attn.q_proj", "model.layers.3.self_attn.o_proj", "model.layers.10.mlp.down_proj",
-          "model.layers.20.mlp.gate_proj", "model.layers.29.mlp.down_proj")
-SCHEMES = (QuantScheme(4, 128, False), QuantScheme(4, 128, True), QuantScheme(4, 32, False), QuantScheme(4, 128, False, True))
+LAYERS = (
+    "model.layers.3.self_attn.q_proj",
+    "model.layers.3.self_attn.o_proj",
+    "model.layers.10.mlp.down_proj",
+    "model.layers.20.mlp.gate_proj",
+    "model.layers.29.mlp.down_proj",
+)
+SCHEMES = (
+    QuantScheme(4, 128, False),
+    QuantScheme(4, 128, True),
+    QuantScheme(4, 32, False),
+    QuantScheme(4, 128, False, True),
+)
 
 
 def layer_inputs(model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     inputs: dict[str, torch.Tensor] = {}
-    hooks = [model.get_submodule(n).register_forward_hook(
-        lambda _m, a, _o, n=n: inputs.__setitem__(n, a[0].reshape(-1, a[0].shape[-1]))) for n in LAYERS]
+    hooks = [
+        model.get_submodule(n).register_forward_hook(
+            lambda _m, a, _o, n=n: inputs.__setitem__(n, a[0].reshape(-1, a[0].shape[-1]))
+        )
+        for n in LAYERS
+    ]
     with torch.no_grad():
         model(ids)
     for h in hooks:
@@ -56,7 +71,9 @@ def main() -> None:
     inputs = layer_inputs(model, torch.from_numpy(sample_blocks(valid, 512, 8, 0)))
     gen = torch.Generator().manual_seed(0)
     rows = []
-    print("| scheme | layer | RTN (clip-searched) | refit | refit + descent | GPTQ | GPTQ + refit + descent | s: refit / + descent |")
+    print(
+        "| scheme | layer | RTN (clip-searched) | refit | refit + descent | GPTQ | GPTQ + refit + descent | s: refit / + descent |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for scheme in SCHEMES:
         for name in LAYERS:
@@ -76,13 +93,22 @@ def main() -> None:
             t_descent = time.perf_counter() - t
             h = x.T @ x
             g = gptq(w, h, scheme)
-            row = {"scheme": scheme.label, "layer": name, "rtn_error": error(base),
-                   "refit": error(refit) / error(base), "refit_descent": error(descended) / error(base),
-                   "gptq": error(g) / error(base), "gptq_refit_descent": error(refit_scales(g, w, h, descent=True)) / error(base),
-                   "refit_s": t_refit, "refit_descent_s": t_descent}
+            row = {
+                "scheme": scheme.label,
+                "layer": name,
+                "rtn_error": error(base),
+                "refit": error(refit) / error(base),
+                "refit_descent": error(descended) / error(base),
+                "gptq": error(g) / error(base),
+                "gptq_refit_descent": error(refit_scales(g, w, h, descent=True)) / error(base),
+                "refit_s": t_refit,
+                "refit_descent_s": t_descent,
+            }
             rows.append(row)
-            print(f"| {row['scheme']} | {name} | 1 ({row['rtn_error']:.4g}) | {row['refit']:.3f} | {row['refit_descent']:.3f} "
-                  f"| {row['gptq']:.3f} | {row['gptq_refit_descent']:.3f} | {t_refit:.2f} / {t_descent:.2f} |")
+            print(
+                f"| {row['scheme']} | {name} | 1 ({row['rtn_error']:.4g}) | {row['refit']:.3f} | {row['refit_descent']:.3f} "
+                f"| {row['gptq']:.3f} | {row['gptq_refit_descent']:.3f} | {t_refit:.2f} / {t_descent:.2f} |"
+            )
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps({"tokens": args.tokens, "rows": rows}, indent=1))
     print(f"wrote {OUT.relative_to(ROOT)}")

@@ -12,6 +12,7 @@ reach on this machine with these kernels.
 
 Prints a table; writes benchmarks/results/serve-load/serve_engine.json (or --out).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,6 @@ import json
 import threading
 import time
 from pathlib import Path
-
 
 from benchmarks.checks.serve_load import make_requests
 from runtime import Generator, find_model_folder
@@ -75,8 +75,9 @@ def run_level(server: Server, timed: Timed, bodies: list[list[dict]], clients: i
             else:
                 send(loop)
 
-        scheduler.submit(Request(protocol.new_id("chat"), job.prompt, job.max_tokens, job.params, emit, job.stop,
-                                 job.ignore_eos))
+        scheduler.submit(
+            Request(protocol.new_id("chat"), job.prompt, job.max_tokens, job.params, emit, job.stop, job.ignore_eos)
+        )
 
     class Count:
         def finished(self, request):
@@ -100,13 +101,19 @@ def run_level(server: Server, timed: Timed, bodies: list[list[dict]], clients: i
     steps = max(counts["steps"], 1)
     decode_ms = 1000 * seconds["decode"] / steps
     rows = counts["rows"] / steps
-    return {"clients": clients, "seconds": round(elapsed, 1), "errors": len(errors),
-            "output_tokens_per_s": round(tokens / elapsed, 1),
-            "prefill_share": round(seconds["prefill"] / elapsed, 3),
-            "prefill_tokens_per_s": round(counts["prefill_tokens"] / max(seconds["prefill"], 1e-9), 1),
-            "decode_share": round(seconds["decode"] / elapsed, 3), "decode_steps": counts["steps"],
-            "rows_per_step": round(rows, 2), "decode_ms_per_step": round(decode_ms, 2),
-            "decode_only_tokens_per_s": round(1000 * rows / decode_ms, 1)}
+    return {
+        "clients": clients,
+        "seconds": round(elapsed, 1),
+        "errors": len(errors),
+        "output_tokens_per_s": round(tokens / elapsed, 1),
+        "prefill_share": round(seconds["prefill"] / elapsed, 3),
+        "prefill_tokens_per_s": round(counts["prefill_tokens"] / max(seconds["prefill"], 1e-9), 1),
+        "decode_share": round(seconds["decode"] / elapsed, 3),
+        "decode_steps": counts["steps"],
+        "rows_per_step": round(rows, 2),
+        "decode_ms_per_step": round(decode_ms, 2),
+        "decode_only_tokens_per_s": round(1000 * rows / decode_ms, 1),
+    }
 
 
 def main() -> None:
@@ -132,19 +139,31 @@ def main() -> None:
     for clients in levels:
         r = run_level(server, timed, bodies, clients, args.duration)
         rows.append(r)
-        print(f"| {clients} | {r['output_tokens_per_s']} | {r['prefill_share']:.0%} | {r['prefill_tokens_per_s']:.0f} | "
-              f"{r['decode_ms_per_step']} | {r['rows_per_step']} | {r['decode_only_tokens_per_s']} |", flush=True)
+        print(
+            f"| {clients} | {r['output_tokens_per_s']} | {r['prefill_share']:.0%} | {r['prefill_tokens_per_s']:.0f} | "
+            f"{r['decode_ms_per_step']} | {r['rows_per_step']} | {r['decode_only_tokens_per_s']} |",
+            flush=True,
+        )
     server.scheduler.stop()
     ratios = {}
     if 1 in levels and 8 in levels:
         one, eight = rows[levels.index(1)], rows[levels.index(8)]
-        ratios = {"output_8_over_1": round(eight["output_tokens_per_s"] / one["output_tokens_per_s"], 2),
-                  "decode_only_8_over_1": round(eight["decode_only_tokens_per_s"] / one["decode_only_tokens_per_s"], 2)}
-        print(f"\n8 over 1 client: {ratios['output_8_over_1']}x; if prefills cost nothing: {ratios['decode_only_8_over_1']}x")
+        ratios = {
+            "output_8_over_1": round(eight["output_tokens_per_s"] / one["output_tokens_per_s"], 2),
+            "decode_only_8_over_1": round(eight["decode_only_tokens_per_s"] / one["decode_only_tokens_per_s"], 2),
+        }
+        print(
+            f"\n8 over 1 client: {ratios['output_8_over_1']}x; if prefills cost nothing: {ratios['decode_only_8_over_1']}x"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"artifact": str(folder), "slots": args.slots, "duration_s": args.duration,
-                               "rows": rows, "ratios": ratios}, indent=2) + "\n")
+    tmp.write_text(
+        json.dumps(
+            {"artifact": str(folder), "slots": args.slots, "duration_s": args.duration, "rows": rows, "ratios": ratios},
+            indent=2,
+        )
+        + "\n"
+    )
     tmp.replace(args.out)
     print(f"wrote {args.out}")
 

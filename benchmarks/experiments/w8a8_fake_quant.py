@@ -8,6 +8,7 @@ input rounded static or per token; perplexity on the first --windows 512-token w
 test (each window scored in full, so the figures are not the validate stage's). Prints a table and
 writes benchmarks/results/quantize/w8a8_fake_quant.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,15 +22,26 @@ import torch
 
 from calibration import load_text, sample_blocks
 from pipeline.models import load_torch_model
-from pipeline.quant.rotation import rotate
 from pipeline.quant.plan import decoder_linears
-from pipeline.stages.quantize.w8a8 import (ROTATED, fake_quant_activations, fake_quant_static, fake_quant_weight, smoothquant,
-                                           static_input_scales)
+from pipeline.quant.rotation import rotate
+from pipeline.stages.quantize.w8a8 import (
+    ROTATED,
+    fake_quant_activations,
+    fake_quant_static,
+    fake_quant_weight,
+    smoothquant,
+    static_input_scales,
+)
 from runtime.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "benchmarks" / "results" / "quantize" / "w8a8_fake_quant.json"
-GROUPS = {"q/k/v": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate/up": ("gate_proj", "up_proj"), "down": ("down_proj",)}
+GROUPS = {
+    "q/k/v": ("q_proj", "k_proj", "v_proj"),
+    "o": ("o_proj",),
+    "gate/up": ("gate_proj", "up_proj"),
+    "down": ("down_proj",),
+}
 
 
 def fake_quantized(model, scales: dict, mode_of, rotated: bool = False):
@@ -43,8 +55,12 @@ def fake_quantized(model, scales: dict, mode_of, rotated: bool = False):
 
         def hook(_m, args, name=name, mode=mode, rot=rot):
             x = rotate(args[0]) if rot else args[0]
-            return (fake_quant_static(x, scales[name]["scale"]) if mode == "static"
-                    else fake_quant_activations(x, "dynamic_per_token"),)
+            return (
+                fake_quant_static(x, scales[name]["scale"])
+                if mode == "static"
+                else fake_quant_activations(x, "dynamic_per_token"),
+            )
+
         m.register_forward_pre_hook(hook)
     return model
 
@@ -54,8 +70,11 @@ def perplexity(model, windows: torch.Tensor) -> float:
     with torch.no_grad():
         for batch in windows.split(5):
             logits = model(input_ids=batch).logits[:, :-1]
-            nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                                                           reduction="sum"))
+            nll += float(
+                torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+                )
+            )
             count += batch[:, 1:].numel()
     return float(np.exp(nll / count))
 
@@ -82,13 +101,30 @@ def main() -> None:
         scales = static_input_scales(smoothed, batches, decoder_linears(smoothed), log=quiet, hadamard=hadamard)
         tag = " + hadamard" if hadamard else ""
         print(f"calibrated{tag} in {time.time() - started:.0f} s", flush=True)
-        rows.append((f"static everywhere{tag}", perplexity(fake_quantized(smoothed, scales, lambda n: "static", hadamard), windows)))
-        rows.append((f"per token everywhere{tag}", perplexity(fake_quantized(smoothed, scales, lambda n: "token", hadamard), windows)))
+        rows.append(
+            (
+                f"static everywhere{tag}",
+                perplexity(fake_quantized(smoothed, scales, lambda n: "static", hadamard), windows),
+            )
+        )
+        rows.append(
+            (
+                f"per token everywhere{tag}",
+                perplexity(fake_quantized(smoothed, scales, lambda n: "token", hadamard), windows),
+            )
+        )
         if not hadamard:
             for group, names in GROUPS.items():
                 mode_of = lambda n, names=names: "static" if n.rsplit(".", 1)[-1] in names else "token"  # noqa: E731
-                rows.append((f"static {group} only, per token elsewhere", perplexity(fake_quantized(smoothed, scales, mode_of), windows)))
-    print(f"\n| fake-quant variant (SmoothQuant auto, searched for static) | perplexity, {args.windows} windows | Δ % |\n|---|---|---|")
+                rows.append(
+                    (
+                        f"static {group} only, per token elsewhere",
+                        perplexity(fake_quantized(smoothed, scales, mode_of), windows),
+                    )
+                )
+    print(
+        f"\n| fake-quant variant (SmoothQuant auto, searched for static) | perplexity, {args.windows} windows | Δ % |\n|---|---|---|"
+    )
     for label, value in rows:
         print(f"| {label} | {value:.4f} | {100 * (value / rows[0][1] - 1):+.2f} |")
     OUT.parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
 """Our runner on the bench's work: load time, time to first token, decode speed per batch size,
 time outside session.run, memory over a long generation, and the memory-bandwidth bound."""
+
 from __future__ import annotations
 
 import statistics
@@ -15,20 +16,41 @@ from pipeline.bench.workload import Workload, warm_up_gpu
 from runtime import Generator
 
 
-def measure_ours(folder: Path, work: Workload, provider: str = "auto", threads: int = 0, graph: str = "auto",
-                 log=print, cuda_graph: bool | None = None) -> dict:
+def measure_ours(
+    folder: Path,
+    work: Workload,
+    provider: str = "auto",
+    threads: int = 0,
+    graph: str = "auto",
+    log=print,
+    cuda_graph: bool | None = None,
+) -> dict:
     gpu_before = gpu_memory_used_mb()
     started = time.perf_counter()
     gen = Generator(folder, provider=provider, threads=threads, graph=graph, cuda_graph=cuda_graph)
     load_s = time.perf_counter() - started
     on_gpu = gen.provider != "CPUExecutionProvider"
-    log(f"  ours: {gen.flavour} graph ({gen.contract.dtype}, KV cache {gen.describe_kv()}) on {gen.provider}{', CUDA graphs' if gen.cuda_graph else ''}, "
-        f"loaded in {load_s:.2f}s; {gen.describe_settings()}")
-    result = {"engine": "ours", "graph": gen.flavour, "provider": gen.provider, "load_s": load_s,
-              "session_settings": {**asdict(gen.settings), "tuning_file": str(gen.tuning_file) if gen.tuning_file else None},
-              "dtype": gen.contract.dtype, "kv_cache_dtype": gen.contract.kv_dtype, "float_prefill": gen.float_prefill is not None, "cuda_graph": gen.cuda_graph,
-              "weights": gen.contract.weights, "kv_bytes_per_token": gen.contract.kv_bytes_per_token(),
-              "ttft_ms": {}, "decode_ms_per_step": {}, "decode_tok_s": {}, "outside_run_pct": {}}
+    log(
+        f"  ours: {gen.flavour} graph ({gen.contract.dtype}, KV cache {gen.describe_kv()}) on {gen.provider}{', CUDA graphs' if gen.cuda_graph else ''}, "
+        f"loaded in {load_s:.2f}s; {gen.describe_settings()}"
+    )
+    result = {
+        "engine": "ours",
+        "graph": gen.flavour,
+        "provider": gen.provider,
+        "load_s": load_s,
+        "session_settings": {**asdict(gen.settings), "tuning_file": str(gen.tuning_file) if gen.tuning_file else None},
+        "dtype": gen.contract.dtype,
+        "kv_cache_dtype": gen.contract.kv_dtype,
+        "float_prefill": gen.float_prefill is not None,
+        "cuda_graph": gen.cuda_graph,
+        "weights": gen.contract.weights,
+        "kv_bytes_per_token": gen.contract.kv_bytes_per_token(),
+        "ttft_ms": {},
+        "decode_ms_per_step": {},
+        "decode_tok_s": {},
+        "outside_run_pct": {},
+    }
     if on_gpu:
         warm_up_gpu(lambda: gen.prefill([work.prompt(work.prompt_lengths[0])], work.new_tokens))
     for length in work.prompt_lengths:
@@ -54,8 +76,10 @@ def measure_ours(folder: Path, work: Workload, provider: str = "auto", threads: 
         result["decode_tok_s"][batch] = statistics.median(rates)
         result["decode_ms_per_step"][batch] = statistics.median(steps_ms)
         result["outside_run_pct"][batch] = statistics.median(outside)
-        log(f"    decode batch {batch}: {result['decode_tok_s'][batch]:7.1f} tok/s, "
-            f"{result['decode_ms_per_step'][batch]:.2f} ms/step, {result['outside_run_pct'][batch]:.1f} % outside session.run")
+        log(
+            f"    decode batch {batch}: {result['decode_tok_s'][batch]:7.1f} tok/s, "
+            f"{result['decode_ms_per_step'][batch]:.2f} ms/step, {result['outside_run_pct'][batch]:.1f} % outside session.run"
+        )
     result.update(_memory_over_long_generation(gen, work))
     if on_gpu and gpu_before is not None:  # the process's CUDA context, weights, KV buffers and ORT's arena
         result["gpu_memory_mb"] = gpu_memory_used_mb() - gpu_before
@@ -74,9 +98,13 @@ def _memory_over_long_generation(gen: Generator, work: Workload) -> dict:
 
     gen.generate([work.prompt(work.decode_prompt)], work.long_tokens, ignore_eos=True, on_token=on_token)
     first, last = rss.get(16, 0), rss.get(work.long_tokens, 0)
-    return {"long_generation_tokens": work.long_tokens, "rss_after_warmup_mb": first / 2**20,
-            "rss_end_mb": last / 2**20, "rss_growth_mb": (last - first) / 2**20,
-            "peak_rss_mb": rss_bytes(peak=True) / 2**20}
+    return {
+        "long_generation_tokens": work.long_tokens,
+        "rss_after_warmup_mb": first / 2**20,
+        "rss_end_mb": last / 2**20,
+        "rss_growth_mb": (last - first) / 2**20,
+        "peak_rss_mb": rss_bytes(peak=True) / 2**20,
+    }
 
 
 def weight_bytes_read_per_token(model: Path) -> int:
@@ -102,5 +130,9 @@ def _bandwidth_bound(gen: Generator, decode_tok_s: float | None, threads: int, d
     weight_bytes = weight_bytes_read_per_token(folder / gen.contract.model_file)
     bandwidth = read_bandwidth_gbs(threads, megabytes=2048 if device == "cuda" else 512, provider=device)
     bound = bandwidth * 1e9 / weight_bytes
-    return {"weight_bytes": weight_bytes, "read_bandwidth_gbs": bandwidth, "bandwidth_bound_tok_s": bound,
-            "bandwidth_bound_fraction": (decode_tok_s or 0.0) / bound}
+    return {
+        "weight_bytes": weight_bytes,
+        "read_bandwidth_gbs": bandwidth,
+        "bandwidth_bound_tok_s": bound,
+        "bandwidth_bound_fraction": (decode_tok_s or 0.0) / bound,
+    }

@@ -6,6 +6,7 @@ installed (or cannot run this artifact) is reported as skipped, with why and how
     onnxruntime-genai on its own model builder's output for the same checkpoint and precision
     llama.cpp (llama-cpp-python) on the export's GGUF target, else on the GGUF the model came from
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -14,9 +15,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from pipeline.bench.workload import Workload, warm_up_gpu
 
@@ -47,8 +48,12 @@ def skipped(engine: str, why: str) -> dict:
     return {"engine": engine, "status": "skipped", "reason": why, "install": INSTALL.get(engine.split(" ")[0])}
 
 
-def time_generation(first_token: Callable[[list[list[int]]], object], next_token: Callable[[object], None],
-                    work: Workload, gpu: bool = False) -> dict:
+def time_generation(
+    first_token: Callable[[list[list[int]]], object],
+    next_token: Callable[[object], None],
+    work: Workload,
+    gpu: bool = False,
+) -> dict:
     """TTFT per prompt length (batch 1) and decode tok/s per batch size, for an engine given as
     `first_token(prompts) -> state` (prefill + first token) and `next_token(state)` (one more).
     `gpu`: keep the device busy for a second first (see warm_up_gpu)."""
@@ -135,8 +140,15 @@ def bench_transformers(inp: PeerInputs, attention: str) -> dict:
         sync()
 
     result = time_generation(first_token, next_token, inp.work, gpu=gpu)
-    return {"engine": engine, "status": "ok", "precision": "fp16" if gpu else "fp32", "device": inp.device,
-            "weights": weights, "load_s": load_s, **result}
+    return {
+        "engine": engine,
+        "status": "ok",
+        "precision": "fp16" if gpu else "fp32",
+        "device": inp.device,
+        "weights": weights,
+        "load_s": load_s,
+        **result,
+    }
 
 
 def bench_optimum(inp: PeerInputs) -> dict:
@@ -169,7 +181,13 @@ def bench_optimum(inp: PeerInputs) -> dict:
         state["next"], state["cache"] = step(state["next"], state["mask"], state["cache"])
 
     result = time_generation(first_token, next_token, inp.work)
-    return {"engine": engine, "status": "ok", "precision": "int4/int8" if inp.quantized else "fp32", "load_s": load_s, **result}
+    return {
+        "engine": engine,
+        "status": "ok",
+        "precision": "int4/int8" if inp.quantized else "fp32",
+        "load_s": load_s,
+        **result,
+    }
 
 
 def _genai_int4_options(inp: PeerInputs) -> dict[str, str]:
@@ -198,8 +216,21 @@ def bench_genai(inp: PeerInputs, cuda_graph: bool = False) -> dict:
     if not (folder / "genai_config.json").is_file():
         if inp.checkpoint is None:
             return skipped(engine, f"no build in {folder} and the export's source checkpoint was not found beside it")
-        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(inp.checkpoint), "-o", str(folder),
-               "-p", precision, "-e", inp.device, "-c", str(inp.cache_dir / "genai-cache")]
+        cmd = [
+            sys.executable,
+            "-m",
+            "onnxruntime_genai.models.builder",
+            "-i",
+            str(inp.checkpoint),
+            "-o",
+            str(folder),
+            "-p",
+            precision,
+            "-e",
+            inp.device,
+            "-c",
+            str(inp.cache_dir / "genai-cache"),
+        ]
         if options:
             cmd += ["--extra_options", *(f"{k}={v}" for k, v in options.items())]
         built = subprocess.run(cmd, capture_output=True, text=True)
@@ -222,8 +253,9 @@ def bench_genai(inp: PeerInputs, cuda_graph: bool = False) -> dict:
     def first_token(prompts):
         params = og.GeneratorParams(model)
         longest = max(len(p) for p in prompts)
-        params.set_search_options(max_length=longest + work.new_tokens, min_length=longest + work.new_tokens,
-                                  batch_size=len(prompts))
+        params.set_search_options(
+            max_length=longest + work.new_tokens, min_length=longest + work.new_tokens, batch_size=len(prompts)
+        )
         gen = og.Generator(model, params)
         gen.append_tokens(prompts)
         gen.generate_next_token()
@@ -235,8 +267,16 @@ def bench_genai(inp: PeerInputs, cuda_graph: bool = False) -> dict:
         gen.get_next_tokens()  # a streaming loop reads each token back, as ours does; on CUDA this waits for it
 
     result = time_generation(first_token, next_token, work, gpu=gpu)  # a refused batch size is recorded there
-    return {"engine": engine, "status": "ok", "precision": precision, "device": inp.device, "load_s": load_s,
-            "model_dir": str(folder), "builder_options": options, **result}
+    return {
+        "engine": engine,
+        "status": "ok",
+        "precision": precision,
+        "device": inp.device,
+        "load_s": load_s,
+        "model_dir": str(folder),
+        "builder_options": options,
+        **result,
+    }
 
 
 def _set_genai_threads(path: Path, threads: int) -> None:
@@ -260,8 +300,13 @@ def bench_llama_cpp(inp: PeerInputs) -> dict:
 
     work = inp.work
     t = time.perf_counter()
-    llm = Llama(model_path=str(inp.gguf), n_ctx=max(*work.prompt_lengths, work.decode_prompt) + work.new_tokens + 8,
-                n_threads=inp.threads or None, verbose=False, logits_all=False)
+    llm = Llama(
+        model_path=str(inp.gguf),
+        n_ctx=max(*work.prompt_lengths, work.decode_prompt) + work.new_tokens + 8,
+        n_threads=inp.threads or None,
+        verbose=False,
+        logits_all=False,
+    )
     load_s = time.perf_counter() - t
 
     def first_token(prompts):
@@ -275,10 +320,18 @@ def bench_llama_cpp(inp: PeerInputs) -> dict:
         llm.eval([state["next"]])
         state["next"] = llm.sample(temp=0.0)
 
-    single = Workload(work.tokens, work.prompt_lengths, (1,), work.decode_prompt, work.new_tokens, 0, work.warmup, work.repeats)
+    single = Workload(
+        work.tokens, work.prompt_lengths, (1,), work.decode_prompt, work.new_tokens, 0, work.warmup, work.repeats
+    )
     result = time_generation(first_token, next_token, single)
-    return {"engine": engine, "status": "ok", "precision": _gguf_type(inp.gguf), "load_s": load_s,
-            "note": "batch 1 only (llama-cpp-python's high-level API decodes one sequence)", **result}
+    return {
+        "engine": engine,
+        "status": "ok",
+        "precision": _gguf_type(inp.gguf),
+        "load_s": load_s,
+        "note": "batch 1 only (llama-cpp-python's high-level API decodes one sequence)",
+        **result,
+    }
 
 
 def _gguf_type(path: Path) -> str:

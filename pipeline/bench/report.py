@@ -1,4 +1,5 @@
 """The bench's outputs: a Markdown table on stdout, bench.json and bench.png."""
+
 from __future__ import annotations
 
 import json
@@ -8,12 +9,16 @@ from pathlib import Path
 
 def table(results: list[dict], work) -> str:
     lengths, batches = work.prompt_lengths, work.batches
-    head = (["engine", "precision", "load s"] + [f"TTFT {n} ms" for n in lengths]
-            + [f"decode b{b} tok/s" for b in batches])
+    head = (
+        ["engine", "precision", "load s"] + [f"TTFT {n} ms" for n in lengths] + [f"decode b{b} tok/s" for b in batches]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         if r.get("status", "ok") != "ok":
-            lines.append(f"| {r['engine']} | {r['status']}: {r['reason']} (`{r.get('install') or ''}`) |" + " |" * (len(head) - 2))
+            lines.append(
+                f"| {r['engine']} | {r['status']}: {r['reason']} (`{r.get('install') or ''}`) |"
+                + " |" * (len(head) - 2)
+            )
             continue
         cells = [label(r), precision(r), f"{r['load_s']:.2f}"]
         cells += [_num(r["ttft_ms"].get(n)) for n in lengths]

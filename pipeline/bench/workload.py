@@ -1,10 +1,11 @@
 """The bench's work: prompts of fixed token lengths cut from the evaluation text, the same for every
 engine, and a fixed number of new tokens (EOS ignored)."""
+
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from calibration.datasets import load_text
 
@@ -24,8 +25,10 @@ class Workload:
         """The `index`-th prompt of `length` tokens: consecutive, non-overlapping slices of the text."""
         start = index * length
         if start + length > len(self.tokens):
-            raise ValueError(f"the evaluation text has {len(self.tokens)} tokens, too few for prompt {index} of {length}")
-        return self.tokens[start:start + length]
+            raise ValueError(
+                f"the evaluation text has {len(self.tokens)} tokens, too few for prompt {index} of {length}"
+            )
+        return self.tokens[start : start + length]
 
     def batch(self, size: int) -> list[list[int]]:
         return [self.prompt(self.decode_prompt, i) for i in range(size)]

@@ -2,7 +2,7 @@
 
 A teacher that has never seen the text's domain is a poor target there: knowledge distillation pulls
 the student towards the teacher's distribution, while cross-entropy on the text adapts it to the
-domain, so on in-domain text plain fine-tuning wins (README, distillation). Minitron (Sreenivas et
+domain, so on in-domain text plain fine-tuning wins (docs/notes/2026-12-06-distillation-on-smollm2.md). Minitron (Sreenivas et
 al. 2024) corrects the teacher first: a short cross-entropy run on the distillation data, after which
 the pruned student inherits adapted weights and learns from an adapted teacher.
 
@@ -12,14 +12,15 @@ its KL to the original. The corrected weights are saved beside the training chec
 distill step that is re-run does not correct twice. Under a launcher every process trains (each its
 share of the batches) and process 0 saves.
 """
+
 from __future__ import annotations
 
 import copy
 import dataclasses
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -32,8 +33,14 @@ CORRECTED = "corrected-teacher"
 RECORD = "correction.json"
 
 
-def correct_teacher(teacher, train_blocks: torch.Tensor, eval_blocks: torch.Tensor, cfg: DistillConfig,
-                    checkpoints: Path, log: Callable[[str], None]) -> tuple[torch.nn.Module, dict]:
+def correct_teacher(
+    teacher,
+    train_blocks: torch.Tensor,
+    eval_blocks: torch.Tensor,
+    cfg: DistillConfig,
+    checkpoints: Path,
+    log: Callable[[str], None],
+) -> tuple[torch.nn.Module, dict]:
     """The teacher fine-tuned by `cfg.teacher_correction`, and what its training measured."""
     tc = cfg.teacher_correction
     saved = checkpoints / CORRECTED
@@ -45,9 +52,14 @@ def correct_teacher(teacher, train_blocks: torch.Tensor, eval_blocks: torch.Tens
     model = copy.deepcopy(teacher)
     model, history = train(model, teacher, train_blocks, eval_blocks, {}, run_cfg, checkpoints / "correction", log)
     model = model.eval().requires_grad_(False)
-    info = {"tokens": history.tokens_seen, "lr": tc.lr, "train_seconds": history.train_seconds,
-            "heldout_perplexity": history.eval_ppl[-1], "kl_to_original": history.eval_kl[-1],
-            "curve": [list(point) for point in zip(history.eval_steps, history.eval_ppl)]}
+    info = {
+        "tokens": history.tokens_seen,
+        "lr": tc.lr,
+        "train_seconds": history.train_seconds,
+        "heldout_perplexity": history.eval_ppl[-1],
+        "kl_to_original": history.eval_kl[-1],
+        "curve": [list(point) for point in zip(history.eval_steps, history.eval_ppl)],
+    }
     if not distributed.is_main():  # DDP kept the processes' weights equal; under FSDP process 0 has them
         return model, info
     tmp = checkpoints / f"{CORRECTED}.tmp"

@@ -21,6 +21,7 @@ Numerics follow the full-logits losses (pipeline/distill/losses.py): logits in t
 when autocast is on, upcast to float32 for the softmaxes; KD is the mean over every position of
 T² · KL(teacher_T ‖ student_T), cross-entropy the mean over positions that have a next token.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -42,14 +43,17 @@ def check_family(config) -> None:
     """A clear error for a model whose logits are not just its head's output."""
     family = getattr(config, "model_type", "?")
     if family not in FAMILIES:
-        raise StageError(f"distill: model family '{family}' is not supported (supported: {', '.join(FAMILIES)}); "
-                         "the loop computes KD and cross-entropy inside the head and needs a forward that returns "
-                         "the head's output unchanged")
+        raise StageError(
+            f"distill: model family '{family}' is not supported (supported: {', '.join(FAMILIES)}); "
+            "the loop computes KD and cross-entropy inside the head and needs a forward that returns "
+            "the head's output unchanged"
+        )
 
 
 @dataclass(frozen=True)
 class Terms:
     """Weights of the two terms (0: not computed) and the KD temperature."""
+
     kd: float = 0.0
     ce: float = 0.0
     temperature: float = 1.0
@@ -70,8 +74,13 @@ def returning_hidden(model):
 
 
 @contextlib.contextmanager
-def returning_loss(model, targets: torch.Tensor, terms: Terms, teacher_hidden: torch.Tensor | None = None,
-                   teacher_head: torch.nn.Module | None = None):
+def returning_loss(
+    model,
+    targets: torch.Tensor,
+    terms: Terms,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_head: torch.nn.Module | None = None,
+):
     """Inside, `model(...).logits` is (loss, kd, ce): its head computes the weighted loss (differentiable)
     and the two terms' values from its final hidden states, `targets` (next_token_targets) and, for KD,
     the teacher's final hidden states and head."""
@@ -176,5 +185,13 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         # scaled in place: the head weight's gradient is as large as the head, so no second copy of it is
         # made (this graph is differentiated once: the loop never retains it)
         dh, dw, db = ctx.saved_tensors
-        return (dh.mul_(grad_total), dw.mul_(grad_total), db.mul_(grad_total) if db is not None else None,
-                None, None, None, None, None)
+        return (
+            dh.mul_(grad_total),
+            dw.mul_(grad_total),
+            db.mul_(grad_total) if db is not None else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )

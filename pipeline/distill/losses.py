@@ -9,6 +9,7 @@ The training loop takes `hidden_loss` from here; KD and cross-entropy it compute
 states a chunk of positions at a time (pipeline/distill/head_loss.py), so that no whole batch of logits
 is held. `kd_loss` and `ce_loss` are the full-logits definitions that its tests hold it to.
 """
+
 from __future__ import annotations
 
 import torch

@@ -12,6 +12,7 @@ Every kept tensor is copied from the teacher, so the student starts as close to 
 
 All functions work on Llama-family models (Llama, Mistral, Qwen2, Qwen3) and leave `config` consistent.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -45,7 +46,7 @@ def mean_loss(model, blocks: torch.Tensor, batch_size: int = 4) -> float:
     total, count = 0.0, 0
     device = next(model.parameters()).device
     for i in range(0, len(blocks), batch_size):
-        ids = blocks[i:i + batch_size].to(device)
+        ids = blocks[i : i + batch_size].to(device)
         out = model(input_ids=ids, labels=ids, use_cache=False)
         total += float(out.loss) * ids.numel()
         count += ids.numel()
@@ -66,7 +67,7 @@ def layer_importance(model, blocks: torch.Tensor, how: str) -> list[float]:
         sums = np.zeros(len(decoder_layers(model)))
         device = next(model.parameters()).device
         for i in range(0, len(blocks), 4):
-            ids = blocks[i:i + 4].to(device)
+            ids = blocks[i : i + 4].to(device)
             hidden = model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
             for layer in range(len(sums)):  # hidden[l] is layer l's input, hidden[l + 1] its output
                 cos = torch.nn.functional.cosine_similarity(hidden[layer], hidden[layer + 1], dim=-1)
@@ -111,7 +112,7 @@ def _input_magnitudes(model, blocks: torch.Tensor, module_name: str) -> list[tor
     device = next(model.parameters()).device
     with input_hooks(modules, sink):
         for i in range(0, len(blocks), 4):
-            model(input_ids=blocks[i:i + 4].to(device), use_cache=False)
+            model(input_ids=blocks[i : i + 4].to(device), use_cache=False)
     return [sums[name] / blocks.numel() for name in modules]
 
 
@@ -148,7 +149,9 @@ def prune_kv_groups(model, kv_heads: int, blocks: torch.Tensor) -> None:
         attn = layer.self_attn
         group_score = (act * attn.o_proj.weight.norm(dim=0)).reshape(groups, per_group * head_dim).sum(-1)
         kept = torch.sort(torch.topk(group_score, kv_heads).indices).values
-        q_rows = torch.cat([torch.arange(g * per_group * head_dim, (g + 1) * per_group * head_dim) for g in kept.tolist()])
+        q_rows = torch.cat(
+            [torch.arange(g * per_group * head_dim, (g + 1) * per_group * head_dim) for g in kept.tolist()]
+        )
         kv_rows = torch.cat([torch.arange(g * head_dim, (g + 1) * head_dim) for g in kept.tolist()])
         _narrow(attn.q_proj, q_rows, dim=0)
         _narrow(attn.k_proj, kv_rows, dim=0)
@@ -185,6 +188,8 @@ def layers_for_budget(model, budget_m: float) -> int:
     fixed = sum(p.numel() for p in model.parameters()) - per_layer * len(decoder_layers(model))
     layers = int((budget_m * 1e6 - fixed) // per_layer)
     if layers < 1:
-        raise StageError(f"distill.param_budget_m: {budget_m}M cannot hold even one layer "
-                         f"(embeddings and head alone are {fixed / 1e6:.1f}M, a layer {per_layer / 1e6:.2f}M)")
+        raise StageError(
+            f"distill.param_budget_m: {budget_m}M cannot hold even one layer "
+            f"(embeddings and head alone are {fixed / 1e6:.1f}M, a layer {per_layer / 1e6:.2f}M)"
+        )
     return min(layers, len(decoder_layers(model)))

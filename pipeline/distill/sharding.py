@@ -15,6 +15,7 @@ shards (torch.distributed.checkpoint, one file per process plus metadata). When 
 student is gathered one tensor at a time into a plain model on process 0's CPU (the others get a
 skeleton again), so the stage goes on as under DDP.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -164,11 +165,18 @@ def metadata_checked_reader(path: Path):
             found = super().find_class(module, name)
             if module.startswith("torch.distributed.checkpoint.") and isinstance(found, type):
                 return found
-            if module == "torch" and (found is torch.Size or isinstance(found, (torch.dtype, torch.layout, torch.memory_format))):
+            if module == "torch" and (
+                found is torch.Size or isinstance(found, (torch.dtype, torch.layout, torch.memory_format))
+            ):
                 return found
-            if (module, name) in {("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
-                                  ("torch.serialization", "_get_layout"),  # a layout by its name
-                                  ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath")}:  # where it was saved
+            if (module, name) in {
+                ("collections", "OrderedDict"),
+                ("builtins", "set"),
+                ("builtins", "frozenset"),
+                ("torch.serialization", "_get_layout"),  # a layout by its name
+                ("pathlib", "PosixPath"),
+                ("pathlib", "PurePosixPath"),
+            }:  # where it was saved
                 return found
             raise pickle.UnpicklingError(f"{module}.{name} has no place in a checkpoint's metadata")
 
@@ -179,8 +187,10 @@ def metadata_checked_reader(path: Path):
                 with open(metadata_path, "rb") as f:
                     metadata = Unpickler(f).load()
             except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as e:
-                raise StageError(f"distill: {metadata_path} is not a checkpoint this stage wrote ({e}); delete the "
-                                 "checkpoint folder to start over") from None
+                raise StageError(
+                    f"distill: {metadata_path} is not a checkpoint this stage wrote ({e}); delete the "
+                    "checkpoint folder to start over"
+                ) from None
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id

@@ -16,22 +16,23 @@ checkpoint continues exactly where the killed one was.
     every checkpoint_every steps: accelerate's state (model in safetensors; optimizer and RNG read back with
     torch.load(weights_only=True)) + progress.json (step, history, the LR schedule: nothing is unpickled)
 """
+
 from __future__ import annotations
 
 import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 from pipeline import distributed
-from pipeline.configs import DistillConfig
 from pipeline.bench.system import rss_bytes
+from pipeline.configs import DistillConfig
 from pipeline.distill import head_loss, sharding
 from pipeline.distill.losses import hidden_loss
 from pipeline.errors import StageError
@@ -59,7 +60,9 @@ def total_steps(cfg: DistillConfig, processes: int = 1) -> int:
     return max(1, cfg.tokens // (cfg.batch_size * cfg.grad_accum * processes * cfg.sequence_length))
 
 
-def batch_indices(step: int, micro: int, n_blocks: int, cfg: DistillConfig, rank: int = 0, world: int = 1) -> np.ndarray:
+def batch_indices(
+    step: int, micro: int, n_blocks: int, cfg: DistillConfig, rank: int = 0, world: int = 1
+) -> np.ndarray:
     """Block indices of micro-batch `micro` of `step`: epoch-wise seeded permutations, sharded by rank."""
     per_step = cfg.batch_size * cfg.grad_accum * world
     start = step * per_step + micro * cfg.batch_size * world + rank * cfg.batch_size
@@ -89,13 +92,23 @@ def _mixed_precision(cfg: DistillConfig) -> str:
         return "bf16" if cfg.bf16 == "true" else "no"
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    native = [getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    native = [
+        getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    ]
     return "bf16" if any(native) else "no"
 
 
-def train(student, teacher, train_blocks: torch.Tensor, eval_blocks: torch.Tensor, layer_map: dict[int, int],
-          cfg: DistillConfig, checkpoints: Path, log: Callable[[str], None],
-          on_step: Callable[[int], None] | None = None) -> tuple[torch.nn.Module, History]:
+def train(
+    student,
+    teacher,
+    train_blocks: torch.Tensor,
+    eval_blocks: torch.Tensor,
+    layer_map: dict[int, int],
+    cfg: DistillConfig,
+    checkpoints: Path,
+    log: Callable[[str], None],
+    on_step: Callable[[int], None] | None = None,
+) -> tuple[torch.nn.Module, History]:
     """The trained student and its history; resumes from `checkpoints` when it holds a finished checkpoint.
 
     Under DDP (or alone) the student is trained in place and returned; under FSDP the student and the
@@ -117,11 +130,15 @@ def train(student, teacher, train_blocks: torch.Tensor, eval_blocks: torch.Tenso
     accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum)
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         # their plugins wrap the model in prepare(); we shard it ourselves (and the teacher with it)
-        raise StageError(f"distill: accelerate's {accelerator.distributed_type.value} plugin is not used; set "
-                         "distill.parallel: fsdp and launch with `torchrun` or `accelerate launch --multi_gpu`")
+        raise StageError(
+            f"distill: accelerate's {accelerator.distributed_type.value} plugin is not used; set "
+            "distill.parallel: fsdp and launch with `torchrun` or `accelerate launch --multi_gpu`"
+        )
     fsdp = sharding.active(cfg)
     mode = "FSDP" if fsdp else "DDP" if accelerator.num_processes > 1 else "one process"
-    log(f"  training on {accelerator.device} ({accelerator.num_processes} process(es), {mode}), mixed precision: {precision}")
+    log(
+        f"  training on {accelerator.device} ({accelerator.num_processes} process(es), {mode}), mixed precision: {precision}"
+    )
     steps = total_steps(cfg, accelerator.num_processes)
     student.requires_grad_(True)  # a student copied from a frozen model would otherwise not train
     if fsdp:
@@ -130,8 +147,10 @@ def train(student, teacher, train_blocks: torch.Tensor, eval_blocks: torch.Tenso
                 sharding.shard(model, accelerator.device)
     (s_here, s_all), (t_here, t_all) = sharding.held_here(student), sharding.held_here(teacher)
     if fsdp:
-        log(f"  FSDP: each process holds {s_here / 1e6:.2f}M of the student's {s_all / 1e6:.2f}M parameters "
-            f"and {t_here / 1e6:.2f}M of the teacher's {t_all / 1e6:.2f}M")
+        log(
+            f"  FSDP: each process holds {s_here / 1e6:.2f}M of the student's {s_all / 1e6:.2f}M parameters "
+            f"and {t_here / 1e6:.2f}M of the teacher's {t_all / 1e6:.2f}M"
+        )
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, steps))
     if not fsdp:  # DDP wrapping; the sharded model and its optimizer are checkpointed by sharding.save_shards
@@ -149,9 +168,11 @@ def train(student, teacher, train_blocks: torch.Tensor, eval_blocks: torch.Tenso
         written = (saved.get("processes", 1), saved.get("fsdp", False))
         if written != (accelerator.num_processes, fsdp):
             # rank r's blocks depend on the world size, and sharded checkpoints on the sharding
-            raise StageError(f"distill: the checkpoint in {state} was written by {written[0]} process(es)"
-                             f"{' with FSDP' if written[1] else ''}, this run has {accelerator.num_processes}"
-                             f"{' with FSDP' if fsdp else ''}; resume the same way, or delete {checkpoints} to start over")
+            raise StageError(
+                f"distill: the checkpoint in {state} was written by {written[0]} process(es)"
+                f"{' with FSDP' if written[1] else ''}, this run has {accelerator.num_processes}"
+                f"{' with FSDP' if fsdp else ''}; resume the same way, or delete {checkpoints} to start over"
+            )
         accelerator.load_state(str(state))  # safetensors, and torch.load with weights_only for the rest
         scheduler.load_state_dict(saved["scheduler"])  # kept in progress.json: a registered object would be unpickled
         if fsdp:
@@ -185,15 +206,20 @@ def train(student, teacher, train_blocks: torch.Tensor, eval_blocks: torch.Tenso
                             t_out = teacher(input_ids=ids, output_hidden_states=need_hidden, use_cache=False)
                     # the student's head computes the KD and CE terms itself, a chunk of positions at a time
                     teacher_final = t_out.logits if terms.kd else None
-                    with sharding.unsharded(teacher if terms.kd else None), head_loss.returning_loss(
-                            plain_student, head_loss.next_token_targets(ids), terms, teacher_final, teacher_head):
+                    with (
+                        sharding.unsharded(teacher if terms.kd else None),
+                        head_loss.returning_loss(
+                            plain_student, head_loss.next_token_targets(ids), terms, teacher_final, teacher_head
+                        ),
+                    ):
                         s_out = student(input_ids=ids, output_hidden_states=need_hidden, use_cache=False)
                     loss = _loss(s_out, t_out, layer_map, cfg)
                 bad = _nonfinite(accelerator, loss)
                 if bad:
                     raise StageError(
                         f"distill: the loss is {bad} at step {step + 1}; the last good checkpoint (step {last_good}) "
-                        f"is kept in {checkpoints}; lower distill.lr or check the data")
+                        f"is kept in {checkpoints}; lower distill.lr or check the data"
+                    )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:  # the last micro-batch of the step
                     if cfg.max_grad_norm:  # DTensor-aware: on FSDP shards the norm spans every process
@@ -261,8 +287,10 @@ def _loss(s_out, t_out, layer_map: dict[int, int], cfg: DistillConfig) -> torch.
     loss = s_out.logits[0]
     if w.hidden:
         # hidden_states[l + 1] is layer l's output
-        terms = [hidden_loss(s_out.hidden_states[s + 1], t_out.hidden_states[t + 1], w.hidden_loss)
-                 for s, t in layer_map.items()]
+        terms = [
+            hidden_loss(s_out.hidden_states[s + 1], t_out.hidden_states[t + 1], w.hidden_loss)
+            for s, t in layer_map.items()
+        ]
         loss = loss + w.hidden * torch.stack(terms).mean()
     return loss
 
@@ -275,11 +303,13 @@ def evaluate(student, teacher, blocks: torch.Tensor, temperature: float = 1.0) -
     terms, teacher_head = head_loss.Terms(kd=1.0, ce=1.0, temperature=1.0), teacher.get_output_embeddings()
     nll = kl = 0.0
     for i in range(0, len(blocks), 4):
-        ids = blocks[i:i + 4].to(next(student.parameters()).device)
+        ids = blocks[i : i + 4].to(next(student.parameters()).device)
         with head_loss.returning_hidden(teacher):
             t_final = teacher(input_ids=ids, use_cache=False).logits
-        with sharding.unsharded(teacher), head_loss.returning_loss(student, head_loss.next_token_targets(ids), terms,
-                                                                    t_final, teacher_head):
+        with (
+            sharding.unsharded(teacher),
+            head_loss.returning_loss(student, head_loss.next_token_targets(ids), terms, t_final, teacher_head),
+        ):
             _, kd, ce = student(input_ids=ids, use_cache=False).logits
         nll += float(ce) * len(ids)
         kl += float(kd) * len(ids)
@@ -311,8 +341,13 @@ def _checkpoint(accelerator, folder: Path, step: int, history: History, schedule
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return
-    progress = {"step": step, "processes": accelerator.num_processes, "fsdp": sharded is not None,
-                "history": history.__dict__, "scheduler": scheduler.state_dict()}
+    progress = {
+        "step": step,
+        "processes": accelerator.num_processes,
+        "fsdp": sharded is not None,
+        "history": history.__dict__,
+        "scheduler": scheduler.state_dict(),
+    }
     (tmp / PROGRESS_FILE).write_text(json.dumps(progress))
     shutil.rmtree(old, ignore_errors=True)
     if state.exists():

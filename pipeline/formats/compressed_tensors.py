@@ -21,6 +21,7 @@ linear layers only, so a quantized embedding is written as its dequantized float
 LM head that is quantized is untied (the float embedding beside the head's codes). Groups must divide
 every layer's input width: other layouts are refused with the reason.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,12 +37,14 @@ from safetensors.torch import save_file
 from pipeline.errors import StageError
 from pipeline.graph.quant_ops import EMBEDDING
 from pipeline.graph.w8a8 import W8A8Codes, read_w8a8_codes
-from pipeline.quant.primitives import unpack_matmul_nbits
 from pipeline.quant.plan import PACKED_FILE, PLAN_FILE
+from pipeline.quant.primitives import unpack_matmul_nbits
 
 HF_QUANTIZED_FOLDER = "hf-quantized"
-FORMATS_THAT_WORK = ("weight-only int4 or int8 (W4A16 / W8A16), symmetric or asymmetric, with a group size "
-                     "that divides every layer's input width; or W8A8 (dynamic or static)")
+FORMATS_THAT_WORK = (
+    "weight-only int4 or int8 (W4A16 / W8A16), symmetric or asymmetric, with a group size "
+    "that divides every layer's input width; or W8A8 (dynamic or static)"
+)
 # vLLM fuses these siblings into one matmul and needs one scheme across each set
 FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -105,8 +108,7 @@ def packed_tensors(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, spec: dic
 def w8a8_tensors(codes: W8A8Codes, dtype: torch.dtype) -> dict:
     """One W8A8 linear as int-quantized tensors: int8 weight, per-channel scale, and (static) the input's range,
     its uint8 zero point moved to int8 (q - 128 on both sides of (q - zp) * s: the same numbers)."""
-    out = {"weight": torch.from_numpy(codes.weight),
-           "weight_scale": torch.from_numpy(codes.scale[:, None]).to(dtype)}
+    out = {"weight": torch.from_numpy(codes.weight), "weight_scale": torch.from_numpy(codes.scale[:, None]).to(dtype)}
     if codes.input_scale is not None:
         out["input_scale"] = torch.tensor([codes.input_scale], dtype=dtype)
         if codes.input_zero_point != 128:  # older artifacts' asymmetric ranges (ONNX Runtime's QDQ)
@@ -119,8 +121,16 @@ def scheme_label(spec: dict) -> str:
 
 
 def weight_args(bits: int, symmetric: bool, strategy: str, group_size: int | None = None) -> dict:
-    return {"num_bits": bits, "type": "int", "symmetric": symmetric, "strategy": strategy, "group_size": group_size,
-            "dynamic": False, "actorder": None, "observer": "minmax"}
+    return {
+        "num_bits": bits,
+        "type": "int",
+        "symmetric": symmetric,
+        "strategy": strategy,
+        "group_size": group_size,
+        "dynamic": False,
+        "actorder": None,
+        "observer": "minmax",
+    }
 
 
 # ONNX Runtime's dynamic mode rounds W8A8 activations per tensor, asymmetric uint8 (each run's own
@@ -131,13 +141,20 @@ PER_TOKEN = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token
 W8A8_INPUTS = {
     "dynamic": PER_TOKEN,
     "dynamic_per_token": PER_TOKEN,  # what the ONNX graph computes
-    "static": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "tensor", "dynamic": False,
-               "observer": "mse"},
+    "static": {
+        "num_bits": 8,
+        "type": "int",
+        "symmetric": True,
+        "strategy": "tensor",
+        "dynamic": False,
+        "observer": "mse",
+    },
 }
 
 
-def write_compressed_tensors(quant_dir: Path, out: Path, w8a8_graph: Path | None = None,
-                             dtype_name: str = "auto") -> CompressedReport:
+def write_compressed_tensors(
+    quant_dir: Path, out: Path, w8a8_graph: Path | None = None, dtype_name: str = "auto"
+) -> CompressedReport:
     """The checkpoint in `quant_dir` (a quantize artifact) as a compressed-tensors checkpoint in `out`,
     built in a temporary folder and renamed. Weight-only codes come from quantized.safetensors and
     quant_plan.json; W8A8 codes from the ONNX graph `w8a8_graph` that ONNX Runtime quantized.
@@ -149,8 +166,10 @@ def write_compressed_tensors(quant_dir: Path, out: Path, w8a8_graph: Path | None
     dtype = checkpoint_dtype(config)
     report = CompressedReport()
     if dtype_name != "auto" and getattr(torch, dtype_name) != dtype:
-        report.notes.append(f"float tensors and scales rounded from {str(dtype).removeprefix('torch.')} to {dtype_name}; "
-                            "the integer codes and zero points are unchanged")
+        report.notes.append(
+            f"float tensors and scales rounded from {str(dtype).removeprefix('torch.')} to {dtype_name}; "
+            "the integer codes and zero points are unchanged"
+        )
         dtype = getattr(torch, dtype_name)
         config["torch_dtype"] = dtype_name
         if "dtype" in config:
@@ -176,8 +195,10 @@ def write_compressed_tensors(quant_dir: Path, out: Path, w8a8_graph: Path | None
     for layer, parts in layers.items():
         tensors.update({f"{layer}.{key}": t for key, t in parts.items()})
     if EMBEDDING in plan_all.get("layers", {}):
-        report.notes.append(f"{EMBEDDING}: written as its dequantized float weights (compressed-tensors quantizes "
-                            "linear layers only); the values are those of our codes")
+        report.notes.append(
+            f"{EMBEDDING}: written as its dequantized float weights (compressed-tensors quantizes "
+            "linear layers only); the values are those of our codes"
+        )
     if "lm_head" in layers and config.get("tie_word_embeddings"):
         config["tie_word_embeddings"] = False
         report.notes.append("lm_head: untied from the embedding, which stays float beside the head's codes")
@@ -189,8 +210,13 @@ def write_compressed_tensors(quant_dir: Path, out: Path, w8a8_graph: Path | None
     tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    for extra in ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                  "chat_template.jinja"):
+    for extra in (
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+    ):
         if (quant_dir / extra).is_file():
             shutil.copy2(quant_dir / extra, tmp / extra)
     tmp.replace(out)
@@ -200,21 +226,28 @@ def write_compressed_tensors(quant_dir: Path, out: Path, w8a8_graph: Path | None
 def _weight_only_layers(plan_all: dict, quant_dir: Path, dtype, report: CompressedReport) -> dict[str, dict]:
     plan = {n: s for n, s in plan_all.get("layers", {}).items() if n != EMBEDDING}
     if not plan:
-        raise StageError(f"{quant_dir}: no quantized layers; hf-quantized writes a quantize stage's codes "
-                         "(a float model needs no compressed-tensors checkpoint)")
+        raise StageError(
+            f"{quant_dir}: no quantized layers; hf-quantized writes a quantize stage's codes "
+            "(a float model needs no compressed-tensors checkpoint)"
+        )
     for layer, spec in plan.items():
         if spec.get("float_zero"):
-            raise StageError(f"{layer}: float zero points have no compressed-tensors form (its zero points are integers); "
-                             f"hf-quantized takes {FORMATS_THAT_WORK} with zero_point: int")
+            raise StageError(
+                f"{layer}: float zero points have no compressed-tensors form (its zero points are integers); "
+                f"hf-quantized takes {FORMATS_THAT_WORK} with zero_point: int"
+            )
         if spec["K"] % spec["group_size"]:
-            raise StageError(f"{layer}: {spec['K']} inputs is not a multiple of group_size {spec['group_size']}; "
-                             f"compressed-tensors needs whole groups: hf-quantized takes {FORMATS_THAT_WORK}")
+            raise StageError(
+                f"{layer}: {spec['K']} inputs is not a multiple of group_size {spec['group_size']}; "
+                f"compressed-tensors needs whole groups: hf-quantized takes {FORMATS_THAT_WORK}"
+            )
     packed = load_file(str(quant_dir / PACKED_FILE))
     layers = {}
     for layer, spec in plan.items():
         layers[layer] = packed_tensors(*unpack_matmul_nbits(packed, layer, spec), spec, dtype)
-        group = report.groups.setdefault(scheme_label(spec), Group(weight_args(spec["bits"], spec["symmetric"], "group",
-                                                                                spec["group_size"])))
+        group = report.groups.setdefault(
+            scheme_label(spec), Group(weight_args(spec["bits"], spec["symmetric"], "group", spec["group_size"]))
+        )
         group.layers.append(layer)
     report.vllm_problems = _vllm_problems({n: scheme_label(s) for n, s in plan.items()})
     return layers
@@ -225,15 +258,18 @@ def _w8a8_layers(plan_all: dict, graph: Path, dtype, report: CompressedReport) -
     codes = read_w8a8_codes(graph, plan_all["w8a8_modules"])
     label = f"int8 W8A8 {mode} (weights per channel, activations {W8A8_INPUTS[mode]['strategy']})"
     report.groups[label] = Group(weight_args(8, True, "channel"), W8A8_INPUTS[mode], list(codes))
-    report.notes.append({
-        "dynamic": "W8A8 dynamic: ONNX Runtime rounds activations per tensor (asymmetric uint8); this checkpoint asks "
-                   "for per token (symmetric int8), the dynamic scheme vLLM runs: the weights are the same codes, the "
-                   "activation rounding differs (activations: dynamic_per_token matches exactly)",
-        "dynamic_per_token": "W8A8 dynamic per token: the same weight codes and activation scheme as the ONNX graph; the "
-                             "per-token scale is absmax / 127 in the graph and in vLLM, absmax / 127.5 in "
-                             "compressed-tensors' own reference code (what transformers runs)",
-        "static": "W8A8 static: the same weight codes and calibrated input scales as the ONNX graph (symmetric, one "
-                  "per tensor); the graph's QuantizeLinear codes span [-128, 127], compressed-tensors' [-128, 127] too"}[mode])
+    report.notes.append(
+        {
+            "dynamic": "W8A8 dynamic: ONNX Runtime rounds activations per tensor (asymmetric uint8); this checkpoint asks "
+            "for per token (symmetric int8), the dynamic scheme vLLM runs: the weights are the same codes, the "
+            "activation rounding differs (activations: dynamic_per_token matches exactly)",
+            "dynamic_per_token": "W8A8 dynamic per token: the same weight codes and activation scheme as the ONNX graph; the "
+            "per-token scale is absmax / 127 in the graph and in vLLM, absmax / 127.5 in "
+            "compressed-tensors' own reference code (what transformers runs)",
+            "static": "W8A8 static: the same weight codes and calibrated input scales as the ONNX graph (symmetric, one "
+            "per tensor); the graph's QuantizeLinear codes span [-128, 127], compressed-tensors' [-128, 127] too",
+        }[mode]
+    )
     report.vllm_problems = _vllm_problems({n: label if n in codes else "float" for n in plan_all["w8a8_modules"]})
     return {m: w8a8_tensors(c, dtype) for m, c in codes.items()}
 
@@ -243,11 +279,24 @@ def _quantization_config(report: CompressedReport, fmt: str) -> dict:
     quantized linear targets the class `Linear`, as llm-compressor writes it (float linears go to
     `ignore`); otherwise each group names its layers."""
     uniform = len(report.groups) == 1
-    groups = {f"group_{i}": {"targets": ["Linear"] if uniform else g.layers, "weights": g.weights,
-                             "input_activations": g.inputs, "output_activations": None, "format": fmt}
-              for i, g in enumerate(report.groups.values())}
-    return {"quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
-            "config_groups": groups, "ignore": report.float_linears, "kv_cache_scheme": None}
+    groups = {
+        f"group_{i}": {
+            "targets": ["Linear"] if uniform else g.layers,
+            "weights": g.weights,
+            "input_activations": g.inputs,
+            "output_activations": None,
+            "format": fmt,
+        }
+        for i, g in enumerate(report.groups.values())
+    }
+    return {
+        "quant_method": "compressed-tensors",
+        "format": fmt,
+        "quantization_status": "compressed",
+        "config_groups": groups,
+        "ignore": report.float_linears,
+        "kv_cache_scheme": None,
+    }
 
 
 def _vllm_problems(labels: dict[str, str]) -> list[str]:

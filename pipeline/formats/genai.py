@@ -9,6 +9,7 @@ seqlens inputs) is our runner's and is not described here.
     import onnxruntime_genai as og
     model = og.Model("artifacts/<run>/<NN>-export-<hash>")      # CPU; for CUDA: og.Config + append_provider("cuda")
 """
+
 from __future__ import annotations
 
 import json
@@ -41,16 +42,34 @@ def genai_config(contract: Contract, config: dict, bos_id: int | None, eos_ids: 
                 "num_attention_heads": config["num_attention_heads"],
                 "num_key_value_heads": contract.num_kv_heads,
                 "num_hidden_layers": contract.num_layers,
-                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
-                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
-                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
-                            "present_value_names": "present.%d.value"},
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "position_ids": "position_ids",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
             },
         },
         "search": {
-            "do_sample": False, "num_beams": 1, "num_return_sequences": 1, "max_length": context, "min_length": 0,
-            "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0, "length_penalty": 1.0,
-            "no_repeat_ngram_size": 0, "diversity_penalty": 0.0, "early_stopping": True,
+            "do_sample": False,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "max_length": context,
+            "min_length": 0,
+            "temperature": 1.0,
+            "top_k": 50,
+            "top_p": 1.0,
+            "repetition_penalty": 1.0,
+            "length_penalty": 1.0,
+            "no_repeat_ngram_size": 0,
+            "diversity_penalty": 0.0,
+            "early_stopping": True,
             "past_present_share_buffer": False,  # the portable graph returns past + new, not an in-place buffer
         },
     }
@@ -64,5 +83,7 @@ def write_genai_config(folder: Path, contract: Contract) -> Path:
     gen = {**config, **(json.loads(gen_file.read_text()) if gen_file.is_file() else {})}
     eos_ids, pad_id = end_tokens(gen)
     path = folder / GENAI_CONFIG
-    path.write_text(json.dumps(genai_config(contract, config, gen.get("bos_token_id"), eos_ids, pad_id), indent=2) + "\n")
+    path.write_text(
+        json.dumps(genai_config(contract, config, gen.get("bos_token_id"), eos_ids, pad_id), indent=2) + "\n"
+    )
     return path

@@ -14,6 +14,7 @@ Norms and unquantized weights are written as float32. llama.cpp's llama rotary e
 the rows of Q and K interleaved per head, as its own converter does; blocks run along a row, so
 permuting rows moves whole blocks and changes no code.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,8 @@ from safetensors.numpy import load_file
 
 from pipeline.errors import StageError
 from pipeline.graph.quant_ops import EMBEDDING
-from pipeline.quant.primitives import unpack_matmul_nbits
 from pipeline.quant.plan import PACKED_FILE, PLAN_FILE
+from pipeline.quant.primitives import unpack_matmul_nbits
 
 GGUF_FOLDER, GGUF_FILE = "gguf", "model.gguf"  # where the export stage puts it
 BLOCK = 32
@@ -49,8 +50,10 @@ def ggml_type(bits: int, group_size: int, symmetric: bool, layer: str) -> tuple[
         return EXACT[(bits, symmetric)], True
     if (bits, group_size, symmetric) == (8, BLOCK, False):
         return Q.Q8_0, False
-    raise StageError(f"{layer}: int{bits} g{group_size} {'sym' if symmetric else 'asym'} has no GGUF block type; "
-                     f"GGUF takes {FORMATS_THAT_WORK}")
+    raise StageError(
+        f"{layer}: int{bits} g{group_size} {'sym' if symmetric else 'asym'} has no GGUF block type; "
+        f"GGUF takes {FORMATS_THAT_WORK}"
+    )
 
 
 def ggml_blocks(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, qtype) -> np.ndarray:
@@ -62,7 +65,11 @@ def ggml_blocks(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, qtype) -> np
         parts = [d, qs]
     else:
         qs = (q[..., :16] | (q[..., 16:] << 4)).astype(np.uint8)  # element j low nibble, j + 16 high
-        parts = [d, qs] if qtype == Q.Q4_0 else [d, (-zero.astype(np.float32) * scale).astype(np.float16)[..., None].view(np.uint8), qs]
+        parts = (
+            [d, qs]
+            if qtype == Q.Q4_0
+            else [d, (-zero.astype(np.float32) * scale).astype(np.float16)[..., None].view(np.uint8), qs]
+        )
     return np.concatenate(parts, axis=-1).reshape(n, -1)
 
 
@@ -147,8 +154,9 @@ def _quantized(packed, layer, spec, rows, report: GGUFReport):
     if not exact:
         report.converted.append(layer)
         return gguf.quants.quantize(ours, qtype), qtype
-    report.max_scale_rounding = max(report.max_scale_rounding,
-                                    float(np.abs(block_values(q, scale, zero, qtype) - ours).max()))
+    report.max_scale_rounding = max(
+        report.max_scale_rounding, float(np.abs(block_values(q, scale, zero, qtype) - ours).max())
+    )
     return ggml_blocks(q, scale, zero, qtype), qtype
 
 

@@ -12,6 +12,7 @@ The result is the float-zero-point product up to float rounding; the correction 
 matmuls and an add per quantized linear. The export writes this form into every graph: it runs the
 same on every provider and in every engine that reads our ONNX (onnxruntime-genai, optimum).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -51,18 +52,32 @@ def lower_float_zero_points(model: onnx.ModelProto, weights: Mapping[str, np.nda
             sums[(k, g)] = f"float_zero.block_sums.K{k}.G{g}"
             graph.initializer.append(numpy_helper.from_array(e, sums[(k, g)]))
         name = node.name
-        graph.initializer.extend([
-            numpy_helper.from_array(pack_zero_points(rounded.astype(np.uint8), bits), f"{name}.zero_points_int"),
-            numpy_helper.from_array(np.ascontiguousarray((scale * (rounded - zero)).T.astype(dtype)), f"{name}.zero_correction"),
-        ])
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(pack_zero_points(rounded.astype(np.uint8), bits), f"{name}.zero_points_int"),
+                numpy_helper.from_array(
+                    np.ascontiguousarray((scale * (rounded - zero)).T.astype(dtype)), f"{name}.zero_correction"
+                ),
+            ]
+        )
         out = node.output[0]
         node.input[3] = f"{name}.zero_points_int"
         node.output[0] = f"{name}/integer_zero"
         nodes.append(node)
-        nodes.append(helper.make_node("MatMul", [node.input[0], sums[(k, g)]], [f"{name}/block_sums"], name=f"{name}/BlockSums"))
-        nodes.append(helper.make_node("MatMul", [f"{name}/block_sums", f"{name}.zero_correction"], [f"{name}/correction"],
-                                      name=f"{name}/ZeroCorrection"))
-        nodes.append(helper.make_node("Add", [f"{name}/integer_zero", f"{name}/correction"], [out], name=f"{name}/AddCorrection"))
+        nodes.append(
+            helper.make_node("MatMul", [node.input[0], sums[(k, g)]], [f"{name}/block_sums"], name=f"{name}/BlockSums")
+        )
+        nodes.append(
+            helper.make_node(
+                "MatMul",
+                [f"{name}/block_sums", f"{name}.zero_correction"],
+                [f"{name}/correction"],
+                name=f"{name}/ZeroCorrection",
+            )
+        )
+        nodes.append(
+            helper.make_node("Add", [f"{name}/integer_zero", f"{name}/correction"], [out], name=f"{name}/AddCorrection")
+        )
         rewritten += 1
     del graph.node[:]
     graph.node.extend(nodes)

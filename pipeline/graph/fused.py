@@ -24,6 +24,7 @@ weights exactly as PyTorch holds them; `to_float16` converts it last.
 With `kv_cache: int8` in the contract, each GroupQueryAttention keeps its cache in int8 and takes the
 layer's per-channel key and value scales (pipeline.quant.kv_int8) as initializers.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -38,8 +39,13 @@ from pipeline.graph.lazy import is_lazy, lazy_tensor
 from runtime.io_spec import Contract
 
 MS = "com.microsoft"
-DTYPES = {"int64": TensorProto.INT64, "int32": TensorProto.INT32, "float32": TensorProto.FLOAT,
-          "float16": TensorProto.FLOAT16, "int8": TensorProto.INT8}
+DTYPES = {
+    "int64": TensorProto.INT64,
+    "int32": TensorProto.INT32,
+    "float32": TensorProto.FLOAT,
+    "float16": TensorProto.FLOAT16,
+    "int8": TensorProto.INT8,
+}
 
 
 class _Graph:
@@ -57,17 +63,26 @@ class _Graph:
 
     def weight(self, name: str, param: str, shape: list[int], transpose: bool = False) -> str:
         """A checkpoint tensor, left in the checkpoint until the graph is saved (pipeline/graph/lazy.py)."""
-        self.graph.initializer.add().CopyFrom(lazy_tensor(name, [(param, transpose)], shape[::-1] if transpose else shape))
+        self.graph.initializer.add().CopyFrom(
+            lazy_tensor(name, [(param, transpose)], shape[::-1] if transpose else shape)
+        )
         return name
 
-    def op(self, op: str, inputs: list[str], name: str, outputs: int | list[str] = 1, domain: str = "", **attrs) -> list[str]:
+    def op(
+        self, op: str, inputs: list[str], name: str, outputs: int | list[str] = 1, domain: str = "", **attrs
+    ) -> list[str]:
         outs = outputs if isinstance(outputs, list) else [f"{name}/output_{i}" for i in range(outputs)]
         self.graph.node.add().CopyFrom(helper.make_node(op, inputs, outs, name=name, domain=domain or None, **attrs))
         return outs
 
 
-def build_fused_graph(model: torch.nn.Module, weights: FloatWeights, contract: Contract, opset: int,
-                      kv_scales: list[tuple[np.ndarray, np.ndarray]] | None = None) -> onnx.ModelProto:
+def build_fused_graph(
+    model: torch.nn.Module,
+    weights: FloatWeights,
+    contract: Contract,
+    opset: int,
+    kv_scales: list[tuple[np.ndarray, np.ndarray]] | None = None,
+) -> onnx.ModelProto:
     """The model as GroupQueryAttention + SimplifiedLayerNormalization + MatMul ops, with float32 weights
     read from `weights` (the checkpoint) when the graph is saved; `model` gives the config and rotary
     tables only (a streamed model will do). Call `to_float16` after any rewrite when the contract's dtype
@@ -78,7 +93,9 @@ def build_fused_graph(model: torch.nn.Module, weights: FloatWeights, contract: C
     heads, kv_heads, head_dim = cfg.num_attention_heads, dims.num_kv_heads, dims.head_dim
     _check_supported(cfg, head_dim)
     if (contract.kv_cache == "int8") != (kv_scales is not None):
-        raise StageError("export.fused: an int8 KV cache needs its calibrated scales, and only an int8 cache takes them")
+        raise StageError(
+            "export.fused: an int8 KV cache needs its calibrated scales, and only an int8 cache takes them"
+        )
     eps = float(cfg.rms_norm_eps)
     g = _Graph()
 
@@ -95,10 +112,21 @@ def build_fused_graph(model: torch.nn.Module, weights: FloatWeights, contract: C
     def head_norm(x: str, module: str, n_heads: int) -> str:
         """Qwen3's per-head RMSNorm on q or k, before rotary."""
         path = f"/model/{module.replace('.', '/')}"
-        split = g.op("Reshape", [x, g.const(f"{module}.heads_shape", np.array([0, 0, n_heads, head_dim], np.int64))], f"{path}/Reshape")[0]
-        normed = g.op("SimplifiedLayerNormalization", [split, param(f"{module}.weight")],
-                      f"{path}/SimplifiedLayerNorm", axis=-1, epsilon=eps)[0]
-        return g.op("Reshape", [normed, g.const(f"{module}.flat_shape", np.array([0, 0, -1], np.int64))], f"{path}/Reshape_1")[0]
+        split = g.op(
+            "Reshape",
+            [x, g.const(f"{module}.heads_shape", np.array([0, 0, n_heads, head_dim], np.int64))],
+            f"{path}/Reshape",
+        )[0]
+        normed = g.op(
+            "SimplifiedLayerNormalization",
+            [split, param(f"{module}.weight")],
+            f"{path}/SimplifiedLayerNorm",
+            axis=-1,
+            epsilon=eps,
+        )[0]
+        return g.op(
+            "Reshape", [normed, g.const(f"{module}.flat_shape", np.array([0, 0, -1], np.int64))], f"{path}/Reshape_1"
+        )[0]
 
     cos, sin = _rotary_tables(model, head_dim)
     g.const("cos_cache", cos)
@@ -114,27 +142,61 @@ def build_fused_graph(model: torch.nn.Module, weights: FloatWeights, contract: C
             nonlocal residual
             gamma = param(f"{p}.{name}.weight")
             if pending is None:
-                return g.op("SimplifiedLayerNormalization", [residual, gamma], f"/model/{p.replace('.', '/')}/{name}/LayerNorm",
-                            axis=-1, epsilon=eps)[0]
-            out, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [pending, residual, gamma],
-                                       f"/model/{p.replace('.', '/')}/{name}/SkipLayerNorm", outputs=4, domain=MS, epsilon=eps)
+                return g.op(
+                    "SimplifiedLayerNormalization",
+                    [residual, gamma],
+                    f"/model/{p.replace('.', '/')}/{name}/LayerNorm",
+                    axis=-1,
+                    epsilon=eps,
+                )[0]
+            out, _, _, residual = g.op(
+                "SkipSimplifiedLayerNormalization",
+                [pending, residual, gamma],
+                f"/model/{p.replace('.', '/')}/{name}/SkipLayerNorm",
+                outputs=4,
+                domain=MS,
+                epsilon=eps,
+            )
             return out
 
         x = norm("input_layernorm")
         q, k, v = (linear(x, f"{p}.self_attn.{n}_proj") for n in "qkv")
         if f"{p}.self_attn.q_norm.weight" in weights:
             q, k = head_norm(q, f"{p}.self_attn.q_norm", heads), head_norm(k, f"{p}.self_attn.k_norm", kv_heads)
-        inputs = [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k", "total_sequence_length",
-                  "cos_cache", "sin_cache"]
+        inputs = [
+            q,
+            k,
+            v,
+            f"past_key_values.{i}.key",
+            f"past_key_values.{i}.value",
+            "seqlens_k",
+            "total_sequence_length",
+            "cos_cache",
+            "sin_cache",
+        ]
         quant = {}
         if kv_scales is not None:  # inputs 9-11 (position_ids, attention_bias, head_sink) stay empty
-            inputs += ["", "", "", g.const(f"{p}.self_attn.k_scale", kv_scales[i][0]), g.const(f"{p}.self_attn.v_scale", kv_scales[i][1])]
+            inputs += [
+                "",
+                "",
+                "",
+                g.const(f"{p}.self_attn.k_scale", kv_scales[i][0]),
+                g.const(f"{p}.self_attn.v_scale", kv_scales[i][1]),
+            ]
             quant = {"k_quant_type": "PER_CHANNEL", "v_quant_type": "PER_CHANNEL", "kv_cache_bit_width": 8}
         attn, _, _ = g.op(
-            "GroupQueryAttention", inputs, f"/model/{p.replace('.', '/')}/self_attn/GroupQueryAttention",
-            outputs=[f"{p}.attn_out", f"present.{i}.key", f"present.{i}.value"], domain=MS,
-            num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0, local_window_size=window,
-            scale=float(head_dim ** -0.5), **quant,
+            "GroupQueryAttention",
+            inputs,
+            f"/model/{p.replace('.', '/')}/self_attn/GroupQueryAttention",
+            outputs=[f"{p}.attn_out", f"present.{i}.key", f"present.{i}.value"],
+            domain=MS,
+            num_heads=heads,
+            kv_num_heads=kv_heads,
+            do_rotary=1,
+            rotary_interleaved=0,
+            local_window_size=window,
+            scale=float(head_dim**-0.5),
+            **quant,
         )
         pending = linear(attn, f"{p}.self_attn.o_proj")
         x = norm("post_attention_layernorm")
@@ -143,10 +205,20 @@ def build_fused_graph(model: torch.nn.Module, weights: FloatWeights, contract: C
         silu = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{path}/act_fn/Sigmoid")[0]], f"{path}/act_fn/Mul")[0]
         pending = linear(g.op("Mul", [silu, up], f"{path}/Mul")[0], f"{p}.mlp.down_proj")
     final = param("model.norm.weight")
-    x = g.op("SkipSimplifiedLayerNormalization", [pending, residual, final], "/model/model/norm/SkipLayerNorm",
-             outputs=1, domain=MS, epsilon=eps)[0]
+    x = g.op(
+        "SkipSimplifiedLayerNormalization",
+        [pending, residual, final],
+        "/model/model/norm/SkipLayerNorm",
+        outputs=1,
+        domain=MS,
+        epsilon=eps,
+    )[0]
     # only the rows asked for reach the LM head: a prefill needs one row per sequence, not the whole prompt
-    rows = g.op("Unsqueeze", ["logits_positions", g.const("last_axis", np.array([-1], np.int64))], "/model/logits_rows/Unsqueeze")[0]
+    rows = g.op(
+        "Unsqueeze",
+        ["logits_positions", g.const("last_axis", np.array([-1], np.int64))],
+        "/model/logits_rows/Unsqueeze",
+    )[0]
     x = g.op("GatherND", [x, rows], "/model/logits_rows/GatherND", batch_dims=1)[0]
     head = "lm_head" if "lm_head.weight" in weights else "model.embed_tokens"
     head_t = g.weight("lm_head.weight.T", f"{head}.weight", weights.shape(f"{head}.weight"), transpose=True)

@@ -11,6 +11,7 @@ the proto's data_type is the type written (a float16 graph converts as it writes
 placeholders by what they name, not by value, and `save_streamed` writes the graph's data file one
 tensor at a time: a graph of any size is built and saved holding one weight, not the model.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,12 +30,17 @@ ALIGN, ALIGN_ABOVE = 65536, 2**20  # large tensors start on a 64 KiB boundary, s
 INLINE_BELOW = 1024  # bytes; smaller tensors stay in the proto
 
 
-def lazy_tensor(name: str, parts: list[tuple[str, bool]], shape: list[int], axis: int = 0,
-                dtype: np.dtype = np.dtype(np.float32)) -> TensorProto:
+def lazy_tensor(
+    name: str, parts: list[tuple[str, bool]], shape: list[int], axis: int = 0, dtype: np.dtype = np.dtype(np.float32)
+) -> TensorProto:
     """A placeholder for checkpoint tensors `parts` (name, transposed) concatenated along `axis`, reshaped to
     `shape`, of type `dtype`."""
-    t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), dims=shape,
-                    data_location=TensorProto.EXTERNAL)
+    t = TensorProto(
+        name=name,
+        data_type=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)),
+        dims=shape,
+        data_location=TensorProto.EXTERNAL,
+    )
     for key, value in (("location", LAZY), ("parts", json.dumps(parts)), ("axis", str(axis))):
         entry = t.external_data.add()
         entry.key, entry.value = key, value
@@ -42,7 +48,9 @@ def lazy_tensor(name: str, parts: list[tuple[str, bool]], shape: list[int], axis
 
 
 def is_lazy(t: TensorProto) -> bool:
-    return t.data_location == TensorProto.EXTERNAL and any(e.key == "location" and e.value == LAZY for e in t.external_data)
+    return t.data_location == TensorProto.EXTERNAL and any(
+        e.key == "location" and e.value == LAZY for e in t.external_data
+    )
 
 
 def lazy_parts(t: TensorProto) -> tuple[list[tuple[str, bool]], int]:
@@ -86,8 +94,9 @@ def materialize(model: onnx.ModelProto, weights: Mapping[str, np.ndarray] | None
     return model
 
 
-def save_streamed(model: onnx.ModelProto, path: Path, weights: Mapping[str, np.ndarray] | None,
-                  external_data: bool = True) -> None:
+def save_streamed(
+    model: onnx.ModelProto, path: Path, weights: Mapping[str, np.ndarray] | None, external_data: bool = True
+) -> None:
     """Save `model` with its large initializers in `<name>.data`, written one at a time (placeholders read
     from `weights` as they are written). The in-memory proto keeps only references afterwards."""
     path = Path(path)
@@ -101,7 +110,9 @@ def save_streamed(model: onnx.ModelProto, path: Path, weights: Mapping[str, np.n
         with open(tmp, "wb") as data:
             for t in model.graph.initializer:
                 if not is_lazy(t) and t.data_location == TensorProto.EXTERNAL:
-                    raise StageError(f"export: {t.name} points at another data file; load the graph with its data to resave it")
+                    raise StageError(
+                        f"export: {t.name} points at another data file; load the graph with its data to resave it"
+                    )
                 if not is_lazy(t) and _nbytes(t) < INLINE_BELOW:
                     continue
                 raw = tensor_array(t, weights).tobytes() if is_lazy(t) else _raw(t)

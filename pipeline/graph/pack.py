@@ -8,6 +8,7 @@ of the threads. MatMulNBits siblings merge when their bits, block size and symme
 codes, scales and zero points are stored row by row over N, so the merged tensors are concatenations
 and the dequantized weights are exactly the originals.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -66,7 +67,9 @@ def _merge(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], inits: dict) -> 
     tensors = []
     for slot in range(1, len(nodes[0].input)):
         parts = [inits[n.input[slot]] for n in nodes]
-        axis = 1 if nodes[0].op_type == "MatMul" else 0  # MatMul weights are [K, N]; MatMulNBits tensors run over N first
+        axis = (
+            1 if nodes[0].op_type == "MatMul" else 0
+        )  # MatMul weights are [K, N]; MatMulNBits tensors run over N first
         if all(is_lazy(t) for t in parts):  # still in the checkpoint: the merged tensor names its parts
             tensors.append(concat_lazy(f"{name}.input_{slot}", parts, axis))
         else:
@@ -77,8 +80,14 @@ def _merge(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], inits: dict) -> 
     if "N" in attrs:
         attrs["N"] = sum(widths)
     packed_out = f"{name}/output_0"
-    packed = helper.make_node(nodes[0].op_type, [nodes[0].input[0], *[t.name for t in tensors]], [packed_out],
-                              name=name, domain=nodes[0].domain or None, **attrs)
+    packed = helper.make_node(
+        nodes[0].op_type,
+        [nodes[0].input[0], *[t.name for t in tensors]],
+        [packed_out],
+        name=name,
+        domain=nodes[0].domain or None,
+        **attrs,
+    )
     outputs = [n.output[0] for n in nodes]
     index = min(list(graph.node).index(n) for n in nodes)
     for n in nodes:

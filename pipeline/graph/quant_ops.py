@@ -10,6 +10,7 @@ The exporter names each linear's MatMul after its module (`/model/model/layers.0
 every match is also checked to hold exactly the dequantized weight, so a renamed or reordered
 graph cannot receive the wrong layer's codes.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,8 @@ import onnx
 from onnx import helper, numpy_helper
 from safetensors import safe_open
 
-from pipeline.errors import StageError
 from pipeline.checkpoint import FloatWeights, read_header
+from pipeline.errors import StageError
 from pipeline.graph.lazy import is_lazy, lazy_parts, lazy_tensor
 from pipeline.quant.plan import PACKED_FILE, PLAN_FILE
 
@@ -37,11 +38,12 @@ def module_of(node_name: str, op: str = "MatMul") -> str | None:
     """'/model/model/layers.0/mlp/up_proj/MatMul' -> 'model.layers.0.mlp.up_proj'."""
     if not node_name.startswith("/model/") or not node_name.endswith(f"/{op}"):
         return None
-    return node_name[len("/model/"):-len(f"/{op}")].replace("/", ".")
+    return node_name[len("/model/") : -len(f"/{op}")].replace("/", ".")
 
 
-def apply_block_quantized_ops(graph_model: onnx.ModelProto, quant_dir: Path, weights: Mapping[str, np.ndarray],
-                              accuracy_level: int) -> int:
+def apply_block_quantized_ops(
+    graph_model: onnx.ModelProto, quant_dir: Path, weights: Mapping[str, np.ndarray], accuracy_level: int
+) -> int:
     """Rewrite in place; `weights` maps checkpoint tensor name -> dequantized float weight ([N, K] for a
     linear's). A graph weight still in the checkpoint (pipeline/graph/lazy.py) is checked by the tensor it
     names, any other by value. Returns ops swapped."""
@@ -65,9 +67,18 @@ def apply_block_quantized_ops(graph_model: onnx.ModelProto, quant_dir: Path, wei
         for key, source in tensors.items():
             graph.initializer.append(packed.tensor(f"{prefix}.{key}", source))
             inputs.append(f"{prefix}.{key}")
-        new = helper.make_node("MatMulNBits", inputs, list(node.output), name=node.name + "NBits", domain=MS_DOMAIN,
-                               K=spec["K"], N=spec["N"], bits=spec["bits"], block_size=spec["group_size"],
-                               accuracy_level=accuracy_level)
+        new = helper.make_node(
+            "MatMulNBits",
+            inputs,
+            list(node.output),
+            name=node.name + "NBits",
+            domain=MS_DOMAIN,
+            K=spec["K"],
+            N=spec["N"],
+            bits=spec["bits"],
+            block_size=spec["group_size"],
+            accuracy_level=accuracy_level,
+        )
         graph.node.remove(node)
         graph.node.insert(index, new)
         done.add(name)
@@ -95,8 +106,14 @@ def set_accuracy_level(graph_model: onnx.ModelProto, level: int, int8_level: int
 
 
 def _swap_embedding(graph: onnx.GraphProto, spec: dict, packed: _PackedTensors, inits: dict, weights: Mapping) -> None:
-    index, node = next(((i, n) for i, n in enumerate(graph.node)
-                        if n.op_type == "Gather" and module_of(n.name, "Gather") == EMBEDDING), (None, None))
+    index, node = next(
+        (
+            (i, n)
+            for i, n in enumerate(graph.node)
+            if n.op_type == "Gather" and module_of(n.name, "Gather") == EMBEDDING
+        ),
+        (None, None),
+    )
     if node is None or node.input[0] not in inits:
         raise StageError("export: no Gather over the embedding weight found; cannot place GatherBlockQuantized")
     if not _holds(inits[node.input[0]], f"{EMBEDDING}.weight", False, weights):
@@ -109,8 +126,15 @@ def _swap_embedding(graph: onnx.GraphProto, spec: dict, packed: _PackedTensors, 
         graph.initializer.append(numpy_helper.from_array(np.array([rows, -1], dtype=np.int64), shape))
         for key in keys:
             reshaped = f"{EMBEDDING}.qweight.{key}"
-            graph.node.insert(index, helper.make_node("Reshape", [f"{spec['shared_with']}.qweight.{key}", shape],
-                                                      [reshaped], name=f"/model/model/embed_tokens/Reshape_{key}"))
+            graph.node.insert(
+                index,
+                helper.make_node(
+                    "Reshape",
+                    [f"{spec['shared_with']}.qweight.{key}", shape],
+                    [reshaped],
+                    name=f"/model/model/embed_tokens/Reshape_{key}",
+                ),
+            )
             index += 1
             inputs.append(reshaped)
     else:
@@ -120,9 +144,17 @@ def _swap_embedding(graph: onnx.GraphProto, spec: dict, packed: _PackedTensors, 
             graph.initializer.append(packed.tensor(name, f"{EMBEDDING}.{key}", [rows, math.prod(shape) // rows]))
             inputs.append(name)
     data, *rest = inputs
-    new = helper.make_node("GatherBlockQuantized", [data, node.input[1], *rest], list(node.output),
-                           name="/model/model/embed_tokens/GatherBlockQuantized", domain=MS_DOMAIN,
-                           gather_axis=0, quantize_axis=1, block_size=spec["group_size"], bits=spec["bits"])
+    new = helper.make_node(
+        "GatherBlockQuantized",
+        [data, node.input[1], *rest],
+        list(node.output),
+        name="/model/model/embed_tokens/GatherBlockQuantized",
+        domain=MS_DOMAIN,
+        gather_axis=0,
+        quantize_axis=1,
+        block_size=spec["group_size"],
+        bits=spec["bits"],
+    )
     graph.node.remove(node)
     graph.node.insert(index, new)
 

@@ -15,6 +15,7 @@ initializers of equal value, and folds transposes into new ones. A layer that is
 template (layer 1's graph differs from layer 2's) or a weight that is neither a parameter nor its
 transpose makes `stamp_layers` return None, and the caller traces the whole model.
 """
+
 from __future__ import annotations
 
 import copy
@@ -55,8 +56,12 @@ def can_stamp(config) -> bool:
     return config.num_hidden_layers > TRACED_LAYERS and len(kinds) == 1
 
 
-def stamp_layers(traced: onnx.ModelProto, small: torch.nn.Module | dict[str, tuple[str, bool]], layers: int,
-                 log: Callable[[str], None]) -> onnx.ModelProto | None:
+def stamp_layers(
+    traced: onnx.ModelProto,
+    small: torch.nn.Module | dict[str, tuple[str, bool]],
+    layers: int,
+    log: Callable[[str], None],
+) -> onnx.ModelProto | None:
     """`traced` (the trace of `small`, see module docstring) grown to `layers` layers, in place, its weights
     placeholders for the checkpoint's tensors (pipeline/graph/lazy.py); None when the trace does not have
     the shape this needs. `small` may instead be what `weights_by_name` found: initializer -> (parameter,
@@ -103,8 +108,10 @@ def stamp_layers(traced: onnx.ModelProto, small: torch.nn.Module | dict[str, tup
     graph.initializer.extend(new_inits)
     _grow_io(graph, layers)
     del graph.value_info[:]  # shapes of the copy's intermediate tensors; ONNX Runtime infers its own
-    log(f"  layer stamping: traced {TRACED_LAYERS} layers, layers {TRACED_LAYERS}..{last} copied from layer {TEMPLATE} "
-        f"({len(clones)} nodes)")
+    log(
+        f"  layer stamping: traced {TRACED_LAYERS} layers, layers {TRACED_LAYERS}..{last} copied from layer {TEMPLATE} "
+        f"({len(clones)} nodes)"
+    )
     return traced
 
 
@@ -118,8 +125,12 @@ def _layers_alike(graph: onnx.GraphProto, sources: dict, log: Callable[[str], No
         log("  layer stamping: the trace's nodes are not named by layer; tracing the whole model")
         return None
     produced = {o: k for k, nodes in by_layer.items() for n in nodes for o in n.output}
-    places = {o: (_LAYER.sub("layers.N", n.name), list(n.output).index(o)) for nodes in by_layer.values() for n in nodes
-              for o in n.output}
+    places = {
+        o: (_LAYER.sub("layers.N", n.name), list(n.output).index(o))
+        for nodes in by_layer.values()
+        for n in nodes
+        for o in n.output
+    }
     shared = {x for n in by_layer[TEMPLATE] for x in n.input if produced.get(x) == 0}  # layer 0 computed them for all
     constants = _constants(graph, sources)
     signatures = [_signature(by_layer[k], k, produced, constants, shared, places) for k in (1, TEMPLATE)]
@@ -145,9 +156,13 @@ def weights_by_name(traced: onnx.ModelProto, weights, prefix: str = "model.") ->
     for value in graph.input:
         name = value.name
         dims = [d.dim_value for d in value.type.tensor_type.shape.dim]
-        if name.startswith(prefix) and name[len(prefix):] in weights:
-            param, transpose = name[len(prefix):], False
-        elif name.startswith("onnx::MatMul_") and len(readers.get(name, [])) == 1 and readers[name][0].op_type == "MatMul":
+        if name.startswith(prefix) and name[len(prefix) :] in weights:
+            param, transpose = name[len(prefix) :], False
+        elif (
+            name.startswith("onnx::MatMul_")
+            and len(readers.get(name, [])) == 1
+            and readers[name][0].op_type == "MatMul"
+        ):
             module = _module_of(readers[name][0].name)
             param, transpose = f"{module}.weight", True
             if param not in weights and module == "lm_head":  # a tied head is the embedding
@@ -155,7 +170,7 @@ def weights_by_name(traced: onnx.ModelProto, weights, prefix: str = "model.") ->
         else:
             kept.append(value)
             continue
-        if param not in weights or weights.shape(param)[::-1 if transpose else 1] != dims:
+        if param not in weights or weights.shape(param)[:: -1 if transpose else 1] != dims:
             return None
         sources[name] = (param, transpose)
         graph.initializer.append(lazy_tensor(name, [(param, transpose)], dims))
@@ -184,9 +199,19 @@ def _match_initializers(graph: onnx.GraphProto, small: torch.nn.Module) -> dict[
         if not candidates:
             continue
         array = numpy_helper.to_array(t)
-        hit = next(((n, False) for n in candidates if array.shape == params[n].shape and np.array_equal(array, params[n])), None)
+        hit = next(
+            ((n, False) for n in candidates if array.shape == params[n].shape and np.array_equal(array, params[n])),
+            None,
+        )
         if hit is None and array.ndim == 2:
-            hit = next(((n, True) for n in candidates if array.shape == params[n].T.shape and np.array_equal(array, params[n].T)), None)
+            hit = next(
+                (
+                    (n, True)
+                    for n in candidates
+                    if array.shape == params[n].T.shape and np.array_equal(array, params[n].T)
+                ),
+                None,
+            )
         if hit is None:
             if array.size >= 64 and array.dtype == np.float32:  # weight-sized and float: must be a weight
                 return None
@@ -239,8 +264,14 @@ def _constants(graph: onnx.GraphProto, sources: dict) -> dict[str, bytes]:
     return out
 
 
-def _signature(nodes: list[onnx.NodeProto], layer: int, produced: dict, constants: dict, shared: set[str],
-               places: dict[str, tuple[str, int]]) -> list[tuple]:
+def _signature(
+    nodes: list[onnx.NodeProto],
+    layer: int,
+    produced: dict,
+    constants: dict,
+    shared: set[str],
+    places: dict[str, tuple[str, int]],
+) -> list[tuple]:
     """A layer's graph with its own index taken out: op, attributes, and for each input where it comes from
     (this layer's node k, the previous layer's node of that name, a tensor layer 0 computed for all layers, a constant's
     value, a weight, a graph input). Equal for two layers that are copies of each other."""

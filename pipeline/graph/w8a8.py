@@ -20,6 +20,7 @@ ONNX Runtime's own static mode (QDQ, MinMax ranges) was the static path until ou
 it: on SmolLM2 with SmoothQuant auto it measured +168 % perplexity, mostly because its graph also
 rounds every linear's output to uint8 and its MinMax ranges are set by a few outlier tokens.
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -41,14 +42,21 @@ def linear_nodes(path: Path, modules: list[str]) -> list[str]:
     """Names of the MatMul nodes of these linear layers (weight from an initializer)."""
     graph = onnx.load(str(path), load_external_data=False).graph
     weights = {t.name for t in graph.initializer}
-    nodes = [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights and module_of(n.name) in modules]
+    nodes = [
+        n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights and module_of(n.name) in modules
+    ]
     if len(nodes) != len(modules):
         raise StageError(f"export: found {len(nodes)} of the {len(modules)} W8A8 linears in the graph")
     return nodes
 
 
-def quantize_w8a8(path: Path, mode: str, modules: list[str], input_scales: dict[str, float] | None = None,
-                  rotations: dict[str, int] | None = None) -> onnx.ModelProto:
+def quantize_w8a8(
+    path: Path,
+    mode: str,
+    modules: list[str],
+    input_scales: dict[str, float] | None = None,
+    rotations: dict[str, int] | None = None,
+) -> onnx.ModelProto:
     """The quantized graph of the float model at `path` (returned in memory, weights loaded).
     `input_scales`: static mode's calibrated scale per linear; `rotations`: the linears whose input
     is rotated by a block Hadamard of that width (both from the quantize stage's plan)."""
@@ -59,16 +67,29 @@ def quantize_w8a8(path: Path, mode: str, modules: list[str], input_scales: dict[
             raise StageError("export: static W8A8 needs the quantize stage's input_scales (re-run quantize)")
         return quantize_int8_linears(path, modules, input_scales, rotations)
     if rotations:
-        raise StageError("export: ONNX Runtime's dynamic W8A8 cannot take hadamard rotations (ours, per token or static, can)")
+        raise StageError(
+            "export: ONNX Runtime's dynamic W8A8 cannot take hadamard rotations (ours, per token or static, can)"
+        )
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         out = Path(tmp) / "model.onnx"
-        quantize_dynamic(path, out, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                         nodes_to_quantize=linear_nodes(path, set(modules)), per_channel=True, use_external_data_format=True)
+        quantize_dynamic(
+            path,
+            out,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul"],
+            nodes_to_quantize=linear_nodes(path, set(modules)),
+            per_channel=True,
+            use_external_data_format=True,
+        )
         return onnx.load(str(out))
 
 
-def quantize_int8_linears(path: Path, modules: list[str], input_scales: dict[str, float] | None = None,
-                          rotations: dict[str, int] | None = None) -> onnx.ModelProto:
+def quantize_int8_linears(
+    path: Path,
+    modules: list[str],
+    input_scales: dict[str, float] | None = None,
+    rotations: dict[str, int] | None = None,
+) -> onnx.ModelProto:
     """W8A8, our own rewrite of each linear's MatMul(x, W); by default one activation scale per token:
 
         s_x = max(|x|, last axis) / 127          q_x = clip(round(x / s_x), -127, 127)
@@ -101,10 +122,16 @@ def quantize_int8_linears(path: Path, modules: list[str], input_scales: dict[str
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     inits = {t.name: t for t in graph.initializer}
     targets = set(linear_nodes(path, set(modules)))
-    per_token = (("w8a8_127", 127.0, np.float32), ("w8a8_neg127", -127.0, np.float32), ("w8a8_eps", 1e-8, np.float32),
-                 ("w8a8_128", 128.0, np.float32))
-    consts = [numpy_helper.from_array(np.array(v, dtype=t), name=n) for n, v, t in
-              ((*per_token,) if input_scales is None else ()) + (("w8a8_zero_point", 128, np.uint8),)]
+    per_token = (
+        ("w8a8_127", 127.0, np.float32),
+        ("w8a8_neg127", -127.0, np.float32),
+        ("w8a8_eps", 1e-8, np.float32),
+        ("w8a8_128", 128.0, np.float32),
+    )
+    consts = [
+        numpy_helper.from_array(np.array(v, dtype=t), name=n)
+        for n, v, t in ((*per_token,) if input_scales is None else ()) + (("w8a8_zero_point", 128, np.uint8),)
+    ]
     if opset >= 18 and input_scales is None:
         consts.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), name="w8a8_last_axis"))
     quantized_inputs: dict[str, tuple[str, str]] = {}  # float input -> (uint8 codes, per-token or static scale)
@@ -116,7 +143,7 @@ def quantize_int8_linears(path: Path, modules: list[str], input_scales: dict[str
             continue
         x, w_name = node.input
         w = numpy_helper.to_array(inits[w_name]).astype(np.float32)  # [K, N]
-        if (block := (rotations or {}).get(module_of(node.name))):
+        if block := (rotations or {}).get(module_of(node.name)):
             if f"{x}_rotated" not in quantized_inputs:
                 nodes += _rotation_nodes(x, block, consts)
             x = f"{x}_rotated"
@@ -127,8 +154,14 @@ def quantize_int8_linears(path: Path, modules: list[str], input_scales: dict[str
             quantized_inputs[x] = (f"{x}_q_uint8", f"{x}_token_scale")
         elif x not in quantized_inputs:
             consts.append(numpy_helper.from_array(np.array(scale, dtype=np.float32), name=f"{x}_static_scale"))
-            nodes.append(onnx.helper.make_node("QuantizeLinear", [x, f"{x}_static_scale", "w8a8_zero_point"],
-                                               [f"{x}_q_uint8"], name=f"{x}_QuantizeLinear"))
+            nodes.append(
+                onnx.helper.make_node(
+                    "QuantizeLinear",
+                    [x, f"{x}_static_scale", "w8a8_zero_point"],
+                    [f"{x}_q_uint8"],
+                    name=f"{x}_QuantizeLinear",
+                )
+            )
             quantized_inputs[x] = (f"{x}_q_uint8", f"{x}_static_scale")
             static_scales[x] = scale
         elif scale is not None and scale != static_scales[x]:
@@ -136,14 +169,19 @@ def quantize_int8_linears(path: Path, modules: list[str], input_scales: dict[str
         q_x, s_x = quantized_inputs[x]
         s_w = np.maximum(np.abs(w).max(axis=0), 1e-12) / 127
         w_q = np.clip(np.round(w / s_w), -127, 127).astype(np.int16)
-        consts += [numpy_helper.from_array((w_q + 128).astype(np.uint8), name=f"{w_name}_quantized"),
-                   numpy_helper.from_array(s_w.astype(np.float32), name=f"{w_name}_scale")]
+        consts += [
+            numpy_helper.from_array((w_q + 128).astype(np.uint8), name=f"{w_name}_quantized"),
+            numpy_helper.from_array(s_w.astype(np.float32), name=f"{w_name}_scale"),
+        ]
         dropped.add(w_name)
         y = node.output[0]
         nodes += [
-            onnx.helper.make_node("MatMulInteger", [q_x, f"{w_name}_quantized", "w8a8_zero_point", "w8a8_zero_point"],
-                                  [f"{y}_int32"],
-                                  name=f"{node.name}_quant"),
+            onnx.helper.make_node(
+                "MatMulInteger",
+                [q_x, f"{w_name}_quantized", "w8a8_zero_point", "w8a8_zero_point"],
+                [f"{y}_int32"],
+                name=f"{node.name}_quant",
+            ),
             onnx.helper.make_node("Cast", [f"{y}_int32"], [f"{y}_float"], to=onnx.TensorProto.FLOAT),
             onnx.helper.make_node("Mul", [f"{y}_float", s_x], [f"{y}_token_scaled"]),
             onnx.helper.make_node("Mul", [f"{y}_token_scaled", f"{w_name}_scale"], [y]),
@@ -160,8 +198,10 @@ def _rotation_nodes(x: str, block: int, consts: list) -> list[onnx.NodeProto]:
     """x -> `{x}_rotated`: x Q for Q = diag(H_b, …, H_b) along the last axis, any rank."""
     make = onnx.helper.make_node
     if not any(c.name == f"w8a8_hadamard_{block}" for c in consts):
-        consts += [numpy_helper.from_array(hadamard(block), name=f"w8a8_hadamard_{block}"),
-                   numpy_helper.from_array(np.array([-1, block], dtype=np.int64), name=f"w8a8_rows_of_{block}")]
+        consts += [
+            numpy_helper.from_array(hadamard(block), name=f"w8a8_hadamard_{block}"),
+            numpy_helper.from_array(np.array([-1, block], dtype=np.int64), name=f"w8a8_rows_of_{block}"),
+        ]
     return [
         make("Shape", [x], [f"{x}_shape"]),
         make("Reshape", [x, f"w8a8_rows_of_{block}"], [f"{x}_blocks"]),
@@ -173,8 +213,11 @@ def _rotation_nodes(x: str, block: int, consts: list) -> list[onnx.NodeProto]:
 def _per_token_nodes(x: str, opset: int) -> list[onnx.NodeProto]:
     """x -> codes `{x}_q_uint8` (int8 codes + 128) and scales `{x}_token_scale` [..., 1], one per row of the last axis."""
     make = onnx.helper.make_node
-    reduce = (make("ReduceMax", [f"{x}_abs", "w8a8_last_axis"], [f"{x}_absmax"], keepdims=1) if opset >= 18 else
-              make("ReduceMax", [f"{x}_abs"], [f"{x}_absmax"], axes=[-1], keepdims=1))
+    reduce = (
+        make("ReduceMax", [f"{x}_abs", "w8a8_last_axis"], [f"{x}_absmax"], keepdims=1)
+        if opset >= 18
+        else make("ReduceMax", [f"{x}_abs"], [f"{x}_absmax"], axes=[-1], keepdims=1)
+    )
     return [
         make("Abs", [x], [f"{x}_abs"]),
         reduce,
@@ -239,6 +282,8 @@ def _codes(w_q: np.ndarray, scale: np.ndarray, zero: np.ndarray, module: str) ->
     if w_q.dtype == np.uint8 and np.all(zero == 128):  # ours: int8 codes + 128
         w_q, zero = (w_q.astype(np.int16) - 128).astype(np.int8), np.zeros(1, np.int8)
     if w_q.dtype != np.int8 or np.any(zero != 0):
-        raise StageError(f"{module}: expected symmetric int8 weights from ONNX Runtime, got {w_q.dtype} with "
-                         f"{'nonzero' if np.any(zero != 0) else 'zero'} zero points")
+        raise StageError(
+            f"{module}: expected symmetric int8 weights from ONNX Runtime, got {w_q.dtype} with "
+            f"{'nonzero' if np.any(zero != 0) else 'zero'} zero points"
+        )
     return W8A8Codes(np.ascontiguousarray(w_q.T), scale.astype(np.float32).reshape(-1))

@@ -13,9 +13,10 @@ then refitted on that output: pipeline.quant.refit). For the Llama family the fo
 are: input_layernorm -> q,k,v; post_attention_layernorm -> gate,up; up_proj -> down_proj
 (v_proj -> o_proj too when there is no grouped-query attention).
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -26,7 +27,9 @@ def fake_quant(w: torch.Tensor, scheme: QuantScheme, clip: Clip = 1.0) -> torch.
     """Round-to-nearest W [N, K] -> dequantized W (padding dropped)."""
     g = to_groups(w, scheme.group_size)
     scale, zero = choose_qparams(g, scheme, clip)
-    return fake_quantize(g, scale[..., None], zero[..., None], scheme.maxq, scheme.float_zero).reshape(w.shape[0], -1)[:, : w.shape[1]]
+    return fake_quantize(g, scale[..., None], zero[..., None], scheme.maxq, scheme.float_zero).reshape(w.shape[0], -1)[
+        :, : w.shape[1]
+    ]
 
 
 def scale_candidates(x_mean: torch.Tensor, weights: list[torch.Tensor], grid: int):
@@ -39,8 +42,9 @@ def scale_candidates(x_mean: torch.Tensor, weights: list[torch.Tensor], grid: in
         yield alpha, s / (s.max() * s.min()).sqrt()
 
 
-def search_scale(x: torch.Tensor, x_mean: torch.Tensor, weights: list[torch.Tensor], schemes: list[QuantScheme],
-                 grid: int = 20) -> tuple[torch.Tensor, float]:
+def search_scale(
+    x: torch.Tensor, x_mean: torch.Tensor, weights: list[torch.Tensor], schemes: list[QuantScheme], grid: int = 20
+) -> tuple[torch.Tensor, float]:
     """Per-input-channel scale s [K] for linears sharing input x [T, K]; returns (s, chosen α).
 
     The output error of a weight change D is |x Dᵀ|² = tr(D H Dᵀ) with H = xᵀx, so the search
@@ -59,8 +63,13 @@ def search_scale(x: torch.Tensor, x_mean: torch.Tensor, weights: list[torch.Tens
 
 
 @torch.no_grad()
-def search_scale_on_output(x_mean: torch.Tensor, linears: list[torch.nn.Linear], schemes: list[QuantScheme],
-                           forward: Callable[[], torch.Tensor], grid: int = 20) -> tuple[torch.Tensor, float]:
+def search_scale_on_output(
+    x_mean: torch.Tensor,
+    linears: list[torch.nn.Linear],
+    schemes: list[QuantScheme],
+    forward: Callable[[], torch.Tensor],
+    grid: int = 20,
+) -> tuple[torch.Tensor, float]:
     """Like search_scale, but the error is that of forward()'s output (the attention block or the MLP that the
     linears sit in), so each linear's rounding counts by what it does downstream, through softmax or SwiGLU.
 
@@ -83,8 +92,7 @@ def search_scale_on_output(x_mean: torch.Tensor, linears: list[torch.nn.Linear],
     return best[1], best[2]
 
 
-def search_clip(x: torch.Tensor, w: torch.Tensor, scheme: QuantScheme, grid: int = 20,
-                max_shrink: float = 0.5) -> Clip:
+def search_clip(x: torch.Tensor, w: torch.Tensor, scheme: QuantScheme, grid: int = 20, max_shrink: float = 0.5) -> Clip:
     """Per-group range clip [N, k_blocks] minimizing each group's contribution to the output error.
 
     A group's share of the error is dᵀ H_g d, with H_g the Gram matrix of its input channels.
@@ -105,7 +113,9 @@ def search_clip(x: torch.Tensor, w: torch.Tensor, scheme: QuantScheme, grid: int
         for t, b in candidates:
             t, b = torch.as_tensor(t).expand_as(top), torch.as_tensor(b).expand_as(top)
             scale, zero = choose_qparams(wg, scheme, (t, b))
-            delta = fake_quantize(wg, scale[..., None], zero[..., None], scheme.maxq, scheme.float_zero) - wg  # [N, G, gs]
+            delta = (
+                fake_quantize(wg, scale[..., None], zero[..., None], scheme.maxq, scheme.float_zero) - wg
+            )  # [N, G, gs]
             err = (torch.einsum("ngk,gkl->ngl", delta, gram) * delta).sum(-1)  # [N, G]
             better = err < best_err
             best_err = torch.where(better, err, best_err)

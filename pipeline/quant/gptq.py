@@ -6,6 +6,7 @@ With `act_order`, columns are visited by decreasing Hessian diagonal (the most s
 Group scales and zero points are then fixed up front from the original weight ("static groups")
 so every group stays a contiguous block of K, as MatMulNBits requires.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -13,7 +14,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from pipeline.quant.primitives import (
-    QTensor, QuantScheme, choose_qparams, choose_qparams_mse, from_codes, quantize_with, to_groups,
+    QTensor,
+    QuantScheme,
+    choose_qparams,
+    choose_qparams_mse,
+    from_codes,
+    quantize_with,
+    to_groups,
 )
 from pipeline.quant.refit import refit_scales
 
@@ -47,11 +54,18 @@ def add_gram(H: torch.Tensor, x: torch.Tensor, alpha: float, width: int = 256) -
     for a, b in zip(edges[:-1], edges[1:]):
         upper = x[:, a:b].T @ x[:, a:]  # [b - a, k - a]: this block row from the diagonal on
         H[a:b, a:].add_(upper, alpha=alpha)
-        H[b:, a:b].add_(upper[:, b - a:].T, alpha=alpha)
+        H[b:, a:b].add_(upper[:, b - a :].T, alpha=alpha)
 
 
-def gptq(w: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, damp: float = 0.01,
-         act_order: bool = True, mse_clip: bool = True, block: int = 128) -> QTensor:
+def gptq(
+    w: torch.Tensor,
+    H: torch.Tensor,
+    scheme: QuantScheme,
+    damp: float = 0.01,
+    act_order: bool = True,
+    mse_clip: bool = True,
+    block: int = 128,
+) -> QTensor:
     """Quantize W [N, K] given the Hessian H [K, K] of its inputs.
 
     `mse_clip` picks each group's range by a small search that minimizes its rounding error
@@ -86,7 +100,7 @@ def gptq(w: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, damp: float = 0.
             col = int(perm[i1 + i])
             g = col // gs
             if not static and col % gs == 0:
-                scale[:, g], zero[:, g] = qparams(W1[:, i:i + gs], scheme)
+                scale[:, g], zero[:, g] = qparams(W1[:, i : i + gs], scheme)
             w_col = W1[:, i]
             q = quantize_with(w_col, scale[:, g], zero[:, g], scheme.maxq, scheme.float_zero)
             codes[:, i1 + i] = q

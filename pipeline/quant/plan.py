@@ -1,4 +1,5 @@
 """What a quantize artifact holds besides its checkpoint, named once for every reader (export, formats, graph)."""
+
 from __future__ import annotations
 
 import torch

@@ -10,6 +10,7 @@ block's exact minimum to its exact maximum, as llama.cpp's Q4_1 stores it (d * q
 an integer zero point can only start the grid at a multiple of the scale. MatMulNBits takes float
 zero points as they are; `pipeline.graph.float_zero` rewrites them for ONNX Runtime's CPU kernels.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -95,15 +96,21 @@ def choose_qparams(groups: torch.Tensor, scheme: QuantScheme, clip: Clip = 1.0):
     return scale, zero
 
 
-def choose_qparams_mse(groups: torch.Tensor, scheme: QuantScheme, grid: int = 20, max_shrink: float = 0.25,
-                      norm: float = 2.4):
+def choose_qparams_mse(
+    groups: torch.Tensor, scheme: QuantScheme, grid: int = 20, max_shrink: float = 0.25, norm: float = 2.4
+):
     """Per group, the range shrink in [1 - max_shrink, 1] whose fake-quantized error |w - q(w)|^norm is least."""
     best_scale, best_zero = choose_qparams(groups, scheme)
     best_err = torch.full(best_scale.shape, float("inf"))
     for i in range(grid + 1):
         clip = 1.0 - max_shrink * i / grid
         scale, zero = choose_qparams(groups, scheme, clip)
-        err = (fake_quantize(groups, scale[..., None], zero[..., None], scheme.maxq, scheme.float_zero) - groups).abs().pow(norm).sum(-1)
+        err = (
+            (fake_quantize(groups, scale[..., None], zero[..., None], scheme.maxq, scheme.float_zero) - groups)
+            .abs()
+            .pow(norm)
+            .sum(-1)
+        )
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
@@ -111,16 +118,18 @@ def choose_qparams_mse(groups: torch.Tensor, scheme: QuantScheme, grid: int = 20
     return best_scale, best_zero
 
 
-def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int,
-                  float_zero: bool = False) -> torch.Tensor:
+def quantize_with(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int, float_zero: bool = False
+) -> torch.Tensor:
     """Integer codes of w for given (broadcastable) scale and zero point."""
     if float_zero:
         return torch.clamp(torch.round(w / scale + zero), 0, maxq)
     return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
 
 
-def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int,
-                  float_zero: bool = False) -> torch.Tensor:
+def fake_quantize(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int, float_zero: bool = False
+) -> torch.Tensor:
     return (quantize_with(w, scale, zero, maxq, float_zero) - zero) * scale
 
 
@@ -175,7 +184,9 @@ def packed_bytes(qt: QTensor) -> int:
     return sum(a.nbytes for a in pack_matmul_nbits(qt).values())
 
 
-def unpack_matmul_nbits(packed: dict[str, np.ndarray], layer: str, spec: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def unpack_matmul_nbits(
+    packed: dict[str, np.ndarray], layer: str, spec: dict
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The inverse of `pack_matmul_nbits` for `layer`'s tensors in `packed` (keys `<layer>.B|scales|zero_points`)
     and its plan entry `spec`: codes [N, blocks, G] uint8, scale [N, blocks] float32, zero point [N, blocks]
     (uint8, or float32 for float zero points)."""
@@ -185,7 +196,11 @@ def unpack_matmul_nbits(packed: dict[str, np.ndarray], layer: str, spec: dict) -
     q = np.stack([b & 0x0F, b >> 4], axis=-1).reshape(n, blocks, g) if bits == 4 else b.reshape(n, blocks, g)
     scale = packed[f"{layer}.scales"].reshape(n, blocks)
     if spec.get("float_zero"):
-        return q.astype(np.uint8), scale.astype(np.float32), packed[f"{layer}.zero_points"].reshape(n, blocks).astype(np.float32)
+        return (
+            q.astype(np.uint8),
+            scale.astype(np.float32),
+            packed[f"{layer}.zero_points"].reshape(n, blocks).astype(np.float32),
+        )
     if spec["symmetric"]:
         zero = np.full((n, blocks), 2 ** (bits - 1), dtype=np.uint8)
     elif bits == 4:

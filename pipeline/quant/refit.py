@@ -17,6 +17,7 @@ With `descent`, each round also runs a pass of cyclic coordinate descent on the 
 does): each code in turn becomes the best integer for the same output error given the others. That is
 the step re-rounding to nearest cannot take, since it ignores how blocks' inputs correlate.
 """
+
 from __future__ import annotations
 
 import torch
@@ -43,8 +44,9 @@ def rows_per_chunk(n: int, kp: int, groups: int, budget_bytes: int | None = None
 
 
 @torch.no_grad()
-def refit_scales(qt: QTensor, w: torch.Tensor, gram: torch.Tensor, rounds: int = 4, chunk: int | None = None,
-                 descent: bool = False) -> QTensor:
+def refit_scales(
+    qt: QTensor, w: torch.Tensor, gram: torch.Tensor, rounds: int = 4, chunk: int | None = None, descent: bool = False
+) -> QTensor:
     """`qt` (the quantized `w` [N, K]) with each row's scales refitted on the output error under `gram`
     ([K, K] or padded [Kp, Kp]; any positive multiple of XᵀX gives the same answer). `chunk` rows at a
     time (default: `rows_per_chunk`, which bounds the temporaries by the layer's own size)."""
@@ -58,8 +60,9 @@ def refit_scales(qt: QTensor, w: torch.Tensor, gram: torch.Tensor, rounds: int =
     gram = gram.float()
     for lo in range(0, wg.shape[0], chunk):
         rows = slice(lo, lo + chunk)
-        scale[rows], zero[rows], q[rows] = _refit_rows(wg[rows], scale[rows], zero[rows], q[rows], gram,
-                                                       scheme.maxq, scheme.float_zero, rounds, descent)
+        scale[rows], zero[rows], q[rows] = _refit_rows(
+            wg[rows], scale[rows], zero[rows], q[rows], gram, scheme.maxq, scheme.float_zero, rounds, descent
+        )
     return QTensor(q.to(torch.uint8), scale.to(qt.scale.dtype), zero.to(qt.zero.dtype), scheme, qt.in_features)
 
 
@@ -107,8 +110,11 @@ def _refit_rows(wg, scale, zero, q, gram, maxq: int, float_zero: bool, rounds: i
             s, z = torch.where(ok[:, None], s, scale), torch.where(ok[:, None], z, zero)
             err = error(q, s, z)
             keep = err < best
-            scale, zero, best = (torch.where(keep[:, None], s, scale), torch.where(keep[:, None], z, zero),
-                                 torch.where(keep, err, best))
+            scale, zero, best = (
+                torch.where(keep[:, None], s, scale),
+                torch.where(keep[:, None], z, zero),
+                torch.where(keep, err, best),
+            )
         s = scales_for(q, zero)
         s = torch.where(torch.isfinite(s) & (s > 1e-10), s, scale)
         err = error(q, s, zero)

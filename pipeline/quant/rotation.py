@@ -7,6 +7,7 @@ root mean square, and one int8 scale wastes far fewer levels on it. down_proj's 
 SwiGLU product) cannot take the rotation offline (no linear op feeds it), so the exported graph
 rotates it at run time: reshape to rows of `BLOCK`, one small matmul, reshape back.
 """
+
 from __future__ import annotations
 
 import numpy as np

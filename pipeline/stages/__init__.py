@@ -1,2 +1,3 @@
 """The stages, in recipe order. Importing this module registers each one."""
-from pipeline.stages import distill, quantize, export, validate  # recipe order  # noqa: F401
+
+from pipeline.stages import distill, export, quantize, validate  # recipe order  # noqa: F401

@@ -25,6 +25,7 @@ training will use (each process its own GPU; the CPU here), so scoring, statisti
 replies run there. Under FSDP it may not fit one device: process 0 keeps its CPU copy for pruning, the
 statistics and the first evaluations, and the layers are scored on the shards.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,7 +45,13 @@ from pipeline.configs import DistillConfig, TextSourceConfig
 from pipeline.distill import head_loss, sharding
 from pipeline.distill.correct import correct_teacher
 from pipeline.distill.prune import (
-    choose_layers, layer_importance, layers_for_budget, mean_loss, prune_depth, prune_kv_groups, prune_mlp,
+    choose_layers,
+    layer_importance,
+    layers_for_budget,
+    mean_loss,
+    prune_depth,
+    prune_kv_groups,
+    prune_mlp,
 )
 from pipeline.distill.teacher_answers import conversations_stream, sample_replies, teacher_answers
 from pipeline.distill.train import evaluate, train
@@ -53,10 +60,12 @@ from pipeline.models import copy_tokenizer
 from pipeline.registry import StageResult, register_stage
 from runtime.tokenizer import Tokenizer
 
-
 ANSWERS_FILE = "teacher_answers.jsonl"
-REPLY_PROMPTS = ("What is the capital of France?", "Write a short poem about the sea.",
-                 "Explain photosynthesis in simple terms.")
+REPLY_PROMPTS = (
+    "What is the capital of France?",
+    "Write a short poem about the sea.",
+    "Explain photosynthesis in simple terms.",
+)
 
 
 @register_stage("distill", DistillConfig, consumes="hf-model", produces="hf-model", distributed=True)
@@ -85,8 +94,9 @@ def distill(cfg: DistillConfig, inp, ctx) -> StageResult:
         if device is not None:  # one read back from an interrupted run's checkpoint is in CPU memory
             teacher.to(device)
         ctx.log(f"  held-out perplexity: teacher {teacher_ppl:.3f}, corrected {correction['heldout_perplexity']:.3f}")
-    calib = torch.from_numpy(sample_blocks(train_blocks.numpy().reshape(-1), cfg.sequence_length,
-                                           cfg.importance_samples, cfg.seed))
+    calib = torch.from_numpy(
+        sample_blocks(train_blocks.numpy().reshape(-1), cfg.sequence_length, cfg.importance_samples, cfg.seed)
+    )
     ctx.log(f"  {len(train_blocks)} training blocks of {cfg.sequence_length} tokens, {len(eval_blocks)} held out")
 
     whole = teacher  # the teacher's weights in this process's memory, to prune and to evaluate the pruned student
@@ -111,7 +121,9 @@ def distill(cfg: DistillConfig, inp, ctx) -> StageResult:
     layer_map = _layer_map(cfg, keep, teacher_layers)
     params = sum(p.numel() for p in student.parameters())
     teacher_params = sum(p.numel() for p in teacher.parameters())
-    ctx.log(f"  student: layers {keep} of {teacher_layers}, {params / 1e6:.1f}M parameters (teacher {teacher_params / 1e6:.1f}M)")
+    ctx.log(
+        f"  student: layers {keep} of {teacher_layers}, {params / 1e6:.1f}M parameters (teacher {teacher_params / 1e6:.1f}M)"
+    )
 
     pruned_ppl, pruned_kl = evaluate(student, whole, eval_blocks) if main else (math.nan, math.nan)
     whole = None  # under FSDP, process 0's CPU copy is not needed for training
@@ -124,35 +136,64 @@ def distill(cfg: DistillConfig, inp, ctx) -> StageResult:
 
     student.save_pretrained(ctx.out_dir, safe_serialization=True)
     copy_tokenizer(inp.path, ctx.out_dir)
-    replies = [{"prompt": p, "teacher": t, "student": s} for p, t, s in
-               zip(REPLY_PROMPTS, teacher_replies, sample_replies(student, inp.path, REPLY_PROMPTS))]
+    replies = [
+        {"prompt": p, "teacher": t, "student": s}
+        for p, t, s in zip(REPLY_PROMPTS, teacher_replies, sample_replies(student, inp.path, REPLY_PROMPTS))
+    ]
     for r in replies:
         ctx.log(f"  {r['prompt']!r} -> student: {r['student'][:120]!r}")
     if answers is not None:  # the step folder appears only once complete: a plain write is enough
-        (ctx.out_dir / ANSWERS_FILE).write_text("".join(json.dumps({"prompt": a["prompt"], "answer": a["answer"],
-                                                                    "ids": a["ids"]}) + "\n" for a in answers))
-    _plot(history, pruned_ppl, teacher_ppl, ctx.out_dir / "training.png",
-          correction["heldout_perplexity"] if correction else None)
+        (ctx.out_dir / ANSWERS_FILE).write_text(
+            "".join(json.dumps({"prompt": a["prompt"], "answer": a["answer"], "ids": a["ids"]}) + "\n" for a in answers)
+        )
+    _plot(
+        history,
+        pruned_ppl,
+        teacher_ppl,
+        ctx.out_dir / "training.png",
+        correction["heldout_perplexity"] if correction else None,
+    )
     shutil.rmtree(checkpoints, ignore_errors=True)
     # the gap opened below the teacher the stage was given, also when a corrected teacher was imitated
     recovered = (pruned_ppl - final_ppl) / (pruned_ppl - teacher_ppl) if pruned_ppl > teacher_ppl else 1.0
     corrected = {"corrected_teacher_perplexity": correction["heldout_perplexity"]} if correction else {}
     return StageResult(
-        metrics={"teacher_perplexity": teacher_ppl, **corrected, "pruned_perplexity": pruned_ppl, "perplexity": final_ppl,
-                 "gap_recovered": recovered, "kl_to_teacher": final_kl, "pruned_kl_to_teacher": pruned_kl,
-                 "parameters": params, "teacher_parameters": teacher_params, "layers": len(keep),
-                 "tokens_seen": history.tokens_seen, "processes": distributed.world_size(),
-                 "teacher_answers": len(answers) if answers is not None else 0,
-                 "train_tokens_per_second": history.tokens_seen / max(history.train_seconds, 1e-9),
-                 "wall_seconds": time.time() - started},
-        info={"teacher": {"artifact": str(inp.path), "fingerprint": inp.fingerprint,
-                          "model_type": teacher.config.model_type, "layers": teacher_layers},
-              "pruning": {"kept_layers": keep, "layer_choice": cfg.layer_choice, "layer_scores": scores,
-                          "intermediate_size": student.config.intermediate_size,
-                          "num_key_value_heads": student.config.num_key_value_heads},
-              "teacher_correction": correction,
-              "layer_map": {str(k): v for k, v in layer_map.items()},
-              "training": history.__dict__, "sample_replies": replies},
+        metrics={
+            "teacher_perplexity": teacher_ppl,
+            **corrected,
+            "pruned_perplexity": pruned_ppl,
+            "perplexity": final_ppl,
+            "gap_recovered": recovered,
+            "kl_to_teacher": final_kl,
+            "pruned_kl_to_teacher": pruned_kl,
+            "parameters": params,
+            "teacher_parameters": teacher_params,
+            "layers": len(keep),
+            "tokens_seen": history.tokens_seen,
+            "processes": distributed.world_size(),
+            "teacher_answers": len(answers) if answers is not None else 0,
+            "train_tokens_per_second": history.tokens_seen / max(history.train_seconds, 1e-9),
+            "wall_seconds": time.time() - started,
+        },
+        info={
+            "teacher": {
+                "artifact": str(inp.path),
+                "fingerprint": inp.fingerprint,
+                "model_type": teacher.config.model_type,
+                "layers": teacher_layers,
+            },
+            "pruning": {
+                "kept_layers": keep,
+                "layer_choice": cfg.layer_choice,
+                "layer_scores": scores,
+                "intermediate_size": student.config.intermediate_size,
+                "num_key_value_heads": student.config.num_key_value_heads,
+            },
+            "teacher_correction": correction,
+            "layer_map": {str(k): v for k, v in layer_map.items()},
+            "training": history.__dict__,
+            "sample_replies": replies,
+        },
     )
 
 
@@ -161,12 +202,16 @@ def _scores(cfg: DistillConfig, teacher, calib: torch.Tensor, log, run) -> list[
     the scoring `fn` (in process 0 alone, or in every process on a sharded teacher)."""
     if cfg.layer_choice == "uniform":
         return None
-    log(f"  scoring {teacher.config.num_hidden_layers} layers ({cfg.layer_choice}) on {cfg.importance_samples} "
-        "calibration blocks")
+    log(
+        f"  scoring {teacher.config.num_hidden_layers} layers ({cfg.layer_choice}) on {cfg.importance_samples} "
+        "calibration blocks"
+    )
     return run(lambda: layer_importance(teacher, calib, cfg.layer_choice))
 
 
-def _prune(cfg: DistillConfig, teacher, calib: torch.Tensor, scores: list[float] | None) -> tuple[torch.nn.Module, list[int]]:
+def _prune(
+    cfg: DistillConfig, teacher, calib: torch.Tensor, scores: list[float] | None
+) -> tuple[torch.nn.Module, list[int]]:
     """The pruned student and the teacher layers it keeps (by `scores`, or uniformly when None)."""
     teacher_layers = teacher.config.num_hidden_layers
     student = teacher
@@ -208,7 +253,9 @@ def _teacher_answers(cfg: DistillConfig, teacher, teacher_folder: Path, checkpoi
     return answers
 
 
-def _data(cfg: DistillConfig, tokenizer: Tokenizer, answers: list[dict] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _data(
+    cfg: DistillConfig, tokenizer: Tokenizer, answers: list[dict] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Training blocks from the head of each training text (the teacher's conversations count as one);
     held-out blocks from their tails (or eval_data)."""
     streams = [_tokens(source, tokenizer, f"distill.train_data[{i}]") for i, source in enumerate(cfg.train_data)]
@@ -218,8 +265,9 @@ def _data(cfg: DistillConfig, tokenizer: Tokenizer, answers: list[dict] | None =
     return split_blocks(streams, cfg, held)
 
 
-def split_blocks(streams: list[np.ndarray], cfg: DistillConfig, held: np.ndarray | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def split_blocks(
+    streams: list[np.ndarray], cfg: DistillConfig, held: np.ndarray | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Token streams -> training blocks from the head of each, held-out blocks from their tails (or from `held`)."""
     train_parts, heldout_parts = [], []
     for ids in streams:
@@ -228,13 +276,17 @@ def split_blocks(streams: list[np.ndarray], cfg: DistillConfig, held: np.ndarray
         heldout_parts.append(ids[cut:])
     train_blocks = np.concatenate(train_parts)
     if len(train_blocks) < cfg.batch_size:
-        raise StageError(f"distill.train_data: {len(train_blocks)} blocks of {cfg.sequence_length} tokens, fewer than "
-                         f"one batch of {cfg.batch_size}; give more text or lower sequence_length/batch_size")
+        raise StageError(
+            f"distill.train_data: {len(train_blocks)} blocks of {cfg.sequence_length} tokens, fewer than "
+            f"one batch of {cfg.batch_size}; give more text or lower sequence_length/batch_size"
+        )
     held = np.concatenate(heldout_parts) if held is None else held
     eval_blocks = _blocks(held, cfg.sequence_length)[: cfg.eval_samples]
     if len(eval_blocks) == 0:
-        raise StageError(f"distill: the held-out text has {len(held)} tokens, fewer than one block of "
-                         f"{cfg.sequence_length}; raise heldout_fraction or give eval_data")
+        raise StageError(
+            f"distill: the held-out text has {len(held)} tokens, fewer than one block of "
+            f"{cfg.sequence_length}; raise heldout_fraction or give eval_data"
+        )
     return torch.from_numpy(train_blocks), torch.from_numpy(eval_blocks)
 
 
@@ -261,8 +313,10 @@ def _layer_map(cfg: DistillConfig, keep: list[int], teacher_layers: int) -> dict
         if s >= len(keep):
             raise StageError(f"distill.loss.layer_map.{student_layer}: the student has layers 0..{len(keep) - 1}")
         if not 0 <= teacher_layer < teacher_layers:
-            raise StageError(f"distill.loss.layer_map.{student_layer}: teacher layer {teacher_layer} does not exist "
-                             f"(the teacher has layers 0..{teacher_layers - 1})")
+            raise StageError(
+                f"distill.loss.layer_map.{student_layer}: teacher layer {teacher_layer} does not exist "
+                f"(the teacher has layers 0..{teacher_layers - 1})"
+            )
         out[s] = teacher_layer
     return out
 

@@ -4,6 +4,7 @@ The HF model is wrapped so that the graph takes flat `past_key_values.{i}.key|va
 and the 2D `attention_mask`, builds the causal+padding mask itself (plain ops, traceable) and
 returns `logits` and `present.*`. Names and dynamic axes come from `runtime.io_spec.Contract`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,16 +27,16 @@ from pipeline.errors import StageError
 from pipeline.formats.compressed_tensors import HF_QUANTIZED_FOLDER, write_compressed_tensors
 from pipeline.formats.genai import write_genai_config
 from pipeline.formats.gguf import GGUF_FILE, GGUF_FOLDER, write_gguf
-from pipeline.graph.fused import build_fused_graph, float_cache_graph, to_float16
-from pipeline.models import TOKENIZER_FILES, load_torch_model
 from pipeline.graph.float_zero import lower_float_zero_points
+from pipeline.graph.fused import build_fused_graph, float_cache_graph, to_float16
 from pipeline.graph.lazy import save_streamed
 from pipeline.graph.pack import pack_sibling_matmuls
-from pipeline.graph.stamp import TRACED_LAYERS, can_stamp, stamp_layers, three_layer_copy, weights_by_name
 from pipeline.graph.quant_ops import apply_block_quantized_ops, set_accuracy_level
+from pipeline.graph.stamp import TRACED_LAYERS, can_stamp, stamp_layers, three_layer_copy, weights_by_name
 from pipeline.graph.w8a8 import quantize_w8a8
-from pipeline.quant.plan import PLAN_FILE, decoder_linears
+from pipeline.models import TOKENIZER_FILES, load_torch_model
 from pipeline.quant.kv_int8 import RoundingCache, kv_scales
+from pipeline.quant.plan import PLAN_FILE, decoder_linears
 from pipeline.registry import StageResult, register_stage
 from pipeline.resources import release_memory
 from pipeline.streamed import load_streamed_model
@@ -73,8 +74,9 @@ class KVCacheWrapper(torch.nn.Module):
         cache = DynamicCache()
         for i in range(len(past) // 2):
             cache.update(past[2 * i], past[2 * i + 1], i)
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True)
+        out = self.model(
+            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=True
+        )
         presents = []
         for layer in out.past_key_values.layers:
             presents += [layer.keys, layer.values]
@@ -94,7 +96,9 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
     plan = json.loads((inp.path / PLAN_FILE).read_text()) if (inp.path / PLAN_FILE).exists() else {}
     activations = plan.get("activations")
     weights_kind = f"int8 W8A8 {activations}" if activations else "MatMulNBits" if plan else "float"
-    contract = Contract("portable", dims.num_layers, dims.num_kv_heads, dims.head_dim, dims.vocab_size, weights=weights_kind)
+    contract = Contract(
+        "portable", dims.num_layers, dims.num_kv_heads, dims.head_dim, dims.vocab_size, weights=weights_kind
+    )
     out: Path = ctx.out_dir
     path = out / contract.model_file
     targets: dict[str, dict] = {}  # the other engines' formats, each in its own folder with a manifest
@@ -109,7 +113,9 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
         swapped = apply_block_quantized_ops(graph, inp.path, weights, accuracy_level=0)
         ctx.log(f"  {swapped} ops replaced by MatMulNBits / GatherBlockQuantized")
         if lowered := lower_float_zero_points(graph, weights):
-            ctx.log(f"  {lowered} MatMulNBits with float zero points: integer zero points plus a correction matmul each")
+            ctx.log(
+                f"  {lowered} MatMulNBits with float zero points: integer zero points plus a correction matmul each"
+            )
     save_streamed(graph, path, weights, cfg.external_data)
     del graph  # saved: each phase below starts from the checkpoint alone
     release_memory()
@@ -122,23 +128,38 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
     if cfg.fused and activations == "dynamic":
         ctx.log("  fused graph skipped: W8A8 dynamic is quantized by ONNX Runtime's tool on the portable graph")
     elif cfg.fused:
-        int8_files = {"prefill_model_file": PREFILL_FILE, "kv_scales_file": KV_SCALES_FILE} if cfg.kv_cache == "int8" else {}
-        fused = Contract("fused", dims.num_layers, dims.num_kv_heads, dims.head_dim, dims.vocab_size, weights=weights_kind,
-                         max_positions=model.config.max_position_embeddings, dtype=cfg.dtype, kv_cache=cfg.kv_cache,
-                         **int8_files)
+        int8_files = (
+            {"prefill_model_file": PREFILL_FILE, "kv_scales_file": KV_SCALES_FILE} if cfg.kv_cache == "int8" else {}
+        )
+        fused = Contract(
+            "fused",
+            dims.num_layers,
+            dims.num_kv_heads,
+            dims.head_dim,
+            dims.vocab_size,
+            weights=weights_kind,
+            max_positions=model.config.max_position_embeddings,
+            dtype=cfg.dtype,
+            kv_cache=cfg.kv_cache,
+            **int8_files,
+        )
         (out / "fused").mkdir()
         scales = None  # the int8 KV cache's, per layer (key, value)
         if cfg.kv_cache == "int8":
             cal = cfg.kv_calibration
-            ctx.log(f"  int8 KV cache: per-channel scales from {cal.num_samples} x {cal.sequence_length} tokens of "
-                    + describe_text(cal.data))
+            ctx.log(
+                f"  int8 KV cache: per-channel scales from {cal.num_samples} x {cal.sequence_length} tokens of "
+                + describe_text(cal.data)
+            )
             try:
                 batches = calibration_batches(cal, inp.path, "export.kv_calibration")
             except DataError as e:
                 raise StageError(str(e)) from e
             scales = kv_scales(model, batches)
-        ctx.log(f"  building the fused graph (GroupQueryAttention, SkipSimplifiedLayerNormalization; {cfg.dtype}, "
-                f"KV cache {fused.kv_dtype})")
+        ctx.log(
+            f"  building the fused graph (GroupQueryAttention, SkipSimplifiedLayerNormalization; {cfg.dtype}, "
+            f"KV cache {fused.kv_dtype})"
+        )
         graph = build_fused_graph(model, weights, fused, cfg.opset, scales)
         if plan.get("layers"):
             apply_block_quantized_ops(graph, inp.path, weights, accuracy_level=0)
@@ -159,9 +180,16 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
     for flavour in graphs:
         int8_kv = flavour == "fused" and cfg.kv_cache == "int8"
         parity[flavour] = _parity(model, out, cfg.parity_tokens, flavour, scales if int8_kv else None)
-        atol = limits[flavour] = (FLOAT16_ATOL if flavour == "fused" and cfg.dtype == "float16" else
-                                  max(INT8_KV_ATOL, arch.atol) if int8_kv else arch.atol)
-        ctx.log(f"  parity of the {flavour} graph: max |logits_onnx - logits_torch| = {parity[flavour]:.3g} (limit {atol:g})")
+        atol = limits[flavour] = (
+            FLOAT16_ATOL
+            if flavour == "fused" and cfg.dtype == "float16"
+            else max(INT8_KV_ATOL, arch.atol)
+            if int8_kv
+            else arch.atol
+        )
+        ctx.log(
+            f"  parity of the {flavour} graph: max |logits_onnx - logits_torch| = {parity[flavour]:.3g} (limit {atol:g})"
+        )
         if parity[flavour] > atol:
             raise StageError(
                 f"export parity ({flavour} graph): max |logits_onnx - logits_torch| = {parity[flavour]:.3g} exceeds "
@@ -174,8 +202,10 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
     elif level == "auto":
         level = 0  # no MatMulNBits to set
     if swapped and (level or cfg.int8_accuracy_level):  # parity was checked with float compute
-        ctx.log(f"  MatMulNBits accuracy_level {level}"
-                + (f", {cfg.int8_accuracy_level} for 8-bit layers" if cfg.int8_accuracy_level is not None else ""))
+        ctx.log(
+            f"  MatMulNBits accuracy_level {level}"
+            + (f", {cfg.int8_accuracy_level} for 8-bit layers" if cfg.int8_accuracy_level is not None else "")
+        )
         for graph_path in graphs.values():  # attributes only: the weights stay where they are
             graph = onnx.load(str(graph_path), load_external_data=False)
             set_accuracy_level(graph, level, cfg.int8_accuracy_level)
@@ -184,27 +214,46 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
         ctx.log(f"  W8A8 {activations}: quantizing weights and activations in the graph")
         modules, scales, rotations = _w8a8_modules(plan, model), plan.get("input_scales"), plan.get("rotations") or {}
         for graph_path in graphs.values():  # the fused graph exists for our rewrites (per token, static) only
-            _replace_graph(quantize_w8a8(graph_path, activations, modules, scales, rotations), graph_path, cfg.external_data)
+            _replace_graph(
+                quantize_w8a8(graph_path, activations, modules, scales, rotations), graph_path, cfg.external_data
+            )
         if "hf-quantized" in cfg.targets:  # the graphs' int8 codes exist only now
             targets["hf-quantized"] = _export_hf_quantized(inp.path, out, ctx, cfg.hf_quantized_dtype, w8a8_graph=path)
     if cfg.kv_cache == "int8" and "fused" in graphs:
         _write_float_prefill(graphs["fused"], cfg.dtype)  # again: the rewrites above changed the int8 graph
-    size = {f: sum(p.stat().st_size for p in g.parent.iterdir() if p.name.startswith("model.onnx")) for f, g in graphs.items()}
-    metrics = {"parity_max_abs_diff": diff, "onnx_bytes": size["portable"], "fused_onnx_bytes": size.get("fused", 0),
-               "block_quantized_ops": swapped, "float_zero_point_matmuls": lowered}
+    size = {
+        f: sum(p.stat().st_size for p in g.parent.iterdir() if p.name.startswith("model.onnx"))
+        for f, g in graphs.items()
+    }
+    metrics = {
+        "parity_max_abs_diff": diff,
+        "onnx_bytes": size["portable"],
+        "fused_onnx_bytes": size.get("fused", 0),
+        "block_quantized_ops": swapped,
+        "float_zero_point_matmuls": lowered,
+    }
     for name, target in targets.items():
         metrics[f"{name.replace('-', '_')}_bytes"] = target["bytes"]
     targets = {"onnx": {"folder": ".", "graphs": sorted(graphs)}, **targets}
     return StageResult(
         metrics=metrics,
-        info={"io_contract": contract.__dict__, "atol": arch.atol, "graphs": sorted(graphs), "accuracy_level": level,
-              "accuracy_level_decode_ms": level_timings,
-              "parity_by_graph": parity, "parity_limit_by_graph": limits, "targets": targets, "kv_cache": cfg.kv_cache},
+        info={
+            "io_contract": contract.__dict__,
+            "atol": arch.atol,
+            "graphs": sorted(graphs),
+            "accuracy_level": level,
+            "accuracy_level_decode_ms": level_timings,
+            "parity_by_graph": parity,
+            "parity_limit_by_graph": limits,
+            "targets": targets,
+            "kv_cache": cfg.kv_cache,
+        },
     )
 
 
-def _fastest_accuracy_level(out: Path, graphs: dict[str, Path], int8_level: int | None, ctx,
-                            rounds: int = 3) -> tuple[int, dict[int, list[float]]]:
+def _fastest_accuracy_level(
+    out: Path, graphs: dict[str, Path], int8_level: int | None, ctx, rounds: int = 3
+) -> tuple[int, dict[int, list[float]]]:
     """`accuracy_level: auto`: time the runner's graph decoding with float (0) and int8 (4) MatMulNBits
     compute on this machine's CPU, in alternating rounds; int8 wins only when its median step is 3 %
     shorter. Only the graph's attributes change between candidates (its weights stay where they are)."""
@@ -226,8 +275,10 @@ def _fastest_accuracy_level(out: Path, graphs: dict[str, Path], int8_level: int 
         onnx.save(proto, str(path))
     median = {level: float(np.median(times)) for level, times in timings.items()}
     chosen = 4 if median[4] < median[0] * (1 - MARGIN) else 0
-    ctx.log(f"  accuracy_level auto: decode step {median[0]:.2f} ms with float compute (0), {median[4]:.2f} ms with "
-            f"int8 compute (4) on this CPU ({flavour} graph) -> {chosen}")
+    ctx.log(
+        f"  accuracy_level auto: decode step {median[0]:.2f} ms with float compute (0), {median[4]:.2f} ms with "
+        f"int8 compute (4) on this CPU ({flavour} graph) -> {chosen}"
+    )
     return chosen, timings
 
 
@@ -244,15 +295,22 @@ def _export_gguf(source: Path, out: Path, ctx) -> dict:
     for t in report.tensors.values():
         types[t] = types.get(t, 0) + 1
     manifest = {
-        "format": "gguf", "engine": "llama.cpp", "file": GGUF_FILE, "bytes": path.stat().st_size,
-        "sha256": sha256_file(path), "tensor_types": types, "converted_layers": report.converted,
+        "format": "gguf",
+        "engine": "llama.cpp",
+        "file": GGUF_FILE,
+        "bytes": path.stat().st_size,
+        "sha256": sha256_file(path),
+        "tensor_types": types,
+        "converted_layers": report.converted,
         "max_abs_weight_change_from_f16_scales": report.max_scale_rounding,
         "tokenizer": f"copied from {source_gguf}" if source_gguf else "built from tokenizer.json",
     }
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    ctx.log(f"  GGUF: {manifest['bytes'] / 2**20:.1f} MiB, tensors {types}"
-            + (f", {len(report.converted)} layers re-quantized to Q8_0" if report.converted else "")
-            + f"; float16 block scales move weights by at most {report.max_scale_rounding:.3g}")
+    ctx.log(
+        f"  GGUF: {manifest['bytes'] / 2**20:.1f} MiB, tensors {types}"
+        + (f", {len(report.converted)} layers re-quantized to Q8_0" if report.converted else "")
+        + f"; float16 block scales move weights by at most {report.max_scale_rounding:.3g}"
+    )
     return {"folder": GGUF_FOLDER, **manifest}
 
 
@@ -263,21 +321,29 @@ def _export_hf_quantized(source: Path, out: Path, ctx, dtype: str, w8a8_graph: P
     report = write_compressed_tensors(source, folder, w8a8_graph, dtype)
     files = sorted(p for p in folder.iterdir())
     manifest = {
-        "format": "compressed-tensors", "compression": report.format, "dtype": report.dtype,
+        "format": "compressed-tensors",
+        "compression": report.format,
+        "dtype": report.dtype,
         "engines": ["transformers", "vllm"],
         "bytes": sum(p.stat().st_size for p in files),
         "sha256": {p.name: sha256_file(p) for p in files},
         "schemes": {label: len(group.layers) for label, group in report.groups.items()},
-        "float_linears": report.float_linears, "notes": report.notes,
-        "vllm_compatible": not report.vllm_problems, "vllm_problems": report.vllm_problems,
+        "float_linears": report.float_linears,
+        "notes": report.notes,
+        "vllm_compatible": not report.vllm_problems,
+        "vllm_problems": report.vllm_problems,
     }
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    ctx.log(f"  hf-quantized: {manifest['bytes'] / 2**20:.1f} MiB, {manifest['schemes']}, "
-            f"{len(report.float_linears)} linears float" + "".join(f"; {n}" for n in report.notes))
+    ctx.log(
+        f"  hf-quantized: {manifest['bytes'] / 2**20:.1f} MiB, {manifest['schemes']}, "
+        f"{len(report.float_linears)} linears float" + "".join(f"; {n}" for n in report.notes)
+    )
     if report.vllm_problems:
-        ctx.log(f"  hf-quantized: WARNING vLLM fuses q/k/v and gate/up into one matmul each and needs one scheme per "
-                f"set; {len(report.vllm_problems)} sets mix schemes (first: {report.vllm_problems[0]}). transformers "
-                "loads it; for vLLM quantize those siblings alike (overrides on all of them)")
+        ctx.log(
+            f"  hf-quantized: WARNING vLLM fuses q/k/v and gate/up into one matmul each and needs one scheme per "
+            f"set; {len(report.vllm_problems)} sets mix schemes (first: {report.vllm_problems[0]}). transformers "
+            "loads it; for vLLM quantize those siblings alike (overrides on all of them)"
+        )
     return {"folder": HF_QUANTIZED_FOLDER, **manifest}
 
 
@@ -338,7 +404,12 @@ def _trace_into(model, contract: Contract, path: Path, opset: int, export_params
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            KVCacheWrapper(model), args, str(path), dynamo=False, opset_version=opset, export_params=export_params,
+            KVCacheWrapper(model),
+            args,
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            export_params=export_params,
             input_names=[s.name for s in contract.inputs()],
             output_names=[s.name for s in contract.outputs()],
             dynamic_axes=contract.dynamic_axes(),
@@ -375,11 +446,13 @@ def _parity(model, folder: Path, tokens: int, graph: str, int8_kv_scales: list |
         if gen.float_prefill is not None:  # the prompt attends in float, its keys and values are stored rounded
             cache = RoundingCache(int8_kv_scales, float_prompt=True)
             rows = [model(torch.from_numpy(ids[:, :split]), past_key_values=cache, use_cache=True).logits[0, -1:]]
-            rows += [model(torch.from_numpy(ids[:, t:t + 1]), past_key_values=cache, use_cache=True).logits[0]
-                     for t in range(split, tokens - 1)]
+            rows += [
+                model(torch.from_numpy(ids[:, t : t + 1]), past_key_values=cache, use_cache=True).logits[0]
+                for t in range(split, tokens - 1)
+            ]
             ref = torch.cat(rows).numpy()
         else:
             cache = RoundingCache(int8_kv_scales) if int8_kv_scales is not None else None
             ref = model(torch.from_numpy(ids[:, : tokens - 1]), past_key_values=cache, use_cache=cache is not None)
-            ref = ref.logits[0, split - 1:].numpy()  # [steps, V]
+            ref = ref.logits[0, split - 1 :].numpy()  # [steps, V]
     return float(np.abs(np.concatenate(onnx_steps, axis=0) - ref).max())

@@ -14,6 +14,7 @@ anything unexpected is a 500 in the same shape with a request id in the log. Wit
 completion and model routes (and /health and /metrics if `protect_probes`) need
 `Authorization: Bearer KEY`, compared in constant time.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -29,7 +30,8 @@ from functools import partial
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request as HttpRequest
+from starlette.requests import ClientDisconnect
+from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -63,11 +65,24 @@ class Server:
 
     def __init__(self, generator: Generator, settings: Settings):
         self.generator, self.settings = generator, settings
-        self.slots = SlotCache(generator.session, generator.contract, settings.slots, settings.max_length,
-                               settings.reuse_prefixes, generator.float_prefill, device=generator.device)
+        self.slots = SlotCache(
+            generator.session,
+            generator.contract,
+            settings.slots,
+            settings.max_length,
+            settings.reuse_prefixes,
+            generator.float_prefill,
+            device=generator.device,
+        )
         self.metrics = Metrics(settings.slots)
-        self.scheduler = Scheduler(self.slots, generator.tokenizer, generator.eos_ids, settings.max_waiting,
-                                   settings.max_prefill_tokens, self.metrics)
+        self.scheduler = Scheduler(
+            self.slots,
+            generator.tokenizer,
+            generator.eos_ids,
+            settings.max_waiting,
+            settings.max_prefill_tokens,
+            self.metrics,
+        )
         self.started = int(time.time())
 
     def warm_up(self) -> None:
@@ -117,20 +132,26 @@ def _guarded(server: Server, handler, protected: bool = True):
             given = http.headers.get("authorization", "")
             token = given[7:].strip().encode() if given[:7].lower() == "bearer " else b""
             if not hmac.compare_digest(token, key):
-                return _error(401, "a valid API key is needed: send the header 'Authorization: Bearer <key>'",
-                              "invalid_request_error", code="invalid_api_key")
+                return _error(
+                    401,
+                    "a valid API key is needed: send the header 'Authorization: Bearer <key>'",
+                    "invalid_request_error",
+                    code="invalid_api_key",
+                )
         try:
             return await handler(http)
         except Exception as e:  # noqa: BLE001 - one request's failure must not take the server's shape with it
             return _unexpected(http, e)
+
     return route
 
 
 def _unexpected(http: HttpRequest, error: Exception) -> JSONResponse:
     request_id = uuid.uuid4().hex[:12]
     log.error("request %s %s %s failed", request_id, http.method, http.url.path, exc_info=error)
-    return _error(500, f"internal error ({type(error).__name__}); request id {request_id} in the server's log",
-                  "server_error")
+    return _error(
+        500, f"internal error ({type(error).__name__}); request id {request_id} in the server's log", "server_error"
+    )
 
 
 async def _http_error(http: HttpRequest, error: HTTPException) -> JSONResponse:
@@ -139,8 +160,13 @@ async def _http_error(http: HttpRequest, error: HTTPException) -> JSONResponse:
 
 
 async def _models(server: Server, _http: HttpRequest) -> JSONResponse:
-    model = {"id": server.settings.model_name, "object": "model", "created": server.started,
-             "owned_by": "llm-optimize", "max_model_len": server.settings.max_length}
+    model = {
+        "id": server.settings.model_name,
+        "object": "model",
+        "created": server.started,
+        "owned_by": "llm-optimize",
+        "max_model_len": server.settings.max_length,
+    }
     return JSONResponse({"object": "list", "data": [model]})
 
 
@@ -178,13 +204,16 @@ async def _complete(server: Server, http: HttpRequest, kind: str) -> Response:
         server.scheduler.submit(request)
     except QueueFull as e:
         server.metrics.rejected.labels("429").inc()
-        return _error(429, f"server busy: {e}; retry later", "rate_limit_error", headers={"Retry-After": str(RETRY_AFTER_S)})
+        return _error(
+            429, f"server busy: {e}; retry later", "rate_limit_error", headers={"Retry-After": str(RETRY_AFTER_S)}
+        )
     except ShuttingDown as e:
         server.metrics.rejected.labels("503").inc()
         return _error(503, str(e), "service_unavailable")
     if job.stream:
-        return StreamingResponse(_stream(server, job, request, events), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(
+            _stream(server, job, request, events), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
     return await _collect(server, http, job, request, events)
 
 
@@ -211,14 +240,18 @@ def _parse(server: Server, kind: str, raw: bytes) -> protocol.Job:
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError):  # bad UTF-8 or JSON, or nested deeper than the parser goes
-        raise protocol.BadRequest("the request body is not valid JSON (UTF-8, nested at most a few hundred deep)") from None
+        raise protocol.BadRequest(
+            "the request body is not valid JSON (UTF-8, nested at most a few hundred deep)"
+        ) from None
     settings = server.settings
-    return protocol.parse(kind, body, settings.model_name, settings.max_length, server.generator.tokenizer,
-                          settings.special_tokens)
+    return protocol.parse(
+        kind, body, settings.model_name, settings.max_length, server.generator.tokenizer, settings.special_tokens
+    )
 
 
-async def _collect(server: Server, http: HttpRequest, job: protocol.Job, request: Request,
-                   events: asyncio.Queue[Event]) -> Response:
+async def _collect(
+    server: Server, http: HttpRequest, job: protocol.Job, request: Request, events: asyncio.Queue[Event]
+) -> Response:
     pieces = []
     try:
         while True:
@@ -235,8 +268,11 @@ async def _collect(server: Server, http: HttpRequest, job: protocol.Job, request
                 return _error(500, event.message, "server_error")
             else:
                 usage = protocol.usage(len(job.prompt), len(request.tokens), request.cached_tokens)
-                return JSONResponse(protocol.response(job.kind, request.id, server.settings.model_name, "".join(pieces),
-                                                      event.finish_reason, usage))
+                return JSONResponse(
+                    protocol.response(
+                        job.kind, request.id, server.settings.model_name, "".join(pieces), event.finish_reason, usage
+                    )
+                )
     finally:
         if not request.done:
             request.cancel()
@@ -255,11 +291,19 @@ async def _stream(server: Server, job: protocol.Job, request: Request, events: a
                 yield _sse(protocol.error_body(event.message, "server_error"))
                 break
             else:
-                yield _sse(protocol.chunk(job.kind, request.id, model, "" if first else None, event.finish_reason,
-                                          first=first))
+                yield _sse(
+                    protocol.chunk(job.kind, request.id, model, "" if first else None, event.finish_reason, first=first)
+                )
                 if job.include_usage:
-                    yield _sse(protocol.chunk(job.kind, request.id, model, None,
-                                              usage_=protocol.usage(len(job.prompt), len(request.tokens), request.cached_tokens)))
+                    yield _sse(
+                        protocol.chunk(
+                            job.kind,
+                            request.id,
+                            model,
+                            None,
+                            usage_=protocol.usage(len(job.prompt), len(request.tokens), request.cached_tokens),
+                        )
+                    )
                 break
         yield "data: [DONE]\n\n"
     finally:

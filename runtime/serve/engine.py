@@ -13,14 +13,16 @@ when its last chunk is in. Then it decodes. Events go to each request's `emit` c
 HTTP side turns them into responses. A failure inside one request's handling fails that request
 alone; a failing decode step fails the rows in it, and the scheduler goes on.
 """
+
 from __future__ import annotations
 
 import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -82,8 +84,15 @@ class Observer(Protocol):
 
 
 class Scheduler:
-    def __init__(self, slots: SlotCache, tokenizer: Tokenizer, eos_ids: set[int], max_waiting: int = 64,
-                 max_prefill_tokens: int = 512, observer: Observer | None = None):
+    def __init__(
+        self,
+        slots: SlotCache,
+        tokenizer: Tokenizer,
+        eos_ids: set[int],
+        max_waiting: int = 64,
+        max_prefill_tokens: int = 512,
+        observer: Observer | None = None,
+    ):
         self.slots, self.tokenizer, self.eos_ids = slots, tokenizer, eos_ids
         self.max_waiting, self.max_prefill_tokens, self.observer = max_waiting, max_prefill_tokens, observer
         self.waiting: deque[Request] = deque()

@@ -1,4 +1,5 @@
 """Start `optimize serve` as its own process and wait until it answers: for load tests, benchmarks and tests."""
+
 from __future__ import annotations
 
 import contextlib
@@ -8,8 +9,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from runtime.errors import RuntimeFailure
 
@@ -41,8 +42,12 @@ def serve_process(artifact: Path | str, *args: str, port: int | None = None) -> 
     port = port or free_port()
     optimize = Path(sys.executable).parent / "optimize"
     command = [str(optimize)] if optimize.exists() else [sys.executable, "-m", "pipeline.cli"]
-    proc = subprocess.Popen(command + ["serve", str(artifact), "--port", str(port), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        command + ["serve", str(artifact), "--port", str(port), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc)

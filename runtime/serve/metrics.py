@@ -4,6 +4,7 @@ Each request ends with one log line summarising it; `/metrics` exposes the same 
 histograms and counters, plus gauges for running and waiting requests, KV slots in use and the
 output tokens/s of the last few seconds.
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,28 +26,47 @@ RATE_WINDOW_S = 10.0
 class Metrics:
     def __init__(self, slots: int):
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("optimize_requests", "Finished requests by how they ended", ["finish_reason"], registry=r)
+        self.requests = Counter(
+            "optimize_requests", "Finished requests by how they ended", ["finish_reason"], registry=r
+        )
         self.rejected = Counter("optimize_requests_rejected", "Requests refused before running", ["status"], registry=r)
-        self.ttft = Histogram("optimize_time_to_first_token_seconds", "From arrival to the first token",
-                              buckets=LATENCY_BUCKETS, registry=r)
-        self.tpot = Histogram("optimize_time_per_output_token_seconds", "Mean gap between output tokens of a request",
-                              buckets=LATENCY_BUCKETS, registry=r)
-        self.queue = Histogram("optimize_queue_time_seconds", "From arrival to the start of the prefill",
-                               buckets=LATENCY_BUCKETS, registry=r)
-        self.e2e = Histogram("optimize_request_seconds", "From arrival to the last token", buckets=LATENCY_BUCKETS,
-                             registry=r)
-        self.prompt_tokens = Histogram("optimize_prompt_tokens", "Prompt tokens per request", buckets=TOKEN_BUCKETS,
-                                       registry=r)
-        self.cached_tokens = Counter("optimize_prompt_tokens_cached", "Prompt tokens whose KV came from a cached prefix",
-                                     registry=r)
-        self.output_tokens = Histogram("optimize_output_tokens", "Output tokens per request", buckets=TOKEN_BUCKETS,
-                                       registry=r)
+        self.ttft = Histogram(
+            "optimize_time_to_first_token_seconds",
+            "From arrival to the first token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "optimize_time_per_output_token_seconds",
+            "Mean gap between output tokens of a request",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue = Histogram(
+            "optimize_queue_time_seconds",
+            "From arrival to the start of the prefill",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "optimize_request_seconds", "From arrival to the last token", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.prompt_tokens = Histogram(
+            "optimize_prompt_tokens", "Prompt tokens per request", buckets=TOKEN_BUCKETS, registry=r
+        )
+        self.cached_tokens = Counter(
+            "optimize_prompt_tokens_cached", "Prompt tokens whose KV came from a cached prefix", registry=r
+        )
+        self.output_tokens = Histogram(
+            "optimize_output_tokens", "Output tokens per request", buckets=TOKEN_BUCKETS, registry=r
+        )
         self.running = Gauge("optimize_requests_running", "Requests holding a KV slot", registry=r)
         self.waiting = Gauge("optimize_requests_waiting", "Requests queued for a slot", registry=r)
         self.slots_used = Gauge("optimize_kv_slots_used", "KV-cache slots in use", registry=r)
         Gauge("optimize_kv_slots", "KV-cache slots in all", registry=r).set(slots)
-        self.rate = Gauge("optimize_output_tokens_per_second", f"Output tokens/s over the last {RATE_WINDOW_S:.0f} s",
-                          registry=r)
+        self.rate = Gauge(
+            "optimize_output_tokens_per_second", f"Output tokens/s over the last {RATE_WINDOW_S:.0f} s", registry=r
+        )
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps
         self._lock = threading.Lock()
 
@@ -65,9 +85,18 @@ class Metrics:
             self.ttft.observe(ttft_s)
         if tpot_s is not None:
             self.tpot.observe(tpot_s)
-        log.info("request %s %s: prompt %d tokens (%d cached), output %d, queue %.0f ms, ttft %s, tpot %s, total %.0f ms",
-                 request.id, request.finish_reason, len(request.prompt), request.cached_tokens, n, queue_s * 1000,
-                 _ms(ttft_s), _ms(tpot_s), (request.finished - request.submitted) * 1000)
+        log.info(
+            "request %s %s: prompt %d tokens (%d cached), output %d, queue %.0f ms, ttft %s, tpot %s, total %.0f ms",
+            request.id,
+            request.finish_reason,
+            len(request.prompt),
+            request.cached_tokens,
+            n,
+            queue_s * 1000,
+            _ms(ttft_s),
+            _ms(tpot_s),
+            (request.finished - request.submitted) * 1000,
+        )
 
     def step(self, new_tokens: int) -> None:
         """The scheduler produced `new_tokens` in one step."""

@@ -4,6 +4,7 @@ Every problem with a request is a `BadRequest` naming the field and what would b
 server answers it with HTTP 400 in OpenAI's error shape. Fields we cannot honour (n > 1, logprobs,
 penalties) are refused rather than silently ignored.
 """
+
 from __future__ import annotations
 
 import time
@@ -44,28 +45,47 @@ def parse(kind: str, body, model_name: str, max_length: int, tokenizer: Tokenize
         raise BadRequest("the request body must be a JSON object")
     model = body.get("model")
     if model != model_name:
-        raise BadRequest(f"model {_short(model)} is not served here; this server serves {model_name!r}", "model",
-                         "model_not_found")
+        raise BadRequest(
+            f"model {_short(model)} is not served here; this server serves {model_name!r}", "model", "model_not_found"
+        )
     _refuse_unsupported(body)
-    prompt = _chat_prompt(body, tokenizer, special_tokens, max_length) if kind == "chat" else \
-        _completion_prompt(body, tokenizer, max_length)
+    prompt = (
+        _chat_prompt(body, tokenizer, special_tokens, max_length)
+        if kind == "chat"
+        else _completion_prompt(body, tokenizer, max_length)
+    )
     if len(prompt) >= max_length:
-        raise BadRequest(f"the prompt has {len(prompt)} tokens; this server's context is {max_length} tokens per "
-                         f"request (prompt plus completion)", "messages" if kind == "chat" else "prompt",
-                         "context_length_exceeded")
+        raise BadRequest(
+            f"the prompt has {len(prompt)} tokens; this server's context is {max_length} tokens per "
+            f"request (prompt plus completion)",
+            "messages" if kind == "chat" else "prompt",
+            "context_length_exceeded",
+        )
     room = max_length - len(prompt)
     default = room if kind == "chat" else min(16, room)  # OpenAI's defaults: the context for chat, 16 for completions
     max_tokens = _integer(body, "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens", default)
     if max_tokens < 1:
         raise BadRequest(f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
     if max_tokens > room:
-        raise BadRequest(f"this server's context is {max_length} tokens per request; the prompt has {len(prompt)}, "
-                         f"so max_tokens can be at most {room}, got {max_tokens}", "max_tokens", "context_length_exceeded")
+        raise BadRequest(
+            f"this server's context is {max_length} tokens per request; the prompt has {len(prompt)}, "
+            f"so max_tokens can be at most {room}, got {max_tokens}",
+            "max_tokens",
+            "context_length_exceeded",
+        )
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise BadRequest("stream_options must be an object", "stream_options")
-    return Job(kind, prompt, max_tokens, _sampling(body), _stop(body), _flag(body, "stream"),
-               bool(stream_options.get("include_usage", False)), _flag(body, "ignore_eos"))
+    return Job(
+        kind,
+        prompt,
+        max_tokens,
+        _sampling(body),
+        _stop(body),
+        _flag(body, "stream"),
+        bool(stream_options.get("include_usage", False)),
+        _flag(body, "ignore_eos"),
+    )
 
 
 def _refuse_unsupported(body: dict) -> None:
@@ -88,7 +108,9 @@ def _chat_prompt(body: dict, tokenizer: Tokenizer, special_tokens: bool, max_len
     clean = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ("system", "developer", "user", "assistant"):
-            raise BadRequest(f"messages[{i}] needs a role of system, developer, user or assistant", f"messages[{i}].role")
+            raise BadRequest(
+                f"messages[{i}] needs a role of system, developer, user or assistant", f"messages[{i}].role"
+            )
         role = "system" if message["role"] == "developer" else message["role"]
         clean.append({"role": role, "content": _content(message.get("content"), f"messages[{i}].content")})
     _fits(sum(len(m["content"]) for m in clean), tokenizer, max_length, "messages")
@@ -102,8 +124,12 @@ def _fits(chars: int, tokenizer: Tokenizer, max_length: int, param: str) -> None
     """Refuse text that cannot fit the context whatever its tokens, before tokenizing it (megabytes take seconds)."""
     least = tokenizer.fewest_tokens(chars)
     if least >= max_length:
-        raise BadRequest(f"{param}: {chars} characters, so at least {least} tokens; this server's context is "
-                         f"{max_length} tokens per request (prompt plus completion)", param, "context_length_exceeded")
+        raise BadRequest(
+            f"{param}: {chars} characters, so at least {least} tokens; this server's context is "
+            f"{max_length} tokens per request (prompt plus completion)",
+            param,
+            "context_length_exceeded",
+        )
 
 
 def _content(content, param: str) -> str:
@@ -127,8 +153,10 @@ def _completion_prompt(body: dict, tokenizer: Tokenizer, max_length: int) -> lis
     vocab = tokenizer.backend.get_vocab_size()
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and 0 <= t < vocab for t in prompt):
         return list(prompt)
-    raise BadRequest(f"prompt must be one non-empty string or one list of token ids below {vocab} "
-                     "(send one request per prompt)", "prompt")
+    raise BadRequest(
+        f"prompt must be one non-empty string or one list of token ids below {vocab} (send one request per prompt)",
+        "prompt",
+    )
 
 
 def _sampling(body: dict) -> SamplingParams:
@@ -193,6 +221,7 @@ def _short(value, limit: int = 60) -> str:
 
 # --- responses -----------------------------------------------------------------------------
 
+
 def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
@@ -203,21 +232,40 @@ def new_id(kind: str) -> str:
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
     """OpenAI's usage object; `cached_tokens`: prompt tokens whose KV came from the prefix cache."""
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
 
 
 def response(kind: str, id: str, model: str, text: str, finish_reason: str, usage_: dict) -> dict:
-    choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None}
-              if kind == "chat" else {"index": 0, "text": text, "logprobs": None})
+    choice = (
+        {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None}
+        if kind == "chat"
+        else {"index": 0, "text": text, "logprobs": None}
+    )
     choice["finish_reason"] = finish_reason
-    return {"id": id, "object": "chat.completion" if kind == "chat" else "text_completion",
-            "created": int(time.time()), "model": model, "choices": [choice], "usage": usage_}
+    return {
+        "id": id,
+        "object": "chat.completion" if kind == "chat" else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": usage_,
+    }
 
 
-def chunk(kind: str, id: str, model: str, text: str | None, finish_reason: str | None = None,
-          first: bool = False, usage_: dict | None = None) -> dict:
+def chunk(
+    kind: str,
+    id: str,
+    model: str,
+    text: str | None,
+    finish_reason: str | None = None,
+    first: bool = False,
+    usage_: dict | None = None,
+) -> dict:
     """One server-sent event's object; `text=None` with `usage_` is the closing usage chunk."""
     if text is None and usage_ is not None:
         choices = []
@@ -226,8 +274,13 @@ def chunk(kind: str, id: str, model: str, text: str | None, finish_reason: str |
         choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
     else:
         choices = [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}]
-    body = {"id": id, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
-            "created": int(time.time()), "model": model, "choices": choices}
+    body = {
+        "id": id,
+        "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+    }
     if usage_ is not None:
         body["usage"] = usage_
     return body

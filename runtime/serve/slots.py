@@ -31,6 +31,7 @@ export): the same views are bound at device addresses, and rows are copied on th
 graph (runtime.serve.row_copy), whole rows rather than filled positions. Prompts and tokens go in
 from the host and each step's logits come back to it; the sampling stays on the host.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -46,9 +47,17 @@ from runtime.serve.row_copy import RowCopy, row_address
 class SlotCache:
     """A fused graph's session driving `slots` sequences of up to `max_length` positions each."""
 
-    def __init__(self, session: ort.InferenceSession, contract: Contract, slots: int, max_length: int,
-                 reuse_prefixes: bool = True, float_prefill: FloatPrefill | None = None, device: str = "cpu",
-                 copy_on_device: bool | None = None):
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        contract: Contract,
+        slots: int,
+        max_length: int,
+        reuse_prefixes: bool = True,
+        float_prefill: FloatPrefill | None = None,
+        device: str = "cpu",
+        copy_on_device: bool | None = None,
+    ):
         """`device`: where the cache lives, the session's device ("cpu" or "cuda"). `copy_on_device`: copy
         rows with the graph a device cache needs (default: off the CPU only; tests set it on the CPU)."""
         if contract.flavour != "fused":
@@ -90,8 +99,14 @@ class SlotCache:
             self._bindings[(start, stop)] = binding
         return binding
 
-    def _run(self, binding: ort.IOBinding, input_ids: np.ndarray, seqlens_k: np.ndarray,
-             total_length: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    def _run(
+        self,
+        binding: ort.IOBinding,
+        input_ids: np.ndarray,
+        seqlens_k: np.ndarray,
+        total_length: np.ndarray,
+        positions: np.ndarray,
+    ) -> np.ndarray:
         rows = input_ids.shape[0]
         logits = self._logits.get(rows)
         if logits is None:
@@ -134,10 +149,13 @@ class SlotCache:
             raise RuntimeFailure(f"slot {row} holds {done} positions of another prompt, or {count} tokens overrun it")
         ids, last = np.asarray([prompt[done:n]], dtype=np.int64), np.array([[count - 1]], dtype=np.int64)
         if self.float_prefill is not None:
-            logits = self.float_prefill.run(ids, np.array([n]), last, [b[row:row + 1] for b in self.buffers], done)[:, 0]
+            logits = self.float_prefill.run(ids, np.array([n]), last, [b[row : row + 1] for b in self.buffers], done)[
+                :, 0
+            ]
         else:
-            logits = self._run(self._binding(row, row + 1), ids, np.array([n - 1], dtype=np.int32),
-                               np.array(n, dtype=np.int32), last)
+            logits = self._run(
+                self._binding(row, row + 1), ids, np.array([n - 1], dtype=np.int32), np.array(n, dtype=np.int32), last
+            )
         self.lengths[row], self.tokens[row] = n, list(prompt[:n])
         return logits[0]
 
@@ -166,9 +184,13 @@ class SlotCache:
         k = len(tokens)
         if int(self.lengths[:k].max()) >= self.max_length:
             raise RuntimeFailure(f"a slot is full ({self.max_length} positions)")
-        logits = self._run(self._binding(0, k), np.asarray(tokens, dtype=np.int64).reshape(k, 1),
-                           self.lengths[:k].copy(),  # GQA's seqlens_k: the new total minus one = the past
-                           self._total_length, np.zeros((k, 1), dtype=np.int64))
+        logits = self._run(
+            self._binding(0, k),
+            np.asarray(tokens, dtype=np.int64).reshape(k, 1),
+            self.lengths[:k].copy(),  # GQA's seqlens_k: the new total minus one = the past
+            self._total_length,
+            np.zeros((k, 1), dtype=np.int64),
+        )
         self.lengths[:k] += 1
         for row, token in enumerate(tokens):
             self.tokens[row].append(int(token))

@@ -3,6 +3,7 @@
 Text is released only when it is final: an incomplete UTF-8 sequence waits for its next token, and
 a tail that could still grow into a stop string waits until it cannot (or the sequence ends).
 """
+
 from __future__ import annotations
 
 from runtime.tokenizer import StreamDecoder, Tokenizer
@@ -40,12 +41,12 @@ class TextStream:
 
     def _held(self, text: str) -> int:
         """Length of the longest tail of the unreleased text that begins some stop string."""
-        tail = text[self.sent:]
+        tail = text[self.sent :]
         for n in range(min(len(tail), max(len(s) for s in self.stop) - 1), 0, -1):
             if any(s.startswith(tail[-n:]) for s in self.stop):
                 return n
         return 0
 
     def _release(self, upto: int) -> str:
-        piece, self.sent = self.text[self.sent: upto], max(self.sent, upto)
+        piece, self.sent = self.text[self.sent : upto], max(self.sent, upto)
         return piece

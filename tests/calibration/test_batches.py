@@ -1,4 +1,5 @@
 """Calibration blocks from one text or from a weighted mix of texts."""
+
 import numpy as np
 import pytest
 import torch
@@ -40,6 +41,7 @@ def test_a_mix_takes_each_texts_share_by_weight_shuffled_and_reproducible(tiny_l
 
 def test_a_mix_in_a_recipe_is_checked_part_by_part(tmp_path, tiny_llama, eval_text):
     from conftest import write_recipe
+
     from pipeline import RecipeError
     from pipeline.recipe import load_recipe
 
@@ -47,7 +49,11 @@ def test_a_mix_in_a_recipe_is_checked_part_by_part(tmp_path, tiny_llama, eval_te
     base = recipe.read_text()
 
     def with_data(data: str):
-        recipe.write_text(base.replace("  - export:", f"  - quantize: {{method: gptq, calibration: {{data: {data}}}}}\n  - export:", 1))
+        recipe.write_text(
+            base.replace(
+                "  - export:", f"  - quantize: {{method: gptq, calibration: {{data: {data}}}}}\n  - export:", 1
+            )
+        )
         return load_recipe(recipe)
 
     loaded = with_data(f"[{{source: {eval_text}, weight: 2}}, {{source: python-code, split: valid}}]")

@@ -1,4 +1,5 @@
 """Layer-by-layer calibration helpers on a tiny random decoder."""
+
 import torch
 
 from calibration.collect import capture_layer_inputs, decoder_layers, feed_inputs, input_hooks, run_layer

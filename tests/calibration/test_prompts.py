@@ -1,5 +1,6 @@
 """Prompt sources for the teacher's answers: the built-in set (seeded, distinct, quoting the training
 text), a text file with one prompt per line, and clear errors when there are too few."""
+
 import pytest
 
 from calibration import DataError
@@ -7,8 +8,11 @@ from calibration.prompts import PASSAGE_TEMPLATES, TOPIC_TEMPLATES, TOPICS, buil
 
 TEXT = "\n".join(
     [" = Heading = ", ""]
-    + [f" Paragraph {i} tells of the lighthouse @-@ keeper , who kept the lamp lit for {i} winters and wrote "
-       + "about the sea and the ships that passed by in the night . " * 3 for i in range(20)]
+    + [
+        f" Paragraph {i} tells of the lighthouse @-@ keeper , who kept the lamp lit for {i} winters and wrote "
+        + "about the sea and the ships that passed by in the night . " * 3
+        for i in range(20)
+    ]
 )
 
 
@@ -43,10 +47,17 @@ def test_a_hub_dataset_gives_prompt_strings_or_the_first_user_turn_of_chat_messa
         column_names = ["messages", "prompt"]
 
         def __getitem__(self, field):
-            return {"prompt": ["Name a fruit.", "  ", "Name a tree."],
-                    "messages": [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
-                                  {"role": "assistant", "content": "Hello."}],
-                                 [{"role": "assistant", "content": "no user turn"}]]}[field]
+            return {
+                "prompt": ["Name a fruit.", "  ", "Name a tree."],
+                "messages": [
+                    [
+                        {"role": "system", "content": "Be brief."},
+                        {"role": "user", "content": "Hi?"},
+                        {"role": "assistant", "content": "Hello."},
+                    ],
+                    [{"role": "assistant", "content": "no user turn"}],
+                ],
+            }[field]
 
     asked = []
     monkeypatch.setattr(datasets, "load_dataset", lambda name, config, split: asked.append((name, split)) or Rows())

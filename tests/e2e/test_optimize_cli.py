@@ -1,9 +1,10 @@
 """The `optimize` command as users type it, through click's CliRunner."""
+
 import re
 
 from click.testing import CliRunner
-
 from conftest import write_recipe
+
 from pipeline.cli import main
 
 
@@ -57,8 +58,9 @@ def test_doctor_lists_versions_and_providers():
     assert re.search(r"^torch \d", result.output, re.M)
 
 
-def test_model_flag_runs_the_recipe_on_another_model_in_a_folder_named_for_both(tmp_path, tiny_llama, tiny_qwen2,
-                                                                              eval_text, monkeypatch):
+def test_model_flag_runs_the_recipe_on_another_model_in_a_folder_named_for_both(
+    tmp_path, tiny_llama, tiny_qwen2, eval_text, monkeypatch
+):
     import json
 
     recipe = write_recipe(tmp_path, tiny_llama, eval_text, name="tiny")
@@ -68,8 +70,9 @@ def test_model_flag_runs_the_recipe_on_another_model_in_a_folder_named_for_both(
     run_dir = tmp_path / "a" / f"{tiny_qwen2.name}-tiny"
     model_step = json.loads(next(run_dir.glob("00-model-*/manifest.json")).read_text())
     assert model_step["config"]["source"] == str(tiny_qwen2.resolve())
-    named = CliRunner().invoke(main, [str(recipe), "--model", str(tiny_qwen2), "--set", "name=mine",
-                                      "--workdir", str(tmp_path / "a")])
+    named = CliRunner().invoke(
+        main, [str(recipe), "--model", str(tiny_qwen2), "--set", "name=mine", "--workdir", str(tmp_path / "a")]
+    )
     assert named.exit_code == 0 and (tmp_path / "a" / "mine" / "run.json").is_file()
     missing = CliRunner().invoke(main, [str(recipe), "--model", "./no-such-folder", "--workdir", str(tmp_path / "a")])
     assert missing.exit_code == 2 and "model.source" in missing.output

@@ -1,12 +1,13 @@
 """The shipped GPU recipe (INT4 in a float16 graph) on SmolLM2-135M-Instruct, end to end on the CPU
 provider (slow tier; CI runs it). On a GPU machine `make gpu-check` runs the same artifact on CUDA."""
+
 import json
 
 import onnx
 import pytest
 from click.testing import CliRunner
-
 from conftest import run_reference_recipe
+
 from pipeline.cli import main
 from runtime import find_model_folder
 from runtime.io_spec import Contract
@@ -34,6 +35,8 @@ def test_float16_graph_passes_the_gates_of_its_float32_twin(cuda_run):
 
 
 def test_float16_artifact_answers(cuda_run):
-    result = CliRunner().invoke(main, ["generate", str(cuda_run), "What is the capital of France?", "--max-new-tokens", "24"])
+    result = CliRunner().invoke(
+        main, ["generate", str(cuda_run), "What is the capital of France?", "--max-new-tokens", "24"]
+    )
     assert result.exit_code == 0, result.output
     assert "Paris" in result.output

@@ -1,12 +1,13 @@
 """A short distillation of SmolLM2-135M-Instruct to 20 layers (with a two-step teacher correction), exported and
 run (slow tier; CI runs it).
 The full budget and its numbers: recipes/smollm2-distill-int4.yaml and benchmarks/experiments/distill_matrix.py."""
+
 import json
 import textwrap
 
 import pytest
-
 from conftest import REFERENCE_GGUF, reference_workdir
+
 from pipeline import run
 from runtime import Generator, find_model_folder
 
@@ -17,7 +18,8 @@ def test_twenty_layer_student_trains_exports_and_generates(tmp_path, tmp_path_fa
     if not REFERENCE_GGUF.exists():
         pytest.fail(f"{REFERENCE_GGUF} is missing: run `make model`")
     recipe = tmp_path / "short-distill.yaml"
-    recipe.write_text(textwrap.dedent(f"""\
+    recipe.write_text(
+        textwrap.dedent(f"""\
         name: short-distill
         model: {{source: {REFERENCE_GGUF}}}
         stages:
@@ -26,7 +28,8 @@ def test_twenty_layer_student_trains_exports_and_generates(tmp_path, tmp_path_fa
                        teacher_answers: {{samples: 16, max_new_tokens: 96, batch_size: 16}},
                        teacher_correction: {{tokens: 4096}}}}
           - export: {{}}
-        """))
+        """)
+    )
     run_dir = run(recipe, workdir=reference_workdir(tmp_path_factory))
     step = next(run_dir.glob("01-distill-*"))
     manifest = json.loads((step / "manifest.json").read_text())

@@ -1,13 +1,15 @@
 """The shipped engines recipe on SmolLM2-135M-Instruct: one set of INT4 codes, three engines (slow tier; CI runs it)."""
+
 import json
 
 import pytest
-
 from conftest import CI_CALIBRATION, CI_WINDOWS, greedy_shortfall, run_reference_recipe
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: `make engines` (make test does it)")
-pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed: `make engines` (make test does it)")
+pytest.importorskip(
+    "compressed_tensors", reason="compressed-tensors is not installed: `make engines` (make test does it)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,9 @@ def test_llama_cpp_and_our_runner_give_the_same_chat_answers(engines_run):
     llm = Llama(model_path=str(next(engines_run.glob("*-export-*/gguf/model.gguf"))), n_ctx=256, verbose=False)
     answers = []
     for question in questions:
-        reply = llm.create_chat_completion(messages=[{"role": "user", "content": question}], temperature=0, max_tokens=16)
+        reply = llm.create_chat_completion(
+            messages=[{"role": "user", "content": question}], temperature=0, max_tokens=16
+        )
         assert reply["usage"]["prompt_tokens"] == len(ours.tokenizer.encode_chat(question))
         answers.append(reply["choices"][0]["message"]["content"])
         assert greedy_shortfall(ours, question, answers[-1]) < 0.5, (question, answers[-1])
@@ -95,5 +99,5 @@ def test_transformers_and_our_runner_begin_the_same_chat_answer(engines_run):
     with torch.no_grad():
         prompt_ids = torch.tensor([prompt])
         out = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=16, do_sample=False)
-        out = out[0, len(prompt):]
+        out = out[0, len(prompt) :]
     assert tokenizer.decode(out, skip_special_tokens=True).split()[:4] == our_text.split()[:4]

@@ -1,12 +1,13 @@
 """An int8 KV cache on SmolLM2-135M-Instruct (slow tier; CI runs it): the INT4 RTN recipe exported with
 `kv_cache: int8`, its prompts through the float-cache twin graph, its decode steps in the int8 graph."""
+
 import json
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from conftest import CI_WINDOWS, run_reference_recipe
+
 from pipeline.cli import main
 from runtime import Generator, find_model_folder
 from runtime.fused import FusedGraph
@@ -17,8 +18,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def int8_kv_run(tmp_path_factory):
-    return run_reference_recipe("smollm2-int4-rtn.yaml", tmp_path_factory,
-                                (CI_WINDOWS, "name=smollm2-int4-rtn-kv8", "export.kv_cache=int8"))
+    return run_reference_recipe(
+        "smollm2-int4-rtn.yaml", tmp_path_factory, (CI_WINDOWS, "name=smollm2-int4-rtn-kv8", "export.kv_cache=int8")
+    )
 
 
 def test_int8_cache_recipe_passes_its_gates_with_the_twin_graph(int8_kv_run):
@@ -34,7 +36,9 @@ def test_the_twin_prompt_lands_where_the_int8_kernel_does(int8_kv_run):
     """A 300-token prompt through the twin and through the int8 graph itself: the same next token, logits
     apart only by the prompt's own attention (float against codes), and the same codes in layer 0."""
     gen = Generator(find_model_folder(int8_kv_run), provider="cpu")
-    prompt = gen.tokenizer.encode("The history of the city begins in the Roman period. " * 30, add_special_tokens=False)[:300]
+    prompt = gen.tokenizer.encode(
+        "The history of the city begins in the Roman period. " * 30, add_special_tokens=False
+    )[:300]
     twin_logits, twin = gen.prefill([prompt])
     kernel_logits, kernel = FusedGraph(gen.session, gen.contract, gen.pad_id).prefill([prompt])
     assert int(np.argmax(twin_logits)) == int(np.argmax(kernel_logits))
@@ -43,7 +47,9 @@ def test_the_twin_prompt_lands_where_the_int8_kernel_does(int8_kv_run):
 
 
 def test_int8_cache_artifact_answers_alone_and_in_slots_alike(int8_kv_run):
-    result = CliRunner().invoke(main, ["generate", str(int8_kv_run), "What is the capital of France?", "--max-new-tokens", "24"])
+    result = CliRunner().invoke(
+        main, ["generate", str(int8_kv_run), "What is the capital of France?", "--max-new-tokens", "24"]
+    )
     assert result.exit_code == 0, result.output
     assert "Paris" in result.output and "prompts through the float-cache graph" in result.output
     gen = Generator(find_model_folder(int8_kv_run), provider="cpu")

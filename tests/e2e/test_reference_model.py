@@ -1,12 +1,13 @@
 """The shipped default recipe on the real reference model, SmolLM2-135M-Instruct (slow tier; CI runs it)."""
+
 import json
 import time
 
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import CI_WINDOWS, ROOT, run_reference_recipe
+
 from pipeline import run
 from pipeline.cli import main
 from runtime import Generator, find_model_folder
@@ -30,7 +31,9 @@ def test_default_recipe_meets_the_accuracy_gates(smol_run):
     m = report["metrics"]
     assert report["passed"], report["failures"]
     assert abs(m["perplexity_delta_pct"]) < 0.1
-    assert m["perplexity_baseline"] == pytest.approx(27.61, abs=0.05)  # WikiText-2 test, the first 8 x 512 tokens (40: 25.62)
+    assert m["perplexity_baseline"] == pytest.approx(
+        27.61, abs=0.05
+    )  # WikiText-2 test, the first 8 x 512 tokens (40: 25.62)
     assert m["greedy_token_agreement"] == 1.0 and m["batch_greedy_agreement"] == 1.0
     assert m["decode_logits_max_abs_diff"] < 1e-2 and m["top1_agreement"] > 0.999
 
@@ -64,15 +67,21 @@ def test_second_run_is_all_cache_hits(smol_run, capsys):
 
 
 def test_chat_answer_through_the_cli(smol_run):
-    result = CliRunner().invoke(main, ["generate", str(smol_run), "What is the capital of France?", "--max-new-tokens", "24"])
+    result = CliRunner().invoke(
+        main, ["generate", str(smol_run), "What is the capital of France?", "--max-new-tokens", "24"]
+    )
     assert result.exit_code == 0, result.output
     assert "Paris" in result.output and "CPUExecutionProvider" in result.output
     assert "(stop)" in result.output  # ended on <|im_end|>, not on the token limit
 
 
 def test_batch_of_four_mixed_length_chat_prompts_equals_one_by_one(smol):
-    questions = ["What is the capital of France?", "Name a color.",
-                 "Explain in one sentence why the sky is blue during the day.", "What is 2 + 2?"]
+    questions = [
+        "What is the capital of France?",
+        "Name a color.",
+        "Explain in one sentence why the sky is blue during the day.",
+        "What is 2 + 2?",
+    ]
     prompts = [smol.tokenizer.encode_chat(q) for q in questions]
     assert len({len(p) for p in prompts}) == 4
     single = [smol.generate([p], 24).tokens[0] for p in prompts]
@@ -85,9 +94,14 @@ def test_optimum_loads_and_generates_the_same_tokens(smol, smol_run):
     folder = find_model_folder(smol_run)
     model = ORTModelForCausalLM.from_pretrained(folder, use_cache=True, use_io_binding=False)
     ids = smol.tokenizer.encode_chat("What is the capital of France?")
-    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                         max_new_tokens=24, do_sample=False, eos_token_id=sorted(smol.eos_ids))
-    theirs = [t for t in out[0, len(ids):].tolist() if t not in smol.eos_ids]
+    out = model.generate(
+        torch.tensor([ids]),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        max_new_tokens=24,
+        do_sample=False,
+        eos_token_id=sorted(smol.eos_ids),
+    )
+    theirs = [t for t in out[0, len(ids) :].tolist() if t not in smol.eos_ids]
     ours = smol.generate([ids], 24)
     assert ours.finish_reasons[0] == "stop" and len(ours.tokens[0]) > 3
     assert theirs == ours.tokens[0]
@@ -100,7 +114,9 @@ def test_fused_graph_matches_pytorch_and_the_portable_graph(smol, smol_run):
     assert smol.flavour == "fused"
     export = json.loads(next(smol_run.glob("01-export-*/manifest.json")).read_text())
     assert set(export["parity_by_graph"]) == {"portable", "fused"} and max(export["parity_by_graph"].values()) < 1e-3
-    ids = smol.tokenizer.encode("The history of the city begins in the early middle ages, when", add_special_tokens=False)
+    ids = smol.tokenizer.encode(
+        "The history of the city begins in the early middle ages, when", add_special_tokens=False
+    )
     model = load_torch_model(next(smol_run.glob("00-model-*")))
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits[0].numpy()

@@ -1,15 +1,17 @@
 """The shipped INT4 GPTQ recipe on SmolLM2-135M-Instruct, end to end (slow tier; CI runs it)."""
+
 import json
 
 import onnx
 import pytest
 from click.testing import CliRunner
-
 from conftest import CI_CALIBRATION, CI_WINDOWS, greedy_shortfall, run_reference_recipe
+
 from pipeline.cli import main
 from runtime import find_model_folder
 
 pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def int4_run(tmp_path_factory):
@@ -49,7 +51,9 @@ def test_quantize_manifest_lists_the_budget_plan(int4_run):
 
 
 def test_int4_artifact_answers(int4_run):
-    result = CliRunner().invoke(main, ["generate", str(int4_run), "What is the capital of France?", "--max-new-tokens", "24"])
+    result = CliRunner().invoke(
+        main, ["generate", str(int4_run), "What is the capital of France?", "--max-new-tokens", "24"]
+    )
     assert result.exit_code == 0, result.output
     assert "Paris" in result.output
 
@@ -67,8 +71,9 @@ def test_int4_artifact_serves_the_openai_client_with_continuous_batching(int4_ru
         client = OpenAI(base_url=f"{url}/v1", api_key="unused")
 
         def ask(q):
-            reply = client.chat.completions.create(model=int4_run.name, messages=[{"role": "user", "content": q}],
-                                                   temperature=0, max_tokens=32)
+            reply = client.chat.completions.create(
+                model=int4_run.name, messages=[{"role": "user", "content": q}], temperature=0, max_tokens=32
+            )
             return reply.choices[0].message.content
 
         alone = [ask(q) for q in questions]

@@ -1,9 +1,9 @@
 """The shipped W8A8 recipe on SmolLM2-135M-Instruct: per-token int8 activations after SmoothQuant (slow tier; CI runs it)."""
+
 import json
 
 import onnx
 import pytest
-
 from conftest import CI_CALIBRATION, CI_WINDOWS, run_reference_recipe
 
 pytestmark = pytest.mark.slow

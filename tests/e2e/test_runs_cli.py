@@ -1,4 +1,5 @@
 """`optimize runs`, `optimize show RUN` and `optimize --version`: finding runs and their results from the command line."""
+
 import json
 import shutil
 from importlib import metadata

@@ -12,8 +12,19 @@ def test_fingerprint_depends_on_every_part_and_not_on_key_order():
 def test_manifest_records_versions_config_and_checksums(tiny_run):
     export = next(tiny_run.glob("01-export-*"))
     m = json.loads((export / "manifest.json").read_text())
-    for key in ("schema_version", "stage", "stage_version", "fingerprint", "parent", "config", "files",
-                "metrics", "versions", "timing", "resources"):
+    for key in (
+        "schema_version",
+        "stage",
+        "stage_version",
+        "fingerprint",
+        "parent",
+        "config",
+        "files",
+        "metrics",
+        "versions",
+        "timing",
+        "resources",
+    ):
         assert key in m, key
     assert m["stage"] == "export" and m["config"]["opset"] == 17
     assert {"torch", "transformers", "onnx", "onnxruntime"} <= set(m["versions"])

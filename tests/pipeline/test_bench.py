@@ -1,4 +1,5 @@
 """`optimize bench` on a tiny run: our runner's figures, the peers on the same work, JSON and PNG."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -12,10 +13,30 @@ from pipeline.cli import main
 
 def test_bench_writes_json_and_chart_with_peers(tiny_run, eval_text, tmp_path):
     out = tmp_path / "bench"
-    result = CliRunner().invoke(main, [
-        "bench", str(tiny_run), "--text", str(eval_text), "--prompt-lengths", "8,16", "--batches", "1,2",
-        "--new-tokens", "5", "--long-tokens", "40", "--repeats", "1", "--out", str(out), "--compare",
-        "--peers", "transformers-sdpa,optimum,onnxruntime-genai,llama.cpp"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            str(tiny_run),
+            "--text",
+            str(eval_text),
+            "--prompt-lengths",
+            "8,16",
+            "--batches",
+            "1,2",
+            "--new-tokens",
+            "5",
+            "--long-tokens",
+            "40",
+            "--repeats",
+            "1",
+            "--out",
+            str(out),
+            "--compare",
+            "--peers",
+            "transformers-sdpa,optimum,onnxruntime-genai,llama.cpp",
+        ],
+    )
     assert result.exit_code == 0, result.output
     payload = json.loads((out / "bench.json").read_text())
     assert (out / "bench.png").stat().st_size > 1000
@@ -97,15 +118,22 @@ def test_genai_is_built_in_our_int4_layout(tiny_llama, eval_text, tmp_path):
     from runtime.tokenizer import Tokenizer
 
     recipe = tmp_path / "asym.yaml"
-    recipe.write_text(f"name: asym\nmodel: {{source: {tiny_llama}}}\nstages:\n"
-                      "  - quantize: {method: rtn, bits: 4, group_size: 16, symmetric: false}\n"
-                      "  - export: {accuracy_level: 4}\n")
+    recipe.write_text(
+        f"name: asym\nmodel: {{source: {tiny_llama}}}\nstages:\n"
+        "  - quantize: {method: rtn, bits: 4, group_size: 16, symmetric: false}\n"
+        "  - export: {accuracy_level: 4}\n"
+    )
     export = find_model_folder(run(recipe, workdir=tmp_path))
-    work = make_workload(Tokenizer(export), str(eval_text), prompt_lengths=(8,), batches=(1,), new_tokens=3,
-                         long_tokens=10, repeats=1)
+    work = make_workload(
+        Tokenizer(export), str(eval_text), prompt_lengths=(8,), batches=(1,), new_tokens=3, long_tokens=10, repeats=1
+    )
     inp = _peer_inputs(export, work, threads=1, out=tmp_path / "bench" / "bench.json")
     assert (inp.quantized, inp.int4_symmetric, inp.int4_block_size, inp.accuracy_level) == (True, False, 16, 4)
-    assert _genai_int4_options(inp) == {"int4_is_symmetric": "false", "int4_block_size": "16", "int4_accuracy_level": "4"}
+    assert _genai_int4_options(inp) == {
+        "int4_is_symmetric": "false",
+        "int4_block_size": "16",
+        "int4_accuracy_level": "4",
+    }
     if importlib.util.find_spec("onnxruntime_genai") is None:
         return
     result = bench_genai(inp)

@@ -1,4 +1,5 @@
 """Tensor-by-tensor checkpoint reading and writing agree with the safetensors library."""
+
 import json
 
 import numpy as np
@@ -10,8 +11,13 @@ from pipeline.checkpoint import INDEX, CheckpointReader, SafetensorsWriter
 
 
 def test_what_the_writer_writes_the_library_reads_bit_for_bit(tmp_path):
-    tensors = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16), "c": torch.arange(10, dtype=torch.uint8),
-               "d": torch.randn(2, 2).half(), "e": torch.zeros(0)}
+    tensors = {
+        "a": torch.randn(3, 5),
+        "b": torch.randn(7).to(torch.bfloat16),
+        "c": torch.arange(10, dtype=torch.uint8),
+        "d": torch.randn(2, 2).half(),
+        "e": torch.zeros(0),
+    }
     with SafetensorsWriter(tmp_path / "x.safetensors") as w:
         for k, v in tensors.items():
             w.add(k, v if k != "c" else v.numpy())
@@ -31,8 +37,10 @@ def test_a_failed_write_leaves_no_file(tmp_path):
 
 
 def test_the_reader_reads_sharded_and_single_checkpoints_as_the_library_does(tmp_path):
-    shards = {"model-1.safetensors": {"x": torch.randn(4, 4), "y": torch.randn(3).to(torch.bfloat16)},
-              "model-2.safetensors": {"z": torch.arange(6, dtype=torch.int64).reshape(2, 3)}}
+    shards = {
+        "model-1.safetensors": {"x": torch.randn(4, 4), "y": torch.randn(3).to(torch.bfloat16)},
+        "model-2.safetensors": {"z": torch.arange(6, dtype=torch.int64).reshape(2, 3)},
+    }
     for name, tensors in shards.items():
         save_file(tensors, str(tmp_path / name))
     (tmp_path / INDEX).write_text(json.dumps({"weight_map": {k: n for n, t in shards.items() for k in t}}))

@@ -1,7 +1,8 @@
 """Memory estimates before the heavy work: printed for every step, and a step that cannot fit stops the run."""
-import pytest
 
+import pytest
 from conftest import REFERENCE_GGUF, write_recipe
+
 from pipeline import StageError, run
 from pipeline.estimate import estimate, model_shape
 from pipeline.recipe import load_recipe
@@ -32,9 +33,16 @@ def test_the_shape_of_a_checkpoint_folder_is_read_without_its_weights(tiny_llama
         with safe_open(str(folder / "model.safetensors"), "pt") as f:
             assert shape.parameters == sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
         config = json.loads((folder / "config.json").read_text())
-        assert (shape.hidden, shape.layers, shape.vocab) == (config["hidden_size"], config["num_hidden_layers"], config["vocab_size"])
+        assert (shape.hidden, shape.layers, shape.vocab) == (
+            config["hidden_size"],
+            config["num_hidden_layers"],
+            config["vocab_size"],
+        )
         assert shape.stored_bytes == 4 * shape.parameters
-    assert model_shape("dir", str(tiny_llama), "bfloat16").stored_bytes == 2 * model_shape("dir", str(tiny_llama), "auto").parameters
+    assert (
+        model_shape("dir", str(tiny_llama), "bfloat16").stored_bytes
+        == 2 * model_shape("dir", str(tiny_llama), "auto").parameters
+    )
     assert model_shape("hub", "org/model", "auto") is None
 
 
@@ -45,7 +53,9 @@ def _numel(shape) -> int:
     return n
 
 
-@pytest.mark.skipif(not REFERENCE_GGUF.is_file(), reason="the reference GGUF is fetched by `make model` (make test does it)")
+@pytest.mark.skipif(
+    not REFERENCE_GGUF.is_file(), reason="the reference GGUF is fetched by `make model` (make test does it)"
+)
 def test_the_reference_ggufs_shape_and_the_estimates_order():
     recipe = load_recipe("recipes/smollm2-int4-gptq.yaml")
     shape = model_shape(recipe.source.kind, recipe.source.location, recipe.model.dtype)
@@ -69,6 +79,8 @@ def test_gptq_follows_one_layer_and_a_sensitivity_budget_the_whole_model():
     from pipeline.estimate import ModelShape
 
     llama3_8b = ModelShape(8_030_261_248, 2 * 8_030_261_248, 4096, 14336, 128256, 32, tied=False, linked=True)
-    plain, budget = (estimate(llama3_8b, [("quantize", QuantizeConfig(method="gptq", budget=b))])[1].peak_bytes
-                     for b in (None, BudgetConfig(max_size_mb=6000)))
+    plain, budget = (
+        estimate(llama3_8b, [("quantize", QuantizeConfig(method="gptq", budget=b))])[1].peak_bytes
+        for b in (None, BudgetConfig(max_size_mb=6000))
+    )
     assert plain < 20e9 < llama3_8b.float32_bytes < budget  # embeddings, head, one layer, activations, Hessians

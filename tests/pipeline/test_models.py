@@ -1,11 +1,12 @@
 """The model step: what it stores for each source, and in which dtype."""
+
 import json
 from pathlib import Path
 
 import pytest
+from conftest import make_checkpoint, write_recipe
 from safetensors import safe_open
 
-from conftest import make_checkpoint, write_recipe
 from pipeline import RecipeError, run
 
 
@@ -22,7 +23,9 @@ def bf16_checkpoint(tmp_path_factory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("tiny-bf16"), "llama", dtype="bfloat16")
 
 
-def test_a_bf16_checkpoint_stays_bf16_and_exports_the_same_graph_as_its_float32_copy(tmp_path, bf16_checkpoint, eval_text):
+def test_a_bf16_checkpoint_stays_bf16_and_exports_the_same_graph_as_its_float32_copy(
+    tmp_path, bf16_checkpoint, eval_text
+):
     recipe = write_recipe(tmp_path, bf16_checkpoint, eval_text)
     kept = run(recipe, workdir=tmp_path / "a")
     widened = run(recipe, workdir=tmp_path / "b", overrides=["model.dtype=float32"])
@@ -43,8 +46,11 @@ def test_a_float32_checkpoint_stays_float32(tiny_run):
 
 def test_an_unknown_dtype_names_the_key_and_the_choices(tmp_path, tiny_llama, eval_text):
     recipe = write_recipe(tmp_path, tiny_llama, eval_text)
-    with pytest.raises(RecipeError, match=r"model\.dtype: 'bfloat17' is not one of auto, float32, bfloat16, float16 "
-                                          r"\(did you mean 'bfloat16'\?\)"):
+    with pytest.raises(
+        RecipeError,
+        match=r"model\.dtype: 'bfloat17' is not one of auto, float32, bfloat16, float16 "
+        r"\(did you mean 'bfloat16'\?\)",
+    ):
         run(recipe, workdir=tmp_path / "w", overrides=["model.dtype=bfloat17"])
 
 
@@ -100,7 +106,10 @@ def test_an_unreachable_hub_fails_in_one_line_within_seconds(tmp_path, eval_text
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     started = time.time()
-    with pytest.raises(StageError, match=r"model.source: org/not-cached is a hub id, 127.0.0.1 cannot be reached "
-                                         r"\(.*\) and the model is not in the local cache; give a local folder"):
+    with pytest.raises(
+        StageError,
+        match=r"model.source: org/not-cached is a hub id, 127.0.0.1 cannot be reached "
+        r"\(.*\) and the model is not in the local cache; give a local folder",
+    ):
         run(write_recipe(tmp_path, "org/not-cached", eval_text), workdir=tmp_path / "w")
     assert time.time() - started < 30

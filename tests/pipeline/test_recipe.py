@@ -1,4 +1,5 @@
 """Recipes are validated entirely up front: each mistake is one precise error naming the key."""
+
 import textwrap
 
 import pytest
@@ -16,7 +17,11 @@ def recipe(tmp_path, body: str):
 @pytest.fixture
 def base(tmp_path, tiny_llama, eval_text):
     def make(stages: str, model: str | None = None):
-        return recipe(tmp_path, f"model: {{source: {model or tiny_llama}}}\nstages:\n{textwrap.indent(textwrap.dedent(stages), '  ')}")
+        return recipe(
+            tmp_path,
+            f"model: {{source: {model or tiny_llama}}}\nstages:\n{textwrap.indent(textwrap.dedent(stages), '  ')}",
+        )
+
     return make
 
 
@@ -119,8 +124,12 @@ def test_stage_order_is_checked(base):
 
 
 def test_unknown_threshold_metric(base, eval_text):
-    with pytest.raises(RecipeError, match=r"thresholds\.perplexity_delta: unknown metric \(did you mean 'perplexity_delta_pct'\?\)"):
-        load_recipe(base(f"- export: {{}}\n- validate: {{eval_data: {eval_text}, thresholds: {{perplexity_delta: 1}}}}\n"))
+    with pytest.raises(
+        RecipeError, match=r"thresholds\.perplexity_delta: unknown metric \(did you mean 'perplexity_delta_pct'\?\)"
+    ):
+        load_recipe(
+            base(f"- export: {{}}\n- validate: {{eval_data: {eval_text}, thresholds: {{perplexity_delta: 1}}}}\n")
+        )
 
 
 @pytest.mark.hostile
@@ -134,17 +143,25 @@ def test_top_level_typo_and_yaml_error(tmp_path):
 
 
 LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
-    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]\n" for i in range(8))
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]\n" for i in range(8)
+)
 
 
 @pytest.mark.hostile
-@pytest.mark.parametrize("content,message", [
-    (b"name: caf\xe9\nmodel: x/y\nstages: []\n", r"r.yaml: line 1: not UTF-8 text \(byte 0xe9\); save the recipe as UTF-8"),
-    (b"\xff\xfe" + "model: x/y".encode("utf-16-le"), r"line 1: not UTF-8 text \(byte 0xff\)"),
-    (LAUGHS.encode(), r"expands to more than 100000 values through YAML aliases"),
-    (b"[" * 5000 + b"]" * 5000, r"nested too deeply to be a recipe|not valid YAML"),
-    (b"# " + b"x" * (2**20) + b"\n", r"r.yaml: \d+ bytes; a recipe is at most 1048576 bytes"),
-], ids=["latin-1", "utf-16", "alias-bomb", "deep", "huge"])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (
+            b"name: caf\xe9\nmodel: x/y\nstages: []\n",
+            r"r.yaml: line 1: not UTF-8 text \(byte 0xe9\); save the recipe as UTF-8",
+        ),
+        (b"\xff\xfe" + "model: x/y".encode("utf-16-le"), r"line 1: not UTF-8 text \(byte 0xff\)"),
+        (LAUGHS.encode(), r"expands to more than 100000 values through YAML aliases"),
+        (b"[" * 5000 + b"]" * 5000, r"nested too deeply to be a recipe|not valid YAML"),
+        (b"# " + b"x" * (2**20) + b"\n", r"r.yaml: \d+ bytes; a recipe is at most 1048576 bytes"),
+    ],
+    ids=["latin-1", "utf-16", "alias-bomb", "deep", "huge"],
+)
 def test_a_recipe_file_that_is_not_sane_yaml_text_is_one_line(tmp_path, content, message):
     path = tmp_path / "r.yaml"
     path.write_bytes(content)

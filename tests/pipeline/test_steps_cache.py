@@ -1,4 +1,5 @@
 """Stage cache: reuse when unchanged, rebuild what changed and what follows, reject tampering."""
+
 import json
 import signal
 import subprocess
@@ -7,8 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import write_recipe
+
 from pipeline import ValidationFailed, run
 from pipeline.artifacts import load_verified
 
@@ -95,8 +96,11 @@ def test_failed_gate_keeps_report_and_fails_again_from_cache(work, tiny_llama, e
 def test_run_killed_during_export_leaves_nothing_complete_and_recovers(work):
     tmp, recipe = work
     workdir = tmp / "a"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", str(recipe), "--workdir", str(workdir)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", str(recipe), "--workdir", str(workdir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not list((workdir / "tiny").glob(".tmp-01-export-*")):
         time.sleep(0.005)
@@ -170,8 +174,9 @@ def _count_hashes(monkeypatch) -> list[str]:
     return hashed
 
 
-def test_a_rerun_hashes_nothing_that_did_not_change_and_verify_hashes_everything(tmp_path, tiny_llama, eval_text,
-                                                                                  monkeypatch, capsys):
+def test_a_rerun_hashes_nothing_that_did_not_change_and_verify_hashes_everything(
+    tmp_path, tiny_llama, eval_text, monkeypatch, capsys
+):
     import shutil
 
     source, text = tmp_path / "ckpt", tmp_path / "eval.txt"
@@ -188,7 +193,9 @@ def test_a_rerun_hashes_nothing_that_did_not_change_and_verify_hashes_everything
     run(recipe, workdir=tmp_path / "a")
     assert hashed == []  # not the 11 source files, not the text, not one artifact file
     run(recipe, workdir=tmp_path / "a", verify=True)
-    artifact_files = sum(len(json.loads((d / "manifest.json").read_text())["files"]) for d in steps(tmp_path / "a" / "tiny").values())
+    artifact_files = sum(
+        len(json.loads((d / "manifest.json").read_text())["files"]) for d in steps(tmp_path / "a" / "tiny").values()
+    )
     # every artifact file, every source file, the eval text and the export's built-in calibration text where local
     from calibration.datasets import local_file
     from pipeline.configs import ExportConfig
@@ -243,11 +250,20 @@ def test_the_run_lock_dies_with_its_process(work):
     tmp, recipe = work
     run_dir = tmp / "a" / "tiny"
     run_dir.mkdir(parents=True)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from pipeline.steps import _run_lock; "
-                               "ctx = _run_lock(Path(sys.argv[1]), True); ctx.__enter__(); print('held', flush=True); "
-                               "time.sleep(60)", str(run_dir)], stdout=subprocess.PIPE, text=True,
-                              cwd=Path(__file__).parents[2])
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; "
+            "from pipeline.steps import _run_lock; "
+            "ctx = _run_lock(Path(sys.argv[1]), True); ctx.__enter__(); print('held', flush=True); "
+            "time.sleep(60)",
+            str(run_dir),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parents[2],
+    )
     assert holder.stdout.readline().strip() == "held"
     holder.send_signal(signal.SIGKILL)
     holder.wait()

@@ -1,4 +1,5 @@
 """The streamed reference model computes what the whole model computes, holding one decoder layer at a time."""
+
 import pytest
 import torch
 

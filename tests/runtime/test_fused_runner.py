@@ -1,5 +1,6 @@
 """The fused graph through the runner: in-place KV buffers, ragged batches equal to one-by-one,
 finished rows fed padding without disturbing the others, and a readable error when the cache is too small."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -57,8 +58,12 @@ def test_an_int8_cache_takes_prompts_through_its_float_twin_graph(tiny_export_in
     kernel_logits, kernel_state = kernel.prefill(prompts)
     for row, prompt in enumerate(prompts):
         for name in (0, 1):  # layer 0's key and value
-            np.testing.assert_array_equal(hybrid[name][row, :, :len(prompt)], kernel_state.cache.host[name][row, :, :len(prompt)])
-        deeper = np.abs(hybrid[-1][row, :, :len(prompt)].astype(int) - kernel_state.cache.host[-1][row, :, :len(prompt)])
+            np.testing.assert_array_equal(
+                hybrid[name][row, :, : len(prompt)], kernel_state.cache.host[name][row, :, : len(prompt)]
+            )
+        deeper = np.abs(
+            hybrid[-1][row, :, : len(prompt)].astype(int) - kernel_state.cache.host[-1][row, :, : len(prompt)]
+        )
         assert deeper.max() <= 8  # a few steps of 127 at most: the same values, attended a little differently
     np.testing.assert_allclose(logits, kernel_logits, atol=0.05)
 
@@ -148,8 +153,11 @@ def test_a_device_cache_that_cannot_be_allocated_is_a_readable_error(tiny_export
 
     monkeypatch.setattr(ort.OrtValue, "ortvalue_from_shape_and_type", out_of_memory)
     contract = Contract.load(tiny_export / "fused")
-    with pytest.raises(RuntimeFailure, match=r"the KV cache \(\d+ MiB\) could not be allocated on cuda: CUDA failure 2: "
-                                             r"out of memory; lower max_length .* --kv-budget-mb"):
+    with pytest.raises(
+        RuntimeFailure,
+        match=r"the KV cache \(\d+ MiB\) could not be allocated on cuda: CUDA failure 2: "
+        r"out of memory; lower max_length .* --kv-budget-mb",
+    ):
         StaticKVCache(contract, 8, 256, "cuda")
 
 

@@ -1,4 +1,5 @@
 """The runner: batch equals one-by-one, stopping, sampling, streaming, provider checks."""
+
 import subprocess
 import sys
 
@@ -16,8 +17,15 @@ def gen(tiny_export):
 
 
 def test_batch_of_mixed_length_prompts_equals_one_by_one(gen):
-    prompts = [gen.tokenizer.encode(p) for p in
-               ["The capital of France", "Once", "def add(a, b): return a + b. Numbers like", "A model that is smaller and faster is still"]]
+    prompts = [
+        gen.tokenizer.encode(p)
+        for p in [
+            "The capital of France",
+            "Once",
+            "def add(a, b): return a + b. Numbers like",
+            "A model that is smaller and faster is still",
+        ]
+    ]
     assert len({len(p) for p in prompts}) == 4
     single = [gen.generate([p], 12, ignore_eos=True).tokens[0] for p in prompts]
     batched = gen.generate(prompts, 12, ignore_eos=True).tokens

@@ -1,4 +1,5 @@
 """A damaged or hostile artifact is refused in one line that names the file, before ONNX Runtime reads it."""
+
 import json
 import shutil
 import subprocess
@@ -29,7 +30,9 @@ def test_a_truncated_file_is_named_before_loading(copy):
     data = weights_of(copy)
     with open(data, "r+b") as f:
         f.truncate(data.stat().st_size // 2)
-    with pytest.raises(RuntimeFailure, match=rf"{data.name}: \d+ bytes where manifest.json says \d+ \(truncated or replaced\); rebuild"):
+    with pytest.raises(
+        RuntimeFailure, match=rf"{data.name}: \d+ bytes where manifest.json says \d+ \(truncated or replaced\); rebuild"
+    ):
         Generator(copy, provider="cpu")
 
 
@@ -45,7 +48,9 @@ def test_same_size_corruption_is_caught_by_verify_and_otherwise_by_onnxruntime_i
     model.write_bytes(b"\x07" * size)
     with pytest.raises(RuntimeFailure, match=r"model.onnx: does not match its checksum in manifest.json"):
         Generator(copy, provider="cpu", verify=True)
-    with pytest.raises(RuntimeFailure, match=r"model.onnx: onnxruntime cannot load it \(.*\); the artifact may be damaged"):
+    with pytest.raises(
+        RuntimeFailure, match=r"model.onnx: onnxruntime cannot load it \(.*\); the artifact may be damaged"
+    ):
         Generator(copy, provider="cpu", graph="portable")
 
 
@@ -55,8 +60,15 @@ def test_an_unreadable_manifest_is_named(copy):
         Generator(copy, provider="cpu")
 
 
-@pytest.mark.parametrize("key,value", [("model_file", "../../outside.onnx"), ("model_file", "/etc/passwd"),
-                                       ("kv_scales_file", "sub/../../x.npy"), ("model_file", 7)])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("model_file", "../../outside.onnx"),
+        ("model_file", "/etc/passwd"),
+        ("kv_scales_file", "sub/../../x.npy"),
+        ("model_file", 7),
+    ],
+)
 def test_a_contract_naming_a_file_outside_the_artifact_is_refused(copy, key, value):
     for contract in copy.rglob(CONTRACT_FILE):
         data = json.loads(contract.read_text())
@@ -89,8 +101,13 @@ def test_generate_on_a_truncated_artifact_exits_1_with_one_line(copy):
     data = weights_of(copy)
     with open(data, "r+b") as f:
         f.truncate(1000)
-    done = subprocess.run([sys.executable, "-m", "pipeline", "generate", str(copy), "hi", "--max-new-tokens", "2"],
-                          capture_output=True, text=True, cwd=Path(__file__).parents[2])
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "generate", str(copy), "hi", "--max-new-tokens", "2"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[2],
+    )
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert [line for line in done.stderr.splitlines() if line.strip()] == [
-        line for line in done.stderr.splitlines() if "truncated or replaced" in line]
+        line for line in done.stderr.splitlines() if "truncated or replaced" in line
+    ]

@@ -1,4 +1,5 @@
 """The provider-placement check reads ONNX Runtime's real profile and names nodes that left the provider."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,9 +19,16 @@ def _profile(folder, tmp_path):
     opts.profile_file_prefix = str(tmp_path / "prof")
     session = ort.InferenceSession(str(folder / "fused" / "model.onnx"), opts, providers=["CPUExecutionProvider"])
     past = {n: np.zeros((1, contract.num_kv_heads, 4, contract.head_dim), np.float32) for n in contract.past_names()}
-    session.run(None, {"input_ids": np.array([[1, 2]]), "seqlens_k": np.array([1], np.int32),
-                       "total_sequence_length": np.array(2, np.int32),
-                       "logits_positions": np.array([[1]]), **past})
+    session.run(
+        None,
+        {
+            "input_ids": np.array([[1, 2]]),
+            "seqlens_k": np.array([1], np.int32),
+            "total_sequence_length": np.array(2, np.int32),
+            "logits_positions": np.array([[1]]),
+            **past,
+        },
+    )
     return session.end_profiling()
 
 
@@ -34,7 +42,9 @@ def test_profile_shows_every_heavy_node_on_its_provider(tiny_export, tmp_path):
 
 def test_nodes_off_the_requested_provider_fail_by_name(tiny_export, tmp_path):
     """As if CUDA had been asked for: every attention and matmul ran on the CPU instead."""
-    with pytest.raises(RuntimeFailure, match=r"heavy nodes do not run on CUDAExecutionProvider: .*GroupQueryAttention on CPU"):
+    with pytest.raises(
+        RuntimeFailure, match=r"heavy nodes do not run on CUDAExecutionProvider: .*GroupQueryAttention on CPU"
+    ):
         check_placement(_profile(tiny_export, tmp_path), "CUDAExecutionProvider")
     off = check_placement(_profile(tiny_export, tmp_path), "CUDAExecutionProvider", allow_fallback=True)
     assert any("MatMul on CPUExecutionProvider" in n for n in off)

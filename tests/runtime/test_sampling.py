@@ -45,7 +45,9 @@ def _full_sort_nucleus(logits, temperature, top_k, top_p):
     return set(order[keep].tolist())
 
 
-@pytest.mark.parametrize("scale,top_k,top_p", [(1.0, 0, 0.9), (8.0, 0, 0.95), (3.0, 50, 0.8), (0.5, 0, 0.99), (2.0, 0, 1.0)])
+@pytest.mark.parametrize(
+    "scale,top_k,top_p", [(1.0, 0, 0.9), (8.0, 0, 0.95), (3.0, 50, 0.8), (0.5, 0, 0.99), (2.0, 0, 1.0)]
+)
 def test_the_partial_search_keeps_the_same_nucleus_as_a_full_sort(scale, top_k, top_p):
     logits = np.random.default_rng(3).normal(size=5000).astype(np.float32) * scale
     probs = logits_to_probs(logits, 0.7, top_k, top_p)

@@ -1,4 +1,5 @@
 """`optimize tune`: session settings chosen by measurement, saved per machine, taken by the Generator."""
+
 import json
 
 import onnxruntime as ort
@@ -43,7 +44,9 @@ def test_tune_picks_the_fastest_decode_and_the_generator_takes_it(export, monkey
     measure, calls = fake_timings({SessionSettings(2, "all"): 8.0, SessionSettings(2, "extended"): 6.0})
     result = tune(export, provider="cpu", rounds=2, log=lambda _: None, measure_fn=measure)
     # threads first at `all` (0, 1, 2, 4), then the three levels at the best count; each twice
-    assert calls[:8] == [SessionSettings(t, "all") for t in (0, 1, 2, 4)] + [SessionSettings(t, "all") for t in (4, 2, 1, 0)]
+    assert calls[:8] == [SessionSettings(t, "all") for t in (0, 1, 2, 4)] + [
+        SessionSettings(t, "all") for t in (4, 2, 1, 0)
+    ]
     assert set(calls[8:]) == {SessionSettings(2, level) for level in ("basic", "extended", "all")} and len(calls) == 14
     assert result["chosen"] == {"threads": 2, "optimization": "extended"}
     assert result["decode_speedup_vs_default"] == pytest.approx(10.0 / 6.0)

@@ -11,9 +11,10 @@ calibration token, and a fold of s turns it into H / (s sᵀ), the Hessian of th
 and that of gate/up by the MLP's output (as AutoAWQ does); the others, and every scale with
 `awq_objective: linear`, by the linears' own outputs.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Collection
+from collections.abc import Callable, Collection
 
 import torch
 
@@ -39,8 +40,13 @@ JUDGED_BY = {"input_layernorm": "self_attn", "post_attention_layernorm": "mlp"}
 class InputStats:
     """Mean and max |x| per channel over every calibration token, plus a seeded sample of tokens for the searches."""
 
-    def __init__(self, keep: int, generator: torch.Generator, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 hessian: bool = False):
+    def __init__(
+        self,
+        keep: int,
+        generator: torch.Generator,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        hessian: bool = False,
+    ):
         self.sum, self.max, self.count, self.sample, self.keep, self.gen = None, None, 0, [], keep, generator
         self.transform = transform  # statistics of transform(x) instead of x (a rotated input)
         self.hessian: HessianAccumulator | None = None  # over every token, not the sample (GPTQ codes)
@@ -65,12 +71,27 @@ class InputStats:
         return torch.cat(self.sample)[: self.keep], self.sum / self.count
 
 
-def awq_layer(layer: torch.nn.Module, prefix: str, index: int, plan: dict[str, QuantScheme], cfg: QuantizeConfig,
-              hidden: list[torch.Tensor], kwargs: list[dict], gen: torch.Generator) -> dict[str, QTensor]:
+def awq_layer(
+    layer: torch.nn.Module,
+    prefix: str,
+    index: int,
+    plan: dict[str, QuantScheme],
+    cfg: QuantizeConfig,
+    hidden: list[torch.Tensor],
+    kwargs: list[dict],
+    gen: torch.Generator,
+) -> dict[str, QTensor]:
     """Fold the searched scales into the layer and return the codes of its planned linears (full names)."""
     use_gptq = cfg.awq_codes == "gptq"
-    collected = collect_inputs(layer, hidden, kwargs, cfg.search_tokens, gen, index,
-                               hessians=[names[0] for _, names in SCALE_GROUPS] if use_gptq else ())
+    collected = collect_inputs(
+        layer,
+        hidden,
+        kwargs,
+        cfg.search_tokens,
+        gen,
+        index,
+        hessians=[names[0] for _, names in SCALE_GROUPS] if use_gptq else (),
+    )
     stats = {n: s.result() for n, s in collected.items()}
     hessians = shared_hessians(collected) if use_gptq else {}
     judges = block_judges(layer, hidden[0], kwargs[0], stats) if cfg.awq_objective == "block" else {}
@@ -80,12 +101,20 @@ def awq_layer(layer: torch.nn.Module, prefix: str, index: int, plan: dict[str, Q
     for name, module in layer.named_modules():
         if prefix + name in plan:
             x, _ = stats[name]
-            qtensors[prefix + name] = _quantize_codes(x, module.weight.data, plan[prefix + name], cfg, hessians.get(name))
+            qtensors[prefix + name] = _quantize_codes(
+                x, module.weight.data, plan[prefix + name], cfg, hessians.get(name)
+            )
     return qtensors
 
 
-def awq_head(norm: torch.nn.Module, weight: torch.Tensor, scheme: QuantScheme, cfg: QuantizeConfig,
-             hidden: list[torch.Tensor], gen: torch.Generator) -> QTensor:
+def awq_head(
+    norm: torch.nn.Module,
+    weight: torch.Tensor,
+    scheme: QuantScheme,
+    cfg: QuantizeConfig,
+    hidden: list[torch.Tensor],
+    gen: torch.Generator,
+) -> QTensor:
     """The LM head's codes (no scale to fold: it may be tied to the embedding), from the final norm's outputs."""
     stats = InputStats(cfg.search_tokens, gen, hessian=cfg.awq_codes == "gptq")
     with torch.no_grad():
@@ -95,8 +124,9 @@ def awq_head(norm: torch.nn.Module, weight: torch.Tensor, scheme: QuantScheme, c
     return _quantize_codes(x, weight, scheme, cfg, stats.hessian.H if stats.hessian is not None else None)
 
 
-def _quantize_codes(x: torch.Tensor, w: torch.Tensor, scheme: QuantScheme, cfg: QuantizeConfig,
-                    H: torch.Tensor | None = None) -> QTensor:
+def _quantize_codes(
+    x: torch.Tensor, w: torch.Tensor, scheme: QuantScheme, cfg: QuantizeConfig, H: torch.Tensor | None = None
+) -> QTensor:
     """Codes for the scaled weight: (`awq_codes: gptq`) GPTQ under the Hessian H of every calibration token, or
     clip search and rounding on the sampled inputs x; then (`refit_scales`) each row's group scales refitted by
     least squares on its output error (under H for GPTQ's codes, else the sample's Gram matrix)."""
@@ -119,8 +149,16 @@ def shared_hessians(collected: dict[str, InputStats]) -> dict[str, torch.Tensor]
     return out
 
 
-def collect_inputs(layer, hidden, kwargs, keep: int, gen, index: int,
-                   transforms: dict[str, Callable] | None = None, hessians: Collection[str] = ()) -> dict[str, InputStats]:
+def collect_inputs(
+    layer,
+    hidden,
+    kwargs,
+    keep: int,
+    gen,
+    index: int,
+    transforms: dict[str, Callable] | None = None,
+    hessians: Collection[str] = (),
+) -> dict[str, InputStats]:
     """Run the layer over the calibration batches; statistics of each linear's inputs (of transforms[name](x) where
     given), with the inputs' Hessian for the linears named in `hessians`."""
     linears = {name: m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -130,7 +168,9 @@ def collect_inputs(layer, hidden, kwargs, keep: int, gen, index: int,
         try:
             stats[name].add(x, len(hidden))
         except FloatingPointError:
-            raise StageError(f"quantize: NaN/Inf in the inputs of model.layers.{index}.{name}; the model or data is broken") from None
+            raise StageError(
+                f"quantize: NaN/Inf in the inputs of model.layers.{index}.{name}; the model or data is broken"
+            ) from None
 
     for h, kw in zip(hidden, kwargs):
         feed_inputs(layer, h, kw, linears, sink)
@@ -171,6 +211,7 @@ def replay(layer, name: str, hidden: torch.Tensor, kwargs: dict) -> Callable[[],
     def forward() -> torch.Tensor:
         out = module(*seen["args"], **seen["kwargs"])
         return out[0] if isinstance(out, tuple) else out
+
     return forward
 
 
@@ -182,8 +223,16 @@ def block_judges(layer, hidden: torch.Tensor, kwargs: dict, stats: dict) -> dict
     return {feeder: blocks[block] for feeder, block in JUDGED_BY.items()}
 
 
-def _scale_group(layer, feeder: str, names: tuple[str, ...], prefix: str, plan: dict, stats: dict,
-                 judge: Callable[[], torch.Tensor] | None = None, hessian: torch.Tensor | None = None) -> None:
+def _scale_group(
+    layer,
+    feeder: str,
+    names: tuple[str, ...],
+    prefix: str,
+    plan: dict,
+    stats: dict,
+    judge: Callable[[], torch.Tensor] | None = None,
+    hessian: torch.Tensor | None = None,
+) -> None:
     """Search s for the group (by judge()'s output error where given, else by the linears' own), fold 1/s into
     the feeder and s into the linears; the inputs seen become x / s, and their Hessian (updated in place) H / (s sᵀ)."""
     mods = [layer.get_submodule(n) for n in names]

@@ -7,12 +7,13 @@ weight size stays within it. A perplexity budget upgrades the most sensitive lay
 until the perplexity increase measured on calibration text (round-to-nearest stand-in for the
 chosen method) is within it.
 """
+
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -103,8 +104,14 @@ def weight_bytes(model, plan: dict[str, QuantScheme], embedding: QuantScheme | s
     return total
 
 
-def choose(model, plan: dict[str, QuantScheme], budget: BudgetConfig, ids: torch.Tensor,
-           embedding: QuantScheme | str | None, log: Callable[[str], None]) -> tuple[dict[str, QuantScheme], dict]:
+def choose(
+    model,
+    plan: dict[str, QuantScheme],
+    budget: BudgetConfig,
+    ids: torch.Tensor,
+    embedding: QuantScheme | str | None,
+    log: Callable[[str], None],
+) -> tuple[dict[str, QuantScheme], dict]:
     """The plan with some INT4 layers raised to INT8, and a record of why."""
     candidates = {n: s for n, s in plan.items() if s.bits == 4}
     sens = sensitivities(model, candidates, ids)
@@ -116,7 +123,9 @@ def choose(model, plan: dict[str, QuantScheme], budget: BudgetConfig, ids: torch
         size = weight_bytes(model, plan, embedding)
         limit = budget.max_size_mb * 1e6
         if size > limit:
-            raise StageError(f"quantize.budget.max_size_mb: {budget.max_size_mb} MB is below the all-INT4 size {size / 1e6:.3f} MB")
+            raise StageError(
+                f"quantize.budget.max_size_mb: {budget.max_size_mb} MB is below the all-INT4 size {size / 1e6:.3f} MB"
+            )
         for name in order:
             if size + extra[name] <= limit:
                 chosen.append(name)
@@ -141,9 +150,15 @@ def _by_perplexity(model, plan, as8, order, budget: BudgetConfig, ids) -> tuple[
         trial = {**plan, **{n: as8[n] for n in order[:count]}}
         increase = (_perplexity(model, ids, trial) - base) / base * 100
         if increase <= budget.max_perplexity_increase_pct:
-            return order[:count], {"perplexity_increase_pct": round(increase, 3), "calibration_perplexity": round(base, 3)}
-    return order, {"perplexity_increase_pct": round(increase, 3), "calibration_perplexity": round(base, 3),
-                   "note": "budget not reached even with every candidate in INT8"}
+            return order[:count], {
+                "perplexity_increase_pct": round(increase, 3),
+                "calibration_perplexity": round(base, 3),
+            }
+    return order, {
+        "perplexity_increase_pct": round(increase, 3),
+        "calibration_perplexity": round(base, 3),
+        "note": "budget not reached even with every candidate in INT8",
+    }
 
 
 def _perplexity(model, ids: torch.Tensor, plan: dict[str, QuantScheme]) -> float:

@@ -4,6 +4,7 @@ Each linear's Hessian comes from its inputs over every calibration batch; linear
 tensor (q/k/v, gate/up) share one accumulator. The caller runs the quantized layer afterwards, so
 the next layer calibrates on what the quantized model computes.
 """
+
 from __future__ import annotations
 
 import torch
@@ -15,16 +16,23 @@ from pipeline.quant.gptq import HessianAccumulator, gptq_refit
 from pipeline.quant.primitives import QTensor, QuantScheme
 
 
-def gptq_layer(layer: torch.nn.Module, prefix: str, plan: dict[str, QuantScheme], cfg: QuantizeConfig,
-               hidden: list[torch.Tensor], kwargs: list[dict]) -> dict[str, QTensor]:
+def gptq_layer(
+    layer: torch.nn.Module,
+    prefix: str,
+    plan: dict[str, QuantScheme],
+    cfg: QuantizeConfig,
+    hidden: list[torch.Tensor],
+    kwargs: list[dict],
+) -> dict[str, QTensor]:
     """The codes of the layer's planned linears (full names, `prefix` + the layer's own)."""
-    modules = {n: layer.get_submodule(n[len(prefix):]) for n in plan if n.startswith(prefix)}
+    modules = {n: layer.get_submodule(n[len(prefix) :]) for n in plan if n.startswith(prefix)}
     hessians = _collect_hessians(layer, modules, hidden, kwargs)
     return {name: gptq_refit(module.weight.data, hessians[name].H, plan[name], cfg) for name, module in modules.items()}
 
 
-def gptq_head(norm: torch.nn.Module, weight: torch.Tensor, scheme: QuantScheme, cfg: QuantizeConfig,
-              hidden: list[torch.Tensor]) -> QTensor:
+def gptq_head(
+    norm: torch.nn.Module, weight: torch.Tensor, scheme: QuantScheme, cfg: QuantizeConfig, hidden: list[torch.Tensor]
+) -> QTensor:
     """The LM head's codes, calibrated on the final norm of the last layer's outputs."""
     acc = HessianAccumulator(weight.shape[1])
     with torch.no_grad():

@@ -16,10 +16,11 @@ layer is 0.9 GB in float32, its activations for 128 × 512 tokens 1 GB.
 The artifact is the one quantizing the loaded model would write (tests/pipeline/stages/
 test_quantize_streamed.py holds the two side by side).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -41,8 +42,14 @@ from pipeline.streamed import load_layer, load_streamed_model, unload_layer
 PASSES = {"gptq": 2.6, "awq": 2.6, "awq+gptq": 4.5}
 
 
-def quantize_layerwise(cfg: QuantizeConfig, src: Path, out: Path, plan: dict[str, QuantScheme],
-                       skipped: dict[str, str], log: Callable[[str], None]) -> tuple[int, int]:
+def quantize_layerwise(
+    cfg: QuantizeConfig,
+    src: Path,
+    out: Path,
+    plan: dict[str, QuantScheme],
+    skipped: dict[str, str],
+    log: Callable[[str], None],
+) -> tuple[int, int]:
     """GPTQ or AWQ of the checkpoint in `src` into `out` as `plan` says; returns (packed bytes, the planned layers'
     float32 bytes). Adds the embedding to `skipped` when it stays float."""
     model = load_streamed_model(src, attention="sdpa", on_demand=False)
@@ -51,11 +58,16 @@ def quantize_layerwise(cfg: QuantizeConfig, src: Path, out: Path, plan: dict[str
     hidden, kwargs = capture_layer_inputs(model, batches)
     layers = decoder_layers(model)
     method = "awq+gptq" if cfg.method == "awq" and cfg.awq_codes == "gptq" else cfg.method
-    log(f"  {cfg.method.upper()} {len(plan)} layers ({plan_summary(plan)}), {len(skipped)} kept float; one decoder "
-        f"layer at a time from {src.name}")
-    log("  " + calibration_estimate(load_layer(model, 0), len(layers), hidden, kwargs, PASSES[method])
+    log(
+        f"  {cfg.method.upper()} {len(plan)} layers ({plan_summary(plan)}), {len(skipped)} kept float; one decoder "
+        f"layer at a time from {src.name}"
+    )
+    log(
+        "  "
+        + calibration_estimate(load_layer(model, 0), len(layers), hidden, kwargs, PASSES[method])
         + (f"; searches on {cfg.search_tokens} tokens per input" if cfg.method == "awq" else "")
-        + ("; codes by GPTQ" if method == "awq+gptq" else ""))
+        + ("; codes by GPTQ" if method == "awq+gptq" else "")
+    )
     gen = torch.Generator().manual_seed(cfg.calibration.seed)  # AWQ's token samples, drawn in layer order
     with ShardedWriter(out) as weights, PackedCodes(out) as codes:
         for index in tqdm(range(len(layers)), desc=f"  {cfg.method} layers", unit="layer"):
@@ -66,7 +78,7 @@ def quantize_layerwise(cfg: QuantizeConfig, src: Path, out: Path, plan: dict[str
             else:
                 qtensors = awq_layer(layer, prefix, index, plan, cfg, hidden, kwargs, gen)
             for name, qt in qtensors.items():
-                layer.get_submodule(name[len(prefix):]).weight.data = dequantize(qt)
+                layer.get_submodule(name[len(prefix) :]).weight.data = dequantize(qt)
                 codes.add(name, qt)
             hidden = run_layer(layer, hidden, kwargs)  # what the next layer sees: this layer, quantized
             for name, tensor in layer.state_dict().items():
@@ -78,8 +90,9 @@ def quantize_layerwise(cfg: QuantizeConfig, src: Path, out: Path, plan: dict[str
     return codes.bytes, sum(model.get_submodule(n).weight.numel() * 4 for n in plan)
 
 
-def _head_codes(model, plan: dict[str, QuantScheme], cfg: QuantizeConfig, hidden: list[torch.Tensor],
-                gen: torch.Generator) -> QTensor | None:
+def _head_codes(
+    model, plan: dict[str, QuantScheme], cfg: QuantizeConfig, hidden: list[torch.Tensor], gen: torch.Generator
+) -> QTensor | None:
     if HEAD not in plan:
         return None
     weight = model.get_submodule(HEAD).weight.data
@@ -88,8 +101,9 @@ def _head_codes(model, plan: dict[str, QuantScheme], cfg: QuantizeConfig, hidden
     return awq_head(model.model.norm, weight, plan[HEAD], cfg, hidden, gen)
 
 
-def _write_outside_layers(model, weights: ShardedWriter, codes: PackedCodes, head: QTensor | None,
-                          layout: HeadLayout) -> None:
+def _write_outside_layers(
+    model, weights: ShardedWriter, codes: PackedCodes, head: QTensor | None, layout: HeadLayout
+) -> None:
     """Embedding, final norm and head. A shared embedding holds the head's dequantized codes; an embedding of
     its own is rounded to nearest (its rows are looked up, no activations to calibrate on)."""
     if head is not None:

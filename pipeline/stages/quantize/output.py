@@ -4,6 +4,7 @@
 Shared by the two streaming paths, rtn.py (tensor by tensor) and layerwise.py (decoder layer by layer),
 so both write the same files the same way.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -76,8 +77,16 @@ class PackedCodes:
         self.writer.__exit__(*exc)
 
 
-def finish(out: Path, src: Path, config, method: str, plan: dict[str, QuantScheme], skipped: dict[str, str],
-           codes: PackedCodes, layout: HeadLayout) -> None:
+def finish(
+    out: Path,
+    src: Path,
+    config,
+    method: str,
+    plan: dict[str, QuantScheme],
+    skipped: dict[str, str],
+    codes: PackedCodes,
+    layout: HeadLayout,
+) -> None:
     """The plan (quantized layers in plan order, then the embedding), the config and the tokenizer."""
     order = [n for n in (*plan, EMBEDDING) if n in codes.shapes]
     (out / PLAN_FILE).write_text(plan_file(method, {n: codes.shapes[n] for n in order}, layout.plan_entry, skipped))

@@ -3,6 +3,7 @@
 Made from the module names and shapes alone, so a model skeleton on the meta device serves (rtn.py,
 layerwise.py) as well as a loaded model (the sensitivity budget).
 """
+
 from __future__ import annotations
 
 import json
@@ -36,8 +37,12 @@ def make_plan(model, cfg: QuantizeConfig) -> tuple[dict[str, QuantScheme], dict[
     head_bits = LM_HEAD_BITS[cfg.lm_head]
     if head_bits:
         # a head whose codes the embedding shares keeps integer zero points: GatherBlockQuantized takes no others
-        plan["lm_head"] = QuantScheme(head_bits, cfg.group_size, cfg.symmetric,
-                                      float_zero and head_bits == 4 and not embedding_shares_head(model, cfg))
+        plan["lm_head"] = QuantScheme(
+            head_bits,
+            cfg.group_size,
+            cfg.symmetric,
+            float_zero and head_bits == 4 and not embedding_shares_head(model, cfg),
+        )
     else:
         skipped["lm_head"] = "lm_head: float (recipe)"
     if not any(n != "lm_head" for n in plan):
@@ -52,7 +57,12 @@ def embedding_shares_head(model, cfg: QuantizeConfig) -> bool:
 
 def scheme_dict(s: QuantScheme) -> dict:
     """The plan entry of a scheme; `float_zero` only where set, so integer plans read as before."""
-    return {"bits": s.bits, "group_size": s.group_size, "symmetric": s.symmetric, **({"float_zero": True} if s.float_zero else {})}
+    return {
+        "bits": s.bits,
+        "group_size": s.group_size,
+        "symmetric": s.symmetric,
+        **({"float_zero": True} if s.float_zero else {}),
+    }
 
 
 def plan_summary(plan: dict[str, QuantScheme]) -> str:
@@ -75,8 +85,9 @@ def embedding_scheme(model, cfg: QuantizeConfig) -> QuantScheme | None:
     return QuantScheme(LM_HEAD_BITS[cfg.embedding], cfg.group_size, cfg.symmetric)
 
 
-def plan_file(method: str, shapes: dict[str, tuple[QuantScheme, int, int]], embed: dict | None,
-              skipped: dict[str, str]) -> str:
+def plan_file(
+    method: str, shapes: dict[str, tuple[QuantScheme, int, int]], embed: dict | None, skipped: dict[str, str]
+) -> str:
     """quant_plan.json: each quantized layer's scheme and [N, K] (in `shapes`' order), the embedding's entry
     (its own codes, or the head's it shares), and why each float layer stayed float."""
     layers = {n: {**scheme_dict(s), "N": rows, "K": cols} for n, (s, rows, cols) in shapes.items() if n != EMBEDDING}

@@ -13,10 +13,11 @@ against each other on tiny models and on the reference model).
     model step shards ──► tensor ──► [planned: quantize ─► pack ──► quantized.safetensors]
                                       └─ dequantize (or as is) ─► float32 ──► model.safetensors
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from tqdm import tqdm
 
@@ -27,14 +28,19 @@ from pipeline.stages.quantize.output import HEAD, HeadLayout, PackedCodes, finis
 from pipeline.stages.quantize.plan import EMBEDDING, plan_summary
 
 
-def rtn_streamed(cfg: QuantizeConfig, src: Path, out: Path, plan: dict[str, QuantScheme], skipped: dict[str, str],
-                 log: Callable[[str], None]) -> tuple[int, int]:
+def rtn_streamed(
+    cfg: QuantizeConfig,
+    src: Path,
+    out: Path,
+    plan: dict[str, QuantScheme],
+    skipped: dict[str, str],
+    log: Callable[[str], None],
+) -> tuple[int, int]:
     """Quantize the checkpoint in `src` into `out` tensor by tensor as `plan` says; returns (packed bytes, the
     planned layers' float32 bytes). Adds the embedding to `skipped` when it stays float."""
     model = skeleton(src)
     layout = head_layout(model, cfg, plan, skipped)
-    log(f"  RTN {len(plan)} layers ({plan_summary(plan)}), {len(skipped)} kept float; tensor by tensor from "
-        f"{src.name}")
+    log(f"  RTN {len(plan)} layers ({plan_summary(plan)}), {len(skipped)} kept float; tensor by tensor from {src.name}")
     reader = CheckpointReader(src)
     names = [n for n in model.state_dict() if not (layout.tied and n == f"{HEAD}.weight")]
     with ShardedWriter(out) as weights, PackedCodes(out) as codes:
@@ -45,7 +51,9 @@ def rtn_streamed(cfg: QuantizeConfig, src: Path, out: Path, plan: dict[str, Quan
             scheme = _scheme_for(module, kind, plan, layout)
             if scheme is not None:
                 qt = quantize(tensor, scheme)
-                codes.add(HEAD if module == EMBEDDING and layout.share else module, qt)  # a shared embedding holds the head's codes
+                codes.add(
+                    HEAD if module == EMBEDDING and layout.share else module, qt
+                )  # a shared embedding holds the head's codes
                 tensor = dequantize(qt).float()
             weights.add(name, tensor)
     finish(out, src, model.config, cfg.method, plan, skipped, codes, layout)

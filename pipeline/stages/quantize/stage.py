@@ -9,6 +9,7 @@ Weight-only methods stream: RTN tensor by tensor (rtn.py), GPTQ and AWQ one deco
 model: the sensitivity budget's (every candidate layer is measured by the model's output) and W8A8's
 SmoothQuant and static-scale calibration.
 """
+
 from __future__ import annotations
 
 import gc
@@ -53,8 +54,13 @@ def _budget(cfg: QuantizeConfig, src, plan: dict[str, QuantScheme], ctx) -> tupl
     which is freed before the quantization streams."""
     model = load_torch_model(src, attention="sdpa")
     ids = torch.cat(quantize_batches(cfg, src, cfg.budget.sensitivity_length))[: cfg.budget.sensitivity_samples]
-    embed = "shared" if embedding_shares_head(model, cfg) else None if cfg.embedding == "float" else \
-        QuantScheme(LM_HEAD_BITS[cfg.embedding], cfg.group_size, cfg.symmetric)
+    embed = (
+        "shared"
+        if embedding_shares_head(model, cfg)
+        else None
+        if cfg.embedding == "float"
+        else QuantScheme(LM_HEAD_BITS[cfg.embedding], cfg.group_size, cfg.symmetric)
+    )
     plan, info = choose(model, plan, cfg.budget, ids, embed, ctx.log)
     bar_chart(info["sensitivity_kl"], info["int8_layers"], ctx.out_dir / "sensitivity.png")
     del model
@@ -64,9 +70,13 @@ def _budget(cfg: QuantizeConfig, src, plan: dict[str, QuantScheme], ctx) -> tupl
 
 def _result(plan, skipped, packed: int, float_bytes: int, budget_info: dict, started: float) -> StageResult:
     return StageResult(
-        metrics={"quantized_layers": len(plan), "float_layers": len(skipped),
-                 "quantized_weight_mb": round(packed / 1e6, 2), "float_weight_mb": round(float_bytes / 1e6, 2),
-                 "seconds": round(time.time() - started, 1)},
+        metrics={
+            "quantized_layers": len(plan),
+            "float_layers": len(skipped),
+            "quantized_weight_mb": round(packed / 1e6, 2),
+            "float_weight_mb": round(float_bytes / 1e6, 2),
+            "seconds": round(time.time() - started, 1),
+        },
         info={"skipped_layers": skipped, "plan": {n: scheme_dict(s) for n, s in plan.items()}, **budget_info},
     )
 
@@ -76,15 +86,27 @@ def _w8a8(model, cfg: QuantizeConfig, src_dir, ctx, started: float) -> StageResu
     if cfg.hadamard:
         for name in (n for n in decoder_linears(model) if n.endswith(ROTATED)):
             if not can_rotate(width := model.get_submodule(name).in_features):
-                raise StageError(f"quantize.hadamard: {name} takes {width} inputs, not a multiple of the {BLOCK}-wide "
-                                 "Hadamard block; set hadamard: false for this model")
+                raise StageError(
+                    f"quantize.hadamard: {name} takes {width} inputs, not a multiple of the {BLOCK}-wide "
+                    "Hadamard block; set hadamard: false for this model"
+                )
     batches = quantize_batches(cfg, src_dir)
     info: dict = {}
     if cfg.smoothquant:
         how = "searched per layer" if cfg.smoothquant == "auto" else str(cfg.smoothquant)
-        ctx.log(f"  SmoothQuant alpha {how} over {len(batches)} calibration batches, {cfg.search_tokens} tokens per input")
-        info["smoothquant"] = smoothquant(model, batches, cfg.smoothquant, cfg.activations, cfg.search_tokens,
-                                          cfg.calibration.seed, ctx.log, cfg.hadamard)
+        ctx.log(
+            f"  SmoothQuant alpha {how} over {len(batches)} calibration batches, {cfg.search_tokens} tokens per input"
+        )
+        info["smoothquant"] = smoothquant(
+            model,
+            batches,
+            cfg.smoothquant,
+            cfg.activations,
+            cfg.search_tokens,
+            cfg.calibration.seed,
+            ctx.log,
+            cfg.hadamard,
+        )
     model.save_pretrained(ctx.out_dir, safe_serialization=True)
     copy_tokenizer(src_dir, ctx.out_dir)
     linears = decoder_linears(model)
@@ -98,16 +120,31 @@ def _w8a8(model, cfg: QuantizeConfig, src_dir, ctx, started: float) -> StageResu
         raise StageError("quantize: the ignore list leaves no decoder layer to quantize")
     rotations = {n: BLOCK for n in modules if n.endswith(ROTATED)} if cfg.hadamard else {}
     if rotations:
-        ctx.log(f"  hadamard: {len(rotations)} down_proj inputs rotated at run time ({BLOCK}-wide blocks), weights to match")
+        ctx.log(
+            f"  hadamard: {len(rotations)} down_proj inputs rotated at run time ({BLOCK}-wide blocks), weights to match"
+        )
     input_scales = None
     if cfg.activations == "static":
-        ctx.log(f"  static: calibrating one int8 input scale per linear input (clip searched on {cfg.search_tokens} tokens)")
-        info["static_inputs"] = static_input_scales(model, batches, modules, cfg.search_tokens, cfg.calibration.seed, ctx.log,
-                                                       cfg.hadamard)
+        ctx.log(
+            f"  static: calibrating one int8 input scale per linear input (clip searched on {cfg.search_tokens} tokens)"
+        )
+        info["static_inputs"] = static_input_scales(
+            model, batches, modules, cfg.search_tokens, cfg.calibration.seed, ctx.log, cfg.hadamard
+        )
         input_scales = {name: found["scale"] for name, found in info["static_inputs"].items()}
-    plan = {"method": "w8a8", "activations": cfg.activations, "smoothquant": cfg.smoothquant, "layers": {},
-            "w8a8_modules": modules, "skipped": skipped, "input_scales": input_scales, "rotations": rotations}
+    plan = {
+        "method": "w8a8",
+        "activations": cfg.activations,
+        "smoothquant": cfg.smoothquant,
+        "layers": {},
+        "w8a8_modules": modules,
+        "skipped": skipped,
+        "input_scales": input_scales,
+        "rotations": rotations,
+    }
     (ctx.out_dir / PLAN_FILE).write_text(json.dumps(plan, indent=2) + "\n")
-    ctx.log(f"  W8A8 {cfg.activations}: int8 weights (per channel) and activations for {len(modules)} linears, applied to "
-            f"the graph at export; {len(skipped)} kept float")
+    ctx.log(
+        f"  W8A8 {cfg.activations}: int8 weights (per channel) and activations for {len(modules)} linears, applied to "
+        f"the graph at export; {len(skipped)} kept float"
+    )
     return StageResult(metrics={"seconds": round(time.time() - started, 1)}, info={"w8a8": plan, **info})

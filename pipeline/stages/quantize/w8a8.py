@@ -20,9 +20,10 @@ the migration (pipeline.quant.rotation): SmoothQuant flattens the channels that 
 token, the rotation spreads those that are large in a few tokens, which is what a static scale
 cannot follow. The α search and the clip search then model the rotated rounding.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -32,13 +33,23 @@ from calibration.collect import capture_layer_inputs, decoder_layers, run_layer
 from pipeline.quant.rotation import rotate
 from pipeline.stages.quantize.awq import SCALE_GROUPS, collect_inputs, fold_scale, lines_up
 
-ROTATED = ("mlp.down_proj",)  # hadamard: the inputs rotated at run time (no linear op feeds them to fold a rotation into)
+ROTATED = (
+    "mlp.down_proj",
+)  # hadamard: the inputs rotated at run time (no linear op feeds them to fold a rotation into)
 AUTO_ALPHAS = (None, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # None: no migration (s = 1)
 CLIP_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)  # static: fractions of max |x| tried as the int8 range
 
 
-def smoothquant(model, batches: list[torch.Tensor], alpha: float | str, activations: str, search_tokens: int = 2048,
-                seed: int = 0, log: Callable[[str], None] = print, hadamard: bool = False) -> dict[str, dict]:
+def smoothquant(
+    model,
+    batches: list[torch.Tensor],
+    alpha: float | str,
+    activations: str,
+    search_tokens: int = 2048,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+    hadamard: bool = False,
+) -> dict[str, dict]:
     """Fold SmoothQuant scales into every decoder layer, one layer at a time.
 
     Returns, per smoothed group (named by its first linear): the α used (None: left alone), the
@@ -61,15 +72,23 @@ def smoothquant(model, batches: list[torch.Tensor], alpha: float | str, activati
             if s is not None:
                 fold_scale(feed, mods, s)
             report[f"model.layers.{index}.{names[0]}"] = {
-                "alpha": chosen, "max_abs_input_before": round(float(x_max.max()), 3), "error_vs_none": round(error, 4)}
+                "alpha": chosen,
+                "max_abs_input_before": round(float(x_max.max()), 3),
+                "error_vs_none": round(error, 4),
+            }
         hidden = run_layer(layer, hidden, kwargs)  # the folds are exact: the next layer's inputs are unchanged
     _log_summary(report, log)
     return report
 
 
-def search_alpha(x: torch.Tensor, x_max: torch.Tensor, weights: list[torch.Tensor], candidates: tuple,
-                 activations: str, rot: Callable[[torch.Tensor], torch.Tensor] | None = None
-                 ) -> tuple[float | None, torch.Tensor | None, float]:
+def search_alpha(
+    x: torch.Tensor,
+    x_max: torch.Tensor,
+    weights: list[torch.Tensor],
+    candidates: tuple,
+    activations: str,
+    rot: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[float | None, torch.Tensor | None, float]:
     """The candidate α with the smallest int8 output error on the token sample x; its scales; that
     error over the error without migration. `rot`: the graph rotates the migrated input (and the weights)."""
     w_max = torch.cat(weights).abs().amax(0).clamp(min=1e-5)
@@ -113,8 +132,15 @@ def fake_quant_static(x: torch.Tensor, scale: float) -> torch.Tensor:
     return (x / scale).round().clamp(-128, 127) * scale
 
 
-def static_input_scales(model, batches: list[torch.Tensor], modules: list[str], search_tokens: int = 2048,
-                        seed: int = 0, log: Callable[[str], None] = print, hadamard: bool = False) -> dict[str, dict]:
+def static_input_scales(
+    model,
+    batches: list[torch.Tensor],
+    modules: list[str],
+    search_tokens: int = 2048,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+    hadamard: bool = False,
+) -> dict[str, dict]:
     """Per W8A8 linear (names as in `modules`), the calibrated int8 scale of its input and the clip
     ratio chosen; linears fed the same tensor share one. Layer by layer on the (smoothed) float model;
     with `hadamard`, ROTATED inputs are calibrated as the graph rounds them, rotated."""
@@ -126,8 +152,11 @@ def static_input_scales(model, batches: list[torch.Tensor], modules: list[str], 
     for index, layer in enumerate(tqdm(decoder_layers(model), desc="  static input scales", unit="layer")):
         stats = collect_inputs(layer, hidden, kwargs, search_tokens, gen, index, transforms)
         for _, names in SCALE_GROUPS:
-            chosen = [(f"model.layers.{index}.{n}", layer.get_submodule(n)) for n in names
-                      if f"model.layers.{index}.{n}" in wanted]
+            chosen = [
+                (f"model.layers.{index}.{n}", layer.get_submodule(n))
+                for n in names
+                if f"model.layers.{index}.{n}" in wanted
+            ]
             if chosen:
                 x, _ = stats[names[0]].result()
                 weights = [m.weight.data for _, m in chosen]
@@ -176,5 +205,7 @@ def _log_summary(report: dict[str, dict], log: Callable[[str], None]) -> None:
         median = f"median alpha {used[len(used) // 2]}" if used else "alpha none"
         left = sum(a is None for a in alphas)
         ratio = float(np.mean([r["error_vs_none"] for r in rows]))
-        log(f"  smoothquant {kind}: {median}, {left} of {len(rows)} layers left alone; int8 output error "
-            f"{ratio:.2f}x that without migration (mean)")
+        log(
+            f"  smoothquant {kind}: {median}, {left} of {len(rows)} layers left alone; int8 output error "
+            f"{ratio:.2f}x that without migration (mean)"
+        )

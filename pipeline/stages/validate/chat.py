@@ -11,11 +11,12 @@ set (chat template applied, greedy), and three things are compared:
 
 The last one needs no right answers: it asks how likely the artifact finds what the baseline said.
 """
+
 from __future__ import annotations
 
 import math
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +30,7 @@ from runtime.errors import RuntimeFailure
 from runtime.generate import Generator
 
 
-def chat_checks(cfg: ChatEvalConfig, torch_model, gen: Generator, metrics: dict,
-                log: Callable[[str], None]) -> dict:
+def chat_checks(cfg: ChatEvalConfig, torch_model, gen: Generator, metrics: dict, log: Callable[[str], None]) -> dict:
     """Adds the chat_* metrics (and the baseline's values) to `metrics`; returns the replies for the report."""
     started = time.perf_counter()
     items = _chat_set(cfg)
@@ -39,17 +39,24 @@ def chat_checks(cfg: ChatEvalConfig, torch_model, gen: Generator, metrics: dict,
     except RuntimeFailure as e:
         raise StageError(f"validate.chat: {e}; the chat checks need a chat model (drop `chat`)") from None
     if not gen.eos_ids:
-        raise StageError("validate.chat: the artifact names no end token (generation_config.json eos_token_id), "
-                         "so no reply could end its turn")
+        raise StageError(
+            "validate.chat: the artifact names no end token (generation_config.json eos_token_id), "
+            "so no reply could end its turn"
+        )
     base = torch_greedy(torch_model, prompts, cfg.max_new_tokens, gen.eos_ids, gen.pad_id, cfg.batch_size)
     ours = []
     for start in range(0, len(prompts), cfg.batch_size):
-        result = gen.generate(prompts[start:start + cfg.batch_size], cfg.max_new_tokens)
+        result = gen.generate(prompts[start : start + cfg.batch_size], cfg.max_new_tokens)
         ours += [(tokens, reason == "stop") for tokens, reason in zip(result.tokens, result.finish_reasons)]
     replies = [
-        {"prompt": item.prompt, "answers": list(item.answers),
-         "baseline": gen.tokenizer.decode(b), "onnx": gen.tokenizer.decode(o),
-         "baseline_ended": end is not None, "onnx_ended": ended}
+        {
+            "prompt": item.prompt,
+            "answers": list(item.answers),
+            "baseline": gen.tokenizer.decode(b),
+            "onnx": gen.tokenizer.decode(o),
+            "baseline_ended": end is not None,
+            "onnx_ended": ended,
+        }
         for item, (b, end), (o, ended) in zip(items, base, ours)
     ]
     for r in replies:
@@ -57,10 +64,15 @@ def chat_checks(cfg: ChatEvalConfig, torch_model, gen: Generator, metrics: dict,
         r["onnx_correct"] = mentions(r["onnx"], r["answers"]) if r["answers"] else None
     metrics.update(_reply_counts(replies))
     metrics.update(_reply_scores(torch_model, gen, prompts, base))
-    log(f"  chat: {len(items)} prompts in {time.perf_counter() - started:.0f} s; "
-        + ", ".join(f"{k.removeprefix('chat_')} {v:.3f}" for k, v in metrics.items() if k.startswith("chat_")))
-    return {"prompts": "built-in" if cfg.prompts is None else cfg.prompts.source,
-            "max_new_tokens": cfg.max_new_tokens, "replies": replies}
+    log(
+        f"  chat: {len(items)} prompts in {time.perf_counter() - started:.0f} s; "
+        + ", ".join(f"{k.removeprefix('chat_')} {v:.3f}" for k, v in metrics.items() if k.startswith("chat_"))
+    )
+    return {
+        "prompts": "built-in" if cfg.prompts is None else cfg.prompts.source,
+        "max_new_tokens": cfg.max_new_tokens,
+        "replies": replies,
+    }
 
 
 def _reply_counts(replies: list[dict]) -> dict[str, float]:
@@ -88,23 +100,32 @@ def _chat_set(cfg: ChatEvalConfig) -> list[ChatPrompt]:
 
 
 @torch.no_grad()
-def _reply_scores(torch_model, gen: Generator, prompts: list[list[int]],
-                  replies: list[tuple[list[int], int | None]]) -> dict[str, float]:
+def _reply_scores(
+    torch_model, gen: Generator, prompts: list[list[int]], replies: list[tuple[list[int], int | None]]
+) -> dict[str, float]:
     """The baseline's replies (with the end token it chose, when it ended) teacher-forced through the artifact
     and through the baseline itself: perplexity of each on those tokens, and the artifact's top-1 agreement."""
     nll_ours, agree, count = score_replies(lambda seq: torch.from_numpy(gen.logits(seq)), prompts, replies)
     nll_base, _, _ = score_replies(lambda seq: torch_model(torch.tensor([seq])).logits[0], prompts, replies)
     if not count:
-        return {"chat_reply_perplexity": math.nan, "chat_reply_perplexity_baseline": math.nan,
-                "chat_reply_top1_agreement": math.nan}
-    return {"chat_reply_perplexity": math.exp(nll_ours / count),
-            "chat_reply_perplexity_baseline": math.exp(nll_base / count),
-            "chat_reply_top1_agreement": agree / count}
+        return {
+            "chat_reply_perplexity": math.nan,
+            "chat_reply_perplexity_baseline": math.nan,
+            "chat_reply_top1_agreement": math.nan,
+        }
+    return {
+        "chat_reply_perplexity": math.exp(nll_ours / count),
+        "chat_reply_perplexity_baseline": math.exp(nll_base / count),
+        "chat_reply_top1_agreement": agree / count,
+    }
 
 
 @torch.no_grad()
-def score_replies(logits_of: Callable[[list[int]], torch.Tensor], prompts: list[list[int]],
-                  replies: list[tuple[list[int], int | None]]) -> tuple[float, int, int]:
+def score_replies(
+    logits_of: Callable[[list[int]], torch.Tensor],
+    prompts: list[list[int]],
+    replies: list[tuple[list[int], int | None]],
+) -> tuple[float, int, int]:
     """Replies (with the end token chosen, when one was) teacher-forced after their prompts through a
     model (`logits_of(ids)` -> logits [T, V]): their summed negative log-likelihood, the positions whose
     argmax is the reply's token, and the tokens scored."""

@@ -1,4 +1,5 @@
 """report.json (for machines) and report.md (for people) of the validate stage."""
+
 from __future__ import annotations
 
 import json
@@ -32,20 +33,32 @@ def render_markdown(report: dict) -> str:
         if "@" not in name:  # per-domain figures: their own table below
             lines.append(_metric_row(name, value, limits))
     if "domains" in p:
-        lines += ["", "## Per evaluation text", "", "| text | source | windows | perplexity baseline | perplexity | "
-                  "Δ % | top-1 agreement | KL | gates |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+        lines += [
+            "",
+            "## Per evaluation text",
+            "",
+            "| text | source | windows | perplexity baseline | perplexity | Δ % | top-1 agreement | KL | gates |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        ]
         for domain, proto in p["domains"].items():
             keys = [f"{k}@{domain}" for k in ("perplexity_delta_pct", "top1_agreement", "kl_divergence", "perplexity")]
             gated = [_gate_verdict(k, m.get(k), limits) for k in keys]
             verdict = "**FAIL**" if "fail" in gated else "ok" if "ok" in gated else ""
-            lines.append(f"| {domain} | {proto['dataset']} / {proto['split']} | {proto['windows']} | "
-                         f"{_fmt(proto['perplexity_baseline'])} | {_fmt(proto['perplexity'])} | {_fmt(m.get(keys[0]))} | "
-                         f"{_fmt(m.get(keys[1]))} | {_fmt(m.get(keys[2]))} | {verdict} |")
+            lines.append(
+                f"| {domain} | {proto['dataset']} / {proto['split']} | {proto['windows']} | "
+                f"{_fmt(proto['perplexity_baseline'])} | {_fmt(proto['perplexity'])} | {_fmt(m.get(keys[0]))} | "
+                f"{_fmt(m.get(keys[1]))} | {_fmt(m.get(keys[2]))} | {verdict} |"
+            )
     q = report.get("quantization")
     if q:
-        lines += ["", "## Quantization", "", f"- method: {q['method']} (`{q['artifact']}`)",
-                  "- layers: " + ", ".join(f"{n} {k}" for k, n in q["layers"].items()),
-                  f"- kept float: {', '.join(q['float_layers']) or 'none'}"]
+        lines += [
+            "",
+            "## Quantization",
+            "",
+            f"- method: {q['method']} (`{q['artifact']}`)",
+            "- layers: " + ", ".join(f"{n} {k}" for k, n in q["layers"].items()),
+            f"- kept float: {', '.join(q['float_layers']) or 'none'}",
+        ]
         if q["int8_by_budget"]:
             lines.append(f"- raised to INT8 by the budget ({q['budget_estimate']}): {len(q['int8_by_budget'])} layers")
         if q["sensitivity_chart"]:
@@ -86,20 +99,28 @@ def _chat_section(chat: dict) -> list[str]:
     """Counts, then every reply whose verdict differs between the two models, then the open instructions."""
     replies = chat["replies"]
     facts = [r for r in replies if r["answers"]]
-    lines = ["## Chat replies (greedy, chat template)", "",
-             f"- chat set: {chat['prompts']}, {len(replies)} prompts, {len(facts)} with answers, "
-             f"at most {chat['max_new_tokens']} new tokens",
-             f"- facts named: baseline {sum(bool(r['baseline_correct']) for r in facts)}, "
-             f"onnx {sum(bool(r['onnx_correct']) for r in facts)} of {len(facts)}",
-             f"- turns ended: baseline {sum(r['baseline_ended'] for r in replies)}, "
-             f"onnx {sum(r['onnx_ended'] for r in replies)} of {len(replies)}", ""]
+    lines = [
+        "## Chat replies (greedy, chat template)",
+        "",
+        f"- chat set: {chat['prompts']}, {len(replies)} prompts, {len(facts)} with answers, "
+        f"at most {chat['max_new_tokens']} new tokens",
+        f"- facts named: baseline {sum(bool(r['baseline_correct']) for r in facts)}, "
+        f"onnx {sum(bool(r['onnx_correct']) for r in facts)} of {len(facts)}",
+        f"- turns ended: baseline {sum(r['baseline_ended'] for r in replies)}, "
+        f"onnx {sum(r['onnx_ended'] for r in replies)} of {len(replies)}",
+        "",
+    ]
     changed = [r for r in facts if bool(r["baseline_correct"]) != bool(r["onnx_correct"])]
     if changed:
         lines += ["Facts one model names and the other does not:", ""]
         for r in changed:
-            lines += [f"**{r['prompt']}** (accepted: {', '.join(r['answers'])})", "",
-                      f"- baseline ({_verdict(r['baseline_correct'])}): {r['baseline']!r}",
-                      f"- onnx ({_verdict(r['onnx_correct'])}): {r['onnx']!r}", ""]
+            lines += [
+                f"**{r['prompt']}** (accepted: {', '.join(r['answers'])})",
+                "",
+                f"- baseline ({_verdict(r['baseline_correct'])}): {r['baseline']!r}",
+                f"- onnx ({_verdict(r['onnx_correct'])}): {r['onnx']!r}",
+                "",
+            ]
     opened = [r for r in replies if not r["answers"]]
     if opened:
         lines += ["Open instructions:", ""]

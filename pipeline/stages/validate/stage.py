@@ -13,6 +13,7 @@ A model whose float32 weights pass `pipeline.streamed.WHOLE_MODEL_LIMIT` is stre
 Every gate in `thresholds` is checked; all failures are reported together, the artifact (with
 report.json and report.md) is kept either way, and a failure makes the run exit non-zero.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,16 +25,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from calibration import DataError, load_text, text_fingerprint, windows
-from pipeline.stages.validate.chat import chat_checks
 from pipeline.configs import DOMAIN_METRICS, VALIDATE_METRICS, ValidateConfig
 from pipeline.errors import StageError
 from pipeline.models import torch_greedy
 from pipeline.quant.primitives import QuantScheme, count_schemes
 from pipeline.registry import StageResult, register_stage
 from pipeline.resources import release_memory
+from pipeline.stages.validate.chat import chat_checks
 from pipeline.stages.validate.report import write_reports
-from pipeline.streamed import load_reference_model
 from pipeline.stages.validate.targets import ScoredWindow, agreement, scored_window, validate_targets
+from pipeline.streamed import load_reference_model
 from runtime.generate import Generator
 
 
@@ -60,19 +61,33 @@ def validate(cfg: ValidateConfig, inp, ctx) -> StageResult:
     provider, flavour, eos_ids = gen.provider, gen.flavour, gen.eos_ids
     del gen  # each target's engine loads its own copy of the weights: one runtime in memory at a time
     release_memory()
-    targets = validate_targets(inp.path, scored_windows, prompts, greedy, cfg.max_new_tokens, eos_ids, metrics,
-                               ctx.log)
+    targets = validate_targets(inp.path, scored_windows, prompts, greedy, cfg.max_new_tokens, eos_ids, metrics, ctx.log)
     failures = gate(metrics, cfg.thresholds)
     report = {
-        "artifact": str(inp.path), "baseline": str(ctx.baseline.path), "export_source": str(source.path),
-        "provider": provider, "graph": flavour, "torch_reference": reference,
-        "metrics": metrics, "thresholds": cfg.thresholds, "failures": failures, "passed": not failures,
-        "protocol": protocol, "samples": samples, "chat": chat, "targets": targets, "seconds": round(time.time() - started, 1),
+        "artifact": str(inp.path),
+        "baseline": str(ctx.baseline.path),
+        "export_source": str(source.path),
+        "provider": provider,
+        "graph": flavour,
+        "torch_reference": reference,
+        "metrics": metrics,
+        "thresholds": cfg.thresholds,
+        "failures": failures,
+        "passed": not failures,
+        "protocol": protocol,
+        "samples": samples,
+        "chat": chat,
+        "targets": targets,
+        "seconds": round(time.time() - started, 1),
         "quantization": _quantization_summary(ctx.history),
     }
     write_reports(ctx.out_dir, report)
-    return StageResult(metrics=metrics, info={"protocol": protocol, "provider": provider, "torch_reference": reference},
-                       passed=not failures, failures=failures)
+    return StageResult(
+        metrics=metrics,
+        info={"protocol": protocol, "provider": provider, "torch_reference": reference},
+        passed=not failures,
+        failures=failures,
+    )
 
 
 def gate(metrics: dict, thresholds: dict[str, float]) -> list[str]:
@@ -92,7 +107,9 @@ def gate(metrics: dict, thresholds: dict[str, float]) -> list[str]:
     return failures
 
 
-def _perplexity(cfg: ValidateConfig, torch_model, gen: Generator, metrics: dict, ctx) -> tuple[dict, list[ScoredWindow]]:
+def _perplexity(
+    cfg: ValidateConfig, torch_model, gen: Generator, metrics: dict, ctx
+) -> tuple[dict, list[ScoredWindow]]:
     """Perplexity, KL and top-1 agreement on each evaluation text. The first text's figures go under the plain
     metric names (and its windows to the export targets' checks); with several, each also as `metric@domain`."""
     domains = cfg.domains
@@ -105,15 +122,18 @@ def _perplexity(cfg: ValidateConfig, torch_model, gen: Generator, metrics: dict,
             metrics.update(found)
         else:  # the prefill checks hold over every text
             metrics["nonfinite_logits"] += found["nonfinite_logits"]
-            metrics["window_logits_max_abs_diff"] = max(metrics["window_logits_max_abs_diff"],
-                                                        found["window_logits_max_abs_diff"])
+            metrics["window_logits_max_abs_diff"] = max(
+                metrics["window_logits_max_abs_diff"], found["window_logits_max_abs_diff"]
+            )
         if len(domains) > 1:
             metrics.update({f"{key}@{name}": found[key] for key in DOMAIN_METRICS})
     protocol = next(iter(protocols.values()))
     return ({**protocol, "domains": protocols} if len(domains) > 1 else protocol), first_windows
 
 
-def _score_text(name: str, src, cfg: ValidateConfig, torch_model, gen: Generator, ctx) -> tuple[dict, dict, list[ScoredWindow]]:
+def _score_text(
+    name: str, src, cfg: ValidateConfig, torch_model, gen: Generator, ctx
+) -> tuple[dict, dict, list[ScoredWindow]]:
     key = "validate.eval_data" + (f".{name}" if isinstance(cfg.eval_data, dict) else "")
     try:
         text = load_text(src.source, src.split, src.hub_config, src.text_field)
@@ -130,8 +150,9 @@ def _score_text(name: str, src, cfg: ValidateConfig, torch_model, gen: Generator
     scored_windows = []
     inputs = [scored_window(ids, w.begin, w.end, w.scored, bos) for w in wins]
     refs = _reference_logits(torch_model, [sw.inputs for sw in inputs], gen.contract.vocab_size)
-    for w, sw, ref in tqdm(zip(wins, inputs, refs), total=len(wins), desc=f"  perplexity windows ({name})", unit="win",
-                           leave=False):
+    for w, sw, ref in tqdm(
+        zip(wins, inputs, refs), total=len(wins), desc=f"  perplexity windows ({name})", unit="win", leave=False
+    ):
         scored_windows.append(sw)
         out = gen.logits(sw.inputs)  # [T, V]
         nonfinite += int((~np.isfinite(out)).sum())
@@ -148,19 +169,36 @@ def _score_text(name: str, src, cfg: ValidateConfig, torch_model, gen: Generator
         scored += w.scored
     ppl_torch, ppl_onnx = math.exp(nll["torch"] / scored), math.exp(nll["onnx"] / scored)
     found = dict(
-        perplexity_baseline=ppl_torch, perplexity=ppl_onnx,
+        perplexity_baseline=ppl_torch,
+        perplexity=ppl_onnx,
         perplexity_delta_pct=(ppl_onnx - ppl_torch) / ppl_torch * 100,
-        top1_agreement=agree / scored, kl_divergence=kl_sum / scored,
-        window_logits_max_abs_diff=max_diff, nonfinite_logits=nonfinite, scored_tokens=scored,
+        top1_agreement=agree / scored,
+        kl_divergence=kl_sum / scored,
+        window_logits_max_abs_diff=max_diff,
+        nonfinite_logits=nonfinite,
+        scored_tokens=scored,
     )
-    ctx.log(f"  perplexity ({name}): torch {ppl_torch:.4f}, onnx {ppl_onnx:.4f} over {len(wins)} windows ({scored} tokens)")
-    return found, {
-        "dataset": src.source, "split": src.split, "hub_config": src.hub_config,
-        "text_sha256": text_fingerprint(text), "tokens_in_text": int(len(ids)),
-        "context_length": cfg.context_length, "stride": cfg.stride, "windows": len(wins),
-        "scored_tokens": scored, "bos": "prepended" if bos is not None else "none",
-        "perplexity_baseline": ppl_torch, "perplexity": ppl_onnx,
-    }, scored_windows
+    ctx.log(
+        f"  perplexity ({name}): torch {ppl_torch:.4f}, onnx {ppl_onnx:.4f} over {len(wins)} windows ({scored} tokens)"
+    )
+    return (
+        found,
+        {
+            "dataset": src.source,
+            "split": src.split,
+            "hub_config": src.hub_config,
+            "text_sha256": text_fingerprint(text),
+            "tokens_in_text": int(len(ids)),
+            "context_length": cfg.context_length,
+            "stride": cfg.stride,
+            "windows": len(wins),
+            "scored_tokens": scored,
+            "bos": "prepended" if bos is not None else "none",
+            "perplexity_baseline": ppl_torch,
+            "perplexity": ppl_onnx,
+        },
+        scored_windows,
+    )
 
 
 def _reference_logits(model, inputs: list[np.ndarray], vocab: int, budget: int = 2**30):
@@ -180,8 +218,9 @@ def _reference_logits(model, inputs: list[np.ndarray], vocab: int, budget: int =
         k += len(group)
 
 
-def _greedy(cfg: ValidateConfig, prompts: list[list[int]], torch_model, gen: Generator,
-            metrics: dict) -> tuple[list[dict], dict]:
+def _greedy(
+    cfg: ValidateConfig, prompts: list[list[int]], torch_model, gen: Generator, metrics: dict
+) -> tuple[list[dict], dict]:
     """Greedy answers of the baseline and of the runner to `prompts` (cfg.prompts encoded); returns the
     samples and {"baseline", "onnx"} token lists."""
     batch = len(prompts) if hasattr(torch_model, "streamed_layers") else 1  # a streamed model reads its layers per step
@@ -205,7 +244,7 @@ def _decode_diff(torch_model, gen: Generator, ids: list[int]) -> float:
         logits = gen.decode(np.array([ids[t]]), state)
         steps.append(logits)
     with torch.no_grad():
-        ref = torch_model(torch.tensor([ids[:-1]])).logits[0, split - 1:].numpy()
+        ref = torch_model(torch.tensor([ids[:-1]])).logits[0, split - 1 :].numpy()
     return float(np.abs(np.concatenate(steps) - ref).max())
 
 
@@ -217,10 +256,15 @@ def _quantization_summary(history) -> dict | None:
     m = step.manifest
     counts = count_schemes(QuantScheme(**spec) for spec in m.get("plan", {}).values())
     chart = step.path / "sensitivity.png"
-    return {"method": m["config"]["method"], "artifact": str(step.path), "layers": counts,
-            "float_layers": sorted(m.get("skipped_layers", {})), "int8_by_budget": m.get("int8_layers", []),
-            "budget_estimate": m.get("estimate"),
-            "sensitivity_chart": f"../{step.path.name}/{chart.name}" if chart.exists() else None}  # relative: the run folder moves
+    return {
+        "method": m["config"]["method"],
+        "artifact": str(step.path),
+        "layers": counts,
+        "float_layers": sorted(m.get("skipped_layers", {})),
+        "int8_by_budget": m.get("int8_layers", []),
+        "budget_estimate": m.get("estimate"),
+        "sensitivity_chart": f"../{step.path.name}/{chart.name}" if chart.exists() else None,
+    }  # relative: the run folder moves
 
 
 def _bos_id(gen: Generator) -> int:
@@ -230,4 +274,3 @@ def _bos_id(gen: Generator) -> int:
     if bos_id is None:
         raise StageError("validate.add_bos: the tokenizer names no BOS token; set add_bos: false")
     return bos_id
-

@@ -12,6 +12,7 @@ metrics then fails as "not measured", never passes.
     gguf                     llama.cpp (llama-cpp-python)             gguf_
     hf-quantized             transformers + compressed-tensors        hf_quantized_
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -58,20 +59,35 @@ def scored_window(ids: np.ndarray, begin: int, end: int, scored: int, bos: int |
     window = ids[begin:end]
     inputs = np.concatenate([[bos], window]).astype(np.int64) if bos is not None else window
     offset = 1 if bos is not None else 0
-    return ScoredWindow(inputs, offset + len(window) - scored - 1, window[len(window) - scored:])
+    return ScoredWindow(inputs, offset + len(window) - scored - 1, window[len(window) - scored :])
 
 
-def validate_targets(export_dir: Path, windows: list[ScoredWindow], prompts: list[list[int]],
-                     greedy: dict[str, list[list[int]]], max_new_tokens: int, eos_ids: set[int], metrics: dict, log) -> dict:
+def validate_targets(
+    export_dir: Path,
+    windows: list[ScoredWindow],
+    prompts: list[list[int]],
+    greedy: dict[str, list[list[int]]],
+    max_new_tokens: int,
+    eos_ids: set[int],
+    metrics: dict,
+    log,
+) -> dict:
     """Measure each target found in `export_dir` through its own engine (the ONNX graph through
     onnxruntime-genai, the GGUF, the compressed-tensors checkpoint); adds the metrics and returns the report entries.
     `greedy` holds the baseline's and the ONNX runner's greedy tokens for `prompts`."""
-    context = max(max((len(w.inputs) for w in windows), default=0),
-                  max((len(p) for p in prompts), default=0) + max_new_tokens)
-    found = {"genai": export_dir / GENAI_CONFIG, "gguf": export_dir / GGUF_FOLDER / GGUF_FILE,
-             "hf-quantized": export_dir / HF_QUANTIZED_FOLDER}
-    opener = {"genai": lambda p: GenaiEngine(p.parent), "gguf": lambda p: LlamaCppEngine(p, context),
-              "hf-quantized": TransformersEngine}
+    context = max(
+        max((len(w.inputs) for w in windows), default=0), max((len(p) for p in prompts), default=0) + max_new_tokens
+    )
+    found = {
+        "genai": export_dir / GENAI_CONFIG,
+        "gguf": export_dir / GGUF_FOLDER / GGUF_FILE,
+        "hf-quantized": export_dir / HF_QUANTIZED_FOLDER,
+    }
+    opener = {
+        "genai": lambda p: GenaiEngine(p.parent),
+        "gguf": lambda p: LlamaCppEngine(p, context),
+        "hf-quantized": TransformersEngine,
+    }
     report = {}
     for target, path in found.items():
         if not path.exists():
@@ -98,11 +114,18 @@ def measure(target: str, engine: TargetEngine, windows, prompts, greedy, max_new
         metrics[prefix + "onnx_top1_agreement"] = top1
     metrics[prefix + "greedy_agreement"] = agreement(greedy["baseline"], tokens)
     metrics[prefix + "onnx_greedy_agreement"] = agreement(greedy["onnx"], tokens)
-    log(f"  {target} through {engine.label}: perplexity {ppl:.4f} ({gap:.3f} % from the ONNX artifact's), next-token "
+    log(
+        f"  {target} through {engine.label}: perplexity {ppl:.4f} ({gap:.3f} % from the ONNX artifact's), next-token "
         f"argmax equal to the ONNX artifact's at {top1 or float('nan'):.3f} of the scored positions; greedy agreement "
         f"{metrics[prefix + 'onnx_greedy_agreement']:.3f} with the ONNX runner, {metrics[prefix + 'greedy_agreement']:.3f} "
-        "with the baseline")
-    return {"validated": True, "engine": engine.label, "perplexity": ppl, "scored_tokens": sum(len(w.targets) for w in windows)}
+        "with the baseline"
+    )
+    return {
+        "validated": True,
+        "engine": engine.label,
+        "perplexity": ppl,
+        "scored_tokens": sum(len(w.targets) for w in windows),
+    }
 
 
 def target_perplexity(engine: TargetEngine, windows: list[ScoredWindow]) -> tuple[float, float | None]:
@@ -110,7 +133,7 @@ def target_perplexity(engine: TargetEngine, windows: list[ScoredWindow]) -> tupl
     positions where its argmax equals the ONNX artifact's (when known)."""
     nll, scored, same = 0.0, 0, 0
     for w in windows:
-        logits = np.asarray(engine.logits(w.inputs)[w.first: w.first + len(w.targets)], dtype=np.float64)  # [S, V]
+        logits = np.asarray(engine.logits(w.inputs)[w.first : w.first + len(w.targets)], dtype=np.float64)  # [S, V]
         logits -= logits.max(-1, keepdims=True)
         logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
         nll -= float(logp[np.arange(len(w.targets)), w.targets].sum())
@@ -139,8 +162,15 @@ class LlamaCppEngine:
     def __init__(self, path: Path, context: int):
         from llama_cpp import Llama  # ImportError without llama-cpp-python
 
-        self.llm = Llama(model_path=str(path), n_ctx=context, n_batch=context, n_ubatch=context, logits_all=True,
-                         verbose=False, n_threads=os.cpu_count())
+        self.llm = Llama(
+            model_path=str(path),
+            n_ctx=context,
+            n_batch=context,
+            n_ubatch=context,
+            logits_all=True,
+            verbose=False,
+            n_threads=os.cpu_count(),
+        )
         self.label = f"llama.cpp (llama-cpp-python {importlib.metadata.version('llama-cpp-python')})"
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
@@ -169,8 +199,10 @@ class TransformersEngine:
         dtype = checkpoint_dtype(json.loads((folder / "config.json").read_text()))
         self.torch = torch
         self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
-        self.label = (f"transformers {importlib.metadata.version('transformers')} + compressed-tensors "
-                      f"{importlib.metadata.version('compressed-tensors')}")
+        self.label = (
+            f"transformers {importlib.metadata.version('transformers')} + compressed-tensors "
+            f"{importlib.metadata.version('compressed-tensors')}"
+        )
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
         with self.torch.no_grad():
@@ -179,9 +211,15 @@ class TransformersEngine:
     def greedy(self, ids: list[int], max_new_tokens: int, eos_ids: set[int]) -> list[int]:
         with self.torch.no_grad():
             prompt = self.torch.tensor([ids])
-            out = self.model.generate(prompt, attention_mask=self.torch.ones_like(prompt), max_new_tokens=max_new_tokens,
-                                      do_sample=False, eos_token_id=sorted(eos_ids), pad_token_id=min(eos_ids))
-        return until_eos(out[0, len(ids):].tolist(), eos_ids)
+            out = self.model.generate(
+                prompt,
+                attention_mask=self.torch.ones_like(prompt),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=sorted(eos_ids),
+                pad_token_id=min(eos_ids),
+            )
+        return until_eos(out[0, len(ids) :].tolist(), eos_ids)
 
 
 class GenaiEngine:
@@ -208,4 +246,4 @@ class GenaiEngine:
         generator.append_tokens(np.asarray(ids, dtype=np.int32))
         while not generator.is_done():
             generator.generate_next_token()
-        return until_eos([int(t) for t in generator.get_sequence(0)[len(ids):]], eos_ids)
+        return until_eos([int(t) for t in generator.get_sequence(0)[len(ids) :]], eos_ids)

@@ -1,4 +1,5 @@
 """Distillation losses against values computed by hand."""
+
 from __future__ import annotations
 
 import math

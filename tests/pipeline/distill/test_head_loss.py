@@ -1,4 +1,5 @@
 """The chunked head loss equals the full-logits losses, in value and in every gradient."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,9 +12,17 @@ from pipeline.distill.losses import ce_loss, kd_loss
 def _models(tie: bool, bias: bool = False):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model("llama", vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                  tie_word_embeddings=tie)
+    config = AutoConfig.for_model(
+        "llama",
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+    )
     torch.manual_seed(0)
     student = AutoModelForCausalLM.from_config(config)
     teacher = AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
@@ -39,8 +48,9 @@ def _chunked(student, teacher, ids, terms):
 
 
 @pytest.mark.parametrize("tie,bias", [(True, False), (False, False), (False, True)])
-@pytest.mark.parametrize("terms", [head_loss.Terms(kd=1.0, ce=0.5, temperature=2.0), head_loss.Terms(kd=1.0),
-                                   head_loss.Terms(ce=1.0)])
+@pytest.mark.parametrize(
+    "terms", [head_loss.Terms(kd=1.0, ce=0.5, temperature=2.0), head_loss.Terms(kd=1.0), head_loss.Terms(ce=1.0)]
+)
 def test_chunked_equals_full_logits_in_value_and_gradients(monkeypatch, tie, bias, terms):
     monkeypatch.setattr(head_loss, "CHUNK_ELEMENTS", 97 * 5)  # 5 positions a chunk: 3 rows x 7 tokens -> 5 chunks
     student, teacher = _models(tie, bias)

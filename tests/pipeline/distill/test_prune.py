@@ -1,11 +1,17 @@
 """Student construction: which teacher weights are copied, shapes that stay valid, layer choices."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 from pipeline.distill.prune import (
-    choose_layers, layer_importance, layers_for_budget, prune_depth, prune_kv_groups, prune_mlp,
+    choose_layers,
+    layer_importance,
+    layers_for_budget,
+    prune_depth,
+    prune_kv_groups,
+    prune_mlp,
 )
 from pipeline.errors import StageError
 
@@ -13,8 +19,16 @@ from pipeline.errors import StageError
 def _teacher(layers: int = 6, family: str = "llama"):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(family, vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
-                                  num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=64)
+    config = AutoConfig.for_model(
+        family,
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config).eval()
 

@@ -1,14 +1,15 @@
 """The teacher's answers (sequence-level KD data), from our runner on a fused export of the teacher:
 chat turns that end with the end-of-turn token, the same whatever the batch, cut-off answers dropped."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
+from conftest import make_checkpoint
 from transformers import AutoModelForCausalLM
 
-from conftest import make_checkpoint
 from pipeline import StageError
 from pipeline.configs import TeacherAnswersConfig
 from pipeline.distill.teacher_answers import conversations_stream, read_answers, teacher_answers
@@ -27,18 +28,25 @@ def test_answers_are_whole_chat_turns_and_do_not_depend_on_the_batch(tmp_path, t
     folder, model = teacher
     cfg = TeacherAnswersConfig(samples=16, max_new_tokens=120, temperature=1.5, batch_size=5)
     small = teacher_answers(model, folder, tmp_path / "a", PROMPTS, cfg, seed=0, log=print)
-    whole = teacher_answers(model, folder, tmp_path / "b", PROMPTS, TeacherAnswersConfig(
-        samples=16, max_new_tokens=120, temperature=1.5, batch_size=16), seed=0, log=print)
+    whole = teacher_answers(
+        model,
+        folder,
+        tmp_path / "b",
+        PROMPTS,
+        TeacherAnswersConfig(samples=16, max_new_tokens=120, temperature=1.5, batch_size=16),
+        seed=0,
+        log=print,
+    )
     assert small == whole  # one seed per prompt
     assert 0 < len(small) < len(PROMPTS)  # random weights: some answers end, the rest hit the limit and go
     tok = Tokenizer(folder)
     end, newline = tok.token_id("<|im_end|>"), tok.encode("\n", add_special_tokens=False)
     for record in small:
         prompt = tok.encode_chat(record["prompt"])
-        answer = record["ids"][len(prompt):]
-        assert record["ids"][:len(prompt)] == prompt
-        assert answer[-1 - len(newline):] == [end] + newline and end not in answer[:-1 - len(newline)]
-        assert tok.decode(answer[:-1 - len(newline)]) == record["answer"]
+        answer = record["ids"][len(prompt) :]
+        assert record["ids"][: len(prompt)] == prompt
+        assert answer[-1 - len(newline) :] == [end] + newline and end not in answer[: -1 - len(newline)]
+        assert tok.decode(answer[: -1 - len(newline)]) == record["answer"]
     assert len(conversations_stream(small)) == sum(len(r["ids"]) for r in small)
     assert not (tmp_path / "a").exists()  # the sampling export goes once the answers are in
 
@@ -46,7 +54,9 @@ def test_answers_are_whole_chat_turns_and_do_not_depend_on_the_batch(tmp_path, t
 def test_no_answer_within_the_limit_is_an_error_naming_the_key(tmp_path, teacher):
     folder, model = teacher
     cfg = TeacherAnswersConfig(samples=2, max_new_tokens=1, temperature=1.0, batch_size=2)
-    with pytest.raises(StageError, match="distill.teacher_answers: none of the 2 answers ended within max_new_tokens 1"):
+    with pytest.raises(
+        StageError, match="distill.teacher_answers: none of the 2 answers ended within max_new_tokens 1"
+    ):
         teacher_answers(model, folder, tmp_path / "a", PROMPTS[:2], cfg, seed=0, log=print)
 
 
@@ -57,7 +67,7 @@ def test_saved_answers_give_back_the_sampled_conversations_system_prompt_include
     cfg = TeacherAnswersConfig(samples=8, max_new_tokens=120, temperature=1.5, batch_size=8, system="Answer briefly.")
     records = teacher_answers(model, folder, tmp_path / "a", PROMPTS[:8], cfg, seed=0, log=print)
     tok = Tokenizer(folder)
-    assert records and all(r["ids"][:len(p)] == p for r in records for p in [tok.encode_chat(r["prompt"], cfg.system)])
+    assert records and all(r["ids"][: len(p)] == p for r in records for p in [tok.encode_chat(r["prompt"], cfg.system)])
     path = tmp_path / "teacher_answers.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))  # as the distill stage writes it
     assert read_answers(path, tok) == records
@@ -78,8 +88,8 @@ def test_an_answers_file_without_ids_is_rebuilt_from_its_texts(tmp_path, teacher
     assert [(r["prompt"], r["answer"]) for r in records] == [(r["prompt"], r["answer"]) for r in saved]
     for r in records:
         prompt = tok.encode_chat(r["prompt"])
-        assert r["ids"][:len(prompt)] == prompt and r["ids"][-1 - len(newline):] == [end] + newline
-        assert tok.decode(r["ids"][len(prompt):-1 - len(newline)]) == r["answer"]
+        assert r["ids"][: len(prompt)] == prompt and r["ids"][-1 - len(newline) :] == [end] + newline
+        assert tok.decode(r["ids"][len(prompt) : -1 - len(newline)]) == r["answer"]
     path.write_text(json.dumps(saved[0]) + "\n" + json.dumps({"prompt": "no answer"}) + "\n")
     with pytest.raises(StageError, match=r"teacher_answers.jsonl:2: not a teacher answer record"):
         read_answers(path, tok)

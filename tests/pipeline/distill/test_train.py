@@ -1,4 +1,5 @@
 """The training loop's data order and its handling of a student copied from a frozen model."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -21,15 +22,32 @@ def test_each_epoch_visits_every_block_once_and_ranks_never_share_a_row():
 def test_a_student_copied_from_a_frozen_teacher_trains(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model("llama", vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = AutoConfig.for_model(
+        "llama",
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     teacher = AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
     student = prune_depth(teacher, [1])
     before = student.model.layers[0].mlp.up_proj.weight.detach().clone()
     blocks = torch.randint(0, 50, (8, 16), generator=torch.Generator().manual_seed(0))
-    cfg = DistillConfig(num_layers=1, sequence_length=16, batch_size=2, grad_accum=1, tokens=64, bf16="false",
-                        eval_every=100, checkpoint_every=100, eval_samples=2)
+    cfg = DistillConfig(
+        num_layers=1,
+        sequence_length=16,
+        batch_size=2,
+        grad_accum=1,
+        tokens=64,
+        bf16="false",
+        eval_every=100,
+        checkpoint_every=100,
+        eval_samples=2,
+    )
     trained, history = train(student, teacher, blocks, blocks[:2], {0: 1}, cfg, tmp_path / "ckpt", lambda _msg: None)
     assert trained is student  # alone (and under DDP) the student is trained in place
     assert len(history.loss) == 2 and all(np.isfinite(history.loss))

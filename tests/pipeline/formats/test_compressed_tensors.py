@@ -1,14 +1,15 @@
 """hf-quantized export: our codes packed into compressed-tensors' int32 words unchanged, loaded by
 transformers to the same weights, refused where the format cannot hold them, and measured by validate."""
+
 import json
 import sys
 
 import numpy as np
 import pytest
 import torch
+from conftest import write_targets_recipe
 from safetensors.numpy import load_file
 
-from conftest import write_targets_recipe
 from pipeline import run
 from pipeline.errors import RecipeError, StageError
 from pipeline.formats.compressed_tensors import pack_int32, unpack_int32
@@ -24,8 +25,9 @@ def recipe(folder, model, text, quantize, targets="[onnx, hf-quantized]", thresh
 def tied_run(tmp_path_factory, tiny_qwen2, eval_text):
     """Tied embedding and head sharing int4 codes, v_proj int8 (a mix vLLM cannot fuse), asymmetric."""
     work = tmp_path_factory.mktemp("hfq")
-    quantize = ("{method: rtn, group_size: 32, symmetric: false, overrides: {'v_proj': 8}, "
-                "lm_head: int4, embedding: int4}")
+    quantize = (
+        "{method: rtn, group_size: 32, symmetric: false, overrides: {'v_proj': 8}, lm_head: int4, embedding: int4}"
+    )
     return run(recipe(work, tiny_qwen2, eval_text, quantize), workdir=work / "artifacts")
 
 
@@ -80,7 +82,10 @@ def test_manifest_names_the_float_layers_and_what_vllm_would_refuse(tied_run):
     assert manifest["schemes"] == {"int4 g32 asym": 2 * 6 + 1, "int8 g32 asym": 2}
     assert manifest["float_linears"] == []
     assert manifest["vllm_compatible"] is False
-    assert manifest["vllm_problems"][0] == "model.layers.0.self_attn: q_proj int4 g32 asym, k_proj int4 g32 asym, v_proj int8 g32 asym"
+    assert (
+        manifest["vllm_problems"][0]
+        == "model.layers.0.self_attn: q_proj int4 g32 asym, k_proj int4 g32 asym, v_proj int8 g32 asym"
+    )
     config = json.loads((export / "hf-quantized" / "config.json").read_text())["quantization_config"]
     assert config["format"] == "pack-quantized" and config["quantization_status"] == "compressed"
     assert "model.layers.1.self_attn.v_proj" in config["config_groups"]["group_1"]["targets"]
@@ -115,8 +120,13 @@ def test_the_validate_stage_measures_the_checkpoint_or_says_why_not(tied_run):
 
 def test_a_missing_engine_is_never_a_pass(tmp_path, tiny_llama, eval_text, monkeypatch):
     monkeypatch.setitem(sys.modules, "compressed_tensors", None)  # as if compressed-tensors were not installed
-    path = recipe(tmp_path, tiny_llama, eval_text, "{method: rtn, group_size: 32}",
-                  thresholds="{hf_quantized_perplexity_vs_onnx_pct: 1.0}")
+    path = recipe(
+        tmp_path,
+        tiny_llama,
+        eval_text,
+        "{method: rtn, group_size: 32}",
+        thresholds="{hf_quantized_perplexity_vs_onnx_pct: 1.0}",
+    )
     from pipeline import ValidationFailed
 
     with pytest.raises(ValidationFailed, match="hf_quantized_perplexity_vs_onnx_pct = None"):
@@ -147,7 +157,9 @@ def test_w8a8_copies_the_graphs_int8_codes_and_loads_in_transformers(tmp_path, t
         np.testing.assert_array_equal(written[f"{module}.weight_scale"][:, 0], c.scale)
         if activations == "static":  # our calibrated scale, symmetric: no zero point written
             assert c.input_zero_point == 128 and f"{module}.input_zero_point" not in written
-            assert written[f"{module}.input_scale"].item() == pytest.approx(c.input_scale, rel=1e-7) and c.input_scale > 0
+            assert (
+                written[f"{module}.input_scale"].item() == pytest.approx(c.input_scale, rel=1e-7) and c.input_scale > 0
+            )
     config = json.loads((folder / "config.json").read_text())["quantization_config"]
     (group,) = config["config_groups"].values()
     assert config["format"] == "int-quantized" and group["weights"]["strategy"] == "channel"
@@ -166,8 +178,10 @@ def test_a_w8a8_head_of_a_tied_model_is_untied_and_quantized_in_both_formats(tmp
     pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed (make engines)")
     from transformers import AutoModelForCausalLM
 
-    quantize = ("{method: w8a8, activations: dynamic_per_token, lm_head: int8, "
-                "calibration: {num_samples: 4, sequence_length: 32}}")
+    quantize = (
+        "{method: w8a8, activations: dynamic_per_token, lm_head: int8, "
+        "calibration: {num_samples: 4, sequence_length: 32}}"
+    )
     work = run(recipe(tmp_path, tiny_qwen2, eval_text, quantize), workdir=tmp_path / "artifacts")
     export = next(work.glob("*-export-*"))
     ops = [n.op_type for n in onnx_nodes(export / "model.onnx")]
@@ -179,7 +193,9 @@ def test_a_w8a8_head_of_a_tied_model_is_untied_and_quantized_in_both_formats(tmp
     model = AutoModelForCausalLM.from_pretrained(export / "hf-quantized", dtype=torch.float32)
     assert model.config.tie_word_embeddings is False
     report = json.loads(next(work.glob("*-validate-*/report.json")).read_text())
-    assert report["targets"]["hf-quantized"]["validated"] and report["metrics"]["hf_quantized_perplexity_vs_onnx_pct"] < 5
+    assert (
+        report["targets"]["hf-quantized"]["validated"] and report["metrics"]["hf_quantized_perplexity_vs_onnx_pct"] < 5
+    )
 
 
 def onnx_nodes(path):
@@ -190,7 +206,9 @@ def onnx_nodes(path):
 
 def test_groups_that_do_not_divide_a_layer_are_refused_before_tracing(tmp_path, tiny_llama, eval_text):
     path = recipe(tmp_path, tiny_llama, eval_text, "{method: rtn, group_size: 128}")  # the tiny model's width is 64
-    with pytest.raises(StageError, match="64 inputs is not a multiple of group_size 128; compressed-tensors needs whole"):
+    with pytest.raises(
+        StageError, match="64 inputs is not a multiple of group_size 128; compressed-tensors needs whole"
+    ):
         run(path, workdir=tmp_path / "artifacts")
 
 
@@ -201,8 +219,10 @@ def test_bfloat16_rounds_the_float_tensors_and_scales_but_never_the_codes(tmp_pa
     from pipeline.formats.compressed_tensors import write_compressed_tensors
 
     targets = "[onnx, hf-quantized], hf_quantized_dtype: bfloat16"
-    run_dir = run(recipe(tmp_path, tiny_llama, eval_text, "{method: rtn, group_size: 32, symmetric: false}", targets),
-                  workdir=tmp_path / "artifacts")
+    run_dir = run(
+        recipe(tmp_path, tiny_llama, eval_text, "{method: rtn, group_size: 32, symmetric: false}", targets),
+        workdir=tmp_path / "artifacts",
+    )
     folder = next(run_dir.glob("*-export-*")) / "hf-quantized"
     half = load_torch(str(folder / "model.safetensors"))
     assert half["model.embed_tokens.weight"].dtype == torch.bfloat16
@@ -222,10 +242,13 @@ def test_bfloat16_rounds_the_float_tensors_and_scales_but_never_the_codes(tmp_pa
     assert report["metrics"]["hf_quantized_perplexity_vs_onnx_pct"] < 2
 
 
-@pytest.mark.parametrize("export, message", [
-    ("{targets: [onnx, hf-quantized], hf_quantized_dtype: fp8}", r"hf_quantized_dtype: 'fp8' is not one of auto"),
-    ("{hf_quantized_dtype: bfloat16}", r"hf_quantized_dtype: applies to the hf-quantized target"),
-])
+@pytest.mark.parametrize(
+    "export, message",
+    [
+        ("{targets: [onnx, hf-quantized], hf_quantized_dtype: fp8}", r"hf_quantized_dtype: 'fp8' is not one of auto"),
+        ("{hf_quantized_dtype: bfloat16}", r"hf_quantized_dtype: applies to the hf-quantized target"),
+    ],
+)
 def test_bad_hf_quantized_dtype_is_refused_when_the_recipe_loads(tmp_path, tiny_llama, eval_text, export, message):
     path = recipe(tmp_path, tiny_llama, eval_text, "{method: rtn, group_size: 32}")
     path.write_text(path.read_text().replace("export: {targets: [onnx, hf-quantized]}", f"export: {export}"))

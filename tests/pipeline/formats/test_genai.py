@@ -1,12 +1,13 @@
 """onnxruntime-genai runs the export folder as it is (genai_config.json beside the portable graph), and
 the validate stage measures it; the model step's tokenizer fix keeps every id while making genai read it."""
+
 import json
 import sys
 
 import numpy as np
 import pytest
-
 from conftest import CORPUS, write_recipe
+
 from pipeline import run
 from pipeline.models import fix_byte_level_bpe
 
@@ -37,7 +38,7 @@ def test_genai_runs_our_graph_to_our_runners_tokens_and_logits(tiny_export):
     np.testing.assert_allclose(generator.get_output("logits")[0], ours.logits(np.array(ids)), atol=1e-5)
     while not generator.is_done():
         generator.generate_next_token()
-    theirs = [int(t) for t in generator.get_sequence(0)[len(ids):]]
+    theirs = [int(t) for t in generator.get_sequence(0)[len(ids) :]]
     expected = ours.generate([ids], max_new_tokens=10, ignore_eos=True).tokens[0]
     assert theirs == expected[: len(theirs)] and len(theirs) > 0
     assert [int(t) for t in og.Tokenizer(model).encode("The capital of France")] == ids
@@ -53,13 +54,18 @@ def test_the_validate_stage_measures_the_artifact_through_genai(tiny_run):
 
 def test_without_genai_the_report_says_so_and_its_gates_fail(tmp_path, tiny_llama, eval_text, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime_genai", None)
-    recipe = write_recipe(tmp_path, tiny_llama, eval_text, extra_validate="thresholds: {genai_perplexity_vs_onnx_pct: 1}")
+    recipe = write_recipe(
+        tmp_path, tiny_llama, eval_text, extra_validate="thresholds: {genai_perplexity_vs_onnx_pct: 1}"
+    )
     from pipeline import ValidationFailed
 
     with pytest.raises(ValidationFailed, match="genai_perplexity_vs_onnx_pct = None"):
         run(recipe, workdir=tmp_path / "artifacts")
     report = json.loads(next((tmp_path / "artifacts").glob("*/*-validate-*/report.json")).read_text())
-    assert report["targets"]["genai"]["validated"] is False and "onnxruntime-genai" in report["targets"]["genai"]["install"]
+    assert (
+        report["targets"]["genai"]["validated"] is False
+        and "onnxruntime-genai" in report["targets"]["genai"]["install"]
+    )
 
 
 def test_byte_fallback_is_dropped_from_a_byte_level_bpe_without_changing_an_id(tmp_path):
@@ -68,8 +74,10 @@ def test_byte_fallback_is_dropped_from_a_byte_level_bpe_without_changing_an_id(t
     tok = Tokenizer(models.BPE(byte_fallback=True))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse(), decoders.ByteLevel()])
-    tok.train_from_iterator([CORPUS], trainers.BpeTrainer(vocab_size=300, show_progress=False,
-                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        [CORPUS],
+        trainers.BpeTrainer(vocab_size=300, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+    )
     path = tmp_path / "tokenizer.json"
     tok.save(str(path))
     text = CORPUS + " héllo ✓ 日本語\n\t  spaces"

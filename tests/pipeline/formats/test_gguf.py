@@ -1,14 +1,15 @@
 """GGUF export: our codes land in ggml's blocks unchanged, bad pairs are refused up front, and the
 validate stage measures the file through llama.cpp (or says it could not)."""
+
 import json
 import sys
 
 import gguf
 import numpy as np
 import pytest
+from conftest import write_targets_recipe
 from safetensors.numpy import load_file
 
-from conftest import write_targets_recipe
 from pipeline import run
 from pipeline.errors import RecipeError
 from pipeline.formats.gguf import block_values, permute_rows, tensor_sources
@@ -45,7 +46,10 @@ def test_codes_are_copied_into_ggml_blocks_unchanged(gguf_run):
             q, scale, zero = (permute_rows(a, HEADS[kind]) for a in (q, scale, zero))
         name = _gguf_name(layer)
         t = tensors[name]
-        assert t.tensor_type.name == {(4, True): "Q4_0", (4, False): "Q4_1", (8, True): "Q8_0"}[spec["bits"], spec["symmetric"]]
+        assert (
+            t.tensor_type.name
+            == {(4, True): "Q4_0", (4, False): "Q4_1", (8, True): "Q8_0"}[spec["bits"], spec["symmetric"]]
+        )
         got = gguf.quants.dequantize(np.array(t.data), t.tensor_type)
         # ggml's arithmetic on our codes with float16 block scales, to the bit
         np.testing.assert_array_equal(got, block_values(q, scale, zero, t.tensor_type))
@@ -96,10 +100,30 @@ def test_bench_runs_llama_cpp_on_the_exports_own_gguf(gguf_run, eval_text, tmp_p
 
     from pipeline.cli import main
 
-    result = CliRunner().invoke(main, [
-        "bench", str(gguf_run), "--text", str(eval_text), "--prompt-lengths", "8", "--batches", "1",
-        "--new-tokens", "4", "--long-tokens", "20", "--repeats", "1", "--out", str(tmp_path), "--compare",
-        "--peers", "llama.cpp"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            str(gguf_run),
+            "--text",
+            str(eval_text),
+            "--prompt-lengths",
+            "8",
+            "--batches",
+            "1",
+            "--new-tokens",
+            "4",
+            "--long-tokens",
+            "20",
+            "--repeats",
+            "1",
+            "--out",
+            str(tmp_path),
+            "--compare",
+            "--peers",
+            "llama.cpp",
+        ],
+    )
     assert result.exit_code == 0, result.output
     llama = next(p for p in json.loads((tmp_path / "bench.json").read_text())["results"] if p["engine"] == "llama.cpp")
     assert llama["status"] == "ok" and llama["precision"] == "Q4_1" and llama["decode_tok_s"]["1"] > 0
@@ -107,20 +131,28 @@ def test_bench_runs_llama_cpp_on_the_exports_own_gguf(gguf_run, eval_text, tmp_p
 
 def test_a_missing_engine_is_never_a_pass(tmp_path, tiny_llama, eval_text, monkeypatch):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if llama-cpp-python were not installed
-    path = recipe(tmp_path, tiny_llama, eval_text, "{method: rtn, group_size: 32}",
-                  thresholds="{gguf_perplexity_vs_onnx_pct: 1.0}")
+    path = recipe(
+        tmp_path,
+        tiny_llama,
+        eval_text,
+        "{method: rtn, group_size: 32}",
+        thresholds="{gguf_perplexity_vs_onnx_pct: 1.0}",
+    )
     from pipeline import ValidationFailed
 
     with pytest.raises(ValidationFailed, match="gguf_perplexity_vs_onnx_pct = None"):
         run(path, workdir=tmp_path / "artifacts")
 
 
-@pytest.mark.parametrize("quantize, targets, words", [
-    ("{method: gptq, group_size: 128}", "[onnx, gguf]", "gptq int4 g128"),
-    ("{method: w8a8}", "[onnx, gguf]", "W8A8"),
-    ("{method: rtn, group_size: 32}", "[gguf]", "must include onnx"),
-    ("{method: rtn, group_size: 32}", "[onnx, ggfu]", "did you mean 'gguf'"),
-])
+@pytest.mark.parametrize(
+    "quantize, targets, words",
+    [
+        ("{method: gptq, group_size: 128}", "[onnx, gguf]", "gptq int4 g128"),
+        ("{method: w8a8}", "[onnx, gguf]", "W8A8"),
+        ("{method: rtn, group_size: 32}", "[gguf]", "must include onnx"),
+        ("{method: rtn, group_size: 32}", "[onnx, ggfu]", "did you mean 'gguf'"),
+    ],
+)
 def test_pairs_gguf_cannot_hold_are_refused_before_any_work(tmp_path, tiny_llama, eval_text, quantize, targets, words):
     with pytest.raises(RecipeError, match="targets") as e:
         load_recipe(recipe(tmp_path, tiny_llama, eval_text, quantize, targets))
@@ -131,6 +163,12 @@ def _gguf_name(layer: str) -> str:
     if layer == "lm_head":
         return "output.weight"
     i, kind = layer.split(".")[2], layer.rsplit(".", 1)[-1]
-    return {"q_proj": f"blk.{i}.attn_q.weight", "k_proj": f"blk.{i}.attn_k.weight", "v_proj": f"blk.{i}.attn_v.weight",
-            "o_proj": f"blk.{i}.attn_output.weight", "gate_proj": f"blk.{i}.ffn_gate.weight",
-            "up_proj": f"blk.{i}.ffn_up.weight", "down_proj": f"blk.{i}.ffn_down.weight"}[kind]
+    return {
+        "q_proj": f"blk.{i}.attn_q.weight",
+        "k_proj": f"blk.{i}.attn_k.weight",
+        "v_proj": f"blk.{i}.attn_v.weight",
+        "o_proj": f"blk.{i}.attn_output.weight",
+        "gate_proj": f"blk.{i}.ffn_gate.weight",
+        "up_proj": f"blk.{i}.ffn_up.weight",
+        "down_proj": f"blk.{i}.ffn_down.weight",
+    }[kind]

@@ -1,4 +1,5 @@
 """The CPU form of float zero points: integer MatMulNBits plus a block-sum correction, equal to the float product."""
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -12,11 +13,27 @@ from pipeline.quant.primitives import QuantScheme, dequantize, pack_matmul_nbits
 
 def _model(packed: dict, k: int, n: int, group: int) -> onnx.ModelProto:
     inits = [numpy_helper.from_array(packed[key], key) for key in ("B", "scales", "zero_points")]
-    node = helper.make_node("MatMulNBits", ["A", "B", "scales", "zero_points"], ["Y"], name="/model/proj/MatMulNBits",
-                            domain="com.microsoft", K=k, N=n, bits=4, block_size=group)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, k])],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, n])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    node = helper.make_node(
+        "MatMulNBits",
+        ["A", "B", "scales", "zero_points"],
+        ["Y"],
+        name="/model/proj/MatMulNBits",
+        domain="com.microsoft",
+        K=k,
+        N=n,
+        bits=4,
+        block_size=group,
+    )
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, k])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, n])],
+        inits,
+    )
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
 
 
 def _run(model: onnx.ModelProto, a: np.ndarray) -> np.ndarray:

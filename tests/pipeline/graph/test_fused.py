@@ -1,5 +1,6 @@
 """The fused graph (GroupQueryAttention, fused RMSNorms, in-place KV cache) against PyTorch, per family,
 for ragged right-padded prompts and a cached decode step, in float32 and float16."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,17 +20,34 @@ from runtime.io_spec import Contract
 def _tiny(family: str, **extra):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(family, vocab_size=120, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                  tie_word_embeddings=family == "qwen2", **extra)
+    config = AutoConfig.for_model(
+        family,
+        vocab_size=120,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=family == "qwen2",
+        **extra,
+    )
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
 
 
 def _session(model, pack: bool = False, dtype: str = "float32", scales: list | None = None):
     d = model_dims(model.config)
-    contract = Contract("fused", d.num_layers, d.num_kv_heads, d.head_dim, d.vocab_size, max_positions=64, dtype=dtype,
-                        kv_cache="int8" if scales else "float")
+    contract = Contract(
+        "fused",
+        d.num_layers,
+        d.num_kv_heads,
+        d.head_dim,
+        d.vocab_size,
+        max_positions=64,
+        dtype=dtype,
+        kv_cache="int8" if scales else "float",
+    )
     graph = build_fused_graph(model, ModelWeights(model), contract, 17, scales)
     if pack:
         matmuls = sum(n.op_type == "MatMul" for n in graph.graph.node)
@@ -70,18 +88,29 @@ def test_int8_kv_cache_graph_matches_pytorch_rounding_alike(family, extra):
         _check_against_pytorch(model, True, "float32", atol=2e-4, scales=scales, rounding_reference=False)
 
 
-def _check_against_pytorch(model, pack: bool, dtype: str, atol: float, scales: list | None = None,
-                           rounding_reference: bool = True):
+def _check_against_pytorch(
+    model, pack: bool, dtype: str, atol: float, scales: list | None = None, rounding_reference: bool = True
+):
     """Prefill two ragged right-padded prompts (GroupQueryAttention's first prompt), then decode one
     token for each row: the pad positions the prefill wrote into the shorter row are overwritten.
     With `scales` the cache is int8, and PyTorch rounds its cache alike unless `rounding_reference` is off."""
     session, contract = _session(model, pack, dtype, scales)
     capacity, lengths = 24, np.array([12, 5])
     ids = np.random.default_rng(0).integers(0, 120, (2, 12))
-    past = {n: np.zeros((2, contract.num_kv_heads, capacity, contract.head_dim), contract.kv_dtype) for n in contract.past_names()}
-    logits, *presents = session.run(None, {
-        "input_ids": ids, "seqlens_k": (lengths - 1).astype(np.int32), "total_sequence_length": np.array(12, np.int32),
-        "logits_positions": np.tile(np.arange(12), (2, 1)), **past})
+    past = {
+        n: np.zeros((2, contract.num_kv_heads, capacity, contract.head_dim), contract.kv_dtype)
+        for n in contract.past_names()
+    }
+    logits, *presents = session.run(
+        None,
+        {
+            "input_ids": ids,
+            "seqlens_k": (lengths - 1).astype(np.int32),
+            "total_sequence_length": np.array(12, np.int32),
+            "logits_positions": np.tile(np.arange(12), (2, 1)),
+            **past,
+        },
+    )
     assert logits.dtype == np.float32 and presents[0].dtype == np.dtype(contract.kv_dtype)
 
     def reference(x):
@@ -90,14 +119,20 @@ def _check_against_pytorch(model, pack: bool, dtype: str, atol: float, scales: l
 
     with torch.no_grad():
         for row, n in enumerate(lengths):
-            np.testing.assert_allclose(logits[row, :n], reference(ids[row:row + 1, :n]).numpy(), atol=atol)
-    logits, *_ = session.run(None, {
-        "input_ids": np.array([[7], [9]]), "seqlens_k": lengths.astype(np.int32),
-        "total_sequence_length": np.array(capacity, np.int32), "logits_positions": np.zeros((2, 1), np.int64),
-        **dict(zip(contract.past_names(), presents))})
+            np.testing.assert_allclose(logits[row, :n], reference(ids[row : row + 1, :n]).numpy(), atol=atol)
+    logits, *_ = session.run(
+        None,
+        {
+            "input_ids": np.array([[7], [9]]),
+            "seqlens_k": lengths.astype(np.int32),
+            "total_sequence_length": np.array(capacity, np.int32),
+            "logits_positions": np.zeros((2, 1), np.int64),
+            **dict(zip(contract.past_names(), presents)),
+        },
+    )
     with torch.no_grad():
         for row, token in enumerate((7, 9)):
-            ref = reference(np.concatenate([ids[row, :lengths[row]], [token]])[None])[-1].numpy()
+            ref = reference(np.concatenate([ids[row, : lengths[row]], [token]])[None])[-1].numpy()
             np.testing.assert_allclose(logits[row, 0], ref, atol=atol)
 
 
@@ -117,13 +152,18 @@ def test_the_float_twin_of_an_int8_graph_runs_prompts_whose_codes_decode_like_py
     assert not [a for n in twin.graph.node for a in n.attribute if a.name == "kv_cache_bit_width"]
     assert not [t for t in twin.graph.initializer if t.name.endswith("_scale")]
     float_session, contract = _session(model)
-    twin_session = ort.InferenceSession(materialize(twin, ModelWeights(model)).SerializeToString(),
-                                        providers=["CPUExecutionProvider"])
+    twin_session = ort.InferenceSession(
+        materialize(twin, ModelWeights(model)).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
     n, capacity = 9, 16
     ids = np.random.default_rng(2).integers(0, 120, (1, n))
-    feeds = {"input_ids": ids, "seqlens_k": np.array([n - 1], np.int32), "total_sequence_length": np.array(n, np.int32),
-             "logits_positions": np.array([[n - 1]]),
-             **{name: np.zeros((1, d.num_kv_heads, n, d.head_dim), np.float32) for name in contract.past_names()}}
+    feeds = {
+        "input_ids": ids,
+        "seqlens_k": np.array([n - 1], np.int32),
+        "total_sequence_length": np.array(n, np.int32),
+        "logits_positions": np.array([[n - 1]]),
+        **{name: np.zeros((1, d.num_kv_heads, n, d.head_dim), np.float32) for name in contract.past_names()},
+    }
     got, want = twin_session.run(None, feeds), float_session.run(None, feeds)
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, atol=1e-6)
@@ -132,11 +172,19 @@ def test_the_float_twin_of_an_int8_graph_runs_prompts_whose_codes_decode_like_py
     per_name = [s for pair in scales for s in pair]  # layer 0 key, value, layer 1 key, …
     for code, present, scale in zip(codes, got[1:], per_name):
         code[:, :, :n] = quantize(present, scale)
-    int8_session = ort.InferenceSession(materialize(int8_graph, ModelWeights(model)).SerializeToString(),
-                                        providers=["CPUExecutionProvider"])
-    step, *_ = int8_session.run(None, {
-        "input_ids": np.array([[7]]), "seqlens_k": np.array([n], np.int32), "total_sequence_length": np.array(capacity, np.int32),
-        "logits_positions": np.zeros((1, 1), np.int64), **dict(zip(contract.past_names(), codes))})
+    int8_session = ort.InferenceSession(
+        materialize(int8_graph, ModelWeights(model)).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    step, *_ = int8_session.run(
+        None,
+        {
+            "input_ids": np.array([[7]]),
+            "seqlens_k": np.array([n], np.int32),
+            "total_sequence_length": np.array(capacity, np.int32),
+            "logits_positions": np.zeros((1, 1), np.int64),
+            **dict(zip(contract.past_names(), codes)),
+        },
+    )
     with torch.no_grad():
         cache = RoundingCache(scales, float_prompt=True)
         prompt = model(torch.tensor(ids), past_key_values=cache, use_cache=True).logits[0, -1]

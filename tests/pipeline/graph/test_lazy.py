@@ -1,11 +1,12 @@
 """Graph weights left in the checkpoint until the save: the saved graph holds exactly the weights an
 in-memory build holds, and nothing is read before the save."""
+
 import numpy as np
 import onnx
 import pytest
+from conftest import make_checkpoint
 from onnx import numpy_helper
 
-from conftest import make_checkpoint
 from pipeline.archs import model_dims
 from pipeline.checkpoint import FloatWeights, ModelWeights
 from pipeline.errors import StageError

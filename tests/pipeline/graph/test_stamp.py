@@ -3,14 +3,14 @@
 import numpy as np
 import onnxruntime as ort
 import pytest
-
 from conftest import make_checkpoint
+
 from pipeline.archs import model_dims
 from pipeline.checkpoint import FloatWeights
 from pipeline.graph.lazy import is_lazy, materialize
 from pipeline.models import load_torch_model
-from pipeline.streamed import load_streamed_model
 from pipeline.stages import export as export_stage
+from pipeline.streamed import load_streamed_model
 from runtime.io_spec import Contract
 
 
@@ -22,9 +22,11 @@ def portable_contract(model) -> Contract:
 def run_graph(graph, contract: Contract, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     batch, new, past = 2, 5, 3
-    feeds = {"input_ids": rng.integers(0, contract.vocab_size, (batch, new)).astype(np.int64),
-             "attention_mask": np.ones((batch, past + new), np.int64),
-             "position_ids": np.tile(np.arange(past, past + new), (batch, 1)).astype(np.int64)}
+    feeds = {
+        "input_ids": rng.integers(0, contract.vocab_size, (batch, new)).astype(np.int64),
+        "attention_mask": np.ones((batch, past + new), np.int64),
+        "position_ids": np.tile(np.arange(past, past + new), (batch, 1)).astype(np.int64),
+    }
     for name in contract.past_names():
         feeds[name] = rng.standard_normal((batch, contract.num_kv_heads, past, contract.head_dim)).astype(np.float32)
     session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -90,13 +92,16 @@ def test_weights_matched_by_value_stamp_the_same_graph(tmp_path, monkeypatch):
     monkeypatch.setattr(export_stage, "weights_by_name", lambda graph, weights: None)
     by_value = export_stage._trace(model, folder, contract, tmp_path, 17, print)
     weights = FloatWeights(folder)
-    for a, b in zip(run_graph(materialize(by_name, weights), contract), run_graph(materialize(by_value, weights), contract)):
+    for a, b in zip(
+        run_graph(materialize(by_name, weights), contract), run_graph(materialize(by_value, weights), contract)
+    ):
         np.testing.assert_array_equal(a, b)
 
 
 def test_a_quantized_model_stamps_and_swaps_every_layer(tmp_path, eval_text):
     """After RTN, every stamped layer's MatMul still names its module, so MatMulNBits finds all of them."""
     from conftest import write_targets_recipe
+
     from pipeline import run
 
     src = make_checkpoint(tmp_path / "m", "llama", layers=5)
@@ -114,7 +119,10 @@ def test_models_whose_layers_alternate_are_traced_whole():
 
     from pipeline.graph.stamp import can_stamp
 
-    config = AutoConfig.for_model("qwen2", num_hidden_layers=6, use_sliding_window=True, max_window_layers=2,
-                                  sliding_window=64)
+    config = AutoConfig.for_model(
+        "qwen2", num_hidden_layers=6, use_sliding_window=True, max_window_layers=2, sliding_window=64
+    )
     assert len(set(config.layer_types)) == 2 and not can_stamp(config)
-    assert can_stamp(AutoConfig.for_model("qwen2", num_hidden_layers=6)) and not can_stamp(AutoConfig.for_model("llama", num_hidden_layers=3))
+    assert can_stamp(AutoConfig.for_model("qwen2", num_hidden_layers=6)) and not can_stamp(
+        AutoConfig.for_model("llama", num_hidden_layers=3)
+    )

@@ -1,4 +1,5 @@
 """GPTQ against round-to-nearest on inputs with correlated features: it must reconstruct better."""
+
 import pytest
 import torch
 
@@ -97,7 +98,11 @@ def test_awq_scale_judged_by_a_swiglu_output_beats_rtn_there_and_restores_the_we
     k, n = 128, 96
     x = torch.randn(512, k)
     x[:, :4] *= 25  # salient channels
-    gate, up, down = torch.nn.Linear(k, n, bias=False), torch.nn.Linear(k, n, bias=False), torch.nn.Linear(n, k, bias=False)
+    gate, up, down = (
+        torch.nn.Linear(k, n, bias=False),
+        torch.nn.Linear(k, n, bias=False),
+        torch.nn.Linear(n, k, bias=False),
+    )
 
     def mlp(x=x):
         return down(torch.nn.functional.silu(gate(x)) * up(x))

@@ -1,4 +1,5 @@
 """Primitives: exact pack round trips and MatMulNBits computing the dequantized matmul."""
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -10,12 +11,20 @@ from pipeline.quant.primitives import QuantScheme, dequantize, pack_matmul_nbits
 
 def matmul_nbits_session(packed: dict, k: int, n: int, scheme: QuantScheme):
     inputs = ["A", "B", "scales"] + (["zero_points"] if "zero_points" in packed else [])
-    node = helper.make_node("MatMulNBits", inputs, ["Y"], domain="com.microsoft", K=k, N=n,
-                            bits=scheme.bits, block_size=scheme.group_size)
+    node = helper.make_node(
+        "MatMulNBits", inputs, ["Y"], domain="com.microsoft", K=k, N=n, bits=scheme.bits, block_size=scheme.group_size
+    )
     inits = [numpy_helper.from_array(packed[name], name) for name in inputs[1:]]
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, k])],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, n])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, k])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, n])],
+        inits,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
@@ -86,8 +95,9 @@ def test_unpacking_matmul_nbits_gives_back_the_codes(bits, symmetric):
     scheme = QuantScheme(bits, 32, symmetric)
     qt = quantize(torch.randn(6, 96), scheme)  # 3 blocks a row: an odd count pads the 4-bit zero points
     packed = {f"layer.{k}": v for k, v in pack_matmul_nbits(qt).items()}
-    q, scale, zero = unpack_matmul_nbits(packed, "layer", {"N": 6, "K": 96, "bits": bits, "group_size": 32,
-                                                           "symmetric": symmetric})
+    q, scale, zero = unpack_matmul_nbits(
+        packed, "layer", {"N": 6, "K": 96, "bits": bits, "group_size": 32, "symmetric": symmetric}
+    )
     np.testing.assert_array_equal(q, qt.q.numpy())
     np.testing.assert_array_equal(scale, qt.scale.numpy())
     np.testing.assert_array_equal(zero, qt.zero.numpy().astype(np.uint8))
@@ -111,8 +121,11 @@ def test_float_zero_points_pack_as_floats_and_unpack_unchanged():
     qt = quantize(torch.randn(6, 96), scheme)
     packed = pack_matmul_nbits(qt)
     assert packed["zero_points"].dtype == np.float32 and packed["zero_points"].shape == (6 * 3,)
-    q, scale, zero = unpack_matmul_nbits({f"l.{k}": v for k, v in packed.items()}, "l",
-                                         {"N": 6, "K": 96, "bits": 4, "group_size": 32, "symmetric": False, "float_zero": True})
+    q, scale, zero = unpack_matmul_nbits(
+        {f"l.{k}": v for k, v in packed.items()},
+        "l",
+        {"N": 6, "K": 96, "bits": 4, "group_size": 32, "symmetric": False, "float_zero": True},
+    )
     np.testing.assert_array_equal(q, qt.q.numpy())
     np.testing.assert_array_equal(zero, qt.zero.numpy())
     with pytest.raises(ValueError, match="asymmetric blocks only"):

@@ -1,5 +1,6 @@
 """The least-squares refit of group scales (and float zero points), with or without coordinate descent on the
 codes: never worse per row, better in total, layout unchanged."""
+
 import pytest
 import torch
 
@@ -14,8 +15,11 @@ def row_errors(x: torch.Tensor, w: torch.Tensor, qt) -> torch.Tensor:
     return (x @ (dequantize(qt) - w).T).pow(2).sum(0)
 
 
-@pytest.mark.parametrize("scheme", [QuantScheme(4, 32, False), QuantScheme(4, 32, True), QuantScheme(4, 64, False, True)],
-                         ids=["asym", "sym", "float-zero"])
+@pytest.mark.parametrize(
+    "scheme",
+    [QuantScheme(4, 32, False), QuantScheme(4, 32, True), QuantScheme(4, 64, False, True)],
+    ids=["asym", "sym", "float-zero"],
+)
 def test_refit_after_the_awq_clip_search_lowers_every_rows_output_error(scheme):
     torch.manual_seed(0)
     x = correlated_inputs(1024, 100)  # 100 = whole blocks and a padded one
@@ -53,8 +57,11 @@ def test_refit_keeps_a_row_whose_scales_cannot_improve():
     torch.testing.assert_close(dequantize(fitted), dequantize(qt))
 
 
-@pytest.mark.parametrize("scheme", [QuantScheme(4, 32, False), QuantScheme(4, 32, True), QuantScheme(4, 64, False, True)],
-                         ids=["asym", "sym", "float-zero"])
+@pytest.mark.parametrize(
+    "scheme",
+    [QuantScheme(4, 32, False), QuantScheme(4, 32, True), QuantScheme(4, 64, False, True)],
+    ids=["asym", "sym", "float-zero"],
+)
 def test_code_descent_cuts_the_refits_output_error_further(scheme):
     torch.manual_seed(0)
     x = correlated_inputs(1024, 100)
@@ -100,7 +107,9 @@ def test_code_descent_ends_where_no_single_code_can_move_for_the_better():
                 assert err(trial.view_as(q))[row] >= base[row] * (1 - 1e-5)
 
 
-@pytest.mark.parametrize("scheme", [QuantScheme(4, 32, False), QuantScheme(4, 64, False, True)], ids=["asym", "float-zero"])
+@pytest.mark.parametrize(
+    "scheme", [QuantScheme(4, 32, False), QuantScheme(4, 64, False, True)], ids=["asym", "float-zero"]
+)
 def test_refit_in_row_chunks_equals_all_rows_at_once(scheme):
     torch.manual_seed(0)
     x = correlated_inputs(512, 128)

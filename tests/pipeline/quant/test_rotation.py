@@ -1,4 +1,5 @@
 """Block Hadamard rotation for W8A8: exact in float, and it spreads a token's spikes before rounding."""
+
 import numpy as np
 import pytest
 import torch
@@ -29,12 +30,15 @@ def test_rotation_is_block_diagonal_and_leaves_a_linear_unchanged():
 
 def test_rotation_spreads_a_spike_so_one_static_scale_rounds_the_rest_finer():
     from pipeline.stages.quantize.w8a8 import fake_quant_static, fake_quant_weight
+
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(512, 256, generator=g), torch.randn(64, 256, generator=g) / 16
     x[7, 3] = 60.0  # one token with one huge channel: it sets the static range
+
     def error(rot):
         xr, wr = (rotate(x), rotate(w)) if rot else (x, w)
         scale = float(xr.abs().max()) / 127
         return float((fake_quant_static(xr, scale) @ fake_quant_weight(wr).T - x @ w.T).pow(2).mean())
+
     assert rotate(x).abs().max() < x.abs().max() / 4
     assert error(True) < error(False) / 4

@@ -1,5 +1,6 @@
 """The distill stage on a tiny teacher: a smaller student checkpoint the next stages take, a manifest
 with the plan and the curves, resume after a kill equal to an uninterrupted run, and clear errors."""
+
 from __future__ import annotations
 
 import json
@@ -7,17 +8,19 @@ import textwrap
 
 import pytest
 import torch
+from conftest import make_checkpoint
 from safetensors.torch import load_file
 
-from conftest import make_checkpoint
 from pipeline import StageError, run
 from pipeline.distill.teacher_answers import read_answers
 from runtime import Generator, find_model_folder
 from runtime.tokenizer import Tokenizer
 
-SETTINGS = ("num_layers: 2, layer_choice: loss, intermediate_size: 96, sequence_length: 32, batch_size: 2, "
-            "grad_accum: 2, tokens: 1024, eval_every: 4, checkpoint_every: 2, eval_samples: 4, importance_samples: 4, "
-            "heldout_fraction: 0.2")
+SETTINGS = (
+    "num_layers: 2, layer_choice: loss, intermediate_size: 96, sequence_length: 32, batch_size: 2, "
+    "grad_accum: 2, tokens: 1024, eval_every: 4, checkpoint_every: 2, eval_samples: 4, importance_samples: 4, "
+    "heldout_fraction: 0.2"
+)
 
 
 @pytest.fixture(scope="module")
@@ -27,22 +30,28 @@ def teacher(tmp_path_factory):
 
 def _recipe(folder, teacher, text, settings: str = SETTINGS, extra_stages: str = "") -> object:
     path = folder / "d.yaml"
-    path.write_text(textwrap.dedent(f"""\
+    path.write_text(
+        textwrap.dedent(f"""\
         name: d
         model: {{source: {teacher}}}
         stages:
           - distill: {{{settings}, train_data: [{{source: {text}}}]}}
-        """) + extra_stages)
+        """)
+        + extra_stages
+    )
     return path
 
 
 def _killed_at_step_5(real_train):
     """`train` as the stage calls it, raising KeyboardInterrupt after step 5 (after the checkpoint at step 4)."""
+
     def killed(*args, **kwargs):
         def on_step(step):
             if step == 5:
                 raise KeyboardInterrupt
+
         return real_train(*args, **kwargs, on_step=on_step)
+
     return killed
 
 
@@ -113,13 +122,25 @@ def test_a_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path, tea
         run(_recipe(tmp_path, teacher, eval_text), workdir=tmp_path / "a")
 
 
-@pytest.mark.parametrize("settings,message", [
-    ("num_layers: 9", r"distill.num_layers: 9 is not between 1 and the teacher's 4 layers"),
-    ("num_layers: 2, heldout_fraction: 0.01", r"distill: the held-out text has \d+ tokens, fewer than one block of 256"),
-    ("num_layers: 2, batch_size: 4000", r"distill.train_data: \d+ blocks of 256 tokens, fewer than one batch of 4000"),
-    ("num_layers: 2, loss: {hidden: 1.0, layer_map: {'5': 1}}", r"distill.loss.layer_map.5: the student has layers 0..1"),
-    ("num_layers: 2, loss: {hidden: 1.0, layer_map: {'1': 7}}", r"teacher layer 7 does not exist"),
-])
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        ("num_layers: 9", r"distill.num_layers: 9 is not between 1 and the teacher's 4 layers"),
+        (
+            "num_layers: 2, heldout_fraction: 0.01",
+            r"distill: the held-out text has \d+ tokens, fewer than one block of 256",
+        ),
+        (
+            "num_layers: 2, batch_size: 4000",
+            r"distill.train_data: \d+ blocks of 256 tokens, fewer than one batch of 4000",
+        ),
+        (
+            "num_layers: 2, loss: {hidden: 1.0, layer_map: {'5': 1}}",
+            r"distill.loss.layer_map.5: the student has layers 0..1",
+        ),
+        ("num_layers: 2, loss: {hidden: 1.0, layer_map: {'1': 7}}", r"teacher layer 7 does not exist"),
+    ],
+)
 def test_bad_shapes_and_data_are_named(tmp_path, teacher, eval_text, settings, message):
     if "heldout_fraction" not in settings:
         settings += ", heldout_fraction: 0.2"
@@ -132,8 +153,10 @@ def test_teacher_answers_join_the_training_text_and_survive_a_kill(tmp_path, tea
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"Tell me about the number {i}.\n" for i in range(24)))
-    settings = (SETTINGS + f", teacher_answers: {{samples: 20, prompts: {{source: {prompts}}}, max_new_tokens: 120, "
-                "temperature: 1.5, batch_size: 10}")
+    settings = (
+        SETTINGS + f", teacher_answers: {{samples: 20, prompts: {{source: {prompts}}}, max_new_tokens: 120, "
+        "temperature: 1.5, batch_size: 10}"
+    )
     calls, real_answers, real_train = [], stage.teacher_answers, stage.train
 
     def counted(*args, **kwargs):
@@ -151,18 +174,24 @@ def test_teacher_answers_join_the_training_text_and_survive_a_kill(tmp_path, tea
     manifest = json.loads((step / "manifest.json").read_text())
     rows = [json.loads(line) for line in (step / "teacher_answers.jsonl").read_text().splitlines()]
     assert 0 < len(rows) == manifest["metrics"]["teacher_answers"] <= 20
-    assert all(r["prompt"].startswith("Tell me about the number") and set(r) == {"prompt", "answer", "ids"} for r in rows)
+    assert all(
+        r["prompt"].startswith("Tell me about the number") and set(r) == {"prompt", "answer", "ids"} for r in rows
+    )
     # another run reads back the very conversations this one trained on (system prompt and all)
     assert [r["ids"] for r in read_answers(step / "teacher_answers.jsonl", Tokenizer(step))] == [r["ids"] for r in rows]
     replies = manifest["sample_replies"]
-    assert [r["prompt"] for r in replies] == list(stage.REPLY_PROMPTS) and all(set(r) == {"prompt", "teacher", "student"} for r in replies)
+    assert [r["prompt"] for r in replies] == list(stage.REPLY_PROMPTS) and all(
+        set(r) == {"prompt", "teacher", "student"} for r in replies
+    )
 
 
 def test_a_prompt_file_too_short_for_the_samples_is_named(tmp_path, teacher, eval_text):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("One prompt.\n")
     settings = SETTINGS + f", teacher_answers: {{samples: 4, prompts: {{source: {prompts}}}}}"
-    with pytest.raises(StageError, match=r"distill.teacher_answers.prompts: .*prompts.txt: 1 prompts, fewer than the 4"):
+    with pytest.raises(
+        StageError, match=r"distill.teacher_answers.prompts: .*prompts.txt: 1 prompts, fewer than the 4"
+    ):
         run(_recipe(tmp_path, teacher, eval_text, settings=settings), workdir=tmp_path / "a")
 
 
@@ -180,10 +209,16 @@ def test_teacher_correction_adapts_the_teacher_first_and_survives_a_kill(tmp_pat
     assert info["tokens"] == 1024 and info["lr"] == 0.003 and len(info["curve"]) == 2  # 8 steps, evaluated at 4 and 8
     # the random teacher learns the text, and the student is pruned from (and imitates) the corrected one
     assert m["corrected_teacher_perplexity"] == info["heldout_perplexity"] < 0.8 * m["teacher_perplexity"]
-    plain = json.loads((next(run(_recipe(tmp_path, teacher, eval_text), workdir=tmp_path / "plain").glob("01-distill-*"))
-                        / "manifest.json").read_text())["metrics"]
+    plain = json.loads(
+        (
+            next(run(_recipe(tmp_path, teacher, eval_text), workdir=tmp_path / "plain").glob("01-distill-*"))
+            / "manifest.json"
+        ).read_text()
+    )["metrics"]
     assert m["pruned_perplexity"] < 0.8 * plain["pruned_perplexity"]
-    assert m["teacher_perplexity"] == pytest.approx(plain["teacher_perplexity"])  # still the teacher the stage was given
+    assert m["teacher_perplexity"] == pytest.approx(
+        plain["teacher_perplexity"]
+    )  # still the teacher the stage was given
 
     corrections, real_correct_train, real_train = [], correct.train, stage.train
 
@@ -201,11 +236,14 @@ def test_teacher_correction_adapts_the_teacher_first_and_survives_a_kill(tmp_pat
     _assert_same_weights(step, next(resumed.glob("01-distill-*")))
 
 
-@pytest.mark.parametrize("value,message", [
-    ("{tokens: 0}", r"distill\.teacher_correction\.tokens: must be a positive integer, got 0"),
-    ("{lr: -1.0}", r"distill\.teacher_correction\.lr: must be positive, got -1.0"),
-    ("{steps: 5}", r"distill\.teacher_correction\.steps: unknown key"),
-])
+@pytest.mark.parametrize(
+    "value,message",
+    [
+        ("{tokens: 0}", r"distill\.teacher_correction\.tokens: must be a positive integer, got 0"),
+        ("{lr: -1.0}", r"distill\.teacher_correction\.lr: must be positive, got -1.0"),
+        ("{steps: 5}", r"distill\.teacher_correction\.steps: unknown key"),
+    ],
+)
 def test_bad_teacher_correction_is_named(tmp_path, teacher, eval_text, value, message):
     from pipeline import RecipeError
     from pipeline.recipe import load_recipe

@@ -1,6 +1,7 @@
 """A distill recipe under `torchrun` with 2 processes (gloo on this CPU): the student equals the one a
 single process trains on both processes' blocks, the rest of the recipe runs in process 0 alone,
 process 0 alone speaks, and a killed 2-process run resumes to the same student."""
+
 from __future__ import annotations
 
 import json
@@ -13,18 +14,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, make_checkpoint
 from safetensors.torch import load_file
 
-from conftest import ROOT, make_checkpoint
 from pipeline import run
 from pipeline.distill.teacher_answers import read_answers
 from runtime.tokenizer import Tokenizer
 
+pytestmark = pytest.mark.slow  # several processes each start torch: minutes in all, so in `make test` only
+
 # float32 (bf16 autocast rounds differently for 2 and 4 rows); 2 blocks a process = 4 in one process
-DISTILL = ("num_layers: 2, layer_choice: loss, intermediate_size: 96, sequence_length: 32, batch_size: {batch}, "
-           "grad_accum: 2, tokens: 2048, eval_every: 4, checkpoint_every: 2, eval_samples: 4, importance_samples: 4, "
-           "heldout_fraction: 0.2, bf16: 'false', teacher_correction: {{tokens: 1024, lr: 0.003}}, "
-           "teacher_answers: {{samples: 8, prompts: {{source: {prompts}}}, max_new_tokens: 24, batch_size: 4}}")
+DISTILL = (
+    "num_layers: 2, layer_choice: loss, intermediate_size: 96, sequence_length: 32, batch_size: {batch}, "
+    "grad_accum: 2, tokens: 2048, eval_every: 4, checkpoint_every: 2, eval_samples: 4, importance_samples: 4, "
+    "heldout_fraction: 0.2, bf16: 'false', teacher_correction: {{tokens: 1024, lr: 0.003}}, "
+    "teacher_answers: {{samples: 8, prompts: {{source: {prompts}}}, max_new_tokens: 24, batch_size: 4}}"
+)
 
 # `optimize` killed after distill step $KILL_AT_STEP; with $ONLY_PROCESS_0_READS_WEIGHTS, loading a model's
 # weights fails in every other process
@@ -57,21 +62,29 @@ def _recipe(folder: Path, teacher: Path, text: Path, batch: int, parallel: str =
     prompts = folder / "prompts.txt"
     prompts.write_text("".join(f"Tell me about the number {i}.\n" for i in range(12)))
     path = folder / f"d{batch}{'-fsdp' if parallel == 'fsdp' else ''}.yaml"
-    path.write_text(textwrap.dedent(f"""\
+    path.write_text(
+        textwrap.dedent(f"""\
         name: d
         model: {{source: {teacher}}}
         stages:
           - distill: {{{DISTILL.format(batch=batch, prompts=prompts)}, parallel: {parallel}, train_data: [{{source: {text}}}]}}
           - quantize: {{method: rtn, bits: 4, group_size: 32}}
           - export: {{}}
-        """))
+        """)
+    )
     return path
 
 
 def _torchrun(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=600,
+    )
 
 
 def _errors(stderr: str) -> list[str]:
@@ -88,7 +101,9 @@ def runs(tmp_path_factory, eval_text):
     folder = tmp_path_factory.mktemp("processes")
     teacher = make_checkpoint(folder / "teacher", "llama", layers=4)
     one = run(_recipe(folder, teacher, eval_text, batch=4), workdir=folder / "one")
-    two = _torchrun("-m", "pipeline", str(_recipe(folder, teacher, eval_text, batch=2)), "--workdir", str(folder / "two"))
+    two = _torchrun(
+        "-m", "pipeline", str(_recipe(folder, teacher, eval_text, batch=2)), "--workdir", str(folder / "two")
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     return folder, teacher, one, folder / "two" / "d", two
 
@@ -147,12 +162,14 @@ def test_a_failure_in_process_0_ends_every_process_with_one_message(tmp_path, ev
     gguf = tmp_path / "broken.gguf"
     gguf.write_bytes(b"not a gguf file" * 64)
     recipe = tmp_path / "broken.yaml"
-    recipe.write_text(textwrap.dedent(f"""\
+    recipe.write_text(
+        textwrap.dedent(f"""\
         name: broken
         model: {{source: {gguf}}}
         stages:
           - distill: {{num_layers: 1, train_data: [{{source: {eval_text}}}]}}
-        """))
+        """)
+    )
     out = _torchrun("-m", "pipeline", str(recipe), "--workdir", str(tmp_path / "w"))  # process 1 waits for the import
     assert out.returncode != 0
     errors = _errors(out.stderr)
@@ -185,7 +202,9 @@ def test_a_nan_loss_in_one_process_stops_both_at_the_same_step(runs, tmp_path):
     assert out.returncode != 0
     errors = _errors(out.stderr)
     assert len(errors) == 1, out.stderr[-2000:]
-    assert errors[0].startswith("error: distill: the loss is nan in process 1 at step 3; the last good checkpoint (step 2)")
+    assert errors[0].startswith(
+        "error: distill: the loss is nan in process 1 at step 3; the last good checkpoint (step 2)"
+    )
     # both processes stopped there: each saved its random state at step 2, none went on to step 4
     state = next((tmp_path / "w" / "d").glob(".resume-01-distill-*")) / "correction" / "state"
     assert json.loads((state / "progress.json").read_text())["step"] == 2
@@ -214,8 +233,14 @@ def test_fsdp_shards_teacher_and_student_and_trains_the_same_student(runs, fsdp)
         torch.testing.assert_close(c[name], b[name], rtol=0, atol=1e-5)
     assert "(2 process(es), FSDP)" in out.stdout
     # each process holds half of every model (FSDP pads a shard only when a dimension does not split evenly)
-    held = [tuple(map(float, m)) for m in re.findall(r"FSDP: each process holds ([\d.]+)M of the student's ([\d.]+)M "
-                                                       r"parameters and ([\d.]+)M of the teacher's ([\d.]+)M", out.stdout)]
+    held = [
+        tuple(map(float, m))
+        for m in re.findall(
+            r"FSDP: each process holds ([\d.]+)M of the student's ([\d.]+)M "
+            r"parameters and ([\d.]+)M of the teacher's ([\d.]+)M",
+            out.stdout,
+        )
+    ]
     assert len(held) == 2  # teacher correction, then distillation
     for s_here, s_all, t_here, t_all in held:
         assert s_here == pytest.approx(s_all / 2, abs=0.01) and t_here == pytest.approx(t_all / 2, abs=0.01)

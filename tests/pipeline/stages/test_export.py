@@ -1,5 +1,6 @@
 """Export: the graph follows the I/O contract, matches PyTorch with and without a cache, moves
 with its folder, and loads in optimum's ORTModelForCausalLM."""
+
 import json
 import shutil
 from pathlib import Path
@@ -8,9 +9,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import write_recipe
 
 from pipeline import StageError, run
-from conftest import write_recipe
 from runtime import Generator, find_model_folder
 from runtime.io_spec import Contract
 
@@ -20,8 +21,13 @@ def test_graph_io_names_and_dims_follow_the_contract(tiny_export):
     graph = onnx.load(str(tiny_export / "model.onnx"), load_external_data=False).graph
     assert [i.name for i in graph.input] == [s.name for s in contract.inputs()]
     assert [o.name for o in graph.output] == [s.name for s in contract.outputs()]
-    assert [i.name for i in graph.input][:5] == ["input_ids", "attention_mask", "position_ids",
-                                                 "past_key_values.0.key", "past_key_values.0.value"]
+    assert [i.name for i in graph.input][:5] == [
+        "input_ids",
+        "attention_mask",
+        "position_ids",
+        "past_key_values.0.key",
+        "past_key_values.0.value",
+    ]
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
     assert dims["past_key_values.1.value"] == ["batch_size", 2, "past_sequence_length", 16]
     assert dims["attention_mask"] == ["batch_size", "past_sequence_length + sequence_length"]
@@ -63,13 +69,14 @@ def test_prefill_and_cached_decode_match_pytorch(family, graph, tmp_path, eval_t
 
 
 def test_unsupported_family_is_a_clear_error(tmp_path, eval_text):
-    from transformers import AutoConfig, AutoModelForCausalLM
     from conftest import make_tokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = tmp_path / "gpt2"
     tok = make_tokenizer(folder)
-    AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2)
-                                     ).save_pretrained(folder)
+    AutoModelForCausalLM.from_config(
+        AutoConfig.for_model("gpt2", vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2)
+    ).save_pretrained(folder)
     with pytest.raises(StageError, match=r"model family 'gpt2' is not supported for export.*supported: llama"):
         run(write_recipe(tmp_path, folder, eval_text, name="g"), workdir=tmp_path / "a")
 
@@ -80,8 +87,13 @@ def test_optimum_ort_model_loads_and_agrees(tiny_export, tmp_path):
 
     model = ORTModelForCausalLM.from_pretrained(tiny_export, use_cache=True, use_io_binding=False)
     ids = [3, 17, 42, 8]
-    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, 4, dtype=torch.long),
-                         max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    out = model.generate(
+        torch.tensor([ids]),
+        attention_mask=torch.ones(1, 4, dtype=torch.long),
+        max_new_tokens=6,
+        min_new_tokens=6,
+        do_sample=False,
+    )
     ours = Generator(tiny_export, provider="cpu").generate([ids], 6, ignore_eos=True).tokens[0]
     assert out[0, 4:].tolist() == ours
 
@@ -99,13 +111,15 @@ def test_float16_fused_graph_with_int4_weights(tmp_path, eval_text, tiny_llama):
     import textwrap
 
     recipe = tmp_path / "half.yaml"
-    recipe.write_text(textwrap.dedent(f"""\
+    recipe.write_text(
+        textwrap.dedent(f"""\
         name: half
         model: {{source: {tiny_llama}}}
         stages:
           - quantize: {{method: rtn, bits: 4, group_size: 32, lm_head: int4, embedding: int4, provider: cuda}}
           - export: {{dtype: float16}}
-        """))
+        """)
+    )
     folder = find_model_folder(run(recipe, workdir=tmp_path / "a"))
     fused, portable = Contract.load(folder / "fused"), Contract.load(folder)
     assert (fused.dtype, portable.dtype) == ("float16", "float32")

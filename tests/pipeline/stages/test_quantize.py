@@ -1,4 +1,5 @@
 """Quantize stage on tiny models: the plan, the recipe checks, GPTQ beating RTN, and MatMulNBits export."""
+
 import json
 import textwrap
 from pathlib import Path
@@ -18,13 +19,16 @@ from runtime import Generator, find_model_folder
 
 def quant_recipe(tmp_path, model, text, quantize: str, name="q", validate="") -> str:
     path = tmp_path / f"{name}.yaml"
-    path.write_text(textwrap.dedent(f"""\
+    path.write_text(
+        textwrap.dedent(f"""\
         name: {name}
         model: {{source: {model}}}
         stages:
           - quantize: {quantize}
           - export: {{}}
-        """) + (f"  - validate: {validate}\n" if validate else ""))
+        """)
+        + (f"  - validate: {validate}\n" if validate else "")
+    )
     return path
 
 
@@ -34,44 +38,69 @@ def cal(text, samples=8):
 
 def test_plan_ignores_overrides_and_lm_head(tiny_llama):
     model = load_torch_model(tiny_llama)
-    cfg = QuantizeConfig(method="rtn", group_size=32, ignore=(r"layers\.0\.self_attn\.o_proj",),
-                         overrides={r"mlp\.down_proj": 8}, lm_head="int8")
+    cfg = QuantizeConfig(
+        method="rtn",
+        group_size=32,
+        ignore=(r"layers\.0\.self_attn\.o_proj",),
+        overrides={r"mlp\.down_proj": 8},
+        lm_head="int8",
+    )
     plan, skipped = make_plan(model, cfg)
-    assert "model.layers.0.self_attn.o_proj" in skipped and "ignore pattern" in skipped["model.layers.0.self_attn.o_proj"]
+    assert (
+        "model.layers.0.self_attn.o_proj" in skipped and "ignore pattern" in skipped["model.layers.0.self_attn.o_proj"]
+    )
     assert plan["model.layers.1.mlp.down_proj"].bits == 8 and plan["model.layers.1.mlp.up_proj"].bits == 4
     assert plan["lm_head"].bits == 8 and len(plan) == 2 * 7 - 1 + 1
 
 
-@pytest.mark.parametrize("settings, message", [
-    ("{group_size: 48}", r"group_size: 48 is not a power of two >= 16"),
-    ("{group_size: 8}", r"group_size: 8 is not a power of two >= 16"),
-    ("{bits: 3}", r"bits: 3 bits is not supported"),
-    ("{method: gptqq}", r"method: 'gptqq' is not one of rtn, gptq, awq, w8a8 \(did you mean 'gptq'\?\)"),
-    ("{method: awq, calibration: {num_samples: 4}}", r"calibration.num_samples: 4 is too few for AWQ"),
-    ("{method: awq, awq_objective: output}", r"awq_objective: 'output' is not one of block, linear"),
-    ("{method: awq, awq_codes: round}", r"awq_codes: 'round' is not one of clip, gptq"),
-    ("{ignore: ['(']}", r"not a valid regular expression"),
-    ("{overrides: {down_proj: 2}}", r"overrides.down_proj: 2 bits"),
-    ("{calibration: {num_samples: 2}}", r"calibration.num_samples: 2 is too few for AWQ"),
-    ("{method: gptq, calibration: {num_samples: 2}}", r"calibration.num_samples: 2 is too few for GPTQ"),
-    ("{lm_head: int2}", r"lm_head: 'int2' is not one of"),
-    ("{embedding: fp8}", r"embedding: 'fp8' is not one of"),
-    ("{method: w8a8, smoothquant: 1.5}", r"smoothquant: 1.5 must be in \[0, 1\) or auto"),
-    ("{method: w8a8, smoothquant: best}", r"smoothquant: 'best' must be in \[0, 1\) or auto"),
-    ("{method: w8a8, smoothquant: [0.5]}", r"quantize.smoothquant: expected float or str, got list"),
-    ("{method: gptq, smoothquant: auto}", r"smoothquant: applies to method w8a8 only"),
-    ("{method: gptq, hadamard: true}", r"hadamard: rotates down_proj's inputs in our W8A8 graphs only"),
-    ("{method: w8a8, hadamard: true}", r"hadamard: .* \(got method w8a8, activations dynamic\)"),
-    ("{method: w8a8, lm_head: int4}", r"lm_head/embedding: w8a8 quantizes the LM head to W8A8 with lm_head: int8"),
-    ("{method: w8a8, embedding: int8}", r"lm_head/embedding: w8a8 .* keeps the embedding float"),
-    ("{method: w8a8, lm_head: int8, ignore: ['head']}", r"ignore: 'head' matches lm_head, which lm_head: int8 quantizes"),
-    ("{method: rtn, lm_head: int4, ignore: ['.*_head']}", r"ignore: '.\*_head' matches lm_head, which lm_head: int4"),
-    ("{zero_point: half}", r"zero_point: 'half' is not one of int, float"),
-    ("{refit_scales: false, code_descent: true}", r"code_descent: runs inside the refit .* \(got method awq, refit_scales false\)"),
-    ("{method: rtn, code_descent: true}", r"code_descent: .* \(got method rtn, refit_scales true\)"),
-    ("{symmetric: true, zero_point: float}", r"zero_point: float is for asymmetric .* \(got symmetric: true, method awq\)"),
-    ("{method: w8a8, zero_point: float}", r"zero_point: float is for asymmetric .* \(got symmetric: false, method w8a8\)"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ("{group_size: 48}", r"group_size: 48 is not a power of two >= 16"),
+        ("{group_size: 8}", r"group_size: 8 is not a power of two >= 16"),
+        ("{bits: 3}", r"bits: 3 bits is not supported"),
+        ("{method: gptqq}", r"method: 'gptqq' is not one of rtn, gptq, awq, w8a8 \(did you mean 'gptq'\?\)"),
+        ("{method: awq, calibration: {num_samples: 4}}", r"calibration.num_samples: 4 is too few for AWQ"),
+        ("{method: awq, awq_objective: output}", r"awq_objective: 'output' is not one of block, linear"),
+        ("{method: awq, awq_codes: round}", r"awq_codes: 'round' is not one of clip, gptq"),
+        ("{ignore: ['(']}", r"not a valid regular expression"),
+        ("{overrides: {down_proj: 2}}", r"overrides.down_proj: 2 bits"),
+        ("{calibration: {num_samples: 2}}", r"calibration.num_samples: 2 is too few for AWQ"),
+        ("{method: gptq, calibration: {num_samples: 2}}", r"calibration.num_samples: 2 is too few for GPTQ"),
+        ("{lm_head: int2}", r"lm_head: 'int2' is not one of"),
+        ("{embedding: fp8}", r"embedding: 'fp8' is not one of"),
+        ("{method: w8a8, smoothquant: 1.5}", r"smoothquant: 1.5 must be in \[0, 1\) or auto"),
+        ("{method: w8a8, smoothquant: best}", r"smoothquant: 'best' must be in \[0, 1\) or auto"),
+        ("{method: w8a8, smoothquant: [0.5]}", r"quantize.smoothquant: expected float or str, got list"),
+        ("{method: gptq, smoothquant: auto}", r"smoothquant: applies to method w8a8 only"),
+        ("{method: gptq, hadamard: true}", r"hadamard: rotates down_proj's inputs in our W8A8 graphs only"),
+        ("{method: w8a8, hadamard: true}", r"hadamard: .* \(got method w8a8, activations dynamic\)"),
+        ("{method: w8a8, lm_head: int4}", r"lm_head/embedding: w8a8 quantizes the LM head to W8A8 with lm_head: int8"),
+        ("{method: w8a8, embedding: int8}", r"lm_head/embedding: w8a8 .* keeps the embedding float"),
+        (
+            "{method: w8a8, lm_head: int8, ignore: ['head']}",
+            r"ignore: 'head' matches lm_head, which lm_head: int8 quantizes",
+        ),
+        (
+            "{method: rtn, lm_head: int4, ignore: ['.*_head']}",
+            r"ignore: '.\*_head' matches lm_head, which lm_head: int4",
+        ),
+        ("{zero_point: half}", r"zero_point: 'half' is not one of int, float"),
+        (
+            "{refit_scales: false, code_descent: true}",
+            r"code_descent: runs inside the refit .* \(got method awq, refit_scales false\)",
+        ),
+        ("{method: rtn, code_descent: true}", r"code_descent: .* \(got method rtn, refit_scales true\)"),
+        (
+            "{symmetric: true, zero_point: float}",
+            r"zero_point: float is for asymmetric .* \(got symmetric: true, method awq\)",
+        ),
+        (
+            "{method: w8a8, zero_point: float}",
+            r"zero_point: float is for asymmetric .* \(got symmetric: false, method w8a8\)",
+        ),
+    ],
+)
 def test_bad_quantize_settings(tmp_path, tiny_llama, settings, message):
     with pytest.raises(RecipeError, match=message):
         load_recipe(quant_recipe(tmp_path, tiny_llama, None, settings))
@@ -96,16 +125,40 @@ def _logit_error(model_dir, ref, ids) -> float:
         return float((load_torch_model(model_dir)(ids).logits - ref).pow(2).mean())
 
 
-@pytest.mark.parametrize("method", ["gptq", "gptq, refit_scales: false", "gptq, code_descent: true", "awq",
-                                    "awq, refit_scales: false", "awq, code_descent: true", "awq, awq_codes: clip",
-                                    "awq, awq_codes: clip, refit_scales: false", "awq, awq_codes: clip, code_descent: true"],
-                         ids=["gptq", "gptq-no-refit", "gptq-descent", "awq-gptq", "awq-gptq-no-refit", "awq-gptq-descent",
-                              "awq-clip", "awq-clip-no-refit", "awq-clip-descent"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        "gptq",
+        "gptq, refit_scales: false",
+        "gptq, code_descent: true",
+        "awq",
+        "awq, refit_scales: false",
+        "awq, code_descent: true",
+        "awq, awq_codes: clip",
+        "awq, awq_codes: clip, refit_scales: false",
+        "awq, awq_codes: clip, code_descent: true",
+    ],
+    ids=[
+        "gptq",
+        "gptq-no-refit",
+        "gptq-descent",
+        "awq-gptq",
+        "awq-gptq-no-refit",
+        "awq-gptq-descent",
+        "awq-clip",
+        "awq-clip-no-refit",
+        "awq-clip-descent",
+    ],
+)
 def test_calibrated_method_beats_rtn_on_the_calibration_text(tmp_path, tiny_llama, eval_text, method):
     settings = "group_size: 16, bits: 4, symmetric: true, " + cal(eval_text, 16)
-    rtn = run(quant_recipe(tmp_path, tiny_llama, eval_text, f"{{method: rtn, {settings}}}", "rtn"), workdir=tmp_path / "a")
-    gptq = run(quant_recipe(tmp_path, tiny_llama, eval_text, f"{{method: {method}, {settings}}}", "calibrated"),
-               workdir=tmp_path / "a")
+    rtn = run(
+        quant_recipe(tmp_path, tiny_llama, eval_text, f"{{method: rtn, {settings}}}", "rtn"), workdir=tmp_path / "a"
+    )
+    gptq = run(
+        quant_recipe(tmp_path, tiny_llama, eval_text, f"{{method: {method}, {settings}}}", "calibrated"),
+        workdir=tmp_path / "a",
+    )
     tokens = Generator(find_model_folder(rtn)).tokenizer.encode(eval_text.read_text()[:2000])
     ids = torch.tensor([tokens[:128]])
     with torch.no_grad():
@@ -117,9 +170,17 @@ def test_calibrated_method_beats_rtn_on_the_calibration_text(tmp_path, tiny_llam
 
 def test_export_uses_matmul_nbits_and_matches_the_dequantized_model(tmp_path, tiny_llama, eval_text):
     settings = f"{{method: rtn, group_size: 32, overrides: {{down_proj: 8}}, lm_head: int8, {cal(eval_text)}}}"
-    run_dir = run(quant_recipe(tmp_path, tiny_llama, eval_text, settings,
-                               validate=f"{{eval_data: {eval_text}, context_length: 64, max_windows: 2, "
-                                        "thresholds: {decode_logits_max_abs_diff: 0.001}}"), workdir=tmp_path / "a")
+    run_dir = run(
+        quant_recipe(
+            tmp_path,
+            tiny_llama,
+            eval_text,
+            settings,
+            validate=f"{{eval_data: {eval_text}, context_length: 64, max_windows: 2, "
+            "thresholds: {decode_logits_max_abs_diff: 0.001}}",
+        ),
+        workdir=tmp_path / "a",
+    )
     export = find_model_folder(run_dir)
     graph = onnx.load(str(export / "model.onnx"), load_external_data=False).graph
     nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
@@ -136,10 +197,12 @@ def test_export_uses_matmul_nbits_and_matches_the_dequantized_model(tmp_path, ti
     assert report["passed"] and "kl_divergence" in report["metrics"]
 
 
-@pytest.mark.parametrize("family, embedding, lm_head", [("qwen2", "int4", "int4"), ("qwen2", "int8", "int4"),
-                                                       ("llama", "int8", "float")])
-def test_quantized_embedding_runs_through_gather_block_quantized(tmp_path, tiny_llama, tiny_qwen2, eval_text,
-                                                                 family, embedding, lm_head):
+@pytest.mark.parametrize(
+    "family, embedding, lm_head", [("qwen2", "int4", "int4"), ("qwen2", "int8", "int4"), ("llama", "int8", "float")]
+)
+def test_quantized_embedding_runs_through_gather_block_quantized(
+    tmp_path, tiny_llama, tiny_qwen2, eval_text, family, embedding, lm_head
+):
     """qwen2 ties embedding and head: equal schemes share one copy; otherwise each has its own."""
     model = {"llama": tiny_llama, "qwen2": tiny_qwen2}[family]
     settings = f"{{method: rtn, group_size: 16, embedding: {embedding}, lm_head: {lm_head}, {cal(eval_text)}}}"
@@ -148,7 +211,8 @@ def test_quantized_embedding_runs_through_gather_block_quantized(tmp_path, tiny_
     graph = onnx.load(str(export / "model.onnx"), load_external_data=False).graph
     ops = [n.op_type for n in graph.node]
     assert "GatherBlockQuantized" in ops and not any(
-        n.op_type == "Gather" and n.input[0].endswith("embed_tokens.weight") for n in graph.node)
+        n.op_type == "Gather" and n.input[0].endswith("embed_tokens.weight") for n in graph.node
+    )
     shared = family == "qwen2" and embedding == lm_head
     assert ("Reshape" in [n.op_type for n in graph.node if "embed_tokens" in n.name]) == shared
     plan = json.loads(next(run_dir.glob("01-quantize-*/quant_plan.json")).read_text())
@@ -167,8 +231,8 @@ def test_embedding_group_must_divide_hidden(tmp_path, tiny_llama, eval_text):
 
 def test_awq_scaling_is_exact_in_float(tiny_llama, eval_text):
     """Folding the AWQ scales changes no output before rounding: checked with 8-bit-free float weights."""
-    from pipeline.stages.quantize import awq as quantize_awq
     from pipeline.quant.primitives import QuantScheme
+    from pipeline.stages.quantize import awq as quantize_awq
 
     model = load_torch_model(tiny_llama)
     ids = torch.randint(0, model.config.vocab_size, (2, 24))
@@ -176,10 +240,15 @@ def test_awq_scaling_is_exact_in_float(tiny_llama, eval_text):
         ref = model(ids).logits
     layer = model.model.layers[0]
     from calibration.collect import capture_layer_inputs
+
     hidden, kwargs = capture_layer_inputs(model, [ids])
     collected = quantize_awq.collect_inputs(layer, hidden, kwargs, 64, torch.Generator().manual_seed(0), 0)
     stats = {n: s.result() for n, s in collected.items()}
-    plan = {f"model.layers.0.{n}": QuantScheme(4, 16, False) for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    plan = {
+        f"model.layers.0.{n}": QuantScheme(4, 16, False)
+        for n, m in layer.named_modules()
+        if isinstance(m, torch.nn.Linear)
+    }
     judges = quantize_awq.block_judges(layer, hidden[0], kwargs[0], stats)
     for feeder, names in quantize_awq.SCALE_GROUPS:
         quantize_awq._scale_group(layer, feeder, names, "model.layers.0.", plan, stats, judges.get(feeder))
@@ -199,14 +268,23 @@ def test_awq_fold_turns_each_hessian_into_that_of_the_scaled_inputs(tiny_llama):
     firsts = [names[0] for _, names in quantize_awq.SCALE_GROUPS]
 
     def collect():
-        return quantize_awq.collect_inputs(layer, hidden, kwargs, 64, torch.Generator().manual_seed(0), 0, hessians=firsts)
+        return quantize_awq.collect_inputs(
+            layer, hidden, kwargs, 64, torch.Generator().manual_seed(0), 0, hessians=firsts
+        )
 
     collected = collect()
     stats = {n: s.result() for n, s in collected.items()}
     hessians = quantize_awq.shared_hessians(collected)
-    assert hessians["self_attn.k_proj"] is hessians["self_attn.q_proj"] and hessians["mlp.up_proj"] is hessians["mlp.gate_proj"]
+    assert (
+        hessians["self_attn.k_proj"] is hessians["self_attn.q_proj"]
+        and hessians["mlp.up_proj"] is hessians["mlp.gate_proj"]
+    )
     before = {n: h.clone() for n, h in hessians.items()}
-    plan = {f"model.layers.0.{n}": QuantScheme(4, 16, False) for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    plan = {
+        f"model.layers.0.{n}": QuantScheme(4, 16, False)
+        for n, m in layer.named_modules()
+        if isinstance(m, torch.nn.Linear)
+    }
     for feeder, names in quantize_awq.SCALE_GROUPS:
         quantize_awq._scale_group(layer, feeder, names, "model.layers.0.", plan, stats, None, hessians.get(names[0]))
     again = quantize_awq.shared_hessians(collect())
@@ -215,16 +293,29 @@ def test_awq_fold_turns_each_hessian_into_that_of_the_scaled_inputs(tiny_llama):
         torch.testing.assert_close(hessians[name], again[name], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("settings", ["{method: w8a8, activations: dynamic}",
-                                      "{method: w8a8, activations: dynamic_per_token, smoothquant: auto}",
-                                      "{method: w8a8, activations: static, smoothquant: 0.5}",
-                                      "{method: w8a8, activations: static, smoothquant: auto, hadamard: true}",
-                                      "{method: w8a8, activations: dynamic, ignore: ['down_proj']}"])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        "{method: w8a8, activations: dynamic}",
+        "{method: w8a8, activations: dynamic_per_token, smoothquant: auto}",
+        "{method: w8a8, activations: static, smoothquant: 0.5}",
+        "{method: w8a8, activations: static, smoothquant: auto, hadamard: true}",
+        "{method: w8a8, activations: dynamic, ignore: ['down_proj']}",
+    ],
+)
 def test_w8a8_exports_integer_ops_and_stays_close(tmp_path, tiny_llama, eval_text, settings):
     settings = settings[:-1] + f", {cal(eval_text, 4)}}}"
-    run_dir = run(quant_recipe(tmp_path, tiny_llama, eval_text, settings,
-                               validate=f"{{eval_data: {eval_text}, context_length: 64, max_windows: 2, "
-                                        "thresholds: {perplexity_delta_pct: 5}}"), workdir=tmp_path / "a")
+    run_dir = run(
+        quant_recipe(
+            tmp_path,
+            tiny_llama,
+            eval_text,
+            settings,
+            validate=f"{{eval_data: {eval_text}, context_length: 64, max_windows: 2, "
+            "thresholds: {perplexity_delta_pct: 5}}",
+        ),
+        workdir=tmp_path / "a",
+    )
     export = find_model_folder(run_dir)
     nodes = onnx.load(str(export / "model.onnx"), load_external_data=False).graph.node
     ops = [n.op_type for n in nodes]
@@ -242,7 +333,9 @@ def test_w8a8_exports_integer_ops_and_stays_close(tmp_path, tiny_llama, eval_tex
     report = json.loads(next(run_dir.glob("*-validate-*/report.json")).read_text())
     assert report["passed"] and report["metrics"]["perplexity_delta_pct"] != 0
     fused = export / "fused" / "model.onnx"
-    if "dynamic_per_token" in settings or "static" in settings:  # our rewrites: the fused graph (GroupQueryAttention) too
+    if (
+        "dynamic_per_token" in settings or "static" in settings
+    ):  # our rewrites: the fused graph (GroupQueryAttention) too
         fused_ops = [n.op_type for n in onnx.load(str(fused), load_external_data=False).graph.node]
         assert fused_ops.count("MatMulInteger") == 7 * 2 and "GroupQueryAttention" in fused_ops
         assert report["graph"] == "fused"
@@ -252,9 +345,14 @@ def test_w8a8_exports_integer_ops_and_stays_close(tmp_path, tiny_llama, eval_tex
 
 def test_static_w8a8_with_an_int8_kv_cache(tmp_path, tiny_llama, eval_text):
     """Both int8 rewrites in one fused graph: the activation quantization and the KV cache's."""
-    path = quant_recipe(tmp_path, tiny_llama, eval_text, f"{{method: w8a8, activations: static, {cal(eval_text, 4)}}}",
-                        validate=f"{{eval_data: {eval_text}, context_length: 64, max_windows: 2, "
-                                 "thresholds: {perplexity_delta_pct: 5}}")
+    path = quant_recipe(
+        tmp_path,
+        tiny_llama,
+        eval_text,
+        f"{{method: w8a8, activations: static, {cal(eval_text, 4)}}}",
+        validate=f"{{eval_data: {eval_text}, context_length: 64, max_windows: 2, "
+        "thresholds: {perplexity_delta_pct: 5}}",
+    )
     kv = f"{{kv_cache: int8, kv_calibration: {{data: {{source: {eval_text}}}, num_samples: 4, sequence_length: 32}}}}"
     path.write_text(path.read_text().replace("export: {}", f"export: {kv}"))
     run_dir = run(path, workdir=tmp_path / "a")
@@ -262,7 +360,9 @@ def test_static_w8a8_with_an_int8_kv_cache(tmp_path, tiny_llama, eval_text):
     fused = onnx.load(str(export / "fused" / "model.onnx"), load_external_data=False).graph
     assert [n.op_type for n in fused.node].count("MatMulInteger") == 7 * 2
     assert {i.type.tensor_type.elem_type for i in fused.input if i.name.startswith("past_")} == {onnx.TensorProto.INT8}
-    twin = onnx.load(str(export / "fused" / "model_prefill.onnx"), load_external_data=False).graph  # derived after the rewrite
+    twin = onnx.load(
+        str(export / "fused" / "model_prefill.onnx"), load_external_data=False
+    ).graph  # derived after the rewrite
     assert [n.op_type for n in twin.node].count("MatMulInteger") == 7 * 2
     assert {i.type.tensor_type.elem_type for i in twin.input if i.name.startswith("past_")} == {onnx.TensorProto.FLOAT}
     report = json.loads(next(run_dir.glob("*-validate-*/report.json")).read_text())
@@ -281,8 +381,13 @@ def test_per_token_w8a8_rounds_each_token_on_its_own_scale(tmp_path, opset):
     w = rng.normal(size=(16, 8)).astype(np.float32)  # [K, N], as the traced graph holds a linear's weight
     w[:, 0] = np.abs(w[:, 0])  # column 0's codes are all positive and one of them 127 ...
     node = helper.make_node("MatMul", ["x", "W"], ["y"], name="/model/model/layers.0/mlp/up_proj/MatMul")
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", 16])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(w, "W")])
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "W")],
+    )
     path = tmp_path / "model.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), str(path))
     quantized = quantize_int8_linears(path, ["model.layers.0.mlp.up_proj"])
@@ -291,7 +396,9 @@ def test_per_token_w8a8_rounds_each_token_on_its_own_scale(tmp_path, opset):
     assert codes_cast.attribute[0].i == TensorProto.UINT8 and len(matmul.input) == 4  # uint8 x uint8: exact everywhere
     x = rng.normal(size=(2, 3, 16)).astype(np.float32)
     x[0, 0] *= 100  # an outlier token: per token, it coarsens only its own row
-    x[1, 2] = 1.0  # ... and this token's codes are all 127 (uint8 255): uint8 x int8 would saturate on AVX2 without VNNI
+    x[1, 2] = (
+        1.0  # ... and this token's codes are all 127 (uint8 255): uint8 x int8 would saturate on AVX2 without VNNI
+    )
     got = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     s_x = np.abs(x).max(-1, keepdims=True) / 127
     s_w = np.abs(w).max(0) / 127
@@ -314,12 +421,20 @@ def test_static_w8a8_graph_rounds_like_the_calibration_model(tmp_path):
 
     rng = np.random.default_rng(0)
     w = rng.normal(size=(16, 8)).astype(np.float32)
-    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"], name="/model/model/layers.0/mlp/up_proj/MatMul"),
-             helper.make_node("MatMul", ["x", "W2"], ["y2"], name="/model/model/layers.0/mlp/gate_proj/MatMul")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", 16])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
-                               helper.make_tensor_value_info("y2", TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(w, "W"), numpy_helper.from_array(w[:, ::-1].copy(), "W2")])
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["y"], name="/model/model/layers.0/mlp/up_proj/MatMul"),
+        helper.make_node("MatMul", ["x", "W2"], ["y2"], name="/model/model/layers.0/mlp/gate_proj/MatMul"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", 16])],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("y2", TensorProto.FLOAT, None),
+        ],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(w[:, ::-1].copy(), "W2")],
+    )
     path = tmp_path / "model.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     x = rng.laplace(size=(8192, 16)).astype(np.float32)  # a long tail: clipping its last stretch buys a finer grid
@@ -330,8 +445,12 @@ def test_static_w8a8_graph_rounds_like_the_calibration_model(tmp_path):
     quantized = quantize_int8_linears(path, modules, {m: found["scale"] for m in modules})
     ops = [n.op_type for n in quantized.graph.node]
     assert ops.count("QuantizeLinear") == 1 and ops.count("MatMulInteger") == 2  # the two linears share x's codes
-    got = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x[None]})[0][0]
-    expected = fake_quant_static(torch.from_numpy(x), found["scale"]) @ fake_quant_weight(torch.from_numpy(w.T.copy())).T
+    got = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x[None]}
+    )[0][0]
+    expected = (
+        fake_quant_static(torch.from_numpy(x), found["scale"]) @ fake_quant_weight(torch.from_numpy(w.T.copy())).T
+    )
     np.testing.assert_allclose(got, expected.numpy(), rtol=1e-5, atol=1e-5)
     onnx.save(quantized, str(path))
     codes = read_w8a8_codes(path, modules)["model.layers.0.mlp.up_proj"]
@@ -355,8 +474,13 @@ def test_hadamard_w8a8_graph_rotates_the_input_and_the_weights_alike(tmp_path, s
     rng = np.random.default_rng(1)
     w = rng.normal(size=(64, 8)).astype(np.float32)  # [K, N]
     node = helper.make_node("MatMul", ["x", "W"], ["y"], name="/model/model/layers.0/mlp/down_proj/MatMul")
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", 64])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(w, "W")])
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "W")],
+    )
     path = tmp_path / "model.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     x = rng.normal(size=(2, 5, 64)).astype(np.float32)
@@ -426,8 +550,15 @@ def test_smoothquant_folds_o_proj_into_v_proj_with_its_bias_when_widths_line_up(
 
     from pipeline.stages.quantize.w8a8 import smoothquant
 
-    config = AutoConfig.for_model("qwen2", vocab_size=96, hidden_size=64, intermediate_size=128,
-                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
+    config = AutoConfig.for_model(
+        "qwen2",
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
     for layer in model.model.layers:  # qwen2's q/k/v biases start at zero; make them count
@@ -525,8 +656,11 @@ def test_size_estimate_matches_the_exported_artifact(tmp_path, tiny_qwen2, eval_
     settings = f"{{method: rtn, group_size: 16, lm_head: int4, embedding: int4, {cal(eval_text)}}}"
     run_dir = run(quant_recipe(tmp_path, tiny_qwen2, eval_text, settings), workdir=tmp_path / "a")
     model = load_torch_model(tiny_qwen2)
-    plan = {n: QuantScheme(4, 16, False) for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and (n.startswith("model.layers.") or n == "lm_head")}
+    plan = {
+        n: QuantScheme(4, 16, False)
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and (n.startswith("model.layers.") or n == "lm_head")
+    }
     estimate = weight_bytes(model, plan, "shared")
     graph = onnx.load(str(find_model_folder(run_dir) / "model.onnx"))
     stored = sum(onnx.numpy_helper.to_array(t).nbytes for t in graph.graph.initializer)
@@ -535,12 +669,14 @@ def test_size_estimate_matches_the_exported_artifact(tmp_path, tiny_qwen2, eval_
 
 def test_accuracy_level_is_set_after_the_float_parity_check(tmp_path, tiny_llama, eval_text):
     path = tmp_path / "acc.yaml"
-    path.write_text(textwrap.dedent(f"""\
+    path.write_text(
+        textwrap.dedent(f"""\
         model: {{source: {tiny_llama}}}
         stages:
           - quantize: {{method: rtn, bits: 8, group_size: 16}}
           - export: {{accuracy_level: 4}}
-        """))
+        """)
+    )
     export = find_model_folder(run(path, workdir=tmp_path / "a"))
     graph = onnx.load(str(export / "model.onnx"), load_external_data=False).graph
     levels = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
@@ -551,16 +687,22 @@ def test_accuracy_level_is_set_after_the_float_parity_check(tmp_path, tiny_llama
 def test_int8_layers_can_take_their_own_accuracy_level(tmp_path, tiny_llama, eval_text):
     """INT4 body with float compute, INT8 layers with int8 compute, in both graphs."""
     path = tmp_path / "acc8.yaml"
-    path.write_text(textwrap.dedent(f"""        model: {{source: {tiny_llama}}}
+    path.write_text(
+        textwrap.dedent(f"""        model: {{source: {tiny_llama}}}
         stages:
           - quantize: {{method: rtn, bits: 4, group_size: 16, overrides: {{'mlp\\.down_proj': 8}}}}
           - export: {{accuracy_level: 0, int8_accuracy_level: 4}}
-        """))
+        """)
+    )
     export = find_model_folder(run(path, workdir=tmp_path / "a"))
     for graph_file in (export / "model.onnx", export / "fused" / "model.onnx"):
         nodes = onnx.load(str(graph_file), load_external_data=False).graph.node
-        levels = {(attrs["bits"], attrs["accuracy_level"]) for n in nodes if n.op_type == "MatMulNBits"
-                  for attrs in [{a.name: a.i for a in n.attribute}]}
+        levels = {
+            (attrs["bits"], attrs["accuracy_level"])
+            for n in nodes
+            if n.op_type == "MatMulNBits"
+            for attrs in [{a.name: a.i for a in n.attribute}]
+        }
         assert levels == {(4, 0), (8, 4)}
 
 
@@ -571,12 +713,14 @@ def _levels(graph_file: Path) -> set[int]:
 
 def _export_with_auto_accuracy_level(tmp_path: Path, model: Path) -> Path:
     path = tmp_path / "auto.yaml"
-    path.write_text(textwrap.dedent(f"""\
+    path.write_text(
+        textwrap.dedent(f"""\
         model: {{source: {model}}}
         stages:
           - quantize: {{method: rtn, bits: 4, group_size: 16}}
           - export: {{accuracy_level: auto}}
-        """))
+        """)
+    )
     return find_model_folder(run(path, workdir=tmp_path / "a"))
 
 
@@ -617,26 +761,32 @@ def test_accuracy_level_auto_measured_for_real_and_refused_when_misspelled(tmp_p
 
 
 def test_float_zero_points_for_4_bit_layers_and_a_head_the_embedding_does_not_share(tiny_llama, tiny_qwen2):
-    cfg = QuantizeConfig(method="rtn", group_size=16, zero_point="float", overrides={r"mlp\.down_proj": 8}, lm_head="int4")
+    cfg = QuantizeConfig(
+        method="rtn", group_size=16, zero_point="float", overrides={r"mlp\.down_proj": 8}, lm_head="int4"
+    )
     plan, _ = make_plan(load_torch_model(tiny_llama), cfg)
     assert plan["model.layers.0.mlp.up_proj"].float_zero and plan["lm_head"].float_zero
     assert not plan["model.layers.0.mlp.down_proj"].float_zero  # 8-bit integer zero points are fine-grained already
     # qwen2 ties the head to the embedding: shared codes go through GatherBlockQuantized, which takes integer zero points
-    shared, _ = make_plan(load_torch_model(tiny_qwen2), QuantizeConfig(method="rtn", group_size=16, zero_point="float",
-                                                                       lm_head="int4", embedding="int4"))
+    shared, _ = make_plan(
+        load_torch_model(tiny_qwen2),
+        QuantizeConfig(method="rtn", group_size=16, zero_point="float", lm_head="int4", embedding="int4"),
+    )
     assert not shared["lm_head"].float_zero and shared["model.layers.0.mlp.up_proj"].float_zero
 
 
 def test_float_zero_points_export_exactly_and_go_to_gguf_as_q4_1(tmp_path, tiny_llama, eval_text):
     import gguf
-
     from conftest import write_targets_recipe
-    from pipeline.formats.gguf import block_values, permute_rows
-    from pipeline.quant.primitives import unpack_matmul_nbits
     from safetensors.numpy import load_file
 
+    from pipeline.formats.gguf import block_values, permute_rows
+    from pipeline.quant.primitives import unpack_matmul_nbits
+
     quantize = f"{{method: gptq, group_size: 32, zero_point: float, lm_head: int4, {cal(eval_text)}}}"
-    run_dir = run(write_targets_recipe(tmp_path, tiny_llama, eval_text, quantize, "[onnx, gguf]"), workdir=tmp_path / "a")
+    run_dir = run(
+        write_targets_recipe(tmp_path, tiny_llama, eval_text, quantize, "[onnx, gguf]"), workdir=tmp_path / "a"
+    )
     quant, export = next(run_dir.glob("*-quantize-*")), find_model_folder(run_dir)
     plan = json.loads((quant / "quant_plan.json").read_text())["layers"]
     assert all(spec.get("float_zero") for spec in plan.values())
@@ -652,12 +802,18 @@ def test_float_zero_points_export_exactly_and_go_to_gguf_as_q4_1(tmp_path, tiny_
     q, scale, zero = (permute_rows(a, 4) for a in unpack_matmul_nbits(packed, layer, plan[layer]))
     t = tensors["blk.1.attn_q.weight"]
     assert t.tensor_type.name == "Q4_1"
-    np.testing.assert_array_equal(gguf.quants.dequantize(np.array(t.data), t.tensor_type), block_values(q, scale, zero, t.tensor_type))
+    np.testing.assert_array_equal(
+        gguf.quants.dequantize(np.array(t.data), t.tensor_type), block_values(q, scale, zero, t.tensor_type)
+    )
 
 
 def test_float_zero_points_into_compressed_tensors_are_refused_when_the_recipe_loads(tmp_path, tiny_llama, eval_text):
     from conftest import write_targets_recipe
 
-    recipe = write_targets_recipe(tmp_path, tiny_llama, eval_text, "{method: rtn, zero_point: float}", "[onnx, hf-quantized]")
-    with pytest.raises(RecipeError, match=r"hf-quantized cannot hold zero_point: float .* \(gguf holds float zero points as Q4_1\)"):
+    recipe = write_targets_recipe(
+        tmp_path, tiny_llama, eval_text, "{method: rtn, zero_point: float}", "[onnx, hf-quantized]"
+    )
+    with pytest.raises(
+        RecipeError, match=r"hf-quantized cannot hold zero_point: float .* \(gguf holds float zero points as Q4_1\)"
+    ):
         load_recipe(recipe)

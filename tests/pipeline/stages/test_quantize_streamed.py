@@ -1,15 +1,16 @@
 """The streaming quantize paths (RTN tensor by tensor, GPTQ and AWQ layer by layer; never the model in memory)
 write the artifact that quantizing the loaded model writes."""
+
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import REFERENCE_GGUF, make_checkpoint
 from safetensors.torch import load_file, save_file
 
 from calibration.batches import calibration_batches
 from calibration.collect import capture_layer_inputs, run_layer
-from conftest import REFERENCE_GGUF, make_checkpoint
 from pipeline.configs import CalibrationConfig, QuantizeConfig, TextSourceConfig
 from pipeline.models import copy_tokenizer, load_torch_model
 from pipeline.quant.plan import PACKED_FILE, PLAN_FILE
@@ -21,8 +22,9 @@ from pipeline.stages.quantize.output import skeleton
 from pipeline.stages.quantize.plan import EMBEDDING, embedding_scheme, embedding_shares_head, make_plan, plan_file
 from pipeline.stages.quantize.rtn import rtn_streamed
 
-SMALL_CALIBRATION = CalibrationConfig(TextSourceConfig("wikitext-2", "valid"), num_samples=8, sequence_length=64,
-                                      batch_size=4)
+SMALL_CALIBRATION = CalibrationConfig(
+    TextSourceConfig("wikitext-2", "valid"), num_samples=8, sequence_length=64, batch_size=4
+)
 
 
 def quantize_whole(cfg: QuantizeConfig, src: Path, out: Path) -> None:
@@ -38,8 +40,11 @@ def quantize_whole(cfg: QuantizeConfig, src: Path, out: Path) -> None:
         gen = torch.Generator().manual_seed(cfg.calibration.seed)
         for index, layer in enumerate(model.model.layers):
             prefix = f"model.layers.{index}."
-            found = gptq_layer(layer, prefix, plan, cfg, hidden, kwargs) if cfg.method == "gptq" else \
-                awq_layer(layer, prefix, index, plan, cfg, hidden, kwargs, gen)
+            found = (
+                gptq_layer(layer, prefix, plan, cfg, hidden, kwargs)
+                if cfg.method == "gptq"
+                else awq_layer(layer, prefix, index, plan, cfg, hidden, kwargs, gen)
+            )
             for name, qt in found.items():
                 model.get_submodule(name).weight.data = dequantize(qt)
             qtensors.update(found)
@@ -61,10 +66,13 @@ def quantize_whole(cfg: QuantizeConfig, src: Path, out: Path) -> None:
         model.get_submodule(name).weight.data = dequantize(qt)
     model.save_pretrained(out, safe_serialization=True)
     copy_tokenizer(src, out)
-    save_file({f"{n}.{k}": torch.from_numpy(a) for n, qt in qtensors.items() for k, a in pack_matmul_nbits(qt).items()},
-              str(out / PACKED_FILE))
-    (out / PLAN_FILE).write_text(plan_file(cfg.method, {n: (qt.scheme, *qt.shape) for n, qt in qtensors.items()},
-                                           embed, skipped))
+    save_file(
+        {f"{n}.{k}": torch.from_numpy(a) for n, qt in qtensors.items() for k, a in pack_matmul_nbits(qt).items()},
+        str(out / PACKED_FILE),
+    )
+    (out / PLAN_FILE).write_text(
+        plan_file(cfg.method, {n: (qt.scheme, *qt.shape) for n, qt in qtensors.items()}, embed, skipped)
+    )
 
 
 def quantize_streamed(cfg: QuantizeConfig, src: Path, out: Path) -> None:
@@ -101,20 +109,38 @@ def assert_same_artifact(whole: Path, streamed: Path) -> None:
     ca, cb = (json.loads((d / "config.json").read_text()) for d in (whole, streamed))
     for key in ("tie_word_embeddings", "model_type", "hidden_size", "num_hidden_layers", "vocab_size"):
         assert ca.get(key) == cb.get(key), key
-    assert {p.name for p in whole.iterdir()} - {"model.safetensors"} == {p.name for p in streamed.iterdir()} - {"model.safetensors"}
+    assert {p.name for p in whole.iterdir()} - {"model.safetensors"} == {p.name for p in streamed.iterdir()} - {
+        "model.safetensors"
+    }
     # and the model loads from it as from the whole-model path's
     m = load_torch_model(streamed)
     assert all(torch.equal(p, a[n]) for n, p in m.state_dict().items() if n in a)
 
 
-@pytest.mark.parametrize("family,settings", [
-    ("llama", {"lm_head": "float", "embedding": "float"}),
-    ("llama", {"lm_head": "int4", "embedding": "int8", "bits": 4, "group_size": 32}),
-    ("qwen2", {"lm_head": "int4", "embedding": "int4", "group_size": 32}),  # tied: the embedding shares the head's codes
-    ("qwen2", {"lm_head": "int8", "embedding": "float"}),  # tied, head quantized alone: untied
-    ("qwen2", {"lm_head": "float", "embedding": "int4", "group_size": 32, "overrides": {"mlp\\.down_proj": 8},
-               "ignore": ["layers\\.0\\.self_attn\\.o_proj"], "zero_point": "float"}),
-], ids=["float-head", "head-and-own-embedding", "shared", "untied", "mixed"])
+@pytest.mark.parametrize(
+    "family,settings",
+    [
+        ("llama", {"lm_head": "float", "embedding": "float"}),
+        ("llama", {"lm_head": "int4", "embedding": "int8", "bits": 4, "group_size": 32}),
+        (
+            "qwen2",
+            {"lm_head": "int4", "embedding": "int4", "group_size": 32},
+        ),  # tied: the embedding shares the head's codes
+        ("qwen2", {"lm_head": "int8", "embedding": "float"}),  # tied, head quantized alone: untied
+        (
+            "qwen2",
+            {
+                "lm_head": "float",
+                "embedding": "int4",
+                "group_size": 32,
+                "overrides": {"mlp\\.down_proj": 8},
+                "ignore": ["layers\\.0\\.self_attn\\.o_proj"],
+                "zero_point": "float",
+            },
+        ),
+    ],
+    ids=["float-head", "head-and-own-embedding", "shared", "untied", "mixed"],
+)
 def test_streamed_rtn_equals_the_whole_model_path(tmp_path, family, settings):
     src = make_checkpoint(tmp_path / "src", family)
     assert_same_artifact(*both_paths(src, tmp_path, **settings))
@@ -125,14 +151,31 @@ def test_streamed_rtn_of_a_bf16_checkpoint_equals_the_whole_model_path(tmp_path)
     assert_same_artifact(*both_paths(src, tmp_path, lm_head="int4", embedding="int4", group_size=32))
 
 
-@pytest.mark.parametrize("family,settings", [
-    ("llama", {"method": "gptq", "lm_head": "float", "embedding": "float"}),
-    ("qwen2", {"method": "gptq", "lm_head": "int4", "embedding": "int4", "group_size": 32}),  # shared codes
-    ("qwen2", {"method": "gptq", "lm_head": "int8", "embedding": "float", "act_order": False, "refit_scales": False}),
-    ("llama", {"method": "awq", "lm_head": "int4", "embedding": "int8", "group_size": 32}),
-    ("qwen2", {"method": "awq", "awq_codes": "gptq", "lm_head": "int4", "embedding": "int4", "group_size": 32,
-               "zero_point": "float", "overrides": {"mlp\\.down_proj": 8}}),
-], ids=["gptq-float-head", "gptq-shared", "gptq-untied", "awq-own-embedding", "awq-gptq-mixed"])
+@pytest.mark.parametrize(
+    "family,settings",
+    [
+        ("llama", {"method": "gptq", "lm_head": "float", "embedding": "float"}),
+        ("qwen2", {"method": "gptq", "lm_head": "int4", "embedding": "int4", "group_size": 32}),  # shared codes
+        (
+            "qwen2",
+            {"method": "gptq", "lm_head": "int8", "embedding": "float", "act_order": False, "refit_scales": False},
+        ),
+        ("llama", {"method": "awq", "lm_head": "int4", "embedding": "int8", "group_size": 32}),
+        (
+            "qwen2",
+            {
+                "method": "awq",
+                "awq_codes": "gptq",
+                "lm_head": "int4",
+                "embedding": "int4",
+                "group_size": 32,
+                "zero_point": "float",
+                "overrides": {"mlp\\.down_proj": 8},
+            },
+        ),
+    ],
+    ids=["gptq-float-head", "gptq-shared", "gptq-untied", "awq-own-embedding", "awq-gptq-mixed"],
+)
 def test_layerwise_calibration_equals_the_whole_model_path(tmp_path, family, settings):
     src = make_checkpoint(tmp_path / "src", family, layers=3)
     assert_same_artifact(*both_paths(src, tmp_path, **settings))
@@ -159,10 +202,14 @@ def test_layerwise_calibration_holds_one_decoder_layer_at_a_time(tmp_path, monke
 
     model_of = []
     real_load = layerwise.load_streamed_model
-    monkeypatch.setattr(layerwise, "load_streamed_model", lambda *a, **k: model_of.append(real_load(*a, **k)) or model_of[0])
+    monkeypatch.setattr(
+        layerwise, "load_streamed_model", lambda *a, **k: model_of.append(real_load(*a, **k)) or model_of[0]
+    )
     monkeypatch.setattr(layerwise, "run_layer", run)
-    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained",
-                        lambda *a, **k: pytest.fail("the layerwise path loaded the model"))
+    monkeypatch.setattr(
+        "transformers.AutoModelForCausalLM.from_pretrained",
+        lambda *a, **k: pytest.fail("the layerwise path loaded the model"),
+    )
     quantize_streamed(QuantizeConfig(method="gptq", calibration=SMALL_CALIBRATION), src, out)
     assert seen == [[0], [1], [2], [3]]
     assert resident_layers(model_of[0]) == []
@@ -184,8 +231,10 @@ def test_streamed_rtn_reads_one_tensor_at_a_time(tmp_path, monkeypatch):
         return t
 
     monkeypatch.setattr(rtn.CheckpointReader, "__getitem__", reading)
-    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained",
-                        lambda *a, **k: pytest.fail("the streamed path loaded the model"))
+    monkeypatch.setattr(
+        "transformers.AutoModelForCausalLM.from_pretrained",
+        lambda *a, **k: pytest.fail("the streamed path loaded the model"),
+    )
     quantize_streamed(QuantizeConfig(method="rtn"), src, out)
     assert len(held) == len(checkpoint_tensors(src)) and max(held) < sum(held) / 4
 
@@ -201,5 +250,6 @@ def test_streaming_equals_the_whole_model_path_on_the_reference_model(tmp_path, 
     src = tmp_path / "model"
     src.mkdir()
     import_model(ModelConfig(source=str(REFERENCE_GGUF)), ModelSource("gguf", str(REFERENCE_GGUF)), src, print)
-    assert_same_artifact(*both_paths(src, tmp_path, method=method, lm_head="int4", embedding="int4", group_size=32,
-                                     symmetric=False))
+    assert_same_artifact(
+        *both_paths(src, tmp_path, method=method, lm_head="int4", embedding="int4", group_size=32, symmetric=False)
+    )

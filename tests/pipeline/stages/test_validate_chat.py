@@ -1,4 +1,5 @@
 """validate.chat: the chat set, its answer matching, its recipe checks, and the checks on the tiny model."""
+
 import json
 import textwrap
 
@@ -33,8 +34,12 @@ def test_custom_chat_set_lines_are_checked_with_file_and_line(tmp_path):
     path.write_text('{"prompt": "Capital of Peru?", "answers": ["Lima"]}\n\n{"prompt": "Say hi."}\n')
     items = load_chat_set(path)
     assert [(i.prompt, i.answers) for i in items] == [("Capital of Peru?", ("Lima",)), ("Say hi.", ())]
-    for line, message in [('{"prompt": ""}', "needs a non-empty"), ('{"prompt": "x", "answers": [1]}', "list of non-empty"),
-                          ('{"prompt": "x", "answer": ["y"]}', "unknown key"), ("prompt: x", "not JSON")]:
+    for line, message in [
+        ('{"prompt": ""}', "needs a non-empty"),
+        ('{"prompt": "x", "answers": [1]}', "list of non-empty"),
+        ('{"prompt": "x", "answer": ["y"]}', "unknown key"),
+        ("prompt: x", "not JSON"),
+    ]:
         path.write_text('{"prompt": "fine"}\n' + line + "\n")
         with pytest.raises(DataError, match=rf"set.jsonl:2: .*{message}"):
             load_chat_set(path)
@@ -42,18 +47,23 @@ def test_custom_chat_set_lines_are_checked_with_file_and_line(tmp_path):
 
 def _recipe(tmp_path, tiny_llama, eval_text, validate: str):
     path = tmp_path / "r.yaml"
-    path.write_text(textwrap.dedent(f"""\
+    path.write_text(
+        textwrap.dedent(f"""\
         model: {{source: {tiny_llama}}}
         stages:
           - export: {{}}
           - validate: {{eval_data: {{source: {eval_text}}}, {validate}}}
-        """))
+        """)
+    )
     return path
 
 
 def test_recipe_refuses_bad_chat_settings_up_front(tmp_path, tiny_llama, eval_text):
-    with pytest.raises(RecipeError, match=r"validate\.thresholds\.chat_fact_accuracy: measured by the chat checks, "
-                                          r"which are off; add `chat: \{\}`"):
+    with pytest.raises(
+        RecipeError,
+        match=r"validate\.thresholds\.chat_fact_accuracy: measured by the chat checks, "
+        r"which are off; add `chat: \{\}`",
+    ):
         load_recipe(_recipe(tmp_path, tiny_llama, eval_text, "thresholds: {chat_fact_accuracy: 0.3}"))
     with pytest.raises(RecipeError, match=r"validate\.chat\.prompts: '.*facts.txt' is not a .jsonl file"):
         (tmp_path / "facts.txt").write_text("What is 2 + 2?\n")
@@ -72,14 +82,23 @@ def test_chat_checks_on_the_tiny_model(tmp_path, tiny_llama, eval_text):
     """The fp32 export answers as its own PyTorch model does, so every chat metric equals the baseline's; the
     verdicts and the accuracy are those of the replies in the report."""
     chat_set = tmp_path / "chat.jsonl"
-    chat_set.write_text("\n".join(json.dumps(r) for r in [
-        {"prompt": "The capital of France is", "answers": ["Paris"]},
-        {"prompt": "The quick brown fox", "answers": ["lazy", "dog", "the"]},
-        {"prompt": "Once upon a time"}]) + "\n")
-    validate = (f"context_length: 64, max_windows: 2, max_new_tokens: 4, prompts: [hello],\n"
-                f"              chat: {{prompts: {chat_set}, max_new_tokens: 12, batch_size: 2}},\n"
-                "              thresholds: {chat_fact_accuracy_delta: 0, chat_reply_top1_agreement: 0.99, "
-                "chat_reply_perplexity: 1000}")
+    chat_set.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"prompt": "The capital of France is", "answers": ["Paris"]},
+                {"prompt": "The quick brown fox", "answers": ["lazy", "dog", "the"]},
+                {"prompt": "Once upon a time"},
+            ]
+        )
+        + "\n"
+    )
+    validate = (
+        f"context_length: 64, max_windows: 2, max_new_tokens: 4, prompts: [hello],\n"
+        f"              chat: {{prompts: {chat_set}, max_new_tokens: 12, batch_size: 2}},\n"
+        "              thresholds: {chat_fact_accuracy_delta: 0, chat_reply_top1_agreement: 0.99, "
+        "chat_reply_perplexity: 1000}"
+    )
     run_dir = run(_recipe(tmp_path, tiny_llama, eval_text, validate), workdir=tmp_path / "artifacts")
     folder = next(run_dir.glob("02-validate-*"))
     report = json.loads((folder / "report.json").read_text())

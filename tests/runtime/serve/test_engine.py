@@ -1,4 +1,5 @@
 """The scheduler on a tiny model: continuous batching gives each request what it gets alone."""
+
 import queue
 import time
 
@@ -119,7 +120,7 @@ def test_stop_sequences_and_eos_end_a_request(gen):
     s.stop()
     assert eos.finish_reason == "stop" and eos.tokens == alone[:2]
     assert r.finish_reason == "stop" and stop_text not in r.stream.output
-    assert r.stream.output == gen.tokenizer.decode(alone[:len(r.stream.decoder.ids)])[: len(r.stream.output)]
+    assert r.stream.output == gen.tokenizer.decode(alone[: len(r.stream.decoder.ids)])[: len(r.stream.output)]
 
 
 def test_long_prompts_are_prefilled_in_chunks_between_decode_steps(gen):
@@ -129,7 +130,10 @@ def test_long_prompts_are_prefilled_in_chunks_between_decode_steps(gen):
     s = scheduler(gen, slots=3, max_prefill_tokens=3)
     calls = []  # ("prefill", row, first prompt token, tokens) and ("decode", rows)
     extend, decode = s.slots.extend, s.slots.decode
-    s.slots.extend = lambda row, prompt, count: (calls.append(("prefill", row, prompt[0], count)), extend(row, prompt, count))[1]
+    s.slots.extend = lambda row, prompt, count: (
+        calls.append(("prefill", row, prompt[0], count)),
+        extend(row, prompt, count),
+    )[1]
     s.slots.decode = lambda tokens: (calls.append(("decode", len(tokens))), decode(tokens))[1]
     requests = [request(i, p, max_tokens=2 if i == 1 else 6) for i, p in enumerate(PROMPTS)]
     for r in requests:
@@ -143,7 +147,7 @@ def test_long_prompts_are_prefilled_in_chunks_between_decode_steps(gen):
     assert max(c[3] for c in prefills) == 3 and sum(c[3] for c in prefills) == sum(len(p) for p in PROMPTS)
     eight = [i for i, c in enumerate(calls) if c[0] == "prefill" and c[2] == PROMPTS[2][0]]
     assert len(eight) == 3 and len({calls[i][1] for i in eight}) == 2  # three chunks, moved down a row on the way
-    assert any(c[0] == "decode" for c in calls[eight[0]:eight[-1]])  # the running rows decoded meanwhile
+    assert any(c[0] == "decode" for c in calls[eight[0] : eight[-1]])  # the running rows decoded meanwhile
     assert s.slots.lengths.tolist() == [0, 0, 0] and s.filling is None
 
 

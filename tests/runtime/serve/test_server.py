@@ -1,4 +1,5 @@
 """`optimize serve` on a tiny model, driven by the official openai client and raw HTTP."""
+
 import contextlib
 import json
 import signal
@@ -16,8 +17,14 @@ from runtime import Generator
 from runtime.serve.app import Server, Settings, create_app
 from runtime.serve.launch import free_port, serve_process, wait_healthy
 
-QUESTIONS = ["What is the capital of France?", "Say hello.", "def add(a, b):", "Count: 1, 2, 3",
-             "Once upon a time", "Numbers like 42 and 1000"]
+QUESTIONS = [
+    "What is the capital of France?",
+    "Say hello.",
+    "def add(a, b):",
+    "Count: 1, 2, 3",
+    "Once upon a time",
+    "Numbers like 42 and 1000",
+]
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +39,13 @@ def client(served):
 
 
 def chat(client, question, **kw):
-    return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": question}],
-                                          temperature=kw.pop("temperature", 0), max_tokens=kw.pop("max_tokens", 24), **kw)
+    return client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": question}],
+        temperature=kw.pop("temperature", 0),
+        max_tokens=kw.pop("max_tokens", 24),
+        **kw,
+    )
 
 
 def test_chat_and_completion_with_the_openai_client_streamed_or_not(client):
@@ -48,8 +60,9 @@ def test_chat_and_completion_with_the_openai_client_streamed_or_not(client):
 
     done = client.completions.create(model="tiny", prompt="The capital of France", temperature=0, max_tokens=12)
     assert done.object == "text_completion" and done.usage.completion_tokens <= 12
-    pieces = client.completions.create(model="tiny", prompt="The capital of France", temperature=0, max_tokens=12,
-                                       stream=True)
+    pieces = client.completions.create(
+        model="tiny", prompt="The capital of France", temperature=0, max_tokens=12, stream=True
+    )
     assert "".join(c.choices[0].text for c in pieces) == done.choices[0].text
     assert [m.id for m in client.models.list()] == ["tiny"]
 
@@ -74,17 +87,22 @@ def test_a_repeated_prompt_reports_its_cached_tokens(client, served):
 
 def test_a_conversations_next_turn_reuses_the_earlier_turns(client):
     first = chat(client, QUESTIONS[4], max_tokens=8)
-    messages = [{"role": "user", "content": QUESTIONS[4]},
-                {"role": "assistant", "content": first.choices[0].message.content},
-                {"role": "user", "content": QUESTIONS[5]}]
+    messages = [
+        {"role": "user", "content": QUESTIONS[4]},
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": QUESTIONS[5]},
+    ]
     second = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=8)
     assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
 
 
 def test_seeded_sampling_repeats(client):
-    answers = {chat(client, QUESTIONS[1], temperature=1.0, top_p=0.9, seed=3,
-                    extra_body={"top_k": 50}).choices[0].message.content
-               for _ in range(2)}
+    answers = {
+        chat(client, QUESTIONS[1], temperature=1.0, top_p=0.9, seed=3, extra_body={"top_k": 50})
+        .choices[0]
+        .message.content
+        for _ in range(2)
+    }
     assert len(answers) == 1
 
 
@@ -95,18 +113,33 @@ def test_stop_strings_cut_the_answer(client):
     assert cut.choices[0].finish_reason == "stop" and cut.choices[0].text == full[: full.index(stop)]
 
 
-@pytest.mark.parametrize("body, param, words", [
-    ({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, "model", "not served here"),
-    ({"model": "tiny", "messages": []}, "messages", "non-empty list"),
-    ({"model": "tiny", "messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role", "role"),
-    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": 3}, "temperature", "between 0 and 2"),
-    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "top_p": 0}, "top_p", "(0, 1]"),
-    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens", "at least 1"),
-    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10000}, "max_tokens", "at most"),
-    ({"model": "tiny", "messages": [{"role": "user", "content": "hi " * 300}]}, "messages", "context is 256"),
-    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 2}, "n", "must be 1"),
-    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stop": [""]}, "stop", "non-empty"),
-])
+@pytest.mark.parametrize(
+    "body, param, words",
+    [
+        ({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, "model", "not served here"),
+        ({"model": "tiny", "messages": []}, "messages", "non-empty list"),
+        ({"model": "tiny", "messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role", "role"),
+        (
+            {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": 3},
+            "temperature",
+            "between 0 and 2",
+        ),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "top_p": 0}, "top_p", "(0, 1]"),
+        (
+            {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0},
+            "max_tokens",
+            "at least 1",
+        ),
+        (
+            {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10000},
+            "max_tokens",
+            "at most",
+        ),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "hi " * 300}]}, "messages", "context is 256"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 2}, "n", "must be 1"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stop": [""]}, "stop", "non-empty"),
+    ],
+)
 def test_bad_requests_get_400_naming_the_field(served, body, param, words):
     r = httpx.post(f"{served}/v1/chat/completions", json=body)
     assert r.status_code == 400, r.text
@@ -130,9 +163,16 @@ def test_metrics_parse_as_prometheus_text(client, served):
     chat(client, QUESTIONS[2])
     r = httpx.get(f"{served}/metrics")
     families = {f.name: f for f in text_string_to_metric_families(r.text)}
-    for name in ("optimize_time_to_first_token_seconds", "optimize_time_per_output_token_seconds",
-                 "optimize_queue_time_seconds", "optimize_requests_running", "optimize_requests_waiting",
-                 "optimize_kv_slots_used", "optimize_output_tokens_per_second", "optimize_prompt_tokens"):
+    for name in (
+        "optimize_time_to_first_token_seconds",
+        "optimize_time_per_output_token_seconds",
+        "optimize_queue_time_seconds",
+        "optimize_requests_running",
+        "optimize_requests_waiting",
+        "optimize_kv_slots_used",
+        "optimize_output_tokens_per_second",
+        "optimize_prompt_tokens",
+    ):
         assert name in families, name
     count = [s for s in families["optimize_time_to_first_token_seconds"].samples if s.name.endswith("_count")]
     assert count[0].value >= 1
@@ -140,6 +180,7 @@ def test_metrics_parse_as_prometheus_text(client, served):
 
 
 # --- in-process servers: slowed down or made to fail on purpose -------------------------------
+
 
 @contextlib.contextmanager
 def serve_in_thread(server):
@@ -178,7 +219,9 @@ def long_request(stream=False):
 
 def test_overload_gets_429_with_retry_after(slow_server):
     with serve_in_thread(slow_server) as url, ThreadPoolExecutor(5) as pool:
-        replies = list(pool.map(lambda _: httpx.post(f"{url}/v1/completions", json=long_request(), timeout=60), range(5)))
+        replies = list(
+            pool.map(lambda _: httpx.post(f"{url}/v1/completions", json=long_request(), timeout=60), range(5))
+        )
     codes = sorted(r.status_code for r in replies)
     assert codes.count(200) >= 2 and 429 in codes  # one slot + one waiting; the rest are turned away
     busy = next(r for r in replies if r.status_code == 429)
@@ -215,8 +258,9 @@ def test_an_internal_error_fails_that_request_alone(slow_server, sampling_fault)
 
 
 def test_sigterm_lets_the_request_in_flight_finish_then_exits(tiny_export):
-    with serve_process(tiny_export, "--slots", "2", "--max-length", "256", "--model-name", "tiny",
-                       "--shutdown-timeout", "20") as (url, proc):
+    with serve_process(
+        tiny_export, "--slots", "2", "--max-length", "256", "--model-name", "tiny", "--shutdown-timeout", "20"
+    ) as (url, proc):
         body = {"model": "tiny", "prompt": "Once", "max_tokens": 250, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as r:
             lines = r.iter_lines()

@@ -1,4 +1,5 @@
 """SlotCache: prefill into a row in place, decode only the rows in use, move a row into a hole."""
+
 import numpy as np
 import pytest
 

@@ -1,4 +1,5 @@
 """TextStream: what is released when, around stop strings and split UTF-8 characters."""
+
 from runtime.serve.text import TextStream
 
 
