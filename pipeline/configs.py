@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pipeline.errors import RecipeError, did_you_mean
 
@@ -56,32 +56,32 @@ DOMAIN_NAME = re.compile(r"^[A-Za-z0-9][\w-]*$")
 class ModelConfig:
     """Where the model comes from: a hub id, a local HF checkpoint directory, or a .gguf file."""
 
-    source: str
-    revision: str | None = None
-    trust_remote_code: bool = False
+    source: str  # a hub id, a local checkpoint folder or a .gguf file; relative paths are relative to the recipe
+    revision: str | None = None  # the hub revision (branch, tag or commit)
+    trust_remote_code: bool = False  # run the checkpoint's own Python code: only for a checkpoint you trust
     allow_pickle: bool = False  # load *.bin / *.pt checkpoints; off by default (arbitrary code on load)
     eos_tokens: tuple[str, ...] = ()  # extra end tokens; end-of-turn tokens of the chat template are added anyway
     # the dtype the model step stores: auto keeps the checkpoint's own (a bf16 checkpoint stays bf16, half of float32
     # on disk); a GGUF file is dequantized to float32, which auto keeps (its codes' values need more than bf16)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    version: int = 3  # 3: the checkpoint's own dtype on disk (was float32 always)
+    version: int = 3
 
 
 @dataclass(frozen=True)
 class TextSourceConfig:
     """A text corpus: a built-in name (wikitext-2, tinyshakespeare), a local text file, or a hub dataset."""
 
-    source: str
-    split: str = "test"
+    source: str  # wikitext-2, tinyshakespeare, python-code (built in), a .txt file, or a hub dataset id
+    split: str = "test"  # built-in corpora: valid or test (tinyshakespeare: train, test, all); a hub dataset's split
     hub_config: str | None = None  # the hub dataset's configuration name, e.g. wikitext-2-v1
-    text_field: str = "text"
+    text_field: str = "text"  # a hub dataset's column holding the text
 
 
 @dataclass(frozen=True)
 class MixedTextSourceConfig(TextSourceConfig):
     """One part of a calibration mix: a text source and its share of the blocks."""
 
-    weight: float = 1.0
+    weight: float = 1.0  # this text's share of the calibration blocks, relative to the others
 
     def __post_init__(self):
         if not self.weight > 0:
@@ -99,10 +99,10 @@ class CalibrationConfig:
     data: TextSourceConfig | tuple[MixedTextSourceConfig, ...] = field(
         default_factory=lambda: TextSourceConfig("wikitext-2", "valid")
     )
-    num_samples: int = 128
-    sequence_length: int = 512
-    seed: int = 0
-    batch_size: int = 8
+    num_samples: int = 128  # calibration blocks
+    sequence_length: int = 512  # tokens per block
+    seed: int = 0  # which blocks are drawn
+    batch_size: int = 8  # blocks per forward pass
 
     def __post_init__(self):
         for name in ("num_samples", "sequence_length", "batch_size"):
@@ -211,9 +211,8 @@ class DistillConfig:
 
     num_layers: int | None = None
     param_budget_m: float | None = None
-    layer_choice: Literal["uniform", "loss", "hidden"] = (
-        "loss"  # uniform | loss (CE increase when the layer is skipped) | hidden (block influence)
-    )
+    # uniform | loss (CE increase when the layer is skipped) | hidden (block influence)
+    layer_choice: Literal["uniform", "loss", "hidden"] = "loss"
     intermediate_size: int | None = None
     num_key_value_heads: int | None = None
     importance_samples: int = 8  # calibration blocks that score layers, channels and heads
@@ -271,6 +270,58 @@ class DistillConfig:
 
 
 @dataclass(frozen=True)
+class GptqConfig:
+    """GPTQ's column-by-column rounding under the calibration Hessian (method gptq, and method awq with
+    `awq.codes: gptq`)."""
+
+    damp: float = 0.01  # fraction of the mean Hessian diagonal added for stability
+    act_order: bool = True  # visit columns by decreasing Hessian diagonal
+    mse_clip: bool = True  # choose each group's range by least rounding error, not plain min/max
+
+    def __post_init__(self):
+        if not 0 < self.damp < 1:
+            raise RecipeError(f"damp: {self.damp} must be between 0 and 1 (0.01 is usual)")
+
+
+@dataclass(frozen=True)
+class AwqConfig:
+    """AWQ's per-channel scaling, searched on the calibration activations (method awq)."""
+
+    # judge the q/k/v and gate/up scales by the output of the attention block / MLP they sit in
+    # (block, as AutoAWQ does), or by the linears' own outputs (linear: faster)
+    objective: Literal["block", "linear"] = "block"
+    # after scaling, the codes come from GPTQ on the scaled weights under the full calibration Hessian (gptq:
+    # the two combined, as the AWQ paper shows they compose; the gptq settings apply) or from a clip
+    # search and rounding (clip, the paper's AWQ)
+    codes: Literal["clip", "gptq"] = "gptq"
+
+
+@dataclass(frozen=True)
+class W8A8Config:
+    """INT8 weights and activations (method w8a8, CPU provider)."""
+
+    # dynamic (ONNX Runtime: one range per tensor, per run) | dynamic_per_token (one scale per token,
+    # as vLLM runs it) | static (one symmetric scale per linear input, calibrated: clipped max |x|)
+    activations: Literal["dynamic", "dynamic_per_token", "static"] = "dynamic"
+    smoothquant: float | str = 0.0  # SmoothQuant strength alpha in (0, 1), or auto (searched per layer); 0 = off
+    # rotate down_proj's inputs by a 128-wide block Hadamard in the graph, its weights to match (QuaRot);
+    # our graphs only: activations static or dynamic_per_token
+    hadamard: bool = False
+
+    def __post_init__(self):
+        if self.smoothquant != "auto" and not (isinstance(self.smoothquant, float) and 0 <= self.smoothquant < 1):
+            raise RecipeError(
+                f"smoothquant: {self.smoothquant!r} must be in [0, 1) or auto (0 = off, 0.5 is usual, "
+                "auto searches alpha per layer on the calibration data)"
+            )
+        if self.hadamard and self.activations == "dynamic":
+            raise RecipeError(
+                "hadamard: rotates down_proj's inputs in our W8A8 graphs only; use it with activations: static "
+                "or dynamic_per_token"
+            )
+
+
+@dataclass(frozen=True)
 class QuantizeConfig:
     """Weight-only quantization of the decoder's linear layers (and optionally the LM head).
 
@@ -279,29 +330,22 @@ class QuantizeConfig:
     """
 
     # rtn | gptq | awq (weight-only, MatMulNBits) | w8a8 (int8 weights and activations, CPU). awq is the default: its
-    # scaling with GPTQ's codes (awq_codes: gptq) halves either one's loss on SmolLM2 (docs/notes/2026-12-06-quantization-on-smollm2.md)
+    # scaling with GPTQ's codes (awq.codes: gptq) halves either one's loss on SmolLM2 (docs/notes/2026-12-06-quantization-on-smollm2.md)
     method: Literal["rtn", "gptq", "awq", "w8a8"] = "awq"
-    bits: int = 4
-    group_size: int = 128
-    symmetric: bool = False
+    bits: int = 4  # 4 or 8
+    group_size: int = 128  # weights per scale (a power of two >= 16)
+    symmetric: bool = False  # symmetric groups (no zero point) or asymmetric
     # asymmetric 4-bit zero points: int (the grid starts at a multiple of the scale) or float (the grid spans each
     # block's exact range, as llama.cpp's Q4_1; run through a small correction matmul per layer); 8-bit layers use int
     zero_point: Literal["int", "float"] = "int"
-    ignore: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()  # regular expressions of module names kept float
     overrides: dict[str, int] = field(default_factory=dict)  # regex -> bits (4 or 8) for matching layers
-    lm_head: HeadPrecision = "float"
+    lm_head: HeadPrecision = "float"  # the LM head: float, int8 or int4
     embedding: HeadPrecision = "float"  # round-to-nearest; shares the LM head's codes when tied and equal)
-    damp: float = 0.01  # GPTQ: fraction of the mean Hessian diagonal added for stability
-    act_order: bool = True  # GPTQ: visit columns by decreasing Hessian diagonal
-    mse_clip: bool = True  # GPTQ: choose each group's range by least rounding error, not plain min/max
+    gptq: GptqConfig = field(default_factory=GptqConfig)  # GPTQ's settings (method gptq, and awq with awq.codes: gptq)
+    awq: AwqConfig = field(default_factory=AwqConfig)  # AWQ's settings (method awq)
+    w8a8: W8A8Config = field(default_factory=W8A8Config)  # W8A8's settings (method w8a8)
     search_tokens: int = 2048  # AWQ, SmoothQuant: calibration tokens per layer input used by the searches
-    # AWQ: judge the q/k/v and gate/up scales by the output of the attention block / MLP they sit in
-    # (block, as AutoAWQ does), or by the linears' own outputs (linear: faster)
-    awq_objective: Literal["block", "linear"] = "block"
-    # AWQ: after scaling, the codes come from GPTQ on the scaled weights under the full calibration Hessian (gptq:
-    # the two combined, as the AWQ paper shows they compose; damp, act_order and mse_clip apply) or from a clip
-    # search and rounding (clip, the paper's AWQ)
-    awq_codes: Literal["clip", "gptq"] = "gptq"
     # GPTQ, AWQ: once the codes are chosen, refit each row's group scales by least squares on the layer's output
     # error on the calibration inputs, all of a row's groups at once (codes re-rounded in turn); false keeps the
     # papers' algorithms as they are
@@ -309,25 +353,23 @@ class QuantizeConfig:
     # GPTQ, AWQ, with refit_scales: between scale refits, move each code by cyclic coordinate descent on the same
     # output error (QuantEase-style), instead of only re-rounding codes to the nearest grid point
     code_descent: bool = False
-    # W8A8: dynamic (ONNX Runtime: one range per tensor, per run) | dynamic_per_token (one scale per token,
-    # as vLLM runs it) | static (one symmetric scale per linear input, calibrated: clipped max |x|)
-    activations: Literal["dynamic", "dynamic_per_token", "static"] = "dynamic"
-    smoothquant: float | str = 0.0  # W8A8: SmoothQuant strength alpha in (0, 1), or auto (searched per layer); 0 = off
-    hadamard: bool = (
-        False  # W8A8 (our rewrites): rotate down_proj's inputs by a 128-wide block Hadamard in the graph (QuaRot)
-    )
     provider: Literal["cpu", "cuda"] = "cpu"  # the execution provider the artifact is for
     budget: BudgetConfig | None = None  # mixed precision chosen by measured sensitivity (INT4 bits only)
-    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
-    # 3: SmoothQuant also folds up->down and v->o, alpha auto; AWQ folds into a feeder bias (2 was used by e25b010)
-    # 4: static W8A8 is ours (calibrated symmetric input scales in the plan), not ONNX Runtime's QDQ
-    # 5: AWQ's clip search refines an asymmetric group's two ends apart
-    # 6: awq_objective (default block: AWQ judges the q/k/v scale by the attention block's output, gate/up's by the MLP's)
-    # 7: refit_scales (default true)
-    # 8: code_descent; refit_scales also fits float zero points
-    # 9: calibration passes with sdpa attention (float noise); sensitivity forwards start at their own layer
-    # 10: awq_codes (default gptq), and method awq by default
-    version: int = 10
+    calibration: CalibrationConfig = field(
+        default_factory=CalibrationConfig
+    )  # the text the calibrated methods learn from
+    version: int = 11
+    # keys of an older schema -> where they live now
+    MOVED: ClassVar[dict[str, str]] = {
+        "damp": "gptq.damp",
+        "act_order": "gptq.act_order",
+        "mse_clip": "gptq.mse_clip",
+        "awq_objective": "awq.objective",
+        "awq_codes": "awq.codes",
+        "activations": "w8a8.activations",
+        "smoothquant": "w8a8.smoothquant",
+        "hadamard": "w8a8.hadamard",
+    }
 
     def __post_init__(self):
         _check_bits("bits", self.bits)
@@ -349,24 +391,16 @@ class QuantizeConfig:
                 f"ignore: '{head_hit}' matches lm_head, which lm_head: {self.lm_head} quantizes; "
                 "set lm_head: float to keep it float, or narrow the pattern (e.g. '^model\\.layers\\.')"
             )
-        if not 0 < self.damp < 1:
-            raise RecipeError(f"damp: {self.damp} must be between 0 and 1 (0.01 is usual)")
+        for section, methods in (("gptq", ("gptq", "awq")), ("awq", ("awq",)), ("w8a8", ("w8a8",))):
+            if getattr(self, section) != type(getattr(self, section))() and self.method not in methods:
+                raise RecipeError(
+                    f"{section}: settings for method {' or '.join(methods)}, but method is {self.method}; "
+                    f"remove them or set method"
+                )
         if self.method in ("gptq", "awq") and self.calibration.num_samples < 8:
             raise RecipeError(
                 f"calibration.num_samples: {self.calibration.num_samples} is too few for {self.method.upper()}; "
                 "use at least 8 (128 is usual)"
-            )
-        if self.smoothquant != "auto" and not (isinstance(self.smoothquant, float) and 0 <= self.smoothquant < 1):
-            raise RecipeError(
-                f"smoothquant: {self.smoothquant!r} must be in [0, 1) or auto (0 = off, 0.5 is usual, "
-                "auto searches alpha per layer on the calibration data)"
-            )
-        if self.smoothquant and self.method != "w8a8":
-            raise RecipeError(f"smoothquant: applies to method w8a8 only (method is {self.method})")
-        if self.hadamard and (self.method != "w8a8" or self.activations == "dynamic"):
-            raise RecipeError(
-                "hadamard: rotates down_proj's inputs in our W8A8 graphs only; use it with method: w8a8 and "
-                f"activations: static or dynamic_per_token (got method {self.method}, activations {self.activations})"
             )
         if self.method == "w8a8" and (self.lm_head == "int4" or self.embedding != "float"):
             raise RecipeError(
@@ -403,29 +437,27 @@ def _check_bits(key: str, bits: int) -> None:
 
 @dataclass(frozen=True)
 class ExportConfig:
-    opset: int = 17
+    opset: int = 17  # the ONNX opset of the graphs
     external_data: bool = True  # weights in model.onnx.data beside the graph (relative path)
     parity_tokens: int = 16  # tokens of the export-time parity check against PyTorch
     # MatMulNBits compute: 0 = float like the weights' dequantized matmul, 4 = int8 (faster on CPU),
     # auto = whichever of the two decodes faster on this machine's CPU (measured by the export, in its manifest)
     accuracy_level: Literal[0, 1, 2, 3, 4, "auto"] = 0
-    int8_accuracy_level: Literal[0, 1, 2, 3, 4] | None = (
-        None  # the same for 8-bit layers only (None: as accuracy_level)
-    )
+    # the same for 8-bit layers only (None: as accuracy_level)
+    int8_accuracy_level: Literal[0, 1, 2, 3, 4] | None = None
     fused: bool = True  # also write fused/: GroupQueryAttention, fused norms, in-place KV cache (ONNX Runtime only)
-    dtype: Literal["float32", "float16"] = (
-        "float32"  # the fused graph's weights and KV cache: float32, or float16 (what CUDA's GroupQueryAttention needs)
-    )
-    kv_cache: Literal["float", "int8"] = (
-        "float"  # the fused graph's KV cache: float (as dtype) or int8 (static per-channel scales; CPU provider)
-    )
-    kv_calibration: CalibrationConfig = field(default_factory=lambda: CalibrationConfig(num_samples=16, batch_size=4))
+    # the fused graph's weights and KV cache: float32, or float16 (what CUDA's GroupQueryAttention needs)
+    dtype: Literal["float32", "float16"] = "float32"
+    # the fused graph's KV cache: float (as dtype) or int8 (static per-channel scales; CPU provider)
+    kv_cache: Literal["float", "int8"] = "float"
+    kv_calibration: CalibrationConfig = field(
+        default_factory=lambda: CalibrationConfig(num_samples=16, batch_size=4)
+    )  # the text the int8 KV cache's scales are measured on (kv_cache: int8)
     # formats written: onnx (always), gguf (llama.cpp, in gguf/), hf-quantized (compressed-tensors for vLLM, in hf-quantized/)
     targets: tuple[ExportTarget, ...] = ("onnx",)
-    hf_quantized_dtype: Literal["auto", "float32", "bfloat16", "float16"] = (
-        "auto"  # hf-quantized's float tensors and scales: auto (as the model), float32, bfloat16, float16
-    )
-    version: int = 10  # 2: fused graph beside the portable one; 3: logits_positions, packed matmuls; 4: no query_seqlens, dtype; 5: targets; 6: genai_config.json, hf-quantized; 7: per-token W8A8 codes as uint8 + 128; 8: per-token W8A8 fused graph; 9: kv_cache; 10: int8 cache's float prefill graph
+    # hf-quantized's float tensors and scales: auto (as the model), float32, bfloat16, float16
+    hf_quantized_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    version: int = 10
 
     def __post_init__(self):
         if self.accuracy_level == "auto" and self.dtype == "float16":
@@ -469,10 +501,10 @@ class ChatEvalConfig:
     batches of `batch_size`, under `system`, none = the chat template's default). `prompts`: a JSONL file
     ({"prompt": ..., "answers": [...]}); none = the built-in set (calibration/chat_set.py)."""
 
-    prompts: TextSourceConfig | None = None
-    max_new_tokens: int = 64
-    batch_size: int = 16
-    system: str | None = None
+    prompts: TextSourceConfig | None = None  # a JSON-lines file of {prompt, answers}; none: the built-in set
+    max_new_tokens: int = 64  # tokens per reply
+    batch_size: int = 16  # prompts answered together
+    system: str | None = None  # system message; none = the chat template's default
 
     def __post_init__(self):
         for key in ("max_new_tokens", "batch_size"):
@@ -500,15 +532,16 @@ class ValidateConfig:
     eval_data: TextSourceConfig | dict[str, TextSourceConfig] = field(
         default_factory=lambda: TextSourceConfig("wikitext-2", "test")
     )
-    context_length: int = 512
+    context_length: int = 512  # tokens per window
     stride: int | None = None  # None: equal to context_length (non-overlapping windows)
-    max_windows: int = 40
-    add_bos: bool = False
-    prompts: tuple[str, ...] = DEFAULT_PROMPTS
-    max_new_tokens: int = 32
+    max_windows: int = 40  # windows scored per text
+    add_bos: bool = False  # start each window with the BOS token
+    prompts: tuple[str, ...] = DEFAULT_PROMPTS  # prompts of the greedy-agreement checks
+    max_new_tokens: int = 32  # greedy tokens per prompt
+    # where the artifact runs: auto takes CUDA when onnxruntime offers it and the graph is float16
     provider: Literal["auto", "cpu", "cuda"] = "auto"
     chat: ChatEvalConfig | None = None  # chat checks (`chat: {}` for the built-in set); none = skipped
-    thresholds: dict[str, float] = field(
+    thresholds: dict[str, float] = field(  # metric (or metric@text) -> limit; a metric beyond its limit fails the run
         default_factory=lambda: {
             "perplexity_delta_pct": 0.1,
             "greedy_token_agreement": 1.0,
@@ -517,7 +550,7 @@ class ValidateConfig:
             "decode_logits_max_abs_diff": 1e-2,
         }
     )
-    version: int = 5  # 2: decode parity measured against the export's source model; 3: export targets through their engines; 4: hf-quantized; 5: chat checks
+    version: int = 5
 
     @property
     def domains(self) -> dict[str, TextSourceConfig]:

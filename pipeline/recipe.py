@@ -181,7 +181,7 @@ def _check_targets(config: Any, before: list[StageEntry], where: str) -> None:
             f"{where}.targets: hf-quantized writes the quantize stage's codes and there is no quantize "
             f"stage before export; add one (hf-quantized takes {HF_FORMATS})"
         )
-    if "hf-quantized" in config.targets and quantize is not None and quantize.hadamard:
+    if "hf-quantized" in config.targets and quantize is not None and quantize.w8a8.hadamard:
         raise RecipeError(
             f"{where}.targets: hf-quantized cannot hold hadamard: true (its down_proj weights are rotated "
             "to match a rotation our graph applies at run time, which compressed-tensors does not); "
@@ -200,7 +200,7 @@ def _check_targets(config: Any, before: list[StageEntry], where: str) -> None:
     if (
         quantize is not None
         and quantize.method == "w8a8"
-        and quantize.activations == "dynamic"
+        and quantize.w8a8.activations == "dynamic"
         and config.kv_cache == "int8"
     ):
         raise RecipeError(
@@ -330,6 +330,9 @@ def build_config(cls: type, raw: Any, where: str):
         raise RecipeError(f"{where}: expected a mapping, got {type(raw).__name__} {raw!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "version"}
+    moved = next((key for key in raw if key in getattr(cls, "MOVED", {})), None)
+    if moved is not None:
+        raise RecipeError(f"{where}.{moved}: moved to {where}.{cls.MOVED[moved]}")
     _check_keys(raw, set(fields), where)
     kwargs = {}
     for key, value in raw.items():

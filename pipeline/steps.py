@@ -69,9 +69,8 @@ def log(msg: str) -> None:
 @dataclass(frozen=True)
 class CachePolicy:
     force: bool = False  # rebuild every step
-    verify: bool = (
-        False  # hash every file of every reused artifact and source, not only those whose size or time changed
-    )
+    # hash every file of every reused artifact and source, not only those whose size or time changed
+    verify: bool = False
 
 
 def run(

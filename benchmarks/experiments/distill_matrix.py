@@ -81,9 +81,8 @@ class ChatProbe:
         self.tokenizer = tokenizer
         self.prompts = [tokenizer.encode_chat(item.prompt) for item in self.items]
         self.eos, self.pad = end_tokens(read_json(folder / "generation_config.json"))
-        self.reference: list[tuple[list[int], int | None]] | None = (
-            None  # the original teacher's replies and end tokens
-        )
+        # the original teacher's replies and end tokens
+        self.reference: list[tuple[list[int], int | None]] | None = None
 
     @torch.no_grad()
     def measure(self, model) -> dict:

@@ -60,25 +60,29 @@ def variants() -> dict[str, dict]:
         ),
         "int8-w8a8-dynamic": with_stages(
             "int8-w8a8-dynamic",
-            {"method": "w8a8", "activations": "dynamic"},
+            {"method": "w8a8", "w8a8": {"activations": "dynamic"}},
             {"targets": ["onnx", "hf-quantized"]},
             w8a8_gates,
         ),
         "int8-w8a8-dynamic-per-token": with_stages(
             "int8-w8a8-dynamic-per-token",
-            {"method": "w8a8", "activations": "dynamic_per_token"},
+            {"method": "w8a8", "w8a8": {"activations": "dynamic_per_token"}},
             {"targets": ["onnx", "hf-quantized"]},
             w8a8_gates,
         ),
         "int8-w8a8-static-smoothquant": with_stages(
             "int8-w8a8-static-smoothquant",
-            {"method": "w8a8", "activations": "static", "smoothquant": 0.5, "calibration": W8A8_CALIBRATION},
+            {"method": "w8a8", "w8a8": {"activations": "static", "smoothquant": 0.5}, "calibration": W8A8_CALIBRATION},
             {"targets": ["onnx", "hf-quantized"]},
             w8a8_gates,
         ),
         "int8-w8a8-static-smoothquant-auto": with_stages(
             "int8-w8a8-static-smoothquant-auto",
-            {"method": "w8a8", "activations": "static", "smoothquant": "auto", "calibration": W8A8_CALIBRATION},
+            {
+                "method": "w8a8",
+                "w8a8": {"activations": "static", "smoothquant": "auto"},
+                "calibration": W8A8_CALIBRATION,
+            },
             {"targets": ["onnx", "hf-quantized"]},
             w8a8_gates,
         ),

@@ -115,6 +115,6 @@ def gptq(
 
 def gptq_refit(w: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cfg: QuantizeConfig) -> QTensor:
     """GPTQ's codes with the recipe's settings, then (`refit_scales`) each row's group scales refitted on the
-    output error under H (pipeline.quant.refit). Used by method gptq and by AWQ's `awq_codes: gptq`."""
-    qt = gptq(w, H, scheme, cfg.damp, cfg.act_order, cfg.mse_clip)
+    output error under H (pipeline.quant.refit). Used by method gptq and by AWQ's `awq.codes: gptq`."""
+    qt = gptq(w, H, scheme, cfg.gptq.damp, cfg.gptq.act_order, cfg.gptq.mse_clip)
     return refit_scales(qt, w, H, descent=cfg.code_descent) if cfg.refit_scales else qt

@@ -3,13 +3,13 @@
 For the layer: collect the inputs of each group of linears that share an input, search the
 activation-aware scale and fold it into the op that feeds them (exact in float), search each
 group's clipping range, quantize, refit the group scales on the output error (`refit_scales`, see
-pipeline.quant.refit); the caller then runs the quantized layer to feed the next one. With `awq_codes: gptq`
+pipeline.quant.refit); the caller then runs the quantized layer to feed the next one. With `awq.codes: gptq`
 the codes of the scaled weights come from GPTQ instead of the clip search (the AWQ paper's
 combination of the two): each distinct linear input also accumulates its Hessian over every
 calibration token, and a fold of s turns it into H / (s sᵀ), the Hessian of the inputs x / s. With
-`awq_objective: block` (the default) the scale of q/k/v is judged by the attention block's output
+`awq.objective: block` (the default) the scale of q/k/v is judged by the attention block's output
 and that of gate/up by the MLP's output (as AutoAWQ does); the others, and every scale with
-`awq_objective: linear`, by the linears' own outputs.
+`awq.objective: linear`, by the linears' own outputs.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def awq_layer(
     gen: torch.Generator,
 ) -> dict[str, QTensor]:
     """Fold the searched scales into the layer and return the codes of its planned linears (full names)."""
-    use_gptq = cfg.awq_codes == "gptq"
+    use_gptq = cfg.awq.codes == "gptq"
     collected = collect_inputs(
         layer,
         hidden,
@@ -94,7 +94,7 @@ def awq_layer(
     )
     stats = {n: s.result() for n, s in collected.items()}
     hessians = shared_hessians(collected) if use_gptq else {}
-    judges = block_judges(layer, hidden[0], kwargs[0], stats) if cfg.awq_objective == "block" else {}
+    judges = block_judges(layer, hidden[0], kwargs[0], stats) if cfg.awq.objective == "block" else {}
     for feeder, names in SCALE_GROUPS:
         _scale_group(layer, feeder, names, prefix, plan, stats, judges.get(feeder), hessians.get(names[0]))
     qtensors: dict[str, QTensor] = {}
@@ -116,7 +116,7 @@ def awq_head(
     gen: torch.Generator,
 ) -> QTensor:
     """The LM head's codes (no scale to fold: it may be tied to the embedding), from the final norm's outputs."""
-    stats = InputStats(cfg.search_tokens, gen, hessian=cfg.awq_codes == "gptq")
+    stats = InputStats(cfg.search_tokens, gen, hessian=cfg.awq.codes == "gptq")
     with torch.no_grad():
         for h in hidden:
             stats.add(norm(h), len(hidden))
@@ -127,7 +127,7 @@ def awq_head(
 def _quantize_codes(
     x: torch.Tensor, w: torch.Tensor, scheme: QuantScheme, cfg: QuantizeConfig, H: torch.Tensor | None = None
 ) -> QTensor:
-    """Codes for the scaled weight: (`awq_codes: gptq`) GPTQ under the Hessian H of every calibration token, or
+    """Codes for the scaled weight: (`awq.codes: gptq`) GPTQ under the Hessian H of every calibration token, or
     clip search and rounding on the sampled inputs x; then (`refit_scales`) each row's group scales refitted by
     least squares on its output error (under H for GPTQ's codes, else the sample's Gram matrix)."""
     if H is not None:

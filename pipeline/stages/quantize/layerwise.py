@@ -57,7 +57,7 @@ def quantize_layerwise(
     batches = quantize_batches(cfg, src)
     hidden, kwargs = capture_layer_inputs(model, batches)
     layers = decoder_layers(model)
-    method = "awq+gptq" if cfg.method == "awq" and cfg.awq_codes == "gptq" else cfg.method
+    method = "awq+gptq" if cfg.method == "awq" and cfg.awq.codes == "gptq" else cfg.method
     log(
         f"  {cfg.method.upper()} {len(plan)} layers ({plan_summary(plan)}), {len(skipped)} kept float; one decoder "
         f"layer at a time from {src.name}"

@@ -83,29 +83,29 @@ def _result(plan, skipped, packed: int, float_bytes: int, budget_info: dict, sta
 
 def _w8a8(model, cfg: QuantizeConfig, src_dir, ctx, started: float) -> StageResult:
     """Float checkpoint (SmoothQuant-migrated if asked) + the plan telling export to quantize weights and activations."""
-    if cfg.hadamard:
+    if cfg.w8a8.hadamard:
         for name in (n for n in decoder_linears(model) if n.endswith(ROTATED)):
             if not can_rotate(width := model.get_submodule(name).in_features):
                 raise StageError(
-                    f"quantize.hadamard: {name} takes {width} inputs, not a multiple of the {BLOCK}-wide "
+                    f"quantize.w8a8.hadamard: {name} takes {width} inputs, not a multiple of the {BLOCK}-wide "
                     "Hadamard block; set hadamard: false for this model"
                 )
     batches = quantize_batches(cfg, src_dir)
     info: dict = {}
-    if cfg.smoothquant:
-        how = "searched per layer" if cfg.smoothquant == "auto" else str(cfg.smoothquant)
+    if cfg.w8a8.smoothquant:
+        how = "searched per layer" if cfg.w8a8.smoothquant == "auto" else str(cfg.w8a8.smoothquant)
         ctx.log(
             f"  SmoothQuant alpha {how} over {len(batches)} calibration batches, {cfg.search_tokens} tokens per input"
         )
         info["smoothquant"] = smoothquant(
             model,
             batches,
-            cfg.smoothquant,
-            cfg.activations,
+            cfg.w8a8.smoothquant,
+            cfg.w8a8.activations,
             cfg.search_tokens,
             cfg.calibration.seed,
             ctx.log,
-            cfg.hadamard,
+            cfg.w8a8.hadamard,
         )
     model.save_pretrained(ctx.out_dir, safe_serialization=True)
     copy_tokenizer(src_dir, ctx.out_dir)
@@ -118,24 +118,24 @@ def _w8a8(model, cfg: QuantizeConfig, src_dir, ctx, started: float) -> StageResu
     modules = [n for n in linears if n not in skipped]
     if not modules:
         raise StageError("quantize: the ignore list leaves no decoder layer to quantize")
-    rotations = {n: BLOCK for n in modules if n.endswith(ROTATED)} if cfg.hadamard else {}
+    rotations = {n: BLOCK for n in modules if n.endswith(ROTATED)} if cfg.w8a8.hadamard else {}
     if rotations:
         ctx.log(
             f"  hadamard: {len(rotations)} down_proj inputs rotated at run time ({BLOCK}-wide blocks), weights to match"
         )
     input_scales = None
-    if cfg.activations == "static":
+    if cfg.w8a8.activations == "static":
         ctx.log(
             f"  static: calibrating one int8 input scale per linear input (clip searched on {cfg.search_tokens} tokens)"
         )
         info["static_inputs"] = static_input_scales(
-            model, batches, modules, cfg.search_tokens, cfg.calibration.seed, ctx.log, cfg.hadamard
+            model, batches, modules, cfg.search_tokens, cfg.calibration.seed, ctx.log, cfg.w8a8.hadamard
         )
         input_scales = {name: found["scale"] for name, found in info["static_inputs"].items()}
     plan = {
         "method": "w8a8",
-        "activations": cfg.activations,
-        "smoothquant": cfg.smoothquant,
+        "activations": cfg.w8a8.activations,
+        "smoothquant": cfg.w8a8.smoothquant,
         "layers": {},
         "w8a8_modules": modules,
         "skipped": skipped,
@@ -144,7 +144,7 @@ def _w8a8(model, cfg: QuantizeConfig, src_dir, ctx, started: float) -> StageResu
     }
     (ctx.out_dir / PLAN_FILE).write_text(json.dumps(plan, indent=2) + "\n")
     ctx.log(
-        f"  W8A8 {cfg.activations}: int8 weights (per channel) and activations for {len(modules)} linears, applied to "
+        f"  W8A8 {cfg.w8a8.activations}: int8 weights (per channel) and activations for {len(modules)} linears, applied to "
         f"the graph at export; {len(skipped)} kept float"
     )
     return StageResult(metrics={"seconds": round(time.time() - started, 1)}, info={"w8a8": plan, **info})

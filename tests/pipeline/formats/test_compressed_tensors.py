@@ -145,7 +145,9 @@ def test_w8a8_copies_the_graphs_int8_codes_and_loads_in_transformers(tmp_path, t
 
     from pipeline.graph.w8a8 import read_w8a8_codes
 
-    quantize = f"{{method: w8a8, activations: {activations}, calibration: {{num_samples: 4, sequence_length: 32}}}}"
+    quantize = (
+        f"{{method: w8a8, w8a8: {{activations: {activations}}}, calibration: {{num_samples: 4, sequence_length: 32}}}}"
+    )
     work = run(recipe(tmp_path, tiny_llama, eval_text, quantize), workdir=tmp_path / "artifacts")
     export = next(work.glob("*-export-*"))
     folder = export / "hf-quantized"
@@ -179,7 +181,7 @@ def test_a_w8a8_head_of_a_tied_model_is_untied_and_quantized_in_both_formats(tmp
     from transformers import AutoModelForCausalLM
 
     quantize = (
-        "{method: w8a8, activations: dynamic_per_token, lm_head: int8, "
+        "{method: w8a8, w8a8: {activations: dynamic_per_token}, lm_head: int8, "
         "calibration: {num_samples: 4, sequence_length: 32}}"
     )
     work = run(recipe(tmp_path, tiny_qwen2, eval_text, quantize), workdir=tmp_path / "artifacts")

@@ -61,20 +61,26 @@ def test_plan_ignores_overrides_and_lm_head(tiny_llama):
         ("{bits: 3}", r"bits: 3 bits is not supported"),
         ("{method: gptqq}", r"method: 'gptqq' is not one of rtn, gptq, awq, w8a8 \(did you mean 'gptq'\?\)"),
         ("{method: awq, calibration: {num_samples: 4}}", r"calibration.num_samples: 4 is too few for AWQ"),
-        ("{method: awq, awq_objective: output}", r"awq_objective: 'output' is not one of block, linear"),
-        ("{method: awq, awq_codes: round}", r"awq_codes: 'round' is not one of clip, gptq"),
+        ("{method: awq, awq: {objective: output}}", r"quantize.awq.objective: 'output' is not one of block, linear"),
+        ("{method: awq, awq: {codes: round}}", r"quantize.awq.codes: 'round' is not one of clip, gptq"),
+        ("{method: gptq, damp: 0.05}", r"quantize.damp: moved to stages\[0\].quantize.gptq.damp"),
+        ("{method: awq, awq_codes: clip}", r"quantize.awq_codes: moved to stages\[0\].quantize.awq.codes"),
+        ("{method: rtn, gptq: {damp: 0.05}}", r"gptq: settings for method gptq or awq, but method is rtn"),
         ("{ignore: ['(']}", r"not a valid regular expression"),
         ("{overrides: {down_proj: 2}}", r"overrides.down_proj: 2 bits"),
         ("{calibration: {num_samples: 2}}", r"calibration.num_samples: 2 is too few for AWQ"),
         ("{method: gptq, calibration: {num_samples: 2}}", r"calibration.num_samples: 2 is too few for GPTQ"),
         ("{lm_head: int2}", r"lm_head: 'int2' is not one of"),
         ("{embedding: fp8}", r"embedding: 'fp8' is not one of"),
-        ("{method: w8a8, smoothquant: 1.5}", r"smoothquant: 1.5 must be in \[0, 1\) or auto"),
-        ("{method: w8a8, smoothquant: best}", r"smoothquant: 'best' must be in \[0, 1\) or auto"),
-        ("{method: w8a8, smoothquant: [0.5]}", r"quantize.smoothquant: expected float or str, got list"),
-        ("{method: gptq, smoothquant: auto}", r"smoothquant: applies to method w8a8 only"),
-        ("{method: gptq, hadamard: true}", r"hadamard: rotates down_proj's inputs in our W8A8 graphs only"),
-        ("{method: w8a8, hadamard: true}", r"hadamard: .* \(got method w8a8, activations dynamic\)"),
+        ("{method: w8a8, w8a8: {smoothquant: 1.5}}", r"w8a8.smoothquant: 1.5 must be in \[0, 1\) or auto"),
+        ("{method: w8a8, w8a8: {smoothquant: best}}", r"w8a8.smoothquant: 'best' must be in \[0, 1\) or auto"),
+        ("{method: w8a8, w8a8: {smoothquant: [0.5]}}", r"quantize.w8a8.smoothquant: expected float or str, got list"),
+        ("{method: gptq, w8a8: {smoothquant: auto}}", r"w8a8: settings for method w8a8, but method is gptq"),
+        ("{method: gptq, w8a8: {hadamard: true, activations: static}}", r"w8a8: settings for method w8a8, but"),
+        (
+            "{method: w8a8, w8a8: {hadamard: true}}",
+            r"w8a8.hadamard: .* use it with activations: static or dynamic_per_token",
+        ),
         ("{method: w8a8, lm_head: int4}", r"lm_head/embedding: w8a8 quantizes the LM head to W8A8 with lm_head: int8"),
         ("{method: w8a8, embedding: int8}", r"lm_head/embedding: w8a8 .* keeps the embedding float"),
         (
@@ -134,9 +140,9 @@ def _logit_error(model_dir, ref, ids) -> float:
         "awq",
         "awq, refit_scales: false",
         "awq, code_descent: true",
-        "awq, awq_codes: clip",
-        "awq, awq_codes: clip, refit_scales: false",
-        "awq, awq_codes: clip, code_descent: true",
+        "awq, awq: {codes: clip}",
+        "awq, awq: {codes: clip}, refit_scales: false",
+        "awq, awq: {codes: clip}, code_descent: true",
     ],
     ids=[
         "gptq",
@@ -257,7 +263,7 @@ def test_awq_scaling_is_exact_in_float(tiny_llama, eval_text):
 
 
 def test_awq_fold_turns_each_hessian_into_that_of_the_scaled_inputs(tiny_llama):
-    """After the folds, the Hessians kept for `awq_codes: gptq` equal the ones collected again from the folded layer."""
+    """After the folds, the Hessians kept for `awq.codes: gptq` equal the ones collected again from the folded layer."""
     from calibration.collect import capture_layer_inputs
     from pipeline.quant.primitives import QuantScheme
     from pipeline.stages.quantize import awq as quantize_awq
@@ -296,11 +302,11 @@ def test_awq_fold_turns_each_hessian_into_that_of_the_scaled_inputs(tiny_llama):
 @pytest.mark.parametrize(
     "settings",
     [
-        "{method: w8a8, activations: dynamic}",
-        "{method: w8a8, activations: dynamic_per_token, smoothquant: auto}",
-        "{method: w8a8, activations: static, smoothquant: 0.5}",
-        "{method: w8a8, activations: static, smoothquant: auto, hadamard: true}",
-        "{method: w8a8, activations: dynamic, ignore: ['down_proj']}",
+        "{method: w8a8, w8a8: {activations: dynamic}}",
+        "{method: w8a8, w8a8: {activations: dynamic_per_token, smoothquant: auto}}",
+        "{method: w8a8, w8a8: {activations: static, smoothquant: 0.5}}",
+        "{method: w8a8, w8a8: {activations: static, smoothquant: auto, hadamard: true}}",
+        "{method: w8a8, w8a8: {activations: dynamic}, ignore: ['down_proj']}",
     ],
 )
 def test_w8a8_exports_integer_ops_and_stays_close(tmp_path, tiny_llama, eval_text, settings):
@@ -349,7 +355,7 @@ def test_static_w8a8_with_an_int8_kv_cache(tmp_path, tiny_llama, eval_text):
         tmp_path,
         tiny_llama,
         eval_text,
-        f"{{method: w8a8, activations: static, {cal(eval_text, 4)}}}",
+        f"{{method: w8a8, w8a8: {{activations: static}}, {cal(eval_text, 4)}}}",
         validate=f"{{eval_data: {eval_text}, context_length: 64, max_windows: 2, "
         "thresholds: {perplexity_delta_pct: 5}}",
     )
@@ -396,9 +402,8 @@ def test_per_token_w8a8_rounds_each_token_on_its_own_scale(tmp_path, opset):
     assert codes_cast.attribute[0].i == TensorProto.UINT8 and len(matmul.input) == 4  # uint8 x uint8: exact everywhere
     x = rng.normal(size=(2, 3, 16)).astype(np.float32)
     x[0, 0] *= 100  # an outlier token: per token, it coarsens only its own row
-    x[1, 2] = (
-        1.0  # ... and this token's codes are all 127 (uint8 255): uint8 x int8 would saturate on AVX2 without VNNI
-    )
+    # ... and this token's codes are all 127 (uint8 255): uint8 x int8 would saturate on AVX2 without VNNI
+    x[1, 2] = 1.0
     got = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     s_x = np.abs(x).max(-1, keepdims=True) / 127
     s_w = np.abs(w).max(0) / 127
@@ -500,7 +505,7 @@ def test_hadamard_w8a8_graph_rotates_the_input_and_the_weights_alike(tmp_path, s
 
 
 def test_hadamard_into_compressed_tensors_is_refused_when_the_recipe_loads(tmp_path, tiny_llama):
-    path = quant_recipe(tmp_path, tiny_llama, None, "{method: w8a8, activations: static, hadamard: true}")
+    path = quant_recipe(tmp_path, tiny_llama, None, "{method: w8a8, w8a8: {activations: static, hadamard: true}}")
     path.write_text(path.read_text().replace("export: {}", "export: {targets: [onnx, hf-quantized]}"))
     with pytest.raises(RecipeError, match="hf-quantized cannot hold hadamard: true"):
         load_recipe(path)
@@ -518,7 +523,7 @@ def test_an_int8_kv_cache_without_a_fused_graph_is_refused_when_the_recipe_loads
     path.write_text(path.read_text().replace("export: {}", "export: {kv_cache: int8}"))
     with pytest.raises(RecipeError, match=r"export.kv_cache: int8 lives in the fused graph"):
         load_recipe(path)
-    path.write_text(path.read_text().replace("{method: w8a8}", "{method: w8a8, activations: static}"))
+    path.write_text(path.read_text().replace("{method: w8a8}", "{method: w8a8, w8a8: {activations: static}}"))
     assert load_recipe(path)
 
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from calibration.batches import calibration_batches
 from calibration.collect import capture_layer_inputs, run_layer
-from pipeline.configs import CalibrationConfig, QuantizeConfig, TextSourceConfig
+from pipeline.configs import AwqConfig, CalibrationConfig, GptqConfig, QuantizeConfig, TextSourceConfig
 from pipeline.models import copy_tokenizer, load_torch_model
 from pipeline.quant.plan import PACKED_FILE, PLAN_FILE
 from pipeline.quant.primitives import dequantize, pack_matmul_nbits, quantize
@@ -158,14 +158,20 @@ def test_streamed_rtn_of_a_bf16_checkpoint_equals_the_whole_model_path(tmp_path)
         ("qwen2", {"method": "gptq", "lm_head": "int4", "embedding": "int4", "group_size": 32}),  # shared codes
         (
             "qwen2",
-            {"method": "gptq", "lm_head": "int8", "embedding": "float", "act_order": False, "refit_scales": False},
+            {
+                "method": "gptq",
+                "lm_head": "int8",
+                "embedding": "float",
+                "gptq": GptqConfig(act_order=False),
+                "refit_scales": False,
+            },
         ),
         ("llama", {"method": "awq", "lm_head": "int4", "embedding": "int8", "group_size": 32}),
         (
             "qwen2",
             {
                 "method": "awq",
-                "awq_codes": "gptq",
+                "awq": AwqConfig(codes="gptq"),
                 "lm_head": "int4",
                 "embedding": "int4",
                 "group_size": 32,
