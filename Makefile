@@ -10,7 +10,7 @@ GPU_RUN ?= artifacts/smollm2-int4-cuda
 GPU_OUT ?= artifacts/gpu-check
 BENCH_TEXT ?= wikitext-2
 
-.PHONY: quickstart install engines install-cuda model run generate bench gpu-check serve-gpu-check distill-gpu-check scale-check lint test test-fast doctor clean
+.PHONY: quickstart install engines install-cuda model run generate bench gpu-check serve-gpu-check distill-gpu-check scale-check lint docs test test-fast doctor clean
 
 quickstart: install model run  ## set up, fetch the reference model, run the default recipe
 
@@ -68,11 +68,14 @@ lint: install  ## ruff's linter and formatter, as configured in pyproject.toml (
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+docs: install  ## docs/results/, the README's result tables and docs/reference/, rendered from benchmarks/results/ and the code
+	$(BIN)/python -m benchmarks.render
+
 test: install engines model lint  ## lint, then every test, the slow reference-model tests included (what CI runs)
 	$(BIN)/python -m pytest -q --durations=30
 
-test-fast: install model  ## tiny-model tests only
-	$(BIN)/python -m pytest -q -m "not slow"
+test-fast: install model  ## tiny-model tests only, two workers (pytest-xdist): the loop while developing
+	$(BIN)/python -m pytest -q -m "not slow" -n 2 --dist loadfile
 
 doctor: install
 	$(BIN)/optimize doctor

@@ -1,4 +1,4 @@
-"""`optimize RECIPE` runs a recipe; `optimize generate|tune|bench|serve|runs|show|doctor` are subcommands of the same
+"""`optimize RECIPE` runs a recipe; `optimize plan|generate|tune|bench|serve|runs|show|doctor` are subcommands of the same
 command; `optimize --version` says which release this is.
 
 Exit codes: 0 success, 1 a stage or a validation gate failed, 2 a bad recipe or usage.
@@ -13,6 +13,7 @@ import click
 
 from pipeline.bench.cli import bench_command
 from pipeline.doctor import doctor_command
+from pipeline.plan import plan_command
 from pipeline.runs import runs_command, show_command
 from runtime.cli import generate_command, tune_command
 from runtime.serve.cli import serve_command
@@ -87,6 +88,7 @@ main.add_command(doctor_command)
 main.add_command(bench_command)
 main.add_command(runs_command)
 main.add_command(show_command)
+main.add_command(plan_command)
 
 
 if __name__ == "__main__":

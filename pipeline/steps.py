@@ -154,15 +154,9 @@ def _run(
     }
 
     model_cfg = dataclasses.asdict(recipe.model)
-    # the source's identity is its content (or hub id), not how the recipe spells its path
     cache = CachePolicy(force, verify)
     checksums = ChecksumCache(Path(workdir) / ".checksums.json" if main else None, verify)
-    model_fp = fingerprint(
-        "model",
-        recipe.model.version,
-        {k: v for k, v in model_cfg.items() if k != "source"},
-        source_identity(recipe.source, checksums),
-    )
+    model_fp, *stage_fps = fingerprints(recipe, checksums, world)
     build_model = lambda ctx: import_model(recipe.model, recipe.source, ctx.out_dir, log)  # noqa: E731
     try:
         model_step = lambda: _run_step(
@@ -182,9 +176,7 @@ def _run(
         for i, entry in enumerate(recipe.stages, start=1):
             spec = STAGES[entry.name]
             cfg_dict = dataclasses.asdict(entry.config)
-            # a training run's batches depend on how many processes share them (one process: as before)
-            processes = (world,) if spec.distributed and world > 1 else ()
-            fp = fingerprint(art.fingerprint, entry.name, cfg_dict, data_identity(entry.config, checksums), *processes)
+            fp = stage_fps[i - 1]
             build = functools.partial(spec.fn, entry.config, art)
             args = (run_dir, i, entry.name, spec.produces, cfg_dict, fp, history, build, cache, record)
             if spec.distributed and world > 1:
@@ -374,6 +366,26 @@ def _remove_stale_temps(run_dir: Path) -> None:
     for tmp in run_dir.glob(".tmp-*"):
         log(f"removing incomplete step left by an interrupted run: {tmp.name}")
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fingerprints(recipe, checksums: ChecksumCache, world: int = 1) -> list[str]:
+    """Every step's fingerprint, the model step's first: what names each step's folder and keys its cache."""
+    model_cfg = dataclasses.asdict(recipe.model)
+    # the source's identity is its content (or hub id), not how the recipe spells its path
+    fp = fingerprint(
+        "model",
+        recipe.model.version,
+        {k: v for k, v in model_cfg.items() if k != "source"},
+        source_identity(recipe.source, checksums),
+    )
+    found = [fp]
+    for entry in recipe.stages:
+        # a training run's batches depend on how many processes share them (one process: as before)
+        processes = (world,) if STAGES[entry.name].distributed and world > 1 else ()
+        cfg_dict = dataclasses.asdict(entry.config)
+        fp = fingerprint(fp, entry.name, cfg_dict, data_identity(entry.config, checksums), *processes)
+        found.append(fp)
+    return found
 
 
 def _fmt(v) -> str:

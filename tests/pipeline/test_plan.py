@@ -1,0 +1,58 @@
+"""`optimize plan` says what a run would do: the recipe with its defaults, each step's state, memory."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import yaml
+from conftest import ROOT, write_recipe
+
+from pipeline import run
+from pipeline.plan import plan_text, resolved, step_states
+from pipeline.recipe import load_recipe
+
+
+def test_the_plan_follows_the_workdir_from_nothing_to_cached_to_linked(tmp_path, tiny_llama, eval_text):
+    recipe = write_recipe(tmp_path, tiny_llama, eval_text, "first")
+    work = tmp_path / "work"
+    loaded = load_recipe(recipe)
+    assert [state for _, _, state in step_states(loaded, work)] == ["build"] * 3
+    run(recipe, workdir=work)
+    states = step_states(loaded, work)
+    assert [state for _, _, state in states] == ["cached"] * 3
+    assert [step for step, _, _ in states] == sorted(p.name for p in (work / "first").glob("[0-9][0-9]-*"))
+
+    other = write_recipe(tmp_path, tiny_llama, eval_text, "second", export="{opset: 17, parity_tokens: 8}")
+    states = [state for _, _, state in step_states(load_recipe(other), work)]
+    assert states == ["linked from first", "build", "build"]  # a changed export rebuilds validate after it
+
+    shutil.rmtree(next((work / "first").glob("01-export-*")))
+    assert [state for _, _, state in step_states(loaded, work)] == ["cached", "build", "build"]
+
+
+def test_the_resolved_recipe_holds_every_default_and_loads_back(tmp_path, tiny_llama, eval_text):
+    loaded = load_recipe(write_recipe(tmp_path, tiny_llama, eval_text))
+    data = yaml.safe_load(resolved(loaded))
+    export = data["stages"][0]["export"]
+    assert export["opset"] == 17 and export["fused"] is True and export["kv_cache"] == "float"
+    back = tmp_path / "back.yaml"
+    back.write_text(yaml.safe_dump(data))
+    assert load_recipe(back).stages == loaded.stages  # the plan shows exactly what will run
+
+
+def test_plan_text_lists_steps_with_their_memory(tmp_path, tiny_llama, eval_text):
+    text = plan_text(load_recipe(write_recipe(tmp_path, tiny_llama, eval_text)), tmp_path / "work")
+    assert "00-model-" in text and "01-export-" in text and "02-validate-" in text
+    assert "GiB" in text and "this machine:" in text
+
+
+def test_optimize_plan_on_a_bad_recipe_is_one_line(tmp_path, tiny_llama):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"name: x\nmodel: {{source: {tiny_llama}}}\nstages: [{{export: {{opst: 17}}}}]\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "plan", str(bad)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "did you mean 'opset'" in done.stderr
