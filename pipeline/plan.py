@@ -12,11 +12,10 @@ from pathlib import Path
 import click
 import yaml
 
-from pipeline.artifacts import ChecksumCache, load_verified
+from pipeline.artifacts import ChecksumCache
 from pipeline.estimate import estimate, memory_bytes, model_shape
 from pipeline.recipe import Recipe
-from pipeline.registry import STAGES
-from pipeline.steps import _step_name, _verified_twin, fingerprints
+from pipeline.steps import fingerprints, states
 
 
 def resolved(recipe: Recipe) -> str:
@@ -36,22 +35,8 @@ def resolved(recipe: Recipe) -> str:
 def step_states(recipe: Recipe, workdir: Path) -> list[tuple[str, str, str]]:
     """(step folder, stage, state) for the model step and each stage, as `optimize RECIPE` would find them.
     Source hashes are taken from, and added to, the workdir's checksum cache, as a run does."""
-    run_dir = workdir / recipe.name
     checksums = ChecksumCache(workdir / ".checksums.json" if workdir.is_dir() else None)
-    names = ["model", *(entry.name for entry in recipe.stages)]
-    states, building = [], False
-    for index, (name, fp) in enumerate(zip(names, fingerprints(recipe, checksums))):
-        step = _step_name(index, name, fp)
-        state = "build"
-        if not building:
-            if load_verified(run_dir / step, fp)[0] is not None:
-                state = "cached"
-            elif name == "model" or STAGES[name].produces != "report":
-                twin = _verified_twin(run_dir, step, fp, False)
-                state = f"linked from {twin.path.parent.name}" if twin is not None else "build"
-        building = building or state == "build"  # a rebuilt step's children are rebuilt too
-        states.append((step, name, state))
-    return states
+    return states(recipe, workdir / recipe.name, fingerprints(recipe, checksums))
 
 
 def plan_text(recipe: Recipe, workdir: Path) -> str:

@@ -157,6 +157,11 @@ def _run(
     cache = CachePolicy(force, verify)
     checksums = ChecksumCache(Path(workdir) / ".checksums.json" if main else None, verify)
     model_fp, *stage_fps = fingerprints(recipe, checksums, world)
+    if main and not force:
+        log(
+            "plan: "
+            + ", ".join(f"{name} {state}" for _, name, state in states(recipe, run_dir, [model_fp, *stage_fps]))
+        )
     build_model = lambda ctx: import_model(recipe.model, recipe.source, ctx.out_dir, log)  # noqa: E731
     try:
         model_step = lambda: _run_step(
@@ -385,6 +390,25 @@ def fingerprints(recipe, checksums: ChecksumCache, world: int = 1) -> list[str]:
         cfg_dict = dataclasses.asdict(entry.config)
         fp = fingerprint(fp, entry.name, cfg_dict, data_identity(entry.config, checksums), *processes)
         found.append(fp)
+    return found
+
+
+def states(recipe, run_dir: Path, fps: list[str]) -> list[tuple[str, str, str]]:
+    """(step folder, stage, state) of the model step and each stage: cached in the run folder, linked
+    from another run of the workdir, or to build (and every step after a rebuilt one)."""
+    names = ["model", *(entry.name for entry in recipe.stages)]
+    found, building = [], False
+    for index, (name, fp) in enumerate(zip(names, fps)):
+        step = _step_name(index, name, fp)
+        state = "build"
+        if not building:
+            if load_verified(run_dir / step, fp)[0] is not None:
+                state = "cached"
+            elif name == "model" or STAGES[name].produces != "report":
+                twin = _verified_twin(run_dir, step, fp, False)
+                state = f"linked from {twin.path.parent.name}" if twin is not None else "build"
+        building = building or state == "build"
+        found.append((step, name, state))
     return found
 
 

@@ -56,3 +56,11 @@ def test_optimize_plan_on_a_bad_recipe_is_one_line(tmp_path, tiny_llama):
     )
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "did you mean 'opset'" in done.stderr
+
+
+def test_a_run_starts_with_the_same_states(tmp_path, tiny_llama, eval_text, capsys):
+    recipe = write_recipe(tmp_path, tiny_llama, eval_text, "again")
+    run(recipe, workdir=tmp_path / "work")
+    assert "plan: model build, export build, validate build" in capsys.readouterr().out
+    run(recipe, workdir=tmp_path / "work")
+    assert "plan: model cached, export cached, validate cached" in capsys.readouterr().out
