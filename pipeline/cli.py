@@ -8,22 +8,63 @@ from __future__ import annotations
 
 import sys
 import traceback
+from importlib import import_module
 
 import click
 
-from pipeline.bench.cli import bench_command
-from pipeline.doctor import doctor_command
-from pipeline.plan import plan_command
-from pipeline.runs import runs_command, show_command
-from runtime.cli import generate_command, tune_command
-from runtime.serve.cli import serve_command
+# subcommands defined in other modules, imported when named: a runtime-only install (no torch) still
+# runs generate and serve, and the others say what they need
+SUBCOMMANDS = {
+    "plan": "pipeline.plan:plan_command",
+    "generate": "runtime.cli:generate_command",
+    "tune": "runtime.cli:tune_command",
+    "serve": "runtime.serve.cli:serve_command",
+    "bench": "pipeline.bench.cli:bench_command",
+    "runs": "pipeline.runs:runs_command",
+    "show": "pipeline.runs:show_command",
+    "doctor": "pipeline.doctor:doctor_command",
+}
+
+
+def missing_install(error: ModuleNotFoundError) -> str:
+    """What to install for a module this install lacks."""
+    package = (error.name or "?").split(".")[0]
+    if package == "onnxruntime":
+        return "no onnxruntime: pip install 'llm-optimize[cpu]' (or 'llm-optimize[cuda]' on a CUDA machine)"
+    return f"needs {package}, which the runtime-only install leaves out: pip install 'llm-optimize[pipeline,cpu]'"
+
+
+def unavailable(name: str, reason: str) -> click.Command:
+    def refuse(**_):
+        click.echo(f"error: optimize {name}: {reason}", err=True)
+        sys.exit(2)
+
+    return click.Command(
+        name,
+        callback=refuse,
+        help=f"(unavailable: {reason})",
+        context_settings={"ignore_unknown_options": True},
+        params=[click.Argument(["args"], nargs=-1, required=False)],
+    )
 
 
 class RecipeOrCommand(click.Group):
     """`optimize path/to/recipe.yaml` runs the recipe; any known word is a subcommand."""
 
+    def list_commands(self, ctx):
+        return sorted({*self.commands, *SUBCOMMANDS})
+
+    def get_command(self, ctx, name):
+        if name not in SUBCOMMANDS:
+            return super().get_command(ctx, name)
+        module, attribute = SUBCOMMANDS[name].split(":")
+        try:
+            return getattr(import_module(module), attribute)
+        except ModuleNotFoundError as e:
+            return unavailable(name, missing_install(e))
+
     def parse_args(self, ctx, args):
-        if args and args[0] not in self.commands and not args[0].startswith("-"):
+        if args and args[0] not in self.list_commands(ctx) and not args[0].startswith("-"):
             args = ["run", *args]
         return super().parse_args(ctx, args)
 
@@ -62,10 +103,14 @@ def main():
 @click.option("--debug", is_flag=True, help="show tracebacks")
 def run_command(recipe, workdir, force, overrides, debug, verify, model_source):
     """Run RECIPE (a YAML file): each stage writes artifacts/<run>/<NN>-<stage>-<fp>/."""
-    from pipeline import distributed
-    from pipeline.errors import PipelineError
-    from pipeline.recipe_overrides import model_overrides
-    from pipeline.steps import run
+    try:
+        from pipeline import distributed
+        from pipeline.errors import PipelineError
+        from pipeline.recipe_overrides import model_overrides
+        from pipeline.steps import run
+    except ModuleNotFoundError as e:
+        click.echo(f"error: optimize {recipe}: {missing_install(e)}", err=True)
+        sys.exit(2)
 
     if model_source is not None:
         overrides = (*model_overrides(model_source, recipe), *overrides)
@@ -79,16 +124,6 @@ def run_command(recipe, workdir, force, overrides, debug, verify, model_source):
         sys.exit(e.exit_code)
     if distributed.is_main():
         click.echo(f'done: {run_dir} (try: optimize generate {run_dir} "What is the capital of France?")')
-
-
-main.add_command(generate_command)
-main.add_command(tune_command)
-main.add_command(serve_command)
-main.add_command(doctor_command)
-main.add_command(bench_command)
-main.add_command(runs_command)
-main.add_command(show_command)
-main.add_command(plan_command)
 
 
 if __name__ == "__main__":
