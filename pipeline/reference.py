@@ -152,8 +152,11 @@ def cli_reference() -> str:
         "`optimize RECIPE.yaml` is short for `optimize run RECIPE.yaml`. Each section is the command's `--help`.",
         "",
     ]
-    for name in ["run", *sorted(n for n in main.commands if n != "run")]:
-        command = main.commands[name]
+    with click.Context(main) as ctx:
+        names = main.list_commands(ctx)
+        commands = {name: main.get_command(ctx, name) for name in names}
+    for name in ["run", *(n for n in names if n != "run")]:
+        command = commands[name]
         with click.Context(command, info_name=f"optimize {name}", terminal_width=100, max_content_width=100) as ctx:
             text = command.get_help(ctx)
         lines += [f"## optimize {name}", "", "```", text.rstrip(), "```", ""]
