@@ -117,17 +117,21 @@ class BudgetConfig:
     """Pick INT8 instead of INT4 for the most sensitive layers until one limit holds (set exactly one)."""
 
     max_size_mb: float | None = None  # estimated size of the exported weights, embeddings included
+    max_size_ratio: float | None = None  # the same as a multiple of the all-INT4 size: a budget for any model
     max_perplexity_increase_pct: float | None = None  # estimated with round-to-nearest on calibration text
     sensitivity_samples: int = 4  # calibration blocks for the per-layer KL measurement
     sensitivity_length: int = 128  # tokens per block
 
     def __post_init__(self):
-        if (self.max_size_mb is None) == (self.max_perplexity_increase_pct is None):
-            raise RecipeError("budget: set exactly one of max_size_mb, max_perplexity_increase_pct")
-        for key in ("max_size_mb", "max_perplexity_increase_pct"):
+        limits = ("max_size_mb", "max_size_ratio", "max_perplexity_increase_pct")
+        if sum(getattr(self, key) is not None for key in limits) != 1:
+            raise RecipeError(f"budget: set exactly one of {', '.join(limits)}")
+        for key in limits:
             value = getattr(self, key)
             if value is not None and value <= 0:
                 raise RecipeError(f"{key}: must be positive, got {value}")
+        if self.max_size_ratio is not None and self.max_size_ratio < 1:
+            raise RecipeError(f"max_size_ratio: {self.max_size_ratio} is below 1, the all-INT4 size itself")
         if self.sensitivity_samples < 1 or self.sensitivity_length < 8:
             raise RecipeError("sensitivity_samples/sensitivity_length: need at least 1 block of 8 tokens")
 
@@ -203,13 +207,15 @@ class TeacherCorrectionConfig:
 class DistillConfig:
     """A smaller student from the teacher (the step before): pruned, then trained to imitate it.
 
-    The shape: `num_layers` or `param_budget_m` (total parameters, millions) for depth, and
+    The shape: `num_layers`, `keep_fraction` (of the teacher's layers, for a recipe that fits any model) or
+    `param_budget_m` (total parameters, millions) for depth, and
     optionally `intermediate_size` and `num_key_value_heads` for width. The training text is cut
     into blocks of `sequence_length` tokens; the last `heldout_fraction` of each text is kept out
     for evaluation (unless `eval_data` is given). `tokens` is the training budget.
     """
 
     num_layers: int | None = None
+    keep_fraction: float | None = None  # 0.67: a 30-layer teacher gives a 20-layer student
     param_budget_m: float | None = None
     # uniform | loss (CE increase when the layer is skipped) | hidden (block influence)
     layer_choice: Literal["uniform", "loss", "hidden"] = "loss"
@@ -243,10 +249,14 @@ class DistillConfig:
     version: int = 2
 
     def __post_init__(self):
-        if (self.num_layers is None) == (self.param_budget_m is None):
+        depth = (self.num_layers, self.keep_fraction, self.param_budget_m)
+        if sum(value is not None for value in depth) != 1:
             raise RecipeError(
-                "num_layers/param_budget_m: set exactly one (the student's depth, or its size in millions)"
+                "num_layers/keep_fraction/param_budget_m: set exactly one (the student's depth, the share of the "
+                "teacher's layers it keeps, or its size in millions)"
             )
+        if self.keep_fraction is not None and not 0 < self.keep_fraction < 1:
+            raise RecipeError(f"keep_fraction: {self.keep_fraction} is not in (0, 1)")
         if not 0 <= self.heldout_fraction < 0.5:
             raise RecipeError(f"heldout_fraction: {self.heldout_fraction} is not in [0, 0.5)")
         if self.eval_data is None and self.heldout_fraction == 0:

@@ -183,7 +183,9 @@ def _import_checkpoint(cfg: ModelConfig, source: ModelSource, out: Path, log: Ca
         shutil.copy2(folder / INDEX, out / INDEX)
     floats = sorted(str(d).removeprefix("torch.") for d in stored - _NOT_FLOAT)
     dtype = floats[0] if len(floats) == 1 else "float32"
-    config.torch_dtype = getattr(torch, dtype)
+    # `dtype` since transformers 4.56 (where `torch_dtype` is an alias that warns), `torch_dtype` before
+    renamed = isinstance(getattr(type(config), "torch_dtype", None), property)
+    setattr(config, "dtype" if renamed else "torch_dtype", getattr(torch, dtype))
     config.save_pretrained(out)
     eos_ids, fixes = _end_tokens(cfg, generation, config, tokenizer)
     generation.eos_token_id = eos_ids

@@ -7,8 +7,15 @@
       - export: {opset: 17}
       - validate: {max_windows: 40}
 
-Relative paths in a recipe are relative to the recipe file's folder. Every error names the file,
-the key path and what would be right.
+A recipe may instead build on a template (another recipe file) and change some of its settings:
+
+    template: int4-gptq.yaml      # relative to this file
+    name: smollm2-int4-gptq
+    set:                          # the same keys as --set KEY.PATH=VALUE, applied in order
+      quantize.budget: {max_size_mb: 98}
+
+Relative paths in a recipe are relative to the folder of the file that holds the stages (the template's,
+for a recipe built on one). Every error names the file, the key path and what would be right.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from pipeline.configs import ExportConfig, ModelConfig, QuantizeConfig, TextSour
 from pipeline.errors import RecipeError, did_you_mean
 from pipeline.formats.compressed_tensors import FORMATS_THAT_WORK as HF_FORMATS
 from pipeline.formats.gguf import FORMATS_THAT_WORK as GGUF_FORMATS
-from pipeline.recipe_overrides import apply_overrides
+from pipeline.recipe_overrides import apply_overrides, apply_settings
 from pipeline.registry import STAGES
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -62,10 +69,47 @@ class Recipe:
 def load_recipe(path: Path | str, overrides: Sequence[str] = ()) -> Recipe:
     """Parse and validate a recipe file, with `--set KEY.PATH=VALUE` overrides applied first
     (pipeline/recipe_overrides.py). Raises RecipeError with `file: key.path: message`."""
+    from pipeline import stages  # noqa: F401  registers the stages (here: the stage modules import this one)
+
     path = Path(path)
     raw = _read_yaml(path)
+    base = path.parent
+    if isinstance(raw, dict) and "template" in raw:
+        raw, base = _on_template(path, raw)
     try:
-        return _build_recipe(path, apply_overrides(raw, overrides) if overrides else raw)
+        return _build_recipe(path, apply_overrides(raw, overrides) if overrides else raw, base)
+    except RecipeError as e:
+        raise RecipeError(f"{path}: {e}") from None
+
+
+def _on_template(path: Path, raw: dict) -> tuple[dict, Path]:
+    """A recipe built on a template: the template's YAML with `name` and the `set:` settings applied, and the
+    template's folder (where its relative paths start)."""
+    try:
+        _check_keys(raw, {"template", "name", "set"}, "")
+        if not isinstance(raw["template"], str) or not raw["template"].endswith((".yaml", ".yml")):
+            raise RecipeError(f"template: {raw['template']!r} should be a recipe file (.yaml) beside this one")
+        settings = raw.get("set") or {}
+        if not isinstance(settings, dict):
+            raise RecipeError(f"set: expected a mapping of KEY.PATH: VALUE, got {type(settings).__name__}")
+    except RecipeError as e:
+        raise RecipeError(f"{path}: {e}") from None
+    template = path.parent / raw["template"]
+    if not template.is_file():
+        raise RecipeError(f"{path}: template: {template} does not exist")
+    expanded = _read_yaml(template)
+    if isinstance(expanded, dict) and "template" in expanded:
+        raise RecipeError(f"{template}: a template cannot build on another template ({path} names it)")
+    entries = []
+    for key, value in settings.items():
+        parts = str(key).split(".")
+        if not all(parts):
+            raise RecipeError(f"{path}: set: {key!r} is not a KEY.PATH such as validate.max_windows")
+        entries.append((parts, value, f"set: {key}"))
+    if "name" in raw:
+        entries.append((["name"], raw["name"], "name"))
+    try:
+        return apply_settings(expanded, entries), template.parent
     except RecipeError as e:
         raise RecipeError(f"{path}: {e}") from None
 
@@ -123,7 +167,7 @@ def _expanded_values(node: Any, limit: int) -> int:
     return count
 
 
-def _build_recipe(path: Path, raw: Any) -> Recipe:
+def _build_recipe(path: Path, raw: Any, base: Path) -> Recipe:
     if not isinstance(raw, dict):
         raise RecipeError("the recipe must be a mapping with keys name, model, stages")
     _check_keys(raw, {"name", "model", "stages"}, "")
@@ -134,10 +178,10 @@ def _build_recipe(path: Path, raw: Any) -> Recipe:
     if not isinstance(name, str) or not RUN_NAME.match(name):
         raise RecipeError(f"name: '{name}' must be letters, digits, '.', '_' or '-' (it names the run folder)")
     model = build_config(ModelConfig, raw["model"], "model")
-    source = resolve_source(model.source, path.parent)
+    source = resolve_source(model.source, base)
     if source.kind == "dir":
         _check_local_checkpoint(Path(source.location), model)
-    stages = _build_stages(raw["stages"], path.parent)
+    stages = _build_stages(raw["stages"], base)
     return Recipe(path=path, name=name, model=model, source=source, stages=stages)
 
 

@@ -38,18 +38,23 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(raw: Any, overrides: Iterable[str]) -> Any:
     """Return the parsed recipe with each override applied in order (the input is not modified)."""
+    return apply_settings(raw, [(*parse_override(text), f"--set {text}") for text in overrides])
+
+
+def apply_settings(raw: Any, settings: Iterable[tuple[list[str], Any, str]]) -> Any:
+    """Return the parsed recipe with each (key parts, value, label for errors) set in order; a template's
+    `set:` mapping and `--set` both come here."""
     raw = copy.deepcopy(raw)
-    for text in overrides:
-        parts, value = parse_override(text)
+    for parts, value, text in settings:
         if not isinstance(raw, dict):
-            raise RecipeError(f"--set {text}: the recipe is not a mapping")
+            raise RecipeError(f"{text}: the recipe is not a mapping")
         container, key = _locate(raw, parts[0], text)
         for depth, part in enumerate(parts[1:], start=1):
             if container.get(key) is None:
                 container[key] = {}
             container, key = container[key], part
             if not isinstance(container, dict):
-                raise RecipeError(f"--set {text}: {'.'.join(parts[:depth])} is {container!r}, not a mapping")
+                raise RecipeError(f"{text}: {'.'.join(parts[:depth])} is {container!r}, not a mapping")
         container[key] = value
     return raw
 
@@ -60,23 +65,23 @@ def _locate(raw: dict, head: str, text: str) -> tuple[dict, str]:
         return raw, head
     stages = raw.get("stages")
     if not isinstance(stages, list):
-        raise RecipeError(f"--set {text}: the recipe has no stages list to apply it to")
+        raise RecipeError(f"{text}: the recipe has no stages list to apply it to")
     names = [next(iter(s)) if isinstance(s, dict) and len(s) == 1 else None for s in stages]
     match = STAGE_INDEX.match(head)
     if match:
         index = int(match.group(1))
         if index >= len(stages) or names[index] is None:
-            raise RecipeError(f"--set {text}: stages[{index}] does not exist (the recipe has {len(stages)} stages)")
+            raise RecipeError(f"{text}: stages[{index}] does not exist (the recipe has {len(stages)} stages)")
         return stages[index], names[index]
     found = [i for i, n in enumerate(names) if n == head]
     if not found:
         listed = ", ".join(n for n in names if n) or "none"
         raise RecipeError(
-            f"--set {text}: the recipe has no '{head}' stage (stages: {listed}; or name a top-level key: name, model)"
+            f"{text}: the recipe has no '{head}' stage (stages: {listed}; or name a top-level key: name, model)"
         )
     if len(found) > 1:
         raise RecipeError(
-            f"--set {text}: the recipe has {len(found)} '{head}' stages; say which, e.g. "
+            f"{text}: the recipe has {len(found)} '{head}' stages; say which, e.g. "
             f"stages[{found[0]}].{text.partition('.')[2] or '…'}"
         )
     return stages[found[0]], head

@@ -44,7 +44,9 @@ def recipe_reference() -> str:
         "Every key a recipe may set, with its type and default, from `pipeline/configs.py` (the one place defaults "
         "live). A recipe is `name`, `model` and a list of `stages`, each one stage name mapped to its settings; "
         "any key may be changed for one run with `--set KEY.PATH=VALUE`. Closed choices are checked when the "
-        "recipe loads, and an unknown key names the closest known one.",
+        "recipe loads, and an unknown key names the closest known one. A recipe may instead be `template` (another "
+        "recipe file, relative to it), `name` and `set` (a mapping of `KEY.PATH: VALUE` applied to the template); "
+        "see [templates](../guides/recipes.md#templates-and-your-model).",
         "",
     ]
     seen: set[str] = set()

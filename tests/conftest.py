@@ -51,7 +51,12 @@ def make_tokenizer(folder: Path):
 
 
 def make_checkpoint(
-    folder: Path, family: str = "llama", seed: int = 0, layers: int = 2, dtype: str = "float32"
+    folder: Path,
+    family: str = "llama",
+    seed: int = 0,
+    layers: int = 2,
+    dtype: str = "float32",
+    max_positions: int = 256,
 ) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -66,7 +71,7 @@ def make_checkpoint(
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=256,
+        max_position_embeddings=max_positions,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         tie_word_embeddings=family == "qwen2",

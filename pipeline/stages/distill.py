@@ -223,7 +223,12 @@ def _prune(
             prune_mlp(student, cfg.intermediate_size, calib)
         if cfg.num_key_value_heads is not None:
             prune_kv_groups(student, cfg.num_key_value_heads, calib)
-    layers = cfg.num_layers if cfg.num_layers is not None else layers_for_budget(student, cfg.param_budget_m)
+    if cfg.num_layers is not None:
+        layers = cfg.num_layers
+    elif cfg.keep_fraction is not None:
+        layers = max(1, round(cfg.keep_fraction * teacher_layers))
+    else:
+        layers = layers_for_budget(student, cfg.param_budget_m)
     keep = choose_layers(teacher_layers, layers, cfg.layer_choice, scores)
     return prune_depth(student, keep), keep
 

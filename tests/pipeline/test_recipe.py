@@ -183,3 +183,56 @@ def test_shipped_recipes_parse():
         pytest.fail(f"{REFERENCE_GGUF} missing: run `make model`")
     for path in (ROOT / "recipes").glob("*.yaml"):
         assert load_recipe(path).stages
+
+
+def test_a_recipe_on_a_template_is_the_template_with_its_settings(tmp_path, tiny_llama, eval_text):
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    (templates / "data.txt").write_text(eval_text.read_text())
+    (templates / "int4.yaml").write_text(
+        f"model: {{source: {tiny_llama}}}\n"
+        "stages:\n"
+        "  - quantize: {method: rtn, bits: 4, group_size: 16, budget: {max_size_ratio: 1.2}, "
+        "calibration: {data: {source: data.txt}}}\n"
+        "  - export: {}\n"
+    )
+    thin = recipe(
+        tmp_path,
+        """\
+        template: templates/int4.yaml
+        name: mine
+        set:
+          quantize.group_size: 32
+          quantize.budget: {max_size_mb: 5}
+        """,
+    )
+    r = load_recipe(thin, overrides=["export.opset=18"])
+    quantize, export = (s.config for s in r.stages)
+    assert r.name == "mine" and r.path == thin
+    assert quantize.group_size == 32 and quantize.budget.max_size_mb == 5 and quantize.budget.max_size_ratio is None
+    assert export.opset == 18  # --set applies after the template's settings
+    # relative paths in the template start at the template's folder
+    assert quantize.calibration.data.source == str(templates / "data.txt")
+    # without a name the run is named after the file that was run
+    (tmp_path / "other.yaml").write_text("template: templates/int4.yaml\n")
+    assert load_recipe(tmp_path / "other.yaml").name == "other"
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        ("template: t.yaml\nstages: []\n", r"r\.yaml: stages: unknown key; allowed: name, set, template"),
+        ("template: missing.yaml\n", r"r\.yaml: template: .*missing\.yaml does not exist"),
+        ("template: t.yaml\nset: [a]\n", r"r\.yaml: set: expected a mapping of KEY\.PATH: VALUE, got list"),
+        ("template: t.yaml\nset: {distill.num_layers: 2}\n", r"r\.yaml: set: distill\.num_layers: the recipe has no 'distill' stage"),
+        ("template: t.yaml\nset: {export.opsett: 2}\n", r"r\.yaml: stages\[0\]\.export\.opsett: unknown key \(did you mean 'opset'\?\)"),
+        ("template: r.yaml\n", r"a template cannot build on another template"),
+        ("template: 3\n", r"template: 3 should be a recipe file"),
+    ],
+)  # fmt: skip
+def test_a_bad_template_recipe_is_one_line(tmp_path, tiny_llama, body, error):
+    (tmp_path / "t.yaml").write_text(f"model: {{source: {tiny_llama}}}\nstages:\n  - export: {{}}\n")
+    with pytest.raises(RecipeError, match=error) as e:
+        load_recipe(recipe(tmp_path, body))
+    assert "\n" not in str(e.value)

@@ -119,18 +119,22 @@ def choose(
     extra = {n: _packed(model, n, as8[n]) - _packed(model, n, candidates[n]) for n in candidates}
     order = sorted(candidates, key=lambda n: sens[n] / max(extra[n], 1), reverse=True)
     chosen: list[str] = []
-    if budget.max_size_mb is not None:
+    if budget.max_size_mb is not None or budget.max_size_ratio is not None:
         size = weight_bytes(model, plan, embedding)
-        limit = budget.max_size_mb * 1e6
-        if size > limit:
-            raise StageError(
-                f"quantize.budget.max_size_mb: {budget.max_size_mb} MB is below the all-INT4 size {size / 1e6:.3f} MB"
-            )
+        if budget.max_size_ratio is not None:
+            limit = budget.max_size_ratio * size
+        else:
+            limit = budget.max_size_mb * 1e6
+            if size > limit:
+                raise StageError(
+                    f"quantize.budget.max_size_mb: {budget.max_size_mb} MB is below the all-INT4 size "
+                    f"{size / 1e6:.3f} MB"
+                )
         for name in order:
             if size + extra[name] <= limit:
                 chosen.append(name)
                 size += extra[name]
-        estimate = {"weight_mb": round(size / 1e6, 2)}
+        estimate = {"weight_mb": round(size / 1e6, 2), "limit_mb": round(limit / 1e6, 2)}
     else:
         chosen, estimate = _by_perplexity(model, plan, as8, sorted(candidates, key=sens.get, reverse=True), budget, ids)
     final = {**plan, **{n: as8[n] for n in chosen}}

@@ -597,7 +597,9 @@ def test_smoothquant_search_migrates_an_outlier_channel_and_leaves_a_flat_input_
 
 
 # all-INT4 weighs 0.211 MB and all-INT8 0.250 MB on the tiny model; all-INT4 costs ~0.05 % perplexity
-@pytest.mark.parametrize("budget", ["{max_size_mb: 0.23}", "{max_perplexity_increase_pct: 0.02}"])
+@pytest.mark.parametrize(
+    "budget", ["{max_size_mb: 0.23}", "{max_size_ratio: 1.09}", "{max_perplexity_increase_pct: 0.02}"]
+)
 def test_budget_raises_the_most_sensitive_layers_to_int8(tmp_path, tiny_llama, eval_text, budget):
     settings = f"{{method: rtn, group_size: 16, budget: {budget}, {cal(eval_text)}}}"
     run_dir = run(quant_recipe(tmp_path, tiny_llama, eval_text, settings), workdir=tmp_path / "a")
@@ -610,6 +612,9 @@ def test_budget_raises_the_most_sensitive_layers_to_int8(tmp_path, tiny_llama, e
     assert sum(1 for p in manifest["plan"].values() if p["bits"] == 4) == 14 - len(int8)
     if "max_size_mb" in budget:
         assert manifest["estimate"]["weight_mb"] <= 0.23
+    elif "max_size_ratio" in budget:  # 1.09 times the all-INT4 size
+        assert manifest["estimate"]["limit_mb"] == pytest.approx(0.23, abs=0.002)
+        assert manifest["estimate"]["weight_mb"] <= manifest["estimate"]["limit_mb"]
     else:
         assert manifest["estimate"]["perplexity_increase_pct"] <= 0.02
     assert (folder / "sensitivity.png").stat().st_size > 1000
@@ -649,7 +654,9 @@ def test_budget_below_the_int4_size_is_an_error(tmp_path, tiny_llama, eval_text)
 
 
 def test_budget_needs_exactly_one_limit(tmp_path, tiny_llama):
-    with pytest.raises(RecipeError, match="set exactly one of max_size_mb, max_perplexity_increase_pct"):
+    with pytest.raises(
+        RecipeError, match="set exactly one of max_size_mb, max_size_ratio, max_perplexity_increase_pct"
+    ):
         load_recipe(quant_recipe(tmp_path, tiny_llama, None, "{method: rtn, budget: {}}"))
 
 
