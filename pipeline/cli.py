@@ -6,8 +6,10 @@ Exit codes: 0 success, 1 a stage or a validation gate failed, 2 a bad recipe or 
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
+import warnings
 from importlib import import_module
 
 import click
@@ -24,6 +26,19 @@ SUBCOMMANDS = {
     "show": "pipeline.runs:show_command",
     "doctor": "pipeline.doctor:doctor_command",
 }
+
+
+# the libraries whose notices (deprecations, tokenizer "legacy" notes, tracer warnings) say nothing to a user
+QUIET_LIBRARIES = r"(transformers|torch|onnx|onnxruntime|onnxscript|accelerate|datasets|huggingface_hub|gguf)(\.|$)"
+
+
+def quiet_libraries() -> None:
+    """Keep library notices out of a run's log (`--debug` shows them); the environment variable carries the
+    setting to launcher-started processes."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", module=QUIET_LIBRARIES)
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].logging.set_verbosity_error()
 
 
 def missing_install(error: ModuleNotFoundError) -> str:
@@ -100,9 +115,11 @@ def main():
     help="run the recipe on this model: a hub id, a local checkpoint folder or a .gguf file; the run is "
     "named <model>-<recipe> unless --set name=... (without it: the recipe's own model)",
 )
-@click.option("--debug", is_flag=True, help="show tracebacks")
+@click.option("--debug", is_flag=True, help="show tracebacks and the libraries' own notices")
 def run_command(recipe, workdir, force, overrides, debug, verify, model_source):
     """Run RECIPE (a YAML file): each stage writes artifacts/<run>/<NN>-<stage>-<fp>/."""
+    if not debug:
+        quiet_libraries()
     try:
         from pipeline import distributed
         from pipeline.errors import PipelineError

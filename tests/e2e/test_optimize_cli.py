@@ -76,3 +76,25 @@ def test_model_flag_runs_the_recipe_on_another_model_in_a_folder_named_for_both(
     assert named.exit_code == 0 and (tmp_path / "a" / "mine" / "run.json").is_file()
     missing = CliRunner().invoke(main, [str(recipe), "--model", "./no-such-folder", "--workdir", str(tmp_path / "a")])
     assert missing.exit_code == 2 and "model.source" in missing.output
+
+
+def test_library_notices_stay_out_of_a_run_unless_debug():
+    """What `optimize RECIPE` does first (without --debug): transformers' logger and the libraries' warnings quiet."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, warnings\n"
+        "from pipeline.cli import quiet_libraries\n"
+        "if sys.argv[1] == 'quiet': quiet_libraries()\n"
+        "from transformers.utils import logging\n"
+        "logging.get_logger('transformers.tokenization_utils').warning('default legacy behaviour')\n"
+        "warnings.warn_explicit('torch_dtype is deprecated', FutureWarning, 'x.py', 1, module='transformers.x')\n"
+        "warnings.warn_explicit('ours', UserWarning, 'y.py', 1, module='pipeline.y')\n"
+    )
+    for mode, expect in (("quiet", False), ("debug", True)):
+        out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert ("default legacy behaviour" in out.stderr) is expect, mode
+        assert ("torch_dtype is deprecated" in out.stderr) is expect, mode
+        assert "ours" in out.stderr  # the project's own warnings are never filtered
