@@ -92,8 +92,11 @@ def test_library_notices_stay_out_of_a_run_unless_debug():
         "warnings.warn_explicit('torch_dtype is deprecated', FutureWarning, 'x.py', 1, module='transformers.x')\n"
         "warnings.warn_explicit('ours', UserWarning, 'y.py', 1, module='pipeline.y')\n"
     )
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_VERBOSITY"}  # as a fresh shell has it
     for mode, expect in (("quiet", False), ("debug", True)):
-        out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True)
+        out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, env=env)
         assert out.returncode == 0, out.stderr
         assert ("default legacy behaviour" in out.stderr) is expect, mode
         assert ("torch_dtype is deprecated" in out.stderr) is expect, mode

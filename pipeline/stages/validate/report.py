@@ -13,6 +13,10 @@ def write_reports(folder: Path, report: dict) -> None:
     (folder / "report.md").write_text(render_markdown(report))
 
 
+def _gates_from(source: str) -> str:
+    return "the recipe's thresholds" if source == "the recipe" else f"by default, for {source}"
+
+
 def render_markdown(report: dict) -> str:
     m, limits, p = report["metrics"], report["thresholds"], report["protocol"]
     verdict = "PASSED" if report["passed"] else "FAILED"
@@ -25,6 +29,7 @@ def render_markdown(report: dict) -> str:
         f"- execution provider: {report['provider']}",
         f"- perplexity protocol: {p['dataset']} / {p['split']}, {p['windows']} windows of {p['context_length']} tokens, "
         f"stride {p['stride']}, {p['scored_tokens']} scored tokens, BOS {p['bos']}, text sha256 {p['text_sha256'][:12]}",
+        f"- gates: {_gates_from(report.get('thresholds_from', 'the recipe'))}",
         "",
         "| metric | value | limit | result |",
         "| --- | --- | --- | --- |",

@@ -32,6 +32,7 @@ from pipeline.quant.primitives import QuantScheme, count_schemes
 from pipeline.registry import StageResult, register_stage
 from pipeline.resources import release_memory
 from pipeline.stages.validate.chat import chat_checks
+from pipeline.stages.validate.gates import default_gates
 from pipeline.stages.validate.report import write_reports
 from pipeline.stages.validate.targets import ScoredWindow, agreement, scored_window, validate_targets
 from pipeline.streamed import load_reference_model
@@ -62,7 +63,12 @@ def validate(cfg: ValidateConfig, inp, ctx) -> StageResult:
     del gen  # each target's engine loads its own copy of the weights: one runtime in memory at a time
     release_memory()
     targets = validate_targets(inp.path, scored_windows, prompts, greedy, cfg.max_new_tokens, eos_ids, metrics, ctx.log)
-    failures = gate(metrics, cfg.thresholds)
+    if cfg.thresholds is not None:
+        thresholds, gates_from = cfg.thresholds, "the recipe"
+    else:
+        thresholds, gates_from = default_gates(ctx.history)
+        ctx.log(f"  gates by default, for {gates_from}: {thresholds}")
+    failures = gate(metrics, thresholds)
     report = {
         "artifact": str(inp.path),
         "baseline": str(ctx.baseline.path),
@@ -71,7 +77,8 @@ def validate(cfg: ValidateConfig, inp, ctx) -> StageResult:
         "graph": flavour,
         "torch_reference": reference,
         "metrics": metrics,
-        "thresholds": cfg.thresholds,
+        "thresholds": thresholds,
+        "thresholds_from": gates_from,
         "failures": failures,
         "passed": not failures,
         "protocol": protocol,
