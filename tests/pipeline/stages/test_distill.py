@@ -258,3 +258,17 @@ def test_a_bad_parallel_mode_is_named(tmp_path, teacher, eval_text):
 
     with pytest.raises(RecipeError, match=r"distill\.parallel: 'zero3' is not one of ddp, fsdp"):
         load_recipe(_recipe(tmp_path, teacher, eval_text, settings=SETTINGS + ", parallel: zero3"))
+
+
+def test_keep_fraction_sets_the_depth_from_the_teachers(tmp_path):
+    from pipeline.configs import DistillConfig
+    from pipeline.errors import RecipeError
+    from pipeline.models import load_torch_model
+    from pipeline.stages.distill import _prune
+
+    teacher = load_torch_model(make_checkpoint(tmp_path / "t", layers=6))
+    student, keep = _prune(DistillConfig(keep_fraction=0.67, layer_choice="uniform"), teacher, None, None)
+    assert len(keep) == 4 and student.config.num_hidden_layers == 4  # round(0.67 * 6)
+    for bad in ({"keep_fraction": 1.0}, {"keep_fraction": 0.5, "num_layers": 2}, {}):
+        with pytest.raises(RecipeError, match="keep_fraction"):
+            DistillConfig(**bad)
