@@ -119,7 +119,13 @@ def _read_local(path: Path) -> str:
 
 def hub_column(name: str, config: str | None, split: str, field: str, what: str = "text") -> list:
     """One column of a hub dataset split; DataError when the dataset or the column is missing."""
-    from datasets import load_dataset
+    try:
+        from datasets import load_dataset
+    except ModuleNotFoundError:
+        raise DataError(
+            f"dataset {name}: reading hub datasets needs the pipeline install (pip install 'llm-optimize[pipeline,cpu]'); "
+            "or give a local text file"
+        ) from None
 
     try:
         rows = load_dataset(name, config, split=split)

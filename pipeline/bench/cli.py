@@ -15,7 +15,6 @@ from pipeline.bench.report import table, write
 from pipeline.bench.system import envelope
 from pipeline.bench.workload import make_workload
 from pipeline.configs import ExportConfig, QuantizeConfig
-from pipeline.formats.gguf import GGUF_FILE, GGUF_FOLDER
 from runtime import RuntimeFailure, find_model_folder
 from runtime.generate import GRAPHS
 from runtime.tokenizer import Tokenizer
@@ -151,12 +150,14 @@ def bench_command(
         + (f"; GPU memory {ours['gpu_memory_mb']:.0f} MiB" if "gpu_memory_mb" in ours else "")
     )
     json_path, png_path = write(out, payload)
-    click.echo(f"wrote {json_path} and {png_path}")
+    click.echo(f"wrote {json_path}" + (f" and {png_path}" if png_path else " (no chart: matplotlib is not installed)"))
 
 
 def _peer_inputs(folder: Path, work, threads: int, out: Path) -> peer_mod.PeerInputs:
     """The export's source checkpoint, and its GGUF target (else the GGUF the model came from), found
     through the manifests' parent links."""
+    from pipeline.formats.gguf import GGUF_FILE, GGUF_FOLDER  # here: the gguf package only matters to --compare
+
     checkpoint = gguf = None
     manifest = _manifest(folder)
     # a setting missing from a manifest is the stage's default (pipeline.configs)

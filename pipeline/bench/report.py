@@ -50,7 +50,7 @@ def _num(value) -> str:
     return "–" if value is None else f"{value:.1f}"
 
 
-def write(out_dir: Path, payload: dict) -> tuple[Path, Path]:
+def write(out_dir: Path, payload: dict) -> tuple[Path, Path | None]:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "bench.json"
     tmp = path.with_name(f".bench.json.tmp-{os.getpid()}")
@@ -59,8 +59,12 @@ def write(out_dir: Path, payload: dict) -> tuple[Path, Path]:
     return path, _chart(out_dir / "bench.png", payload)
 
 
-def _chart(path: Path, payload: dict) -> Path:
-    import matplotlib
+def _chart(path: Path, payload: dict) -> Path | None:
+    """The decode and TTFT curves; None where matplotlib is not installed (the runtime-only install)."""
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
