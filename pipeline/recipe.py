@@ -73,10 +73,8 @@ def load_recipe(path: Path | str, overrides: Sequence[str] = ()) -> Recipe:
 
     path = Path(path)
     raw = _read_yaml(path)
-    base = path.parent
-    if isinstance(raw, dict) and "template" in raw:
-        raw, base = _on_template(path, raw)
     try:
+        raw, base = _on_template(path, raw) if isinstance(raw, dict) and "template" in raw else (raw, path.parent)
         return _build_recipe(path, apply_overrides(raw, overrides) if overrides else raw, base)
     except RecipeError as e:
         raise RecipeError(f"{path}: {e}") from None
@@ -85,33 +83,27 @@ def load_recipe(path: Path | str, overrides: Sequence[str] = ()) -> Recipe:
 def _on_template(path: Path, raw: dict) -> tuple[dict, Path]:
     """A recipe built on a template: the template's YAML with `name` and the `set:` settings applied, and the
     template's folder (where its relative paths start)."""
-    try:
-        _check_keys(raw, {"template", "name", "set"}, "")
-        if not isinstance(raw["template"], str) or not raw["template"].endswith((".yaml", ".yml")):
-            raise RecipeError(f"template: {raw['template']!r} should be a recipe file (.yaml) beside this one")
-        settings = raw.get("set") or {}
-        if not isinstance(settings, dict):
-            raise RecipeError(f"set: expected a mapping of KEY.PATH: VALUE, got {type(settings).__name__}")
-    except RecipeError as e:
-        raise RecipeError(f"{path}: {e}") from None
+    _check_keys(raw, {"template", "name", "set"}, "")
+    if not isinstance(raw["template"], str) or not raw["template"].endswith((".yaml", ".yml")):
+        raise RecipeError(f"template: {raw['template']!r} should be a recipe file (.yaml) beside this one")
+    settings = raw.get("set") or {}
+    if not isinstance(settings, dict):
+        raise RecipeError(f"set: expected a mapping of KEY.PATH: VALUE, got {type(settings).__name__}")
     template = path.parent / raw["template"]
     if not template.is_file():
-        raise RecipeError(f"{path}: template: {template} does not exist")
+        raise RecipeError(f"template: {template} does not exist")
     expanded = _read_yaml(template)
     if isinstance(expanded, dict) and "template" in expanded:
-        raise RecipeError(f"{template}: a template cannot build on another template ({path} names it)")
+        raise RecipeError(f"{template}: a template cannot build on another template")
     entries = []
     for key, value in settings.items():
         parts = str(key).split(".")
         if not all(parts):
-            raise RecipeError(f"{path}: set: {key!r} is not a KEY.PATH such as validate.max_windows")
+            raise RecipeError(f"set: {key!r} is not a KEY.PATH such as validate.max_windows")
         entries.append((parts, value, f"set: {key}"))
     if "name" in raw:
         entries.append((["name"], raw["name"], "name"))
-    try:
-        return apply_settings(expanded, entries), template.parent
-    except RecipeError as e:
-        raise RecipeError(f"{path}: {e}") from None
+    return apply_settings(expanded, entries), template.parent
 
 
 MAX_RECIPE_BYTES = 2**20

@@ -36,7 +36,12 @@ def default_gates(history: Sequence[Artifact]) -> tuple[dict[str, float], str]:
     if quantize is not None:
         cfg = quantize["config"]
         method, bits = cfg["method"], cfg.get("bits", 4)
-        kind = "w8a8" if method == "w8a8" else ("int4-rtn" if method == "rtn" else "int4") if bits == 4 else "int8"
+        if method == "w8a8":
+            kind = "w8a8"
+        elif bits == 8:
+            kind = "int8"
+        else:
+            kind = "int4-rtn" if method == "rtn" else "int4"
         gates["perplexity_delta_pct"] = QUANTIZED_PERPLEXITY_PCT[kind]
         if method != "w8a8":  # int8 activations stray from the float source by more than a cache bug would
             gates["decode_logits_max_abs_diff"] = QUANTIZED_DECODE_DIFF
