@@ -50,6 +50,17 @@ def start() -> None:
         cpu_threads(training=False)
 
 
+def finish() -> None:
+    """Leave the process group before the interpreter exits: gloo's worker threads still alive at
+    interpreter teardown abort the process now and then (SIGABRT, "terminate called without an active
+    exception"). Local to this process: the others go on with the group they still hold."""
+    if world_size() > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def device():
     """This process's accelerator as accelerate picks it (under a launcher, its own GPU), or the CPU."""
     from accelerate import PartialState

@@ -93,8 +93,11 @@ def run(
     run_dir = Path(workdir) / recipe.name
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    with _run_lock(run_dir, main):
-        return _run(recipe, run_dir, Path(workdir), force, overrides, verify, main, world)
+    try:
+        with _run_lock(run_dir, main):
+            return _run(recipe, run_dir, Path(workdir), force, overrides, verify, main, world)
+    finally:
+        distributed.finish()
 
 
 @contextlib.contextmanager
