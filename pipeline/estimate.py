@@ -43,6 +43,8 @@ class ModelShape:
     layers: int
     tied: bool = True  # the LM head is the embedding
     linked: bool = False  # the model step links or converts the checkpoint tensor by tensor
+    q_width: int = 0  # attention heads x head size (0: the hidden size)
+    kv_width: int = 0  # key/value heads x head size (0: the hidden size)
 
     @property
     def float32_bytes(self) -> int:
@@ -76,9 +78,9 @@ def model_shape(source_kind: str, location: str, dtype: str) -> ModelShape | Non
             tied = bool(text.get("tie_word_embeddings", False))
         own = str(config.get("dtype") or config.get("torch_dtype") or "float32")
         stored = {"float32": 4, "bfloat16": 2, "float16": 2}.get(own if dtype == "auto" else dtype, 4)
-        return ModelShape(
-            params, params * stored, hidden, inter, vocab, layers, tied, reader is not None and _linked(Path(location))
-        )
+        q_width, kv_width = _attention_widths(text, hidden)
+        linked = reader is not None and _linked(Path(location))
+        return ModelShape(params, params * stored, hidden, inter, vocab, layers, tied, linked, q_width, kv_width)
     if source_kind == "gguf":
         return _gguf_shape(Path(location))
     return None
@@ -172,11 +174,17 @@ def _reader(folder: Path):
         return None
 
 
-def _parameters_from_config(text: dict, hidden: int, inter: int, vocab: int, layers: int) -> int:
+def _attention_widths(text: dict, hidden: int) -> tuple[int, int]:
+    """(query width, key/value width): heads x head size, from a config."""
     heads = text.get("num_attention_heads") or 1
     kv = text.get("num_key_value_heads") or heads
     head_dim = text.get("head_dim") or hidden // heads
-    attn = hidden * head_dim * (heads * 2 + kv * 2)
+    return heads * head_dim, kv * head_dim
+
+
+def _parameters_from_config(text: dict, hidden: int, inter: int, vocab: int, layers: int) -> int:
+    q_width, kv_width = _attention_widths(text, hidden)
+    attn = hidden * (q_width * 2 + kv_width * 2)
     embed = vocab * hidden * (1 if text.get("tie_word_embeddings") else 2)
     return layers * (attn + 3 * hidden * inter) + embed
 
@@ -198,4 +206,17 @@ def _gguf_shape(path: Path) -> ModelShape | None:
     if not (hidden and layers and vocab):
         return None
     tied = not any(t.name == "output.weight" for t in reader.tensors)
-    return ModelShape(params, params * FLOAT32, hidden, inter or 4 * hidden, vocab, layers, tied)
+    heads, kv = field("attention.head_count") or 1, field("attention.head_count_kv")
+    head_dim = field("attention.key_length") or hidden // heads
+    return ModelShape(
+        params,
+        params * FLOAT32,
+        hidden,
+        inter or 4 * hidden,
+        vocab,
+        layers,
+        tied,
+        False,
+        heads * head_dim,
+        (kv or heads) * head_dim,
+    )

@@ -1,6 +1,6 @@
 """`optimize plan RECIPE`: what a run would do before it does it. The recipe with every default filled in,
-each step's state in the workdir (cached, linked from another run, or to build) and its estimated peak
-memory against this machine's; nothing is built or written but the workdir's checksum cache."""
+each step's state in the workdir (cached, linked from another run, or to build), its estimated peak
+memory against this machine's and its estimated time; nothing is built or written but the workdir's checksum cache."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import yaml
 
 from pipeline.artifacts import ChecksumCache
 from pipeline.estimate import estimate, memory_bytes, model_shape
+from pipeline.estimate_time import describe, estimate_seconds
 from pipeline.recipe import Recipe
 from pipeline.steps import fingerprints, states
 
@@ -45,17 +46,22 @@ def plan_text(recipe: Recipe, workdir: Path) -> str:
         shape = model_shape(recipe.source.kind, recipe.source.location, recipe.model.dtype)
     except (OSError, ValueError, KeyError, IndexError, struct.error):
         shape = None
-    peaks = {}
+    peaks, seconds = {}, {}
     if shape is not None:
-        peaks = dict(enumerate(e.peak_bytes for e in estimate(shape, [(e.name, e.config) for e in recipe.stages])))
+        stages = [(e.name, e.config) for e in recipe.stages]
+        peaks = dict(enumerate(e.peak_bytes for e in estimate(shape, stages)))
+        seconds = dict(enumerate(estimate_seconds(shape, stages, recipe.source.kind)))
     total, available = memory_bytes()
     lines.append(f"# steps in {workdir / recipe.name}")
-    lines.append(f"{'step':<28} {'state':<32} {'est. peak RSS':>14}")
+    lines.append(f"{'step':<28} {'state':<32} {'est. peak RSS':>14} {'est. time':>10}")
     for index, (step, _, state) in enumerate(step_states(recipe, workdir)):
         peak = f"{peaks[index] / 2**30:.1f} GiB" if index in peaks else "?"
-        lines.append(f"{step:<28} {state:<32} {peak:>14}")
+        took = describe(seconds.get(index)) if state == "build" else "-"
+        lines.append(f"{step:<28} {state:<32} {peak:>14} {took:>10}")
     if shape is None:
-        lines.append("(no memory estimate: the model's shape is read once it is downloaded)")
+        lines.append("(no estimate: the model's shape is read once it is downloaded)")
+    else:
+        lines.append("(times at this machine's measured matmul speed)")
     if total:
         lines.append(f"this machine: {total / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available")
     return "\n".join(lines)

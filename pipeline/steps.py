@@ -43,6 +43,7 @@ from pipeline.artifacts import (
 )
 from pipeline.errors import PipelineError, StageError, ValidationFailed
 from pipeline.estimate import estimate, memory_bytes, model_shape
+from pipeline.estimate_time import describe, estimate_seconds
 from pipeline.models import import_model, source_identity
 from pipeline.recipe import data_identity, load_recipe
 from pipeline.registry import STAGES, StageResult
@@ -134,8 +135,7 @@ def _run(
     if main:
         _remove_stale_temps(run_dir)
     log(f"run {recipe.name}: {recipe.path}{''.join(f' --set {o}' for o in overrides)} -> {run_dir}")
-    if main:
-        _check_memory(recipe)
+    estimates = _check_memory(recipe) if main else []
     # processes 1.. follow the recipe up to its last distributed stage, then leave it to process 0
     shared = [i for i, entry in enumerate(recipe.stages, start=1) if STAGES[entry.name].distributed]
     follow_until = shared[-1] if shared else 0
@@ -154,6 +154,7 @@ def _run(
         "steps": [],
         "status": "running",
         "processes": world,
+        "estimates": estimates,  # what the plan line said before the run, beside what each manifest measures
     }
 
     model_cfg = dataclasses.asdict(recipe.model)
@@ -419,24 +420,33 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else json.dumps(v) if isinstance(v, (list, dict)) else str(v)
 
 
-def _check_memory(recipe) -> None:
-    """Each step's estimated peak RSS (pipeline/estimate.py) in one line; a step that cannot fit this machine
-    stops the run here, before any heavy work, naming what would lower it."""
+def _check_memory(recipe) -> list[dict]:
+    """Each step's estimated peak RSS and time (pipeline/estimate.py, estimate_time.py) in one line, returned for
+    run.json; a step that cannot fit this machine stops the run here, before any heavy work, naming what
+    would lower it."""
     try:
         shape = model_shape(recipe.source.kind, recipe.source.location, recipe.model.dtype)
     except (OSError, ValueError, KeyError, IndexError, struct.error) as e:  # the model step says what is wrong
-        log(f"plan: no memory estimate ({recipe.source.location} unreadable: {type(e).__name__})")
-        return
+        log(f"plan: no estimate ({recipe.source.location} unreadable: {type(e).__name__})")
+        return []
     if shape is None:
-        log("plan: no memory estimate before a hub model is downloaded")
-        return
-    steps = estimate(shape, [(e.name, e.config) for e in recipe.stages])
+        log("plan: no estimate before a hub model is downloaded")
+        return []
+    stages = [(e.name, e.config) for e in recipe.stages]
+    steps = estimate(shape, stages)
+    seconds = estimate_seconds(shape, stages, recipe.source.kind)
     total, available = memory_bytes()
     size = f"{shape.parameters / 1e9:.2f}B" if shape.parameters >= 1e9 else f"{shape.parameters / 1e6:.1f}M"
+    known = [t for t in seconds if t is not None]
     log(
         f"plan: {size} parameters; estimated peak RSS "
         + ", ".join(s.describe() for s in steps)
         + (f"; this machine {total / 2**30:.1f} GiB ({available / 2**30:.1f} available)" if total else "")
+        + (
+            f"; time ~{describe(sum(known))} ("
+            + ", ".join(f"{s.step} {describe(t)}" for s, t in zip(steps, seconds))
+            + ")"
+        )
     )
     worst = max(steps, key=lambda s: s.peak_bytes)
     if total and worst.peak_bytes > MARGIN * total:
@@ -446,3 +456,7 @@ def _check_memory(recipe) -> None:
         )
     if available and worst.peak_bytes > available:
         log(f"plan: WARNING the {worst.step} step may need more than the {available / 2**30:.1f} GiB available now")
+    return [
+        {"step": s.step, "peak_rss_mb": round(s.peak_bytes / 2**20, 1), "seconds": None if t is None else round(t, 1)}
+        for s, t in zip(steps, seconds)
+    ]

@@ -1,5 +1,7 @@
 """Memory estimates before the heavy work: printed for every step, and a step that cannot fit stops the run."""
 
+import re
+
 import pytest
 from conftest import REFERENCE_GGUF, write_recipe
 
@@ -12,6 +14,7 @@ def test_the_run_prints_each_steps_estimate(tmp_path, tiny_llama, eval_text, cap
     run(write_recipe(tmp_path, tiny_llama, eval_text), workdir=tmp_path / "w")
     plan = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("plan:"))
     assert "estimated peak RSS model ~" in plan and "export ~" in plan and "validate ~" in plan and "available)" in plan
+    assert re.search(r"; time ~\d+ s \(model \d+ s, export \d+ s, validate \d+ s\)$", plan), plan
 
 
 def test_a_step_beyond_the_machine_stops_the_run_before_any_step(tmp_path, tiny_llama, eval_text, monkeypatch):
@@ -71,7 +74,7 @@ def test_an_unreadable_source_leaves_the_error_to_the_model_step(tmp_path, eval_
     bad.write_bytes(b"not a gguf file at all" * 10)
     with pytest.raises(StageError, match="could not be read as a GGUF model"):
         run(write_recipe(tmp_path, bad, eval_text), workdir=tmp_path / "w")
-    assert "plan: no memory estimate" in capsys.readouterr().out
+    assert "plan: no estimate" in capsys.readouterr().out
 
 
 def test_gptq_follows_one_layer_and_a_sensitivity_budget_the_whole_model():
@@ -84,3 +87,66 @@ def test_gptq_follows_one_layer_and_a_sensitivity_budget_the_whole_model():
         for b in (None, BudgetConfig(max_size_mb=6000))
     )
     assert plain < 20e9 < llama3_8b.float32_bytes < budget  # embeddings, head, one layer, activations, Hessians
+
+
+LLAMA3_8B = dict(parameters=8_030_261_248, hidden=4096, intermediate=14336, vocab=128256, layers=32, tied=False)
+QWEN25_05B = dict(parameters=494_032_768, hidden=896, intermediate=4864, vocab=151936, layers=24, tied=True)
+
+
+def _shape(spec: dict, q: int, kv: int):
+    from pipeline.estimate import ModelShape
+
+    return ModelShape(
+        spec["parameters"],
+        2 * spec["parameters"],
+        spec["hidden"],
+        spec["intermediate"],
+        spec["vocab"],
+        spec["layers"],
+        spec["tied"],
+        True,
+        q,
+        kv,
+    )
+
+
+def test_time_follows_the_work_each_step_does():
+    from pipeline.configs import BudgetConfig, CalibrationConfig, QuantizeConfig, ValidateConfig
+    from pipeline.estimate_time import describe, estimate_seconds
+
+    rate = 215e9  # the reference machine's matmul rate: no timing in the test
+    big, small = _shape(LLAMA3_8B, 4096, 1024), _shape(QWEN25_05B, 896, 128)
+
+    def seconds(shape, *stages, kind="dir"):
+        return estimate_seconds(shape, list(stages), kind, rate)
+
+    gptq = QuantizeConfig(method="gptq")
+    rtn = QuantizeConfig(method="rtn")
+    assert seconds(big, ("quantize", rtn))[1] < seconds(big, ("quantize", gptq))[1]
+    # GPTQ's sweep and refit grow with N·K² per linear: 8B takes well over its 16x the parameters
+    ratio = seconds(big, ("quantize", gptq))[1] / seconds(small, ("quantize", gptq))[1]
+    assert ratio > 1.5 * big.parameters / small.parameters
+    fewer = QuantizeConfig(method="gptq", calibration=CalibrationConfig(num_samples=32))
+    assert seconds(small, ("quantize", fewer))[1] < seconds(small, ("quantize", gptq))[1]
+    with_budget = QuantizeConfig(method="gptq", budget=BudgetConfig(max_size_mb=300))
+    assert seconds(small, ("quantize", with_budget))[1] > seconds(small, ("quantize", gptq))[1]
+    # a validate after quantize reads the smaller graph; more windows take longer
+    assert (
+        seconds(small, ("quantize", rtn), ("validate", ValidateConfig()))[2]
+        < seconds(small, ("validate", ValidateConfig()))[1]
+    )
+    assert (
+        seconds(small, ("validate", ValidateConfig(max_windows=4)))[1]
+        < seconds(small, ("validate", ValidateConfig()))[1]
+    )
+    assert seconds(small, ("export", None), kind="hub")[0] is None  # a download: unknown before it starts
+    # the same work on a machine twice as fast takes half the time
+    fast = estimate_seconds(small, [("quantize", gptq)], "dir", 2 * rate)[1]
+    assert fast == pytest.approx(seconds(small, ("quantize", gptq))[1] / 2, rel=0.01)
+    assert (describe(None), describe(42), describe(600), describe(7200)) == ("?", "42 s", "10 min", "2.0 h")
+
+
+def test_the_matmul_rate_is_measured():
+    from pipeline.estimate_time import matmul_rate
+
+    assert 1e8 < matmul_rate() < 1e16

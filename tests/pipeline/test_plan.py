@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -42,10 +43,16 @@ def test_the_resolved_recipe_holds_every_default_and_loads_back(tmp_path, tiny_l
     assert load_recipe(back).stages == loaded.stages  # the plan shows exactly what will run
 
 
-def test_plan_text_lists_steps_with_their_memory(tmp_path, tiny_llama, eval_text):
-    text = plan_text(load_recipe(write_recipe(tmp_path, tiny_llama, eval_text)), tmp_path / "work")
-    assert "00-model-" in text and "01-export-" in text and "02-validate-" in text
-    assert "GiB" in text and "this machine:" in text
+def test_plan_text_lists_steps_with_their_memory_and_time(tmp_path, tiny_llama, eval_text):
+    recipe = write_recipe(tmp_path, tiny_llama, eval_text)
+    text = plan_text(load_recipe(recipe), tmp_path / "work")
+    rows = [line.split() for line in text.splitlines() if line.startswith(("00-", "01-", "02-"))]
+    assert [r[0].split("-")[1] for r in rows] == ["model", "export", "validate"]
+    assert all(r[1] == "build" and r[3] == "GiB" and r[-1] == "s" and float(r[-2]) >= 0 for r in rows), rows
+    assert "this machine:" in text
+    run(recipe, workdir=tmp_path / "work")
+    cached = [line.split() for line in plan_text(load_recipe(recipe), tmp_path / "work").splitlines()]
+    assert [r[-1] for r in cached if r and r[0].startswith(("00-", "01-", "02-"))] == ["-"] * 3  # nothing to build
 
 
 def test_optimize_plan_on_a_bad_recipe_is_one_line(tmp_path, tiny_llama):
@@ -62,5 +69,9 @@ def test_a_run_starts_with_the_same_states(tmp_path, tiny_llama, eval_text, caps
     recipe = write_recipe(tmp_path, tiny_llama, eval_text, "again")
     run(recipe, workdir=tmp_path / "work")
     assert "plan: model build, export build, validate build" in capsys.readouterr().out
+    # run.json keeps what the plan line estimated, beside what the manifests measured
+    estimates = json.loads((tmp_path / "work" / "again" / "run.json").read_text())["estimates"]
+    assert [e["step"] for e in estimates] == ["model", "export", "validate"]
+    assert all(e["peak_rss_mb"] > 0 and e["seconds"] >= 0 for e in estimates)
     run(recipe, workdir=tmp_path / "work")
     assert "plan: model cached, export cached, validate cached" in capsys.readouterr().out
