@@ -145,8 +145,8 @@ def ours_and_peers(result: dict) -> str:
     return speed_table(result, failed=False)
 
 
-def _num(value) -> str:
-    return "–" if value is None else f"{value:.1f}"
+def _num(value, digits: int = 1) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
 
 
 def scale_tables(result: dict) -> str:
@@ -158,20 +158,46 @@ def scale_tables(result: dict) -> str:
     parts = []
     for (date, commit, command), rows in passes.items():
         lines = [
-            "| checkpoint (random weights, bf16) | recipe | step | seconds | peak RSS GiB | estimated GiB |",
-            "| --- | --- | --- | ---: | ---: | ---: |",
+            "| checkpoint (random weights, bf16) | recipe | step | seconds | estimated s | peak RSS GiB | estimated GiB |",
+            "| --- | --- | --- | ---: | ---: | ---: | ---: |",
         ]
         for r in sorted(rows, key=lambda r: (r["checkpoint_gb"], r["name"])):
             for s in r["steps"]:
                 lines.append(
                     f"| {r['rung']} ({r['checkpoint_gb']:.2f} GB) | {r['name']} | {s['step'].split('-', 1)[1]} | "
-                    f"{s['seconds']:.0f} | {s.get('peak_rss_mb', 0) / 1024:.2f} | "
+                    f"{s['seconds']:.0f} | {_num(s.get('estimated_seconds'), 0)} | {s.get('peak_rss_mb', 0) / 1024:.2f} | "
                     f"{s.get('estimated_peak_rss_mb', 0) / 1024:.2f} |"
                 )
             if r["returncode"] != 0:
-                lines.append(f"| {r['rung']} | {r['name']} | failed | | | {' / '.join(r.get('error', []))[:80]} |")
+                lines.append(f"| {r['rung']} | {r['name']} | failed | | | | {' / '.join(r.get('error', []))[:80]} |")
         parts.append("\n".join(lines) + "\n\n" + provenance(result, date, commit, command))
     return "\n\n".join(parts)
+
+
+def estimates_table(result: dict) -> str:
+    """What the plan estimated before a run beside what each step then measured."""
+    lines = [
+        "## Estimates against a run",
+        "",
+        "| recipe | step | seconds | estimated | error | peak RSS MiB | estimated | error |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+
+    def pct(value) -> str:
+        return "–" if value is None else f"{value * 100:+.0f} %"
+
+    for r in result["rows"]:
+        for s in r["steps"]:
+            lines.append(
+                f"| {Path(r['recipe']).name} | {s['step']} | {s['seconds']:.0f} | {_num(s['estimated_seconds'], 0)} | "
+                f"{pct(s['seconds_error'])} | {s['peak_rss_mb']:.0f} | {_num(s['estimated_peak_rss_mb'], 0)} | "
+                f"{pct(s['peak_rss_error'])} |"
+            )
+    targets = ", ".join(
+        f"the {step} step's peak RSS within {t['peak_rss']:.0%} and its time within {t['seconds']:.0%}"
+        for step, t in result["targets"].items()
+    )
+    return "\n".join(lines) + f"\n\nTargets: {targets}.\n\n" + provenance(result)
 
 
 def big_body_table(result: dict) -> str:
@@ -248,7 +274,7 @@ PAGES: dict[str, tuple[str, str, list[Source]]] = {
         "Random-weight checkpoints of real shapes (right for time and memory, never for accuracy) through the "
         "recipe templates on one machine: each step's wall time, its peak resident memory and what the plan "
         "estimated before the run.",
-        [("scale/scale.json", scale_tables)],
+        [("scale/scale.json", scale_tables), ("estimates/estimates.json", estimates_table)],
     ),
     "serving.md": (
         "Serving under hostile load",

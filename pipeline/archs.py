@@ -1,12 +1,15 @@
-"""Per-family data for export: which decoder families we export, and their parity tolerance.
+"""Per-family data: which decoder families we export, and what each computes beyond Llama's decoder.
 
-Adding a family whose HF implementation takes a 4D additive mask, `position_ids` and a
-`DynamicCache` is one line here plus a tiny-model parity test.
+A family is a few fields here that the graph builders (pipeline/graph/fused.py) read; the portable
+graph is traced from the family's own transformers code, so it needs nothing. Adding a family whose HF
+implementation takes a 4D additive mask, `position_ids` and a `DynamicCache` and whose differences are
+among these fields is one entry plus its tiny-model parity tests.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from pipeline.errors import StageError, did_you_mean
 
@@ -16,13 +19,32 @@ class ArchSpec:
     # export-time max |logits_onnx - logits_torch| on the parity check; logits are O(10), float32 kernels
     # (MatMulNBits, fused attention) differ in accumulation order by ~1e-4, a wrong graph by >0.1
     atol: float = 1e-3
+    # pre: each block reads norm(residual) and adds its output (Llama); post: each block reads the residual and
+    # adds norm(its output) (OLMo 2: post_attention_layernorm and post_feedforward_layernorm, no input norm)
+    norms: Literal["pre", "post"] = "pre"
+    # RMSNorm on q and k before rotary: per head (Qwen3) or across all heads at once (OLMo 2)
+    qk_norm: Literal["none", "head", "full"] = "none"
+    # config attributes that scale what Llama leaves unscaled (Granite); unset: 1
+    embedding_multiplier: str | None = None  # the embeddings are multiplied by it
+    attention_multiplier: str | None = None  # the attention scores' scale, instead of 1/sqrt(head_dim)
+    residual_multiplier: str | None = None  # each block's output is multiplied by it before the residual add
+    logits_divisor: str | None = None  # the logits are divided by it
 
+
+GRANITE = ArchSpec(
+    embedding_multiplier="embedding_multiplier",
+    attention_multiplier="attention_multiplier",
+    residual_multiplier="residual_multiplier",
+    logits_divisor="logits_scaling",
+)
 
 ARCHS: dict[str, ArchSpec] = {
     "llama": ArchSpec(),
     "mistral": ArchSpec(),
     "qwen2": ArchSpec(),
-    "qwen3": ArchSpec(),
+    "qwen3": ArchSpec(qk_norm="head"),
+    "granite": GRANITE,
+    "olmo2": ArchSpec(norms="post", qk_norm="full"),
 }
 
 
@@ -35,13 +57,21 @@ class ModelDims:
 
 
 def arch_for(config) -> ArchSpec:
-    model_type = getattr(config, "model_type", "?")
+    """The family's spec; `config` is a transformers config or its config.json as a dict."""
+    model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
     if model_type not in ARCHS:
         raise StageError(
-            f"model family '{model_type}' is not supported for export{did_you_mean(model_type, ARCHS)}; "
+            f"model family '{model_type}' is not supported for export{did_you_mean(str(model_type), ARCHS)}; "
             f"supported: {', '.join(ARCHS)}"
         )
     return ARCHS[model_type]
+
+
+def multiplier(config, spec: ArchSpec, field: str) -> float | None:
+    """The config's value for one of the spec's multiplier fields; None where the family has none or it is 1."""
+    attribute = getattr(spec, field)
+    value = getattr(config, attribute, None) if attribute else None
+    return None if value is None or float(value) == 1.0 else float(value)
 
 
 def model_dims(config) -> ModelDims:

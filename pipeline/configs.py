@@ -551,11 +551,12 @@ class ValidateConfig:
     # where the artifact runs: auto takes CUDA when onnxruntime offers it and the graph is float16
     provider: Literal["auto", "cpu", "cuda"] = "auto"
     chat: ChatEvalConfig | None = None  # chat checks (`chat: {}` for the built-in set); none = skipped
-    # metric (or metric@text) -> limit; a metric beyond its limit fails the run. Unset: the gates follow the steps
-    # before validate (pipeline/stages/validate/gates.py): float parity after a plain export, a limit on the
-    # perplexity change after quantize or distill. `{}`: no gates (every metric still reported)
-    thresholds: dict[str, float] | None = None
-    version: int = 6
+    # metric (or metric@text) -> limit; a metric beyond its limit fails the run. Merged key by key over the default
+    # gates, which follow the steps before validate (pipeline/stages/validate/gates.py: float parity after a plain
+    # export, a limit on the perplexity change after quantize or distill); a metric set to null drops its default
+    thresholds: dict[str, float | None] = field(default_factory=dict)
+    default_gates: bool = True  # false: only `thresholds` gate (none given: every metric reported, none gates)
+    version: int = 7
 
     @property
     def domains(self) -> dict[str, TextSourceConfig]:
@@ -589,7 +590,7 @@ class ValidateConfig:
             for domain in self.eval_data:
                 if not DOMAIN_NAME.match(domain):
                     raise RecipeError(f"eval_data.{domain}: a domain's name is letters, digits, '_' or '-'")
-        for key in self.thresholds or {}:
+        for key in self.thresholds:
             name, _, domain = key.partition("@")
             if name not in VALIDATE_METRICS:
                 raise RecipeError(

@@ -16,8 +16,9 @@ turned into seconds with this machine's float32 matmul rate, measured here in a 
     distill         the teacher's forward and the student's forward and backward on every token
 
 The efficiencies below (what share of the matmul rate each kind of work reaches) and the per-parameter
-costs were fitted on a 2-core AVX2 machine measuring 215 GFLOP/s, on the SmolLM2 reference and the scale
-ladder's real-shape checkpoints; `python -m benchmarks.checks.estimates` sets them beside what a run
+costs were fitted on a 2-core AVX2 machine measuring 215 GFLOP/s: GPTQ's on the phases of the SmolLM2
+reference's GPTQ recipe (sensitivity 146 s, 8.1 s a layer), the rest on the scale ladder's real-shape
+checkpoints; `python -m benchmarks.checks.estimates` sets them beside what a run
 then measures. Costs that are not matmuls are scaled by the same rate: a machine twice as fast at
 matmuls is taken as twice as fast at everything, which holds roughly across CPUs, not for GPUs.
 """
@@ -33,8 +34,10 @@ from pipeline.streamed import WHOLE_MODEL_LIMIT
 
 REFERENCE_RATE = 215e9  # float32 FLOP/s of the machine the constants were fitted on
 
-LAYER_FORWARD = 0.45  # share of the matmul rate: a decoder layer's forward over calibration batches
-REFIT = 0.15  # the scale refit's batched einsums and solves
+LAYER_FORWARD = 0.74  # share of the matmul rate: a decoder layer's forward (sdpa) over 8 x 512-token batches
+REFIT = 0.4  # the scale refit's batched einsums and solves
+SENSITIVITY = 0.59  # the sensitivity pass: short blocks from each candidate's layer on, and the KL
+TRAINING = 0.45  # distillation's forwards and backwards
 PREFILL = 0.7  # the perplexity windows, a whole window a forward
 DECODE_BYTES_PER_S = 20e9  # weights read per second by one decode step
 STREAMED_BYTES_PER_S = 1e9  # a streamed reference's pass: the checkpoint read and made float32, layer by layer
@@ -44,21 +47,29 @@ GGUF_S_PER_PARAM = 130e-9  # reading, dequantizing and writing a GGUF tensor
 RTN_S_PER_PARAM = 30e-9
 EXPORT_S_PER_PARAM = {"float": 70e-9, "quantized": 25e-9}
 KL_FLOPS_PER_LOGIT = 40  # float64 log-softmax, exp and the sum, per vocabulary entry
-GPTQ_FORWARDS = {"gptq": 2.0, "awq": 3.5, "w8a8": 1.5}  # layer forwards per calibration batch
+# layer forwards per calibration batch: GPTQ's Hessian pass stops before down_proj (3/4 of one), then the quantized
+# layer runs for the next layer's inputs; AWQ also replays its blocks for the searches
+GPTQ_FORWARDS = {"gptq": 1.75, "awq": 3.5, "w8a8": 1.5}
+CALIBRATED_S_PER_PARAM = 100e-9  # outside the layer loop: the calibration inputs, the head's codes, packing, writing
+WHOLE_MODEL_S_PER_PARAM = 150e-9  # a sensitivity budget's whole float32 model: loaded, and its layers' inputs kept
 
 
 @functools.cache
 def matmul_rate() -> float:
-    """This machine's float32 matmul FLOP/s with torch's threads, timed for about a quarter of a second."""
+    """This machine's float32 matmul FLOP/s with torch's threads: the best of ten trials of 25 ms each, so that a
+    moment of contention from another process does not make a whole run's estimate slow."""
     import torch
 
     a, b = torch.randn(512, 1024), torch.randn(1024, 1024)
     a @ b
-    started, reps = time.perf_counter(), 0
-    while time.perf_counter() - started < 0.25:
-        a @ b
-        reps += 1
-    return 2 * 512 * 1024 * 1024 * reps / (time.perf_counter() - started)
+    best = 0.0
+    for _ in range(10):
+        started, reps = time.perf_counter(), 0
+        while time.perf_counter() - started < 0.025:
+            a @ b
+            reps += 1
+        best = max(best, 2 * 512 * 1024 * 1024 * reps / (time.perf_counter() - started))
+    return best
 
 
 def estimate_seconds(
@@ -151,9 +162,9 @@ def _quantize_seconds(shape: ModelShape, cfg, rate: float, scale: float) -> floa
         if getattr(cfg, "lm_head", "float") != "float" and codes:
             a, b = _solve_flops(shape.vocab, h, refit)
             seconds += (tokens * 2 * h * h + a) / (rate * LAYER_FORWARD) + b / (rate * REFIT)
-        seconds += shape.parameters * RTN_S_PER_PARAM * scale  # loading, packing and writing
+        seconds += shape.parameters * CALIBRATED_S_PER_PARAM * scale
     if budget is not None:
-        seconds += _sensitivity_seconds(shape, budget, cfg, rate)
+        seconds += _sensitivity_seconds(shape, budget, cfg, rate) + shape.parameters * WHOLE_MODEL_S_PER_PARAM * scale
     return seconds
 
 
@@ -171,7 +182,7 @@ def _sensitivity_seconds(shape: ModelShape, budget, cfg, rate: float) -> float:
         candidates += 1
         flops += tokens * (layers * layer + head)
     flops += candidates * tokens * shape.vocab * KL_FLOPS_PER_LOGIT
-    return flops / (rate * LAYER_FORWARD)
+    return flops / (rate * SENSITIVITY)
 
 
 def _decode_seconds(steps: float, weight_bytes: float, layers: int) -> float:
@@ -225,4 +236,4 @@ def _distill_seconds(shape: ModelShape, cfg, rate: float) -> float:
     flops = cfg.tokens * (2 * shape.parameters + 6 * student)
     if cfg.teacher_correction is not None:
         flops += cfg.teacher_correction.tokens * 6 * shape.parameters
-    return flops / (rate * LAYER_FORWARD)
+    return flops / (rate * TRAINING)

@@ -38,7 +38,7 @@ from pipeline.configs import ExportConfig, ModelConfig, QuantizeConfig, TextSour
 from pipeline.errors import RecipeError, did_you_mean
 from pipeline.formats.compressed_tensors import FORMATS_THAT_WORK as HF_FORMATS
 from pipeline.formats.gguf import FORMATS_THAT_WORK as GGUF_FORMATS
-from pipeline.recipe_overrides import apply_overrides, apply_settings
+from pipeline.recipe_overrides import apply_overrides, apply_settings, run_name
 from pipeline.registry import STAGES
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -166,11 +166,11 @@ def _build_recipe(path: Path, raw: Any, base: Path) -> Recipe:
     for key in ("model", "stages"):
         if key not in raw:
             raise RecipeError(f"{key}: missing (a recipe needs 'model' and 'stages')")
-    name = raw.get("name", path.stem)
-    if not isinstance(name, str) or not RUN_NAME.match(name):
-        raise RecipeError(f"name: '{name}' must be letters, digits, '.', '_' or '-' (it names the run folder)")
     model = build_config(ModelConfig, raw["model"], "model")
     source = resolve_source(model.source, base)
+    name = raw.get("name", run_name(source.location, path))
+    if not isinstance(name, str) or not RUN_NAME.match(name):
+        raise RecipeError(f"name: '{name}' must be letters, digits, '.', '_' or '-' (it names the run folder)")
     if source.kind == "dir":
         _check_local_checkpoint(Path(source.location), model)
     stages = _build_stages(raw["stages"], base)

@@ -92,12 +92,16 @@ def model_overrides(source: str, recipe_path: str | Path) -> list[str]:
     user typed it relative to where they are, not to the recipe) and a run name from the model's and the recipe's
     names, so runs of one recipe on several models do not share a folder. A later `--set name=…` wins."""
     local = Path(source).expanduser()
-    found = local.exists()
-    value = str(local.resolve()) if found else source
-    model = (
-        (local.stem if local.suffix == ".gguf" else local.resolve().name)
-        if found
-        else source.rstrip("/").rsplit("/", 1)[-1]
-    )
-    name = re.sub(r"[^\w.-]+", "-", f"{model}-{Path(recipe_path).stem}").lstrip(".-_") or "run"
-    return [f"model.source={json.dumps(value)}", f"name={json.dumps(name)}"]
+    value = str(local.resolve()) if local.exists() else source
+    return [f"model.source={json.dumps(value)}", f"name={json.dumps(run_name(source, recipe_path))}"]
+
+
+def run_name(source: str, recipe_path: str | Path) -> str:
+    """`<model>-<recipe>`: the run folder's name for a recipe that gives none (a GGUF file's stem, a checkpoint
+    folder's name, a hub id's last part)."""
+    local = Path(source).expanduser()
+    if local.exists():
+        model = local.stem if local.suffix == ".gguf" else local.resolve().name
+    else:
+        model = source.rstrip("/").rsplit("/", 1)[-1]
+    return re.sub(r"[^\w.-]+", "-", f"{model}-{Path(recipe_path).stem}").lstrip(".-_") or "run"

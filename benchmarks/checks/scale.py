@@ -41,7 +41,7 @@ RECIPES = {  # name -> (shipped recipe, settings that make it about memory and t
         ["validate.chat=null", "quantize.budget=null", "quantize.calibration.num_samples=32"],
     ),
 }
-COMMON = ["validate.max_windows=2", "validate.thresholds={}", "validate.max_new_tokens=8"]
+COMMON = ["validate.max_windows=2", "validate.default_gates=false", "validate.max_new_tokens=8"]
 
 
 def build_checkpoint(config_file: Path, tokenizer: Path, out: Path, seed: int = 0) -> Path:
@@ -144,23 +144,17 @@ def run_recipe(recipe: str, source: Path, name: str, workdir: Path, extra: list[
                 "bytes": sum(f["bytes"] for f in manifest["files"].values()),
             }
         )
-    predicted = {e.step: e.peak_bytes for e in _estimates(recipe, source, settings)}
+    run_json = workdir / name / "run.json"
+    planned = json.loads(run_json.read_text()).get("estimates", []) if run_json.is_file() else []
+    predicted = {e["step"]: e for e in planned}  # what the run's plan line said before it started
     for step in row["steps"]:
-        step["estimated_peak_rss_mb"] = round(predicted.get(step["step"].split("-", 1)[1], 0) / 2**20, 1)
+        estimate = predicted.get(step["step"].split("-", 1)[1], {})
+        step["estimated_peak_rss_mb"] = estimate.get("peak_rss_mb", 0)
+        step["estimated_seconds"] = estimate.get("seconds")
     export = next(iter(sorted((workdir / name).glob("[0-9][0-9]-export-*"))), None)
     if export is not None and rc == 0:
         row["decode"] = decode_speed(export)
     return row
-
-
-def _estimates(recipe: str, source: Path, settings: list[str]):
-    """What the run printed before it started (pipeline/estimate.py), to set beside what it measured."""
-    from pipeline.estimate import estimate, model_shape
-    from pipeline.recipe import load_recipe
-
-    loaded = load_recipe(ROOT / recipe, settings)
-    shape = model_shape("dir", str(source), loaded.model.dtype)
-    return estimate(shape, [(e.name, e.config) for e in loaded.stages])
 
 
 def decode_speed(export: Path, prompt_tokens: int = 128, new_tokens: int = 32) -> dict:
@@ -193,7 +187,7 @@ def envelope() -> dict:
 
 def print_table(rows: list[dict]) -> None:
     print(
-        f"{'rung':<14} {'recipe':<10} {'step':<12} {'seconds':>8} {'peak RSS GiB':>13} {'estimated':>10} {'size GB':>8}  outcome"
+        f"{'rung':<14} {'recipe':<10} {'step':<12} {'seconds':>8} {'est.':>7} {'peak RSS GiB':>13} {'estimated':>10} {'size GB':>8}  outcome"
     )
     for r in rows:
         outcome = (
@@ -201,7 +195,7 @@ def print_table(rows: list[dict]) -> None:
         )
         for s in r["steps"]:
             print(
-                f"{r['rung']:<14} {r['name']:<10} {s['step']:<12} {s['seconds']:>8.1f} "
+                f"{r['rung']:<14} {r['name']:<10} {s['step']:<12} {s['seconds']:>8.1f} {_seconds(s):>7} "
                 f"{s.get('peak_rss_mb', 0) / 1024:>13.2f} {s.get('estimated_peak_rss_mb', 0) / 1024:>10.2f} {s['bytes'] / 1e9:>8.2f}"
             )
         decode = r.get("decode", {})
@@ -211,8 +205,12 @@ def print_table(rows: list[dict]) -> None:
             else ""
         )
         print(
-            f"{r['rung']:<14} {r['name']:<10} {'total':<12} {r['wall_seconds']:>8.1f} {'':>13} {'':>10} {'':>8}  {outcome}{speed}"
+            f"{r['rung']:<14} {r['name']:<10} {'total':<12} {r['wall_seconds']:>8.1f} {'':>7} {'':>13} {'':>10} {'':>8}  {outcome}{speed}"
         )
+
+
+def _seconds(step: dict) -> str:
+    return "?" if step.get("estimated_seconds") is None else f"{step['estimated_seconds']:.0f}"
 
 
 def main() -> int:

@@ -19,6 +19,9 @@ from runtime.generate import end_tokens
 from runtime.io_spec import Contract
 
 GENAI_CONFIG = "genai_config.json"
+# model types onnxruntime-genai 0.12 loads by name; the portable graph carries a family's differences itself, so
+# another family is described as the plain decoder-only type
+GENAI_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "granite"})
 
 
 def genai_config(contract: Contract, config: dict, bos_id: int | None, eos_ids: set[int], pad_id: int) -> dict:
@@ -28,7 +31,7 @@ def genai_config(contract: Contract, config: dict, bos_id: int | None, eos_ids: 
     context = config.get("max_position_embeddings", 2048)
     return {
         "model": {
-            "type": config["model_type"],
+            "type": config["model_type"] if config["model_type"] in GENAI_TYPES else "llama",
             "bos_token_id": bos_id,
             "eos_token_id": sorted(eos_ids),
             "pad_token_id": pad_id,

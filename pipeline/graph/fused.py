@@ -8,6 +8,10 @@ Per decoder layer (Llama family):
     residual ◄──────────────────────────────────────────────────────────────────────────────┘
              ─► SkipSimplifiedLayerNorm ─► gate/up MatMul ─► SiLU·up ─► down MatMul ─► next layer
 
+Other families differ in a few places that pipeline/archs.py names: q/k norms (per head in Qwen3, across
+heads in OLMo 2), norms on each block's output instead of its input (OLMo 2: residual + norm(block(residual))),
+and Granite's multipliers on the embeddings, the attention scores, each block's output and the logits.
+
 Linear layers are plain MatMuls named after their modules (`/model/model/layers.0/mlp/up_proj/MatMul`),
 so the quantized artifact's codes go in through the same MatMulNBits rewrite as the portable graph.
 Prompts are right-padded and `seqlens_k` says how many tokens each sequence holds after the step,
@@ -32,7 +36,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.archs import model_dims
+from pipeline.archs import arch_for, model_dims, multiplier
 from pipeline.checkpoint import FloatWeights
 from pipeline.errors import StageError
 from pipeline.graph.lazy import is_lazy, lazy_tensor
@@ -90,6 +94,7 @@ def build_fused_graph(
     contract's cache is int8."""
     cfg = model.config
     dims = model_dims(cfg)
+    spec = arch_for(cfg)
     heads, kv_heads, head_dim = cfg.num_attention_heads, dims.num_kv_heads, dims.head_dim
     _check_supported(cfg, head_dim)
     if (contract.kv_cache == "int8") != (kv_scales is not None):
@@ -109,9 +114,24 @@ def build_fused_graph(
             y = g.op("Add", [y, param(f"{module}.bias")], f"/model/{module.replace('.', '/')}/Add")[0]
         return y
 
-    def head_norm(x: str, module: str, n_heads: int) -> str:
-        """Qwen3's per-head RMSNorm on q or k, before rotary."""
+    def scaled(x: str, field: str, path: str) -> str:
+        """x times the family's multiplier `field` (archs.ArchSpec), or x where it has none."""
+        factor = multiplier(cfg, spec, field)
+        if factor is None:
+            return x
+        return g.op("Mul", [x, g.const(f"{path}.{field}", np.array(factor, np.float32))], f"{path}/Mul")[0]
+
+    def qk_norm(x: str, module: str, n_heads: int) -> str:
+        """RMSNorm on q or k before rotary: per head (Qwen3) or across the heads (OLMo 2)."""
         path = f"/model/{module.replace('.', '/')}"
+        if spec.qk_norm == "full":
+            return g.op(
+                "SimplifiedLayerNormalization",
+                [x, param(f"{module}.weight")],
+                f"{path}/SimplifiedLayerNorm",
+                axis=-1,
+                epsilon=eps,
+            )[0]
         split = g.op(
             "Reshape",
             [x, g.const(f"{module}.heads_shape", np.array([0, 0, n_heads, head_dim], np.int64))],
@@ -134,9 +154,33 @@ def build_fused_graph(
     window = _sliding_window(cfg)
     hidden = g.op("Gather", ["model.embed_tokens.weight", "input_ids"], "/model/model/embed_tokens/Gather")[0]
     param("model.embed_tokens.weight")
+    hidden = scaled(hidden, "embedding_multiplier", "/model/model/embed_tokens")
+    attention_scale = getattr(cfg, spec.attention_multiplier) if spec.attention_multiplier else head_dim**-0.5
     residual, pending = hidden, None  # `pending` is the last block's output, added to the residual by the next norm
     for i in range(dims.num_layers):
         p = f"model.layers.{i}"
+
+        def block_input(name: str) -> str:
+            """What a block reads: the residual stream, normalized by `name` in a pre-norm family."""
+            return norm(name) if spec.norms == "pre" else residual
+
+        def block_output(y: str, name: str, block: str) -> None:
+            """A block's output into the residual stream: pending for the next norm (pre-norm), or normalized by
+            `name` and added now (post-norm)."""
+            nonlocal residual, pending
+            y = scaled(y, "residual_multiplier", f"/model/{p.replace('.', '/')}/{block}/residual")
+            if spec.norms == "pre":
+                pending = y
+                return
+            path = f"/model/{p.replace('.', '/')}/{name}"
+            normed = g.op(
+                "SimplifiedLayerNormalization",
+                [y, param(f"{p}.{name}.weight")],
+                f"{path}/LayerNorm",
+                axis=-1,
+                epsilon=eps,
+            )[0]
+            residual = g.op("Add", [residual, normed], f"{path}/Add")[0]
 
         def norm(name: str) -> str:
             nonlocal residual
@@ -159,10 +203,10 @@ def build_fused_graph(
             )
             return out
 
-        x = norm("input_layernorm")
+        x = block_input("input_layernorm")
         q, k, v = (linear(x, f"{p}.self_attn.{n}_proj") for n in "qkv")
-        if f"{p}.self_attn.q_norm.weight" in weights:
-            q, k = head_norm(q, f"{p}.self_attn.q_norm", heads), head_norm(k, f"{p}.self_attn.k_norm", kv_heads)
+        if spec.qk_norm != "none":
+            q, k = qk_norm(q, f"{p}.self_attn.q_norm", heads), qk_norm(k, f"{p}.self_attn.k_norm", kv_heads)
         inputs = [
             q,
             k,
@@ -195,24 +239,31 @@ def build_fused_graph(
             do_rotary=1,
             rotary_interleaved=0,
             local_window_size=window,
-            scale=float(head_dim**-0.5),
+            scale=float(attention_scale),
             **quant,
         )
-        pending = linear(attn, f"{p}.self_attn.o_proj")
-        x = norm("post_attention_layernorm")
+        block_output(linear(attn, f"{p}.self_attn.o_proj"), "post_attention_layernorm", "self_attn")
+        x = block_input("post_attention_layernorm")
         gate, up = linear(x, f"{p}.mlp.gate_proj"), linear(x, f"{p}.mlp.up_proj")
         path = f"/model/{p.replace('.', '/')}/mlp"
         silu = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{path}/act_fn/Sigmoid")[0]], f"{path}/act_fn/Mul")[0]
-        pending = linear(g.op("Mul", [silu, up], f"{path}/Mul")[0], f"{p}.mlp.down_proj")
+        block_output(
+            linear(g.op("Mul", [silu, up], f"{path}/Mul")[0], f"{p}.mlp.down_proj"), "post_feedforward_layernorm", "mlp"
+        )
     final = param("model.norm.weight")
-    x = g.op(
-        "SkipSimplifiedLayerNormalization",
-        [pending, residual, final],
-        "/model/model/norm/SkipLayerNorm",
-        outputs=1,
-        domain=MS,
-        epsilon=eps,
-    )[0]
+    if spec.norms == "pre":
+        x = g.op(
+            "SkipSimplifiedLayerNormalization",
+            [pending, residual, final],
+            "/model/model/norm/SkipLayerNorm",
+            outputs=1,
+            domain=MS,
+            epsilon=eps,
+        )[0]
+    else:
+        x = g.op(
+            "SimplifiedLayerNormalization", [residual, final], "/model/model/norm/LayerNorm", axis=-1, epsilon=eps
+        )[0]
     # only the rows asked for reach the LM head: a prefill needs one row per sequence, not the whole prompt
     rows = g.op(
         "Unsqueeze",
@@ -222,11 +273,18 @@ def build_fused_graph(
     x = g.op("GatherND", [x, rows], "/model/logits_rows/GatherND", batch_dims=1)[0]
     head = "lm_head" if "lm_head.weight" in weights else "model.embed_tokens"
     head_t = g.weight("lm_head.weight.T", f"{head}.weight", weights.shape(f"{head}.weight"), transpose=True)
+    divisor = multiplier(cfg, spec, "logits_divisor")
+    last = contract.dtype == "float32" and divisor is None  # the node that writes the graph's `logits` output
+    x = g.op("MatMul", [x, head_t], "/model/lm_head/MatMul", outputs=["logits"] if last else 1)[0]
+    if divisor is not None:
+        x = g.op(
+            "Div",
+            [x, g.const("/model/lm_head.logits_divisor", np.array(divisor, np.float32))],
+            "/model/lm_head/Div",
+            outputs=["logits"] if contract.dtype == "float32" else 1,
+        )[0]
     if contract.dtype == "float16":
-        x = g.op("MatMul", [x, head_t], "/model/lm_head/MatMul")[0]
         g.op("Cast", [x], "/model/logits/Cast", outputs=["logits"], to=TensorProto.FLOAT)
-    else:
-        g.op("MatMul", [x, head_t], "/model/lm_head/MatMul", outputs=["logits"])
 
     g.graph.name = "fused"
     g.graph.input.extend(_value_infos(contract.inputs()))

@@ -1,6 +1,7 @@
 """Recipes are validated entirely up front: each mistake is one precise error naming the key."""
 
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -31,7 +32,7 @@ def test_valid_recipe_is_typed_with_defaults(base, eval_text):
     v = r.stages[1].config
     assert isinstance(v, ValidateConfig)
     assert v.stride == 64  # defaults to context_length, resolved before fingerprinting
-    assert r.source.kind == "dir" and r.name == "r"
+    assert r.source.kind == "dir" and r.name == f"{Path(r.source.location).name}-r"  # <model>-<recipe>
 
 
 def test_unknown_key_suggests_the_right_one(base):
@@ -213,9 +214,11 @@ def test_a_recipe_on_a_template_is_the_template_with_its_settings(tmp_path, tiny
     assert export.opset == 18  # --set applies after the template's settings
     # relative paths in the template start at the template's folder
     assert quantize.calibration.data.source == str(templates / "data.txt")
-    # without a name the run is named after the file that was run
+    # without a name the run is named after the model and the file that was run
     (tmp_path / "other.yaml").write_text("template: templates/int4.yaml\n")
-    assert load_recipe(tmp_path / "other.yaml").name == "other"
+    assert load_recipe(tmp_path / "other.yaml").name == f"{tiny_llama.name}-other"
+    hub = load_recipe(tmp_path / "other.yaml", overrides=["model.source=org/Some-Model_1B"])
+    assert hub.name == "Some-Model_1B-other"
 
 
 @pytest.mark.hostile

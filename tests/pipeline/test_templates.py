@@ -44,7 +44,7 @@ def test_the_smollm2_recipes_are_the_templates_with_the_references_settings():
     for name in TEMPLATES:
         template = load_recipe(ROOT / "recipes" / f"{name}.yaml")
         reference = load_recipe(ROOT / "recipes" / f"smollm2-{name}.yaml")
-        assert template.name == name and reference.name == f"smollm2-{name}"
+        assert template.name == f"SmolLM2-135M-Instruct.Q4_1-{name}" and reference.name == f"smollm2-{name}"
         assert template.source == reference.source
         assert [s.name for s in template.stages] == [s.name for s in reference.stages]
         if name not in ("int4-gptq", "distill-int4"):

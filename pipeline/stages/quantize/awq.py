@@ -37,6 +37,12 @@ SCALE_GROUPS = (
 JUDGED_BY = {"input_layernorm": "self_attn", "post_attention_layernorm": "mlp"}
 
 
+def feeds(layer: torch.nn.Module, feeder: str) -> bool:
+    """Whether `feeder`'s output is what its group's linears read, so that scales fold into it. A norm is only in a
+    pre-norm layer (Llama's); OLMo 2's blocks read the residual stream and its norms act on their outputs."""
+    return not feeder.endswith("layernorm") or hasattr(layer, "input_layernorm")
+
+
 class InputStats:
     """Mean and max |x| per channel over every calibration token, plus a seeded sample of tokens for the searches."""
 
@@ -96,7 +102,8 @@ def awq_layer(
     hessians = shared_hessians(collected) if use_gptq else {}
     judges = block_judges(layer, hidden[0], kwargs[0], stats) if cfg.awq.objective == "block" else {}
     for feeder, names in SCALE_GROUPS:
-        _scale_group(layer, feeder, names, prefix, plan, stats, judges.get(feeder), hessians.get(names[0]))
+        if feeds(layer, feeder):
+            _scale_group(layer, feeder, names, prefix, plan, stats, judges.get(feeder), hessians.get(names[0]))
     qtensors: dict[str, QTensor] = {}
     for name, module in layer.named_modules():
         if prefix + name in plan:

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from calibration.collect import capture_layer_inputs, decoder_layers, run_layer
 from pipeline.quant.rotation import rotate
-from pipeline.stages.quantize.awq import SCALE_GROUPS, collect_inputs, fold_scale, lines_up
+from pipeline.stages.quantize.awq import SCALE_GROUPS, collect_inputs, feeds, fold_scale, lines_up
 
 ROTATED = (
     "mlp.down_proj",
@@ -62,6 +62,8 @@ def smoothquant(
     for index, layer in enumerate(tqdm(decoder_layers(model), desc="  smoothquant layers", unit="layer")):
         stats = collect_inputs(layer, hidden, kwargs, search_tokens, gen, index)
         for feeder, names in SCALE_GROUPS:
+            if not feeds(layer, feeder):
+                continue
             feed, mods = layer.get_submodule(feeder), [layer.get_submodule(n) for n in names]
             if not lines_up(feed, mods):
                 continue

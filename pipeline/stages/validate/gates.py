@@ -1,5 +1,6 @@
-"""The gates of a validate step whose recipe sets no `thresholds`: they follow the steps before it, so a
-template holds for any model. A recipe's own `thresholds` replace them (`{}`: report only, no gates)."""
+"""The default gates of a validate step: they follow the steps before it, so a template holds for any model.
+A recipe's `thresholds` merge over them key by key (null drops one); `default_gates: false` leaves only the
+recipe's."""
 
 from __future__ import annotations
 
@@ -52,3 +53,17 @@ def default_gates(history: Sequence[Artifact]) -> tuple[dict[str, float], str]:
             gates["decode_logits_max_abs_diff"] = FLOAT_PARITY["decode_logits_max_abs_diff"]
         why.append("a distilled student against its teacher")
     return gates, " and ".join(why)
+
+
+def gates_for(
+    thresholds: dict[str, float | None], use_defaults: bool, history: Sequence[Artifact]
+) -> tuple[dict[str, float], str]:
+    """The recipe's `thresholds` merged key by key over the default gates (None drops a gate), and where they
+    came from (for the report)."""
+    defaults, why = default_gates(history) if use_defaults else ({}, "")
+    merged = {k: v for k, v in {**defaults, **thresholds}.items() if v is not None}
+    if why and thresholds:
+        why += "; the recipe's thresholds over them"
+    elif not why:
+        why = "the recipe's thresholds" if merged else "none: every metric reported, none gates"
+    return merged, why

@@ -14,7 +14,9 @@ def write_reports(folder: Path, report: dict) -> None:
 
 
 def _gates_from(source: str) -> str:
-    return "the recipe's thresholds" if source == "the recipe" else f"by default, for {source}"
+    if source == "the recipe":  # a report written before the recipe's thresholds merged over the defaults
+        return "the recipe's thresholds"
+    return source if source.startswith(("the recipe", "none")) else f"by default, for {source}"
 
 
 def render_markdown(report: dict) -> str:

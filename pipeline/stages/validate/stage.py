@@ -32,7 +32,7 @@ from pipeline.quant.primitives import QuantScheme, count_schemes
 from pipeline.registry import StageResult, register_stage
 from pipeline.resources import release_memory
 from pipeline.stages.validate.chat import chat_checks
-from pipeline.stages.validate.gates import default_gates
+from pipeline.stages.validate.gates import gates_for
 from pipeline.stages.validate.report import write_reports
 from pipeline.stages.validate.targets import ScoredWindow, agreement, scored_window, validate_targets
 from pipeline.streamed import load_reference_model
@@ -63,11 +63,8 @@ def validate(cfg: ValidateConfig, inp, ctx) -> StageResult:
     del gen  # each target's engine loads its own copy of the weights: one runtime in memory at a time
     release_memory()
     targets = validate_targets(inp.path, scored_windows, prompts, greedy, cfg.max_new_tokens, eos_ids, metrics, ctx.log)
-    if cfg.thresholds is not None:
-        thresholds, gates_from = cfg.thresholds, "the recipe"
-    else:
-        thresholds, gates_from = default_gates(ctx.history)
-        ctx.log(f"  gates by default, for {gates_from}: {thresholds}")
+    thresholds, gates_from = gates_for(cfg.thresholds, cfg.default_gates, ctx.history)
+    ctx.log(f"  gates ({gates_from}): {thresholds}")
     failures = gate(metrics, thresholds)
     report = {
         "artifact": str(inp.path),

@@ -7,6 +7,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import FAMILY_SETTINGS
 
 from pipeline.archs import model_dims
 from pipeline.checkpoint import ModelWeights
@@ -60,7 +61,14 @@ def _session(model, pack: bool = False, dtype: str = "float32", scales: list | N
     return ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"]), contract
 
 
-FAMILIES = [("llama", {}), ("qwen2", {}), ("qwen3", {}), ("mistral", {"sliding_window": 4})]
+FAMILIES = [
+    ("llama", {}),
+    ("qwen2", {}),
+    ("qwen3", {}),
+    ("mistral", {"sliding_window": 4}),
+    ("granite", FAMILY_SETTINGS["granite"]),
+    ("olmo2", {}),
+]
 
 
 @pytest.mark.parametrize("pack", [False, True], ids=["separate", "packed"])

@@ -34,7 +34,10 @@ def run_graph(graph, contract: Contract, seed: int = 0) -> list[np.ndarray]:
     return session.run(None, feeds)
 
 
-@pytest.mark.parametrize("family,layers", [("llama", 4), ("llama", 7), ("qwen2", 5), ("qwen3", 5), ("mistral", 6)])
+@pytest.mark.parametrize(
+    "family,layers",
+    [("llama", 4), ("llama", 7), ("qwen2", 5), ("qwen3", 5), ("mistral", 6), ("granite", 5), ("olmo2", 5)],
+)
 def test_stamped_graph_equals_the_whole_trace(tmp_path, family, layers):
     folder = make_checkpoint(tmp_path / "m", family, layers=layers)
     model = load_torch_model(folder)

@@ -183,7 +183,7 @@ def test_export_uses_matmul_nbits_and_matches_the_dequantized_model(tmp_path, ti
             eval_text,
             settings,
             validate=f"{{eval_data: {eval_text}, context_length: 64, max_windows: 2, "
-            "thresholds: {decode_logits_max_abs_diff: 0.001}}",
+            "thresholds: {decode_logits_max_abs_diff: 0.001}, default_gates: false}",
         ),
         workdir=tmp_path / "a",
     )
@@ -318,7 +318,7 @@ def test_w8a8_exports_integer_ops_and_stays_close(tmp_path, tiny_llama, eval_tex
             eval_text,
             settings,
             validate=f"{{eval_data: {eval_text}, context_length: 64, max_windows: 2, "
-            "thresholds: {perplexity_delta_pct: 5}}",
+            "thresholds: {perplexity_delta_pct: 5}, default_gates: false}",
         ),
         workdir=tmp_path / "a",
     )
@@ -357,7 +357,7 @@ def test_static_w8a8_with_an_int8_kv_cache(tmp_path, tiny_llama, eval_text):
         eval_text,
         f"{{method: w8a8, w8a8: {{activations: static}}, {cal(eval_text, 4)}}}",
         validate=f"{{eval_data: {eval_text}, context_length: 64, max_windows: 2, "
-        "thresholds: {perplexity_delta_pct: 5}}",
+        "thresholds: {perplexity_delta_pct: 5}, default_gates: false}",
     )
     kv = f"{{kv_cache: int8, kv_calibration: {{data: {{source: {eval_text}}}, num_samples: 4, sequence_length: 32}}}}"
     path.write_text(path.read_text().replace("export: {}", f"export: {kv}"))

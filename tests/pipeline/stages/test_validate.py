@@ -117,7 +117,7 @@ def test_several_evaluation_texts_are_scored_gated_and_reported_each(tmp_path, t
     recipe.write_text(
         text.replace(
             "max_new_tokens: 8",
-            "max_new_tokens: 8\n      thresholds: {perplexity_delta_pct: 0.1, kl_divergence@plays: -1}",
+            "max_new_tokens: 8\n      thresholds: {perplexity_delta_pct: 0.1, kl_divergence@plays: -1}\n      default_gates: false",
         )
     )
     with pytest.raises(ValidationFailed) as failed:
