@@ -29,6 +29,10 @@ class ArchSpec:
     attention_multiplier: str | None = None  # the attention scores' scale, instead of 1/sqrt(head_dim)
     residual_multiplier: str | None = None  # each block's output is multiplied by it before the residual add
     logits_divisor: str | None = None  # the logits are divided by it
+    # config attribute listing, per layer, 1 where it applies rotary embeddings and 0 where not (SmolLM3)
+    rope_layers: str | None = None
+    # q, k and v in one linear (self_attn.qkv_proj) and gate and up in one (mlp.gate_up_proj), as Phi-3 stores them
+    packed: bool = False
 
 
 GRANITE = ArchSpec(
@@ -45,6 +49,8 @@ ARCHS: dict[str, ArchSpec] = {
     "qwen3": ArchSpec(qk_norm="head"),
     "granite": GRANITE,
     "olmo2": ArchSpec(norms="post", qk_norm="full"),
+    "smollm3": ArchSpec(rope_layers="no_rope_layers"),
+    "phi3": ArchSpec(packed=True),
 }
 
 
@@ -72,6 +78,10 @@ def multiplier(config, spec: ArchSpec, field: str) -> float | None:
     attribute = getattr(spec, field)
     value = getattr(config, attribute, None) if attribute else None
     return None if value is None or float(value) == 1.0 else float(value)
+
+
+def uses_rotary(config, spec: ArchSpec, layer: int) -> bool:
+    return not spec.rope_layers or bool(getattr(config, spec.rope_layers)[layer])
 
 
 def model_dims(config) -> ModelDims:

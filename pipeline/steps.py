@@ -162,11 +162,8 @@ def _run(
     cache = CachePolicy(force, verify)
     checksums = ChecksumCache(Path(workdir) / ".checksums.json" if main else None, verify)
     model_fp, *stage_fps = fingerprints(recipe, checksums, world)
-    if main and not force:
-        log(
-            "plan: "
-            + ", ".join(f"{name} {state}" for _, name, state in states(recipe, run_dir, [model_fp, *stage_fps]))
-        )
+    if main:
+        log(_plan_line(None if force else states(recipe, run_dir, [model_fp, *stage_fps]), recipe, estimates))
     build_model = lambda ctx: import_model(recipe.model, recipe.source, ctx.out_dir, log)  # noqa: E731
     try:
         model_step = lambda: _run_step(
@@ -423,6 +420,20 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else json.dumps(v) if isinstance(v, (list, dict)) else str(v)
 
 
+def _plan_line(found: list[tuple[str, str, str]] | None, recipe, estimates: list[dict]) -> str:
+    """Each step's state (every one to build under --force) with the estimated time of those to build, and their
+    total."""
+    found = found or [("", name, "build") for name in ("model", *(entry.name for entry in recipe.stages))]
+    seconds = [e["seconds"] for e in estimates] if len(estimates) == len(found) else [None] * len(found)
+    building = [t for (_, _, state), t in zip(found, seconds) if state == "build"]
+    parts = [
+        f"{name} {state}" + (f" (~{describe(t)})" if state == "build" and t is not None else "")
+        for (_, name, state), t in zip(found, seconds)
+    ]
+    known = building and None not in building
+    return "plan: " + ", ".join(parts) + (f"; about {describe(sum(building))} in all" if known else "")
+
+
 def _check_memory(recipe) -> list[dict]:
     """Each step's estimated peak RSS and time (pipeline/estimate.py, estimate_time.py) in one line, returned for
     run.json; a step that cannot fit this machine stops the run here, before any heavy work, naming what
@@ -440,16 +451,10 @@ def _check_memory(recipe) -> list[dict]:
     seconds = estimate_seconds(shape, stages, recipe.source.kind)
     total, available = memory_bytes()
     size = f"{shape.parameters / 1e9:.2f}B" if shape.parameters >= 1e9 else f"{shape.parameters / 1e6:.1f}M"
-    known = [t for t in seconds if t is not None]
     log(
         f"plan: {size} parameters; estimated peak RSS "
         + ", ".join(s.describe() for s in steps)
         + (f"; this machine {total / 2**30:.1f} GiB ({available / 2**30:.1f} available)" if total else "")
-        + (
-            f"; time ~{describe(sum(known))} ("
-            + ", ".join(f"{s.step} {describe(t)}" for s, t in zip(steps, seconds))
-            + ")"
-        )
     )
     worst = max(steps, key=lambda s: s.peak_bytes)
     if total and worst.peak_bytes > MARGIN * total:

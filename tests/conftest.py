@@ -57,7 +57,10 @@ FAMILY_SETTINGS = {
         "attention_multiplier": 0.3,
         "residual_multiplier": 0.4,
         "logits_scaling": 4.0,
-    }
+    },
+    "smollm3": {"no_rope_layer_interval": 2, "pad_token_id": 0},  # layers 1, 3, ... without rotary
+    # rotary on half of each 32-wide head (Phi-4-mini: on 96 of 128); GroupQueryAttention wants 8 | rotary_dim / 2
+    "phi3": {"pad_token_id": 0, "partial_rotary_factor": 0.5, "num_attention_heads": 2, "num_key_value_heads": 1},
 }
 
 
@@ -74,20 +77,19 @@ def make_checkpoint(
 
     folder.mkdir(parents=True, exist_ok=True)
     tok = make_tokenizer(folder)
-    config = AutoConfig.for_model(
-        family,
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=max_positions,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        tie_word_embeddings=family == "qwen2",
-        **FAMILY_SETTINGS.get(family, {}),
-    )
+    settings = {
+        "vocab_size": len(tok),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": max_positions,
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "tie_word_embeddings": family == "qwen2",
+    }
+    config = AutoConfig.for_model(family, **{**settings, **FAMILY_SETTINGS.get(family, {})})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype))
     model.save_pretrained(folder, safe_serialization=True)

@@ -30,6 +30,7 @@ def run_recipe(name: str, workdir: Path, windows: int) -> dict:
     """One recipe end to end; returns the validate step's per-text figures."""
     settings = [
         f"validate.eval_data={DOMAINS}",
+        "validate.thresholds={}",
         "validate.default_gates=false",
         "validate.chat=null",
         f"validate.max_windows={windows}",

@@ -41,7 +41,12 @@ RECIPES = {  # name -> (shipped recipe, settings that make it about memory and t
         ["validate.chat=null", "quantize.budget=null", "quantize.calibration.num_samples=32"],
     ),
 }
-COMMON = ["validate.max_windows=2", "validate.default_gates=false", "validate.max_new_tokens=8"]
+COMMON = [
+    "validate.max_windows=2",
+    "validate.thresholds={}",
+    "validate.default_gates=false",
+    "validate.max_new_tokens=8",
+]
 
 
 def build_checkpoint(config_file: Path, tokenizer: Path, out: Path, seed: int = 0) -> Path:

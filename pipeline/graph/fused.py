@@ -10,7 +10,8 @@ Per decoder layer (Llama family):
 
 Other families differ in a few places that pipeline/archs.py names: q/k norms (per head in Qwen3, across
 heads in OLMo 2), norms on each block's output instead of its input (OLMo 2: residual + norm(block(residual))),
-and Granite's multipliers on the embeddings, the attention scores, each block's output and the logits.
+Granite's multipliers on the embeddings, the attention scores, each block's output and the logits, and
+SmolLM3's layers without rotary embeddings, and Phi-3's packed q/k/v and gate/up linears.
 
 Linear layers are plain MatMuls named after their modules (`/model/model/layers.0/mlp/up_proj/MatMul`),
 so the quantized artifact's codes go in through the same MatMulNBits rewrite as the portable graph.
@@ -36,7 +37,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.archs import arch_for, model_dims, multiplier
+from pipeline.archs import arch_for, model_dims, multiplier, uses_rotary
 from pipeline.checkpoint import FloatWeights
 from pipeline.errors import StageError
 from pipeline.graph.lazy import is_lazy, lazy_tensor
@@ -149,6 +150,11 @@ def build_fused_graph(
         )[0]
 
     cos, sin = _rotary_tables(model, head_dim)
+    if cos.shape[1] % 8 or cos.shape[1] > head_dim // 2:
+        raise StageError(
+            f"export.fused: rotary on {2 * cos.shape[1]} of each head's {head_dim} dimensions; GroupQueryAttention "
+            "needs a multiple of 16 up to the whole head; set fused: false"
+        )
     g.const("cos_cache", cos)
     g.const("sin_cache", sin)
     window = _sliding_window(cfg)
@@ -204,7 +210,10 @@ def build_fused_graph(
             return out
 
         x = block_input("input_layernorm")
-        q, k, v = (linear(x, f"{p}.self_attn.{n}_proj") for n in "qkv")
+        if spec.packed:  # GroupQueryAttention takes q, k and v packed in its query input
+            q, k, v = linear(x, f"{p}.self_attn.qkv_proj"), "", ""
+        else:
+            q, k, v = (linear(x, f"{p}.self_attn.{n}_proj") for n in "qkv")
         if spec.qk_norm != "none":
             q, k = qk_norm(q, f"{p}.self_attn.q_norm", heads), qk_norm(k, f"{p}.self_attn.k_norm", kv_heads)
         inputs = [
@@ -236,7 +245,7 @@ def build_fused_graph(
             domain=MS,
             num_heads=heads,
             kv_num_heads=kv_heads,
-            do_rotary=1,
+            do_rotary=int(uses_rotary(cfg, spec, i)),
             rotary_interleaved=0,
             local_window_size=window,
             scale=float(attention_scale),
@@ -244,8 +253,12 @@ def build_fused_graph(
         )
         block_output(linear(attn, f"{p}.self_attn.o_proj"), "post_attention_layernorm", "self_attn")
         x = block_input("post_attention_layernorm")
-        gate, up = linear(x, f"{p}.mlp.gate_proj"), linear(x, f"{p}.mlp.up_proj")
         path = f"/model/{p.replace('.', '/')}/mlp"
+        if spec.packed:
+            halves = g.const(f"{p}.mlp.halves", np.array([cfg.intermediate_size] * 2, np.int64))
+            gate, up = g.op("Split", [linear(x, f"{p}.mlp.gate_up_proj"), halves], f"{path}/Split", outputs=2, axis=-1)
+        else:
+            gate, up = linear(x, f"{p}.mlp.gate_proj"), linear(x, f"{p}.mlp.up_proj")
         silu = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{path}/act_fn/Sigmoid")[0]], f"{path}/act_fn/Mul")[0]
         block_output(
             linear(g.op("Mul", [silu, up], f"{path}/Mul")[0], f"{p}.mlp.down_proj"), "post_feedforward_layernorm", "mlp"
@@ -322,6 +335,12 @@ def _check_supported(cfg, head_dim: int) -> None:
         raise StageError("export.fused: attention biases are only supported for qwen2; set fused: false")
     if getattr(cfg, "mlp_bias", False):
         raise StageError("export.fused: MLP biases are not supported; set fused: false")
+    scaling = getattr(cfg, "rope_scaling", None) or {}
+    if scaling.get("rope_type", scaling.get("type")) == "longrope":
+        raise StageError(
+            "export.fused: longrope (Phi-3's 128k-context models) switches its rotary tables with the sequence "
+            "length, which the fused graph does not; set fused: false"
+        )
     if head_dim % 16:
         raise StageError(f"export.fused: head_dim {head_dim} is not a multiple of 16, which GroupQueryAttention needs")
 
@@ -335,11 +354,12 @@ def _sliding_window(cfg) -> int:
 
 
 def _rotary_tables(model, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin [max_positions, head_dim / 2] from the model's own rotary module (any rope scaling)."""
+    """cos/sin [max_positions, rotary_dim / 2] from the model's own rotary module (any rope scaling); rotary_dim
+    is head_dim except under partial rotary (Phi-4-mini), which GroupQueryAttention reads from the tables' width."""
     positions = torch.arange(model.config.max_position_embeddings)[None]
     with torch.no_grad():
         cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
-    half = head_dim // 2
+    half = cos.shape[-1] // 2
     return cos[0, :, :half].numpy().astype(np.float32), sin[0, :, :half].numpy().astype(np.float32)
 
 

@@ -51,9 +51,16 @@ def three_layer_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def can_stamp(config) -> bool:
-    """Deeper than the trace, and every layer of one kind (no alternating sliding-window layers)."""
-    kinds = set(getattr(config, "layer_types", None) or [None])
-    return config.num_hidden_layers > TRACED_LAYERS and len(kinds) == 1
+    """Deeper than the trace, and every layer of one kind (no alternating sliding-window layers, no layers
+    without rotary among layers with it)."""
+    layers = config.num_hidden_layers
+    kinds = set(
+        zip(
+            getattr(config, "layer_types", None) or [None] * layers,
+            getattr(config, "no_rope_layers", None) or [1] * layers,
+        )
+    )
+    return layers > TRACED_LAYERS and len(kinds) == 1
 
 
 def stamp_layers(

@@ -1,4 +1,4 @@
-"""Each family we export, end to end on a tiny random checkpoint made from its config: INT4 RTN and GPTQ,
+"""Each family we export, end to end on a tiny random checkpoint made from its config: INT4 RTN, GPTQ and AWQ,
 both graphs within the parity limits, validate against PyTorch, and the runner's batch equal to one by one."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pipeline import StageError, run
 from pipeline.archs import ARCHS
 from runtime import Generator, find_model_folder
 
-pytestmark = pytest.mark.slow  # two quantized runs per family: about 20 s each
+pytestmark = pytest.mark.slow  # three quantized runs per family, a few seconds each
 
 
 def _recipe(folder, model, text, quantize: str):
@@ -38,11 +38,13 @@ def _recipe(folder, model, text, quantize: str):
 
 QUANTIZE = {
     "rtn": "{method: rtn, bits: 4, group_size: 16}",
+    "awq": "{method: awq, bits: 4, group_size: 16, search_tokens: 64, "
+    "calibration: {data: {source: %s}, num_samples: 8, sequence_length: 32}}",
     "gptq": "{method: gptq, bits: 4, group_size: 16, calibration: {data: {source: %s}, num_samples: 8, sequence_length: 32}}",
 }
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq"])
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
 @pytest.mark.parametrize("family", sorted(set(ARCHS) - {"llama"}))  # llama: every other test
 def test_a_family_quantizes_exports_validates_and_generates(tmp_path, eval_text, family, method):
     model = make_checkpoint(tmp_path / family, family, layers=4)

@@ -1,7 +1,5 @@
 """Memory estimates before the heavy work: printed for every step, and a step that cannot fit stops the run."""
 
-import re
-
 import pytest
 from conftest import REFERENCE_GGUF, write_recipe
 
@@ -14,7 +12,6 @@ def test_the_run_prints_each_steps_estimate(tmp_path, tiny_llama, eval_text, cap
     run(write_recipe(tmp_path, tiny_llama, eval_text), workdir=tmp_path / "w")
     plan = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("plan:"))
     assert "estimated peak RSS model ~" in plan and "export ~" in plan and "validate ~" in plan and "available)" in plan
-    assert re.search(r"; time ~\d+ s \(model \d+ s, export \d+ s, validate \d+ s\)$", plan), plan
 
 
 def test_a_step_beyond_the_machine_stops_the_run_before_any_step(tmp_path, tiny_llama, eval_text, monkeypatch):

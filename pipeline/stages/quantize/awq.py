@@ -26,15 +26,24 @@ from pipeline.quant.gptq import HessianAccumulator, gptq_refit
 from pipeline.quant.primitives import QTensor, QuantScheme, quantize
 from pipeline.quant.refit import padded_gram, refit_scales
 
-# (op whose output feeds the linears, the linears) within one decoder layer of the Llama family
+# (op whose output feeds the linears, the linears) within one decoder layer of the Llama family, and Phi-3's
+# packed linears; a layer has the groups whose modules it has (`scale_groups`)
 SCALE_GROUPS = (
     ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("input_layernorm", ("self_attn.qkv_proj",)),
     ("self_attn.v_proj", ("self_attn.o_proj",)),  # only without grouped-query attention (shapes must match)
     ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ("post_attention_layernorm", ("mlp.gate_up_proj",)),
     ("mlp.up_proj", ("mlp.down_proj",)),
 )
 # the block whose output judges a group's scale, where a nonlinearity sits between the linears and the next fold
 JUDGED_BY = {"input_layernorm": "self_attn", "post_attention_layernorm": "mlp"}
+
+
+def scale_groups(layer: torch.nn.Module) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """The layer's groups of linears that read one input, each with the op that produces it."""
+    names = {name for name, _ in layer.named_modules()}
+    return tuple((f, group) for f, group in SCALE_GROUPS if f in names and all(n in names for n in group))
 
 
 def feeds(layer: torch.nn.Module, feeder: str) -> bool:
@@ -96,12 +105,12 @@ def awq_layer(
         cfg.search_tokens,
         gen,
         index,
-        hessians=[names[0] for _, names in SCALE_GROUPS] if use_gptq else (),
+        hessians=[names[0] for _, names in scale_groups(layer)] if use_gptq else (),
     )
     stats = {n: s.result() for n, s in collected.items()}
-    hessians = shared_hessians(collected) if use_gptq else {}
+    hessians = shared_hessians(layer, collected) if use_gptq else {}
     judges = block_judges(layer, hidden[0], kwargs[0], stats) if cfg.awq.objective == "block" else {}
-    for feeder, names in SCALE_GROUPS:
+    for feeder, names in scale_groups(layer):
         if feeds(layer, feeder):
             _scale_group(layer, feeder, names, prefix, plan, stats, judges.get(feeder), hessians.get(names[0]))
     qtensors: dict[str, QTensor] = {}
@@ -145,11 +154,11 @@ def _quantize_codes(
     return refit_scales(qt, w, padded_gram(x, scheme.group_size), descent=cfg.code_descent)
 
 
-def shared_hessians(collected: dict[str, InputStats]) -> dict[str, torch.Tensor]:
+def shared_hessians(layer: torch.nn.Module, collected: dict[str, InputStats]) -> dict[str, torch.Tensor]:
     """linear -> the Hessian of its input, one tensor shared by the linears of a scale group (they read the same
     input), so that a fold updates it once for all of them."""
     out = {}
-    for _, names in SCALE_GROUPS:
+    for _, names in scale_groups(layer):
         acc = collected[names[0]].hessian
         if acc is not None:
             out.update({n: acc.H for n in names})
@@ -225,7 +234,7 @@ def replay(layer, name: str, hidden: torch.Tensor, kwargs: dict) -> Callable[[],
 def block_judges(layer, hidden: torch.Tensor, kwargs: dict, stats: dict) -> dict[str, Callable[[], torch.Tensor]]:
     """feeder -> the output that judges its group's scale: the attention block re-run on one calibration batch,
     the MLP on the sampled inputs of gate_proj (taken before any fold, as the searches need)."""
-    mlp_input = stats["mlp.gate_proj"][0]
+    mlp_input = stats[next(names[0] for f, names in scale_groups(layer) if f == "post_attention_layernorm")][0]
     blocks = {"self_attn": replay(layer, "self_attn", hidden, kwargs), "mlp": lambda: layer.mlp(mlp_input)}
     return {feeder: blocks[block] for feeder, block in JUDGED_BY.items()}
 

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from calibration.collect import capture_layer_inputs, decoder_layers, run_layer
 from pipeline.quant.rotation import rotate
-from pipeline.stages.quantize.awq import SCALE_GROUPS, collect_inputs, feeds, fold_scale, lines_up
+from pipeline.stages.quantize.awq import collect_inputs, feeds, fold_scale, lines_up, scale_groups
 
 ROTATED = (
     "mlp.down_proj",
@@ -61,7 +61,7 @@ def smoothquant(
     report: dict[str, dict] = {}
     for index, layer in enumerate(tqdm(decoder_layers(model), desc="  smoothquant layers", unit="layer")):
         stats = collect_inputs(layer, hidden, kwargs, search_tokens, gen, index)
-        for feeder, names in SCALE_GROUPS:
+        for feeder, names in scale_groups(layer):
             if not feeds(layer, feeder):
                 continue
             feed, mods = layer.get_submodule(feeder), [layer.get_submodule(n) for n in names]
@@ -153,7 +153,7 @@ def static_input_scales(
     transforms = {name: rotate for name in ROTATED} if hadamard else None
     for index, layer in enumerate(tqdm(decoder_layers(model), desc="  static input scales", unit="layer")):
         stats = collect_inputs(layer, hidden, kwargs, search_tokens, gen, index, transforms)
-        for _, names in SCALE_GROUPS:
+        for _, names in scale_groups(layer):
             chosen = [
                 (f"model.layers.{index}.{n}", layer.get_submodule(n))
                 for n in names

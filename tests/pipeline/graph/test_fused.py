@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import FAMILY_SETTINGS
 
-from pipeline.archs import model_dims
+from pipeline.archs import arch_for, model_dims
 from pipeline.checkpoint import ModelWeights
 from pipeline.graph.fused import build_fused_graph, float_cache_graph, to_float16
 from pipeline.graph.lazy import materialize
@@ -21,18 +21,17 @@ from runtime.io_spec import Contract
 def _tiny(family: str, **extra):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(
-        family,
-        vocab_size=120,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=family == "qwen2",
-        **extra,
-    )
+    settings = {
+        "vocab_size": 120,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+        "tie_word_embeddings": family == "qwen2",
+    }
+    config = AutoConfig.for_model(family, **{**settings, **extra})
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
 
@@ -53,8 +52,9 @@ def _session(model, pack: bool = False, dtype: str = "float32", scales: list | N
     if pack:
         matmuls = sum(n.op_type == "MatMul" for n in graph.graph.node)
         groups = pack_sibling_matmuls(graph)
-        assert groups == 2 * d.num_layers  # q/k/v and gate/up in every layer
-        assert sum(n.op_type == "MatMul" for n in graph.graph.node) == matmuls - 3 * d.num_layers
+        packed = arch_for(model.config).packed  # Phi-3's checkpoint packs them already
+        assert groups == (0 if packed else 2 * d.num_layers)  # q/k/v and gate/up in every layer
+        assert sum(n.op_type == "MatMul" for n in graph.graph.node) == matmuls - (0 if packed else 3 * d.num_layers)
     if dtype == "float16":
         assert to_float16(graph) > 0
     materialize(graph, ModelWeights(model))
@@ -68,6 +68,8 @@ FAMILIES = [
     ("mistral", {"sliding_window": 4}),
     ("granite", FAMILY_SETTINGS["granite"]),
     ("olmo2", {}),
+    ("smollm3", FAMILY_SETTINGS["smollm3"]),
+    ("phi3", FAMILY_SETTINGS["phi3"]),
 ]
 
 
@@ -89,8 +91,9 @@ def test_int8_kv_cache_graph_matches_pytorch_rounding_alike(family, extra):
     model = _tiny(family, **extra)
     with torch.no_grad():
         scales = kv_scales(model, [torch.randint(0, 120, (2, 32), generator=torch.Generator().manual_seed(1))])
-    head_dim = model_dims(model.config).head_dim
-    assert len(scales) == 2 and scales[0][0].shape == (1, 2, 1, head_dim) and (scales[0][0] > 0).all()
+    dims = model_dims(model.config)
+    assert len(scales) == 2 and scales[0][0].shape == (1, dims.num_kv_heads, 1, dims.head_dim)
+    assert (scales[0][0] > 0).all()
     _check_against_pytorch(model, True, "float32", atol=2e-3, scales=scales)
     with pytest.raises(AssertionError):  # the rounding is real: the float model is farther than the tolerance
         _check_against_pytorch(model, True, "float32", atol=2e-4, scales=scales, rounding_reference=False)

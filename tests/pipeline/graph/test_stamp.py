@@ -8,6 +8,7 @@ from conftest import make_checkpoint
 from pipeline.archs import model_dims
 from pipeline.checkpoint import FloatWeights
 from pipeline.graph.lazy import is_lazy, materialize
+from pipeline.graph.stamp import can_stamp
 from pipeline.models import load_torch_model
 from pipeline.stages import export as export_stage
 from pipeline.streamed import load_streamed_model
@@ -36,7 +37,7 @@ def run_graph(graph, contract: Contract, seed: int = 0) -> list[np.ndarray]:
 
 @pytest.mark.parametrize(
     "family,layers",
-    [("llama", 4), ("llama", 7), ("qwen2", 5), ("qwen3", 5), ("mistral", 6), ("granite", 5), ("olmo2", 5)],
+    [("llama", 4), ("llama", 7), ("qwen2", 5), ("qwen3", 5), ("mistral", 6), ("granite", 5), ("olmo2", 5), ("phi3", 5)],
 )
 def test_stamped_graph_equals_the_whole_trace(tmp_path, family, layers):
     folder = make_checkpoint(tmp_path / "m", family, layers=layers)
@@ -129,3 +130,13 @@ def test_models_whose_layers_alternate_are_traced_whole():
     assert can_stamp(AutoConfig.for_model("qwen2", num_hidden_layers=6)) and not can_stamp(
         AutoConfig.for_model("llama", num_hidden_layers=3)
     )
+
+
+def test_layers_without_rotary_among_layers_with_it_are_traced_whole():
+    """SmolLM3 leaves rotary out of every n-th layer: layer 2 of a three-layer trace is no template for the
+    rest, so the model is traced whole (export's parity checks then hold: tests/e2e/test_families.py)."""
+    from transformers import AutoConfig
+
+    mixed = AutoConfig.for_model("smollm3", num_hidden_layers=8, no_rope_layer_interval=4)
+    uniform = AutoConfig.for_model("smollm3", num_hidden_layers=8, no_rope_layer_interval=100)
+    assert not can_stamp(mixed) and can_stamp(uniform)
