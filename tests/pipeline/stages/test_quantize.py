@@ -256,7 +256,7 @@ def test_awq_scaling_is_exact_in_float(tiny_llama, eval_text):
         if isinstance(m, torch.nn.Linear)
     }
     judges = quantize_awq.block_judges(layer, hidden[0], kwargs[0], stats)
-    for feeder, names in quantize_awq.SCALE_GROUPS:
+    for feeder, names in quantize_awq.scale_groups(layer):
         quantize_awq._scale_group(layer, feeder, names, "model.layers.0.", plan, stats, judges.get(feeder))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref, atol=1e-4, rtol=1e-4)
@@ -271,7 +271,7 @@ def test_awq_fold_turns_each_hessian_into_that_of_the_scaled_inputs(tiny_llama):
     model = load_torch_model(tiny_llama)
     layer = model.model.layers[0]
     hidden, kwargs = capture_layer_inputs(model, [torch.randint(0, model.config.vocab_size, (2, 24))])
-    firsts = [names[0] for _, names in quantize_awq.SCALE_GROUPS]
+    firsts = [names[0] for _, names in quantize_awq.scale_groups(layer)]
 
     def collect():
         return quantize_awq.collect_inputs(
@@ -280,7 +280,7 @@ def test_awq_fold_turns_each_hessian_into_that_of_the_scaled_inputs(tiny_llama):
 
     collected = collect()
     stats = {n: s.result() for n, s in collected.items()}
-    hessians = quantize_awq.shared_hessians(collected)
+    hessians = quantize_awq.shared_hessians(layer, collected)
     assert (
         hessians["self_attn.k_proj"] is hessians["self_attn.q_proj"]
         and hessians["mlp.up_proj"] is hessians["mlp.gate_proj"]
@@ -291,9 +291,9 @@ def test_awq_fold_turns_each_hessian_into_that_of_the_scaled_inputs(tiny_llama):
         for n, m in layer.named_modules()
         if isinstance(m, torch.nn.Linear)
     }
-    for feeder, names in quantize_awq.SCALE_GROUPS:
+    for feeder, names in quantize_awq.scale_groups(layer):
         quantize_awq._scale_group(layer, feeder, names, "model.layers.0.", plan, stats, None, hessians.get(names[0]))
-    again = quantize_awq.shared_hessians(collect())
+    again = quantize_awq.shared_hessians(layer, collect())
     for name in ("self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj"):
         assert not torch.allclose(hessians[name], before[name], rtol=1e-3), f"{name}: no fold happened"
         torch.testing.assert_close(hessians[name], again[name], rtol=1e-4, atol=1e-5)
