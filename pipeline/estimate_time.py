@@ -83,7 +83,7 @@ def estimate_seconds(
     quantized: object | None = None
     for name, cfg in stages:
         if name == "quantize":
-            out.append(_quantize_seconds(shape, cfg, rate, scale))
+            out.append(_quantize_seconds(shape, cfg, rate))
             quantized = cfg
         elif name == "export":
             kind = "float" if quantized is None else "quantized"
@@ -136,7 +136,8 @@ def _solve_flops(n: int, k: int, refit: bool) -> tuple[float, float]:
     return 2 * n * k * k + 2 * k**3, (28 * n * k * k if refit else 0.0)
 
 
-def _quantize_seconds(shape: ModelShape, cfg, rate: float, scale: float) -> float:
+def _quantize_seconds(shape: ModelShape, cfg, rate: float) -> float:
+    scale = REFERENCE_RATE / rate
     budget = getattr(cfg, "budget", None)
     seconds = 0.0
     if cfg.method == "rtn":

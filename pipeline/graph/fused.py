@@ -115,6 +115,9 @@ def build_fused_graph(
             y = g.op("Add", [y, param(f"{module}.bias")], f"/model/{module.replace('.', '/')}/Add")[0]
         return y
 
+    def rms_norm(x: str, gamma: str, name: str) -> str:
+        return g.op("SimplifiedLayerNormalization", [x, gamma], name, axis=-1, epsilon=eps)[0]
+
     def scaled(x: str, field: str, path: str) -> str:
         """x times the family's multiplier `field` (archs.ArchSpec), or x where it has none."""
         factor = multiplier(cfg, spec, field)
@@ -126,25 +129,13 @@ def build_fused_graph(
         """RMSNorm on q or k before rotary: per head (Qwen3) or across the heads (OLMo 2)."""
         path = f"/model/{module.replace('.', '/')}"
         if spec.qk_norm == "full":
-            return g.op(
-                "SimplifiedLayerNormalization",
-                [x, param(f"{module}.weight")],
-                f"{path}/SimplifiedLayerNorm",
-                axis=-1,
-                epsilon=eps,
-            )[0]
+            return rms_norm(x, param(f"{module}.weight"), f"{path}/SimplifiedLayerNorm")
         split = g.op(
             "Reshape",
             [x, g.const(f"{module}.heads_shape", np.array([0, 0, n_heads, head_dim], np.int64))],
             f"{path}/Reshape",
         )[0]
-        normed = g.op(
-            "SimplifiedLayerNormalization",
-            [split, param(f"{module}.weight")],
-            f"{path}/SimplifiedLayerNorm",
-            axis=-1,
-            epsilon=eps,
-        )[0]
+        normed = rms_norm(split, param(f"{module}.weight"), f"{path}/SimplifiedLayerNorm")
         return g.op(
             "Reshape", [normed, g.const(f"{module}.flat_shape", np.array([0, 0, -1], np.int64))], f"{path}/Reshape_1"
         )[0]
@@ -179,26 +170,14 @@ def build_fused_graph(
                 pending = y
                 return
             path = f"/model/{p.replace('.', '/')}/{name}"
-            normed = g.op(
-                "SimplifiedLayerNormalization",
-                [y, param(f"{p}.{name}.weight")],
-                f"{path}/LayerNorm",
-                axis=-1,
-                epsilon=eps,
-            )[0]
+            normed = rms_norm(y, param(f"{p}.{name}.weight"), f"{path}/LayerNorm")
             residual = g.op("Add", [residual, normed], f"{path}/Add")[0]
 
         def norm(name: str) -> str:
             nonlocal residual
             gamma = param(f"{p}.{name}.weight")
             if pending is None:
-                return g.op(
-                    "SimplifiedLayerNormalization",
-                    [residual, gamma],
-                    f"/model/{p.replace('.', '/')}/{name}/LayerNorm",
-                    axis=-1,
-                    epsilon=eps,
-                )[0]
+                return rms_norm(residual, gamma, f"/model/{p.replace('.', '/')}/{name}/LayerNorm")
             out, _, _, residual = g.op(
                 "SkipSimplifiedLayerNormalization",
                 [pending, residual, gamma],
@@ -274,9 +253,7 @@ def build_fused_graph(
             epsilon=eps,
         )[0]
     else:
-        x = g.op(
-            "SimplifiedLayerNormalization", [residual, final], "/model/model/norm/LayerNorm", axis=-1, epsilon=eps
-        )[0]
+        x = rms_norm(residual, final, "/model/model/norm/LayerNorm")
     # only the rows asked for reach the LM head: a prefill needs one row per sequence, not the whole prompt
     rows = g.op(
         "Unsqueeze",
