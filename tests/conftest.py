@@ -197,6 +197,14 @@ def eval_text(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture
+def ort_causal_lm():
+    """optimum's ORTModelForCausalLM. optimum-onnx 0.1, the newest, installs only beside transformers<4.58:
+    on the current stack these tests skip, and `make test-old-stack` (part of `make test`) runs them."""
+    reason = "optimum-onnx needs transformers<4.58: `make test-old-stack` runs this"
+    return pytest.importorskip("optimum.onnxruntime", reason=reason).ORTModelForCausalLM
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, tiny_llama, eval_text) -> Path:
     """One end-to-end run of the tiny recipe (model -> export -> validate); returns its run folder."""

@@ -23,8 +23,8 @@ from pipeline.bench.workload import Workload, warm_up_gpu
 
 INSTALL = {
     "transformers": "pip install torch transformers",
-    "optimum": "pip install 'optimum-onnx[onnxruntime]'",
-    "onnxruntime-genai": "pip install 'onnxruntime-genai>=0.12,<0.13'  # its builder must match our transformers",
+    "optimum": "pip install 'llm-optimize[pipeline,cpu,optimum]'  # optimum-onnx 0.1 needs transformers<4.58",
+    "onnxruntime-genai": "pip install 'onnxruntime-genai>=0.18,<0.19'  # its builder must match our transformers",
     "llama.cpp": "pip install llama-cpp-python  # builds llama.cpp from source",
 }
 
@@ -193,9 +193,9 @@ def bench_optimum(inp: PeerInputs) -> dict:
 def _genai_int4_options(inp: PeerInputs) -> dict[str, str]:
     """The builder options that give onnxruntime-genai our INT4 layout: symmetry and block size, and
     on the CPU the MatMulNBits compute (its defaults are symmetric, 32, int8 compute)."""
-    options = {"int4_is_symmetric": str(inp.int4_symmetric).lower(), "int4_block_size": str(inp.int4_block_size)}
+    options = {"is_symmetric": str(inp.int4_symmetric).lower(), "block_size": str(inp.int4_block_size)}
     if inp.device == "cpu":
-        options["int4_accuracy_level"] = str(inp.accuracy_level)
+        options["accuracy_level"] = str(inp.accuracy_level)
     return options
 
 
@@ -211,7 +211,7 @@ def bench_genai(inp: PeerInputs, cuda_graph: bool = False) -> dict:
         return {"engine": engine, "status": "skipped", "reason": "CUDA graphs need ours on the CUDA provider"}
     precision = "int4" if inp.quantized else ("fp16" if gpu else "fp32")
     options = _genai_int4_options(inp) if inp.quantized else {}
-    layout = "".join(f"-{k.removeprefix('int4_')}-{v}" for k, v in options.items())
+    layout = "".join(f"-{k}-{v}" for k, v in options.items())
     folder = inp.cache_dir / (f"genai-{precision}{layout}" + ("-cuda" if gpu else ""))
     if not (folder / "genai_config.json").is_file():
         if inp.checkpoint is None:

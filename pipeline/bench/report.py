@@ -38,11 +38,12 @@ def label(r: dict) -> str:
 def precision(r: dict) -> str:
     """The engine's precision, with the INT4 layout a peer was built in where it says (int4 asym g32 acc4)."""
     text = r.get("precision", r.get("weights", ""))
-    options = r.get("builder_options") or {}
-    if "int4_is_symmetric" in options:
-        text += " " + ("sym" if options["int4_is_symmetric"] == "true" else "asym") + f" g{options['int4_block_size']}"
-        if "int4_accuracy_level" in options:
-            text += f" acc{options['int4_accuracy_level']}"
+    # onnxruntime-genai before 0.13 named its builder options int4_*
+    options = {k.removeprefix("int4_"): v for k, v in (r.get("builder_options") or {}).items()}
+    if "is_symmetric" in options:
+        text += " " + ("sym" if options["is_symmetric"] == "true" else "asym") + f" g{options['block_size']}"
+        if "accuracy_level" in options:
+            text += f" acc{options['accuracy_level']}"
     return text
 
 

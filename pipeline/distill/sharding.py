@@ -121,7 +121,11 @@ def gather(model: torch.nn.Module) -> torch.nn.Module:
 def _plain(config, weights: dict[str, torch.Tensor], assign: bool = False) -> torch.nn.Module:
     """A float32 CPU model of `config` holding `weights` (taking the tensors themselves with `assign`)."""
     from transformers import AutoModelForCausalLM
-    from transformers.modeling_utils import no_init_weights
+
+    try:
+        from transformers.initialization import no_init_weights  # transformers 5
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights
 
     with no_init_weights():
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")

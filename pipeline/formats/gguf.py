@@ -160,6 +160,11 @@ def _quantized(packed, layer, spec, rows, report: GGUFReport):
     return ggml_blocks(q, scale, zero, qtype), qtype
 
 
+def _rope_theta(config: dict) -> float:
+    """transformers 5 keeps the rotary base in `rope_parameters`; before, at the top level."""
+    return float(config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta") or 10000.0)
+
+
 def _write_metadata(writer: gguf.GGUFWriter, config: dict, folder: Path, source_gguf: Path | None) -> None:
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     writer.add_name(folder.parent.name)
@@ -170,7 +175,7 @@ def _write_metadata(writer: gguf.GGUFWriter, config: dict, folder: Path, source_
     writer.add_head_count(config["num_attention_heads"])
     writer.add_head_count_kv(config["num_key_value_heads"])
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    writer.add_rope_freq_base(config.get("rope_theta", 10000.0))
+    writer.add_rope_freq_base(_rope_theta(config))
     writer.add_rope_dimension_count(head_dim)
     writer.add_vocab_size(config["vocab_size"])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)

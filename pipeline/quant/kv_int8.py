@@ -54,10 +54,10 @@ class RoundingCache(DynamicCache):
         self.scales = [(torch.from_numpy(k), torch.from_numpy(v)) for k, v in scales]
         self.float_prompt = float_prompt
 
-    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         k_scale, v_scale = self.scales[layer_idx]
         first = self.get_seq_length(layer_idx) == 0
         out = super().update(
-            fake_quantize(key_states, k_scale), fake_quantize(value_states, v_scale), layer_idx, cache_kwargs
+            fake_quantize(key_states, k_scale), fake_quantize(value_states, v_scale), layer_idx, *args, **kwargs
         )
         return (key_states, value_states) if self.float_prompt and first else out

@@ -93,7 +93,9 @@ def test_transformers_and_our_runner_begin_the_same_chat_answer(engines_run):
     our_text = ours.tokenizer.decode(ours.generate([ids], max_new_tokens=16).tokens[0])
     folder = next(engines_run.glob("*-export-*/hf-quantized"))
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(  # ids, not transformers 5's default dict
+        [{"role": "user", "content": question}], add_generation_prompt=True, return_dict=False
+    )
     assert list(prompt) == list(ids)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     with torch.no_grad():

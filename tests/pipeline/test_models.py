@@ -40,6 +40,13 @@ def test_a_bf16_checkpoint_stays_bf16_and_exports_the_same_graph_as_its_float32_
     assert data[0] == data[1]
 
 
+def test_the_tokenizer_loads_on_both_stacks(tiny_run):
+    """transformers 5 saves its tokenizer class as TokenizersBackend, which 4.x cannot load; the model step
+    names the class both know, so an artifact built on one stack loads on the other."""
+    config = json.loads(next(tiny_run.glob("00-model-*/tokenizer_config.json")).read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+
+
 def test_a_float32_checkpoint_stays_float32(tiny_run):
     assert stored_dtypes(next(tiny_run.glob("00-model-*"))) == {"F32"}
 

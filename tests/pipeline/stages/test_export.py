@@ -81,11 +81,10 @@ def test_unsupported_family_is_a_clear_error(tmp_path, eval_text):
         run(write_recipe(tmp_path, folder, eval_text, name="g"), workdir=tmp_path / "a")
 
 
-def test_optimum_ort_model_loads_and_agrees(tiny_export, tmp_path):
+@pytest.mark.optimum
+def test_optimum_ort_model_loads_and_agrees(tiny_export, ort_causal_lm):
     """Others' runtimes load our artifact: optimum's ORTModelForCausalLM generates the same greedy tokens."""
-    from optimum.onnxruntime import ORTModelForCausalLM
-
-    model = ORTModelForCausalLM.from_pretrained(tiny_export, use_cache=True, use_io_binding=False)
+    model = ort_causal_lm.from_pretrained(tiny_export, use_cache=True, use_io_binding=False)
     ids = [3, 17, 42, 8]
     out = model.generate(
         torch.tensor([ids]),

@@ -333,7 +333,8 @@ def test_w8a8_exports_integer_ops_and_stays_close(tmp_path, tiny_llama, eval_tex
     # attention and the LM head stay float
     float_matmuls = [n for n in nodes if n.op_type == "MatMul"]
     rotated = 2 if "hadamard" in settings else 0  # down_proj's input rotation, one per layer
-    assert len(float_matmuls) == 1 + 2 * 2 + 1 + ignored + rotated
+    rotary = sum("rotary_emb" in n.name for n in float_matmuls)  # transformers 5 traces the table without one
+    assert rotary <= 1 and len(float_matmuls) == rotary + 2 * 2 + 1 + ignored + rotated
     contract = json.loads((export / "io_contract.json").read_text())
     assert contract["weights"].startswith("int8 W8A8")
     report = json.loads(next(run_dir.glob("*-validate-*/report.json")).read_text())
