@@ -64,7 +64,7 @@ class ModelConfig:
     # the dtype the model step stores: auto keeps the checkpoint's own (a bf16 checkpoint stays bf16, half of float32
     # on disk); a GGUF file is dequantized to float32, which auto keeps (its codes' values need more than bf16)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    version: int = 3
+    version: int = 4
 
 
 @dataclass(frozen=True)
@@ -246,7 +246,7 @@ class DistillConfig:
     loss: DistillLossConfig = field(default_factory=DistillLossConfig)
     teacher_answers: TeacherAnswersConfig | None = None  # chat turns the teacher writes, added to train_data
     teacher_correction: TeacherCorrectionConfig | None = None  # fine-tune the teacher on the text first
-    version: int = 2
+    version: int = 3
 
     def __post_init__(self):
         depth = (self.num_layers, self.keep_fraction, self.param_budget_m)
@@ -368,7 +368,7 @@ class QuantizeConfig:
     calibration: CalibrationConfig = field(
         default_factory=CalibrationConfig
     )  # the text the calibrated methods learn from
-    version: int = 11
+    version: int = 12
     # keys of an older schema -> where they live now
     MOVED: ClassVar[dict[str, str]] = {
         "damp": "gptq.damp",

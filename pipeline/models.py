@@ -113,7 +113,7 @@ def import_model(cfg: ModelConfig, source: ModelSource, out: Path, log: Callable
     model.generation_config.eos_token_id = eos_ids
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = eos_ids[0]
-    model.save_pretrained(out, safe_serialization=True)
+    save_pretrained(model, out)
     fixes += _save_tokenizer(tokenizer, out)
     params = sum(p.numel() for p in model.parameters())
     stored = str(model.dtype).removeprefix("torch.")
@@ -186,7 +186,7 @@ def _import_checkpoint(cfg: ModelConfig, source: ModelSource, out: Path, log: Ca
     # `dtype` since transformers 4.56 (where `torch_dtype` is an alias that warns), `torch_dtype` before
     renamed = isinstance(getattr(type(config), "torch_dtype", None), property)
     setattr(config, "dtype" if renamed else "torch_dtype", getattr(torch, dtype))
-    config.save_pretrained(out)
+    save_pretrained(config, out)
     eos_ids, fixes = _end_tokens(cfg, generation, config, tokenizer)
     generation.eos_token_id = eos_ids
     if generation.pad_token_id is None:
@@ -311,6 +311,36 @@ def copy_tokenizer(src: Path, out: Path) -> None:
     for name in TOKENIZER_FILES + ("generation_config.json",):
         if (src / name).exists():
             shutil.copy2(src / name, out / name)
+
+
+def save_pretrained(obj, out: Path) -> None:
+    """`obj.save_pretrained` (a model, or a config alone), then config.json readable by every transformers we
+    support: 5.x keeps the rotary base only inside `rope_parameters`, which 4.x ignores (it would run at a base
+    of 10,000 and drop llama3/yarn scaling with no error), so the 4.x keys are written beside it."""
+    if hasattr(obj, "config"):
+        obj.save_pretrained(out, safe_serialization=True)
+    else:
+        obj.save_pretrained(out)
+    add_legacy_rope_keys(out / "config.json")
+
+
+def add_legacy_rope_keys(path: Path) -> None:
+    """Top-level `rope_theta`, `partial_rotary_factor` and `rope_scaling` from a flat `rope_parameters`, as
+    transformers 4.x reads them; 5.x takes `rope_scaling` over `rope_parameters` and fills its theta from the
+    top level, so it loads the same values. Gemma 3's per-layer-kind tables become 4.x's `rope_local_base_freq`."""
+    config = json.loads(path.read_text())
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict) and isinstance(rope.get("sliding_attention"), dict) and "full_attention" in rope:
+        config["rope_local_base_freq"] = rope["sliding_attention"]["rope_theta"]  # Gemma 3's sliding layers
+        rope = rope["full_attention"]
+    if not isinstance(rope, dict) or "rope_theta" not in rope:
+        return
+    config["rope_theta"] = rope["rope_theta"]
+    if "partial_rotary_factor" in rope:
+        config["partial_rotary_factor"] = rope["partial_rotary_factor"]
+    scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    config["rope_scaling"] = scaling if scaling.get("rope_type", "default") != "default" else None
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def load_torch_model(folder: Path, attention: str = "eager"):

@@ -28,6 +28,7 @@ from pipeline import distributed
 from pipeline.configs import DistillConfig, DistillLossConfig
 from pipeline.distill import sharding
 from pipeline.distill.train import train
+from pipeline.models import save_pretrained
 
 CORRECTED = "corrected-teacher"
 RECORD = "correction.json"
@@ -64,7 +65,7 @@ def correct_teacher(
         return model, info
     tmp = checkpoints / f"{CORRECTED}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    save_pretrained(model, tmp)
     (tmp / RECORD).write_text(json.dumps(info, indent=2) + "\n")
     shutil.rmtree(saved, ignore_errors=True)
     tmp.rename(saved)

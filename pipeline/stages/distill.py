@@ -56,7 +56,7 @@ from pipeline.distill.prune import (
 from pipeline.distill.teacher_answers import conversations_stream, sample_replies, teacher_answers
 from pipeline.distill.train import evaluate, train
 from pipeline.errors import StageError
-from pipeline.models import copy_tokenizer
+from pipeline.models import copy_tokenizer, save_pretrained
 from pipeline.registry import StageResult, register_stage
 from runtime.tokenizer import Tokenizer
 
@@ -134,7 +134,7 @@ def distill(cfg: DistillConfig, inp, ctx) -> StageResult:
         return StageResult()
     final_ppl, final_kl = history.eval_ppl[-1], history.eval_kl[-1]
 
-    student.save_pretrained(ctx.out_dir, safe_serialization=True)
+    save_pretrained(student, ctx.out_dir)
     copy_tokenizer(inp.path, ctx.out_dir)
     replies = [
         {"prompt": p, "teacher": t, "student": s}

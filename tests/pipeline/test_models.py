@@ -4,10 +4,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import make_checkpoint, write_recipe
 from safetensors import safe_open
 
 from pipeline import RecipeError, run
+from pipeline.models import save_pretrained
 
 
 def stored_dtypes(step: Path) -> set[str]:
@@ -45,6 +47,46 @@ def test_the_tokenizer_loads_on_both_stacks(tiny_run):
     names the class both know, so an artifact built on one stack loads on the other."""
     config = json.loads(next(tiny_run.glob("00-model-*/tokenizer_config.json")).read_text())
     assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+
+
+def rotary_tables(config) -> tuple:
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    rotary = LlamaRotaryEmbedding(config)
+    return rotary.inv_freq, rotary.attention_scaling
+
+
+def test_config_json_keeps_the_rotary_base_and_scaling_in_the_keys_transformers_4_reads(tmp_path):
+    """transformers 5 writes the rotary base only inside `rope_parameters`, which 4.x ignores (it runs at 10,000
+    and drops llama3 scaling, silently). Read back from the 4.x keys alone, the tables are the same."""
+    from transformers import AutoConfig, LlamaConfig
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    config = LlamaConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        max_position_embeddings=16384,
+        rope_theta=500000.0,
+        rope_scaling={**scaling, "original_max_position_embeddings": 8192},
+    )
+    save_pretrained(config, tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["rope_theta"] == 500000.0
+    assert {k: saved["rope_scaling"][k] for k in scaling} == scaling
+    legacy_only = {k: v for k, v in saved.items() if k != "rope_parameters"}
+    (tmp_path / "config.json").write_text(json.dumps(legacy_only))
+    expected, got = rotary_tables(config), rotary_tables(AutoConfig.from_pretrained(tmp_path))
+    assert torch.equal(expected[0], got[0]) and expected[1] == got[1]
+
+
+def test_the_model_step_writes_the_rotary_base_where_transformers_4_reads_it(tiny_run):
+    from transformers import AutoConfig
+
+    step = next(tiny_run.glob("00-model-*"))
+    saved = json.loads((step / "config.json").read_text())
+    loaded = AutoConfig.from_pretrained(step)
+    base = (getattr(loaded, "rope_parameters", None) or {}).get("rope_theta", getattr(loaded, "rope_theta", None))
+    assert saved["rope_theta"] == base is not None
 
 
 def test_a_float32_checkpoint_stays_float32(tiny_run):

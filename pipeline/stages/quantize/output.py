@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from pipeline.checkpoint import SafetensorsWriter
-from pipeline.models import copy_tokenizer
+from pipeline.models import copy_tokenizer, save_pretrained
 from pipeline.quant.plan import PACKED_FILE, PLAN_FILE
 from pipeline.quant.primitives import QTensor, QuantScheme, pack_matmul_nbits
 from pipeline.stages.quantize.plan import EMBEDDING, embedding_scheme, embedding_shares_head, plan_file
@@ -92,5 +92,5 @@ def finish(
     (out / PLAN_FILE).write_text(plan_file(method, {n: codes.shapes[n] for n in order}, layout.plan_entry, skipped))
     config.tie_word_embeddings = layout.tied
     config.dtype = torch.float32
-    config.save_pretrained(out)
+    save_pretrained(config, out)
     copy_tokenizer(src, out)

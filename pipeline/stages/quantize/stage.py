@@ -20,7 +20,7 @@ import torch
 
 from pipeline.configs import QuantizeConfig
 from pipeline.errors import StageError
-from pipeline.models import copy_tokenizer, load_torch_model
+from pipeline.models import copy_tokenizer, load_torch_model, save_pretrained
 from pipeline.quant.plan import PLAN_FILE, decoder_linears
 from pipeline.quant.primitives import QuantScheme
 from pipeline.quant.rotation import BLOCK, can_rotate
@@ -107,7 +107,7 @@ def _w8a8(model, cfg: QuantizeConfig, src_dir, ctx, started: float) -> StageResu
             ctx.log,
             cfg.w8a8.hadamard,
         )
-    model.save_pretrained(ctx.out_dir, safe_serialization=True)
+    save_pretrained(model, ctx.out_dir)
     copy_tokenizer(src_dir, ctx.out_dir)
     linears = decoder_linears(model)
     skipped = {n: why for n in linears if (why := ignored(n, cfg)) is not None}
