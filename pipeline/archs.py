@@ -8,6 +8,7 @@ among these fields is one entry plus its tiny-model parity tests.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,8 +21,11 @@ class ArchSpec:
     # (MatMulNBits, fused attention) differ in accumulation order by ~1e-4, a wrong graph by >0.1
     atol: float = 1e-3
     # pre: each block reads norm(residual) and adds its output (Llama); post: each block reads the residual and
-    # adds norm(its output) (OLMo 2: post_attention_layernorm and post_feedforward_layernorm, no input norm)
-    norms: Literal["pre", "post"] = "pre"
+    # adds norm(its output) (OLMo 2: post_attention_layernorm and post_feedforward_layernorm, no input norm);
+    # both: each block reads norm(residual) and adds norm(its output) (Gemma 2 and 3: four norms per layer)
+    norms: Literal["pre", "post", "both"] = "pre"
+    # RMSNorms multiply by (offset + weight): Gemma stores its norm weights around 0 and adds 1
+    norm_offset: float = 0.0
     # RMSNorm on q and k before rotary: per head (Qwen3) or across all heads at once (OLMo 2)
     qk_norm: Literal["none", "head", "full"] = "none"
     # config attributes that scale what Llama leaves unscaled (Granite); unset: 1
@@ -31,6 +35,13 @@ class ArchSpec:
     logits_divisor: str | None = None  # the logits are divided by it
     # config attribute listing, per layer, 1 where it applies rotary embeddings and 0 where not (SmolLM3)
     rope_layers: str | None = None
+    # the embeddings are multiplied by sqrt(hidden_size) (Gemma)
+    embedding_sqrt_scale: bool = False
+    # config attribute whose inverse square root scales the attention scores (Gemma's query_pre_attn_scalar)
+    attention_scalar: str | None = None
+    # config attributes capping attention scores and logits at ±c through c·tanh(x/c) (Gemma 2); unset or null: none
+    attention_softcap: str | None = None
+    logits_softcap: str | None = None
     # q, k and v in one linear (self_attn.qkv_proj) and gate and up in one (mlp.gate_up_proj), as Phi-3 stores them
     packed: bool = False
 
@@ -42,6 +53,18 @@ GRANITE = ArchSpec(
     logits_divisor="logits_scaling",
 )
 
+GEMMA = ArchSpec(norm_offset=1.0, embedding_sqrt_scale=True)
+# Gemma 2 and 3 add norms on each block's output, scale the scores by query_pre_attn_scalar, alternate sliding-window
+# and full layers (`layer_types`); Gemma 3 normalizes q and k per head and gives its sliding layers a rotary base
+# of their own, read from its rotary module
+GEMMA2 = dataclasses.replace(
+    GEMMA,
+    norms="both",
+    attention_scalar="query_pre_attn_scalar",
+    attention_softcap="attn_logit_softcapping",
+    logits_softcap="final_logit_softcapping",
+)
+
 ARCHS: dict[str, ArchSpec] = {
     "llama": ArchSpec(),
     "mistral": ArchSpec(),
@@ -51,6 +74,9 @@ ARCHS: dict[str, ArchSpec] = {
     "olmo2": ArchSpec(norms="post", qk_norm="full"),
     "smollm3": ArchSpec(rope_layers="no_rope_layers"),
     "phi3": ArchSpec(packed=True),
+    "gemma": GEMMA,
+    "gemma2": GEMMA2,
+    "gemma3_text": dataclasses.replace(GEMMA2, qk_norm="head"),
 }
 
 
@@ -78,6 +104,35 @@ def multiplier(config, spec: ArchSpec, field: str) -> float | None:
     attribute = getattr(spec, field)
     value = getattr(config, attribute, None) if attribute else None
     return None if value is None or float(value) == 1.0 else float(value)
+
+
+def softcap(config, spec: ArchSpec, field: str) -> float | None:
+    """The cap of one of the spec's soft-capping fields; None where the family or this config has none."""
+    attribute = getattr(spec, field)
+    value = getattr(config, attribute, None) if attribute else None
+    return float(value) if value else None
+
+
+def attention_scale(config, spec: ArchSpec, head_dim: int) -> float:
+    """What the attention scores are multiplied by before the softmax."""
+    if spec.attention_multiplier:
+        return float(getattr(config, spec.attention_multiplier))
+    if spec.attention_scalar:
+        return float(getattr(config, spec.attention_scalar)) ** -0.5
+    return head_dim**-0.5
+
+
+def layer_kinds(config) -> list[str]:
+    """Per layer "sliding_attention" (attends to the last `sliding_window` positions) or "full_attention"."""
+    window = getattr(config, "sliding_window", None)
+    kinds = getattr(config, "layer_types", None)
+    if not window:
+        return ["full_attention"] * config.num_hidden_layers
+    if kinds:
+        return list(kinds)
+    if config.model_type in ("qwen2", "qwen3") and not getattr(config, "use_sliding_window", False):
+        return ["full_attention"] * config.num_hidden_layers
+    return ["sliding_attention"] * config.num_hidden_layers
 
 
 def uses_rotary(config, spec: ArchSpec, layer: int) -> bool:

@@ -346,10 +346,22 @@ def add_legacy_rope_keys(path: Path) -> None:
 def load_torch_model(folder: Path, attention: str = "eager"):
     """The float32 PyTorch model of an hf-model artifact, by default with the attention the exporter traces
     ("sdpa" runs calibration passes faster, benchmarks/experiments/quantize_speed.py; the result differs by float noise)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    attention = attention_for(AutoConfig.from_pretrained(folder), attention)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=attention)
     return model.eval()
+
+
+def attention_for(config, attention: str) -> str:
+    """`attention`, unless it is "sdpa" and the family's code has no SDPA path (Gemma 2: its soft-capped scores
+    are eager only); then eager, which computes the same."""
+    from transformers import AutoModelForCausalLM
+
+    if attention != "sdpa":
+        return attention
+    model_class = AutoModelForCausalLM._model_mapping[type(config)]
+    return "sdpa" if getattr(model_class, "_supports_sdpa", False) else "eager"
 
 
 @torch.no_grad()

@@ -48,10 +48,14 @@ def load_streamed_model(folder: Path, attention: str = "eager", on_demand: bool 
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from pipeline.models import attention_for
+
     folder = Path(folder)
     config = AutoConfig.from_pretrained(folder)
     with init_empty_weights(include_buffers=False):  # buffers (rotary frequencies) are computed, not stored
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=attention, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(
+            config, attn_implementation=attention_for(config, attention), dtype=torch.float32
+        )
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):
         raise StageError(

@@ -61,6 +61,28 @@ FAMILY_SETTINGS = {
     "smollm3": {"no_rope_layer_interval": 2, "pad_token_id": 0},  # layers 1, 3, ... without rotary
     # rotary on half of each 32-wide head (Phi-4-mini: on 96 of 128); GroupQueryAttention wants 8 | rotary_dim / 2
     "phi3": {"pad_token_id": 0, "partial_rotary_factor": 0.5, "num_attention_heads": 2, "num_key_value_heads": 1},
+    # Gemma's heads are wider than hidden_size / heads; weights 5x the default's spread so that the soft caps bite
+    "gemma": {"head_dim": 32, "tie_word_embeddings": True},
+    "gemma2": {
+        "head_dim": 32,
+        "query_pre_attn_scalar": 24,
+        "sliding_window": 8,
+        "initializer_range": 0.1,
+        "attn_logit_softcapping": 2.0,
+        "final_logit_softcapping": 3.0,
+        "tie_word_embeddings": True,
+    },
+    # layers alternate sliding (base 1,000) and full (base 50,000, linear scaling)
+    "gemma3_text": {
+        "head_dim": 32,
+        "query_pre_attn_scalar": 24,
+        "sliding_window": 8,
+        "sliding_window_pattern": 2,
+        "rope_local_base_freq": 1000.0,
+        "rope_theta": 50000.0,
+        "rope_scaling": {"rope_type": "linear", "factor": 2.0},
+        "tie_word_embeddings": True,
+    },
 }
 
 

@@ -27,7 +27,7 @@ from calibration.collect import decoder_layers
 from pipeline import distributed
 from pipeline.configs import DistillConfig
 from pipeline.errors import StageError
-from pipeline.models import load_torch_model
+from pipeline.models import attention_for, load_torch_model
 
 FOLDER = "fsdp"  # inside a checkpoint: the sharded model and optimizer
 
@@ -51,7 +51,9 @@ def skeleton(config) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa").eval()
+        return AutoModelForCausalLM.from_config(
+            config, dtype=torch.float32, attn_implementation=attention_for(config, "sdpa")
+        ).eval()
 
 
 def shard(model: torch.nn.Module, device: torch.device, keep_whole: bool = False) -> torch.nn.Module | None:
@@ -128,7 +130,9 @@ def _plain(config, weights: dict[str, torch.Tensor], assign: bool = False) -> to
         from transformers.modeling_utils import no_init_weights
 
     with no_init_weights():
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+        plain = AutoModelForCausalLM.from_config(
+            config, dtype=torch.float32, attn_implementation=attention_for(config, "sdpa")
+        )
     plain.load_state_dict(weights, assign=assign)
     plain.tie_weights()
     return plain.eval()

@@ -32,12 +32,14 @@ layer's per-channel key and value scales (pipeline.quant.kv_int8) as initializer
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.archs import arch_for, model_dims, multiplier, uses_rotary
+from pipeline.archs import arch_for, attention_scale, layer_kinds, model_dims, multiplier, softcap, uses_rotary
 from pipeline.checkpoint import FloatWeights
 from pipeline.errors import StageError
 from pipeline.graph.lazy import is_lazy, lazy_tensor
@@ -118,6 +120,14 @@ def build_fused_graph(
     def rms_norm(x: str, gamma: str, name: str) -> str:
         return g.op("SimplifiedLayerNormalization", [x, gamma], name, axis=-1, epsilon=eps)[0]
 
+    def norm_weight(module: str) -> str:
+        """A norm's gain: its weight, plus the family's offset (Gemma's 1 + weight; ONNX Runtime folds the Add)."""
+        gamma = param(f"{module}.weight")
+        if not spec.norm_offset:
+            return gamma
+        offset = g.const(f"{module}.offset", np.array(spec.norm_offset, np.float32))
+        return g.op("Add", [gamma, offset], f"/model/{module.replace('.', '/')}/offset/Add")[0]
+
     def scaled(x: str, field: str, path: str) -> str:
         """x times the family's multiplier `field` (archs.ArchSpec), or x where it has none."""
         factor = multiplier(cfg, spec, field)
@@ -129,37 +139,46 @@ def build_fused_graph(
         """RMSNorm on q or k before rotary: per head (Qwen3) or across the heads (OLMo 2)."""
         path = f"/model/{module.replace('.', '/')}"
         if spec.qk_norm == "full":
-            return rms_norm(x, param(f"{module}.weight"), f"{path}/SimplifiedLayerNorm")
+            return rms_norm(x, norm_weight(module), f"{path}/SimplifiedLayerNorm")
         split = g.op(
             "Reshape",
             [x, g.const(f"{module}.heads_shape", np.array([0, 0, n_heads, head_dim], np.int64))],
             f"{path}/Reshape",
         )[0]
-        normed = rms_norm(split, param(f"{module}.weight"), f"{path}/SimplifiedLayerNorm")
+        normed = rms_norm(split, norm_weight(module), f"{path}/SimplifiedLayerNorm")
         return g.op(
             "Reshape", [normed, g.const(f"{module}.flat_shape", np.array([0, 0, -1], np.int64))], f"{path}/Reshape_1"
         )[0]
 
-    cos, sin = _rotary_tables(model, head_dim)
-    if cos.shape[1] % 8 or cos.shape[1] > head_dim // 2:
-        raise StageError(
-            f"export.fused: rotary on {2 * cos.shape[1]} of each head's {head_dim} dimensions; GroupQueryAttention "
-            "needs a multiple of 16 up to the whole head; set fused: false"
-        )
-    g.const("cos_cache", cos)
-    g.const("sin_cache", sin)
-    window = _sliding_window(cfg)
+    kinds = layer_kinds(cfg)
+    tables = {}  # layer kind -> (cos, sin) initializer names; one pair unless the kinds' rotary bases differ
+    for kind in dict.fromkeys(kinds):
+        cos, sin = _rotary_tables(model, head_dim, kind)
+        if cos.shape[1] % 8 or cos.shape[1] > head_dim // 2:
+            raise StageError(
+                f"export.fused: rotary on {2 * cos.shape[1]} of each head's {head_dim} dimensions; "
+                "GroupQueryAttention needs a multiple of 16 up to the whole head; set fused: false"
+            )
+        same = next((names for names in tables.values() if _equal_tables(g, names, cos, sin)), None)
+        suffix = "" if not tables else f"_{kind}"
+        tables[kind] = same or (g.const(f"cos_cache{suffix}", cos), g.const(f"sin_cache{suffix}", sin))
+    window = int(getattr(cfg, "sliding_window", None) or -1)
     hidden = g.op("Gather", ["model.embed_tokens.weight", "input_ids"], "/model/model/embed_tokens/Gather")[0]
     param("model.embed_tokens.weight")
     hidden = scaled(hidden, "embedding_multiplier", "/model/model/embed_tokens")
-    attention_scale = getattr(cfg, spec.attention_multiplier) if spec.attention_multiplier else head_dim**-0.5
+    if spec.embedding_sqrt_scale:
+        root = g.const("/model/model/embed_tokens.sqrt_hidden", np.array(cfg.hidden_size**0.5, np.float32))
+        hidden = g.op("Mul", [hidden, root], "/model/model/embed_tokens/Mul")[0]
+    scores_scale = attention_scale(cfg, spec, head_dim)
+    scores_cap = softcap(cfg, spec, "attention_softcap")
+    mlp_norm = "pre_feedforward_layernorm" if spec.norms == "both" else "post_attention_layernorm"
     residual, pending = hidden, None  # `pending` is the last block's output, added to the residual by the next norm
     for i in range(dims.num_layers):
         p = f"model.layers.{i}"
 
         def block_input(name: str) -> str:
-            """What a block reads: the residual stream, normalized by `name` in a pre-norm family."""
-            return norm(name) if spec.norms == "pre" else residual
+            """What a block reads: the residual stream, normalized by `name` unless the family norms only outputs."""
+            return residual if spec.norms == "post" else norm(name)
 
         def block_output(y: str, name: str, block: str) -> None:
             """A block's output into the residual stream: pending for the next norm (pre-norm), or normalized by
@@ -170,12 +189,15 @@ def build_fused_graph(
                 pending = y
                 return
             path = f"/model/{p.replace('.', '/')}/{name}"
-            normed = rms_norm(y, param(f"{p}.{name}.weight"), f"{path}/LayerNorm")
+            normed = rms_norm(y, norm_weight(f"{p}.{name}"), f"{path}/LayerNorm")
+            if spec.norms == "both":  # the next norm adds it, as a pre-norm family's does
+                pending = normed
+                return
             residual = g.op("Add", [residual, normed], f"{path}/Add")[0]
 
         def norm(name: str) -> str:
             nonlocal residual
-            gamma = param(f"{p}.{name}.weight")
+            gamma = norm_weight(f"{p}.{name}")
             if pending is None:
                 return rms_norm(residual, gamma, f"/model/{p.replace('.', '/')}/{name}/LayerNorm")
             out, _, _, residual = g.op(
@@ -203,8 +225,7 @@ def build_fused_graph(
             f"past_key_values.{i}.value",
             "seqlens_k",
             "total_sequence_length",
-            "cos_cache",
-            "sin_cache",
+            *tables[kinds[i]],
         ]
         quant = {}
         if kv_scales is not None:  # inputs 9-11 (position_ids, attention_bias, head_sink) stay empty
@@ -226,24 +247,28 @@ def build_fused_graph(
             kv_num_heads=kv_heads,
             do_rotary=int(uses_rotary(cfg, spec, i)),
             rotary_interleaved=0,
-            local_window_size=window,
-            scale=float(attention_scale),
+            local_window_size=window if kinds[i] == "sliding_attention" else -1,
+            scale=float(scores_scale),
+            **({"softcap": scores_cap} if scores_cap else {}),
             **quant,
         )
         block_output(linear(attn, f"{p}.self_attn.o_proj"), "post_attention_layernorm", "self_attn")
-        x = block_input("post_attention_layernorm")
+        x = block_input(mlp_norm)
         path = f"/model/{p.replace('.', '/')}/mlp"
         if spec.packed:
             halves = g.const(f"{p}.mlp.halves", np.array([cfg.intermediate_size] * 2, np.int64))
             gate, up = g.op("Split", [linear(x, f"{p}.mlp.gate_up_proj"), halves], f"{path}/Split", outputs=2, axis=-1)
         else:
             gate, up = linear(x, f"{p}.mlp.gate_proj"), linear(x, f"{p}.mlp.up_proj")
-        silu = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{path}/act_fn/Sigmoid")[0]], f"{path}/act_fn/Mul")[0]
+        if activation(cfg) == "silu":
+            act = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{path}/act_fn/Sigmoid")[0]], f"{path}/act_fn/Mul")[0]
+        else:  # GELU's tanh approximation, which is what FastGelu computes
+            act = g.op("FastGelu", [gate], f"{path}/act_fn/FastGelu", domain=MS)[0]
         block_output(
-            linear(g.op("Mul", [silu, up], f"{path}/Mul")[0], f"{p}.mlp.down_proj"), "post_feedforward_layernorm", "mlp"
+            linear(g.op("Mul", [act, up], f"{path}/Mul")[0], f"{p}.mlp.down_proj"), "post_feedforward_layernorm", "mlp"
         )
-    final = param("model.norm.weight")
-    if spec.norms == "pre":
+    final = norm_weight("model.norm")
+    if spec.norms != "post":
         x = g.op(
             "SkipSimplifiedLayerNormalization",
             [pending, residual, final],
@@ -264,16 +289,18 @@ def build_fused_graph(
     head = "lm_head" if "lm_head.weight" in weights else "model.embed_tokens"
     head_t = g.weight("lm_head.weight.T", f"{head}.weight", weights.shape(f"{head}.weight"), transpose=True)
     divisor = multiplier(cfg, spec, "logits_divisor")
-    last = contract.dtype == "float32" and divisor is None  # the node that writes the graph's `logits` output
-    x = g.op("MatMul", [x, head_t], "/model/lm_head/MatMul", outputs=["logits"] if last else 1)[0]
+    x = g.op("MatMul", [x, head_t], "/model/lm_head/MatMul")[0]
     if divisor is not None:
         x = g.op(
-            "Div",
-            [x, g.const("/model/lm_head.logits_divisor", np.array(divisor, np.float32))],
-            "/model/lm_head/Div",
-            outputs=["logits"] if contract.dtype == "float32" else 1,
+            "Div", [x, g.const("/model/lm_head.logits_divisor", np.array(divisor, np.float32))], "/model/lm_head/Div"
         )[0]
-    if contract.dtype == "float16":
+    if (cap := softcap(cfg, spec, "logits_softcap")) is not None:
+        c = g.const("/model/lm_head.softcap", np.array(cap, np.float32))
+        x = g.op("Div", [x, c], "/model/lm_head/softcap/Div")[0]
+        x = g.op("Mul", [g.op("Tanh", [x], "/model/lm_head/softcap/Tanh")[0], c], "/model/lm_head/softcap/Mul")[0]
+    if contract.dtype == "float32":
+        _rename_output(g.graph, x, "logits")
+    else:
         g.op("Cast", [x], "/model/logits/Cast", outputs=["logits"], to=TensorProto.FLOAT)
 
     g.graph.name = "fused"
@@ -305,15 +332,26 @@ def to_float16(model: onnx.ModelProto) -> int:
     return converted
 
 
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # SiLU; GELU's tanh approximation (Gemma)
+
+
+def activation(cfg) -> str:
+    """The MLP's activation: Gemma 2 and 3 name it `hidden_activation`, the others `hidden_act`."""
+    return getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", "silu")
+
+
 def _check_supported(cfg, head_dim: int) -> None:
-    if getattr(cfg, "hidden_act", "silu") != "silu":
-        raise StageError(f"export.fused: activation {cfg.hidden_act} is not supported (silu only); set fused: false")
+    if activation(cfg) not in ACTIVATIONS:
+        raise StageError(
+            f"export.fused: activation {activation(cfg)} is not supported ({', '.join(ACTIVATIONS)}); set fused: false"
+        )
     if getattr(cfg, "attention_bias", False) and cfg.model_type != "qwen2":
         raise StageError("export.fused: attention biases are only supported for qwen2; set fused: false")
     if getattr(cfg, "mlp_bias", False):
         raise StageError("export.fused: MLP biases are not supported; set fused: false")
-    scaling = getattr(cfg, "rope_scaling", None) or {}
-    if scaling.get("rope_type", scaling.get("type")) == "longrope":
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    kinds = [r for r in rope.values() if isinstance(r, dict)] or [rope]  # per layer kind (Gemma 3) or one
+    if any(r.get("rope_type", r.get("type")) == "longrope" for r in kinds):
         raise StageError(
             "export.fused: longrope (Phi-3's 128k-context models) switches its rotary tables with the sequence "
             "length, which the fused graph does not; set fused: false"
@@ -322,22 +360,33 @@ def _check_supported(cfg, head_dim: int) -> None:
         raise StageError(f"export.fused: head_dim {head_dim} is not a multiple of 16, which GroupQueryAttention needs")
 
 
-def _sliding_window(cfg) -> int:
-    """GroupQueryAttention's local_window_size: -1 for full attention."""
-    window = getattr(cfg, "sliding_window", None)
-    if not window or (cfg.model_type in ("qwen2", "qwen3") and not getattr(cfg, "use_sliding_window", False)):
-        return -1
-    return int(window)
-
-
-def _rotary_tables(model, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin [max_positions, rotary_dim / 2] from the model's own rotary module (any rope scaling); rotary_dim
-    is head_dim except under partial rotary (Phi-4-mini), which GroupQueryAttention reads from the tables' width."""
+def _rotary_tables(model, head_dim: int, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin [max_positions, rotary_dim / 2] from the model's own rotary module (any rope scaling) for layers of
+    `kind`; rotary_dim is head_dim except under partial rotary (Phi-4-mini), which GroupQueryAttention reads from
+    the tables' width. Gemma 3's sliding layers have a base of their own: transformers 5 takes the layer kind,
+    4.x keeps a second module."""
     positions = torch.arange(model.config.max_position_embeddings)[None]
+    rotary, x = model.model.rotary_emb, torch.zeros(1, dtype=torch.float32)
     with torch.no_grad():
-        cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
+        if "layer_type" in inspect.signature(rotary.forward).parameters:
+            cos, sin = rotary(x, positions, kind)
+        elif kind == "sliding_attention" and hasattr(model.model, "rotary_emb_local"):
+            cos, sin = model.model.rotary_emb_local(x, positions)
+        else:
+            cos, sin = rotary(x, positions)
     half = cos.shape[-1] // 2
     return cos[0, :, :half].numpy().astype(np.float32), sin[0, :, :half].numpy().astype(np.float32)
+
+
+def _equal_tables(g: _Graph, names: tuple[str, str], cos: np.ndarray, sin: np.ndarray) -> bool:
+    held = {t.name: t for t in g.graph.initializer if t.name in names}
+    return all(np.array_equal(numpy_helper.to_array(held[n]), a) for n, a in zip(names, (cos, sin)))
+
+
+def _rename_output(graph: onnx.GraphProto, name: str, new: str) -> None:
+    """The graph's last node writes `new` instead of `name` (a graph output's name)."""
+    assert graph.node[-1].output[0] == name
+    graph.node[-1].output[0] = new
 
 
 def _value_infos(specs) -> list[onnx.ValueInfoProto]:

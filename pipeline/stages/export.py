@@ -19,7 +19,7 @@ import torch
 
 from calibration import DataError
 from calibration.batches import calibration_batches, describe_text
-from pipeline.archs import arch_for, model_dims
+from pipeline.archs import arch_for, layer_kinds, model_dims
 from pipeline.artifacts import save_onnx, sha256_file
 from pipeline.checkpoint import FloatWeights
 from pipeline.configs import ExportConfig
@@ -69,9 +69,18 @@ class KVCacheWrapper(torch.nn.Module):
         query_pos = torch.arange(total - seq, total, device=input_ids.device)
         key_pos = torch.arange(total, device=input_ids.device)
         allowed = (key_pos[None, :] <= query_pos[:, None])[None, None] & attention_mask[:, None, None, :].bool()
-        # one additive mask [B, 1, T, P+T]; a single finfo.min (never summed twice) keeps fully masked pad rows finite
-        mask = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(~allowed, torch.finfo(torch.float32).min)
-        cache = DynamicCache()
+        masks = {}
+        for kind in dict.fromkeys(layer_kinds(self.model.config)):
+            near = allowed
+            if kind == "sliding_attention":  # the last `sliding_window` positions, this one included
+                near = allowed & (key_pos[None, :] > query_pos[:, None] - self.model.config.sliding_window)[None, None]
+            # an additive mask [B, 1, T, P+T]; a single finfo.min (never summed twice) keeps masked pad rows finite
+            masks[kind] = torch.zeros(near.shape, dtype=torch.float32).masked_fill(
+                ~near, torch.finfo(torch.float32).min
+            )
+        # one kind: the tensor; alternating kinds (Gemma 2 and 3): the per-kind mapping those models take
+        mask = next(iter(masks.values())) if len(masks) == 1 else masks
+        cache = DynamicCache()  # no config: every layer keeps all its positions, as the contract's cache does
         for i in range(len(past) // 2):
             cache.update(past[2 * i], past[2 * i + 1], i)
         out = self.model(

@@ -63,8 +63,8 @@ def test_a_family_quantizes_exports_validates_and_generates(tmp_path, eval_text,
 
 
 def test_a_family_we_do_not_export_stops_after_the_model_step(tmp_path, eval_text):
-    model = make_checkpoint(tmp_path / "gemma", "gemma", layers=2)
+    model = make_checkpoint(tmp_path / "cohere", "cohere", layers=2)
     recipe = _recipe(tmp_path, model, eval_text, QUANTIZE["rtn"])
-    with pytest.raises(StageError, match=r"model family 'gemma' is not supported for export; supported: llama, "):
+    with pytest.raises(StageError, match=r"model family 'cohere' is not supported for export; supported: llama, "):
         run(recipe, workdir=tmp_path / "w")
     assert [p.name.split("-")[1] for p in (tmp_path / "w" / "family").glob("0*")] == ["model"]  # no quantize step

@@ -19,6 +19,7 @@ from collections.abc import Callable, Collection
 import torch
 
 from calibration.collect import feed_inputs, run_layer
+from pipeline.archs import arch_for
 from pipeline.configs import QuantizeConfig
 from pipeline.errors import StageError
 from pipeline.quant.awq import search_clip, search_scale, search_scale_on_output
@@ -26,23 +27,28 @@ from pipeline.quant.gptq import HessianAccumulator, gptq_refit
 from pipeline.quant.primitives import QTensor, QuantScheme, quantize
 from pipeline.quant.refit import padded_gram, refit_scales
 
-# (op whose output feeds the linears, the linears) within one decoder layer of the Llama family, and Phi-3's
-# packed linears; a layer has the groups whose modules it has (`scale_groups`)
+# (op whose output feeds the linears, the linears) within one decoder layer of the Llama family, Phi-3's
+# packed linears and Gemma 2/3's MLP norm; a layer has the groups whose modules it has (`scale_groups`)
 SCALE_GROUPS = (
     ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
     ("input_layernorm", ("self_attn.qkv_proj",)),
     ("self_attn.v_proj", ("self_attn.o_proj",)),  # only without grouped-query attention (shapes must match)
     ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
     ("post_attention_layernorm", ("mlp.gate_up_proj",)),
+    ("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
     ("mlp.up_proj", ("mlp.down_proj",)),
 )
 # the block whose output judges a group's scale, where a nonlinearity sits between the linears and the next fold
-JUDGED_BY = {"input_layernorm": "self_attn", "post_attention_layernorm": "mlp"}
+JUDGED_BY = {"input_layernorm": "self_attn", "post_attention_layernorm": "mlp", "pre_feedforward_layernorm": "mlp"}
 
 
 def scale_groups(layer: torch.nn.Module) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    """The layer's groups of linears that read one input, each with the op that produces it."""
+    """The layer's groups of linears that read one input, each with the op that produces it. With a
+    pre_feedforward_layernorm (Gemma 2 and 3) that norm feeds the MLP, and post_attention_layernorm acts on the
+    attention's output."""
     names = {name for name, _ in layer.named_modules()}
+    if "pre_feedforward_layernorm" in names:
+        names.discard("post_attention_layernorm")
     return tuple((f, group) for f, group in SCALE_GROUPS if f in names and all(n in names for n in group))
 
 
@@ -50,6 +56,11 @@ def feeds(layer: torch.nn.Module, feeder: str) -> bool:
     """Whether `feeder`'s output is what its group's linears read, so that scales fold into it. A norm is only in a
     pre-norm layer (Llama's); OLMo 2's blocks read the residual stream and its norms act on their outputs."""
     return not feeder.endswith("layernorm") or hasattr(layer, "input_layernorm")
+
+
+def norm_offset(layer: torch.nn.Module) -> float:
+    """What the layer's norms add to their weight before multiplying (Gemma's 1 + weight; archs.ArchSpec)."""
+    return arch_for(layer.self_attn.config).norm_offset
 
 
 class InputStats:
@@ -199,14 +210,15 @@ def lines_up(feed: torch.nn.Module, mods: list[torch.nn.Linear]) -> bool:
     return not isinstance(feed, torch.nn.Linear) or feed.out_features == mods[0].in_features
 
 
-def fold_scale(feed: torch.nn.Module, mods: list[torch.nn.Linear], s: torch.Tensor) -> None:
-    """Divide the feeder's output channels by s and multiply the linears' input channels by s (exact in float)."""
+def fold_scale(feed: torch.nn.Module, mods: list[torch.nn.Linear], s: torch.Tensor, offset: float = 0.0) -> None:
+    """Divide the feeder's output channels by s and multiply the linears' input channels by s (exact in float).
+    A norm multiplies each output channel by offset + weight."""
     if isinstance(feed, torch.nn.Linear):
         feed.weight.data /= s[:, None]
         if feed.bias is not None:
             feed.bias.data /= s
-    else:  # RMSNorm: its weight multiplies each output channel
-        feed.weight.data /= s
+    else:
+        feed.weight.data = (feed.weight.data + offset) / s - offset
     for m in mods:
         m.weight.data *= s[None, :]
 
@@ -234,7 +246,7 @@ def replay(layer, name: str, hidden: torch.Tensor, kwargs: dict) -> Callable[[],
 def block_judges(layer, hidden: torch.Tensor, kwargs: dict, stats: dict) -> dict[str, Callable[[], torch.Tensor]]:
     """feeder -> the output that judges its group's scale: the attention block re-run on one calibration batch,
     the MLP on the sampled inputs of gate_proj (taken before any fold, as the searches need)."""
-    mlp_input = stats[next(names[0] for f, names in scale_groups(layer) if f == "post_attention_layernorm")][0]
+    mlp_input = stats[next(names[0] for f, names in scale_groups(layer) if JUDGED_BY.get(f) == "mlp")][0]
     blocks = {"self_attn": replay(layer, "self_attn", hidden, kwargs), "mlp": lambda: layer.mlp(mlp_input)}
     return {feeder: blocks[block] for feeder, block in JUDGED_BY.items()}
 
@@ -263,7 +275,7 @@ def _scale_group(
         s, _alpha = search_scale_on_output(x_mean, [m for m, _ in planned], [sc for _, sc in planned], judge)
     else:
         s, _alpha = search_scale(x, x_mean, [m.weight.data for m, _ in planned], [sc for _, sc in planned])
-    fold_scale(feed, mods, s)
+    fold_scale(feed, mods, s, norm_offset(layer))
     for n in names:
         sample, mean = stats[n]
         stats[n] = (sample / s, mean / s)

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from calibration.collect import capture_layer_inputs, decoder_layers, run_layer
 from pipeline.quant.rotation import rotate
-from pipeline.stages.quantize.awq import collect_inputs, feeds, fold_scale, lines_up, scale_groups
+from pipeline.stages.quantize.awq import collect_inputs, feeds, fold_scale, lines_up, norm_offset, scale_groups
 
 ROTATED = (
     "mlp.down_proj",
@@ -72,7 +72,7 @@ def smoothquant(
             rot = rotate if hadamard and names == ROTATED else None
             chosen, s, error = search_alpha(x, x_max, [m.weight.data for m in mods], candidates, activations, rot)
             if s is not None:
-                fold_scale(feed, mods, s)
+                fold_scale(feed, mods, s, norm_offset(layer))
             report[f"model.layers.{index}.{names[0]}"] = {
                 "alpha": chosen,
                 "max_abs_input_before": round(float(x_max.max()), 3),

@@ -70,6 +70,9 @@ FAMILIES = [
     ("olmo2", {}),
     ("smollm3", FAMILY_SETTINGS["smollm3"]),
     ("phi3", FAMILY_SETTINGS["phi3"]),
+    ("gemma", FAMILY_SETTINGS["gemma"]),
+    ("gemma2", FAMILY_SETTINGS["gemma2"]),
+    ("gemma3_text", FAMILY_SETTINGS["gemma3_text"]),
 ]
 
 

@@ -37,7 +37,16 @@ def run_graph(graph, contract: Contract, seed: int = 0) -> list[np.ndarray]:
 
 @pytest.mark.parametrize(
     "family,layers",
-    [("llama", 4), ("llama", 7), ("qwen2", 5), ("qwen3", 5), ("mistral", 6), ("granite", 5), ("olmo2", 5), ("phi3", 5)],
+    [
+        ("llama", 4),
+        ("llama", 7),
+        ("qwen2", 5),
+        ("qwen3", 5),
+        ("mistral", 6),
+        ("granite", 5),
+        ("olmo2", 5),
+        ("phi3", 5),
+    ],
 )
 def test_stamped_graph_equals_the_whole_trace(tmp_path, family, layers):
     folder = make_checkpoint(tmp_path / "m", family, layers=layers)
@@ -53,6 +62,17 @@ def test_stamped_graph_equals_the_whole_trace(tmp_path, family, layers):
     for a, b in zip(run_graph(stamped, contract), run_graph(whole, contract)):
         np.testing.assert_array_equal(a, b)
     assert not list(tmp_path.glob(".trace*"))
+
+
+def test_a_family_whose_trace_computes_from_its_weights_is_traced_whole(tmp_path):
+    """Gemma's norms multiply by 1 + weight, which the trace folds into a constant named after no checkpoint
+    tensor: stamping cannot place it, so the whole model is traced, every layer in the graph."""
+    folder = make_checkpoint(tmp_path / "m", "gemma", layers=5)
+    model = load_streamed_model(folder)
+    said: list[str] = []
+    graph = export_stage._trace(model, folder, portable_contract(model), tmp_path, 17, said.append)
+    assert any("tracing the whole model" in s for s in said), said
+    assert len([t for t in graph.graph.input if t.name.startswith("past_key_values.")]) == 10
 
 
 def test_layers_that_differ_fall_back_to_the_whole_trace(tmp_path, monkeypatch):

@@ -235,12 +235,16 @@ def test_embedding_group_must_divide_hidden(tmp_path, tiny_llama, eval_text):
         run(quant_recipe(tmp_path, tiny_llama, eval_text, settings), workdir=tmp_path / "a")
 
 
-def test_awq_scaling_is_exact_in_float(tiny_llama, eval_text):
-    """Folding the AWQ scales changes no output before rounding: checked with 8-bit-free float weights."""
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_awq_scaling_is_exact_in_float(tmp_path, family):
+    """Folding the AWQ scales changes no output before rounding: checked with 8-bit-free float weights. Gemma's
+    norms multiply by 1 + weight, and its MLP reads pre_feedforward_layernorm, not post_attention_layernorm."""
+    from conftest import make_checkpoint
+
     from pipeline.quant.primitives import QuantScheme
     from pipeline.stages.quantize import awq as quantize_awq
 
-    model = load_torch_model(tiny_llama)
+    model = load_torch_model(make_checkpoint(tmp_path, family))
     ids = torch.randint(0, model.config.vocab_size, (2, 24))
     with torch.no_grad():
         ref = model(ids).logits
@@ -256,8 +260,13 @@ def test_awq_scaling_is_exact_in_float(tiny_llama, eval_text):
         if isinstance(m, torch.nn.Linear)
     }
     judges = quantize_awq.block_judges(layer, hidden[0], kwargs[0], stats)
-    for feeder, names in quantize_awq.scale_groups(layer):
+    groups = quantize_awq.scale_groups(layer)
+    mlp_feeder = "pre_feedforward_layernorm" if family == "gemma2" else "post_attention_layernorm"
+    norms = {f: layer.get_submodule(f).weight.clone() for f, _ in groups if f.endswith("layernorm")}
+    assert list(norms) == ["input_layernorm", mlp_feeder]
+    for feeder, names in groups:
         quantize_awq._scale_group(layer, feeder, names, "model.layers.0.", plan, stats, judges.get(feeder))
+    assert all(not torch.equal(layer.get_submodule(f).weight, w) for f, w in norms.items())  # the folds happened
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref, atol=1e-4, rtol=1e-4)
 
