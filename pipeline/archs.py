@@ -99,6 +99,20 @@ def arch_for(config) -> ArchSpec:
     return ARCHS[model_type]
 
 
+def export_spec(config) -> ArchSpec:
+    """The family's spec, or the one line that says why this model cannot be exported here."""
+    import transformers
+
+    spec = arch_for(config)
+    if longrope_switch(config) and int(transformers.__version__.split(".")[0]) < 5:
+        raise StageError(
+            f"export: {config.model_type} uses longrope, whose switch to its long factors transformers "
+            f"{transformers.__version__} makes in Python, so the portable graph's trace would keep the short ones "
+            "at every length; use transformers 5"
+        )
+    return spec
+
+
 def multiplier(config, spec: ArchSpec, field: str) -> float | None:
     """The config's value for one of the spec's multiplier fields; None where the family has none or it is 1."""
     attribute = getattr(spec, field)
@@ -133,6 +147,15 @@ def layer_kinds(config) -> list[str]:
     if config.model_type in ("qwen2", "qwen3") and not getattr(config, "use_sliding_window", False):
         return ["full_attention"] * config.num_hidden_layers
     return ["sliding_attention"] * config.num_hidden_layers
+
+
+def longrope_switch(cfg) -> int | None:
+    """The sequence length past which longrope (Phi-3.5, Phi-4-mini) rotates by its long factors; None without it."""
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type")) != "longrope":
+        return None
+    length = rope.get("original_max_position_embeddings") or getattr(cfg, "original_max_position_embeddings", None)
+    return int(length or cfg.max_position_embeddings)
 
 
 def uses_rotary(config, spec: ArchSpec, layer: int) -> bool:

@@ -339,7 +339,11 @@ def add_legacy_rope_keys(path: Path) -> None:
     if "partial_rotary_factor" in rope:
         config["partial_rotary_factor"] = rope["partial_rotary_factor"]
     scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
-    config["rope_scaling"] = scaling if scaling.get("rope_type", "default") != "default" else None
+    if scaling.get("rope_type") == "longrope":  # 4.x's Phi-3 takes exactly these three, the length beside them
+        if "original_max_position_embeddings" in scaling:
+            config["original_max_position_embeddings"] = scaling["original_max_position_embeddings"]
+        scaling = {"type": "longrope", "short_factor": scaling["short_factor"], "long_factor": scaling["long_factor"]}
+    config["rope_scaling"] = scaling if scaling.get("rope_type", scaling.get("type", "default")) != "default" else None
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from pipeline import distributed, resources
 from pipeline import stages as _stages  # noqa: F401  (registers the stages)
-from pipeline.archs import arch_for
+from pipeline.archs import export_spec
 from pipeline.artifacts import (
     MANIFEST,
     SCHEMA_VERSION,
@@ -181,7 +181,9 @@ def _run(
         art = distributed.on_main(model_step) if follow_until > 0 else model_step()
         history = (art,)
         if any(entry.name == "export" for entry in recipe.stages):  # before any stage's heavy work, not at export
-            arch_for(json.loads((art.path / "config.json").read_text()))
+            from transformers import AutoConfig
+
+            export_spec(AutoConfig.from_pretrained(art.path))
         for i, entry in enumerate(recipe.stages, start=1):
             spec = STAGES[entry.name]
             cfg_dict = dataclasses.asdict(entry.config)

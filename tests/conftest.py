@@ -93,13 +93,14 @@ def make_checkpoint(
     layers: int = 2,
     dtype: str = "float32",
     max_positions: int = 256,
+    settings: dict | None = None,
 ) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder.mkdir(parents=True, exist_ok=True)
     tok = make_tokenizer(folder)
-    settings = {
+    base = {
         "vocab_size": len(tok),
         "hidden_size": 64,
         "intermediate_size": 128,
@@ -111,7 +112,7 @@ def make_checkpoint(
         "eos_token_id": tok.eos_token_id,
         "tie_word_embeddings": family == "qwen2",
     }
-    config = AutoConfig.for_model(family, **{**settings, **FAMILY_SETTINGS.get(family, {})})
+    config = AutoConfig.for_model(family, **{**base, **FAMILY_SETTINGS.get(family, {}), **(settings or {})})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype))
     model.save_pretrained(folder, safe_serialization=True)

@@ -39,7 +39,16 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.archs import arch_for, attention_scale, layer_kinds, model_dims, multiplier, softcap, uses_rotary
+from pipeline.archs import (
+    arch_for,
+    attention_scale,
+    layer_kinds,
+    longrope_switch,
+    model_dims,
+    multiplier,
+    softcap,
+    uses_rotary,
+)
 from pipeline.checkpoint import FloatWeights
 from pipeline.errors import StageError
 from pipeline.graph.lazy import is_lazy, lazy_tensor
@@ -151,7 +160,8 @@ def build_fused_graph(
         )[0]
 
     kinds = layer_kinds(cfg)
-    tables = {}  # layer kind -> (cos, sin) initializer names; one pair unless the kinds' rotary bases differ
+    tables = {}  # layer kind -> (cos, sin) names; one pair unless the kinds' rotary bases differ
+    switch = longrope_switch(cfg)
     for kind in dict.fromkeys(kinds):
         cos, sin = _rotary_tables(model, head_dim, kind)
         if cos.shape[1] % 8 or cos.shape[1] > head_dim // 2:
@@ -161,7 +171,17 @@ def build_fused_graph(
             )
         same = next((names for names in tables.values() if _equal_tables(g, names, cos, sin)), None)
         suffix = "" if not tables else f"_{kind}"
-        tables[kind] = same or (g.const(f"cos_cache{suffix}", cos), g.const(f"sin_cache{suffix}", sin))
+        if same:
+            tables[kind] = same
+        elif switch is None:
+            tables[kind] = (g.const(f"cos_cache{suffix}", cos), g.const(f"sin_cache{suffix}", sin))
+        else:
+            # GroupQueryAttention wants every row; the short tables' rows past `switch` are never read (a sequence
+            # that long takes the long tables), so they stay zero
+            short = [np.zeros_like(t) for t in (cos, sin)]
+            for table, rows in zip(short, _rotary_tables(model, head_dim, kind, length=switch)):
+                table[:switch] = rows
+            tables[kind] = _switched_tables(g, (cos, sin), tuple(short), switch, suffix)
     window = int(getattr(cfg, "sliding_window", None) or -1)
     hidden = g.op("Gather", ["model.embed_tokens.weight", "input_ids"], "/model/model/embed_tokens/Gather")[0]
     param("model.embed_tokens.weight")
@@ -329,6 +349,11 @@ def to_float16(model: onnx.ModelProto) -> int:
                 raise StageError(f"export: {tensor.name} holds values beyond float16's range; use dtype: float32")
             tensor.CopyFrom(numpy_helper.from_array(array.astype(np.float16), tensor.name))
             converted += 1
+    for node in model.graph.node:  # longrope's switch hands the tables on through its branches' outputs
+        for branch in (a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH):
+            for value in branch.output:
+                if value.type.tensor_type.elem_type == TensorProto.FLOAT:
+                    value.type.tensor_type.elem_type = TensorProto.FLOAT16
     return converted
 
 
@@ -349,23 +374,20 @@ def _check_supported(cfg, head_dim: int) -> None:
         raise StageError("export.fused: attention biases are only supported for qwen2; set fused: false")
     if getattr(cfg, "mlp_bias", False):
         raise StageError("export.fused: MLP biases are not supported; set fused: false")
-    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-    kinds = [r for r in rope.values() if isinstance(r, dict)] or [rope]  # per layer kind (Gemma 3) or one
-    if any(r.get("rope_type", r.get("type")) == "longrope" for r in kinds):
-        raise StageError(
-            "export.fused: longrope (Phi-3's 128k-context models) switches its rotary tables with the sequence "
-            "length, which the fused graph does not; set fused: false"
-        )
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    if any(isinstance(r, dict) and r.get("rope_type") == "longrope" for r in rope.values()):
+        raise StageError("export.fused: longrope on some layer kinds only is not supported; set fused: false")
     if head_dim % 16:
         raise StageError(f"export.fused: head_dim {head_dim} is not a multiple of 16, which GroupQueryAttention needs")
 
 
-def _rotary_tables(model, head_dim: int, kind: str) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin [max_positions, rotary_dim / 2] from the model's own rotary module (any rope scaling) for layers of
-    `kind`; rotary_dim is head_dim except under partial rotary (Phi-4-mini), which GroupQueryAttention reads from
+def _rotary_tables(model, head_dim: int, kind: str, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin [length, rotary_dim / 2] (length: max_positions) from the model's own rotary module (any rope
+    scaling) for layers of `kind`, as it computes them for a sequence of that length (longrope's factors depend
+    on it); rotary_dim is head_dim except under partial rotary (Phi-4-mini), which GroupQueryAttention reads from
     the tables' width. Gemma 3's sliding layers have a base of their own: transformers 5 takes the layer kind,
     4.x keeps a second module."""
-    positions = torch.arange(model.config.max_position_embeddings)[None]
+    positions = torch.arange(length or model.config.max_position_embeddings)[None]
     rotary, x = model.model.rotary_emb, torch.zeros(1, dtype=torch.float32)
     with torch.no_grad():
         if "layer_type" in inspect.signature(rotary.forward).parameters:
@@ -376,6 +398,37 @@ def _rotary_tables(model, head_dim: int, kind: str) -> tuple[np.ndarray, np.ndar
             cos, sin = rotary(x, positions)
     half = cos.shape[-1] // 2
     return cos[0, :, :half].numpy().astype(np.float32), sin[0, :, :half].numpy().astype(np.float32)
+
+
+def _switched_tables(
+    g: _Graph, long: tuple[np.ndarray, np.ndarray], short: tuple[np.ndarray, np.ndarray], switch: int, suffix: str
+) -> tuple[str, str]:
+    """cos/sin that are longrope's long tables once the longest sequence in the batch holds more than `switch`
+    tokens, else its short ones, as transformers picks them from the largest position in the call. Keys are
+    rotated as they enter the cache, so those cached under the short tables stay so, as in transformers."""
+    names = (f"cos_cache{suffix}", f"sin_cache{suffix}")
+    for tables, which in ((long, "long"), (short, "short")):
+        for name, table in zip(names, tables):
+            g.const(f"{name}_{which}", table)
+    longest = g.op("ReduceMax", ["seqlens_k"], f"/model/rotary{suffix}/ReduceMax", keepdims=0)[0]
+    last = g.const(f"/model/rotary{suffix}.short_positions", np.array(switch - 1, np.int32))
+    is_long = g.op("Greater", [longest, last], f"/model/rotary{suffix}/Greater")[0]
+    half = long[0].shape[1]
+
+    def branch(which: str) -> onnx.GraphProto:
+        nodes = [helper.make_node("Identity", [f"{n}_{which}"], [f"{n}_{which}_out"]) for n in names]
+        outs = [helper.make_tensor_value_info(f"{n}_{which}_out", TensorProto.FLOAT, [None, half]) for n in names]
+        return helper.make_graph(nodes, which, [], outs)
+
+    g.op(
+        "If",
+        [is_long],
+        f"/model/rotary{suffix}/If",
+        list(names),
+        then_branch=branch("long"),
+        else_branch=branch("short"),
+    )
+    return names
 
 
 def _equal_tables(g: _Graph, names: tuple[str, str], cos: np.ndarray, sin: np.ndarray) -> bool:

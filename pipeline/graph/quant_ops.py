@@ -196,6 +196,15 @@ def _holds(init: onnx.TensorProto, param: str, transposed: bool, weights: Mappin
 def drop_unused_initializers(graph: onnx.GraphProto) -> None:
     """Delete the initializers no node reads, in place: the kept ones are never copied (taking them out
     and putting them back would hold every weight twice)."""
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    used = {i for n in graph.node for i in _inputs(n)} | {o.name for o in graph.output}
     for index in reversed([i for i, t in enumerate(graph.initializer) if t.name not in used]):
         del graph.initializer[index]
+
+
+def _inputs(node: onnx.NodeProto) -> list[str]:
+    """What a node reads, with what the subgraphs of its attributes (an If's branches) read from outside."""
+    names = list(node.input)
+    for attribute in node.attribute:
+        if attribute.type == onnx.AttributeProto.GRAPH:
+            names += [i for n in attribute.g.node for i in _inputs(n)]
+    return names

@@ -7,6 +7,7 @@ returns `logits` and `present.*`. Names and dynamic axes come from `runtime.io_s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -19,7 +20,7 @@ import torch
 
 from calibration import DataError
 from calibration.batches import calibration_batches, describe_text
-from pipeline.archs import arch_for, layer_kinds, model_dims
+from pipeline.archs import export_spec, layer_kinds, longrope_switch, model_dims
 from pipeline.artifacts import save_onnx, sha256_file
 from pipeline.checkpoint import FloatWeights
 from pipeline.configs import ExportConfig
@@ -98,7 +99,7 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
     # reference the parity checks compare with holds one decoder layer at a time (pipeline/streamed.py)
     from transformers import AutoConfig
 
-    arch = arch_for(AutoConfig.from_pretrained(inp.path))  # an unsupported family is named before any loading
+    arch = export_spec(AutoConfig.from_pretrained(inp.path))  # an unsupported model is named before any loading
     weights = FloatWeights(inp.path)
     model = load_streamed_model(inp.path)
     dims = model_dims(model.config)
@@ -410,7 +411,7 @@ def _trace_into(model, contract: Contract, path: Path, opset: int, export_params
         torch.arange(past, past + seq).expand(batch, seq).contiguous(),
         *[torch.randn(kv) for _ in contract.past_names()],
     )
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), _traceable_longrope(model):
         warnings.simplefilter("ignore")
         torch.onnx.export(
             KVCacheWrapper(model),
@@ -423,6 +424,36 @@ def _trace_into(model, contract: Contract, path: Path, opset: int, export_params
             output_names=[s.name for s in contract.outputs()],
             dynamic_axes=contract.dynamic_axes(),
         )
+
+
+@contextlib.contextmanager
+def _traceable_longrope(model):
+    """transformers 5 switches longrope's factors by copying into a buffer, which TorchScript cannot export: while
+    tracing, the rotary module makes the same choice (long tables once the largest position reaches the
+    original length) as a `where` between the tables it computes itself for each case. The short tables' rows
+    past that length are never picked, so they stay zero."""
+    switch = longrope_switch(model.config)
+    if switch is None:
+        yield
+        return
+    rotary, x, length = model.model.rotary_emb, torch.zeros(1), model.config.max_position_embeddings
+    with torch.no_grad():
+        long = [t[0] for t in rotary(x, torch.arange(length)[None])]
+        short = [
+            torch.cat([t[0], t.new_zeros(length - switch, t.shape[-1])]) for t in rotary(x, torch.arange(switch)[None])
+        ]
+
+    def forward(x, position_ids, *args, **kwargs):
+        is_long = position_ids.max() + 1 > switch
+        return tuple(
+            torch.where(is_long, lt[position_ids], st[position_ids]).to(x.dtype) for lt, st in zip(long, short)
+        )
+
+    rotary.forward = forward
+    try:
+        yield
+    finally:
+        del rotary.forward  # the class's own again
 
 
 def _write_float_prefill(int8_graph: Path, dtype: str) -> None:

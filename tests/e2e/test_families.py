@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 import textwrap
 
+import numpy as np
 import pytest
+import torch
 from conftest import make_checkpoint
 
 from pipeline import StageError, run
 from pipeline.archs import ARCHS
+from pipeline.models import load_torch_model
 from runtime import Generator, find_model_folder
 
 pytestmark = pytest.mark.slow  # three quantized runs per family, a few seconds each
@@ -60,6 +63,36 @@ def test_a_family_quantizes_exports_validates_and_generates(tmp_path, eval_text,
     prompts = [generator.tokenizer.encode(p) for p in ("Hello there", "The capital of France is")]
     batched = generator.generate(prompts, 6, ignore_eos=True).tokens
     assert batched == [generator.generate([p], 6, ignore_eos=True).tokens[0] for p in prompts]
+
+
+def test_a_longrope_model_quantizes_exports_validates_and_generates(tmp_path, eval_text):
+    """Phi-3.5 / Phi-4-mini's longrope, its original length (32) below the eval windows (64) and above the
+    prompts: both graphs within the parity limit, validate against PyTorch, batch equal to one by one."""
+    longrope = {
+        "original_max_position_embeddings": 32,
+        "rope_scaling": {
+            "type": "longrope",
+            "short_factor": [1.0 + 0.1 * i for i in range(8)],
+            "long_factor": [2.0 + 0.5 * i for i in range(8)],
+        },
+    }
+    model = make_checkpoint(tmp_path / "phi", "phi3", layers=4, settings=longrope)
+    run_dir = run(_recipe(tmp_path, model, eval_text, QUANTIZE["rtn"]), workdir=tmp_path / "w")
+    export = json.loads((next(run_dir.glob("02-export-*")) / "manifest.json").read_text())
+    assert set(export["parity_by_graph"]) == {"portable", "fused"}
+    report = json.loads((next(run_dir.glob("03-validate-*")) / "report.json").read_text())
+    assert report["passed"] and report["graph"] == "fused", report["failures"]
+    assert report["metrics"]["batch_greedy_agreement"] == 1.0
+    reference = load_torch_model(next(run_dir.glob("01-quantize-*")))  # the weights the graphs hold
+    ids = np.random.default_rng(0).integers(0, reference.config.vocab_size, 48)
+    export_dir = next(run_dir.glob("02-export-*"))
+    for graph in ("portable", "fused"):  # a prompt within the original length, and one past it
+        generator = Generator(export_dir, provider="cpu", graph=graph)
+        for n in (20, 48):
+            logits, _ = generator.prefill([ids[:n].tolist()], 64)
+            with torch.no_grad():
+                expected = reference(torch.tensor(ids[None, :n])).logits[0, -1].numpy()
+            np.testing.assert_allclose(logits[0], expected, atol=1e-3, err_msg=f"{graph} graph, {n} tokens")
 
 
 def test_a_family_we_do_not_export_stops_after_the_model_step(tmp_path, eval_text):

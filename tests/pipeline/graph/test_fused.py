@@ -221,3 +221,57 @@ def test_unsupported_activation_is_refused():
     model = _tiny("llama", hidden_act="gelu")
     with pytest.raises(StageError, match="activation gelu is not supported"):
         _session(model)
+
+
+LONGROPE = {
+    **FAMILY_SETTINGS["phi3"],
+    "original_max_position_embeddings": 16,
+    "rope_scaling": {
+        "type": "longrope",
+        "short_factor": [1.0 + 0.1 * i for i in range(8)],
+        "long_factor": [2.0 + 0.5 * i for i in range(8)],
+    },
+}
+
+
+@pytest.mark.parametrize("dtype,atol", [("float32", 1e-4), ("float16", 5e-3)])
+def test_longrope_takes_its_long_tables_past_the_original_length_as_transformers_does(dtype, atol):
+    """Phi-3.5 and Phi-4-mini: prompts within the original length (16 here) rotate by the short factors, longer
+    ones by the long factors; decode steps that cross it rotate new keys by the long factors while the keys
+    already cached keep the short ones, as transformers' cache does."""
+    from transformers.cache_utils import DynamicCache
+
+    model = _tiny("phi3", **LONGROPE)
+    session, contract = _session(model, dtype=dtype)
+    capacity = 32
+
+    def step(ids: np.ndarray, past: dict | None, length: int) -> tuple[np.ndarray, dict]:
+        past = past or {
+            n: np.zeros((1, contract.num_kv_heads, capacity, contract.head_dim), contract.kv_dtype)
+            for n in contract.past_names()
+        }
+        logits, *presents = session.run(
+            None,
+            {
+                "input_ids": ids[None],
+                "seqlens_k": np.array([length - 1], np.int32),
+                "total_sequence_length": np.array(capacity if len(ids) == 1 else length, np.int32),
+                "logits_positions": np.arange(len(ids))[None],
+                **past,
+            },
+        )
+        return logits[0], dict(zip(contract.past_names(), presents))
+
+    ids = np.random.default_rng(0).integers(0, 120, 24)
+    with torch.no_grad():
+        for n in (12, 24):  # within and beyond the original length, whole prompts
+            np.testing.assert_allclose(
+                step(ids[:n], None, n)[0], model(torch.tensor(ids[None, :n])).logits[0], atol=atol
+            )
+        logits, past = step(ids[:14], None, 14)
+        cache = DynamicCache()
+        model(torch.tensor(ids[None, :14]), past_key_values=cache, use_cache=True)
+        for t in range(14, 20):  # positions 14 .. 19: the sequence outgrows 16 at position 16
+            logits, past = step(ids[t : t + 1], past, t + 1)
+            ref = model(torch.tensor(ids[None, t : t + 1]), past_key_values=cache, use_cache=True).logits[0]
+            np.testing.assert_allclose(logits, ref, atol=atol)

@@ -135,3 +135,22 @@ def test_float16_fused_graph_with_int4_weights(tmp_path, eval_text, tiny_llama):
     np.testing.assert_allclose(got, ref, atol=2e-2)
     parity = json.loads((folder / "manifest.json").read_text())["parity_by_graph"]
     assert 0 < parity["fused"] < 0.5 and parity["portable"] < 1e-3
+
+
+def test_a_longrope_model_exports_on_transformers_5_and_is_refused_in_one_line_before(tmp_path, eval_text):
+    """transformers 4 makes longrope's switch to its long factors in Python, which a trace freezes: the portable
+    graph would keep the short factors past the original length. So on 4.x the export stops with the reason."""
+    import transformers
+    from conftest import make_checkpoint
+
+    longrope = {
+        "original_max_position_embeddings": 16,
+        "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [4.0] * 8},
+    }
+    model = make_checkpoint(tmp_path / "phi", "phi3", settings=longrope)
+    recipe = write_recipe(tmp_path, model, eval_text)
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        assert (next(run(recipe, workdir=tmp_path / "w").glob("01-export-*")) / "fused" / "model.onnx").is_file()
+    else:
+        with pytest.raises(StageError, match=r"^export: phi3 uses longrope, .* use transformers 5$"):
+            run(recipe, workdir=tmp_path / "w")
