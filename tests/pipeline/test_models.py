@@ -79,6 +79,34 @@ def test_config_json_keeps_the_rotary_base_and_scaling_in_the_keys_transformers_
     assert torch.equal(expected[0], got[0]) and expected[1] == got[1]
 
 
+def test_longrope_keeps_the_three_keys_transformers_4_validates_and_the_length_beside_them(tmp_path):
+    """transformers 4's Phi-3 refuses a rope_scaling with other than type, short_factor and long_factor, and reads
+    the original length at the top level; read back from those alone, both rotary tables are the same."""
+    from transformers import AutoConfig, Phi3Config
+    from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
+
+    factors = {"short_factor": [1.0 + 0.1 * i for i in range(8)], "long_factor": [2.0 + 0.5 * i for i in range(8)]}
+    config = Phi3Config(
+        hidden_size=64,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        original_max_position_embeddings=16,
+        pad_token_id=0,
+        rope_scaling={"type": "longrope", **factors},
+    )
+    save_pretrained(config, tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["rope_scaling"] == {"type": "longrope", **factors}
+    assert saved["original_max_position_embeddings"] == 16
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "rope_parameters"}))
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    for length in (8, 64):  # short factors within the original length, long past it
+        positions = torch.arange(length)[None]
+        expected = Phi3RotaryEmbedding(config)(torch.zeros(1), positions)
+        got = Phi3RotaryEmbedding(loaded)(torch.zeros(1), positions)
+        assert all(torch.equal(e, g) for e, g in zip(expected, got))
+
+
 def test_the_model_step_writes_the_rotary_base_where_transformers_4_reads_it(tiny_run):
     from transformers import AutoConfig
 
