@@ -352,8 +352,10 @@ def load_torch_model(folder: Path, attention: str = "eager"):
     ("sdpa" runs calibration passes faster, benchmarks/experiments/quantize_speed.py; the result differs by float noise)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    attention = attention_for(AutoConfig.from_pretrained(folder), attention)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=attention)
+    config = AutoConfig.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, config=config, dtype=torch.float32, attn_implementation=attention_for(config, attention)
+    )
     return model.eval()
 
 

@@ -86,6 +86,19 @@ FAMILY_SETTINGS = {
 }
 
 
+def longrope(original: int) -> dict:
+    """Config settings for longrope (Phi-3.5, Phi-4-mini) on the tiny Phi-3's 8 rotary frequencies: short and
+    long factors far apart, the long ones taken past `original` positions."""
+    return {
+        "original_max_position_embeddings": original,
+        "rope_scaling": {
+            "type": "longrope",
+            "short_factor": [1.0 + 0.1 * i for i in range(8)],
+            "long_factor": [2.0 + 0.5 * i for i in range(8)],
+        },
+    }
+
+
 def make_checkpoint(
     folder: Path,
     family: str = "llama",

@@ -163,7 +163,8 @@ def build_fused_graph(
     tables = {}  # layer kind -> (cos, sin) names; one pair unless the kinds' rotary bases differ
     switch = longrope_switch(cfg)
     for kind in dict.fromkeys(kinds):
-        cos, sin = _rotary_tables(model, head_dim, kind)
+        full, short = (rotary_tables(model, kind), None) if switch is None else longrope_tables(model, kind, switch)
+        cos, sin = _half_width(full)
         if cos.shape[1] % 8 or cos.shape[1] > head_dim // 2:
             raise StageError(
                 f"export.fused: rotary on {2 * cos.shape[1]} of each head's {head_dim} dimensions; "
@@ -173,15 +174,10 @@ def build_fused_graph(
         suffix = "" if not tables else f"_{kind}"
         if same:
             tables[kind] = same
-        elif switch is None:
+        elif short is None:
             tables[kind] = (g.const(f"cos_cache{suffix}", cos), g.const(f"sin_cache{suffix}", sin))
-        else:
-            # GroupQueryAttention wants every row; the short tables' rows past `switch` are never read (a sequence
-            # that long takes the long tables), so they stay zero
-            short = [np.zeros_like(t) for t in (cos, sin)]
-            for table, rows in zip(short, _rotary_tables(model, head_dim, kind, length=switch)):
-                table[:switch] = rows
-            tables[kind] = _switched_tables(g, (cos, sin), tuple(short), switch, suffix)
+        else:  # GroupQueryAttention wants every row, which longrope_tables gives the short tables too
+            tables[kind] = _switched_tables(g, (cos, sin), _half_width(short), switch, suffix)
     window = int(getattr(cfg, "sliding_window", None) or -1)
     hidden = g.op("Gather", ["model.embed_tokens.weight", "input_ids"], "/model/model/embed_tokens/Gather")[0]
     param("model.embed_tokens.weight")
@@ -381,12 +377,11 @@ def _check_supported(cfg, head_dim: int) -> None:
         raise StageError(f"export.fused: head_dim {head_dim} is not a multiple of 16, which GroupQueryAttention needs")
 
 
-def _rotary_tables(model, head_dim: int, kind: str, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin [length, rotary_dim / 2] (length: max_positions) from the model's own rotary module (any rope
-    scaling) for layers of `kind`, as it computes them for a sequence of that length (longrope's factors depend
-    on it); rotary_dim is head_dim except under partial rotary (Phi-4-mini), which GroupQueryAttention reads from
-    the tables' width. Gemma 3's sliding layers have a base of their own: transformers 5 takes the layer kind,
-    4.x keeps a second module."""
+def rotary_tables(model, kind: str, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [length, rotary_dim] (length: max_positions) from the model's own rotary module (any rope scaling)
+    for layers of `kind`, as it computes them for a sequence of that length (longrope's factors depend on it);
+    rotary_dim is head_dim except under partial rotary (Phi-4-mini). Gemma 3's sliding layers have a base of their
+    own: transformers 5 takes the layer kind, 4.x keeps a second module."""
     positions = torch.arange(length or model.config.max_position_embeddings)[None]
     rotary, x = model.model.rotary_emb, torch.zeros(1, dtype=torch.float32)
     with torch.no_grad():
@@ -396,8 +391,24 @@ def _rotary_tables(model, head_dim: int, kind: str, length: int | None = None) -
             cos, sin = model.model.rotary_emb_local(x, positions)
         else:
             cos, sin = rotary(x, positions)
-    half = cos.shape[-1] // 2
-    return cos[0, :, :half].numpy().astype(np.float32), sin[0, :, :half].numpy().astype(np.float32)
+    return cos[0], sin[0]
+
+
+def longrope_tables(model, kind: str, switch: int) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """Longrope's (long, short) cos/sin tables over every position, as the rotary module computes them for a
+    sequence past `switch` tokens and for one within it. The short tables' rows past `switch` are never read (a
+    sequence that long takes the long tables), so they are zero."""
+    long = rotary_tables(model, kind)
+    short = tuple(
+        torch.cat([t, t.new_zeros(len(lt) - switch, t.shape[-1])])
+        for t, lt in zip(rotary_tables(model, kind, switch), long)
+    )
+    return long, short
+
+
+def _half_width(tables: tuple[torch.Tensor, ...]) -> tuple[np.ndarray, ...]:
+    """The first half of each table's columns, what GroupQueryAttention reads (its rotary_dim from their width)."""
+    return tuple(t[:, : t.shape[-1] // 2].numpy().astype(np.float32) for t in tables)
 
 
 def _switched_tables(

@@ -29,7 +29,7 @@ from pipeline.formats.compressed_tensors import HF_QUANTIZED_FOLDER, write_compr
 from pipeline.formats.genai import write_genai_config
 from pipeline.formats.gguf import GGUF_FILE, GGUF_FOLDER, write_gguf
 from pipeline.graph.float_zero import lower_float_zero_points
-from pipeline.graph.fused import build_fused_graph, float_cache_graph, to_float16
+from pipeline.graph.fused import build_fused_graph, float_cache_graph, longrope_tables, to_float16
 from pipeline.graph.lazy import save_streamed
 from pipeline.graph.pack import pack_sibling_matmuls
 from pipeline.graph.quant_ops import apply_block_quantized_ops, set_accuracy_level
@@ -430,18 +430,13 @@ def _trace_into(model, contract: Contract, path: Path, opset: int, export_params
 def _traceable_longrope(model):
     """transformers 5 switches longrope's factors by copying into a buffer, which TorchScript cannot export: while
     tracing, the rotary module makes the same choice (long tables once the largest position reaches the
-    original length) as a `where` between the tables it computes itself for each case. The short tables' rows
-    past that length are never picked, so they stay zero."""
+    original length) as a `where` between the tables it computes itself for each case."""
     switch = longrope_switch(model.config)
     if switch is None:
         yield
         return
-    rotary, x, length = model.model.rotary_emb, torch.zeros(1), model.config.max_position_embeddings
-    with torch.no_grad():
-        long = [t[0] for t in rotary(x, torch.arange(length)[None])]
-        short = [
-            torch.cat([t[0], t.new_zeros(length - switch, t.shape[-1])]) for t in rotary(x, torch.arange(switch)[None])
-        ]
+    rotary = model.model.rotary_emb
+    long, short = longrope_tables(model, "full_attention", switch)
 
     def forward(x, position_ids, *args, **kwargs):
         is_long = position_ids.max() + 1 > switch

@@ -9,7 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from conftest import make_checkpoint
+from conftest import longrope, make_checkpoint
 
 from pipeline import StageError, run
 from pipeline.archs import ARCHS
@@ -68,15 +68,7 @@ def test_a_family_quantizes_exports_validates_and_generates(tmp_path, eval_text,
 def test_a_longrope_model_quantizes_exports_validates_and_generates(tmp_path, eval_text):
     """Phi-3.5 / Phi-4-mini's longrope, its original length (32) below the eval windows (64) and above the
     prompts: both graphs within the parity limit, validate against PyTorch, batch equal to one by one."""
-    longrope = {
-        "original_max_position_embeddings": 32,
-        "rope_scaling": {
-            "type": "longrope",
-            "short_factor": [1.0 + 0.1 * i for i in range(8)],
-            "long_factor": [2.0 + 0.5 * i for i in range(8)],
-        },
-    }
-    model = make_checkpoint(tmp_path / "phi", "phi3", layers=4, settings=longrope)
+    model = make_checkpoint(tmp_path / "phi", "phi3", layers=4, settings=longrope(32))
     run_dir = run(_recipe(tmp_path, model, eval_text, QUANTIZE["rtn"]), workdir=tmp_path / "w")
     export = json.loads((next(run_dir.glob("02-export-*")) / "manifest.json").read_text())
     assert set(export["parity_by_graph"]) == {"portable", "fused"}

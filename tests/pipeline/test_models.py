@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_checkpoint, write_recipe
+from conftest import longrope, make_checkpoint, write_recipe
 from safetensors import safe_open
 
 from pipeline import RecipeError, run
@@ -85,18 +85,12 @@ def test_longrope_keeps_the_three_keys_transformers_4_validates_and_the_length_b
     from transformers import AutoConfig, Phi3Config
     from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
 
-    factors = {"short_factor": [1.0 + 0.1 * i for i in range(8)], "long_factor": [2.0 + 0.5 * i for i in range(8)]}
     config = Phi3Config(
-        hidden_size=64,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        original_max_position_embeddings=16,
-        pad_token_id=0,
-        rope_scaling={"type": "longrope", **factors},
+        hidden_size=64, num_attention_heads=4, max_position_embeddings=64, pad_token_id=0, **longrope(16)
     )
     save_pretrained(config, tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved["rope_scaling"] == {"type": "longrope", **factors}
+    assert saved["rope_scaling"] == longrope(16)["rope_scaling"]  # transformers 5 fills the dict it was given
     assert saved["original_max_position_embeddings"] == 16
     (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "rope_parameters"}))
     loaded = AutoConfig.from_pretrained(tmp_path)

@@ -7,7 +7,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import FAMILY_SETTINGS
+from conftest import FAMILY_SETTINGS, longrope
 
 from pipeline.archs import arch_for, model_dims
 from pipeline.checkpoint import ModelWeights
@@ -223,15 +223,7 @@ def test_unsupported_activation_is_refused():
         _session(model)
 
 
-LONGROPE = {
-    **FAMILY_SETTINGS["phi3"],
-    "original_max_position_embeddings": 16,
-    "rope_scaling": {
-        "type": "longrope",
-        "short_factor": [1.0 + 0.1 * i for i in range(8)],
-        "long_factor": [2.0 + 0.5 * i for i in range(8)],
-    },
-}
+LONGROPE = {**FAMILY_SETTINGS["phi3"], **longrope(16)}
 
 
 @pytest.mark.parametrize("dtype,atol", [("float32", 1e-4), ("float16", 5e-3)])

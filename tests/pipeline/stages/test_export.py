@@ -141,13 +141,9 @@ def test_a_longrope_model_exports_on_transformers_5_and_is_refused_in_one_line_b
     """transformers 4 makes longrope's switch to its long factors in Python, which a trace freezes: the portable
     graph would keep the short factors past the original length. So on 4.x the export stops with the reason."""
     import transformers
-    from conftest import make_checkpoint
+    from conftest import longrope, make_checkpoint
 
-    longrope = {
-        "original_max_position_embeddings": 16,
-        "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [4.0] * 8},
-    }
-    model = make_checkpoint(tmp_path / "phi", "phi3", settings=longrope)
+    model = make_checkpoint(tmp_path / "phi", "phi3", settings=longrope(16))
     recipe = write_recipe(tmp_path, model, eval_text)
     if int(transformers.__version__.split(".")[0]) >= 5:
         assert (next(run(recipe, workdir=tmp_path / "w").glob("01-export-*")) / "fused" / "model.onnx").is_file()
