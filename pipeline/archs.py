@@ -106,9 +106,10 @@ def export_spec(config) -> ArchSpec:
     spec = arch_for(config)
     if longrope_switch(config) and int(transformers.__version__.split(".")[0]) < 5:
         raise StageError(
-            f"export: {config.model_type} uses longrope, whose switch to its long factors transformers "
-            f"{transformers.__version__} makes in Python, so the portable graph's trace would keep the short ones "
-            "at every length; use transformers 5"
+            f"export: {config.model_type} uses longrope, and transformers {transformers.__version__}'s generate "
+            "recomputes every cached key with the long factors once a sequence passes the original length, which "
+            "a KV-cache graph does not (keys keep the factors they were cached with, as on transformers 5): "
+            "validation against it would disagree past that length; use transformers 5"
         )
     return spec
 

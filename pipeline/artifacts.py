@@ -34,6 +34,7 @@ TRACKED_LIBRARIES = (
     "torch",
     "transformers",
     "onnx",
+    "onnxscript",
     "onnxruntime",
     "onnxruntime-gpu",
     "tokenizers",

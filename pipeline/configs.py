@@ -447,7 +447,7 @@ def _check_bits(key: str, bits: int) -> None:
 
 @dataclass(frozen=True)
 class ExportConfig:
-    opset: int = 17  # the ONNX opset of the graphs
+    opset: int = 18  # the ONNX opset of the graphs (18 is the exporter's lowest)
     external_data: bool = True  # weights in model.onnx.data beside the graph (relative path)
     parity_tokens: int = 16  # tokens of the export-time parity check against PyTorch
     # MatMulNBits compute: 0 = float like the weights' dequantized matmul, 4 = int8 (faster on CPU),
@@ -467,7 +467,7 @@ class ExportConfig:
     targets: tuple[ExportTarget, ...] = ("onnx",)
     # hf-quantized's float tensors and scales: auto (as the model), float32, bfloat16, float16
     hf_quantized_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    version: int = 11
+    version: int = 12
 
     def __post_init__(self):
         if self.accuracy_level == "auto" and self.dtype == "float16":
@@ -483,8 +483,8 @@ class ExportConfig:
                 "kv_cache: int8 is built for the fused graph in float32 (ONNX Runtime's CPU GroupQueryAttention); "
                 "set fused: true and dtype: float32, or kv_cache: float"
             )
-        if not 14 <= self.opset <= 21:
-            raise RecipeError(f"opset: {self.opset} is not supported; use 14..21 (17 is the default)")
+        if not 18 <= self.opset <= 21:
+            raise RecipeError(f"opset: {self.opset} is not supported; use 18..21 (18 is the default)")
         if self.hf_quantized_dtype != "auto" and "hf-quantized" not in self.targets:
             raise RecipeError("hf_quantized_dtype: applies to the hf-quantized target, which targets does not list")
         if "onnx" not in self.targets:

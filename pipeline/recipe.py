@@ -4,7 +4,7 @@
     model:
       source: ../artifacts/models/SmolLM2-135M-Instruct.Q4_1.gguf
     stages:
-      - export: {opset: 17}
+      - export: {opset: 18}
       - validate: {max_windows: 40}
 
 A recipe may instead build on a template (another recipe file) and change some of its settings:
@@ -186,7 +186,7 @@ def _build_stages(raw: Any, base: Path) -> tuple[StageEntry, ...]:
         if isinstance(item, str):
             item = {item: {}}
         if not isinstance(item, dict) or len(item) != 1:
-            raise RecipeError(f"{where}: each stage is a one-key mapping, e.g. '- export: {{opset: 17}}'")
+            raise RecipeError(f"{where}: each stage is a one-key mapping, e.g. '- export: {{opset: 18}}'")
         ((name, settings),) = item.items()
         if name not in STAGES:
             raise RecipeError(

@@ -133,7 +133,7 @@ def make_checkpoint(
 
 
 def write_recipe(
-    folder: Path, model: Path, text: Path, name: str = "tiny", extra_validate: str = "", export: str = "{opset: 17}"
+    folder: Path, model: Path, text: Path, name: str = "tiny", extra_validate: str = "", export: str = "{opset: 18}"
 ) -> Path:
     recipe = folder / f"{name}.yaml"
     recipe.write_text(
@@ -266,7 +266,7 @@ def tiny_export_int8_kv(tmp_path_factory, tiny_llama, eval_text) -> Path:
 
     work = tmp_path_factory.mktemp("work-int8-kv")
     export = (
-        "{opset: 17, kv_cache: int8, kv_calibration: {data: {source: %s}, num_samples: 4, sequence_length: 32}}"
+        "{opset: 18, kv_cache: int8, kv_calibration: {data: {source: %s}, num_samples: 4, sequence_length: 32}}"
         % eval_text
     )
     gates = "thresholds: {top1_agreement: 0.9, greedy_token_agreement: 0.8}\ndefault_gates: false"  # near-ties flip

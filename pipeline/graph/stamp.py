@@ -1,19 +1,16 @@
-"""The portable graph of a deep model from the trace of a three-layer copy: TorchScript never sees the model.
+"""The portable graph of a deep model from the trace of a three-layer copy: the exporter never sees the model.
 
-Tracing holds the model's weights several times over (4.5x the float32 model at the peak on
-SmolLM2-135M), so a 1.7B model did not fit in 24 GiB. The decoder layers run the same code, so the
-graph of layer 2 of a three-layer trace is the graph of every layer past it:
+The decoder layers run the same code, so the graph of layer 2 of a three-layer trace is the graph of
+every layer past it:
 
-    3-layer copy, distinct random weights ─► trace ─► global + layer 0 + layer 1 + layer 2 (template)
-    layer 2's nodes, renamed for layers 3 .. N-1 ─► global head reads layer N-1 ─► every initializer
-    a placeholder for the checkpoint tensor (and transpose) it was found to be
+    3-layer fake copy ─► trace ─► global + layer 0 + layer 1 + layer 2 (template)
+    layer 2's nodes, renamed for layers 3 .. N-1 ─► global head reads layer N-1 ─► every weight a
+    placeholder for the checkpoint tensor (and transpose) it is named after
 
 Layer 0 and layer 1 stay as traced: layer 1 is where the template's inputs from a previous layer come
-from, and layer 0 holds what the tracer computed once and shared (rotary tables, masks). Weights are
-matched by value, which is why the copy's weights are random and distinct: the tracer merges
-initializers of equal value, and folds transposes into new ones. A layer that is not a copy of the
-template (layer 1's graph differs from layer 2's) or a weight that is neither a parameter nor its
-transpose makes `stamp_layers` return None, and the caller traces the whole model.
+from, and layer 0 holds what the exporter computed once and shared (rotary tables, masks). A layer
+that is not a copy of the template (layer 1's graph differs from layer 2's) makes `stamp_layers`
+return None, and the caller traces the whole model (fake too: it costs time, not memory).
 """
 
 from __future__ import annotations
@@ -22,32 +19,13 @@ import copy
 import re
 from collections.abc import Callable
 
-import numpy as np
 import onnx
-import torch
-from onnx import numpy_helper
 
 from pipeline.graph.lazy import lazy_tensor
 
 TEMPLATE = 2  # the traced layer copied to layers 3 .. N-1
 TRACED_LAYERS = 3
 _LAYER = re.compile(r"layers\.(\d+)")
-
-
-def three_layer_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of `model` with three decoder layers and distinct random float32 weights (same code path)."""
-    from transformers import AutoModelForCausalLM
-
-    config = copy.deepcopy(model.config)
-    config.num_hidden_layers = TRACED_LAYERS
-    if getattr(config, "layer_types", None):
-        config.layer_types = config.layer_types[:TRACED_LAYERS]
-    small = AutoModelForCausalLM.from_config(config, attn_implementation=model.config._attn_implementation)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in small.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.02 + 0.01)
-    return small.float().eval()
 
 
 def can_stamp(config) -> bool:
@@ -64,20 +42,12 @@ def can_stamp(config) -> bool:
 
 
 def stamp_layers(
-    traced: onnx.ModelProto,
-    small: torch.nn.Module | dict[str, tuple[str, bool]],
-    layers: int,
-    log: Callable[[str], None],
+    traced: onnx.ModelProto, sources: dict[str, tuple[str, bool]], layers: int, log: Callable[[str], None]
 ) -> onnx.ModelProto | None:
-    """`traced` (the trace of `small`, see module docstring) grown to `layers` layers, in place, its weights
-    placeholders for the checkpoint's tensors (pipeline/graph/lazy.py); None when the trace does not have
-    the shape this needs. `small` may instead be what `weights_by_name` found: initializer -> (parameter,
-    transposed)."""
+    """`traced` (a three-layer trace, see module docstring) grown to `layers` layers, in place; `sources` is
+    what `weights_by_name` found (initializer -> (checkpoint tensor, transposed)). None when the trace does
+    not have the shape this needs."""
     graph = traced.graph
-    sources = small if isinstance(small, dict) else _match_initializers(graph, small)
-    if sources is None:
-        log("  layer stamping: a traced weight is neither a parameter nor its transpose; tracing the whole model")
-        return None
     by_layer = _layers_alike(graph, sources, log)
     if by_layer is None:
         return None
@@ -109,9 +79,6 @@ def stamp_layers(
     nodes = list(graph.node)
     del graph.node[:]
     graph.node.extend(nodes[:position] + clones + nodes[position:])
-    for t in graph.initializer:  # the traced copy's weights become the model's
-        if t.name in sources:
-            t.CopyFrom(lazy_tensor(t.name, [sources[t.name]], list(t.dims)))
     graph.initializer.extend(new_inits)
     _grow_io(graph, layers)
     del graph.value_info[:]  # shapes of the copy's intermediate tensors; ONNX Runtime infers its own
@@ -148,83 +115,50 @@ def _layers_alike(graph: onnx.GraphProto, sources: dict, log: Callable[[str], No
 
 
 def weights_by_name(traced: onnx.ModelProto, weights, prefix: str = "model.") -> dict[str, tuple[str, bool]] | None:
-    """For a graph traced without its parameters (`export_params=False`: they are graph inputs, and TorchScript
-    holds no copy of them): turn each weight input into a placeholder for its checkpoint tensor, in place, and
-    return initializer -> (checkpoint tensor, transposed). Parameters keep their names (behind the wrapper's
-    `prefix`); the transposed copies the tracer made for MatMuls are named after no parameter, so each is
-    the weight of the module its MatMul is named for. None when an input is neither, or a shape disagrees."""
+    """For a graph traced without its parameters (they are graph inputs named `prefix` + parameter): turn each
+    into a placeholder for its checkpoint tensor, in place, and fold each Transpose of one (a linear's
+    weight as its MatMul reads it) into a placeholder of the transposed tensor. Returns initializer ->
+    (checkpoint tensor, transposed); None when an input names no checkpoint tensor or a shape disagrees."""
     graph = traced.graph
-    readers = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
     sources: dict[str, tuple[str, bool]] = {}
     kept = []
     for value in graph.input:
-        name = value.name
-        dims = [d.dim_value for d in value.type.tensor_type.shape.dim]
-        if name.startswith(prefix) and name[len(prefix) :] in weights:
-            param, transpose = name[len(prefix) :], False
-        elif (
-            name.startswith("onnx::MatMul_")
-            and len(readers.get(name, [])) == 1
-            and readers[name][0].op_type == "MatMul"
-        ):
-            module = _module_of(readers[name][0].name)
-            param, transpose = f"{module}.weight", True
-            if param not in weights and module == "lm_head":  # a tied head is the embedding
-                param = "model.embed_tokens.weight"
-        else:
+        if not value.name.startswith(prefix):
             kept.append(value)
             continue
-        if param not in weights or weights.shape(param)[:: -1 if transpose else 1] != dims:
+        param = value.name[len(prefix) :]
+        if param not in weights and param == "lm_head.weight":  # a tied head is the embedding
+            param = "model.embed_tokens.weight"
+        dims = [d.dim_value for d in value.type.tensor_type.shape.dim]
+        if param not in weights or list(weights.shape(param)) != dims:
             return None
-        sources[name] = (param, transpose)
-        graph.initializer.append(lazy_tensor(name, [(param, transpose)], dims))
+        sources[value.name] = (param, False)
+        graph.initializer.append(lazy_tensor(value.name, [(param, False)], dims))
     if any(not v.name.startswith(("input_ids", "attention_mask", "position_ids", "past_key_values.")) for v in kept):
         return None
     del graph.input[:]
     graph.input.extend(kept)
+    transposed: dict[str, str] = {}  # a Transpose's output -> the placeholder that replaces it
+    for node in list(graph.node):
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), [1, 0])
+        if node.op_type != "Transpose" or node.input[0] not in sources or perm != [1, 0]:
+            continue
+        param = sources[node.input[0]][0]
+        name = f"{node.input[0]}.T"
+        if name not in sources:
+            sources[name] = (param, True)
+            graph.initializer.append(lazy_tensor(name, [(param, True)], list(weights.shape(param))[::-1]))
+        transposed[node.output[0]] = name
+        graph.node.remove(node)
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            if name in transposed:
+                node.input[k] = transposed[name]
+    used = {x for n in graph.node for x in n.input}
+    for t in [t for t in graph.initializer if t.name in sources and t.name not in used]:
+        graph.initializer.remove(t)
+        del sources[t.name]
     return sources
-
-
-def _module_of(node_name: str) -> str:
-    """'/model/model/layers.0/mlp/up_proj/MatMul' -> 'model.layers.0.mlp.up_proj'."""
-    return node_name.removeprefix("/model/").rpartition("/")[0].replace("/", ".")
-
-
-def _match_initializers(graph: onnx.GraphProto, small: torch.nn.Module) -> dict[str, tuple[str, bool]] | None:
-    """Initializer name -> (parameter name, transposed?) for every initializer holding a weight; other
-    initializers (constants of the code) are left out. None when a weight-sized one matches nothing."""
-    params = {n: p.detach().numpy() for n, p in small.named_parameters()}
-    by_size: dict[int, list[str]] = {}
-    for n, p in params.items():
-        by_size.setdefault(p.size, []).append(n)
-    found: dict[str, tuple[str, bool]] = {}
-    for t in graph.initializer:
-        candidates = by_size.get(int(np.prod(t.dims)), [])
-        if not candidates:
-            continue
-        array = numpy_helper.to_array(t)
-        hit = next(
-            ((n, False) for n in candidates if array.shape == params[n].shape and np.array_equal(array, params[n])),
-            None,
-        )
-        if hit is None and array.ndim == 2:
-            hit = next(
-                (
-                    (n, True)
-                    for n in candidates
-                    if array.shape == params[n].T.shape and np.array_equal(array, params[n].T)
-                ),
-                None,
-            )
-        if hit is None:
-            if array.size >= 64 and array.dtype == np.float32:  # weight-sized and float: must be a weight
-                return None
-            continue
-        found[t.name] = hit
-    return found
 
 
 def _input_for(name: str, i: int, produced: dict, counterpart: dict, sources: dict) -> str:

@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import json
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +32,10 @@ from pipeline.graph.fused import build_fused_graph, float_cache_graph, longrope_
 from pipeline.graph.lazy import save_streamed
 from pipeline.graph.pack import pack_sibling_matmuls
 from pipeline.graph.quant_ops import apply_block_quantized_ops, set_accuracy_level
-from pipeline.graph.stamp import TRACED_LAYERS, can_stamp, stamp_layers, three_layer_copy, weights_by_name
+from pipeline.graph.stamp import TRACED_LAYERS, can_stamp, stamp_layers, weights_by_name
+from pipeline.graph.trace import export_graph, fake_model, real_buffers
 from pipeline.graph.w8a8 import quantize_w8a8
-from pipeline.models import TOKENIZER_FILES, load_torch_model
+from pipeline.models import TOKENIZER_FILES
 from pipeline.quant.kv_int8 import RoundingCache, kv_scales
 from pipeline.quant.plan import PLAN_FILE, decoder_linears
 from pipeline.registry import StageResult, register_stage
@@ -117,7 +117,7 @@ def export(cfg: ExportConfig, inp, ctx) -> StageResult:
     if "gguf" in cfg.targets:
         targets["gguf"] = _export_gguf(inp.path, out, ctx)
     ctx.log(f"  tracing {model.config.model_type} ({dims.num_layers} layers) to ONNX opset {cfg.opset}")
-    graph = _trace(model, inp.path, contract, out, cfg.opset, ctx.log)
+    graph = _trace(model, inp.path, contract, cfg.opset, ctx.log)
     swapped = lowered = 0
     if plan.get("layers"):
         swapped = apply_block_quantized_ops(graph, inp.path, weights, accuracy_level=0)
@@ -362,81 +362,49 @@ def _w8a8_modules(plan: dict, model) -> list[str]:
     return plan["w8a8_modules"] if "w8a8_modules" in plan else decoder_linears(model)
 
 
-def _trace(model, folder: Path, contract: Contract, out: Path, opset: int, log) -> onnx.ModelProto:
-    """The portable graph. A model deeper than three layers is traced as a three-layer copy whose last layer
-    is stamped out to the model's depth (pipeline/graph/stamp.py), its weights left in the checkpoint:
-    TorchScript holds several copies of what it traces, so it never sees the whole model. A model that
-    cannot be stamped is loaded whole and traced. The parity check below compares the result with
-    PyTorch either way."""
+def _trace(model, folder: Path, contract: Contract, opset: int, log) -> onnx.ModelProto:
+    """The portable graph, traced from a fake copy of the model (shapes, no data: pipeline/graph/trace.py)
+    whose weights come back as placeholders for the checkpoint's tensors. A model deeper than three layers
+    is traced as a three-layer copy whose last layer is stamped out to the model's depth
+    (pipeline/graph/stamp.py): tracing takes seconds at any depth. A model that cannot be stamped is traced
+    whole. The parity check below compares the result with PyTorch either way."""
+    weights = FloatWeights(folder)
     if can_stamp(model.config):
-        small = three_layer_copy(model)
-        small_contract = dataclasses.replace(contract, num_layers=TRACED_LAYERS)
-        traced = _trace_file(small, small_contract, out, opset, export_params=False)
-        sources = weights_by_name(traced, FloatWeights(folder))
-        if sources is None:  # by value, from a trace that holds the copy's weights
-            log("  layer stamping: a traced weight is named after no checkpoint tensor; matching weights by value")
-            traced, sources = _trace_file(small, small_contract, out, opset), small
+        small = dataclasses.replace(contract, num_layers=TRACED_LAYERS)
+        traced = _trace_fake(model, small, opset, TRACED_LAYERS)
+        sources = weights_by_name(traced, weights)
+        if sources is None:
+            raise StageError(f"export: a traced weight of {folder} is named after no checkpoint tensor")
         stamped = stamp_layers(traced, sources, model.config.num_hidden_layers, log)
         if stamped is not None:
             return stamped
-        del traced, small
-    whole = load_torch_model(folder)
-    try:
-        return _trace_file(whole, contract, out, opset)
-    finally:
-        del whole
-        release_memory()
+    log("  tracing the whole model")
+    traced = _trace_fake(model, contract, opset)
+    if weights_by_name(traced, weights) is None:
+        raise StageError(f"export: a traced weight of {folder} is named after no checkpoint tensor")
+    return traced
 
 
-def _trace_file(model, contract: Contract, out: Path, opset: int, export_params: bool = True) -> onnx.ModelProto:
-    """TorchScript's trace into a scratch folder that is removed once the graph is in memory: past 2 GB the
-    exporter writes one file per tensor beside the graph, which must not stay in the artifact. Without
-    `export_params` the weights are graph inputs: the tracer holds no copies of them (4.5x the traced
-    model's float32 weights with them)."""
-    scratch = out / ".trace"
-    scratch.mkdir()
-    try:
-        _trace_into(model, contract, scratch / contract.model_file, opset, export_params)
-        return onnx.load(str(scratch / contract.model_file))
-    finally:
-        shutil.rmtree(scratch)
-
-
-def _trace_into(model, contract: Contract, path: Path, opset: int, export_params: bool = True) -> None:
-    batch, seq, past = 2, 3, 4  # non-trivial sizes so no dimension is traced as a constant
-    kv = (batch, contract.num_kv_heads, past, contract.head_dim)
-    args = (
-        torch.randint(0, contract.vocab_size, (batch, seq)),
-        torch.ones(batch, past + seq, dtype=torch.int64),
-        torch.arange(past, past + seq).expand(batch, seq).contiguous(),
-        *[torch.randn(kv) for _ in contract.past_names()],
-    )
-    with torch.no_grad(), warnings.catch_warnings(), _traceable_longrope(model):
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            KVCacheWrapper(model),
-            args,
-            str(path),
-            dynamo=False,
-            opset_version=opset,
-            export_params=export_params,
-            input_names=[s.name for s in contract.inputs()],
-            output_names=[s.name for s in contract.outputs()],
-            dynamic_axes=contract.dynamic_axes(),
-        )
+def _trace_fake(model, contract: Contract, opset: int, layers: int | None = None) -> onnx.ModelProto:
+    """The exporter's graph of a fake copy of `model` (its first `layers` decoder layers), weights as graph
+    inputs; `model`, real, gives the computed buffers (rotary frequencies) and longrope's tables."""
+    fake = fake_model(model.config, layers, model.config._attn_implementation)
+    with _traceable_longrope(fake, model):
+        return export_graph(KVCacheWrapper(fake), contract, opset, real_buffers(model))
 
 
 @contextlib.contextmanager
-def _traceable_longrope(model):
-    """transformers 5 switches longrope's factors by copying into a buffer, which TorchScript cannot export: while
-    tracing, the rotary module makes the same choice (long tables once the largest position reaches the
-    original length) as a `where` between the tables it computes itself for each case."""
-    switch = longrope_switch(model.config)
+def _traceable_longrope(fake, real):
+    """transformers 5 switches longrope's factors by copying into a buffer, which a trace cannot follow (4.x
+    switches in Python, which a trace freezes): while tracing, the rotary module makes the same choice (long
+    tables once the largest position reaches the original length) as a `where` between the tables `real`'s
+    rotary module computes for each case."""
+    switch = longrope_switch(real.config)
     if switch is None:
         yield
         return
-    rotary = model.model.rotary_emb
-    long, short = longrope_tables(model, "full_attention", switch)
+    rotary = fake.model.rotary_emb
+    long, short = longrope_tables(real, "full_attention", switch)
 
     def forward(x, position_ids, *args, **kwargs):
         is_long = position_ids.max() + 1 > switch

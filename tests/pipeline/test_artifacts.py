@@ -26,7 +26,7 @@ def test_manifest_records_versions_config_and_checksums(tiny_run):
         "resources",
     ):
         assert key in m, key
-    assert m["stage"] == "export" and m["config"]["opset"] == 17
+    assert m["stage"] == "export" and m["config"]["opset"] == 18
     assert {"torch", "transformers", "onnx", "onnxruntime"} <= set(m["versions"])
     assert set(m["files"]) >= {"model.onnx", "model.onnx.data", "io_contract.json", "tokenizer.json"}
     model = next(tiny_run.glob("00-model-*"))

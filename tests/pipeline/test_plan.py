@@ -26,7 +26,7 @@ def test_the_plan_follows_the_workdir_from_nothing_to_cached_to_linked(tmp_path,
     assert [state for _, _, state in states] == ["cached"] * 3
     assert [step for step, _, _ in states] == sorted(p.name for p in (work / "first").glob("[0-9][0-9]-*"))
 
-    other = write_recipe(tmp_path, tiny_llama, eval_text, "second", export="{opset: 17, parity_tokens: 8}")
+    other = write_recipe(tmp_path, tiny_llama, eval_text, "second", export="{opset: 18, parity_tokens: 8}")
     states = [state for _, _, state in step_states(load_recipe(other), work)]
     assert states == ["linked from first", "build", "build"]  # a changed export rebuilds validate after it
 
@@ -38,7 +38,7 @@ def test_the_resolved_recipe_holds_every_default_and_loads_back(tmp_path, tiny_l
     loaded = load_recipe(write_recipe(tmp_path, tiny_llama, eval_text))
     data = yaml.safe_load(resolved(loaded))
     export = data["stages"][0]["export"]
-    assert export["opset"] == 17 and export["fused"] is True and export["kv_cache"] == "float"
+    assert export["opset"] == 18 and export["fused"] is True and export["kv_cache"] == "float"
     back = tmp_path / "back.yaml"
     back.write_text(yaml.safe_dump(data))
     assert load_recipe(back).stages == loaded.stages  # the plan shows exactly what will run

@@ -207,11 +207,11 @@ def test_a_recipe_on_a_template_is_the_template_with_its_settings(tmp_path, tiny
           quantize.budget: {max_size_mb: 5}
         """,
     )
-    r = load_recipe(thin, overrides=["export.opset=18"])
+    r = load_recipe(thin, overrides=["export.opset=19"])
     quantize, export = (s.config for s in r.stages)
     assert r.name == "mine" and r.path == thin
     assert quantize.group_size == 32 and quantize.budget.max_size_mb == 5 and quantize.budget.max_size_ratio is None
-    assert export.opset == 18  # --set applies after the template's settings
+    assert export.opset == 19  # --set applies after the template's settings
     # relative paths in the template start at the template's folder
     assert quantize.calibration.data.source == str(templates / "data.txt")
     # without a name the run is named after the model and the file that was run

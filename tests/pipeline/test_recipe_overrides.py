@@ -29,13 +29,13 @@ def test_overrides_reach_stages_nested_keys_and_top_level_keys(two_stage, eval_t
         two_stage,
         [
             "validate.max_windows=2",
-            "stages[0].opset=18",
+            "stages[0].opset=19",
             "name=short",
             "validate.thresholds.top1_agreement=0.5",
             "validate.prompts=[a, b]",
         ],
     )
-    assert r.name == "short" and r.stages[0].config.opset == 18
+    assert r.name == "short" and r.stages[0].config.opset == 19
     v = r.stages[1].config
     assert v.max_windows == 2 and v.thresholds == {"top1_agreement": 0.5} and v.prompts == ("a", "b")
     assert v.context_length == 64  # untouched keys keep the file's values

@@ -7,9 +7,9 @@ from conftest import make_checkpoint
 
 from pipeline.archs import model_dims
 from pipeline.checkpoint import FloatWeights
-from pipeline.graph.lazy import is_lazy, materialize
-from pipeline.graph.stamp import can_stamp
-from pipeline.models import load_torch_model
+from pipeline.errors import StageError
+from pipeline.graph.lazy import is_lazy, lazy_parts, materialize
+from pipeline.graph.stamp import can_stamp, weights_by_name
 from pipeline.stages import export as export_stage
 from pipeline.streamed import load_streamed_model
 from runtime.io_spec import Contract
@@ -35,6 +35,14 @@ def run_graph(graph, contract: Contract, seed: int = 0) -> list[np.ndarray]:
     return session.run(None, feeds)
 
 
+def whole_trace(folder, contract):
+    """The trace of the whole model, weights placed: what stamping must equal."""
+    model = load_streamed_model(folder)
+    graph = export_stage._trace_fake(model, contract, 18)
+    assert weights_by_name(graph, FloatWeights(folder)) is not None
+    return materialize(graph, FloatWeights(folder))
+
+
 @pytest.mark.parametrize(
     "family,layers",
     [
@@ -46,33 +54,24 @@ def run_graph(graph, contract: Contract, seed: int = 0) -> list[np.ndarray]:
         ("granite", 5),
         ("olmo2", 5),
         ("phi3", 5),
+        ("gemma", 5),
     ],
 )
 def test_stamped_graph_equals_the_whole_trace(tmp_path, family, layers):
     folder = make_checkpoint(tmp_path / "m", family, layers=layers)
-    model = load_torch_model(folder)
+    model = load_streamed_model(folder)
     contract = portable_contract(model)
     said: list[str] = []
-    stamped = export_stage._trace(load_streamed_model(folder), folder, contract, tmp_path, 17, said.append)
+    stamped = export_stage._trace(model, folder, contract, 18, said.append)
     assert any("layer stamping: traced 3 layers" in s for s in said), said  # it did not fall back
-    assert not any("by value" in s for s in said)  # the trace held no weights: each was found by its name
-    assert all(is_lazy(t) for t in stamped.graph.initializer if t.name.startswith("model.layers."))  # no weight copied
-    materialize(stamped, FloatWeights(folder))
-    whole = export_stage._trace_file(model, contract, tmp_path, 17)
-    for a, b in zip(run_graph(stamped, contract), run_graph(whole, contract)):
+    weights = FloatWeights(folder)
+    placed = [t for t in stamped.graph.initializer if is_lazy(t)]
+    assert {lazy_parts(t)[0][0][0] for t in placed} == set(weights)  # every tensor, each by its name
+    held = sum(t.ByteSize() for t in stamped.graph.initializer if not is_lazy(t))
+    assert held < 4 * model.config.hidden_size * 4  # the trace copied no weight (constants of the code only)
+    materialize(stamped, weights)
+    for a, b in zip(run_graph(stamped, contract), run_graph(whole_trace(folder, contract), contract)):
         np.testing.assert_array_equal(a, b)
-    assert not list(tmp_path.glob(".trace*"))
-
-
-def test_a_family_whose_trace_computes_from_its_weights_is_traced_whole(tmp_path):
-    """Gemma's norms multiply by 1 + weight, which the trace folds into a constant named after no checkpoint
-    tensor: stamping cannot place it, so the whole model is traced, every layer in the graph."""
-    folder = make_checkpoint(tmp_path / "m", "gemma", layers=5)
-    model = load_streamed_model(folder)
-    said: list[str] = []
-    graph = export_stage._trace(model, folder, portable_contract(model), tmp_path, 17, said.append)
-    assert any("tracing the whole model" in s for s in said), said
-    assert len([t for t in graph.graph.input if t.name.startswith("past_key_values.")]) == 10
 
 
 def test_layers_that_differ_fall_back_to_the_whole_trace(tmp_path, monkeypatch):
@@ -89,37 +88,21 @@ def test_layers_that_differ_fall_back_to_the_whole_trace(tmp_path, monkeypatch):
 
     monkeypatch.setattr(stamp, "_signature", differing)
     said: list[str] = []
-    graph = export_stage._trace(model, folder, portable_contract(model), tmp_path, 17, said.append)
+    graph = export_stage._trace(model, folder, portable_contract(model), 18, said.append)
     assert any("graphs differ; tracing the whole model" in s for s in said)
     assert len([t for t in graph.graph.input if t.name.startswith("past_key_values.")]) == 10
 
 
-def test_a_weight_the_trace_transformed_otherwise_falls_back(tmp_path, monkeypatch):
-    import pipeline.graph.stamp as stamp
-
+def test_a_trace_whose_weights_are_not_the_checkpoints_is_refused(tmp_path):
+    """Weights are placed by name and shape: a checkpoint of other shapes gets no placeholders, and export
+    stops naming the folder rather than build a graph that reads the wrong tensors."""
     folder = make_checkpoint(tmp_path / "m", "llama", layers=4)
+    other = make_checkpoint(tmp_path / "o", "llama", layers=4, settings={"intermediate_size": 96})
     model = load_streamed_model(folder)
-    monkeypatch.setattr(export_stage, "weights_by_name", lambda graph, weights: None)
-    monkeypatch.setattr(stamp, "_match_initializers", lambda graph, small: None)
-    said: list[str] = []
-    export_stage._trace(model, folder, portable_contract(model), tmp_path, 17, said.append)
-    assert any("named after no checkpoint tensor; matching weights by value" in s for s in said)
-    assert any("neither a parameter nor its transpose" in s for s in said)
-
-
-def test_weights_matched_by_value_stamp_the_same_graph(tmp_path, monkeypatch):
-    """The by-value path (a trace holding the copy's weights) is the fallback of the by-name one: same graph."""
-    folder = make_checkpoint(tmp_path / "m", "qwen2", layers=5)
-    model = load_streamed_model(folder)
-    contract = portable_contract(model)
-    by_name = export_stage._trace(model, folder, contract, tmp_path, 17, print)
-    monkeypatch.setattr(export_stage, "weights_by_name", lambda graph, weights: None)
-    by_value = export_stage._trace(model, folder, contract, tmp_path, 17, print)
-    weights = FloatWeights(folder)
-    for a, b in zip(
-        run_graph(materialize(by_name, weights), contract), run_graph(materialize(by_value, weights), contract)
-    ):
-        np.testing.assert_array_equal(a, b)
+    graph = export_stage._trace_fake(model, portable_contract(model), 18)
+    assert weights_by_name(graph, FloatWeights(other)) is None
+    with pytest.raises(StageError, match=r"a traced weight of .*o is named after no checkpoint tensor"):
+        export_stage._trace(load_streamed_model(folder), other, portable_contract(model), 18, print)
 
 
 def test_a_quantized_model_stamps_and_swaps_every_layer(tmp_path, eval_text):
