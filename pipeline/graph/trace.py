@@ -85,6 +85,10 @@ def export_graph(
         onnxscript.optimizer.optimize(model)
     proto = ir.serde.serialize_model(model)
     name_by_scope(proto.graph)
+    for node in proto.graph.node:  # the exporter's stack traces and FX nodes: megabytes in a 30-layer graph
+        del node.metadata_props[:]
+    del proto.graph.metadata_props[:]
+    del proto.metadata_props[:]
     axes = contract.dynamic_axes()
     for value in [*proto.graph.input, *proto.graph.output]:  # the contract's names, not the exporter's symbols
         for axis, name in axes.get(value.name, {}).items():
