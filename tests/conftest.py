@@ -303,3 +303,21 @@ def greedy_shortfall(gen, question: str, answer: str) -> float:
     tokens = gen.tokenizer.encode(answer, add_special_tokens=False)
     logits = gen.logits(prompt + tokens)[len(prompt) - 1 : -1]
     return float((logits.max(-1) - logits[np.arange(len(tokens)), tokens]).max())
+
+
+def assert_graphs_match_torch(export_dir: Path, reference, lengths: tuple[int, ...], atol: float) -> None:
+    """Both graphs' last-token prefill logits equal `reference`'s (a PyTorch model) on random prompts of
+    each length: for positions the eval windows do not reach (longrope past its original length)."""
+    import numpy as np
+    import torch
+
+    from runtime import Generator
+
+    ids = np.random.default_rng(0).integers(0, reference.config.vocab_size, max(lengths))
+    for graph in ("portable", "fused"):
+        generator = Generator(export_dir, provider="cpu", graph=graph)
+        for n in lengths:
+            logits, _ = generator.prefill([ids[:n].tolist()], 64)
+            with torch.no_grad():
+                expected = reference(torch.tensor(ids[None, :n])).logits[0, -1].numpy()
+            np.testing.assert_allclose(logits[0], expected, atol=atol, err_msg=f"{graph} graph, {n} tokens")

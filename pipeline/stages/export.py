@@ -372,17 +372,22 @@ def _trace(model, folder: Path, contract: Contract, opset: int, log) -> onnx.Mod
     if can_stamp(model.config):
         small = dataclasses.replace(contract, num_layers=TRACED_LAYERS)
         traced = _trace_fake(model, small, opset, TRACED_LAYERS)
-        sources = weights_by_name(traced, weights)
-        if sources is None:
-            raise StageError(f"export: a traced weight of {folder} is named after no checkpoint tensor")
-        stamped = stamp_layers(traced, sources, model.config.num_hidden_layers, log)
+        stamped = stamp_layers(traced, _weight_sources(traced, weights, folder), model.config.num_hidden_layers, log)
         if stamped is not None:
             return stamped
-    log("  tracing the whole model")
+    elif model.config.num_hidden_layers > TRACED_LAYERS:
+        log("  tracing the whole model: its decoder layers are of several kinds")
     traced = _trace_fake(model, contract, opset)
-    if weights_by_name(traced, weights) is None:
-        raise StageError(f"export: a traced weight of {folder} is named after no checkpoint tensor")
+    _weight_sources(traced, weights, folder)
     return traced
+
+
+def _weight_sources(traced: onnx.ModelProto, weights: FloatWeights, folder: Path) -> dict[str, tuple[str, bool]]:
+    """The traced graph's weights as placeholders for the checkpoint's tensors (stamp.weights_by_name)."""
+    sources = weights_by_name(traced, weights)
+    if sources is None:
+        raise StageError(f"export: a traced weight of {folder} is named after no checkpoint tensor")
+    return sources
 
 
 def _trace_fake(model, contract: Contract, opset: int, layers: int | None = None) -> onnx.ModelProto:

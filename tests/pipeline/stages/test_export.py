@@ -153,7 +153,7 @@ def test_a_longrope_model_switches_past_its_original_length_and_is_refused_on_tr
     original length (16) and one past it. On 4.x the export stops: its generate recomputes the cache with the
     long factors at the crossing, which a KV-cache graph does not, so validate's reference would disagree."""
     import transformers
-    from conftest import longrope, make_checkpoint
+    from conftest import assert_graphs_match_torch, longrope, make_checkpoint
 
     model = make_checkpoint(tmp_path / "phi", "phi3", settings=longrope(16))
     recipe = write_recipe(tmp_path, model, eval_text)
@@ -163,11 +163,4 @@ def test_a_longrope_model_switches_past_its_original_length_and_is_refused_on_tr
         return
     folder = find_model_folder(run(recipe, workdir=tmp_path / "w"))
     reference = load_torch_model(model)
-    ids = np.random.default_rng(0).integers(0, reference.config.vocab_size, 40)
-    for graph in ("portable", "fused"):
-        generator = Generator(folder, provider="cpu", graph=graph)
-        for n in (10, 40):
-            logits, _ = generator.prefill([ids[:n].tolist()], 64)
-            with torch.no_grad():
-                expected = reference(torch.tensor(ids[None, :n])).logits[0, -1].numpy()
-            np.testing.assert_allclose(logits[0], expected, atol=1e-4, err_msg=f"{graph} graph, {n} tokens")
+    assert_graphs_match_torch(folder, reference, (10, 40), atol=1e-4)
