@@ -467,7 +467,7 @@ class ExportConfig:
     targets: tuple[ExportTarget, ...] = ("onnx",)
     # hf-quantized's float tensors and scales: auto (as the model), float32, bfloat16, float16
     hf_quantized_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    version: int = 13
+    version: int = 14
 
     def __post_init__(self):
         if self.accuracy_level == "auto" and self.dtype == "float16":

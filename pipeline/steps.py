@@ -45,6 +45,7 @@ from pipeline.artifacts import (
 from pipeline.errors import PipelineError, StageError, ValidationFailed
 from pipeline.estimate import estimate, memory_bytes, model_shape
 from pipeline.estimate_time import describe, estimate_seconds
+from pipeline.formats.gguf import gguf_family
 from pipeline.models import import_model, source_identity
 from pipeline.recipe import data_identity, load_recipe
 from pipeline.registry import STAGES, StageResult
@@ -180,10 +181,13 @@ def _run(
         )
         art = distributed.on_main(model_step) if follow_until > 0 else model_step()
         history = (art,)
-        if any(entry.name == "export" for entry in recipe.stages):  # before any stage's heavy work, not at export
+        exports = [entry.config for entry in recipe.stages if entry.name == "export"]
+        if exports:  # before any stage's heavy work, not at export
             from transformers import AutoConfig
 
             export_spec(AutoConfig.from_pretrained(art.path))
+            if any("gguf" in export.targets for export in exports):
+                gguf_family(json.loads((art.path / "config.json").read_text()), "export.targets gguf")
         for i, entry in enumerate(recipe.stages, start=1):
             spec = STAGES[entry.name]
             cfg_dict = dataclasses.asdict(entry.config)

@@ -10,9 +10,13 @@ The codes are copied; only the per-block scale (and Q4_1's minimum) is rounded t
 ggml's blocks hold, and `write_gguf` reports the largest weight change that causes. Other layouts
 (group sizes other than 32, 3-bit, ...) are refused with the reason; asymmetric int8 g32 has no
 exact ggml block and is re-quantized to Q8_0 from our dequantized weights, a stated loss.
-Norms and unquantized weights are written as float32. llama.cpp's llama rotary embedding wants
-the rows of Q and K interleaved per head, as its own converter does; blocks run along a row, so
-permuting rows moves whole blocks and changes no code.
+Norms and unquantized weights are written as float32. Where llama.cpp's graph for the family rotates
+adjacent pairs (llama, Granite, SmolLM3), the rows of Q and K are interleaved per head, as its own
+converter does; blocks run along a row, so permuting rows moves whole blocks and changes no code.
+Each family is a line of `FAMILIES`: llama.cpp's architecture, that row order, Gemma's `1 + weight`
+norms (llama.cpp multiplies by the weight, so 1 is added) and the config values llama.cpp reads.
+What llama.cpp hard-codes or ignores for a family (SmolLM3's rotary-free layers, Gemma's attention scale,
+Mistral's and Phi-3's sliding window) is checked against the config before any work (`gguf_family`).
 """
 
 from __future__ import annotations
@@ -20,11 +24,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import gguf
 import numpy as np
 from safetensors.numpy import load_file
 
+from pipeline.archs import layer_kinds
 from pipeline.errors import StageError
 from pipeline.graph.quant_ops import EMBEDDING
 from pipeline.quant.plan import PACKED_FILE, PLAN_FILE
@@ -35,6 +42,44 @@ BLOCK = 32
 Q = gguf.GGMLQuantizationType
 EXACT = {(4, True): Q.Q4_0, (4, False): Q.Q4_1, (8, True): Q.Q8_0}
 FORMATS_THAT_WORK = "int4 g32 symmetric (Q4_0), int4 g32 asymmetric (Q4_1), int8 g32 symmetric (Q8_0)"
+
+
+@dataclass(frozen=True)
+class GGUFFamily:
+    arch: gguf.MODEL_ARCH
+    interleave_qk: bool = False  # llama.cpp rotates adjacent pairs: HF's rotate-half rows of Q and K permuted
+    norm_offset: float = 0.0  # added to every norm weight (Gemma's norms multiply by 1 + weight)
+    metadata: tuple[tuple[str, str], ...] = ()  # (config attribute, GGUF key under the architecture) when set
+    sliding_window: bool = False  # llama.cpp's graph applies the sliding window and its layer pattern from the file
+
+
+A = gguf.MODEL_ARCH
+SOFTCAPS = (
+    ("attn_logit_softcapping", "attn_logit_softcapping"),
+    ("final_logit_softcapping", "final_logit_softcapping"),
+)
+FAMILIES = {  # model_type -> how llama.cpp holds it
+    "llama": GGUFFamily(A.LLAMA, interleave_qk=True),
+    "mistral": GGUFFamily(A.LLAMA, interleave_qk=True),
+    "qwen2": GGUFFamily(A.QWEN2),
+    "qwen3": GGUFFamily(A.QWEN3),
+    "granite": GGUFFamily(
+        A.GRANITE,
+        interleave_qk=True,
+        metadata=(
+            ("embedding_multiplier", "embedding_scale"),
+            ("residual_multiplier", "residual_scale"),
+            ("attention_multiplier", "attention.scale"),
+            ("logits_scaling", "logit_scale"),
+        ),
+    ),
+    "olmo2": GGUFFamily(A.OLMO2),
+    "phi3": GGUFFamily(A.PHI3),
+    "smollm3": GGUFFamily(A.SMOLLM3, interleave_qk=True),
+    "gemma": GGUFFamily(A.GEMMA, norm_offset=1.0),
+    "gemma2": GGUFFamily(A.GEMMA2, norm_offset=1.0, metadata=SOFTCAPS, sliding_window=True),
+    "gemma3_text": GGUFFamily(A.GEMMA3, norm_offset=1.0, sliding_window=True),
+}
 
 
 @dataclass
@@ -93,8 +138,7 @@ def write_gguf(quant_dir: Path, out: Path, source_gguf: Path | None = None) -> G
     Tokenizer metadata is copied from `source_gguf` when the model came from one, else built from
     tokenizer.json. Written to a temporary name and renamed."""
     config = json.loads((quant_dir / "config.json").read_text())
-    if config.get("model_type") != "llama":
-        raise StageError(f"{quant_dir}: GGUF export covers the llama family, not {config.get('model_type')!r}")
+    family = gguf_family(config, str(quant_dir))
     plan_file, packed_file = quant_dir / PLAN_FILE, quant_dir / PACKED_FILE
     plan_all = json.loads(plan_file.read_text()) if plan_file.is_file() else {}
     if plan_all.get("activations"):
@@ -103,27 +147,33 @@ def write_gguf(quant_dir: Path, out: Path, source_gguf: Path | None = None) -> G
     packed = load_file(str(packed_file)) if plan else {}
     dense = load_file(str(quant_dir / "model.safetensors"))
     layers = config["num_hidden_layers"]
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, layers)
+    names = gguf.get_tensor_name_map(family.arch, layers)
     heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
+    heads = heads if family.interleave_qk else {}
 
     tmp = out.with_name(out.name + ".tmp")
-    writer = gguf.GGUFWriter(str(tmp), "llama")
-    _write_metadata(writer, config, quant_dir, source_gguf)
+    writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[family.arch])
+    _write_metadata(writer, config, family, quant_dir, source_gguf)
     report = GGUFReport()
     for hf_name, gguf_name in tensor_sources(list(dense), plan):
-        layer = hf_name.removesuffix(".weight")
-        gguf_name = gguf_name or names.get_name(hf_name, try_suffixes=(".weight",))
+        layer, _, kind = hf_name.rpartition(".")
+        gguf_name = gguf_name or names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
-            raise StageError(f"{quant_dir}: no GGUF name for tensor {hf_name}")
+            raise StageError(f"{quant_dir}: no GGUF name for tensor {hf_name} in llama.cpp's {writer.arch}")
         rows = heads.get(layer.rsplit(".", 1)[-1])
-        if layer in plan:
+        if kind == "weight" and layer in plan:
             data, qtype = _quantized(packed, layer, plan[layer], rows, report)
             writer.add_tensor(gguf_name, data, raw_dtype=qtype)  # data: block bytes [N, B * block_bytes]
             report.tensors[gguf_name] = qtype.name
         else:
             w = dense[hf_name].astype(np.float32)
+            if hf_name.endswith("norm.weight"):
+                w = w + family.norm_offset
             writer.add_tensor(gguf_name, permute_rows(w, rows) if rows else w)
             report.tensors[gguf_name] = "F32"
+    for gguf_name, w in _rope_tensors(config).items():
+        writer.add_tensor(gguf_name, w)
+        report.tensors[gguf_name] = "F32"
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -160,13 +210,104 @@ def _quantized(packed, layer, spec, rows, report: GGUFReport):
     return ggml_blocks(q, scale, zero, qtype), qtype
 
 
+def gguf_family(config: dict, where: str) -> GGUFFamily:
+    """How llama.cpp holds this model, or the one line that says why it cannot (checked before any work)."""
+    model_type = config.get("model_type")
+    if model_type not in FAMILIES:
+        raise StageError(
+            f"{where}: GGUF export covers {', '.join(FAMILIES)}, not {model_type!r}; drop gguf from export.targets"
+        )
+    rope = rope_settings(config)
+    scaling = rope["scaling"].get("rope_type", rope["scaling"].get("type", "default"))
+    window, layers = config.get("sliding_window"), config["num_hidden_layers"]
+    problem = None
+    if scaling not in ("default", "linear", "llama3"):
+        problem = f"{scaling} rope scaling, which the GGUF writer does not carry"
+    elif (
+        not FAMILIES[model_type].sliding_window
+        and "sliding_attention" in layer_kinds(SimpleNamespace(**config))
+        and window < config["max_position_embeddings"]
+    ):
+        problem = f"a sliding window of {window}, which llama.cpp's {FAMILIES[model_type].arch.name.lower()} graph does not apply"
+    elif model_type == "smollm3" and _rotary_layers(config) != [int((i + 1) % 4 != 0) for i in range(layers)]:
+        problem = "rotary-free layers other than every fourth, the only pattern llama.cpp's smollm3 graph has"
+    elif model_type in ("gemma2", "gemma3_text") and config.get("query_pre_attn_scalar") != _gemma_scalar(config):
+        problem = (
+            f"query_pre_attn_scalar {config.get('query_pre_attn_scalar')}: llama.cpp scales the scores by head_dim "
+            f"({_head_dim(config)}; hidden_size / heads for the 27B models) and reads no scale from the file"
+        )
+    elif model_type == "gemma3_text" and rope["local_theta"] not in (None, 10000.0):
+        problem = f"a rotary base of {rope['local_theta']} on its sliding layers: llama.cpp's gemma3 graph uses 10,000"
+    if problem:
+        raise StageError(f"{where}: {model_type} with {problem}; drop gguf from export.targets")
+    return FAMILIES[model_type]
+
+
+def _rotary_layers(config: dict) -> list[int]:
+    """SmolLM3's per-layer rotary flags (1: rotary), as the config lists them or as its interval makes them."""
+    interval = config.get("no_rope_layer_interval", 4)
+    return config.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(config["num_hidden_layers"])]
+
+
+def _gemma_scalar(config: dict) -> int:
+    """What llama.cpp's Gemma 2/3 graphs scale the scores by (as 1/sqrt): head_dim, except in the 27B models it
+    recognizes by their depth (46 layers for Gemma 2, 62 for Gemma 3), where it is hidden_size / heads."""
+    if config["num_hidden_layers"] == {"gemma2": 46, "gemma3_text": 62}[config["model_type"]]:
+        return config["hidden_size"] // config["num_attention_heads"]
+    return _head_dim(config)
+
+
+def rope_settings(config: dict) -> dict[str, Any]:
+    """The rotary base (of the full-attention layers, and of the sliding ones where they have their own), its
+    scaling and the rotated fraction of a head, from transformers 5's `rope_parameters` or 4.x's top-level keys."""
+    rope = config.get("rope_parameters") or {}
+    local = None
+    if isinstance(rope.get("full_attention"), dict):  # Gemma 3: a table per layer kind
+        local = rope.get("sliding_attention", {}).get("rope_theta")
+        rope = rope["full_attention"]
+    scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")} or (
+        config.get("rope_scaling") or {}
+    )
+    return {
+        "theta": float(rope.get("rope_theta") or config.get("rope_theta") or 10000.0),
+        "local_theta": local or config.get("rope_local_base_freq"),
+        "scaling": scaling,
+        "partial": float(rope.get("partial_rotary_factor") or config.get("partial_rotary_factor") or 1.0),
+    }
+
+
 def _rope_theta(config: dict) -> float:
-    """transformers 5 keeps the rotary base in `rope_parameters`; before, at the top level."""
-    return float(config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta") or 10000.0)
+    return rope_settings(config)["theta"]
 
 
-def _write_metadata(writer: gguf.GGUFWriter, config: dict, folder: Path, source_gguf: Path | None) -> None:
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+def _head_dim(config: dict) -> int:
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+
+
+def _rope_tensors(config: dict) -> dict[str, np.ndarray]:
+    """llama3 rope scaling as llama.cpp takes it: a divisor per rotary frequency (`rope_freqs.weight`),
+    computed as transformers does (long wavelengths slowed by `factor`, a smooth blend between)."""
+    rope = rope_settings(config)
+    s = rope["scaling"]
+    if s.get("rope_type", s.get("type")) != "llama3":
+        return {}
+    dim = int(_head_dim(config) * rope["partial"])
+    freqs = 1.0 / rope["theta"] ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+    old = s.get("original_max_position_embeddings", 8192)
+    wavelen = 2 * np.pi / freqs
+    smooth = (old / wavelen - low) / (high - low)
+    divisor = np.where(
+        wavelen < old / high, 1.0, np.where(wavelen > old / low, factor, 1 / ((1 - smooth) / factor + smooth))
+    )
+    return {gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight": divisor.astype(np.float32)}
+
+
+def _write_metadata(
+    writer: gguf.GGUFWriter, config: dict, family: GGUFFamily, folder: Path, source_gguf: Path | None
+) -> None:
+    head_dim = _head_dim(config)
+    rope = rope_settings(config)
     writer.add_name(folder.parent.name)
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
@@ -174,9 +315,23 @@ def _write_metadata(writer: gguf.GGUFWriter, config: dict, folder: Path, source_
     writer.add_feed_forward_length(config["intermediate_size"])
     writer.add_head_count(config["num_attention_heads"])
     writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    writer.add_rope_freq_base(_rope_theta(config))
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(rope["theta"])
+    writer.add_rope_dimension_count(int(head_dim * rope["partial"]))
+    if rope["scaling"].get("rope_type", rope["scaling"].get("type")) == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["scaling"]["factor"]))
+    if rope["local_theta"]:
+        writer.add_rope_freq_base_swa(float(rope["local_theta"]))
+    kinds = layer_kinds(SimpleNamespace(**config))
+    if "sliding_attention" in kinds:
+        writer.add_sliding_window(int(config["sliding_window"]))
+        writer.add_sliding_window_pattern([k == "sliding_attention" for k in kinds])
+    for attribute, key in family.metadata:
+        if config.get(attribute) is not None:
+            writer.add_float32(f"{writer.arch}.{key}", float(config[attribute]))
     writer.add_vocab_size(config["vocab_size"])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if source_gguf is not None:

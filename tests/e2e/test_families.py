@@ -1,18 +1,19 @@
 """Each family we export, end to end on a tiny random checkpoint made from its config: INT4 RTN, GPTQ and AWQ,
-both graphs within the parity limits, validate against PyTorch, and the runner's batch equal to one by one."""
+both graphs within the parity limits, validate against PyTorch, the runner's batch equal to one by one, and the
+export targets (GGUF, compressed-tensors, onnxruntime-genai) in their own engines."""
 
 from __future__ import annotations
 
 import json
 import textwrap
 
-import numpy as np
+import gguf
 import pytest
-import torch
-from conftest import longrope, make_checkpoint
+from conftest import assert_graphs_match_torch, longrope, make_checkpoint, write_targets_recipe
 
 from pipeline import StageError, run
 from pipeline.archs import ARCHS
+from pipeline.formats.gguf import FAMILIES as GGUF_FAMILIES
 from pipeline.models import load_torch_model
 from runtime import Generator, find_model_folder
 
@@ -76,15 +77,51 @@ def test_a_longrope_model_quantizes_exports_validates_and_generates(tmp_path, ev
     assert report["passed"] and report["graph"] == "fused", report["failures"]
     assert report["metrics"]["batch_greedy_agreement"] == 1.0
     reference = load_torch_model(next(run_dir.glob("01-quantize-*")))  # the weights the graphs hold
-    ids = np.random.default_rng(0).integers(0, reference.config.vocab_size, 48)
-    export_dir = next(run_dir.glob("02-export-*"))
-    for graph in ("portable", "fused"):  # a prompt within the original length, and one past it
-        generator = Generator(export_dir, provider="cpu", graph=graph)
-        for n in (20, 48):
-            logits, _ = generator.prefill([ids[:n].tolist()], 64)
-            with torch.no_grad():
-                expected = reference(torch.tensor(ids[None, :n])).logits[0, -1].numpy()
-            np.testing.assert_allclose(logits[0], expected, atol=1e-3, err_msg=f"{graph} graph, {n} tokens")
+    assert_graphs_match_torch(next(run_dir.glob("02-export-*")), reference, (20, 48), atol=1e-3)  # within, past
+
+
+# Weights 5x the default spread: attention that is not uniform, so that a wrong rotary layout, norm or scale in
+# the GGUF shows in llama.cpp's predictions (at the default spread every one of them goes unnoticed).
+SHARP = {"initializer_range": 0.1}
+GGUF_SETTINGS = {  # where llama.cpp hard-codes what the family's real models use, the tiny one uses it too
+    "smollm3": {"no_rope_layer_interval": 4},  # layer 3 without rotary
+    "gemma2": {"query_pre_attn_scalar": 32},  # = head_dim
+    "gemma3_text": {"query_pre_attn_scalar": 32, "rope_local_base_freq": 10000.0},
+    "mistral": {"sliding_window": None},
+    # Llama 3.1's rope scaling, taken from the 32nd position on: llama.cpp gets it as rope_freqs.weight
+    "llama": {
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        }
+    },
+}
+
+
+@pytest.mark.parametrize("family", sorted(GGUF_FAMILIES))
+def test_every_family_runs_in_each_targets_engine_as_in_our_runner(tmp_path, eval_text, family):
+    """Our INT4 codes in llama.cpp's graph for the family, in transformers from the compressed-tensors checkpoint
+    and in onnxruntime-genai from the portable graph predict what our runner's fused graph predicts. For GGUF,
+    measured with each wrong on purpose: Q/K rows not interleaved for llama and SmolLM3, interleaved for Qwen2
+    and OLMo 2, Gemma's norms without the 1, Gemma 2 without its soft caps, llama3 scaling dropped, Gemma 3's
+    sliding pattern or linear scaling dropped: top-1 agreement 0.05 to 0.87, perplexity 1.1 to 48 % off."""
+    model = make_checkpoint(tmp_path / family, family, layers=4, settings={**SHARP, **GGUF_SETTINGS.get(family, {})})
+    gates = {f"{t}_perplexity_vs_onnx_pct": 0.5 for t in ("gguf", "hf_quantized", "genai")}
+    gates |= {f"{t}_onnx_top1_agreement": 0.93 for t in ("gguf", "hf_quantized", "genai")}
+    thresholds = json.dumps(gates)
+    quantize = "{method: rtn, group_size: 32}"
+    targets = "[onnx, gguf, hf-quantized]"
+    run_dir = run(
+        write_targets_recipe(tmp_path, model, eval_text, quantize, targets, thresholds), workdir=tmp_path / "w"
+    )
+    report = json.loads(next(run_dir.glob("*-validate-*/report.json")).read_text())
+    assert all(report["targets"][t]["validated"] for t in ("gguf", "hf-quantized", "genai")), report["targets"]
+    assert report["passed"], report["failures"]
+    reader = gguf.GGUFReader(str(next(run_dir.glob("*-export-*")) / "gguf" / "model.gguf"))
+    assert reader.fields["general.architecture"].contents() == gguf.MODEL_ARCH_NAMES[GGUF_FAMILIES[family].arch]
 
 
 def test_a_family_we_do_not_export_stops_after_the_model_step(tmp_path, eval_text):

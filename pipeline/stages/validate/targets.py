@@ -30,7 +30,7 @@ from pipeline.formats.genai import GENAI_CONFIG
 from pipeline.formats.gguf import GGUF_FILE, GGUF_FOLDER
 
 INSTALL = {
-    "genai": "pip install 'onnxruntime-genai>=0.12,<0.13'  (the bench extra; `make install`)",
+    "genai": "pip install 'onnxruntime-genai>=0.18,<0.19'  (the bench extra; `make install`)",
     "gguf": "pip install llama-cpp-python  (builds llama.cpp from source: needs a C++ compiler and cmake; `make engines`)",
     "hf-quantized": "pip install 'compressed-tensors>=0.15,<0.18'  (`make engines`)",
 }

@@ -11,8 +11,15 @@ from conftest import write_targets_recipe
 from safetensors.numpy import load_file
 
 from pipeline import run
-from pipeline.errors import RecipeError
-from pipeline.formats.gguf import _rope_theta, block_values, permute_rows, tensor_sources
+from pipeline.errors import RecipeError, StageError
+from pipeline.formats.gguf import (
+    _rope_tensors,
+    _rope_theta,
+    block_values,
+    gguf_family,
+    permute_rows,
+    tensor_sources,
+)
 from pipeline.quant.primitives import unpack_matmul_nbits
 from pipeline.recipe import load_recipe
 
@@ -180,3 +187,49 @@ def test_the_rotary_base_is_read_from_either_stacks_config():
     assert _rope_theta({"rope_parameters": {"rope_type": "default", "rope_theta": 100000.0}}) == 100000.0
     assert _rope_theta({"rope_theta": 500000.0}) == 500000.0
     assert _rope_theta({}) == 10000.0
+
+
+@pytest.mark.parametrize(
+    "family, settings, words",
+    [
+        ("gemma2", {"query_pre_attn_scalar": 24}, "query_pre_attn_scalar 24: llama.cpp scales the scores by head_dim"),
+        ("gemma3_text", {"query_pre_attn_scalar": 32}, "a rotary base of 1000.0 on its sliding layers"),
+        ("smollm3", {"no_rope_layer_interval": 2}, "rotary-free layers other than every fourth"),
+        ("mistral", {"sliding_window": 16}, "a sliding window of 16, which llama.cpp's llama graph does not apply"),
+        ("phi3", {"sliding_window": 8}, "a sliding window of 8, which llama.cpp's phi3 graph does not apply"),
+        ("llama", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn rope scaling"),
+        ("cohere", {}, "GGUF export covers llama, mistral, qwen2"),
+    ],
+)
+def test_what_llama_cpp_would_compute_differently_is_refused_by_name(tmp_path, family, settings, words):
+    from conftest import make_checkpoint
+
+    config = json.loads((make_checkpoint(tmp_path, family, settings=settings) / "config.json").read_text())
+    with pytest.raises(StageError, match="drop gguf from export.targets") as e:
+        gguf_family(config, "export.targets gguf")
+    assert words in str(e.value)
+
+
+def test_a_family_llama_cpp_cannot_hold_stops_before_quantizing(tmp_path, eval_text):
+    from conftest import make_checkpoint
+
+    model = make_checkpoint(tmp_path / "g", "gemma2", layers=2)  # query_pre_attn_scalar 24, head_dim 32
+    with pytest.raises(StageError, match=r"^export.targets gguf: gemma2 with query_pre_attn_scalar 24"):
+        run(recipe(tmp_path, model, eval_text, "{method: gptq, group_size: 32}"), workdir=tmp_path / "w")
+    assert not list((tmp_path / "w").glob("*/*-quantize-*"))
+
+
+def test_llama3_rope_factors_are_what_transformers_divides_the_frequencies_by():
+    import torch
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaling = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    config = {"hidden_size": 2048, "num_attention_heads": 32, "rope_theta": 500000.0}
+    settings = {**config, "rope_scaling": {**scaling, "original_max_position_embeddings": 8192}}
+    hf = LlamaConfig(**settings, max_position_embeddings=131072)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")
+    plain = 1.0 / 500000.0 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64)
+    divisor = _rope_tensors({**settings, "rope_parameters": None})["rope_freqs.weight"]
+    np.testing.assert_allclose(divisor, (plain / scaled.double()).numpy(), rtol=1e-5)
+    assert divisor.min() == 1.0 and divisor.max() == 32.0
