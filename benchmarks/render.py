@@ -163,15 +163,28 @@ def scale_tables(result: dict) -> str:
         ]
         for r in sorted(rows, key=lambda r: (r["checkpoint_gb"], r["name"])):
             for s in r["steps"]:
+                step = s["step"].split("-", 1)[1]
+                per_layer = _per_layer(r, s) if step == "quantize" else ""
                 lines.append(
-                    f"| {r['rung']} ({r['checkpoint_gb']:.2f} GB) | {r['name']} | {s['step'].split('-', 1)[1]} | "
-                    f"{s['seconds']:.0f} | {_num(s.get('estimated_seconds'), 0)} | {s.get('peak_rss_mb', 0) / 1024:.2f} | "
+                    f"| {r['rung']} ({r['checkpoint_gb']:.2f} GB) | {r['name']} | {step} | "
+                    f"{s['seconds']:.0f}{per_layer} | {_num(s.get('estimated_seconds'), 0)} | {s.get('peak_rss_mb', 0) / 1024:.2f} | "
                     f"{s.get('estimated_peak_rss_mb', 0) / 1024:.2f} |"
                 )
             if r["returncode"] != 0:
                 lines.append(f"| {r['rung']} | {r['name']} | failed | | | | {' / '.join(r.get('error', []))[:80]} |")
         parts.append("\n".join(lines) + "\n\n" + provenance(result, date, commit, command))
     return "\n\n".join(parts)
+
+
+def _per_layer(row: dict, step: dict) -> str:
+    """A quantize step's seconds per decoder layer: measured per layer where the manifest has it, else the step's
+    time over the rung's layers (which then includes capturing the calibration inputs and the head)."""
+    if "seconds_per_layer" in step:
+        return f" ({step['seconds_per_layer']:.1f} a layer)"
+    config = ROOT / "benchmarks" / "checks" / "scale_configs" / f"{row['rung']}.json"
+    if not config.is_file():
+        return ""
+    return f" ({step['seconds'] / json.loads(config.read_text())['num_hidden_layers']:.1f} a layer)"
 
 
 def estimates_table(result: dict) -> str:
@@ -276,7 +289,8 @@ PAGES: dict[str, tuple[str, str, list[Source]]] = {
         "Models of real size",
         "Random-weight checkpoints of real shapes (right for time and memory, never for accuracy) through the "
         "recipe templates on one machine: each step's wall time, its peak resident memory and what the plan "
-        "estimated before the run.",
+        "estimated before the run. A quantize step's time is also given per decoder layer: as measured layer by "
+        "layer where the run recorded it, else the step's time over the layers.",
         [("scale/scale.json", scale_tables), ("estimates/estimates.json", estimates_table)],
     ),
     "serving.md": (

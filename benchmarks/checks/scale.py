@@ -147,6 +147,7 @@ def run_recipe(recipe: str, source: Path, name: str, workdir: Path, extra: list[
                 "seconds": manifest["timing"]["seconds"],
                 **manifest.get("resources", {}),
                 "bytes": sum(f["bytes"] for f in manifest["files"].values()),
+                **{k: v for k, v in manifest.get("metrics", {}).items() if k == "seconds_per_layer"},
             }
         )
     run_json = workdir / name / "run.json"

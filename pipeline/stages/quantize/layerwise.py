@@ -19,6 +19,7 @@ test_quantize_streamed.py holds the two side by side).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,9 +50,9 @@ def quantize_layerwise(
     plan: dict[str, QuantScheme],
     skipped: dict[str, str],
     log: Callable[[str], None],
-) -> tuple[int, int]:
+) -> tuple[int, int, list[float]]:
     """GPTQ or AWQ of the checkpoint in `src` into `out` as `plan` says; returns (packed bytes, the planned layers'
-    float32 bytes). Adds the embedding to `skipped` when it stays float."""
+    float32 bytes, each decoder layer's seconds). Adds the embedding to `skipped` when it stays float."""
     model = load_streamed_model(src, attention="sdpa", on_demand=False)
     layout = head_layout(model, cfg, plan, skipped)
     batches = quantize_batches(cfg, src)
@@ -70,7 +71,9 @@ def quantize_layerwise(
     )
     gen = torch.Generator().manual_seed(cfg.calibration.seed)  # AWQ's token samples, drawn in layer order
     with ShardedWriter(out) as weights, PackedCodes(out) as codes:
+        seconds = []
         for index in tqdm(range(len(layers)), desc=f"  {cfg.method} layers", unit="layer"):
+            started = time.perf_counter()
             prefix = f"model.layers.{index}."
             layer = load_layer(model, index)
             if cfg.method == "gptq":
@@ -84,10 +87,11 @@ def quantize_layerwise(
             for name, tensor in layer.state_dict().items():
                 weights.add(prefix + name, tensor)
             unload_layer(model, index)
+            seconds.append(round(time.perf_counter() - started, 2))
         head = _head_codes(model, plan, cfg, hidden, gen)
         _write_outside_layers(model, weights, codes, head, layout)
     finish(out, src, model.config, cfg.method, plan, skipped, codes, layout)
-    return codes.bytes, sum(model.get_submodule(n).weight.numel() * 4 for n in plan)
+    return codes.bytes, sum(model.get_submodule(n).weight.numel() * 4 for n in plan), seconds
 
 
 def _head_codes(

@@ -42,11 +42,16 @@ def quantize_stage(cfg: QuantizeConfig, inp, ctx) -> StageResult:
     budget_info: dict = {}
     if cfg.budget is not None:
         plan, budget_info = _budget(cfg, inp.path, plan, ctx)
+    layer_seconds: list[float] = []
     if cfg.method == "rtn":
         packed, float_bytes = rtn_streamed(cfg, inp.path, ctx.out_dir, plan, skipped, ctx.log)
     else:
-        packed, float_bytes = quantize_layerwise(cfg, inp.path, ctx.out_dir, plan, skipped, ctx.log)
-    return _result(plan, skipped, packed, float_bytes, budget_info, started)
+        packed, float_bytes, layer_seconds = quantize_layerwise(cfg, inp.path, ctx.out_dir, plan, skipped, ctx.log)
+    result = _result(plan, skipped, packed, float_bytes, budget_info, started)
+    if layer_seconds:  # the calibrated methods' time per decoder layer (the capture of the inputs and the head apart)
+        result.metrics["seconds_per_layer"] = round(sum(layer_seconds) / len(layer_seconds), 2)
+        result.info["layer_seconds"] = layer_seconds
+    return result
 
 
 def _budget(cfg: QuantizeConfig, src, plan: dict[str, QuantScheme], ctx) -> tuple[dict[str, QuantScheme], dict]:

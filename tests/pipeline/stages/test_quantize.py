@@ -172,6 +172,8 @@ def test_calibrated_method_beats_rtn_on_the_calibration_text(tmp_path, tiny_llam
     e_rtn = _logit_error(next(rtn.glob("01-quantize-*")), ref, ids)
     e_gptq = _logit_error(next(gptq.glob("01-quantize-*")), ref, ids)
     assert e_gptq < 0.8 * e_rtn, (e_gptq, e_rtn)
+    manifest = json.loads(next(gptq.glob("01-quantize-*/manifest.json")).read_text())
+    assert len(manifest["layer_seconds"]) == 2 and manifest["metrics"]["seconds_per_layer"] > 0  # the scale ladder's
 
 
 def test_export_uses_matmul_nbits_and_matches_the_dequantized_model(tmp_path, tiny_llama, eval_text):
