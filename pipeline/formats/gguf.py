@@ -218,7 +218,7 @@ def gguf_family(config: dict, where: str) -> GGUFFamily:
             f"{where}: GGUF export covers {', '.join(FAMILIES)}, not {model_type!r}; drop gguf from export.targets"
         )
     rope = rope_settings(config)
-    scaling = rope["scaling"].get("rope_type", rope["scaling"].get("type", "default"))
+    scaling = rope["type"]
     window, layers = config.get("sliding_window"), config["num_hidden_layers"]
     problem = None
     if scaling not in ("default", "linear", "llama3"):
@@ -259,7 +259,7 @@ def _gemma_scalar(config: dict) -> int:
 
 def rope_settings(config: dict) -> dict[str, Any]:
     """The rotary base (of the full-attention layers, and of the sliding ones where they have their own), its
-    scaling and the rotated fraction of a head, from transformers 5's `rope_parameters` or 4.x's top-level keys."""
+    scaling and that scaling's type, and the rotated fraction of a head, from transformers 5's `rope_parameters` or 4.x's top-level keys."""
     rope = config.get("rope_parameters") or {}
     local = None
     if isinstance(rope.get("full_attention"), dict):  # Gemma 3: a table per layer kind
@@ -272,12 +272,9 @@ def rope_settings(config: dict) -> dict[str, Any]:
         "theta": float(rope.get("rope_theta") or config.get("rope_theta") or 10000.0),
         "local_theta": local or config.get("rope_local_base_freq"),
         "scaling": scaling,
+        "type": scaling.get("rope_type", scaling.get("type", "default")),
         "partial": float(rope.get("partial_rotary_factor") or config.get("partial_rotary_factor") or 1.0),
     }
-
-
-def _rope_theta(config: dict) -> float:
-    return rope_settings(config)["theta"]
 
 
 def _head_dim(config: dict) -> int:
@@ -289,7 +286,7 @@ def _rope_tensors(config: dict) -> dict[str, np.ndarray]:
     computed as transformers does (long wavelengths slowed by `factor`, a smooth blend between)."""
     rope = rope_settings(config)
     s = rope["scaling"]
-    if s.get("rope_type", s.get("type")) != "llama3":
+    if rope["type"] != "llama3":
         return {}
     dim = int(_head_dim(config) * rope["partial"])
     freqs = 1.0 / rope["theta"] ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
@@ -320,7 +317,7 @@ def _write_metadata(
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_rope_freq_base(rope["theta"])
     writer.add_rope_dimension_count(int(head_dim * rope["partial"]))
-    if rope["scaling"].get("rope_type", rope["scaling"].get("type")) == "linear":
+    if rope["type"] == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["scaling"]["factor"]))
     if rope["local_theta"]:

@@ -14,10 +14,10 @@ from pipeline import run
 from pipeline.errors import RecipeError, StageError
 from pipeline.formats.gguf import (
     _rope_tensors,
-    _rope_theta,
     block_values,
     gguf_family,
     permute_rows,
+    rope_settings,
     tensor_sources,
 )
 from pipeline.quant.primitives import unpack_matmul_nbits
@@ -184,9 +184,9 @@ def _gguf_name(layer: str) -> str:
 def test_the_rotary_base_is_read_from_either_stacks_config():
     """transformers 5 writes rope_theta inside rope_parameters, 4.x at the top level; reading only the latter
     gave llama.cpp a base of 10,000 for SmolLM2's 100,000 (its perplexity 14 % off our runner's)."""
-    assert _rope_theta({"rope_parameters": {"rope_type": "default", "rope_theta": 100000.0}}) == 100000.0
-    assert _rope_theta({"rope_theta": 500000.0}) == 500000.0
-    assert _rope_theta({}) == 10000.0
+    assert rope_settings({"rope_parameters": {"rope_type": "default", "rope_theta": 100000.0}})["theta"] == 100000.0
+    assert rope_settings({"rope_theta": 500000.0})["theta"] == 500000.0
+    assert rope_settings({})["theta"] == 10000.0
 
 
 @pytest.mark.parametrize(
