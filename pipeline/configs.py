@@ -352,6 +352,9 @@ class QuantizeConfig:
     overrides: dict[str, int] = field(default_factory=dict)  # regex -> bits (4 or 8) for matching layers
     lm_head: HeadPrecision = "float"  # the LM head: float, int8 or int4
     embedding: HeadPrecision = "float"  # round-to-nearest; shares the LM head's codes when tied and equal)
+    # group size of the quantized LM head and embedding (null: group_size): the head is the most sensitive layer,
+    # and finer groups there (16) cost SmolLM2 4 MB, which a size budget then takes from its INT8 layers
+    head_group_size: int | None = None
     gptq: GptqConfig = field(default_factory=GptqConfig)  # GPTQ's settings (method gptq, and awq with awq.codes: gptq)
     awq: AwqConfig = field(default_factory=AwqConfig)  # AWQ's settings (method awq)
     w8a8: W8A8Config = field(default_factory=W8A8Config)  # W8A8's settings (method w8a8)
@@ -381,12 +384,27 @@ class QuantizeConfig:
         "hadamard": "w8a8.hadamard",
     }
 
+    @property
+    def head_groups(self) -> int:
+        """The group size of the LM head's and the embedding's codes."""
+        return self.head_group_size or self.group_size
+
     def __post_init__(self):
         _check_bits("bits", self.bits)
         gs = self.group_size
         if gs < 16 or gs & (gs - 1):
             raise RecipeError(
                 f"group_size: {gs} is not a power of two >= 16, which MatMulNBits requires (use 32, 64 or 128)"
+            )
+        hgs = self.head_group_size
+        if hgs is not None and (hgs < 16 or hgs & (hgs - 1)):
+            raise RecipeError(
+                f"head_group_size: {hgs} is not a power of two >= 16, which MatMulNBits requires (use 16, 32 or 64)"
+            )
+        if hgs is not None and (self.method == "w8a8" or (self.lm_head == "float" and self.embedding == "float")):
+            raise RecipeError(
+                "head_group_size: sets the groups of a weight-only quantized lm_head or embedding; "
+                "set lm_head or embedding to int4/int8 (method rtn, gptq or awq), or remove it"
             )
         for pattern in (*self.ignore, *self.overrides):
             try:
@@ -467,7 +485,7 @@ class ExportConfig:
     targets: tuple[ExportTarget, ...] = ("onnx",)
     # hf-quantized's float tensors and scales: auto (as the model), float32, bfloat16, float16
     hf_quantized_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    version: int = 14
+    version: int = 15
 
     def __post_init__(self):
         if self.accuracy_level == "auto" and self.dtype == "float16":

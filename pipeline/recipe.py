@@ -253,6 +253,11 @@ def _check_targets(config: Any, before: list[StageEntry], where: str) -> None:
             f"{where}.targets: gguf cannot hold {quantize.method} int{quantize.bits} g{quantize.group_size} "
             f"(ggml blocks are 32 weights); GGUF takes {GGUF_FORMATS}: set group_size: 32"
         )
+    if quantize.head_groups != 32:
+        raise RecipeError(
+            f"{where}.targets: gguf cannot hold an LM head or embedding in groups of {quantize.head_groups} "
+            f"(ggml blocks are 32 weights); GGUF takes {GGUF_FORMATS}: remove quantize.head_group_size"
+        )
 
 
 def _check_chat_set(config: Any, where: str) -> None:

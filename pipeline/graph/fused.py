@@ -161,6 +161,7 @@ def build_fused_graph(
 
     kinds = layer_kinds(cfg)
     tables = {}  # layer kind -> (cos, sin) names; one pair unless the kinds' rotary bases differ
+    made: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}  # those names -> the tables they hold
     switch = longrope_switch(cfg)
     for kind in dict.fromkeys(kinds):
         full, short = (rotary_tables(model, kind), None) if switch is None else longrope_tables(model, kind, switch)
@@ -170,14 +171,16 @@ def build_fused_graph(
                 f"export.fused: rotary on {2 * cos.shape[1]} of each head's {head_dim} dimensions; "
                 "GroupQueryAttention needs a multiple of 16 up to the whole head; set fused: false"
             )
-        same = next((names for names in tables.values() if _equal_tables(g, names, cos, sin)), None)
+        same = next((names for names, held in made.items() if _equal_pair(held, (cos, sin))), None)
         suffix = "" if not tables else f"_{kind}"
         if same:
             tables[kind] = same
         elif short is None:
-            tables[kind] = (g.const(f"cos_cache{suffix}", cos), g.const(f"sin_cache{suffix}", sin))
+            computed = _computed_tables(g, model, kind, (cos, sin), suffix, contract.dtype)
+            tables[kind] = computed or (g.const(f"cos_cache{suffix}", cos), g.const(f"sin_cache{suffix}", sin))
         else:  # GroupQueryAttention wants every row, which longrope_tables gives the short tables too
             tables[kind] = _switched_tables(g, (cos, sin), _half_width(short), switch, suffix)
+        made[tables[kind]] = (cos, sin)
     window = int(getattr(cfg, "sliding_window", None) or -1)
     hidden = g.op("Gather", ["model.embed_tokens.weight", "input_ids"], "/model/model/embed_tokens/Gather")[0]
     param("model.embed_tokens.weight")
@@ -332,10 +335,12 @@ def build_fused_graph(
 
 
 def to_float16(model: onnx.ModelProto) -> int:
-    """Convert every float32 initializer (weights, norms, rotary tables, MatMulNBits scales) to float16
+    """Convert every float32 initializer (weights, norms, stored rotary tables, MatMulNBits scales) to float16
     in place; returns how many. The graph's inputs and outputs already carry the contract's types."""
     converted = 0
     for tensor in model.graph.initializer:
+        if tensor.name.startswith(ROTARY):  # positions and frequencies: the tables are cast after they are computed
+            continue
         if tensor.data_type == TensorProto.FLOAT and is_lazy(tensor):  # converted (and range-checked) as it is saved
             tensor.data_type = TensorProto.FLOAT16
             converted += 1
@@ -442,9 +447,63 @@ def _switched_tables(
     return names
 
 
-def _equal_tables(g: _Graph, names: tuple[str, str], cos: np.ndarray, sin: np.ndarray) -> bool:
-    held = {t.name: t for t in g.graph.initializer if t.name in names}
-    return all(np.array_equal(numpy_helper.to_array(held[n]), a) for n, a in zip(names, (cos, sin)))
+def _equal_pair(a: tuple[np.ndarray, ...], b: tuple[np.ndarray, ...]) -> bool:
+    return all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+ROTARY = "/model/rotary_tables"  # the float32 constants the tables are computed from: never converted to float16
+
+
+def _computed_tables(
+    g: _Graph, model, kind: str, tables: tuple[np.ndarray, np.ndarray], suffix: str, dtype: str
+) -> tuple[str, str] | None:
+    """cos/sin computed in the graph as the rotary module computes them, cos(position · inv_freq) · scaling in
+    float32, instead of stored: at 8,192 positions they are 2 MB of the file, at Llama 3.1's 131,072 positions
+    64 MB. ONNX Runtime folds them into constants when the session loads (its Cos and Sin agree with torch's to
+    1.2e-7 at 131,072). None, and the tables are stored, unless the module's frequencies give its own tables back
+    (to 1e-6), whatever its rope type."""
+    inv, scaling = _rotary_frequencies(model, kind)
+    if inv is None or inv.shape != (tables[0].shape[1],):
+        return None
+    angles = torch.arange(len(tables[0]), dtype=torch.float32)[:, None] * torch.from_numpy(inv)[None]
+    remade = ((angles.cos() * scaling).numpy(), (angles.sin() * scaling).numpy())
+    if not all(np.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(remade, tables)):
+        return None
+    path = f"{ROTARY}{suffix}"
+
+    def f32(name: str, value) -> str:  # scalars stay 0-d, which Range requires (g.const makes them 1-d)
+        g.graph.initializer.add().CopyFrom(numpy_helper.from_array(np.array(value, np.float32), f"{path}.{name}"))
+        return f"{path}.{name}"
+
+    positions = g.op("Range", [f32("start", 0), f32("limit", len(tables[0])), f32("delta", 1)], f"{path}/Range")[0]
+    column = g.op("Unsqueeze", [positions, g.const(f"{path}.axis", np.array([1], np.int64))], f"{path}/Unsqueeze")[0]
+    angle = g.op("Mul", [column, f32("inv_freq", inv)], f"{path}/Mul")[0]
+    names = (f"cos_cache{suffix}", f"sin_cache{suffix}")
+    for op, name in zip(("Cos", "Sin"), names):
+        steps = [(op, [], {})]
+        if scaling != 1.0:
+            steps.append(("Mul", [f32("scaling", scaling)], {}))
+        if dtype != "float32":
+            steps.append(("Cast", [], {"to": DTYPES[dtype]}))
+        x = angle
+        for i, (step, extra, attrs) in enumerate(steps):
+            last = i == len(steps) - 1
+            x = g.op(step, [x, *extra], f"{path}/{op}_{step}", [name] if last else 1, **attrs)[0]
+    return names
+
+
+def _rotary_frequencies(model, kind: str) -> tuple[np.ndarray | None, float]:
+    """The inverse frequencies and output scaling of the rotary module for layers of `kind` (transformers 5
+    keeps one set per kind on one module, 4.x a second module for Gemma 3's sliding layers)."""
+    rotary = model.model.rotary_emb
+    if kind == "sliding_attention" and hasattr(model.model, "rotary_emb_local"):
+        rotary = model.model.rotary_emb_local
+    inv = getattr(rotary, f"{kind}_inv_freq", None)
+    inv = getattr(rotary, "inv_freq", None) if inv is None else inv
+    scaling = getattr(rotary, f"{kind}_attention_scaling", getattr(rotary, "attention_scaling", 1.0))
+    if not isinstance(inv, torch.Tensor):
+        return None, 1.0
+    return inv.detach().float().numpy(), float(scaling)
 
 
 def _rename_output(graph: onnx.GraphProto, name: str, new: str) -> None:

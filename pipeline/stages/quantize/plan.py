@@ -39,7 +39,7 @@ def make_plan(model, cfg: QuantizeConfig) -> tuple[dict[str, QuantScheme], dict[
         # a head whose codes the embedding shares keeps integer zero points: GatherBlockQuantized takes no others
         plan["lm_head"] = QuantScheme(
             head_bits,
-            cfg.group_size,
+            cfg.head_groups,
             cfg.symmetric,
             float_zero and head_bits == 4 and not embedding_shares_head(model, cfg),
         )
@@ -77,12 +77,13 @@ def embedding_scheme(model, cfg: QuantizeConfig) -> QuantScheme | None:
     if cfg.embedding == "float":
         return None
     hidden = model.get_submodule(EMBEDDING).weight.shape[1]
-    if hidden % cfg.group_size:
+    if hidden % cfg.head_groups:
+        key = "head_group_size" if cfg.head_group_size else "group_size"
         raise StageError(
-            f"quantize.embedding: hidden size {hidden} is not a multiple of group_size {cfg.group_size}; "
-            "GatherBlockQuantized needs whole blocks: use a group_size dividing it, or embedding: float"
+            f"quantize.embedding: hidden size {hidden} is not a multiple of {key} {cfg.head_groups}; "
+            f"GatherBlockQuantized needs whole blocks: use a {key} dividing it, or embedding: float"
         )
-    return QuantScheme(LM_HEAD_BITS[cfg.embedding], cfg.group_size, cfg.symmetric)
+    return QuantScheme(LM_HEAD_BITS[cfg.embedding], cfg.head_groups, cfg.symmetric)
 
 
 def plan_file(

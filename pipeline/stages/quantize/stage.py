@@ -64,7 +64,7 @@ def _budget(cfg: QuantizeConfig, src, plan: dict[str, QuantScheme], ctx) -> tupl
         if embedding_shares_head(model, cfg)
         else None
         if cfg.embedding == "float"
-        else QuantScheme(LM_HEAD_BITS[cfg.embedding], cfg.group_size, cfg.symmetric)
+        else QuantScheme(LM_HEAD_BITS[cfg.embedding], cfg.head_groups, cfg.symmetric)
     )
     plan, info = choose(model, plan, cfg.budget, ids, embed, ctx.log)
     bar_chart(info["sensitivity_kl"], info["int8_layers"], ctx.out_dir / "sensitivity.png")

@@ -156,6 +156,7 @@ def test_a_missing_engine_is_never_a_pass(tmp_path, tiny_llama, eval_text, monke
     [
         ("{method: gptq, group_size: 128}", "[onnx, gguf]", "gptq int4 g128"),
         ("{method: w8a8}", "[onnx, gguf]", "W8A8"),
+        ("{method: rtn, group_size: 32, lm_head: int4, head_group_size: 16}", "[onnx, gguf]", "groups of 16"),
         ("{method: rtn, group_size: 32}", "[gguf]", "must include onnx"),
         ("{method: rtn, group_size: 32}", "[onnx, ggfu]", "did you mean 'gguf'"),
     ],

@@ -34,6 +34,27 @@ def test_graph_io_names_and_dims_follow_the_contract(tiny_export):
     assert dims["attention_mask"] == ["batch_size", "past_sequence_length + sequence_length"]
 
 
+def test_the_fused_graph_computes_its_rotary_tables_and_stores_them_where_it_cannot(tiny_export):
+    """cos/sin come from positions times the rotary module's frequencies (2 MB stored at SmolLM2's 8,192 positions,
+    64 MB at Llama 3.1's 131,072); frequencies that do not give the module's own tables back leave them stored."""
+    from types import SimpleNamespace
+
+    from pipeline.graph import fused
+
+    graph = onnx.load(str(tiny_export / "fused" / "model.onnx"), load_external_data=False).graph
+    assert not [t.name for t in graph.initializer if t.name.startswith(("cos_cache", "sin_cache"))]
+    made = {o: n.op_type for n in graph.node for o in n.output}
+    assert (made["cos_cache"], made["sin_cache"]) == ("Cos", "Sin")
+
+    inv = 1.0 / 10000 ** (torch.arange(0, 16, 2).float() / 16)
+    angles = torch.arange(64).float()[:, None] * inv[None]
+    tables = (angles.cos().numpy(), angles.sin().numpy())
+    model = SimpleNamespace(model=SimpleNamespace(rotary_emb=SimpleNamespace(inv_freq=inv, attention_scaling=1.0)))
+    assert fused._computed_tables(fused._Graph(), model, "full_attention", tables, "", "float32") is not None
+    model.model.rotary_emb.inv_freq = inv * 1.001  # a module whose frequencies are not what made its tables
+    assert fused._computed_tables(fused._Graph(), model, "full_attention", tables, "", "float32") is None
+
+
 def test_the_graph_carries_no_exporter_debug_data(tiny_export):
     """The exporter records a stack trace and FX node per ONNX node: 3.5 MB of the reference model's INT4
     artifact (98 MB of weights) until they were dropped."""
@@ -115,7 +136,7 @@ def test_export_manifest_records_parity_and_contract(tiny_export):
 
 def test_float16_fused_graph_with_int4_weights(tmp_path, eval_text, tiny_llama):
     """`dtype: float16` on a quantized model: MatMulNBits and GatherBlockQuantized scales, norms, rotary
-    tables and the KV cache in float16 (what CUDA's GroupQueryAttention needs), logits float32, within
+    tables (computed in float32, then cast) and the KV cache in float16 (what CUDA's GroupQueryAttention needs), logits float32, within
     half precision of the float32 portable graph; the portable graph itself stays float32."""
     import textwrap
 
@@ -135,7 +156,10 @@ def test_float16_fused_graph_with_int4_weights(tmp_path, eval_text, tiny_llama):
     assert fused.kv_bytes_per_token() * 2 == portable.kv_bytes_per_token()
     graph = onnx.load(str(folder / "fused" / "model.onnx"), load_external_data=False).graph
     floats = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    floats -= {n for n in floats if n.startswith("/model/rotary_tables.")}  # positions and frequencies stay float32
     assert not floats, f"float32 initializers left in the float16 graph: {sorted(floats)[:3]}"
+    casts = {o: n for n in graph.node if n.op_type == "Cast" for o in n.output}
+    assert all(casts[t].attribute[0].i == onnx.TensorProto.FLOAT16 for t in ("cos_cache", "sin_cache"))
     assert {n.op_type for n in graph.node} >= {"MatMulNBits", "GatherBlockQuantized", "GroupQueryAttention"}
     half, full = Generator(folder, provider="cpu"), Generator(folder, provider="cpu", graph="portable")
     assert half.flavour == "fused"

@@ -71,6 +71,8 @@ def test_plan_ignores_overrides_and_lm_head(tiny_llama):
         ("{calibration: {num_samples: 2}}", r"calibration.num_samples: 2 is too few for AWQ"),
         ("{method: gptq, calibration: {num_samples: 2}}", r"calibration.num_samples: 2 is too few for GPTQ"),
         ("{lm_head: int2}", r"lm_head: 'int2' is not one of"),
+        ("{lm_head: int4, head_group_size: 24}", r"head_group_size: 24 is not a power of two >= 16"),
+        ("{head_group_size: 16}", r"head_group_size: sets the groups of a weight-only quantized lm_head or embedding"),
         ("{embedding: fp8}", r"embedding: 'fp8' is not one of"),
         ("{method: w8a8, w8a8: {smoothquant: 1.5}}", r"w8a8.smoothquant: 1.5 must be in \[0, 1\) or auto"),
         ("{method: w8a8, w8a8: {smoothquant: best}}", r"w8a8.smoothquant: 'best' must be in \[0, 1\) or auto"),
@@ -206,14 +208,24 @@ def test_export_uses_matmul_nbits_and_matches_the_dequantized_model(tmp_path, ti
 
 
 @pytest.mark.parametrize(
-    "family, embedding, lm_head", [("qwen2", "int4", "int4"), ("qwen2", "int8", "int4"), ("llama", "int8", "float")]
+    "family, embedding, lm_head, head_groups",
+    [
+        ("qwen2", "int4", "int4", 16),
+        ("qwen2", "int4", "int4", 32),
+        ("qwen2", "int8", "int4", 16),
+        ("llama", "int8", "float", 16),
+    ],
 )
 def test_quantized_embedding_runs_through_gather_block_quantized(
-    tmp_path, tiny_llama, tiny_qwen2, eval_text, family, embedding, lm_head
+    tmp_path, tiny_llama, tiny_qwen2, eval_text, family, embedding, lm_head, head_groups
 ):
-    """qwen2 ties embedding and head: equal schemes share one copy; otherwise each has its own."""
+    """qwen2 ties embedding and head: equal schemes share one copy; otherwise each has its own. head_group_size
+    gives both their own groups, apart from the decoder layers'."""
     model = {"llama": tiny_llama, "qwen2": tiny_qwen2}[family]
-    settings = f"{{method: rtn, group_size: 16, embedding: {embedding}, lm_head: {lm_head}, {cal(eval_text)}}}"
+    settings = (
+        f"{{method: rtn, group_size: 16, head_group_size: {head_groups}, embedding: {embedding}, lm_head: {lm_head}, "
+        f"{cal(eval_text)}}}"
+    )
     run_dir = run(quant_recipe(tmp_path, model, eval_text, settings), workdir=tmp_path / "a")
     export = find_model_folder(run_dir)
     graph = onnx.load(str(export / "model.onnx"), load_external_data=False).graph
@@ -225,6 +237,9 @@ def test_quantized_embedding_runs_through_gather_block_quantized(
     assert ("Reshape" in [n.op_type for n in graph.node if "embed_tokens" in n.name]) == shared
     plan = json.loads(next(run_dir.glob("01-quantize-*/quant_plan.json")).read_text())
     assert plan["layers"]["model.embed_tokens"]["shared_with"] == ("lm_head" if shared else None)
+    assert plan["layers"]["model.embed_tokens"]["group_size"] == head_groups
+    assert {s["group_size"] for n, s in plan["layers"].items() if n.startswith("model.layers.")} == {16}
+    assert lm_head == "float" or plan["layers"]["lm_head"]["group_size"] == head_groups
     # the export-time parity check already compared ONNX with the dequantized PyTorch model; generate too
     assert Generator(export).generate([[5, 6, 7]], 4, ignore_eos=True).tokens[0]
     manifest = json.loads((export / "manifest.json").read_text())
