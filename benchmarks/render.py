@@ -85,7 +85,7 @@ def accuracy_table(result: dict) -> str:
         for domain, t in row["texts"].items():
             lines.append(
                 f"| `{row['recipe']}` | {domain} ({t['source']}, {t['windows']} × 512 tokens) | "
-                f"{t['perplexity_baseline']:.3f} | {t['perplexity']:.3f} | {t['perplexity_delta_pct']:+.2f} | "
+                f"{t['perplexity_baseline']:.3f} | {t['perplexity']:.3f} | {round(t['perplexity_delta_pct'], 2) + 0.0:+.2f} | "
                 f"{t['kl_divergence']:.4f} | {t['top1_agreement']:.3f} |"
             )
     return "\n".join(lines) + "\n\n" + provenance(result)
@@ -104,7 +104,8 @@ def recipes_table(result: dict) -> str:
         lines.append(
             f"| `{row['recipe']}` | {row.get('method', '–')} | {size} | {build} | "
             + " | ".join(
-                f"{t[d]['perplexity_delta_pct']:+.2f} %" if d in t else "–" for d in ("prose", "plays", "code")
+                f"{round(t[d]['perplexity_delta_pct'], 2) + 0.0:+.2f} %" if d in t else "–"
+                for d in ("prose", "plays", "code")
             )
             + " |"
         )
