@@ -29,7 +29,8 @@ def test_float16_graph_passes_the_gates_of_its_float32_twin(cuda_run):
     assert Contract.load(export / "fused").dtype == "float16"
     graph = onnx.load(str(export / "fused" / "model.onnx"), load_external_data=False)
     assert graph.ir_version == 8  # what onnxruntime-gpu releases accept
-    assert not [t.name for t in graph.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
+    floats = [t.name for t in graph.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
+    assert not [n for n in floats if not n.startswith("/model/rotary_tables.")]  # positions, frequencies: float32
     manifest = json.loads((export / "manifest.json").read_text())
     assert manifest["parity_by_graph"]["fused"] < manifest["parity_limit_by_graph"]["fused"]
 
