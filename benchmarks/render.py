@@ -75,6 +75,11 @@ def for_readme(text: str) -> str:
 # ---- tables ----
 
 
+def _delta(pct: float) -> str:
+    """A signed percentage to two places; a change that rounds to zero reads +0.00, never -0.00."""
+    return f"{round(pct, 2) + 0.0:+.2f}"
+
+
 def accuracy_table(result: dict) -> str:
     """Per recipe and text: perplexity against the float model, KL, top-1 agreement."""
     lines = [
@@ -85,7 +90,7 @@ def accuracy_table(result: dict) -> str:
         for domain, t in row["texts"].items():
             lines.append(
                 f"| `{row['recipe']}` | {domain} ({t['source']}, {t['windows']} × 512 tokens) | "
-                f"{t['perplexity_baseline']:.3f} | {t['perplexity']:.3f} | {round(t['perplexity_delta_pct'], 2) + 0.0:+.2f} | "
+                f"{t['perplexity_baseline']:.3f} | {t['perplexity']:.3f} | {_delta(t['perplexity_delta_pct'])} | "
                 f"{t['kl_divergence']:.4f} | {t['top1_agreement']:.3f} |"
             )
     return "\n".join(lines) + "\n\n" + provenance(result)
@@ -104,8 +109,7 @@ def recipes_table(result: dict) -> str:
         lines.append(
             f"| `{row['recipe']}` | {row.get('method', '–')} | {size} | {build} | "
             + " | ".join(
-                f"{round(t[d]['perplexity_delta_pct'], 2) + 0.0:+.2f} %" if d in t else "–"
-                for d in ("prose", "plays", "code")
+                f"{_delta(t[d]['perplexity_delta_pct'])} %" if d in t else "–" for d in ("prose", "plays", "code")
             )
             + " |"
         )

@@ -331,6 +331,11 @@ class W8A8Config:
             )
 
 
+def _check_group(key: str, size: int, usual: str) -> None:
+    if size < 16 or size & (size - 1):
+        raise RecipeError(f"{key}: {size} is not a power of two >= 16, which MatMulNBits requires (use {usual})")
+
+
 @dataclass(frozen=True)
 class QuantizeConfig:
     """Weight-only quantization of the decoder's linear layers (and optionally the LM head).
@@ -391,17 +396,12 @@ class QuantizeConfig:
 
     def __post_init__(self):
         _check_bits("bits", self.bits)
-        gs = self.group_size
-        if gs < 16 or gs & (gs - 1):
-            raise RecipeError(
-                f"group_size: {gs} is not a power of two >= 16, which MatMulNBits requires (use 32, 64 or 128)"
-            )
-        hgs = self.head_group_size
-        if hgs is not None and (hgs < 16 or hgs & (hgs - 1)):
-            raise RecipeError(
-                f"head_group_size: {hgs} is not a power of two >= 16, which MatMulNBits requires (use 16, 32 or 64)"
-            )
-        if hgs is not None and (self.method == "w8a8" or (self.lm_head == "float" and self.embedding == "float")):
+        _check_group("group_size", self.group_size, "32, 64 or 128")
+        if self.head_group_size is not None:
+            _check_group("head_group_size", self.head_group_size, "16, 32 or 64")
+        if self.head_group_size is not None and (
+            self.method == "w8a8" or (self.lm_head == "float" and self.embedding == "float")
+        ):
             raise RecipeError(
                 "head_group_size: sets the groups of a weight-only quantized lm_head or embedding; "
                 "set lm_head or embedding to int4/int8 (method rtn, gptq or awq), or remove it"

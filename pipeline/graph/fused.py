@@ -480,15 +480,12 @@ def _computed_tables(
     angle = g.op("Mul", [column, f32("inv_freq", inv)], f"{path}/Mul")[0]
     names = (f"cos_cache{suffix}", f"sin_cache{suffix}")
     for op, name in zip(("Cos", "Sin"), names):
-        steps = [(op, [], {})]
+        x = g.op(op, [angle], f"{path}/{op}")[0]
         if scaling != 1.0:
-            steps.append(("Mul", [f32("scaling", scaling)], {}))
+            x = g.op("Mul", [x, f32("scaling", scaling)], f"{path}/{op}_Mul")[0]
         if dtype != "float32":
-            steps.append(("Cast", [], {"to": DTYPES[dtype]}))
-        x = angle
-        for i, (step, extra, attrs) in enumerate(steps):
-            last = i == len(steps) - 1
-            x = g.op(step, [x, *extra], f"{path}/{op}_{step}", [name] if last else 1, **attrs)[0]
+            x = g.op("Cast", [x], f"{path}/{op}_Cast", to=DTYPES[dtype])[0]
+        _rename_output(g.graph, x, name)
     return names
 
 

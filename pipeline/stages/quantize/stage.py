@@ -28,7 +28,13 @@ from pipeline.registry import StageResult, register_stage
 from pipeline.stages.quantize.budget import bar_chart, choose
 from pipeline.stages.quantize.layerwise import quantize_batches, quantize_layerwise
 from pipeline.stages.quantize.output import skeleton
-from pipeline.stages.quantize.plan import LM_HEAD_BITS, embedding_shares_head, ignored, make_plan, scheme_dict
+from pipeline.stages.quantize.plan import (
+    embedding_scheme,
+    embedding_shares_head,
+    ignored,
+    make_plan,
+    scheme_dict,
+)
 from pipeline.stages.quantize.rtn import rtn_streamed
 from pipeline.stages.quantize.w8a8 import ROTATED, smoothquant, static_input_scales
 
@@ -59,13 +65,7 @@ def _budget(cfg: QuantizeConfig, src, plan: dict[str, QuantScheme], ctx) -> tupl
     which is freed before the quantization streams."""
     model = load_torch_model(src, attention="sdpa")
     ids = torch.cat(quantize_batches(cfg, src, cfg.budget.sensitivity_length))[: cfg.budget.sensitivity_samples]
-    embed = (
-        "shared"
-        if embedding_shares_head(model, cfg)
-        else None
-        if cfg.embedding == "float"
-        else QuantScheme(LM_HEAD_BITS[cfg.embedding], cfg.head_groups, cfg.symmetric)
-    )
+    embed = "shared" if embedding_shares_head(model, cfg) else embedding_scheme(model, cfg)
     plan, info = choose(model, plan, cfg.budget, ids, embed, ctx.log)
     bar_chart(info["sensitivity_kl"], info["int8_layers"], ctx.out_dir / "sensitivity.png")
     del model
