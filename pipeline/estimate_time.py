@@ -8,7 +8,7 @@ turned into seconds with this machine's float32 matmul rate, measured here in a 
     quantize rtn    a fixed cost per parameter (grouping, the range search, packing)
     quantize        GPTQ/AWQ per decoder layer: its forwards over the calibration tokens, the Hessians
                     (XᵀX per distinct input), GPTQ's column sweep (N·K² per linear) and the scale refit
-                    (about 28·N·K² in batched einsums, which run slower than one big matmul); then the
+                    (about 14·N·K²: most rows settle in a round and stop after the next); then the
                     head; with a sensitivity budget, one forward per candidate from its own layer on
     export          a fixed cost per parameter (tracing, the graph rewrites, the parity sessions)
     validate        the perplexity windows through the PyTorch reference and the runner, and the greedy
@@ -35,7 +35,7 @@ from pipeline.streamed import WHOLE_MODEL_LIMIT
 REFERENCE_RATE = 215e9  # float32 FLOP/s of the machine the constants were fitted on
 
 LAYER_FORWARD = 0.74  # share of the matmul rate: a decoder layer's forward (sdpa) over 8 x 512-token batches
-REFIT = 0.4  # the scale refit's batched einsums and solves
+REFIT = 0.6  # the scale refit's block products, error products and solves
 SENSITIVITY = 0.59  # the sensitivity pass: short blocks from each candidate's layer on, and the KL
 TRAINING = 0.45  # distillation's forwards and backwards
 PREFILL = 0.7  # the perplexity windows, a whole window a forward
@@ -133,7 +133,7 @@ def _layer_flops(shape: ModelShape, sequence: int) -> float:
 
 def _solve_flops(n: int, k: int, refit: bool) -> tuple[float, float]:
     """(GPTQ's sweep and Cholesky factors, the refit) for one linear of N rows and K inputs."""
-    return 2 * n * k * k + 2 * k**3, (28 * n * k * k if refit else 0.0)
+    return 2 * n * k * k + 2 * k**3, (14 * n * k * k if refit else 0.0)
 
 
 def _quantize_seconds(shape: ModelShape, cfg, rate: float) -> float:

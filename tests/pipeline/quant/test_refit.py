@@ -125,13 +125,15 @@ def test_refit_in_row_chunks_equals_all_rows_at_once(scheme):
 
 
 def test_the_refits_temporaries_stay_near_the_layers_own_size():
-    """A 512 x 4096 layer in groups of 32: all rows at once would hold a [512, 4096, 128] float32 temporary
-    (1 GiB) for an 8 MiB weight; in chunks the growth stays near the 256 MiB floor."""
+    """A 2048 x 4096 layer in groups of 32: all rows at once would hold 2048 sets of [128, 128] systems and
+    [4096] vectors (670 MB) for a 32 MiB weight; in chunks the growth stays near the 256 MiB floor."""
     from pipeline import resources
     from pipeline.quant.refit import MIN_BUDGET, rows_per_chunk
 
-    n, k, gs = 512, 4096, 32
-    assert rows_per_chunk(n, k, k // gs) * 4 * k * (k // gs + 4) <= MIN_BUDGET
+    n, k, gs = 2048, 4096, 32
+    groups = k // gs
+    assert rows_per_chunk(n, k, groups) < n
+    assert rows_per_chunk(n, k, groups) * 4 * (3 * groups * groups + 8 * k) <= MIN_BUDGET
     torch.manual_seed(0)
     w = torch.randn(n, k)
     x = torch.randn(4 * k, k) / 8
@@ -143,3 +145,28 @@ def test_the_refits_temporaries_stay_near_the_layers_own_size():
     refit_scales(qt, w, gram, rounds=1)
     grown = resources.peaks(True)["peak_rss_mb"] - start
     assert grown < 500, f"the refit grew the RSS by {grown:.0f} MB"
+
+
+@pytest.mark.parametrize(
+    "scheme", [QuantScheme(4, 32, False), QuantScheme(4, 64, False, True)], ids=["asym", "float-zero"]
+)
+def test_rows_that_a_round_leaves_unchanged_stop_and_the_result_is_that_of_every_round(scheme, monkeypatch):
+    from pipeline.quant import refit
+
+    torch.manual_seed(0)
+    x = correlated_inputs(512, 128)
+    w = torch.randn(40, 128)
+    qt = quantize(w, scheme)
+    gram = padded_gram(x, scheme.group_size)
+    every = refit_scales(qt, w, gram, rounds=1, chunk=40)
+    for _ in range(5):  # each round run on every row, from the previous round's result
+        every = refit_scales(every, w, gram, rounds=1, chunk=40)
+
+    sizes = []
+    run_round = refit._refit_round
+    monkeypatch.setattr(refit, "_refit_round", lambda wg, *a, **k: sizes.append(len(wg)) or run_round(wg, *a, **k))
+    stopping = refit_scales(qt, w, gram, rounds=6, chunk=40)
+    assert sizes[0] == 40 and sizes[-1] < 40, sizes  # some rows settled and were not refitted again
+    assert torch.equal(stopping.q, every.q)
+    torch.testing.assert_close(stopping.scale, every.scale, rtol=1e-5, atol=0)
+    torch.testing.assert_close(stopping.zero, every.zero, rtol=1e-5, atol=0)
