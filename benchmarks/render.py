@@ -162,6 +162,7 @@ def scale_tables(result: dict) -> str:
         passes.setdefault(key, []).append(r)
     parts = []
     for (date, commit, command), rows in passes.items():
+        where = {k: rows[0][k] for k in ("machine", "versions", "memory_gib") if k in rows[0]}  # the pass's machine
         lines = [
             "| checkpoint (random weights, bf16) | recipe | step | seconds | estimated s | peak RSS GiB | estimated GiB |",
             "| --- | --- | --- | ---: | ---: | ---: | ---: |",
@@ -177,7 +178,7 @@ def scale_tables(result: dict) -> str:
                 )
             if r["returncode"] != 0:
                 lines.append(f"| {r['rung']} | {r['name']} | failed | | | | {' / '.join(r.get('error', []))[:80]} |")
-        parts.append("\n".join(lines) + "\n\n" + provenance(result, date, commit, command))
+        parts.append("\n".join(lines) + "\n\n" + provenance({**result, **where}, date, commit, command))
     return "\n\n".join(parts)
 
 

@@ -271,7 +271,7 @@ def main() -> int:
                 **run_recipe(recipe, source, f"{rung}-{name}", args.workdir, extra, args.timeout),
             }
             row["checkpoint_gb"] = round(sum(f.stat().st_size for f in source.glob("*.safetensors")) / 1e9, 3)
-            row.update(commit=run_envelope["commit"], command=run_envelope["command"], date=run_envelope["date"])
+            row.update({k: run_envelope[k] for k in ("commit", "command", "date", "machine", "versions", "memory_gib")})
             rows.append(row)
             if args.drop_runs:
                 shutil.rmtree(args.workdir / f"{rung}-{name}", ignore_errors=True)
@@ -279,7 +279,11 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.merge and args.out.is_file():
         new = {(r["rung"], r["name"]) for r in rows}
-        rows = [r for r in json.loads(args.out.read_text())["rows"] if (r["rung"], r["name"]) not in new] + rows
+        earlier = json.loads(args.out.read_text())
+        kept = [r for r in earlier["rows"] if (r["rung"], r["name"]) not in new]
+        for r in kept:  # rows from before rows named their machine: the file's envelope was theirs
+            r.update({k: earlier[k] for k in ("machine", "versions", "memory_gib") if k not in r and k in earlier})
+        rows = kept + rows
     args.out.write_text(json.dumps({**envelope(), "rows": rows}, indent=2) + "\n")
     print()
     print_table(rows)
