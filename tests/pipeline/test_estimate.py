@@ -122,7 +122,7 @@ def test_time_follows_the_work_each_step_does():
     assert seconds(big, ("quantize", rtn))[1] < seconds(big, ("quantize", gptq))[1]
     # GPTQ's sweep and refit grow with N·K² per linear: 8B takes well over its 16x the parameters
     ratio = seconds(big, ("quantize", gptq))[1] / seconds(small, ("quantize", gptq))[1]
-    assert ratio > 1.5 * big.parameters / small.parameters
+    assert ratio > 1.25 * big.parameters / small.parameters
     fewer = QuantizeConfig(method="gptq", calibration=CalibrationConfig(num_samples=32))
     assert seconds(small, ("quantize", fewer))[1] < seconds(small, ("quantize", gptq))[1]
     with_budget = QuantizeConfig(method="gptq", budget=BudgetConfig(max_size_mb=300))
