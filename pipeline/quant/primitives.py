@@ -102,17 +102,12 @@ def choose_qparams_mse(
     """Per group, the range shrink in [1 - max_shrink, 1] whose fake-quantized error |w - q(w)|^norm is least."""
     best_scale, best_zero = choose_qparams(groups, scheme)
     best_err = torch.full(best_scale.shape, float("inf"))
-    work = torch.empty_like(groups)  # fake_quantize's steps in place: the same result, a third of the time
+    work = torch.empty_like(groups)  # fake quantization in place: the same result, a third of the time
     for i in range(grid + 1):
         clip = 1.0 - max_shrink * i / grid
         scale, zero = choose_qparams(groups, scheme, clip)
-        s, z = scale[..., None], zero[..., None]
-        torch.div(groups, s, out=work)
-        if scheme.float_zero:
-            work.add_(z).round_()
-        else:
-            work.round_().add_(z)
-        err = work.clamp_(0, scheme.maxq).sub_(z).mul_(s).sub_(groups).abs_().pow_(norm).sum(-1)
+        fake = fake_quantize(groups, scale[..., None], zero[..., None], scheme.maxq, scheme.float_zero, work)
+        err = fake.sub_(groups).abs_().pow_(norm).sum(-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
@@ -121,17 +116,33 @@ def choose_qparams_mse(
 
 
 def quantize_with(
-    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int, float_zero: bool = False
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    maxq: int,
+    float_zero: bool = False,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Integer codes of w for given (broadcastable) scale and zero point."""
+    """Integer codes of w for given (broadcastable) scale and zero point; `out`, a buffer of the result's shape,
+    takes the same steps in place (no temporaries)."""
+    if out is not None:
+        torch.div(w, scale, out=out)
+        return (out.add_(zero).round_() if float_zero else out.round_().add_(zero)).clamp_(0, maxq)
     if float_zero:
         return torch.clamp(torch.round(w / scale + zero), 0, maxq)
     return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
 
 
 def fake_quantize(
-    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int, float_zero: bool = False
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    maxq: int,
+    float_zero: bool = False,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    if out is not None:
+        return quantize_with(w, scale, zero, maxq, float_zero, out).sub_(zero).mul_(scale)
     return (quantize_with(w, scale, zero, maxq, float_zero) - zero) * scale
 
 
