@@ -97,14 +97,15 @@ def _error(wg, q, scale, zero, gram) -> torch.Tensor:
 
 def codes_gram(c: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     """Per row, CᵀHC [n, G, G] for the block-diagonal C [Kp, G] that holds the row's block g codes c[n, g] in
-    block g: entry (g, h) is c_gᵀ H_gh c_h. One block row at a time from the diagonal on, then mirrored: the
+    block g: entry (g, h) is c_gᵀ H_gh c_h. One block row at a time from the diagonal on, mirrored as it goes: the
     [n, Kp, G] product H C is never formed (4x faster on an 8,192-wide layer, and a fraction of the memory)."""
     n, groups, gs = c.shape
     out = torch.zeros(n, groups, groups)
     for g in range(groups):
         hc = (c[:, g] @ gram[g * gs : (g + 1) * gs, g * gs :]).view(n, groups - g, gs)  # c_gᵀ H_gh for h >= g
         out[:, g, g:] = torch.einsum("nhl,nhl->nh", hc, c[:, g:])
-    return out + out.triu(1).transpose(1, 2)
+        out[:, g + 1 :, g] = out[:, g, g + 1 :]
+    return out
 
 
 def _refit_round(wg, hw, scale, zero, q, best, gram, h_ones, maxq: int, float_zero: bool, descent: bool):
@@ -116,7 +117,8 @@ def _refit_round(wg, hw, scale, zero, q, best, gram, h_ones, maxq: int, float_ze
         return _error(wg, codes, s, z, gram)
 
     def solve(a, b, ridge):
-        return torch.linalg.solve(a + torch.diag_embed(ridge), b[..., None])[..., 0]
+        a.diagonal(dim1=1, dim2=2).add_(ridge)  # in place: `a` is a fresh [n, G, G] and the largest temporary
+        return torch.linalg.solve(a, b[..., None])[..., 0]
 
     def scales_for(codes, z):
         c = codes - z[..., None]  # [n, G, gs]

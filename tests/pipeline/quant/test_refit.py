@@ -124,27 +124,41 @@ def test_refit_in_row_chunks_equals_all_rows_at_once(scheme):
         torch.testing.assert_close(part.zero, whole.zero, rtol=1e-4, atol=0)
 
 
+REFIT_MEMORY = """
+import torch
+from pipeline import resources
+from pipeline.quant.primitives import QuantScheme, quantize
+from pipeline.quant.refit import refit_scales
+torch.manual_seed(0)
+w = torch.randn(2048, 4096)
+x = torch.randn(4 * 4096, 4096) / 8
+gram = x.T @ x
+del x
+qt = quantize(w, QuantScheme(4, 32, False))
+assert resources.reset_peaks()
+start = resources.peaks(True)["rss_mb"]
+refit_scales(qt, w, gram, rounds=1)
+print(resources.peaks(True)["peak_rss_mb"] - start)
+"""
+
+
 def test_the_refits_temporaries_stay_near_the_layers_own_size():
     """A 2048 x 4096 layer in groups of 32: all rows at once would hold 2048 sets of [128, 128] systems and
-    [4096] vectors (670 MB) for a 32 MiB weight; in chunks the growth stays near the 256 MiB floor."""
-    from pipeline import resources
+    [4096] vectors (670 MB) for a 32 MiB weight; in chunks the growth stays near the 256 MiB floor. Measured in
+    a fresh process: after hundreds of tests the allocator's free lists, not the refit, decide this one's peak
+    (689 MB in one full-suite run against 282 MB alone)."""
+    import subprocess
+    import sys
+
     from pipeline.quant.refit import MIN_BUDGET, rows_per_chunk
 
     n, k, gs = 2048, 4096, 32
     groups = k // gs
     assert rows_per_chunk(n, k, groups) < n
     assert rows_per_chunk(n, k, groups) * 4 * (3 * groups * groups + 8 * k) <= MIN_BUDGET
-    torch.manual_seed(0)
-    w = torch.randn(n, k)
-    x = torch.randn(4 * k, k) / 8
-    gram = x.T @ x
-    del x
-    qt = quantize(w, QuantScheme(4, gs, False))
-    assert resources.reset_peaks()
-    start = resources.peaks(True)["rss_mb"]
-    refit_scales(qt, w, gram, rounds=1)
-    grown = resources.peaks(True)["peak_rss_mb"] - start
-    assert grown < 500, f"the refit grew the RSS by {grown:.0f} MB"
+    done = subprocess.run([sys.executable, "-c", REFIT_MEMORY], capture_output=True, text=True, check=True)
+    grown = float(done.stdout.split()[-1])
+    assert grown < 400, f"the refit grew the RSS by {grown:.0f} MB"
 
 
 @pytest.mark.parametrize(
