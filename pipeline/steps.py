@@ -62,6 +62,7 @@ class RunContext:
     history: tuple[Artifact, ...]  # every artifact before this step, in order (history[-1] is the input)
     log: Callable[[str], None]
     step: str = ""  # the step's folder name ("01-distill-<fingerprint>"): names state kept across runs
+    fresh: bool = False  # --force: recompute what stages keep between runs too (validate's baseline answers)
 
 
 def log(msg: str) -> None:
@@ -224,7 +225,7 @@ def _run_shared_step(run_dir, index, name, kind, cfg_dict, fp, history, build, c
         art = _reuse(run_dir, index, name, kind, fp, cache, record)
         distributed.share(art)
         if art is None:
-            art = _build_step(run_dir, index, name, kind, cfg_dict, fp, history, build, record)
+            art = _build_step(run_dir, index, name, kind, cfg_dict, fp, history, build, record, cache.force)
             distributed.share(art)
     else:
         art = distributed.share()
@@ -239,6 +240,7 @@ def _run_shared_step(run_dir, index, name, kind, cfg_dict, fp, history, build, c
                         history=history,
                         log=log,
                         step=_step_name(index, name, fp),
+                        fresh=cache.force,
                     )
                 )
             finally:
@@ -251,7 +253,7 @@ def _run_shared_step(run_dir, index, name, kind, cfg_dict, fp, history, build, c
 def _run_step(run_dir, index, name, kind, cfg_dict, fp, history, build, cache, record) -> Artifact:
     art = _reuse(run_dir, index, name, kind, fp, cache, record)
     if art is None:
-        art = _build_step(run_dir, index, name, kind, cfg_dict, fp, history, build, record)
+        art = _build_step(run_dir, index, name, kind, cfg_dict, fp, history, build, record, cache.force)
     _raise_if_failed(art)
     return art
 
@@ -260,7 +262,7 @@ def _step_name(index: int, name: str, fp: str) -> str:
     return f"{index:02d}-{name}-{fp[:12]}"
 
 
-def _build_step(run_dir, index, name, kind, cfg_dict, fp, history, build, record) -> Artifact:
+def _build_step(run_dir, index, name, kind, cfg_dict, fp, history, build, record, fresh: bool) -> Artifact:
     """Run the stage into a temp folder and put it in place; the caller raises if its gate failed."""
     final = run_dir / _step_name(index, name, fp)
     tmp = run_dir / f".tmp-{final.name}-{os.getpid()}"
@@ -277,6 +279,7 @@ def _build_step(run_dir, index, name, kind, cfg_dict, fp, history, build, record
             history=history,
             log=log,
             step=final.name,
+            fresh=fresh,
         )
         result: StageResult = build(ctx)
         manifest = _manifest(

@@ -26,12 +26,17 @@ from calibration.datasets import DataError, local_file
 from pipeline.configs import ChatEvalConfig
 from pipeline.errors import StageError
 from pipeline.models import torch_greedy
+from pipeline.stages.validate.baseline import BaselineMemo
 from runtime.errors import RuntimeFailure
 from runtime.generate import Generator
 
 
-def chat_checks(cfg: ChatEvalConfig, torch_model, gen: Generator, metrics: dict, log: Callable[[str], None]) -> dict:
-    """Adds the chat_* metrics (and the baseline's values) to `metrics`; returns the replies for the report."""
+def chat_checks(
+    cfg: ChatEvalConfig, torch_model, gen: Generator, metrics: dict, log: Callable[[str], None], memo: BaselineMemo
+) -> dict:
+    """Adds the chat_* metrics (and the baseline's values) to `metrics`; returns the replies for the report.
+    The baseline's side (its replies and their likelihood under it) comes from `memo` when an earlier run on
+    the same model kept it."""
     started = time.perf_counter()
     items = _chat_set(cfg)
     try:
@@ -43,7 +48,15 @@ def chat_checks(cfg: ChatEvalConfig, torch_model, gen: Generator, metrics: dict,
             "validate.chat: the artifact names no end token (generation_config.json eos_token_id), "
             "so no reply could end its turn"
         )
-    base = torch_greedy(torch_model, prompts, cfg.max_new_tokens, gen.eos_ids, gen.pad_id, cfg.batch_size)
+
+    def baseline() -> dict:
+        replies = torch_greedy(torch_model, prompts, cfg.max_new_tokens, gen.eos_ids, gen.pad_id, cfg.batch_size)
+        nll, _, _ = score_replies(lambda seq: torch_model(torch.tensor([seq])).logits[0], prompts, replies)
+        return {"replies": replies, "nll": nll}
+
+    settings = {"max_new_tokens": cfg.max_new_tokens, "eos": sorted(gen.eos_ids), "pad": gen.pad_id}
+    kept = memo.get("chat", {"prompts": prompts, **settings, "batch": cfg.batch_size}, baseline)
+    base = [(reply, end) for reply, end in kept["replies"]]
     ours = []
     for start in range(0, len(prompts), cfg.batch_size):
         result = gen.generate(prompts[start : start + cfg.batch_size], cfg.max_new_tokens)
@@ -63,7 +76,7 @@ def chat_checks(cfg: ChatEvalConfig, torch_model, gen: Generator, metrics: dict,
         r["baseline_correct"] = mentions(r["baseline"], r["answers"]) if r["answers"] else None
         r["onnx_correct"] = mentions(r["onnx"], r["answers"]) if r["answers"] else None
     metrics.update(_reply_counts(replies))
-    metrics.update(_reply_scores(torch_model, gen, prompts, base))
+    metrics.update(_reply_scores(gen, prompts, base, kept["nll"]))
     log(
         f"  chat: {len(items)} prompts in {time.perf_counter() - started:.0f} s; "
         + ", ".join(f"{k.removeprefix('chat_')} {v:.3f}" for k, v in metrics.items() if k.startswith("chat_"))
@@ -99,14 +112,12 @@ def _chat_set(cfg: ChatEvalConfig) -> list[ChatPrompt]:
         raise StageError(f"validate.chat.prompts: {e}") from None
 
 
-@torch.no_grad()
 def _reply_scores(
-    torch_model, gen: Generator, prompts: list[list[int]], replies: list[tuple[list[int], int | None]]
+    gen: Generator, prompts: list[list[int]], replies: list[tuple[list[int], int | None]], nll_base: float
 ) -> dict[str, float]:
-    """The baseline's replies (with the end token it chose, when it ended) teacher-forced through the artifact
-    and through the baseline itself: perplexity of each on those tokens, and the artifact's top-1 agreement."""
+    """The baseline's replies (with the end token it chose, when it ended) teacher-forced through the artifact:
+    its perplexity on those tokens next to the baseline's own (`nll_base`), and its top-1 agreement."""
     nll_ours, agree, count = score_replies(lambda seq: torch.from_numpy(gen.logits(seq)), prompts, replies)
-    nll_base, _, _ = score_replies(lambda seq: torch_model(torch.tensor([seq])).logits[0], prompts, replies)
     if not count:
         return {
             "chat_reply_perplexity": math.nan,

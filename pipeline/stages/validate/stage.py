@@ -31,6 +31,7 @@ from pipeline.models import torch_greedy
 from pipeline.quant.primitives import QuantScheme, count_schemes
 from pipeline.registry import StageResult, register_stage
 from pipeline.resources import release_memory
+from pipeline.stages.validate.baseline import FOLDER, BaselineMemo
 from pipeline.stages.validate.chat import chat_checks
 from pipeline.stages.validate.gates import gates_for
 from pipeline.stages.validate.report import write_reports
@@ -48,11 +49,14 @@ def validate(cfg: ValidateConfig, inp, ctx) -> StageResult:
     source = next(a for a in reversed(ctx.history) if a.kind == "hf-model")
     gen = Generator(inp.path, provider=cfg.provider)
     ctx.log(f"  runner provider: {gen.provider}, {gen.flavour} graph; {gen.describe_settings()}")
+    memo = BaselineMemo(
+        ctx.run_dir.parent / FOLDER, {"artifact": ctx.baseline.fingerprint, "torch": reference}, ctx.log, ctx.fresh
+    )
     metrics: dict = {}
     protocol, scored_windows = _perplexity(cfg, torch_model, gen, metrics, ctx)
     prompts = [gen.tokenizer.encode(p) for p in cfg.prompts]
-    samples, greedy = _greedy(cfg, prompts, torch_model, gen, metrics)
-    chat = chat_checks(cfg.chat, torch_model, gen, metrics, ctx.log) if cfg.chat is not None else None
+    samples, greedy = _greedy(cfg, prompts, torch_model, gen, metrics, memo)
+    chat = chat_checks(cfg.chat, torch_model, gen, metrics, ctx.log, memo) if cfg.chat is not None else None
     if source.path != ctx.baseline.path:  # one PyTorch model in memory at a time: the baseline's work is done
         del torch_model
         release_memory()
@@ -223,12 +227,18 @@ def _reference_logits(model, inputs: list[np.ndarray], vocab: int, budget: int =
 
 
 def _greedy(
-    cfg: ValidateConfig, prompts: list[list[int]], torch_model, gen: Generator, metrics: dict
+    cfg: ValidateConfig, prompts: list[list[int]], torch_model, gen: Generator, metrics: dict, memo: BaselineMemo
 ) -> tuple[list[dict], dict]:
-    """Greedy answers of the baseline and of the runner to `prompts` (cfg.prompts encoded); returns the
-    samples and {"baseline", "onnx"} token lists."""
+    """Greedy answers of the baseline (kept in `memo` by an earlier run, or computed) and of the runner to
+    `prompts` (cfg.prompts encoded); returns the samples and {"baseline", "onnx"} token lists."""
     batch = len(prompts) if hasattr(torch_model, "streamed_layers") else 1  # a streamed model reads its layers per step
-    ref = [reply for reply, _ in torch_greedy(torch_model, prompts, cfg.max_new_tokens, gen.eos_ids, gen.pad_id, batch)]
+    settings = {"max_new_tokens": cfg.max_new_tokens, "eos": sorted(gen.eos_ids), "pad": gen.pad_id, "batch": batch}
+    replies = memo.get(
+        "greedy",
+        {"prompts": prompts, **settings},
+        lambda: torch_greedy(torch_model, prompts, cfg.max_new_tokens, gen.eos_ids, gen.pad_id, batch),
+    )
+    ref = [reply for reply, _ in replies]
     single = [gen.generate([ids], cfg.max_new_tokens).tokens[0] for ids in prompts]
     batched = gen.generate(prompts, cfg.max_new_tokens).tokens
     metrics["greedy_token_agreement"] = agreement(ref, single)
