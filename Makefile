@@ -73,8 +73,9 @@ lint: install  ## ruff's linter and formatter, as configured in pyproject.toml (
 docs: install  ## docs/results/, the README's result tables and docs/reference/, rendered from benchmarks/results/ and the code
 	$(BIN)/python -m benchmarks.render
 
-test: install engines model lint  ## lint, every test on the current stack, the slow reference-model tests included, then the old stack's tier (what CI runs)
-	$(BIN)/python -m pytest -q --durations=30
+test: install engines model lint  ## lint, every test on the current stack (the reference-model tests one at a time, the others on two workers), then the old stack's tier (what CI runs)
+	$(BIN)/python -m pytest -q -m "not serial" -n 2 --dist loadfile --durations=20
+	$(BIN)/python -m pytest -q -m serial --durations=30
 	$(MAKE) test-old-stack
 
 $(OLD_VENV)/bin/optimize: pyproject.toml stacks/old.txt

@@ -12,7 +12,7 @@ from pipeline.cli import main
 from runtime import find_model_folder
 from runtime.io_spec import Contract
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from conftest import REFERENCE_GGUF, reference_workdir
 from pipeline import run
 from runtime import Generator, find_model_folder
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 
 def test_twenty_layer_student_trains_exports_and_generates(tmp_path, tmp_path_factory):

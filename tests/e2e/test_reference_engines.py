@@ -5,7 +5,7 @@ import json
 import pytest
 from conftest import CI_CALIBRATION, CI_WINDOWS, greedy_shortfall, run_reference_recipe
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: `make engines` (make test does it)")
 pytest.importorskip(
     "compressed_tensors", reason="compressed-tensors is not installed: `make engines` (make test does it)"

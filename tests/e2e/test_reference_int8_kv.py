@@ -13,7 +13,7 @@ from runtime import Generator, find_model_folder
 from runtime.fused import FusedGraph
 from runtime.serve.slots import SlotCache
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 
 @pytest.fixture(scope="module")

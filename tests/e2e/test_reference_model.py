@@ -12,7 +12,7 @@ from pipeline import run
 from pipeline.cli import main
 from runtime import Generator, find_model_folder
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 RECIPE = ROOT / "recipes" / "smollm2-fp32.yaml"
 
 

@@ -10,7 +10,7 @@ from conftest import CI_CALIBRATION, CI_WINDOWS, greedy_shortfall, run_reference
 from pipeline.cli import main
 from runtime import find_model_folder
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import onnx
 import pytest
 from conftest import CI_CALIBRATION, CI_WINDOWS, run_reference_recipe
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 
 @pytest.fixture(scope="module")

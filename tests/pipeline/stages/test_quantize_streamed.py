@@ -246,6 +246,7 @@ def test_streamed_rtn_reads_one_tensor_at_a_time(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_streaming_equals_the_whole_model_path_on_the_reference_model(tmp_path, method):
     """SmolLM2-135M as its model step stores it: every code and every checkpoint tensor identical."""
