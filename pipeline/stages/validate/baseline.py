@@ -44,6 +44,11 @@ class BaselineMemo:
         return value
 
 
+def greedy_inputs(prompts: list[list[int]], max_new_tokens: int, eos_ids: set[int], pad_id: int, batch: int) -> dict:
+    """What `torch_greedy`'s replies depend on besides the model: the key part of a question about them."""
+    return {"prompts": prompts, "max_new_tokens": max_new_tokens, "eos": sorted(eos_ids), "pad": pad_id, "batch": batch}
+
+
 def _read(path: Path) -> dict | None:
     """The kept answer, or None when there is none or it is damaged (then it is computed again)."""
     try:

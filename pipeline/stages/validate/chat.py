@@ -26,7 +26,7 @@ from calibration.datasets import DataError, local_file
 from pipeline.configs import ChatEvalConfig
 from pipeline.errors import StageError
 from pipeline.models import torch_greedy
-from pipeline.stages.validate.baseline import BaselineMemo
+from pipeline.stages.validate.baseline import BaselineMemo, greedy_inputs
 from runtime.errors import RuntimeFailure
 from runtime.generate import Generator
 
@@ -54,8 +54,8 @@ def chat_checks(
         nll, _, _ = score_replies(lambda seq: torch_model(torch.tensor([seq])).logits[0], prompts, replies)
         return {"replies": replies, "nll": nll}
 
-    settings = {"max_new_tokens": cfg.max_new_tokens, "eos": sorted(gen.eos_ids), "pad": gen.pad_id}
-    kept = memo.get("chat", {"prompts": prompts, **settings, "batch": cfg.batch_size}, baseline)
+    inputs = greedy_inputs(prompts, cfg.max_new_tokens, gen.eos_ids, gen.pad_id, cfg.batch_size)
+    kept = memo.get("chat", inputs, baseline)
     base = [(reply, end) for reply, end in kept["replies"]]
     ours = []
     for start in range(0, len(prompts), cfg.batch_size):

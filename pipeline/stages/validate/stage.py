@@ -31,7 +31,7 @@ from pipeline.models import torch_greedy
 from pipeline.quant.primitives import QuantScheme, count_schemes
 from pipeline.registry import StageResult, register_stage
 from pipeline.resources import release_memory
-from pipeline.stages.validate.baseline import FOLDER, BaselineMemo
+from pipeline.stages.validate.baseline import FOLDER, BaselineMemo, greedy_inputs
 from pipeline.stages.validate.chat import chat_checks
 from pipeline.stages.validate.gates import gates_for
 from pipeline.stages.validate.report import write_reports
@@ -232,10 +232,9 @@ def _greedy(
     """Greedy answers of the baseline (kept in `memo` by an earlier run, or computed) and of the runner to
     `prompts` (cfg.prompts encoded); returns the samples and {"baseline", "onnx"} token lists."""
     batch = len(prompts) if hasattr(torch_model, "streamed_layers") else 1  # a streamed model reads its layers per step
-    settings = {"max_new_tokens": cfg.max_new_tokens, "eos": sorted(gen.eos_ids), "pad": gen.pad_id, "batch": batch}
     replies = memo.get(
         "greedy",
-        {"prompts": prompts, **settings},
+        greedy_inputs(prompts, cfg.max_new_tokens, gen.eos_ids, gen.pad_id, batch),
         lambda: torch_greedy(torch_model, prompts, cfg.max_new_tokens, gen.eos_ids, gen.pad_id, batch),
     )
     ref = [reply for reply, _ in replies]

@@ -130,11 +130,11 @@ from pipeline import resources
 from pipeline.quant.primitives import QuantScheme, quantize
 from pipeline.quant.refit import refit_scales
 torch.manual_seed(0)
-w = torch.randn(2048, 4096)
-x = torch.randn(4 * 4096, 4096) / 8
+w = torch.randn({n}, {k})
+x = torch.randn(4 * {k}, {k}) / 8
 gram = x.T @ x
 del x
-qt = quantize(w, QuantScheme(4, 32, False))
+qt = quantize(w, QuantScheme(4, {gs}, False))
 assert resources.reset_peaks()
 start = resources.peaks(True)["rss_mb"]
 refit_scales(qt, w, gram, rounds=1)
@@ -146,7 +146,7 @@ def test_the_refits_temporaries_stay_near_the_layers_own_size():
     """A 2048 x 4096 layer in groups of 32: all rows at once would hold 2048 sets of [128, 128] systems and
     [4096] vectors (670 MB) for a 32 MiB weight; in chunks the growth stays near the 256 MiB floor. Measured in
     a fresh process: after hundreds of tests the allocator's free lists, not the refit, decide this one's peak
-    (689 MB in one full-suite run against 282 MB alone)."""
+    (the same code: 689 MB late in one full-suite run, 346 MB alone)."""
     import subprocess
     import sys
 
@@ -156,7 +156,8 @@ def test_the_refits_temporaries_stay_near_the_layers_own_size():
     groups = k // gs
     assert rows_per_chunk(n, k, groups) < n
     assert rows_per_chunk(n, k, groups) * 4 * (3 * groups * groups + 8 * k) <= MIN_BUDGET
-    done = subprocess.run([sys.executable, "-c", REFIT_MEMORY], capture_output=True, text=True, check=True)
+    script = REFIT_MEMORY.format(n=n, k=k, gs=gs)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     grown = float(done.stdout.split()[-1])
     assert grown < 400, f"the refit grew the RSS by {grown:.0f} MB"
 

@@ -21,10 +21,8 @@ from pipeline import run
 from pipeline.distill.teacher_answers import read_answers
 from runtime.tokenizer import Tokenizer
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.serial,
-]  # several processes each start torch: minutes in all, so in `make test` only
+# several processes each start torch: minutes in all, so in `make test` only, one test at a time
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 # float32 (bf16 autocast rounds differently for 2 and 4 rows); 2 blocks a process = 4 in one process
 DISTILL = (
